@@ -1,0 +1,107 @@
+//! Cluster allocation without refcounts on the hot path.
+//!
+//! New clusters come from the end of the file, or from clusters freed earlier in this
+//! session. A freed cluster is *pending* until the metadata that unlinked it is durable
+//! and its contents have been hole-punched durably (see `Image::flush`); only then is
+//! it *ready* to be handed out again, so a torn write can never expose old data through
+//! another link.
+
+/// The allocator's state. All offsets are cluster-aligned host offsets.
+#[derive(Debug)]
+pub struct Allocator {
+    cluster_size: u64,
+    end: u64,
+    pending: Vec<u64>,
+    ready: Vec<u64>,
+}
+
+impl Allocator {
+    /// An allocator that hands out clusters from `file_len` (rounded up) onwards.
+    pub fn new(cluster_size: u64, file_len: u64) -> Allocator {
+        Allocator {
+            cluster_size,
+            end: file_len.next_multiple_of(cluster_size),
+            pending: Vec::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    /// One cluster: a ready freed one, or a new one at the end.
+    pub fn cluster(&mut self) -> u64 {
+        if let Some(c) = self.ready.pop() {
+            return c;
+        }
+        self.contiguous(1)
+    }
+
+    /// `n` contiguous new clusters at the end of the file.
+    pub fn contiguous(&mut self, n: u64) -> u64 {
+        let at = self.end;
+        self.end += n * self.cluster_size;
+        at
+    }
+
+    /// The first offset past every cluster allocated so far.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Resets the end (after the file was truncated or compacted).
+    pub fn reset(&mut self, end: u64) {
+        self.end = end.next_multiple_of(self.cluster_size);
+        self.pending.clear();
+        self.ready.clear();
+    }
+
+    /// Records a cluster that nothing links to any more (once the unlink is durable).
+    pub fn free(&mut self, offset: u64) {
+        self.pending.push(offset);
+    }
+
+    /// Takes the pending clusters, sorted, for punching.
+    pub fn take_pending(&mut self) -> Vec<u64> {
+        let mut p = std::mem::take(&mut self.pending);
+        p.sort_unstable();
+        p
+    }
+
+    /// Makes punched clusters available.
+    pub fn make_ready(&mut self, clusters: Vec<u64>) {
+        self.ready.extend(clusters);
+    }
+
+    /// Number of clusters waiting to be punched.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// Groups sorted cluster offsets into `(start, len)` runs.
+pub fn runs(sorted: &[u64], cluster_size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &c in sorted {
+        match out.last_mut() {
+            Some((s, l)) if *s + *l == c => *l += cluster_size,
+            _ => out.push((c, cluster_size)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_then_ready() {
+        let mut a = Allocator::new(512, 1000);
+        assert_eq!(a.cluster(), 1024);
+        assert_eq!(a.contiguous(2), 1536);
+        a.free(512);
+        assert_eq!(a.cluster(), 2560, "pending clusters are not reused");
+        let p = a.take_pending();
+        a.make_ready(p);
+        assert_eq!(a.cluster(), 512);
+        assert_eq!(runs(&[0, 512, 2048], 512), vec![(0, 1024), (2048, 512)]);
+    }
+}

@@ -1,0 +1,215 @@
+//! Backing files: the layers unallocated clusters fall through to.
+//!
+//! A backing file is a qcow2 image (opened read-only, with its own chain) or a raw
+//! file. Names are resolved against the folder of the image that names them; the chain
+//! is limited to [`MAX_BACKING_DEPTH`] layers and loops are rejected with an error that
+//! names the loop.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::image::{Extent, ExtentStatus, Image, OpenOptions};
+use crate::lock::LockMode;
+use crate::storage::{FileStorage, OpenMode, Storage};
+
+/// The deepest backing chain qcowx opens (layers below the top image).
+pub const MAX_BACKING_DEPTH: usize = 256;
+
+/// A read-only layer of a backing chain.
+pub trait Layer: Send + Sync + std::fmt::Debug {
+    /// The layer's virtual size; reads past it return zeros.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`; bytes past [`Layer::size`] read as zeros.
+    fn read_layer(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Allocation status of `[offset, offset+len)`, `len` > 0, depth relative to this
+    /// layer (0 = this layer). Ranges past the size are reported as zero.
+    fn layer_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+    /// Number of layers from this one down (1 for a layer with no backing file).
+    fn chain_len(&self) -> u32;
+    /// A name for messages.
+    fn name(&self) -> &str;
+}
+
+/// A raw file used as a backing file.
+#[derive(Debug)]
+pub struct RawLayer {
+    storage: FileStorage,
+    name: String,
+    size: u64,
+}
+
+impl RawLayer {
+    /// Opens `path` read-only with a shared lock.
+    pub fn open(path: &Path, lock: LockMode) -> Result<RawLayer> {
+        let name = path.display().to_string();
+        let storage =
+            FileStorage::open(path, OpenMode::read_only().with_lock(lock)).map_err(|e| {
+                Error::Backing {
+                    file: name.clone(),
+                    why: e.to_string(),
+                    source: None,
+                }
+            })?;
+        let size = storage.len().map_err(|source| Error::Io {
+            file: name.clone(),
+            op: "stat",
+            offset: 0,
+            source,
+        })?;
+        Ok(RawLayer {
+            storage,
+            name,
+            size,
+        })
+    }
+}
+
+impl Layer for RawLayer {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_layer(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let avail = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if avail > 0 {
+            self.storage
+                .read_at(&mut buf[..avail], offset)
+                .map_err(|source| Error::Io {
+                    file: self.name.clone(),
+                    op: "read",
+                    offset,
+                    source,
+                })?;
+        }
+        buf[avail..].fill(0);
+        Ok(())
+    }
+
+    fn layer_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        let data_end = self.size.min(offset + len);
+        if data_end > offset {
+            out.push(Extent {
+                offset,
+                length: data_end - offset,
+                status: ExtentStatus::Data,
+                depth: 0,
+                host_offset: Some(offset),
+            });
+        }
+        if offset + len > data_end.max(offset) {
+            let start = data_end.max(offset);
+            out.push(Extent {
+                offset: start,
+                length: offset + len - start,
+                status: ExtentStatus::Zero,
+                depth: 0,
+                host_offset: None,
+            });
+        }
+        Ok(out)
+    }
+
+    fn chain_len(&self) -> u32 {
+        1
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Resolves a backing file name as QEMU does: absolute names as they are, relative
+/// ones against the folder of the image that names them.
+pub fn resolve(image: Option<&Path>, backing: &str) -> PathBuf {
+    let p = Path::new(backing);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match image.and_then(Path::parent) {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    }
+}
+
+/// Guesses a file's format: `qcow2` by its magic, else `raw`.
+pub fn probe_format(path: &Path) -> std::io::Result<&'static str> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)?;
+    let n = f.read(&mut magic)?;
+    Ok(
+        if n == 4 && u32::from_be_bytes(magic) == crate::header::QCOW_MAGIC {
+            "qcow2"
+        } else {
+            "raw"
+        },
+    )
+}
+
+/// Opens the backing file `name` of the image at `image` (whose chain so far, top
+/// first, is `chain`).
+pub(crate) fn open_chain(
+    image: &str,
+    image_path: Option<&Path>,
+    name: &str,
+    format: Option<&str>,
+    chain: &[PathBuf],
+    opts: &OpenOptions,
+) -> Result<Arc<dyn Layer>> {
+    let backing_err = |why: String, source: Option<Box<Error>>| Error::Backing {
+        file: image.to_string(),
+        why,
+        source,
+    };
+    if chain.len() > MAX_BACKING_DEPTH {
+        return Err(backing_err(
+            format!("backing chain deeper than {MAX_BACKING_DEPTH} layers"),
+            None,
+        ));
+    }
+    let path = resolve(image_path, name);
+    let canon = std::fs::canonicalize(&path)
+        .map_err(|e| backing_err(format!("cannot open '{}': {e}", path.display()), None))?;
+    if let Some(pos) = chain.iter().position(|p| *p == canon) {
+        let mut names: Vec<String> = chain[pos..]
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        names.push(canon.display().to_string());
+        return Err(backing_err(
+            format!("backing chain loop: {}", names.join(" -> ")),
+            None,
+        ));
+    }
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => probe_format(&canon)
+            .map_err(|e| backing_err(format!("cannot probe '{}': {e}", path.display()), None))?
+            .to_string(),
+    };
+    let lock = if opts.lock_mode() == LockMode::ForceShare || opts.lock_mode() == LockMode::None {
+        opts.lock_mode()
+    } else {
+        LockMode::Shared
+    };
+    match format.as_str() {
+        "raw" => Ok(Arc::new(RawLayer::open(&canon, lock)?)),
+        "qcow2" => {
+            let mut next_chain = chain.to_vec();
+            next_chain.push(canon.clone());
+            let img = Image::open_layer(&canon, opts, &next_chain).map_err(|e| {
+                backing_err(
+                    format!("cannot open '{}'", path.display()),
+                    Some(Box::new(e)),
+                )
+            })?;
+            Ok(Arc::new(img))
+        }
+        other => Err(backing_err(
+            format!("backing format '{other}' is not supported (qcow2 and raw are)"),
+            None,
+        )),
+    }
+}

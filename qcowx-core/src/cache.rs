@@ -1,0 +1,170 @@
+//! A bounded cache of L2 tables with dirty tracking.
+//!
+//! The cache holds decoded tables keyed by host offset. It never does I/O itself: the
+//! image loads tables into it and writes back what [`L2Cache::insert`] evicts, after the
+//! data those tables link to is durable (links are written after their targets; see
+//! `spec/qcowx-format.md`, "Write ordering").
+
+use std::collections::HashMap;
+
+/// Default cache size: 8 MiB, which maps a 64 GiB working set with 64 KiB clusters.
+pub const DEFAULT_CACHE_BYTES: usize = 8 << 20;
+/// The cache always holds at least this many tables (a copy-on-write touches two).
+pub const MIN_CACHED_TABLES: usize = 4;
+
+#[derive(Debug)]
+struct Slot {
+    words: Vec<u64>,
+    dirty: bool,
+    last_use: u64,
+}
+
+/// A table evicted while dirty: the caller must write it back.
+#[derive(Debug)]
+pub struct Evicted {
+    /// Host offset of the table.
+    pub offset: u64,
+    /// Its words.
+    pub words: Vec<u64>,
+}
+
+/// LRU cache of L2 tables.
+#[derive(Debug)]
+pub struct L2Cache {
+    slots: HashMap<u64, Slot>,
+    capacity: usize,
+    tick: u64,
+}
+
+impl L2Cache {
+    /// A cache holding up to `bytes` worth of tables of `table_bytes` each.
+    pub fn new(bytes: usize, table_bytes: usize) -> L2Cache {
+        let capacity = (bytes / table_bytes.max(1)).max(MIN_CACHED_TABLES);
+        L2Cache {
+            slots: HashMap::new(),
+            capacity,
+            tick: 0,
+        }
+    }
+
+    /// Number of tables the cache holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The table at `offset`, if cached.
+    pub fn get(&mut self, offset: u64) -> Option<&[u64]> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.slots.get_mut(&offset).map(|s| {
+            s.last_use = tick;
+            &s.words[..]
+        })
+    }
+
+    /// The table at `offset` for modification; marks it dirty.
+    pub fn get_mut(&mut self, offset: u64) -> Option<&mut Vec<u64>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.slots.get_mut(&offset).map(|s| {
+            s.last_use = tick;
+            s.dirty = true;
+            &mut s.words
+        })
+    }
+
+    /// Inserts a table. Returns a dirty table that had to be evicted to make room.
+    pub fn insert(&mut self, offset: u64, words: Vec<u64>, dirty: bool) -> Option<Evicted> {
+        self.tick += 1;
+        let mut evicted = None;
+        if !self.slots.contains_key(&offset) && self.slots.len() >= self.capacity {
+            // Least recently used clean table first; a dirty one only if all are dirty.
+            let victim = self
+                .slots
+                .iter()
+                .min_by_key(|(_, s)| (s.dirty, s.last_use))
+                .map(|(&o, _)| o);
+            if let Some(v) = victim {
+                if let Some(slot) = self.slots.remove(&v) {
+                    if slot.dirty {
+                        evicted = Some(Evicted {
+                            offset: v,
+                            words: slot.words,
+                        });
+                    }
+                }
+            }
+        }
+        self.slots.insert(
+            offset,
+            Slot {
+                words,
+                dirty,
+                last_use: self.tick,
+            },
+        );
+        evicted
+    }
+
+    /// Removes a table without writing it (its cluster was freed).
+    pub fn forget(&mut self, offset: u64) {
+        self.slots.remove(&offset);
+    }
+
+    /// Whether any table is dirty.
+    pub fn has_dirty(&self) -> bool {
+        self.slots.values().any(|s| s.dirty)
+    }
+
+    /// Takes copies of every dirty table and marks them clean.
+    pub fn take_dirty(&mut self) -> Vec<(u64, Vec<u64>)> {
+        let mut out: Vec<(u64, Vec<u64>)> = self
+            .slots
+            .iter_mut()
+            .filter(|(_, s)| s.dirty)
+            .map(|(&o, s)| {
+                s.dirty = false;
+                (o, s.words.clone())
+            })
+            .collect();
+        out.sort_by_key(|(o, _)| *o);
+        out
+    }
+
+    /// Marks a table dirty again (a write-back failed).
+    pub fn mark_dirty(&mut self, offset: u64) {
+        if let Some(s) = self.slots.get_mut(&offset) {
+            s.dirty = true;
+        }
+    }
+
+    /// Drops every clean table.
+    pub fn clear_clean(&mut self) {
+        self.slots.retain(|_, s| s.dirty);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_clean_before_dirty() {
+        let mut c = L2Cache::new(4 * 64, 64);
+        assert!(c.insert(1, vec![1], true).is_none());
+        for o in 2..=4 {
+            assert!(c.insert(o, vec![o], false).is_none());
+        }
+        c.get(2);
+        // 3 is the least recently used clean table.
+        assert!(c.insert(5, vec![5], false).is_none());
+        assert!(c.get(3).is_none());
+        assert!(c.get(1).is_some());
+        // Make everything dirty; the next insert evicts a dirty table and returns it.
+        for o in [1, 2, 4, 5] {
+            c.get_mut(o);
+        }
+        let ev = c.insert(6, vec![6], false).expect("dirty eviction");
+        assert!(c.get(ev.offset).is_none());
+    }
+}

@@ -1,0 +1,562 @@
+//! The QCOW2 header: its on-disk layout, validation and serialization.
+//!
+//! The fixed part of the header is declared once, as big-endian structs ([`RawHeaderV2`]
+//! and [`RawHeaderV3Tail`]); everything else in the crate works with the validated
+//! [`Header`].
+
+use zerocopy::big_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::extensions::{Extension, Extensions, FeatureKind};
+
+/// The QCOW2 magic, `QFI\xfb`.
+pub const QCOW_MAGIC: u32 = 0x5146_49fb;
+/// Smallest cluster size QCOW2 allows (`cluster_bits` = 9).
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster size QCOW2 allows (`cluster_bits` = 21, 2 MiB).
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Largest L1 table QEMU opens, in bytes (QEMU's `QCOW_MAX_L1_SIZE`).
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table QEMU opens, in bytes (QEMU's `QCOW_MAX_REFTABLE_SIZE`).
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Largest number of snapshots QEMU opens (QEMU's `QCOW_MAX_SNAPSHOTS`).
+pub const MAX_SNAPSHOTS: u32 = 65_536;
+/// Longest backing file name QEMU accepts, in bytes.
+pub const MAX_BACKING_NAME: u32 = 1023;
+/// Largest virtual disk size accepted (QEMU's limit: 2^63 - 1 rounded to sectors; we
+/// keep to 2^56 so every guest offset fits the L1/L2 address space of every cluster size).
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 56;
+/// Length of a version 2 header.
+pub const V2_HEADER_LEN: u32 = 72;
+/// Length of the version 3 header qcowx writes (with the `compression_type` byte).
+pub const V3_HEADER_LEN: u32 = 112;
+
+/// The first 72 bytes of every QCOW2 header (all of a version 2 header).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawHeaderV2 {
+    /// `QFI\xfb`.
+    pub magic: U32,
+    /// 2 or 3.
+    pub version: U32,
+    /// Offset of the backing file name, 0 when there is none.
+    pub backing_file_offset: U64,
+    /// Length of the backing file name in bytes.
+    pub backing_file_size: U32,
+    /// log2 of the cluster size.
+    pub cluster_bits: U32,
+    /// Virtual disk size in bytes.
+    pub size: U64,
+    /// 0 none, 1 AES, 2 LUKS.
+    pub crypt_method: U32,
+    /// Number of entries in the active L1 table.
+    pub l1_size: U32,
+    /// Offset of the active L1 table.
+    pub l1_table_offset: U64,
+    /// Offset of the refcount table.
+    pub refcount_table_offset: U64,
+    /// Clusters occupied by the refcount table.
+    pub refcount_table_clusters: U32,
+    /// Number of entries in the snapshot table.
+    pub nb_snapshots: U32,
+    /// Offset of the snapshot table.
+    pub snapshots_offset: U64,
+}
+
+/// Bytes 72..112 of a version 3 header.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawHeaderV3Tail {
+    /// Incompatible feature bits.
+    pub incompatible_features: U64,
+    /// Compatible feature bits.
+    pub compatible_features: U64,
+    /// Auto-clear feature bits.
+    pub autoclear_features: U64,
+    /// log2 of the refcount width in bits.
+    pub refcount_order: U32,
+    /// Length of the header structure in bytes.
+    pub header_length: U32,
+    /// 0 deflate, 1 zstd (present when `header_length` >= 105).
+    pub compression_type: u8,
+    /// Padding to a multiple of 8.
+    pub padding: [u8; 7],
+}
+
+bitflags::bitflags! {
+    /// Incompatible feature bits (header offset 72).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Incompatible: u64 {
+        /// Refcounts may be stale; a reader that writes must rebuild them.
+        const DIRTY = 1 << 0;
+        /// The image is corrupt; it must not be written.
+        const CORRUPT = 1 << 1;
+        /// Guest data lives in an external data file.
+        const EXTERNAL_DATA = 1 << 2;
+        /// The `compression_type` field is not deflate.
+        const COMPRESSION_TYPE = 1 << 3;
+        /// L2 entries are 128 bits with subcluster bitmaps.
+        const EXTENDED_L2 = 1 << 4;
+    }
+}
+
+bitflags::bitflags! {
+    /// Compatible feature bits (header offset 80).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Compatible: u64 {
+        /// Refcounts may be updated lazily (the dirty bit protects them).
+        const LAZY_REFCOUNTS = 1 << 0;
+    }
+}
+
+bitflags::bitflags! {
+    /// Auto-clear feature bits (header offset 88).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Autoclear: u64 {
+        /// The bitmaps extension is consistent.
+        const BITMAPS = 1 << 0;
+        /// The external data file is raw (guest offset = host offset).
+        const RAW_EXTERNAL = 1 << 1;
+    }
+}
+
+/// What is wrong with a header. Every variant names the field and the value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeaderError {
+    /// The file is shorter than a header.
+    #[error("file is too short for a QCOW2 header ({len} bytes)")]
+    Truncated {
+        /// File length.
+        len: u64,
+    },
+    /// The magic is not `QFI\xfb`.
+    #[error("not a QCOW2 image: magic is {0:#010x}, expected 0x514649fb")]
+    BadMagic(u32),
+    /// A header field has a value QCOW2 does not allow.
+    #[error("header field `{field}` has invalid value {value}: {why}")]
+    Field {
+        /// Field name as the QCOW2 specification spells it.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+        /// What the value must be.
+        why: &'static str,
+    },
+    /// Incompatible feature bits this implementation does not know.
+    #[error("unsupported incompatible feature(s): {0}")]
+    UnknownIncompatible(String),
+    /// The image is encrypted.
+    #[error("encrypted images are not supported (crypt_method {0})")]
+    Encrypted(u32),
+    /// A header extension is malformed.
+    #[error("header extension {kind:#010x} at offset {offset}: {why}")]
+    Extension {
+        /// Extension type.
+        kind: u32,
+        /// Byte offset of the extension in the file.
+        offset: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// A validated QCOW2 header with its extensions and backing file name.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// log2 of the cluster size (9..=21).
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// Entries in the active L1 table.
+    pub l1_size: u32,
+    /// Offset of the active L1 table.
+    pub l1_table_offset: u64,
+    /// Offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Clusters occupied by the refcount table.
+    pub refcount_table_clusters: u32,
+    /// Number of snapshot table entries.
+    pub nb_snapshots: u32,
+    /// Offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// Incompatible feature bits (unknown bits are rejected at parse time).
+    pub incompatible: Incompatible,
+    /// Compatible feature bits, unknown bits kept.
+    pub compatible: u64,
+    /// Auto-clear feature bits, unknown bits kept.
+    pub autoclear: u64,
+    /// log2 of the refcount width in bits (0..=6).
+    pub refcount_order: u32,
+    /// Length of the header structure as found (v3) or 72 (v2).
+    pub header_length: u32,
+    /// 0 deflate, 1 zstd.
+    pub compression_type: u8,
+    /// Header extensions, in file order, unknown ones kept byte-for-byte.
+    pub extensions: Extensions,
+    /// The backing file name, if any.
+    pub backing_file: Option<String>,
+}
+
+fn field(field: &'static str, value: u64, why: &'static str) -> HeaderError {
+    HeaderError::Field { field, value, why }
+}
+
+impl Header {
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Whether L2 entries are 128-bit extended entries.
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible.contains(Incompatible::EXTENDED_L2)
+    }
+
+    /// Parses and validates a header from the first cluster of a file.
+    ///
+    /// `first` holds at least the first `min(file_len, 2 MiB)` bytes; `file_len` is the
+    /// length of the whole file.
+    pub fn parse(first: &[u8], file_len: u64) -> Result<Header, HeaderError> {
+        let (raw, _) = RawHeaderV2::read_from_prefix(first)
+            .map_err(|_| HeaderError::Truncated { len: file_len })?;
+        if raw.magic.get() != QCOW_MAGIC {
+            return Err(HeaderError::BadMagic(raw.magic.get()));
+        }
+        let version = raw.version.get();
+        if version != 2 && version != 3 {
+            return Err(field("version", version.into(), "must be 2 or 3"));
+        }
+        let cluster_bits = raw.cluster_bits.get();
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(field(
+                "cluster_bits",
+                cluster_bits.into(),
+                "must be between 9 (512 B) and 21 (2 MiB)",
+            ));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        let crypt = raw.crypt_method.get();
+        if crypt != 0 {
+            return Err(HeaderError::Encrypted(crypt));
+        }
+
+        let (mut incompatible_raw, compatible, autoclear, refcount_order, header_length, ctype) =
+            if version == 3 {
+                let (tail, _) = RawHeaderV3Tail::read_from_prefix(&first[72.min(first.len())..])
+                    .map_err(|_| HeaderError::Truncated { len: file_len })?;
+                let hl = tail.header_length.get();
+                if hl < 104 || hl % 8 != 0 || u64::from(hl) > cluster_size {
+                    return Err(field(
+                        "header_length",
+                        hl.into(),
+                        "must be at least 104, a multiple of 8 and within the first cluster",
+                    ));
+                }
+                let ctype = if hl > 104 { tail.compression_type } else { 0 };
+                (
+                    tail.incompatible_features.get(),
+                    tail.compatible_features.get(),
+                    tail.autoclear_features.get(),
+                    tail.refcount_order.get(),
+                    hl,
+                    ctype,
+                )
+            } else {
+                (0, 0, 0, 4, V2_HEADER_LEN, 0)
+            };
+        if refcount_order > 6 {
+            return Err(field(
+                "refcount_order",
+                refcount_order.into(),
+                "must be at most 6 (64-bit refcounts)",
+            ));
+        }
+
+        // Extensions follow the header; parse them before judging feature bits so the
+        // feature name table can name unknown bits.
+        let backing_offset = raw.backing_file_offset.get();
+        let backing_size = raw.backing_file_size.get();
+        let ext_end = if backing_offset != 0 {
+            backing_offset
+        } else {
+            cluster_size
+        };
+        let extensions = if version == 3 {
+            Extensions::parse(first, u64::from(header_length), ext_end.min(cluster_size))?
+        } else {
+            Extensions::default()
+        };
+
+        let unknown = incompatible_raw & !Incompatible::all().bits();
+        if unknown != 0 {
+            let names: Vec<String> = (0..64)
+                .filter(|b| unknown & (1 << b) != 0)
+                .map(
+                    |b| match extensions.feature_name(FeatureKind::Incompatible, b) {
+                        Some(n) => format!("bit {b} ({n})"),
+                        None => format!("bit {b}"),
+                    },
+                )
+                .collect();
+            return Err(HeaderError::UnknownIncompatible(names.join(", ")));
+        }
+        let incompatible = Incompatible::from_bits_truncate(incompatible_raw);
+        incompatible_raw = incompatible.bits();
+        let _ = incompatible_raw;
+
+        match ctype {
+            0 => {}
+            1 => {
+                if !incompatible.contains(Incompatible::COMPRESSION_TYPE) {
+                    return Err(field(
+                        "compression_type",
+                        1,
+                        "zstd requires the compression type incompatible bit (3)",
+                    ));
+                }
+            }
+            other => {
+                return Err(field(
+                    "compression_type",
+                    other.into(),
+                    "must be 0 (deflate) or 1 (zstd)",
+                ))
+            }
+        }
+        if incompatible.contains(Incompatible::EXTENDED_L2) && cluster_bits < 14 {
+            return Err(field(
+                "cluster_bits",
+                cluster_bits.into(),
+                "extended L2 entries need clusters of at least 16 KiB",
+            ));
+        }
+
+        let size = raw.size.get();
+        if size > MAX_VIRTUAL_SIZE {
+            return Err(field("size", size, "is larger than 2^56 bytes"));
+        }
+        let l1_size = raw.l1_size.get();
+        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(field(
+                "l1_size",
+                l1_size.into(),
+                "L1 table larger than 32 MiB",
+            ));
+        }
+        let entry_bytes: u64 = if incompatible.contains(Incompatible::EXTENDED_L2) {
+            16
+        } else {
+            8
+        };
+        let bytes_per_l1 = cluster_size * (cluster_size / entry_bytes);
+        let needed = size.div_ceil(bytes_per_l1);
+        if u64::from(l1_size) < needed {
+            return Err(field(
+                "l1_size",
+                l1_size.into(),
+                "L1 table too small for the virtual size",
+            ));
+        }
+        let l1_table_offset = raw.l1_table_offset.get();
+        if l1_table_offset % cluster_size != 0 || (l1_size > 0 && l1_table_offset == 0) {
+            return Err(field(
+                "l1_table_offset",
+                l1_table_offset,
+                "must be a nonzero multiple of the cluster size",
+            ));
+        }
+        if l1_size > 0 && l1_table_offset.saturating_add(u64::from(l1_size) * 8) > file_len {
+            return Err(field(
+                "l1_table_offset",
+                l1_table_offset,
+                "L1 table extends past the end of the file",
+            ));
+        }
+        let refcount_table_offset = raw.refcount_table_offset.get();
+        let refcount_table_clusters = raw.refcount_table_clusters.get();
+        if refcount_table_offset % cluster_size != 0 || refcount_table_offset == 0 {
+            return Err(field(
+                "refcount_table_offset",
+                refcount_table_offset,
+                "must be a nonzero multiple of the cluster size",
+            ));
+        }
+        if u64::from(refcount_table_clusters) * cluster_size > MAX_REFTABLE_BYTES
+            || refcount_table_clusters == 0
+        {
+            return Err(field(
+                "refcount_table_clusters",
+                refcount_table_clusters.into(),
+                "must be between 1 and 8 MiB worth of clusters",
+            ));
+        }
+        if refcount_table_offset.saturating_add(u64::from(refcount_table_clusters) * cluster_size)
+            > file_len.next_multiple_of(cluster_size)
+        {
+            return Err(field(
+                "refcount_table_offset",
+                refcount_table_offset,
+                "refcount table extends past the end of the file",
+            ));
+        }
+        let nb_snapshots = raw.nb_snapshots.get();
+        if nb_snapshots > MAX_SNAPSHOTS {
+            return Err(field(
+                "nb_snapshots",
+                nb_snapshots.into(),
+                "more than 65536 snapshots",
+            ));
+        }
+        let snapshots_offset = raw.snapshots_offset.get();
+        if nb_snapshots > 0
+            && (snapshots_offset % cluster_size != 0
+                || snapshots_offset == 0
+                || snapshots_offset >= file_len)
+        {
+            return Err(field(
+                "snapshots_offset",
+                snapshots_offset,
+                "must be a nonzero cluster-aligned offset inside the file",
+            ));
+        }
+
+        let backing_file = if backing_offset != 0 {
+            if backing_size == 0 || backing_size > MAX_BACKING_NAME {
+                return Err(field(
+                    "backing_file_size",
+                    backing_size.into(),
+                    "must be between 1 and 1023",
+                ));
+            }
+            let end = backing_offset + u64::from(backing_size);
+            if backing_offset < u64::from(header_length) || end > cluster_size {
+                return Err(field(
+                    "backing_file_offset",
+                    backing_offset,
+                    "backing file name must lie in the first cluster, after the header",
+                ));
+            }
+            if end > first.len() as u64 {
+                return Err(HeaderError::Truncated { len: file_len });
+            }
+            let bytes = &first[backing_offset as usize..end as usize];
+            Some(String::from_utf8_lossy(bytes).into_owned())
+        } else {
+            None
+        };
+
+        Ok(Header {
+            version,
+            cluster_bits,
+            size,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            snapshots_offset,
+            incompatible,
+            compatible,
+            autoclear,
+            refcount_order,
+            header_length,
+            compression_type: ctype,
+            extensions,
+            backing_file,
+        })
+    }
+
+    /// The fixed header fields as bytes (`header_length` bytes; 72 for version 2).
+    ///
+    /// Every field that changes at a commit point lies in these bytes, which are at
+    /// most 512 long, so writing them is a single-sector write.
+    pub fn fixed_bytes(&self, backing_offset: u64) -> Vec<u8> {
+        let raw = RawHeaderV2 {
+            magic: QCOW_MAGIC.into(),
+            version: self.version.into(),
+            backing_file_offset: backing_offset.into(),
+            backing_file_size: (self.backing_file.as_ref().map_or(0, |b| b.len()) as u32).into(),
+            cluster_bits: self.cluster_bits.into(),
+            size: self.size.into(),
+            crypt_method: 0.into(),
+            l1_size: self.l1_size.into(),
+            l1_table_offset: self.l1_table_offset.into(),
+            refcount_table_offset: self.refcount_table_offset.into(),
+            refcount_table_clusters: self.refcount_table_clusters.into(),
+            nb_snapshots: self.nb_snapshots.into(),
+            snapshots_offset: self.snapshots_offset.into(),
+        };
+        let mut out = raw.as_bytes().to_vec();
+        if self.version == 3 {
+            let tail = RawHeaderV3Tail {
+                incompatible_features: self.incompatible.bits().into(),
+                compatible_features: self.compatible.into(),
+                autoclear_features: self.autoclear.into(),
+                refcount_order: self.refcount_order.into(),
+                header_length: self.header_length.into(),
+                compression_type: self.compression_type,
+                padding: [0; 7],
+            };
+            out.extend_from_slice(tail.as_bytes());
+            out.resize(self.header_length as usize, 0);
+        }
+        out
+    }
+
+    /// The whole first cluster: fixed header, extensions, end marker, backing name.
+    ///
+    /// Returns `None` when it does not fit in one cluster.
+    pub fn to_cluster(&self) -> Option<Vec<u8>> {
+        let cs = self.cluster_size() as usize;
+        let mut tail = Vec::new();
+        if self.version == 3 {
+            for ext in self.extensions.iter() {
+                ext.write_to(&mut tail);
+            }
+            Extension::end().write_to(&mut tail);
+        }
+        let fixed_len = if self.version == 3 {
+            self.header_length as usize
+        } else {
+            V2_HEADER_LEN as usize
+        };
+        let backing_offset = if self.backing_file.is_some() {
+            (fixed_len + tail.len()) as u64
+        } else {
+            0
+        };
+        let mut out = self.fixed_bytes(backing_offset);
+        out.extend_from_slice(&tail);
+        if let Some(b) = &self.backing_file {
+            out.extend_from_slice(b.as_bytes());
+        }
+        if out.len() > cs {
+            return None;
+        }
+        out.resize(cs, 0);
+        Some(out)
+    }
+
+    /// Where the backing file name lives when the header is written by [`Header::to_cluster`].
+    pub fn backing_offset(&self) -> u64 {
+        if self.backing_file.is_none() {
+            return 0;
+        }
+        let mut tail = Vec::new();
+        if self.version == 3 {
+            for ext in self.extensions.iter() {
+                ext.write_to(&mut tail);
+            }
+            Extension::end().write_to(&mut tail);
+        }
+        (self.header_length as usize + tail.len()) as u64
+    }
+
+    /// The backing format named by the backing-format extension, if any.
+    pub fn backing_format(&self) -> Option<&str> {
+        self.extensions.backing_format()
+    }
+}

@@ -1,0 +1,724 @@
+//! Refcounts from reachability: the scan behind `check`, `repair` and clean close.
+//!
+//! qcowx never updates refcounts on the hot path. While they are stale the header's
+//! dirty bit is set; a clean close (or a repair) counts references from every root and
+//! writes exact refcounts. References are counted per path, as QEMU counts them: an L2
+//! table linked from k roots is read once and each cluster it links to gets k
+//! references, so the scan costs O(distinct metadata), never O(roots × table size).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{Error, Result};
+use crate::extensions::EXT_BITMAPS;
+use crate::header::{Autoclear, Incompatible};
+use crate::image::{Image, State};
+use crate::tables::{decode_words, encode_words, ClusterKind, L1Entry, L2Entry};
+
+/// The most problems a report lists individually (the counts are always complete).
+pub const MAX_MESSAGES: usize = 1000;
+
+/// The outcome of a check, with `qemu-img check`'s counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Structural errors and refcounts lower than the references (data at risk).
+    pub corruptions: u64,
+    /// Clusters whose refcount is higher than their references.
+    pub leaks: u64,
+    /// Errors that stopped part of the check (unreadable structures).
+    pub check_errors: u64,
+    /// Descriptions of the first [`MAX_MESSAGES`] problems.
+    pub messages: Vec<String>,
+    /// Guest clusters allocated in the active layer.
+    pub allocated_clusters: u64,
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Allocated guest clusters that are not contiguous with their predecessor.
+    pub fragmented_clusters: u64,
+    /// Compressed guest clusters in the active layer.
+    pub compressed_clusters: u64,
+    /// One past the last cluster in use in the file.
+    pub image_end_offset: u64,
+    /// The dirty bit was set (refcounts stale) when checked.
+    pub dirty: bool,
+    /// The report follows a repair.
+    pub repaired: bool,
+}
+
+impl CheckReport {
+    /// `qemu-img check`'s exit code: 0 clean, 2 corruptions, 3 leaks only.
+    pub fn exit_code(&self) -> i32 {
+        if self.corruptions > 0 || self.check_errors > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+
+    fn problem(&mut self, corruption: bool, msg: String) {
+        if corruption {
+            self.corruptions += 1;
+        } else {
+            self.leaks += 1;
+        }
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(msg);
+        }
+    }
+}
+
+/// Reads refcount entry `index` of a refcount block.
+pub fn get_entry(block: &[u8], order: u32, index: usize) -> u64 {
+    let bits = 1usize << order;
+    if bits < 8 {
+        let bit = index * bits;
+        let byte = block.get(bit / 8).copied().unwrap_or(0);
+        u64::from((byte >> (bit % 8)) & ((1u16 << bits) - 1) as u8)
+    } else {
+        let n = bits / 8;
+        let start = index * n;
+        block.get(start..start + n).map_or(0, |b| {
+            b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
+        })
+    }
+}
+
+/// Writes refcount entry `index` of a refcount block (the value must fit).
+pub fn set_entry(block: &mut [u8], order: u32, index: usize, value: u64) {
+    let bits = 1usize << order;
+    if bits < 8 {
+        let bit = index * bits;
+        let mask = (((1u16 << bits) - 1) as u8) << (bit % 8);
+        if let Some(b) = block.get_mut(bit / 8) {
+            *b = (*b & !mask) | (((value as u8) << (bit % 8)) & mask);
+        }
+    } else {
+        let n = bits / 8;
+        let start = index * n;
+        if let Some(dst) = block.get_mut(start..start + n) {
+            let be = value.to_be_bytes();
+            dst.copy_from_slice(&be[8 - n..]);
+        }
+    }
+}
+
+const META: u8 = 1;
+const DATA: u8 = 2;
+
+/// Reference counts per host cluster, from a walk of every root.
+struct Scan {
+    cluster_bits: u32,
+    file_clusters: u64,
+    counts: Vec<u64>,
+    kinds: Vec<u8>,
+    report: CheckReport,
+}
+
+impl Scan {
+    fn new(cluster_bits: u32, file_len: u64) -> Scan {
+        let file_clusters = file_len.div_ceil(1 << cluster_bits);
+        Scan {
+            cluster_bits,
+            file_clusters,
+            counts: vec![0; file_clusters as usize],
+            kinds: vec![0; file_clusters as usize],
+            report: CheckReport::default(),
+        }
+    }
+
+    /// Counts `k` references to the clusters covering `[offset, offset+len)`.
+    fn add(&mut self, offset: u64, len: u64, k: u64, kind: u8, what: &str) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset.saturating_add(len) - 1) >> self.cluster_bits;
+        if first >= self.file_clusters {
+            self.report.problem(
+                true,
+                format!("{what} at offset {offset:#x} is past the end of the file"),
+            );
+            return false;
+        }
+        let last = last.min(self.file_clusters - 1);
+        for c in first..=last {
+            let i = c as usize;
+            if self.kinds[i] != 0 && self.kinds[i] != kind {
+                self.report.problem(
+                    true,
+                    format!(
+                        "cluster {:#x} is used both as metadata and as data ({what})",
+                        c << self.cluster_bits
+                    ),
+                );
+            }
+            self.kinds[i] |= kind;
+            self.counts[i] = self.counts[i].saturating_add(k);
+        }
+        true
+    }
+
+    fn count(&self, cluster: u64) -> u64 {
+        self.counts.get(cluster as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Walks every root of the image and counts references. Refcount structures are
+/// counted only when `with_refcounts`.
+fn scan(img: &Image, st: &State, with_refcounts: bool) -> Result<Scan> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let mut s = Scan::new(geo.cluster_bits, file_len);
+    let h = &st.header;
+    s.report.dirty = h.incompatible.contains(Incompatible::DIRTY);
+    s.report.total_clusters = h.size.div_ceil(cs);
+
+    s.add(0, cs, 1, META, "header");
+    s.add(
+        h.l1_table_offset,
+        u64::from(h.l1_size) * 8,
+        1,
+        META,
+        "active L1 table",
+    );
+    if h.nb_snapshots > 0 {
+        let len: u64 = st.snapshots.iter().map(|e| e.encoded_len() as u64).sum();
+        s.add(h.snapshots_offset, len, 1, META, "snapshot table");
+    }
+    if with_refcounts {
+        let table_len = u64::from(h.refcount_table_clusters) * cs;
+        s.add(
+            h.refcount_table_offset,
+            table_len,
+            1,
+            META,
+            "refcount table",
+        );
+        for (i, block) in read_reftable(img, st)?.into_iter().enumerate() {
+            if block == 0 {
+                continue;
+            }
+            if block % cs != 0 {
+                s.report.problem(
+                    true,
+                    format!("refcount table entry {i} is not cluster-aligned: {block:#x}"),
+                );
+                continue;
+            }
+            s.add(block, cs, 1, META, "refcount block");
+        }
+    }
+    if h.autoclear & Autoclear::BITMAPS.bits() != 0 {
+        scan_bitmaps(img, st, &mut s)?;
+    }
+
+    // Every root: the active L1 (in memory) and each snapshot's L1 (on disk).
+    let mut l2_refs: HashMap<u64, u64> = HashMap::new();
+    let mut active_l2: Vec<u64> = Vec::new();
+    for (i, &w) in st.l1.iter().enumerate() {
+        let e = L1Entry(w);
+        if e.is_malformed(&geo) {
+            s.report
+                .problem(true, format!("active L1 entry {i} is malformed: {w:#x}"));
+            continue;
+        }
+        if let Some(off) = e.l2_offset() {
+            *l2_refs.entry(off).or_insert(0) += 1;
+            active_l2.push(off);
+        }
+    }
+    for snap in &st.snapshots {
+        let len = u64::from(snap.l1_size) * 8;
+        if !s.add(snap.l1_table_offset, len, 1, META, "snapshot L1 table") {
+            continue;
+        }
+        if snap.l1_table_offset + len > file_len {
+            s.report.problem(
+                true,
+                format!(
+                    "snapshot '{}' L1 table runs past the end of the file",
+                    snap.name
+                ),
+            );
+            continue;
+        }
+        let mut raw = vec![0u8; len as usize];
+        img.storage
+            .read_at(&mut raw, snap.l1_table_offset)
+            .map_err(|e| img.io_err("read snapshot L1 table", snap.l1_table_offset, e))?;
+        for (i, w) in decode_words(&raw).into_iter().enumerate() {
+            let e = L1Entry(w);
+            if e.is_malformed(&geo) {
+                s.report.problem(
+                    true,
+                    format!(
+                        "L1 entry {i} of snapshot '{}' is malformed: {w:#x}",
+                        snap.name
+                    ),
+                );
+                continue;
+            }
+            if let Some(off) = e.l2_offset() {
+                *l2_refs.entry(off).or_insert(0) += 1;
+            }
+        }
+    }
+
+    let active: HashSet<u64> = active_l2.iter().copied().collect();
+    let mut tables: Vec<(u64, u64)> = l2_refs.into_iter().collect();
+    tables.sort_unstable();
+    let mut raw = vec![0u8; cs as usize];
+    let mut last_host: Option<u64> = None;
+    for (off, k) in tables {
+        if !s.add(off, cs, k, META, "L2 table") {
+            continue;
+        }
+        img.storage
+            .read_at(&mut raw, off)
+            .map_err(|e| img.io_err("read L2 table", off, e))?;
+        let words = decode_words(&raw);
+        let is_active = active.contains(&off);
+        let step = if geo.extended { 2 } else { 1 };
+        for (idx, chunk) in words.chunks(step).enumerate() {
+            let entry = L2Entry {
+                word: chunk[0],
+                bitmap: chunk.get(1).copied().unwrap_or(0),
+            };
+            let entry_off = off + idx as u64 * geo.l2_entry_bytes();
+            let kind = match entry.kind(&geo) {
+                Ok(kind) => kind,
+                Err(why) => {
+                    s.report
+                        .problem(true, format!("L2 entry at offset {entry_off:#x}: {why}"));
+                    continue;
+                }
+            };
+            match kind {
+                ClusterKind::Data { host }
+                | ClusterKind::Zero { host: Some(host) }
+                | ClusterKind::Subclusters { host, .. }
+                    if host != 0 =>
+                {
+                    s.add(host, cs, k, DATA, "data cluster");
+                    if is_active {
+                        s.report.allocated_clusters += 1;
+                        if last_host.is_some_and(|l| l + cs != host) {
+                            s.report.fragmented_clusters += 1;
+                        }
+                        last_host = Some(host);
+                    }
+                }
+                ClusterKind::Compressed { offset, len } => {
+                    s.add(offset, len, k, DATA, "compressed cluster");
+                    if is_active {
+                        s.report.allocated_clusters += 1;
+                        s.report.compressed_clusters += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(s)
+}
+
+fn read_reftable(img: &Image, st: &State) -> Result<Vec<u64>> {
+    let h = &st.header;
+    let len = u64::from(h.refcount_table_clusters) * img.geo.cluster_size();
+    let mut raw = vec![0u8; len as usize];
+    img.storage
+        .read_at(&mut raw, h.refcount_table_offset)
+        .map_err(|e| img.io_err("read refcount table", h.refcount_table_offset, e))?;
+    Ok(decode_words(&raw))
+}
+
+/// Counts the clusters of persistent bitmaps (directory, tables, data).
+fn scan_bitmaps(img: &Image, st: &State, s: &mut Scan) -> Result<()> {
+    let Some(ext) = st.header.extensions.get(EXT_BITMAPS) else {
+        return Ok(());
+    };
+    let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
+    let be32 = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap_or([0; 4]));
+    let nb = be32(&ext.data[0..4]);
+    let dir_size = be64(&ext.data[8..16]);
+    let dir_off = be64(&ext.data[16..24]);
+    if dir_size > 64 << 20 || !s.add(dir_off, dir_size, 1, META, "bitmap directory") {
+        s.report.problem(true, "bitmap directory is invalid".into());
+        return Ok(());
+    }
+    let mut dir = vec![0u8; dir_size as usize];
+    img.storage
+        .read_at(&mut dir, dir_off)
+        .map_err(|e| img.io_err("read bitmap directory", dir_off, e))?;
+    let mut pos = 0usize;
+    for _ in 0..nb {
+        let Some(e) = dir.get(pos..pos + 24) else {
+            s.report
+                .problem(true, "bitmap directory is truncated".into());
+            break;
+        };
+        let table_off = be64(&e[0..8]);
+        let table_size = u64::from(be32(&e[8..12]));
+        let name_size = u16::from_be_bytes([e[18], e[19]]) as usize;
+        let extra = be32(&e[20..24]) as usize;
+        pos += (24 + name_size + extra).next_multiple_of(8);
+        let len = table_size * 8;
+        if len > 64 << 20 || !s.add(table_off, len, 1, META, "bitmap table") {
+            continue;
+        }
+        let mut raw = vec![0u8; len as usize];
+        img.storage
+            .read_at(&mut raw, table_off)
+            .map_err(|e| img.io_err("read bitmap table", table_off, e))?;
+        for w in decode_words(&raw) {
+            let off = w & 0x00ff_ffff_ffff_fe00;
+            if off != 0 {
+                s.add(off, img.geo.cluster_size(), 1, META, "bitmap data");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Compares the on-disk refcounts with a reachability scan.
+pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
+    let mut s = scan(img, st, true)?;
+    let cs = img.geo.cluster_size();
+    let order = st.header.refcount_order;
+    let per_block = (cs * 8) >> order;
+    let table = read_reftable(img, st)?;
+    let mut block = vec![0u8; cs as usize];
+    let mut loaded: Option<u64> = None;
+    let max_cluster = s.file_clusters.max(table.len() as u64 * per_block);
+    let mut end = 0;
+    for c in 0..max_cluster {
+        let bi = c / per_block;
+        let block_off = table.get(bi as usize).copied().unwrap_or(0);
+        let refcount = if block_off == 0 || block_off % cs != 0 || block_off >= s.file_clusters * cs
+        {
+            0
+        } else {
+            if loaded != Some(block_off) {
+                img.storage
+                    .read_at(&mut block, block_off)
+                    .map_err(|e| img.io_err("read refcount block", block_off, e))?;
+                loaded = Some(block_off);
+            }
+            get_entry(&block, order, (c % per_block) as usize)
+        };
+        let refs = s.count(c);
+        if refs > 0 || refcount > 0 {
+            end = c + 1;
+        }
+        if c >= s.file_clusters && refcount == 0 {
+            // Past the file: only nonzero refcounts matter, and only up to the table.
+            if bi as usize >= table.len() {
+                break;
+            }
+            continue;
+        }
+        if refcount < refs {
+            s.report.problem(
+                true,
+                format!(
+                    "cluster {:#x}: refcount={refcount} reference={refs}",
+                    c * cs
+                ),
+            );
+        } else if refcount > refs {
+            s.report.problem(
+                false,
+                format!(
+                    "leaked cluster {:#x}: refcount={refcount} reference={refs}",
+                    c * cs
+                ),
+            );
+        }
+    }
+    s.report.image_end_offset = end * cs;
+    check_copied(img, st, &mut s)?;
+    Ok(s.report)
+}
+
+/// Checks bit 63 on the active tree against the reference counts: a writable link
+/// to a shared cluster breaks invariant W; a read-only link to an exclusive cluster is
+/// what QEMU calls an OFLAG_COPIED error (only reported when refcounts are exact).
+fn check_copied(img: &Image, st: &mut State, s: &mut Scan) -> Result<()> {
+    let exact = !s.report.dirty;
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let l1 = st.l1.clone();
+    let mut raw = vec![0u8; cs as usize];
+    for (i, &w) in l1.iter().enumerate() {
+        let e = L1Entry(w);
+        let Some(off) = e.l2_offset().filter(|_| !e.is_malformed(&geo)) else {
+            continue;
+        };
+        let refs = s.count(off >> geo.cluster_bits);
+        if e.writable() && refs > 1 {
+            s.report.problem(
+                true,
+                format!("active L1 entry {i} is writable but its L2 table has {refs} references"),
+            );
+        } else if exact && !e.writable() && refs == 1 {
+            s.report.problem(
+                true,
+                format!("OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={w:x} refcount=1"),
+            );
+        }
+        if off + cs > s.file_clusters * cs {
+            continue;
+        }
+        img.storage
+            .read_at(&mut raw, off)
+            .map_err(|e| img.io_err("read L2 table", off, e))?;
+        let words = decode_words(&raw);
+        let step = if geo.extended { 2 } else { 1 };
+        for (j, chunk) in words.chunks(step).enumerate() {
+            let entry = L2Entry {
+                word: chunk[0],
+                bitmap: chunk.get(1).copied().unwrap_or(0),
+            };
+            let Some(host) = entry.host() else { continue };
+            let refs = s.count(host >> geo.cluster_bits);
+            let path_writable = e.writable() && entry.writable();
+            if path_writable && refs > 1 {
+                s.report.problem(
+                    true,
+                    format!(
+                        "L2 entry {j} of table {off:#x} is writable but cluster {host:#x} has {refs} references"
+                    ),
+                );
+            } else if exact && entry.writable() != (refs == 1) {
+                s.report.problem(
+                    true,
+                    format!(
+                        "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refs}",
+                        entry.word
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes exact refcounts from a reachability scan, normalizes bit 63 on the active
+/// tree, clears the dirty bit, and truncates free clusters at the end of the file.
+///
+/// Order: the caller has flushed; links are normalized and flushed; new refcount
+/// blocks and table are written to clusters that neither hold live data nor belong to
+/// the old refcount structures, and synced; then one header write switches to them and
+/// clears the dirty bit (the commit point); then the file is truncated.
+pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<()> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let s = scan(img, st, false)?;
+    if s.report.corruptions > 0 {
+        return Err(img.corrupt(
+            "image metadata",
+            0,
+            format!(
+                "cannot rebuild refcounts: {} structural error(s), first: {}",
+                s.report.corruptions,
+                s.report.messages.first().cloned().unwrap_or_default()
+            ),
+        ));
+    }
+    normalize_copied(img, st, &s)?;
+    img.flush_locked(st)?;
+
+    // Old refcount structures stay untouched until the header stops pointing at them.
+    let mut old: HashSet<u64> = HashSet::new();
+    let h = &st.header;
+    for i in 0..u64::from(h.refcount_table_clusters) {
+        old.insert((h.refcount_table_offset >> geo.cluster_bits) + i);
+    }
+    for b in read_reftable(img, st)? {
+        if b != 0 && b % cs == 0 {
+            old.insert(b >> geo.cluster_bits);
+        }
+    }
+    let order = st.header.refcount_order;
+    let per_block = (cs * 8) >> order;
+    let mut counts = s.counts;
+    let used_end = counts
+        .iter()
+        .rposition(|&c| c > 0)
+        .map_or(1, |i| i as u64 + 1);
+    let is_free = |c: u64, counts: &[u64], taken: &HashSet<u64>| {
+        c > 0
+            && counts.get(c as usize).copied().unwrap_or(0) == 0
+            && !old.contains(&c)
+            && !taken.contains(&c)
+    };
+    let (table_at, table_clusters, blocks) = {
+        let mut total = used_end;
+        loop {
+            let nblocks = total.div_ceil(per_block);
+            let ntable = geo.clusters_for(nblocks * 8);
+            let mut taken: HashSet<u64> = HashSet::new();
+            // The table needs a contiguous run.
+            let mut start = 1;
+            let table_at = loop {
+                if (start..start + ntable).all(|c| is_free(c, &counts, &taken)) {
+                    break start;
+                }
+                start += 1;
+            };
+            taken.extend(table_at..table_at + ntable);
+            let mut blocks = Vec::with_capacity(nblocks as usize);
+            let mut c = 1;
+            while (blocks.len() as u64) < nblocks {
+                if is_free(c, &counts, &taken) {
+                    blocks.push(c);
+                    taken.insert(c);
+                }
+                c += 1;
+            }
+            let highest = taken.iter().copied().max().unwrap_or(0) + 1;
+            let new_total = total.max(highest);
+            if new_total.div_ceil(per_block) == nblocks {
+                break (table_at, ntable, blocks);
+            }
+            total = new_total;
+        }
+    };
+    let new_end = blocks
+        .iter()
+        .copied()
+        .chain([table_at + table_clusters - 1, used_end - 1])
+        .max()
+        .unwrap_or(0)
+        + 1;
+    counts.resize(new_end as usize, 0);
+    for c in (table_at..table_at + table_clusters).chain(blocks.iter().copied()) {
+        counts[c as usize] = 1;
+    }
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1 << order)) - 1
+    };
+    if let Some((i, &c)) = counts.iter().enumerate().find(|(_, &c)| c > max) {
+        return Err(Error::RefcountOverflow {
+            file: img.name.clone(),
+            offset: i as u64 * cs,
+            count: c,
+            bits: 1 << order,
+        });
+    }
+    let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
+    let mut block = vec![0u8; cs as usize];
+    for (bi, &bc) in blocks.iter().enumerate() {
+        block.fill(0);
+        let first = bi as u64 * per_block;
+        for i in 0..per_block {
+            let c = (first + i) as usize;
+            if c >= counts.len() {
+                break;
+            }
+            set_entry(&mut block, order, i as usize, counts[c]);
+        }
+        let off = bc * cs;
+        img.storage
+            .write_at(&block, off)
+            .map_err(|e| img.io_err("write refcount block", off, e))?;
+        table[bi] = off;
+    }
+    let table_off = table_at * cs;
+    img.storage
+        .write_at(&encode_words(&table), table_off)
+        .map_err(|e| img.io_err("write refcount table", table_off, e))?;
+    img.sync()?;
+
+    st.header.refcount_table_offset = table_off;
+    st.header.refcount_table_clusters = table_clusters as u32;
+    st.header.incompatible.remove(Incompatible::DIRTY);
+    img.write_header_fields(st)?;
+    img.sync()?;
+    st.stale = false;
+
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    if file_len > new_end * cs {
+        img.storage
+            .set_len(new_end * cs)
+            .map_err(|e| img.io_err("truncate", new_end * cs, e))?;
+    }
+    st.alloc.reset(new_end * cs);
+    st.cache.clear_clean();
+    Ok(())
+}
+
+/// Sets bit 63 on each active-tree link to exactly `references == 1`.
+fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<()> {
+    let geo = img.geo;
+    let l1 = st.l1.clone();
+    for (i, &w) in l1.iter().enumerate() {
+        let e = L1Entry(w);
+        let Some(off) = e.l2_offset() else { continue };
+        let table_excl = s.count(off >> geo.cluster_bits) == 1;
+        if e.writable() != table_excl {
+            st.l1[i] = L1Entry::new(off, table_excl).0;
+            st.l1_dirty.insert(i / 64);
+        }
+        img.load_l2(st, off)?;
+        let words: Vec<u64> = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
+        let step = if geo.extended { 2 } else { 1 };
+        let mut changed: Vec<(usize, u64)> = Vec::new();
+        for (j, &word) in words.iter().enumerate().step_by(step) {
+            let entry = L2Entry { word, bitmap: 0 };
+            let Some(host) = entry.host() else { continue };
+            let want = table_excl && s.count(host >> geo.cluster_bits) == 1;
+            if entry.writable() != want {
+                let new = if want {
+                    word | crate::tables::WRITABLE
+                } else {
+                    word & !crate::tables::WRITABLE
+                };
+                changed.push((j, new));
+            }
+        }
+        if !changed.is_empty() {
+            if let Some(t) = st.cache.get_mut(off) {
+                for (j, new) in changed {
+                    t[j] = new;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_every_width() {
+        for order in 0..=6u32 {
+            let mut block = vec![0u8; 512];
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
+            for i in 0..10 {
+                set_entry(&mut block, order, i, (i as u64 * 7919) & max);
+            }
+            for i in 0..10 {
+                assert_eq!(
+                    get_entry(&block, order, i),
+                    (i as u64 * 7919) & max,
+                    "order {order}"
+                );
+            }
+        }
+        // 16-bit entries are big-endian.
+        let mut block = vec![0u8; 4];
+        set_entry(&mut block, 4, 1, 0x0102);
+        assert_eq!(block, [0, 0, 1, 2]);
+    }
+}

@@ -1,0 +1,214 @@
+//! The QCOW2 snapshot table: every root other than the active L1 is listed here.
+
+use zerocopy::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// Largest snapshot table QEMU opens, in bytes (QEMU's `QCOW_MAX_SNAPSHOTS_SIZE`).
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
+/// Largest extra data QEMU accepts per snapshot entry.
+pub const MAX_EXTRA_DATA: u32 = 1024;
+
+/// The fixed 40-byte head of a snapshot table entry.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawSnapshotHeader {
+    /// Offset of the snapshot's L1 table.
+    pub l1_table_offset: U64,
+    /// Entries in that L1 table.
+    pub l1_size: U32,
+    /// Length of the ID string.
+    pub id_str_size: U16,
+    /// Length of the name.
+    pub name_size: U16,
+    /// Creation time, seconds.
+    pub date_sec: U32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: U32,
+    /// Guest clock when taken.
+    pub vm_clock_nsec: U64,
+    /// VM state size (32-bit).
+    pub vm_state_size: U32,
+    /// Length of the extra data.
+    pub extra_data_size: U32,
+}
+
+/// One parsed snapshot table entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    /// Offset of the snapshot's L1 table.
+    pub l1_table_offset: u64,
+    /// Entries in that L1 table.
+    pub l1_size: u32,
+    /// ID string (QEMU numbers them).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock when taken.
+    pub vm_clock_nsec: u64,
+    /// VM state size (32-bit field).
+    pub vm_state_size: u32,
+    /// Extra data, kept byte-for-byte (QEMU defines the first 24 bytes).
+    pub extra: Vec<u8>,
+}
+
+/// What is wrong with the snapshot table.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// An entry runs past the end of the table or file.
+    #[error("snapshot table entry {index} at offset {offset} is truncated")]
+    Truncated {
+        /// Entry index.
+        index: u32,
+        /// Byte offset of the entry.
+        offset: u64,
+    },
+    /// A field is out of range.
+    #[error("snapshot table entry {index} at offset {offset}: {why}")]
+    Invalid {
+        /// Entry index.
+        index: u32,
+        /// Byte offset of the entry.
+        offset: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+impl SnapshotEntry {
+    /// The virtual disk size recorded in QEMU's extra data, if present.
+    pub fn disk_size(&self) -> Option<u64> {
+        self.extra
+            .get(8..16)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+
+    /// Bytes this entry occupies in the table (padded to 8).
+    pub fn encoded_len(&self) -> usize {
+        (40 + self.extra.len() + self.id.len() + self.name.len()).next_multiple_of(8)
+    }
+
+    /// Appends the serialized entry to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let raw = RawSnapshotHeader {
+            l1_table_offset: self.l1_table_offset.into(),
+            l1_size: self.l1_size.into(),
+            id_str_size: (self.id.len() as u16).into(),
+            name_size: (self.name.len() as u16).into(),
+            date_sec: self.date_sec.into(),
+            date_nsec: self.date_nsec.into(),
+            vm_clock_nsec: self.vm_clock_nsec.into(),
+            vm_state_size: self.vm_state_size.into(),
+            extra_data_size: (self.extra.len() as u32).into(),
+        };
+        let start = out.len();
+        out.extend_from_slice(raw.as_bytes());
+        out.extend_from_slice(&self.extra);
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        out.resize(start + self.encoded_len(), 0);
+    }
+}
+
+/// Parses `count` entries from `table`, the bytes of the snapshot table starting at
+/// file offset `base`.
+pub fn parse_table(
+    table: &[u8],
+    base: u64,
+    count: u32,
+    cluster_size: u64,
+) -> Result<Vec<SnapshotEntry>, SnapshotError> {
+    let mut out = Vec::with_capacity((count as usize).min(table.len() / 40 + 1));
+    let mut pos = 0usize;
+    for index in 0..count {
+        let offset = base + pos as u64;
+        let trunc = SnapshotError::Truncated { index, offset };
+        let rest = table
+            .get(pos..)
+            .ok_or(SnapshotError::Truncated { index, offset })?;
+        let (raw, _) = RawSnapshotHeader::read_from_prefix(rest).map_err(|_| trunc)?;
+        let extra_len = raw.extra_data_size.get();
+        if extra_len > MAX_EXTRA_DATA {
+            return Err(SnapshotError::Invalid {
+                index,
+                offset,
+                why: "extra data larger than 1024 bytes",
+            });
+        }
+        let l1 = raw.l1_table_offset.get();
+        if l1 % cluster_size != 0 || l1 == 0 {
+            return Err(SnapshotError::Invalid {
+                index,
+                offset,
+                why: "L1 table offset is not a nonzero multiple of the cluster size",
+            });
+        }
+        if u64::from(raw.l1_size.get()) * 8 > crate::header::MAX_L1_BYTES {
+            return Err(SnapshotError::Invalid {
+                index,
+                offset,
+                why: "L1 table larger than 32 MiB",
+            });
+        }
+        let id_len = usize::from(raw.id_str_size.get());
+        let name_len = usize::from(raw.name_size.get());
+        let total = (40 + extra_len as usize + id_len + name_len).next_multiple_of(8);
+        let Some(body) = rest.get(..total) else {
+            return Err(SnapshotError::Truncated { index, offset });
+        };
+        let e0 = 40;
+        let e1 = e0 + extra_len as usize;
+        let i1 = e1 + id_len;
+        let n1 = i1 + name_len;
+        out.push(SnapshotEntry {
+            l1_table_offset: l1,
+            l1_size: raw.l1_size.get(),
+            id: String::from_utf8_lossy(&body[e1..i1]).into_owned(),
+            name: String::from_utf8_lossy(&body[i1..n1]).into_owned(),
+            date_sec: raw.date_sec.get(),
+            date_nsec: raw.date_nsec.get(),
+            vm_clock_nsec: raw.vm_clock_nsec.get(),
+            vm_state_size: raw.vm_state_size.get(),
+            extra: body[e0..e1].to_vec(),
+        });
+        pos += total;
+        if pos as u64 > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(SnapshotError::Invalid {
+                index,
+                offset,
+                why: "snapshot table larger than 64 MiB",
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let e = SnapshotEntry {
+            l1_table_offset: 0x30000,
+            l1_size: 2,
+            id: "1".into(),
+            name: "base".into(),
+            date_sec: 5,
+            date_nsec: 6,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            extra: vec![0; 24],
+        };
+        let mut buf = vec![];
+        e.write_to(&mut buf);
+        e.write_to(&mut buf);
+        let back = parse_table(&buf, 0, 2, 65536).unwrap();
+        assert_eq!(back, vec![e.clone(), e]);
+        assert!(parse_table(&buf[..30], 0, 1, 65536).is_err());
+    }
+}

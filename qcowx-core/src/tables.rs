@@ -1,0 +1,418 @@
+//! L1 and L2 tables: entry layouts, the read-only bit, and guest address geometry.
+//!
+//! # The read-only bit
+//! Bit 63 of an L1 or L2 entry is QCOW2's `COPIED` flag. qcowx reads it as an ownership
+//! bit: set means *writable in place* (the target is reachable from this root only, by
+//! this one path); clear means *read-only* (the target may be shared; a write must copy
+//! it first). A read-only L1 entry makes its whole L2 table read-only whatever the
+//! table's own bits say. Every write path in [`crate::image`] consults
+//! [`L1Entry::writable`] and [`L2Entry::writable`] before writing in place; a copied
+//! table always has bit 63 cleared on every entry ([`L2Entry::read_only`]).
+
+/// Bit 63: the cluster is writable in place (QCOW2's COPIED flag).
+pub const WRITABLE: u64 = 1 << 63;
+/// Bit 62 of an L2 entry: the cluster is compressed.
+pub const COMPRESSED: u64 = 1 << 62;
+/// Bit 0 of a standard L2 entry: the cluster reads as zeros.
+pub const ZERO: u64 = 1;
+/// Bits 9..=55: host offset of an L2 table or data cluster.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Number of subclusters per cluster with extended L2 entries.
+pub const SUBCLUSTERS: u32 = 32;
+
+/// Address geometry derived from the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Whether L2 entries are 128 bits with subcluster bitmaps.
+    pub extended: bool,
+}
+
+impl Geometry {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Bytes per L2 entry (8, or 16 when extended).
+    pub fn l2_entry_bytes(&self) -> u64 {
+        if self.extended {
+            16
+        } else {
+            8
+        }
+    }
+    /// Number of entries in an L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / self.l2_entry_bytes()
+    }
+    /// log2 of [`Geometry::l2_entries`].
+    pub fn l2_bits(&self) -> u32 {
+        self.l2_entries().trailing_zeros()
+    }
+    /// Guest bytes covered by one L1 entry.
+    pub fn bytes_per_l1_entry(&self) -> u64 {
+        self.cluster_size() << self.l2_bits()
+    }
+    /// L1 entries needed for a disk of `size` bytes.
+    pub fn l1_entries_for(&self, size: u64) -> u64 {
+        size.div_ceil(self.bytes_per_l1_entry())
+    }
+    /// (L1 index, L2 index) of the guest cluster holding `offset`.
+    pub fn split(&self, offset: u64) -> (usize, usize) {
+        let cluster = offset >> self.cluster_bits;
+        (
+            (cluster >> self.l2_bits()) as usize,
+            (cluster & (self.l2_entries() - 1)) as usize,
+        )
+    }
+    /// Subcluster size in bytes (only meaningful when extended).
+    pub fn subcluster_size(&self) -> u64 {
+        self.cluster_size() / u64::from(SUBCLUSTERS)
+    }
+    /// The bit position where a compressed descriptor's sector count starts.
+    pub fn csize_shift(&self) -> u32 {
+        62 - (self.cluster_bits - 8)
+    }
+    /// Clusters needed to hold `bytes`.
+    pub fn clusters_for(&self, bytes: u64) -> u64 {
+        bytes.div_ceil(self.cluster_size())
+    }
+}
+
+/// An L1 entry: a link to an L2 table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct L1Entry(pub u64);
+
+impl L1Entry {
+    /// The L2 table's host offset, or `None` when unallocated.
+    pub fn l2_offset(self) -> Option<u64> {
+        match self.0 & OFFSET_MASK {
+            0 => None,
+            o => Some(o),
+        }
+    }
+    /// Whether the L2 table may be written in place through this link.
+    pub fn writable(self) -> bool {
+        self.0 & WRITABLE != 0
+    }
+    /// A link to `offset`, writable or read-only.
+    pub fn new(offset: u64, writable: bool) -> L1Entry {
+        L1Entry(offset | if writable { WRITABLE } else { 0 })
+    }
+    /// The same link with bit 63 cleared.
+    pub fn read_only(self) -> L1Entry {
+        L1Entry(self.0 & !WRITABLE)
+    }
+    /// Bits that must be zero (QCOW2 reserves 1..=8 and 56..=62) or misalignment.
+    pub fn is_malformed(self, geo: &Geometry) -> bool {
+        let off = self.0 & OFFSET_MASK;
+        self.0 & !(OFFSET_MASK | WRITABLE) != 0 || off % geo.cluster_size() != 0
+    }
+}
+
+/// An L2 entry (the first 64 bits; extended entries carry a bitmap beside it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct L2Entry {
+    /// The standard 64-bit descriptor.
+    pub word: u64,
+    /// The subcluster bitmap of an extended entry (0 otherwise): bits 0..32 allocated,
+    /// bits 32..64 reads-as-zero.
+    pub bitmap: u64,
+}
+
+/// What an L2 entry says about its guest cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterKind {
+    /// Not allocated here: read from the backing file, or zeros.
+    Unallocated,
+    /// Reads as zeros; `host` is a preallocated cluster (QCOW2's ZERO_ALLOC) if any.
+    Zero {
+        /// Preallocated host cluster.
+        host: Option<u64>,
+    },
+    /// Data at a host cluster.
+    Data {
+        /// Host offset of the cluster.
+        host: u64,
+    },
+    /// Compressed data.
+    Compressed {
+        /// Host offset of the compressed bytes.
+        offset: u64,
+        /// Length in bytes (rounded up to the descriptor's 512-byte sectors).
+        len: u64,
+    },
+    /// Extended entry with per-subcluster state; `host` is 0 when no host cluster.
+    Subclusters {
+        /// Host cluster (0 if none).
+        host: u64,
+        /// Allocation bitmap (bit i: subcluster i has data at host).
+        alloc: u32,
+        /// Zero bitmap (bit i: subcluster i reads as zeros).
+        zero: u32,
+    },
+}
+
+impl L2Entry {
+    /// An unallocated entry.
+    pub const UNALLOCATED: L2Entry = L2Entry { word: 0, bitmap: 0 };
+
+    /// Whether the data cluster may be written in place through this link.
+    pub fn writable(self) -> bool {
+        self.word & WRITABLE != 0
+    }
+    /// The same entry with bit 63 cleared.
+    pub fn read_only(self) -> L2Entry {
+        L2Entry {
+            word: self.word & !WRITABLE,
+            bitmap: self.bitmap,
+        }
+    }
+    /// Whether the entry is compressed.
+    pub fn is_compressed(self) -> bool {
+        self.word & COMPRESSED != 0
+    }
+    /// Host offset of a standard (not compressed) cluster, if any.
+    pub fn host(self) -> Option<u64> {
+        if self.is_compressed() {
+            return None;
+        }
+        match self.word & OFFSET_MASK {
+            0 => None,
+            o => Some(o),
+        }
+    }
+    /// A writable data entry for `host`, fully allocated.
+    pub fn data(host: u64, geo: &Geometry) -> L2Entry {
+        L2Entry {
+            word: host | WRITABLE,
+            bitmap: if geo.extended { 0xffff_ffff } else { 0 },
+        }
+    }
+    /// An entry that reads as zeros, with no host cluster.
+    pub fn zero(geo: &Geometry) -> L2Entry {
+        if geo.extended {
+            L2Entry {
+                word: 0,
+                bitmap: 0xffff_ffff_0000_0000,
+            }
+        } else {
+            L2Entry {
+                word: ZERO,
+                bitmap: 0,
+            }
+        }
+    }
+
+    /// Decodes the entry. `Err` carries a description of a malformed entry.
+    pub fn kind(self, geo: &Geometry) -> Result<ClusterKind, &'static str> {
+        if self.is_compressed() {
+            if self.word & WRITABLE != 0 {
+                return Err("compressed cluster has the COPIED flag set");
+            }
+            let shift = geo.csize_shift();
+            let offset = self.word & ((1u64 << shift) - 1);
+            let sectors =
+                ((self.word & !COMPRESSED) >> shift) & ((1u64 << (geo.cluster_bits - 8)) - 1);
+            let len = (sectors + 1) * 512 - (offset & 511);
+            if offset == 0 {
+                return Err("compressed cluster at host offset 0");
+            }
+            return Ok(ClusterKind::Compressed { offset, len });
+        }
+        let host = self.word & OFFSET_MASK;
+        if host % geo.cluster_size() != 0 {
+            return Err("data cluster offset is not cluster-aligned");
+        }
+        if geo.extended {
+            let alloc = self.bitmap as u32;
+            let zero = (self.bitmap >> 32) as u32;
+            if alloc & zero != 0 {
+                return Err("subcluster both allocated and zero");
+            }
+            if host == 0 && alloc != 0 {
+                return Err("subclusters allocated without a host cluster");
+            }
+            if host == 0 && zero == 0 {
+                return Ok(ClusterKind::Unallocated);
+            }
+            if host != 0 && alloc == 0xffff_ffff {
+                return Ok(ClusterKind::Data { host });
+            }
+            if zero == 0xffff_ffff {
+                return Ok(ClusterKind::Zero {
+                    host: (host != 0).then_some(host),
+                });
+            }
+            return Ok(ClusterKind::Subclusters { host, alloc, zero });
+        }
+        if self.word & ZERO != 0 {
+            return Ok(ClusterKind::Zero {
+                host: (host != 0).then_some(host),
+            });
+        }
+        Ok(match host {
+            0 => ClusterKind::Unallocated,
+            h => ClusterKind::Data { host: h },
+        })
+    }
+}
+
+/// Where the bytes of one piece of a guest cluster come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Host bytes at this offset.
+    Host(u64),
+    /// Zeros.
+    Zero,
+    /// The backing file (or zeros without one).
+    Backing,
+    /// The cluster is compressed; decompress it, then take bytes at this in-cluster offset.
+    Compressed {
+        /// Host offset of the compressed bytes.
+        offset: u64,
+        /// Their length.
+        len: u64,
+        /// Offset inside the decompressed cluster.
+        at: u64,
+    },
+}
+
+/// Splits `[in_off, in_off+len)` of a cluster of `kind` into pieces by source, calling
+/// `f(len, source)` for each in order. Adjacent pieces of one source are merged.
+pub fn for_each_piece(
+    geo: &Geometry,
+    kind: ClusterKind,
+    in_off: u64,
+    len: u64,
+    mut f: impl FnMut(u64, Source),
+) {
+    match kind {
+        ClusterKind::Unallocated => f(len, Source::Backing),
+        ClusterKind::Zero { .. } => f(len, Source::Zero),
+        ClusterKind::Data { host } => f(len, Source::Host(host + in_off)),
+        ClusterKind::Compressed { offset, len: clen } => f(
+            len,
+            Source::Compressed {
+                offset,
+                len: clen,
+                at: in_off,
+            },
+        ),
+        ClusterKind::Subclusters { host, alloc, zero } => {
+            let sub = geo.subcluster_size();
+            let end = in_off + len;
+            let mut pos = in_off;
+            let mut pending: Option<(u64, Source)> = None;
+            while pos < end {
+                let i = (pos / sub) as u32;
+                let stop = ((u64::from(i) + 1) * sub).min(end);
+                let src = if alloc & (1 << i) != 0 {
+                    Source::Host(host + pos)
+                } else if zero & (1 << i) != 0 {
+                    Source::Zero
+                } else {
+                    Source::Backing
+                };
+                let n = stop - pos;
+                pending = match pending {
+                    Some((plen, psrc)) if continues(psrc, plen, src) => Some((plen + n, psrc)),
+                    Some((plen, psrc)) => {
+                        f(plen, psrc);
+                        Some((n, src))
+                    }
+                    None => Some((n, src)),
+                };
+                pos = stop;
+            }
+            if let Some((plen, psrc)) = pending {
+                f(plen, psrc);
+            }
+        }
+    }
+}
+
+fn continues(prev: Source, prev_len: u64, next: Source) -> bool {
+    match (prev, next) {
+        (Source::Host(a), Source::Host(b)) => a + prev_len == b,
+        (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
+        _ => false,
+    }
+}
+
+/// Decodes a big-endian table of 64-bit words.
+pub fn decode_words(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect()
+}
+
+/// Encodes 64-bit words big-endian.
+pub fn encode_words(words: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        out.extend_from_slice(&w.to_be_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_descriptor_decodes() {
+        let geo = Geometry {
+            cluster_bits: 16,
+            extended: false,
+        };
+        // offset 0x50200, 3 additional sectors
+        let shift = geo.csize_shift();
+        let e = L2Entry {
+            word: COMPRESSED | (3 << shift) | 0x50200,
+            bitmap: 0,
+        };
+        assert_eq!(
+            e.kind(&geo),
+            Ok(ClusterKind::Compressed {
+                offset: 0x50200,
+                len: 4 * 512
+            })
+        );
+    }
+
+    #[test]
+    fn subcluster_pieces_merge() {
+        let geo = Geometry {
+            cluster_bits: 16,
+            extended: true,
+        };
+        let kind = ClusterKind::Subclusters {
+            host: 0x10000,
+            alloc: 0b0011,
+            zero: 0b0100,
+        };
+        let mut pieces = vec![];
+        for_each_piece(&geo, kind, 0, 4 * 2048, |n, s| pieces.push((n, s)));
+        assert_eq!(
+            pieces,
+            vec![
+                (4096, Source::Host(0x10000)),
+                (2048, Source::Zero),
+                (2048, Source::Backing)
+            ]
+        );
+    }
+
+    #[test]
+    fn split_addresses() {
+        let geo = Geometry {
+            cluster_bits: 16,
+            extended: false,
+        };
+        assert_eq!(geo.split(0), (0, 0));
+        assert_eq!(geo.split(65536 * 8192 + 65536 * 3 + 5), (1, 3));
+    }
+}

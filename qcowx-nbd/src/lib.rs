@@ -1,0 +1,1 @@
+//! NBD server for qcowx images (not yet implemented; see the NBD issue).
