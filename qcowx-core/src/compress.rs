@@ -12,10 +12,10 @@
 //! full cluster has been produced, exactly like QEMU does.
 //!
 //! Everything here treats its input as hostile: no input makes these
-//! functions panic, write outside the caller's buffer, or allocate memory
-//! that is not bounded by the cluster size (a few hundred KiB of decoder
-//! state plus, for zstd, a history buffer no larger than twice the cluster
-//! size, whatever window size a frame header claims).
+//! functions panic, write outside the caller's buffer, or allocate more than
+//! a bounded amount besides it: about 50 KiB of inflate state for deflate;
+//! for zstd the decoder tables plus a history buffer of at most the cluster
+//! size and one 128 KiB block, whatever window size a frame header claims.
 
 use std::fmt;
 
