@@ -30,6 +30,8 @@ pub mod alloc;
 pub mod backing;
 pub mod cache;
 pub mod compress;
+pub mod convert;
+pub mod crashsim;
 pub mod error;
 pub mod extensions;
 pub mod header;
