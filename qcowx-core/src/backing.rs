@@ -199,7 +199,10 @@ pub(crate) fn open_chain(
         "qcow2" => {
             let mut next_chain = chain.to_vec();
             next_chain.push(canon.clone());
-            let img = Image::open_layer(&canon, opts, &next_chain).map_err(|e| {
+            // Backing layers are only read: open them read-only with a shared lock,
+            // so other overlays and `qemu-img info` can use them too.
+            let layer_opts = opts.clone().write(false).lock(lock);
+            let img = Image::open_layer(&canon, &layer_opts, &next_chain).map_err(|e| {
                 backing_err(
                     format!("cannot open '{}'", path.display()),
                     Some(Box::new(e)),

@@ -106,6 +106,19 @@ impl L2Cache {
         evicted
     }
 
+    /// Puts back a table whose write-back failed, even past capacity.
+    pub fn restore(&mut self, ev: Evicted) {
+        self.tick += 1;
+        self.slots.insert(
+            ev.offset,
+            Slot {
+                words: ev.words,
+                dirty: true,
+                last_use: self.tick,
+            },
+        );
+    }
+
     /// Removes a table without writing it (its cluster was freed).
     pub fn forget(&mut self, offset: u64) {
         self.slots.remove(&offset);

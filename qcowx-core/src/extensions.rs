@@ -214,7 +214,7 @@ impl Extensions {
 fn validate(kind: u32, data: &[u8], offset: u64) -> Result<(), HeaderError> {
     let bad = |why| Err(HeaderError::Extension { kind, offset, why });
     match kind {
-        EXT_FEATURE_NAMES if data.len() % 48 != 0 => {
+        EXT_FEATURE_NAMES if !data.len().is_multiple_of(48) => {
             bad("feature name table length is not a multiple of 48")
         }
         EXT_BITMAPS if data.len() < 24 => bad("bitmaps extension shorter than 24 bytes"),

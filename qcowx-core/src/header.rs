@@ -23,8 +23,8 @@ pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65_536;
 /// Longest backing file name QEMU accepts, in bytes.
 pub const MAX_BACKING_NAME: u32 = 1023;
-/// Largest virtual disk size accepted (QEMU's limit: 2^63 - 1 rounded to sectors; we
-/// keep to 2^56 so every guest offset fits the L1/L2 address space of every cluster size).
+/// Largest virtual disk size accepted: 2^56 bytes, the reach of the 56-bit host offsets
+/// in L1/L2 entries. (With clusters under 512 KiB, [`MAX_L1_BYTES`] limits it first.)
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 56;
 /// Length of a version 2 header.
 pub const V2_HEADER_LEN: u32 = 72;
@@ -198,6 +198,14 @@ pub struct Header {
     pub extensions: Extensions,
     /// The backing file name, if any.
     pub backing_file: Option<String>,
+    /// Where the backing file name lives (0 without one), as read or as laid out by
+    /// [`Header::layout_backing`].
+    pub backing_file_offset: u64,
+    /// Length of the backing file name in bytes (0 without one).
+    pub backing_file_size: u32,
+    /// Bytes 112..`header_length` of a version 3 header: fields this implementation
+    /// does not know, written back unchanged.
+    pub unknown_fields: Vec<u8>,
 }
 
 fn field(field: &'static str, value: u64, why: &'static str) -> HeaderError {
@@ -448,7 +456,26 @@ impl Header {
             None
         };
 
+        let unknown_fields = if version == 3 && header_length > V3_HEADER_LEN {
+            first
+                .get(V3_HEADER_LEN as usize..header_length as usize)
+                .ok_or(HeaderError::Truncated { len: file_len })?
+                .to_vec()
+        } else {
+            Vec::new()
+        };
         Ok(Header {
+            backing_file_offset: if backing_file.is_some() {
+                backing_offset
+            } else {
+                0
+            },
+            backing_file_size: if backing_file.is_some() {
+                backing_size
+            } else {
+                0
+            },
+            unknown_fields,
             version,
             cluster_bits,
             size,
@@ -469,16 +496,32 @@ impl Header {
         })
     }
 
-    /// The fixed header fields as bytes (`header_length` bytes; 72 for version 2).
+    /// The header fields this implementation knows: the first 72 bytes (version 2) or
+    /// the first `min(header_length, 112)` bytes (version 3).
     ///
-    /// Every field that changes at a commit point lies in these bytes, which are at
-    /// most 512 long, so writing them is a single-sector write.
-    pub fn fixed_bytes(&self, backing_offset: u64) -> Vec<u8> {
+    /// Every field that changes at a commit point lies in these bytes, which fit in the
+    /// first 512-byte sector, so writing them is a single-sector write. Bytes past them
+    /// (unknown fields, extensions, the backing file name) are never rewritten after
+    /// the image is created.
+    pub fn commit_bytes(&self) -> Vec<u8> {
+        let mut out = self.fixed_bytes();
+        let n = if self.version == 3 {
+            (self.header_length as usize).min(V3_HEADER_LEN as usize)
+        } else {
+            V2_HEADER_LEN as usize
+        };
+        out.truncate(n);
+        out
+    }
+
+    /// The whole header structure (`header_length` bytes; 72 for version 2), unknown
+    /// fields included.
+    pub fn fixed_bytes(&self) -> Vec<u8> {
         let raw = RawHeaderV2 {
             magic: QCOW_MAGIC.into(),
             version: self.version.into(),
-            backing_file_offset: backing_offset.into(),
-            backing_file_size: (self.backing_file.as_ref().map_or(0, |b| b.len()) as u32).into(),
+            backing_file_offset: self.backing_file_offset.into(),
+            backing_file_size: self.backing_file_size.into(),
             cluster_bits: self.cluster_bits.into(),
             size: self.size.into(),
             crypt_method: 0.into(),
@@ -501,16 +544,20 @@ impl Header {
                 padding: [0; 7],
             };
             out.extend_from_slice(tail.as_bytes());
+            out.truncate(self.header_length as usize);
+            out.extend_from_slice(&self.unknown_fields);
             out.resize(self.header_length as usize, 0);
         }
         out
     }
 
-    /// The whole first cluster: fixed header, extensions, end marker, backing name.
-    ///
-    /// Returns `None` when it does not fit in one cluster.
-    pub fn to_cluster(&self) -> Option<Vec<u8>> {
-        let cs = self.cluster_size() as usize;
+    /// Places the backing file name right after the extensions (for a new header).
+    pub fn layout_backing(&mut self) {
+        let Some(b) = &self.backing_file else {
+            self.backing_file_offset = 0;
+            self.backing_file_size = 0;
+            return;
+        };
         let mut tail = Vec::new();
         if self.version == 3 {
             for ext in self.extensions.iter() {
@@ -523,14 +570,29 @@ impl Header {
         } else {
             V2_HEADER_LEN as usize
         };
-        let backing_offset = if self.backing_file.is_some() {
-            (fixed_len + tail.len()) as u64
-        } else {
-            0
-        };
-        let mut out = self.fixed_bytes(backing_offset);
-        out.extend_from_slice(&tail);
+        self.backing_file_offset = (fixed_len + tail.len()) as u64;
+        self.backing_file_size = b.len() as u32;
+    }
+
+    /// The whole first cluster of a new image: header, extensions, end marker, and the
+    /// backing file name where [`Header::layout_backing`] placed it.
+    ///
+    /// Returns `None` when it does not fit in one cluster.
+    pub fn to_cluster(&self) -> Option<Vec<u8>> {
+        let cs = self.cluster_size() as usize;
+        let mut out = self.fixed_bytes();
+        if self.version == 3 {
+            for ext in self.extensions.iter() {
+                ext.write_to(&mut out);
+            }
+            Extension::end().write_to(&mut out);
+        }
         if let Some(b) = &self.backing_file {
+            let at = self.backing_file_offset as usize;
+            if at < out.len() || b.len() != self.backing_file_size as usize {
+                return None;
+            }
+            out.resize(at, 0);
             out.extend_from_slice(b.as_bytes());
         }
         if out.len() > cs {
@@ -538,21 +600,6 @@ impl Header {
         }
         out.resize(cs, 0);
         Some(out)
-    }
-
-    /// Where the backing file name lives when the header is written by [`Header::to_cluster`].
-    pub fn backing_offset(&self) -> u64 {
-        if self.backing_file.is_none() {
-            return 0;
-        }
-        let mut tail = Vec::new();
-        if self.version == 3 {
-            for ext in self.extensions.iter() {
-                ext.write_to(&mut tail);
-            }
-            Extension::end().write_to(&mut tail);
-        }
-        (self.header_length as usize + tail.len()) as u64
     }
 
     /// The backing format named by the backing-format extension, if any.

@@ -5,6 +5,7 @@
 //! behind one mutex that is held only while mappings are looked up or changed; data
 //! reads and in-place data writes happen outside it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -13,10 +14,9 @@ use crate::backing::{self, Layer};
 use crate::cache::{L2Cache, DEFAULT_CACHE_BYTES};
 use crate::compress::{decompress_cluster, CompressionType};
 use crate::error::{Error, Result};
-use crate::extensions::{Extension, Extensions, FeatureKind, EXT_BACKING_FORMAT, EXT_BITMAPS};
+use crate::extensions::{Extension, Extensions, FeatureKind, EXT_BACKING_FORMAT};
 use crate::header::{
-    Autoclear, Header, Incompatible, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
-    V3_HEADER_LEN,
+    Header, Incompatible, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, V3_HEADER_LEN,
 };
 use crate::lock::LockMode;
 use crate::refcount;
@@ -206,13 +206,34 @@ pub struct SnapshotInfo {
     pub disk_size: Option<u64>,
 }
 
+/// Identifies a root (an L1 table) of the image. [`DEFAULT_ROOT`] is the default
+/// VDI, QCOW2's active layer; other roots are snapshot table entries.
+pub type RootId = u64;
+
+/// The default VDI: the header's active L1 table.
+pub const DEFAULT_ROOT: RootId = 0;
+
+/// A root loaded for I/O: its L1 table and where it lives.
+#[derive(Debug, Clone)]
+pub(crate) struct Root {
+    /// The L1 table, as the latest writes left it (links may not be on disk yet).
+    pub(crate) l1: Vec<u64>,
+    /// Where the L1 table lives in the file.
+    pub(crate) l1_offset: u64,
+    /// Dirty 512-byte sectors of the on-disk L1 table.
+    pub(crate) dirty: BTreeSet<usize>,
+    /// Virtual size of this root's disk.
+    pub(crate) size: u64,
+    /// Whether writes through this root are allowed (VDI heads, not snapshots).
+    pub(crate) writable: bool,
+}
+
 /// Mutable metadata, behind [`Image::state`].
 #[derive(Debug)]
 pub(crate) struct State {
     pub(crate) header: Header,
-    pub(crate) l1: Vec<u64>,
-    /// Dirty 512-byte sectors of the on-disk L1 table.
-    pub(crate) l1_dirty: std::collections::BTreeSet<usize>,
+    /// Roots loaded for I/O; the default root is always present.
+    pub(crate) roots: BTreeMap<RootId, Root>,
     pub(crate) cache: L2Cache,
     pub(crate) alloc: Allocator,
     /// We set the dirty bit: refcounts are stale until the next rebuild.
@@ -248,7 +269,7 @@ struct Piece {
     src: Source,
 }
 
-enum ZeroMode {
+pub(crate) enum ZeroMode {
     Zero { unmap: bool },
     Discard,
 }
@@ -288,7 +309,11 @@ impl Image {
             .path()
             .map_or_else(|| "<memory>".to_string(), |p| p.display().to_string());
         let path = storage.path().map(Path::to_path_buf);
-        Image::from_parts(storage, name, path, opts, &[])
+        let chain: Vec<PathBuf> = path
+            .iter()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+            .collect();
+        Image::from_parts(storage, name, path, opts, &chain)
     }
 
     fn from_parts(
@@ -391,9 +416,19 @@ impl Image {
         };
 
         let stale = header.incompatible.contains(Incompatible::DIRTY) && opts.write;
+        let mut roots = BTreeMap::new();
+        roots.insert(
+            DEFAULT_ROOT,
+            Root {
+                l1,
+                l1_offset: header.l1_table_offset,
+                dirty: BTreeSet::new(),
+                size: header.size,
+                writable: opts.write,
+            },
+        );
         let state = State {
-            l1,
-            l1_dirty: Default::default(),
+            roots,
             cache: L2Cache::new(opts.cache_bytes, geo.cluster_size() as usize),
             alloc: Allocator::new(geo.cluster_size(), file_len),
             stale,
@@ -401,7 +436,7 @@ impl Image {
             closed: false,
             header,
         };
-        Ok(Image {
+        let img = Image {
             storage,
             name,
             path,
@@ -411,7 +446,25 @@ impl Image {
             backing,
             state: Mutex::new(state),
             io_gate: RwLock::new(()),
-        })
+        };
+        if opts.write {
+            img.clear_autoclear()?;
+        }
+        Ok(img)
+    }
+
+    /// Clears every auto-clear feature bit before the first write, as QCOW2 requires of
+    /// a writer: qcowx maintains none of them (persistent bitmaps become inconsistent,
+    /// exactly as when any writer that does not know them writes the image). One
+    /// single-sector header write, made durable before any other write.
+    fn clear_autoclear(&self) -> Result<()> {
+        let mut st = self.lock_state()?;
+        if st.header.autoclear == 0 {
+            return Ok(());
+        }
+        st.header.autoclear = 0;
+        self.write_header_fields(&st)?;
+        self.sync()
     }
 
     /// Creates a new version 3 image at `path` and opens it for writing.
@@ -422,8 +475,16 @@ impl Image {
         let storage =
             FileStorage::create(path, LockMode::Exclusive).map_err(|e| open_error(&name, e))?;
         write_new_image(&storage, &name, &header, &layout)?;
-        drop(storage);
-        OpenOptions::new().write(true).open(path)
+        // Open through the same locked file: no window where another process could
+        // take the image between creating and opening it.
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Image::from_parts(
+            Arc::new(storage),
+            name,
+            Some(path.to_path_buf()),
+            &OpenOptions::new().write(true),
+            &[canon],
+        )
     }
 
     /// Creates a new image in `storage` (which must be empty) and opens it for writing.
@@ -483,8 +544,20 @@ impl Image {
             .map_err(|e| self.io_err("fdatasync", 0, e))
     }
 
-    fn check_range(&self, st: &State, offset: u64, len: u64) -> Result<()> {
-        let size = st.header.size;
+    pub(crate) fn root<'s>(&self, st: &'s State, root: RootId) -> Result<&'s Root> {
+        st.roots.get(&root).ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: root {root} is not open", self.name))
+        })
+    }
+
+    fn root_mut<'s>(&self, st: &'s mut State, root: RootId) -> Result<&'s mut Root> {
+        st.roots.get_mut(&root).ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: root {root} is not open", self.name))
+        })
+    }
+
+    fn check_range(&self, st: &State, root: RootId, offset: u64, len: u64) -> Result<()> {
+        let size = self.root(st, root)?.size;
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
             _ => Err(Error::OutOfRange {
@@ -503,6 +576,18 @@ impl Image {
             Err(Error::ReadOnly {
                 file: self.name.clone(),
                 why: "image is open read-only".into(),
+            })
+        }
+    }
+
+    fn check_root_writable(&self, st: &State, root: RootId) -> Result<()> {
+        self.check_writable()?;
+        if self.root(st, root)?.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly {
+                file: self.name.clone(),
+                why: "snapshots are read-only".into(),
             })
         }
     }
@@ -608,7 +693,7 @@ impl Image {
         }
         let cs = self.geo.cluster_size();
         let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
-        if off % cs != 0 || off.saturating_add(cs) > file_len.next_multiple_of(cs) {
+        if !off.is_multiple_of(cs) || off.saturating_add(cs) > file_len.next_multiple_of(cs) {
             return Err(self.corrupt(
                 "L2 table",
                 off,
@@ -627,10 +712,16 @@ impl Image {
     /// links to is durable).
     fn cache_insert(&self, st: &mut State, off: u64, words: Vec<u64>, dirty: bool) -> Result<()> {
         if let Some(ev) = st.cache.insert(off, words, dirty) {
-            self.sync()?;
-            self.storage
-                .write_at(&encode_words(&ev.words), ev.offset)
-                .map_err(|e| self.io_err("write L2 table", ev.offset, e))?;
+            let written = self.sync().and_then(|_| {
+                self.storage
+                    .write_at(&encode_words(&ev.words), ev.offset)
+                    .map_err(|e| self.io_err("write L2 table", ev.offset, e))
+            });
+            if let Err(e) = written {
+                // Keep the table (over capacity) rather than lose links to it.
+                st.cache.restore(ev);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -671,28 +762,34 @@ impl Image {
         Ok(())
     }
 
-    fn l1_entry(&self, st: &State, l1i: usize) -> Result<L1Entry> {
-        let e = L1Entry(st.l1.get(l1i).copied().unwrap_or(0));
+    fn l1_entry(&self, st: &State, root: RootId, l1i: usize) -> Result<L1Entry> {
+        let r = self.root(st, root)?;
+        let e = L1Entry(r.l1.get(l1i).copied().unwrap_or(0));
         if e.is_malformed(&self.geo) {
             return Err(self.corrupt(
                 "L1 table",
-                st.header.l1_table_offset + l1i as u64 * 8,
+                r.l1_offset + l1i as u64 * 8,
                 format!("malformed entry {:#x}", e.0),
             ));
         }
         Ok(e)
     }
 
-    fn set_l1_entry(&self, st: &mut State, l1i: usize, e: L1Entry) {
-        st.l1[l1i] = e.0;
-        st.l1_dirty.insert(l1i / 64);
+    fn set_l1_entry(&self, st: &mut State, root: RootId, l1i: usize, e: L1Entry) -> Result<()> {
+        let r = self.root_mut(st, root)?;
+        let slot = r.l1.get_mut(l1i).ok_or_else(|| {
+            Error::InvalidArgument(format!("L1 index {l1i} past the end of root {root}"))
+        })?;
+        *slot = e.0;
+        r.dirty.insert(l1i / 64);
+        Ok(())
     }
 
     /// What the guest cluster containing `guest` maps to, and whether both links to it
     /// are writable.
-    fn lookup(&self, st: &mut State, guest: u64) -> Result<(ClusterKind, bool)> {
+    fn lookup(&self, st: &mut State, root: RootId, guest: u64) -> Result<(ClusterKind, bool)> {
         let (l1i, l2i) = self.geo.split(guest);
-        let l1e = self.l1_entry(st, l1i)?;
+        let l1e = self.l1_entry(st, root, l1i)?;
         let Some(l2_off) = l1e.l2_offset() else {
             return Ok((ClusterKind::Unallocated, false));
         };
@@ -705,7 +802,7 @@ impl Image {
     }
 
     /// Splits `[offset, offset+len)` into pieces by source, merging neighbours.
-    fn plan(&self, st: &mut State, offset: u64, len: u64) -> Result<Vec<Piece>> {
+    fn plan(&self, st: &mut State, root: RootId, offset: u64, len: u64) -> Result<Vec<Piece>> {
         let cs = self.geo.cluster_size();
         let mut out: Vec<Piece> = Vec::new();
         let mut pos = offset;
@@ -713,7 +810,7 @@ impl Image {
         while pos < end {
             let in_off = pos % cs;
             let n = (cs - in_off).min(end - pos);
-            let (kind, _) = self.lookup(st, pos)?;
+            let (kind, _) = self.lookup(st, root, pos)?;
             let mut g = pos;
             for_each_piece(&self.geo, kind, in_off, n, |plen, src| {
                 push_piece(
@@ -788,7 +885,7 @@ impl Image {
     }
 
     /// Reads the whole current content of the guest cluster at `cg` (cluster-aligned).
-    fn read_cluster(&self, kind: ClusterKind, cg: u64, size: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_cluster(&self, kind: ClusterKind, cg: u64, buf: &mut [u8]) -> Result<()> {
         let mut pieces = Vec::new();
         let mut g = cg;
         for_each_piece(&self.geo, kind, 0, self.geo.cluster_size(), |plen, src| {
@@ -799,8 +896,6 @@ impl Image {
             });
             g += plen;
         });
-        // Clip at the virtual size: the tail of the last cluster reads zeros.
-        let _ = size;
         self.read_pieces(&pieces, cg, buf)
     }
 
@@ -808,11 +903,15 @@ impl Image {
 
     /// Reads `buf.len()` bytes of the disk at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_root(DEFAULT_ROOT, buf, offset)
+    }
+
+    pub(crate) fn read_root(&self, root: RootId, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         let (pieces, _gate) = {
             let mut st = self.lock_state()?;
-            self.check_range(&st, offset, len)?;
-            let pieces = self.plan(&mut st, offset, len)?;
+            self.check_range(&st, root, offset, len)?;
+            let pieces = self.plan(&mut st, root, offset, len)?;
             (pieces, self.gate_read())
         };
         self.read_pieces(&pieces, offset, buf)
@@ -825,12 +924,16 @@ impl Image {
     /// the path first: a new L2 table if the L1 link is read-only, a new data cluster
     /// filled with the old content around the written range.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable()?;
+        self.write_root(DEFAULT_ROOT, buf, offset)
+    }
+
+    pub(crate) fn write_root(&self, root: RootId, buf: &[u8], offset: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         let len = buf.len() as u64;
         {
             let st = self.lock_state()?;
-            self.check_range(&st, offset, len)?;
+            self.check_root_writable(&st, root)?;
+            self.check_range(&st, root, offset, len)?;
         }
         let mut pos = 0u64;
         while pos < len {
@@ -839,7 +942,7 @@ impl Image {
             let n = (cs - in_off).min(len - pos);
             let chunk = &buf[pos as usize..(pos + n) as usize];
             let mut st = self.lock_state()?;
-            let (kind, writable) = self.lookup(&mut st, guest)?;
+            let (kind, writable) = self.lookup(&mut st, root, guest)?;
             if let Some(host) = in_place_target(&self.geo, kind, writable, in_off, n) {
                 let _gate = self.gate_read();
                 drop(st);
@@ -848,7 +951,7 @@ impl Image {
                     .map_err(|e| self.io_err("write data", host + in_off, e))?;
             } else {
                 self.mark_stale(&mut st)?;
-                self.write_cluster(&mut st, guest - in_off, in_off, chunk)?;
+                self.write_cluster(&mut st, root, guest - in_off, in_off, chunk)?;
             }
             pos += n;
         }
@@ -858,22 +961,33 @@ impl Image {
     /// Makes `[offset, offset+len)` read as zeros. With `may_unmap`, clusters the
     /// active layer owns are released; without it they stay allocated.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.zero_range(offset, len, ZeroMode::Zero { unmap: may_unmap })
+        self.zero_range(
+            DEFAULT_ROOT,
+            offset,
+            len,
+            ZeroMode::Zero { unmap: may_unmap },
+        )
     }
 
     /// Discards `[offset, offset+len)`: whole clusters in the range are released and
     /// read as zeros afterwards; partial clusters at the edges are left alone.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.zero_range(offset, len, ZeroMode::Discard)
+        self.zero_range(DEFAULT_ROOT, offset, len, ZeroMode::Discard)
     }
 
-    fn zero_range(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
-        self.check_writable()?;
+    pub(crate) fn zero_range(
+        &self,
+        root: RootId,
+        offset: u64,
+        len: u64,
+        mode: ZeroMode,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let (size, v3) = {
             let st = self.lock_state()?;
-            self.check_range(&st, offset, len)?;
-            (st.header.size, st.header.version >= 3)
+            self.check_root_writable(&st, root)?;
+            self.check_range(&st, root, offset, len)?;
+            (self.root(&st, root)?.size, st.header.version >= 3)
         };
         let end = offset + len;
         let mut pos = offset;
@@ -885,19 +999,19 @@ impl Image {
             let whole = in_off == 0 && (n == cs || pos + n == size);
             let mut st = self.lock_state()?;
             match (&mode, whole && v3) {
-                (_, true) => self.zero_cluster(&mut st, pos, &mode)?,
+                (_, true) => self.zero_cluster(&mut st, root, pos, &mode)?,
                 (ZeroMode::Discard, false) if !v3 && whole => {
                     // Version 2 has no zero flag: a discard must write zeros so the
                     // backing file does not show through.
                     drop(st);
-                    self.write_at(&vec![0u8; n as usize], pos)?;
+                    self.write_root(root, &vec![0u8; n as usize], pos)?;
                 }
                 (ZeroMode::Discard, false) => {}
                 (ZeroMode::Zero { .. }, false) => {
-                    let (kind, _) = self.lookup(&mut st, pos)?;
+                    let (kind, _) = self.lookup(&mut st, root, pos)?;
                     if !reads_zero(kind, self.backing.is_some()) {
                         drop(st);
-                        self.write_at(&vec![0u8; n as usize], pos)?;
+                        self.write_root(root, &vec![0u8; n as usize], pos)?;
                     }
                 }
             }
@@ -908,8 +1022,8 @@ impl Image {
 
     /// Makes sure the L1 entry `l1i` links to an L2 table this root owns, copying a
     /// shared table (every entry of the copy read-only) or allocating a new one.
-    fn writable_l2(&self, st: &mut State, l1i: usize) -> Result<u64> {
-        let e = self.l1_entry(st, l1i)?;
+    fn writable_l2(&self, st: &mut State, root: RootId, l1i: usize) -> Result<u64> {
+        let e = self.l1_entry(st, root, l1i)?;
         match e.l2_offset() {
             Some(off) if e.writable() => {
                 self.load_l2(st, off)?;
@@ -928,24 +1042,31 @@ impl Image {
                 }
                 let new = st.alloc.cluster();
                 self.cache_insert(st, new, words, true)?;
-                self.set_l1_entry(st, l1i, L1Entry::new(new, true));
+                self.set_l1_entry(st, root, l1i, L1Entry::new(new, true))?;
                 Ok(new)
             }
             None => {
                 let new = st.alloc.cluster();
                 let words = vec![0u64; (self.geo.cluster_size() / 8) as usize];
                 self.cache_insert(st, new, words, true)?;
-                self.set_l1_entry(st, l1i, L1Entry::new(new, true));
+                self.set_l1_entry(st, root, l1i, L1Entry::new(new, true))?;
                 Ok(new)
             }
         }
     }
 
     /// Writes `data` at `in_off` of the guest cluster `cg` through the slow path.
-    fn write_cluster(&self, st: &mut State, cg: u64, in_off: u64, data: &[u8]) -> Result<()> {
+    fn write_cluster(
+        &self,
+        st: &mut State,
+        root: RootId,
+        cg: u64,
+        in_off: u64,
+        data: &[u8],
+    ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let (l1i, l2i) = self.geo.split(cg);
-        let l2_off = self.writable_l2(st, l1i)?;
+        let l2_off = self.writable_l2(st, root, l1i)?;
         let entry = self.l2_entry(st, l2_off, l2i)?;
         let entry_off = l2_off + l2i as u64 * self.geo.l2_entry_bytes();
         let kind = entry
@@ -971,7 +1092,7 @@ impl Image {
                 .map_err(|e| self.io_err("write data", host, e))?;
         } else {
             let mut content = vec![0u8; cs as usize];
-            self.read_cluster(kind, cg, st.header.size, &mut content)?;
+            self.read_cluster(kind, cg, &mut content)?;
             content[in_off as usize..in_off as usize + data.len()].copy_from_slice(data);
             self.storage
                 .write_at(&content, host)
@@ -981,9 +1102,9 @@ impl Image {
     }
 
     /// Makes one whole guest cluster read as zeros (or discards it).
-    fn zero_cluster(&self, st: &mut State, cg: u64, mode: &ZeroMode) -> Result<()> {
+    fn zero_cluster(&self, st: &mut State, root: RootId, cg: u64, mode: &ZeroMode) -> Result<()> {
         let has_backing = self.backing.is_some();
-        let (kind, _) = self.lookup(st, cg)?;
+        let (kind, _) = self.lookup(st, root, cg)?;
         let target_unallocated = matches!(mode, ZeroMode::Discard) && !has_backing;
         match kind {
             ClusterKind::Unallocated if !has_backing => return Ok(()),
@@ -992,7 +1113,7 @@ impl Image {
         }
         self.mark_stale(st)?;
         let (l1i, l2i) = self.geo.split(cg);
-        let l2_off = self.writable_l2(st, l1i)?;
+        let l2_off = self.writable_l2(st, root, l1i)?;
         let entry = self.l2_entry(st, l2_off, l2i)?;
         let owned_host = if entry.writable() {
             match kind {
@@ -1044,17 +1165,7 @@ impl Image {
             return Ok(());
         }
         st.header.incompatible |= Incompatible::DIRTY;
-        if st.header.autoclear & Autoclear::BITMAPS.bits() != 0
-            || st.header.extensions.has(EXT_BITMAPS)
-        {
-            // qcowx does not maintain persistent bitmaps: drop them as QEMU does for a
-            // writer that does not know them.
-            st.header.autoclear &= !Autoclear::BITMAPS.bits();
-            st.header.extensions.remove(EXT_BITMAPS);
-            self.write_header_cluster(st)?;
-        } else {
-            self.write_header_fields(st)?;
-        }
+        self.write_header_fields(st)?;
         self.sync()?;
         st.stale = true;
         Ok(())
@@ -1062,20 +1173,7 @@ impl Image {
 
     /// Writes the fixed header fields (one sector).
     pub(crate) fn write_header_fields(&self, st: &State) -> Result<()> {
-        let bytes = st.header.fixed_bytes(st.header.backing_offset());
-        self.storage
-            .write_at(&bytes, 0)
-            .map_err(|e| self.io_err("write header", 0, e))
-    }
-
-    /// Rewrites the whole first cluster (header, extensions, backing name).
-    pub(crate) fn write_header_cluster(&self, st: &State) -> Result<()> {
-        let bytes = st.header.to_cluster().ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{}: header extensions do not fit in one cluster",
-                self.name
-            ))
-        })?;
+        let bytes = st.header.commit_bytes();
         self.storage
             .write_at(&bytes, 0)
             .map_err(|e| self.io_err("write header", 0, e))
@@ -1096,27 +1194,36 @@ impl Image {
         self.sync()?;
         if st.cache.has_dirty() {
             let dirty = st.cache.take_dirty();
-            for (i, (off, words)) in dirty.iter().enumerate() {
+            let mut result = Ok(());
+            for (off, words) in &dirty {
                 if let Err(e) = self.storage.write_at(&encode_words(words), *off) {
-                    for (o, _) in &dirty[i..] {
-                        st.cache.mark_dirty(*o);
-                    }
-                    return Err(self.io_err("write L2 table", *off, e));
+                    result = Err(self.io_err("write L2 table", *off, e));
+                    break;
                 }
             }
-            self.sync()?;
-        }
-        if !st.l1_dirty.is_empty() {
-            let sectors: Vec<usize> = st.l1_dirty.iter().copied().collect();
-            for s in sectors {
-                let start = s * 64;
-                let end = (start + 64).min(st.l1.len());
-                let off = st.header.l1_table_offset + start as u64 * 8;
-                self.storage
-                    .write_at(&encode_words(&st.l1[start..end]), off)
-                    .map_err(|e| self.io_err("write L1 table", off, e))?;
-                st.l1_dirty.remove(&s);
+            if let Err(e) = result.and_then(|_| self.sync()) {
+                // Not known durable: write them again (and sync) before any L1 link
+                // to them is written.
+                for (o, _) in &dirty {
+                    st.cache.mark_dirty(*o);
+                }
+                return Err(e);
             }
+        }
+        let mut wrote_l1 = false;
+        for r in st.roots.values_mut() {
+            while let Some(s) = r.dirty.pop_first() {
+                let start = s * 64;
+                let end = (start + 64).min(r.l1.len());
+                let off = r.l1_offset + start as u64 * 8;
+                if let Err(e) = self.storage.write_at(&encode_words(&r.l1[start..end]), off) {
+                    r.dirty.insert(s);
+                    return Err(self.io_err("write L1 table", off, e));
+                }
+                wrote_l1 = true;
+            }
+        }
+        if wrote_l1 {
             self.sync()?;
         }
         // Clusters unlinked before this flush can be reused once punched durably.
@@ -1136,10 +1243,19 @@ impl Image {
 
     /// Allocation status of `[offset, offset+len)`.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.block_status_root(DEFAULT_ROOT, offset, len)
+    }
+
+    pub(crate) fn block_status_root(
+        &self,
+        root: RootId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>> {
         let pieces = {
             let mut st = self.lock_state()?;
-            self.check_range(&st, offset, len)?;
-            self.plan(&mut st, offset, len)?
+            self.check_range(&st, root, offset, len)?;
+            self.plan(&mut st, root, offset, len)?
         };
         let below = self.backing.as_ref().map_or(0, |b| b.chain_len());
         let mut out: Vec<Extent> = Vec::new();
@@ -1203,7 +1319,7 @@ impl Image {
             self.mark_stale(&mut st)?;
             let clusters = self.geo.clusters_for(needed * 8);
             let at = st.alloc.contiguous(clusters);
-            let mut l1 = st.l1.clone();
+            let mut l1 = self.root(&st, DEFAULT_ROOT)?.l1.clone();
             l1.resize(needed as usize, 0);
             let mut bytes = encode_words(&l1);
             bytes.resize((clusters * self.geo.cluster_size()) as usize, 0);
@@ -1211,11 +1327,14 @@ impl Image {
                 .write_at(&bytes, at)
                 .map_err(|e| self.io_err("write L1 table", at, e))?;
             self.sync()?;
-            st.l1 = l1;
+            let r = self.root_mut(&mut st, DEFAULT_ROOT)?;
+            r.l1 = l1;
+            r.l1_offset = at;
             st.header.l1_size = needed as u32;
             st.header.l1_table_offset = at;
         }
         st.header.size = new_size;
+        self.root_mut(&mut st, DEFAULT_ROOT)?.size = new_size;
         self.write_header_fields(&st)?;
         self.sync()
     }
@@ -1257,6 +1376,8 @@ impl Image {
         self.check_writable()?;
         let mut st = self.lock_state()?;
         self.flush_locked(&mut st)?;
+        // Repair rewrites links and refcounts: protect them with the dirty bit first.
+        self.mark_stale(&mut st)?;
         refcount::rebuild(self, &mut st)?;
         let mut report = refcount::check(self, &mut st)?;
         report.repaired = true;
@@ -1544,7 +1665,10 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
             data: f.as_bytes().to_vec(),
         });
     }
-    let header = Header {
+    let mut header = Header {
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        unknown_fields: Vec::new(),
         version: 3,
         cluster_bits,
         size,
@@ -1566,6 +1690,7 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
         extensions: ordered,
         backing_file,
     };
+    header.layout_backing();
     if header.to_cluster().is_none() {
         return Err(Error::InvalidArgument(
             "header, extensions and backing file name do not fit in one cluster".into(),

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use crate::error::{Error, Result};
 use crate::extensions::EXT_BITMAPS;
 use crate::header::{Autoclear, Incompatible};
-use crate::image::{Image, State};
+use crate::image::{Image, State, DEFAULT_ROOT};
 use crate::tables::{decode_words, encode_words, ClusterKind, L1Entry, L2Entry};
 
 /// The most problems a report lists individually (the counts are always complete).
@@ -217,7 +217,8 @@ fn scan(img: &Image, st: &State, with_refcounts: bool) -> Result<Scan> {
     // Every root: the active L1 (in memory) and each snapshot's L1 (on disk).
     let mut l2_refs: HashMap<u64, u64> = HashMap::new();
     let mut active_l2: Vec<u64> = Vec::new();
-    for (i, &w) in st.l1.iter().enumerate() {
+    let default_l1: &[u64] = st.roots.get(&DEFAULT_ROOT).map_or(&[], |r| &r.l1);
+    for (i, &w) in default_l1.iter().enumerate() {
         let e = L1Entry(w);
         if e.is_malformed(&geo) {
             s.report
@@ -391,32 +392,41 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
     let table = read_reftable(img, st)?;
     let mut block = vec![0u8; cs as usize];
     let mut loaded: Option<u64> = None;
-    let max_cluster = s.file_clusters.max(table.len() as u64 * per_block);
     let mut end = 0;
-    for c in 0..max_cluster {
+    let file_clusters = s.file_clusters;
+    let mut refcount_of = |c: u64, block: &mut Vec<u8>| -> Result<u64> {
         let bi = c / per_block;
         let block_off = table.get(bi as usize).copied().unwrap_or(0);
-        let refcount = if block_off == 0 || block_off % cs != 0 || block_off >= s.file_clusters * cs
-        {
-            0
-        } else {
-            if loaded != Some(block_off) {
-                img.storage
-                    .read_at(&mut block, block_off)
-                    .map_err(|e| img.io_err("read refcount block", block_off, e))?;
-                loaded = Some(block_off);
-            }
-            get_entry(&block, order, (c % per_block) as usize)
-        };
+        if block_off == 0 || block_off % cs != 0 || block_off >= file_clusters * cs {
+            return Ok(0);
+        }
+        if loaded != Some(block_off) {
+            img.storage
+                .read_at(block, block_off)
+                .map_err(|e| img.io_err("read refcount block", block_off, e))?;
+            loaded = Some(block_off);
+        }
+        Ok(get_entry(block, order, (c % per_block) as usize))
+    };
+    // Past the end of the file only refcount blocks that exist can hold (leaked)
+    // counts: visit those, not every cluster the table could address.
+    let mut clusters: Vec<u64> = (0..file_clusters).collect();
+    for (bi, &b) in table.iter().enumerate() {
+        let first = bi as u64 * per_block;
+        if b != 0 && first + per_block > file_clusters {
+            clusters.extend(first.max(file_clusters)..first + per_block);
+        }
+    }
+    let dirty = s.report.dirty;
+    for c in clusters {
+        let refcount = refcount_of(c, &mut block)?;
         let refs = s.count(c);
         if refs > 0 || refcount > 0 {
             end = c + 1;
         }
-        if c >= s.file_clusters && refcount == 0 {
-            // Past the file: only nonzero refcounts matter, and only up to the table.
-            if bi as usize >= table.len() {
-                break;
-            }
+        if dirty {
+            // Refcounts are stale by protocol while the dirty bit is set; the next
+            // clean close or repair rewrites them. Only structure is checked.
             continue;
         }
         if refcount < refs {
@@ -449,7 +459,11 @@ fn check_copied(img: &Image, st: &mut State, s: &mut Scan) -> Result<()> {
     let exact = !s.report.dirty;
     let geo = img.geo;
     let cs = geo.cluster_size();
-    let l1 = st.l1.clone();
+    let l1 = st
+        .roots
+        .get(&DEFAULT_ROOT)
+        .map(|r| r.l1.clone())
+        .unwrap_or_default();
     let mut raw = vec![0u8; cs as usize];
     for (i, &w) in l1.iter().enumerate() {
         let e = L1Entry(w);
@@ -597,6 +611,18 @@ pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<()> {
     for c in (table_at..table_at + table_clusters).chain(blocks.iter().copied()) {
         counts[c as usize] = 1;
     }
+    if table_clusters * cs > crate::header::MAX_REFTABLE_BYTES {
+        return Err(img.corrupt(
+            "refcount table",
+            0,
+            format!(
+                "the file needs a refcount table of {} bytes, more than QEMU opens ({}); \
+                 use larger clusters",
+                table_clusters * cs,
+                crate::header::MAX_REFTABLE_BYTES
+            ),
+        ));
+    }
     let max = if order == 6 {
         u64::MAX
     } else {
@@ -655,14 +681,20 @@ pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<()> {
 /// Sets bit 63 on each active-tree link to exactly `references == 1`.
 fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<()> {
     let geo = img.geo;
-    let l1 = st.l1.clone();
+    let l1 = st
+        .roots
+        .get(&DEFAULT_ROOT)
+        .map(|r| r.l1.clone())
+        .unwrap_or_default();
     for (i, &w) in l1.iter().enumerate() {
         let e = L1Entry(w);
         let Some(off) = e.l2_offset() else { continue };
         let table_excl = s.count(off >> geo.cluster_bits) == 1;
         if e.writable() != table_excl {
-            st.l1[i] = L1Entry::new(off, table_excl).0;
-            st.l1_dirty.insert(i / 64);
+            if let Some(r) = st.roots.get_mut(&DEFAULT_ROOT) {
+                r.l1[i] = L1Entry::new(off, table_excl).0;
+                r.dirty.insert(i / 64);
+            }
         }
         img.load_l2(st, off)?;
         let words: Vec<u64> = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();

@@ -156,8 +156,11 @@ pub fn parse_table(
         }
         let id_len = usize::from(raw.id_str_size.get());
         let name_len = usize::from(raw.name_size.get());
-        let total = (40 + extra_len as usize + id_len + name_len).next_multiple_of(8);
-        let Some(body) = rest.get(..total) else {
+        // QEMU pads entries to 8 bytes only between entries: the last entry's padding
+        // may lie past the end of the file.
+        let len = 40 + extra_len as usize + id_len + name_len;
+        let total = len.next_multiple_of(8);
+        let Some(body) = rest.get(..len) else {
             return Err(SnapshotError::Truncated { index, offset });
         };
         let e0 = 40;
@@ -210,5 +213,29 @@ mod tests {
         let back = parse_table(&buf, 0, 2, 65536).unwrap();
         assert_eq!(back, vec![e.clone(), e]);
         assert!(parse_table(&buf[..30], 0, 1, 65536).is_err());
+    }
+
+    #[test]
+    fn last_entry_padding_may_be_missing() {
+        // QEMU does not write the padding after the last entry, so a table at the end
+        // of the file can end mid-padding (40 + 24 + 1 + 10 = 75 bytes, padded to 80).
+        let e = SnapshotEntry {
+            l1_table_offset: 0x30000,
+            l1_size: 1,
+            id: "2".into(),
+            name: "second one".into(),
+            date_sec: 1,
+            date_nsec: 2,
+            vm_clock_nsec: 3,
+            vm_state_size: 0,
+            extra: vec![0; 24],
+        };
+        let mut buf = vec![];
+        e.write_to(&mut buf);
+        e.write_to(&mut buf);
+        assert_eq!(buf.len(), 160);
+        let back = parse_table(&buf[..155], 0, 2, 65536).unwrap();
+        assert_eq!(back, vec![e.clone(), e]);
+        assert!(parse_table(&buf[..154], 0, 2, 65536).is_err());
     }
 }

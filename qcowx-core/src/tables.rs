@@ -107,7 +107,7 @@ impl L1Entry {
     /// Bits that must be zero (QCOW2 reserves 1..=8 and 56..=62) or misalignment.
     pub fn is_malformed(self, geo: &Geometry) -> bool {
         let off = self.0 & OFFSET_MASK;
-        self.0 & !(OFFSET_MASK | WRITABLE) != 0 || off % geo.cluster_size() != 0
+        self.0 & !(OFFSET_MASK | WRITABLE) != 0 || !off.is_multiple_of(geo.cluster_size())
     }
 }
 
@@ -222,7 +222,7 @@ impl L2Entry {
             return Ok(ClusterKind::Compressed { offset, len });
         }
         let host = self.word & OFFSET_MASK;
-        if host % geo.cluster_size() != 0 {
+        if !host.is_multiple_of(geo.cluster_size()) {
             return Err("data cluster offset is not cluster-aligned");
         }
         if geo.extended {
