@@ -1,0 +1,324 @@
+//! Human and JSON output, in `qemu-img`'s formats.
+
+use std::io::{self, Write};
+use std::path::Path;
+
+use qcowx_core::{CheckReport, ImageInfo, SnapshotInfo};
+use serde_json::{json, Map, Value};
+
+use crate::size::size_to_str;
+
+/// Problems a repair fixed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fixed {
+    /// Corruptions fixed.
+    pub corruptions: u64,
+    /// Leaked clusters fixed.
+    pub leaks: u64,
+}
+
+/// Pretty-prints `v` with a four-space indent, as `qemu-img` does.
+pub fn write_json(out: &mut dyn Write, v: &Value) -> io::Result<()> {
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut *out, fmt);
+    serde::Serialize::serialize(v, &mut ser).map_err(io::Error::from)?;
+    writeln!(out)
+}
+
+/// `qemu-img create`'s line.
+pub fn formatting_line(out: &mut dyn Write, file: &Path, info: &ImageInfo) -> io::Result<()> {
+    write!(
+        out,
+        "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={}",
+        file.display(),
+        info.cluster_size,
+        on_off(info.extended_l2),
+        info.compression_type,
+        info.virtual_size
+    )?;
+    if let Some(b) = &info.backing_file {
+        write!(out, " backing_file={b}")?;
+    }
+    if let Some(f) = &info.backing_format {
+        write!(out, " backing_fmt={f}")?;
+    }
+    writeln!(
+        out,
+        " lazy_refcounts={} refcount_bits={}",
+        on_off(info.lazy_refcounts),
+        info.refcount_bits
+    )
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// `qemu-img info --output=json`'s object for a qcow2 image.
+pub fn info_json(filename: &str, info: &ImageInfo, actual_size: u64) -> Value {
+    let mut m = Map::new();
+    m.insert("filename".into(), json!(filename));
+    m.insert("format".into(), json!("qcow2"));
+    m.insert("virtual-size".into(), json!(info.virtual_size));
+    m.insert("actual-size".into(), json!(actual_size));
+    m.insert("cluster-size".into(), json!(info.cluster_size));
+    m.insert("dirty-flag".into(), json!(info.dirty));
+    if let Some(b) = &info.backing_file {
+        m.insert("backing-filename".into(), json!(b));
+    }
+    if let Some(b) = &info.full_backing_filename {
+        m.insert("full-backing-filename".into(), json!(b));
+    }
+    if let Some(f) = &info.backing_format {
+        m.insert("backing-filename-format".into(), json!(f));
+    }
+    if !info.snapshots.is_empty() {
+        let snaps: Vec<Value> = info.snapshots.iter().map(snapshot_json).collect();
+        m.insert("snapshots".into(), Value::Array(snaps));
+    }
+    let mut data = Map::new();
+    data.insert("compat".into(), json!(info.compat));
+    data.insert("compression-type".into(), json!(info.compression_type));
+    if info.version >= 3 {
+        data.insert("lazy-refcounts".into(), json!(info.lazy_refcounts));
+    }
+    data.insert("refcount-bits".into(), json!(info.refcount_bits));
+    if info.version >= 3 {
+        data.insert("corrupt".into(), json!(info.corrupt));
+        data.insert("extended-l2".into(), json!(info.extended_l2));
+    }
+    m.insert(
+        "format-specific".into(),
+        json!({ "type": "qcow2", "data": Value::Object(data) }),
+    );
+    Value::Object(m)
+}
+
+fn snapshot_json(s: &SnapshotInfo) -> Value {
+    json!({
+        "id": s.id,
+        "name": s.name,
+        "vm-state-size": s.vm_state_size,
+        "date-sec": s.date_sec,
+        "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+    })
+}
+
+/// `qemu-img info`'s human output (without the protocol child node).
+pub fn info_human(
+    out: &mut dyn Write,
+    filename: &str,
+    info: &ImageInfo,
+    actual_size: u64,
+) -> io::Result<()> {
+    writeln!(out, "image: {filename}")?;
+    writeln!(out, "file format: qcow2")?;
+    writeln!(
+        out,
+        "virtual size: {} ({} bytes)",
+        size_to_str(info.virtual_size),
+        info.virtual_size
+    )?;
+    writeln!(out, "disk size: {}", size_to_str(actual_size))?;
+    writeln!(out, "cluster_size: {}", info.cluster_size)?;
+    if info.dirty {
+        writeln!(out, "cleanly shut down: no")?;
+    }
+    if let Some(b) = &info.backing_file {
+        write!(out, "backing file: {b}")?;
+        if let Some(full) = info.full_backing_filename.as_ref().filter(|f| *f != b) {
+            write!(out, " (actual path: {full})")?;
+        }
+        writeln!(out)?;
+    }
+    if let Some(f) = &info.backing_format {
+        writeln!(out, "backing file format: {f}")?;
+    }
+    if !info.snapshots.is_empty() {
+        writeln!(out, "Snapshot list:")?;
+        writeln!(
+            out,
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        )?;
+        for s in &info.snapshots {
+            writeln!(
+                out,
+                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+                s.id,
+                s.name,
+                size_to_str(s.vm_state_size),
+                local_date(i64::from(s.date_sec)),
+                vm_clock(s.vm_clock_nsec),
+                ""
+            )?;
+        }
+    }
+    writeln!(out, "Format specific information:")?;
+    writeln!(out, "    compat: {}", info.compat)?;
+    writeln!(out, "    compression type: {}", info.compression_type)?;
+    if info.version >= 3 {
+        writeln!(out, "    lazy refcounts: {}", info.lazy_refcounts)?;
+    }
+    writeln!(out, "    refcount bits: {}", info.refcount_bits)?;
+    if info.version >= 3 {
+        writeln!(out, "    corrupt: {}", info.corrupt)?;
+        writeln!(out, "    extended l2: {}", info.extended_l2)?;
+    }
+    Ok(())
+}
+
+/// A snapshot's guest clock as `HHHH:MM:SS.mmm`.
+fn vm_clock(nsec: u64) -> String {
+    let secs = nsec / 1_000_000_000;
+    format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        (nsec / 1_000_000) % 1000
+    )
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in the local time zone, as `qemu-img` prints snapshot dates.
+fn local_date(secs: i64) -> String {
+    let t: libc::time_t = secs as libc::time_t;
+    // SAFETY: `tm` is a plain C struct for which all-zero bytes are a valid value, and
+    // localtime_r only writes into it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call.
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return secs.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+/// `qemu-img check --output=json`'s object: zero counters are left out, except
+/// `check-errors`.
+pub fn check_json(filename: &str, r: &CheckReport, fixed: Option<&Fixed>) -> Value {
+    let mut m = Map::new();
+    m.insert("filename".into(), json!(filename));
+    m.insert("format".into(), json!("qcow2"));
+    m.insert("check-errors".into(), json!(r.check_errors));
+    let fixed = fixed.copied().unwrap_or_default();
+    for (key, v) in [
+        ("corruptions", r.corruptions),
+        ("leaks", r.leaks),
+        ("corruptions-fixed", fixed.corruptions),
+        ("leaks-fixed", fixed.leaks),
+        ("image-end-offset", r.image_end_offset),
+        ("total-clusters", r.total_clusters),
+        ("allocated-clusters", r.allocated_clusters),
+        ("fragmented-clusters", r.fragmented_clusters),
+        ("compressed-clusters", r.compressed_clusters),
+    ] {
+        if v != 0 {
+            m.insert(key.into(), json!(v));
+        }
+    }
+    Value::Object(m)
+}
+
+/// `qemu-img check`'s human output.
+pub fn check_human(out: &mut dyn Write, r: &CheckReport, fixed: Option<&Fixed>) -> io::Result<()> {
+    if let Some(f) = fixed.filter(|f| f.corruptions > 0 || f.leaks > 0) {
+        writeln!(
+            out,
+            "The following inconsistencies were found and repaired:\n\n    \
+             {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+            f.leaks, f.corruptions
+        )?;
+    }
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        writeln!(out, "No errors were found on the image.")?;
+    } else {
+        if r.corruptions > 0 {
+            writeln!(
+                out,
+                "\n{} errors were found on the image.\n\
+                 Data may be corrupted, or further writes to the image may corrupt it.",
+                r.corruptions
+            )?;
+        }
+        if r.leaks > 0 {
+            writeln!(
+                out,
+                "\n{} leaked clusters were found on the image.\n\
+                 This means waste of disk space, but no harm to data.",
+                r.leaks
+            )?;
+        }
+        if r.check_errors > 0 {
+            writeln!(
+                out,
+                "\n{} internal errors have occurred during the check.",
+                r.check_errors
+            )?;
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        let alloc = r.allocated_clusters as f64;
+        writeln!(
+            out,
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            r.allocated_clusters,
+            r.total_clusters,
+            alloc * 100.0 / r.total_clusters as f64,
+            r.fragmented_clusters as f64 * 100.0 / alloc,
+            r.compressed_clusters as f64 * 100.0 / alloc
+        )?;
+    }
+    if r.image_end_offset != 0 {
+        writeln!(out, "Image end offset: {}", r.image_end_offset)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_clock_is_formatted_like_qemu() {
+        assert_eq!(vm_clock(0), "0000:00:00.000");
+        assert_eq!(vm_clock(3_723_456_000_000), "0001:02:03.456");
+    }
+
+    #[test]
+    fn check_json_leaves_out_zero_counters_but_check_errors() {
+        let r = CheckReport {
+            leaks: 2,
+            total_clusters: 16,
+            image_end_offset: 4096,
+            ..CheckReport::default()
+        };
+        let v = check_json("x", &r, None);
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "check-errors",
+                "filename",
+                "format",
+                "image-end-offset",
+                "leaks",
+                "total-clusters"
+            ]
+        );
+    }
+}
