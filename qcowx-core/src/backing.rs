@@ -23,7 +23,8 @@ pub trait Layer: Send + Sync + std::fmt::Debug {
     /// Reads `buf.len()` bytes at `offset`; bytes past [`Layer::size`] read as zeros.
     fn read_layer(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Allocation status of `[offset, offset+len)`, `len` > 0, depth relative to this
-    /// layer (0 = this layer). Ranges past the size are reported as zero.
+    /// layer (0 = this layer). Ranges past the size are reported as unallocated:
+    /// nothing in the chain holds them (they read as zeros), as `qemu-img map` says.
     fn layer_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
     /// Number of layers from this one down (1 for a layer with no backing file).
     fn chain_len(&self) -> u32;
@@ -103,7 +104,7 @@ impl Layer for RawLayer {
             out.push(Extent {
                 offset: start,
                 length: offset + len - start,
-                status: ExtentStatus::Zero,
+                status: ExtentStatus::Unallocated,
                 depth: 0,
                 host_offset: None,
             });

@@ -129,6 +129,24 @@ pub enum Error {
         /// The refcount width.
         bits: u32,
     },
+    /// A named snapshot or VDI does not exist.
+    #[error("{file}: {what} '{name}' not found; `qcowx list {file}` lists them")]
+    NotFound {
+        /// The image file.
+        file: String,
+        /// What was looked for (snapshot, VDI).
+        what: String,
+        /// The name given.
+        name: String,
+    },
+    /// A limit of the format would be exceeded.
+    #[error("{file}: {what}")]
+    Limit {
+        /// The image file.
+        file: String,
+        /// Which limit.
+        what: String,
+    },
     /// The image was closed.
     #[error("{file}: image is closed")]
     Closed {

@@ -239,6 +239,10 @@ pub(crate) struct State {
     /// We set the dirty bit: refcounts are stale until the next rebuild.
     pub(crate) stale: bool,
     pub(crate) snapshots: Vec<SnapshotEntry>,
+    /// qcowx's facts about each snapshot table entry (parallel to `snapshots`).
+    pub(crate) records: Vec<crate::vdi::Record>,
+    /// Bytes at `snapshots_offset` this session may fill without moving the table.
+    pub(crate) table_capacity: u64,
     pub(crate) closed: bool,
 }
 
@@ -427,7 +431,16 @@ impl Image {
                 writable: opts.write,
             },
         );
+        let records = crate::vdi::records_for(&snapshots);
+        let table_capacity = if header.nb_snapshots > 0 {
+            let used: u64 = snapshots.iter().map(|e| e.encoded_len() as u64).sum();
+            used.next_multiple_of(geo.cluster_size())
+        } else {
+            0
+        };
         let state = State {
+            records,
+            table_capacity,
             roots,
             cache: L2Cache::new(opts.cache_bytes, geo.cluster_size() as usize),
             alloc: Allocator::new(geo.cluster_size(), file_len),
@@ -538,6 +551,12 @@ impl Image {
         self.io_gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Waits for all data I/O in flight (callers hold the state lock, so no new I/O
+    /// can look up a mapping meanwhile).
+    pub(crate) fn io_gate_write(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.io_gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn sync(&self) -> Result<()> {
         self.storage
             .sync_data()
@@ -601,6 +620,11 @@ impl Image {
             .unwrap_or_else(|p| p.into_inner())
             .header
             .size
+    }
+
+    pub(crate) fn root_size(&self, root: RootId) -> Result<u64> {
+        let st = self.lock_state()?;
+        Ok(self.root(&st, root)?.size)
     }
 
     /// Cluster size in bytes.
@@ -1358,7 +1382,12 @@ impl Image {
             Ok(())
         };
         st.closed = true;
-        r
+        // Release the image lock now, not when the last handle is dropped.
+        let released = self
+            .storage
+            .release()
+            .map_err(|e| self.io_err("unlock", 0, e));
+        r.and(released)
     }
 
     /// Checks the image's metadata and refcounts (as `qemu-img check` does).
@@ -1418,7 +1447,7 @@ impl Layer for Image {
             out.push(Extent {
                 offset: offset + inside,
                 length: len - inside,
-                status: ExtentStatus::Zero,
+                status: ExtentStatus::Unallocated,
                 depth: 0,
                 host_offset: None,
             });

@@ -41,9 +41,11 @@ pub mod refcount;
 pub mod snapshot;
 pub mod storage;
 pub mod tables;
+pub mod vdi;
 
 pub use compress::CompressionType;
 pub use error::{Error, Result};
 pub use image::{CreateOptions, Extent, ExtentStatus, Image, ImageInfo, OpenOptions, SnapshotInfo};
 pub use lock::LockMode;
 pub use refcount::CheckReport;
+pub use vdi::{Disk, RootInfo, RootKind};

@@ -45,9 +45,12 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    /// `qemu-img check`'s exit code: 0 clean, 2 corruptions, 3 leaks only.
+    /// `qemu-img check`'s exit code: 0 clean, 1 check not completed, 2 corruptions,
+    /// 3 leaks only.
     pub fn exit_code(&self) -> i32 {
-        if self.corruptions > 0 || self.check_errors > 0 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
             2
         } else if self.leaks > 0 {
             3

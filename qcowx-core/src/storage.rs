@@ -38,6 +38,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// The file's path, when it has one (for error messages).
     fn path(&self) -> Option<&Path>;
+    /// Releases what the storage holds beyond the data (image locks) when the image
+    /// is closed; the storage may still be dropped later.
+    fn release(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Size of the zero-filled chunks written when a hole cannot be punched.
@@ -336,6 +341,10 @@ impl Storage for FileStorage {
 
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
+    }
+
+    fn release(&self) -> io::Result<()> {
+        crate::lock::unlock_file(&self.file).map_err(io::Error::from)
     }
 }
 

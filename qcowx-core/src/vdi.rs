@@ -1,0 +1,978 @@
+//! Snapshots and VDIs: radix-tree roots inside one image.
+//!
+//! Every root other than the default VDI (QCOW2's active L1 table) is an entry of the
+//! QCOW2 snapshot table, so QEMU sees and counts it. qcowx's facts about a root live
+//! in the entry's extra data, after the 24 bytes QEMU defines, as a [`RawRootExtra`]
+//! block protected by a crc32c. See `spec/qcowx-format.md`, "Snapshots and VDIs".
+//!
+//! - [`Image::snapshot`] copies a VDI's L1 table into a new root whose links are all
+//!   read-only, clears bit 63 on the VDI's own L1 entries, and appends the root to the
+//!   snapshot table: O(L1), whatever the data size or the number of snapshots.
+//! - [`Image::fork`] copies a snapshot's L1 into a new VDI head (every link read-only).
+//! - Deleting a root sets a flag in place (O(1)); [`Image::gc`] reclaims its space.
+//! - [`Image::revert`] makes a VDI's head a fresh fork of one of its snapshots.
+
+use std::sync::Arc;
+
+use zerocopy::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::error::{Error, Result};
+use crate::header::MAX_SNAPSHOTS;
+use crate::image::{Extent, Image, Root, RootId, State, ZeroMode, DEFAULT_ROOT};
+use crate::snapshot::{SnapshotEntry, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::tables::{decode_words, encode_words, WRITABLE};
+
+/// Magic of the qcowx block in snapshot extra data (`qcwx`).
+pub const ROOT_EXTRA_MAGIC: u32 = 0x7163_7778;
+/// Version of the qcowx block.
+pub const ROOT_EXTRA_VERSION: u8 = 1;
+/// Bytes QEMU defines at the start of snapshot extra data (vm_state_size_large,
+/// disk_size, icount).
+pub const QEMU_EXTRA_BYTES: usize = 24;
+/// Prefix of the snapshot-table name of a VDI head, so QEMU users see what it is.
+pub const VDI_NAME_PREFIX: &str = "vdi:";
+/// The name of the default VDI (QCOW2's active layer).
+pub const DEFAULT_VDI: &str = "default";
+/// Longest snapshot or VDI name.
+pub const MAX_NAME_LEN: usize = 128;
+/// Flag bit: the root is deleted; GC removes it.
+pub const FLAG_DELETED: u32 = 1;
+
+/// The qcowx block of a snapshot entry's extra data (56 bytes, big-endian).
+///
+/// Every field is 8-byte aligned within the block, and the block starts 8-byte aligned
+/// in the file (snapshot entries are 8-aligned; the block follows the entry's 40-byte
+/// head and QEMU's 24 bytes), so `flags` and `crc` share one aligned 8-byte word that a
+/// single write updates atomically.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawRootExtra {
+    /// [`ROOT_EXTRA_MAGIC`].
+    pub magic: U32,
+    /// [`ROOT_EXTRA_VERSION`].
+    pub version: u8,
+    /// 1 snapshot, 2 VDI head.
+    pub kind: u8,
+    /// Zero.
+    pub reserved: U16,
+    /// Unique id of this root (never 0).
+    pub uid: U64,
+    /// The VDI: for a head, the VDI's id; for a snapshot, the VDI it was taken from
+    /// (0 = the default VDI).
+    pub vdi: U64,
+    /// The root this one's first content came from (0 = none).
+    pub parent: U64,
+    /// For heads: increases when the VDI is reverted (the highest live one wins).
+    pub generation: U64,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: U64,
+    /// [`FLAG_DELETED`].
+    pub flags: U32,
+    /// crc32c of the 52 bytes before it.
+    pub crc: U32,
+}
+
+/// Bytes of [`RawRootExtra`].
+pub const ROOT_EXTRA_BYTES: usize = 56;
+const _: () = assert!(std::mem::size_of::<RawRootExtra>() == ROOT_EXTRA_BYTES);
+
+/// What a root is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootKind {
+    /// An immutable snapshot.
+    Snapshot,
+    /// The head of a writable VDI.
+    Vdi,
+}
+
+/// qcowx's facts about one snapshot table entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) kind: RootKind,
+    pub(crate) uid: u64,
+    pub(crate) vdi: u64,
+    pub(crate) parent: u64,
+    pub(crate) generation: u64,
+    pub(crate) created_ns: u64,
+    pub(crate) deleted: bool,
+    /// The entry carries a valid qcowx block (else: a snapshot QEMU made).
+    pub(crate) native: bool,
+}
+
+impl RawRootExtra {
+    fn seal(mut self) -> RawRootExtra {
+        self.crc = crc32c::crc32c(&self.as_bytes()[..52]).into();
+        self
+    }
+}
+
+/// Parses the qcowx block of an entry's extra data; `None` if absent or damaged.
+pub(crate) fn parse_record(extra: &[u8]) -> Option<Record> {
+    let block = extra.get(QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES)?;
+    let raw = RawRootExtra::read_from_bytes(block).ok()?;
+    if raw.magic.get() != ROOT_EXTRA_MAGIC
+        || raw.version != ROOT_EXTRA_VERSION
+        || crc32c::crc32c(&block[..52]) != raw.crc.get()
+        || raw.uid.get() == 0
+    {
+        return None;
+    }
+    let kind = match raw.kind {
+        1 => RootKind::Snapshot,
+        2 => RootKind::Vdi,
+        _ => return None,
+    };
+    Some(Record {
+        kind,
+        uid: raw.uid.get(),
+        vdi: raw.vdi.get(),
+        parent: raw.parent.get(),
+        generation: raw.generation.get(),
+        created_ns: raw.created_ns.get(),
+        deleted: raw.flags.get() & FLAG_DELETED != 0,
+        native: true,
+    })
+}
+
+/// The extra data for an entry: QEMU's 24 bytes then the qcowx block.
+pub(crate) fn encode_extra(rec: &Record, disk_size: u64, vm_state: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES);
+    out.extend_from_slice(&vm_state.to_be_bytes());
+    out.extend_from_slice(&disk_size.to_be_bytes());
+    out.extend_from_slice(&0u64.to_be_bytes());
+    out.extend_from_slice(raw_block(rec).as_bytes());
+    out
+}
+
+fn raw_block(rec: &Record) -> RawRootExtra {
+    RawRootExtra {
+        magic: ROOT_EXTRA_MAGIC.into(),
+        version: ROOT_EXTRA_VERSION,
+        kind: match rec.kind {
+            RootKind::Snapshot => 1,
+            RootKind::Vdi => 2,
+        },
+        reserved: 0.into(),
+        uid: rec.uid.into(),
+        vdi: rec.vdi.into(),
+        parent: rec.parent.into(),
+        generation: rec.generation.into(),
+        created_ns: rec.created_ns.into(),
+        flags: (if rec.deleted { FLAG_DELETED } else { 0 }).into(),
+        crc: 0.into(),
+    }
+    .seal()
+}
+
+/// Builds the records of a snapshot table: entries without a valid qcowx block are
+/// snapshots of the default VDI (QEMU made them) and get a session-local id.
+pub(crate) fn records_for(entries: &[SnapshotEntry]) -> Vec<Record> {
+    entries
+        .iter()
+        .map(|e| {
+            parse_record(&e.extra).unwrap_or_else(|| Record {
+                kind: RootKind::Snapshot,
+                uid: new_uid(),
+                vdi: 0,
+                parent: 0,
+                generation: 0,
+                created_ns: u64::from(e.date_sec) * 1_000_000_000 + u64::from(e.date_nsec),
+                deleted: false,
+                native: false,
+            })
+        })
+        .collect()
+}
+
+/// A fresh random root id (never 0).
+pub(crate) fn new_uid() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(now_ns().into());
+    h.finish().max(2)
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Checks a user-chosen snapshot or VDI name.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-@".contains(&b))
+        && !name.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid name '{name}': use 1 to {MAX_NAME_LEN} letters, digits, '.', '_', '+', '-', '@' \
+             (not starting with '.' or '-')"
+        )))
+    }
+}
+
+/// A root as [`Image::list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootInfo {
+    /// Snapshot or VDI.
+    pub kind: RootKind,
+    /// Its name (VDIs without the `vdi:` prefix).
+    pub name: String,
+    /// Unique id.
+    pub uid: u64,
+    /// The VDI it belongs to (for a VDI, its own name).
+    pub vdi: String,
+    /// The root its content first came from: for a snapshot, the previous snapshot of
+    /// its VDI (or the snapshot the VDI was forked from); for a forked VDI, the
+    /// snapshot it was forked from.
+    pub parent: Option<String>,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+    /// Virtual disk size.
+    pub size: u64,
+    /// The QCOW2 snapshot ID string (`None` for the default VDI).
+    pub id: Option<String>,
+}
+
+/// A resolved reference to a root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The default VDI.
+    Default,
+    /// Snapshot table entry `index`.
+    Entry(usize),
+}
+
+/// Where a root's L1 table lives and how big it is.
+#[derive(Debug, Clone, Copy)]
+struct L1Loc {
+    offset: u64,
+    entries: u32,
+    size: u64,
+}
+
+/// A writable VDI or read-only snapshot of an open image, for I/O.
+///
+/// It shares the image (`Arc<Image>`); many handles can be used at once from many
+/// threads. A handle to a root that is deleted or reverted fails with an error.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    image: Arc<Image>,
+    root: RootId,
+    name: String,
+    writable: bool,
+}
+
+impl Disk {
+    /// The image.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+    /// The root's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Whether writes are allowed (VDIs on a writable image).
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> Result<u64> {
+        self.image.root_size(self.root)
+    }
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.image.read_root(self.root, buf, offset)
+    }
+    /// Writes `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.image.write_root(self.root, buf, offset)
+    }
+    /// Makes the range read as zeros (see [`Image::write_zeroes`]).
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.image
+            .zero_range(self.root, offset, len, ZeroMode::Zero { unmap: may_unmap })
+    }
+    /// Discards whole clusters of the range (see [`Image::discard`]).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.image
+            .zero_range(self.root, offset, len, ZeroMode::Discard)
+    }
+    /// Makes completed writes durable (for the whole image).
+    pub fn flush(&self) -> Result<()> {
+        self.image.flush()
+    }
+    /// Allocation status of a range.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.image.block_status_root(self.root, offset, len)
+    }
+}
+
+impl Image {
+    // ---- registry lookups -----------------------------------------------------
+
+    fn not_found(&self, what: &str, name: &str) -> Error {
+        Error::NotFound {
+            file: self.name.clone(),
+            what: what.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// The live head entry of VDI `vdi` (highest generation, not deleted).
+    fn head_index(st: &State, vdi: u64) -> Option<usize> {
+        st.records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.kind == RootKind::Vdi && r.vdi == vdi && !r.deleted)
+            .max_by_key(|(_, r)| r.generation)
+            .map(|(i, _)| i)
+    }
+
+    /// Whether entry `i` is a live root (not deleted, not a superseded head).
+    pub(crate) fn entry_live(st: &State, i: usize) -> bool {
+        let r = &st.records[i];
+        match r.kind {
+            RootKind::Snapshot => !r.deleted,
+            RootKind::Vdi => Image::head_index(st, r.vdi) == Some(i),
+        }
+    }
+
+    fn display_name(st: &State, i: usize) -> &str {
+        let n = &st.snapshots[i].name;
+        match st.records[i].kind {
+            RootKind::Vdi => n.strip_prefix(VDI_NAME_PREFIX).unwrap_or(n),
+            RootKind::Snapshot => n,
+        }
+    }
+
+    fn find_snapshot(&self, st: &State, name: &str) -> Result<usize> {
+        (0..st.snapshots.len())
+            .find(|&i| {
+                st.records[i].kind == RootKind::Snapshot
+                    && Image::entry_live(st, i)
+                    && Image::display_name(st, i) == name
+            })
+            .ok_or_else(|| self.not_found("snapshot", name))
+    }
+
+    fn find_vdi(&self, st: &State, name: &str) -> Result<Target> {
+        if name == DEFAULT_VDI {
+            return Ok(Target::Default);
+        }
+        (0..st.snapshots.len())
+            .find(|&i| {
+                st.records[i].kind == RootKind::Vdi
+                    && Image::entry_live(st, i)
+                    && Image::display_name(st, i) == name
+            })
+            .map(Target::Entry)
+            .ok_or_else(|| self.not_found("VDI", name))
+    }
+
+    /// Resolves a root name: a VDI or a snapshot (names are unique across both).
+    fn find_root(&self, st: &State, name: &str) -> Result<Target> {
+        self.find_vdi(st, name)
+            .or_else(|_| self.find_snapshot(st, name).map(Target::Entry))
+            .map_err(|_| self.not_found("snapshot or VDI", name))
+    }
+
+    fn name_taken(st: &State, name: &str) -> bool {
+        name == DEFAULT_VDI
+            || (0..st.snapshots.len())
+                .any(|i| Image::entry_live(st, i) && Image::display_name(st, i) == name)
+    }
+
+    /// The in-memory root id of a target.
+    fn root_id(st: &State, t: Target) -> RootId {
+        match t {
+            Target::Default => DEFAULT_ROOT,
+            Target::Entry(i) => match st.records[i].kind {
+                RootKind::Vdi => st.records[i].vdi,
+                RootKind::Snapshot => st.records[i].uid,
+            },
+        }
+    }
+
+    fn l1_loc(st: &State, t: Target) -> L1Loc {
+        match t {
+            Target::Default => L1Loc {
+                offset: st.header.l1_table_offset,
+                entries: st.header.l1_size,
+                size: st.header.size,
+            },
+            Target::Entry(i) => {
+                let e = &st.snapshots[i];
+                L1Loc {
+                    offset: e.l1_table_offset,
+                    entries: e.l1_size,
+                    size: e.disk_size().unwrap_or(st.header.size),
+                }
+            }
+        }
+    }
+
+    /// Makes sure the root of `t` is loaded and returns its id.
+    fn load_root(&self, st: &mut State, t: Target) -> Result<RootId> {
+        let id = Image::root_id(st, t);
+        if let Some(r) = st.roots.get(&id) {
+            // A reverted VDI keeps its id but moves: reload if stale.
+            let loc = Image::l1_loc(st, t);
+            if r.l1_offset == loc.offset {
+                return Ok(id);
+            }
+        }
+        let loc = Image::l1_loc(st, t);
+        let l1 = self.read_l1(loc)?;
+        let writable = match t {
+            Target::Default => true,
+            Target::Entry(i) => st.records[i].kind == RootKind::Vdi,
+        } && self.is_writable();
+        st.roots.insert(
+            id,
+            Root {
+                l1,
+                l1_offset: loc.offset,
+                dirty: Default::default(),
+                size: loc.size,
+                writable,
+            },
+        );
+        Ok(id)
+    }
+
+    fn read_l1(&self, loc: L1Loc) -> Result<Vec<u64>> {
+        let len = u64::from(loc.entries) * 8;
+        let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        if loc.offset.saturating_add(len) > file_len || loc.offset == 0 && len > 0 {
+            return Err(self.corrupt(
+                "snapshot L1 table",
+                loc.offset,
+                "runs past the end of the file",
+            ));
+        }
+        let mut raw = vec![0u8; len as usize];
+        self.storage
+            .read_at(&mut raw, loc.offset)
+            .map_err(|e| self.io_err("read L1 table", loc.offset, e))?;
+        Ok(decode_words(&raw))
+    }
+
+    /// Writes `l1` with every link read-only to new clusters; returns the offset.
+    fn write_read_only_copy(&self, st: &mut State, l1: &[u64]) -> Result<u64> {
+        let copy: Vec<u64> = l1.iter().map(|w| w & !WRITABLE).collect();
+        let clusters = self.geo.clusters_for(copy.len() as u64 * 8).max(1);
+        let at = st.alloc.contiguous(clusters);
+        let mut bytes = encode_words(&copy);
+        bytes.resize((clusters * self.geo.cluster_size()) as usize, 0);
+        self.storage
+            .write_at(&bytes, at)
+            .map_err(|e| self.io_err("write L1 table", at, e))?;
+        Ok(at)
+    }
+
+    // ---- the snapshot table -----------------------------------------------------
+
+    /// Bytes the table's entries occupy.
+    fn table_bytes(st: &State) -> u64 {
+        st.snapshots.iter().map(|e| e.encoded_len() as u64).sum()
+    }
+
+    /// Appends `entry` to the snapshot table and commits it with one header write.
+    ///
+    /// The entry goes into the table's spare room when it fits (no rewrite of the
+    /// table); otherwise the table moves to new clusters with twice the room. Either
+    /// way everything is written and synced before the single-sector header write
+    /// (`nb_snapshots`, `snapshots_offset`) that makes the new root count.
+    fn append_entry(&self, st: &mut State, entry: SnapshotEntry, rec: Record) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        if st.header.nb_snapshots >= MAX_SNAPSHOTS {
+            return Err(Error::Limit {
+                file: self.name.clone(),
+                what: format!("the snapshot table holds at most {MAX_SNAPSHOTS} roots"),
+            });
+        }
+        let used = Image::table_bytes(st);
+        let need = used + entry.encoded_len() as u64;
+        if need > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(Error::Limit {
+                file: self.name.clone(),
+                what: format!("the snapshot table would exceed {MAX_SNAPSHOT_TABLE_BYTES} bytes"),
+            });
+        }
+        let offset = if st.header.snapshots_offset != 0 && need <= st.table_capacity {
+            let mut bytes = Vec::new();
+            entry.write_to(&mut bytes);
+            let at = st.header.snapshots_offset + used;
+            self.storage
+                .write_at(&bytes, at)
+                .map_err(|e| self.io_err("write snapshot table", at, e))?;
+            st.header.snapshots_offset
+        } else {
+            let capacity = (need * 2)
+                .next_multiple_of(cs)
+                .min(MAX_SNAPSHOT_TABLE_BYTES.next_multiple_of(cs));
+            let at = st.alloc.contiguous(capacity / cs);
+            let mut bytes = Vec::with_capacity(need as usize);
+            for e in &st.snapshots {
+                e.write_to(&mut bytes);
+            }
+            entry.write_to(&mut bytes);
+            self.storage
+                .write_at(&bytes, at)
+                .map_err(|e| self.io_err("write snapshot table", at, e))?;
+            st.table_capacity = capacity;
+            at
+        };
+        self.sync()?;
+        st.header.nb_snapshots += 1;
+        st.header.snapshots_offset = offset;
+        st.snapshots.push(entry);
+        st.records.push(rec);
+        self.write_header_fields(st)?;
+        self.sync()
+    }
+
+    /// Rewrites the flags of entry `i` in place: one aligned 8-byte write (flags and
+    /// crc), synced.
+    fn write_flags(&self, st: &mut State, i: usize) -> Result<()> {
+        let rec = st.records[i].clone();
+        let before: u64 = st.snapshots[..i]
+            .iter()
+            .map(|e| e.encoded_len() as u64)
+            .sum();
+        let at = st.header.snapshots_offset + before + 40 + QEMU_EXTRA_BYTES as u64 + 48;
+        let block = raw_block(&rec);
+        self.storage
+            .write_at(&block.as_bytes()[48..56], at)
+            .map_err(|e| self.io_err("write snapshot flags", at, e))?;
+        // Keep the in-memory entry's extra data in step with the file.
+        let extra = &mut st.snapshots[i].extra;
+        if extra.len() >= QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES {
+            extra[QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES]
+                .copy_from_slice(block.as_bytes());
+        }
+        self.sync()
+    }
+
+    /// Waits for data I/O in flight, then runs `f` with the metadata locked.
+    fn quiesced<T>(&self, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        let mut st = self.lock_state()?;
+        let _gate = self.io_gate_write();
+        f(&mut st)
+    }
+
+    fn require_writable(&self) -> Result<()> {
+        if self.is_writable() {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly {
+                file: self.name.clone(),
+                why: "image is open read-only".into(),
+            })
+        }
+    }
+
+    // ---- operations -------------------------------------------------------------
+
+    /// Takes a snapshot named `name` of VDI `vdi` (`"default"` for the default VDI).
+    ///
+    /// Cost: O(L1) — independent of the data size and of the number of snapshots.
+    /// Writes in flight are waited for; later writes to the VDI copy what they touch.
+    pub fn snapshot(&self, vdi: &str, name: &str) -> Result<RootInfo> {
+        self.require_writable()?;
+        validate_name(name)?;
+        self.quiesced(|st| {
+            if Image::name_taken(st, name) {
+                return Err(self.exists(name));
+            }
+            let target = self.find_vdi(st, vdi)?;
+            let vdi_uid = match target {
+                Target::Default => 0,
+                Target::Entry(i) => st.records[i].vdi,
+            };
+            let id = self.load_root(st, target)?;
+            // Links in memory must be durable before a copy of them is.
+            self.flush_locked(st)?;
+            self.mark_stale(st)?;
+            let (l1, l1_offset, size) = {
+                let r = self.root(st, id)?;
+                (r.l1.clone(), r.l1_offset, r.size)
+            };
+            let at = self.write_read_only_copy(st, &l1)?;
+            // The VDI's own links become read-only before the snapshot counts: a crash
+            // after this write but before the commit only costs copies later.
+            let ro: Vec<u64> = l1.iter().map(|w| w & !WRITABLE).collect();
+            self.storage
+                .write_at(&encode_words(&ro), l1_offset)
+                .map_err(|e| self.io_err("write L1 table", l1_offset, e))?;
+            if let Some(r) = st.roots.get_mut(&id) {
+                r.l1 = ro;
+                r.dirty.clear();
+            }
+            let parent = self.latest_snapshot_of(st, vdi_uid, target);
+            let rec = Record {
+                kind: RootKind::Snapshot,
+                uid: new_uid(),
+                vdi: vdi_uid,
+                parent,
+                generation: 0,
+                created_ns: now_ns(),
+                deleted: false,
+                native: true,
+            };
+            let entry = self.new_entry(st, name.to_string(), at, l1.len() as u32, size, &rec);
+            self.append_entry(st, entry, rec)?;
+            Ok(self.info_of(st, Target::Entry(st.snapshots.len() - 1)))
+        })
+    }
+
+    /// The newest snapshot of VDI `vdi`, or the snapshot the VDI was forked from.
+    fn latest_snapshot_of(&self, st: &State, vdi: u64, target: Target) -> u64 {
+        st.records
+            .iter()
+            .filter(|r| r.kind == RootKind::Snapshot && r.vdi == vdi)
+            .max_by_key(|r| r.created_ns)
+            .map(|r| r.uid)
+            .unwrap_or_else(|| match target {
+                Target::Entry(i) => st.records[i].parent,
+                Target::Default => 0,
+            })
+    }
+
+    fn new_entry(
+        &self,
+        st: &State,
+        name: String,
+        l1_offset: u64,
+        l1_size: u32,
+        disk_size: u64,
+        rec: &Record,
+    ) -> SnapshotEntry {
+        let max_id = st
+            .snapshots
+            .iter()
+            .filter_map(|e| e.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        SnapshotEntry {
+            l1_table_offset: l1_offset,
+            l1_size,
+            id: (max_id + 1).to_string(),
+            name,
+            date_sec: (rec.created_ns / 1_000_000_000) as u32,
+            date_nsec: (rec.created_ns % 1_000_000_000) as u32,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            extra: encode_extra(rec, disk_size, 0),
+        }
+    }
+
+    fn exists(&self, name: &str) -> Error {
+        Error::InvalidArgument(format!(
+            "{}: a snapshot or VDI named '{name}' already exists; `qcowx list {}` lists them",
+            self.name, self.name
+        ))
+    }
+
+    /// Creates VDI `new_vdi` whose first state is snapshot `snapshot`. Cost: one L1 copy.
+    pub fn fork(&self, snapshot: &str, new_vdi: &str) -> Result<RootInfo> {
+        self.require_writable()?;
+        validate_name(new_vdi)?;
+        self.quiesced(|st| {
+            if Image::name_taken(st, new_vdi) {
+                return Err(self.exists(new_vdi));
+            }
+            let i = self.find_snapshot(st, snapshot)?;
+            let loc = Image::l1_loc(st, Target::Entry(i));
+            let l1 = self.read_l1(loc)?;
+            self.mark_stale(st)?;
+            let at = self.write_read_only_copy(st, &l1)?;
+            let uid = new_uid();
+            let rec = Record {
+                kind: RootKind::Vdi,
+                uid,
+                vdi: uid,
+                parent: st.records[i].uid,
+                generation: 1,
+                created_ns: now_ns(),
+                deleted: false,
+                native: true,
+            };
+            let entry = self.new_entry(
+                st,
+                format!("{VDI_NAME_PREFIX}{new_vdi}"),
+                at,
+                loc.entries,
+                loc.size,
+                &rec,
+            );
+            self.append_entry(st, entry, rec)?;
+            Ok(self.info_of(st, Target::Entry(st.snapshots.len() - 1)))
+        })
+    }
+
+    /// Deletes snapshot `name` in O(1): it disappears at once; [`Image::gc`] reclaims
+    /// its space.
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        self.require_writable()?;
+        self.quiesced(|st| {
+            let i = self.find_snapshot(st, name)?;
+            self.delete_entry(st, i)
+        })
+    }
+
+    /// Deletes VDI `name` (not the default VDI) in O(1); its snapshots stay.
+    pub fn delete_vdi(&self, name: &str) -> Result<()> {
+        self.require_writable()?;
+        if name == DEFAULT_VDI {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the default VDI cannot be deleted",
+                self.name
+            )));
+        }
+        self.quiesced(|st| match self.find_vdi(st, name)? {
+            Target::Entry(i) => self.delete_entry(st, i),
+            Target::Default => unreachable_default(&self.name),
+        })
+    }
+
+    fn delete_entry(&self, st: &mut State, i: usize) -> Result<()> {
+        self.flush_locked(st)?;
+        self.mark_stale(st)?;
+        let id = Image::root_id(st, Target::Entry(i));
+        st.records[i].deleted = true;
+        if st.records[i].native {
+            self.write_flags(st, i)?;
+        } else {
+            // A snapshot QEMU made has no qcowx block to flag: give it one by
+            // rewriting the table (rare; O(table)).
+            let rec = st.records[i].clone();
+            let size = st.snapshots[i].disk_size().unwrap_or(st.header.size);
+            let vm = st.snapshots[i]
+                .extra
+                .get(0..8)
+                .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
+            st.snapshots[i].extra = encode_extra(
+                &Record {
+                    native: true,
+                    ..rec
+                },
+                size,
+                vm,
+            );
+            st.records[i].native = true;
+            self.rewrite_table(st)?;
+        }
+        st.roots.remove(&id);
+        Ok(())
+    }
+
+    /// Writes the whole table to new clusters and commits it (used when entries change
+    /// size or are removed).
+    pub(crate) fn rewrite_table(&self, st: &mut State) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut bytes = Vec::new();
+        for e in &st.snapshots {
+            e.write_to(&mut bytes);
+        }
+        let (offset, capacity) = if bytes.is_empty() {
+            (0, 0)
+        } else {
+            let capacity = (bytes.len() as u64).next_multiple_of(cs);
+            let at = st.alloc.contiguous(capacity / cs);
+            self.storage
+                .write_at(&bytes, at)
+                .map_err(|e| self.io_err("write snapshot table", at, e))?;
+            self.sync()?;
+            (at, capacity)
+        };
+        st.header.nb_snapshots = st.snapshots.len() as u32;
+        st.header.snapshots_offset = offset;
+        st.table_capacity = capacity;
+        self.write_header_fields(st)?;
+        self.sync()
+    }
+
+    /// Makes VDI `vdi`'s head a fresh fork of `snapshot` (one of any VDI's snapshots).
+    /// Data written to the VDI since becomes garbage for [`Image::gc`].
+    pub fn revert(&self, vdi: &str, snapshot: &str) -> Result<()> {
+        self.require_writable()?;
+        self.quiesced(|st| {
+            let s = self.find_snapshot(st, snapshot)?;
+            let target = self.find_vdi(st, vdi)?;
+            let loc = Image::l1_loc(st, Target::Entry(s));
+            let l1 = self.read_l1(loc)?;
+            self.flush_locked(st)?;
+            self.mark_stale(st)?;
+            let at = self.write_read_only_copy(st, &l1)?;
+            match target {
+                Target::Default => {
+                    self.sync()?;
+                    st.header.l1_table_offset = at;
+                    st.header.l1_size = loc.entries;
+                    st.header.size = loc.size;
+                    self.write_header_fields(st)?;
+                    self.sync()?;
+                }
+                Target::Entry(h) => {
+                    let old = st.records[h].clone();
+                    let rec = Record {
+                        uid: new_uid(),
+                        parent: st.records[s].uid,
+                        generation: old.generation + 1,
+                        created_ns: now_ns(),
+                        ..old
+                    };
+                    let name = st.snapshots[h].name.clone();
+                    let entry = self.new_entry(st, name, at, loc.entries, loc.size, &rec);
+                    // The new head (higher generation) wins from its commit on; the old
+                    // one is then flagged deleted for GC.
+                    self.append_entry(st, entry, rec)?;
+                    st.records[h].deleted = true;
+                    self.write_flags(st, h)?;
+                }
+            }
+            let id = Image::root_id(st, target);
+            st.roots.remove(&id);
+            self.load_root(st, target)?;
+            Ok(())
+        })
+    }
+
+    fn info_of(&self, st: &State, t: Target) -> RootInfo {
+        match t {
+            Target::Default => RootInfo {
+                kind: RootKind::Vdi,
+                name: DEFAULT_VDI.to_string(),
+                uid: 0,
+                vdi: DEFAULT_VDI.to_string(),
+                parent: None,
+                created_ns: 0,
+                size: st.header.size,
+                id: None,
+            },
+            Target::Entry(i) => {
+                let r = &st.records[i];
+                let vdi = if r.vdi == 0 {
+                    DEFAULT_VDI.to_string()
+                } else {
+                    Image::head_index(st, r.vdi).map_or_else(
+                        || format!("<deleted VDI {:x}>", r.vdi),
+                        |h| Image::display_name(st, h).to_string(),
+                    )
+                };
+                let parent = (r.parent != 0)
+                    .then(|| {
+                        st.records
+                            .iter()
+                            .position(|p| p.uid == r.parent && p.kind == RootKind::Snapshot)
+                            .filter(|&p| Image::entry_live(st, p))
+                            .map(|p| Image::display_name(st, p).to_string())
+                    })
+                    .flatten();
+                RootInfo {
+                    kind: r.kind,
+                    name: Image::display_name(st, i).to_string(),
+                    uid: r.uid,
+                    vdi,
+                    parent,
+                    created_ns: r.created_ns,
+                    size: st.snapshots[i].disk_size().unwrap_or(st.header.size),
+                    id: Some(st.snapshots[i].id.clone()),
+                }
+            }
+        }
+    }
+
+    /// Every live VDI (the default one first) and snapshot, in table order.
+    pub fn list(&self) -> Result<Vec<RootInfo>> {
+        let st = self.lock_state()?;
+        let mut out = vec![self.info_of(&st, Target::Default)];
+        for i in 0..st.snapshots.len() {
+            if Image::entry_live(&st, i) {
+                out.push(self.info_of(&st, Target::Entry(i)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A handle for I/O on VDI `name` (writable when the image is) or snapshot `name`
+    /// (read-only).
+    pub fn open_root(self: &Arc<Self>, name: &str) -> Result<Disk> {
+        let mut st = self.lock_state()?;
+        let t = self.find_root(&st, name)?;
+        let id = self.load_root(&mut st, t)?;
+        let writable = self.root(&st, id)?.writable;
+        Ok(Disk {
+            image: Arc::clone(self),
+            root: id,
+            name: name.to_string(),
+            writable,
+        })
+    }
+
+    /// Re-resolves a root by name for internal users (export, diff).
+    pub(crate) fn root_by_name(&self, name: &str) -> Result<RootId> {
+        let mut st = self.lock_state()?;
+        let t = self.find_root(&st, name)?;
+        self.load_root(&mut st, t)
+    }
+
+    /// The L1 table of root `name` (loaded) with its size, for tree walks.
+    pub(crate) fn root_l1(&self, name: &str) -> Result<(Vec<u64>, u64)> {
+        let mut st = self.lock_state()?;
+        let t = self.find_root(&st, name)?;
+        let id = self.load_root(&mut st, t)?;
+        let r = self.root(&st, id)?;
+        Ok((r.l1.clone(), r.size))
+    }
+}
+
+fn unreachable_default<T>(file: &str) -> Result<T> {
+    Err(Error::InvalidArgument(format!(
+        "{file}: the default VDI cannot be deleted"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_round_trips_and_detects_damage() {
+        let rec = Record {
+            kind: RootKind::Vdi,
+            uid: 42,
+            vdi: 42,
+            parent: 7,
+            generation: 3,
+            created_ns: 123,
+            deleted: false,
+            native: true,
+        };
+        let mut extra = encode_extra(&rec, 1 << 30, 0);
+        assert_eq!(extra.len(), 80);
+        assert_eq!(parse_record(&extra), Some(rec.clone()));
+        extra[30] ^= 1;
+        assert_eq!(parse_record(&extra), None);
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("base-2024.01_a+b@x").is_ok());
+        for bad in ["", "-x", ".x", "a b", "a:b", "a/b", &"x".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}
