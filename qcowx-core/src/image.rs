@@ -16,7 +16,8 @@ use crate::compress::{decompress_cluster, CompressionType};
 use crate::error::{Error, Result};
 use crate::extensions::{Extension, Extensions, FeatureKind, EXT_BACKING_FORMAT};
 use crate::header::{
-    Header, Incompatible, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, V3_HEADER_LEN,
+    Autoclear, Header, Incompatible, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
+    V3_HEADER_LEN,
 };
 use crate::lock::LockMode;
 use crate::refcount;
@@ -462,6 +463,11 @@ impl Image {
         };
         if opts.write {
             img.clear_autoclear()?;
+            if img.header().autoclear & Autoclear::QCOWX.bits() == 0 {
+                // Written by something else (or never by qcowx): restore invariant W
+                // before any write of ours.
+                img.reconcile()?;
+            }
         }
         Ok(img)
     }
@@ -472,10 +478,11 @@ impl Image {
     /// single-sector header write, made durable before any other write.
     fn clear_autoclear(&self) -> Result<()> {
         let mut st = self.lock_state()?;
-        if st.header.autoclear == 0 {
+        let keep = st.header.autoclear & Autoclear::QCOWX.bits();
+        if st.header.autoclear == keep {
             return Ok(());
         }
-        st.header.autoclear = 0;
+        st.header.autoclear = keep;
         self.write_header_fields(&st)?;
         self.sync()
     }
@@ -799,7 +806,13 @@ impl Image {
         Ok(e)
     }
 
-    fn set_l1_entry(&self, st: &mut State, root: RootId, l1i: usize, e: L1Entry) -> Result<()> {
+    pub(crate) fn set_l1_entry(
+        &self,
+        st: &mut State,
+        root: RootId,
+        l1i: usize,
+        e: L1Entry,
+    ) -> Result<()> {
         let r = self.root_mut(st, root)?;
         let slot = r.l1.get_mut(l1i).ok_or_else(|| {
             Error::InvalidArgument(format!("L1 index {l1i} past the end of root {root}"))
@@ -1117,10 +1130,35 @@ impl Image {
         } else {
             let mut content = vec![0u8; cs as usize];
             self.read_cluster(kind, cg, &mut content)?;
-            content[in_off as usize..in_off as usize + data.len()].copy_from_slice(data);
-            self.storage
-                .write_at(&content, host)
-                .map_err(|e| self.io_err("write data", host, e))?;
+            let (start, end) = (in_off as usize, in_off as usize + data.len());
+            content[start..end].copy_from_slice(data);
+            // Subclusters already allocated in this cluster may have in-place writes in
+            // flight (looked up before this call): rewrite only the written range and
+            // the subclusters being allocated, never other bytes of allocated ones.
+            let alloc = match (in_place, kind) {
+                (Some(_), ClusterKind::Subclusters { alloc, .. }) => alloc,
+                _ => 0,
+            };
+            let sub = self.geo.subcluster_size() as usize;
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            for i in 0..crate::tables::SUBCLUSTERS as usize {
+                let (lo, hi) = if alloc & (1 << i) == 0 {
+                    (i * sub, (i + 1) * sub)
+                } else {
+                    ((i * sub).max(start), ((i + 1) * sub).min(end))
+                };
+                match runs.last_mut() {
+                    _ if lo >= hi => {}
+                    Some(r) if r.1 == lo => r.1 = hi,
+                    _ => runs.push((lo, hi)),
+                }
+            }
+            for (lo, hi) in runs {
+                let at = host + lo as u64;
+                self.storage
+                    .write_at(&content[lo..hi], at)
+                    .map_err(|e| self.io_err("write data", at, e))?;
+            }
         }
         self.set_l2_entry(st, l2_off, l2i, L2Entry::data(host, &self.geo))
     }
@@ -1373,7 +1411,7 @@ impl Image {
         let r = if self.writable {
             self.flush_locked(&mut st).and_then(|_| {
                 if st.stale {
-                    refcount::rebuild(self, &mut st)
+                    refcount::rebuild(self, &mut st).map(|_| ())
                 } else {
                     Ok(())
                 }
@@ -1584,6 +1622,7 @@ pub(crate) fn feature_name_table() -> Extension {
         (FeatureKind::Compatible, 0, "lazy refcounts"),
         (FeatureKind::Autoclear, 0, "bitmaps"),
         (FeatureKind::Autoclear, 1, "raw external data"),
+        (FeatureKind::Autoclear, 32, "qcowx consistent"),
     ])
 }
 
@@ -1709,7 +1748,7 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
         snapshots_offset: 0,
         incompatible,
         compatible: 0,
-        autoclear: 0,
+        autoclear: Autoclear::QCOWX.bits(),
         refcount_order: opts.refcount_bits.trailing_zeros(),
         header_length: V3_HEADER_LEN,
         compression_type: match opts.compression {
@@ -1720,6 +1759,23 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
         backing_file,
     };
     header.layout_backing();
+    if header.to_cluster().is_none() {
+        // Small clusters (512 B) cannot hold the feature name table beside a long
+        // backing name: it is optional, so leave it out.
+        header
+            .extensions
+            .remove(crate::extensions::EXT_FEATURE_NAMES);
+        header.layout_backing();
+    }
+    if header.to_cluster().is_none() {
+        // The feature name table is optional (QEMU 10 writes none): leave it out when
+        // the first cluster is too small for it, as with 512-byte clusters and a
+        // backing file.
+        header
+            .extensions
+            .remove(crate::extensions::EXT_FEATURE_NAMES);
+        header.layout_backing();
+    }
     if header.to_cluster().is_none() {
         return Err(Error::InvalidArgument(
             "header, extensions and backing file name do not fit in one cluster".into(),

@@ -13,6 +13,7 @@ use crate::extensions::EXT_BITMAPS;
 use crate::header::{Autoclear, Incompatible};
 use crate::image::{Image, State, DEFAULT_ROOT};
 use crate::tables::{decode_words, encode_words, ClusterKind, L1Entry, L2Entry};
+use crate::vdi::RootKind;
 
 /// The most problems a report lists individually (the counts are always complete).
 pub const MAX_MESSAGES: usize = 1000;
@@ -460,13 +461,39 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
 /// what QEMU calls an OFLAG_COPIED error (only reported when refcounts are exact).
 fn check_copied(img: &Image, st: &mut State, s: &mut Scan) -> Result<()> {
     let exact = !s.report.dirty;
-    let geo = img.geo;
-    let cs = geo.cluster_size();
-    let l1 = st
+    let default_l1 = st
         .roots
         .get(&DEFAULT_ROOT)
         .map(|r| r.l1.clone())
         .unwrap_or_default();
+    check_head(img, s, "default VDI", &default_l1, exact)?;
+    // Named VDI heads: invariant W only (QEMU does not look at them).
+    for i in 0..st.snapshots.len() {
+        if st.records[i].kind != RootKind::Vdi || !Image::entry_live(st, i) {
+            continue;
+        }
+        let e = &st.snapshots[i];
+        let len = u64::from(e.l1_size) * 8;
+        if e.l1_table_offset.saturating_add(len) > s.file_clusters << s.cluster_bits {
+            continue; // reported by the scan
+        }
+        let mut raw = vec![0u8; len as usize];
+        img.storage
+            .read_at(&mut raw, e.l1_table_offset)
+            .map_err(|err| img.io_err("read L1 table", e.l1_table_offset, err))?;
+        let label = format!("VDI head '{}'", e.name);
+        check_head(img, s, &label, &decode_words(&raw), false)?;
+    }
+    Ok(())
+}
+
+/// Checks bit 63 along one VDI head. Invariant W: a cluster reached through writable
+/// links only has exactly one reference. With `qemu_rules` (the default VDI of an image
+/// whose refcounts are exact), a read-only link to a cluster with one reference is
+/// also reported, as `qemu-img check` reports it (OFLAG_COPIED).
+fn check_head(img: &Image, s: &mut Scan, label: &str, l1: &[u64], qemu_rules: bool) -> Result<()> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
     let mut raw = vec![0u8; cs as usize];
     for (i, &w) in l1.iter().enumerate() {
         let e = L1Entry(w);
@@ -477,13 +504,16 @@ fn check_copied(img: &Image, st: &mut State, s: &mut Scan) -> Result<()> {
         if e.writable() && refs > 1 {
             s.report.problem(
                 true,
-                format!("active L1 entry {i} is writable but its L2 table has {refs} references"),
+                format!("{label}: L1 entry {i} is writable but its L2 table has {refs} references"),
             );
-        } else if exact && !e.writable() && refs == 1 {
+        } else if qemu_rules && !e.writable() && refs == 1 {
             s.report.problem(
                 true,
                 format!("OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={w:x} refcount=1"),
             );
+        }
+        if !e.writable() && !qemu_rules {
+            continue; // a read-only table: its entries' bits do not matter
         }
         if off + cs > s.file_clusters * cs {
             continue;
@@ -500,15 +530,14 @@ fn check_copied(img: &Image, st: &mut State, s: &mut Scan) -> Result<()> {
             };
             let Some(host) = entry.host() else { continue };
             let refs = s.count(host >> geo.cluster_bits);
-            let path_writable = e.writable() && entry.writable();
-            if path_writable && refs > 1 {
+            if e.writable() && entry.writable() && refs > 1 {
                 s.report.problem(
                     true,
                     format!(
-                        "L2 entry {j} of table {off:#x} is writable but cluster {host:#x} has {refs} references"
+                        "{label}: L2 entry {j} of table {off:#x} is writable but cluster {host:#x} has {refs} references"
                     ),
                 );
-            } else if exact && entry.writable() != (refs == 1) {
+            } else if qemu_rules && entry.writable() != (refs == 1) {
                 s.report.problem(
                     true,
                     format!(
@@ -529,7 +558,7 @@ fn check_copied(img: &Image, st: &mut State, s: &mut Scan) -> Result<()> {
 /// blocks and table are written to clusters that neither hold live data nor belong to
 /// the old refcount structures, and synced; then one header write switches to them and
 /// clears the dirty bit (the commit point); then the file is truncated.
-pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<()> {
+pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
     let geo = img.geo;
     let cs = geo.cluster_size();
     let s = scan(img, st, false)?;
@@ -678,7 +707,24 @@ pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<()> {
     }
     st.alloc.reset(new_end * cs);
     st.cache.clear_clean();
-    Ok(())
+    Ok(counts)
+}
+
+/// Reference counts per host cluster from every root (refcount structures excluded).
+pub(crate) fn reference_counts(img: &Image, st: &State) -> Result<Vec<u64>> {
+    let s = scan(img, st, false)?;
+    if s.report.corruptions > 0 {
+        return Err(img.corrupt(
+            "image metadata",
+            0,
+            format!(
+                "{} structural error(s), first: {}",
+                s.report.corruptions,
+                s.report.messages.first().cloned().unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(s.counts)
 }
 
 /// Sets bit 63 on each active-tree link to exactly `references == 1`.

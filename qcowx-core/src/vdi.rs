@@ -922,11 +922,13 @@ impl Image {
         })
     }
 
-    /// Re-resolves a root by name for internal users (export, diff).
-    pub(crate) fn root_by_name(&self, name: &str) -> Result<RootId> {
+    /// The words of the L2 table at `off` (through the cache, so links not yet
+    /// written back are seen), or `None` for no table.
+    pub(crate) fn l2_words(&self, off: Option<u64>) -> Result<Option<Vec<u64>>> {
+        let Some(off) = off else { return Ok(None) };
         let mut st = self.lock_state()?;
-        let t = self.find_root(&st, name)?;
-        self.load_root(&mut st, t)
+        self.load_l2(&mut st, off)?;
+        Ok(st.cache.get(off).map(<[u64]>::to_vec))
     }
 
     /// The L1 table of root `name` (loaded) with its size, for tree walks.
@@ -936,6 +938,67 @@ impl Image {
         let id = self.load_root(&mut st, t)?;
         let r = self.root(&st, id)?;
         Ok((r.l1.clone(), r.size))
+    }
+}
+
+impl Image {
+    /// Restores invariant W after a foreign writer (QEMU) wrote the image: counts
+    /// references from every root and clears bit 63 on every VDI-head link whose
+    /// target is reachable more than once, then sets the qcowx auto-clear bit. Only
+    /// writable→read-only flips, so it is safe at any point of a crash.
+    pub(crate) fn reconcile(&self) -> Result<()> {
+        let mut guard = self.lock_state()?;
+        let st = &mut *guard;
+        let counts = crate::refcount::reference_counts(self, st)?;
+        let bits = self.geo.cluster_bits;
+        let count = |off: u64| counts.get((off >> bits) as usize).copied().unwrap_or(0);
+        let mut heads = vec![Target::Default];
+        heads.extend(
+            (0..st.snapshots.len())
+                .filter(|&i| st.records[i].kind == RootKind::Vdi && Image::entry_live(st, i))
+                .map(Target::Entry),
+        );
+        let step = if self.geo.extended { 2 } else { 1 };
+        for t in heads {
+            let id = self.load_root(st, t)?;
+            let l1 = self.root(st, id)?.l1.clone();
+            for (i, &w) in l1.iter().enumerate() {
+                let e = crate::tables::L1Entry(w);
+                let Some(off) = e
+                    .l2_offset()
+                    .filter(|_| e.writable() && !e.is_malformed(&self.geo))
+                else {
+                    continue;
+                };
+                if count(off) > 1 {
+                    self.set_l1_entry(st, id, i, e.read_only())?;
+                    continue;
+                }
+                self.load_l2(st, off)?;
+                let words = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
+                let shared: Vec<usize> = words
+                    .iter()
+                    .enumerate()
+                    .step_by(step)
+                    .filter(|(_, &word)| {
+                        let entry = crate::tables::L2Entry { word, bitmap: 0 };
+                        entry.writable() && entry.host().is_some_and(|h| count(h) > 1)
+                    })
+                    .map(|(j, _)| j)
+                    .collect();
+                if !shared.is_empty() {
+                    if let Some(t) = st.cache.get_mut(off) {
+                        for j in shared {
+                            t[j] &= !WRITABLE;
+                        }
+                    }
+                }
+            }
+        }
+        self.flush_locked(st)?;
+        st.header.autoclear |= crate::header::Autoclear::QCOWX.bits();
+        self.write_header_fields(st)?;
+        self.sync()
     }
 }
 

@@ -425,3 +425,139 @@ fn pattern_is_position_dependent() {
     assert_ne!(a, c);
     assert!(a.windows(2).filter(|w| w[0] != w[1]).count() > 3000);
 }
+
+// ---- a race on partially allocated clusters --------------------------------------------
+
+type WriteRule = (
+    std::ops::Range<u64>,
+    std::ops::Range<usize>,
+    std::time::Duration,
+);
+
+/// A storage layer that delays chosen writes, to force one interleaving of two
+/// threads deterministically.
+#[derive(Debug)]
+struct SlowWrites {
+    inner: MemStorage,
+    /// (offsets, lengths, delay): the first write starting in the offset range with a
+    /// length in the length range is delayed, then the rule is spent.
+    rules: std::sync::Mutex<Vec<WriteRule>>,
+    /// Writes that have started their delay.
+    delayed: std::sync::atomic::AtomicUsize,
+}
+
+impl Storage for SlowWrites {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let delay = {
+            let mut rules = self.rules.lock().unwrap();
+            let hit = rules
+                .iter()
+                .position(|r| r.0.contains(&offset) && r.1.contains(&buf.len()));
+            hit.map(|i| rules.remove(i).2)
+        };
+        if let Some(d) = delay {
+            self.delayed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(d);
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn path(&self) -> Option<&std::path::Path> {
+        None
+    }
+}
+
+/// Two threads write different subclusters of one extended-L2 cluster whose first
+/// subcluster alone is allocated (as QEMU leaves a cluster after a partial write).
+/// Thread A writes in place into the allocated subcluster; while its write is in
+/// flight, thread B writes an unallocated subcluster, which allocates the rest of the
+/// cluster. B must not write back stale bytes over A's subcluster: disjoint writes
+/// never undo each other.
+#[test]
+fn concurrent_writes_to_different_subclusters_are_not_lost() {
+    use std::time::Duration;
+    let cs = 65536u64;
+    let storage = Arc::new(MemStorage::new());
+    let mut opts = CreateOptions::new(1 << 20);
+    opts.extended_l2 = true;
+    let dyn_storage: Arc<dyn Storage> = storage.clone();
+    let img = Image::create_in(dyn_storage, &opts).expect("create");
+    img.write_at(&vec![0x11; cs as usize], 0).expect("write");
+    let l1_off = img.header().l1_table_offset;
+    img.close().expect("close");
+    drop(img);
+
+    // Keep only subcluster 0 of guest cluster 0 allocated.
+    let word = |off: u64| {
+        let mut b = [0u8; 8];
+        storage.read_at(&mut b, off).expect("read");
+        u64::from_be_bytes(b)
+    };
+    let l2 = word(l1_off) & 0x00ff_ffff_ffff_fe00;
+    let host = word(l2) & 0x00ff_ffff_ffff_fe00;
+    storage
+        .write_at(&1u64.to_be_bytes(), l2 + 8)
+        .expect("patch the subcluster bitmap");
+
+    let slow = Arc::new(SlowWrites {
+        inner: MemStorage::from_vec(storage.to_vec()),
+        rules: std::sync::Mutex::new(vec![
+            // A's in-place write of 512 bytes into subcluster 0 lands after 200 ms.
+            (host..host + 1, 512..513, Duration::from_millis(200)),
+            // B's write (whatever part of the cluster it writes) lands after 600 ms.
+            (host..host + cs, 0..usize::MAX, Duration::from_millis(600)),
+        ]),
+        delayed: Default::default(),
+    });
+    let dyn_slow: Arc<dyn Storage> = slow.clone();
+    let img =
+        Arc::new(Image::from_storage(dyn_slow, &OpenOptions::new().write(true)).expect("open"));
+    let mut before = vec![0u8; 4096];
+    img.read_at(&mut before, 0).expect("read");
+    assert!(before[..2048].iter().all(|&b| b == 0x11));
+    assert!(before[2048..].iter().all(|&b| b == 0));
+
+    let a = {
+        let img = Arc::clone(&img);
+        std::thread::spawn(move || img.write_at(&[0xaa; 512], 0).expect("A writes"))
+    };
+    while slow.delayed.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A's write is in flight: B writes subcluster 2.
+    img.write_at(&[0xbb; 512], 4096).expect("B writes");
+    a.join().expect("thread A");
+
+    let mut got = vec![0u8; cs as usize];
+    img.read_at(&mut got, 0).expect("read");
+    let mut want = vec![0u8; cs as usize];
+    want[..512].fill(0xaa);
+    want[512..2048].fill(0x11);
+    want[4096..4608].fill(0xbb);
+    if let Some(i) = first_diff(&got, &want) {
+        panic!(
+            "byte {i} of the cluster reads {:#04x}, expected {:#04x}: a concurrent write to \
+             another subcluster wrote stale data over it",
+            got[i], want[i]
+        );
+    }
+    Arc::try_unwrap(img)
+        .expect("thread A is done")
+        .close()
+        .expect("close");
+}

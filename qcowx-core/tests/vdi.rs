@@ -115,3 +115,135 @@ fn snapshot_fork_revert_delete_round_trip() {
     assert_eq!(&qemu[10000..80000], &vec![1u8; 70000][..]);
     assert!(qemu[..10000].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn gc_returns_the_space_of_deleted_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gc.qcow2");
+    let img = Image::create(&path, &CreateOptions::new(64 << 20)).unwrap();
+    img.write_at(&vec![1u8; 8 << 20], 0).unwrap();
+    img.snapshot("default", "keep").unwrap();
+    img.write_at(&vec![2u8; 8 << 20], 0).unwrap();
+    img.snapshot("default", "drop").unwrap();
+    img.write_at(&vec![3u8; 8 << 20], 0).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    img.flush().unwrap();
+    let blocks_before = std::fs::metadata(&path).unwrap().blocks() * 512;
+    img.delete_snapshot("drop").unwrap();
+    let report = img.gc().unwrap();
+    assert_eq!(report.roots_removed, 1);
+    // The deleted snapshot held 8 MiB of its own data (128 clusters) plus its tables.
+    assert!(report.clusters_freed >= 128, "{report:?}");
+    let blocks_after = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(
+        blocks_after + (8 << 20) <= blocks_before + (1 << 20),
+        "space returned to the file system: {blocks_before} -> {blocks_after}"
+    );
+    let keep = Arc::new(img);
+    let k = keep.open_root("keep").unwrap();
+    let mut b = vec![0u8; 4096];
+    k.read_at(&mut b, 4 << 20).unwrap();
+    assert_eq!(b, vec![1u8; 4096]);
+    assert_eq!(read(&keep, 4 << 20, 4096), vec![3u8; 4096]);
+    // Freed space is reused: new writes do not grow the file past its old size.
+    let len_after_gc = std::fs::metadata(&path).unwrap().len();
+    keep.write_at(&vec![4u8; 4 << 20], 16 << 20).unwrap();
+    keep.flush().unwrap();
+    let report = keep.check().unwrap();
+    assert_eq!(report.corruptions, 0, "{:?}", report.messages);
+    drop(k);
+    keep.close().unwrap();
+    assert!(std::fs::metadata(&path).unwrap().len() <= len_after_gc + (5 << 20));
+    drop(keep);
+    qemu_check_clean(&path);
+}
+
+#[test]
+fn diff_reports_changed_clusters_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("diff.qcow2");
+    let img = Image::create(&path, &CreateOptions::new(1 << 30)).unwrap();
+    img.write_at(&vec![1u8; 1 << 20], 0).unwrap();
+    img.snapshot("default", "a").unwrap();
+    img.write_at(&[9u8; 10], 200_000).unwrap(); // cluster 3
+    img.write_at(&[9u8; 10], 700 << 20).unwrap(); // far away
+    img.snapshot("default", "b").unwrap();
+    let d = img.diff("a", "b").unwrap();
+    assert_eq!(
+        d,
+        vec![
+            qcowx_core::Range {
+                offset: 3 * 65536,
+                length: 65536
+            },
+            qcowx_core::Range {
+                offset: 700 << 20,
+                length: 65536
+            },
+        ]
+    );
+    assert!(img.diff("a", "a").unwrap().is_empty());
+    assert_eq!(img.diff("b", "default").unwrap(), vec![]);
+    img.write_zeroes(0, 65536, true).unwrap();
+    assert_eq!(
+        img.diff("b", "default").unwrap(),
+        vec![qcowx_core::Range {
+            offset: 0,
+            length: 65536
+        }]
+    );
+}
+
+#[test]
+fn qemu_snapshot_commands_on_a_qcowx_image_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.qcow2");
+    let p = path.to_str().unwrap();
+    {
+        let img = Arc::new(Image::create(&path, &CreateOptions::new(16 << 20)).unwrap());
+        img.write_at(&vec![1u8; 1 << 20], 0).unwrap();
+        img.snapshot("default", "s1").unwrap();
+        img.fork("s1", "web").unwrap();
+        let web = img.open_root("web").unwrap();
+        web.write_at(&vec![5u8; 65536], 0).unwrap();
+        img.close().unwrap();
+    }
+    qemu_check_clean(&path);
+    // QEMU writes the default VDI, takes, applies and deletes snapshots.
+    let io = Command::new("qemu-io")
+        .args(["-c", "write -P 7 65536 65536", p])
+        .output()
+        .unwrap();
+    assert!(
+        io.status.success(),
+        "{}",
+        String::from_utf8_lossy(&io.stderr)
+    );
+    assert!(qemu_img(&["snapshot", "-c", "q1", p]).status.success());
+    assert!(qemu_img(&["snapshot", "-a", "vdi:web", p]).status.success());
+    assert!(qemu_img(&["snapshot", "-d", "q1", p]).status.success());
+    qemu_check_clean(&path);
+
+    let img = Arc::new(Image::open_rw(&path).unwrap());
+    assert_eq!(img.header().autoclear & (1 << 32), 1 << 32, "reconciled");
+    let report = img.check().unwrap();
+    assert_eq!(report.corruptions, 0, "W restored: {:?}", report.messages);
+    // The default VDI is now a copy of web; writing it must not change web or s1.
+    assert_eq!(read(&img, 0, 65536), vec![5u8; 65536]);
+    img.write_at(&vec![8u8; 65536], 0).unwrap();
+    let web = img.open_root("web").unwrap();
+    let s1 = img.open_root("s1").unwrap();
+    let mut b = vec![0u8; 65536];
+    web.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, vec![5u8; 65536]);
+    s1.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, vec![1u8; 65536]);
+    web.write_at(&vec![6u8; 65536], 0).unwrap();
+    assert_eq!(read(&img, 0, 65536), vec![8u8; 65536]);
+    let report = img.check().unwrap();
+    assert_eq!(report.corruptions, 0, "{:?}", report.messages);
+    drop((web, s1));
+    img.close().unwrap();
+    drop(img);
+    qemu_check_clean(&path);
+}
