@@ -244,6 +244,8 @@ pub(crate) struct State {
     pub(crate) records: Vec<crate::vdi::Record>,
     /// Bytes at `snapshots_offset` this session may fill without moving the table.
     pub(crate) table_capacity: u64,
+    /// Name and head lookups over the table.
+    pub(crate) index: crate::vdi::Index,
     pub(crate) closed: bool,
 }
 
@@ -439,7 +441,9 @@ impl Image {
         } else {
             0
         };
+        let index = crate::vdi::Index::build(&snapshots, &records);
         let state = State {
+            index,
             records,
             table_capacity,
             roots,
@@ -1395,8 +1399,19 @@ impl Image {
             st.header.l1_size = needed as u32;
             st.header.l1_table_offset = at;
         }
+        let old_size = st.header.size;
         st.header.size = new_size;
         self.root_mut(&mut st, DEFAULT_ROOT)?.size = new_size;
+        // Growing must not reveal a longer backing file's data past the old end: that
+        // area reads zeros (QEMU writes zeros there too), durably before the header
+        // makes the new size durable.
+        let reveal_end = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
+        if reveal_end > old_size {
+            drop(st);
+            self.write_zeroes(old_size, reveal_end - old_size, false)?;
+            st = self.lock_state()?;
+            self.flush_locked(&mut st)?;
+        }
         self.write_header_fields(&st)?;
         self.sync()
     }

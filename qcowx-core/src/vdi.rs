@@ -12,6 +12,7 @@
 //! - Deleting a root sets a flag in place (O(1)); [`Image::gc`] reclaims its space.
 //! - [`Image::revert`] makes a VDI's head a fresh fork of one of its snapshots.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use zerocopy::big_endian::{U16, U32, U64};
@@ -244,6 +245,105 @@ pub struct RootInfo {
     pub id: Option<String>,
 }
 
+/// Lookups over the snapshot table kept in memory, so that snapshot and fork cost
+/// O(L1) however many roots there are. Rebuilt (O(table)) when the table is rewritten;
+/// updated in place when an entry is appended or flagged deleted.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    /// Live roots by display name.
+    names: HashMap<String, usize>,
+    /// Live head entry of each VDI.
+    heads: HashMap<u64, usize>,
+    /// Newest snapshot (creation time, uid) taken of each VDI.
+    latest: HashMap<u64, (u64, u64)>,
+    /// Bytes the entries occupy.
+    pub(crate) used: u64,
+    /// Largest numeric QCOW2 snapshot ID.
+    max_id: u64,
+}
+
+fn display(entry: &SnapshotEntry, rec: &Record) -> String {
+    match rec.kind {
+        RootKind::Vdi => entry
+            .name
+            .strip_prefix(VDI_NAME_PREFIX)
+            .unwrap_or(&entry.name)
+            .to_string(),
+        RootKind::Snapshot => entry.name.clone(),
+    }
+}
+
+impl Index {
+    /// Builds the index of a whole table.
+    pub(crate) fn build(entries: &[SnapshotEntry], records: &[Record]) -> Index {
+        let mut ix = Index::default();
+        for i in 0..entries.len() {
+            ix.on_append(entries, records, i);
+        }
+        ix
+    }
+
+    /// Accounts for entry `i`, just appended.
+    pub(crate) fn on_append(&mut self, entries: &[SnapshotEntry], records: &[Record], i: usize) {
+        let (e, r) = (&entries[i], &records[i]);
+        self.used += e.encoded_len() as u64;
+        if let Ok(id) = e.id.parse::<u64>() {
+            self.max_id = self.max_id.max(id);
+        }
+        match r.kind {
+            RootKind::Snapshot => {
+                let newest = self.latest.entry(r.vdi).or_insert((r.created_ns, r.uid));
+                if r.created_ns >= newest.0 {
+                    *newest = (r.created_ns, r.uid);
+                }
+                if !r.deleted {
+                    self.names.insert(display(e, r), i);
+                }
+            }
+            RootKind::Vdi if !r.deleted => {
+                let wins = match self.heads.get(&r.vdi) {
+                    Some(&h) => records[h].generation <= r.generation,
+                    None => true,
+                };
+                if wins {
+                    if let Some(&h) = self.heads.get(&r.vdi) {
+                        self.forget_name(&display(&entries[h], &records[h]), h);
+                    }
+                    self.heads.insert(r.vdi, i);
+                    self.names.insert(display(e, r), i);
+                }
+            }
+            RootKind::Vdi => {}
+        }
+    }
+
+    fn forget_name(&mut self, name: &str, i: usize) {
+        if self.names.get(name) == Some(&i) {
+            self.names.remove(name);
+        }
+    }
+
+    /// Accounts for entry `i`, just flagged deleted.
+    pub(crate) fn on_delete(&mut self, entries: &[SnapshotEntry], records: &[Record], i: usize) {
+        self.forget_name(&display(&entries[i], &records[i]), i);
+        let r = &records[i];
+        if r.kind == RootKind::Vdi && self.heads.get(&r.vdi) == Some(&i) {
+            self.heads.remove(&r.vdi);
+            // An older head left by a crash between a revert's two writes takes over.
+            let next = records
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| x.kind == RootKind::Vdi && x.vdi == r.vdi && !x.deleted)
+                .max_by_key(|(_, x)| x.generation)
+                .map(|(j, _)| j);
+            if let Some(j) = next {
+                self.heads.insert(r.vdi, j);
+                self.names.insert(display(&entries[j], &records[j]), j);
+            }
+        }
+    }
+}
+
 /// A resolved reference to a root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Target {
@@ -331,12 +431,7 @@ impl Image {
 
     /// The live head entry of VDI `vdi` (highest generation, not deleted).
     fn head_index(st: &State, vdi: u64) -> Option<usize> {
-        st.records
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.kind == RootKind::Vdi && r.vdi == vdi && !r.deleted)
-            .max_by_key(|(_, r)| r.generation)
-            .map(|(i, _)| i)
+        st.index.heads.get(&vdi).copied()
     }
 
     /// Whether entry `i` is a live root (not deleted, not a superseded head).
@@ -357,12 +452,11 @@ impl Image {
     }
 
     fn find_snapshot(&self, st: &State, name: &str) -> Result<usize> {
-        (0..st.snapshots.len())
-            .find(|&i| {
-                st.records[i].kind == RootKind::Snapshot
-                    && Image::entry_live(st, i)
-                    && Image::display_name(st, i) == name
-            })
+        st.index
+            .names
+            .get(name)
+            .copied()
+            .filter(|&i| st.records[i].kind == RootKind::Snapshot)
             .ok_or_else(|| self.not_found("snapshot", name))
     }
 
@@ -370,12 +464,11 @@ impl Image {
         if name == DEFAULT_VDI {
             return Ok(Target::Default);
         }
-        (0..st.snapshots.len())
-            .find(|&i| {
-                st.records[i].kind == RootKind::Vdi
-                    && Image::entry_live(st, i)
-                    && Image::display_name(st, i) == name
-            })
+        st.index
+            .names
+            .get(name)
+            .copied()
+            .filter(|&i| st.records[i].kind == RootKind::Vdi)
             .map(Target::Entry)
             .ok_or_else(|| self.not_found("VDI", name))
     }
@@ -388,9 +481,7 @@ impl Image {
     }
 
     fn name_taken(st: &State, name: &str) -> bool {
-        name == DEFAULT_VDI
-            || (0..st.snapshots.len())
-                .any(|i| Image::entry_live(st, i) && Image::display_name(st, i) == name)
+        name == DEFAULT_VDI || st.index.names.contains_key(name)
     }
 
     /// The in-memory root id of a target.
@@ -485,7 +576,7 @@ impl Image {
 
     /// Bytes the table's entries occupy.
     fn table_bytes(st: &State) -> u64 {
-        st.snapshots.iter().map(|e| e.encoded_len() as u64).sum()
+        st.index.used
     }
 
     /// Appends `entry` to the snapshot table and commits it with one header write.
@@ -539,6 +630,8 @@ impl Image {
         st.header.snapshots_offset = offset;
         st.snapshots.push(entry);
         st.records.push(rec);
+        let i = st.snapshots.len() - 1;
+        st.index.on_append(&st.snapshots, &st.records, i);
         self.write_header_fields(st)?;
         self.sync()
     }
@@ -639,11 +732,10 @@ impl Image {
 
     /// The newest snapshot of VDI `vdi`, or the snapshot the VDI was forked from.
     fn latest_snapshot_of(&self, st: &State, vdi: u64, target: Target) -> u64 {
-        st.records
-            .iter()
-            .filter(|r| r.kind == RootKind::Snapshot && r.vdi == vdi)
-            .max_by_key(|r| r.created_ns)
-            .map(|r| r.uid)
+        st.index
+            .latest
+            .get(&vdi)
+            .map(|&(_, uid)| uid)
             .unwrap_or_else(|| match target {
                 Target::Entry(i) => st.records[i].parent,
                 Target::Default => 0,
@@ -659,12 +751,7 @@ impl Image {
         disk_size: u64,
         rec: &Record,
     ) -> SnapshotEntry {
-        let max_id = st
-            .snapshots
-            .iter()
-            .filter_map(|e| e.id.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0);
+        let max_id = st.index.max_id;
         SnapshotEntry {
             l1_table_offset: l1_offset,
             l1_size,
@@ -752,6 +839,7 @@ impl Image {
         self.mark_stale(st)?;
         let id = Image::root_id(st, Target::Entry(i));
         st.records[i].deleted = true;
+        st.index.on_delete(&st.snapshots, &st.records, i);
         if st.records[i].native {
             self.write_flags(st, i)?;
         } else {
@@ -800,6 +888,7 @@ impl Image {
         st.header.nb_snapshots = st.snapshots.len() as u32;
         st.header.snapshots_offset = offset;
         st.table_capacity = capacity;
+        st.index = Index::build(&st.snapshots, &st.records);
         self.write_header_fields(st)?;
         self.sync()
     }
@@ -840,6 +929,7 @@ impl Image {
                     // one is then flagged deleted for GC.
                     self.append_entry(st, entry, rec)?;
                     st.records[h].deleted = true;
+                    st.index.on_delete(&st.snapshots, &st.records, h);
                     self.write_flags(st, h)?;
                 }
             }
