@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use qcowx_core::{CheckReport, ImageInfo, SnapshotInfo};
+use qcowx_core::{CheckReport, GcReport, ImageInfo, Range, RootInfo, RootKind, SnapshotInfo};
 use serde_json::{json, Map, Value};
 
 use crate::size::size_to_str;
@@ -289,9 +289,221 @@ pub fn check_human(out: &mut dyn Write, r: &CheckReport, fixed: Option<&Fixed>) 
     Ok(())
 }
 
+fn kind_name(k: RootKind) -> &'static str {
+    match k {
+        RootKind::Vdi => "vdi",
+        RootKind::Snapshot => "snapshot",
+    }
+}
+
+/// `qcowx list --output=json`'s object: `{"filename", "roots": [...]}`, one element per
+/// live root, the default VDI first (see `spec/cli-json.md`).
+pub fn list_json(filename: &str, roots: &[RootInfo]) -> Value {
+    let roots: Vec<Value> = roots
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "kind": kind_name(r.kind),
+                "uid": format!("{:x}", r.uid),
+                "vdi": r.vdi,
+                "parent": r.parent,
+                "date-sec": r.created_ns / 1_000_000_000,
+                "date-nsec": r.created_ns % 1_000_000_000,
+                "virtual-size": r.size,
+                "id": r.id,
+            })
+        })
+        .collect();
+    json!({ "filename": filename, "roots": roots })
+}
+
+/// `qcowx list`'s table: one line per root, columns as wide as their contents.
+pub fn list_human(out: &mut dyn Write, roots: &[RootInfo]) -> io::Result<()> {
+    let header = ["KIND", "NAME", "VDI", "PARENT", "SIZE", "DATE", "ID"];
+    let rows: Vec<[String; 7]> = roots
+        .iter()
+        .map(|r| {
+            [
+                kind_name(r.kind).to_string(),
+                r.name.clone(),
+                r.vdi.clone(),
+                r.parent.clone().unwrap_or_else(|| "-".into()),
+                size_to_str(r.size),
+                if r.created_ns == 0 {
+                    "-".into()
+                } else {
+                    local_date((r.created_ns / 1_000_000_000) as i64)
+                },
+                r.id.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |out: &mut dyn Write, cells: [&str; 7]| -> io::Result<()> {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(&format!("{cell:<w$}"));
+        }
+        writeln!(out, "{}", text.trim_end())
+    };
+    line(out, header)?;
+    for row in &rows {
+        line(out, row.each_ref().map(String::as_str))?;
+    }
+    Ok(())
+}
+
+/// `qcowx gc --output=json`'s object (see `spec/cli-json.md`).
+pub fn gc_json(filename: &str, r: &GcReport) -> Value {
+    json!({
+        "filename": filename,
+        "roots-removed": r.roots_removed,
+        "clusters-freed": r.clusters_freed,
+        "bytes-freed": r.bytes_freed,
+        "file-size-before": r.file_size_before,
+        "file-size-after": r.file_size_after,
+    })
+}
+
+/// `qcowx gc`'s summary.
+pub fn gc_human(out: &mut dyn Write, r: &GcReport) -> io::Result<()> {
+    writeln!(out, "roots removed: {}", r.roots_removed)?;
+    writeln!(
+        out,
+        "clusters freed: {} ({}, {} bytes)",
+        r.clusters_freed,
+        size_to_str(r.bytes_freed),
+        r.bytes_freed
+    )?;
+    writeln!(
+        out,
+        "file size: {} -> {} bytes",
+        r.file_size_before, r.file_size_after
+    )
+}
+
+/// `qcowx diff --output=json`'s object (see `spec/cli-json.md`).
+pub fn diff_json(filename: &str, from: &str, to: &str, ranges: &[Range]) -> Value {
+    let list: Vec<Value> = ranges
+        .iter()
+        .map(|r| json!({ "offset": r.offset, "length": r.length }))
+        .collect();
+    json!({
+        "filename": filename,
+        "from": from,
+        "to": to,
+        "ranges": list,
+        "bytes": ranges.iter().map(|r| r.length).sum::<u64>(),
+    })
+}
+
+/// `qcowx diff`'s output: `OFFSET LENGTH` per range (bytes), then the total.
+pub fn diff_human(out: &mut dyn Write, ranges: &[Range]) -> io::Result<()> {
+    for r in ranges {
+        writeln!(out, "{} {}", r.offset, r.length)?;
+    }
+    let total: u64 = ranges.iter().map(|r| r.length).sum();
+    writeln!(out, "total: {total} bytes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn root(kind: RootKind, name: &str, parent: Option<&str>) -> RootInfo {
+        RootInfo {
+            kind,
+            name: name.into(),
+            uid: 0xabc,
+            vdi: "default".into(),
+            parent: parent.map(String::from),
+            created_ns: 1_700_000_000_123_456_789,
+            size: 1 << 20,
+            id: Some("3".into()),
+        }
+    }
+
+    #[test]
+    fn list_json_has_the_documented_keys() {
+        let v = list_json(
+            "a.qcow2",
+            &[
+                root(RootKind::Snapshot, "s", None),
+                root(RootKind::Vdi, "v", Some("s")),
+            ],
+        );
+        let r = &v["roots"][0];
+        let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "date-nsec",
+                "date-sec",
+                "id",
+                "kind",
+                "name",
+                "parent",
+                "uid",
+                "vdi",
+                "virtual-size"
+            ]
+        );
+        assert_eq!(r["uid"], "abc");
+        assert_eq!(r["parent"], Value::Null);
+        assert_eq!(r["date-sec"], 1_700_000_000u64);
+        assert_eq!(r["date-nsec"], 123_456_789);
+        assert_eq!(v["roots"][1]["kind"], "vdi");
+        assert_eq!(v["roots"][1]["parent"], "s");
+    }
+
+    #[test]
+    fn list_human_aligns_columns() {
+        let mut buf = Vec::new();
+        let mut long = root(RootKind::Snapshot, "a-much-longer-name", None);
+        long.created_ns = 0;
+        long.id = None;
+        list_human(&mut buf, &[root(RootKind::Vdi, "v", Some("s")), long]).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let col = |l: &str| l.find("default").unwrap();
+        assert_eq!(col(lines[1]), col(lines[2]), "{text}");
+        assert!(lines[0].starts_with("KIND      NAME"), "{text}");
+        let cells: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(cells[cells.len() - 2..], ["-", "-"], "{text}");
+        assert_eq!(lines[1].find("2023"), lines[0].find("DATE"), "{text}");
+    }
+
+    #[test]
+    fn diff_human_ends_with_the_total() {
+        let mut buf = Vec::new();
+        let ranges = [
+            Range {
+                offset: 0,
+                length: 65536,
+            },
+            Range {
+                offset: 1 << 20,
+                length: 131072,
+            },
+        ];
+        diff_human(&mut buf, &ranges).unwrap();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "0 65536\n1048576 131072\ntotal: 196608 bytes\n"
+        );
+        assert_eq!(diff_json("f", "a", "b", &ranges)["bytes"], 196608);
+    }
 
     #[test]
     fn vm_clock_is_formatted_like_qemu() {

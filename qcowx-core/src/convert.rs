@@ -1,5 +1,7 @@
 //! Export: an image's current content, backing chain included, flattened into a new
-//! raw or qcow2 file (what `qemu-img convert` does for a single source).
+//! raw or qcow2 file (what `qemu-img convert` does for a single source). [`export`]
+//! copies the default VDI; [`export_root`] and [`export_disk`] copy any VDI or
+//! snapshot (what `qemu-img convert -l snapshot.name=S` does for a snapshot).
 //!
 //! The export walks [`Image::block_status`] in large windows and copies only ranges
 //! that hold data, in buffers of at most [`COPY_CHUNK`] bytes. Zero and unallocated
@@ -25,11 +27,13 @@
 //! ```
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::image::{CreateOptions, ExtentStatus, Image};
+use crate::image::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::lock::LockMode;
 use crate::storage::{FileStorage, Storage};
+use crate::vdi::Disk;
 
 /// The largest buffer an export reads and writes at once.
 pub const COPY_CHUNK: usize = 4 << 20;
@@ -85,6 +89,47 @@ pub struct ExportStats {
     pub written_bytes: u64,
 }
 
+/// What an export reads: the default VDI through [`Image`], or any root through a
+/// [`Disk`].
+trait Source {
+    /// The image the content lives in (for its path and cluster size).
+    fn image(&self) -> &Image;
+    /// Virtual size of the content.
+    fn size(&self) -> Result<u64>;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+}
+
+impl Source for Image {
+    fn image(&self) -> &Image {
+        self
+    }
+    fn size(&self) -> Result<u64> {
+        Ok(Image::size(self))
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Image::read_at(self, buf, offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        Image::block_status(self, offset, len)
+    }
+}
+
+impl Source for Disk {
+    fn image(&self) -> &Image {
+        Disk::image(self)
+    }
+    fn size(&self) -> Result<u64> {
+        Disk::size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Disk::read_at(self, buf, offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        Disk::block_status(self, offset, len)
+    }
+}
+
 /// Where the copied bytes go.
 trait Sink {
     fn write(&mut self, buf: &[u8], offset: u64) -> Result<()>;
@@ -134,8 +179,53 @@ fn io_error(name: &str, op: &'static str, offset: u64, source: std::io::Error) -
 ///
 /// On error the output may be left partly written.
 pub fn export(src: &Image, output: &Path, format: OutputFormat) -> Result<ExportStats> {
+    export_from(src, output, format)
+}
+
+/// Writes the content of root `root` of `img` — a VDI (`"default"` for the default
+/// VDI) or a snapshot, looked up as [`Image::open_root`] does — to a new file at
+/// `output` in `format`, like [`export`] does for the default VDI.
+///
+/// The output's virtual size is the root's (a snapshot keeps the size it was taken
+/// at). Unallocated ranges of the root read through the image's backing chain, so the
+/// output is the root's full guest-visible content.
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::convert::{export_root, OutputFormat};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+/// img.write_at(b"before", 0)?;
+/// img.snapshot("default", "s1")?;
+/// img.write_at(b"after!", 0)?;
+/// let out = dir.path().join("s1.raw");
+/// export_root(&img, "s1", &out, OutputFormat::Raw)?;
+/// assert_eq!(&std::fs::read(&out).unwrap()[..6], b"before");
+/// # Ok(()) }
+/// ```
+pub fn export_root(
+    img: &Arc<Image>,
+    root: &str,
+    output: &Path,
+    format: OutputFormat,
+) -> Result<ExportStats> {
+    let disk = img.open_root(root)?;
+    export_disk(&disk, output, format)
+}
+
+/// Writes the content of `disk` (any VDI or snapshot handle from
+/// [`Image::open_root`]) to a new file at `output` in `format`; see [`export`] and
+/// [`export_root`].
+pub fn export_disk(disk: &Disk, output: &Path, format: OutputFormat) -> Result<ExportStats> {
+    export_from(disk, output, format)
+}
+
+fn export_from(src: &dyn Source, output: &Path, format: OutputFormat) -> Result<ExportStats> {
     let out_name = output.display().to_string();
-    if let Some(src_path) = src.path() {
+    if let Some(src_path) = src.image().path() {
         let same = match (
             std::fs::canonicalize(src_path),
             std::fs::canonicalize(output),
@@ -149,7 +239,8 @@ pub fn export(src: &Image, output: &Path, format: OutputFormat) -> Result<Export
             )));
         }
     }
-    let size = src.size();
+    let size = src.size()?;
+    let cluster_size = src.image().cluster_size();
     match format {
         OutputFormat::Raw => {
             let storage =
@@ -167,7 +258,7 @@ pub fn export(src: &Image, output: &Path, format: OutputFormat) -> Result<Export
                 storage,
                 name: out_name.clone(),
             };
-            let stats = copy(src, &mut sink, RAW_ZERO_GRANULE)?;
+            let stats = copy(src, size, &mut sink, RAW_ZERO_GRANULE)?;
             sink.storage
                 .sync_data()
                 .map_err(|e| io_error(&out_name, "fdatasync", 0, e))?;
@@ -175,18 +266,18 @@ pub fn export(src: &Image, output: &Path, format: OutputFormat) -> Result<Export
         }
         OutputFormat::Qcow2 => {
             let mut opts = CreateOptions::new(size);
-            opts.cluster_size = src.cluster_size();
+            opts.cluster_size = cluster_size;
             let mut dst = Image::create(output, &opts)?;
-            let stats = copy(src, &mut dst, src.cluster_size())?;
+            let stats = copy(src, size, &mut dst, cluster_size)?;
             dst.close()?;
             Ok(stats)
         }
     }
 }
 
-/// Copies every data range of `src` to `sink`, skipping zero `granule`-sized blocks.
-fn copy(src: &Image, sink: &mut dyn Sink, granule: u64) -> Result<ExportStats> {
-    let size = src.size();
+/// Copies every data range of `src` (`size` bytes) to `sink`, skipping zero
+/// `granule`-sized blocks.
+fn copy(src: &dyn Source, size: u64, sink: &mut dyn Sink, granule: u64) -> Result<ExportStats> {
     let mut stats = ExportStats {
         virtual_size: size,
         ..ExportStats::default()
@@ -304,6 +395,61 @@ mod tests {
         );
         assert!("vmdk".parse::<OutputFormat>().is_err());
         assert_eq!(OutputFormat::Qcow2.name(), "qcow2");
+    }
+
+    #[test]
+    fn export_root_copies_the_named_root_at_its_own_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = Arc::new(
+            Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20)).unwrap(),
+        );
+        img.write_at(&[1u8; 4096], 8192).unwrap();
+        img.snapshot("default", "small").unwrap();
+        img.resize(3 << 20).unwrap();
+        img.write_at(&[2u8; 4096], 8192).unwrap();
+        img.write_at(&[3u8; 4096], 2 << 20).unwrap();
+        img.snapshot("default", "big").unwrap();
+        img.fork("small", "dev").unwrap();
+        img.open_root("dev")
+            .unwrap()
+            .write_at(&[4u8; 512], 0)
+            .unwrap();
+
+        let read = |name: &str, format: OutputFormat| {
+            let out = dir.path().join(format!("{name}.{}", format.name()));
+            let stats = export_root(&img, name, &out, format).unwrap();
+            let raw = match format {
+                OutputFormat::Raw => std::fs::read(&out).unwrap(),
+                OutputFormat::Qcow2 => {
+                    let e = Image::open(&out).unwrap();
+                    let mut b = vec![0u8; e.size() as usize];
+                    e.read_at(&mut b, 0).unwrap();
+                    b
+                }
+            };
+            assert_eq!(raw.len() as u64, stats.virtual_size, "{name}");
+            raw
+        };
+        for format in [OutputFormat::Raw, OutputFormat::Qcow2] {
+            let small = read("small", format);
+            assert_eq!(small.len(), 1 << 20);
+            assert!(small[8192..12288].iter().all(|&b| b == 1));
+            assert_eq!(small.iter().filter(|&&b| b != 0).count(), 4096);
+            let big = read("big", format);
+            assert_eq!(big.len(), 3 << 20);
+            assert!(big[8192..12288].iter().all(|&b| b == 2));
+            assert!(big[2 << 20..(2 << 20) + 4096].iter().all(|&b| b == 3));
+            let dev = read("dev", format);
+            assert_eq!(dev.len(), 1 << 20);
+            assert!(dev[..512].iter().all(|&b| b == 4));
+            assert!(dev[8192..12288].iter().all(|&b| b == 1));
+            let head = read("default", format);
+            assert_eq!(head, big);
+        }
+        let err =
+            export_root(&img, "nope", &dir.path().join("x.raw"), OutputFormat::Raw).unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        assert!(!dir.path().join("x.raw").exists());
     }
 
     #[test]

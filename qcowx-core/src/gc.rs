@@ -117,17 +117,21 @@ impl Image {
             .filter(|(c, &n)| n > 0 && after.get(*c).copied().unwrap_or(0) == 0)
             .map(|(c, _)| c as u64 * cs)
             .collect();
-        // Freed clusters inside the file are punched and that is made durable before
-        // the allocator may reuse them.
-        let inside: Vec<u64> = freed.iter().copied().filter(|&o| o < end * cs).collect();
-        for (start, len) in runs(&inside, cs) {
+        // Every unreferenced cluster inside the file (freed now, or orphaned by a crash
+        // or a revert earlier) is punched, and that is made durable before the
+        // allocator may hand any of them out again.
+        let free: Vec<u64> = (1..end)
+            .filter(|&c| after[c as usize] == 0)
+            .map(|c| c * cs)
+            .collect();
+        for (start, len) in runs(&free, cs) {
             self.storage
                 .punch_hole(start, len)
                 .map_err(|e| self.io_err("punch hole", start, e))?;
         }
-        if !inside.is_empty() {
+        if !free.is_empty() {
             self.sync()?;
-            st.alloc.make_ready(inside);
+            st.alloc.make_ready(free);
         }
         let file_size_after = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
         Ok(GcReport {

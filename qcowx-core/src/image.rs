@@ -1783,15 +1783,6 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
         header.layout_backing();
     }
     if header.to_cluster().is_none() {
-        // The feature name table is optional (QEMU 10 writes none): leave it out when
-        // the first cluster is too small for it, as with 512-byte clusters and a
-        // backing file.
-        header
-            .extensions
-            .remove(crate::extensions::EXT_FEATURE_NAMES);
-        header.layout_backing();
-    }
-    if header.to_cluster().is_none() {
         return Err(Error::InvalidArgument(
             "header, extensions and backing file name do not fit in one cluster".into(),
         ));

@@ -38,6 +38,7 @@ pub mod extensions;
 pub mod gc;
 pub mod header;
 pub mod image;
+pub mod iocmd;
 pub mod lock;
 pub mod refcount;
 pub mod snapshot;

@@ -174,7 +174,7 @@ pub(crate) fn records_for(entries: &[SnapshotEntry]) -> Vec<Record> {
         .map(|e| {
             parse_record(&e.extra).unwrap_or_else(|| Record {
                 kind: RootKind::Snapshot,
-                uid: new_uid(),
+                uid: foreign_uid(e),
                 vdi: 0,
                 parent: 0,
                 generation: 0,
@@ -184,6 +184,21 @@ pub(crate) fn records_for(entries: &[SnapshotEntry]) -> Vec<Record> {
             })
         })
         .collect()
+}
+
+/// A stable id for a snapshot QEMU made (no qcowx block): the same entry gets the
+/// same id at every open, so lineage recorded against it survives.
+fn foreign_uid(e: &SnapshotEntry) -> u64 {
+    let mut bytes = Vec::with_capacity(64 + e.id.len() + e.name.len());
+    bytes.extend_from_slice(&e.l1_table_offset.to_be_bytes());
+    bytes.extend_from_slice(&e.date_sec.to_be_bytes());
+    bytes.extend_from_slice(&e.date_nsec.to_be_bytes());
+    bytes.extend_from_slice(e.id.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(e.name.as_bytes());
+    let lo = u64::from(crc32c::crc32c(&bytes));
+    let hi = u64::from(crc32c::crc32c_append(0x5157_4358, &bytes));
+    ((hi << 32) | lo).max(2)
 }
 
 /// A fresh random root id (never 0).
@@ -905,14 +920,35 @@ impl Image {
             self.flush_locked(st)?;
             self.mark_stale(st)?;
             let at = self.write_read_only_copy(st, &l1)?;
-            match target {
+            // The head the VDI has after the revert (handles follow it).
+            let target = match target {
                 Target::Default => {
+                    // The old head becomes a deleted root, so gc finds what only it
+                    // reached and returns that space (punched). Committed first: a
+                    // crash before the switch leaves a deleted entry naming the live
+                    // head's L1, which gc never frees (it marks from live roots).
+                    let rec = Record {
+                        kind: RootKind::Snapshot,
+                        uid: new_uid(),
+                        vdi: 0,
+                        parent: 0,
+                        generation: 0,
+                        created_ns: now_ns(),
+                        deleted: true,
+                        native: true,
+                    };
+                    let (old_l1, old_entries, old_size) =
+                        (st.header.l1_table_offset, st.header.l1_size, st.header.size);
+                    let name = format!("qcowx-reverted-{:016x}", rec.uid);
+                    let entry = self.new_entry(st, name, old_l1, old_entries, old_size, &rec);
+                    self.append_entry(st, entry, rec)?;
                     self.sync()?;
                     st.header.l1_table_offset = at;
                     st.header.l1_size = loc.entries;
                     st.header.size = loc.size;
                     self.write_header_fields(st)?;
                     self.sync()?;
+                    Target::Default
                 }
                 Target::Entry(h) => {
                     let old = st.records[h].clone();
@@ -931,8 +967,9 @@ impl Image {
                     st.records[h].deleted = true;
                     st.index.on_delete(&st.snapshots, &st.records, h);
                     self.write_flags(st, h)?;
+                    Target::Entry(st.snapshots.len() - 1)
                 }
-            }
+            };
             let id = Image::root_id(st, target);
             st.roots.remove(&id);
             self.load_root(st, target)?;
