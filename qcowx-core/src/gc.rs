@@ -47,7 +47,8 @@ impl Image {
         let st = &mut *st;
         let cs = self.geo.cluster_size();
         let file_size_before = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
-        self.flush_locked(st)?;
+        self.flush_metadata(st)?;
+        self.promote_pending(st)?;
         self.mark_stale(st)?;
         let before = refcount::reference_counts(self, st)?;
 

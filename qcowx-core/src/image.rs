@@ -486,6 +486,12 @@ impl Image {
         if st.header.autoclear == keep {
             return Ok(());
         }
+        if st.header.autoclear & Autoclear::BITMAPS.bits() != 0 {
+            // The bitmaps' clusters stop being referenced: their refcounts become
+            // stale in the same header write.
+            st.header.incompatible |= Incompatible::DIRTY;
+            st.stale = true;
+        }
         st.header.autoclear = keep;
         self.write_header_fields(&st)?;
         self.sync()
@@ -1257,6 +1263,37 @@ impl Image {
     }
 
     pub(crate) fn flush_locked(&self, st: &mut State) -> Result<()> {
+        self.flush_metadata(st)?;
+        // Clusters unlinked before this flush can be reused once punched durably; the
+        // gate makes sure no read in flight still uses their old mapping.
+        if st.alloc.pending_len() > 0 {
+            let _gate = self.io_gate_write();
+            self.promote_pending(st)?;
+        }
+        Ok(())
+    }
+
+    /// Punches the clusters freed since the last flush, durably, and makes them
+    /// reusable. The caller holds the I/O gate and has flushed the metadata.
+    pub(crate) fn promote_pending(&self, st: &mut State) -> Result<()> {
+        let pending = st.alloc.take_pending();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        for (start, len) in runs(&pending, self.geo.cluster_size()) {
+            self.storage
+                .punch_hole(start, len)
+                .map_err(|e| self.io_err("punch hole", start, e))?;
+        }
+        self.sync()?;
+        st.alloc.make_ready(pending);
+        Ok(())
+    }
+
+    /// The metadata part of a flush: data, then L2 tables, then L1 tables, with an
+    /// fdatasync between the levels. Callers that already hold the I/O gate use this
+    /// (then [`Image::promote_pending`]) instead of [`Image::flush_locked`].
+    pub(crate) fn flush_metadata(&self, st: &mut State) -> Result<()> {
         self.sync()?;
         if st.cache.has_dirty() {
             let dirty = st.cache.take_dirty();
@@ -1291,18 +1328,6 @@ impl Image {
         }
         if wrote_l1 {
             self.sync()?;
-        }
-        // Clusters unlinked before this flush can be reused once punched durably.
-        if st.alloc.pending_len() > 0 {
-            let _gate = self.io_gate.write().unwrap_or_else(|p| p.into_inner());
-            let pending = st.alloc.take_pending();
-            for (start, len) in runs(&pending, self.geo.cluster_size()) {
-                self.storage
-                    .punch_hole(start, len)
-                    .map_err(|e| self.io_err("punch hole", start, e))?;
-            }
-            self.sync()?;
-            st.alloc.make_ready(pending);
         }
         Ok(())
     }
@@ -1400,7 +1425,8 @@ impl Image {
             st.header.l1_table_offset = at;
         }
         let old_size = st.header.size;
-        st.header.size = new_size;
+        // The root grows now (so the zeroing below is in range); the header's size
+        // only at the end, in the single-sector write that commits the resize.
         self.root_mut(&mut st, DEFAULT_ROOT)?.size = new_size;
         // Growing must not reveal a longer backing file's data past the old end: that
         // area reads zeros (QEMU writes zeros there too), durably before the header
@@ -1408,10 +1434,14 @@ impl Image {
         let reveal_end = self.backing.as_ref().map_or(0, |b| b.size()).min(new_size);
         if reveal_end > old_size {
             drop(st);
-            self.write_zeroes(old_size, reveal_end - old_size, false)?;
+            let zeroed = self.write_zeroes(old_size, reveal_end - old_size, false);
             st = self.lock_state()?;
-            self.flush_locked(&mut st)?;
+            if let Err(e) = zeroed.and_then(|_| self.flush_locked(&mut st)) {
+                self.root_mut(&mut st, DEFAULT_ROOT)?.size = old_size;
+                return Err(e);
+            }
         }
+        st.header.size = new_size;
         self.write_header_fields(&st)?;
         self.sync()
     }
@@ -1460,6 +1490,7 @@ impl Image {
         self.flush_locked(&mut st)?;
         // Repair rewrites links and refcounts: protect them with the dirty bit first.
         self.mark_stale(&mut st)?;
+        self.repair_registry(&mut st)?;
         refcount::rebuild(self, &mut st)?;
         let mut report = refcount::check(self, &mut st)?;
         report.repaired = true;

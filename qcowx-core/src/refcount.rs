@@ -390,6 +390,9 @@ fn scan_bitmaps(img: &Image, st: &State, s: &mut Scan) -> Result<()> {
 /// Compares the on-disk refcounts with a reachability scan.
 pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
     let mut s = scan(img, st, true)?;
+    for msg in Image::registry_problems(st) {
+        s.report.problem(true, msg);
+    }
     let cs = img.geo.cluster_size();
     let order = st.header.refcount_order;
     let per_block = (cs * 8) >> order;
@@ -561,6 +564,13 @@ fn check_head(img: &Image, s: &mut Scan, label: &str, l1: &[u64], qemu_rules: bo
 pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
     let geo = img.geo;
     let cs = geo.cluster_size();
+    // Spare room reserved after the snapshot table this session is given up: after
+    // the rebuild only the clusters the entries cover are referenced.
+    st.table_capacity = if st.header.nb_snapshots > 0 {
+        st.index.used.next_multiple_of(cs)
+    } else {
+        0
+    };
     let s = scan(img, st, false)?;
     if s.report.corruptions > 0 {
         return Err(img.corrupt(
@@ -574,7 +584,7 @@ pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
         ));
     }
     normalize_copied(img, st, &s)?;
-    img.flush_locked(st)?;
+    img.flush_metadata(st)?;
 
     // Old refcount structures stay untouched until the header stops pointing at them.
     let mut old: HashSet<u64> = HashSet::new();

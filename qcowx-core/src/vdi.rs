@@ -169,21 +169,46 @@ fn raw_block(rec: &Record) -> RawRootExtra {
 /// Builds the records of a snapshot table: entries without a valid qcowx block are
 /// snapshots of the default VDI (QEMU made them) and get a session-local id.
 pub(crate) fn records_for(entries: &[SnapshotEntry]) -> Vec<Record> {
-    entries
-        .iter()
-        .map(|e| {
-            parse_record(&e.extra).unwrap_or_else(|| Record {
+    use std::collections::HashSet;
+    let mut uids: HashSet<u64> = HashSet::new();
+    let mut snapshot_ids: HashSet<u64> = HashSet::new();
+    let mut vdi_ids: HashSet<u64> = HashSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        // A block that would make two roots share an in-memory id (a duplicate uid, a
+        // VDI head claiming the default VDI, a VDI id equal to a snapshot uid) is not
+        // trusted: the entry is then treated as a snapshot QEMU made.
+        let parsed = parse_record(&e.extra).filter(|r| {
+            !uids.contains(&r.uid)
+                && match r.kind {
+                    RootKind::Snapshot => !vdi_ids.contains(&r.uid),
+                    RootKind::Vdi => r.vdi > 1 && !snapshot_ids.contains(&r.vdi),
+                }
+        });
+        let rec = parsed.unwrap_or_else(|| {
+            let mut uid = foreign_uid(e);
+            while uids.contains(&uid) || vdi_ids.contains(&uid) {
+                uid = uid.wrapping_add(1).max(2);
+            }
+            Record {
                 kind: RootKind::Snapshot,
-                uid: foreign_uid(e),
+                uid,
                 vdi: 0,
                 parent: 0,
                 generation: 0,
                 created_ns: u64::from(e.date_sec) * 1_000_000_000 + u64::from(e.date_nsec),
                 deleted: false,
                 native: false,
-            })
-        })
-        .collect()
+            }
+        });
+        uids.insert(rec.uid);
+        match rec.kind {
+            RootKind::Snapshot => snapshot_ids.insert(rec.uid),
+            RootKind::Vdi => vdi_ids.insert(rec.vdi),
+        };
+        out.push(rec);
+    }
+    out
 }
 
 /// A stable id for a snapshot QEMU made (no qcowx block): the same entry gets the
@@ -273,6 +298,13 @@ pub(crate) struct Index {
     latest: HashMap<u64, (u64, u64)>,
     /// Bytes the entries occupy.
     pub(crate) used: u64,
+    /// Byte offset of each entry inside the table.
+    offsets: Vec<u64>,
+    /// Entry index of each root uid.
+    by_uid: HashMap<u64, usize>,
+    /// How many entries, deleted ones included, carry each display name: QEMU resolves
+    /// names to the first entry, so a name stays taken until gc removes them all.
+    all_names: HashMap<String, usize>,
     /// Largest numeric QCOW2 snapshot ID.
     max_id: u64,
 }
@@ -301,20 +333,22 @@ impl Index {
     /// Accounts for entry `i`, just appended.
     pub(crate) fn on_append(&mut self, entries: &[SnapshotEntry], records: &[Record], i: usize) {
         let (e, r) = (&entries[i], &records[i]);
+        self.offsets.push(self.used);
         self.used += e.encoded_len() as u64;
+        self.by_uid.insert(r.uid, i);
+        *self.all_names.entry(display(e, r)).or_insert(0) += 1;
         if let Ok(id) = e.id.parse::<u64>() {
             self.max_id = self.max_id.max(id);
         }
         match r.kind {
-            RootKind::Snapshot => {
+            RootKind::Snapshot if !r.deleted => {
                 let newest = self.latest.entry(r.vdi).or_insert((r.created_ns, r.uid));
                 if r.created_ns >= newest.0 {
                     *newest = (r.created_ns, r.uid);
                 }
-                if !r.deleted {
-                    self.names.insert(display(e, r), i);
-                }
+                self.names.insert(display(e, r), i);
             }
+            RootKind::Snapshot => {}
             RootKind::Vdi if !r.deleted => {
                 let wins = match self.heads.get(&r.vdi) {
                     Some(&h) => records[h].generation <= r.generation,
@@ -496,7 +530,7 @@ impl Image {
     }
 
     fn name_taken(st: &State, name: &str) -> bool {
-        name == DEFAULT_VDI || st.index.names.contains_key(name)
+        name == DEFAULT_VDI || st.index.all_names.contains_key(name)
     }
 
     /// The in-memory root id of a target.
@@ -655,10 +689,7 @@ impl Image {
     /// crc), synced.
     fn write_flags(&self, st: &mut State, i: usize) -> Result<()> {
         let rec = st.records[i].clone();
-        let before: u64 = st.snapshots[..i]
-            .iter()
-            .map(|e| e.encoded_len() as u64)
-            .sum();
+        let before = st.index.offsets[i];
         let at = st.header.snapshots_offset + before + 40 + QEMU_EXTRA_BYTES as u64 + 48;
         let block = raw_block(&rec);
         self.storage
@@ -711,7 +742,8 @@ impl Image {
             };
             let id = self.load_root(st, target)?;
             // Links in memory must be durable before a copy of them is.
-            self.flush_locked(st)?;
+            self.flush_metadata(st)?;
+            self.promote_pending(st)?;
             self.mark_stale(st)?;
             let (l1, l1_offset, size) = {
                 let r = self.root(st, id)?;
@@ -850,9 +882,28 @@ impl Image {
     }
 
     fn delete_entry(&self, st: &mut State, i: usize) -> Result<()> {
-        self.flush_locked(st)?;
+        self.flush_metadata(st)?;
+        self.promote_pending(st)?;
         self.mark_stale(st)?;
         let id = Image::root_id(st, Target::Entry(i));
+        if st.records[i].kind == RootKind::Vdi {
+            // Older heads a crash left unflagged (a revert cut between its two writes)
+            // must not take over: flag them first.
+            let vdi = st.records[i].vdi;
+            let older: Vec<usize> = (0..st.records.len())
+                .filter(|&j| {
+                    j != i
+                        && st.records[j].kind == RootKind::Vdi
+                        && st.records[j].vdi == vdi
+                        && !st.records[j].deleted
+                        && st.records[j].native
+                })
+                .collect();
+            for j in older {
+                st.records[j].deleted = true;
+                self.write_flags(st, j)?;
+            }
+        }
         st.records[i].deleted = true;
         st.index.on_delete(&st.snapshots, &st.records, i);
         if st.records[i].native {
@@ -917,7 +968,8 @@ impl Image {
             let target = self.find_vdi(st, vdi)?;
             let loc = Image::l1_loc(st, Target::Entry(s));
             let l1 = self.read_l1(loc)?;
-            self.flush_locked(st)?;
+            self.flush_metadata(st)?;
+            self.promote_pending(st)?;
             self.mark_stale(st)?;
             let at = self.write_read_only_copy(st, &l1)?;
             // The head the VDI has after the revert (handles follow it).
@@ -939,6 +991,17 @@ impl Image {
                     };
                     let (old_l1, old_entries, old_size) =
                         (st.header.l1_table_offset, st.header.l1_size, st.header.size);
+                    // Its links become read-only first: from the entry's commit on,
+                    // its tables are reachable from two roots.
+                    let cur = self.root(st, DEFAULT_ROOT)?.l1.clone();
+                    let ro: Vec<u64> = cur.iter().map(|w| w & !WRITABLE).collect();
+                    self.storage
+                        .write_at(&encode_words(&ro), old_l1)
+                        .map_err(|e| self.io_err("write L1 table", old_l1, e))?;
+                    if let Some(r) = st.roots.get_mut(&DEFAULT_ROOT) {
+                        r.l1 = ro;
+                        r.dirty.clear();
+                    }
                     let name = format!("qcowx-reverted-{:016x}", rec.uid);
                     let entry = self.new_entry(st, name, old_l1, old_entries, old_size, &rec);
                     self.append_entry(st, entry, rec)?;
@@ -999,15 +1062,20 @@ impl Image {
                         |h| Image::display_name(st, h).to_string(),
                     )
                 };
-                let parent = (r.parent != 0)
-                    .then(|| {
-                        st.records
-                            .iter()
-                            .position(|p| p.uid == r.parent && p.kind == RootKind::Snapshot)
-                            .filter(|&p| Image::entry_live(st, p))
-                            .map(|p| Image::display_name(st, p).to_string())
-                    })
-                    .flatten();
+                // The nearest live ancestor: deleted roots are skipped, as gc will
+                // re-link them.
+                let mut parent = None;
+                let mut p = r.parent;
+                for _ in 0..st.records.len() {
+                    let Some(&j) = st.index.by_uid.get(&p).filter(|_| p != 0) else {
+                        break;
+                    };
+                    if st.records[j].kind == RootKind::Snapshot && Image::entry_live(st, j) {
+                        parent = Some(Image::display_name(st, j).to_string());
+                        break;
+                    }
+                    p = st.records[j].parent;
+                }
                 RootInfo {
                     kind: r.kind,
                     name: Image::display_name(st, i).to_string(),
@@ -1075,7 +1143,64 @@ impl Image {
     /// writable→read-only flips, so it is safe at any point of a crash.
     pub(crate) fn reconcile(&self) -> Result<()> {
         let mut guard = self.lock_state()?;
-        let st = &mut *guard;
+        self.reconcile_locked(&mut guard)
+    }
+
+    /// Problems with qcowx's facts in the snapshot table, for `check`: damaged or
+    /// untrusted qcowx blocks, VDIs with several unflagged heads (an interrupted
+    /// revert), names carried by several live roots.
+    pub(crate) fn registry_problems(st: &State) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut heads: HashMap<u64, usize> = HashMap::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, (e, r)) in st.snapshots.iter().zip(&st.records).enumerate() {
+            let claims = e
+                .extra
+                .get(QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + 4)
+                .is_some_and(|m| m == ROOT_EXTRA_MAGIC.to_be_bytes());
+            if claims && !r.native {
+                out.push(format!(
+                    "snapshot entry {i} ('{}'): qcowx block damaged or conflicting; treated as a snapshot QEMU made",
+                    e.name
+                ));
+            }
+            if r.kind == RootKind::Vdi && !r.deleted {
+                *heads.entry(r.vdi).or_insert(0) += 1;
+            }
+            if Image::entry_live(st, i) {
+                *names.entry(display(e, r)).or_insert(0) += 1;
+            }
+        }
+        for (vdi, n) in heads {
+            if n > 1 {
+                out.push(format!(
+                    "VDI {vdi:x} has {n} unflagged heads (an interrupted revert); repair flags the older ones"
+                ));
+            }
+        }
+        for (name, n) in names {
+            if n > 1 {
+                out.push(format!("{n} live roots are named '{name}'"));
+            }
+        }
+        out
+    }
+
+    /// Repairs qcowx's facts: flags superseded VDI heads and restores invariant W on
+    /// every head.
+    pub(crate) fn repair_registry(&self, st: &mut State) -> Result<()> {
+        for i in 0..st.records.len() {
+            let r = &st.records[i];
+            if r.kind == RootKind::Vdi && !r.deleted && r.native && !Image::entry_live(st, i) {
+                st.records[i].deleted = true;
+                self.write_flags(st, i)?;
+            }
+        }
+        st.index = Index::build(&st.snapshots, &st.records);
+        self.reconcile_locked(st)
+    }
+
+    fn reconcile_locked(&self, st: &mut State) -> Result<()> {
         let counts = crate::refcount::reference_counts(self, st)?;
         let bits = self.geo.cluster_bits;
         let count = |off: u64| counts.get((off >> bits) as usize).copied().unwrap_or(0);
