@@ -1,1 +1,59 @@
-//! NBD server for qcowx images (not yet implemented; see the NBD issue).
+//! # qcowx-nbd
+//!
+//! An NBD server for qcowx images: one process serves every VDI of an image
+//! (writable) and every snapshot (read-only) to any NBD client — QEMU, `qemu-img`,
+//! `qemu-io`, libnbd's tools, the Linux kernel client.
+//!
+//! The protocol reference is the NBD protocol document (NetworkBlockDevice/nbd,
+//! `doc/proto.md`); the `qcowx-nbd` binary takes the options of `qemu-nbd` where they
+//! mean the same. The layout:
+//!
+//! * [`wire`]: constants and the fixed-size messages (big-endian zerocopy structs);
+//! * [`handshake`]: fixed newstyle negotiation (`EXPORT_NAME`, `GO`, `INFO`, `LIST`,
+//!   `ABORT`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` with
+//!   `base:allocation` and `qemu:allocation-depth`);
+//! * [`transmission`]: pipelined requests answered out of order by a bounded pool of
+//!   workers per connection (`READ` with sparse structured replies, `WRITE` (+FUA),
+//!   `FLUSH`, `TRIM`, `WRITE_ZEROES` (+`NO_HOLE`, `FAST_ZERO`), `CACHE`,
+//!   `BLOCK_STATUS` (+`REQ_ONE`), `DISC`);
+//! * [`exports`]: export names and the roots they serve;
+//! * [`server`]: Unix and TCP listeners, systemd socket activation, connection
+//!   limits, the handshake timeout and clean shutdown;
+//! * [`config`]: settings; [`socket`]: the connection type; [`error`]: errors.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use qcowx_core::Image;
+//! use qcowx_nbd::exports::{ExportPlan, Exports};
+//! use qcowx_nbd::server::{ListenAddr, Server, ServerConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let image = Arc::new(Image::open_rw("disk.qcow2")?);
+//! let plan = ExportPlan::Auto { main_name: "default".into(), main_description: None };
+//! let exports = Arc::new(Exports::new(image, plan, false)?);
+//! let config = ServerConfig {
+//!     listen: vec![ListenAddr::Unix("/tmp/qcowx.sock".into())],
+//!     socket_activation: false,
+//!     max_clients: 0,
+//!     persistent: true,
+//!     settings: Default::default(),
+//! };
+//! let server = Server::bind(exports, config)?;
+//! server.run()?; // until shutdown; then drains, flushes and closes the image
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod exports;
+pub mod handshake;
+pub mod server;
+pub mod socket;
+pub mod transmission;
+pub mod wire;
+
+pub use config::Settings;
+pub use error::{Error, Result};
+pub use exports::{ExportPlan, ExportSpec, Exports};
+pub use server::{ListenAddr, Server, ServerConfig, ShutdownHandle};

@@ -1,0 +1,495 @@
+//! `qcowx-nbd`: serve a qcowx image over NBD. Options follow qemu-nbd's where they
+//! mean the same.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
+use qcowx_nbd::config::{CacheMode, DetectZeroes, DiscardMode, Settings, MAX_BLOCK_SIZE};
+use qcowx_nbd::exports::{ExportPlan, ExportSpec, Exports};
+use qcowx_nbd::server::{install_signal_handlers, Bound, ListenAddr, Server, ServerConfig};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DiscardArg {
+    /// Trim requests succeed and do nothing (default, as in qemu-nbd).
+    #[value(alias = "off")]
+    Ignore,
+    /// Trim releases clusters.
+    #[value(alias = "on")]
+    Unmap,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DetectZeroesArg {
+    Off,
+    On,
+    Unmap,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CacheArg {
+    None,
+    Writeback,
+    Writethrough,
+    Directsync,
+    Unsafe,
+}
+
+/// Serve a qcowx (QCOW2) image over NBD: every VDI as a writable export named after
+/// it ("default" for the default VDI, also the default export ""), every snapshot
+/// as a read-only export "VDI@SNAPSHOT".
+#[derive(Debug, Parser)]
+#[command(name = "qcowx-nbd", version)]
+struct Args {
+    /// The image file.
+    file: PathBuf,
+
+    /// Export everything read-only (the image is opened read-only, shared lock).
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+
+    /// Name of the default VDI's export (or of the -l snapshot's export).
+    #[arg(short = 'x', long = "export-name", value_name = "NAME")]
+    export_name: Option<String>,
+
+    /// Description of that export.
+    #[arg(short = 'D', long = "description", value_name = "DESC")]
+    description: Option<String>,
+
+    /// Listen on a Unix socket at PATH.
+    #[arg(short = 'k', long = "socket", value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Listen on TCP port PORT (default 10809; 0 picks a free port).
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    port: Option<u16>,
+
+    /// Address to bind for TCP (default 127.0.0.1: pass 0.0.0.0 or :: to listen on
+    /// every interface).
+    #[arg(short = 'b', long = "bind", value_name = "ADDR")]
+    bind: Option<String>,
+
+    /// Serve at most N clients at once (0: no limit); others wait in the listen
+    /// backlog. qemu-nbd's default is 1; qcowx-nbd's is 16, since one process serves
+    /// every VDI and snapshot, and advertises multi-connection unless N is 1.
+    #[arg(short = 'e', long = "shared", value_name = "N", default_value_t = 16)]
+    shared: usize,
+
+    /// Keep running after the last client disconnects.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+
+    /// Fork off the server once it listens; the parent exits.
+    #[arg(long = "fork")]
+    fork: bool,
+
+    /// Write the server's process id to PATH (removed at exit).
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+
+    /// Serve only this snapshot, read-only (NAME, ID, snapshot.name=NAME or
+    /// snapshot.id=ID).
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT")]
+    load_snapshot: Option<String>,
+
+    /// What trim requests do.
+    #[arg(long = "discard", value_enum, default_value = "ignore")]
+    discard: DiscardArg,
+
+    /// Turn all-zero writes into zero writes (unmap: may release clusters with
+    /// --discard=unmap).
+    #[arg(long = "detect-zeroes", value_enum, default_value = "off")]
+    detect_zeroes: DetectZeroesArg,
+
+    /// Cache mode: none and writeback complete writes in the page cache (durable at
+    /// FLUSH/FUA); writethrough and directsync flush every write; unsafe ignores
+    /// flushes. qcowx never uses O_DIRECT.
+    #[arg(long = "cache", value_enum, default_value = "writeback")]
+    cache: CacheArg,
+
+    /// Image format: only qcow2 (accepted for qemu-nbd compatibility).
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+
+    /// Serve root ROOT (a VDI, a snapshot, or VDI@SNAPSHOT) as export NAME; repeat
+    /// for more exports. Replaces the default export list; the first is the default
+    /// export "".
+    #[arg(long = "export", value_name = "NAME=ROOT")]
+    export: Vec<String>,
+
+    /// Create the image with this virtual size (K, M, G, T suffixes) if it does not
+    /// exist.
+    #[arg(long = "create", value_name = "SIZE")]
+    create: Option<String>,
+
+    /// Seconds a client may take to finish the handshake.
+    #[arg(long = "handshake-timeout", value_name = "SECS", default_value_t = 10)]
+    handshake_timeout: u64,
+
+    /// Advertised minimum block size (power of two, at most the cluster size):
+    /// requests not aligned to it fail with EINVAL.
+    #[arg(long = "min-block-size", value_name = "BYTES", default_value_t = 1)]
+    min_block_size: u32,
+
+    /// Worker threads per connection.
+    #[arg(long = "workers", value_name = "N", default_value_t = 4)]
+    workers: usize,
+
+    /// Log connections and failed requests to stderr.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+}
+
+/// Parses a size with an optional K/M/G/T/P/E suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                'E' => 60,
+                _ => return Err(format!("invalid size '{s}'")),
+            };
+            (&t[..t.len() - 1], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
+    let v = n * (1u64 << shift) as f64;
+    if !(0.0..1.8e19).contains(&v) || v == 0.0 {
+        return Err(format!("invalid size '{s}'"));
+    }
+    Ok(v as u64)
+}
+
+fn human(size: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = size as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{size} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn open_image(args: &Args) -> Result<Image, String> {
+    let read_only = args.read_only || args.load_snapshot.is_some();
+    if let Some(f) = &args.format {
+        if f != "qcow2" {
+            return Err(format!(
+                "format '{f}' is not supported: qcowx-nbd serves qcow2 images"
+            ));
+        }
+    }
+    let path = &args.file;
+    if let Some(size) = &args.create {
+        if !path.exists() {
+            let size = parse_size(size)?;
+            let img = Image::create(path, &CreateOptions::new(size))
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            eprintln!(
+                "qcowx-nbd: created {} ({})",
+                path.display(),
+                human(img.size())
+            );
+            if !read_only {
+                return Ok(img);
+            }
+            img.close()
+                .map_err(|e| format!("cannot close {}: {e}", path.display()))?;
+        }
+    }
+    OpenOptions::new()
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+}
+
+/// The root `-l` names: a snapshot name or ID, optionally as `snapshot.name=` /
+/// `snapshot.id=`.
+fn resolve_snapshot(image: &Image, spec: &str) -> Result<String, String> {
+    let roots = image.list().map_err(|e| e.to_string())?;
+    let snaps = roots.iter().filter(|r| r.kind == RootKind::Snapshot);
+    let found = if let Some(name) = spec.strip_prefix("snapshot.name=") {
+        snaps.clone().find(|r| r.name == name)
+    } else if let Some(id) = spec.strip_prefix("snapshot.id=") {
+        snaps.clone().find(|r| r.id.as_deref() == Some(id))
+    } else {
+        snaps
+            .clone()
+            .find(|r| r.name == spec)
+            .or_else(|| snaps.clone().find(|r| r.id.as_deref() == Some(spec)))
+    };
+    found.map(|r| r.name.clone()).ok_or_else(|| {
+        let names: Vec<&str> = snaps.map(|r| r.name.as_str()).collect();
+        format!(
+            "{}: no snapshot '{spec}' (snapshots: {})",
+            image.file_name(),
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        )
+    })
+}
+
+fn plan(args: &Args, image: &Image) -> Result<ExportPlan, String> {
+    if let Some(snap) = &args.load_snapshot {
+        if !args.export.is_empty() {
+            return Err("-l cannot be combined with --export".into());
+        }
+        let root = resolve_snapshot(image, snap)?;
+        return Ok(ExportPlan::Fixed(vec![ExportSpec {
+            name: args.export_name.clone().unwrap_or_else(|| root.clone()),
+            root,
+            description: args.description.clone(),
+            read_only: true,
+        }]));
+    }
+    if !args.export.is_empty() {
+        let mut specs = Vec::new();
+        for (i, e) in args.export.iter().enumerate() {
+            let mut s = ExportSpec::parse(e).map_err(|e| e.to_string())?;
+            if i == 0 {
+                s.description = args.description.clone();
+            }
+            s.read_only = args.read_only;
+            specs.push(s);
+        }
+        return Ok(ExportPlan::Fixed(specs));
+    }
+    Ok(ExportPlan::Auto {
+        main_name: args
+            .export_name
+            .clone()
+            .unwrap_or_else(|| qcowx_core::vdi::DEFAULT_VDI.to_string()),
+        main_description: args.description.clone(),
+    })
+}
+
+fn print_banner(path: &Path, exports: &Exports, bound: &[Bound]) -> Result<(), String> {
+    let list = exports.list().map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    out.push_str(&format!("qcowx-nbd: serving {}\n", path.display()));
+    out.push_str("exports:\n");
+    for (i, e) in list.iter().enumerate() {
+        out.push_str(&format!(
+            "  {:<24} {}, {}, {}{}\n",
+            e.name,
+            e.description,
+            if e.read_only { "read-only" } else { "writable" },
+            human(e.size),
+            if i == 0 { " (default export)" } else { "" }
+        ));
+    }
+    for b in bound {
+        out.push_str(&format!("listening on {b}\n"));
+    }
+    if let (Some(b), Some(first)) = (bound.first(), list.first()) {
+        let uri = b.uri(&first.name);
+        out.push_str("connect QEMU with:\n");
+        out.push_str(&format!(
+            "  qemu-system-x86_64 -drive file={uri},format=raw\n"
+        ));
+        out.push_str(&format!("  qemu-io -f raw {uri}\n"));
+        out.push_str(&format!("  nbdinfo --list '{}'\n", b.uri("")));
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(out.as_bytes())
+        .and_then(|_| stdout.flush())
+        .map_err(|e| format!("stdout: {e}"))
+}
+
+/// Forks; the parent writes the pid file (if any) and exits, the child detaches.
+fn daemonize(pid_file: Option<&Path>) -> Result<(), String> {
+    // SAFETY: called while this process has one thread; the child continues with a
+    // copy of it.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        if let Some(p) = pid_file {
+            if let Err(e) = std::fs::write(p, format!("{pid}\n")) {
+                eprintln!("qcowx-nbd: cannot write {}: {e}", p.display());
+            }
+        }
+        // The child owns the image now: leave without running destructors (which
+        // would close it).
+        std::process::exit(0);
+    }
+    // SAFETY: setsid and dup2 on descriptors this process owns.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let min = args.min_block_size;
+    let settings = Settings {
+        min_block_size: min,
+        max_block_size: MAX_BLOCK_SIZE,
+        multi_conn: args.shared != 1,
+        discard: match args.discard {
+            DiscardArg::Ignore => DiscardMode::Ignore,
+            DiscardArg::Unmap => DiscardMode::Unmap,
+        },
+        detect_zeroes: match args.detect_zeroes {
+            DetectZeroesArg::Off => DetectZeroes::Off,
+            DetectZeroesArg::On => DetectZeroes::On,
+            DetectZeroesArg::Unmap => DetectZeroes::Unmap,
+        },
+        cache: match args.cache {
+            CacheArg::None => CacheMode::None,
+            CacheArg::Writeback => CacheMode::Writeback,
+            CacheArg::Writethrough => CacheMode::Writethrough,
+            CacheArg::Directsync => CacheMode::Directsync,
+            CacheArg::Unsafe => CacheMode::Unsafe,
+        },
+        workers: args.workers,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+        verbose: args.verbose,
+        ..Settings::default()
+    };
+    settings.validate().map_err(|e| e.to_string())?;
+
+    let image = open_image(&args)?;
+    if u64::from(min) > image.cluster_size() {
+        return Err(format!(
+            "--min-block-size {min} is larger than the cluster size {}",
+            image.cluster_size()
+        ));
+    }
+    let plan = plan(&args, &image)?;
+    let image = Arc::new(image);
+    let exports =
+        Exports::new(Arc::clone(&image), plan, args.read_only).map_err(|e| e.to_string())?;
+
+    let mut listen = Vec::new();
+    if let Some(p) = &args.socket {
+        listen.push(ListenAddr::Unix(p.clone()));
+    }
+    if args.socket.is_none() || args.port.is_some() || args.bind.is_some() {
+        listen.push(ListenAddr::Tcp {
+            host: args.bind.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            port: args.port.unwrap_or(10809),
+        });
+    }
+    let activated = std::env::var_os("LISTEN_FDS").is_some();
+    let explicit = args.socket.is_some() || args.port.is_some() || args.bind.is_some();
+    let config = ServerConfig {
+        listen: if activated && !explicit {
+            Vec::new()
+        } else {
+            listen
+        },
+        socket_activation: true,
+        max_clients: args.shared,
+        persistent: args.persistent,
+        settings,
+    };
+    let server = Server::bind(Arc::new(exports), config).map_err(|e| e.to_string())?;
+    // The banner tells scripts the server is ready: the pid file exists by then (with
+    // --fork, once the parent has exited).
+    if !args.fork {
+        if let Some(p) = &args.pid_file {
+            std::fs::write(p, format!("{}\n", std::process::id()))
+                .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        }
+    }
+    print_banner(&args.file, server.exports(), &server.bound())?;
+    if args.fork {
+        daemonize(args.pid_file.as_deref())?;
+    }
+    install_signal_handlers(&server.shutdown_handle()).map_err(|e| e.to_string())?;
+    let r = server.run().map_err(|e| e.to_string());
+    if let Some(p) = &args.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    r
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qcowx-nbd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5K").unwrap(), 1536);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        for bad in ["", "x", "-1G", "0", "3Q"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_parses_qemu_nbd_style_options() {
+        let a = Args::try_parse_from([
+            "qcowx-nbd",
+            "-r",
+            "-x",
+            "disk",
+            "-k",
+            "/tmp/s",
+            "-e",
+            "2",
+            "-t",
+            "--discard=unmap",
+            "--export",
+            "a=default",
+            "--export",
+            "b=web",
+            "img.qcow2",
+        ])
+        .expect("parse");
+        assert!(a.read_only && a.persistent);
+        assert_eq!(a.export, vec!["a=default", "b=web"]);
+        assert_eq!(a.shared, 2);
+        assert!(matches!(a.discard, DiscardArg::Unmap));
+        assert!(Args::try_parse_from(["qcowx-nbd", "--discard=on", "x"]).is_ok());
+        assert!(Args::try_parse_from(["qcowx-nbd", "--discard=maybe", "x"]).is_err());
+    }
+}

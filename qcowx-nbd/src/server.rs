@@ -1,0 +1,693 @@
+//! Listeners, the accept loop, connection threads and clean shutdown.
+//!
+//! A [`Server`] listens on Unix sockets, TCP addresses, or sockets handed over by
+//! systemd (`LISTEN_FDS`/`LISTEN_PID`). Each client gets a thread that runs the
+//! handshake (bounded by the handshake timeout) and then the transmission phase.
+//! At most `max_clients` clients are served at once; further clients wait in the
+//! listen backlog until one leaves. Without `persistent` the server stops when its
+//! last client has gone.
+//!
+//! Shutdown ([`ShutdownHandle::shutdown`], or SIGTERM/SIGINT once
+//! [`install_signal_handlers`] ran): stop accepting and remove Unix socket files;
+//! new options get `NBD_REP_ERR_SHUTDOWN`; every connection stops reading requests,
+//! finishes and answers those it already read, and closes; then the image is flushed
+//! and closed, which writes exact refcounts and releases the lock.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::exports::Exports;
+use crate::handshake::{self, HandshakeContext};
+use crate::socket::Socket;
+use crate::transmission;
+
+/// How long shutdown waits for connections to finish their requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A Unix socket at this path (created; removed at shutdown).
+    Unix(PathBuf),
+    /// A TCP address: host name or IP address, and port (0 picks a free port).
+    Tcp {
+        /// Host or address to bind.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// How a server listens and admits clients.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Addresses to listen on (ignored when socket activation provides listeners).
+    pub listen: Vec<ListenAddr>,
+    /// Use sockets passed by systemd (`LISTEN_FDS`) when present.
+    pub socket_activation: bool,
+    /// The most clients served at once (0: no limit).
+    pub max_clients: usize,
+    /// Keep running after the last client leaves.
+    pub persistent: bool,
+    /// Protocol settings.
+    pub settings: Settings,
+}
+
+/// An address the server ended up listening on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bound {
+    /// A Unix socket.
+    Unix(PathBuf),
+    /// A TCP socket (with the real port when 0 was asked for).
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Unix(p) => write!(f, "unix {}", p.display()),
+            Bound::Tcp(a) => write!(f, "tcp {a}"),
+        }
+    }
+}
+
+impl Bound {
+    /// The NBD URI of export `name` at this address (for QEMU and libnbd tools).
+    pub fn uri(&self, name: &str) -> String {
+        match self {
+            Bound::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+            Bound::Tcp(SocketAddr::V4(a)) => format!("nbd://{}:{}/{name}", a.ip(), a.port()),
+            Bound::Tcp(SocketAddr::V6(a)) => format!("nbd://[{}]:{}/{name}", a.ip(), a.port()),
+        }
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix {
+        listener: UnixListener,
+        /// The socket file to remove at shutdown (not for activated sockets).
+        path: Option<PathBuf>,
+    },
+}
+
+impl Listener {
+    fn fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix { listener, .. } => listener.as_raw_fd(),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Socket> {
+        match self {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| Socket::Tcp(s)),
+            Listener::Unix { listener, .. } => listener.accept().map(|(s, _)| Socket::Unix(s)),
+        }
+    }
+
+    fn bound(&self) -> io::Result<Bound> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(Bound::Tcp),
+            Listener::Unix { listener, path } => {
+                let p = match path {
+                    Some(p) => p.clone(),
+                    None => listener
+                        .local_addr()?
+                        .as_pathname()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_default(),
+                };
+                Ok(Bound::Unix(p))
+            }
+        }
+    }
+}
+
+/// A wake-up pipe plus a flag: how signals and other threads stop the accept loop.
+#[derive(Debug)]
+struct Wake {
+    requested: AtomicBool,
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+/// Stops a running server (from another thread or a signal handler).
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    wake: Arc<Wake>,
+}
+
+impl ShutdownHandle {
+    fn new() -> Result<ShutdownHandle> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into `fds`.
+        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if r != 0 {
+            return Err(Error::io("create wake-up pipe", io::Error::last_os_error()));
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok(ShutdownHandle {
+            wake: Arc::new(Wake {
+                requested: AtomicBool::new(false),
+                read,
+                write,
+            }),
+        })
+    }
+
+    /// Asks the server to shut down cleanly.
+    pub fn shutdown(&self) {
+        self.wake.requested.store(true, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// Whether shutdown was asked for (here or by a signal).
+    pub fn requested(&self) -> bool {
+        self.wake.requested.load(Ordering::SeqCst) || SIGNALLED.load(Ordering::SeqCst)
+    }
+
+    fn notify(&self) {
+        let b = 1u8;
+        // SAFETY: writes one byte from a valid buffer to a descriptor we own; a full
+        // pipe (EAGAIN) already guarantees a wake-up.
+        unsafe {
+            libc::write(self.wake.write.as_raw_fd(), (&b as *const u8).cast(), 1);
+        }
+    }
+
+    fn drain(&self) {
+        let mut buf = [0u8; 64];
+        // SAFETY: reads into a valid buffer from a non-blocking descriptor we own.
+        while unsafe {
+            libc::read(
+                self.wake.read.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        } > 0
+        {}
+    }
+}
+
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+    let fd = SIGNAL_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let b = 1u8;
+        // SAFETY: write(2) is async-signal-safe; the buffer is valid.
+        unsafe {
+            libc::write(fd, (&b as *const u8).cast(), 1);
+        }
+    }
+}
+
+/// Makes SIGTERM and SIGINT shut `handle`'s server down cleanly.
+pub fn install_signal_handlers(handle: &ShutdownHandle) -> Result<()> {
+    SIGNAL_FD.store(handle.wake.write.as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction with a handler that only touches atomics and
+        // calls write(2) is valid to install.
+        let r = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if r != 0 {
+            return Err(Error::io(
+                "install signal handler",
+                io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Listeners passed by systemd socket activation, if this process is their target.
+fn activated_listeners() -> Result<Option<Vec<Listener>>> {
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    if !pid_ok {
+        return Ok(None);
+    }
+    let n: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    if n <= 0 {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for fd in 3..3 + n {
+        // SAFETY: getsockname/fcntl on a descriptor systemd passed; storage is valid.
+        let family = unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            if libc::getsockname(
+                fd,
+                (&mut ss as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            ) != 0
+            {
+                return Err(Error::Config(format!(
+                    "LISTEN_FDS: descriptor {fd} is not a socket"
+                )));
+            }
+            libc::c_int::from(ss.ss_family)
+        };
+        // SAFETY: systemd hands these descriptors to this process to own.
+        let l = unsafe {
+            if family == libc::AF_UNIX {
+                Listener::Unix {
+                    listener: UnixListener::from_raw_fd(fd),
+                    path: None,
+                }
+            } else {
+                Listener::Tcp(TcpListener::from_raw_fd(fd))
+            }
+        };
+        out.push(l);
+    }
+    Ok(Some(out))
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::Config(format!(
+                "{} exists and is not a socket",
+                path.display()
+            )));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::Config(format!(
+                "{}: another server is listening there",
+                path.display()
+            )));
+        }
+        // A stale socket from a server that did not clean up.
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
+    }
+    UnixListener::bind(path).map_err(|e| Error::io(format!("listen on {}", path.display()), e))
+}
+
+fn bind_tcp(host: &str, port: u16) -> Result<TcpListener> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| Error::io(format!("resolve {host}"), e))?
+        .collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpListener::bind(a) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(Error::io(format!("listen on {a}"), e)),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Config(format!("{host}: no address to listen on"))))
+}
+
+/// Clients being served: their sockets (to stop them at shutdown) and the count.
+#[derive(Default)]
+struct Clients {
+    sockets: Mutex<HashMap<u64, Socket>>,
+    count: Mutex<usize>,
+    cv: Condvar,
+}
+
+/// An NBD server for the exports of one image.
+pub struct Server {
+    exports: Arc<Exports>,
+    listeners: Vec<Listener>,
+    config: ServerConfig,
+    handle: ShutdownHandle,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("bound", &self.bound())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Creates the listeners. Nothing is accepted until [`Server::run`].
+    pub fn bind(exports: Arc<Exports>, config: ServerConfig) -> Result<Server> {
+        config.settings.validate()?;
+        let activated = if config.socket_activation {
+            activated_listeners()?
+        } else {
+            None
+        };
+        let listeners = match activated {
+            Some(l) => {
+                if !config.listen.is_empty() {
+                    return Err(Error::Config(
+                        "socket activation (LISTEN_FDS) cannot be combined with -k, -p or -b"
+                            .into(),
+                    ));
+                }
+                l
+            }
+            None => {
+                if config.listen.is_empty() {
+                    return Err(Error::Config("nowhere to listen".into()));
+                }
+                let mut v = Vec::new();
+                for a in &config.listen {
+                    v.push(match a {
+                        ListenAddr::Unix(p) => Listener::Unix {
+                            listener: bind_unix(p)?,
+                            path: Some(p.clone()),
+                        },
+                        ListenAddr::Tcp { host, port } => Listener::Tcp(bind_tcp(host, *port)?),
+                    });
+                }
+                v
+            }
+        };
+        for l in &listeners {
+            let r = match l {
+                Listener::Tcp(t) => t.set_nonblocking(true),
+                Listener::Unix { listener, .. } => listener.set_nonblocking(true),
+            };
+            r.map_err(|e| Error::io("set listener non-blocking", e))?;
+        }
+        Ok(Server {
+            exports,
+            listeners,
+            config,
+            handle: ShutdownHandle::new()?,
+        })
+    }
+
+    /// Where the server listens.
+    pub fn bound(&self) -> Vec<Bound> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.bound().ok())
+            .collect()
+    }
+
+    /// A handle that stops [`Server::run`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// The exports.
+    pub fn exports(&self) -> &Arc<Exports> {
+        &self.exports
+    }
+
+    /// Serves clients until shutdown is asked for (or, without `persistent`, until
+    /// the last client has gone), then drains the connections and closes the image.
+    pub fn run(mut self) -> Result<()> {
+        let settings = Arc::new(self.config.settings.clone());
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let clients = Arc::new(Clients::default());
+        let max = self.config.max_clients;
+        let mut had_client = false;
+        let mut next_id = 0u64;
+
+        loop {
+            if self.handle.requested() {
+                break;
+            }
+            let active = *clients.count.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.config.persistent && had_client && active == 0 {
+                break;
+            }
+            let accepting = max == 0 || active < max;
+            let mut fds = vec![libc::pollfd {
+                fd: self.handle.wake.read.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if accepting {
+                fds.extend(self.listeners.iter().map(|l| libc::pollfd {
+                    fd: l.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }));
+            }
+            // SAFETY: `fds` is a valid array of pollfd of the given length.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io("poll", e));
+            }
+            if fds[0].revents != 0 {
+                self.handle.drain();
+            }
+            for (i, l) in self.listeners.iter().enumerate() {
+                if !accepting || fds[i + 1].revents == 0 {
+                    continue;
+                }
+                let sock = match l.accept() {
+                    Ok(s) => s,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        continue
+                    }
+                    Err(e) => {
+                        // EMFILE, ECONNABORTED…: keep serving the others.
+                        eprintln!("qcowx-nbd: accept failed: {e}");
+                        thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                };
+                had_client = true;
+                next_id += 1;
+                self.start_client(sock, next_id, &settings, &shutting_down, &clients);
+                let active = *clients.count.lock().unwrap_or_else(|p| p.into_inner());
+                if max != 0 && active >= max {
+                    break;
+                }
+            }
+        }
+
+        // ---- shutdown ----
+        shutting_down.store(true, Ordering::SeqCst);
+        for l in self.listeners.drain(..) {
+            if let Listener::Unix {
+                path: Some(path), ..
+            } = &l
+            {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        {
+            let socks = clients.sockets.lock().unwrap_or_else(|p| p.into_inner());
+            for s in socks.values() {
+                // Stop reading requests; replies to those already read still go out,
+                // unless the client stops reading them for this long.
+                let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+                let _ = s.shutdown(Shutdown::Read);
+            }
+        }
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut count = clients.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *count > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                eprintln!(
+                    "qcowx-nbd: {} connection(s) still busy after {DRAIN_TIMEOUT:?}; closing the image anyway",
+                    *count
+                );
+                break;
+            }
+            count = clients
+                .cv
+                .wait_timeout(count, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(count);
+        let image = self.exports.image();
+        image.flush().and_then(|_| image.close())?;
+        Ok(())
+    }
+
+    fn start_client(
+        &self,
+        sock: Socket,
+        id: u64,
+        settings: &Arc<Settings>,
+        shutting_down: &Arc<AtomicBool>,
+        clients: &Arc<Clients>,
+    ) {
+        let label = format!("client {id} ({})", sock.peer());
+        if let Ok(c) = sock.try_clone() {
+            clients
+                .sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, c);
+        }
+        *clients.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let exports = Arc::clone(&self.exports);
+        let settings = Arc::clone(settings);
+        let shutting_down = Arc::clone(shutting_down);
+        let clients2 = Arc::clone(clients);
+        let handle = self.handle.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("nbd-client-{id}"))
+            .spawn(move || {
+                if settings.verbose {
+                    eprintln!("qcowx-nbd: {label}: connected");
+                }
+                // A panic (a bug) ends this client only; the count stays right.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    serve_client(sock, &exports, &settings, &shutting_down, &label)
+                }))
+                .unwrap_or_else(|_| Err(Error::Internal("the connection handler panicked".into())));
+                match r {
+                    Ok(()) => {
+                        if settings.verbose {
+                            eprintln!("qcowx-nbd: {label}: disconnected");
+                        }
+                    }
+                    Err(e) if e.is_disconnect() && !settings.verbose => {}
+                    Err(e) => eprintln!("qcowx-nbd: {label}: {e}"),
+                }
+                client_done(&clients2, id, &handle);
+            });
+        if let Err(e) = spawned {
+            eprintln!("qcowx-nbd: cannot start a thread for {id}: {e}");
+            client_done(clients, id, &self.handle);
+        }
+    }
+}
+
+fn client_done(clients: &Clients, id: u64, handle: &ShutdownHandle) {
+    clients
+        .sockets
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    let mut c = clients.count.lock().unwrap_or_else(|p| p.into_inner());
+    *c = c.saturating_sub(1);
+    clients.cv.notify_all();
+    drop(c);
+    handle.notify();
+}
+
+/// A socket whose reads fail once a deadline has passed (each read may block only
+/// until then), so a client cannot stretch the handshake by trickling bytes.
+struct DeadlineSocket<'a> {
+    sock: &'a mut Socket,
+    deadline: Instant,
+}
+
+impl Read for DeadlineSocket<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.sock.set_read_timeout(Some(left))?;
+        self.sock.read(buf)
+    }
+}
+
+impl Write for DeadlineSocket<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// Runs one client: handshake, then transmission.
+pub fn serve_client(
+    mut sock: Socket,
+    exports: &Exports,
+    settings: &Settings,
+    shutting_down: &AtomicBool,
+    label: &str,
+) -> Result<()> {
+    sock.set_blocking()
+        .and_then(|_| sock.set_nodelay())
+        .map_err(|e| Error::io("configure socket", e))?;
+    let timeout = settings.handshake_timeout;
+    let deadline = Instant::now() + timeout;
+    let ctx = HandshakeContext {
+        exports,
+        settings,
+        shutting_down,
+    };
+    let mut bounded = DeadlineSocket {
+        sock: &mut sock,
+        deadline,
+    };
+    let negotiated =
+        handshake::negotiate(&mut bounded, ctx, Some(deadline), timeout).map_err(|e| match e {
+            Error::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Error::HandshakeTimeout(timeout)
+            }
+            e => e,
+        })?;
+    let Some(negotiated) = negotiated else {
+        return Ok(());
+    };
+    if settings.verbose {
+        eprintln!(
+            "qcowx-nbd: {label}: export '{}' ({}, structured replies {}, contexts {:?})",
+            negotiated.export.info.name,
+            if negotiated.export.writable {
+                "read-write"
+            } else {
+                "read-only"
+            },
+            if negotiated.structured { "on" } else { "off" },
+            negotiated.contexts
+        );
+    }
+    sock.set_read_timeout(None)
+        .map_err(|e| Error::io("clear timeout", e))?;
+    let writer = sock.try_clone().map_err(|e| Error::io("clone socket", e))?;
+    let killer = sock.try_clone().map_err(|e| Error::io("clone socket", e))?;
+    let kill = move || {
+        let _ = killer.shutdown(Shutdown::Both);
+    };
+    let reader = BufReader::with_capacity(128 << 10, sock);
+    transmission::serve(reader, writer, &negotiated, settings, &kill, label)
+}

@@ -1,0 +1,919 @@
+//! The transmission phase: requests in, replies out, pipelined.
+//!
+//! One reader (the connection's thread) parses requests and hands them to a bounded
+//! pool of worker threads; each worker runs one request against the export and sends
+//! its whole reply under one writer lock, so replies go out in completion order
+//! (answered out of order, never interleaved mid-message). The reader stops taking
+//! requests while too many — or too many payload bytes — are in flight, which pushes
+//! back on the client through TCP.
+//!
+//! Every rule of the protocol about requests is checked before any I/O: unknown
+//! commands and flags not valid for a command get `NBD_EINVAL`; writes, trims and
+//! write-zeroes on a read-only export `NBD_EPERM`; requests past the end of the
+//! export `NBD_ENOSPC` for writes and write-zeroes and `NBD_EINVAL` otherwise;
+//! requests not aligned to the advertised minimum block size, and reads and writes
+//! longer than the maximum block size, `NBD_EINVAL` (the payload of an oversized
+//! write is read and dropped, up to [`MAX_SKIPPED_WRITE`]; beyond that the
+//! connection is closed). Write-zeroes, trim and cache carry no payload and are
+//! accepted at any length (real clients send them larger than the maximum).
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Condvar, Mutex};
+use std::thread;
+
+use qcowx_core::{Extent, ExtentStatus};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::config::{DetectZeroes, DiscardMode, Settings};
+use crate::error::{nbd_errno, Error, Result};
+use crate::exports::Export;
+use crate::handshake::{context_id, MetaContext, Negotiated};
+use crate::wire::*;
+
+/// An oversized write payload up to this many bytes is read and dropped (and the
+/// request fails with `NBD_EINVAL`); a larger one closes the connection.
+pub const MAX_SKIPPED_WRITE: u32 = 256 << 20;
+
+/// The most bytes one block status request looks at (the reply may cover less than
+/// asked, as the protocol allows).
+pub const MAX_STATUS_QUERY: u64 = 1 << 30;
+
+/// The most descriptors in one block status chunk.
+pub const MAX_DESCRIPTORS: usize = 1 << 16;
+
+/// One parsed request.
+#[derive(Debug)]
+struct Request {
+    flags: u16,
+    command: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    /// Write data (None for other commands and for oversized writes).
+    payload: Option<Vec<u8>>,
+    /// A write whose payload was larger than the maximum block size (dropped).
+    oversized: bool,
+    /// Bytes charged to the in-flight budget.
+    cost: usize,
+}
+
+/// Limits the requests and payload bytes in flight on one connection.
+struct Budget {
+    state: Mutex<(usize, usize)>,
+    cv: Condvar,
+    max_count: usize,
+    max_bytes: usize,
+}
+
+impl Budget {
+    fn acquire(&self, bytes: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.0 >= self.max_count || (st.0 > 0 && st.1 + bytes > self.max_bytes) {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.0 += 1;
+        st.1 += bytes;
+    }
+
+    fn release(&self, bytes: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_sub(1);
+        st.1 = st.1.saturating_sub(bytes);
+        self.cv.notify_all();
+    }
+}
+
+/// State shared by the reader and the workers of one connection.
+struct Conn<'a, W> {
+    export: &'a Export,
+    structured: bool,
+    contexts: &'a [MetaContext],
+    settings: &'a Settings,
+    writer: Mutex<W>,
+    budget: Budget,
+    /// Set when a reply could not be sent: the connection is finished.
+    dead: AtomicBool,
+    /// Set once anything was written.
+    wrote: AtomicBool,
+    /// Called once when the connection must end at once (unblocks the reader).
+    kill: &'a (dyn Fn() + Sync),
+    label: &'a str,
+}
+
+/// Serves the transmission phase of one connection until the client disconnects
+/// (`NBD_CMD_DISC` or EOF), breaks the protocol, or a reply cannot be sent. Requests
+/// already read are always finished (and answered, if the client still listens)
+/// before this returns.
+///
+/// `kill` must make blocked reads of `reader` return (for a socket: shut it down).
+pub fn serve<R: Read, W: Write + Send>(
+    reader: R,
+    writer: W,
+    negotiated: &Negotiated,
+    settings: &Settings,
+    kill: &(dyn Fn() + Sync),
+    label: &str,
+) -> Result<()> {
+    let conn = Conn {
+        export: &negotiated.export,
+        structured: negotiated.structured,
+        contexts: &negotiated.contexts,
+        settings,
+        writer: Mutex::new(writer),
+        budget: Budget {
+            state: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+            max_count: settings.max_in_flight,
+            max_bytes: settings.max_in_flight_bytes,
+        },
+        dead: AtomicBool::new(false),
+        wrote: AtomicBool::new(false),
+        kill,
+        label,
+    };
+    let (tx, rx) = mpsc::sync_channel::<Request>(settings.max_in_flight);
+    let rx = Mutex::new(rx);
+    let result = thread::scope(|scope| {
+        for _ in 0..settings.workers {
+            scope.spawn(|| conn.work(&rx));
+        }
+        let r = conn.read_requests(reader, &tx);
+        drop(tx);
+        r
+    });
+    if conn.wrote.load(Ordering::SeqCst) && !settings.cache.skips_flush() {
+        if let Err(e) = conn.export.disk.flush() {
+            eprintln!("qcowx-nbd: {label}: flush at disconnect failed: {e}");
+        }
+    }
+    result
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on EOF before the first byte.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Whether every byte is zero.
+fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+impl<W: Write + Send> Conn<'_, W> {
+    fn read_requests<R: Read>(&self, mut r: R, tx: &SyncSender<Request>) -> Result<()> {
+        let max = self.settings.max_block_size;
+        loop {
+            if self.dead.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let mut hb = [0u8; 28];
+            if !read_full(&mut r, &mut hb).map_err(|e| Error::io("read request", e))? {
+                return Ok(());
+            }
+            let h = RequestHeader::read_from_bytes(&hb)
+                .map_err(|_| Error::Protocol("short request header".into()))?;
+            if h.magic.get() != REQUEST_MAGIC {
+                return Err(Error::Protocol(format!(
+                    "request magic {:#x} is not {REQUEST_MAGIC:#x}",
+                    h.magic.get()
+                )));
+            }
+            let command = h.command.get();
+            let length = h.length.get();
+            if command == CMD_DISC {
+                return Ok(());
+            }
+            let mut oversized = false;
+            if command == CMD_WRITE && length > max {
+                if length > MAX_SKIPPED_WRITE {
+                    return Err(Error::Protocol(format!("write payload of {length} bytes")));
+                }
+                io::copy(&mut (&mut r).take(u64::from(length)), &mut io::sink())
+                    .map_err(|e| Error::io("skip write payload", e))?;
+                oversized = true;
+            }
+            let cost = match command {
+                CMD_READ | CMD_WRITE if !oversized => length.min(max) as usize,
+                _ => 0,
+            };
+            self.budget.acquire(cost);
+            let mut payload = None;
+            if command == CMD_WRITE && !oversized {
+                let mut buf = vec![0u8; length as usize];
+                if let Err(e) = r.read_exact(&mut buf) {
+                    self.budget.release(cost);
+                    return Err(Error::io("read write payload", e));
+                }
+                payload = Some(buf);
+            }
+            let req = Request {
+                flags: h.flags.get(),
+                command,
+                cookie: h.cookie.get(),
+                offset: h.offset.get(),
+                length,
+                payload,
+                oversized,
+                cost,
+            };
+            if tx.send(req).is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn work(&self, rx: &Mutex<Receiver<Request>>) {
+        loop {
+            let req = {
+                let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                rx.recv()
+            };
+            let Ok(req) = req else { return };
+            let cost = req.cost;
+            let reply = self.handle(req);
+            self.send(&reply);
+            self.budget.release(cost);
+        }
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        if self.dead.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = w.write_all(bytes).and_then(|_| w.flush()) {
+            if !self.dead.swap(true, Ordering::SeqCst) {
+                if self.settings.verbose {
+                    eprintln!("qcowx-nbd: {}: cannot send reply: {e}", self.label);
+                }
+                (self.kill)();
+            }
+        }
+    }
+
+    // ---- replies --------------------------------------------------------------------
+
+    fn simple(cookie: u64, error: u32) -> Vec<u8> {
+        SimpleReply::new(cookie, error).as_bytes().to_vec()
+    }
+
+    fn push_error_chunk(
+        buf: &mut Vec<u8>,
+        cookie: u64,
+        error: u32,
+        msg: &str,
+        offset: Option<u64>,
+    ) {
+        let mut end = msg.len().min(MAX_STRING);
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        let msg = &msg.as_bytes()[..end];
+        let (ty, extra) = match offset {
+            Some(_) => (REPLY_TYPE_ERROR_OFFSET, 8),
+            None => (REPLY_TYPE_ERROR, 0),
+        };
+        let len = 6 + msg.len() + extra;
+        buf.extend_from_slice(ChunkHeader::new(cookie, ty, REPLY_FLAG_DONE, len as u32).as_bytes());
+        let p = ErrorPayload {
+            error: error.into(),
+            message_length: (msg.len() as u16).into(),
+        };
+        buf.extend_from_slice(p.as_bytes());
+        buf.extend_from_slice(msg);
+        if let Some(o) = offset {
+            buf.extend_from_slice(&o.to_be_bytes());
+        }
+    }
+
+    /// The error reply for a request: a structured error chunk (with the message)
+    /// when structured replies are on, else a simple reply.
+    fn error(&self, req: &Request, error: u32, msg: &str) -> Vec<u8> {
+        if self.settings.verbose {
+            eprintln!(
+                "qcowx-nbd: {}: {} offset {} length {}: error {error}: {msg}",
+                self.label,
+                command_name(req.command),
+                req.offset,
+                req.length
+            );
+        }
+        if self.structured {
+            let mut buf = Vec::with_capacity(32 + msg.len());
+            Self::push_error_chunk(&mut buf, req.cookie, error, msg, None);
+            buf
+        } else {
+            Self::simple(req.cookie, error)
+        }
+    }
+
+    fn image_error(&self, req: &Request, e: &qcowx_core::Error, write: bool) -> Vec<u8> {
+        eprintln!(
+            "qcowx-nbd: {}: {} offset {} length {} failed: {e}",
+            self.label,
+            command_name(req.command),
+            req.offset,
+            req.length
+        );
+        self.error(req, nbd_errno(e, write), &e.to_string())
+    }
+
+    // ---- requests ---------------------------------------------------------------------
+
+    /// Checks a request against the protocol's rules; `Err((errno, message))` if it
+    /// must fail without doing anything.
+    fn check(&self, req: &Request) -> std::result::Result<(), (u32, String)> {
+        let name = command_name(req.command);
+        let allowed = match req.command {
+            CMD_READ if self.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+            c => return Err((EINVAL, format!("unknown command {c}"))),
+        };
+        if req.flags & !allowed != 0 {
+            return Err((
+                EINVAL,
+                format!("flags {:#x} are not valid for {name}", req.flags & !allowed),
+            ));
+        }
+        let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && !self.export.writable {
+            return Err((EPERM, format!("{name} on a read-only export")));
+        }
+        let max = self.settings.max_block_size;
+        // Only requests with a payload are limited: clients (nbdcopy among them)
+        // send write-zeroes, trim and cache requests larger than the maximum block
+        // size, and they cost no buffer here.
+        let limited = matches!(req.command, CMD_READ | CMD_WRITE);
+        if req.oversized || (limited && req.length > max) {
+            return Err((
+                EINVAL,
+                format!(
+                    "{name} of {} bytes is larger than the maximum block size {max}",
+                    req.length
+                ),
+            ));
+        }
+        if req.command == CMD_FLUSH {
+            if req.offset != 0 || req.length != 0 {
+                return Err((EINVAL, "FLUSH with a nonzero offset or length".into()));
+            }
+            return Ok(());
+        }
+        if req.command == CMD_BLOCK_STATUS {
+            if !self.structured || self.contexts.is_empty() {
+                return Err((
+                    EINVAL,
+                    "BLOCK_STATUS without a negotiated metadata context".into(),
+                ));
+            }
+            if req.length == 0 {
+                return Err((EINVAL, "BLOCK_STATUS of length 0".into()));
+            }
+        }
+        let size = self.export.size;
+        let end = req.offset.checked_add(u64::from(req.length));
+        if end.is_none_or(|e| e > size) {
+            let errno = if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) {
+                ENOSPC
+            } else {
+                EINVAL
+            };
+            return Err((
+                errno,
+                format!(
+                    "{name} at offset {} length {} is past the end of the export ({size} bytes)",
+                    req.offset, req.length
+                ),
+            ));
+        }
+        let min = u64::from(self.settings.min_block_size);
+        if min > 1 {
+            let end = req.offset + u64::from(req.length);
+            if !req.offset.is_multiple_of(min)
+                || (!u64::from(req.length).is_multiple_of(min) && end != size)
+            {
+                return Err((
+                    EINVAL,
+                    format!(
+                        "{name} at offset {} length {} is not aligned to the minimum block size {min}",
+                        req.offset, req.length
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&self, req: Request) -> Vec<u8> {
+        if let Err((errno, msg)) = self.check(&req) {
+            return self.error(&req, errno, &msg);
+        }
+        match req.command {
+            CMD_READ => self.read(&req),
+            CMD_WRITE => self.write(&req),
+            CMD_FLUSH => match self.flush() {
+                Ok(()) => Self::simple(req.cookie, 0),
+                Err(e) => self.image_error(&req, &e, true),
+            },
+            CMD_TRIM => self.trim(&req),
+            CMD_CACHE => {
+                // A prefetch hint: warm the metadata cache. Failure changes nothing.
+                let _ = self
+                    .export
+                    .disk
+                    .block_status(req.offset, u64::from(req.length).min(MAX_STATUS_QUERY));
+                Self::simple(req.cookie, 0)
+            }
+            CMD_WRITE_ZEROES => self.write_zeroes(&req),
+            CMD_BLOCK_STATUS => self.block_status(&req),
+            _ => self.error(&req, EINVAL, "unknown command"),
+        }
+    }
+
+    fn flush(&self) -> qcowx_core::Result<()> {
+        if self.settings.cache.skips_flush() {
+            Ok(())
+        } else {
+            self.export.disk.flush()
+        }
+    }
+
+    /// Makes a completed write durable if FUA (or write-through caching) asks for it.
+    fn finish_write(&self, req: &Request, r: qcowx_core::Result<()>) -> Vec<u8> {
+        self.wrote.store(true, Ordering::SeqCst);
+        let r = r.and_then(|_| {
+            if req.flags & CMD_FLAG_FUA != 0 || self.settings.cache.write_through() {
+                self.flush()
+            } else {
+                Ok(())
+            }
+        });
+        match r {
+            Ok(()) => Self::simple(req.cookie, 0),
+            Err(e) => self.image_error(req, &e, true),
+        }
+    }
+
+    fn write(&self, req: &Request) -> Vec<u8> {
+        let data = req.payload.as_deref().unwrap_or_default();
+        let disk = &self.export.disk;
+        let r = if self.settings.detect_zeroes != DetectZeroes::Off && is_zero(data) {
+            let unmap = self.settings.detect_zeroes == DetectZeroes::Unmap
+                && self.settings.discard == DiscardMode::Unmap;
+            disk.write_zeroes(req.offset, data.len() as u64, unmap)
+        } else {
+            disk.write_at(data, req.offset)
+        };
+        self.finish_write(req, r)
+    }
+
+    fn trim(&self, req: &Request) -> Vec<u8> {
+        if self.settings.discard == DiscardMode::Ignore || req.length == 0 {
+            return Self::simple(req.cookie, 0);
+        }
+        let r = self.export.disk.discard(req.offset, u64::from(req.length));
+        self.finish_write(req, r)
+    }
+
+    fn write_zeroes(&self, req: &Request) -> Vec<u8> {
+        let len = u64::from(req.length);
+        if req.flags & CMD_FLAG_FAST_ZERO != 0 && !self.zeroing_is_fast(req.offset, len) {
+            return self.error(
+                req,
+                ENOTSUP,
+                "zeroing this range would need data writes (partial clusters)",
+            );
+        }
+        if len == 0 {
+            return Self::simple(req.cookie, 0);
+        }
+        let unmap =
+            req.flags & CMD_FLAG_NO_HOLE == 0 && self.settings.discard == DiscardMode::Unmap;
+        let r = self.export.disk.write_zeroes(req.offset, len, unmap);
+        self.finish_write(req, r)
+    }
+
+    /// Whether write-zeroes of the range changes only metadata: whole clusters are
+    /// zeroed by flag; partial clusters at the edges only if they already read as
+    /// zeros.
+    fn zeroing_is_fast(&self, offset: u64, len: u64) -> bool {
+        let cs = self.export.cluster_size;
+        let end = offset + len;
+        let size = self.export.size;
+        let mut edges = Vec::new();
+        if !offset.is_multiple_of(cs) {
+            edges.push((offset, (offset.next_multiple_of(cs)).min(end)));
+        }
+        if !end.is_multiple_of(cs) && end != size {
+            let start = (end - end % cs).max(offset);
+            if edges.last().is_none_or(|&(_, e)| e <= start) {
+                edges.push((start, end));
+            }
+        }
+        edges.into_iter().filter(|(s, e)| e > s).all(|(s, e)| {
+            self.export.disk.block_status(s, e - s).is_ok_and(|ext| {
+                ext.iter()
+                    .all(|x| matches!(x.status, ExtentStatus::Zero | ExtentStatus::Unallocated))
+            })
+        })
+    }
+
+    fn read(&self, req: &Request) -> Vec<u8> {
+        let len = req.length as usize;
+        let disk = &self.export.disk;
+        if !self.structured {
+            let mut buf = vec![0u8; 16 + len];
+            if let Err(e) = disk.read_at(&mut buf[16..], req.offset) {
+                return self.image_error(req, &e, false);
+            }
+            buf[..16].copy_from_slice(SimpleReply::new(req.cookie, 0).as_bytes());
+            return buf;
+        }
+        if len == 0 {
+            return ChunkHeader::new(req.cookie, REPLY_TYPE_NONE, REPLY_FLAG_DONE, 0)
+                .as_bytes()
+                .to_vec();
+        }
+        let runs = if req.flags & CMD_FLAG_DF != 0 {
+            vec![(req.offset, len as u64, true)]
+        } else {
+            match disk.block_status(req.offset, len as u64) {
+                Ok(ext) => read_runs(&ext, req.offset, len as u64),
+                Err(_) => vec![(req.offset, len as u64, true)],
+            }
+        };
+        let total: usize = runs
+            .iter()
+            .map(|&(_, l, data)| 20 + if data { 8 + l as usize } else { 12 })
+            .sum();
+        let mut buf = Vec::with_capacity(total);
+        let n = runs.len();
+        for (i, &(off, l, data)) in runs.iter().enumerate() {
+            let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+            if data {
+                let at = buf.len();
+                buf.extend_from_slice(
+                    ChunkHeader::new(req.cookie, REPLY_TYPE_OFFSET_DATA, flags, 8 + l as u32)
+                        .as_bytes(),
+                );
+                buf.extend_from_slice(&off.to_be_bytes());
+                let start = buf.len();
+                buf.resize(start + l as usize, 0);
+                if let Err(e) = disk.read_at(&mut buf[start..], off) {
+                    eprintln!(
+                        "qcowx-nbd: {}: READ offset {off} length {l} failed: {e}",
+                        self.label
+                    );
+                    buf.truncate(at);
+                    Self::push_error_chunk(
+                        &mut buf,
+                        req.cookie,
+                        nbd_errno(&e, false),
+                        &e.to_string(),
+                        Some(off),
+                    );
+                    return buf;
+                }
+            } else {
+                buf.extend_from_slice(
+                    ChunkHeader::new(req.cookie, REPLY_TYPE_OFFSET_HOLE, flags, 12).as_bytes(),
+                );
+                let h = HolePayload {
+                    offset: off.into(),
+                    length: (l as u32).into(),
+                };
+                buf.extend_from_slice(h.as_bytes());
+            }
+        }
+        buf
+    }
+
+    fn block_status(&self, req: &Request) -> Vec<u8> {
+        let len = u64::from(req.length).min(MAX_STATUS_QUERY);
+        let disk = &self.export.disk;
+        let needs_extents = self
+            .contexts
+            .iter()
+            .any(|c| !matches!(c, MetaContext::DirtyBitmap(_)));
+        let extents = if needs_extents {
+            match disk.block_status(req.offset, len) {
+                Ok(e) => e,
+                Err(e) => return self.image_error(req, &e, false),
+            }
+        } else {
+            Vec::new()
+        };
+        let min = u64::from(self.settings.min_block_size);
+        let mut buf = Vec::new();
+        let n = self.contexts.len();
+        for (i, ctx) in self.contexts.iter().enumerate() {
+            let mut descs = match ctx {
+                MetaContext::DirtyBitmap(snap) => {
+                    match disk.image().diff(snap, &self.export.info.root) {
+                        Ok(ranges) => dirty_descriptors(&ranges, req.offset, len),
+                        Err(e) => return self.image_error(req, &e, false),
+                    }
+                }
+                _ => descriptors(&extents, req.offset, len, ctx),
+            };
+            if min > 1 {
+                descs = align_descriptors(descs, req.offset, min, self.export.size, ctx);
+            }
+            if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                descs.truncate(1);
+            }
+            descs.truncate(MAX_DESCRIPTORS);
+            let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+            let plen = 4 + 8 * descs.len();
+            buf.extend_from_slice(
+                ChunkHeader::new(req.cookie, REPLY_TYPE_BLOCK_STATUS, flags, plen as u32)
+                    .as_bytes(),
+            );
+            buf.extend_from_slice(&context_id(i).to_be_bytes());
+            for (l, status) in descs {
+                let d = BlockDescriptor {
+                    length: (l as u32).into(),
+                    status: status.into(),
+                };
+                buf.extend_from_slice(d.as_bytes());
+            }
+        }
+        buf
+    }
+}
+
+/// Splits `[offset, offset+len)` into data runs and hole runs (`(offset, length,
+/// is_data)`) from the extents of the range. Anything the extents do not describe
+/// is data.
+fn read_runs(extents: &[Extent], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let end = offset + len;
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut push = |start: u64, stop: u64, data: bool| {
+        if stop <= start {
+            return;
+        }
+        match runs.last_mut() {
+            Some(last) if last.2 == data && last.0 + last.1 == start => last.1 += stop - start,
+            _ => runs.push((start, stop - start, data)),
+        }
+    };
+    let mut pos = offset;
+    for e in extents {
+        let s = e.offset.max(pos);
+        let t = (e.offset + e.length).min(end);
+        if t <= s {
+            continue;
+        }
+        push(pos, s, true);
+        let data = e.status == ExtentStatus::Data;
+        push(s, t, data);
+        pos = t;
+    }
+    push(pos, end, true);
+    runs
+}
+
+/// The status value of an extent in an allocation context.
+fn status_of(e: &Extent, ctx: &MetaContext) -> u32 {
+    match ctx {
+        MetaContext::BaseAllocation => match e.status {
+            ExtentStatus::Data => 0,
+            ExtentStatus::Zero | ExtentStatus::Unallocated => STATE_HOLE | STATE_ZERO,
+        },
+        MetaContext::AllocationDepth => match e.status {
+            ExtentStatus::Unallocated => 0,
+            ExtentStatus::Data | ExtentStatus::Zero => e.depth + 1,
+        },
+        // Computed from the tree diff, never from extents.
+        MetaContext::DirtyBitmap(_) => 1,
+    }
+}
+
+/// `qemu:dirty-bitmap:` descriptors for `[offset, offset+len)`: status 1 (dirty)
+/// inside `ranges`, 0 elsewhere.
+fn dirty_descriptors(ranges: &[qcowx_core::Range], offset: u64, len: u64) -> Vec<(u64, u32)> {
+    let end = offset + len;
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let mut push = |l: u64, st: u32| {
+        if l == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 == st => last.0 += l,
+            _ => out.push((l, st)),
+        }
+    };
+    let mut pos = offset;
+    for r in ranges {
+        let s = r.offset.max(pos);
+        let t = (r.offset + r.length).min(end);
+        if t <= s {
+            continue;
+        }
+        push(s - pos, 0);
+        push(t - s, 1);
+        pos = t;
+    }
+    push(end - pos, 0);
+    out
+}
+
+/// Block status descriptors `(length, status)` for `[offset, offset+len)`, merged
+/// where the status repeats. Gaps in the extents are reported as status 0 / depth 1
+/// (the safe answer).
+fn descriptors(extents: &[Extent], offset: u64, len: u64, ctx: &MetaContext) -> Vec<(u64, u32)> {
+    let end = offset + len;
+    let gap = match ctx {
+        MetaContext::BaseAllocation => 0,
+        MetaContext::AllocationDepth | MetaContext::DirtyBitmap(_) => 1,
+    };
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let mut push = |l: u64, st: u32| {
+        if l == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 == st => last.0 += l,
+            _ => out.push((l, st)),
+        }
+    };
+    let mut pos = offset;
+    for e in extents {
+        let s = e.offset.max(pos);
+        let t = (e.offset + e.length).min(end);
+        if t <= s {
+            continue;
+        }
+        push(s - pos, gap);
+        push(t - s, status_of(e, ctx));
+        pos = t;
+    }
+    push(end - pos, gap);
+    out
+}
+
+/// Merges descriptors so every boundary lies on a multiple of `min` (or at the end of
+/// the export), as the protocol requires when a minimum block size is advertised.
+/// Merged hole/zero flags keep only what both sides have, merged depths the deepest,
+/// merged dirty flags are dirty if either side is.
+fn align_descriptors(
+    descs: Vec<(u64, u32)>,
+    offset: u64,
+    min: u64,
+    size: u64,
+    ctx: &MetaContext,
+) -> Vec<(u64, u32)> {
+    let combine = |a: u32, b: u32| match ctx {
+        MetaContext::BaseAllocation => a & b,
+        MetaContext::AllocationDepth => a.max(b),
+        MetaContext::DirtyBitmap(_) => a | b,
+    };
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let mut pos = offset;
+    let mut pending: Option<(u64, u32)> = None;
+    for (l, st) in descs {
+        let cur = match pending.take() {
+            Some((pl, pst)) => (pl + l, combine(pst, st)),
+            None => (l, st),
+        };
+        let end = pos + cur.0;
+        if end.is_multiple_of(min) || end == size {
+            match out.last_mut() {
+                Some(last) if last.1 == cur.1 => last.0 += cur.0,
+                _ => out.push(cur),
+            }
+            pos = end;
+        } else {
+            pending = Some(cur);
+        }
+    }
+    if let Some(p) = pending {
+        // The tail of a reduced-length query: drop the unaligned remainder unless it
+        // is all there is.
+        let keep = p.0 - (pos + p.0) % min;
+        if keep > 0 {
+            out.push((keep, p.1));
+        } else if out.is_empty() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, length: u64, status: ExtentStatus, depth: u32) -> Extent {
+        Extent {
+            offset,
+            length,
+            status,
+            depth,
+            host_offset: None,
+        }
+    }
+
+    #[test]
+    fn read_runs_split_data_and_holes() {
+        let e = [
+            ext(0, 65536, ExtentStatus::Data, 0),
+            ext(65536, 65536, ExtentStatus::Unallocated, 0),
+            ext(131072, 65536, ExtentStatus::Zero, 0),
+            ext(196608, 65536, ExtentStatus::Data, 0),
+        ];
+        let r = read_runs(&e, 1000, 200_000);
+        assert_eq!(
+            r,
+            vec![
+                (1000, 64536, true),
+                (65536, 131072, false),
+                (196608, 1000 + 200_000 - 196608, true)
+            ]
+        );
+        // Nothing described: one data run.
+        assert_eq!(read_runs(&[], 5, 10), vec![(5, 10, true)]);
+    }
+
+    #[test]
+    fn descriptors_merge_and_map_contexts() {
+        let e = [
+            ext(0, 4096, ExtentStatus::Data, 0),
+            ext(4096, 4096, ExtentStatus::Data, 1),
+            ext(8192, 4096, ExtentStatus::Zero, 0),
+            ext(12288, 4096, ExtentStatus::Unallocated, 1),
+        ];
+        assert_eq!(
+            descriptors(&e, 0, 16384, &MetaContext::BaseAllocation),
+            vec![(8192, 0), (8192, STATE_HOLE | STATE_ZERO)]
+        );
+        assert_eq!(
+            descriptors(&e, 0, 16384, &MetaContext::AllocationDepth),
+            vec![(4096, 1), (4096, 2), (4096, 1), (4096, 0)]
+        );
+    }
+
+    #[test]
+    fn descriptors_align_to_the_minimum_block_size() {
+        let d = vec![(512, 0), (3584, 3), (4096, 3)];
+        assert_eq!(
+            align_descriptors(d, 0, 4096, 1 << 20, &MetaContext::BaseAllocation),
+            vec![(4096, 0), (4096, 3)]
+        );
+        let d = vec![(4096, 3), (100, 0)];
+        assert_eq!(
+            align_descriptors(d, 0, 4096, 4196, &MetaContext::BaseAllocation),
+            vec![(4096, 3), (100, 0)]
+        );
+    }
+
+    #[test]
+    fn dirty_descriptors_mark_changed_ranges() {
+        let r = [
+            qcowx_core::Range {
+                offset: 65536,
+                length: 65536,
+            },
+            qcowx_core::Range {
+                offset: 262144,
+                length: 131072,
+            },
+        ];
+        assert_eq!(
+            dirty_descriptors(&r, 0, 524288),
+            vec![
+                (65536, 0),
+                (65536, 1),
+                (131072, 0),
+                (131072, 1),
+                (131072, 0)
+            ]
+        );
+        assert_eq!(dirty_descriptors(&r, 300000, 1000), vec![(1000, 1)]);
+        assert_eq!(dirty_descriptors(&[], 5, 10), vec![(10, 0)]);
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 10000]));
+        let mut b = vec![0u8; 10000];
+        b[9999] = 1;
+        assert!(!is_zero(&b));
+        assert!(is_zero(&[]));
+    }
+}

@@ -1,0 +1,801 @@
+//! Wire-level conformance tests: an in-process server on a temporary Unix socket and
+//! a client that writes the protocol's bytes by hand, for the cases real clients
+//! cannot produce (malformed and unknown options, bad magic, unknown commands,
+//! oversized messages). Real-client tests live in the workspace's `tests/nbd.rs`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use qcowx_core::storage::MemStorage;
+use qcowx_core::{CreateOptions, Image};
+use qcowx_nbd::config::Settings;
+use qcowx_nbd::exports::{ExportPlan, Exports};
+use qcowx_nbd::handshake::{self, HandshakeContext};
+use qcowx_nbd::server::{ListenAddr, Server, ServerConfig, ShutdownHandle};
+use qcowx_nbd::wire::*;
+
+const SIZE: u64 = 4 << 20;
+
+struct TestServer {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    handle: ShutdownHandle,
+    thread: Option<JoinHandle<qcowx_nbd::Result<()>>>,
+    image: Arc<Image>,
+}
+
+impl TestServer {
+    fn start(settings: Settings, max_clients: usize) -> TestServer {
+        let img = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(SIZE))
+            .expect("create image");
+        img.write_at(&[0x5a; 65536], 65536).expect("write");
+        let image = Arc::new(img);
+        image.snapshot("default", "snap").expect("snapshot");
+        let exports = Exports::new(
+            Arc::clone(&image),
+            ExportPlan::Auto {
+                main_name: "default".into(),
+                main_description: Some("test disk".into()),
+            },
+            false,
+        )
+        .expect("exports");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nbd.sock");
+        let server = Server::bind(
+            Arc::new(exports),
+            ServerConfig {
+                listen: vec![ListenAddr::Unix(path.clone())],
+                socket_activation: false,
+                max_clients,
+                persistent: true,
+                settings,
+            },
+        )
+        .expect("bind");
+        let handle = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run());
+        TestServer {
+            _dir: dir,
+            path,
+            handle,
+            thread: Some(thread),
+            image,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.path, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+    }
+
+    fn stop(mut self) {
+        self.handle.shutdown();
+        let r = self.thread.take().expect("thread").join().expect("join");
+        r.expect("server run");
+        assert!(!self.path.exists(), "socket file left behind");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.handle.shutdown();
+            let _ = t.join();
+        }
+    }
+}
+
+struct Client {
+    s: UnixStream,
+}
+
+fn be_u16(b: &[u8]) -> u16 {
+    u16::from_be_bytes(b[..2].try_into().unwrap())
+}
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+/// Option data of NBD_OPT_INFO / NBD_OPT_GO.
+fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+    for r in requests {
+        d.extend_from_slice(&r.to_be_bytes());
+    }
+    d
+}
+
+/// Option data of NBD_OPT_{LIST,SET}_META_CONTEXT.
+fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+struct OptReply {
+    option: u32,
+    kind: u32,
+    data: Vec<u8>,
+}
+
+impl Client {
+    fn connect(path: &PathBuf, flags: u32) -> Client {
+        Client::over(UnixStream::connect(path).expect("connect"), flags)
+    }
+
+    fn over(s: UnixStream, flags: u32) -> Client {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Client { s };
+        let mut g = [0u8; 18];
+        c.s.read_exact(&mut g).expect("greeting");
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], b"IHAVEOPT");
+        assert_eq!(be_u16(&g[16..]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        c.s.write_all(&flags.to_be_bytes()).unwrap();
+        c
+    }
+
+    fn send_opt(&mut self, opt: u32, data: &[u8]) {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+    }
+
+    fn opt_reply(&mut self) -> OptReply {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).expect("option reply");
+        assert_eq!(be_u64(&h), OPTION_REPLY_MAGIC);
+        let mut data = vec![0u8; be_u32(&h[16..]) as usize];
+        self.s.read_exact(&mut data).unwrap();
+        OptReply {
+            option: be_u32(&h[8..]),
+            kind: be_u32(&h[12..]),
+            data,
+        }
+    }
+
+    /// Sends an option and collects replies up to the final one.
+    fn opt(&mut self, opt: u32, data: &[u8]) -> Vec<OptReply> {
+        self.send_opt(opt, data);
+        let mut out = Vec::new();
+        loop {
+            let r = self.opt_reply();
+            assert_eq!(r.option, opt);
+            let last = r.kind == REP_ACK || r.kind & (1 << 31) != 0;
+            out.push(r);
+            if last {
+                return out;
+            }
+        }
+    }
+
+    fn final_kind(&mut self, opt: u32, data: &[u8]) -> u32 {
+        self.opt(opt, data).last().unwrap().kind
+    }
+
+    /// GO to `name`; returns (size, transmission flags).
+    fn go(&mut self, name: &str) -> (u64, u16) {
+        let replies = self.opt(OPT_GO, &info_data(name, &[INFO_BLOCK_SIZE]));
+        assert_eq!(replies.last().unwrap().kind, REP_ACK);
+        let e = replies
+            .iter()
+            .find(|r| r.kind == REP_INFO && be_u16(&r.data) == INFO_EXPORT)
+            .expect("INFO_EXPORT");
+        (be_u64(&e.data[2..]), be_u16(&e.data[10..]))
+    }
+
+    fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+
+    fn request(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) {
+        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&cmd.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// A simple reply: (error, cookie).
+    fn simple(&mut self) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).expect("simple reply");
+        assert_eq!(be_u32(&h), SIMPLE_REPLY_MAGIC);
+        (be_u32(&h[4..]), be_u64(&h[8..]))
+    }
+
+    /// A reply of either kind with its payload: (magic, flags, type or error, cookie,
+    /// payload). Simple replies to reads carry `read_len` bytes when successful.
+    fn any_reply(&mut self, read_len: usize) -> (u32, u16, u32, u64, Vec<u8>) {
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m).expect("reply magic");
+        match be_u32(&m) {
+            SIMPLE_REPLY_MAGIC => {
+                let mut h = [0u8; 12];
+                self.s.read_exact(&mut h).unwrap();
+                let err = be_u32(&h);
+                let mut p = vec![0u8; if err == 0 { read_len } else { 0 }];
+                self.s.read_exact(&mut p).unwrap();
+                (SIMPLE_REPLY_MAGIC, 0, err, be_u64(&h[4..]), p)
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let mut h = [0u8; 16];
+                self.s.read_exact(&mut h).unwrap();
+                let mut p = vec![0u8; be_u32(&h[12..]) as usize];
+                self.s.read_exact(&mut p).unwrap();
+                (
+                    STRUCTURED_REPLY_MAGIC,
+                    be_u16(&h),
+                    u32::from(be_u16(&h[2..])),
+                    be_u64(&h[4..]),
+                    p,
+                )
+            }
+            m => panic!("bad reply magic {m:#x}"),
+        }
+    }
+
+    /// All chunks of one structured reply: (type, payload).
+    fn chunks(&mut self, cookie: u64) -> Vec<(u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        loop {
+            let (magic, flags, ty, c, p) = self.any_reply(0);
+            assert_eq!(magic, STRUCTURED_REPLY_MAGIC);
+            assert_eq!(c, cookie);
+            out.push((ty as u16, p));
+            if flags & REPLY_FLAG_DONE != 0 {
+                return out;
+            }
+        }
+    }
+}
+
+#[test]
+fn unknown_client_flags_close_the_connection() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = Client::connect(&srv.path, 1 << 7);
+    assert!(c.is_closed());
+    // The server still serves others.
+    let mut ok = srv.client();
+    assert_eq!(ok.final_kind(OPT_LIST, &[]), REP_ACK);
+    srv.stop();
+}
+
+#[test]
+fn unknown_and_unsupported_options_get_err_unsup_and_negotiation_goes_on() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    for opt in [99u32, 4, OPT_STARTTLS, OPT_EXTENDED_HEADERS, 0x7fff_ffff] {
+        assert_eq!(
+            c.final_kind(opt, b"some data"),
+            REP_ERR_UNSUP,
+            "option {opt}"
+        );
+    }
+    let list = c.opt(OPT_LIST, &[]);
+    let names: Vec<String> = list
+        .iter()
+        .filter(|r| r.kind == REP_SERVER)
+        .map(|r| {
+            let n = be_u32(&r.data) as usize;
+            String::from_utf8(r.data[4..4 + n].to_vec()).unwrap()
+        })
+        .collect();
+    assert_eq!(names, vec!["default", "default@snap"]);
+    let (size, flags) = c.go("");
+    assert_eq!(size, SIZE);
+    assert_eq!(flags & TFLAG_READ_ONLY, 0);
+    assert_ne!(flags & TFLAG_CAN_MULTI_CONN, 0);
+    srv.stop();
+}
+
+#[test]
+fn malformed_options_get_err_invalid() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    // INFO whose name length runs past the data; one request byte short; trailing.
+    let mut bad = info_data("default", &[INFO_NAME]);
+    bad[3] = 100;
+    assert_eq!(c.final_kind(OPT_INFO, &bad), REP_ERR_INVALID);
+    let good = info_data("default", &[INFO_NAME]);
+    assert_eq!(
+        c.final_kind(OPT_GO, &good[..good.len() - 1]),
+        REP_ERR_INVALID
+    );
+    let mut long = good.clone();
+    long.push(0);
+    assert_eq!(c.final_kind(OPT_INFO, &long), REP_ERR_INVALID);
+    assert_eq!(c.final_kind(OPT_INFO, &[0, 0]), REP_ERR_INVALID);
+    // Options that take no data.
+    assert_eq!(c.final_kind(OPT_LIST, b"x"), REP_ERR_INVALID);
+    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, b"x"), REP_ERR_INVALID);
+    // SET_META_CONTEXT before structured replies.
+    assert_eq!(
+        c.final_kind(
+            OPT_SET_META_CONTEXT,
+            &meta_data("default", &["base:allocation"])
+        ),
+        REP_ERR_INVALID
+    );
+    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
+    // Repeated: refused, and structured replies stay on.
+    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ERR_INVALID);
+    let m = meta_data("default", &["base:allocation"]);
+    assert_eq!(
+        c.final_kind(OPT_SET_META_CONTEXT, &m[..m.len() - 2]),
+        REP_ERR_INVALID
+    );
+    assert_eq!(
+        c.final_kind(OPT_SET_META_CONTEXT, &meta_data("default", &["nocolon"])),
+        REP_ERR_INVALID
+    );
+    // Unknown exports.
+    assert_eq!(
+        c.final_kind(OPT_INFO, &info_data("nope", &[])),
+        REP_ERR_UNKNOWN
+    );
+    assert_eq!(
+        c.final_kind(OPT_LIST_META_CONTEXT, &meta_data("nope", &[])),
+        REP_ERR_UNKNOWN
+    );
+    // Oversized option data is skipped.
+    assert_eq!(
+        c.final_kind(OPT_INFO, &vec![0u8; 100 << 10]),
+        REP_ERR_TOO_BIG
+    );
+    // After all that, the handshake still works.
+    let (size, flags) = c.go("default@snap");
+    assert_eq!(size, SIZE);
+    assert_ne!(flags & TFLAG_READ_ONLY, 0);
+    assert_ne!(flags & TFLAG_SEND_DF, 0);
+    srv.stop();
+}
+
+#[test]
+fn info_reports_export_block_size_name_and_description() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    let r = c.opt(
+        OPT_INFO,
+        &info_data("", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]),
+    );
+    assert_eq!(r.last().unwrap().kind, REP_ACK);
+    let find = |t: u16| {
+        r.iter()
+            .find(|x| x.kind == REP_INFO && be_u16(&x.data) == t)
+            .unwrap_or_else(|| panic!("info {t} missing"))
+    };
+    assert_eq!(&find(INFO_NAME).data[2..], b"default");
+    assert_eq!(&find(INFO_DESCRIPTION).data[2..], b"test disk");
+    let b = &find(INFO_BLOCK_SIZE).data;
+    assert_eq!(
+        (be_u32(&b[2..]), be_u32(&b[6..]), be_u32(&b[10..])),
+        (1, 65536, 32 << 20)
+    );
+    // Meta contexts: listing wildcards, selecting names.
+    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
+    let l = c.opt(
+        OPT_LIST_META_CONTEXT,
+        &meta_data("", &["qemu:", "x-other:thing"]),
+    );
+    let names: Vec<&[u8]> = l
+        .iter()
+        .filter(|x| x.kind == REP_META_CONTEXT)
+        .map(|x| &x.data[4..])
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            b"qemu:allocation-depth".as_slice(),
+            b"qemu:dirty-bitmap:snap".as_slice()
+        ]
+    );
+    let s = c.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_data(
+            "default",
+            &["base:allocation", "qemu:allocation-depth", "base:"],
+        ),
+    );
+    assert_eq!(s.len(), 3, "two contexts and an ACK");
+    srv.stop();
+}
+
+#[test]
+fn abort_and_bad_option_magic() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    assert_eq!(c.final_kind(OPT_ABORT, &[]), REP_ACK);
+    assert!(c.is_closed());
+    let mut c = srv.client();
+    c.s.write_all(&[0u8; 16]).unwrap();
+    assert!(c.is_closed());
+    srv.stop();
+}
+
+#[test]
+fn export_name_unknown_closes_known_enters_transmission() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    c.send_opt(OPT_EXPORT_NAME, b"missing");
+    assert!(c.is_closed());
+    // Without NO_ZEROES: size, flags, 124 zeros, then simple replies only.
+    let mut c = Client::connect(&srv.path, FLAG_C_FIXED_NEWSTYLE);
+    c.send_opt(OPT_EXPORT_NAME, b"default");
+    let mut r = [0u8; 10 + 124];
+    c.s.read_exact(&mut r).unwrap();
+    assert_eq!(be_u64(&r), SIZE);
+    assert!(r[10..].iter().all(|&b| b == 0));
+    c.request(0, CMD_READ, 7, 65536, 8, &[]);
+    let (magic, _, err, cookie, data) = c.any_reply(8);
+    assert_eq!((magic, err, cookie), (SIMPLE_REPLY_MAGIC, 0, 7));
+    assert_eq!(data, vec![0x5a; 8]);
+    srv.stop();
+}
+
+#[test]
+fn transmission_errors_follow_the_spec() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    c.go("default");
+    // Unknown command, unknown flag, flag of another command.
+    c.request(0, 99, 1, 0, 0, &[]);
+    assert_eq!(c.simple(), (EINVAL, 1));
+    c.request(1 << 9, CMD_READ, 2, 0, 512, &[]);
+    assert_eq!(c.simple(), (EINVAL, 2));
+    c.request(CMD_FLAG_REQ_ONE, CMD_FLUSH, 3, 0, 0, &[]);
+    assert_eq!(c.simple(), (EINVAL, 3));
+    // DF needs structured replies.
+    c.request(CMD_FLAG_DF, CMD_READ, 4, 0, 512, &[]);
+    assert_eq!(c.simple(), (EINVAL, 4));
+    // Past the end: EINVAL for reads and trims, ENOSPC for writes and zeroes.
+    c.request(0, CMD_READ, 5, SIZE - 512, 1024, &[]);
+    assert_eq!(c.simple(), (EINVAL, 5));
+    c.request(0, CMD_WRITE, 6, SIZE, 4, b"abcd");
+    assert_eq!(c.simple(), (ENOSPC, 6));
+    c.request(0, CMD_WRITE_ZEROES, 7, u64::MAX - 10, 100, &[]);
+    assert_eq!(c.simple(), (ENOSPC, 7));
+    c.request(0, CMD_TRIM, 8, SIZE, 1, &[]);
+    assert_eq!(c.simple(), (EINVAL, 8));
+    // Block status without contexts; flush with an offset.
+    c.request(0, CMD_BLOCK_STATUS, 9, 0, 512, &[]);
+    assert_eq!(c.simple(), (EINVAL, 9));
+    c.request(0, CMD_FLUSH, 10, 512, 0, &[]);
+    assert_eq!(c.simple(), (EINVAL, 10));
+    // An oversized write: its payload is dropped, the connection stays in sync.
+    let big = vec![1u8; (32 << 20) + 512];
+    c.request(0, CMD_WRITE, 11, 0, big.len() as u32, &big);
+    assert_eq!(c.simple(), (EINVAL, 11));
+    c.request(0, CMD_READ, 12, 65536, 4, &[]);
+    let (_, _, err, cookie, data) = c.any_reply(4);
+    assert_eq!((err, cookie, data), (0, 12, vec![0x5a; 4]));
+    // A bad request magic ends the connection.
+    c.s.write_all(&[0u8; 28]).unwrap();
+    assert!(c.is_closed());
+    srv.stop();
+}
+
+#[test]
+fn read_only_exports_refuse_writes_with_eperm() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    let (_, flags) = c.go("default@snap");
+    assert_ne!(flags & TFLAG_READ_ONLY, 0);
+    for (i, cmd) in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES]
+        .into_iter()
+        .enumerate()
+    {
+        let data: &[u8] = if cmd == CMD_WRITE { b"abcd" } else { &[] };
+        c.request(0, cmd, i as u64, 0, 4, data);
+        assert_eq!(c.simple(), (EPERM, i as u64));
+    }
+    srv.stop();
+}
+
+#[test]
+fn structured_reads_send_holes_data_and_errors() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
+    assert_eq!(
+        c.final_kind(
+            OPT_SET_META_CONTEXT,
+            &meta_data("", &["base:allocation", "qemu:allocation-depth"])
+        ),
+        REP_ACK
+    );
+    c.go("");
+    // [0, 64K) unallocated, [64K, 128K) data, rest unallocated.
+    c.request(0, CMD_READ, 1, 0, 196608, &[]);
+    let ch = c.chunks(1);
+    let kinds: Vec<u16> = ch.iter().map(|x| x.0).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            REPLY_TYPE_OFFSET_HOLE,
+            REPLY_TYPE_OFFSET_DATA,
+            REPLY_TYPE_OFFSET_HOLE
+        ]
+    );
+    assert_eq!(be_u64(&ch[1].1), 65536);
+    assert!(ch[1].1[8..].iter().all(|&b| b == 0x5a));
+    assert_eq!((be_u64(&ch[2].1), be_u32(&ch[2].1[8..])), (131072, 65536));
+    // DF: one data chunk with the zeros in it.
+    c.request(CMD_FLAG_DF, CMD_READ, 2, 0, 196608, &[]);
+    let ch = c.chunks(2);
+    assert_eq!(ch.len(), 1);
+    assert_eq!(ch[0].0, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(ch[0].1.len(), 8 + 196608);
+    // Errors are structured too, with a message.
+    c.request(0, CMD_READ, 3, SIZE, 512, &[]);
+    let ch = c.chunks(3);
+    assert_eq!(ch[0].0, REPLY_TYPE_ERROR);
+    assert_eq!(be_u32(&ch[0].1), EINVAL);
+    assert!(be_u16(&ch[0].1[4..]) > 0, "error message expected");
+    // Block status: one chunk per context; REQ_ONE gives one descriptor each.
+    c.request(0, CMD_BLOCK_STATUS, 4, 0, SIZE as u32, &[]);
+    let ch = c.chunks(4);
+    assert_eq!(ch.len(), 2);
+    let base = ch
+        .iter()
+        .find(|x| be_u32(&x.1) == 1)
+        .expect("base:allocation");
+    let descs: Vec<(u32, u32)> = base.1[4..]
+        .chunks(8)
+        .map(|d| (be_u32(d), be_u32(&d[4..])))
+        .collect();
+    assert_eq!(
+        descs,
+        vec![
+            (65536, STATE_HOLE | STATE_ZERO),
+            (65536, 0),
+            (SIZE as u32 - 131072, STATE_HOLE | STATE_ZERO)
+        ]
+    );
+    let depth = ch.iter().find(|x| be_u32(&x.1) == 2).expect("depth");
+    assert_eq!(be_u32(&depth.1[8..]), 0);
+    assert_eq!(be_u32(&depth.1[16..]), 1);
+    c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 5, 65536, 4096, &[]);
+    for (_, p) in c.chunks(5) {
+        assert_eq!(p.len(), 12);
+        assert_eq!(be_u32(&p[4..]), 4096);
+    }
+    srv.stop();
+}
+
+#[test]
+fn pipelined_requests_are_all_answered() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    c.go("");
+    let n = 200u64;
+    for i in 0..n {
+        let off = (i % 32) * 4096 + (1 << 20);
+        c.request(CMD_FLAG_FUA, CMD_WRITE, i, off, 4096, &[i as u8; 4096]);
+    }
+    let mut seen = vec![false; n as usize];
+    for _ in 0..n {
+        let (err, cookie) = c.simple();
+        assert_eq!(err, 0);
+        assert!(!seen[cookie as usize], "cookie {cookie} answered twice");
+        seen[cookie as usize] = true;
+    }
+    c.request(0, CMD_FLUSH, 1000, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 1000));
+    c.request(0, CMD_DISC, 1001, 0, 0, &[]);
+    assert!(c.is_closed());
+    srv.stop();
+}
+
+#[test]
+fn misaligned_requests_fail_when_a_minimum_block_size_is_advertised() {
+    let settings = Settings {
+        min_block_size: 4096,
+        ..Settings::default()
+    };
+    let srv = TestServer::start(settings, 0);
+    let mut c = srv.client();
+    c.go("");
+    c.request(0, CMD_READ, 1, 512, 4096, &[]);
+    assert_eq!(c.simple(), (EINVAL, 1));
+    c.request(0, CMD_WRITE, 2, 0, 512, &[0u8; 512]);
+    assert_eq!(c.simple(), (EINVAL, 2));
+    c.request(0, CMD_READ, 3, 4096, 4096, &[]);
+    let (_, _, err, _, _) = c.any_reply(4096);
+    assert_eq!(err, 0);
+    srv.stop();
+}
+
+#[test]
+fn handshake_timeout_closes_idle_clients() {
+    let settings = Settings {
+        handshake_timeout: Duration::from_millis(300),
+        ..Settings::default()
+    };
+    let srv = TestServer::start(settings, 0);
+    let mut c = srv.client();
+    let t = Instant::now();
+    assert!(c.is_closed());
+    assert!(t.elapsed() < Duration::from_secs(10));
+    srv.stop();
+}
+
+#[test]
+fn the_client_limit_holds_further_clients_back() {
+    let srv = TestServer::start(Settings::default(), 1);
+    let mut first = srv.client();
+    first.go("");
+    let path = srv.path.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let c = Client::connect(&path, FLAG_C_FIXED_NEWSTYLE);
+        tx.send(()).unwrap();
+        c
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "second client was served while the first was connected"
+    );
+    first.request(0, CMD_DISC, 0, 0, 0, &[]);
+    drop(first);
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("second client served after the first left");
+    drop(t.join().unwrap());
+    srv.stop();
+}
+
+#[test]
+fn shutdown_drains_and_closes_the_image() {
+    let srv = TestServer::start(Settings::default(), 0);
+    let mut c = srv.client();
+    c.go("");
+    c.request(0, CMD_WRITE, 1, 8192, 4, b"live");
+    assert_eq!(c.simple(), (0, 1));
+    // A client still in the handshake.
+    let mut h = srv.client();
+    let image = Arc::clone(&srv.image);
+    srv.stop();
+    assert!(c.is_closed());
+    let _ = h.is_closed();
+    // Closed: further use fails.
+    assert!(image.read_at(&mut [0u8; 4], 8192).is_err());
+}
+
+#[test]
+fn options_get_err_shutdown_while_the_server_shuts_down() {
+    let image =
+        Arc::new(Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(SIZE)).unwrap());
+    let exports = Exports::new(
+        image,
+        ExportPlan::Auto {
+            main_name: "default".into(),
+            main_description: None,
+        },
+        false,
+    )
+    .unwrap();
+    let settings = Settings::default();
+    let shutting_down = AtomicBool::new(true);
+    let (server_end, client_end) = UnixStream::pair().unwrap();
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| {
+            let mut s = server_end;
+            let ctx = HandshakeContext {
+                exports: &exports,
+                settings: &settings,
+                shutting_down: &shutting_down,
+            };
+            handshake::negotiate(&mut s, ctx, None, Duration::from_secs(5))
+        });
+        let mut c = Client::over(client_end, FLAG_C_FIXED_NEWSTYLE);
+        assert_eq!(c.final_kind(OPT_LIST, &[]), REP_ERR_SHUTDOWN);
+        assert_eq!(c.final_kind(OPT_GO, &info_data("", &[])), REP_ERR_SHUTDOWN);
+        assert_eq!(c.final_kind(OPT_ABORT, &[]), REP_ACK);
+        let r = server.join().unwrap();
+        assert!(matches!(r, Ok(None)), "{r:?}");
+    });
+}
+
+#[test]
+fn dirty_bitmap_contexts_report_changes_since_a_snapshot() {
+    let srv = TestServer::start(Settings::default(), 0);
+    srv.image.write_at(&[7u8; 100], (2 << 20) + 10).unwrap();
+    let mut c = srv.client();
+    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
+    let l = c.opt(
+        OPT_LIST_META_CONTEXT,
+        &meta_data("", &["qemu:dirty-bitmap:"]),
+    );
+    let names: Vec<&[u8]> = l
+        .iter()
+        .filter(|x| x.kind == REP_META_CONTEXT)
+        .map(|x| &x.data[4..])
+        .collect();
+    assert_eq!(names, vec![b"qemu:dirty-bitmap:snap".as_slice()]);
+    let s = c.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_data(
+            "",
+            &[
+                "qemu:dirty-bitmap:snap",
+                "qemu:dirty-bitmap:nope",
+                "base:allocation",
+            ],
+        ),
+    );
+    let ids: Vec<(u32, Vec<u8>)> = s
+        .iter()
+        .filter(|x| x.kind == REP_META_CONTEXT)
+        .map(|x| (be_u32(&x.data), x.data[4..].to_vec()))
+        .collect();
+    assert_eq!(ids.len(), 2, "the unknown snapshot selects nothing");
+    let dirty_id = ids
+        .iter()
+        .find(|(_, n)| n == b"qemu:dirty-bitmap:snap")
+        .expect("dirty bitmap selected")
+        .0;
+    c.go("");
+    c.request(0, CMD_BLOCK_STATUS, 1, 0, SIZE as u32, &[]);
+    let chunks = c.chunks(1);
+    let dirty = chunks
+        .iter()
+        .find(|(_, p)| be_u32(p) == dirty_id)
+        .expect("dirty bitmap chunk");
+    let descs: Vec<(u32, u32)> = dirty.1[4..]
+        .chunks(8)
+        .map(|d| (be_u32(d), be_u32(&d[4..])))
+        .collect();
+    let m = 1u32 << 20;
+    assert_eq!(
+        descs,
+        vec![(2 * m, 0), (65536, 1), (SIZE as u32 - 2 * m - 65536, 0)]
+    );
+    srv.stop();
+}
+
+#[test]
+fn a_client_trickling_option_bytes_is_cut_off_at_the_handshake_deadline() {
+    let settings = Settings {
+        handshake_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    let srv = TestServer::start(settings, 0);
+    let mut c = srv.client();
+    let mut h = IHAVEOPT.to_be_bytes().to_vec();
+    h.extend_from_slice(&OPT_INFO.to_be_bytes());
+    h.extend_from_slice(&1000u32.to_be_bytes());
+    c.s.write_all(&h).unwrap();
+    let start = Instant::now();
+    let mut cut = false;
+    while start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        if c.s.write_all(&[0]).is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "the server kept a trickling client for 10 s");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    srv.stop();
+}

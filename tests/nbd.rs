@@ -1,0 +1,1464 @@
+//! `qcowx-nbd` against real NBD clients: QEMU's (`qemu-io`, `qemu-img` with
+//! `nbd+unix://` and `nbd://` URIs) and libnbd's (`nbdinfo`, `nbdcopy`, `nbdsh`).
+//!
+//! Every test starts its own server process on a temporary Unix socket (or a free TCP
+//! port), talks to it with the tools, stops it (SIGTERM, or SIGKILL where the test is
+//! about crashes) and waits for it with a time limit, then checks the image with
+//! qcowx and with `qemu-img check`. The tools come from Debian packages `qemu-utils`,
+//! `libnbd-bin` and `python3-libnbd`; a missing tool fails the test with a message
+//! naming its package (scripts/test installs them).
+//!
+//! The server binary is built on first use with the same cargo profile as this test
+//! (`cargo build -p qcowx-nbd`); set `QCOWX_NBD=/path/to/qcowx-nbd` to use another.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use qcowx_core::{CreateOptions, Image};
+use qcowx_tests::*;
+
+/// How long a server may take to start listening or to stop.
+const SERVER_WAIT: Duration = Duration::from_secs(60);
+
+// ---- tools ------------------------------------------------------------------------------
+
+fn require(tool: &str, package: &str, probe: &[&str]) {
+    static CHECKED: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let checked = CHECKED.get_or_init(Default::default);
+    if checked.lock().unwrap().iter().any(|t| t == tool) {
+        return;
+    }
+    let ok = tool_command(tool)
+        .args(probe)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        panic!("{tool} not found or not working: install {package} (scripts/test does)");
+    }
+    checked.lock().unwrap().push(tool.to_string());
+}
+
+/// A command for a libnbd tool. `nbdsh` runs `python3 -m nbd` from `PATH`; Debian's
+/// `python3-libnbd` installs the module for `/usr/bin/python3`, so that comes first
+/// (a pyenv or venv python3 earlier in `PATH` would not have it).
+fn tool_command(tool: &str) -> Command {
+    let mut c = Command::new(tool);
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut p = OsString::from("/usr/bin:");
+    p.push(path);
+    c.env("PATH", p);
+    c
+}
+
+fn nbdinfo() -> Command {
+    require("nbdinfo", "libnbd-bin", &["--version"]);
+    tool_command("nbdinfo")
+}
+
+fn nbdcopy() -> Command {
+    require("nbdcopy", "libnbd-bin", &["--version"]);
+    tool_command("nbdcopy")
+}
+
+fn nbdsh() -> Command {
+    require(
+        "nbdsh",
+        "python3-libnbd (and libnbd-bin)",
+        &["-c", "import nbd"],
+    );
+    tool_command("nbdsh")
+}
+
+/// Python helpers prepended to every nbdsh script.
+const PY_PRELUDE: &str = r#"
+import nbd
+def expect_err(name, f, *a, **k):
+    try:
+        f(*a, **k)
+    except nbd.Error as e:
+        assert e.errno == name, "%s%r: expected %s, got %s: %s" % (f.__name__, a, name, e.errno, e.string)
+        return
+    raise AssertionError("%s%r: expected %s, but it succeeded" % (f.__name__, a, name))
+"#;
+
+/// Runs an nbdsh script (the handle is `h`, not yet connected); fails the test if
+/// the script fails. Returns stdout.
+fn nbdsh_ok(script: &str) -> String {
+    let full = format!("{PY_PRELUDE}\n{script}");
+    let out = run(nbdsh().args(["-c", &full]));
+    assert!(
+        out.status.success(),
+        "nbdsh script failed:\n{script}\n{}",
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(out)))
+}
+
+// ---- the server under test ---------------------------------------------------------------
+
+/// The `qcowx-nbd` binary, built with this test's profile on first use.
+fn server_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("QCOWX_NBD") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile dir>/deps/nbd-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target profile directory")
+            .to_path_buf();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "qcowx-nbd", "--bin", "qcowx-nbd"])
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(p) => {
+                cmd.args(["--profile", p]);
+            }
+        }
+        let out = run_timeout(&mut cmd, Duration::from_secs(1200));
+        assert!(
+            out.status.success(),
+            "building qcowx-nbd failed: {}",
+            describe(&out)
+        );
+        let bin = profile_dir.join("qcowx-nbd");
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+}
+
+/// A running `qcowx-nbd`.
+struct NbdServer {
+    child: Option<Child>,
+    sock: Option<PathBuf>,
+    tcp: Option<String>,
+    banner: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// Where a server should listen.
+enum Listen<'a> {
+    Unix(&'a Path),
+    Tcp,
+}
+
+impl NbdServer {
+    /// Starts `qcowx-nbd ARGS... IMAGE` listening as `listen` says and waits until it
+    /// listens (it prints where, then how to connect).
+    fn start(image: &Path, listen: Listen<'_>, args: &[&str]) -> NbdServer {
+        let mut cmd = Command::new(server_bin());
+        match listen {
+            Listen::Unix(p) => {
+                cmd.arg("-k").arg(p);
+            }
+            Listen::Tcp => {
+                cmd.args(["-b", "127.0.0.1", "-p", "0"]);
+            }
+        }
+        cmd.args(args).arg(image);
+        NbdServer::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> NbdServer {
+        let line = command_line(&cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("stderr");
+        let sink = Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = NbdServer {
+            child: Some(child),
+            sock: None,
+            tcp: None,
+            banner: String::new(),
+            stderr,
+        };
+        let deadline = Instant::now() + SERVER_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => {
+                    server.banner.push_str(&l);
+                    server.banner.push('\n');
+                    if let Some(p) = l.strip_prefix("listening on unix ") {
+                        server.sock = Some(PathBuf::from(p));
+                    } else if let Some(a) = l.strip_prefix("listening on tcp ") {
+                        server.tcp = Some(a.to_string());
+                    } else if l.trim_start().starts_with("nbdinfo --list") {
+                        // The last line of the banner.
+                        break;
+                    }
+                }
+                Err(_) => panic!(
+                    "`{line}` did not start listening within {SERVER_WAIT:?}\nstdout:\n{}\nstderr:\n{}",
+                    server.banner,
+                    server.stderr()
+                ),
+            }
+        }
+        // Keep draining stdout so the server never blocks on it.
+        thread::spawn(move || while rx.recv().is_ok() {});
+        server
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The NBD URI of `export`.
+    fn uri(&self, export: &str) -> String {
+        if let Some(s) = &self.sock {
+            format!("nbd+unix:///{export}?socket={}", s.display())
+        } else {
+            format!("nbd://{}/{export}", self.tcp.as_ref().expect("an address"))
+        }
+    }
+
+    /// Sends SIGTERM and waits; asserts a clean exit and that the socket is gone.
+    fn stop(mut self) {
+        let pid = self.pid().to_string();
+        let out = run(Command::new("kill").args(["-TERM", &pid]));
+        assert!(out.status.success(), "kill -TERM: {}", describe(&out));
+        let status = self.wait();
+        assert!(
+            status.success(),
+            "qcowx-nbd exited with {status}\nstderr:\n{}",
+            self.stderr()
+        );
+        if let Some(s) = &self.sock {
+            assert!(!s.exists(), "{} left behind after shutdown", s.display());
+        }
+    }
+
+    /// Waits (bounded) for the server to exit by itself.
+    fn wait(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + SERVER_WAIT;
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                self.child = None;
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                panic!(
+                    "qcowx-nbd did not exit within {SERVER_WAIT:?}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill9(mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().expect("kill -9");
+        c.wait().expect("wait");
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sock_in(dir: &TempDir) -> PathBuf {
+    dir.path().join("nbd.sock")
+}
+
+/// A new qcowx image of `size` bytes (64 KiB clusters), closed.
+fn new_image(path: &Path, size: u64) {
+    let img = Image::create(path, &CreateOptions::new(size)).expect("create image");
+    img.close().expect("close");
+}
+
+/// `qemu-io -f raw URI -c ...`, which must succeed.
+fn qemu_io_nbd(uri: &str, cmds: &[&str]) -> Output {
+    let mut c = qemu_io();
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    let out = run_ok(&mut c);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("Pattern verification failed") && !text.contains("failed:"),
+        "qemu-io {uri}: {}",
+        describe(&out)
+    );
+    out
+}
+
+/// The bytes of an export, through nbdcopy.
+fn export_bytes(server: &NbdServer, export: &str, scratch: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(scratch);
+    run_ok(nbdcopy().arg(server.uri(export)).arg(scratch));
+    std::fs::read(scratch).expect("read copy")
+}
+
+/// Per-byte runs `(start, end, value)` merged where the value repeats.
+fn merge_runs<T: PartialEq + Copy>(
+    runs: impl IntoIterator<Item = (u64, u64, T)>,
+) -> Vec<(u64, u64, T)> {
+    let mut out: Vec<(u64, u64, T)> = Vec::new();
+    for (s, e, v) in runs {
+        if e <= s {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 == s && last.2 == v => last.1 = e,
+            _ => out.push((s, e, v)),
+        }
+    }
+    out
+}
+
+/// `qemu-img map --output=json` entries as (start, length, JSON object).
+fn map_entries(v: &serde_json::Value) -> Vec<(u64, u64, serde_json::Value)> {
+    v.as_array()
+        .expect("map JSON is an array")
+        .iter()
+        .map(|e| {
+            let g = |k: &str| {
+                e[k].as_u64()
+                    .unwrap_or_else(|| panic!("{k} missing in {e}"))
+            };
+            let (s, l) = if e.get("start").is_some() {
+                (g("start"), g("length"))
+            } else {
+                (g("offset"), g("length"))
+            };
+            (s, l, e.clone())
+        })
+        .collect()
+}
+
+// ---- QEMU's client -----------------------------------------------------------------------
+
+#[test]
+fn qemu_io_reads_writes_flushes_discards_and_zeroes_over_a_unix_socket() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    let size = 64 << 20;
+    new_image(&img, size);
+    let pidfile = dir.path().join("server.pid");
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock_in(&dir)),
+        &[
+            "-t",
+            "--discard=unmap",
+            "--pid-file",
+            pidfile.to_str().unwrap(),
+        ],
+    );
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert_eq!(pid, server.pid());
+    assert!(server
+        .banner
+        .contains("qemu-system-x86_64 -drive file=nbd+unix:///default?socket="));
+    let uri = server.uri("default");
+    qemu_io_nbd(
+        &uri,
+        &[
+            "write -P 0xa5 0 1M",
+            "write -P 0x5a 4M 64k",
+            "write -f -P 0x11 12M 4k",
+            "write -P 0x22 12582912 512",
+            "read -P 0xa5 0 1M",
+            "read -P 0x5a 4M 64k",
+            "read -P 0 5M 1M",
+            "flush",
+            "discard 0 128k",
+            "read -P 0 0 128k",
+            "write -z 8M 1M",
+            "write -P 0x33 9M 64k",
+            "write -z 9M 4k",
+            "read -P 0 9M 4k",
+            "read -P 0x33 9220k 60k",
+            "aio_write -P 0x44 20M 64k",
+            "aio_write -P 0x45 21M 64k",
+            "aio_flush",
+        ],
+    );
+    // The same through an nbd:// URI needs TCP; reads through a second connection.
+    qemu_io_nbd(&uri, &["read -P 0x44 20M 64k", "read -P 0x45 21M 64k"]);
+    server.stop();
+    assert!(!pidfile.exists(), "pid file left behind");
+
+    let mut want = ExpectedDisk::zeroed(size, 65536);
+    want.write(0, &[0xa5; 1 << 20]);
+    want.write(4 << 20, &[0x5a; 65536]);
+    want.write(12 << 20, &[0x11; 4096]);
+    want.write(12582912, &[0x22; 512]);
+    want.discard(0, 128 << 10);
+    want.zero(8 << 20, 1 << 20);
+    want.write(9 << 20, &[0x33; 65536]);
+    want.zero(9 << 20, 4096);
+    want.write(20 << 20, &[0x44; 65536]);
+    want.write(21 << 20, &[0x45; 65536]);
+    let image = open_ro(&img);
+    assert_image_eq_bytes(&image, want.as_bytes());
+    assert!(
+        !image.info().expect("info").dirty,
+        "dirty after a clean shutdown"
+    );
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn qemu_img_converts_to_and_from_an_export_over_tcp() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    let size: u64 = 16 << 20;
+    new_image(&img, size);
+    // A source with data, zeros and a tail that is not cluster-aligned.
+    let src = dir.path().join("src.raw");
+    let mut bytes = vec![0u8; size as usize];
+    Rng::new(7).fill(&mut bytes[..3 << 20]);
+    Rng::new(8).fill(&mut bytes[(9 << 20)..(9 << 20) + 77777]);
+    std::fs::write(&src, &bytes).unwrap();
+
+    let server = NbdServer::start(&img, Listen::Tcp, &["-t"]);
+    let uri = server.uri("default");
+    assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
+    run_ok(
+        qemu_img()
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    let back = dir.path().join("back.raw");
+    run_ok(
+        qemu_img()
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&uri)
+            .arg(&back),
+    );
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        bytes,
+        "raw copy of the export"
+    );
+    let q = dir.path().join("back.qcow2");
+    run_ok(
+        qemu_img()
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&uri)
+            .arg(&q),
+    );
+    assert_qemu_compare_eq(&q, "qcow2", &src, "raw");
+    // qemu-io over nbd:// as well.
+    qemu_io_nbd(&uri, &["write -P 0x77 15M 4k", "read -P 0x77 15M 4k"]);
+    server.stop();
+
+    bytes[15 << 20..(15 << 20) + 4096].fill(0x77);
+    let image = open_ro(&img);
+    assert_image_eq_bytes(&image, &bytes);
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn qemu_img_map_over_nbd_matches_the_image_allocation() {
+    let dir = tempdir();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let size: u64 = 8 << 20;
+    qemu_img_create(&base, size, "");
+    qemu_io_ok(
+        "qcow2",
+        &base,
+        &["write -P 0xb0 0 2M", "write -P 0xb1 6M 512k"],
+    );
+    let mut opts = CreateOptions::new(size);
+    opts.backing_file = Some("base.qcow2".into());
+    opts.backing_format = Some("qcow2".into());
+    let image = Image::create(&top, &opts).expect("create top");
+    image.write_at(&[0xc0; 65536 * 3], 1 << 20).unwrap();
+    image.write_zeroes(4 << 20, 1 << 20, false).unwrap();
+    image.write_at(&[0xc1; 4096], 7 << 20).unwrap();
+    image.close().unwrap();
+
+    let server = NbdServer::start(&top, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
+    let uri = server.uri("default");
+    // The file's own map, as QEMU sees it (the server holds a shared lock only).
+    let file_map = json(&run_ok(
+        qemu_img()
+            .args(["map", "--output=json", "-f", "qcow2"])
+            .arg(&top),
+    ));
+    let nbd_map = json(&run_ok(
+        qemu_img()
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(&uri),
+    ));
+    let data_of = |v: &serde_json::Value| {
+        merge_runs(
+            map_entries(v)
+                .into_iter()
+                .map(|(s, l, e)| (s, s + l, e["data"].as_bool().expect("data"))),
+        )
+    };
+    assert_eq!(
+        data_of(&nbd_map),
+        data_of(&file_map),
+        "data extents over NBD differ from the file's\nnbd: {nbd_map}\nfile: {file_map}"
+    );
+    // qemu:allocation-depth: 0 unallocated, 1 this image, 2 the backing file.
+    let depth_map = json(&run_ok(
+        nbdinfo()
+            .args(["--map=qemu:allocation-depth", "--json"])
+            .arg(&uri),
+    ));
+    let depths = merge_runs(
+        map_entries(&depth_map)
+            .into_iter()
+            .map(|(s, l, e)| (s, s + l, e["type"].as_u64().expect("type"))),
+    );
+    let want = merge_runs(map_entries(&file_map).into_iter().map(|(s, l, e)| {
+        let d = if e["present"].as_bool().unwrap() {
+            e["depth"].as_u64().unwrap() + 1
+        } else {
+            0
+        };
+        (s, s + l, d)
+    }));
+    assert_eq!(depths, want, "allocation depth over NBD vs qemu-img map");
+    assert!(
+        depths.iter().any(|r| r.2 == 2),
+        "backing data expected: {depths:?}"
+    );
+    assert!(
+        depths.iter().any(|r| r.2 == 0),
+        "unallocated expected: {depths:?}"
+    );
+    // base:allocation through nbdinfo: data where qemu-img says data.
+    let base_map = json(&run_ok(nbdinfo().args(["--map", "--json"]).arg(&uri)));
+    let nbd_data = merge_runs(
+        map_entries(&base_map)
+            .into_iter()
+            .map(|(s, l, e)| (s, s + l, e["type"].as_u64().unwrap() & 1 == 0)),
+    );
+    assert_eq!(
+        nbd_data,
+        data_of(&file_map),
+        "nbdinfo --map vs qemu-img map"
+    );
+    // Content, with the backing file showing through.
+    let copy = export_bytes(&server, "default", &dir.path().join("copy.raw"));
+    let raw = dir.path().join("top.raw");
+    run_ok(
+        qemu_img()
+            .args(["convert", "-U", "-O", "raw"])
+            .arg(&top)
+            .arg(&raw),
+    );
+    assert_eq!(
+        copy,
+        std::fs::read(&raw).unwrap(),
+        "export content vs qemu-img convert"
+    );
+    server.stop();
+}
+
+// ---- libnbd's tools ----------------------------------------------------------------------
+
+/// An image with a default VDI, a snapshot of it, a forked VDI and its snapshot:
+/// `default` (0x01 at 0, later 0x02), `default@s1` (0x01), `web` (forked from s1,
+/// then 0x03 at 1M), `web@w1`.
+fn image_with_vdis(path: &Path) {
+    let image = Arc::new(Image::create(path, &CreateOptions::new(4 << 20)).expect("create"));
+    image.write_at(&[0x01; 65536], 0).unwrap();
+    image.snapshot("default", "s1").unwrap();
+    image.write_at(&[0x02; 65536], 0).unwrap();
+    image.fork("s1", "web").unwrap();
+    let web = image.open_root("web").unwrap();
+    web.write_at(&[0x03; 65536], 1 << 20).unwrap();
+    image.snapshot("web", "w1").unwrap();
+    image.close().unwrap();
+}
+
+#[test]
+fn nbdinfo_lists_every_vdi_and_snapshot() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock_in(&dir)),
+        &["-t", "-D", "main disk"],
+    );
+    let list = json(&run_ok(
+        nbdinfo().args(["--list", "--json"]).arg(server.uri("")),
+    ));
+    let exports = list["exports"].as_array().expect("exports");
+    let mut seen: Vec<(String, bool)> = exports
+        .iter()
+        .map(|e| {
+            (
+                e["export-name"].as_str().unwrap().to_string(),
+                e["is_read_only"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("default".to_string(), false),
+            ("default@s1".to_string(), true),
+            ("web".to_string(), false),
+            ("web@w1".to_string(), true),
+        ]
+    );
+    let main = exports
+        .iter()
+        .find(|e| e["export-name"] == "default")
+        .unwrap();
+    assert_eq!(main["description"], "main disk");
+
+    let info = json(&run_ok(nbdinfo().arg("--json").arg(server.uri("web@w1"))));
+    let e = &info["exports"][0];
+    assert_eq!(e["export-size"], 4 << 20);
+    assert_eq!(e["block_size_minimum"], 1);
+    assert_eq!(e["block_size_preferred"], 65536);
+    assert_eq!(e["block_size_maximum"], 32 << 20);
+    assert_eq!(e["is_read_only"], true);
+    assert_eq!(e["can_multi_conn"], true);
+    assert_eq!(info["structured"], true);
+    let contexts: Vec<&str> = e["contexts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(contexts.contains(&"base:allocation") && contexts.contains(&"qemu:allocation-depth"));
+
+    // --map of each export shows its own allocation.
+    let map = |export: &str| {
+        let v = json(&run_ok(
+            nbdinfo().args(["--map", "--json"]).arg(server.uri(export)),
+        ));
+        merge_runs(
+            map_entries(&v)
+                .into_iter()
+                .map(|(s, l, e)| (s, s + l, e["type"].as_u64().unwrap() & 1 == 0)),
+        )
+    };
+    let m = 1u64 << 20;
+    assert_eq!(
+        map("default@s1"),
+        vec![(0, 65536, true), (65536, 4 * m, false)]
+    );
+    assert_eq!(
+        map("web"),
+        vec![
+            (0, 65536, true),
+            (65536, m, false),
+            (m, m + 65536, true),
+            (m + 65536, 4 * m, false)
+        ]
+    );
+    // The default export "" is the default VDI.
+    let plain = run_ok(nbdinfo().arg(server.uri("")));
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("export=\"default\""));
+    server.stop();
+}
+
+#[test]
+fn nbdcopy_copies_into_and_out_of_exports() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock_in(&dir)),
+        &["-t", "--discard=unmap"],
+    );
+    let size = 4usize << 20;
+    let mut src = vec![0u8; size];
+    Rng::new(42).fill(&mut src[..(1 << 20) + 12345]);
+    let src_path = dir.path().join("src.raw");
+    std::fs::write(&src_path, &src).unwrap();
+    // Into the forked VDI; then back out, and the snapshots unchanged.
+    run_ok(nbdcopy().arg(&src_path).arg(server.uri("web")));
+    let back = export_bytes(&server, "web", &dir.path().join("back.raw"));
+    assert!(back == src, "nbdcopy round trip differs");
+    let w1 = export_bytes(&server, "web@w1", &dir.path().join("w1.raw"));
+    assert!(w1[..65536].iter().all(|&b| b == 0x01));
+    assert!(w1[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0x03));
+    let s1 = export_bytes(&server, "default@s1", &dir.path().join("s1.raw"));
+    assert!(s1[..65536].iter().all(|&b| b == 0x01) && s1[65536..].iter().all(|&b| b == 0));
+    let d = export_bytes(&server, "default", &dir.path().join("d.raw"));
+    assert!(d[..65536].iter().all(|&b| b == 0x02), "default VDI changed");
+    // Export to export.
+    run_ok(
+        nbdcopy()
+            .arg(server.uri("web@w1"))
+            .arg(server.uri("default")),
+    );
+    let d = export_bytes(&server, "default", &dir.path().join("d2.raw"));
+    assert!(d == w1, "export-to-export copy differs");
+    server.stop();
+
+    let image = Arc::new(open_ro(&img));
+    let web = image.open_root("web").unwrap();
+    let mut got = vec![0u8; size];
+    web.read_at(&mut got, 0).unwrap();
+    assert!(got == src, "web VDI content after shutdown");
+    drop(web);
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn concurrent_clients_on_several_exports_stay_isolated() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-e", "8"]);
+    let jobs: Vec<(String, u8)> = vec![
+        (server.uri("default"), 0xd0),
+        (server.uri("web"), 0xe0),
+        (server.uri("default"), 0xd8),
+        (server.uri("web"), 0xe8),
+    ];
+    let handles: Vec<_> = jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (uri, p))| {
+            thread::spawn(move || {
+                // Each writer owns its own 512 KiB region of its VDI.
+                let base = (4 + (i as u64 / 2)) << 19;
+                let cmds: Vec<String> = (0..8u64)
+                    .map(|k| format!("write -P {} {} 64k", p + k as u8, base + k * 65536))
+                    .chain(std::iter::once("flush".to_string()))
+                    .collect();
+                let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+                qemu_io_nbd(&uri, &refs);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("writer");
+    }
+    let d = export_bytes(&server, "default", &dir.path().join("d.raw"));
+    let w = export_bytes(&server, "web", &dir.path().join("w.raw"));
+    for k in 0..8u64 {
+        let at = |i: u64| (((4 + i / 2) << 19) + k * 65536) as usize;
+        assert!(d[at(0)..at(0) + 65536].iter().all(|&b| b == 0xd0 + k as u8));
+        assert!(d[at(2)..at(2) + 65536].iter().all(|&b| b == 0xd8 + k as u8));
+        assert!(w[at(1)..at(1) + 65536].iter().all(|&b| b == 0xe0 + k as u8));
+        assert!(w[at(3)..at(3) + 65536].iter().all(|&b| b == 0xe8 + k as u8));
+    }
+    // Nothing of default in web and the other way round, and the snapshots as taken.
+    assert!(d[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0));
+    assert!(w[..65536].iter().all(|&b| b == 0x01));
+    let s1 = export_bytes(&server, "default@s1", &dir.path().join("s1.raw"));
+    assert!(s1[..65536].iter().all(|&b| b == 0x01) && s1[65536..].iter().all(|&b| b == 0));
+    let w1 = export_bytes(&server, "web@w1", &dir.path().join("w1.raw"));
+    assert!(w1[65536..1 << 20].iter().all(|&b| b == 0));
+    assert!(w1[(1 << 20) + 65536..].iter().all(|&b| b == 0));
+    server.stop();
+    assert_qemu_check_clean(&img);
+}
+
+// ---- protocol edge cases with nbdsh ---------------------------------------------------------
+
+#[test]
+fn nbdsh_edge_cases_with_structured_replies() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-v"]);
+    let script = format!(
+        r#"
+h.add_meta_context("base:allocation")
+h.add_meta_context("qemu:allocation-depth")
+h.set_strict_mode(0)
+h.connect_uri("{uri}")
+size = h.get_size()
+assert size == 4 << 20
+assert h.get_structured_replies_negotiated()
+assert h.can_df() and h.can_fua() and h.can_flush() and h.can_trim() and h.can_zero()
+assert h.can_fast_zero() and h.can_cache() and h.can_multi_conn()
+assert h.can_meta_context("base:allocation") and h.can_meta_context("qemu:allocation-depth")
+assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 << 20
+
+# Sparse read: a data chunk for the written cluster, holes for the rest.
+chunks = []
+def cb(sub, off, status, err):
+    chunks.append((off, len(sub), status))
+    return 0
+buf = h.pread_structured(3 * 65536, 0, cb)
+assert buf[:65536] == b"\x02" * 65536 and buf[65536:] == bytes(2 * 65536), "content"
+assert (0, 65536, nbd.READ_DATA) in chunks, chunks
+assert any(s == nbd.READ_HOLE for (_, _, s) in chunks), chunks
+# DF: one content chunk.
+chunks.clear()
+h.pread_structured(3 * 65536, 0, cb, nbd.CMD_FLAG_DF)
+assert len(chunks) == 1 and chunks[0] == (0, 3 * 65536, nbd.READ_DATA), chunks
+
+# FUA writes, unaligned, read back.
+h.pwrite(b"fua!" * 300, 1000001, nbd.CMD_FLAG_FUA)
+assert h.pread(1200, 1000001) == b"fua!" * 300
+h.zero(4096, 70000, nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(4096, 70000) == bytes(4096)
+h.flush()
+h.cache(1 << 20, 0)
+
+# Fast zero: a partial cluster holding data cannot be zeroed by metadata alone.
+h.pwrite(b"x" * 512, 2 * 65536 + 512)
+expect_err("ENOTSUP", h.zero, 512, 2 * 65536 + 512, nbd.CMD_FLAG_FAST_ZERO)
+assert h.pread(512, 2 * 65536 + 512) == b"x" * 512
+h.zero(65536, 2 * 65536, nbd.CMD_FLAG_FAST_ZERO)
+assert h.pread(65536, 2 * 65536) == bytes(65536)
+
+# Block status: two contexts, REQ_ONE gives one extent each.
+seen = {{}}
+def bs(ctx, off, entries, err):
+    seen[ctx] = list(entries)
+    return 0
+h.block_status(size, 0, bs)
+assert seen["base:allocation"][1] == 0, seen
+assert seen["qemu:allocation-depth"][1] == 1, seen
+h.block_status(size, 0, bs, nbd.CMD_FLAG_REQ_ONE)
+assert len(seen["base:allocation"]) == 2 and len(seen["qemu:allocation-depth"]) == 2, seen
+
+# Out of range: EINVAL for reads, trims and block status; ENOSPC for writes.
+expect_err("EINVAL", h.pread, 512, size - 256)
+expect_err("ENOSPC", h.pwrite, b"y" * 512, size - 256)
+expect_err("ENOSPC", h.zero, 512, size)
+expect_err("EINVAL", h.trim, 512, size)
+expect_err("EINVAL", h.block_status, 512, size, bs)
+expect_err("EINVAL", h.pread, 512, 1 << 62)
+# Oversized requests get EINVAL and the connection goes on.
+expect_err("EINVAL", h.pread, 48 << 20, 0)
+expect_err("EINVAL", h.pwrite, bytes(48 << 20), 0)
+# Unknown flags and flags of another command.
+expect_err("EINVAL", h.pread, 512, 0, 1 << 7)
+expect_err("EINVAL", h.pread, 512, 0, nbd.CMD_FLAG_REQ_ONE)
+expect_err("EINVAL", h.pwrite, b"z" * 512, 0, nbd.CMD_FLAG_NO_HOLE)
+expect_err("EINVAL", h.flush, nbd.CMD_FLAG_DF)
+assert h.pread(4, 1000001) == b"fua!"
+h.shutdown()
+
+# A snapshot export is read-only: writes get EPERM.
+r = nbd.NBD()
+r.set_strict_mode(0)
+r.connect_uri("{snap}")
+assert r.is_read_only()
+assert not r.can_trim() and not r.can_zero()
+expect_err("EPERM", r.pwrite, b"w" * 512, 0)
+expect_err("EPERM", r.trim, 65536, 0)
+expect_err("EPERM", r.zero, 65536, 0)
+assert r.pread(4, 0) == b"\x01" * 4
+r.shutdown()
+
+# Repeated and informational options before GO.
+o = nbd.NBD()
+o.set_opt_mode(True)
+o.connect_uri("{uri}")
+names = []
+o.opt_list(lambda n, d: names.append(n) or 0)
+o.opt_list(lambda n, d: names.append(n) or 0)
+assert sorted(names) == sorted(["default", "default@s1", "web", "web@w1"] * 2), names
+ctxs = []
+o.opt_list_meta_context(lambda c: ctxs.append(c) or 0)
+o.opt_list_meta_context(lambda c: ctxs.append(c) or 0)
+want = ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:s1", "qemu:dirty-bitmap:w1"]
+assert sorted(ctxs) == sorted(want * 2), ctxs
+o.set_export_name("web")
+o.opt_info()
+o.opt_info()
+assert o.get_size() == 4 << 20
+o.set_export_name("nope")
+expect_err("ENOENT", o.opt_info)
+o.set_export_name("web@w1")
+o.opt_go()
+assert o.is_read_only() and o.pread(4, 1 << 20) == b"\x03" * 4
+o.shutdown()
+print("ok")
+"#,
+        uri = server.uri("default"),
+        snap = server.uri("default@s1"),
+    );
+    assert!(nbdsh_ok(&script).contains("ok"));
+    // The errors came from the server, not from libnbd's own checks.
+    let log = server.stderr();
+    for want in [
+        "READ offset 4194048 length 512: error 22",
+        "WRITE offset 4194048 length 512: error 28",
+        "READ offset 0 length 50331648: error 22",
+        "WRITE offset 0 length 50331648: error 22",
+        "flags 0x80 are not valid for READ",
+        "flags 0x8 are not valid for READ",
+        "flags 0x2 are not valid for WRITE",
+        "flags 0x4 are not valid for FLUSH",
+        "WRITE on a read-only export",
+        "TRIM on a read-only export",
+        "WRITE_ZEROES on a read-only export",
+        "error 95",
+    ] {
+        assert!(log.contains(want), "server log lacks {want:?}:\n{log}");
+    }
+    server.stop();
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn nbdsh_edge_cases_with_simple_replies_and_a_minimum_block_size() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 8 << 20);
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock_in(&dir)),
+        &["-t", "-v", "--min-block-size", "4096"],
+    );
+    let script = format!(
+        r#"
+h.set_request_structured_replies(False)
+h.add_meta_context("base:allocation")
+h.set_strict_mode(0)
+h.connect_uri("{uri}")
+assert not h.get_structured_replies_negotiated()
+assert not h.can_df()
+assert not h.can_meta_context("base:allocation")
+assert h.get_block_size(nbd.SIZE_MINIMUM) == 4096
+h.pwrite(b"s" * 8192, 4096, nbd.CMD_FLAG_FUA)
+assert h.pread(8192, 4096) == b"s" * 8192
+# Errors come as simple replies and leave the connection usable.
+expect_err("EINVAL", h.pread, 4096, 512)
+expect_err("EINVAL", h.pwrite, b"m" * 512, 4096)
+expect_err("EINVAL", h.pread, 4096, 8 << 20)
+expect_err("ENOSPC", h.pwrite, b"n" * 4096, 8 << 20)
+expect_err("EINVAL", h.pread, 4096, 0, nbd.CMD_FLAG_DF)
+expect_err("EINVAL", h.pread, 40 << 20, 0)
+assert h.pread(4096, 4096)[:4] == b"ssss"
+h.shutdown()
+print("ok")
+"#,
+        uri = server.uri(""),
+    );
+    assert!(nbdsh_ok(&script).contains("ok"));
+    let log = server.stderr();
+    for want in [
+        "READ offset 512 length 4096: error 22: READ at offset 512 length 4096 is not aligned",
+        "WRITE offset 4096 length 512: error 22",
+        "WRITE offset 8388608 length 4096: error 28",
+        "flags 0x4 are not valid for READ",
+        "READ offset 0 length 41943040: error 22",
+    ] {
+        assert!(log.contains(want), "server log lacks {want:?}:\n{log}");
+    }
+    server.stop();
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn an_abrupt_disconnect_mid_write_leaves_the_server_serving_others() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 8 << 20);
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
+    // A client connected throughout: one checked write per line on its stdin.
+    let script = format!(
+        r#"
+import sys
+h.connect_uri("{uri}")
+print("ready", flush=True)
+for line in sys.stdin:
+    i = int(line)
+    h.pwrite(bytes([i]) * 4096, 3 << 20)
+    assert h.pread(4096, 3 << 20) == bytes([i]) * 4096
+    print("ok", i, flush=True)
+"#,
+        uri = server.uri("default")
+    );
+    let mut keeper = nbdsh()
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdsh");
+    let mut keeper_in = keeper.stdin.take().unwrap();
+    let mut keeper_out = BufReader::new(keeper.stdout.take().unwrap());
+    let mut line = String::new();
+    keeper_out.read_line(&mut line).expect("nbdsh output");
+    assert_eq!(line.trim(), "ready");
+    for round in 0..3u8 {
+        // A client that goes away in the middle of a write's payload.
+        let mut s = UnixStream::connect(server.sock.as_ref().unwrap()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut greet = [0u8; 18];
+        s.read_exact(&mut greet).unwrap();
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut opt = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+        opt.extend_from_slice(&7u32.to_be_bytes());
+        opt.extend_from_slice(b"default");
+        s.write_all(&opt).unwrap();
+        let mut reply = [0u8; 10];
+        s.read_exact(&mut reply).unwrap();
+        let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+        req.extend_from_slice(&9u64.to_be_bytes());
+        req.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        req.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        req.extend_from_slice(&vec![0xeeu8; 300_000]);
+        s.write_all(&req).unwrap();
+        drop(s);
+        // The server goes on serving.
+        qemu_io_nbd(
+            &server.uri("default"),
+            &[
+                &format!("write -P {} 0 64k", 0x40 + round),
+                &format!("read -P {} 0 64k", 0x40 + round),
+                "read -P 0 1M 1M",
+            ],
+        );
+        writeln!(keeper_in, "{}", 0x50 + round).unwrap();
+        line.clear();
+        keeper_out.read_line(&mut line).expect("nbdsh output");
+        assert_eq!(
+            line.trim(),
+            format!("ok {}", 0x50 + round),
+            "the long-lived client"
+        );
+    }
+    drop(keeper_in);
+    let status = keeper.wait().expect("nbdsh");
+    assert!(status.success(), "long-lived nbdsh client failed");
+    let out = run_ok(nbdinfo().arg(server.uri("")));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("export-size: 8388608"));
+    server.stop();
+    let image = open_ro(&img);
+    let mut b = vec![0u8; 2 << 20];
+    image.read_at(&mut b, 0).unwrap();
+    assert!(b[..65536].iter().all(|&x| x == 0x42));
+    assert!(
+        b[1 << 20..].iter().all(|&x| x == 0),
+        "a torn write was applied"
+    );
+    let mut k = vec![0u8; 4096];
+    image.read_at(&mut k, 3 << 20).unwrap();
+    assert!(k.iter().all(|&x| x == 0x52));
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
+
+// ---- the program --------------------------------------------------------------------------
+
+#[test]
+fn read_only_serving_shares_the_image_with_qemu() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
+    // QEMU can read the file while it is served read-only (shared lock).
+    run_ok(qemu_img().arg("info").arg(&img));
+    let script = format!(
+        r#"
+h.set_strict_mode(0)
+h.connect_uri("{uri}")
+assert h.is_read_only()
+expect_err("EPERM", h.pwrite, b"a" * 512, 0)
+assert h.pread(2, 0) == b"\x01\x01"
+print("ok")
+"#,
+        uri = server.uri("web")
+    );
+    assert!(nbdsh_ok(&script).contains("ok"));
+    server.stop();
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn load_snapshot_and_export_options_choose_what_is_served() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock_in(&dir)),
+        &["-t", "-l", "snapshot.name=s1", "-x", "old"],
+    );
+    let list = json(&run_ok(
+        nbdinfo().args(["--list", "--json"]).arg(server.uri("")),
+    ));
+    let names: Vec<&str> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["old"]);
+    assert_eq!(list["exports"][0]["is_read_only"], true);
+    let b = export_bytes(&server, "old", &dir.path().join("old.raw"));
+    assert!(b[..65536].iter().all(|&x| x == 0x01));
+    server.stop();
+
+    let sock = dir.path().join("nbd2.sock");
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock),
+        &["-t", "--export", "a=web", "--export", "b=web@w1"],
+    );
+    let list = json(&run_ok(
+        nbdinfo().args(["--list", "--json"]).arg(server.uri("")),
+    ));
+    let got: Vec<(&str, bool)> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["export-name"].as_str().unwrap(),
+                e["is_read_only"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![("a", false), ("b", true)]);
+    qemu_io_nbd(&server.uri("a"), &["write -P 0x66 2M 4k"]);
+    qemu_io_nbd(
+        &server.uri(""),
+        &["read -P 0x66 2M 4k", "read -P 0x03 1M 64k"],
+    );
+    server.stop();
+
+    // An unknown root is refused at start.
+    let out = run(Command::new(server_bin())
+        .args(["-k"])
+        .arg(dir.path().join("nbd3.sock"))
+        .args(["--export", "x=nope"])
+        .arg(&img));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn without_persistent_the_server_exits_after_its_last_client() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    let mut server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["--create", "16M"]);
+    assert!(img.exists(), "--create made no image");
+    qemu_io_nbd(&server.uri(""), &["write -P 0x12 0 64k"]);
+    let status = server.wait();
+    assert!(status.success(), "exit {status}: {}", server.stderr());
+    assert!(!sock_in(&dir).exists());
+    let image = open_ro(&img);
+    assert_eq!(image.size(), 16 << 20);
+    let mut b = [0u8; 4];
+    image.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [0x12; 4]);
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn fork_detaches_and_the_pid_file_names_the_server() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 8 << 20);
+    let sock = sock_in(&dir);
+    let pidfile = dir.path().join("pid");
+    let out = run(Command::new(server_bin())
+        .arg("-k")
+        .arg(&sock)
+        .args(["-t", "--fork", "--pid-file"])
+        .arg(&pidfile)
+        .arg(&img));
+    assert!(out.status.success(), "{}", describe(&out));
+    let pid = std::fs::read_to_string(&pidfile).expect("pid file");
+    let pid = pid.trim().to_string();
+    let alive = || Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(), "forked server not running");
+    let uri = format!("nbd+unix:///default?socket={}", sock.display());
+    qemu_io_nbd(&uri, &["write -P 0x31 0 4k", "read -P 0x31 0 4k"]);
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    let deadline = Instant::now() + SERVER_WAIT;
+    while alive() {
+        // A zombie is gone for our purposes once its state is Z.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.split_whitespace().nth(2) == Some("Z") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "forked server did not stop");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !sock.exists() && !pidfile.exists(),
+        "socket or pid file left behind"
+    );
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn systemd_socket_activation() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 8 << 20);
+    let sock = sock_in(&dir);
+    // What systemd does: a listening socket as descriptor 3, LISTEN_FDS and LISTEN_PID
+    // naming the process that execs the server.
+    let py = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(16)
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], [sys.argv[2]] + sys.argv[3:])
+"#;
+    require("python3", "python3", &["-c", "import socket"]);
+    let mut cmd = tool_command("python3");
+    cmd.args(["-c", py])
+        .arg(&sock)
+        .arg(server_bin())
+        .args(["-t"])
+        .arg(&img);
+    let mut server = NbdServer::spawn(cmd);
+    server.sock = Some(sock.clone());
+    assert!(server
+        .banner
+        .contains(&format!("listening on unix {}", sock.display())));
+    qemu_io_nbd(
+        &server.uri("default"),
+        &["write -P 0x71 0 4k", "read -P 0x71 0 4k"],
+    );
+    let pid = server.pid().to_string();
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    let status = server.wait();
+    assert!(status.success(), "{}", server.stderr());
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn kill_9_during_writes_keeps_everything_flushed() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 32 << 20);
+    let sock = sock_in(&dir);
+    let server = NbdServer::start(&img, Listen::Unix(&sock), &["-t"]);
+    // Acknowledged and flushed: must survive. Then more writes, unflushed, in flight.
+    let script = format!(
+        r#"
+h.connect_uri("{uri}")
+for i in range(64):
+    h.pwrite(bytes([i + 1]) * 65536, i * 65536)
+h.pwrite(b"F" * 4096, 20 << 20, nbd.CMD_FLAG_FUA)
+h.flush()
+for i in range(64):
+    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"u" * 65536)), (8 << 20) + i * 65536)
+print("flushed", flush=True)
+"#,
+        uri = server.uri("")
+    );
+    let mut child = nbdsh()
+        .args(["-c", &format!("{PY_PRELUDE}\n{script}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdsh");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("nbdsh output");
+    assert_eq!(line.trim(), "flushed");
+    server.kill9();
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Restart on the crashed image: the flushed data is all there.
+    let server = NbdServer::start(&img, Listen::Unix(&sock), &["-t"]);
+    let mut cmds: Vec<String> = (0..64)
+        .map(|i| format!("read -P {} {} 64k", i + 1, i * 65536))
+        .collect();
+    cmds.push(format!("read -P 0x46 {} 4k", 20 << 20));
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io_nbd(&server.uri(""), &refs);
+    server.stop();
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn detect_zeroes_and_cache_modes() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 8 << 20);
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock_in(&dir)),
+        &[
+            "-t",
+            "--detect-zeroes=unmap",
+            "--discard=unmap",
+            "--cache=writethrough",
+        ],
+    );
+    let uri = server.uri("");
+    qemu_io_nbd(
+        &uri,
+        &[
+            "write -P 0xaa 0 1M",
+            "write -P 0 0 512k",
+            "read -P 0 0 512k",
+            "read -P 0xaa 512k 512k",
+        ],
+    );
+    // The all-zero write released its clusters.
+    let v = json(&run_ok(nbdinfo().args(["--map", "--json"]).arg(&uri)));
+    let data = merge_runs(
+        map_entries(&v)
+            .into_iter()
+            .map(|(s, l, e)| (s, s + l, e["type"].as_u64().unwrap() & 1 == 0)),
+    );
+    assert_eq!(
+        data,
+        vec![
+            (0, 512 << 10, false),
+            (512 << 10, 1 << 20, true),
+            (1 << 20, 8 << 20, false)
+        ]
+    );
+    server.stop();
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn dirty_bitmap_contexts_give_backup_tools_the_changes_since_a_snapshot() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let sock = sock_in(&dir);
+    let server = NbdServer::start(&img, Listen::Unix(&sock), &["-t"]);
+    qemu_io_nbd(&server.uri("default"), &["write -P 0x09 3M 100"]);
+    let dirty = |export: &str, snap: &str| {
+        let v = json(&run_ok(
+            nbdinfo()
+                .arg(format!("--map=qemu:dirty-bitmap:{snap}"))
+                .arg("--json")
+                .arg(server.uri(export)),
+        ));
+        merge_runs(
+            map_entries(&v)
+                .into_iter()
+                .map(|(s, l, e)| (s, s + l, e["type"].as_u64().unwrap() & 1 == 1)),
+        )
+    };
+    let m = 1u64 << 20;
+    // default changed [0, 64K) after s1 (0x02) and [3M, 3M+64K) now.
+    let want = vec![
+        (0, 65536, true),
+        (65536, 3 * m, false),
+        (3 * m, 3 * m + 65536, true),
+        (3 * m + 65536, 4 * m, false),
+    ];
+    assert_eq!(dirty("default", "s1"), want);
+    // Nothing changed in web since w1; web against s1 is the fork's own write.
+    assert_eq!(dirty("web", "w1"), vec![(0, 4 * m, false)]);
+    assert_eq!(
+        dirty("web", "s1"),
+        vec![
+            (0, m, false),
+            (m, m + 65536, true),
+            (m + 65536, 4 * m, false)
+        ]
+    );
+    // QEMU's own client, as incremental backup tools use it: x-dirty-bitmap reports
+    // dirty ranges as "data": false.
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export=default,x-dirty-bitmap=qemu:dirty-bitmap:s1",
+        sock.display()
+    );
+    let v = json(&run_ok(
+        qemu_img()
+            .args(["map", "--output=json", "--image-opts"])
+            .arg(&opts),
+    ));
+    let qemu_dirty = merge_runs(
+        map_entries(&v)
+            .into_iter()
+            .map(|(s, l, e)| (s, s + l, !e["data"].as_bool().unwrap())),
+    );
+    assert_eq!(qemu_dirty, want, "qemu-img map with x-dirty-bitmap");
+    server.stop();
+}
