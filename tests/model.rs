@@ -726,7 +726,7 @@ fn concurrent_threads_sharing_clusters() {
         stripe: 4096,
         threads: 4,
     };
-    concurrent_run(dir.path(), &path, vec![0; size as usize], stripes, 600, 1);
+    concurrent_run(dir.path(), &path, vec![0; size as usize], stripes, 2000, 1);
 }
 
 /// Threads own whole clusters and also discard them, so freed clusters are punched and
@@ -745,7 +745,7 @@ fn concurrent_threads_owning_clusters() {
         stripe: 8192,
         threads: 4,
     };
-    concurrent_run(dir.path(), &path, vec![0; size as usize], stripes, 600, 2);
+    concurrent_run(dir.path(), &path, vec![0; size as usize], stripes, 2000, 2);
 }
 
 /// Extended L2 with subclusters QEMU allocated: `qemu-io` writes parts of clusters
@@ -778,7 +778,7 @@ fn concurrent_threads_on_qemu_subclusters() {
         stripe: 2048,
         threads: 4,
     };
-    concurrent_run(dir.path(), &path, initial, stripes, 800, 3);
+    concurrent_run(dir.path(), &path, initial, stripes, 2000, 3);
 }
 
 /// QEMU creates images with 512-byte clusters and a backing file (it writes no feature

@@ -363,6 +363,7 @@ fn config() -> Config {
         // Failures are reported with the resolved operation list; minimal
         // reproductions belong in named tests, not in files written next to the source.
         failure_persistence: None,
+        max_shrink_iters: 4096,
         ..Config::default()
     }
 }
