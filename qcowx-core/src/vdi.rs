@@ -376,6 +376,17 @@ impl Index {
     pub(crate) fn on_delete(&mut self, entries: &[SnapshotEntry], records: &[Record], i: usize) {
         self.forget_name(&display(&entries[i], &records[i]), i);
         let r = &records[i];
+        if r.kind == RootKind::Snapshot && self.latest.get(&r.vdi).map(|l| l.1) == Some(r.uid) {
+            // The newest live snapshot of that VDI takes over as the next parent.
+            self.latest.remove(&r.vdi);
+            if let Some(n) = records
+                .iter()
+                .filter(|x| x.kind == RootKind::Snapshot && x.vdi == r.vdi && !x.deleted)
+                .max_by_key(|x| x.created_ns)
+            {
+                self.latest.insert(r.vdi, (n.created_ns, n.uid));
+            }
+        }
         if r.kind == RootKind::Vdi && self.heads.get(&r.vdi) == Some(&i) {
             self.heads.remove(&r.vdi);
             // An older head left by a crash between a revert's two writes takes over.
