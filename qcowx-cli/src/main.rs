@@ -1,14 +1,23 @@
-//! `qcowx`: create, inspect, check and export QCOW2 images; take snapshots, fork,
-//! revert and delete VDIs, collect garbage, compare roots, and write through `io`.
+//! `qcowx`: create, inspect, check, map, resize, compare, convert and export QCOW2
+//! images; import backing chains; take snapshots, fork, revert, rename and delete
+//! VDIs, show their lineage tree, collect garbage, compare roots, and write through
+//! `io`.
 //!
 //! The binary is thin: it parses arguments, calls `qcowx-core` and prints. Output and
-//! exit codes follow `qemu-img` (`info`, `check`, `create`, `convert`) and `qemu-io`
-//! (`io`) where the commands overlap: errors print `qcowx: <error>` on stderr and exit
-//! 1, usage errors exit 2, and `check` exits 0 (clean), 2 (corruptions) or 3 (leaks
-//! only). The JSON outputs are specified in `spec/cli-json.md`.
+//! exit codes follow `qemu-img` (`info`, `check`, `create`, `convert`, `map`,
+//! `resize`, `compare`) and `qemu-io` (`io`) where the commands overlap: errors print
+//! `qcowx: <error>` on stderr and exit 1, usage errors exit 2, `check` exits 0
+//! (clean), 2 (corruptions) or 3 (leaks only), and `compare` exits 0 (identical), 1
+//! (different) or 2 (error). The JSON outputs are specified in `spec/cli-json.md`.
+//!
+//! `qcowx completions SHELL` prints shell completions and `qcowx man [COMMAND]` a
+//! roff man page, both generated at run time from the same clap definitions as the
+//! parser (`qcowx man > qcowx.1`, `qcowx man import > qcowx-import.1`).
 
+mod progress;
 mod report;
 mod size;
+mod tree;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -16,8 +25,9 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
-use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
-use qcowx_core::convert::{self, OutputFormat};
+use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use qcowx_core::chain::LayerFormat;
+use qcowx_core::convert::{self, ConvertOptions, OutputFormat};
 use qcowx_core::iocmd::IoCommand;
 use qcowx_core::vdi::DEFAULT_VDI;
 use qcowx_core::{CheckReport, CreateOptions, Image, LockMode, OpenOptions, RootKind};
@@ -26,6 +36,10 @@ use qcowx_core::{CheckReport, CreateOptions, Image, LockMode, OpenOptions, RootK
 #[derive(Debug, Parser)]
 #[command(name = "qcowx", version, about)]
 struct Cli {
+    /// Quiet: no progress bars and no human-readable output on stdout (errors still
+    /// go to stderr; JSON, DOT, completions and man pages are still printed).
+    #[arg(short = 'q', long = "quiet", global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,7 +72,44 @@ enum Command {
     Diff(DiffArgs),
     /// Read and write a VDI with `qemu-io` commands (`-c 'write -P 0x5a 0 64k'`).
     Io(IoArgs),
+    /// Turn a backing chain into one image: the base becomes the first snapshot, each
+    /// layer above it a snapshot, the top the default VDI.
+    #[command(long_about = IMPORT_ABOUT)]
+    Import(ImportArgs),
+    /// Show the lineage forest of VDIs and snapshots with their exclusive sizes.
+    Tree(TreeArgs),
+    /// Show where each guest range comes from (like `qemu-img map`).
+    Map(MapArgs),
+    /// Grow the virtual disk of the default VDI (like `qemu-img resize`).
+    #[command(allow_negative_numbers = true)]
+    Resize(ResizeArgs),
+    /// Rename a snapshot or a VDI.
+    Rename(RenameArgs),
+    /// Compare the contents of two images, qcow2 or raw (like `qemu-img compare`).
+    Compare(CompareArgs),
+    /// Convert between raw and qcow2, optionally compressed (like `qemu-img convert`).
+    Convert(ConvertArgs),
+    /// Print shell completions for SHELL.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) of qcowx or of one of its commands.
+    Man(ManArgs),
 }
+
+const IMPORT_ABOUT: &str = "\
+Turn the backing chain under TOP (TOP and every file below it: qcow2 layers over a qcow2
+or raw base) into one new qcowx image at OUTPUT. The bottom layer becomes the first
+snapshot, each layer above it a snapshot on top of the previous one, and TOP the default
+VDI. Every snapshot reads exactly as its layer reads in the chain (what `qemu-img convert
+-O raw LAYER` writes); only what each layer stores itself is copied.
+
+Snapshot names come from the layer file names: the name without its last extension,
+with every character other than a letter, digit, '.', '_', '+', '-' or '@' (and a
+leading '.' or '-') replaced by '_', cut to 128 bytes ('layer' if empty); a name already
+taken (or 'default') gets the first free suffix -2, -3, ...
+
+The output has TOP's cluster size (64 KiB for a raw TOP) and no backing file. Layers may
+grow up the chain but not shrink. Internal snapshots of the chain's files are not
+imported.";
 
 #[derive(Debug, Args)]
 struct CreateArgs {
@@ -266,6 +317,170 @@ struct IoArgs {
     file: PathBuf,
 }
 
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value_t = OutputKind::Human)]
+    format: OutputKind,
+    /// The top of the chain (it becomes the default VDI).
+    #[arg(value_name = "TOP")]
+    top: PathBuf,
+    /// The image to write (overwritten if it exists; never one of the chain's files).
+    #[arg(value_name = "OUTPUT")]
+    dest: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct TreeArgs {
+    /// Print the forest as a Graphviz digraph.
+    #[arg(long, conflicts_with = "output")]
+    dot: bool,
+    /// Write an SVG picture to OUT (with Graphviz's `dot` when it is installed, else
+    /// with a built-in renderer; the QCOWX_DOT variable names another `dot` program,
+    /// or none when empty).
+    #[arg(long, value_name = "OUT")]
+    svg: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
+    /// Open the image without locking it, even while another process writes it.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("root").args(["snapshot", "vdi"])))]
+struct MapArgs {
+    /// Map this snapshot.
+    #[arg(long, value_name = "NAME")]
+    snapshot: Option<String>,
+    /// Map this VDI (default: the default VDI).
+    #[arg(long, value_name = "NAME")]
+    vdi: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
+    /// Open the image without locking it, even while another process writes it.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ResizeArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// The new size (K, M, G, T, P, E suffixes), or +SIZE to grow by SIZE. Shrinking
+    /// (-SIZE, or a smaller size) is refused.
+    #[arg(value_name = "[+]SIZE", allow_hyphen_values = true)]
+    size: String,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("kind").required(true).args(["snapshot", "vdi"])))]
+struct RenameArgs {
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Rename a snapshot.
+    #[arg(long)]
+    snapshot: bool,
+    /// Rename a VDI (not the default VDI).
+    #[arg(long)]
+    vdi: bool,
+    /// Its current name.
+    #[arg(value_name = "OLD")]
+    old: String,
+    /// Its new name (unique among snapshots and VDIs).
+    #[arg(value_name = "NEW")]
+    new: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    fn layer(self) -> LayerFormat {
+        match self {
+            DiskFormat::Raw => LayerFormat::Raw,
+            DiskFormat::Qcow2 => LayerFormat::Qcow2,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// Format of FILE_A (probed when absent).
+    #[arg(short = 'f', value_enum, value_name = "FMT")]
+    format_a: Option<DiskFormat>,
+    /// Format of FILE_B (probed when absent).
+    #[arg(short = 'F', value_enum, value_name = "FMT")]
+    format_b: Option<DiskFormat>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
+    /// Open the images without locking them, even while another process writes them.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The first image.
+    #[arg(value_name = "FILE_A")]
+    file_a: PathBuf,
+    /// The second image.
+    #[arg(value_name = "FILE_B")]
+    file_b: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ConvertArgs {
+    /// Store clusters compressed (needs -O qcow2).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Output format.
+    #[arg(short = 'O', value_enum, value_name = "FMT", default_value_t = DiskFormat::Raw)]
+    out_format: DiskFormat,
+    /// Input format (probed when absent).
+    #[arg(short = 'f', value_enum, value_name = "FMT")]
+    in_format: Option<DiskFormat>,
+    /// Cluster size of a qcow2 output (default: the input's, or 64 KiB).
+    #[arg(long = "cluster-size", value_name = "SIZE", value_parser = size_arg)]
+    cluster_size: Option<u64>,
+    /// Read the input without locking it, even while another process writes it.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The input image (a qcow2 image is read with its backing chain).
+    #[arg(value_name = "INPUT")]
+    input: PathBuf,
+    /// The file to write (overwritten if it exists).
+    #[arg(value_name = "OUTPUT")]
+    dest: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum, value_name = "SHELL")]
+    shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+struct ManArgs {
+    /// A command whose page to print (default: the page of qcowx itself).
+    #[arg(value_name = "COMMAND")]
+    command: Option<String>,
+}
+
 fn size_arg(s: &str) -> Result<u64, String> {
     size::parse_size(s)
 }
@@ -299,6 +514,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = io::stdout();
     let mut out = stdout.lock();
+    let quiet = cli.quiet;
     // Whether the command could have read the image with -U (for a hint when locked).
     let could_share = match &cli.command {
         Command::Info(a) => !a.force_share,
@@ -306,6 +522,10 @@ fn main() -> ExitCode {
         Command::Export(a) => !a.force_share,
         Command::List(a) => !a.force_share,
         Command::Diff(a) => !a.force_share,
+        Command::Tree(a) => !a.force_share,
+        Command::Map(a) => !a.force_share,
+        Command::Compare(a) => !a.force_share,
+        Command::Convert(a) => !a.force_share,
         _ => false,
     };
     // Whether the command opens the image for writing (for a hint when it cannot).
@@ -317,20 +537,37 @@ fn main() -> ExitCode {
             | Command::Revert(_)
             | Command::Gc(_)
             | Command::Io(_)
+            | Command::Resize(_)
+            | Command::Rename(_)
     );
+    // `compare` reports errors with 2, as `qemu-img compare` does (1 means "differ").
+    let error_code = if matches!(&cli.command, Command::Compare(_)) {
+        2
+    } else {
+        1
+    };
     let result = match cli.command {
-        Command::Create(a) => create(&a, &mut out),
-        Command::Info(a) => info(&a, &mut out),
-        Command::Check(a) => check(&a, &mut out),
-        Command::Export(a) => export(&a),
+        Command::Create(a) => create(&a, quiet, &mut out),
+        Command::Info(a) => info(&a, quiet, &mut out),
+        Command::Check(a) => check(&a, quiet, &mut out),
+        Command::Export(a) => export(&a, quiet),
         Command::Snapshot(a) => snapshot(&a),
-        Command::List(a) => list(&a, &mut out),
+        Command::List(a) => list(&a, quiet, &mut out),
         Command::Fork(a) => fork(&a),
         Command::Delete(a) => delete(&a),
         Command::Revert(a) => revert(&a),
-        Command::Gc(a) => gc(&a, &mut out),
-        Command::Diff(a) => diff(&a, &mut out),
-        Command::Io(a) => io_cmds(&a, &mut out),
+        Command::Gc(a) => gc(&a, quiet, &mut out),
+        Command::Diff(a) => diff(&a, quiet, &mut out),
+        Command::Io(a) => io_cmds(&a, quiet, &mut out),
+        Command::Import(a) => import(&a, quiet, &mut out),
+        Command::Tree(a) => tree_cmd(&a, quiet, &mut out),
+        Command::Map(a) => map(&a, quiet, &mut out),
+        Command::Resize(a) => resize(&a, quiet, &mut out),
+        Command::Rename(a) => rename(&a),
+        Command::Compare(a) => compare(&a, quiet, &mut out),
+        Command::Convert(a) => convert_cmd(&a, quiet),
+        Command::Completions(a) => completions(&a, &mut out),
+        Command::Man(a) => man(&a, &mut out),
     }
     .and_then(|code| {
         out.flush()?;
@@ -342,7 +579,7 @@ fn main() -> ExitCode {
         Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(Failure::Output(e)) => {
             let _ = writeln!(io::stderr(), "qcowx: error writing output: {e}");
-            ExitCode::from(1)
+            ExitCode::from(error_code)
         }
         Err(Failure::Image(e)) => {
             let mut err = io::stderr();
@@ -361,7 +598,7 @@ fn main() -> ExitCode {
                      the file (list, diff and export only read)"
                 );
             }
-            ExitCode::from(1)
+            ExitCode::from(error_code)
         }
     }
 }
@@ -404,7 +641,7 @@ fn lock_mode(force_share: bool) -> LockMode {
     }
 }
 
-fn create(a: &CreateArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+fn create(a: &CreateArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let size = match a.size {
         Some(s) => s,
         None => backing_size(&a.file, a.backing.as_deref(), a.backing_format.as_deref())?,
@@ -418,7 +655,9 @@ fn create(a: &CreateArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     let img = Image::create(&a.file, &opts)?;
     let info = img.info()?;
     img.close()?;
-    report::formatting_line(out, &a.file, &info)?;
+    if !quiet {
+        report::formatting_line(out, &a.file, &info)?;
+    }
     Ok(0)
 }
 
@@ -456,7 +695,7 @@ fn backing_size(
     }
 }
 
-fn info(a: &InfoArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+fn info(a: &InfoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let img = OpenOptions::new()
         .lock(lock_mode(a.force_share))
         .open_backing(false)
@@ -466,6 +705,7 @@ fn info(a: &InfoArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     let name = a.file.display().to_string();
     match a.output {
         OutputKind::Json => report::write_json(out, &report::info_json(&name, &info, actual))?,
+        OutputKind::Human if quiet => {}
         OutputKind::Human => report::info_human(out, &name, &info, actual)?,
     }
     Ok(0)
@@ -483,7 +723,7 @@ fn actual_size(path: &Path) -> Result<u64, qcowx_core::Error> {
     Ok(md.blocks() * 512)
 }
 
-fn check(a: &CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let opts = OpenOptions::new().open_backing(false);
     let opts = if a.repair {
         opts.write(true)
@@ -491,6 +731,10 @@ fn check(a: &CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
         opts.lock(lock_mode(a.force_share))
     };
     let img = opts.open(&a.file)?;
+    let spinner = progress::Spinner::start(
+        progress::enabled(quiet, a.output == OutputKind::Json),
+        "checking",
+    );
     let first = img.check()?;
     for m in &first.messages {
         let _ = writeln!(io::stderr(), "{m}");
@@ -510,11 +754,13 @@ fn check(a: &CheckArgs, out: &mut dyn Write) -> Result<u8, Failure> {
         (first, None)
     };
     img.close()?;
+    drop(spinner);
     let name = a.file.display().to_string();
     match a.output {
         OutputKind::Json => {
             report::write_json(out, &report::check_json(&name, &last, fixed.as_ref()))?
         }
+        OutputKind::Human if quiet => {}
         OutputKind::Human => report::check_human(out, &last, fixed.as_ref())?,
     }
     Ok(check_exit_code(&last))
@@ -529,7 +775,7 @@ fn check_exit_code(r: &CheckReport) -> u8 {
     }
 }
 
-fn export(a: &ExportArgs) -> Result<u8, Failure> {
+fn export(a: &ExportArgs, quiet: bool) -> Result<u8, Failure> {
     let img = OpenOptions::new()
         .lock(lock_mode(a.force_share))
         .open(&a.file)?;
@@ -543,13 +789,17 @@ fn export(a: &ExportArgs) -> Result<u8, Failure> {
         (None, None) => None,
     };
     let img = Arc::new(img);
+    let bar = progress::Bar::new(progress::enabled(quiet, false), "exporting");
+    let opts = ConvertOptions::new(format);
     match root {
-        None => convert::export(&img, &a.output, format)?,
+        None => convert::convert(img.as_ref(), &a.output, &opts, &mut bar.callback())?,
         Some((kind, name)) => {
             require_kind(&img, kind, name)?;
-            convert::export_root(&img, name, &a.output, format)?
+            let disk = img.open_root(name)?;
+            convert::convert(&disk, &a.output, &opts, &mut bar.callback())?
         }
     };
+    drop(bar);
     img.close()?;
     Ok(0)
 }
@@ -585,7 +835,7 @@ fn snapshot(a: &SnapshotArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
-fn list(a: &ListArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+fn list(a: &ListArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let img = OpenOptions::new()
         .lock(lock_mode(a.force_share))
         .open_backing(false)
@@ -595,6 +845,7 @@ fn list(a: &ListArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     let name = a.file.display().to_string();
     match a.output {
         OutputKind::Json => report::write_json(out, &report::list_json(&name, &roots))?,
+        OutputKind::Human if quiet => {}
         OutputKind::Human => report::list_human(out, &roots)?,
     }
     Ok(0)
@@ -630,19 +881,25 @@ fn revert(a: &RevertArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
-fn gc(a: &GcArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+fn gc(a: &GcArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let img = open_rw_meta(&a.file)?;
+    let spinner = progress::Spinner::start(
+        progress::enabled(quiet, a.output == OutputKind::Json),
+        "collecting garbage",
+    );
     let r = img.gc()?;
     img.close()?;
+    drop(spinner);
     let name = a.file.display().to_string();
     match a.output {
         OutputKind::Json => report::write_json(out, &report::gc_json(&name, &r))?,
+        OutputKind::Human if quiet => {}
         OutputKind::Human => report::gc_human(out, &r)?,
     }
     Ok(0)
 }
 
-fn diff(a: &DiffArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+fn diff(a: &DiffArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let img = OpenOptions::new()
         .lock(lock_mode(a.force_share))
         .open(&a.file)?;
@@ -653,6 +910,7 @@ fn diff(a: &DiffArgs, out: &mut dyn Write) -> Result<u8, Failure> {
         OutputKind::Json => {
             report::write_json(out, &report::diff_json(&name, &a.from, &a.to, &ranges))?
         }
+        OutputKind::Human if quiet => {}
         OutputKind::Human => report::diff_human(out, &ranges)?,
     }
     Ok(0)
@@ -660,7 +918,7 @@ fn diff(a: &DiffArgs, out: &mut dyn Write) -> Result<u8, Failure> {
 
 /// Runs every command in order, as `qemu-io` does: a failed command is reported and
 /// the next one runs; the exit code is 1 if any failed.
-fn io_cmds(a: &IoArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+fn io_cmds(a: &IoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let img = Arc::new(OpenOptions::new().write(true).open(&a.file)?);
     if a.commands.iter().any(IoCommand::writes)
         && img
@@ -685,7 +943,7 @@ fn io_cmds(a: &IoArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     for cmd in &a.commands {
         match cmd.execute(&disk) {
             Ok(o) => {
-                if out_err.is_none() {
+                if out_err.is_none() && !quiet {
                     if let Err(e) = o.lines().iter().try_for_each(|l| writeln!(out, "{l}")) {
                         out_err = Some(e);
                     }
@@ -722,14 +980,303 @@ fn io_cmds(a: &IoArgs, out: &mut dyn Write) -> Result<u8, Failure> {
     }
 }
 
+fn import(a: &ImportArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let json = a.format == OutputKind::Json;
+    let bar = progress::Bar::new(progress::enabled(quiet, json), "importing");
+    let r = qcowx_core::import::import_chain(&a.top, &a.dest, &mut bar.callback())?;
+    drop(bar);
+    let top = a.top.display().to_string();
+    let dest = a.dest.display().to_string();
+    match a.format {
+        OutputKind::Json => report::write_json(out, &report::import_json(&top, &dest, &r))?,
+        OutputKind::Human if quiet => {}
+        OutputKind::Human => report::import_human(out, &dest, &r)?,
+    }
+    Ok(0)
+}
+
+fn tree_cmd(a: &TreeArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let img = OpenOptions::new()
+        .lock(lock_mode(a.force_share))
+        .open_backing(false)
+        .open(&a.file)?;
+    let roots = img.list()?;
+    let usage = img.root_usage()?;
+    img.close()?;
+    let forest = tree::Forest::build(&roots, &usage);
+    if let Some(svg) = &a.svg {
+        write_svg(&forest, svg)?;
+    }
+    let name = a.file.display().to_string();
+    if a.dot {
+        out.write_all(tree::dot(&forest).as_bytes())?;
+    } else {
+        match a.output {
+            OutputKind::Json => report::write_json(out, &tree::json(&name, &forest))?,
+            OutputKind::Human if quiet || a.svg.is_some() => {}
+            OutputKind::Human => tree::human(out, &forest)?,
+        }
+    }
+    Ok(0)
+}
+
+/// Writes the forest as SVG to `path`: with Graphviz's `dot` (or the program named by
+/// `QCOWX_DOT`; none when it is empty) when it can be run, else with the built-in
+/// renderer.
+fn write_svg(forest: &tree::Forest, path: &Path) -> Result<(), qcowx_core::Error> {
+    use std::process::{Command as Process, Stdio};
+    let name = path.display().to_string();
+    let io_err = |op: &'static str, source: io::Error| qcowx_core::Error::Io {
+        file: name.clone(),
+        op,
+        offset: 0,
+        source,
+    };
+    let program = std::env::var_os("QCOWX_DOT").unwrap_or_else(|| "dot".into());
+    if !program.is_empty() {
+        let spawned = Process::new(&program)
+            .arg("-Tsvg")
+            .arg("-o")
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn();
+        match spawned {
+            Ok(mut child) => {
+                if let Some(mut stdin) = child.stdin.take() {
+                    // An early exit of dot shows in its status below.
+                    let _ = stdin.write_all(tree::dot(forest).as_bytes());
+                }
+                let done = child
+                    .wait_with_output()
+                    .map_err(|e| io_err("run dot for", e))?;
+                if done.status.success() {
+                    return Ok(());
+                }
+                return Err(qcowx_core::Error::InvalidArgument(format!(
+                    "{name}: `{} -Tsvg` failed ({}): {}; unset QCOWX_DOT or set it empty to \
+                     use the built-in renderer",
+                    program.to_string_lossy(),
+                    done.status,
+                    String::from_utf8_lossy(&done.stderr).trim()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("run dot for", e)),
+        }
+    }
+    std::fs::write(path, tree::svg(forest)).map_err(|e| io_err("write", e))
+}
+
+fn map(a: &MapArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let lock = lock_mode(a.force_share);
+    let img = Arc::new(OpenOptions::new().lock(lock).open(&a.file)?);
+    let root = match (&a.snapshot, &a.vdi) {
+        (Some(s), _) => {
+            require_kind(&img, RootKind::Snapshot, s)?;
+            s.as_str()
+        }
+        (None, Some(v)) => {
+            require_kind(&img, RootKind::Vdi, v)?;
+            v.as_str()
+        }
+        (None, None) => DEFAULT_VDI,
+    };
+    let extents = qcowx_core::map::map_root(&img, Some(root), lock)?;
+    img.close()?;
+    let name = a.file.display().to_string();
+    match a.output {
+        OutputKind::Json => report::write_json(out, &report::map_json(&name, root, &extents))?,
+        OutputKind::Human if quiet => {}
+        OutputKind::Human => report::map_human(out, &extents)?,
+    }
+    Ok(0)
+}
+
+/// A `resize` size: `SIZE`, `+SIZE` or `-SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResizeTo {
+    Absolute(u64),
+    Grow(u64),
+    Shrink(u64),
+}
+
+fn resize_arg(s: &str) -> Result<ResizeTo, String> {
+    if let Some(rest) = s.strip_prefix('+') {
+        size::parse_size(rest).map(ResizeTo::Grow)
+    } else if let Some(rest) = s.strip_prefix('-') {
+        size::parse_size(rest).map(ResizeTo::Shrink)
+    } else {
+        size::parse_size(s).map(ResizeTo::Absolute)
+    }
+}
+
+fn resize(a: &ResizeArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let to = match resize_arg(&a.size) {
+        Ok(t) => t,
+        Err(why) => usage_error(
+            "resize",
+            clap::error::ErrorKind::InvalidValue,
+            format!("invalid value '{}' for '[+]SIZE': {why}", a.size),
+        ),
+    };
+    // With the backing chain: growing must hide a longer backing file's data.
+    let img = OpenOptions::new().write(true).open(&a.file)?;
+    let old = img.size();
+    let name = a.file.display().to_string();
+    let new = match to {
+        ResizeTo::Absolute(n) => Some(n),
+        ResizeTo::Grow(n) => old.checked_add(n),
+        ResizeTo::Shrink(n) => Some(old.saturating_sub(n)),
+    };
+    let Some(new) = new else {
+        return Err(Failure::Image(qcowx_core::Error::InvalidArgument(format!(
+            "{name}: {old} + {} bytes is too large",
+            a.size
+        ))));
+    };
+    if new < old {
+        return Err(Failure::Image(qcowx_core::Error::InvalidArgument(format!(
+            "{name}: shrinking the default VDI from {old} to {new} bytes is refused: data \
+             past the new end would be lost, and snapshots keep their own size anyway; \
+             qcowx resize only grows (`qemu-img resize --shrink` shrinks a copy made by \
+             `qcowx export -O qcow2`)"
+        ))));
+    }
+    img.resize(new)?;
+    let after = img.size();
+    img.close()?;
+    match a.output {
+        OutputKind::Json => report::write_json(out, &report::resize_json(&name, old, after))?,
+        OutputKind::Human if quiet => {}
+        OutputKind::Human => writeln!(out, "Image resized.")?,
+    }
+    Ok(0)
+}
+
+fn rename(a: &RenameArgs) -> Result<u8, Failure> {
+    let img = open_rw_meta(&a.file)?;
+    let kind = if a.snapshot {
+        RootKind::Snapshot
+    } else {
+        RootKind::Vdi
+    };
+    img.rename(kind, &a.old, &a.new)?;
+    img.close()?;
+    Ok(0)
+}
+
+fn compare(a: &CompareArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let lock = lock_mode(a.force_share);
+    let ia = convert::open_input(&a.file_a, a.format_a.map(DiskFormat::layer), lock)?;
+    let ib = convert::open_input(&a.file_b, a.format_b.map(DiskFormat::layer), lock)?;
+    let json = a.output == OutputKind::Json;
+    let bar = progress::Bar::new(progress::enabled(quiet, json), "comparing");
+    let r = qcowx_core::compare::compare(ia.as_ref(), ib.as_ref(), &mut bar.callback())?;
+    drop(bar);
+    drop(ia);
+    drop(ib);
+    let (name_a, name_b) = (
+        a.file_a.display().to_string(),
+        a.file_b.display().to_string(),
+    );
+    match a.output {
+        OutputKind::Json => report::write_json(out, &report::compare_json(&name_a, &name_b, &r))?,
+        OutputKind::Human if quiet => {}
+        OutputKind::Human => {
+            if r.size_a != r.size_b {
+                writeln!(out, "Warning: Image size mismatch!")?;
+            }
+            match r.mismatch {
+                None => writeln!(out, "Images are identical.")?,
+                Some(at) => writeln!(out, "Content mismatch at offset {at}!")?,
+            }
+        }
+    }
+    Ok(if r.identical() { 0 } else { 1 })
+}
+
+fn convert_cmd(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
+    if a.compress && a.out_format != DiskFormat::Qcow2 {
+        usage_error(
+            "convert",
+            clap::error::ErrorKind::ArgumentConflict,
+            "-c (compressed output) needs a qcow2 output: add -O qcow2".into(),
+        );
+    }
+    let input = convert::open_input(
+        &a.input,
+        a.in_format.map(DiskFormat::layer),
+        lock_mode(a.force_share),
+    )?;
+    let mut opts = ConvertOptions::new(match a.out_format {
+        DiskFormat::Raw => OutputFormat::Raw,
+        DiskFormat::Qcow2 => OutputFormat::Qcow2,
+    });
+    opts.compress = a.compress;
+    opts.cluster_size = a.cluster_size;
+    let bar = progress::Bar::new(progress::enabled(quiet, false), "converting");
+    convert::convert(input.as_ref(), &a.dest, &opts, &mut bar.callback())?;
+    Ok(0)
+}
+
+/// Exits with a usage error (exit code 2) in clap's format, with `sub`'s usage.
+fn usage_error(sub: &str, kind: clap::error::ErrorKind, msg: String) -> ! {
+    let mut cmd = Cli::command();
+    cmd.build();
+    match cmd.find_subcommand_mut(sub) {
+        Some(s) => s.error(kind, msg).exit(),
+        None => cmd.error(kind, msg).exit(),
+    }
+}
+
+fn completions(a: &CompletionsArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+    let mut buf = Vec::new();
+    clap_complete::generate(a.shell, &mut Cli::command(), "qcowx", &mut buf);
+    out.write_all(&buf)?;
+    Ok(0)
+}
+
+fn man(a: &ManArgs, out: &mut dyn Write) -> Result<u8, Failure> {
+    let cmd = Cli::command();
+    let page = match &a.command {
+        None => cmd,
+        Some(name) => match cmd.find_subcommand(name) {
+            Some(sub) => sub
+                .clone()
+                .display_name(format!("qcowx-{name}"))
+                .bin_name(format!("qcowx {name}")),
+            None => usage_error(
+                "man",
+                clap::error::ErrorKind::InvalidValue,
+                format!("'{name}' is not a qcowx command; `qcowx --help` lists them"),
+            ),
+        },
+    };
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(page).render(&mut buf)?;
+    out.write_all(&buf)?;
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn resize_sizes_take_a_sign() {
+        assert_eq!(resize_arg("1G"), Ok(ResizeTo::Absolute(1 << 30)));
+        assert_eq!(resize_arg("+64k"), Ok(ResizeTo::Grow(65536)));
+        assert_eq!(resize_arg("-1M"), Ok(ResizeTo::Shrink(1 << 20)));
+        assert!(resize_arg("+").is_err());
+        assert!(resize_arg("1Q").is_err());
+        assert!(resize_arg("--1M").is_err());
     }
 
     #[test]

@@ -3,6 +3,9 @@
 use std::io::{self, Write};
 use std::path::Path;
 
+use qcowx_core::compare::CompareReport;
+use qcowx_core::import::ImportReport;
+use qcowx_core::map::MapExtent;
 use qcowx_core::{CheckReport, GcReport, ImageInfo, Range, RootInfo, RootKind, SnapshotInfo};
 use serde_json::{json, Map, Value};
 
@@ -413,6 +416,128 @@ pub fn diff_human(out: &mut dyn Write, ranges: &[Range]) -> io::Result<()> {
     }
     let total: u64 = ranges.iter().map(|r| r.length).sum();
     writeln!(out, "total: {total} bytes")
+}
+
+/// `qcowx import --output=json`'s object (see `spec/cli-json.md`).
+pub fn import_json(top: &str, output: &str, r: &ImportReport) -> Value {
+    let layers: Vec<Value> = r
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "filename": l.path.display().to_string(),
+                "format": l.format.name(),
+                "virtual-size": l.virtual_size,
+                "snapshot": l.snapshot,
+                "data-bytes": l.data_bytes,
+                "zero-bytes": l.zero_bytes,
+            })
+        })
+        .collect();
+    json!({
+        "filename": output,
+        "top": top,
+        "virtual-size": r.virtual_size,
+        "cluster-size": r.cluster_size,
+        "snapshots": r.layers.iter().filter(|l| l.snapshot.is_some()).count(),
+        "layers": layers,
+    })
+}
+
+/// `qcowx import`'s summary: one line per layer, bottom first.
+pub fn import_human(out: &mut dyn Write, output: &str, r: &ImportReport) -> io::Result<()> {
+    for l in &r.layers {
+        let role = match &l.snapshot {
+            Some(s) => format!("snapshot '{s}'"),
+            None => "default VDI".to_string(),
+        };
+        writeln!(
+            out,
+            "{} ({}, {}) -> {role}: {} of data, {} of zeros",
+            l.path.display(),
+            l.format.name(),
+            size_to_str(l.virtual_size),
+            size_to_str(l.data_bytes),
+            size_to_str(l.zero_bytes)
+        )?;
+    }
+    let snapshots = r.layers.iter().filter(|l| l.snapshot.is_some()).count();
+    writeln!(
+        out,
+        "Imported {} layers into '{output}': {snapshots} snapshots and the default VDI.",
+        r.layers.len()
+    )
+}
+
+/// `qcowx map --output=json`'s object: `extents` holds what `qemu-img map
+/// --output=json` prints (see `spec/cli-json.md`).
+pub fn map_json(filename: &str, root: &str, extents: &[MapExtent]) -> Value {
+    let list: Vec<Value> = extents
+        .iter()
+        .map(|e| {
+            let mut m = Map::new();
+            m.insert("start".into(), json!(e.start));
+            m.insert("length".into(), json!(e.length));
+            m.insert("depth".into(), json!(e.depth));
+            m.insert("present".into(), json!(e.present));
+            m.insert("zero".into(), json!(e.zero));
+            m.insert("data".into(), json!(e.data));
+            m.insert("compressed".into(), json!(e.compressed));
+            if let Some(o) = e.offset {
+                m.insert("offset".into(), json!(o));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    json!({ "filename": filename, "root": root, "extents": list })
+}
+
+/// `qemu-img map`'s human table: the data extents and where they are stored.
+pub fn map_human(out: &mut dyn Write, extents: &[MapExtent]) -> io::Result<()> {
+    let hex = |v: u64| {
+        if v == 0 {
+            "0".to_string()
+        } else {
+            format!("{v:#x}")
+        }
+    };
+    writeln!(
+        out,
+        "{:<16}{:<16}{:<16}File",
+        "Offset", "Length", "Mapped to"
+    )?;
+    for e in extents.iter().filter(|e| e.data && !e.zero) {
+        let mapped = match e.offset {
+            Some(o) => hex(o),
+            None => "compressed".to_string(),
+        };
+        writeln!(
+            out,
+            "{:<16}{:<16}{:<16}{}",
+            hex(e.start),
+            hex(e.length),
+            mapped,
+            e.file.display()
+        )?;
+    }
+    Ok(())
+}
+
+/// `qcowx resize --output=json`'s object.
+pub fn resize_json(filename: &str, old: u64, new: u64) -> Value {
+    json!({ "filename": filename, "old-size": old, "new-size": new })
+}
+
+/// `qcowx compare --output=json`'s object.
+pub fn compare_json(a: &str, b: &str, r: &CompareReport) -> Value {
+    json!({
+        "filename-a": a,
+        "filename-b": b,
+        "size-a": r.size_a,
+        "size-b": r.size_b,
+        "identical": r.identical(),
+        "mismatch-offset": r.mismatch,
+    })
 }
 
 #[cfg(test)]

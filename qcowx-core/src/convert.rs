@@ -26,13 +26,16 @@
 //! # Ok(()) }
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::chain::{raw_extents, LayerFormat};
+use crate::compress::{compress_cluster, CompressionType};
 use crate::error::{Error, Result};
-use crate::image::{CreateOptions, Extent, ExtentStatus, Image};
+use crate::image::{CreateOptions, Extent, ExtentStatus, Image, DEFAULT_ROOT};
 use crate::lock::LockMode;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, OpenMode, Storage};
+use crate::tables::{L1Entry, L2Entry, COMPRESSED};
 use crate::vdi::Disk;
 
 /// The largest buffer an export reads and writes at once.
@@ -78,34 +81,51 @@ impl std::str::FromStr for OutputFormat {
     }
 }
 
-/// What an [`export`] did.
+/// What an [`export`] or [`convert`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExportStats {
     /// Virtual size of the source, and of the output.
     pub virtual_size: u64,
     /// Bytes the source reported as data (read and inspected).
     pub data_bytes: u64,
-    /// Bytes written to the output (data bytes that are not all zeros).
+    /// Bytes written to the output (data bytes that are not all zeros; for a
+    /// compressed output, the guest bytes of the clusters written).
     pub written_bytes: u64,
+    /// Clusters stored compressed (compressed qcow2 outputs only).
+    pub compressed_clusters: u64,
 }
 
-/// What an export reads: the default VDI through [`Image`], or any root through a
-/// [`Disk`].
-trait Source {
-    /// The image the content lives in (for its path and cluster size).
-    fn image(&self) -> &Image;
-    /// Virtual size of the content.
+/// A readable disk: what [`convert`] copies and `compare` compares. Implemented by
+/// [`Image`] (its default VDI, backing chain included), [`Disk`] (any VDI or
+/// snapshot) and [`RawFile`].
+pub trait Content: Send + Sync {
+    /// A name for messages (the file name).
+    fn name(&self) -> &str;
+    /// The file holding the content, when it is a file.
+    fn path(&self) -> Option<&Path>;
+    /// Virtual size in bytes.
     fn size(&self) -> Result<u64>;
+    /// The cluster size of a qcow2 source (`None` for raw files).
+    fn cluster_size(&self) -> Option<u64>;
+    /// Reads `buf.len()` bytes at `offset` (inside the virtual size).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// The allocation status of `[offset, offset+len)` (inside the virtual size):
+    /// ranges that are not [`ExtentStatus::Data`] read as zeros.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
 }
 
-impl Source for Image {
-    fn image(&self) -> &Image {
-        self
+impl Content for Image {
+    fn name(&self) -> &str {
+        self.file_name()
+    }
+    fn path(&self) -> Option<&Path> {
+        Image::path(self)
     }
     fn size(&self) -> Result<u64> {
         Ok(Image::size(self))
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        Some(Image::cluster_size(self))
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Image::read_at(self, buf, offset)
@@ -115,12 +135,18 @@ impl Source for Image {
     }
 }
 
-impl Source for Disk {
-    fn image(&self) -> &Image {
-        Disk::image(self)
+impl Content for Disk {
+    fn name(&self) -> &str {
+        self.image().file_name()
+    }
+    fn path(&self) -> Option<&Path> {
+        self.image().path()
     }
     fn size(&self) -> Result<u64> {
         Disk::size(self)
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.image().cluster_size())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Disk::read_at(self, buf, offset)
@@ -129,6 +155,118 @@ impl Source for Disk {
         Disk::block_status(self, offset, len)
     }
 }
+
+/// A raw disk image file opened for reading. Its block status comes from the file
+/// system (`SEEK_DATA`/`SEEK_HOLE`): holes read as zeros and are reported as
+/// [`ExtentStatus::Zero`].
+#[derive(Debug)]
+pub struct RawFile {
+    storage: FileStorage,
+    name: String,
+    path: PathBuf,
+    size: u64,
+}
+
+impl RawFile {
+    /// Opens the raw file at `path` read-only with the image lock `lock`.
+    pub fn open(path: &Path, lock: LockMode) -> Result<RawFile> {
+        let name = path.display().to_string();
+        let storage = FileStorage::open(path, OpenMode::read_only().with_lock(lock)).map_err(
+            |e| match e {
+                crate::storage::OpenError::Lock { source, .. } => Error::Locked {
+                    file: name.clone(),
+                    source,
+                },
+                other => io_error(&name, "open", 0, other.into()),
+            },
+        )?;
+        let size = storage.len().map_err(|e| io_error(&name, "stat", 0, e))?;
+        Ok(RawFile {
+            storage,
+            name,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+}
+
+impl Content for RawFile {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+    fn size(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(Error::OutOfRange {
+                file: self.name.clone(),
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        self.storage
+            .read_at(buf, offset)
+            .map_err(|e| io_error(&self.name, "read", offset, e))
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        Ok(raw_extents(self.storage.file(), self.size, offset, len))
+    }
+}
+
+/// Opens the disk image at `path` for reading: a qcow2 image (with its backing chain)
+/// or a raw file. `format` is probed from the file when `None`.
+pub fn open_input(
+    path: &Path,
+    format: Option<LayerFormat>,
+    lock: LockMode,
+) -> Result<Box<dyn Content>> {
+    let format = match format {
+        Some(f) => f,
+        None => LayerFormat::probe(path)?,
+    };
+    Ok(match format {
+        LayerFormat::Raw => Box::new(RawFile::open(path, lock)?),
+        LayerFormat::Qcow2 => Box::new(crate::image::OpenOptions::new().lock(lock).open(path)?),
+    })
+}
+
+/// How [`convert`] writes its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvertOptions {
+    /// The output format.
+    pub format: OutputFormat,
+    /// Store clusters compressed (qcow2 outputs only), as `qemu-img convert -c` does:
+    /// each cluster that holds non-zero data is compressed with the image's
+    /// compression type and stored compressed when that makes it smaller.
+    pub compress: bool,
+    /// Cluster size of a qcow2 output (default: the source's, or 64 KiB for a raw
+    /// source).
+    pub cluster_size: Option<u64>,
+}
+
+impl ConvertOptions {
+    /// Options for an uncompressed output of `format` with the default cluster size.
+    pub fn new(format: OutputFormat) -> ConvertOptions {
+        ConvertOptions {
+            format,
+            compress: false,
+            cluster_size: None,
+        }
+    }
+}
+
+/// What a progress callback is told: bytes of the virtual disk walked so far, and
+/// the total.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
 /// Where the copied bytes go.
 trait Sink {
@@ -179,7 +317,7 @@ fn io_error(name: &str, op: &'static str, offset: u64, source: std::io::Error) -
 ///
 /// On error the output may be left partly written.
 pub fn export(src: &Image, output: &Path, format: OutputFormat) -> Result<ExportStats> {
-    export_from(src, output, format)
+    convert(src, output, &ConvertOptions::new(format), &mut |_, _| {})
 }
 
 /// Writes the content of root `root` of `img` — a VDI (`"default"` for the default
@@ -220,12 +358,52 @@ pub fn export_root(
 /// [`Image::open_root`]) to a new file at `output` in `format`; see [`export`] and
 /// [`export_root`].
 pub fn export_disk(disk: &Disk, output: &Path, format: OutputFormat) -> Result<ExportStats> {
-    export_from(disk, output, format)
+    convert(disk, output, &ConvertOptions::new(format), &mut |_, _| {})
 }
 
-fn export_from(src: &dyn Source, output: &Path, format: OutputFormat) -> Result<ExportStats> {
+/// Writes the content of `src` to a new file at `output` as `opts` say: what
+/// [`export`] does, for any [`Content`] (a raw file too), optionally compressed.
+///
+/// `progress` is called with the bytes of the virtual disk walked so far and the
+/// virtual size, from time to time and once at the end.
+///
+/// A compressed output (`opts.compress`, qcow2 only) is written through
+/// [`CompressedWriter`]: every cluster that holds non-zero data is compressed and
+/// packed byte-granular into the file, as QEMU packs them; a cluster that does not
+/// compress is stored as is. The output passes `qemu-img check`.
+///
+/// ```
+/// use qcowx_core::convert::{convert, ConvertOptions, OutputFormat};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let src = Image::create(dir.path().join("src.qcow2"), &CreateOptions::new(4 << 20))?;
+/// src.write_at(&vec![7u8; 1 << 20], 0)?;
+/// let mut opts = ConvertOptions::new(OutputFormat::Qcow2);
+/// opts.compress = true;
+/// let out = dir.path().join("small.qcow2");
+/// let stats = convert(&src, &out, &opts, &mut |_, _| {})?;
+/// assert_eq!(stats.compressed_clusters, 16);
+/// let copy = Image::open(&out)?;
+/// let mut b = vec![0u8; 1 << 20];
+/// copy.read_at(&mut b, 0)?;
+/// assert!(b.iter().all(|&x| x == 7));
+/// # Ok(()) }
+/// ```
+pub fn convert(
+    src: &dyn Content,
+    output: &Path,
+    opts: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<ExportStats> {
     let out_name = output.display().to_string();
-    if let Some(src_path) = src.image().path() {
+    if opts.compress && opts.format != OutputFormat::Qcow2 {
+        return Err(Error::InvalidArgument(format!(
+            "{out_name}: compression needs a qcow2 output (-O qcow2)"
+        )));
+    }
+    if let Some(src_path) = src.path() {
         let same = match (
             std::fs::canonicalize(src_path),
             std::fs::canonicalize(output),
@@ -240,8 +418,7 @@ fn export_from(src: &dyn Source, output: &Path, format: OutputFormat) -> Result<
         }
     }
     let size = src.size()?;
-    let cluster_size = src.image().cluster_size();
-    match format {
+    match opts.format {
         OutputFormat::Raw => {
             let storage =
                 FileStorage::create(output, LockMode::Exclusive).map_err(|e| match e {
@@ -258,17 +435,25 @@ fn export_from(src: &dyn Source, output: &Path, format: OutputFormat) -> Result<
                 storage,
                 name: out_name.clone(),
             };
-            let stats = copy(src, size, &mut sink, RAW_ZERO_GRANULE)?;
+            let stats = copy(src, size, &mut sink, RAW_ZERO_GRANULE, progress)?;
             sink.storage
                 .sync_data()
                 .map_err(|e| io_error(&out_name, "fdatasync", 0, e))?;
             Ok(stats)
         }
         OutputFormat::Qcow2 => {
-            let mut opts = CreateOptions::new(size);
-            opts.cluster_size = cluster_size;
-            let mut dst = Image::create(output, &opts)?;
-            let stats = copy(src, size, &mut dst, cluster_size)?;
+            let mut create = CreateOptions::new(size);
+            create.cluster_size = opts
+                .cluster_size
+                .or(src.cluster_size())
+                .unwrap_or(create.cluster_size);
+            let mut dst = Image::create(output, &create)?;
+            let cluster_size = dst.cluster_size();
+            let stats = if opts.compress {
+                copy_compressed(src, size, &dst, progress)?
+            } else {
+                copy(src, size, &mut dst, cluster_size, progress)?
+            };
             dst.close()?;
             Ok(stats)
         }
@@ -277,7 +462,13 @@ fn export_from(src: &dyn Source, output: &Path, format: OutputFormat) -> Result<
 
 /// Copies every data range of `src` (`size` bytes) to `sink`, skipping zero
 /// `granule`-sized blocks.
-fn copy(src: &dyn Source, size: u64, sink: &mut dyn Sink, granule: u64) -> Result<ExportStats> {
+fn copy(
+    src: &dyn Content,
+    size: u64,
+    sink: &mut dyn Sink,
+    granule: u64,
+    progress: Progress<'_>,
+) -> Result<ExportStats> {
     let mut stats = ExportStats {
         virtual_size: size,
         ..ExportStats::default()
@@ -299,10 +490,60 @@ fn copy(src: &dyn Source, size: u64, sink: &mut dyn Sink, granule: u64) -> Resul
                 stats.data_bytes += n;
                 stats.written_bytes += write_nonzero(sink, &buf, pos, granule)?;
                 pos += n;
+                progress(pos, size);
             }
         }
         window += wlen;
+        progress(window, size);
     }
+    Ok(stats)
+}
+
+/// Copies `src` into the fresh image `dst`, cluster by cluster, compressed.
+fn copy_compressed(
+    src: &dyn Content,
+    size: u64,
+    dst: &Image,
+    progress: Progress<'_>,
+) -> Result<ExportStats> {
+    let cs = dst.cluster_size();
+    let mut stats = ExportStats {
+        virtual_size: size,
+        ..ExportStats::default()
+    };
+    let mut writer = CompressedWriter::new(dst)?;
+    let mut buf = vec![0u8; cs as usize];
+    // The next cluster index not yet looked at.
+    let mut next = 0u64;
+    let mut window = 0u64;
+    while window < size {
+        let wlen = STATUS_WINDOW.min(size - window);
+        for ext in src.block_status(window, wlen)? {
+            if ext.status != ExtentStatus::Data {
+                continue;
+            }
+            stats.data_bytes += ext.length;
+            let first = (ext.offset / cs).max(next);
+            let last = (ext.offset + ext.length - 1) / cs;
+            for c in first..=last {
+                let at = c * cs;
+                let n = cs.min(size - at) as usize;
+                buf[n..].fill(0);
+                src.read_at(&mut buf[..n], at)?;
+                if buf.iter().any(|&b| b != 0) {
+                    if writer.write_cluster(at, &buf)? {
+                        stats.compressed_clusters += 1;
+                    }
+                    stats.written_bytes += n as u64;
+                }
+                next = c + 1;
+                progress(at + n as u64, size);
+            }
+        }
+        window += wlen;
+        progress(window, size);
+    }
+    writer.finish()?;
     Ok(stats)
 }
 
@@ -336,6 +577,189 @@ fn write_nonzero(sink: &mut dyn Sink, buf: &[u8], offset: u64, granule: u64) -> 
         written += end - start;
     }
     Ok(written)
+}
+
+/// Writes compressed clusters into the default VDI of an image being filled, as
+/// `qemu-img convert -c` does.
+///
+/// Compressed data is packed byte-granular, the way QEMU allocates it: each
+/// compressed cluster goes right after the previous one, in the same host cluster
+/// when it fits; when it does not, new clusters are taken from the end of the file,
+/// and the data runs on into them if they directly follow (else it starts at the new
+/// cluster). The L2 entry records the host byte offset and the number of 512-byte
+/// sectors the data touches. Compressed clusters are never writable in place (bit 63
+/// clear); refcounts are rewritten from a reachability scan when the image is closed,
+/// each host cluster counting one reference per compressed cluster it holds a part
+/// of, as QEMU counts them.
+///
+/// Only clusters that are unallocated (or zero, without a preallocated host cluster)
+/// in the default VDI can be written, and only while no snapshot shares the L2
+/// table: the writer fills a fresh image, it does not replace data.
+#[derive(Debug)]
+pub struct CompressedWriter<'a> {
+    img: &'a Image,
+    kind: CompressionType,
+    /// Where the next compressed bytes go (0: start a new host cluster).
+    cursor: u64,
+}
+
+impl<'a> CompressedWriter<'a> {
+    /// A writer for `img`, which must be open for writing.
+    pub fn new(img: &'a Image) -> Result<CompressedWriter<'a>> {
+        if !img.is_writable() {
+            return Err(Error::ReadOnly {
+                file: img.file_name().to_string(),
+                why: "compressed writes need the image open for writing".into(),
+            });
+        }
+        let kind = match img.info()?.compression_type {
+            "zstd" => CompressionType::Zstd,
+            _ => CompressionType::Deflate,
+        };
+        Ok(CompressedWriter {
+            img,
+            kind,
+            cursor: 0,
+        })
+    }
+
+    /// Stores `data` (one whole cluster) as the guest cluster at `guest`
+    /// (cluster-aligned, inside the disk). Returns `true` when it was stored
+    /// compressed, `false` when it did not compress and was written as is (only the
+    /// part inside the virtual disk, for a last partial cluster).
+    pub fn write_cluster(&mut self, guest: u64, data: &[u8]) -> Result<bool> {
+        let img = self.img;
+        let cs = img.cluster_size();
+        let size = img.size();
+        if !guest.is_multiple_of(cs) || data.len() as u64 != cs || guest >= size {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a compressed write takes one whole cluster ({cs} bytes) at a cluster \
+                 boundary inside the disk, not {} bytes at {guest}",
+                img.file_name(),
+                data.len()
+            )));
+        }
+        let compressed = compress_cluster(self.kind, data).map_err(|source| Error::Compressed {
+            file: img.file_name().to_string(),
+            offset: guest,
+            source,
+        })?;
+        let Some(bytes) = compressed else {
+            let n = cs.min(size - guest) as usize;
+            img.write_at(&data[..n], guest)?;
+            return Ok(false);
+        };
+        let geo = img.geo;
+        let (l1i, l2i) = geo.split(guest);
+        let mut st = img.lock_state()?;
+        img.mark_stale(&mut st)?;
+        // The L2 table, created when missing.
+        let l1e = L1Entry(
+            img.root(&st, DEFAULT_ROOT)?
+                .l1
+                .get(l1i)
+                .copied()
+                .unwrap_or(0),
+        );
+        let l2_off = match l1e.l2_offset() {
+            Some(off) if l1e.writable() => {
+                img.load_l2(&mut st, off)?;
+                off
+            }
+            Some(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: compressed writes go to a fresh image; the L2 table of guest \
+                     offset {guest} is shared with a snapshot",
+                    img.file_name()
+                )))
+            }
+            None => {
+                let new = st.alloc.cluster();
+                let words = vec![0u64; (cs / 8) as usize];
+                if let Some(ev) = st.cache.insert(new, words, true) {
+                    img.sync()?;
+                    img.storage
+                        .write_at(&crate::tables::encode_words(&ev.words), ev.offset)
+                        .map_err(|e| img.io_err("write L2 table", ev.offset, e))?;
+                }
+                img.set_l1_entry(&mut st, DEFAULT_ROOT, l1i, L1Entry::new(new, true))?;
+                new
+            }
+        };
+        let step = if geo.extended { 2 } else { 1 };
+        let current = {
+            let words = st
+                .cache
+                .get(l2_off)
+                .ok_or_else(|| img.corrupt("L2 table", l2_off, "vanished from the cache"))?;
+            L2Entry {
+                word: words[l2i * step],
+                bitmap: if geo.extended { words[l2i * 2 + 1] } else { 0 },
+            }
+        };
+        match current.kind(&geo) {
+            Ok(crate::tables::ClusterKind::Unallocated)
+            | Ok(crate::tables::ClusterKind::Zero { host: None }) => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: guest cluster at {guest} is already allocated; compressed writes \
+                     fill unallocated clusters only",
+                    img.file_name()
+                )))
+            }
+        }
+        // Byte-granular placement.
+        let len = bytes.len() as u64;
+        let at = if self.cursor != 0 && !self.cursor.is_multiple_of(cs) {
+            let room = cs - self.cursor % cs;
+            if len <= room {
+                self.cursor
+            } else {
+                let extra = (len - room).div_ceil(cs);
+                let new = st.alloc.contiguous(extra);
+                if new == self.cursor.next_multiple_of(cs) {
+                    self.cursor
+                } else {
+                    new
+                }
+            }
+        } else {
+            st.alloc.contiguous(len.div_ceil(cs))
+        };
+        img.storage
+            .write_at(&bytes, at)
+            .map_err(|e| img.io_err("write compressed cluster", at, e))?;
+        self.cursor = at + len;
+        let sectors = ((at + len - 1) >> 9) - (at >> 9);
+        let word = COMPRESSED | (sectors << geo.csize_shift()) | at;
+        let words = st
+            .cache
+            .get_mut(l2_off)
+            .ok_or_else(|| img.corrupt("L2 table", l2_off, "vanished from the cache"))?;
+        words[l2i * step] = word;
+        if geo.extended {
+            words[l2i * 2 + 1] = 0;
+        }
+        st.cache.mark_dirty(l2_off);
+        Ok(true)
+    }
+
+    /// Makes everything written durable and linked (the image's refcounts are
+    /// rewritten when it is closed).
+    pub fn finish(self) -> Result<()> {
+        let img = self.img;
+        let mut st = img.lock_state()?;
+        // The last compressed bytes may end inside a cluster: extend the file to
+        // whole clusters, so the sectors an entry names are all inside the file.
+        let end = st.alloc.end();
+        let len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+        if len < end {
+            img.storage
+                .set_len(end)
+                .map_err(|e| img.io_err("truncate", end, e))?;
+        }
+        img.flush_locked(&mut st)
+    }
 }
 
 #[cfg(test)]

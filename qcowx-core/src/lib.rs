@@ -29,6 +29,8 @@
 pub mod alloc;
 pub mod backing;
 pub mod cache;
+pub mod chain;
+pub mod compare;
 pub mod compress;
 pub mod convert;
 pub mod crashsim;
@@ -38,12 +40,16 @@ pub mod extensions;
 pub mod gc;
 pub mod header;
 pub mod image;
+pub mod import;
 pub mod iocmd;
 pub mod lock;
+pub mod map;
 pub mod refcount;
+pub mod rename;
 pub mod snapshot;
 pub mod storage;
 pub mod tables;
+pub mod usage;
 pub mod vdi;
 
 pub use compress::CompressionType;

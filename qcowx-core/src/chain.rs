@@ -1,0 +1,315 @@
+//! Backing chains as lists of files, and the data/hole layout of raw files.
+//!
+//! [`backing_chain`] follows an image's backing file names down to the base and
+//! reports each layer (path, format, virtual size) without keeping any of them open:
+//! `qcowx import` walks the list bottom-up, `qcowx map` uses the layer sizes and files
+//! to report extents as `qemu-img map` does. [`raw_extents`] asks the file system
+//! which parts of a raw file hold data (`SEEK_DATA`/`SEEK_HOLE`).
+
+use std::path::{Path, PathBuf};
+
+use crate::backing::{self, MAX_BACKING_DEPTH};
+use crate::error::{Error, Result};
+use crate::image::{Extent, ExtentStatus, OpenOptions};
+use crate::lock::LockMode;
+use crate::storage::{FileStorage, OpenMode, Storage};
+
+/// The format of one layer of a backing chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerFormat {
+    /// A raw disk image (always the bottom of a chain).
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+impl LayerFormat {
+    /// The format's name as `qemu-img` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerFormat::Raw => "raw",
+            LayerFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    /// Parses `raw` or `qcow2`.
+    pub fn from_name(name: &str) -> Result<LayerFormat> {
+        match name {
+            "raw" => Ok(LayerFormat::Raw),
+            "qcow2" => Ok(LayerFormat::Qcow2),
+            other => Err(Error::InvalidArgument(format!(
+                "format '{other}' is not supported (qcow2 and raw are)"
+            ))),
+        }
+    }
+
+    /// Probes the format of the file at `path` (`qcow2` by its magic, else `raw`).
+    pub fn probe(path: &Path) -> Result<LayerFormat> {
+        let f = backing::probe_format(path).map_err(|source| Error::Io {
+            file: path.display().to_string(),
+            op: "open",
+            offset: 0,
+            source,
+        })?;
+        LayerFormat::from_name(f)
+    }
+}
+
+/// One file of a backing chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLayer {
+    /// The path, as given for the top and as resolved (against the folder of the image
+    /// that names it) below: the name `qemu-img map` prints.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: LayerFormat,
+    /// Its virtual size in bytes (a raw file's length).
+    pub virtual_size: u64,
+    /// Its cluster size (qcow2 layers only).
+    pub cluster_size: Option<u64>,
+}
+
+/// The backing chain of the image at `top`, top first and base last.
+///
+/// `format` is the top's format (probed when `None`); the formats below are the
+/// recorded backing formats, probed when absent. Each qcow2 layer is opened briefly,
+/// without its backing file, with `lock` (use [`LockMode::ForceShare`] to look at
+/// images in use). Loops and chains deeper than [`MAX_BACKING_DEPTH`] are refused.
+pub fn backing_chain(
+    top: &Path,
+    format: Option<LayerFormat>,
+    lock: LockMode,
+) -> Result<Vec<ChainLayer>> {
+    let mut out: Vec<ChainLayer> = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    let mut path = top.to_path_buf();
+    let mut format = match format {
+        Some(f) => f,
+        None => LayerFormat::probe(top)?,
+    };
+    loop {
+        let canon = std::fs::canonicalize(&path).map_err(|source| Error::Io {
+            file: path.display().to_string(),
+            op: "open",
+            offset: 0,
+            source,
+        })?;
+        if seen.contains(&canon) {
+            return Err(Error::Backing {
+                file: top.display().to_string(),
+                why: format!("backing chain loop at '{}'", path.display()),
+                source: None,
+            });
+        }
+        if seen.len() > MAX_BACKING_DEPTH {
+            return Err(Error::Backing {
+                file: top.display().to_string(),
+                why: format!("backing chain deeper than {MAX_BACKING_DEPTH} layers"),
+                source: None,
+            });
+        }
+        seen.push(canon);
+        match format {
+            LayerFormat::Raw => {
+                let storage = FileStorage::open(&path, OpenMode::read_only().with_lock(lock))
+                    .map_err(|e| open_error(&path, e))?;
+                let virtual_size = storage.len().map_err(|source| Error::Io {
+                    file: path.display().to_string(),
+                    op: "stat",
+                    offset: 0,
+                    source,
+                })?;
+                out.push(ChainLayer {
+                    path,
+                    format,
+                    virtual_size,
+                    cluster_size: None,
+                });
+                return Ok(out);
+            }
+            LayerFormat::Qcow2 => {
+                let img = OpenOptions::new()
+                    .lock(lock)
+                    .open_backing(false)
+                    .open(&path)?;
+                let info = img.info()?;
+                img.close()?;
+                out.push(ChainLayer {
+                    path: path.clone(),
+                    format,
+                    virtual_size: info.virtual_size,
+                    cluster_size: Some(info.cluster_size),
+                });
+                let Some(name) = info.backing_file else {
+                    return Ok(out);
+                };
+                let next = backing::resolve(Some(&path), &name);
+                format = match info.backing_format.as_deref() {
+                    Some(f) => LayerFormat::from_name(f).map_err(|_| Error::Backing {
+                        file: path.display().to_string(),
+                        why: format!("backing format '{f}' is not supported (qcow2 and raw are)"),
+                        source: None,
+                    })?,
+                    None => LayerFormat::probe(&next).map_err(|e| Error::Backing {
+                        file: path.display().to_string(),
+                        why: format!("cannot open '{}'", next.display()),
+                        source: Some(Box::new(e)),
+                    })?,
+                };
+                path = next;
+            }
+        }
+    }
+}
+
+fn open_error(path: &Path, e: crate::storage::OpenError) -> Error {
+    let file = path.display().to_string();
+    match e {
+        crate::storage::OpenError::Lock { source, .. } => Error::Locked { file, source },
+        other => Error::Io {
+            file,
+            op: "open",
+            offset: 0,
+            source: other.into(),
+        },
+    }
+}
+
+/// The layout of `[offset, offset+len)` of a raw file of `size` bytes: data ranges as
+/// [`ExtentStatus::Data`] and holes as [`ExtentStatus::Zero`] (both with the host
+/// offset, which equals the guest offset), as the file system reports them with
+/// `SEEK_DATA`/`SEEK_HOLE`. A range past the end of the file is a hole. When the file
+/// system cannot tell, everything inside the file is data.
+pub fn raw_extents(file: &std::fs::File, size: u64, offset: u64, len: u64) -> Vec<Extent> {
+    let end = offset.saturating_add(len);
+    let mut out: Vec<Extent> = Vec::new();
+    let mut push = |start: u64, stop: u64, status: ExtentStatus| {
+        if stop <= start {
+            return;
+        }
+        match out.last_mut() {
+            Some(l) if l.status == status && l.offset + l.length == start => {
+                l.length += stop - start;
+            }
+            _ => out.push(Extent {
+                offset: start,
+                length: stop - start,
+                status,
+                depth: 0,
+                host_offset: Some(start),
+            }),
+        }
+    };
+    let inside = end.min(size);
+    let mut pos = offset;
+    while pos < inside {
+        match seek(file, pos, SeekKind::Data) {
+            SeekResult::Unsupported => {
+                push(pos, inside, ExtentStatus::Data);
+                pos = inside;
+            }
+            SeekResult::None => {
+                push(pos, inside, ExtentStatus::Zero);
+                pos = inside;
+            }
+            SeekResult::At(data) => {
+                let data = data.max(pos);
+                push(pos, data.min(inside), ExtentStatus::Zero);
+                if data >= inside {
+                    pos = inside;
+                    continue;
+                }
+                let hole = match seek(file, data, SeekKind::Hole) {
+                    SeekResult::At(h) => h.max(data + 1),
+                    _ => inside,
+                };
+                push(data, hole.min(inside), ExtentStatus::Data);
+                pos = hole.min(inside);
+            }
+        }
+    }
+    push(inside.max(offset), end, ExtentStatus::Zero);
+    out
+}
+
+enum SeekKind {
+    Data,
+    Hole,
+}
+
+enum SeekResult {
+    At(u64),
+    /// No data at or after the offset.
+    None,
+    Unsupported,
+}
+
+#[cfg(target_os = "linux")]
+fn seek(file: &std::fs::File, pos: u64, kind: SeekKind) -> SeekResult {
+    use std::os::unix::io::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(pos) else {
+        return SeekResult::Unsupported;
+    };
+    let whence = match kind {
+        SeekKind::Data => libc::SEEK_DATA,
+        SeekKind::Hole => libc::SEEK_HOLE,
+    };
+    // SAFETY: lseek on a valid descriptor has no memory-safety requirements. The file
+    // position it moves is not used by positional reads (pread).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        return SeekResult::At(r as u64);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => SeekResult::None,
+        _ => SeekResult::Unsupported,
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn seek(_file: &std::fs::File, _pos: u64, _kind: SeekKind) -> SeekResult {
+    SeekResult::Unsupported
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn raw_extents_reports_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.raw");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(&[1u8; 65536], 1 << 20).unwrap();
+        f.sync_all().unwrap();
+        let ext = raw_extents(&f, 4 << 20, 0, 5 << 20);
+        // Whatever the file system's granularity, the written range is data, the
+        // start and the tail of the file are holes, and the extents tile the range.
+        let mut pos = 0;
+        for e in &ext {
+            assert_eq!(e.offset, pos);
+            assert_eq!(e.host_offset, Some(e.offset));
+            pos += e.length;
+        }
+        assert_eq!(pos, 5 << 20);
+        let at = |off: u64| {
+            ext.iter()
+                .find(|e| e.offset <= off && off < e.offset + e.length)
+                .unwrap()
+                .status
+        };
+        assert_eq!(at(1 << 20), ExtentStatus::Data);
+        assert_eq!(at((1 << 20) + 65535), ExtentStatus::Data);
+        assert_eq!(at(4 << 20), ExtentStatus::Zero);
+        assert_eq!(at((4 << 20) + 100), ExtentStatus::Zero);
+    }
+
+    #[test]
+    fn chain_of_a_missing_file_names_it() {
+        let err =
+            backing_chain(Path::new("/nonexistent/x.qcow2"), None, LockMode::Shared).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/x.qcow2"), "{err}");
+    }
+}
