@@ -157,6 +157,7 @@ struct NbdServer {
     child: Option<Child>,
     sock: Option<PathBuf>,
     tcp: Option<String>,
+    control: Option<PathBuf>,
     banner: String,
     stderr: Arc<Mutex<String>>,
 }
@@ -185,6 +186,11 @@ impl NbdServer {
     }
 
     fn spawn(mut cmd: Command) -> NbdServer {
+        // Default control sockets go to a directory of this test run, not /run/qcowx.
+        static RUNTIME: OnceLock<TempDir> = OnceLock::new();
+        if !cmd.get_envs().any(|(k, _)| k == "QCOWX_RUNTIME_DIR") {
+            cmd.env("QCOWX_RUNTIME_DIR", RUNTIME.get_or_init(tempdir).path());
+        }
         let line = command_line(&cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -220,6 +226,7 @@ impl NbdServer {
             child: Some(child),
             sock: None,
             tcp: None,
+            control: None,
             banner: String::new(),
             stderr,
         };
@@ -234,6 +241,8 @@ impl NbdServer {
                         server.sock = Some(PathBuf::from(p));
                     } else if let Some(a) = l.strip_prefix("listening on tcp ") {
                         server.tcp = Some(a.to_string());
+                    } else if let Some(p) = l.strip_prefix("control socket ") {
+                        server.control = Some(PathBuf::from(p));
                     } else if l.trim_start().starts_with("nbdinfo --list") {
                         // The last line of the banner.
                         break;
@@ -281,6 +290,9 @@ impl NbdServer {
         );
         if let Some(s) = &self.sock {
             assert!(!s.exists(), "{} left behind after shutdown", s.display());
+        }
+        if let Some(c) = &self.control {
+            assert!(!c.exists(), "{} left behind after shutdown", c.display());
         }
     }
 
@@ -1461,4 +1473,750 @@ fn dirty_bitmap_contexts_give_backup_tools_the_changes_since_a_snapshot() {
     );
     assert_eq!(qemu_dirty, want, "qemu-img map with x-dirty-bitmap");
     server.stop();
+}
+
+// ---- the control socket -------------------------------------------------------------------
+
+/// A connection to a server's control socket (line-delimited JSON).
+struct Control {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Control {
+    fn connect(server: &NbdServer) -> Control {
+        let path = server
+            .control
+            .as_ref()
+            .expect("the server has a control socket");
+        let s = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+        s.set_read_timeout(Some(SERVER_WAIT)).unwrap();
+        Control {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        }
+    }
+
+    /// Sends one line, returns the answer.
+    fn line(&mut self, line: &str) -> serde_json::Value {
+        self.w.write_all(line.as_bytes()).unwrap();
+        self.w.write_all(b"\n").unwrap();
+        let mut a = String::new();
+        self.r.read_line(&mut a).expect("control answer");
+        serde_json::from_str(&a).unwrap_or_else(|e| panic!("answer {a:?} is not JSON: {e}"))
+    }
+
+    fn send(&mut self, req: serde_json::Value) -> serde_json::Value {
+        self.line(&req.to_string())
+    }
+
+    /// Sends a request that must succeed.
+    fn ok(&mut self, req: serde_json::Value) -> serde_json::Value {
+        let a = self.send(req.clone());
+        assert_eq!(a["ok"], true, "{req} failed: {a}");
+        a
+    }
+}
+
+/// The export names `nbdinfo --list --json` shows.
+fn export_names(server: &NbdServer) -> Vec<String> {
+    let list = json(&run_ok(
+        nbdinfo().args(["--list", "--json"]).arg(server.uri("")),
+    ));
+    list["exports"]
+        .as_array()
+        .expect("exports")
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A client writing a stream of 4 KiB blocks to one export through libnbd: write
+/// `seq` (0, 1, 2, …) goes to block `(seq * 97) % 256` of a 1 MiB region and holds
+/// `seq + 1` as a big-endian u64 repeated, so any copy of the region tells exactly
+/// which writes it holds. Each write waits for its reply before the next is sent
+/// (one ordered stream). The count of acknowledged writes is printed every 64.
+struct StreamWriter {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    acked: Arc<std::sync::atomic::AtomicU64>,
+    done: mpsc::Receiver<u64>,
+    base: u64,
+}
+
+const STREAM_BLOCKS: u64 = 256;
+const STREAM_BLOCK: usize = 4096;
+
+impl StreamWriter {
+    fn start(uri: &str, base: u64) -> StreamWriter {
+        let script = format!(
+            r#"
+import sys, select, struct, time
+h.connect_uri("{uri}")
+seq = 0
+end = time.time() + 300
+while seq < 2000000 and time.time() < end:
+    h.pwrite(struct.pack(">Q", seq + 1) * 512, {base} + ((seq * 97) % 256) * 4096)
+    seq += 1
+    if seq % 64 == 0:
+        print(seq, flush=True)
+        r, _, _ = select.select([sys.stdin], [], [], 0)
+        if r and sys.stdin.readline().strip() == "stop":
+            break
+print("done", seq, flush=True)
+"#
+        );
+        let mut child = nbdsh()
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("nbdsh");
+        let stdin = child.stdin.take();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (tx, done) = mpsc::channel();
+        let a = Arc::clone(&acked);
+        thread::spawn(move || {
+            for l in out.lines() {
+                let Ok(l) = l else { break };
+                if let Some(n) = l.strip_prefix("done ") {
+                    let _ = tx.send(n.trim().parse().expect("count"));
+                } else if let Ok(n) = l.trim().parse::<u64>() {
+                    a.store(n, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        StreamWriter {
+            child,
+            stdin,
+            acked,
+            done,
+            base,
+        }
+    }
+
+    /// Writes acknowledged so far (a lower bound: replies may be on their way).
+    fn acked(&self) -> u64 {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops the writer; returns how many writes it made.
+    fn stop(mut self) -> u64 {
+        let mut stdin = self.stdin.take().expect("stdin");
+        writeln!(stdin, "stop").expect("tell the writer to stop");
+        let n = self
+            .done
+            .recv_timeout(SERVER_WAIT)
+            .expect("the writer did not finish");
+        let status = self.child.wait().expect("wait for nbdsh");
+        assert!(status.success(), "writer failed: {status}");
+        n
+    }
+}
+
+/// Checks that `region` (one writer's 1 MiB) holds exactly writes `0..=k` of its
+/// stream for some `k` — every block the last of those writes that targets it — and
+/// returns `k + 1` (the number of writes it holds).
+fn writes_held(region: &[u8]) -> u64 {
+    let mut seen = vec![0u64; STREAM_BLOCKS as usize];
+    for (b, block) in region.chunks(STREAM_BLOCK).enumerate() {
+        let v = u64::from_be_bytes(block[..8].try_into().unwrap());
+        assert!(
+            block
+                .chunks(8)
+                .all(|w| u64::from_be_bytes(w.try_into().unwrap()) == v),
+            "block {b} is torn"
+        );
+        seen[b] = v;
+    }
+    let held = seen.iter().copied().max().unwrap_or(0);
+    let mut want = vec![0u64; STREAM_BLOCKS as usize];
+    for s in 0..held {
+        want[((s * 97) % STREAM_BLOCKS) as usize] = s + 1;
+    }
+    for b in 0..STREAM_BLOCKS as usize {
+        assert_eq!(
+            seen[b], want[b],
+            "block {b}: not a prefix of the stream (the newest write held is #{held})"
+        );
+    }
+    held
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn live_snapshots_of_a_busy_export_are_consistent_points_in_each_write_stream() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 8 << 20);
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-e", "8"]);
+    // Two clients, each its own ordered stream in its own region of one VDI.
+    let writers = [
+        StreamWriter::start(&server.uri("default"), 0),
+        StreamWriter::start(&server.uri("default"), 4 << 20),
+    ];
+    let mut ctl = Control::connect(&server);
+    let mut snaps: Vec<(String, Vec<u64>)> = Vec::new();
+    for i in 1..=3u64 {
+        let target = i * 1024;
+        wait_for("the writers to make progress", || {
+            writers.iter().all(|w| w.acked() >= target)
+        });
+        let acked: Vec<u64> = writers.iter().map(StreamWriter::acked).collect();
+        let name = format!("live{i}");
+        let a = ctl.ok(serde_json::json!({"op": "snapshot", "vdi": "default", "name": name}));
+        assert_eq!(a["root"]["name"], name.as_str());
+        assert_eq!(a["root"]["kind"], "snapshot");
+        // Served at once.
+        assert_eq!(a["export"], format!("default@{name}").as_str());
+        snaps.push((name, acked));
+    }
+    // The clients were never stopped: they go on writing after the last snapshot.
+    let after: Vec<u64> = writers.iter().map(StreamWriter::acked).collect();
+    wait_for("writes after the last snapshot", || {
+        writers
+            .iter()
+            .zip(&after)
+            .all(|(w, &a)| w.acked() >= a + 1024)
+    });
+    let bases: Vec<u64> = writers.iter().map(|w| w.base).collect();
+    let totals: Vec<u64> = writers.into_iter().map(StreamWriter::stop).collect();
+
+    let names = export_names(&server);
+    let mut held_before = vec![0u64; bases.len()];
+    for (name, acked) in &snaps {
+        let export = format!("default@{name}");
+        assert!(names.contains(&export), "{export} not in {names:?}");
+        let bytes = export_bytes(&server, &export, &dir.path().join("snap.raw"));
+        for (j, &base) in bases.iter().enumerate() {
+            let region = &bytes[base as usize..(base + (1 << 20)) as usize];
+            let held = writes_held(region);
+            assert!(
+                held >= acked[j],
+                "{name}, writer {j}: holds {held} writes, but {} were acknowledged before the snapshot was asked for",
+                acked[j]
+            );
+            eprintln!(
+                "{name}, writer {j}: {} writes acknowledged before the request, {held} held, {} in all",
+                acked[j], totals[j]
+            );
+            assert!(held < totals[j], "{name}, writer {j}: holds every write");
+            assert!(held >= held_before[j], "snapshots out of order");
+            held_before[j] = held;
+        }
+    }
+    // The live export holds every write.
+    let live = export_bytes(&server, "default", &dir.path().join("live.raw"));
+    for (j, &base) in bases.iter().enumerate() {
+        assert_eq!(
+            writes_held(&live[base as usize..(base + (1 << 20)) as usize]),
+            totals[j]
+        );
+    }
+    server.stop();
+    let image = open_ro(&img);
+    let roots: Vec<String> = image.list().unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(roots, vec!["default", "live1", "live2", "live3"]);
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn fork_revert_delete_gc_and_list_over_the_control_socket() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
+    // QEMU cannot open the served image for writing: that is why the socket exists.
+    let out = run(qemu_img().args(["snapshot", "-c", "x"]).arg(&img));
+    assert!(!out.status.success(), "qemu-img wrote a served image");
+    let mut ctl = Control::connect(&server);
+    let list = ctl.ok(serde_json::json!({"op": "list"}));
+    let names: Vec<&str> = list["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["default", "s1", "web", "w1"]);
+
+    // A snapshot of web while a client has it open, then a fork of that snapshot.
+    qemu_io_nbd(&server.uri("web"), &["write -P 0x44 2M 64k"]);
+    let a = ctl.ok(serde_json::json!({"op": "snapshot", "vdi": "web", "name": "w2"}));
+    assert_eq!(a["export"], "web@w2");
+    qemu_io_nbd(&server.uri("web"), &["write -P 0x45 2M 64k"]);
+    let a = ctl.ok(serde_json::json!({"op": "fork", "snapshot": "w2", "name": "db"}));
+    assert_eq!(a["export"], "db");
+    assert_eq!(a["root"]["parent"], "w2");
+    let names = export_names(&server);
+    for e in ["web@w2", "db"] {
+        assert!(names.iter().any(|n| n == e), "{e} missing from {names:?}");
+    }
+    // A snapshot export is read-only: qemu-io opens it with -r.
+    let out = run_ok(
+        qemu_io()
+            .args(["-r", "-f", "raw", "-c", "read -P 0x44 2M 64k"])
+            .arg(server.uri("web@w2")),
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("verification failed"),
+        "{}",
+        describe(&out)
+    );
+    qemu_io_nbd(
+        &server.uri("db"),
+        &[
+            "read -P 0x44 2M 64k",
+            "write -P 0x46 3M 4k",
+            "read -P 0x03 1M 64k",
+        ],
+    );
+    qemu_io_nbd(
+        &server.uri("web"),
+        &["read -P 0x45 2M 64k", "read -P 0 3M 4k"],
+    );
+
+    let d = ctl.ok(serde_json::json!({"op": "diff", "from": "w2", "to": "web"}));
+    assert_eq!(d["bytes"], 65536, "{d}");
+    assert_eq!(d["ranges"][0]["offset"], 2 << 20);
+
+    // Revert web to w1 (before both writes).
+    ctl.ok(serde_json::json!({"op": "revert", "vdi": "web", "snapshot": "w1"}));
+    qemu_io_nbd(
+        &server.uri("web"),
+        &["read -P 0 2M 64k", "read -P 0x03 1M 64k"],
+    );
+
+    // Delete the fork and the snapshot: the exports go; gc returns the space.
+    ctl.ok(serde_json::json!({"op": "delete", "vdi": "db"}));
+    ctl.ok(serde_json::json!({"op": "delete", "snapshot": "w2"}));
+    let names = export_names(&server);
+    assert!(
+        !names.iter().any(|n| n == "db" || n == "web@w2"),
+        "{names:?}"
+    );
+    let out = run(qemu_io()
+        .args(["-f", "raw", "-c", "read 0 4k"])
+        .arg(server.uri("db")));
+    assert!(
+        !out.status.success() || String::from_utf8_lossy(&out.stderr).contains("export"),
+        "a deleted VDI is still served: {}",
+        describe(&out)
+    );
+    let g = ctl.ok(serde_json::json!({"op": "gc"}));
+    assert!(g["gc"]["roots-removed"].as_u64().unwrap() >= 2, "{g}");
+    assert!(g["gc"]["clusters-freed"].as_u64().unwrap() >= 2, "{g}");
+    server.stop();
+
+    let out = run_ok(qemu_img().args(["snapshot", "-l"]).arg(&img));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("s1") && text.contains("w1") && text.contains("vdi:web"));
+    assert!(!text.contains("w2") && !text.contains("vdi:db"), "{text}");
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn bad_control_requests_get_errors_and_affect_nothing() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
+    let mut ctl = Control::connect(&server);
+    let cases: Vec<(&str, &str, &str)> = vec![
+        ("not json at all", "invalid-request", "not JSON"),
+        (
+            "{\"op\": \"format-disk\"}",
+            "invalid-request",
+            "format-disk",
+        ),
+        (
+            "{\"op\": \"fork\", \"name\": \"x\"}",
+            "invalid-request",
+            "snapshot",
+        ),
+        (
+            "{\"op\": \"snapshot\", \"vdi\": \"nope\", \"name\": \"x\"}",
+            "not-found",
+            "nope",
+        ),
+        (
+            "{\"op\": \"snapshot\", \"name\": \"web\"}",
+            "invalid-request-or-argument",
+            "already exists",
+        ),
+        (
+            "{\"op\": \"fork\", \"snapshot\": \"s1\", \"name\": \"a b\"}",
+            "invalid-argument",
+            "",
+        ),
+        (
+            "{\"op\": \"delete\", \"vdi\": \"default\"}",
+            "invalid-argument",
+            "default",
+        ),
+        (
+            "{\"op\": \"revert\", \"vdi\": \"web\", \"snapshot\": \"ghost\"}",
+            "not-found",
+            "ghost",
+        ),
+        (
+            "{\"op\": \"list\", \"image\": \"/etc/hostname\"}",
+            "wrong-image",
+            "/etc/hostname",
+        ),
+    ];
+    for (line, kind, text) in &cases {
+        let a = ctl.line(line);
+        assert_eq!(a["ok"], false, "{line}: {a}");
+        let got = a["kind"].as_str().unwrap();
+        if *kind == "invalid-request-or-argument" {
+            assert_eq!(got, "invalid-argument", "{line}: {a}");
+        } else {
+            assert_eq!(got, *kind, "{line}: {a}");
+        }
+        assert!(a["error"].as_str().unwrap().contains(text), "{line}: {a}");
+    }
+    // The same connection still works, the image is unchanged, and clients are served.
+    let list = ctl.ok(serde_json::json!({"op": "list", "image": img.to_str().unwrap()}));
+    assert_eq!(list["roots"].as_array().unwrap().len(), 4);
+    qemu_io_nbd(&server.uri("default"), &["read -P 0x02 0 64k"]);
+    // A client that connects and goes away mid-line changes nothing either.
+    let mut s = UnixStream::connect(server.control.as_ref().unwrap()).unwrap();
+    s.write_all(b"{\"op\": \"snapshot\", \"na").unwrap();
+    drop(s);
+    let list = ctl.ok(serde_json::json!({"op": "list"}));
+    assert_eq!(list["roots"].as_array().unwrap().len(), 4);
+    server.stop();
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn a_read_only_server_has_no_control_socket_unless_asked() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
+    assert!(server.control.is_none(), "{}", server.banner);
+    server.stop();
+    let ctl = dir.path().join("ctl.sock");
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock_in(&dir)),
+        &["-t", "-r", "--control", ctl.to_str().unwrap()],
+    );
+    assert_eq!(server.control.as_deref(), Some(ctl.as_path()));
+    let mut c = Control::connect(&server);
+    assert_eq!(
+        c.ok(serde_json::json!({"op": "list"}))["roots"][1]["name"],
+        "s1"
+    );
+    let a = c.send(serde_json::json!({"op": "snapshot", "name": "x"}));
+    assert_eq!(a["kind"], "read-only", "{a}");
+    server.stop();
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "--no-control"]);
+    assert!(server.control.is_none());
+    server.stop();
+}
+
+// ---- TLS -------------------------------------------------------------------------------------
+
+/// Certificates for the TLS tests, made with `openssl` (Debian package `openssl`):
+/// `server/` in QEMU's server layout, `alice/` and `eve/` in its client layout
+/// (ca-cert.pem, client-cert.pem, client-key.pem; CN alice / eve, signed by the CA),
+/// `nocert/` with the CA only.
+fn make_pki(dir: &Path) {
+    require("openssl", "openssl", &["version"]);
+    let script = r#"
+set -e
+ec() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+mkdir -p server alice eve nocert
+ec ca.key
+openssl req -x509 -new -key ca.key -days 30 -subj "/CN=qcowx test CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" -out ca.pem
+ec server/server-key.pem
+openssl req -new -key server/server-key.pem -subj "/CN=localhost" -out s.csr
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n' > s.ext
+openssl x509 -req -in s.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 -extfile s.ext -out server/server-cert.pem 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n' > c.ext
+for who in alice eve; do
+  ec $who/client-key.pem
+  openssl req -new -key $who/client-key.pem -subj "/O=qcowx/CN=$who" -out c.csr
+  openssl x509 -req -in c.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 -extfile c.ext -out $who/client-cert.pem 2>/dev/null
+done
+for d in server alice eve nocert; do cp ca.pem $d/ca-cert.pem; done
+"#;
+    run_ok(Command::new("bash").args(["-c", script]).current_dir(dir));
+}
+
+/// qemu-io over TLS on a Unix socket: `dir` holds the client's files.
+fn qemu_io_tls(sock: &Path, export: &str, dir: &Path, cmds: &[&str]) -> Output {
+    let mut c = qemu_io();
+    c.arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            dir.display()
+        ))
+        .arg("--image-opts");
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(format!(
+        "driver=nbd,server.type=unix,server.path={},export={export},tls-creds=tls0,tls-hostname=localhost",
+        sock.display()
+    ));
+    run(&mut c)
+}
+
+fn nbds_unix(sock: &Path, export: &str, dir: &Path) -> String {
+    format!(
+        "nbds+unix:///{export}?socket={}&tls-certificates={}",
+        sock.display(),
+        dir.display()
+    )
+}
+
+#[test]
+fn tls_required_serves_tls_clients_and_refuses_the_others() {
+    let dir = tempdir();
+    make_pki(dir.path());
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 16 << 20);
+    let sock = sock_in(&dir);
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock),
+        &[
+            "-t",
+            "-v",
+            "--tls-creds",
+            dir.path().join("server").to_str().unwrap(),
+        ],
+    );
+    assert!(server.banner.contains("TLS required"), "{}", server.banner);
+    let alice = dir.path().join("alice");
+
+    // QEMU's client over TLS: writes, reads, flushes; qemu-img copies the export.
+    let out = qemu_io_tls(
+        &sock,
+        "default",
+        &alice,
+        &[
+            "write -P 0x5c 0 1M",
+            "aio_write -P 0x5d 4M 64k",
+            "aio_flush",
+            "read -P 0x5c 0 1M",
+            "read -P 0x5d 4M 64k",
+        ],
+    );
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("fail"),
+        "qemu-io over TLS: {}",
+        describe(&out)
+    );
+    let raw = dir.path().join("copy.raw");
+    run_ok(
+        qemu_img()
+            .arg("convert")
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                alice.display()
+            ))
+            .args(["--image-opts", "-O", "raw"])
+            .arg(format!(
+                "driver=nbd,server.type=unix,server.path={},export=default,tls-creds=tls0,tls-hostname=localhost",
+                sock.display()
+            ))
+            .arg(&raw),
+    );
+    let copy = std::fs::read(&raw).unwrap();
+    assert!(copy[..1 << 20].iter().all(|&b| b == 0x5c));
+    assert!(copy[4 << 20..(4 << 20) + 65536].iter().all(|&b| b == 0x5d));
+
+    // libnbd over TLS.
+    let out = run_ok(nbdinfo().arg(nbds_unix(&sock, "default", &alice)));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("with TLS"),
+        "{}",
+        describe(&out)
+    );
+    let script = format!(
+        r#"
+h.set_uri_allow_local_file(True)
+h.connect_uri("{uri}")
+assert h.get_tls_negotiated()
+assert h.get_structured_replies_negotiated()
+h.pwrite(b"tls!" * 1024, 8 << 20, nbd.CMD_FLAG_FUA)
+assert h.pread(4096, 8 << 20) == b"tls!" * 1024
+h.shutdown()
+print("ok")
+"#,
+        uri = nbds_unix(&sock, "default", &alice)
+    );
+    assert!(nbdsh_ok(&script).contains("ok"));
+
+    // Without TLS: every option is refused with NBD_REP_ERR_TLS_REQD (libnbd reports
+    // ENOTSUP and logs the server's message), and nothing can be read.
+    let script = format!(
+        r#"
+h.set_opt_mode(True)
+h.connect_uri("{uri}")
+assert not h.get_tls_negotiated()
+expect_err("ENOTSUP", h.opt_list, lambda n, d: 0)
+expect_err("ENOTSUP", h.opt_info)
+expect_err("ENOTSUP", h.opt_go)
+print("refused")
+"#,
+        uri = server.uri("default")
+    );
+    let full = format!("{PY_PRELUDE}\n{script}");
+    let out = run(nbdsh().env("LIBNBD_DEBUG", "1").args(["-c", &full]));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("refused"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("this server requires TLS"),
+        "libnbd did not see the server's TLS_REQD message: {}",
+        describe(&out)
+    );
+    let out = run(qemu_io()
+        .args(["-f", "raw", "-c", "read 0 4k"])
+        .arg(server.uri("default")));
+    assert!(
+        !out.status.success(),
+        "qemu-io without TLS: {}",
+        describe(&out)
+    );
+    let log = server.stderr();
+    assert!(
+        log.contains("TLS established (client certificate CN alice)"),
+        "{log}"
+    );
+    server.stop();
+    let image = open_ro(&img);
+    let mut b = [0u8; 4];
+    image.read_at(&mut b, 8 << 20).unwrap();
+    assert_eq!(&b, b"tls!");
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn tls_allowed_over_tcp_serves_clients_with_and_without_tls() {
+    let dir = tempdir();
+    make_pki(dir.path());
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 8 << 20);
+    let server = NbdServer::start(
+        &img,
+        Listen::Tcp,
+        &[
+            "-t",
+            "--tls=allow",
+            "--tls-cert",
+            dir.path().join("server/server-cert.pem").to_str().unwrap(),
+            "--tls-key",
+            dir.path().join("server/server-key.pem").to_str().unwrap(),
+            "--tls-ca",
+            dir.path().join("ca.pem").to_str().unwrap(),
+        ],
+    );
+    assert!(server.banner.contains("TLS allowed"), "{}", server.banner);
+    let addr = server.tcp.clone().expect("tcp address");
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let alice = dir.path().join("alice");
+    // In clear.
+    qemu_io_nbd(&server.uri("default"), &["write -P 0x61 0 64k"]);
+    let out = run_ok(nbdinfo().arg(server.uri("default")));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("without TLS"));
+    // With TLS, over TCP (the certificate names 127.0.0.1).
+    let out = run_ok(nbdinfo().arg(format!(
+        "nbds://{addr}/default?tls-certificates={}",
+        alice.display()
+    )));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("with TLS"),
+        "{}",
+        describe(&out)
+    );
+    let out = run(qemu_io()
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            alice.display()
+        ))
+        .args(["--image-opts", "-c", "read -P 0x61 0 64k", "-c", "write -P 0x62 64k 64k"])
+        .arg(format!(
+            "driver=nbd,server.type=inet,server.host={host},server.port={port},export=default,tls-creds=tls0"
+        )));
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("fail"),
+        "qemu-io over TLS/TCP: {}",
+        describe(&out)
+    );
+    qemu_io_nbd(&server.uri("default"), &["read -P 0x62 64k 64k"]);
+    server.stop();
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn tls_client_certificates_outside_the_allow_list_are_refused() {
+    let dir = tempdir();
+    make_pki(dir.path());
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img, 8 << 20);
+    let sock = sock_in(&dir);
+    let server = NbdServer::start(
+        &img,
+        Listen::Unix(&sock),
+        &[
+            "-t",
+            "--tls-creds",
+            dir.path().join("server").to_str().unwrap(),
+            "--tls-allow-cn",
+            "alice",
+            "--tls-allow-cn",
+            "bob",
+        ],
+    );
+    let ok = run_ok(nbdinfo().arg(nbds_unix(&sock, "default", &dir.path().join("alice"))));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("with TLS"));
+    for who in ["eve", "nocert"] {
+        let out = run(nbdinfo().arg(nbds_unix(&sock, "default", &dir.path().join(who))));
+        assert!(
+            !out.status.success(),
+            "{who} was served: {}",
+            describe(&out)
+        );
+        let out = qemu_io_tls(&sock, "default", &dir.path().join(who), &["read 0 4k"]);
+        assert!(
+            !out.status.success(),
+            "qemu-io as {who} was served: {}",
+            describe(&out)
+        );
+    }
+    // The refusals are logged, and alice is still served.
+    qemu_io_tls(
+        &sock,
+        "default",
+        &dir.path().join("alice"),
+        &["write -P 0x7a 0 4k"],
+    );
+    let log = server.stderr();
+    assert!(log.contains("CN 'eve' is not on the allow-list"), "{log}");
+    assert!(log.contains("no certificates"), "{log}");
+    server.stop();
+    let image = open_ro(&img);
+    let mut b = [0u8; 4];
+    image.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [0x7a; 4]);
 }

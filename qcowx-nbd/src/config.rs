@@ -79,6 +79,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// Log connection events and client errors to stderr.
     pub verbose: bool,
+    /// STARTTLS settings (`None`: TLS off, `STARTTLS` gets `NBD_REP_ERR_UNSUP`).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Default for Settings {
@@ -95,6 +97,7 @@ impl Default for Settings {
             max_in_flight_bytes: 128 << 20,
             handshake_timeout: Duration::from_secs(10),
             verbose: false,
+            tls: None,
         }
     }
 }

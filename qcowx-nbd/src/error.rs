@@ -33,6 +33,9 @@ pub enum Error {
     /// The image failed.
     #[error(transparent)]
     Image(#[from] qcowx_core::Error),
+    /// TLS failed (handshake, certificate verification, a bad record).
+    #[error("{0}")]
+    Tls(String),
     /// The configuration is invalid.
     #[error("{0}")]
     Config(String),

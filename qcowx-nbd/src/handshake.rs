@@ -5,11 +5,21 @@
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` (contexts
 //! `base:allocation`, `qemu:allocation-depth`, and `qemu:dirty-bitmap:SNAPSHOT` for
 //! every snapshot of the image: the clusters where the export may differ from that
-//! snapshot, from the tree diff — no bitmap is ever stored). Every other option
-//! (`STARTTLS`,
-//! `EXTENDED_HEADERS`, unknown numbers) is answered with `NBD_REP_ERR_UNSUP` and the
-//! negotiation goes on. Malformed option data gets `NBD_REP_ERR_INVALID`; option data
-//! longer than [`MAX_OPTION_DATA`] is skipped and answered with `NBD_REP_ERR_TOO_BIG`.
+//! snapshot, from the tree diff — no bitmap is ever stored), and `STARTTLS` when the
+//! server has TLS settings. Every other option (`EXTENDED_HEADERS`, unknown numbers)
+//! is answered with `NBD_REP_ERR_UNSUP` and the negotiation goes on. Malformed option
+//! data gets `NBD_REP_ERR_INVALID`; option data longer than [`MAX_OPTION_DATA`] is
+//! skipped and answered with `NBD_REP_ERR_TOO_BIG`.
+//!
+//! TLS follows the protocol's modes: with [`TlsMode::Require`] (FORCEDTLS) every
+//! option before `STARTTLS` other than `ABORT` gets `NBD_REP_ERR_TLS_REQD`, and
+//! `EXPORT_NAME` (which cannot be refused) closes the connection; with
+//! [`TlsMode::Allow`] (SELECTIVETLS with no export requiring TLS) clients may go on
+//! in clear or upgrade. [`haggle`] returns [`Outcome::StartTls`] after acknowledging
+//! `STARTTLS`; the caller runs the TLS handshake and calls [`haggle`] again over the
+//! encrypted stream with `tls_active`, which starts from a fresh negotiation state
+//! (no structured replies, no metadata contexts), as the protocol requires. A second
+//! `STARTTLS` gets `NBD_REP_ERR_INVALID`.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +30,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::exports::{Export, ExportInfo, Exports};
+use crate::tls::TlsMode;
 use crate::wire::*;
 
 /// The longest option data read into memory; longer options are skipped.
@@ -252,16 +263,42 @@ fn match_contexts(queries: &[String], list: bool, available: &[MetaContext]) -> 
     out
 }
 
-/// Runs the handshake on `s`. Returns `Ok(None)` when the client aborts (or the
-/// negotiation ends without an export), `Ok(Some(..))` when transmission begins.
-/// Protocol violations that leave no way to answer end with an error; the caller
-/// closes the connection.
+/// How option haggling ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Transmission begins.
+    Transmission(Negotiated),
+    /// The client aborted (or left cleanly).
+    Closed,
+    /// `STARTTLS` was acknowledged: the TLS handshake comes next, then [`haggle`]
+    /// again over the encrypted stream.
+    StartTls,
+}
+
+/// Runs the handshake on `s` without TLS (a server with TLS settings uses [`greet`]
+/// and [`haggle`]). Returns `Ok(None)` when the client aborts (or the negotiation
+/// ends without an export), `Ok(Some(..))` when transmission begins. Protocol
+/// violations that leave no way to answer end with an error; the caller closes the
+/// connection.
 pub fn negotiate<S: Read + Write>(
     s: &mut S,
     ctx: HandshakeContext<'_>,
     deadline: Option<Instant>,
     timeout: Duration,
 ) -> Result<Option<Negotiated>> {
+    let no_zeroes = greet(s)?;
+    match haggle(s, ctx, no_zeroes, false, deadline, timeout)? {
+        Outcome::Transmission(n) => Ok(Some(n)),
+        Outcome::Closed => Ok(None),
+        Outcome::StartTls => Err(Error::Protocol(
+            "STARTTLS needs a TLS-capable connection handler".into(),
+        )),
+    }
+}
+
+/// Sends the greeting and reads the client flags; returns whether the client asked
+/// for `NO_ZEROES`.
+pub fn greet<S: Read + Write>(s: &mut S) -> Result<bool> {
     let greeting = Greeting {
         nbdmagic: NBDMAGIC.into(),
         ihaveopt: IHAVEOPT.into(),
@@ -277,7 +314,20 @@ pub fn negotiate<S: Read + Write>(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+}
+
+/// Option haggling, from the first option (or the first after `STARTTLS`, with
+/// `tls_active`) until transmission, abort, or `STARTTLS`.
+pub fn haggle<S: Read + Write>(
+    s: &mut S,
+    ctx: HandshakeContext<'_>,
+    no_zeroes: bool,
+    tls_active: bool,
+    deadline: Option<Instant>,
+    timeout: Duration,
+) -> Result<Outcome> {
+    let tls_mode = ctx.settings.tls.as_ref().map(|t| t.mode);
     let mut structured = false;
     // The last SET_META_CONTEXT: canonical export name and the contexts selected.
     let mut meta: Option<(String, Vec<MetaContext>)> = None;
@@ -326,6 +376,35 @@ pub fn negotiate<S: Read + Write>(
             continue;
         }
 
+        if opt == OPT_STARTTLS {
+            if tls_mode.is_none() {
+                reply_err(s, opt, REP_ERR_UNSUP, "TLS is not enabled on this server")?;
+            } else if !data.is_empty() {
+                reply_err(s, opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
+            } else if tls_active {
+                reply_err(s, opt, REP_ERR_INVALID, "TLS is already negotiated")?;
+            } else {
+                reply(s, opt, REP_ACK, &[])?;
+                s.flush().map_err(io_err("send option reply"))?;
+                return Ok(Outcome::StartTls);
+            }
+            continue;
+        }
+        if tls_mode == Some(TlsMode::Require) && !tls_active && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                return Err(Error::Protocol(
+                    "NBD_OPT_EXPORT_NAME before STARTTLS, and this server requires TLS".into(),
+                ));
+            }
+            reply_err(
+                s,
+                opt,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: negotiate NBD_OPT_STARTTLS first",
+            )?;
+            continue;
+        }
+
         match opt {
             OPT_EXPORT_NAME => {
                 let name = parse_string(&data).map_err(Error::Protocol)?;
@@ -342,9 +421,11 @@ pub fn negotiate<S: Read + Write>(
                 if !no_zeroes {
                     buf.extend_from_slice(&[0u8; 124]);
                 }
-                s.write_all(&buf).map_err(io_err("send export reply"))?;
+                s.write_all(&buf)
+                    .and_then(|_| s.flush())
+                    .map_err(io_err("send export reply"))?;
                 let contexts = contexts_for(&meta, &export.info);
-                return Ok(Some(Negotiated {
+                return Ok(Outcome::Transmission(Negotiated {
                     export,
                     flags,
                     structured,
@@ -353,8 +434,9 @@ pub fn negotiate<S: Read + Write>(
             }
             OPT_ABORT => {
                 // The client may already have gone: a failed ACK is not an error.
-                let _ = reply(s, opt, REP_ACK, &[]);
-                return Ok(None);
+                let _ = reply(s, opt, REP_ACK, &[])
+                    .and_then(|_| s.flush().map_err(io_err("send option reply")));
+                return Ok(Outcome::Closed);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -394,8 +476,9 @@ pub fn negotiate<S: Read + Write>(
                 send_info(s, opt, &export, flags, &req.requests, ctx.settings)?;
                 reply(s, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
+                    s.flush().map_err(io_err("send option reply"))?;
                     let contexts = contexts_for(&meta, &export.info);
-                    return Ok(Some(Negotiated {
+                    return Ok(Outcome::Transmission(Negotiated {
                         export,
                         flags,
                         structured,
@@ -465,7 +548,6 @@ pub fn negotiate<S: Read + Write>(
             }
             _ => {
                 let what = match opt {
-                    OPT_STARTTLS => "TLS is not supported by this server".to_string(),
                     OPT_EXTENDED_HEADERS => "extended headers are not supported".to_string(),
                     _ => format!("option {opt} is not supported"),
                 };

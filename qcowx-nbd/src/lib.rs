@@ -19,6 +19,10 @@
 //! * [`exports`]: export names and the roots they serve;
 //! * [`server`]: Unix and TCP listeners, systemd socket activation, connection
 //!   limits, the handshake timeout and clean shutdown;
+//! * [`control`]: the control socket (live snapshot, fork, delete, revert, gc, list,
+//!   diff) and its client, for `qcowx` on a served image;
+//! * [`tls`]: STARTTLS with rustls (X.509 files, `require`/`allow` modes, client
+//!   certificate allow-list) and the I/O thread of a TLS connection;
 //! * [`config`]: settings; [`socket`]: the connection type; [`error`]: errors.
 //!
 //! ```no_run
@@ -37,6 +41,7 @@
 //!     max_clients: 0,
 //!     persistent: true,
 //!     settings: Default::default(),
+//!     control: None,
 //! };
 //! let server = Server::bind(exports, config)?;
 //! server.run()?; // until shutdown; then drains, flushes and closes the image
@@ -45,11 +50,13 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod exports;
 pub mod handshake;
 pub mod server;
 pub mod socket;
+pub mod tls;
 pub mod transmission;
 pub mod wire;
 

@@ -12,6 +12,7 @@ use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
 use qcowx_nbd::config::{CacheMode, DetectZeroes, DiscardMode, Settings, MAX_BLOCK_SIZE};
 use qcowx_nbd::exports::{ExportPlan, ExportSpec, Exports};
 use qcowx_nbd::server::{install_signal_handlers, Bound, ListenAddr, Server, ServerConfig};
+use qcowx_nbd::tls::{Tls, TlsFiles, TlsMode};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DiscardArg {
@@ -28,6 +29,24 @@ enum DetectZeroesArg {
     Off,
     On,
     Unmap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TlsArg {
+    /// No TLS: STARTTLS is refused.
+    Off,
+    /// Clients may use TLS or not.
+    Allow,
+    /// Clients must negotiate TLS before anything else.
+    Require,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum YesNo {
+    #[value(alias = "on")]
+    Yes,
+    #[value(alias = "off")]
+    No,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -138,6 +157,51 @@ struct Args {
     /// Worker threads per connection.
     #[arg(long = "workers", value_name = "N", default_value_t = 4)]
     workers: usize,
+
+    /// TLS credentials in QEMU's layout: DIR/server-cert.pem, DIR/server-key.pem and
+    /// (to verify client certificates) DIR/ca-cert.pem. Turns TLS on (--tls=require
+    /// unless --tls says otherwise).
+    #[arg(long = "tls-creds", value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+
+    /// The server certificate (PEM; a chain, leaf first), instead of the one in
+    /// --tls-creds.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+
+    /// The server's private key (PEM).
+    #[arg(long = "tls-key", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    /// The CA certificate(s) that sign client certificates (PEM).
+    #[arg(long = "tls-ca", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+
+    /// TLS mode: require (the default with credentials: every option before
+    /// STARTTLS gets NBD_REP_ERR_TLS_REQD), allow (clients choose), off.
+    #[arg(long = "tls", value_enum, value_name = "MODE")]
+    tls: Option<TlsArg>,
+
+    /// With a CA: whether clients must present a certificate it signed (as QEMU's
+    /// verify-peer).
+    #[arg(long = "tls-verify-peer", value_enum, default_value = "yes")]
+    tls_verify_peer: YesNo,
+
+    /// Admit only client certificates with this subject common name (repeatable;
+    /// needs a CA).
+    #[arg(long = "tls-allow-cn", value_name = "CN")]
+    tls_allow_cn: Vec<String>,
+
+    /// Listen for control requests (`qcowx snapshot|fork|delete|revert|gc|list` on the
+    /// served image) at PATH instead of the place derived from the image file
+    /// ($QCOWX_RUNTIME_DIR, /run/qcowx, $XDG_RUNTIME_DIR/qcowx or /tmp/qcowx-UID, file
+    /// img-DEV-INO.sock). Without this option a read-only server has no control socket.
+    #[arg(long = "control", value_name = "PATH", conflicts_with = "no_control")]
+    control: Option<PathBuf>,
+
+    /// Do not listen for control requests.
+    #[arg(long = "no-control")]
+    no_control: bool,
 
     /// Log connections and failed requests to stderr.
     #[arg(short = 'v', long = "verbose")]
@@ -285,7 +349,13 @@ fn plan(args: &Args, image: &Image) -> Result<ExportPlan, String> {
     })
 }
 
-fn print_banner(path: &Path, exports: &Exports, bound: &[Bound]) -> Result<(), String> {
+fn print_banner(
+    path: &Path,
+    exports: &Exports,
+    bound: &[Bound],
+    control: Option<&Path>,
+    tls: Option<&Tls>,
+) -> Result<(), String> {
     let list = exports.list().map_err(|e| e.to_string())?;
     let mut out = String::new();
     out.push_str(&format!("qcowx-nbd: serving {}\n", path.display()));
@@ -303,7 +373,44 @@ fn print_banner(path: &Path, exports: &Exports, bound: &[Bound]) -> Result<(), S
     for b in bound {
         out.push_str(&format!("listening on {b}\n"));
     }
-    if let (Some(b), Some(first)) = (bound.first(), list.first()) {
+    if let Some(c) = control {
+        out.push_str(&format!("control socket {}\n", c.display()));
+    }
+    if let Some(t) = tls {
+        out.push_str(match t.mode {
+            TlsMode::Require => "TLS required (STARTTLS)\n",
+            TlsMode::Allow => "TLS allowed (STARTTLS)\n",
+        });
+    }
+    if let (Some(b), Some(first), Some(_)) = (bound.first(), list.first(), tls) {
+        // QEMU and libnbd take the client's files (ca-cert.pem, client-cert.pem,
+        // client-key.pem) from a directory.
+        let (server, nbds) = match b {
+            Bound::Unix(p) => (
+                format!("server.type=unix,server.path={}", p.display()),
+                format!(
+                    "nbds+unix:///?socket={}&tls-certificates=CLIENT_DIR",
+                    p.display()
+                ),
+            ),
+            Bound::Tcp(a) => (
+                format!(
+                    "server.type=inet,server.host={},server.port={}",
+                    a.ip(),
+                    a.port()
+                ),
+                format!("nbds://{a}/?tls-certificates=CLIENT_DIR"),
+            ),
+        };
+        out.push_str(
+            "connect QEMU with (CLIENT_DIR: ca-cert.pem, client-cert.pem, client-key.pem):\n",
+        );
+        out.push_str(&format!(
+            "  qemu-system-x86_64 -object tls-creds-x509,id=tls0,dir=CLIENT_DIR,endpoint=client \\\n      -drive driver=nbd,{server},export={},tls-creds=tls0\n",
+            first.name
+        ));
+        out.push_str(&format!("  nbdinfo --list '{nbds}'\n"));
+    } else if let (Some(b), Some(first)) = (bound.first(), list.first()) {
         let uri = b.uri(&first.name);
         out.push_str("connect QEMU with:\n");
         out.push_str(&format!(
@@ -353,8 +460,70 @@ fn daemonize(pid_file: Option<&Path>) -> Result<(), String> {
     Ok(())
 }
 
+/// The TLS settings the options ask for.
+fn tls_settings(args: &Args) -> Result<Option<Tls>, String> {
+    let have_files = args.tls_creds.is_some()
+        || args.tls_cert.is_some()
+        || args.tls_key.is_some()
+        || args.tls_ca.is_some();
+    let mode = match args.tls {
+        Some(TlsArg::Off) => {
+            if have_files || !args.tls_allow_cn.is_empty() {
+                return Err("--tls=off cannot be combined with TLS credentials".into());
+            }
+            return Ok(None);
+        }
+        Some(TlsArg::Allow) => TlsMode::Allow,
+        Some(TlsArg::Require) => TlsMode::Require,
+        None if have_files => TlsMode::Require,
+        None => {
+            if !args.tls_allow_cn.is_empty() {
+                return Err("--tls-allow-cn needs TLS credentials (--tls-creds)".into());
+            }
+            return Ok(None);
+        }
+    };
+    let mut files = match &args.tls_creds {
+        Some(dir) => {
+            if !dir.is_dir() {
+                return Err(format!("--tls-creds {}: not a directory", dir.display()));
+            }
+            TlsFiles::in_dir(dir)
+        }
+        None => {
+            let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+                return Err(
+                    "TLS needs a certificate and a key: --tls-creds DIR, or --tls-cert and --tls-key"
+                        .into(),
+                );
+            };
+            TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: None,
+                verify_peer: true,
+                allowed_cns: Vec::new(),
+            }
+        }
+    };
+    if let Some(c) = &args.tls_cert {
+        files.cert = c.clone();
+    }
+    if let Some(k) = &args.tls_key {
+        files.key = k.clone();
+    }
+    if let Some(ca) = &args.tls_ca {
+        files.ca = Some(ca.clone());
+    }
+    files.verify_peer = args.tls_verify_peer == YesNo::Yes;
+    files.allowed_cns = args.tls_allow_cn.clone();
+    let config = files.server_config().map_err(|e| e.to_string())?;
+    Ok(Some(Tls { mode, config }))
+}
+
 fn run(args: Args) -> Result<(), String> {
     let min = args.min_block_size;
+    let tls = tls_settings(&args)?;
     let settings = Settings {
         min_block_size: min,
         max_block_size: MAX_BLOCK_SIZE,
@@ -378,6 +547,7 @@ fn run(args: Args) -> Result<(), String> {
         workers: args.workers,
         handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
         verbose: args.verbose,
+        tls,
         ..Settings::default()
     };
     settings.validate().map_err(|e| e.to_string())?;
@@ -404,6 +574,21 @@ fn run(args: Args) -> Result<(), String> {
             port: args.port.unwrap_or(10809),
         });
     }
+    let control = if args.no_control {
+        None
+    } else if let Some(p) = &args.control {
+        Some(p.clone())
+    } else if image.is_writable() && !args.read_only {
+        match qcowx_nbd::control::default_socket_path(&args.file) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("qcowx-nbd: no control socket: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let activated = std::env::var_os("LISTEN_FDS").is_some();
     let explicit = args.socket.is_some() || args.port.is_some() || args.bind.is_some();
     let config = ServerConfig {
@@ -416,8 +601,13 @@ fn run(args: Args) -> Result<(), String> {
         max_clients: args.shared,
         persistent: args.persistent,
         settings,
+        control,
     };
+    let tls_banner = config.settings.tls.clone();
     let server = Server::bind(Arc::new(exports), config).map_err(|e| e.to_string())?;
+    // Before the banner: a script may send SIGTERM as soon as it has read it. (The
+    // handlers survive --fork's fork.)
+    install_signal_handlers(&server.shutdown_handle()).map_err(|e| e.to_string())?;
     // The banner tells scripts the server is ready: the pid file exists by then (with
     // --fork, once the parent has exited).
     if !args.fork {
@@ -426,11 +616,16 @@ fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
         }
     }
-    print_banner(&args.file, server.exports(), &server.bound())?;
+    print_banner(
+        &args.file,
+        server.exports(),
+        &server.bound(),
+        server.control_path(),
+        tls_banner.as_ref(),
+    )?;
     if args.fork {
         daemonize(args.pid_file.as_deref())?;
     }
-    install_signal_handlers(&server.shutdown_handle()).map_err(|e| e.to_string())?;
     let r = server.run().map_err(|e| e.to_string());
     if let Some(p) = &args.pid_file {
         let _ = std::fs::remove_file(p);

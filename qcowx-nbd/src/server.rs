@@ -26,10 +26,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::Settings;
+use crate::control::{ControlListener, ControlState};
 use crate::error::{Error, Result};
 use crate::exports::Exports;
-use crate::handshake::{self, HandshakeContext};
+use crate::handshake::{self, HandshakeContext, Negotiated, Outcome};
 use crate::socket::Socket;
+use crate::tls;
 use crate::transmission;
 
 /// How long shutdown waits for connections to finish their requests.
@@ -62,6 +64,9 @@ pub struct ServerConfig {
     pub persistent: bool,
     /// Protocol settings.
     pub settings: Settings,
+    /// Where to listen for control requests (snapshot, fork, gc, …; see
+    /// [`crate::control`]); `None`: no control socket.
+    pub control: Option<PathBuf>,
 }
 
 /// An address the server ended up listening on.
@@ -342,6 +347,7 @@ struct Clients {
 pub struct Server {
     exports: Arc<Exports>,
     listeners: Vec<Listener>,
+    control: Option<ControlListener>,
     config: ServerConfig,
     handle: ShutdownHandle,
 }
@@ -398,9 +404,14 @@ impl Server {
             };
             r.map_err(|e| Error::io("set listener non-blocking", e))?;
         }
+        let control = match &config.control {
+            Some(p) => Some(ControlListener::bind(p, exports.image())?),
+            None => None,
+        };
         Ok(Server {
             exports,
             listeners,
+            control,
             config,
             handle: ShutdownHandle::new()?,
         })
@@ -419,6 +430,11 @@ impl Server {
         self.handle.clone()
     }
 
+    /// The control socket's path, if there is one.
+    pub fn control_path(&self) -> Option<&Path> {
+        self.control.as_ref().map(ControlListener::path)
+    }
+
     /// The exports.
     pub fn exports(&self) -> &Arc<Exports> {
         &self.exports
@@ -430,6 +446,7 @@ impl Server {
         let settings = Arc::new(self.config.settings.clone());
         let shutting_down = Arc::new(AtomicBool::new(false));
         let clients = Arc::new(Clients::default());
+        let control_state = Arc::new(ControlState::default());
         let max = self.config.max_clients;
         let mut had_client = false;
         let mut next_id = 0u64;
@@ -448,6 +465,14 @@ impl Server {
                 events: libc::POLLIN,
                 revents: 0,
             }];
+            if let Some(c) = &self.control {
+                fds.push(libc::pollfd {
+                    fd: c.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let first_listener = fds.len();
             if accepting {
                 fds.extend(self.listeners.iter().map(|l| libc::pollfd {
                     fd: l.fd(),
@@ -467,8 +492,13 @@ impl Server {
             if fds[0].revents != 0 {
                 self.handle.drain();
             }
+            if let Some(c) = &self.control {
+                if fds[1].revents != 0 {
+                    c.accept_all(&self.exports, &control_state);
+                }
+            }
             for (i, l) in self.listeners.iter().enumerate() {
-                if !accepting || fds[i + 1].revents == 0 {
+                if !accepting || fds[first_listener + i].revents == 0 {
                     continue;
                 }
                 let sock = match l.accept() {
@@ -500,6 +530,9 @@ impl Server {
 
         // ---- shutdown ----
         shutting_down.store(true, Ordering::SeqCst);
+        if let Some(c) = self.control.take() {
+            c.remove();
+        }
         for l in self.listeners.drain(..) {
             if let Listener::Unix {
                 path: Some(path), ..
@@ -535,6 +568,9 @@ impl Server {
                 .0;
         }
         drop(count);
+        // A control request already running (a gc, say) finishes first; later ones
+        // are refused.
+        control_state.shut_down(DRAIN_TIMEOUT);
         let image = self.exports.image();
         image.flush().and_then(|_| image.close())?;
         Ok(())
@@ -631,7 +667,22 @@ impl Write for DeadlineSocket<'_> {
     }
 }
 
-/// Runs one client: handshake, then transmission.
+/// Maps read timeouts during the handshake to [`Error::HandshakeTimeout`].
+fn timeout_error(timeout: Duration) -> impl Fn(Error) -> Error {
+    move |e| match e {
+        Error::Io { source, .. }
+            if matches!(
+                source.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Error::HandshakeTimeout(timeout)
+        }
+        e => e,
+    }
+}
+
+/// Runs one client: handshake (with STARTTLS when configured), then transmission.
 pub fn serve_client(
     mut sock: Socket,
     exports: &Exports,
@@ -653,21 +704,82 @@ pub fn serve_client(
         sock: &mut sock,
         deadline,
     };
-    let negotiated =
-        handshake::negotiate(&mut bounded, ctx, Some(deadline), timeout).map_err(|e| match e {
-            Error::Io { source, .. }
-                if matches!(
-                    source.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Error::HandshakeTimeout(timeout)
+    let tmo = timeout_error(timeout);
+    let no_zeroes = handshake::greet(&mut bounded).map_err(&tmo)?;
+    let outcome = handshake::haggle(&mut bounded, ctx, no_zeroes, false, Some(deadline), timeout)
+        .map_err(&tmo)?;
+    let negotiated = match outcome {
+        Outcome::Closed => return Ok(()),
+        Outcome::Transmission(n) => n,
+        Outcome::StartTls => {
+            let tls = settings
+                .tls
+                .as_ref()
+                .ok_or_else(|| Error::Internal("STARTTLS accepted without TLS settings".into()))?;
+            let mut conn = tls::accept(&tls.config, &mut bounded).map_err(&tmo)?;
+            if settings.verbose {
+                let cns = tls::peer_common_names(&conn);
+                eprintln!(
+                    "qcowx-nbd: {label}: TLS established{}",
+                    if cns.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (client certificate CN {})", cns.join(", "))
+                    }
+                );
             }
-            e => e,
-        })?;
-    let Some(negotiated) = negotiated else {
-        return Ok(());
+            let outcome = {
+                let mut stream = rustls::Stream::new(&mut conn, &mut bounded);
+                handshake::haggle(&mut stream, ctx, no_zeroes, true, Some(deadline), timeout)
+                    .map_err(&tmo)?
+            };
+            let negotiated = match outcome {
+                Outcome::Transmission(n) => n,
+                Outcome::Closed => {
+                    conn.send_close_notify();
+                    let _ = conn.complete_io(&mut bounded);
+                    return Ok(());
+                }
+                Outcome::StartTls => {
+                    return Err(Error::Internal("STARTTLS accepted twice".into()));
+                }
+            };
+            log_negotiated(settings, label, &negotiated);
+            sock.set_read_timeout(None)
+                .map_err(|e| Error::io("clear timeout", e))?;
+            let (plain, pump_end) =
+                UnixStream::pair().map_err(|e| Error::io("create a socket pair", e))?;
+            let pump_label = label.to_string();
+            let verbose = settings.verbose;
+            let pump = thread::Builder::new()
+                .name("nbd-tls".into())
+                .spawn(move || {
+                    if let Err(e) = tls::pump(conn, sock, pump_end) {
+                        if verbose
+                            || !matches!(
+                                e.kind(),
+                                io::ErrorKind::BrokenPipe
+                                    | io::ErrorKind::ConnectionReset
+                                    | io::ErrorKind::UnexpectedEof
+                            )
+                        {
+                            eprintln!("qcowx-nbd: {pump_label}: TLS: {e}");
+                        }
+                    }
+                })
+                .map_err(|e| Error::io("start the TLS thread", e))?;
+            let r = transmit(Socket::Unix(plain), &negotiated, settings, label);
+            let _ = pump.join();
+            return r;
+        }
     };
+    log_negotiated(settings, label, &negotiated);
+    sock.set_read_timeout(None)
+        .map_err(|e| Error::io("clear timeout", e))?;
+    transmit(sock, &negotiated, settings, label)
+}
+
+fn log_negotiated(settings: &Settings, label: &str, negotiated: &Negotiated) {
     if settings.verbose {
         eprintln!(
             "qcowx-nbd: {label}: export '{}' ({}, structured replies {}, contexts {:?})",
@@ -681,13 +793,15 @@ pub fn serve_client(
             negotiated.contexts
         );
     }
-    sock.set_read_timeout(None)
-        .map_err(|e| Error::io("clear timeout", e))?;
+}
+
+/// The transmission phase on a (plaintext) socket; the socket is closed on return.
+fn transmit(sock: Socket, negotiated: &Negotiated, settings: &Settings, label: &str) -> Result<()> {
     let writer = sock.try_clone().map_err(|e| Error::io("clone socket", e))?;
     let killer = sock.try_clone().map_err(|e| Error::io("clone socket", e))?;
     let kill = move || {
         let _ = killer.shutdown(Shutdown::Both);
     };
     let reader = BufReader::with_capacity(128 << 10, sock);
-    transmission::serve(reader, writer, &negotiated, settings, &kill, label)
+    transmission::serve(reader, writer, negotiated, settings, &kill, label)
 }

@@ -2,6 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -55,6 +56,14 @@ impl Socket {
         }
     }
 
+    /// Switches non-blocking mode on or off.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_nonblocking(on),
+            Socket::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
     /// Makes the socket blocking.
     pub fn set_blocking(&self) -> io::Result<()> {
         match self {
@@ -70,6 +79,15 @@ impl Socket {
                 .peer_addr()
                 .map_or_else(|_| "tcp client".into(), |a| a.to_string()),
             Socket::Unix(_) => "unix client".into(),
+        }
+    }
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Socket::Tcp(s) => s.as_raw_fd(),
+            Socket::Unix(s) => s.as_raw_fd(),
         }
     }
 }

@@ -55,6 +55,7 @@ impl TestServer {
                 max_clients,
                 persistent: true,
                 settings,
+                control: None,
             },
         )
         .expect("bind");
