@@ -2220,3 +2220,116 @@ fn tls_client_certificates_outside_the_allow_list_are_refused() {
     image.read_at(&mut b, 0).unwrap();
     assert_eq!(b, [0x7a; 4]);
 }
+
+// ---- the qcowx CLI against a served image ------------------------------------------------
+
+/// The `qcowx` binary, built with this test's profile on first use.
+fn cli_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let server = server_bin();
+        let profile_dir = server.parent().expect("profile directory").to_path_buf();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "qcowx-cli", "--bin", "qcowx"])
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(p) => {
+                cmd.args(["--profile", p]);
+            }
+        }
+        let out = run_timeout(&mut cmd, Duration::from_secs(1200));
+        assert!(
+            out.status.success(),
+            "building qcowx failed: {}",
+            describe(&out)
+        );
+        let bin = profile_dir.join("qcowx");
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+}
+
+#[test]
+fn the_cli_forwards_to_the_server_of_a_locked_image() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
+    let runtime = server
+        .control
+        .as_ref()
+        .and_then(|c| c.parent())
+        .expect("the server has a control socket")
+        .to_path_buf();
+    let qcowx = |args: &[&str]| {
+        let mut cmd = Command::new(cli_bin());
+        cmd.env("QCOWX_RUNTIME_DIR", &runtime).args(args);
+        run(&mut cmd)
+    };
+    let p = img.to_str().unwrap();
+    qemu_io_nbd(&server.uri("default"), &["write -P 0x61 0 64k"]);
+    // The image is locked by the server: these go through its control socket.
+    let out = qcowx(&["snapshot", p, "live1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    qemu_io_nbd(&server.uri("default"), &["write -P 0x62 0 64k"]);
+    let out = qcowx(&["fork", p, "live1", "copy"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // The new roots are served at once.
+    let out = run_ok(
+        qemu_io()
+            .args(["-r", "-f", "raw", "-c", "read -P 0x61 0 64k"])
+            .arg(server.uri("default@live1")),
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("failed"),
+        "{}",
+        describe(&out)
+    );
+    qemu_io_nbd(&server.uri("copy"), &["read -P 0x61 0 64k"]);
+    let out = qcowx(&["list", "--output=json", p]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"live1") && names.contains(&"copy"),
+        "{names:?}"
+    );
+    let out = qcowx(&["delete", p, "--vdi", "copy"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = qcowx(&["gc", "--output=json", p]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["roots-removed"], 1, "{v}");
+    // Errors come back with the library's message and exit code 1.
+    let out = qcowx(&["snapshot", p, "live1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{}",
+        describe(&out)
+    );
+    let out = qcowx(&["revert", p, "--vdi", "default", "live1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    qemu_io_nbd(&server.uri("default"), &["read -P 0x61 0 64k"]);
+    server.stop();
+    // Without a server, a locked image is an error, not a silent success.
+    let _held = qcowx_core::Image::open_rw(&img).unwrap();
+    let out = qcowx(&["snapshot", p, "offline"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("locked"),
+        "{}",
+        describe(&out)
+    );
+}

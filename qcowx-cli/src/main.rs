@@ -19,6 +19,7 @@ mod report;
 mod size;
 mod tree;
 
+use qcowx_nbd::control::{ControlError, Request, Response};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -494,6 +495,8 @@ fn io_cmd_arg(s: &str) -> Result<IoCommand, String> {
 enum Failure {
     /// The image library reported an error.
     Image(qcowx_core::Error),
+    /// A running qcowx-nbd serving the image refused or failed a forwarded request.
+    Control(ControlError),
     /// Writing the command's output failed.
     Output(io::Error),
 }
@@ -579,6 +582,10 @@ fn main() -> ExitCode {
         Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(Failure::Output(e)) => {
             let _ = writeln!(io::stderr(), "qcowx: error writing output: {e}");
+            ExitCode::from(error_code)
+        }
+        Err(Failure::Control(e)) => {
+            let _ = writeln!(io::stderr(), "qcowx: {e}");
             ExitCode::from(error_code)
         }
         Err(Failure::Image(e)) => {
@@ -820,6 +827,20 @@ fn require_kind(img: &Image, kind: RootKind, name: &str) -> Result<(), qcowx_cor
     })
 }
 
+/// Sends `req` to the qcowx-nbd serving `file` when opening it failed because it is
+/// locked (DESIGN.md §6): scripts work the same on live and idle images. Any other
+/// error, or no server answering, is reported as the open error.
+fn forward(file: &Path, open_error: qcowx_core::Error, req: &Request) -> Result<Response, Failure> {
+    if !matches!(open_error, qcowx_core::Error::Locked { .. }) {
+        return Err(Failure::Image(open_error));
+    }
+    match qcowx_nbd::control::request(file, req) {
+        Ok(r) => Ok(r),
+        Err(ControlError::NoServer { .. }) => Err(Failure::Image(open_error)),
+        Err(e) => Err(Failure::Control(e)),
+    }
+}
+
 /// Opens `file` for writing (exclusive lock) without its backing chain.
 fn open_rw_meta(file: &Path) -> Result<Image, qcowx_core::Error> {
     OpenOptions::new()
@@ -829,19 +850,38 @@ fn open_rw_meta(file: &Path) -> Result<Image, qcowx_core::Error> {
 }
 
 fn snapshot(a: &SnapshotArgs) -> Result<u8, Failure> {
-    let img = open_rw_meta(&a.file)?;
-    img.snapshot(&a.vdi, &a.name)?;
-    img.close()?;
+    match open_rw_meta(&a.file) {
+        Ok(img) => {
+            img.snapshot(&a.vdi, &a.name)?;
+            img.close()?;
+        }
+        Err(e) => {
+            let req = Request::Snapshot {
+                vdi: a.vdi.clone(),
+                name: a.name.clone(),
+            };
+            forward(&a.file, e, &req)?;
+        }
+    }
     Ok(0)
 }
 
 fn list(a: &ListArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = OpenOptions::new()
+    let opened = OpenOptions::new()
         .lock(lock_mode(a.force_share))
         .open_backing(false)
-        .open(&a.file)?;
-    let roots = img.list()?;
-    img.close()?;
+        .open(&a.file);
+    let roots = match opened {
+        Ok(img) => {
+            let roots = img.list()?;
+            img.close()?;
+            roots
+        }
+        Err(e) => match forward(&a.file, e, &Request::List)? {
+            Response::Roots(roots) => roots,
+            other => return Err(unexpected(other)),
+        },
+    };
     let name = a.file.display().to_string();
     match a.output {
         OutputKind::Json => report::write_json(out, &report::list_json(&name, &roots))?,
@@ -852,14 +892,39 @@ fn list(a: &ListArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
 }
 
 fn fork(a: &ForkArgs) -> Result<u8, Failure> {
-    let img = open_rw_meta(&a.file)?;
-    img.fork(&a.snapshot, &a.new_vdi)?;
-    img.close()?;
+    match open_rw_meta(&a.file) {
+        Ok(img) => {
+            img.fork(&a.snapshot, &a.new_vdi)?;
+            img.close()?;
+        }
+        Err(e) => {
+            let req = Request::Fork {
+                snapshot: a.snapshot.clone(),
+                name: a.new_vdi.clone(),
+            };
+            forward(&a.file, e, &req)?;
+        }
+    }
     Ok(0)
 }
 
+fn unexpected(r: Response) -> Failure {
+    Failure::Control(ControlError::Protocol(format!("unexpected answer {r:?}")))
+}
+
 fn delete(a: &DeleteArgs) -> Result<u8, Failure> {
-    let img = open_rw_meta(&a.file)?;
+    let img = match open_rw_meta(&a.file) {
+        Ok(img) => img,
+        Err(e) => {
+            let req = match (&a.snapshot, &a.vdi) {
+                (Some(s), _) => Request::DeleteSnapshot { name: s.clone() },
+                (None, Some(v)) => Request::DeleteVdi { name: v.clone() },
+                (None, None) => return Err(Failure::Image(e)),
+            };
+            forward(&a.file, e, &req)?;
+            return Ok(0);
+        }
+    };
     match (&a.snapshot, &a.vdi) {
         (Some(s), _) => img.delete_snapshot(s)?,
         (None, Some(v)) => img.delete_vdi(v)?,
@@ -875,20 +940,38 @@ fn delete(a: &DeleteArgs) -> Result<u8, Failure> {
 }
 
 fn revert(a: &RevertArgs) -> Result<u8, Failure> {
-    let img = open_rw_meta(&a.file)?;
-    img.revert(&a.vdi, &a.snapshot)?;
-    img.close()?;
+    match open_rw_meta(&a.file) {
+        Ok(img) => {
+            img.revert(&a.vdi, &a.snapshot)?;
+            img.close()?;
+        }
+        Err(e) => {
+            let req = Request::Revert {
+                vdi: a.vdi.clone(),
+                snapshot: a.snapshot.clone(),
+            };
+            forward(&a.file, e, &req)?;
+        }
+    }
     Ok(0)
 }
 
 fn gc(a: &GcArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = open_rw_meta(&a.file)?;
     let spinner = progress::Spinner::start(
         progress::enabled(quiet, a.output == OutputKind::Json),
         "collecting garbage",
     );
-    let r = img.gc()?;
-    img.close()?;
+    let r = match open_rw_meta(&a.file) {
+        Ok(img) => {
+            let r = img.gc()?;
+            img.close()?;
+            r
+        }
+        Err(e) => match forward(&a.file, e, &Request::Gc)? {
+            Response::Gc(r) => r,
+            other => return Err(unexpected(other)),
+        },
+    };
     drop(spinner);
     let name = a.file.display().to_string();
     match a.output {
