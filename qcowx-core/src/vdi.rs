@@ -424,7 +424,8 @@ struct L1Loc {
 /// A writable VDI or read-only snapshot of an open image, for I/O.
 ///
 /// It shares the image (`Arc<Image>`); many handles can be used at once from many
-/// threads. A handle to a root that is deleted or reverted fails with an error.
+/// threads. A handle to a deleted root fails with an error; a handle to a VDI follows
+/// a revert to the VDI's new head.
 #[derive(Debug, Clone)]
 pub struct Disk {
     image: Arc<Image>,
