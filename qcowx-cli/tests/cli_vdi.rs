@@ -609,16 +609,19 @@ fn delete_and_revert_vdis_then_gc() {
     // (flagged deleted) until gc, which frees what they alone held; then QEMU sees one
     // vdi:dev, with dev1's content.
     let names = qemu_snapshot_names(d, "v.qcow2");
-    assert_eq!(names[..4], ["base", "vdi:dev", "dev1", "vdi:dev"]);
+    assert_eq!(names[..3], ["base", "vdi:dev", "dev1"]);
     assert_eq!(names.len(), 5);
-    assert!(names[4].starts_with("qcowx-reverted-"), "{names:?}");
+    assert!(
+        names[3..].iter().all(|n| n.starts_with("qcowx-reverted-")),
+        "{names:?}"
+    );
     let v = gc_json(d, "v.qcow2");
     assert_eq!(v["roots-removed"], 2, "{v:#}");
     assert!(v["clusters-freed"].as_u64().unwrap() >= 8, "{v:#}");
     assert_qemu_check_clean(d, "v.qcow2");
     assert_eq!(
         qemu_snapshot_names(d, "v.qcow2"),
-        ["base", "dev1", "vdi:dev"]
+        ["base", "vdi:dev", "dev1"]
     );
     assert!(qemu_raw(d, "v.qcow2", Some("vdi:dev")) == dev1);
 

@@ -306,7 +306,7 @@ pub(crate) struct Index {
     /// names to the first entry, so a name stays taken until gc removes them all.
     all_names: HashMap<String, usize>,
     /// Largest numeric QCOW2 snapshot ID.
-    max_id: u64,
+    pub(crate) max_id: u64,
 }
 
 fn display(entry: &SnapshotEntry, rec: &Record) -> String {
@@ -1036,13 +1036,34 @@ impl Image {
                     };
                     let name = st.snapshots[h].name.clone();
                     let entry = self.new_entry(st, name, at, loc.entries, loc.size, &rec);
-                    // The new head (higher generation) wins from its commit on; the old
-                    // one is then flagged deleted for GC.
-                    self.append_entry(st, entry, rec)?;
-                    st.records[h].deleted = true;
-                    st.index.on_delete(&st.snapshots, &st.records, h);
-                    self.write_flags(st, h)?;
-                    Target::Entry(st.snapshots.len() - 1)
+                    // The new head takes the old head's place in the table (QEMU
+                    // resolves `vdi:NAME` to the first entry with that name), and the
+                    // old head moves to the end as a deleted root so gc returns what
+                    // only it reached. One table rewrite, one header commit: there is
+                    // no moment where both heads count.
+                    let grave = Record {
+                        kind: RootKind::Snapshot,
+                        uid: new_uid(),
+                        vdi: 0,
+                        parent: 0,
+                        generation: 0,
+                        created_ns: now_ns(),
+                        deleted: true,
+                        native: true,
+                    };
+                    let mut grave_entry = st.snapshots[h].clone();
+                    grave_entry.name = format!("qcowx-reverted-{:016x}", grave.uid);
+                    let size = grave_entry.disk_size().unwrap_or(st.header.size);
+                    grave_entry.extra = encode_extra(&grave, size, 0);
+                    grave_entry.id = (st.index.max_id + 1).to_string();
+                    let mut entry = entry;
+                    entry.id = st.snapshots[h].id.clone();
+                    st.snapshots[h] = entry;
+                    st.records[h] = rec;
+                    st.snapshots.push(grave_entry);
+                    st.records.push(grave);
+                    self.rewrite_table(st)?;
+                    Target::Entry(h)
                 }
             };
             let id = Image::root_id(st, target);
