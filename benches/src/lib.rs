@@ -20,6 +20,8 @@
 
 #![warn(missing_docs)]
 
+pub mod snapshots;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -117,10 +117,6 @@ bitflags::bitflags! {
         const BITMAPS = 1 << 0;
         /// The external data file is raw (guest offset = host offset).
         const RAW_EXTERNAL = 1 << 1;
-        /// qcowx consistent: the last writer was qcowx, so bit 63 of every VDI head's
-        /// links obeys invariant W. QEMU clears it when it writes the image; qcowx then
-        /// reconciles before its first write.
-        const QCOWX = 1 << 32;
     }
 }
 

@@ -388,24 +388,38 @@ impl Image {
             .map_err(|e| io("read L1 table", header.l1_table_offset, e))?;
         let l1 = decode_words(&raw_l1);
 
-        // Snapshot table.
+        // Snapshot table. Its length is only known once it is parsed: read a guess and
+        // double it while the entries run past it, up to the 64 MiB QEMU allows (reading
+        // the whole bound every time costs a 64 MiB read and buffer per open when the
+        // table is followed by other clusters).
         let snapshots = if header.nb_snapshots > 0 {
             let avail =
                 (file_len - header.snapshots_offset).min(snapshot::MAX_SNAPSHOT_TABLE_BYTES);
-            let mut table = vec![0u8; avail as usize];
-            storage
-                .read_at(&mut table, header.snapshots_offset)
-                .map_err(|e| io("read snapshot table", header.snapshots_offset, e))?;
-            snapshot::parse_table(
-                &table,
-                header.snapshots_offset,
-                header.nb_snapshots,
-                geo.cluster_size(),
-            )
-            .map_err(|source| Error::Snapshot {
-                file: name.clone(),
-                source,
-            })?
+            let mut want = (u64::from(header.nb_snapshots) * 128)
+                .max(64 << 10)
+                .min(avail);
+            loop {
+                let mut table = vec![0u8; want as usize];
+                storage
+                    .read_at(&mut table, header.snapshots_offset)
+                    .map_err(|e| io("read snapshot table", header.snapshots_offset, e))?;
+                match snapshot::parse_table(
+                    &table,
+                    header.snapshots_offset,
+                    header.nb_snapshots,
+                    geo.cluster_size(),
+                ) {
+                    Err(snapshot::SnapshotError::Truncated { .. }) if want < avail => {
+                        want = (want * 2).min(avail);
+                    }
+                    parsed => {
+                        break parsed.map_err(|source| Error::Snapshot {
+                            file: name.clone(),
+                            source,
+                        })?
+                    }
+                }
+            }
         } else {
             Vec::new()
         };
@@ -467,11 +481,9 @@ impl Image {
         };
         if opts.write {
             img.clear_autoclear()?;
-            if img.header().autoclear & Autoclear::QCOWX.bits() == 0 {
-                // Written by something else (or never by qcowx): restore invariant W
-                // before any write of ours.
-                img.reconcile()?;
-            }
+            // Anything may have written the image since qcowx last did: restore
+            // invariant W before any write of ours (O(metadata)).
+            img.reconcile()?;
         }
         Ok(img)
     }
@@ -482,7 +494,9 @@ impl Image {
     /// single-sector header write, made durable before any other write.
     fn clear_autoclear(&self) -> Result<()> {
         let mut st = self.lock_state()?;
-        let keep = st.header.autoclear & Autoclear::QCOWX.bits();
+        // qcowx keeps no auto-clear bit set at rest (see `reconcile`); images an
+        // earlier qcowx marked with bit 32 lose it here too.
+        let keep = 0;
         if st.header.autoclear == keep {
             return Ok(());
         }
@@ -1668,7 +1682,6 @@ pub(crate) fn feature_name_table() -> Extension {
         (FeatureKind::Compatible, 0, "lazy refcounts"),
         (FeatureKind::Autoclear, 0, "bitmaps"),
         (FeatureKind::Autoclear, 1, "raw external data"),
-        (FeatureKind::Autoclear, 32, "qcowx consistent"),
     ])
 }
 
@@ -1794,7 +1807,7 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
         snapshots_offset: 0,
         incompatible,
         compatible: 0,
-        autoclear: Autoclear::QCOWX.bits(),
+        autoclear: 0,
         refcount_order: opts.refcount_bits.trailing_zeros(),
         header_length: V3_HEADER_LEN,
         compression_type: match opts.compression {

@@ -1170,10 +1170,13 @@ impl Image {
 }
 
 impl Image {
-    /// Restores invariant W after a foreign writer (QEMU) wrote the image: counts
-    /// references from every root and clears bit 63 on every VDI-head link whose
-    /// target is reachable more than once, then sets the qcowx auto-clear bit. Only
-    /// writable→read-only flips, so it is safe at any point of a crash.
+    /// Restores invariant W after a foreign writer (QEMU) may have written the image:
+    /// counts references from every root and clears bit 63 on every VDI-head link
+    /// whose target is reachable more than once. Only writable→read-only flips, so it
+    /// is safe at any point of a crash. It runs at every writable open: no auto-clear
+    /// bit records "qcowx was the last writer", because `qemu-img check -r` (QEMU 10)
+    /// rewrites the header of an image with an unknown auto-clear bit without its
+    /// snapshot table, dropping every snapshot.
     pub(crate) fn reconcile(&self) -> Result<()> {
         let mut guard = self.lock_state()?;
         self.reconcile_locked(&mut guard)
@@ -1280,10 +1283,7 @@ impl Image {
                 }
             }
         }
-        self.flush_locked(st)?;
-        st.header.autoclear |= crate::header::Autoclear::QCOWX.bits();
-        self.write_header_fields(st)?;
-        self.sync()
+        self.flush_locked(st)
     }
 }
 
