@@ -841,6 +841,31 @@ fn forward(file: &Path, open_error: qcowx_core::Error, req: &Request) -> Result<
     }
 }
 
+/// Runs `local` on the image `opened` gave (then closes it), or, when opening failed
+/// because a qcowx-nbd serving the image holds its lock, sends `req` to that server
+/// and takes the result from its answer with `remote` (`None` for an answer of the
+/// wrong kind).
+fn local_or_served<T>(
+    file: &Path,
+    opened: Result<Image, qcowx_core::Error>,
+    local: impl FnOnce(&Image) -> Result<T, qcowx_core::Error>,
+    req: Request,
+    remote: impl FnOnce(Response) -> Option<T>,
+) -> Result<T, Failure> {
+    match opened {
+        Ok(img) => {
+            let v = local(&img)?;
+            img.close()?;
+            Ok(v)
+        }
+        Err(e) => remote(forward(file, e, &req)?).ok_or_else(|| {
+            Failure::Control(ControlError::Protocol(format!(
+                "unexpected answer to {req:?}"
+            )))
+        }),
+    }
+}
+
 /// Opens `file` for writing (exclusive lock) without its backing chain.
 fn open_rw_meta(file: &Path) -> Result<Image, qcowx_core::Error> {
     OpenOptions::new()
@@ -850,19 +875,17 @@ fn open_rw_meta(file: &Path) -> Result<Image, qcowx_core::Error> {
 }
 
 fn snapshot(a: &SnapshotArgs) -> Result<u8, Failure> {
-    match open_rw_meta(&a.file) {
-        Ok(img) => {
-            img.snapshot(&a.vdi, &a.name)?;
-            img.close()?;
-        }
-        Err(e) => {
-            let req = Request::Snapshot {
-                vdi: a.vdi.clone(),
-                name: a.name.clone(),
-            };
-            forward(&a.file, e, &req)?;
-        }
-    }
+    let req = Request::Snapshot {
+        vdi: a.vdi.clone(),
+        name: a.name.clone(),
+    };
+    local_or_served(
+        &a.file,
+        open_rw_meta(&a.file),
+        |img| img.snapshot(&a.vdi, &a.name).map(drop),
+        req,
+        |_| Some(()),
+    )?;
     Ok(0)
 }
 
@@ -871,17 +894,10 @@ fn list(a: &ListArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
         .lock(lock_mode(a.force_share))
         .open_backing(false)
         .open(&a.file);
-    let roots = match opened {
-        Ok(img) => {
-            let roots = img.list()?;
-            img.close()?;
-            roots
-        }
-        Err(e) => match forward(&a.file, e, &Request::List)? {
-            Response::Roots(roots) => roots,
-            other => return Err(unexpected(other)),
-        },
-    };
+    let roots = local_or_served(&a.file, opened, Image::list, Request::List, |r| match r {
+        Response::Roots(roots) => Some(roots),
+        _ => None,
+    })?;
     let name = a.file.display().to_string();
     match a.output {
         OutputKind::Json => report::write_json(out, &report::list_json(&name, &roots))?,
@@ -892,67 +908,54 @@ fn list(a: &ListArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
 }
 
 fn fork(a: &ForkArgs) -> Result<u8, Failure> {
-    match open_rw_meta(&a.file) {
-        Ok(img) => {
-            img.fork(&a.snapshot, &a.new_vdi)?;
-            img.close()?;
-        }
-        Err(e) => {
-            let req = Request::Fork {
-                snapshot: a.snapshot.clone(),
-                name: a.new_vdi.clone(),
-            };
-            forward(&a.file, e, &req)?;
-        }
-    }
+    let req = Request::Fork {
+        snapshot: a.snapshot.clone(),
+        name: a.new_vdi.clone(),
+    };
+    local_or_served(
+        &a.file,
+        open_rw_meta(&a.file),
+        |img| img.fork(&a.snapshot, &a.new_vdi).map(drop),
+        req,
+        |_| Some(()),
+    )?;
     Ok(0)
 }
 
-fn unexpected(r: Response) -> Failure {
-    Failure::Control(ControlError::Protocol(format!("unexpected answer {r:?}")))
-}
-
 fn delete(a: &DeleteArgs) -> Result<u8, Failure> {
-    let img = match open_rw_meta(&a.file) {
-        Ok(img) => img,
-        Err(e) => {
-            let req = match (&a.snapshot, &a.vdi) {
-                (Some(s), _) => Request::DeleteSnapshot { name: s.clone() },
-                (None, Some(v)) => Request::DeleteVdi { name: v.clone() },
-                (None, None) => return Err(Failure::Image(e)),
-            };
-            forward(&a.file, e, &req)?;
-            return Ok(0);
-        }
-    };
-    match (&a.snapshot, &a.vdi) {
-        (Some(s), _) => img.delete_snapshot(s)?,
-        (None, Some(v)) => img.delete_vdi(v)?,
-        // clap requires exactly one of them.
+    // clap requires exactly one of --snapshot and --vdi.
+    let req = match (&a.snapshot, &a.vdi) {
+        (Some(s), _) => Request::DeleteSnapshot { name: s.clone() },
+        (None, Some(v)) => Request::DeleteVdi { name: v.clone() },
         (None, None) => {
             return Err(Failure::Image(qcowx_core::Error::InvalidArgument(
                 "delete needs --snapshot NAME or --vdi NAME".into(),
             )))
         }
-    }
-    img.close()?;
+    };
+    let local = |img: &Image| match &req {
+        Request::DeleteSnapshot { name } => img.delete_snapshot(name),
+        Request::DeleteVdi { name } => img.delete_vdi(name),
+        _ => Ok(()),
+    };
+    local_or_served(&a.file, open_rw_meta(&a.file), local, req.clone(), |_| {
+        Some(())
+    })?;
     Ok(0)
 }
 
 fn revert(a: &RevertArgs) -> Result<u8, Failure> {
-    match open_rw_meta(&a.file) {
-        Ok(img) => {
-            img.revert(&a.vdi, &a.snapshot)?;
-            img.close()?;
-        }
-        Err(e) => {
-            let req = Request::Revert {
-                vdi: a.vdi.clone(),
-                snapshot: a.snapshot.clone(),
-            };
-            forward(&a.file, e, &req)?;
-        }
-    }
+    let req = Request::Revert {
+        vdi: a.vdi.clone(),
+        snapshot: a.snapshot.clone(),
+    };
+    local_or_served(
+        &a.file,
+        open_rw_meta(&a.file),
+        |img| img.revert(&a.vdi, &a.snapshot),
+        req,
+        |_| Some(()),
+    )?;
     Ok(0)
 }
 
@@ -961,17 +964,16 @@ fn gc(a: &GcArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
         progress::enabled(quiet, a.output == OutputKind::Json),
         "collecting garbage",
     );
-    let r = match open_rw_meta(&a.file) {
-        Ok(img) => {
-            let r = img.gc()?;
-            img.close()?;
-            r
-        }
-        Err(e) => match forward(&a.file, e, &Request::Gc)? {
-            Response::Gc(r) => r,
-            other => return Err(unexpected(other)),
+    let r = local_or_served(
+        &a.file,
+        open_rw_meta(&a.file),
+        Image::gc,
+        Request::Gc,
+        |r| match r {
+            Response::Gc(r) => Some(r),
+            _ => None,
         },
-    };
+    )?;
     drop(spinner);
     let name = a.file.display().to_string();
     match a.output {

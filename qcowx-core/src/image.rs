@@ -1362,7 +1362,6 @@ impl Image {
             self.check_range(&st, root, offset, len)?;
             self.plan(&mut st, root, offset, len)?
         };
-        let below = self.backing.as_ref().map_or(0, |b| b.chain_len());
         let mut out: Vec<Extent> = Vec::new();
         for p in pieces {
             match p.src {
@@ -1392,7 +1391,6 @@ impl Image {
                 },
             }
         }
-        let _ = below;
         Ok(out)
     }
 
@@ -1744,7 +1742,10 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
         l1_clusters,
     };
 
+    // QEMU's order: backing format first, then the feature name table (`set` puts a
+    // new extension at the front).
     let mut extensions = Extensions::default();
+    extensions.set(feature_name_table());
     let mut incompatible = Incompatible::empty();
     if opts.extended_l2 {
         incompatible |= Incompatible::EXTENDED_L2;
@@ -1782,16 +1783,6 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
             data: fmt.into_bytes(),
         });
     }
-    extensions.set(feature_name_table());
-    // Keep the order QEMU writes: backing format first, then the feature table.
-    let mut ordered = Extensions::default();
-    ordered.set(feature_name_table());
-    if let Some(f) = extensions.backing_format() {
-        ordered.set(Extension {
-            kind: EXT_BACKING_FORMAT,
-            data: f.as_bytes().to_vec(),
-        });
-    }
     let mut header = Header {
         backing_file_offset: 0,
         backing_file_size: 0,
@@ -1814,7 +1805,7 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
             CompressionType::Deflate => 0,
             CompressionType::Zstd => 1,
         },
-        extensions: ordered,
+        extensions,
         backing_file,
     };
     header.layout_backing();

@@ -887,9 +887,12 @@ impl Image {
                 self.name
             )));
         }
-        self.quiesced(|st| match self.find_vdi(st, name)? {
-            Target::Entry(i) => self.delete_entry(st, i),
-            Target::Default => unreachable_default(&self.name),
+        self.quiesced(|st| {
+            // `find_vdi` gives `Target::Default` only for "default", refused above.
+            let Target::Entry(i) = self.find_vdi(st, name)? else {
+                return Err(self.not_found("VDI", name));
+            };
+            self.delete_entry(st, i)
         })
     }
 
@@ -1285,12 +1288,6 @@ impl Image {
         }
         self.flush_locked(st)
     }
-}
-
-fn unreachable_default<T>(file: &str) -> Result<T> {
-    Err(Error::InvalidArgument(format!(
-        "{file}: the default VDI cannot be deleted"
-    )))
 }
 
 #[cfg(test)]
