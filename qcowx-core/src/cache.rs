@@ -162,6 +162,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn default_covers_a_32_gib_working_set_with_64k_clusters() {
+        let table = 65536usize;
+        let c = L2Cache::new(DEFAULT_CACHE_BYTES, table);
+        // Each 64 KiB table maps 8192 clusters of 64 KiB = 512 MiB of guest data.
+        let covered = c.capacity() as u64 * (table as u64 / 8) * 65536;
+        assert!(covered >= 32 << 30, "{covered}");
+    }
+
+    #[test]
     fn evicts_clean_before_dirty() {
         let mut c = L2Cache::new(4 * 64, 64);
         assert!(c.insert(1, vec![1], true).is_none());
