@@ -374,6 +374,7 @@ pub fn gc_json(filename: &str, r: &GcReport) -> Value {
         "bytes-freed": r.bytes_freed,
         "file-size-before": r.file_size_before,
         "file-size-after": r.file_size_after,
+        "refcounts-exact": r.refcounts_exact,
     })
 }
 
@@ -391,7 +392,14 @@ pub fn gc_human(out: &mut dyn Write, r: &GcReport) -> io::Result<()> {
         out,
         "file size: {} -> {} bytes",
         r.file_size_before, r.file_size_after
-    )
+    )?;
+    if !r.refcounts_exact {
+        writeln!(
+            out,
+            "refcounts: stale (the image was written during gc; exact after a clean close)"
+        )?;
+    }
+    Ok(())
 }
 
 /// `qcowx diff --output=json`'s object (see `spec/cli-json.md`).

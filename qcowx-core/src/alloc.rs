@@ -13,6 +13,9 @@ pub struct Allocator {
     end: u64,
     pending: Vec<u64>,
     ready: Vec<u64>,
+    /// While set, ready clusters are not handed out (a gc is counting references and
+    /// must not see a free cluster become linked behind its back).
+    hold_ready: bool,
 }
 
 impl Allocator {
@@ -23,13 +26,16 @@ impl Allocator {
             end: file_len.next_multiple_of(cluster_size),
             pending: Vec::new(),
             ready: Vec::new(),
+            hold_ready: false,
         }
     }
 
     /// One cluster: a ready freed one, or a new one at the end.
     pub fn cluster(&mut self) -> u64 {
-        if let Some(c) = self.ready.pop() {
-            return c;
+        if !self.hold_ready {
+            if let Some(c) = self.ready.pop() {
+                return c;
+            }
         }
         self.contiguous(1)
     }
@@ -70,6 +76,17 @@ impl Allocator {
         self.ready.extend(clusters);
     }
 
+    /// Stops (`true`) or resumes (`false`) handing out ready clusters: while held,
+    /// every new cluster comes from the end of the file.
+    pub fn hold_ready(&mut self, hold: bool) {
+        self.hold_ready = hold;
+    }
+
+    /// Clusters freed but not yet handed out again (pending or ready).
+    pub fn unused(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pending.iter().chain(&self.ready).copied()
+    }
+
     /// Number of clusters waiting to be punched.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
@@ -103,5 +120,18 @@ mod tests {
         a.make_ready(p);
         assert_eq!(a.cluster(), 512);
         assert_eq!(runs(&[0, 512, 2048], 512), vec![(0, 1024), (2048, 512)]);
+    }
+
+    #[test]
+    fn held_ready_clusters_stay_unused() {
+        let mut a = Allocator::new(512, 1024);
+        a.free(512);
+        let p = a.take_pending();
+        a.make_ready(p);
+        a.hold_ready(true);
+        assert_eq!(a.cluster(), 1024, "a held ready cluster is not handed out");
+        assert_eq!(a.unused().collect::<Vec<_>>(), vec![512]);
+        a.hold_ready(false);
+        assert_eq!(a.cluster(), 512);
     }
 }

@@ -34,6 +34,8 @@ pub struct L2Cache {
     slots: HashMap<u64, Slot>,
     capacity: usize,
     tick: u64,
+    /// Counts modifications (a table taken for writing, a dirty table inserted).
+    changes: u64,
 }
 
 impl L2Cache {
@@ -44,6 +46,7 @@ impl L2Cache {
             slots: HashMap::new(),
             capacity,
             tick: 0,
+            changes: 0,
         }
     }
 
@@ -65,6 +68,7 @@ impl L2Cache {
     /// The table at `offset` for modification; marks it dirty.
     pub fn get_mut(&mut self, offset: u64) -> Option<&mut Vec<u64>> {
         self.tick += 1;
+        self.changes += 1;
         let tick = self.tick;
         self.slots.get_mut(&offset).map(|s| {
             s.last_use = tick;
@@ -76,6 +80,7 @@ impl L2Cache {
     /// Inserts a table. Returns a dirty table that had to be evicted to make room.
     pub fn insert(&mut self, offset: u64, words: Vec<u64>, dirty: bool) -> Option<Evicted> {
         self.tick += 1;
+        self.changes += u64::from(dirty);
         let mut evicted = None;
         if !self.slots.contains_key(&offset) && self.slots.len() >= self.capacity {
             // Least recently used clean table first; a dirty one only if all are dirty.
@@ -122,6 +127,12 @@ impl L2Cache {
     /// Removes a table without writing it (its cluster was freed).
     pub fn forget(&mut self, offset: u64) {
         self.slots.remove(&offset);
+    }
+
+    /// How many times a table was taken for writing or inserted dirty: equal values
+    /// at two moments mean no table changed in between.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Whether any table is dirty.

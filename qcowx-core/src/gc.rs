@@ -1,18 +1,33 @@
-//! Mark-and-sweep garbage collection.
+//! Mark-and-sweep garbage collection, concurrent with reads and writes.
 //!
 //! Deleting a snapshot or VDI only flags its snapshot table entry. [`Image::gc`] then
 //! compacts the table (dropping deleted roots and superseded VDI heads, re-linking the
-//! lineage around them), counts references from the live roots, writes exact
-//! refcounts, clears the dirty bit, truncates the free tail of the file, and
-//! hole-punches every cluster that lost its last reference, durably, before the
-//! allocator may hand it out again.
+//! lineage around them), counts references from the live roots while I/O goes on,
+//! and frees every cluster that existed when it began and that nothing references:
+//! hole-punched, durably, before the allocator may hand any of them out again. When
+//! no link changed while it counted, it also writes exact refcounts, clears the dirty
+//! bit and truncates the free tail of the file; otherwise the refcounts stay stale
+//! (dirty bit set) until the next clean close.
+//!
+//! Why the concurrent count is safe (the argument behind every step):
+//! - The set of roots is fixed while gc runs: operations that add, remove or move
+//!   roots and tables take the image's structure lock, which gc holds throughout.
+//! - Writes link only clusters allocated after gc began (ready clusters are held back
+//!   while it runs) or links copied out of a read-only table (copy-on-write). A
+//!   read-only table is never changed in place (invariant W), so whichever version of
+//!   the L1 link gc saw — the old table or its copy — it counts the old clusters.
+//! - A cluster a write unlinks is freed through the allocator's pending list, never
+//!   by gc (gc skips every pending or ready cluster).
+//! - gc punches only after writing every dirty table and L1 entry, so nothing on disk
+//!   links what it punches either.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::alloc::runs;
 use crate::error::Result;
-use crate::image::Image;
-use crate::refcount;
+use crate::image::{Image, State};
+use crate::refcount::{self, Scan, ScanInput, Source};
+use crate::snapshot::SnapshotEntry;
 use crate::vdi::{encode_extra, RootKind};
 
 /// What a collection did.
@@ -28,13 +43,30 @@ pub struct GcReport {
     pub file_size_before: u64,
     /// Image file length after (the free tail is truncated).
     pub file_size_after: u64,
+    /// Exact refcounts were written and the dirty bit cleared. False when links
+    /// changed while gc counted (the image was being written): the refcounts are then
+    /// rewritten at the next clean close.
+    pub refcounts_exact: bool,
+}
+
+/// What the first, locked step of a collection hands to the unlocked count.
+struct Start {
+    live: ScanInput,
+    removed: ScanInput,
+    roots_removed: u64,
+    generation: crate::image::Generation,
+    /// Clusters below this index existed when gc began: only they can be freed.
+    end_cluster: u64,
 }
 
 impl Image {
-    /// Reclaims the space of deleted roots and writes exact refcounts.
+    /// Reclaims the space of deleted roots and frees every unreferenced cluster.
     ///
-    /// Cost: O(metadata) — a walk of every distinct table, never of the data. Writes
-    /// in flight finish first; I/O waits while it runs.
+    /// Cost: O(metadata) — a walk of every distinct table, never of the data. Reads
+    /// and writes go on while it counts; snapshot, fork, delete, revert, rename,
+    /// resize and close wait for it. The state lock and the I/O gate are held twice
+    /// briefly: to compact the table at the start, and to punch (and, when nothing
+    /// changed meanwhile, write refcounts) at the end.
     pub fn gc(&self) -> Result<GcReport> {
         if !self.is_writable() {
             return Err(crate::Error::ReadOnly {
@@ -42,105 +74,154 @@ impl Image {
                 why: "gc needs the image open for writing".into(),
             });
         }
+        let _structure = self.lock_structure();
+        let file_size_before = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        let start = self.gc_start()?;
+        let result = self.gc_count_and_sweep(&start);
+        // Ready clusters may be handed out again, whatever happened.
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .alloc
+            .hold_ready(false);
+        let (clusters_freed, refcounts_exact) = result?;
+        let file_size_after = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        Ok(GcReport {
+            roots_removed: start.roots_removed,
+            clusters_freed,
+            bytes_freed: clusters_freed * self.geo.cluster_size(),
+            file_size_before,
+            file_size_after,
+            refcounts_exact,
+        })
+    }
+
+    /// Step 1, locked: flush, dirty bit, compact the table, hold ready clusters back.
+    fn gc_start(&self) -> Result<Start> {
         let mut st = self.lock_state()?;
         let _gate = self.io_gate_write();
         let st = &mut *st;
-        let cs = self.geo.cluster_size();
-        let file_size_before = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
         self.flush_metadata(st)?;
         self.promote_pending(st)?;
         self.mark_stale(st)?;
-        let before = refcount::reference_counts(self, st)?;
+        let removed = self.compact_table(st)?;
+        refcount::give_up_table_room(self, st);
+        st.alloc.hold_ready(true);
+        Ok(Start {
+            live: ScanInput::of(st),
+            removed: ScanInput::entries_only(st, &removed),
+            roots_removed: removed.len() as u64,
+            generation: st.generation(),
+            end_cluster: st.alloc.end() >> self.geo.cluster_bits,
+        })
+    }
 
-        // Compact the table: keep live roots; a removed snapshot's children inherit
-        // its parent so the lineage stays connected.
+    /// Steps 2 and 3: count without the lock, then sweep with it. Returns the clusters
+    /// freed that the removed roots referenced, and whether refcounts are exact.
+    fn gc_count_and_sweep(&self, start: &Start) -> Result<(u64, bool)> {
+        let cs = self.geo.cluster_size();
+        let live = refcount::scan_from(self, &start.live, false, Source::Live)?.checked(self)?;
+        // Removed roots are never written: their tables are read from the file.
+        let dead = refcount::scan_from(self, &start.removed, false, Source::File)?;
+
+        let mut st = self.lock_state()?;
+        let _gate = self.io_gate_write();
+        let st = &mut *st;
+        let exact = st.generation() == start.generation;
+        let free: Vec<u64> = if exact {
+            // Nothing changed since the count: it is exact now.
+            let after = refcount::rebuild_with(self, st, live)?;
+            (1..after.len() as u64)
+                .filter(|&c| after[c as usize] == 0)
+                .collect()
+        } else {
+            self.flush_metadata(st)?;
+            let mut keep: HashSet<u64> = refcount::refcount_clusters(self, &st.header)?;
+            keep.extend(st.alloc.unused().map(|o| o >> self.geo.cluster_bits));
+            (1..start.end_cluster.min(live.clusters()))
+                .filter(|&c| live.count(c) == 0 && !keep.contains(&c))
+                .collect()
+        };
+        let freed = count_freed(&dead, &free, st.alloc.end() >> self.geo.cluster_bits);
+        let offsets: Vec<u64> = free.iter().map(|c| c * cs).collect();
+        for (at, len) in runs(&offsets, cs) {
+            self.storage
+                .punch_hole(at, len)
+                .map_err(|e| self.io_err("punch hole", at, e))?;
+        }
+        if !offsets.is_empty() {
+            self.sync()?;
+            // A clean cached copy of a freed table must not outlive it.
+            st.cache.clear_clean();
+            st.alloc.make_ready(offsets);
+        }
+        Ok((freed, exact))
+    }
+
+    /// Drops every entry that is not live, re-linking the lineage of the kept ones
+    /// around them, and commits the table. Returns the removed entries.
+    fn compact_table(&self, st: &mut State) -> Result<Vec<SnapshotEntry>> {
         let live: Vec<bool> = (0..st.snapshots.len())
             .map(|i| Image::entry_live(st, i))
             .collect();
-        let removed = live.iter().filter(|l| !**l).count() as u64;
-        if removed > 0 {
-            let parent_of: HashMap<u64, u64> =
-                st.records.iter().map(|r| (r.uid, r.parent)).collect();
-            let live_uids: std::collections::HashSet<u64> = st
-                .records
-                .iter()
-                .zip(&live)
-                .filter(|(_, l)| **l)
-                .map(|(r, _)| r.uid)
-                .collect();
-            let mut snapshots = Vec::new();
-            let mut records = Vec::new();
-            for (i, keep) in live.iter().enumerate() {
-                if !keep {
-                    let id = match st.records[i].kind {
-                        RootKind::Vdi => st.records[i].vdi,
-                        RootKind::Snapshot => st.records[i].uid,
-                    };
-                    // A superseded head shares its VDI's id with the live head.
-                    if st.records[i].kind == RootKind::Snapshot {
-                        st.roots.remove(&id);
-                    }
-                    continue;
-                }
-                let mut rec = st.records[i].clone();
-                let mut entry = st.snapshots[i].clone();
-                let mut p = rec.parent;
-                let mut hops = 0;
-                while p != 0 && !live_uids.contains(&p) && hops < st.records.len() {
-                    p = parent_of.get(&p).copied().unwrap_or(0);
-                    hops += 1;
-                }
-                if !live_uids.contains(&p) {
-                    p = 0;
-                }
-                if p != rec.parent && rec.native {
-                    rec.parent = p;
-                    let size = entry.disk_size().unwrap_or(st.header.size);
-                    let vm = entry
-                        .extra
-                        .get(0..8)
-                        .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
-                    entry.extra = encode_extra(&rec, size, vm);
-                }
-                snapshots.push(entry);
-                records.push(rec);
-            }
-            st.snapshots = snapshots;
-            st.records = records;
-            self.rewrite_table(st)?;
+        if live.iter().all(|l| *l) {
+            return Ok(Vec::new());
         }
-
-        let after = refcount::rebuild(self, st)?;
-        let end = after.len() as u64;
-        let freed: Vec<u64> = before
+        let parent_of: HashMap<u64, u64> = st.records.iter().map(|r| (r.uid, r.parent)).collect();
+        let live_uids: HashSet<u64> = st
+            .records
             .iter()
-            .enumerate()
-            .filter(|(c, &n)| n > 0 && after.get(*c).copied().unwrap_or(0) == 0)
-            .map(|(c, _)| c as u64 * cs)
+            .zip(&live)
+            .filter(|(_, l)| **l)
+            .map(|(r, _)| r.uid)
             .collect();
-        // Every unreferenced cluster inside the file (freed now, or orphaned by a crash
-        // or a revert earlier) is punched, and that is made durable before the
-        // allocator may hand any of them out again.
-        let free: Vec<u64> = (1..end)
-            .filter(|&c| after[c as usize] == 0)
-            .map(|c| c * cs)
-            .collect();
-        for (start, len) in runs(&free, cs) {
-            self.storage
-                .punch_hole(start, len)
-                .map_err(|e| self.io_err("punch hole", start, e))?;
+        let mut snapshots = Vec::new();
+        let mut records = Vec::new();
+        let mut removed = Vec::new();
+        for (i, keep) in live.iter().enumerate() {
+            if !keep {
+                // A superseded head shares its VDI's id with the live head.
+                if st.records[i].kind == RootKind::Snapshot {
+                    st.roots.remove(&st.records[i].uid);
+                }
+                removed.push(st.snapshots[i].clone());
+                continue;
+            }
+            let mut rec = st.records[i].clone();
+            let mut entry = st.snapshots[i].clone();
+            let mut p = rec.parent;
+            let mut hops = 0;
+            while p != 0 && !live_uids.contains(&p) && hops < st.records.len() {
+                p = parent_of.get(&p).copied().unwrap_or(0);
+                hops += 1;
+            }
+            if !live_uids.contains(&p) {
+                p = 0;
+            }
+            if p != rec.parent && rec.native {
+                rec.parent = p;
+                let size = entry.disk_size().unwrap_or(st.header.size);
+                let vm = entry
+                    .extra
+                    .get(0..8)
+                    .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
+                entry.extra = encode_extra(&rec, size, vm);
+            }
+            snapshots.push(entry);
+            records.push(rec);
         }
-        if !free.is_empty() {
-            self.sync()?;
-            st.alloc.make_ready(free);
-        }
-        let file_size_after = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
-        Ok(GcReport {
-            roots_removed: removed,
-            clusters_freed: freed.len() as u64,
-            bytes_freed: freed.len() as u64 * cs,
-            file_size_before,
-            file_size_after,
-        })
+        st.snapshots = snapshots;
+        st.records = records;
+        self.rewrite_table(st)?;
+        Ok(removed)
     }
+}
+
+/// Clusters in `free` (or past the new end of the file) that a removed root
+/// referenced: the space the removal gave back.
+fn count_freed(dead: &Scan, free: &[u64], end_cluster: u64) -> u64 {
+    let free: HashSet<u64> = free.iter().copied().collect();
+    (1..dead.clusters())
+        .filter(|&c| dead.count(c) > 0 && (free.contains(&c) || c >= end_cluster))
+        .count() as u64
 }

@@ -247,6 +247,30 @@ pub(crate) struct State {
     /// Name and head lookups over the table.
     pub(crate) index: crate::vdi::Index,
     pub(crate) closed: bool,
+    /// Counts changes to in-memory L1 tables (with the cache's and the allocator's
+    /// counters, tells gc whether anything changed while it scanned).
+    pub(crate) l1_changes: u64,
+}
+
+/// A moment in the metadata's history: two equal values mean no link changed, no
+/// cluster was allocated and none was freed in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Generation {
+    l2: u64,
+    l1: u64,
+    end: u64,
+    pending: usize,
+}
+
+impl State {
+    pub(crate) fn generation(&self) -> Generation {
+        Generation {
+            l2: self.cache.changes(),
+            l1: self.l1_changes,
+            end: self.alloc.end(),
+            pending: self.alloc.pending_len(),
+        }
+    }
 }
 
 /// An open QCOW2 image.
@@ -266,6 +290,11 @@ pub struct Image {
     /// Held shared by data I/O that uses a mapping looked up under `state`; taken
     /// exclusively before freed clusters become reusable.
     io_gate: RwLock<()>,
+    /// Held by operations that change the set of roots or where tables live
+    /// (snapshot, fork, delete, revert, rename, resize, repair, close) and by gc for
+    /// its whole run, so gc's scan sees a fixed set of roots while reads and writes
+    /// go on. Lock order: `structure`, then `state`, then `io_gate`.
+    structure: Mutex<()>,
 }
 
 /// A piece of a request: `len` guest bytes at `guest` come from `src`.
@@ -466,6 +495,7 @@ impl Image {
             stale,
             snapshots,
             closed: false,
+            l1_changes: 0,
             header,
         };
         let img = Image {
@@ -478,6 +508,7 @@ impl Image {
             backing,
             state: Mutex::new(state),
             io_gate: RwLock::new(()),
+            structure: Mutex::new(()),
         };
         if opts.write {
             img.clear_autoclear()?;
@@ -576,6 +607,11 @@ impl Image {
             });
         }
         Ok(st)
+    }
+
+    /// Excludes other structural operations and gc (see [`Image::structure`]'s field).
+    pub(crate) fn lock_structure(&self) -> MutexGuard<'_, ()> {
+        self.structure.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn gate_read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
@@ -843,6 +879,7 @@ impl Image {
         })?;
         *slot = e.0;
         r.dirty.insert(l1i / 64);
+        st.l1_changes += 1;
         Ok(())
     }
 
@@ -1399,6 +1436,7 @@ impl Image {
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
         let new_size = new_size.next_multiple_of(512);
+        let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
         if new_size < st.header.size {
             return Err(Error::Unsupported {
@@ -1461,6 +1499,7 @@ impl Image {
     /// Flushes, writes exact refcounts if they are stale and clears the dirty bit.
     /// Further calls on this image return [`Error::Closed`].
     pub fn close(&self) -> Result<()> {
+        let _structure = self.lock_structure();
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.closed {
             return Ok(());
@@ -1487,6 +1526,7 @@ impl Image {
 
     /// Checks the image's metadata and refcounts (as `qemu-img check` does).
     pub fn check(&self) -> Result<refcount::CheckReport> {
+        let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
         if self.writable {
             self.flush_locked(&mut st)?;
@@ -1498,6 +1538,7 @@ impl Image {
     /// checks again. Needs a writable image.
     pub fn repair(&self) -> Result<refcount::CheckReport> {
         self.check_writable()?;
+        let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
         self.flush_locked(&mut st)?;
         // Repair rewrites links and refcounts: protect them with the dirty bit first.

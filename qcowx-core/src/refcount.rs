@@ -10,8 +10,9 @@ use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::extensions::EXT_BITMAPS;
-use crate::header::{Autoclear, Incompatible};
+use crate::header::{Autoclear, Header, Incompatible};
 use crate::image::{Image, State, DEFAULT_ROOT};
+use crate::snapshot::SnapshotEntry;
 use crate::tables::{decode_words, encode_words, ClusterKind, L1Entry, L2Entry};
 use crate::vdi::RootKind;
 
@@ -111,12 +112,15 @@ const META: u8 = 1;
 const DATA: u8 = 2;
 
 /// Reference counts per host cluster, from a walk of every root.
-struct Scan {
+pub(crate) struct Scan {
     cluster_bits: u32,
     file_clusters: u64,
     counts: Vec<u64>,
     kinds: Vec<u8>,
     report: CheckReport,
+    /// Clusters past `file_clusters` were allocated after the scan began (a scan of
+    /// [`Source::Live`]): they are neither counted nor reported.
+    past_end_is_new: bool,
 }
 
 impl Scan {
@@ -128,6 +132,7 @@ impl Scan {
             counts: vec![0; file_clusters as usize],
             kinds: vec![0; file_clusters as usize],
             report: CheckReport::default(),
+            past_end_is_new: false,
         }
     }
 
@@ -138,6 +143,9 @@ impl Scan {
         }
         let first = offset >> self.cluster_bits;
         let last = (offset.saturating_add(len) - 1) >> self.cluster_bits;
+        if first >= self.file_clusters && self.past_end_is_new {
+            return true;
+        }
         if first >= self.file_clusters {
             self.report.problem(
                 true,
@@ -163,66 +171,239 @@ impl Scan {
         true
     }
 
-    fn count(&self, cluster: u64) -> u64 {
+    /// References counted to cluster index `cluster`.
+    pub(crate) fn count(&self, cluster: u64) -> u64 {
         self.counts.get(cluster as usize).copied().unwrap_or(0)
+    }
+
+    /// Clusters the scan covers (the file's length when it began).
+    pub(crate) fn clusters(&self) -> u64 {
+        self.file_clusters
+    }
+
+    /// The scan, or a corruption error naming the first structural problem it found.
+    pub(crate) fn checked(self, img: &Image) -> Result<Scan> {
+        if self.report.corruptions > 0 {
+            return Err(img.corrupt(
+                "image metadata",
+                0,
+                format!(
+                    "{} structural error(s), first: {}",
+                    self.report.corruptions,
+                    self.report.messages.first().cloned().unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// What a scan walks, copied out of the state so that a scan can also run while the
+/// state is unlocked (gc).
+pub(crate) struct ScanInput {
+    header: Header,
+    /// Each snapshot-table entry to walk.
+    entries: Vec<EntryRoot>,
+    /// Bytes the snapshot table's entries take.
+    table_len: u64,
+    /// The active L1 table (empty: not walked).
+    default_l1: Vec<u64>,
+    /// Count the header, the active and snapshot tables and bitmaps; without it only
+    /// the listed entries' trees are walked.
+    fixed: bool,
+}
+
+impl ScanInput {
+    /// Every root of the image as the state holds it.
+    pub(crate) fn of(st: &State) -> ScanInput {
+        ScanInput {
+            header: st.header.clone(),
+            entries: st
+                .snapshots
+                .iter()
+                .zip(&st.records)
+                .map(|(e, r)| EntryRoot::of(e, r.kind == RootKind::Vdi))
+                .collect(),
+            table_len: st.snapshots.iter().map(|e| e.encoded_len() as u64).sum(),
+            default_l1: st
+                .roots
+                .get(&DEFAULT_ROOT)
+                .map(|r| r.l1.clone())
+                .unwrap_or_default(),
+            fixed: true,
+        }
+    }
+
+    /// Only the trees of `entries` (their L1 tables, L2 tables and data).
+    pub(crate) fn entries_only(st: &State, entries: &[SnapshotEntry]) -> ScanInput {
+        ScanInput {
+            header: st.header.clone(),
+            entries: entries.iter().map(|e| EntryRoot::of(e, false)).collect(),
+            table_len: 0,
+            default_l1: Vec::new(),
+            fixed: false,
+        }
+    }
+}
+
+/// A snapshot-table entry's tree, as a scan needs it.
+struct EntryRoot {
+    name: String,
+    l1_offset: u64,
+    l1_size: u32,
+    /// A VDI head: its L1 table may change (in memory first) while a live scan runs.
+    /// A snapshot's never does.
+    mutable: bool,
+}
+
+impl EntryRoot {
+    fn of(e: &SnapshotEntry, mutable: bool) -> EntryRoot {
+        EntryRoot {
+            name: e.name.clone(),
+            l1_offset: e.l1_table_offset,
+            l1_size: e.l1_size,
+            mutable,
+        }
+    }
+}
+
+/// Where a scan reads tables from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The file, as is (the caller holds the state and flushed when it matters).
+    File,
+    /// The newest version while I/O goes on. A table that may change (a VDI head's L1,
+    /// an L2 table linked writable) is copied under the state lock — a loaded root's
+    /// in-memory L1, a cached L2 table, else the file — so the lock is held for one
+    /// table at a time. A table that cannot change while the set of roots is fixed (a
+    /// snapshot's L1; an L2 table linked only read-only, which invariant W keeps
+    /// unchanged) is read from the file without the lock.
+    Live,
+}
+
+impl Source {
+    fn l1(self, img: &Image, off: u64, entries: u32, mutable: bool) -> Result<Vec<u64>> {
+        let read = || -> Result<Vec<u64>> {
+            let mut raw = vec![0u8; entries as usize * 8];
+            img.storage
+                .read_at(&mut raw, off)
+                .map_err(|e| img.io_err("read snapshot L1 table", off, e))?;
+            Ok(decode_words(&raw))
+        };
+        if self == Source::File || !mutable {
+            return read();
+        }
+        let st = img.lock_state()?;
+        match st.roots.values().find(|r| r.l1_offset == off) {
+            Some(r) => {
+                let mut l1 = r.l1.clone();
+                l1.resize(entries as usize, 0);
+                Ok(l1)
+            }
+            None => read(),
+        }
+    }
+
+    fn l2(self, img: &Image, off: u64, raw: &mut [u8], mutable: bool) -> Result<Vec<u64>> {
+        let read = |raw: &mut [u8]| -> Result<Vec<u64>> {
+            img.storage
+                .read_at(raw, off)
+                .map_err(|e| img.io_err("read L2 table", off, e))?;
+            Ok(decode_words(raw))
+        };
+        if self == Source::File || !mutable {
+            return read(raw);
+        }
+        let mut st = img.lock_state()?;
+        match st.cache.get(off) {
+            Some(words) => Ok(words.to_vec()),
+            None => read(raw),
+        }
     }
 }
 
 /// Walks every root of the image and counts references. Refcount structures are
 /// counted only when `with_refcounts`.
 fn scan(img: &Image, st: &State, with_refcounts: bool) -> Result<Scan> {
+    scan_from(img, &ScanInput::of(st), with_refcounts, Source::File)
+}
+
+/// Counts references from the roots `input` lists, reading tables from `src`.
+pub(crate) fn scan_from(
+    img: &Image,
+    input: &ScanInput,
+    with_refcounts: bool,
+    src: Source,
+) -> Result<Scan> {
     let geo = img.geo;
     let cs = geo.cluster_size();
-    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let mut file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    if src == Source::Live {
+        // Clusters allocated but not written yet are inside the scan too.
+        file_len = file_len.max(img.lock_state()?.alloc.end());
+    }
     let mut s = Scan::new(geo.cluster_bits, file_len);
-    let h = &st.header;
+    s.past_end_is_new = src == Source::Live;
+    let h = &input.header;
     s.report.dirty = h.incompatible.contains(Incompatible::DIRTY);
     s.report.total_clusters = h.size.div_ceil(cs);
 
-    s.add(0, cs, 1, META, "header");
-    s.add(
-        h.l1_table_offset,
-        u64::from(h.l1_size) * 8,
-        1,
-        META,
-        "active L1 table",
-    );
-    if h.nb_snapshots > 0 {
-        let len: u64 = st.snapshots.iter().map(|e| e.encoded_len() as u64).sum();
-        s.add(h.snapshots_offset, len, 1, META, "snapshot table");
-    }
-    if with_refcounts {
-        let table_len = u64::from(h.refcount_table_clusters) * cs;
+    if input.fixed {
+        s.add(0, cs, 1, META, "header");
         s.add(
-            h.refcount_table_offset,
-            table_len,
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
             1,
             META,
-            "refcount table",
+            "active L1 table",
         );
-        for (i, block) in read_reftable(img, st)?.into_iter().enumerate() {
-            if block == 0 {
-                continue;
-            }
-            if block % cs != 0 {
-                s.report.problem(
-                    true,
-                    format!("refcount table entry {i} is not cluster-aligned: {block:#x}"),
-                );
-                continue;
-            }
-            s.add(block, cs, 1, META, "refcount block");
+        if h.nb_snapshots > 0 {
+            s.add(
+                h.snapshots_offset,
+                input.table_len,
+                1,
+                META,
+                "snapshot table",
+            );
         }
-    }
-    if h.autoclear & Autoclear::BITMAPS.bits() != 0 {
-        scan_bitmaps(img, st, &mut s)?;
+        if with_refcounts {
+            let table_len = u64::from(h.refcount_table_clusters) * cs;
+            s.add(
+                h.refcount_table_offset,
+                table_len,
+                1,
+                META,
+                "refcount table",
+            );
+            for (i, block) in read_reftable(img, h)?.into_iter().enumerate() {
+                if block == 0 {
+                    continue;
+                }
+                if block % cs != 0 {
+                    s.report.problem(
+                        true,
+                        format!("refcount table entry {i} is not cluster-aligned: {block:#x}"),
+                    );
+                    continue;
+                }
+                s.add(block, cs, 1, META, "refcount block");
+            }
+        }
+        if h.autoclear & Autoclear::BITMAPS.bits() != 0 {
+            scan_bitmaps(img, h, &mut s)?;
+        }
     }
 
     // Every root: the active L1 (in memory) and each snapshot's L1 (on disk).
-    let mut l2_refs: HashMap<u64, u64> = HashMap::new();
+    // Per L2 table: the links to it, and whether one of them is writable.
+    let mut l2_refs: HashMap<u64, (u64, bool)> = HashMap::new();
+    let mut link = |off: u64, writable: bool| {
+        let r = l2_refs.entry(off).or_insert((0, false));
+        r.0 += 1;
+        r.1 |= writable;
+    };
     let mut active_l2: Vec<u64> = Vec::new();
-    let default_l1: &[u64] = st.roots.get(&DEFAULT_ROOT).map_or(&[], |r| &r.l1);
-    for (i, &w) in default_l1.iter().enumerate() {
+    for (i, &w) in input.default_l1.iter().enumerate() {
         let e = L1Entry(w);
         if e.is_malformed(&geo) {
             s.report
@@ -230,60 +411,52 @@ fn scan(img: &Image, st: &State, with_refcounts: bool) -> Result<Scan> {
             continue;
         }
         if let Some(off) = e.l2_offset() {
-            *l2_refs.entry(off).or_insert(0) += 1;
+            link(off, e.writable());
             active_l2.push(off);
         }
     }
-    for snap in &st.snapshots {
-        let len = u64::from(snap.l1_size) * 8;
-        if !s.add(snap.l1_table_offset, len, 1, META, "snapshot L1 table") {
+    for root in &input.entries {
+        let (name, l1_off, l1_size) = (&root.name, root.l1_offset, root.l1_size);
+        let len = u64::from(l1_size) * 8;
+        if !s.add(l1_off, len, 1, META, "snapshot L1 table") {
             continue;
         }
-        if snap.l1_table_offset + len > file_len {
+        if l1_off + len > file_len {
             s.report.problem(
                 true,
-                format!(
-                    "snapshot '{}' L1 table runs past the end of the file",
-                    snap.name
-                ),
+                format!("snapshot '{name}' L1 table runs past the end of the file"),
             );
             continue;
         }
-        let mut raw = vec![0u8; len as usize];
-        img.storage
-            .read_at(&mut raw, snap.l1_table_offset)
-            .map_err(|e| img.io_err("read snapshot L1 table", snap.l1_table_offset, e))?;
-        for (i, w) in decode_words(&raw).into_iter().enumerate() {
+        for (i, w) in src
+            .l1(img, l1_off, l1_size, root.mutable)?
+            .into_iter()
+            .enumerate()
+        {
             let e = L1Entry(w);
             if e.is_malformed(&geo) {
                 s.report.problem(
                     true,
-                    format!(
-                        "L1 entry {i} of snapshot '{}' is malformed: {w:#x}",
-                        snap.name
-                    ),
+                    format!("L1 entry {i} of snapshot '{name}' is malformed: {w:#x}"),
                 );
                 continue;
             }
             if let Some(off) = e.l2_offset() {
-                *l2_refs.entry(off).or_insert(0) += 1;
+                link(off, e.writable());
             }
         }
     }
 
     let active: HashSet<u64> = active_l2.iter().copied().collect();
-    let mut tables: Vec<(u64, u64)> = l2_refs.into_iter().collect();
+    let mut tables: Vec<(u64, (u64, bool))> = l2_refs.into_iter().collect();
     tables.sort_unstable();
     let mut raw = vec![0u8; cs as usize];
     let mut last_host: Option<u64> = None;
-    for (off, k) in tables {
+    for (off, (k, writable)) in tables {
         if !s.add(off, cs, k, META, "L2 table") {
             continue;
         }
-        img.storage
-            .read_at(&mut raw, off)
-            .map_err(|e| img.io_err("read L2 table", off, e))?;
-        let words = decode_words(&raw);
+        let words = src.l2(img, off, &mut raw, writable)?;
         let is_active = active.contains(&off);
         let step = if geo.extended { 2 } else { 1 };
         for (idx, chunk) in words.chunks(step).enumerate() {
@@ -329,8 +502,7 @@ fn scan(img: &Image, st: &State, with_refcounts: bool) -> Result<Scan> {
     Ok(s)
 }
 
-fn read_reftable(img: &Image, st: &State) -> Result<Vec<u64>> {
-    let h = &st.header;
+fn read_reftable(img: &Image, h: &Header) -> Result<Vec<u64>> {
     let len = u64::from(h.refcount_table_clusters) * img.geo.cluster_size();
     let mut raw = vec![0u8; len as usize];
     img.storage
@@ -340,8 +512,8 @@ fn read_reftable(img: &Image, st: &State) -> Result<Vec<u64>> {
 }
 
 /// Counts the clusters of persistent bitmaps (directory, tables, data).
-fn scan_bitmaps(img: &Image, st: &State, s: &mut Scan) -> Result<()> {
-    let Some(ext) = st.header.extensions.get(EXT_BITMAPS) else {
+fn scan_bitmaps(img: &Image, h: &Header, s: &mut Scan) -> Result<()> {
+    let Some(ext) = h.extensions.get(EXT_BITMAPS) else {
         return Ok(());
     };
     let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
@@ -396,7 +568,7 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
     let cs = img.geo.cluster_size();
     let order = st.header.refcount_order;
     let per_block = (cs * 8) >> order;
-    let table = read_reftable(img, st)?;
+    let table = read_reftable(img, &st.header)?;
     let mut block = vec![0u8; cs as usize];
     let mut loaded: Option<u64> = None;
     let mut end = 0;
@@ -562,16 +734,26 @@ fn check_head(img: &Image, s: &mut Scan, label: &str, l1: &[u64], qemu_rules: bo
 /// the old refcount structures, and synced; then one header write switches to them and
 /// clears the dirty bit (the commit point); then the file is truncated.
 pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
-    let geo = img.geo;
-    let cs = geo.cluster_size();
-    // Spare room reserved after the snapshot table this session is given up: after
-    // the rebuild only the clusters the entries cover are referenced.
+    give_up_table_room(img, st);
+    let s = scan(img, st, false)?;
+    rebuild_with(img, st, s)
+}
+
+/// Gives up the spare room reserved after the snapshot table this session: a scan
+/// counts only the clusters the entries cover, so that room would look free.
+pub(crate) fn give_up_table_room(img: &Image, st: &mut State) {
     st.table_capacity = if st.header.nb_snapshots > 0 {
-        st.index.used.next_multiple_of(cs)
+        st.index.used.next_multiple_of(img.geo.cluster_size())
     } else {
         0
     };
-    let s = scan(img, st, false)?;
+}
+
+/// [`rebuild`] from a scan of the current roots (refcount structures not counted)
+/// that the caller made after [`give_up_table_room`], with no change since.
+pub(crate) fn rebuild_with(img: &Image, st: &mut State, s: Scan) -> Result<Vec<u64>> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
     if s.report.corruptions > 0 {
         return Err(img.corrupt(
             "image metadata",
@@ -587,16 +769,7 @@ pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
     img.flush_metadata(st)?;
 
     // Old refcount structures stay untouched until the header stops pointing at them.
-    let mut old: HashSet<u64> = HashSet::new();
-    let h = &st.header;
-    for i in 0..u64::from(h.refcount_table_clusters) {
-        old.insert((h.refcount_table_offset >> geo.cluster_bits) + i);
-    }
-    for b in read_reftable(img, st)? {
-        if b != 0 && b % cs == 0 {
-            old.insert(b >> geo.cluster_bits);
-        }
-    }
+    let old = refcount_clusters(img, &st.header)?;
     let order = st.header.refcount_order;
     let per_block = (cs * 8) >> order;
     let mut counts = s.counts;
@@ -720,21 +893,24 @@ pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
     Ok(counts)
 }
 
+/// The clusters (indexes) of the refcount table and blocks the header points at.
+pub(crate) fn refcount_clusters(img: &Image, h: &Header) -> Result<HashSet<u64>> {
+    let geo = img.geo;
+    let mut set: HashSet<u64> = HashSet::new();
+    for i in 0..u64::from(h.refcount_table_clusters) {
+        set.insert((h.refcount_table_offset >> geo.cluster_bits) + i);
+    }
+    for b in read_reftable(img, h)? {
+        if b != 0 && b % geo.cluster_size() == 0 {
+            set.insert(b >> geo.cluster_bits);
+        }
+    }
+    Ok(set)
+}
+
 /// Reference counts per host cluster from every root (refcount structures excluded).
 pub(crate) fn reference_counts(img: &Image, st: &State) -> Result<Vec<u64>> {
-    let s = scan(img, st, false)?;
-    if s.report.corruptions > 0 {
-        return Err(img.corrupt(
-            "image metadata",
-            0,
-            format!(
-                "{} structural error(s), first: {}",
-                s.report.corruptions,
-                s.report.messages.first().cloned().unwrap_or_default()
-            ),
-        ));
-    }
-    Ok(s.counts)
+    Ok(scan(img, st, false)?.checked(img)?.counts)
 }
 
 /// Sets bit 63 on each active-tree link to exactly `references == 1`.

@@ -67,6 +67,7 @@ impl Image {
                 self.name, self.name
             )));
         }
+        let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
         let _gate = self.io_gate_write();
         let st = &mut *st;

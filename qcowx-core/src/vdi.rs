@@ -718,6 +718,7 @@ impl Image {
 
     /// Waits for data I/O in flight, then runs `f` with the metadata locked.
     fn quiesced<T>(&self, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
         let _gate = self.io_gate_write();
         f(&mut st)

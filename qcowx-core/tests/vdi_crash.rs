@@ -9,7 +9,8 @@
 //! - list exactly the roots that existed after the last root operation that returned
 //!   before the cut (or after the one in flight): a snapshot that returned exists, a
 //!   deleted one that returned is gone;
-//! - read every snapshot exactly as it was when taken;
+//! - read every snapshot exactly as it was when taken (gc runs either alone or with
+//!   writes issued while it counts references);
 //! - read every VDI as its last durable state (the last completed flush or snapshot of
 //!   it, or the fork/revert that began its current content) plus, per byte, possibly
 //!   a write issued after that and before the cut;
@@ -19,9 +20,12 @@
 //! - have no structural error before repair, and check clean (no corruption, no leak)
 //!   after `repair()`, with content unchanged by the repair and a clean close.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use common::{Pause, Stopped};
 use qcowx_core::crashsim::{CrashStorage, Rng};
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
@@ -87,6 +91,10 @@ struct Epoch {
 
 struct Workload {
     storage: Arc<CrashStorage>,
+    /// The image's storage: `storage` behind a pause point for concurrent gc runs.
+    pause: Arc<Pause>,
+    /// Bytes of an L1 table (gc reads snapshots' L1 tables while it counts).
+    l1_bytes: usize,
     img: Arc<Image>,
     rng: Rng,
     cs: u64,
@@ -112,7 +120,10 @@ impl Workload {
         let mut opts = CreateOptions::new(size);
         opts.cluster_size = cs;
         opts.extended_l2 = extended;
-        let img = Image::create_in(storage.clone() as Arc<dyn Storage>, &opts).unwrap();
+        let pause = Arc::new(Pause::new(storage.clone() as Arc<dyn Storage>));
+        let img = Image::create_in(pause.clone() as Arc<dyn Storage>, &opts).unwrap();
+        let per_table = cs / if extended { 16 } else { 8 };
+        let l1_bytes = 8 * size.div_ceil(cs * per_table) as usize;
         let created = storage.cut_points();
         let mut roots = Roots::new();
         roots.insert("default".into(), RootRef::Vdi(0));
@@ -130,6 +141,8 @@ impl Workload {
         );
         Workload {
             storage,
+            pause,
+            l1_bytes,
             img: Arc::new(img),
             rng: Rng::new(seed),
             cs,
@@ -347,8 +360,45 @@ impl Workload {
 
     fn gc(&mut self) {
         let started = self.pos();
-        let r = self.img.gc().unwrap();
-        self.record_root_op(format!("gc ({} clusters freed)", r.clusters_freed), started);
+        if self.rng.below(2) == 0 {
+            let r = self.img.gc().unwrap();
+            self.record_root_op(format!("gc ({} clusters freed)", r.clusters_freed), started);
+            return;
+        }
+        // Writes while gc counts: it stops at its first read of a snapshot's L1.
+        self.pause.reset();
+        let gc = {
+            let (img, pause, len) = (self.img.clone(), self.pause.clone(), self.l1_bytes);
+            std::thread::spawn(move || {
+                pause.arm(len);
+                let r = img.gc();
+                pause.finish();
+                r
+            })
+        };
+        let paused = self.pause.wait() == Stopped::Paused;
+        if paused {
+            for _ in 0..1 + self.rng.below(4) {
+                let vdi = self.pick(true).unwrap_or_else(|| "default".into());
+                match self.rng.below(4) {
+                    0 => self.zero(&vdi),
+                    1 => self.discard(&vdi),
+                    _ => self.write(&vdi, false),
+                }
+            }
+            if self.rng.below(2) == 0 {
+                self.flush();
+            }
+            self.pause.release();
+        }
+        let r = gc.join().unwrap().unwrap();
+        self.record_root_op(
+            format!(
+                "gc with writes {paused} ({} clusters freed, exact {})",
+                r.clusters_freed, r.refcounts_exact
+            ),
+            started,
+        );
     }
 
     /// A VDI that receives secret data, maybe a snapshot of it, and is deleted.

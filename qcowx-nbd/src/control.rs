@@ -433,6 +433,7 @@ fn gc_json(r: &GcReport) -> Value {
         "bytes-freed": r.bytes_freed,
         "file-size-before": r.file_size_before,
         "file-size-after": r.file_size_after,
+        "refcounts-exact": r.refcounts_exact,
     })
 }
 
@@ -481,6 +482,10 @@ impl Response {
                     bytes_freed: u64_field(g, "bytes-freed")?,
                     file_size_before: u64_field(g, "file-size-before")?,
                     file_size_after: u64_field(g, "file-size-after")?,
+                    refcounts_exact: g
+                        .get("refcounts-exact")
+                        .and_then(Value::as_bool)
+                        .ok_or("\"refcounts-exact\" is missing or not a boolean")?,
                 })
             }
             Request::Diff { .. } => Response::Ranges(
