@@ -587,18 +587,8 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
         }
         Ok(get_entry(block, order, (c % per_block) as usize))
     };
-    // Past the end of the file only refcount blocks that exist can hold (leaked)
-    // counts: visit those, not every cluster the table could address.
-    let mut clusters: Vec<u64> = (0..file_clusters).collect();
-    for (bi, &b) in table.iter().enumerate() {
-        let first = bi as u64 * per_block;
-        if b != 0 && first + per_block > file_clusters {
-            clusters.extend(first.max(file_clusters)..first + per_block);
-        }
-    }
     let dirty = s.report.dirty;
-    for c in clusters {
-        let refcount = refcount_of(c, &mut block)?;
+    let mut visit = |s: &mut Scan, c: u64, refcount: u64| {
         let refs = s.count(c);
         if refs > 0 || refcount > 0 {
             end = c + 1;
@@ -606,7 +596,7 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
         if dirty {
             // Refcounts are stale by protocol while the dirty bit is set; the next
             // clean close or repair rewrites them. Only structure is checked.
-            continue;
+            return;
         }
         if refcount < refs {
             s.report.problem(
@@ -624,6 +614,37 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
                     c * cs
                 ),
             );
+        }
+    };
+    for c in 0..file_clusters {
+        let refcount = refcount_of(c, &mut block)?;
+        visit(&mut s, c, refcount);
+    }
+    // Past the end of the file nothing is referenced: only nonzero entries of the
+    // refcount blocks that exist (leaks) matter. They are found byte by byte, so the
+    // cost is the blocks' size, never the number of clusters they could address.
+    let bits = 1u64 << order;
+    for (bi, &b) in table.iter().enumerate() {
+        let first = bi as u64 * per_block;
+        if b == 0 || b % cs != 0 || b >= file_clusters * cs || first + per_block <= file_clusters
+        {
+            continue;
+        }
+        img.storage
+            .read_at(&mut block, b)
+            .map_err(|e| img.io_err("read refcount block", b, e))?;
+        let skip = file_clusters.saturating_sub(first);
+        let mut next = skip;
+        for (j, _) in block.iter().enumerate().filter(|(_, &x)| x != 0) {
+            let lo = (j as u64 * 8 / bits).max(next);
+            let hi = (j as u64 * 8 + 7) / bits;
+            for i in lo..=hi.min(per_block - 1) {
+                let refcount = get_entry(&block, order, i as usize);
+                if refcount > 0 {
+                    visit(&mut s, first + i, refcount);
+                }
+            }
+            next = next.max(hi + 1);
         }
     }
     s.report.image_end_offset = end * cs;

@@ -620,6 +620,30 @@ impl Image {
         Ok(decode_words(&raw))
     }
 
+    /// A snapshot's L1 table as the first state of a head: padded with unallocated
+    /// entries up to what its disk size needs (a table QEMU or a damaged file left
+    /// shorter reads as unallocated there, and a header must cover its size).
+    fn head_l1(&self, loc: L1Loc) -> Result<Vec<u64>> {
+        let needed = self.geo.l1_entries_for(loc.size);
+        if loc.size > crate::header::MAX_VIRTUAL_SIZE
+            || needed * 8 > crate::header::MAX_L1_BYTES
+        {
+            return Err(self.corrupt(
+                "snapshot table entry",
+                loc.offset,
+                format!(
+                    "disk size {} needs an L1 table of {needed} entries, more than a head may have",
+                    loc.size
+                ),
+            ));
+        }
+        let mut l1 = self.read_l1(loc)?;
+        if (l1.len() as u64) < needed {
+            l1.resize(needed as usize, 0);
+        }
+        Ok(l1)
+    }
+
     /// Writes `l1` with every link read-only to new clusters; returns the offset.
     fn write_read_only_copy(&self, st: &mut State, l1: &[u64]) -> Result<u64> {
         let copy: Vec<u64> = l1.iter().map(|w| w & !WRITABLE).collect();
@@ -842,7 +866,7 @@ impl Image {
             }
             let i = self.find_snapshot(st, snapshot)?;
             let loc = Image::l1_loc(st, Target::Entry(i));
-            let l1 = self.read_l1(loc)?;
+            let l1 = self.head_l1(loc)?;
             self.mark_stale(st)?;
             let at = self.write_read_only_copy(st, &l1)?;
             let uid = new_uid();
@@ -860,7 +884,7 @@ impl Image {
                 st,
                 format!("{VDI_NAME_PREFIX}{new_vdi}"),
                 at,
-                loc.entries,
+                l1.len() as u32,
                 loc.size,
                 &rec,
             );
@@ -983,7 +1007,7 @@ impl Image {
             let s = self.find_snapshot(st, snapshot)?;
             let target = self.find_vdi(st, vdi)?;
             let loc = Image::l1_loc(st, Target::Entry(s));
-            let l1 = self.read_l1(loc)?;
+            let l1 = self.head_l1(loc)?;
             self.flush_metadata(st)?;
             self.promote_pending(st)?;
             self.mark_stale(st)?;
@@ -1023,7 +1047,7 @@ impl Image {
                     self.append_entry(st, entry, rec)?;
                     self.sync()?;
                     st.header.l1_table_offset = at;
-                    st.header.l1_size = loc.entries;
+                    st.header.l1_size = l1.len() as u32;
                     st.header.size = loc.size;
                     self.write_header_fields(st)?;
                     self.sync()?;
@@ -1039,7 +1063,7 @@ impl Image {
                         ..old
                     };
                     let name = st.snapshots[h].name.clone();
-                    let entry = self.new_entry(st, name, at, loc.entries, loc.size, &rec);
+                    let entry = self.new_entry(st, name, at, l1.len() as u32, loc.size, &rec);
                     // The new head takes the old head's place in the table (QEMU
                     // resolves `vdi:NAME` to the first entry with that name), and the
                     // old head moves to the end as a deleted root so gc returns what
