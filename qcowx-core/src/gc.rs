@@ -178,11 +178,12 @@ impl Image {
         let mut snapshots = Vec::new();
         let mut records = Vec::new();
         let mut removed = Vec::new();
+        let mut unloaded = Vec::new();
         for (i, keep) in live.iter().enumerate() {
             if !keep {
                 // A superseded head shares its VDI's id with the live head.
                 if st.records[i].kind == RootKind::Snapshot {
-                    st.roots.remove(&st.records[i].uid);
+                    unloaded.push(st.records[i].uid);
                 }
                 removed.push(st.snapshots[i].clone());
                 continue;
@@ -210,9 +211,12 @@ impl Image {
             snapshots.push(entry);
             records.push(rec);
         }
-        st.snapshots = snapshots;
-        st.records = records;
-        self.rewrite_table(st)?;
+        // The state takes the compacted table only once it is durable: a failed write
+        // leaves the state describing the file.
+        self.replace_table(st, snapshots, records)?;
+        for uid in unloaded {
+            st.roots.remove(&uid);
+        }
         Ok(removed)
     }
 }

@@ -626,8 +626,7 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
     let bits = 1u64 << order;
     for (bi, &b) in table.iter().enumerate() {
         let first = bi as u64 * per_block;
-        if b == 0 || b % cs != 0 || b >= file_clusters * cs || first + per_block <= file_clusters
-        {
+        if b == 0 || b % cs != 0 || b >= file_clusters * cs || first + per_block <= file_clusters {
             continue;
         }
         img.storage

@@ -90,21 +90,23 @@ impl Image {
         self.flush_locked(st)?;
         // The table moves to new clusters: refcounts are stale until the next rebuild.
         self.mark_stale(st)?;
-        st.snapshots[i].name = match kind {
+        // The new table is built aside: the state takes it only once it is durable.
+        let mut snapshots = st.snapshots.clone();
+        let mut records = st.records.clone();
+        snapshots[i].name = match kind {
             RootKind::Vdi => format!("{VDI_NAME_PREFIX}{new}"),
             RootKind::Snapshot => new.to_string(),
         };
-        if !st.records[i].native {
-            let size = st.snapshots[i].disk_size().unwrap_or(st.header.size);
-            let vm = st.snapshots[i]
+        if !records[i].native {
+            let size = snapshots[i].disk_size().unwrap_or(st.header.size);
+            let vm = snapshots[i]
                 .extra
                 .get(0..8)
                 .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
-            st.records[i].native = true;
-            let rec = st.records[i].clone();
-            st.snapshots[i].extra = encode_extra(&rec, size, vm);
+            records[i].native = true;
+            snapshots[i].extra = encode_extra(&records[i], size, vm);
         }
-        self.rewrite_table(st)
+        self.replace_table(st, snapshots, records)
     }
 }
 

@@ -124,8 +124,18 @@ pub fn parse_table(
 ) -> Result<Vec<SnapshotEntry>, SnapshotError> {
     let mut out = Vec::with_capacity((count as usize).min(table.len() / 40 + 1));
     let mut pos = 0usize;
+    let too_large = |index, offset| SnapshotError::Invalid {
+        index,
+        offset,
+        why: "snapshot table larger than 64 MiB",
+    };
     for index in 0..count {
         let offset = base + pos as u64;
+        // Judged before truncation: callers read at most the limit, so an entry that
+        // crosses it looks cut short.
+        if (pos + 40) as u64 > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(too_large(index, offset));
+        }
         let trunc = SnapshotError::Truncated { index, offset };
         let rest = table
             .get(pos..)
@@ -159,6 +169,10 @@ pub fn parse_table(
         // QEMU pads entries to 8 bytes only between entries: the last entry's padding
         // may lie past the end of the file.
         let len = 40 + extra_len as usize + id_len + name_len;
+        // QEMU's rule: no entry may end past the limit (padding excluded).
+        if (pos + len) as u64 > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(too_large(index, offset));
+        }
         let total = len.next_multiple_of(8);
         let Some(body) = rest.get(..len) else {
             return Err(SnapshotError::Truncated { index, offset });
@@ -179,13 +193,6 @@ pub fn parse_table(
             extra: body[e0..e1].to_vec(),
         });
         pos += total;
-        if pos as u64 > MAX_SNAPSHOT_TABLE_BYTES {
-            return Err(SnapshotError::Invalid {
-                index,
-                offset,
-                why: "snapshot table larger than 64 MiB",
-            });
-        }
     }
     Ok(out)
 }

@@ -625,9 +625,7 @@ impl Image {
     /// shorter reads as unallocated there, and a header must cover its size).
     fn head_l1(&self, loc: L1Loc) -> Result<Vec<u64>> {
         let needed = self.geo.l1_entries_for(loc.size);
-        if loc.size > crate::header::MAX_VIRTUAL_SIZE
-            || needed * 8 > crate::header::MAX_L1_BYTES
-        {
+        if loc.size > crate::header::MAX_VIRTUAL_SIZE || needed * 8 > crate::header::MAX_L1_BYTES {
             return Err(self.corrupt(
                 "snapshot table entry",
                 loc.offset,
@@ -944,53 +942,76 @@ impl Image {
                 self.write_flags(st, j)?;
             }
         }
+        let table_at = st.header.snapshots_offset;
         st.records[i].deleted = true;
         st.index.on_delete(&st.snapshots, &st.records, i);
-        if st.records[i].native {
-            self.write_flags(st, i)?;
+        let flagged = if st.records[i].native {
+            self.write_flags(st, i)
         } else {
             // A snapshot QEMU made has no qcowx block to flag: give it one by
             // rewriting the table (rare; O(table)).
-            let rec = st.records[i].clone();
-            let size = st.snapshots[i].disk_size().unwrap_or(st.header.size);
-            let vm = st.snapshots[i]
+            let mut snapshots = st.snapshots.clone();
+            let mut records = st.records.clone();
+            let size = snapshots[i].disk_size().unwrap_or(st.header.size);
+            let vm = snapshots[i]
                 .extra
                 .get(0..8)
                 .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
-            st.snapshots[i].extra = encode_extra(
-                &Record {
-                    native: true,
-                    ..rec
-                },
-                size,
-                vm,
-            );
-            st.records[i].native = true;
-            self.rewrite_table(st)?;
+            records[i].native = true;
+            snapshots[i].extra = encode_extra(&records[i], size, vm);
+            self.replace_table(st, snapshots, records)
+        };
+        if let Err(e) = flagged {
+            if st.header.snapshots_offset == table_at {
+                // The file's table still holds the entry live: so does the state.
+                st.records[i].deleted = false;
+                st.index = Index::build(&st.snapshots, &st.records);
+            }
+            return Err(e);
         }
         st.roots.remove(&id);
         Ok(())
     }
 
-    /// Writes the whole table to new clusters and commits it (used when entries change
-    /// size or are removed).
-    pub(crate) fn rewrite_table(&self, st: &mut State) -> Result<()> {
+    /// Commits `snapshots` (with their `records`) as the new snapshot table. The state
+    /// takes them only once the new table is durable: if writing it fails, the state
+    /// still describes the file, so a later header write (a close) cannot commit
+    /// entries the file's table lacks, nor count references it does not hold.
+    pub(crate) fn replace_table(
+        &self,
+        st: &mut State,
+        snapshots: Vec<SnapshotEntry>,
+        records: Vec<Record>,
+    ) -> Result<()> {
+        let (offset, capacity) = self.write_table(st, &snapshots)?;
+        st.snapshots = snapshots;
+        st.records = records;
+        self.switch_table(st, offset, capacity)
+    }
+
+    /// Writes `entries` to new clusters, synced;
+    /// returns where and the room taken (`(0, 0)` for an empty table).
+    fn write_table(&self, st: &mut State, entries: &[SnapshotEntry]) -> Result<(u64, u64)> {
         let cs = self.geo.cluster_size();
         let mut bytes = Vec::new();
-        for e in &st.snapshots {
+        for e in entries {
             e.write_to(&mut bytes);
         }
-        let (offset, capacity) = if bytes.is_empty() {
-            (0, 0)
-        } else {
-            let capacity = (bytes.len() as u64).next_multiple_of(cs);
-            let at = st.alloc.contiguous(capacity / cs);
-            self.storage
-                .write_at(&bytes, at)
-                .map_err(|e| self.io_err("write snapshot table", at, e))?;
-            self.sync()?;
-            (at, capacity)
-        };
+        if bytes.is_empty() {
+            return Ok((0, 0));
+        }
+        let capacity = (bytes.len() as u64).next_multiple_of(cs);
+        let at = st.alloc.contiguous(capacity / cs);
+        self.storage
+            .write_at(&bytes, at)
+            .map_err(|e| self.io_err("write snapshot table", at, e))?;
+        self.sync()?;
+        Ok((at, capacity))
+    }
+
+    /// Points the header at the state's table, written at `offset`: the commit (one
+    /// header write, synced).
+    fn switch_table(&self, st: &mut State, offset: u64, capacity: u64) -> Result<()> {
         st.header.nb_snapshots = st.snapshots.len() as u32;
         st.header.snapshots_offset = offset;
         st.table_capacity = capacity;
@@ -1049,8 +1070,15 @@ impl Image {
                     st.header.l1_table_offset = at;
                     st.header.l1_size = l1.len() as u32;
                     st.header.size = loc.size;
-                    self.write_header_fields(st)?;
-                    self.sync()?;
+                    if let Err(e) = self.write_header_fields(st).and_then(|_| self.sync()) {
+                        // Not committed: the state keeps the old head, which the
+                        // default root still is (a later header write, at close,
+                        // must not switch to a head nothing was written through).
+                        st.header.l1_table_offset = old_l1;
+                        st.header.l1_size = old_entries;
+                        st.header.size = old_size;
+                        return Err(e);
+                    }
                     Target::Default
                 }
                 Target::Entry(h) => {
@@ -1086,11 +1114,13 @@ impl Image {
                     grave_entry.id = (st.index.max_id + 1).to_string();
                     let mut entry = entry;
                     entry.id = st.snapshots[h].id.clone();
-                    st.snapshots[h] = entry;
-                    st.records[h] = rec;
-                    st.snapshots.push(grave_entry);
-                    st.records.push(grave);
-                    self.rewrite_table(st)?;
+                    let mut snapshots = st.snapshots.clone();
+                    let mut records = st.records.clone();
+                    snapshots[h] = entry;
+                    records[h] = rec;
+                    snapshots.push(grave_entry);
+                    records.push(grave);
+                    self.replace_table(st, snapshots, records)?;
                     Target::Entry(h)
                 }
             };

@@ -6,7 +6,35 @@ use crate::error::{Error, Result};
 
 /// The largest request payload (and the advertised maximum block size): 32 MiB, the
 /// size every NBD client supports.
+///
+/// The NBD protocol lets a server refuse larger payloads; QEMU's client never sends
+/// more than 32 MiB and libnbd follows the advertised size. A longer read or write
+/// gets `NBD_EINVAL` and the connection goes on (see [`crate::transmission`]).
 pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
+
+/// Default number of worker threads per connection: requests of one connection run
+/// this many at a time.
+pub const DEFAULT_WORKERS: usize = 4;
+
+/// Default bound on the requests of one connection that are read but not yet
+/// answered. nbdcopy keeps 64 requests in flight by default and QEMU's client 16, so
+/// neither waits on it; past it the server stops reading the socket until a reply has
+/// gone out, which pushes back on the client through the socket (the protocol has no
+/// error for "too many requests").
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+
+/// Default bound on the payload bytes (write data and read buffers) of one
+/// connection's requests in flight: four maximum-size requests. It bounds the memory a
+/// connection holds whatever its client sends; a request larger than what is left
+/// waits, but one request is always admitted, so a single maximum-size request never
+/// waits forever.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 4 * MAX_BLOCK_SIZE as usize;
+
+/// Default bound on the clients served at once (`qcowx-nbd -e`, qemu-nbd's
+/// `--shared`): more clients wait in the listen backlog until one leaves. With the
+/// per-connection bounds above it bounds the server's memory; qemu-nbd's default is
+/// 1, but one qcowx-nbd serves every VDI and snapshot of an image.
+pub const DEFAULT_MAX_CLIENTS: usize = 16;
 
 /// What `NBD_CMD_TRIM` (and write-zeroes without `NO_HOLE`) may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,11 +97,12 @@ pub struct Settings {
     pub detect_zeroes: DetectZeroes,
     /// Cache mode.
     pub cache: CacheMode,
-    /// Worker threads per connection.
+    /// Worker threads per connection ([`DEFAULT_WORKERS`]).
     pub workers: usize,
-    /// Most requests in flight per connection.
+    /// Most requests in flight per connection ([`DEFAULT_MAX_IN_FLIGHT`]).
     pub max_in_flight: usize,
-    /// Most payload bytes (write data and read buffers) in flight per connection.
+    /// Most payload bytes (write data and read buffers) in flight per connection
+    /// ([`DEFAULT_MAX_IN_FLIGHT_BYTES`]).
     pub max_in_flight_bytes: usize,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
@@ -92,9 +121,9 @@ impl Default for Settings {
             discard: DiscardMode::Ignore,
             detect_zeroes: DetectZeroes::Off,
             cache: CacheMode::Writeback,
-            workers: 4,
-            max_in_flight: 64,
-            max_in_flight_bytes: 128 << 20,
+            workers: DEFAULT_WORKERS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             handshake_timeout: Duration::from_secs(10),
             verbose: false,
             tls: None,

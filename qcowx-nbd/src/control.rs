@@ -1225,6 +1225,7 @@ mod tests {
             bytes_freed: 131072,
             file_size_before: 10,
             file_size_after: 5,
+            refcounts_exact: true,
         });
         assert_eq!(
             Response::from_json(&Request::Gc, &gc.to_json()).unwrap(),

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
-use qcowx_nbd::config::{CacheMode, DetectZeroes, DiscardMode, Settings, MAX_BLOCK_SIZE};
+use qcowx_nbd::config::{
+    CacheMode, DetectZeroes, DiscardMode, Settings, DEFAULT_MAX_CLIENTS, DEFAULT_WORKERS,
+    MAX_BLOCK_SIZE,
+};
 use qcowx_nbd::exports::{ExportPlan, ExportSpec, Exports};
 use qcowx_nbd::server::{install_signal_handlers, Bound, ListenAddr, Server, ServerConfig};
 use qcowx_nbd::tls::{Tls, TlsFiles, TlsMode};
@@ -95,7 +98,7 @@ struct Args {
     /// Serve at most N clients at once (0: no limit); others wait in the listen
     /// backlog. qemu-nbd's default is 1; qcowx-nbd's is 16, since one process serves
     /// every VDI and snapshot, and advertises multi-connection unless N is 1.
-    #[arg(short = 'e', long = "shared", value_name = "N", default_value_t = 16)]
+    #[arg(short = 'e', long = "shared", value_name = "N", default_value_t = DEFAULT_MAX_CLIENTS)]
     shared: usize,
 
     /// Keep running after the last client disconnects.
@@ -155,7 +158,7 @@ struct Args {
     min_block_size: u32,
 
     /// Worker threads per connection.
-    #[arg(long = "workers", value_name = "N", default_value_t = 4)]
+    #[arg(long = "workers", value_name = "N", default_value_t = DEFAULT_WORKERS)]
     workers: usize,
 
     /// TLS credentials in QEMU's layout: DIR/server-cert.pem, DIR/server-key.pem and
