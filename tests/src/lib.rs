@@ -1267,3 +1267,327 @@ pub mod alloc_limit {
         }
     }
 }
+
+// ---- the qcowx binaries, a running qcowx-nbd, libnbd from Python ---------------------------
+
+/// How long [`QcowxNbd`] waits for a server to start listening or to exit.
+pub const SERVER_WAIT: Duration = Duration::from_secs(60);
+
+/// Builds binary `bin` of workspace package `package` with the cargo profile of the
+/// running test binary (`cargo build -p PACKAGE --bin BIN`) and returns its path.
+fn build_workspace_bin(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile dir>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
+        .arg("--manifest-path")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(p) => {
+            cmd.args(["--profile", p]);
+        }
+    }
+    let out = run_timeout(&mut cmd, Duration::from_secs(1200));
+    assert!(
+        out.status.success(),
+        "building {bin} failed: {}",
+        describe(&out)
+    );
+    let path = profile_dir.join(bin);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// The `qcowx-nbd` binary: `$QCOWX_NBD` when set, else built with this test's cargo
+/// profile on first use.
+pub fn qcowx_nbd_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("QCOWX_NBD") {
+        Some(p) => PathBuf::from(p),
+        None => build_workspace_bin("qcowx-nbd", "qcowx-nbd"),
+    })
+}
+
+/// The `qcowx` command-line binary: `$QCOWX_CLI` when set, else built with this
+/// test's cargo profile on first use.
+pub fn qcowx_cli_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var_os("QCOWX_CLI") {
+        Some(p) => PathBuf::from(p),
+        None => build_workspace_bin("qcowx-cli", "qcowx"),
+    })
+}
+
+/// A `python3` command whose interpreter has libnbd's `nbd` module.
+///
+/// Debian's `python3-libnbd` installs the module for `/usr/bin/python3`, so that
+/// interpreter is used when it exists (a pyenv or venv `python3` earlier in `PATH`
+/// would not have the module). Panics with "install python3-libnbd" when `import nbd`
+/// fails: tests that need libnbd fail, they never skip.
+pub fn python3_libnbd() -> Command {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    let py = PYTHON.get_or_init(|| {
+        let py = if Path::new("/usr/bin/python3").exists() {
+            PathBuf::from("/usr/bin/python3")
+        } else {
+            PathBuf::from("python3")
+        };
+        let ok = Command::new(&py)
+            .args(["-c", "import nbd"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            panic!(
+                "{}: the Python module nbd is missing: install python3-libnbd (scripts/test does)",
+                py.display()
+            );
+        }
+        py
+    });
+    Command::new(py)
+}
+
+/// Sends signal `sig` (a name such as `KILL` or `TERM`) to process `pid` with
+/// `kill(1)`; panics if `kill` fails.
+pub fn send_signal(pid: u32, sig: &str) {
+    let out = run(Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string()));
+    assert!(
+        out.status.success(),
+        "kill -{sig} {pid}: {}",
+        describe(&out)
+    );
+}
+
+/// A running `qcowx-nbd` serving one image on a Unix socket, with its control socket
+/// in a runtime directory of the test's choosing (`QCOWX_RUNTIME_DIR`).
+///
+/// Dropping it kills the server (SIGKILL) if it is still running, so a failing test
+/// leaves no server behind.
+#[derive(Debug)]
+pub struct QcowxNbd {
+    child: Option<Child>,
+    sock: PathBuf,
+    runtime: PathBuf,
+    control: Option<PathBuf>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl QcowxNbd {
+    /// Starts `qcowx-nbd -k SOCK ARGS... IMAGE` with `QCOWX_RUNTIME_DIR=RUNTIME` and
+    /// waits (up to [`SERVER_WAIT`]) until its banner says it listens.
+    pub fn start(image: &Path, sock: &Path, runtime: &Path, args: &[&str]) -> QcowxNbd {
+        let mut cmd = Command::new(qcowx_nbd_bin());
+        cmd.arg("-k")
+            .arg(sock)
+            .args(args)
+            .arg(image)
+            .env("QCOWX_RUNTIME_DIR", runtime);
+        let line = command_line(&cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("piped stderr");
+        let sink = std::sync::Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("piped stdout");
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                // After the banner nobody listens: keep reading so the server never
+                // blocks on a full pipe.
+                let _ = tx.send(l);
+            }
+        });
+        let mut server = QcowxNbd {
+            child: Some(child),
+            sock: sock.to_path_buf(),
+            runtime: runtime.to_path_buf(),
+            control: None,
+            stderr,
+        };
+        let deadline = Instant::now() + SERVER_WAIT;
+        let mut banner = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => {
+                    banner.push_str(&l);
+                    banner.push('\n');
+                    if let Some(p) = l.strip_prefix("control socket ") {
+                        server.control = Some(PathBuf::from(p));
+                    } else if l.trim_start().starts_with("nbdinfo --list") {
+                        break; // the last line of the banner
+                    }
+                }
+                Err(_) => panic!(
+                    "`{line}` did not start listening within {SERVER_WAIT:?}\nstdout:\n{banner}\nstderr:\n{}",
+                    server.stderr()
+                ),
+            }
+        }
+        server
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server is running").id()
+    }
+
+    /// The `nbd+unix://` URI of `export`.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    /// The control socket the server announced, if any.
+    pub fn control(&self) -> Option<&Path> {
+        self.control.as_deref()
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// A `qcowx` command (no arguments yet) that finds this server's control socket:
+    /// `qcowx snapshot|fork|delete|revert|gc|list` on the served image forward to it.
+    pub fn qcowx(&self) -> Command {
+        let mut cmd = Command::new(qcowx_cli_bin());
+        cmd.env("QCOWX_RUNTIME_DIR", &self.runtime);
+        cmd
+    }
+
+    /// Waits (up to [`SERVER_WAIT`]) for the server to exit, after a signal; kills it
+    /// and panics if it does not.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the server is running");
+        match wait_deadline(&mut child, SERVER_WAIT) {
+            Some(status) => status,
+            None => panic!(
+                "qcowx-nbd did not exit within {SERVER_WAIT:?}\nstderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Stops the server with SIGTERM and asserts a clean exit (status 0, sockets
+    /// removed): the image is closed, with exact refcounts.
+    pub fn stop(mut self) {
+        send_signal(self.pid(), "TERM");
+        let status = self.wait_exit();
+        assert!(
+            status.success(),
+            "qcowx-nbd exited with {status} after SIGTERM\nstderr:\n{}",
+            self.stderr()
+        );
+        assert!(
+            !self.sock.exists(),
+            "{} left behind after shutdown",
+            self.sock.display()
+        );
+        if let Some(c) = &self.control {
+            assert!(!c.exists(), "{} left behind after shutdown", c.display());
+        }
+    }
+
+    /// Kills the server with SIGKILL (a crash) and reaps it.
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for QcowxNbd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Python (libnbd) that reads byte ranges of NBD exports into files: argv[1] is a JSON
+/// list of `[uri, [[offset, length], ...]]`, argv[2] the output directory; export `i`'s
+/// ranges go, concatenated, to `read-i.bin`.
+const LIBNBD_READ_PY: &str = r#"
+import json, sys, nbd
+spec = json.load(open(sys.argv[1]))
+for i, (uri, ranges) in enumerate(spec):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    with open("%s/read-%d.bin" % (sys.argv[2], i), "wb") as f:
+        for off, ln in ranges:
+            while ln > 0:
+                n = min(ln, 4 << 20)
+                f.write(h.pread(n, off))
+                off += n
+                ln -= n
+    h.shutdown()
+"#;
+
+/// Reads byte ranges of NBD exports with libnbd (one `python3` process for all of
+/// them): for each `(uri, ranges)` the bytes of its ranges, concatenated in order.
+/// `scratch` is a directory for temporary files. Panics, with the script's output,
+/// if any connection or read fails.
+pub fn libnbd_read_ranges(reads: &[(String, Vec<(u64, u64)>)], scratch: &Path) -> Vec<Vec<u8>> {
+    let spec = serde_json::Value::Array(
+        reads
+            .iter()
+            .map(|(uri, ranges)| {
+                serde_json::json!([uri, ranges.iter().map(|&(o, l)| [o, l]).collect::<Vec<_>>()])
+            })
+            .collect(),
+    );
+    let spec_path = scratch.join("libnbd-read.json");
+    let script = scratch.join("libnbd-read.py");
+    std::fs::write(&spec_path, spec.to_string()).expect("write the read list");
+    std::fs::write(&script, LIBNBD_READ_PY).expect("write the read script");
+    let out = run(python3_libnbd().arg(&script).arg(&spec_path).arg(scratch));
+    assert!(
+        out.status.success(),
+        "reading {:?} through libnbd failed: {}",
+        reads.iter().map(|r| &r.0).collect::<Vec<_>>(),
+        describe(&out)
+    );
+    (0..reads.len())
+        .map(|i| {
+            let p = scratch.join(format!("read-{i}.bin"));
+            let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+            let _ = std::fs::remove_file(&p);
+            bytes
+        })
+        .collect()
+}
