@@ -14,7 +14,9 @@
 //! that setup too, so the numbers are per-request steady state.
 //!
 //! Micro groups: `l2_entry_kind` (decoding a table of L2 entries), `l2_cache` (hit, and
-//! miss with LRU eviction) and `allocator` (new clusters, and reuse of freed ones).
+//! miss with LRU eviction), `l2_lookup` (through `Image`: a cached lookup, and reads
+//! that miss a one-table cache) and `allocator` (new clusters, and reuse of freed
+//! ones).
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -24,7 +26,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use qcowx_benches::{fill, run_tool};
 use qcowx_core::alloc::Allocator;
-use qcowx_core::cache::{L2Cache, DEFAULT_CACHE_BYTES};
+use qcowx_core::cache::{L2Cache, DEFAULT_CACHE_BYTES, MIN_CACHED_TABLES};
 use qcowx_core::tables::{Geometry, L2Entry, COMPRESSED, WRITABLE, ZERO};
 use qcowx_core::{CreateOptions, Image, OpenOptions};
 use tempfile::TempDir;
@@ -337,6 +339,45 @@ fn l2_cache(c: &mut Criterion) {
     g.finish();
 }
 
+/// L2 lookups through the public API on a file image: `Image::block_status` of one
+/// 4 KiB block of written data (the L2 table cached: a hit), and 4 KiB reads that
+/// cycle through twice as many L2 tables as the smallest cache holds, opened with
+/// that smallest cache, so every read misses and loads its table from the file (page
+/// cache) first.
+fn l2_lookup(c: &mut Criterion) {
+    /// Guest bytes one L2 table maps (64 KiB clusters).
+    const PER_TABLE: u64 = (CLUSTER / 8) * CLUSTER;
+    let tables = 2 * MIN_CACHED_TABLES as u64;
+    let dir = tempdir();
+    let path = dir.path().join("l2.qcow2");
+    {
+        let img = create(&path, tables * PER_TABLE);
+        for t in 0..tables {
+            img.write_at(&[0x5a; 4096], t * PER_TABLE).expect("write");
+        }
+        img.close().expect("close");
+    }
+    let mut g = c.benchmark_group("l2_lookup");
+    let img = Image::open(&path).expect("open");
+    g.bench_function("block_status_hit", |b| {
+        b.iter(|| img.block_status(black_box(0), 4096).expect("block status"))
+    });
+    let small = OpenOptions::new()
+        .cache_bytes(CLUSTER as usize)
+        .open(&path)
+        .expect("open with a one-table cache");
+    let mut buf = vec![0u8; 4096];
+    let mut t = 0u64;
+    g.throughput(Throughput::Bytes(4096));
+    g.bench_function("read_4KiB_miss", |b| {
+        b.iter(|| {
+            t = (t + 1) % tables;
+            small.read_at(&mut buf, t * PER_TABLE).expect("read");
+        })
+    });
+    g.finish();
+}
+
 fn allocator(c: &mut Criterion) {
     let mut g = c.benchmark_group("allocator");
     let mut a = Allocator::new(CLUSTER, 1 << 30);
@@ -386,6 +427,6 @@ criterion_group! {
 criterion_group! {
     name = micro;
     config = micro_config();
-    targets = l2_entry_kind, l2_cache, allocator
+    targets = l2_entry_kind, l2_cache, l2_lookup, allocator
 }
 criterion_main!(io, micro);

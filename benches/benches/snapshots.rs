@@ -10,16 +10,13 @@
 //!   allocated 1 GiB image (`qemu-img create -o preallocation=metadata`) between which
 //!   1% of the clusters (every 100th) were written, and of the newer snapshot with the
 //!   default VDI, which has not changed since.
-//!
-//! Run as `snapshots tool ...`, the binary is the helper of `benches/compare-snapshots`
-//! instead (see `qcowx_benches::snapshots::TOOL_USAGE`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use qcowx_benches::fill;
-use qcowx_benches::snapshots::{open_unsynced, populate, preallocated, tool_main, VDI};
+use qcowx_benches::snapshots::{open_unsynced, populate, preallocated, VDI};
 use qcowx_core::{CreateOptions, Image};
 use tempfile::TempDir;
 
@@ -180,11 +177,4 @@ criterion_group! {
     targets = snapshot_create, diff
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("tool") {
-        std::process::exit(tool_main(&args[1..]));
-    }
-    snapshot_benches();
-    Criterion::default().configure_from_args().final_summary();
-}
+criterion_main!(snapshot_benches);

@@ -1,11 +1,11 @@
 //! Fixtures and timing helpers for the snapshot benches: the criterion bench
 //! `benches/snapshots.rs` and the `compare-snapshots` script.
 //!
-//! The script needs a few library-level measurements that no command-line tool makes
-//! (the latency of [`Image::snapshot`] itself, without process start, open and close;
-//! [`Image::gc`] alone), and a fast way to give an image thousands of snapshots. The
-//! criterion bench binary provides them: run as `snapshots tool COMMAND ARGS...` it
-//! calls [`tool_main`] instead of criterion (see [`TOOL_USAGE`]).
+//! `benches/compare` needs a few library-level measurements that no command-line tool
+//! makes (the latency of [`Image::snapshot`] itself, without process start, open and
+//! close; [`Image::gc`] and [`Image::diff`] alone), and a fast way to give an image
+//! thousands of snapshots. The `qcowx-bench-tool` binary provides them: it calls
+//! [`tool_main`] (see [`TOOL_USAGE`]).
 //!
 //! Every helper takes snapshots of the default VDI through the public API, on images in
 //! ordinary files, with every `fdatasync` qcowx-core issues — except
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qcowx_core::storage::{FileStorage, OpenMode, Storage};
-use qcowx_core::{Image, OpenOptions, RootKind};
+use qcowx_core::{GcReport, Image, OpenOptions, RootKind};
 
 use crate::run_tool;
 
@@ -28,9 +28,10 @@ pub const VDI: &str = "default";
 
 /// Usage of the `tool` mode of the `snapshots` bench binary.
 pub const TOOL_USAGE: &str = "\
-Usage: snapshots tool populate [--sync] FILE COUNT [PREFIX]
-       snapshots tool latency FILE SAMPLES [PREFIX]
-       snapshots tool gc FILE
+Usage: qcowx-bench-tool populate [--sync] FILE COUNT [PREFIX]
+       qcowx-bench-tool latency [--nosync] FILE SAMPLES [PREFIX]
+       qcowx-bench-tool gc [--nosync] FILE
+       qcowx-bench-tool diff FILE FROM TO SAMPLES
 
 populate  takes snapshots of the default VDI named PREFIXnnnnn (default prefix 'p')
           until FILE has COUNT live snapshots, on storage whose fdatasync does
@@ -40,10 +41,15 @@ populate  takes snapshots of the default VDI named PREFIXnnnnn (default prefix '
 latency   takes SAMPLES snapshots of the default VDI, timing each Image::snapshot call
           alone, deletes each one after it is timed, then runs gc (untimed) so the
           table is back to what it was; prints samples=N median_us=.. min_us=..
-          max_us=.. first_us=..
+          max_us=.. first_us=..; with --nosync, on storage whose fdatasync does
+          nothing (the cost of the code and its writes, without the disk flushes)
 gc        opens FILE, runs Image::gc and closes it, timing the three separately;
           prints open_s=.. gc_s=.. close_s=.. roots_removed=.. clusters_freed=..
-          bytes_freed=.. file_before=.. file_after=..
+          bytes_freed=.. file_before=.. file_after=..; with --nosync, on storage
+          whose fdatasync does nothing (the scan and its writes, without the disk
+          flushes; one real fdatasync after close)
+diff      opens FILE read-only and runs Image::diff FROM TO SAMPLES times; prints
+          samples=N median_us=.. min_us=.. ranges=N bytes=N
 ";
 
 /// A [`FileStorage`] whose `fdatasync` does nothing: for building fixtures only.
@@ -285,16 +291,33 @@ pub fn tool_run(args: &[String], out: &mut dyn Write) -> Result<(), ToolError> {
                 synced
             )?;
         }
-        ["latency", file, samples, rest @ ..] if rest.len() <= 1 => {
+        ["latency", rest @ ..] => {
+            let (nosync, rest) = match rest {
+                ["--nosync", rest @ ..] => (true, rest),
+                _ => (false, rest),
+            };
+            let (file, samples, prefix) = match rest {
+                [file, samples] => (*file, *samples, "lat"),
+                [file, samples, prefix] => (*file, *samples, *prefix),
+                _ => return Err(ToolError::Usage(format!("bad arguments: {args:?}"))),
+            };
             let samples = number(samples, "SAMPLES")?;
             if samples == 0 {
                 return Err(ToolError::Usage("SAMPLES must be at least 1".into()));
             }
-            let prefix = rest.first().copied().unwrap_or("lat");
-            let image = Image::open_rw(file)?;
-            let times = time_snapshots(&image, samples, prefix)?;
-            image.gc()?;
-            image.close()?;
+            let times = if nosync {
+                let u = open_unsynced(Path::new(file))?;
+                let times = time_snapshots(&u.image, samples, prefix)?;
+                u.image.gc()?;
+                u.finish()?;
+                times
+            } else {
+                let image = Image::open_rw(file)?;
+                let times = time_snapshots(&image, samples, prefix)?;
+                image.gc()?;
+                image.close()?;
+                times
+            };
             let min = times.iter().min().copied().unwrap_or_default();
             let max = times.iter().max().copied().unwrap_or_default();
             writeln!(
@@ -307,16 +330,33 @@ pub fn tool_run(args: &[String], out: &mut dyn Write) -> Result<(), ToolError> {
                 micros(times[0])
             )?;
         }
-        ["gc", file] => {
+        ["gc", rest @ ..] => {
+            let (nosync, file) = match rest {
+                ["--nosync", file] => (true, *file),
+                [file] => (false, *file),
+                _ => return Err(ToolError::Usage(format!("bad arguments: {args:?}"))),
+            };
+            let timed_gc = |img: &Image| -> qcowx_core::Result<(Duration, GcReport)> {
+                let t1 = Instant::now();
+                let r = img.gc()?;
+                Ok((t1.elapsed(), r))
+            };
             let t0 = Instant::now();
-            let image = Image::open_rw(file)?;
-            let open = t0.elapsed();
-            let t1 = Instant::now();
-            let r = image.gc()?;
-            let gc = t1.elapsed();
-            let t2 = Instant::now();
-            image.close()?;
-            let close = t2.elapsed();
+            let (open, gc, r, close) = if nosync {
+                let u = open_unsynced(Path::new(file))?;
+                let open = t0.elapsed();
+                let (gc, r) = timed_gc(&u.image)?;
+                let t2 = Instant::now();
+                u.finish()?;
+                (open, gc, r, t2.elapsed())
+            } else {
+                let image = Image::open_rw(file)?;
+                let open = t0.elapsed();
+                let (gc, r) = timed_gc(&image)?;
+                let t2 = Instant::now();
+                image.close()?;
+                (open, gc, r, t2.elapsed())
+            };
             writeln!(
                 out,
                 "open_s={:.6} gc_s={:.6} close_s={:.6} roots_removed={} clusters_freed={} bytes_freed={} file_before={} file_after={}",
@@ -328,6 +368,30 @@ pub fn tool_run(args: &[String], out: &mut dyn Write) -> Result<(), ToolError> {
                 r.bytes_freed,
                 r.file_size_before,
                 r.file_size_after
+            )?;
+        }
+        ["diff", file, from, to, samples] => {
+            let samples = number(samples, "SAMPLES")?;
+            if samples == 0 {
+                return Err(ToolError::Usage("SAMPLES must be at least 1".into()));
+            }
+            let image = Image::open(file)?;
+            let mut times = Vec::with_capacity(samples);
+            let mut ranges = Vec::new();
+            for _ in 0..samples {
+                let t0 = Instant::now();
+                ranges = image.diff(from, to)?;
+                times.push(t0.elapsed());
+            }
+            let min = times.iter().min().copied().unwrap_or_default();
+            writeln!(
+                out,
+                "samples={} median_us={} min_us={} ranges={} bytes={}",
+                times.len(),
+                micros(median(&times)),
+                micros(min),
+                ranges.len(),
+                ranges.iter().map(|r| r.length).sum::<u64>()
             )?;
         }
         ["-h" | "--help"] => write!(out, "{TOOL_USAGE}")?,
@@ -345,7 +409,7 @@ pub fn tool_main(args: &[String]) -> i32 {
     match tool_run(args, &mut out) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("snapshots tool: {e}");
+            eprintln!("qcowx-bench-tool: {e}");
             if matches!(e, ToolError::Usage(_)) {
                 2
             } else {
@@ -403,6 +467,13 @@ mod tests {
         assert!(text.starts_with("added=3 "), "{text}");
         let text = run(&["latency", &file, "2"]).expect("latency");
         assert!(text.starts_with("samples=2 median_us="), "{text}");
+        let text = run(&["latency", "--nosync", &file, "2"]).expect("latency");
+        assert!(text.starts_with("samples=2 median_us="), "{text}");
+        let text = run(&["diff", &file, "p00000", "default", "2"]).expect("diff");
+        assert!(text.starts_with("samples=2 median_us="), "{text}");
+        assert!(text.ends_with(" ranges=0 bytes=0\n"), "{text}");
+        let text = run(&["gc", "--nosync", &file]).expect("gc");
+        assert!(text.contains(" roots_removed=0 "), "{text}");
         let text = run(&["gc", &file]).expect("gc");
         assert!(text.contains(" roots_removed=0 "), "{text}");
         let image = Image::open(&path).expect("open");

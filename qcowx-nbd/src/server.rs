@@ -14,7 +14,7 @@
 //! and closed, which writes exact refcounts and releases the lock.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -802,6 +802,6 @@ fn transmit(sock: Socket, negotiated: &Negotiated, settings: &Settings, label: &
     let kill = move || {
         let _ = killer.shutdown(Shutdown::Both);
     };
-    let reader = BufReader::with_capacity(128 << 10, sock);
-    transmission::serve(reader, writer, negotiated, settings, &kill, label)
+    // transmission::serve buffers its input itself.
+    transmission::serve(sock, writer, negotiated, settings, &kill, label)
 }

@@ -1,11 +1,21 @@
 //! The transmission phase: requests in, replies out, pipelined.
 //!
-//! One reader (the connection's thread) parses requests and hands them to a bounded
-//! pool of worker threads; each worker runs one request against the export and sends
-//! its whole reply under one writer lock, so replies go out in completion order
+//! One reader (the connection's thread) parses requests from its own input buffer.
+//! Small reads and writes (at most [`INLINE_MAX`] bytes, no FUA) run right there on
+//! the reader thread while such requests are fast — page-cache hits take a few
+//! microseconds, less than handing a request to another thread costs — and their
+//! replies are gathered and sent together, with one `write` for every request the
+//! last socket read brought in. When they turn slow (a smoothed service time above
+//! [`INLINE_LIMIT`]: the disk is being read), they go to the worker pool like every
+//! other request until they are fast again, so one connection keeps several disk
+//! requests in flight.
+//!
+//! The bounded pool of worker threads runs the other requests; each worker sends its
+//! whole reply under one writer lock, so replies go out in completion order
 //! (answered out of order, never interleaved mid-message). The reader stops taking
-//! requests while too many — or too many payload bytes — are in flight, which pushes
-//! back on the client through TCP.
+//! requests for the workers while too many — or too many payload bytes — are in
+//! flight, which pushes back on the client through the socket. Reply buffers and
+//! write payload buffers are reused, not allocated and zeroed per request.
 //!
 //! Every rule of the protocol about requests is checked before any I/O: unknown
 //! commands and flags not valid for a command get `NBD_EINVAL`; writes, trims and
@@ -18,10 +28,11 @@
 //! accepted at any length (real clients send them larger than the maximum).
 
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Condvar, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use qcowx_core::{Extent, ExtentStatus};
 use zerocopy::{FromBytes, IntoBytes};
@@ -42,6 +53,23 @@ pub const MAX_STATUS_QUERY: u64 = 1 << 30;
 
 /// The most descriptors in one block status chunk.
 pub const MAX_DESCRIPTORS: usize = 1 << 16;
+
+/// Reads and writes up to this many bytes may run on the reader thread itself.
+pub const INLINE_MAX: u32 = 64 << 10;
+
+/// Small requests run on the reader thread while their smoothed service time stays
+/// below this (page-cache hits); above it they go to the workers.
+pub const INLINE_LIMIT: Duration = Duration::from_micros(50);
+
+/// Size of the reader's input buffer: the most bytes one socket read takes in.
+const INPUT_BUFFER: usize = 256 << 10;
+
+/// Replies of requests run on the reader thread are sent once this many bytes wait,
+/// or sooner when no further request is already in the input buffer.
+const REPLY_BATCH: usize = 256 << 10;
+
+/// The most write payload bytes kept for reuse per connection.
+const POOL_BYTES: usize = 64 << 20;
 
 /// One parsed request.
 #[derive(Debug)]
@@ -81,7 +109,125 @@ impl Budget {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.0 = st.0.saturating_sub(1);
         st.1 = st.1.saturating_sub(bytes);
-        self.cv.notify_all();
+        // Only the reader ever waits here.
+        self.cv.notify_one();
+    }
+}
+
+/// A reply being built: bytes `[..used]` of `data`. The vector keeps its high-water
+/// length, so space handed out for read data is not zeroed again on every request
+/// (the image read overwrites it).
+#[derive(Default)]
+struct ReplyBuf {
+    data: Vec<u8>,
+    used: usize,
+}
+
+impl ReplyBuf {
+    fn len(&self) -> usize {
+        self.used
+    }
+
+    fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.data[..self.used]
+    }
+
+    fn clear(&mut self) {
+        self.used = 0;
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.used = self.used.min(len);
+    }
+
+    /// `n` more bytes at the end, with whatever they held before.
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        let end = self.used + n;
+        if self.data.len() < end {
+            self.data.resize(end, 0);
+        }
+        let start = self.used;
+        self.used = end;
+        &mut self.data[start..end]
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        self.grow(bytes.len()).copy_from_slice(bytes);
+    }
+}
+
+/// The reader's input: bytes `[start..end)` of `buf` are read but not yet parsed.
+struct Input<R> {
+    r: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl<R: Read> Input<R> {
+    fn new(r: R) -> Input<R> {
+        Input {
+            r,
+            buf: vec![0; INPUT_BUFFER],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn available(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn peek(&self, n: usize) -> &[u8] {
+        &self.buf[self.start..self.start + n]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads until at least `n` (at most the buffer size) bytes are buffered.
+    /// `Ok(false)`: the peer closed the connection with nothing buffered.
+    fn fill(&mut self, n: usize) -> io::Result<bool> {
+        if self.buf.len() - self.start < n {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.available() < n {
+            match self.r.read(&mut self.buf[self.end..]) {
+                Ok(0) if self.available() == 0 => return Ok(false),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => self.end += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Fills `dst` from the buffer, then straight from the reader.
+    fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
+        let k = self.available().min(dst.len());
+        dst[..k].copy_from_slice(self.peek(k));
+        self.consume(k);
+        self.r.read_exact(&mut dst[k..])
+    }
+
+    /// Drops `n` bytes of input.
+    fn skip(&mut self, n: u64) -> io::Result<()> {
+        let k = (self.available() as u64).min(n);
+        self.consume(k as usize);
+        io::copy(&mut (&mut self.r).take(n - k), &mut io::sink())?;
+        Ok(())
     }
 }
 
@@ -93,6 +239,10 @@ struct Conn<'a, W> {
     settings: &'a Settings,
     writer: Mutex<W>,
     budget: Budget,
+    /// Write payload buffers for reuse, and the bytes they hold.
+    pool: Mutex<(Vec<Vec<u8>>, usize)>,
+    /// Smoothed service time of small reads and writes, in nanoseconds.
+    small_ns: AtomicU64,
     /// Set when a reply could not be sent: the connection is finished.
     dead: AtomicBool,
     /// Set once anything was written.
@@ -105,7 +255,7 @@ struct Conn<'a, W> {
 /// Serves the transmission phase of one connection until the client disconnects
 /// (`NBD_CMD_DISC` or EOF), breaks the protocol, or a reply cannot be sent. Requests
 /// already read are always finished (and answered, if the client still listens)
-/// before this returns.
+/// before this returns. `reader` needs no buffering of its own.
 ///
 /// `kill` must make blocked reads of `reader` return (for a socket: shut it down).
 pub fn serve<R: Read, W: Write + Send>(
@@ -128,6 +278,8 @@ pub fn serve<R: Read, W: Write + Send>(
             max_count: settings.max_in_flight,
             max_bytes: settings.max_in_flight_bytes,
         },
+        pool: Mutex::new((Vec::new(), 0)),
+        small_ns: AtomicU64::new(0),
         dead: AtomicBool::new(false),
         wrote: AtomicBool::new(false),
         kill,
@@ -139,7 +291,7 @@ pub fn serve<R: Read, W: Write + Send>(
         for _ in 0..settings.workers {
             scope.spawn(|| conn.work(&rx));
         }
-        let r = conn.read_requests(reader, &tx);
+        let r = conn.read_requests(Input::new(reader), &tx);
         drop(tx);
         r
     });
@@ -151,40 +303,49 @@ pub fn serve<R: Read, W: Write + Send>(
     result
 }
 
-/// Reads exactly `buf.len()` bytes; `Ok(false)` on EOF before the first byte.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) if got == 0 => return Ok(false),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
 /// Whether every byte is zero.
 fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096)
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
+/// The size of the fixed request header.
+const HEADER: usize = std::mem::size_of::<RequestHeader>();
+
 impl<W: Write + Send> Conn<'_, W> {
-    fn read_requests<R: Read>(&self, mut r: R, tx: &SyncSender<Request>) -> Result<()> {
+    fn read_requests<R: Read>(&self, mut input: Input<R>, tx: &SyncSender<Request>) -> Result<()> {
+        let mut out = ReplyBuf::default();
+        let r = self.read_loop(&mut input, tx, &mut out);
+        // Replies to requests already run go out whatever ended the loop.
+        self.send_batch(&mut out);
+        r
+    }
+
+    fn read_loop<R: Read>(
+        &self,
+        input: &mut Input<R>,
+        tx: &SyncSender<Request>,
+        out: &mut ReplyBuf,
+    ) -> Result<()> {
         let max = self.settings.max_block_size;
         loop {
             if self.dead.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let mut hb = [0u8; 28];
-            if !read_full(&mut r, &mut hb).map_err(|e| Error::io("read request", e))? {
-                return Ok(());
+            if input.available() < HEADER {
+                // Nothing more to run before the next socket read, which may block:
+                // answer what was run so far.
+                self.send_batch(out);
+                if !input
+                    .fill(HEADER)
+                    .map_err(|e| Error::io("read request", e))?
+                {
+                    return Ok(());
+                }
             }
-            let h = RequestHeader::read_from_bytes(&hb)
+            let h = RequestHeader::read_from_bytes(input.peek(HEADER))
                 .map_err(|_| Error::Protocol("short request header".into()))?;
+            input.consume(HEADER);
             if h.magic.get() != REQUEST_MAGIC {
                 return Err(Error::Protocol(format!(
                     "request magic {:#x} is not {REQUEST_MAGIC:#x}",
@@ -196,56 +357,159 @@ impl<W: Write + Send> Conn<'_, W> {
             if command == CMD_DISC {
                 return Ok(());
             }
-            let mut oversized = false;
-            if command == CMD_WRITE && length > max {
-                if length > MAX_SKIPPED_WRITE {
-                    return Err(Error::Protocol(format!("write payload of {length} bytes")));
-                }
-                io::copy(&mut (&mut r).take(u64::from(length)), &mut io::sink())
-                    .map_err(|e| Error::io("skip write payload", e))?;
-                oversized = true;
-            }
-            let cost = match command {
-                CMD_READ | CMD_WRITE if !oversized => length.min(max) as usize,
-                _ => 0,
-            };
-            self.budget.acquire(cost);
-            let mut payload = None;
-            if command == CMD_WRITE && !oversized {
-                let mut buf = vec![0u8; length as usize];
-                if let Err(e) = r.read_exact(&mut buf) {
-                    self.budget.release(cost);
-                    return Err(Error::io("read write payload", e));
-                }
-                payload = Some(buf);
-            }
-            let req = Request {
+            let mut req = Request {
                 flags: h.flags.get(),
                 command,
                 cookie: h.cookie.get(),
                 offset: h.offset.get(),
                 length,
-                payload,
-                oversized,
-                cost,
+                payload: None,
+                oversized: false,
+                cost: 0,
             };
+            if command == CMD_WRITE && length > max {
+                if length > MAX_SKIPPED_WRITE {
+                    return Err(Error::Protocol(format!("write payload of {length} bytes")));
+                }
+                input
+                    .skip(u64::from(length))
+                    .map_err(|e| Error::io("skip write payload", e))?;
+                req.oversized = true;
+            }
+            if self.runs_inline(&req) {
+                let len = if command == CMD_WRITE {
+                    length as usize
+                } else {
+                    0
+                };
+                if input.available() < len {
+                    self.send_batch(out);
+                    if !input
+                        .fill(len)
+                        .map_err(|e| Error::io("read write payload", e))?
+                    {
+                        return Err(Error::io(
+                            "read write payload",
+                            io::ErrorKind::UnexpectedEof.into(),
+                        ));
+                    }
+                }
+                let t0 = Instant::now();
+                self.handle(&req, input.peek(len), out);
+                self.note_small(t0.elapsed());
+                input.consume(len);
+                if out.len() >= REPLY_BATCH {
+                    self.send_batch(out);
+                }
+                continue;
+            }
+            // To the workers. What was run here is answered first: the budget or the
+            // queue may make this thread wait.
+            self.send_batch(out);
+            req.cost = match command {
+                CMD_READ | CMD_WRITE if !req.oversized => length.min(max) as usize,
+                _ => 0,
+            };
+            self.budget.acquire(req.cost);
+            if command == CMD_WRITE && !req.oversized {
+                let mut buf = self.take_buffer(length as usize);
+                if let Err(e) = input.read_exact(&mut buf) {
+                    self.budget.release(req.cost);
+                    return Err(Error::io("read write payload", e));
+                }
+                req.payload = Some(buf);
+            }
             if tx.send(req).is_err() {
                 return Ok(());
             }
         }
     }
 
+    /// Whether `req` runs on the reader thread: a small read or write, with no flush
+    /// to wait for, while small requests are fast.
+    fn runs_inline(&self, req: &Request) -> bool {
+        let small = match req.command {
+            CMD_READ => true,
+            CMD_WRITE => {
+                req.flags & CMD_FLAG_FUA == 0
+                    && !self.settings.cache.write_through()
+                    && !req.oversized
+            }
+            _ => false,
+        };
+        small
+            && req.length <= INLINE_MAX
+            && self.small_ns.load(Ordering::Relaxed) < INLINE_LIMIT.as_nanos() as u64
+    }
+
+    /// Folds the service time of one small read or write into the running average
+    /// (weight 1/8).
+    fn note_small(&self, took: Duration) {
+        let ns = took.as_nanos().min(u128::from(u32::MAX)) as u64;
+        let old = self.small_ns.load(Ordering::Relaxed);
+        let new = old - old / 8 + ns / 8;
+        self.small_ns.store(new, Ordering::Relaxed);
+    }
+
+    /// A buffer of `len` bytes for a write payload, reused when one is free.
+    fn take_buffer(&self, len: usize) -> Vec<u8> {
+        let mut buf = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            match pool.0.pop() {
+                Some(b) => {
+                    pool.1 -= b.capacity();
+                    b
+                }
+                None => Vec::new(),
+            }
+        };
+        if buf.len() < len {
+            buf.resize(len, 0);
+        } else {
+            buf.truncate(len);
+        }
+        buf
+    }
+
+    /// Gives a payload buffer back for reuse (dropped if the pool is full).
+    fn return_buffer(&self, buf: Vec<u8>) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.1 + buf.capacity() <= POOL_BYTES && pool.0.len() < self.settings.max_in_flight {
+            pool.1 += buf.capacity();
+            pool.0.push(buf);
+        }
+    }
+
     fn work(&self, rx: &Mutex<Receiver<Request>>) {
+        let mut out = ReplyBuf::default();
         loop {
             let req = {
                 let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
                 rx.recv()
             };
-            let Ok(req) = req else { return };
+            let Ok(mut req) = req else { return };
             let cost = req.cost;
-            let reply = self.handle(req);
-            self.send(&reply);
+            let payload = req.payload.take();
+            let small = matches!(req.command, CMD_READ | CMD_WRITE) && req.length <= INLINE_MAX;
+            let t0 = Instant::now();
+            self.handle(&req, payload.as_deref().unwrap_or_default(), &mut out);
+            if small {
+                self.note_small(t0.elapsed());
+            }
+            if let Some(buf) = payload {
+                self.return_buffer(buf);
+            }
+            self.send(out.bytes());
+            out.clear();
             self.budget.release(cost);
+        }
+    }
+
+    /// Sends the replies gathered in `out` (if any) and empties it.
+    fn send_batch(&self, out: &mut ReplyBuf) {
+        if !out.is_empty() {
+            self.send(out.bytes());
+            out.clear();
         }
     }
 
@@ -266,12 +530,12 @@ impl<W: Write + Send> Conn<'_, W> {
 
     // ---- replies --------------------------------------------------------------------
 
-    fn simple(cookie: u64, error: u32) -> Vec<u8> {
-        SimpleReply::new(cookie, error).as_bytes().to_vec()
+    fn simple(out: &mut ReplyBuf, cookie: u64, error: u32) {
+        out.extend(SimpleReply::new(cookie, error).as_bytes());
     }
 
     fn push_error_chunk(
-        buf: &mut Vec<u8>,
+        out: &mut ReplyBuf,
         cookie: u64,
         error: u32,
         msg: &str,
@@ -287,21 +551,21 @@ impl<W: Write + Send> Conn<'_, W> {
             None => (REPLY_TYPE_ERROR, 0),
         };
         let len = 6 + msg.len() + extra;
-        buf.extend_from_slice(ChunkHeader::new(cookie, ty, REPLY_FLAG_DONE, len as u32).as_bytes());
+        out.extend(ChunkHeader::new(cookie, ty, REPLY_FLAG_DONE, len as u32).as_bytes());
         let p = ErrorPayload {
             error: error.into(),
             message_length: (msg.len() as u16).into(),
         };
-        buf.extend_from_slice(p.as_bytes());
-        buf.extend_from_slice(msg);
+        out.extend(p.as_bytes());
+        out.extend(msg);
         if let Some(o) = offset {
-            buf.extend_from_slice(&o.to_be_bytes());
+            out.extend(&o.to_be_bytes());
         }
     }
 
     /// The error reply for a request: a structured error chunk (with the message)
     /// when structured replies are on, else a simple reply.
-    fn error(&self, req: &Request, error: u32, msg: &str) -> Vec<u8> {
+    fn error(&self, out: &mut ReplyBuf, req: &Request, error: u32, msg: &str) {
         if self.settings.verbose {
             eprintln!(
                 "qcowx-nbd: {}: {} offset {} length {}: error {error}: {msg}",
@@ -312,15 +576,13 @@ impl<W: Write + Send> Conn<'_, W> {
             );
         }
         if self.structured {
-            let mut buf = Vec::with_capacity(32 + msg.len());
-            Self::push_error_chunk(&mut buf, req.cookie, error, msg, None);
-            buf
+            Self::push_error_chunk(out, req.cookie, error, msg, None);
         } else {
-            Self::simple(req.cookie, error)
+            Self::simple(out, req.cookie, error);
         }
     }
 
-    fn image_error(&self, req: &Request, e: &qcowx_core::Error, write: bool) -> Vec<u8> {
+    fn image_error(&self, out: &mut ReplyBuf, req: &Request, e: &qcowx_core::Error, write: bool) {
         eprintln!(
             "qcowx-nbd: {}: {} offset {} length {} failed: {e}",
             self.label,
@@ -328,7 +590,7 @@ impl<W: Write + Send> Conn<'_, W> {
             req.offset,
             req.length
         );
-        self.error(req, nbd_errno(e, write), &e.to_string())
+        self.error(out, req, nbd_errno(e, write), &e.to_string())
     }
 
     // ---- requests ---------------------------------------------------------------------
@@ -419,29 +681,30 @@ impl<W: Write + Send> Conn<'_, W> {
         Ok(())
     }
 
-    fn handle(&self, req: Request) -> Vec<u8> {
-        if let Err((errno, msg)) = self.check(&req) {
-            return self.error(&req, errno, &msg);
+    /// Runs `req` (with `payload` for a write) and appends its whole reply to `out`.
+    fn handle(&self, req: &Request, payload: &[u8], out: &mut ReplyBuf) {
+        if let Err((errno, msg)) = self.check(req) {
+            return self.error(out, req, errno, &msg);
         }
         match req.command {
-            CMD_READ => self.read(&req),
-            CMD_WRITE => self.write(&req),
+            CMD_READ => self.read(req, out),
+            CMD_WRITE => self.write(req, payload, out),
             CMD_FLUSH => match self.flush() {
-                Ok(()) => Self::simple(req.cookie, 0),
-                Err(e) => self.image_error(&req, &e, true),
+                Ok(()) => Self::simple(out, req.cookie, 0),
+                Err(e) => self.image_error(out, req, &e, true),
             },
-            CMD_TRIM => self.trim(&req),
+            CMD_TRIM => self.trim(req, out),
             CMD_CACHE => {
                 // A prefetch hint: warm the metadata cache. Failure changes nothing.
                 let _ = self
                     .export
                     .disk
                     .block_status(req.offset, u64::from(req.length).min(MAX_STATUS_QUERY));
-                Self::simple(req.cookie, 0)
+                Self::simple(out, req.cookie, 0)
             }
-            CMD_WRITE_ZEROES => self.write_zeroes(&req),
-            CMD_BLOCK_STATUS => self.block_status(&req),
-            _ => self.error(&req, EINVAL, "unknown command"),
+            CMD_WRITE_ZEROES => self.write_zeroes(req, out),
+            CMD_BLOCK_STATUS => self.block_status(req, out),
+            _ => self.error(out, req, EINVAL, "unknown command"),
         }
     }
 
@@ -454,8 +717,10 @@ impl<W: Write + Send> Conn<'_, W> {
     }
 
     /// Makes a completed write durable if FUA (or write-through caching) asks for it.
-    fn finish_write(&self, req: &Request, r: qcowx_core::Result<()>) -> Vec<u8> {
-        self.wrote.store(true, Ordering::SeqCst);
+    fn finish_write(&self, req: &Request, r: qcowx_core::Result<()>, out: &mut ReplyBuf) {
+        if !self.wrote.load(Ordering::Relaxed) {
+            self.wrote.store(true, Ordering::SeqCst);
+        }
         let r = r.and_then(|_| {
             if req.flags & CMD_FLAG_FUA != 0 || self.settings.cache.write_through() {
                 self.flush()
@@ -464,13 +729,12 @@ impl<W: Write + Send> Conn<'_, W> {
             }
         });
         match r {
-            Ok(()) => Self::simple(req.cookie, 0),
-            Err(e) => self.image_error(req, &e, true),
+            Ok(()) => Self::simple(out, req.cookie, 0),
+            Err(e) => self.image_error(out, req, &e, true),
         }
     }
 
-    fn write(&self, req: &Request) -> Vec<u8> {
-        let data = req.payload.as_deref().unwrap_or_default();
+    fn write(&self, req: &Request, data: &[u8], out: &mut ReplyBuf) {
         let disk = &self.export.disk;
         let r = if self.settings.detect_zeroes != DetectZeroes::Off && is_zero(data) {
             let unmap = self.settings.detect_zeroes == DetectZeroes::Unmap
@@ -479,33 +743,34 @@ impl<W: Write + Send> Conn<'_, W> {
         } else {
             disk.write_at(data, req.offset)
         };
-        self.finish_write(req, r)
+        self.finish_write(req, r, out)
     }
 
-    fn trim(&self, req: &Request) -> Vec<u8> {
+    fn trim(&self, req: &Request, out: &mut ReplyBuf) {
         if self.settings.discard == DiscardMode::Ignore || req.length == 0 {
-            return Self::simple(req.cookie, 0);
+            return Self::simple(out, req.cookie, 0);
         }
         let r = self.export.disk.discard(req.offset, u64::from(req.length));
-        self.finish_write(req, r)
+        self.finish_write(req, r, out)
     }
 
-    fn write_zeroes(&self, req: &Request) -> Vec<u8> {
+    fn write_zeroes(&self, req: &Request, out: &mut ReplyBuf) {
         let len = u64::from(req.length);
         if req.flags & CMD_FLAG_FAST_ZERO != 0 && !self.zeroing_is_fast(req.offset, len) {
             return self.error(
+                out,
                 req,
                 ENOTSUP,
                 "zeroing this range would need data writes (partial clusters)",
             );
         }
         if len == 0 {
-            return Self::simple(req.cookie, 0);
+            return Self::simple(out, req.cookie, 0);
         }
         let unmap =
             req.flags & CMD_FLAG_NO_HOLE == 0 && self.settings.discard == DiscardMode::Unmap;
         let r = self.export.disk.write_zeroes(req.offset, len, unmap);
-        self.finish_write(req, r)
+        self.finish_write(req, r, out)
     }
 
     /// Whether write-zeroes of the range changes only metadata: whole clusters are
@@ -533,77 +798,74 @@ impl<W: Write + Send> Conn<'_, W> {
         })
     }
 
-    fn read(&self, req: &Request) -> Vec<u8> {
+    fn read(&self, req: &Request, out: &mut ReplyBuf) {
         let len = req.length as usize;
         let disk = &self.export.disk;
+        let start = out.len();
         if !self.structured {
-            let mut buf = vec![0u8; 16 + len];
-            if let Err(e) = disk.read_at(&mut buf[16..], req.offset) {
-                return self.image_error(req, &e, false);
+            out.extend(SimpleReply::new(req.cookie, 0).as_bytes());
+            if let Err(e) = disk.read_at(out.grow(len), req.offset) {
+                out.truncate(start);
+                self.image_error(out, req, &e, false);
             }
-            buf[..16].copy_from_slice(SimpleReply::new(req.cookie, 0).as_bytes());
-            return buf;
+            return;
         }
         if len == 0 {
-            return ChunkHeader::new(req.cookie, REPLY_TYPE_NONE, REPLY_FLAG_DONE, 0)
-                .as_bytes()
-                .to_vec();
+            out.extend(
+                ChunkHeader::new(req.cookie, REPLY_TYPE_NONE, REPLY_FLAG_DONE, 0).as_bytes(),
+            );
+            return;
         }
-        let runs = if req.flags & CMD_FLAG_DF != 0 {
-            vec![(req.offset, len as u64, true)]
+        let whole = [(req.offset, len as u64, true)];
+        let runs;
+        let runs: &[(u64, u64, bool)] = if req.flags & CMD_FLAG_DF != 0 {
+            &whole
         } else {
-            match disk.block_status(req.offset, len as u64) {
+            runs = match disk.block_status(req.offset, len as u64) {
                 Ok(ext) => read_runs(&ext, req.offset, len as u64),
-                Err(_) => vec![(req.offset, len as u64, true)],
-            }
+                Err(_) => whole.to_vec(),
+            };
+            &runs
         };
-        let total: usize = runs
-            .iter()
-            .map(|&(_, l, data)| 20 + if data { 8 + l as usize } else { 12 })
-            .sum();
-        let mut buf = Vec::with_capacity(total);
         let n = runs.len();
         for (i, &(off, l, data)) in runs.iter().enumerate() {
             let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
             if data {
-                let at = buf.len();
-                buf.extend_from_slice(
+                let at = out.len();
+                out.extend(
                     ChunkHeader::new(req.cookie, REPLY_TYPE_OFFSET_DATA, flags, 8 + l as u32)
                         .as_bytes(),
                 );
-                buf.extend_from_slice(&off.to_be_bytes());
-                let start = buf.len();
-                buf.resize(start + l as usize, 0);
-                if let Err(e) = disk.read_at(&mut buf[start..], off) {
+                out.extend(&off.to_be_bytes());
+                if let Err(e) = disk.read_at(out.grow(l as usize), off) {
                     eprintln!(
                         "qcowx-nbd: {}: READ offset {off} length {l} failed: {e}",
                         self.label
                     );
-                    buf.truncate(at);
+                    out.truncate(at);
                     Self::push_error_chunk(
-                        &mut buf,
+                        out,
                         req.cookie,
                         nbd_errno(&e, false),
                         &e.to_string(),
                         Some(off),
                     );
-                    return buf;
+                    return;
                 }
             } else {
-                buf.extend_from_slice(
+                out.extend(
                     ChunkHeader::new(req.cookie, REPLY_TYPE_OFFSET_HOLE, flags, 12).as_bytes(),
                 );
                 let h = HolePayload {
                     offset: off.into(),
                     length: (l as u32).into(),
                 };
-                buf.extend_from_slice(h.as_bytes());
+                out.extend(h.as_bytes());
             }
         }
-        buf
     }
 
-    fn block_status(&self, req: &Request) -> Vec<u8> {
+    fn block_status(&self, req: &Request, out: &mut ReplyBuf) {
         let len = u64::from(req.length).min(MAX_STATUS_QUERY);
         let disk = &self.export.disk;
         let needs_extents = self
@@ -613,20 +875,23 @@ impl<W: Write + Send> Conn<'_, W> {
         let extents = if needs_extents {
             match disk.block_status(req.offset, len) {
                 Ok(e) => e,
-                Err(e) => return self.image_error(req, &e, false),
+                Err(e) => return self.image_error(out, req, &e, false),
             }
         } else {
             Vec::new()
         };
         let min = u64::from(self.settings.min_block_size);
-        let mut buf = Vec::new();
+        let start = out.len();
         let n = self.contexts.len();
         for (i, ctx) in self.contexts.iter().enumerate() {
             let mut descs = match ctx {
                 MetaContext::DirtyBitmap(snap) => {
                     match disk.image().diff(snap, &self.export.info.root) {
                         Ok(ranges) => dirty_descriptors(&ranges, req.offset, len),
-                        Err(e) => return self.image_error(req, &e, false),
+                        Err(e) => {
+                            out.truncate(start);
+                            return self.image_error(out, req, &e, false);
+                        }
                     }
                 }
                 _ => descriptors(&extents, req.offset, len, ctx),
@@ -640,20 +905,19 @@ impl<W: Write + Send> Conn<'_, W> {
             descs.truncate(MAX_DESCRIPTORS);
             let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
             let plen = 4 + 8 * descs.len();
-            buf.extend_from_slice(
+            out.extend(
                 ChunkHeader::new(req.cookie, REPLY_TYPE_BLOCK_STATUS, flags, plen as u32)
                     .as_bytes(),
             );
-            buf.extend_from_slice(&context_id(i).to_be_bytes());
+            out.extend(&context_id(i).to_be_bytes());
             for (l, status) in descs {
                 let d = BlockDescriptor {
                     length: (l as u32).into(),
                     status: status.into(),
                 };
-                buf.extend_from_slice(d.as_bytes());
+                out.extend(d.as_bytes());
             }
         }
-        buf
     }
 }
 
@@ -906,6 +1170,132 @@ mod tests {
         );
         assert_eq!(dirty_descriptors(&r, 300000, 1000), vec![(1000, 1)]);
         assert_eq!(dirty_descriptors(&[], 5, 10), vec![(10, 0)]);
+    }
+
+    fn request(out: &mut Vec<u8>, command: u16, cookie: u64, offset: u64, len: u32) {
+        let h = RequestHeader {
+            magic: REQUEST_MAGIC.into(),
+            flags: 0.into(),
+            command: command.into(),
+            cookie: cookie.into(),
+            offset: offset.into(),
+            length: len.into(),
+        };
+        out.extend_from_slice(h.as_bytes());
+    }
+
+    /// Small requests (run on the reader thread, replies sent in batches) and large
+    /// ones (run by the workers), pipelined in one stream: every request gets exactly
+    /// one reply, a read pipelined behind a write of the same range sees all of it or
+    /// none of it (NBD does not order requests in flight; small requests go to the
+    /// workers too when the machine is slow), and every write lands.
+    #[test]
+    fn reader_and_worker_requests_interleave() {
+        use crate::exports::{ExportPlan, Exports};
+        use qcowx_core::storage::MemStorage;
+        use qcowx_core::{CreateOptions, Image};
+        use std::collections::HashMap;
+        use std::sync::Arc;
+
+        let image = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(4 << 20))
+            .expect("create");
+        let plan = ExportPlan::Auto {
+            main_name: "default".into(),
+            main_description: None,
+        };
+        let exports = Exports::new(Arc::new(image), plan, false).expect("exports");
+        let info = exports.find("default").expect("find").expect("default");
+        let n = Negotiated {
+            export: exports.open(&info).expect("open"),
+            flags: 0,
+            structured: false,
+            contexts: Vec::new(),
+        };
+        let settings = Settings::default();
+        let big = INLINE_MAX * 4;
+        let mut input = Vec::new();
+        // cookie -> bytes a successful reply carries after its 16-byte header, and
+        // the byte they must all hold.
+        let mut expect: HashMap<u64, (usize, u8)> = HashMap::new();
+        for i in 0..40u64 {
+            let small_at = i * 4096;
+            let big_at = (1 << 20) + (i % 8) * u64::from(big);
+            let b = i as u8 + 1;
+            request(&mut input, CMD_WRITE, 4 * i, small_at, 4096);
+            input.resize(input.len() + 4096, b);
+            expect.insert(4 * i, (0, 0));
+            request(&mut input, CMD_WRITE, 4 * i + 1, big_at, big);
+            input.resize(input.len() + big as usize, 0xee);
+            expect.insert(4 * i + 1, (0, 0));
+            request(&mut input, CMD_READ, 4 * i + 2, small_at, 4096);
+            expect.insert(4 * i + 2, (4096, b));
+            request(&mut input, CMD_FLUSH, 4 * i + 3, 0, 0);
+            expect.insert(4 * i + 3, (0, 0));
+        }
+        let mut replies = Vec::new();
+        serve(&input[..], &mut replies, &n, &settings, &|| {}, "test").expect("serve");
+        let mut rest = &replies[..];
+        while !rest.is_empty() {
+            let r = SimpleReply::read_from_bytes(&rest[..16]).expect("reply header");
+            assert_eq!(r.magic.get(), SIMPLE_REPLY_MAGIC);
+            assert_eq!(r.error.get(), 0, "cookie {}", r.cookie.get());
+            let (len, byte) = expect
+                .remove(&r.cookie.get())
+                .unwrap_or_else(|| panic!("unexpected reply for cookie {}", r.cookie.get()));
+            let data = &rest[16..16 + len];
+            assert!(
+                data.iter().all(|&x| x == byte) || data.iter().all(|&x| x == 0),
+                "cookie {}: a torn read",
+                r.cookie.get()
+            );
+            rest = &rest[16 + len..];
+        }
+        assert!(expect.is_empty(), "no reply for {:?}", expect.keys());
+        for i in 0..40u64 {
+            let mut small = vec![0u8; 4096];
+            n.export
+                .disk
+                .read_at(&mut small, i * 4096)
+                .expect("read back");
+            assert!(small.iter().all(|&x| x == i as u8 + 1), "small write {i}");
+        }
+        let mut buf = vec![0u8; big as usize];
+        n.export.disk.read_at(&mut buf, 1 << 20).expect("read back");
+        assert!(buf.iter().all(|&x| x == 0xee));
+    }
+
+    #[test]
+    fn reply_buffers_reuse_their_space() {
+        let mut out = ReplyBuf::default();
+        out.extend(b"abc");
+        out.grow(2).copy_from_slice(b"de");
+        assert_eq!(out.bytes(), b"abcde");
+        out.truncate(4);
+        assert_eq!(out.bytes(), b"abcd");
+        out.clear();
+        assert!(out.is_empty());
+        // Space handed out again keeps its old bytes (the caller overwrites them).
+        assert_eq!(out.grow(3), b"abc");
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn input_refills_and_reads_past_its_buffer() {
+        let data: Vec<u8> = (0..(INPUT_BUFFER * 2 + 100)).map(|i| i as u8).collect();
+        let mut input = Input::new(&data[..]);
+        assert!(input.fill(10).expect("fill"));
+        assert_eq!(input.peek(3), &[0, 1, 2]);
+        input.consume(5);
+        let mut big = vec![0u8; INPUT_BUFFER + 50];
+        input.read_exact(&mut big).expect("read");
+        assert_eq!(big[0], 5);
+        assert_eq!(big[INPUT_BUFFER + 49], ((INPUT_BUFFER + 54) % 256) as u8);
+        input.skip(10).expect("skip");
+        assert!(input.fill(1).expect("fill"));
+        assert_eq!(input.peek(1)[0], ((INPUT_BUFFER + 65) % 256) as u8);
+        let left = data.len() - (INPUT_BUFFER + 65);
+        input.skip(left as u64).expect("skip");
+        assert!(!input.fill(1).expect("eof"));
     }
 
     #[test]
