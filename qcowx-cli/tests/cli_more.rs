@@ -442,6 +442,37 @@ fn import_errors_name_the_file_and_leave_the_chain_alone() {
     // Usage errors.
     usage_error(d, &["import", "l2.qcow2"]);
     usage_error(d, &["import", "--output=xml", "l2.qcow2", "o.qcow2"]);
+    // No failed import leaves its temporary file behind.
+    let stray: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("qcowx-import"))
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
+}
+
+#[test]
+fn import_replaces_an_output_only_when_done_and_not_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let files = make_chain(d, false, 2);
+    // An output in use by another writer is refused and left alone.
+    qemu_ok(d, &["create", "-f", "qcow2", "out.qcow2", "1M"]);
+    let before = std::fs::read(d.join("out.qcow2")).unwrap();
+    let held = qcowx_core::Image::open_rw(d.join("out.qcow2")).unwrap();
+    let top = files.last().unwrap().as_str();
+    fails(d, &["import", top, "out.qcow2"], &["out.qcow2", "lock"]);
+    held.close().unwrap();
+    drop(held);
+    assert!(std::fs::read(d.join("out.qcow2")).unwrap() == before);
+    // A free one is replaced by the complete import.
+    import_and_verify(d, &files);
+    let stray: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("qcowx-import"))
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
 }
 
 // ---- tree --------------------------------------------------------------------------

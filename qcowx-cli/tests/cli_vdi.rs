@@ -507,12 +507,15 @@ fn gc_json(d: &Path, file: &str) -> Value {
             "roots-removed",
             "clusters-freed",
             "bytes-freed",
+            "refcounts-exact",
             "file-size-before",
             "file-size-after"
         ]),
         "{v:#}"
     );
     assert_eq!(v["filename"], file);
+    // Nothing writes the image while the command runs: the refcounts come out exact.
+    assert_eq!(v["refcounts-exact"], true, "{v:#}");
     assert_eq!(
         v["bytes-freed"].as_u64().unwrap(),
         v["clusters-freed"].as_u64().unwrap() * CS,

@@ -1681,7 +1681,7 @@ fn reads_zero(kind: ClusterKind, has_backing: bool) -> bool {
     }
 }
 
-fn open_error(name: &str, e: crate::storage::OpenError) -> Error {
+pub(crate) fn open_error(name: &str, e: crate::storage::OpenError) -> Error {
     match e.lock_error() {
         Some(_) => match e {
             crate::storage::OpenError::Lock { source, .. } => Error::Locked {

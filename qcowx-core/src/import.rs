@@ -45,6 +45,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::chain::{backing_chain, raw_extents, ChainLayer, LayerFormat};
 use crate::convert::COPY_CHUNK;
@@ -276,7 +277,123 @@ pub fn import_chain(
         .ok_or_else(|| Error::InvalidArgument("empty backing chain".into()))?;
     let mut opts = CreateOptions::new(chain[0].virtual_size);
     opts.cluster_size = top_layer.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
-    let img = Image::create(output, &opts)?;
+    let out = Output::create(output)?;
+    let result = copy_layers(&chain, &readers, &plans, total, &out, &opts, progress);
+    out.finish(result)
+}
+
+/// The image being imported into: a new file under a temporary name beside the
+/// output, with every fdatasync deferred to one at the end, renamed over the output
+/// only once complete and durable — so no crash leaves a half-written image under the
+/// output's name, and the import pays one fdatasync instead of several per layer.
+struct Output {
+    storage: Arc<DeferredSync>,
+    temp: PathBuf,
+    output: PathBuf,
+    /// An existing output file, locked so no other process uses it while it is
+    /// replaced (as `Image::create` refuses a file in use).
+    _existing: Option<FileStorage>,
+}
+
+impl Output {
+    fn create(output: &Path) -> Result<Output> {
+        let name = output.display().to_string();
+        let existing = if output.exists() {
+            let mode = OpenMode::read_write().with_lock(LockMode::Exclusive);
+            Some(FileStorage::open(output, mode).map_err(|e| crate::image::open_error(&name, e))?)
+        } else {
+            None
+        };
+        let file_name = output
+            .file_name()
+            .ok_or_else(|| Error::InvalidArgument(format!("{name}: not a file name")))?;
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(file_name);
+        temp_name.push(format!(".qcowx-import-{}", std::process::id()));
+        let temp = output.with_file_name(temp_name);
+        let storage = FileStorage::create(&temp, LockMode::Exclusive)
+            .map_err(|e| crate::image::open_error(&temp.display().to_string(), e))?;
+        Ok(Output {
+            storage: Arc::new(DeferredSync(storage)),
+            temp,
+            output: output.to_path_buf(),
+            _existing: existing,
+        })
+    }
+
+    /// After the import (`result`): one fdatasync and the rename, or the temporary file
+    /// removed.
+    fn finish(self, result: Result<ImportReport>) -> Result<ImportReport> {
+        let done = result.and_then(|report| {
+            let io = |op: &'static str, source| Error::Io {
+                file: self.output.display().to_string(),
+                op,
+                offset: 0,
+                source,
+            };
+            self.storage.0.sync_data().map_err(|e| io("fdatasync", e))?;
+            std::fs::rename(&self.temp, &self.output).map_err(|e| io("rename", e))?;
+            // The rename itself is durable once the directory is.
+            let dir = self
+                .output
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("sync directory", e))?;
+            Ok(report)
+        });
+        if done.is_err() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+        done
+    }
+}
+
+/// A file whose fdatasyncs are deferred: each `sync_data` is a no-op; the owner makes
+/// one real fdatasync at the end.
+#[derive(Debug)]
+struct DeferredSync(FileStorage);
+
+impl Storage for DeferredSync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.punch_hole(offset, len)
+    }
+    fn path(&self) -> Option<&Path> {
+        self.0.path()
+    }
+    fn release(&self) -> std::io::Result<()> {
+        self.0.release()
+    }
+}
+
+/// Copies every layer into `out`, bottom first, a snapshot after each but the top.
+fn copy_layers(
+    chain: &[ChainLayer],
+    readers: &[LayerReader],
+    plans: &[Vec<Extent>],
+    total: u64,
+    out: &Output,
+    opts: &CreateOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ImportReport> {
+    let img = Image::create_in(out.storage.clone(), opts)?;
     let cs = img.cluster_size();
     let paths: Vec<&Path> = chain.iter().map(|l| l.path.as_path()).collect();
     let names = snapshot_names(&paths[..paths.len() - 1]);
@@ -284,7 +401,7 @@ pub fn import_chain(
     let mut done = 0u64;
     let mut buf: Vec<u8> = Vec::new();
     progress(0, total);
-    for (i, ((layer, reader), plan)) in chain.iter().zip(&readers).zip(&plans).enumerate() {
+    for (i, ((layer, reader), plan)) in chain.iter().zip(readers).zip(plans).enumerate() {
         if layer.virtual_size > img.size() {
             img.resize(layer.virtual_size)?;
         }
