@@ -3,34 +3,16 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::{Pause, Stopped};
+use common::{qemu_check_clean, Pause, Stopped};
 use qcowx_core::crashsim::Rng;
 use qcowx_core::storage::{FileStorage, Storage};
 use qcowx_core::{CreateOptions, Image, LockMode, OpenOptions};
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img not found: install qemu-utils (scripts/test does)")
-}
-
-fn qemu_check_clean(path: &std::path::Path) {
-    let out = qemu_img(&["check", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "qemu-img check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn fill(seed: u8, len: u64) -> Vec<u8> {
     (0..len).map(|i| seed ^ (i / 512) as u8 | 1).collect()

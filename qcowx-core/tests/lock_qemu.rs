@@ -3,6 +3,8 @@
 //! Every test prints a message and passes without checking anything when the QEMU tools
 //! are not installed.
 
+mod common;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -16,20 +18,10 @@ const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 const WAIT_LIMIT: Duration = Duration::from_secs(20);
 
 /// Whether `qemu-img` and `qemu-io` can be run; prints why not otherwise.
-fn qemu_tools_available(test: &str) -> bool {
-    for tool in ["qemu-img", "qemu-io"] {
-        let ok = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ok {
-            println!("skipping {test}: {tool} is not installed");
-            return false;
-        }
-    }
+/// The oracles must be there: a missing tool fails the test (naming its package).
+fn qemu_tools_available(_test: &str) -> bool {
+    common::require_tool("qemu-img");
+    common::require_tool("qemu-io");
     true
 }
 

@@ -3,24 +3,10 @@
 use std::process::Command;
 use std::sync::Arc;
 
+mod common;
+
+use common::{qemu_check_clean, qemu_img};
 use qcowx_core::{CreateOptions, Error, Image, RootKind};
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img not found: install qemu-utils (scripts/test does)")
-}
-
-fn qemu_check_clean(path: &std::path::Path) {
-    let out = qemu_img(&["check", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "qemu-img check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
