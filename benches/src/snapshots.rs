@@ -59,35 +59,7 @@ diff      opens FILE read-only and runs Image::diff FROM TO SAMPLES times; print
 /// operation at a time takes many minutes. The bytes written are the same; only
 /// durability between operations is given up, and [`Unsynced::finish`] makes
 /// everything durable at the end.
-#[derive(Debug)]
-pub struct NoSync(pub FileStorage);
-
-impl Storage for NoSync {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.punch_hole(offset, len)
-    }
-    fn path(&self) -> Option<&Path> {
-        self.0.path()
-    }
-    fn release(&self) -> std::io::Result<()> {
-        self.0.release()
-    }
-}
+pub use qcowx_core::storage::DeferredSync as NoSync;
 
 /// An image opened for writing on [`NoSync`] storage.
 #[derive(Debug)]

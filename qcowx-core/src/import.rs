@@ -52,7 +52,7 @@ use crate::convert::COPY_CHUNK;
 use crate::error::{Error, Result};
 use crate::image::{CreateOptions, Extent, ExtentStatus, Image, OpenOptions};
 use crate::lock::LockMode;
-use crate::storage::{FileStorage, OpenMode, Storage};
+use crate::storage::{DeferredSync, FileStorage, OpenMode, Storage};
 use crate::vdi::{DEFAULT_VDI, MAX_NAME_LEN};
 
 /// How much of a layer one block-status call covers.
@@ -348,38 +348,6 @@ impl Output {
             let _ = std::fs::remove_file(&self.temp);
         }
         done
-    }
-}
-
-/// A file whose fdatasyncs are deferred: each `sync_data` is a no-op; the owner makes
-/// one real fdatasync at the end.
-#[derive(Debug)]
-struct DeferredSync(FileStorage);
-
-impl Storage for DeferredSync {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.punch_hole(offset, len)
-    }
-    fn path(&self) -> Option<&Path> {
-        self.0.path()
-    }
-    fn release(&self) -> std::io::Result<()> {
-        self.0.release()
     }
 }
 

@@ -548,6 +548,39 @@ impl Storage for MemStorage {
     }
 }
 
+/// A file whose fdatasyncs are deferred: each `sync_data` is a no-op; the owner makes
+/// one real fdatasync at the end (through the inner [`FileStorage`]). For files that
+/// are useless until complete: an import's output, benchmark fixtures.
+#[derive(Debug)]
+pub struct DeferredSync(pub FileStorage);
+
+impl Storage for DeferredSync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.punch_hole(offset, len)
+    }
+    fn path(&self) -> Option<&Path> {
+        self.0.path()
+    }
+    fn release(&self) -> io::Result<()> {
+        self.0.release()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
