@@ -74,20 +74,16 @@ impl Unsynced {
     /// `fdatasync` on the real file.
     pub fn finish(self) -> qcowx_core::Result<()> {
         self.image.close()?;
-        self.storage
-            .0
-            .sync_data()
-            .map_err(|e| qcowx_core::Error::Io {
-                file: self
-                    .storage
-                    .0
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                op: "fdatasync",
-                offset: 0,
-                source: e,
-            })
+        self.storage.sync_now().map_err(|e| qcowx_core::Error::Io {
+            file: self
+                .storage
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            op: "fdatasync",
+            offset: 0,
+            source: e,
+        })
     }
 }
 
@@ -101,7 +97,7 @@ pub fn open_unsynced(path: &Path) -> qcowx_core::Result<Unsynced> {
             offset: 0,
             source: e.into(),
         })?;
-    let storage = Arc::new(NoSync(file));
+    let storage = Arc::new(NoSync::new(file));
     let dynamic: Arc<dyn Storage> = storage.clone();
     let image = Image::from_storage(dynamic, &OpenOptions::new().write(true))?;
     Ok(Unsynced { image, storage })

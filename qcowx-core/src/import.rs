@@ -314,7 +314,7 @@ impl Output {
         let storage = FileStorage::create(&temp, LockMode::Exclusive)
             .map_err(|e| crate::image::open_error(&temp.display().to_string(), e))?;
         Ok(Output {
-            storage: Arc::new(DeferredSync(storage)),
+            storage: Arc::new(DeferredSync::new(storage)),
             temp,
             output: output.to_path_buf(),
             _existing: existing,
@@ -331,7 +331,7 @@ impl Output {
                 offset: 0,
                 source,
             };
-            self.storage.0.sync_data().map_err(|e| io("fdatasync", e))?;
+            self.storage.sync_now().map_err(|e| io("fdatasync", e))?;
             std::fs::rename(&self.temp, &self.output).map_err(|e| io("rename", e))?;
             // The rename itself is durable once the directory is.
             let dir = self

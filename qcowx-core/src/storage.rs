@@ -549,35 +549,94 @@ impl Storage for MemStorage {
 }
 
 /// A file whose fdatasyncs are deferred: each `sync_data` is a no-op; the owner makes
-/// one real fdatasync at the end (through the inner [`FileStorage`]). For files that
-/// are useless until complete: an import's output, benchmark fixtures.
+/// one real fdatasync at the end ([`DeferredSync::sync_now`]). For files that are
+/// useless until complete: an import's output, benchmark fixtures.
+///
+/// So that the final fdatasync does not wait for every byte at once, writeback is
+/// started in the background (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not
+/// wait for the disk) each time [`WRITE_BEHIND_BYTES`] more have been written: the disk
+/// writes while the owner goes on copying.
 #[derive(Debug)]
-pub struct DeferredSync(pub FileStorage);
+pub struct DeferredSync {
+    file: FileStorage,
+    /// Bytes written since writeback was last started.
+    pending: std::sync::atomic::AtomicU64,
+}
+
+/// Bytes a [`DeferredSync`] file takes between two starts of background writeback.
+pub const WRITE_BEHIND_BYTES: u64 = 16 << 20;
+
+impl DeferredSync {
+    /// Wraps `file`; nothing is written or synced until the owner does.
+    pub fn new(file: FileStorage) -> DeferredSync {
+        DeferredSync {
+            file,
+            pending: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The real fdatasync the deferred ones stand for.
+    pub fn sync_now(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Starts writeback of the whole file's dirty pages without waiting for it. A
+    /// failure here only loses the overlap: `sync_now` reports any write error.
+    fn start_writeback(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor this storage owns; no memory is
+        // passed.
+        unsafe {
+            libc::sync_file_range(
+                self.file.file.as_raw_fd(),
+                0,
+                0,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+}
 
 impl Storage for DeferredSync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.0.read_at(buf, offset)
+        self.file.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_at(buf, offset)
+        use std::sync::atomic::Ordering;
+        self.file.write_at(buf, offset)?;
+        let before = self.pending.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if before + buf.len() as u64 >= WRITE_BEHIND_BYTES
+            && self
+                .pending
+                .compare_exchange(
+                    before + buf.len() as u64,
+                    0,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            self.start_writeback();
+        }
+        Ok(())
     }
     fn len(&self) -> io::Result<u64> {
-        self.0.len()
+        self.file.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
     fn sync_data(&self) -> io::Result<()> {
         Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.punch_hole(offset, len)
+        self.file.punch_hole(offset, len)
     }
     fn path(&self) -> Option<&Path> {
-        self.0.path()
+        self.file.path()
     }
     fn release(&self) -> io::Result<()> {
-        self.0.release()
+        self.file.release()
     }
 }
 
@@ -663,6 +722,28 @@ mod tests {
         assert_eq!(s.len().unwrap(), 1 << 16);
         assert!(s.write_at(b"x", 0).is_err());
         assert!(s.file().metadata().unwrap().is_file());
+    }
+
+    #[test]
+    fn deferred_sync_starts_writeback_as_it_goes() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let s =
+            DeferredSync::new(FileStorage::create(dir.path().join("img"), LockMode::None).unwrap());
+        exercise(&s);
+        let chunk = vec![0x5au8; 1 << 20];
+        let n = 2 * WRITE_BEHIND_BYTES / chunk.len() as u64 + 3;
+        for i in 0..n {
+            s.write_at(&chunk, i * chunk.len() as u64).unwrap();
+            // Writeback was started (and the count reset) each time it reached the bound.
+            assert!(s.pending.load(Ordering::Relaxed) < WRITE_BEHIND_BYTES);
+        }
+        assert_eq!(s.pending.load(Ordering::Relaxed), 3 << 20);
+        s.sync_data().unwrap();
+        s.sync_now().unwrap();
+        let mut back = vec![0u8; chunk.len()];
+        s.read_at(&mut back, (n - 1) * chunk.len() as u64).unwrap();
+        assert_eq!(back, chunk);
     }
 
     #[test]
