@@ -487,7 +487,7 @@ print("ok")
 }
 
 /// `qcowx io` and `qcowx create` on a full file system fail with a message naming
-/// the file, the offset and the cause.
+/// the file, the offset and the cause; the failed create leaves no file.
 #[test]
 fn the_cli_reports_enospc_with_the_file_and_offset() {
     let fs = SmallFs::new(4);
@@ -534,6 +534,10 @@ fn the_cli_reports_enospc_with_the_file_and_offset() {
         stderr.contains(&other.display().to_string()) && stderr.contains("No space left on device"),
         "qcowx create: {}",
         describe(&out)
+    );
+    assert!(
+        !other.exists(),
+        "a failed create leaves no partial image behind"
     );
     std::fs::remove_file(&filler).expect("remove the filler");
     assert_qemu_check_clean(&image);

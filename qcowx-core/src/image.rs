@@ -549,7 +549,12 @@ impl Image {
         let (header, layout) = plan_create(path, opts)?;
         let storage =
             FileStorage::create(path, LockMode::Exclusive).map_err(|e| open_error(&name, e))?;
-        write_new_image(&storage, &name, &header, &layout)?;
+        if let Err(e) = write_new_image(&storage, &name, &header, &layout) {
+            // A half-written image is no image (a full disk, say): leave no file that
+            // looks like one. The lock is still held, so the file is still ours.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         // Open through the same locked file: no window where another process could
         // take the image between creating and opening it.
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
