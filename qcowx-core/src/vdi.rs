@@ -709,14 +709,24 @@ impl Image {
             at
         };
         self.sync()?;
+        let before = (st.header.snapshots_offset, st.table_capacity);
         st.header.nb_snapshots += 1;
         st.header.snapshots_offset = offset;
         st.snapshots.push(entry);
         st.records.push(rec);
         let i = st.snapshots.len() - 1;
         st.index.on_append(&st.snapshots, &st.records, i);
-        self.write_header_fields(st)?;
-        self.sync()
+        let committed = self.write_header_fields(st).and_then(|_| self.sync());
+        if committed.is_err() {
+            // The commit failed: the entry does not count. The state goes back to the
+            // table the file had, so no later header write (a close) commits it.
+            st.header.nb_snapshots -= 1;
+            (st.header.snapshots_offset, st.table_capacity) = before;
+            st.snapshots.pop();
+            st.records.pop();
+            st.index = Index::build(&st.snapshots, &st.records);
+        }
+        committed
     }
 
     /// Rewrites the flags of entry `i` in place: one aligned 8-byte write (flags and
@@ -974,9 +984,10 @@ impl Image {
     }
 
     /// Commits `snapshots` (with their `records`) as the new snapshot table. The state
-    /// takes them only once the new table is durable: if writing it fails, the state
-    /// still describes the file, so a later header write (a close) cannot commit
-    /// entries the file's table lacks, nor count references it does not hold.
+    /// keeps them only once the header points at the new table, durably: if writing
+    /// the table or the header fails, the state still describes the file's old table,
+    /// so a later header write (a close) cannot commit a change reported as failed,
+    /// nor entries the file's table lacks, nor count references it does not hold.
     pub(crate) fn replace_table(
         &self,
         st: &mut State,
@@ -984,9 +995,25 @@ impl Image {
         records: Vec<Record>,
     ) -> Result<()> {
         let (offset, capacity) = self.write_table(st, &snapshots)?;
-        st.snapshots = snapshots;
-        st.records = records;
-        self.switch_table(st, offset, capacity)
+        let old_snapshots = std::mem::replace(&mut st.snapshots, snapshots);
+        let old_records = std::mem::replace(&mut st.records, records);
+        let old_place = (
+            st.header.nb_snapshots,
+            st.header.snapshots_offset,
+            st.table_capacity,
+        );
+        let committed = self.switch_table(st, offset, capacity);
+        if committed.is_err() {
+            st.snapshots = old_snapshots;
+            st.records = old_records;
+            (
+                st.header.nb_snapshots,
+                st.header.snapshots_offset,
+                st.table_capacity,
+            ) = old_place;
+            st.index = Index::build(&st.snapshots, &st.records);
+        }
+        committed
     }
 
     /// Writes `entries` to new clusters, synced;

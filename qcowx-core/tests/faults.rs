@@ -1150,3 +1150,97 @@ fn gc_failing_at_each_write_and_sync_leaves_a_consistent_image() {
         }
     }
 }
+
+// ---- a failed commit of the snapshot table ------------------------------------------------------
+
+/// The names of the image's roots, in table order.
+fn root_names(img: &Image) -> Vec<String> {
+    img.list()
+        .expect("list")
+        .into_iter()
+        .map(|r| r.name)
+        .collect()
+}
+
+/// A change of the snapshot table (a new snapshot, a delete, a rename) whose header
+/// write fails did not happen: the handle lists the roots it had, a close commits
+/// those, and the same change succeeds on the same handle once the disk works.
+#[test]
+fn a_table_change_whose_header_write_fails_does_not_happen() {
+    type Change = fn(&Image) -> qcowx_core::Result<()>;
+    let changes: [(&str, Change); 3] = [
+        ("snapshot", |img| img.snapshot("default", "s3").map(|_| ())),
+        ("delete", |img| img.delete_snapshot("s1")),
+        ("rename", |img| {
+            img.rename(qcowx_core::RootKind::Snapshot, "s1", "renamed")
+        }),
+    ];
+    let mem = Arc::new(MemStorage::new());
+    let img = Image::create_in(mem.clone(), &CreateOptions::new(SIZE)).expect("create");
+    img.write_at(&data(1, 0, CS), 0).expect("write");
+    img.snapshot("default", "s1").expect("s1");
+    img.snapshot("default", "s2").expect("s2");
+    img.close().expect("close");
+    drop(img);
+    let start = mem.to_vec();
+    for (what, change) in changes {
+        // The commit is the change's last header write (an earlier one may set the
+        // dirty bit): found by failing the 1st, 2nd, ... write after the open.
+        let fail_write = |k: u64| {
+            let storage = Arc::new(Faulty::from_vec(start.clone()));
+            let img = Image::from_storage(storage.clone(), &rw()).expect("open");
+            let before = root_names(&img);
+            let (writes, _) = storage.counts();
+            storage.set_rule(Some(Rule {
+                kind: Kind::Write,
+                index: writes + k,
+                sticky: false,
+                errno: libc::EIO,
+            }));
+            let result = change(&img);
+            (storage, img, before, result)
+        };
+        let commit = (1..=32)
+            .map_while(|k| {
+                let (_, _, _, result) = fail_write(k);
+                result.err().map(|e| (k, io_op(&e)))
+            })
+            .filter(|(_, op)| op == "write header")
+            .map(|(k, _)| k)
+            .last()
+            .unwrap_or_else(|| panic!("{what}: no header write among its first 32 writes"));
+
+        let (storage, img, before, result) = fail_write(commit);
+        let e = result.expect_err("the commit's write fails");
+        assert_eq!(os_error(&e), Some(libc::EIO), "{what}: {e}");
+        assert_eq!(root_names(&img), before, "{what}: the failed change shows");
+        img.close().expect("close after the failed change");
+        let bytes = storage.inner.to_vec();
+        let reopened = Image::from_storage(
+            Arc::new(MemStorage::from_vec(bytes.clone())),
+            &OpenOptions::new(),
+        )
+        .expect("reopen");
+        assert_eq!(
+            root_names(&reopened),
+            before,
+            "{what}: the close committed the failed change"
+        );
+        assert_eq!(reopened.check().expect("check").corruptions, 0, "{what}");
+        assert_qemu_check_clean(&bytes, what);
+
+        // The same handle makes the change once the disk works again.
+        let (storage, img, before, result) = fail_write(commit);
+        assert!(result.is_err(), "{what}: the same write fails again");
+        change(&img).unwrap_or_else(|e| panic!("{what} once the disk works: {e}"));
+        let after = root_names(&img);
+        assert_ne!(after, before, "{what}: the change took effect");
+        img.close().expect("close");
+        let reopened = Image::from_storage(
+            Arc::new(MemStorage::from_vec(storage.inner.to_vec())),
+            &OpenOptions::new(),
+        )
+        .expect("reopen");
+        assert_eq!(root_names(&reopened), after, "{what}: committed once");
+    }
+}
