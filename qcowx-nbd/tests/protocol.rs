@@ -31,7 +31,12 @@ struct TestServer {
 
 impl TestServer {
     fn start(settings: Settings, max_clients: usize) -> TestServer {
-        let img = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(SIZE))
+        TestServer::start_sized(SIZE, settings, max_clients)
+    }
+
+    /// A server of a `size`-byte disk: [64K, 128K) holds 0x5a, the rest is unallocated.
+    fn start_sized(size: u64, settings: Settings, max_clients: usize) -> TestServer {
+        let img = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(size))
             .expect("create image");
         img.write_at(&[0x5a; 65536], 65536).expect("write");
         let image = Arc::new(img);
@@ -582,6 +587,57 @@ fn structured_reads_send_holes_data_and_errors() {
         assert_eq!(p.len(), 12);
         assert_eq!(be_u32(&p[4..]), 4096);
     }
+    srv.stop();
+}
+
+/// One block-status request describes at most `MAX_STATUS_QUERY` bytes (a reply may
+/// be shorter than asked, never longer); the client goes on from where it ended.
+#[test]
+fn block_status_replies_stop_at_the_query_limit() {
+    use qcowx_nbd::transmission::MAX_STATUS_QUERY;
+    let size = 4 * MAX_STATUS_QUERY;
+    let srv = TestServer::start_sized(size, Settings::default(), 0);
+    srv.image
+        .write_at(&[0x66; 65536], 2 * MAX_STATUS_QUERY + 65536)
+        .expect("write far out");
+    let mut c = srv.client();
+    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
+    assert_eq!(
+        c.final_kind(OPT_SET_META_CONTEXT, &meta_data("", &["base:allocation"])),
+        REP_ACK
+    );
+    c.go("");
+    // Ask for 3 GiB at a time; every reply must stop within the limit.
+    let ask = 3 * MAX_STATUS_QUERY as u32;
+    let (mut offset, mut data_at) = (0u64, Vec::new());
+    for cookie in 1..=16 {
+        if offset >= size {
+            break;
+        }
+        let len = (size - offset).min(u64::from(ask)) as u32;
+        c.request(0, CMD_BLOCK_STATUS, cookie, offset, len, &[]);
+        let ch = c.chunks(cookie);
+        assert_eq!(ch.len(), 1, "one context, one chunk");
+        let descs: Vec<(u64, u32)> = ch[0].1[4..]
+            .chunks(8)
+            .map(|d| (u64::from(be_u32(d)), be_u32(&d[4..])))
+            .collect();
+        let covered: u64 = descs.iter().map(|d| d.0).sum();
+        assert!(
+            covered > 0 && covered <= MAX_STATUS_QUERY,
+            "reply at {offset:#x} covers {covered:#x} bytes"
+        );
+        let mut at = offset;
+        for (n, flags) in descs {
+            if flags & STATE_HOLE == 0 {
+                data_at.push(at);
+            }
+            at += n;
+        }
+        offset += covered;
+    }
+    assert_eq!(offset, size, "the whole disk was described");
+    assert_eq!(data_at, vec![65536, 2 * MAX_STATUS_QUERY + 65536]);
     srv.stop();
 }
 
