@@ -915,3 +915,82 @@ fn l2_cache_holds_its_capacity_and_not_one_table_more() {
     let ev = c.insert(4, vec![4], true).expect("a dirty table evicted");
     assert_eq!(ev.offset, 0, "the least recently used one");
 }
+
+// ---- check report ---------------------------------------------------------------------------
+
+/// A check lists at most `MAX_MESSAGES` problems, and counts every one: 1,500 L2
+/// entries pointing past the end of the file are 1,500 corruptions, 1,000 messages.
+#[test]
+fn a_check_describes_at_most_max_messages_problems_and_counts_them_all() {
+    use qcowx_core::refcount::MAX_MESSAGES;
+    const CS: u64 = 4096;
+    let bad = MAX_MESSAGES as u64 * 3 / 2;
+    let mem = Arc::new(MemStorage::new());
+    let mut opts = CreateOptions::new(bad * CS);
+    opts.cluster_size = CS;
+    let img = Image::create_in(mem.clone(), &opts).expect("create");
+    for k in 0..bad {
+        img.write_at(&[0x11; 512], k * CS).expect("write");
+    }
+    img.close().expect("close");
+    drop(img);
+    let mut bytes = mem.to_vec();
+    let file_len = bytes.len() as u64;
+    let be64 =
+        |b: &[u8], at: u64| u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().unwrap());
+    // Every L1 entry's L2 table: its used entries get a host offset past the file's end.
+    let (l1_at, l1_len) = (
+        be64(&bytes, 40),
+        u64::from(u32::from_be_bytes(bytes[36..40].try_into().unwrap())),
+    );
+    let mut patched = 0u64;
+    for i in 0..l1_len {
+        let l2 = be64(&bytes, l1_at + i * 8) & 0x00ff_ffff_ffff_fe00;
+        if l2 == 0 {
+            continue;
+        }
+        for j in 0..CS / 8 {
+            let at = l2 + j * 8;
+            let word = be64(&bytes, at);
+            if word & 0x00ff_ffff_ffff_fe00 != 0 && patched < bad {
+                let far = (word & !0x00ff_ffff_ffff_fe00)
+                    | ((file_len + (j + 1) * CS) & 0x00ff_ffff_ffff_fe00);
+                bytes[at as usize..at as usize + 8].copy_from_slice(&far.to_be_bytes());
+                patched += 1;
+            }
+        }
+    }
+    assert_eq!(patched, bad, "every written cluster's L2 entry was patched");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.qcow2");
+    std::fs::write(&path, &bytes).expect("write image");
+    let img = Image::from_storage(Arc::new(MemStorage::from_vec(bytes)), &OpenOptions::new())
+        .expect("open read-only");
+    let report = img.check().expect("check");
+    // Each patched entry is past the end of the file and, flagged COPIED, points at a
+    // cluster whose refcount is 0: two corruptions, as qemu-img check counts them.
+    let out = qemu_img()
+        .args(["check", "-f", "qcow2"])
+        .arg(&path)
+        .output()
+        .expect("qemu-img check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let qemu_errors: u64 = text
+        .lines()
+        .find_map(|l| l.strip_suffix(" errors were found on the image."))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("qemu-img check output: {text}"));
+    assert!(report.corruptions >= bad, "every bad entry counted");
+    assert_eq!(report.corruptions, qemu_errors, "qemu-img check:\n{text}");
+    assert_eq!(
+        report.messages.len(),
+        MAX_MESSAGES,
+        "the first MAX_MESSAGES described"
+    );
+    assert!(
+        report.messages[0].contains("past the end of the file"),
+        "{}",
+        report.messages[0]
+    );
+    assert_eq!(report.exit_code(), 2);
+}
