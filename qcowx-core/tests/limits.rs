@@ -994,3 +994,40 @@ fn a_check_describes_at_most_max_messages_problems_and_counts_them_all() {
     );
     assert_eq!(report.exit_code(), 2);
 }
+
+// ---- header extensions -------------------------------------------------------------------------
+
+/// 4,096 header extensions parse; a 4,097th is refused with an error naming it.
+#[test]
+fn at_most_4096_header_extensions() {
+    use qcowx_core::extensions::{Extension, Extensions};
+    let area = |n: u32| {
+        let mut out = Vec::new();
+        for i in 0..n {
+            // Unknown types, kept as they are; a little data each.
+            Extension {
+                kind: 0x7100_0000 + i,
+                data: i.to_be_bytes().to_vec(),
+            }
+            .write_to(&mut out);
+        }
+        Extension::end().write_to(&mut out);
+        out
+    };
+    let at_limit = area(4096);
+    let parsed = Extensions::parse(&at_limit, 0, at_limit.len() as u64).expect("4,096 parse");
+    assert_eq!(parsed.iter().count(), 4096);
+    assert_eq!(
+        parsed.get(0x7100_0000 + 4095).map(|e| e.data.clone()),
+        Some(4095u32.to_be_bytes().to_vec())
+    );
+    let past = area(4097);
+    match Extensions::parse(&past, 0, past.len() as u64) {
+        Err(HeaderError::Extension { kind, offset, why }) => {
+            assert_eq!(kind, 0x7100_0000 + 4096);
+            assert_eq!(offset, 4096 * 16, "the 4,097th extension's offset");
+            assert!(why.contains("too many"), "{why}");
+        }
+        other => panic!("4,097 extensions: {other:?}"),
+    }
+}
