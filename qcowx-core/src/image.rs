@@ -6,6 +6,7 @@
 //! reads and in-place data writes happen outside it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -22,7 +23,7 @@ use crate::header::{
 use crate::lock::LockMode;
 use crate::refcount;
 use crate::snapshot::{self, SnapshotEntry};
-use crate::storage::{FileStorage, OpenMode, Storage};
+use crate::storage::{self, FileStorage, OpenMode, Storage};
 use crate::tables::{
     decode_words, encode_words, for_each_piece, ClusterKind, Geometry, L1Entry, L2Entry, Source,
     WRITABLE, ZERO,
@@ -296,6 +297,9 @@ pub struct Image {
     /// go on. Lock order: `structure`, then `state`, then `io_gate`.
     structure: Mutex<()>,
 }
+
+/// Zeros lent by [`Image::read_mapped`] for clusters that read as zeros.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// A piece of a request: `len` guest bytes at `guest` come from `src`.
 #[derive(Debug, Clone, Copy)]
@@ -1018,6 +1022,84 @@ impl Image {
             (pieces, self.gate_read())
         };
         self.read_pieces(&pieces, offset, buf)
+    }
+
+    /// Reads `len` bytes of the disk at `offset` without copying them: `f` gets them,
+    /// in order, as slices of the image file's mapping (and of a zero buffer where
+    /// clusters read as zeros), while no cluster they come from can be freed, reused
+    /// or cut off the file.
+    ///
+    /// Returns `Ok(None)` without calling `f` when the bytes cannot be lent cheaply:
+    /// the storage cannot map its file, a cluster is compressed or comes from a
+    /// backing file, or a page is not in the page cache (`f` would wait for the disk
+    /// while holding up the image). [`Image::read_at`] reads those.
+    ///
+    /// `f` runs under the image's I/O gate, which cluster frees wait for: it must not
+    /// call into this image, and must not wait long — a socket send has to be bounded
+    /// by a deadline, not left to a peer that may never read.
+    pub fn read_mapped<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[IoSlice<'_>]) -> R,
+    ) -> Result<Option<R>> {
+        self.read_root_mapped(DEFAULT_ROOT, offset, len, f)
+    }
+
+    pub(crate) fn read_root_mapped<R>(
+        &self,
+        root: RootId,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[IoSlice<'_>]) -> R,
+    ) -> Result<Option<R>> {
+        let (pieces, _gate) = {
+            let mut st = self.lock_state()?;
+            self.check_range(&st, root, offset, len)?;
+            let pieces = self.plan(&mut st, root, offset, len)?;
+            (pieces, self.gate_read())
+        };
+        let mut end = 0u64;
+        for p in &pieces {
+            match p.src {
+                Source::Host(h) => match h.checked_add(p.len) {
+                    Some(e) => end = end.max(e),
+                    None => return Ok(None),
+                },
+                Source::Zero => {}
+                Source::Backing if self.backing.is_none() => {}
+                Source::Backing | Source::Compressed { .. } => return Ok(None),
+            }
+        }
+        let map = match end {
+            0 => None,
+            _ => match self.storage.mapping(end) {
+                Some(m) => Some(m),
+                None => return Ok(None),
+            },
+        };
+        let mut slices = Vec::with_capacity(pieces.len());
+        for p in &pieces {
+            match (p.src, &map) {
+                (Source::Host(h), Some(m)) => {
+                    // Below `end`, which the mapping and the file both cover.
+                    let (h, l) = (h as usize, p.len as usize);
+                    if !storage::resident(m, h, l) {
+                        return Ok(None);
+                    }
+                    slices.push(IoSlice::new(&m[h..h + l]));
+                }
+                _ => {
+                    let mut left = p.len as usize;
+                    while left > 0 {
+                        let n = left.min(ZEROS.len());
+                        slices.push(IoSlice::new(&ZEROS[..n]));
+                        left -= n;
+                    }
+                }
+            }
+        }
+        Ok(Some(f(&slices)))
     }
 
     /// Writes `buf` to the disk at `offset`.

@@ -904,6 +904,9 @@ pub(crate) fn rebuild_with(img: &Image, st: &mut State, s: Scan) -> Result<Vec<u
 
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
     if file_len > new_end * cs {
+        // The file only shrinks while no data I/O is in flight: a mapped read
+        // (`Image::read_mapped`) must never see its bytes cut off under it.
+        let _gate = img.io_gate_write();
         img.storage
             .set_len(new_end * cs)
             .map_err(|e| img.io_err("truncate", new_end * cs, e))?;

@@ -12,7 +12,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use memmap2::Mmap;
 
 use thiserror::Error;
 
@@ -43,6 +45,41 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn release(&self) -> io::Result<()> {
         Ok(())
     }
+    /// A read-only shared mapping of the file covering at least `[0, end)`, if this
+    /// storage can map its file and the file is at least `end` bytes long now.
+    ///
+    /// A mapping only stays safe to read below the file's length: the image never
+    /// shrinks its file while data I/O holds the image's I/O gate, and callers read a
+    /// mapping only under that gate (see `Image::read_mapped`).
+    fn mapping(&self, _end: u64) -> Option<Arc<Mmap>> {
+        None
+    }
+}
+
+/// Whether every page under `map[offset..offset + len]` is in the page cache now, so
+/// reading it will not wait for the disk (`mincore`). False if the range is outside
+/// the mapping.
+pub fn resident(map: &Mmap, offset: usize, len: usize) -> bool {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let Some(end) = offset.checked_add(len).filter(|&e| e <= map.len()) else {
+        return false;
+    };
+    if len == 0 {
+        return true;
+    }
+    let start = offset - offset % page;
+    let mut vec = vec![0u8; (end - start).div_ceil(page)];
+    // SAFETY: `[start, end)` lies inside the mapping (checked above) and starts on a
+    // page boundary (the mapping does); `vec` has one byte per page of it.
+    let r = unsafe {
+        libc::mincore(
+            map.as_ptr().add(start) as *mut libc::c_void,
+            end - start,
+            vec.as_mut_ptr(),
+        )
+    };
+    r == 0 && vec.iter().all(|v| v & 1 == 1)
 }
 
 /// Size of the zero-filled chunks written when a hole cannot be punched.
@@ -175,6 +212,9 @@ pub struct FileStorage {
     path: PathBuf,
     writable: bool,
     lock: LockMode,
+    /// The newest mapping of the file (see [`Storage::mapping`]); replaced by a
+    /// larger one when a read needs bytes past its end.
+    map: Mutex<Option<Arc<Mmap>>>,
 }
 
 impl FileStorage {
@@ -195,6 +235,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             writable: mode.writable,
             lock: mode.lock,
+            map: Mutex::new(None),
         };
         storage.take_lock()?;
         Ok(storage)
@@ -225,6 +266,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             writable: true,
             lock,
+            map: Mutex::new(None),
         };
         storage.take_lock()?;
         storage.file.set_len(0).map_err(io_err)?;
@@ -322,6 +364,31 @@ impl Storage for FileStorage {
 
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn mapping(&self, end: u64) -> Option<Arc<Mmap>> {
+        // Regular files only; one fstat per call keeps every byte handed out below
+        // the file's current end (past it, a mapping faults with SIGBUS).
+        let meta = self.file.metadata().ok()?;
+        if !meta.is_file() || end > meta.len() || usize::try_from(meta.len()).is_err() {
+            return None;
+        }
+        let mut slot = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = slot.as_ref().filter(|m| m.len() as u64 >= end) {
+            return Some(Arc::clone(m));
+        }
+        // SAFETY: the mapping is read-only and shared. Its bytes can change under a
+        // reader (other writes to the file), which only changes what a racing read
+        // returns, as with pread; callers never read past the file's length (checked
+        // above, and the image does not shrink its file while a mapped read holds
+        // its I/O gate). Readers that outlive a remap keep the old mapping alive
+        // through their Arc.
+        let map = Arc::new(unsafe { Mmap::map(&self.file) }.ok()?);
+        if (map.len() as u64) < end {
+            return None;
+        }
+        *slot = Some(Arc::clone(&map));
+        Some(map)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {

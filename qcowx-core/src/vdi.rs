@@ -455,6 +455,16 @@ impl Disk {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.image.read_root(self.root, buf, offset)
     }
+    /// Lends `len` bytes at `offset` to `f` without copying them, or returns `None`
+    /// (see [`Image::read_mapped`]).
+    pub fn read_mapped<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[std::io::IoSlice<'_>]) -> R,
+    ) -> Result<Option<R>> {
+        self.image.read_root_mapped(self.root, offset, len, f)
+    }
     /// Writes `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.image.write_root(self.root, buf, offset)
