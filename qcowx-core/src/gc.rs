@@ -125,12 +125,12 @@ impl Image {
         let dead = refcount::scan_from(self, &start.removed, false, Source::File)?;
 
         let mut st = self.lock_state()?;
-        let _gate = self.io_gate_write();
+        let gate = self.io_gate_write();
         let st = &mut *st;
         let exact = st.generation() == start.generation;
         let free: Vec<u64> = if exact {
             // Nothing changed since the count: it is exact now.
-            let after = refcount::rebuild_with(self, st, live)?;
+            let after = refcount::rebuild_with(self, st, live, &gate)?;
             (1..after.len() as u64)
                 .filter(|&c| after[c as usize] == 0)
                 .collect()

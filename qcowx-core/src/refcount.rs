@@ -756,7 +756,8 @@ fn check_head(img: &Image, s: &mut Scan, label: &str, l1: &[u64], qemu_rules: bo
 pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
     give_up_table_room(img, st);
     let s = scan(img, st, false)?;
-    rebuild_with(img, st, s)
+    let gate = img.io_gate_write();
+    rebuild_with(img, st, s, &gate)
 }
 
 /// Gives up the spare room reserved after the snapshot table this session: a scan
@@ -771,7 +772,16 @@ pub(crate) fn give_up_table_room(img: &Image, st: &mut State) {
 
 /// [`rebuild`] from a scan of the current roots (refcount structures not counted)
 /// that the caller made after [`give_up_table_room`], with no change since.
-pub(crate) fn rebuild_with(img: &Image, st: &mut State, s: Scan) -> Result<Vec<u64>> {
+///
+/// The caller holds the I/O gate (`_gate`): the file only shrinks while no data
+/// I/O is in flight, so a mapped read (`Image::read_mapped`) never sees its bytes
+/// cut off under it.
+pub(crate) fn rebuild_with(
+    img: &Image,
+    st: &mut State,
+    s: Scan,
+    _gate: &std::sync::RwLockWriteGuard<'_, ()>,
+) -> Result<Vec<u64>> {
     let geo = img.geo;
     let cs = geo.cluster_size();
     if s.report.corruptions > 0 {
@@ -904,9 +914,6 @@ pub(crate) fn rebuild_with(img: &Image, st: &mut State, s: Scan) -> Result<Vec<u
 
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
     if file_len > new_end * cs {
-        // The file only shrinks while no data I/O is in flight: a mapped read
-        // (`Image::read_mapped`) must never see its bytes cut off under it.
-        let _gate = img.io_gate_write();
         img.storage
             .set_len(new_end * cs)
             .map_err(|e| img.io_err("truncate", new_end * cs, e))?;
