@@ -4,7 +4,9 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::transmission::ReplyWriter;
 
 /// A client connection.
 #[derive(Debug)]
@@ -119,5 +121,68 @@ impl Write for Socket {
             Socket::Tcp(s) => s.flush(),
             Socket::Unix(s) => s.flush(),
         }
+    }
+}
+
+/// The most buffers one `sendmsg` takes (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+impl ReplyWriter for Socket {
+    /// `sendmsg` with `MSG_DONTWAIT`, and `ppoll` for room until the deadline.
+    fn write_until(&mut self, bufs: &[io::IoSlice<'_>], deadline: Instant) -> io::Result<usize> {
+        let fd = self.as_raw_fd();
+        let mut owned = bufs.to_vec();
+        let mut rest = &mut owned[..];
+        // Advancing by 0 drops leading empty buffers.
+        io::IoSlice::advance_slices(&mut rest, 0);
+        let mut sent = 0usize;
+        while !rest.is_empty() {
+            let count = rest.len().min(IOV_MAX);
+            // SAFETY: an all-zero msghdr is valid; its iovec array points at `count`
+            // live IoSlices, which have the layout of `struct iovec` on Unix.
+            let n = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = rest.as_mut_ptr().cast::<libc::iovec>();
+                msg.msg_iovlen = count as _;
+                libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if n > 0 {
+                sent += n as usize;
+                io::IoSlice::advance_slices(&mut rest, n as usize);
+                continue;
+            }
+            if n == 0 {
+                // No progress on a stream socket: leave the rest to the caller.
+                break;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {}
+                _ => return Err(e),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ts = libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: left.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: one valid pollfd, a valid timespec, no signal mask.
+            let r = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(sent)
     }
 }

@@ -12,9 +12,14 @@
 //!
 //! The bounded pool of worker threads runs the other requests; each worker sends its
 //! whole reply under one writer lock, so replies go out in completion order
-//! (answered out of order, never interleaved mid-message). The reader stops taking
-//! requests for the workers while too many — or too many payload bytes — are in
-//! flight, which pushes back on the client through the socket. Reply buffers and
+//! (answered out of order, never interleaved mid-message). A large read whose data
+//! sits in the page cache goes from the image file's mapping straight into the
+//! socket ([`qcowx_core::Disk::read_mapped`]): one copy instead of two. The image
+//! cannot free clusters while their bytes are lent, so such a send waits at most
+//! [`LEND_WAIT`] for a slow client; what is left then is copied and sent after.
+//!
+//! The reader stops taking requests for the workers while too many — or too many
+//! payload bytes — are in flight, which pushes back on the client through the socket. Reply buffers and
 //! write payload buffers are reused, not allocated and zeroed per request.
 //!
 //! Every rule of the protocol about requests is checked before any I/O: unknown
@@ -27,7 +32,7 @@
 //! connection is closed). Write-zeroes, trim and cache carry no payload and are
 //! accepted at any length (real clients send them larger than the maximum).
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Condvar, Mutex};
@@ -60,6 +65,11 @@ pub const INLINE_MAX: u32 = 64 << 10;
 /// Small requests run on the reader thread while their smoothed service time stays
 /// below this (page-cache hits); above it they go to the workers.
 pub const INLINE_LIMIT: Duration = Duration::from_micros(50);
+
+/// The longest a send of data lent by the image's mapping waits for the client to
+/// make room; the image's cluster frees wait for it, so a client that stops reading
+/// must not hold them up for longer.
+pub const LEND_WAIT: Duration = Duration::from_millis(5);
 
 /// Size of the reader's input buffer: the most bytes one socket read takes in.
 const INPUT_BUFFER: usize = 256 << 10;
@@ -157,6 +167,33 @@ impl ReplyBuf {
 
     fn extend(&mut self, bytes: &[u8]) {
         self.grow(bytes.len()).copy_from_slice(bytes);
+    }
+
+    /// Drops the first `n` bytes (sent already).
+    fn consume_front(&mut self, n: usize) {
+        let n = n.min(self.used);
+        self.data.copy_within(n..self.used, 0);
+        self.used -= n;
+    }
+}
+
+/// Where a connection's replies go.
+pub trait ReplyWriter: Write + Send {
+    /// Writes a prefix of `bufs`, in order, waiting for the peer to make room only
+    /// until `deadline`; returns how many bytes went. The default writes nothing, so
+    /// every reply goes through [`Write`] (copied first).
+    fn write_until(&mut self, _bufs: &[IoSlice<'_>], _deadline: Instant) -> io::Result<usize> {
+        Ok(0)
+    }
+}
+
+impl ReplyWriter for Vec<u8> {}
+
+impl ReplyWriter for io::Sink {}
+
+impl<W: ReplyWriter + ?Sized> ReplyWriter for &mut W {
+    fn write_until(&mut self, bufs: &[IoSlice<'_>], deadline: Instant) -> io::Result<usize> {
+        (**self).write_until(bufs, deadline)
     }
 }
 
@@ -258,7 +295,7 @@ struct Conn<'a, W> {
 /// before this returns. `reader` needs no buffering of its own.
 ///
 /// `kill` must make blocked reads of `reader` return (for a socket: shut it down).
-pub fn serve<R: Read, W: Write + Send>(
+pub fn serve<R: Read, W: ReplyWriter>(
     reader: R,
     writer: W,
     negotiated: &Negotiated,
@@ -312,7 +349,7 @@ fn is_zero(buf: &[u8]) -> bool {
 /// The size of the fixed request header.
 const HEADER: usize = std::mem::size_of::<RequestHeader>();
 
-impl<W: Write + Send> Conn<'_, W> {
+impl<W: ReplyWriter> Conn<'_, W> {
     fn read_requests<R: Read>(&self, mut input: Input<R>, tx: &SyncSender<Request>) -> Result<()> {
         let mut out = ReplyBuf::default();
         let r = self.read_loop(&mut input, tx, &mut out);
@@ -491,6 +528,11 @@ impl<W: Write + Send> Conn<'_, W> {
             let cost = req.cost;
             let payload = req.payload.take();
             let small = matches!(req.command, CMD_READ | CMD_WRITE) && req.length <= INLINE_MAX;
+            if req.command == CMD_READ && req.length > INLINE_MAX {
+                self.read_and_send(&req, &mut out);
+                self.budget.release(cost);
+                continue;
+            }
             let t0 = Instant::now();
             self.handle(&req, payload.as_deref().unwrap_or_default(), &mut out);
             if small {
@@ -519,13 +561,78 @@ impl<W: Write + Send> Conn<'_, W> {
         }
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = w.write_all(bytes).and_then(|_| w.flush()) {
-            if !self.dead.swap(true, Ordering::SeqCst) {
-                if self.settings.verbose {
-                    eprintln!("qcowx-nbd: {}: cannot send reply: {e}", self.label);
+            self.broken(e);
+        }
+    }
+
+    /// A reply could not be sent: the connection is finished.
+    fn broken(&self, e: io::Error) {
+        if !self.dead.swap(true, Ordering::SeqCst) {
+            if self.settings.verbose {
+                eprintln!("qcowx-nbd: {}: cannot send reply: {e}", self.label);
+            }
+            (self.kill)();
+        }
+    }
+
+    /// Runs a read too large to run inline and sends its reply (`out` is empty and
+    /// left empty). Data runs the image can lend ([`qcowx_core::Disk::read_mapped`])
+    /// go from its mapping to the socket under the writer lock, taken before the
+    /// image's I/O gate (never the other way round: a worker waiting for the writer
+    /// must not hold up the image). If the first data run cannot be lent (not in the
+    /// page cache, compressed, ...) and nothing has been sent, the whole read runs as
+    /// any other request, its disk reads in parallel with other replies.
+    fn read_and_send(&self, req: &Request, out: &mut ReplyBuf) {
+        if let Err((errno, msg)) = self.check(req) {
+            self.error(out, req, errno, &msg);
+            self.send(out.bytes());
+            out.clear();
+            return;
+        }
+        let runs = self.read_runs(req);
+        if self.dead.load(Ordering::SeqCst) {
+            return;
+        }
+        let disk = &self.export.disk;
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sent = false;
+        let n = runs.len();
+        for (i, &(off, l, data)) in runs.iter().enumerate() {
+            let at = out.len();
+            self.read_header(out, req, i + 1 == n, off, l, data);
+            if !data {
+                continue;
+            }
+            match disk.read_mapped(off, l, |lent| lend(&mut *w, out, lent)) {
+                Ok(Some(Ok(went))) => sent |= went,
+                Ok(Some(Err(e))) => {
+                    out.clear();
+                    return self.broken(e);
                 }
-                (self.kill)();
+                Ok(None) if !sent => {
+                    drop(w);
+                    out.clear();
+                    self.read(req, out);
+                    self.send(out.bytes());
+                    out.clear();
+                    return;
+                }
+                Ok(None) => {
+                    if let Err(e) = disk.read_at(out.grow(l as usize), off) {
+                        self.read_failed(out, req, at, off, l, &e);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.read_failed(out, req, at, off, l, &e);
+                    break;
+                }
             }
         }
+        if let Err(e) = w.write_all(out.bytes()).and_then(|_| w.flush()) {
+            self.broken(e);
+        }
+        out.clear();
     }
 
     // ---- replies --------------------------------------------------------------------
@@ -799,70 +906,97 @@ impl<W: Write + Send> Conn<'_, W> {
     }
 
     fn read(&self, req: &Request, out: &mut ReplyBuf) {
-        let len = req.length as usize;
-        let disk = &self.export.disk;
-        let start = out.len();
-        if !self.structured {
-            out.extend(SimpleReply::new(req.cookie, 0).as_bytes());
-            if let Err(e) = disk.read_at(out.grow(len), req.offset) {
-                out.truncate(start);
-                self.image_error(out, req, &e, false);
-            }
-            return;
-        }
-        if len == 0 {
-            out.extend(
-                ChunkHeader::new(req.cookie, REPLY_TYPE_NONE, REPLY_FLAG_DONE, 0).as_bytes(),
-            );
-            return;
-        }
-        let whole = [(req.offset, len as u64, true)];
-        let runs;
-        let runs: &[(u64, u64, bool)] = if req.flags & CMD_FLAG_DF != 0 {
-            &whole
-        } else {
-            runs = match disk.block_status(req.offset, len as u64) {
-                Ok(ext) => read_runs(&ext, req.offset, len as u64),
-                Err(_) => whole.to_vec(),
-            };
-            &runs
-        };
+        let runs = self.read_runs(req);
         let n = runs.len();
         for (i, &(off, l, data)) in runs.iter().enumerate() {
-            let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+            let at = out.len();
+            self.read_header(out, req, i + 1 == n, off, l, data);
             if data {
-                let at = out.len();
-                out.extend(
-                    ChunkHeader::new(req.cookie, REPLY_TYPE_OFFSET_DATA, flags, 8 + l as u32)
-                        .as_bytes(),
-                );
-                out.extend(&off.to_be_bytes());
-                if let Err(e) = disk.read_at(out.grow(l as usize), off) {
-                    eprintln!(
-                        "qcowx-nbd: {}: READ offset {off} length {l} failed: {e}",
-                        self.label
-                    );
-                    out.truncate(at);
-                    Self::push_error_chunk(
-                        out,
-                        req.cookie,
-                        nbd_errno(&e, false),
-                        &e.to_string(),
-                        Some(off),
-                    );
-                    return;
+                if let Err(e) = self.export.disk.read_at(out.grow(l as usize), off) {
+                    return self.read_failed(out, req, at, off, l, &e);
                 }
-            } else {
-                out.extend(
-                    ChunkHeader::new(req.cookie, REPLY_TYPE_OFFSET_HOLE, flags, 12).as_bytes(),
-                );
-                let h = HolePayload {
-                    offset: off.into(),
-                    length: (l as u32).into(),
-                };
-                out.extend(h.as_bytes());
             }
         }
+    }
+
+    /// The runs a read reply is made of (`(offset, length, is_data)`): the whole
+    /// range as data for simple replies and `NBD_CMD_FLAG_DF`, else data and holes
+    /// as block status finds them (one zero-length data run for an empty read).
+    fn read_runs(&self, req: &Request) -> Vec<(u64, u64, bool)> {
+        let whole = vec![(req.offset, u64::from(req.length), true)];
+        if !self.structured || req.length == 0 || req.flags & CMD_FLAG_DF != 0 {
+            return whole;
+        }
+        match self
+            .export
+            .disk
+            .block_status(req.offset, u64::from(req.length))
+        {
+            Ok(ext) => read_runs(&ext, req.offset, u64::from(req.length)),
+            Err(_) => whole,
+        }
+    }
+
+    /// Appends what goes before the data of one run of a read reply: the simple
+    /// reply's header, or a data chunk's header and offset, or a whole hole chunk.
+    fn read_header(
+        &self,
+        out: &mut ReplyBuf,
+        req: &Request,
+        last: bool,
+        off: u64,
+        l: u64,
+        data: bool,
+    ) {
+        if !self.structured {
+            out.extend(SimpleReply::new(req.cookie, 0).as_bytes());
+            return;
+        }
+        let flags = if last { REPLY_FLAG_DONE } else { 0 };
+        if l == 0 {
+            out.extend(ChunkHeader::new(req.cookie, REPLY_TYPE_NONE, flags, 0).as_bytes());
+        } else if data {
+            out.extend(
+                ChunkHeader::new(req.cookie, REPLY_TYPE_OFFSET_DATA, flags, 8 + l as u32)
+                    .as_bytes(),
+            );
+            out.extend(&off.to_be_bytes());
+        } else {
+            out.extend(ChunkHeader::new(req.cookie, REPLY_TYPE_OFFSET_HOLE, flags, 12).as_bytes());
+            let h = HolePayload {
+                offset: off.into(),
+                length: (l as u32).into(),
+            };
+            out.extend(h.as_bytes());
+        }
+    }
+
+    /// Replaces the run that starts at `at` in `out` (its header, not yet sent) with
+    /// the error reply for a read that failed there.
+    fn read_failed(
+        &self,
+        out: &mut ReplyBuf,
+        req: &Request,
+        at: usize,
+        off: u64,
+        l: u64,
+        e: &qcowx_core::Error,
+    ) {
+        out.truncate(at);
+        if !self.structured {
+            return self.image_error(out, req, e, false);
+        }
+        eprintln!(
+            "qcowx-nbd: {}: READ offset {off} length {l} failed: {e}",
+            self.label
+        );
+        Self::push_error_chunk(
+            out,
+            req.cookie,
+            nbd_errno(e, false),
+            &e.to_string(),
+            Some(off),
+        );
     }
 
     fn block_status(&self, req: &Request, out: &mut ReplyBuf) {
@@ -919,6 +1053,37 @@ impl<W: Write + Send> Conn<'_, W> {
             }
         }
     }
+}
+
+/// Sends `out` (reply bytes not sent yet) and then `lent` (read data borrowed from
+/// the image) as far as the client takes them before [`LEND_WAIT`] runs out, and
+/// keeps the rest in `out`, in order: what is left of `lent` is copied, so nothing
+/// refers to the image's mapping once this returns. True if any byte went.
+fn lend<W: ReplyWriter + ?Sized>(
+    w: &mut W,
+    out: &mut ReplyBuf,
+    lent: &[IoSlice<'_>],
+) -> io::Result<bool> {
+    let mut bufs = Vec::with_capacity(lent.len() + 1);
+    bufs.push(IoSlice::new(out.bytes()));
+    bufs.extend_from_slice(lent);
+    let went = w.write_until(&bufs, Instant::now() + LEND_WAIT)?;
+    let head = out.len();
+    if went < head {
+        out.consume_front(went);
+    } else {
+        out.clear();
+    }
+    let mut skip = went.saturating_sub(head);
+    for s in lent {
+        if skip >= s.len() {
+            skip -= s.len();
+            continue;
+        }
+        out.extend(&s[skip..]);
+        skip = 0;
+    }
+    Ok(went > 0)
 }
 
 /// Splits `[offset, offset+len)` into data runs and hole runs (`(offset, length,
@@ -1277,6 +1442,61 @@ mod tests {
         // Space handed out again keeps its old bytes (the caller overwrites them).
         assert_eq!(out.grow(3), b"abc");
         assert_eq!(out.len(), 3);
+    }
+
+    /// A peer that takes at most `room` bytes before the deadline.
+    struct Room {
+        took: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Room {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.took.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ReplyWriter for Room {
+        fn write_until(&mut self, bufs: &[IoSlice<'_>], _: Instant) -> io::Result<usize> {
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(self.room - n);
+                self.took.extend_from_slice(&b[..k]);
+                n += k;
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn lent_bytes_the_peer_has_no_room_for_are_kept_in_order() {
+        let lent_data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let slices = [
+            IoSlice::new(&lent_data[..100]),
+            IoSlice::new(&[]),
+            IoSlice::new(&lent_data[100..]),
+        ];
+        // Room for none, part of the header, all of it and part of the data, everything.
+        for room in [0, 5, 10, 150, 400] {
+            let mut w = Room {
+                took: Vec::new(),
+                room,
+            };
+            let mut out = ReplyBuf::default();
+            out.extend(b"0123456789");
+            let went = lend(&mut w, &mut out, &slices).expect("lend");
+            assert_eq!(went, room > 0);
+            let mut all = w.took.clone();
+            all.extend_from_slice(out.bytes());
+            let mut expect = b"0123456789".to_vec();
+            expect.extend_from_slice(&lent_data);
+            assert_eq!(all, expect, "room {room}");
+            assert_eq!(w.took.len(), room.min(expect.len()));
+        }
     }
 
     #[test]

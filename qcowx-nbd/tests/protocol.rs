@@ -38,6 +38,29 @@ impl TestServer {
     fn start_sized(size: u64, settings: Settings, max_clients: usize) -> TestServer {
         let img = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(size))
             .expect("create image");
+        TestServer::serve(
+            img,
+            tempfile::tempdir().expect("tempdir"),
+            settings,
+            max_clients,
+        )
+    }
+
+    /// The same disk in an image file (`disk.qcow2` in the server's directory), whose
+    /// page-cached data large reads send straight from the file's mapping.
+    fn start_on_file(settings: Settings, max_clients: usize) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = Image::create(dir.path().join("disk.qcow2"), &CreateOptions::new(SIZE))
+            .expect("create image");
+        TestServer::serve(img, dir, settings, max_clients)
+    }
+
+    fn serve(
+        img: Image,
+        dir: tempfile::TempDir,
+        settings: Settings,
+        max_clients: usize,
+    ) -> TestServer {
         img.write_at(&[0x5a; 65536], 65536).expect("write");
         let image = Arc::new(img);
         image.snapshot("default", "snap").expect("snapshot");
@@ -50,7 +73,6 @@ impl TestServer {
             false,
         )
         .expect("exports");
-        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nbd.sock");
         let server = Server::bind(
             Arc::new(exports),
@@ -854,5 +876,154 @@ fn a_client_trickling_option_bytes_is_cut_off_at_the_handshake_deadline() {
     }
     assert!(cut, "the server kept a trickling client for 10 s");
     assert!(start.elapsed() < Duration::from_secs(5));
+    srv.stop();
+}
+
+/// Bytes that differ at every offset, so data from the wrong place shows.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + (i >> 12)) as u8).collect()
+}
+
+/// Drops the image file's clean pages from the page cache.
+fn evict(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).expect("open image file");
+    f.sync_all().expect("sync");
+    // SAFETY: a valid descriptor; POSIX_FADV_DONTNEED only drops cached pages.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+}
+
+impl Client {
+    /// Reads with a structured reply and puts its chunks together: data chunks
+    /// where they say, zeros for holes. Every byte must be covered once.
+    fn structured_read(&mut self, cookie: u64, flags: u16, offset: u64, len: u32) -> Vec<u8> {
+        self.request(flags, CMD_READ, cookie, offset, len, &[]);
+        let mut out = vec![0u8; len as usize];
+        let mut covered = 0u64;
+        for (ty, p) in self.chunks(cookie) {
+            let at = (be_u64(&p) - offset) as usize;
+            match ty {
+                REPLY_TYPE_OFFSET_DATA => {
+                    out[at..at + p.len() - 8].copy_from_slice(&p[8..]);
+                    covered += p.len() as u64 - 8;
+                }
+                REPLY_TYPE_OFFSET_HOLE => covered += u64::from(be_u32(&p[8..])),
+                t => panic!("read at {offset}: chunk type {t}"),
+            }
+        }
+        assert_eq!(covered, u64::from(len), "read at {offset}: bytes covered");
+        out
+    }
+}
+
+/// Reads larger than the inline limit, from an image file: sent straight from the
+/// file's mapping when their pages are cached, read into a buffer when they are not;
+/// either way the bytes the disk holds, in simple and structured replies.
+#[test]
+fn large_reads_of_an_image_file_send_what_the_disk_holds() {
+    const MIB: u64 = 1 << 20;
+    let srv = TestServer::start_on_file(Settings::default(), 0);
+    // [64K, 128K) 0x5a (from the server), [1 MiB, 2.5 MiB) a pattern, [3 MiB, 3.5
+    // MiB) written zeros, the rest unallocated.
+    srv.image
+        .write_at(&pattern(3 * MIB as usize / 2), MIB)
+        .expect("write");
+    srv.image
+        .write_zeroes(3 * MIB, MIB / 2, false)
+        .expect("write zeroes");
+    srv.image.flush().expect("flush");
+    let file = srv.path.with_file_name("disk.qcow2");
+    let mut simple = srv.client();
+    simple.go("");
+    let mut structured = srv.client();
+    assert_eq!(structured.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
+    structured.go("");
+    let reads = [
+        (0, 4 * MIB as u32),
+        (MIB - 4096, 2 * MIB as u32),
+        (MIB + 512, 70_000),
+        (2 * MIB, 2 * MIB as u32),
+    ];
+    let mut cookie = 0;
+    // Cold (nothing cached, so nothing can be lent) and then warm.
+    for round in ["cold", "warm"] {
+        for &(off, len) in &reads {
+            if round == "cold" {
+                evict(&file);
+            }
+            let mut expect = vec![0u8; len as usize];
+            srv.image.read_at(&mut expect, off).expect("read_at");
+            cookie += 1;
+            simple.request(0, CMD_READ, cookie, off, len, &[]);
+            let (err, c, p) = {
+                let (_, _, err, c, p) = simple.any_reply(len as usize);
+                (err, c, p)
+            };
+            assert_eq!((err, c), (0, cookie));
+            assert!(p == expect, "{round} simple read at {off}+{len} differs");
+            for flags in [0, CMD_FLAG_DF] {
+                cookie += 1;
+                let got = structured.structured_read(cookie, flags, off, len);
+                assert!(
+                    got == expect,
+                    "{round} structured read (flags {flags}) at {off}+{len} differs"
+                );
+            }
+        }
+    }
+    srv.stop();
+}
+
+/// A client that sends large reads and stops reading the replies must not hold up
+/// another client: lent bytes keep the image from freeing clusters, so a send from
+/// the mapping waits only `LEND_WAIT` for room before copying the rest. The other
+/// client's trim and flush (which makes the trimmed cluster reusable once no read
+/// uses it) must complete while the first one still reads nothing.
+#[test]
+fn a_client_that_stops_reading_replies_holds_up_no_other_client() {
+    const MIB: u32 = 1 << 20;
+    let settings = Settings {
+        discard: qcowx_nbd::config::DiscardMode::Unmap,
+        ..Settings::default()
+    };
+    let srv = TestServer::start_on_file(settings, 0);
+    srv.image
+        .write_at(&pattern(2 * MIB as usize), 0)
+        .expect("write");
+    let mut expect = vec![0u8; MIB as usize];
+    srv.image.read_at(&mut expect, 0).expect("read_at");
+
+    let mut stuck = srv.client();
+    stuck.go("");
+    let reads = 48u64;
+    for cookie in 0..reads {
+        stuck.request(0, CMD_READ, cookie, 0, MIB, &[]);
+    }
+    // Let the server fill the socket and block on it.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut other = srv.client();
+    other
+        .s
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    other.go("");
+    other.request(0, CMD_WRITE, 1, 3 * u64::from(MIB), 65536, &[7; 65536]);
+    assert_eq!(other.simple(), (0, 1));
+    other.request(0, CMD_TRIM, 2, 3 * u64::from(MIB), 65536, &[]);
+    assert_eq!(other.simple(), (0, 2));
+    other.request(0, CMD_FLUSH, 3, 0, 0, &[]);
+    assert_eq!(other.simple(), (0, 3), "flush while a client reads nothing");
+
+    // The stuck client gets every reply, whole and in one piece each.
+    let mut seen = vec![false; reads as usize];
+    for _ in 0..reads {
+        let (_, _, err, c, p) = stuck.any_reply(MIB as usize);
+        assert_eq!(err, 0);
+        assert!(!seen[c as usize], "cookie {c} answered twice");
+        seen[c as usize] = true;
+        assert!(p == expect, "reply {c} differs");
+    }
     srv.stop();
 }

@@ -83,6 +83,8 @@ impl Write for Wire<'_> {
 #[derive(Debug, Default)]
 struct Replies(Vec<u8>);
 
+impl transmission::ReplyWriter for &mut Replies {}
+
 impl Write for &mut Replies {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.extend_from_slice(buf);
