@@ -192,6 +192,25 @@ impl LayerReader {
         })
     }
 
+    /// Runs `f` on the layer's bytes at `[offset, offset+len)` lent from its file's
+    /// mapping, if they are cached and lie in one piece (see `Image::read_mapped`);
+    /// `Ok(None)` without calling `f` otherwise.
+    fn with_mapped(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<Option<()>> {
+        let LayerReader::Qcow2(img) = self else {
+            return Ok(None);
+        };
+        let r = img.read_mapped(offset, len, |slices| match slices {
+            [one] => Some(f(one)),
+            _ => None,
+        })?;
+        r.flatten().transpose()
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match self {
             LayerReader::Qcow2(img) => img.read_at(buf, offset),
@@ -388,9 +407,15 @@ fn copy_layers(
                     let mut pos = e.offset;
                     while pos < end {
                         let n = (end - pos).min(COPY_CHUNK as u64);
-                        buf.resize(n as usize, 0);
-                        reader.read_at(&mut buf, pos)?;
-                        copy_chunk(&img, &buf, pos, cs, i == 0)?;
+                        // Straight from the layer's mapping when its data is cached
+                        // and contiguous in the file; else through `buf`.
+                        let lent = reader
+                            .with_mapped(pos, n, |data| copy_chunk(&img, data, pos, cs, i == 0))?;
+                        if lent.is_none() {
+                            buf.resize(n as usize, 0);
+                            reader.read_at(&mut buf, pos)?;
+                            copy_chunk(&img, &buf, pos, cs, i == 0)?;
+                        }
                         pos += n;
                         done += n;
                         progress(done, total);
