@@ -797,6 +797,8 @@ fn log_negotiated(settings: &Settings, label: &str, negotiated: &Negotiated) {
 
 /// The transmission phase on a (plaintext) socket; the socket is closed on return.
 fn transmit(sock: Socket, negotiated: &Negotiated, settings: &Settings, label: &str) -> Result<()> {
+    // Best effort: a smaller buffer only costs speed.
+    let _ = sock.enlarge_send_buffer();
     let writer = sock.try_clone().map_err(|e| Error::io("clone socket", e))?;
     let killer = sock.try_clone().map_err(|e| Error::io("clone socket", e))?;
     let kill = move || {
