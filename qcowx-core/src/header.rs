@@ -26,6 +26,10 @@ pub const MAX_BACKING_NAME: u32 = 1023;
 /// Largest virtual disk size accepted: 2^56 bytes, the reach of the 56-bit host offsets
 /// in L1/L2 entries. (With clusters under 512 KiB, [`MAX_L1_BYTES`] limits it first.)
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 56;
+/// Bytes read first when a file is opened: the fixed header and, with clusters up to
+/// the common 64 KiB, all of the first cluster; a larger `cluster_bits` says how much
+/// more to read ([`Header::first_cluster_len`]).
+pub const HEADER_PROBE_LEN: u64 = 65536;
 /// Length of a version 2 header.
 pub const V2_HEADER_LEN: u32 = 72;
 /// Length of the version 3 header qcowx writes (with the `compression_type` byte).
@@ -221,6 +225,20 @@ impl Header {
     /// Whether L2 entries are 128-bit extended entries.
     pub fn extended_l2(&self) -> bool {
         self.incompatible.contains(Incompatible::EXTENDED_L2)
+    }
+
+    /// How many bytes at the start of a file [`Header::parse`] needs: its first
+    /// cluster, as the `cluster_bits` field of `prefix` (the file's first bytes, at
+    /// least [`HEADER_PROBE_LEN`] of them or the whole file) gives it, at most
+    /// `file_len`. A field out of range counts as the largest cluster size; `parse`
+    /// then reports it.
+    pub fn first_cluster_len(prefix: &[u8], file_len: u64) -> u64 {
+        let bits = RawHeaderV2::read_from_prefix(prefix)
+            .map(|(raw, _)| raw.cluster_bits.get())
+            .ok()
+            .filter(|b| (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(b))
+            .unwrap_or(MAX_CLUSTER_BITS);
+        file_len.min(1 << bits)
     }
 
     /// Parses and validates a header from the first cluster of a file.

@@ -17,8 +17,8 @@ use crate::compress::{decompress_cluster, CompressionType};
 use crate::error::{Error, Result};
 use crate::extensions::{Extension, Extensions, FeatureKind, EXT_BACKING_FORMAT};
 use crate::header::{
-    Autoclear, Header, Incompatible, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
-    V3_HEADER_LEN,
+    Autoclear, Header, Incompatible, HEADER_PROBE_LEN, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE,
+    MIN_CLUSTER_BITS, V3_HEADER_LEN,
 };
 use crate::lock::LockMode;
 use crate::refcount;
@@ -370,11 +370,22 @@ impl Image {
             source,
         };
         let file_len = storage.len().map_err(|e| io("stat", 0, e))?;
-        let first_len = file_len.min(1 << MAX_CLUSTER_BITS) as usize;
-        let mut first = vec![0u8; first_len];
+        // The fixed header first, then the rest of the first cluster it describes (not
+        // the largest cluster size every time: images are opened often, layers of a
+        // chain once each).
+        let mut first = vec![0u8; file_len.min(HEADER_PROBE_LEN) as usize];
         storage
             .read_at(&mut first, 0)
             .map_err(|e| io("read header", 0, e))?;
+        let first_len = Header::first_cluster_len(&first, file_len);
+        first.truncate(first_len as usize);
+        if first_len > first.len() as u64 {
+            let probed = first.len();
+            first.resize(first_len as usize, 0);
+            storage
+                .read_at(&mut first[probed..], probed as u64)
+                .map_err(|e| io("read header", probed as u64, e))?;
+        }
         let header = Header::parse(&first, file_len).map_err(|source| Error::Header {
             file: name.clone(),
             source,

@@ -1031,3 +1031,37 @@ fn at_most_4096_header_extensions() {
         other => panic!("4,097 extensions: {other:?}"),
     }
 }
+
+/// The first cluster is read in two steps (a probe, then the rest of a cluster larger
+/// than the probe): a backing name QEMU accepts 1 MiB into a 2 MiB first cluster must
+/// be read from the second step, not left as the zeros of the buffer.
+#[test]
+fn a_header_field_deep_in_a_2_mib_first_cluster_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", b, "4M"]);
+    qemu_img_ok(&[
+        "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", "-b", b, "-F", "qcow2", t,
+    ]);
+    // Move the backing name to 1 MiB into the first cluster; no extension ends there.
+    let f = FsOpenOptions::new().read(true).write(true).open(&top).unwrap();
+    let mut raw = [0u8; 12];
+    f.read_exact_at(&mut raw, 8).unwrap();
+    let off = u64::from_be_bytes(raw[..8].try_into().unwrap());
+    let len = u32::from_be_bytes(raw[8..].try_into().unwrap()) as usize;
+    let mut name = vec![0u8; len];
+    f.read_exact_at(&mut name, off).unwrap();
+    let deep = 1u64 << 20;
+    f.write_all_at(&name, deep).unwrap();
+    f.write_all_at(&deep.to_be_bytes(), 8).unwrap();
+    drop(f);
+    let info = String::from_utf8(qemu_img_ok(&["info", "-U", t]).stdout).unwrap();
+    assert!(info.contains(&format!("backing file: {b}")), "{info}");
+    let img = OpenOptions::new()
+        .write(false)
+        .open_backing(false)
+        .open(&top)
+        .unwrap();
+    assert_eq!(img.header().backing_file.as_deref(), Some(b));
+}
