@@ -269,7 +269,7 @@ impl FileStorage {
             map: Mutex::new(None),
         };
         storage.take_lock()?;
-        storage.file.set_len(0).map_err(io_err)?;
+        Storage::set_len(&storage, 0).map_err(io_err)?;
         Ok(storage)
     }
 
@@ -359,6 +359,14 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        // A file already that long is left alone: on ext4 any truncate to zero, even
+        // of an empty file, marks it for a flush of all its delayed allocations when
+        // it is closed (`auto_da_alloc`, meant for programs that rewrite a file
+        // without fsync), which would make closing a new image wait for the
+        // submission of everything written to it.
+        if self.file.metadata()?.len() == len {
+            return Ok(());
+        }
         self.file.set_len(len)
     }
 
