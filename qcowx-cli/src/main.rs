@@ -110,7 +110,11 @@ taken (or 'default') gets the first free suffix -2, -3, ...
 
 The output has TOP's cluster size (64 KiB for a raw TOP) and no backing file. Layers may
 grow up the chain but not shrink. Internal snapshots of the chain's files are not
-imported.";
+imported.
+
+The output is written under a temporary name beside OUTPUT and renamed over it once
+complete; by default it is on the disk (fdatasync) before the rename, and --no-sync
+leaves that to the kernel.";
 
 #[derive(Debug, Args)]
 struct CreateArgs {
@@ -329,6 +333,11 @@ struct ImportArgs {
     /// The image to write (overwritten if it exists; never one of the chain's files).
     #[arg(value_name = "OUTPUT")]
     dest: PathBuf,
+    /// Do not wait for the disk: no fdatasync; the kernel writes the output back when
+    /// it chooses (as `qemu-img convert` does by default). OUTPUT still appears only
+    /// once complete, but a power failure soon after may lose it or part of its data.
+    #[arg(long = "no-sync")]
+    no_sync: bool,
 }
 
 #[derive(Debug, Args)]
@@ -1068,7 +1077,8 @@ fn io_cmds(a: &IoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> 
 fn import(a: &ImportArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let json = a.format == OutputKind::Json;
     let bar = progress::Bar::new(progress::enabled(quiet, json), "importing");
-    let r = qcowx_core::import::import_chain(&a.top, &a.dest, &mut bar.callback())?;
+    let options = qcowx_core::import::ImportOptions { sync: !a.no_sync };
+    let r = qcowx_core::import::import_chain_with(&a.top, &a.dest, &options, &mut bar.callback())?;
     drop(bar);
     let top = a.top.display().to_string();
     let dest = a.dest.display().to_string();

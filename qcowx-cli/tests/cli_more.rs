@@ -247,10 +247,21 @@ fn make_chain(d: &Path, raw_base: bool, depth: usize) -> Vec<String> {
 
 /// Imports the chain under its top, then checks every snapshot against `qemu-img
 /// convert` of its layer, the default VDI against the top, and the image with
-/// `qemu-img check`.
-fn import_and_verify(d: &Path, files: &[String]) {
+/// `qemu-img check`. `extra` goes on the command line.
+fn import_and_verify(d: &Path, files: &[String], extra: &[&str]) {
     let top = files.last().unwrap();
-    let out = ok(d, &["import", "--output=json", top, "out.qcow2"]);
+    let mut args = vec!["import", "--output=json", top, "out.qcow2"];
+    args.extend(extra);
+    let out = ok(d, &args);
+    // Nothing is left under the temporary name.
+    let names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("qcowx-import")),
+        "{names:?}"
+    );
     let report = json(&out);
     let layers = report["layers"].as_array().unwrap();
     assert_eq!(layers.len(), files.len(), "{report:#}");
@@ -294,7 +305,7 @@ fn import_chains_of_depth_1_over_raw_and_qcow2_bases() {
     for raw in [true, false] {
         let dir = tempfile::tempdir().unwrap();
         let files = make_chain(dir.path(), raw, 1);
-        import_and_verify(dir.path(), &files);
+        import_and_verify(dir.path(), &files, &[]);
     }
 }
 
@@ -303,7 +314,17 @@ fn import_chains_of_depth_8_over_raw_and_qcow2_bases() {
     for raw in [true, false] {
         let dir = tempfile::tempdir().unwrap();
         let files = make_chain(dir.path(), raw, 8);
-        import_and_verify(dir.path(), &files);
+        import_and_verify(dir.path(), &files, &[]);
+    }
+}
+
+/// `--no-sync` leaves the disk to the kernel; the image it writes is the same.
+#[test]
+fn import_without_sync_writes_the_same_image() {
+    for raw in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let files = make_chain(dir.path(), raw, 8);
+        import_and_verify(dir.path(), &files, &["--no-sync"]);
     }
 }
 
@@ -311,14 +332,14 @@ fn import_chains_of_depth_8_over_raw_and_qcow2_bases() {
 fn import_chain_of_depth_64_over_a_raw_base() {
     let dir = tempfile::tempdir().unwrap();
     let files = make_chain(dir.path(), true, 64);
-    import_and_verify(dir.path(), &files);
+    import_and_verify(dir.path(), &files, &[]);
 }
 
 #[test]
 fn import_chain_of_depth_64_over_a_qcow2_base() {
     let dir = tempfile::tempdir().unwrap();
     let files = make_chain(dir.path(), false, 64);
-    import_and_verify(dir.path(), &files);
+    import_and_verify(dir.path(), &files, &[]);
 }
 
 #[test]
@@ -466,7 +487,7 @@ fn import_replaces_an_output_only_when_done_and_not_in_use() {
     drop(held);
     assert!(std::fs::read(d.join("out.qcow2")).unwrap() == before);
     // A free one is replaced by the complete import.
-    import_and_verify(d, &files);
+    import_and_verify(d, &files, &[]);
     let stray: Vec<String> = std::fs::read_dir(d)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -52,7 +52,7 @@ use crate::convert::COPY_CHUNK;
 use crate::error::{Error, Result};
 use crate::image::{CreateOptions, Extent, ExtentStatus, Image, OpenOptions};
 use crate::lock::LockMode;
-use crate::storage::{DeferredSync, FileStorage, OpenMode, Storage};
+use crate::storage::{DeferredSync, FileStorage, OpenMode, Storage, WriteBehind};
 use crate::vdi::{DEFAULT_VDI, MAX_NAME_LEN};
 
 /// How much of a layer one block-status call covers.
@@ -60,6 +60,26 @@ const STATUS_WINDOW: u64 = 1 << 30;
 
 /// Cluster size of the output when the top is a raw file.
 const DEFAULT_CLUSTER_SIZE: u64 = 65536;
+
+/// How [`import_chain_with`] finishes its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportOptions {
+    /// Make the output durable before returning (the default): writeback is started
+    /// while the layers are copied, then one fdatasync, the rename over the output,
+    /// and an fsync of its folder. Without it the output still appears under its name
+    /// only once complete (the rename), for every process, but a power failure soon
+    /// after may lose it or part of its data: no fdatasync, and the kernel writes the
+    /// pages back when it chooses — what `qemu-img convert` does by default
+    /// (`cache=unsafe`). For pipelines that sync once at the end, or that can redo the
+    /// import.
+    pub sync: bool,
+}
+
+impl Default for ImportOptions {
+    fn default() -> ImportOptions {
+        ImportOptions { sync: true }
+    }
+}
 
 /// One layer of an import, bottom first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,9 +260,21 @@ impl LayerReader {
 /// imported.
 ///
 /// `progress` is called with the bytes copied so far and the total the layers store.
+/// The output is durable when this returns; [`import_chain_with`] can leave that to
+/// the kernel.
 pub fn import_chain(
     top: &Path,
     output: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ImportReport> {
+    import_chain_with(top, output, &ImportOptions::default(), progress)
+}
+
+/// [`import_chain`] with options.
+pub fn import_chain_with(
+    top: &Path,
+    output: &Path,
+    options: &ImportOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ImportReport> {
     let mut chain = backing_chain(top, None, LockMode::Shared)?;
@@ -296,7 +328,7 @@ pub fn import_chain(
         .ok_or_else(|| Error::InvalidArgument("empty backing chain".into()))?;
     let mut opts = CreateOptions::new(chain[0].virtual_size);
     opts.cluster_size = top_layer.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
-    let out = Output::create(output)?;
+    let out = Output::create(output, options.sync)?;
     let result = copy_layers(&chain, &readers, &plans, total, &out, &opts, progress);
     out.finish(result)
 }
@@ -305,8 +337,11 @@ pub fn import_chain(
 /// output, with every fdatasync deferred to one at the end, renamed over the output
 /// only once complete and durable — so no crash leaves a half-written image under the
 /// output's name, and the import pays one fdatasync instead of several per layer.
+/// Without `sync` there is no fdatasync at all: the rename still comes only once the
+/// image is complete.
 struct Output {
     storage: Arc<DeferredSync>,
+    sync: bool,
     temp: PathBuf,
     output: PathBuf,
     /// An existing output file, locked so no other process uses it while it is
@@ -315,7 +350,7 @@ struct Output {
 }
 
 impl Output {
-    fn create(output: &Path) -> Result<Output> {
+    fn create(output: &Path, sync: bool) -> Result<Output> {
         let name = output.display().to_string();
         let existing = if output.exists() {
             let mode = OpenMode::read_write().with_lock(LockMode::Exclusive);
@@ -332,16 +367,22 @@ impl Output {
         let temp = output.with_file_name(temp_name);
         let storage = FileStorage::create(&temp, LockMode::Exclusive)
             .map_err(|e| crate::image::open_error(&temp.display().to_string(), e))?;
+        let write_behind = if sync {
+            WriteBehind::Background
+        } else {
+            WriteBehind::Off
+        };
         Ok(Output {
-            storage: Arc::new(DeferredSync::new(storage)),
+            storage: Arc::new(DeferredSync::with_write_behind(storage, write_behind)),
+            sync,
             temp,
             output: output.to_path_buf(),
             _existing: existing,
         })
     }
 
-    /// After the import (`result`): one fdatasync and the rename, or the temporary file
-    /// removed.
+    /// After the import (`result`): one fdatasync (with `sync`) and the rename, or the
+    /// temporary file removed.
     fn finish(self, result: Result<ImportReport>) -> Result<ImportReport> {
         let done = result.and_then(|report| {
             let io = |op: &'static str, source| Error::Io {
@@ -350,6 +391,10 @@ impl Output {
                 offset: 0,
                 source,
             };
+            if !self.sync {
+                std::fs::rename(&self.temp, &self.output).map_err(|e| io("rename", e))?;
+                return Ok(report);
+            }
             self.storage.sync_now().map_err(|e| io("fdatasync", e))?;
             std::fs::rename(&self.temp, &self.output).map_err(|e| io("rename", e))?;
             // The rename itself is durable once the directory is.

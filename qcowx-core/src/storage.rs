@@ -624,29 +624,95 @@ impl Storage for MemStorage {
 }
 
 /// A file whose fdatasyncs are deferred: each `sync_data` is a no-op; the owner makes
-/// one real fdatasync at the end ([`DeferredSync::sync_now`]). For files that are
-/// useless until complete: an import's output, benchmark fixtures.
+/// one real fdatasync at the end ([`DeferredSync::sync_now`]), or none. For files that
+/// are useless until complete: an import's output, benchmark fixtures.
 ///
-/// So that the final fdatasync does not wait for every byte at once, writeback is
-/// started in the background (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not
-/// wait for the disk) each time [`WRITE_BEHIND_BYTES`] more have been written: the disk
-/// writes while the owner goes on copying.
+/// So that the final fdatasync does not wait for every byte at once, writeback can be
+/// started in the background ([`WriteBehind::Background`]): each time
+/// [`WRITE_BEHIND_BYTES`] more have been written, a helper thread calls
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)` (which submits the dirty pages and may
+/// block while the disk's queue is full), so the disk writes and the submission runs on
+/// another core while the owner goes on copying.
 #[derive(Debug)]
 pub struct DeferredSync {
     file: FileStorage,
     /// Bytes written since writeback was last started.
     pending: std::sync::atomic::AtomicU64,
+    write_behind: WriteBehind,
+    /// The helper thread that starts writeback; without it (it could not be started)
+    /// the writes start writeback themselves.
+    flusher: Option<Flusher>,
 }
 
 /// Bytes a [`DeferredSync`] file takes between two starts of background writeback.
 pub const WRITE_BEHIND_BYTES: u64 = 16 << 20;
 
+/// Whether a [`DeferredSync`] file starts writeback while it is being written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteBehind {
+    /// Every [`WRITE_BEHIND_BYTES`], on a helper thread: for a file its owner will
+    /// sync at the end.
+    Background,
+    /// Never: the kernel writes the pages back when it chooses (for a file that will
+    /// not be synced by its owner).
+    Off,
+}
+
+/// The helper thread of [`WriteBehind::Background`] and the channel that wakes it.
+#[derive(Debug)]
+struct Flusher {
+    kick: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Flusher {
+    /// Starts a thread that starts writeback of `file` each time it is kicked; `None`
+    /// if the descriptor cannot be duplicated or the thread cannot be started (the
+    /// writes then start writeback themselves).
+    fn start(file: &File) -> Option<Flusher> {
+        let file = file.try_clone().ok()?;
+        // One pending kick is enough: a call covers every page dirty by then.
+        let (kick, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("qcowx-writeback".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    start_writeback(&file);
+                }
+            })
+            .ok()?;
+        Some(Flusher { kick, thread })
+    }
+}
+
+/// Starts writeback of the whole file's dirty pages without waiting for the disk. A
+/// failure here only loses the overlap: the final fdatasync reports any write error.
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor the caller owns; no memory is passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 impl DeferredSync {
-    /// Wraps `file`; nothing is written or synced until the owner does.
+    /// Wraps `file` with [`WriteBehind::Background`]; nothing is written or synced
+    /// until the owner does.
     pub fn new(file: FileStorage) -> DeferredSync {
+        DeferredSync::with_write_behind(file, WriteBehind::Background)
+    }
+
+    /// Wraps `file`, starting writeback as `write_behind` says.
+    pub fn with_write_behind(file: FileStorage, write_behind: WriteBehind) -> DeferredSync {
+        let flusher = match write_behind {
+            WriteBehind::Background => Flusher::start(&file.file),
+            WriteBehind::Off => None,
+        };
         DeferredSync {
             file,
             pending: std::sync::atomic::AtomicU64::new(0),
+            write_behind,
+            flusher,
         }
     }
 
@@ -654,20 +720,13 @@ impl DeferredSync {
     pub fn sync_now(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+}
 
-    /// Starts writeback of the whole file's dirty pages without waiting for it. A
-    /// failure here only loses the overlap: `sync_now` reports any write error.
-    fn start_writeback(&self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain syscall on a descriptor this storage owns; no memory is
-        // passed.
-        unsafe {
-            libc::sync_file_range(
-                self.file.file.as_raw_fd(),
-                0,
-                0,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
+impl Drop for DeferredSync {
+    fn drop(&mut self) {
+        if let Some(Flusher { kick, thread }) = self.flusher.take() {
+            drop(kick); // ends the thread's loop
+            let _ = thread.join();
         }
     }
 }
@@ -679,6 +738,9 @@ impl Storage for DeferredSync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         use std::sync::atomic::Ordering;
         self.file.write_at(buf, offset)?;
+        if self.write_behind == WriteBehind::Off {
+            return Ok(());
+        }
         let before = self.pending.fetch_add(buf.len() as u64, Ordering::Relaxed);
         if before + buf.len() as u64 >= WRITE_BEHIND_BYTES
             && self
@@ -691,7 +753,11 @@ impl Storage for DeferredSync {
                 )
                 .is_ok()
         {
-            self.start_writeback();
+            match &self.flusher {
+                // A kick already waiting covers these pages too.
+                Some(f) => drop(f.kick.try_send(())),
+                None => start_writeback(&self.file.file),
+            }
         }
         Ok(())
     }
@@ -814,10 +880,32 @@ mod tests {
             assert!(s.pending.load(Ordering::Relaxed) < WRITE_BEHIND_BYTES);
         }
         assert_eq!(s.pending.load(Ordering::Relaxed), 3 << 20);
+        // The writeback is started by the helper thread, which dropping the file ends.
+        assert!(s.flusher.is_some());
         s.sync_data().unwrap();
         s.sync_now().unwrap();
         let mut back = vec![0u8; chunk.len()];
         s.read_at(&mut back, (n - 1) * chunk.len() as u64).unwrap();
+        assert_eq!(back, chunk);
+        drop(s);
+    }
+
+    #[test]
+    fn deferred_sync_without_write_behind_leaves_the_pages_to_the_kernel() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let file = FileStorage::create(dir.path().join("img"), LockMode::None).unwrap();
+        let s = DeferredSync::with_write_behind(file, WriteBehind::Off);
+        assert!(s.flusher.is_none());
+        exercise(&s);
+        let chunk = vec![0xa5u8; 1 << 20];
+        for i in 0..(WRITE_BEHIND_BYTES >> 20) + 1 {
+            s.write_at(&chunk, i << 20).unwrap();
+        }
+        // Nothing counted, nothing started.
+        assert_eq!(s.pending.load(Ordering::Relaxed), 0);
+        let mut back = vec![0u8; chunk.len()];
+        s.read_at(&mut back, WRITE_BEHIND_BYTES).unwrap();
         assert_eq!(back, chunk);
     }
 

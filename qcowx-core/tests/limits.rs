@@ -1042,10 +1042,24 @@ fn a_header_field_deep_in_a_2_mib_first_cluster_is_read() {
     let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
     qemu_img_ok(&["create", "-q", "-f", "qcow2", b, "4M"]);
     qemu_img_ok(&[
-        "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", "-b", b, "-F", "qcow2", t,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        "-b",
+        b,
+        "-F",
+        "qcow2",
+        t,
     ]);
     // Move the backing name to 1 MiB into the first cluster; no extension ends there.
-    let f = FsOpenOptions::new().read(true).write(true).open(&top).unwrap();
+    let f = FsOpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&top)
+        .unwrap();
     let mut raw = [0u8; 12];
     f.read_exact_at(&mut raw, 8).unwrap();
     let off = u64::from_be_bytes(raw[..8].try_into().unwrap());
