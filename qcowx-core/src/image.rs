@@ -1140,15 +1140,28 @@ impl Image {
             let mut st = self.lock_state()?;
             let (kind, writable) = self.lookup(&mut st, root, guest)?;
             if let Some(host) = in_place_target(&self.geo, kind, writable, in_off, n) {
+                // The clusters after this one that are written in place too, at the
+                // next host offsets, go in the same write.
+                let at = host + in_off;
+                let mut run = n;
+                while pos + run < len {
+                    let m = cs.min(len - pos - run);
+                    let (kind, writable) = self.lookup(&mut st, root, guest + run)?;
+                    match in_place_target(&self.geo, kind, writable, 0, m) {
+                        Some(h) if Some(h) == at.checked_add(run) => run += m,
+                        _ => break,
+                    }
+                }
                 let _gate = self.gate_read();
                 drop(st);
                 self.storage
-                    .write_at(chunk, host + in_off)
-                    .map_err(|e| self.io_err("write data", host + in_off, e))?;
-            } else {
-                self.mark_stale(&mut st)?;
-                self.write_cluster(&mut st, root, guest - in_off, in_off, chunk)?;
+                    .write_at(&buf[pos as usize..(pos + run) as usize], at)
+                    .map_err(|e| self.io_err("write data", at, e))?;
+                pos += run;
+                continue;
             }
+            self.mark_stale(&mut st)?;
+            self.write_cluster(&mut st, root, guest - in_off, in_off, chunk)?;
             pos += n;
         }
         Ok(())

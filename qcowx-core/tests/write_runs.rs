@@ -1,0 +1,143 @@
+//! How guest writes reach the storage: clusters written in place whose host clusters
+//! follow each other go out as one storage write, and every other case still writes
+//! what it must (copy-on-write under a snapshot, clusters apart in the file).
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use qcowx_core::storage::{MemStorage, Storage};
+use qcowx_core::{CreateOptions, Image};
+
+const CS: u64 = 65536;
+
+/// A storage that records the writes of the guest data region it is told about.
+#[derive(Debug, Default)]
+struct Recording {
+    inner: MemStorage,
+    writes: Mutex<Vec<(u64, usize)>>,
+}
+
+impl Recording {
+    fn take(&self) -> Vec<(u64, usize)> {
+        std::mem::take(&mut self.writes.lock().unwrap())
+    }
+}
+
+impl Storage for Recording {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.writes.lock().unwrap().push((offset, buf.len()));
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 512) as u8) ^ (i as u8))
+        .collect()
+}
+
+fn new_image(clusters: u64) -> (Arc<Recording>, Image) {
+    let storage = Arc::new(Recording::default());
+    let img = Image::create_in(storage.clone(), &CreateOptions::new(clusters * CS)).unwrap();
+    (storage, img)
+}
+
+/// The model and the image agree on every byte of the disk.
+fn assert_reads_as(img: &Image, model: &[u8]) {
+    let mut back = vec![0u8; model.len()];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back == model, "the disk does not read as written");
+}
+
+#[test]
+fn an_overwrite_of_contiguous_clusters_is_one_write() {
+    let (storage, img) = new_image(32);
+    let mut model = vec![0u8; 32 * CS as usize];
+    // Allocate clusters 0..20 in order: their host clusters follow each other.
+    let first = pattern(1, 20 * CS as usize);
+    img.write_at(&first, 0).unwrap();
+    model[..first.len()].copy_from_slice(&first);
+    img.flush().unwrap();
+    storage.take();
+    // 1 MiB starting inside cluster 1 and ending inside cluster 17.
+    let at = CS + 4096;
+    let data = pattern(2, 1 << 20);
+    img.write_at(&data, at).unwrap();
+    model[at as usize..at as usize + data.len()].copy_from_slice(&data);
+    let writes = storage.take();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert_eq!(writes[0].1, data.len());
+    assert_reads_as(&img, &model);
+}
+
+#[test]
+fn clusters_apart_in_the_file_are_written_one_by_one() {
+    let (storage, img) = new_image(16);
+    let mut model = vec![0u8; 16 * CS as usize];
+    // Allocate clusters 15, 14, ..., 0: each lies before the previous one's host.
+    for c in (0..16u64).rev() {
+        let data = pattern(c as u8, CS as usize);
+        img.write_at(&data, c * CS).unwrap();
+        model[(c * CS) as usize..((c + 1) * CS) as usize].copy_from_slice(&data);
+    }
+    img.flush().unwrap();
+    storage.take();
+    let data = pattern(7, 8 * CS as usize);
+    img.write_at(&data, 4 * CS).unwrap();
+    model[4 * CS as usize..12 * CS as usize].copy_from_slice(&data);
+    let writes = storage.take();
+    assert_eq!(writes.len(), 8, "{writes:?}");
+    assert!(writes.iter().all(|&(_, n)| n == CS as usize), "{writes:?}");
+    assert_reads_as(&img, &model);
+}
+
+#[test]
+fn a_shared_cluster_inside_a_run_is_copied_and_the_rest_written_in_place() {
+    let (storage, img) = new_image(32);
+    let mut model = vec![0u8; 32 * CS as usize];
+    let first = pattern(3, 16 * CS as usize);
+    img.write_at(&first, 0).unwrap();
+    model[..first.len()].copy_from_slice(&first);
+    img.snapshot("default", "s").unwrap();
+    // Writing cluster 6 copies it (and the L2 table); clusters 0..16 stay shared
+    // otherwise. Then write cluster 6 again: in place now.
+    let c6 = pattern(4, 4096);
+    img.write_at(&c6, 6 * CS).unwrap();
+    model[6 * CS as usize..6 * CS as usize + 4096].copy_from_slice(&c6);
+    img.flush().unwrap();
+    storage.take();
+    // Clusters 5..8: 5 and 7 are shared (copied), 6 is the active layer's own.
+    let at = 5 * CS + 100;
+    let data = pattern(5, 3 * CS as usize - 200);
+    img.write_at(&data, at).unwrap();
+    model[at as usize..at as usize + data.len()].copy_from_slice(&data);
+    let writes = storage.take();
+    // At least one write per cluster, none of them spanning two clusters.
+    assert!(writes.len() >= 3, "{writes:?}");
+    assert!(writes.iter().all(|&(_, n)| n <= CS as usize), "{writes:?}");
+    assert_reads_as(&img, &model);
+    // The snapshot still reads as before.
+    let snap = Arc::new(img).open_root("s").unwrap();
+    let mut back = vec![0u8; first.len()];
+    snap.read_at(&mut back, 0).unwrap();
+    assert!(back == first, "the snapshot changed");
+}
