@@ -4,8 +4,9 @@
 //! Small reads and writes (at most [`INLINE_MAX`] bytes, no FUA) run right there on
 //! the reader thread while such requests are fast — page-cache hits take a few
 //! microseconds, less than handing a request to another thread costs — and their
-//! replies are gathered and sent together, with one `write` for every request the
-//! last socket read brought in. When they turn slow (a smoothed service time above
+//! replies are gathered and sent together: one `write` for every [`REPLY_EVERY`]
+//! requests, or for what the last socket read brought in if that is fewer. When they
+//! turn slow (a smoothed service time above
 //! [`INLINE_LIMIT`]: the disk is being read), they go to the worker pool like every
 //! other request until they are fast again, so one connection keeps several disk
 //! requests in flight.
@@ -77,6 +78,13 @@ const INPUT_BUFFER: usize = 256 << 10;
 /// Replies of requests run on the reader thread are sent once this many bytes wait,
 /// or sooner when no further request is already in the input buffer.
 const REPLY_BATCH: usize = 256 << 10;
+
+/// ... or once this many replies wait. A client that pipelines gets the first
+/// replies while the reader runs the rest, so it can send more requests on the other
+/// core instead of waiting for the whole batch: fio at QD 16 on 4 KiB writes ran
+/// about 40% faster with 4 or 8 than with whole batches (one reply per write: a few
+/// percent slower than 4-8); 4 KiB reads did not change (the client was the limit).
+pub const REPLY_EVERY: usize = 8;
 
 /// The most write payload bytes kept for reuse per connection.
 const POOL_BYTES: usize = 64 << 20;
@@ -365,6 +373,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
         out: &mut ReplyBuf,
     ) -> Result<()> {
         let max = self.settings.max_block_size;
+        let mut gathered = 0usize;
         loop {
             if self.dead.load(Ordering::SeqCst) {
                 return Ok(());
@@ -431,11 +440,15 @@ impl<W: ReplyWriter> Conn<'_, W> {
                         ));
                     }
                 }
+                if out.is_empty() {
+                    gathered = 0;
+                }
                 let t0 = Instant::now();
                 self.handle(&req, input.peek(len), out);
                 self.note_small(t0.elapsed());
                 input.consume(len);
-                if out.len() >= REPLY_BATCH {
+                gathered += 1;
+                if out.len() >= REPLY_BATCH || gathered >= REPLY_EVERY {
                     self.send_batch(out);
                 }
                 continue;
@@ -1427,6 +1440,65 @@ mod tests {
         let mut buf = vec![0u8; big as usize];
         n.export.disk.read_at(&mut buf, 1 << 20).expect("read back");
         assert!(buf.iter().all(|&x| x == 0xee));
+    }
+
+    /// A peer that records the length of every write.
+    #[derive(Default)]
+    struct Writes(Vec<usize>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.push(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ReplyWriter for Writes {}
+
+    /// Replies to small pipelined requests go out every [`REPLY_EVERY`] requests, not
+    /// only when the input buffer runs dry.
+    #[test]
+    fn replies_to_pipelined_small_writes_go_out_in_groups() {
+        use crate::exports::{ExportPlan, Exports};
+        use qcowx_core::storage::MemStorage;
+        use qcowx_core::{CreateOptions, Image};
+        use std::sync::Arc;
+
+        let image = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(4 << 20))
+            .expect("create");
+        let plan = ExportPlan::Auto {
+            main_name: "default".into(),
+            main_description: None,
+        };
+        let exports = Exports::new(Arc::new(image), plan, false).expect("exports");
+        let info = exports.find("default").expect("find").expect("default");
+        let n = Negotiated {
+            export: exports.open(&info).expect("open"),
+            flags: 0,
+            structured: false,
+            contexts: Vec::new(),
+        };
+        let mut input = Vec::new();
+        let count = 4 * REPLY_EVERY as u64;
+        for i in 0..count {
+            request(&mut input, CMD_WRITE, i, i * 4096, 4096);
+            input.resize(input.len() + 4096, i as u8);
+        }
+        assert!(input.len() <= INPUT_BUFFER, "all of it in one socket read");
+        let mut writes = Writes::default();
+        let settings = Settings::default();
+        serve(&input[..], &mut writes, &n, &settings, &|| {}, "test").expect("serve");
+        // Simple replies, 16 bytes each, REPLY_EVERY to a write.
+        assert_eq!(writes.0, vec![16 * REPLY_EVERY; 4], "{:?}", writes.0);
+        let mut back = vec![0u8; 4096];
+        n.export
+            .disk
+            .read_at(&mut back, (count - 1) * 4096)
+            .expect("read back");
+        assert!(back.iter().all(|&b| b == (count - 1) as u8));
     }
 
     #[test]
