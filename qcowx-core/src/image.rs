@@ -1161,6 +1161,10 @@ impl Image {
                 continue;
             }
             self.mark_stale(&mut st)?;
+            if in_off == 0 && n == cs {
+                pos += self.write_whole_clusters(&mut st, root, guest, &buf[pos as usize..])?;
+                continue;
+            }
             self.write_cluster(&mut st, root, guest - in_off, in_off, chunk)?;
             pos += n;
         }
@@ -1264,16 +1268,11 @@ impl Image {
         }
     }
 
-    /// Writes `data` at `in_off` of the guest cluster `cg` through the slow path.
-    fn write_cluster(
-        &self,
-        st: &mut State,
-        root: RootId,
-        cg: u64,
-        in_off: u64,
-        data: &[u8],
-    ) -> Result<()> {
-        let cs = self.geo.cluster_size();
+    /// Where a write through the slow path puts guest cluster `cg` of `root`: makes
+    /// the L2 table writable (copying or creating it) and picks the host cluster — the
+    /// one the root owns there, or a new one. Nothing links to a new one until the
+    /// caller has written it and set the entry.
+    fn slow_target(&self, st: &mut State, root: RootId, cg: u64) -> Result<SlowTarget> {
         let (l1i, l2i) = self.geo.split(cg);
         let l2_off = self.writable_l2(st, root, l1i)?;
         let entry = self.l2_entry(st, l2_off, l2i)?;
@@ -1291,10 +1290,78 @@ impl Image {
             }
             _ => None,
         };
-        let host = match in_place {
-            Some(h) => h,
-            None => st.alloc.cluster(),
-        };
+        Ok(SlowTarget {
+            l2_off,
+            l2i,
+            kind,
+            host: in_place.unwrap_or_else(|| st.alloc.cluster()),
+            in_place: in_place.is_some(),
+        })
+    }
+
+    /// Writes the whole clusters at the start of `data` (from the cluster-aligned
+    /// `guest`) that the slow path takes, up to [`MAX_SLOW_RUN`] bytes and until a
+    /// cluster written in place: each gets its target, clusters whose hosts follow
+    /// each other go in one storage write, and only then are the L2 entries set.
+    /// Returns the bytes written: at least the first cluster.
+    fn write_whole_clusters(
+        &self,
+        st: &mut State,
+        root: RootId,
+        guest: u64,
+        data: &[u8],
+    ) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let limit = (data.len() as u64).min(MAX_SLOW_RUN.max(cs)) / cs * cs;
+        let mut targets: Vec<SlowTarget> = Vec::new();
+        let mut done = 0u64;
+        while done < limit {
+            if done > 0 {
+                let (kind, writable) = self.lookup(st, root, guest + done)?;
+                if in_place_target(&self.geo, kind, writable, 0, cs).is_some() {
+                    break;
+                }
+            }
+            targets.push(self.slow_target(st, root, guest + done)?);
+            done += cs;
+        }
+        let mut i = 0;
+        while i < targets.len() {
+            let mut j = i + 1;
+            while j < targets.len() && Some(targets[j].host) == targets[j - 1].host.checked_add(cs)
+            {
+                j += 1;
+            }
+            let at = targets[i].host;
+            let bytes = &data[i * cs as usize..j * cs as usize];
+            self.storage
+                .write_at(bytes, at)
+                .map_err(|e| self.io_err("write data", at, e))?;
+            i = j;
+        }
+        for t in targets {
+            self.set_l2_entry(st, t.l2_off, t.l2i, L2Entry::data(t.host, &self.geo))?;
+        }
+        Ok(done)
+    }
+
+    /// Writes `data` at `in_off` of the guest cluster `cg` through the slow path.
+    fn write_cluster(
+        &self,
+        st: &mut State,
+        root: RootId,
+        cg: u64,
+        in_off: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let SlowTarget {
+            l2_off,
+            l2i,
+            kind,
+            host,
+            in_place,
+        } = self.slow_target(st, root, cg)?;
         if in_off == 0 && data.len() as u64 == cs {
             self.storage
                 .write_at(data, host)
@@ -1308,7 +1375,7 @@ impl Image {
             // flight (looked up before this call): rewrite only the written range and
             // the subclusters being allocated, never other bytes of allocated ones.
             let alloc = match (in_place, kind) {
-                (Some(_), ClusterKind::Subclusters { alloc, .. }) => alloc,
+                (true, ClusterKind::Subclusters { alloc, .. }) => alloc,
                 _ => 0,
             };
             let sub = self.geo.subcluster_size() as usize;
@@ -1760,6 +1827,20 @@ fn push_extent(
 }
 
 /// Where a write of `[in_off, in_off+n)` can go in place, if it can.
+/// The most bytes of whole clusters one write through the slow path allocates and
+/// writes at once, under the state lock (other requests to the image wait for it).
+const MAX_SLOW_RUN: u64 = 4 << 20;
+
+/// Where the slow path writes one guest cluster (see `Image::slow_target`).
+struct SlowTarget {
+    l2_off: u64,
+    l2i: usize,
+    kind: ClusterKind,
+    host: u64,
+    /// `host` is the cluster the root owns there, not a new one.
+    in_place: bool,
+}
+
 fn in_place_target(
     geo: &Geometry,
     kind: ClusterKind,

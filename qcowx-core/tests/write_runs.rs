@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use qcowx_core::storage::{MemStorage, Storage};
-use qcowx_core::{CreateOptions, Image};
+use qcowx_core::{CreateOptions, Image, OpenOptions};
 
 const CS: u64 = 65536;
 
@@ -140,4 +140,56 @@ fn a_shared_cluster_inside_a_run_is_copied_and_the_rest_written_in_place() {
     let mut back = vec![0u8; first.len()];
     snap.read_at(&mut back, 0).unwrap();
     assert!(back == first, "the snapshot changed");
+}
+
+/// The data writes (a cluster or more) among recorded writes; metadata and header
+/// writes are smaller.
+fn data_writes(writes: &[(u64, usize)]) -> Vec<usize> {
+    writes
+        .iter()
+        .filter(|&&(_, n)| n >= CS as usize)
+        .map(|&(_, n)| n)
+        .collect()
+}
+
+#[test]
+fn new_clusters_in_a_row_are_one_write() {
+    let (storage, img) = new_image(256);
+    let mut model = vec![0u8; 256 * CS as usize];
+    storage.take();
+    // 1 MiB of unallocated clusters: allocated one after the other.
+    let data = pattern(8, 1 << 20);
+    img.write_at(&data, 2 * CS).unwrap();
+    model[2 * CS as usize..2 * CS as usize + data.len()].copy_from_slice(&data);
+    assert_eq!(data_writes(&storage.take()), vec![1 << 20]);
+    // Under a snapshot every cluster is shared: new ones again, and the snapshot keeps
+    // the old bytes. A partial cluster at the end goes on its own.
+    img.snapshot("default", "s").unwrap();
+    img.flush().unwrap();
+    storage.take();
+    let before = model.clone();
+    let over = pattern(9, (1 << 20) + 4096);
+    img.write_at(&over, 2 * CS).unwrap();
+    model[2 * CS as usize..2 * CS as usize + over.len()].copy_from_slice(&over);
+    assert_eq!(data_writes(&storage.take()), vec![1 << 20, CS as usize]);
+    // A long run is cut into writes of at most 4 MiB.
+    let long = pattern(10, 10 << 20);
+    img.write_at(&long, 64 * CS).unwrap();
+    model[64 * CS as usize..64 * CS as usize + long.len()].copy_from_slice(&long);
+    assert_eq!(
+        data_writes(&storage.take()),
+        vec![4 << 20, 4 << 20, 2 << 20]
+    );
+    assert_reads_as(&img, &model);
+    let img = Arc::new(img);
+    let snap = img.open_root("s").unwrap();
+    let mut back = vec![0u8; before.len()];
+    snap.read_at(&mut back, 0).unwrap();
+    assert!(back == before, "the snapshot changed");
+    drop(snap);
+    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
+    let img = Image::from_storage(storage.clone(), &OpenOptions::new()).unwrap();
+    let report = img.check().unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.messages);
+    assert_reads_as(&img, &model);
 }
