@@ -19,6 +19,11 @@
 //! cannot free clusters while their bytes are lent, so such a send waits at most
 //! [`LEND_WAIT`] for a slow client; what is left then is copied and sent after.
 //!
+//! The payload of a write the workers run is read straight into its buffer; while
+//! the rest of it has not arrived the reader polls for it for up to [`PAYLOAD_SPIN`]
+//! before sleeping, so the pieces a client's socket lets through do not each cost
+//! a sleep and a wake-up.
+//!
 //! The reader stops taking requests for the workers while too many — or too many
 //! payload bytes — are in flight, which pushes back on the client through the socket. Reply buffers and
 //! write payload buffers are reused, not allocated and zeroed per request.
@@ -71,6 +76,16 @@ pub const INLINE_LIMIT: Duration = Duration::from_micros(50);
 /// make room; the image's cluster frees wait for it, so a client that stops reading
 /// must not hold them up for longer.
 pub const LEND_WAIT: Duration = Duration::from_millis(5);
+
+/// How long the reader polls for the rest of a write payload before it sleeps in a
+/// read. A client's socket lets only its send buffer's worth through at a time
+/// (208 KiB by default on Linux), so a 1 MiB payload arrives in pieces; polling for
+/// the next piece spares the reader a sleep and a wake-up per piece. fio at QD 16 on
+/// 1 MiB writes over a Unix socket: 2,719-2,765 MiB/s without, 4,229-4,308 with 20
+/// or 50 µs, and less server CPU per request (282-286 µs against 342). Polling for
+/// request headers as well was tried and made reads slower (the reader took the
+/// core the workers and the client needed).
+pub const PAYLOAD_SPIN: Duration = Duration::from_micros(20);
 
 /// Size of the reader's input buffer: the most bytes one socket read takes in.
 const INPUT_BUFFER: usize = 256 << 10;
@@ -205,6 +220,19 @@ impl<W: ReplyWriter + ?Sized> ReplyWriter for &mut W {
     }
 }
 
+/// A connection's request stream: a blocking reader that can also be asked, without
+/// sleeping, for bytes that have already arrived.
+pub trait RequestStream: Read {
+    /// Reads what has arrived without waiting for more: `Err(WouldBlock)` when
+    /// nothing has. The default is `read` itself, for inputs that never keep a reader
+    /// waiting (byte slices, test streams).
+    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+}
+
+impl RequestStream for &[u8] {}
+
 /// The reader's input: bytes `[start..end)` of `buf` are read but not yet parsed.
 struct Input<R> {
     r: R,
@@ -213,7 +241,7 @@ struct Input<R> {
     end: usize,
 }
 
-impl<R: Read> Input<R> {
+impl<R: RequestStream> Input<R> {
     fn new(r: R) -> Input<R> {
         Input {
             r,
@@ -259,12 +287,36 @@ impl<R: Read> Input<R> {
         Ok(true)
     }
 
-    /// Fills `dst` from the buffer, then straight from the reader.
+    /// Fills `dst` (the payload of a write) from the buffer, then straight from the
+    /// reader. The rest of a payload is on its way: while none has arrived the reader
+    /// polls for up to [`PAYLOAD_SPIN`] before it sleeps in a read.
     fn read_exact(&mut self, dst: &mut [u8]) -> io::Result<()> {
         let k = self.available().min(dst.len());
         dst[..k].copy_from_slice(self.peek(k));
         self.consume(k);
-        self.r.read_exact(&mut dst[k..])
+        let mut dst = &mut dst[k..];
+        // When the current wait for more bytes began.
+        let mut waiting: Option<Instant> = None;
+        while !dst.is_empty() {
+            let r = match waiting {
+                Some(t) if t.elapsed() >= PAYLOAD_SPIN => self.r.read(dst),
+                _ => self.r.read_now(dst),
+            };
+            match r {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    dst = &mut dst[n..];
+                    waiting = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    waiting.get_or_insert_with(Instant::now);
+                    std::hint::spin_loop();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Drops `n` bytes of input.
@@ -303,7 +355,7 @@ struct Conn<'a, W> {
 /// before this returns. `reader` needs no buffering of its own.
 ///
 /// `kill` must make blocked reads of `reader` return (for a socket: shut it down).
-pub fn serve<R: Read, W: ReplyWriter>(
+pub fn serve<R: RequestStream, W: ReplyWriter>(
     reader: R,
     writer: W,
     negotiated: &Negotiated,
@@ -358,7 +410,11 @@ fn is_zero(buf: &[u8]) -> bool {
 const HEADER: usize = std::mem::size_of::<RequestHeader>();
 
 impl<W: ReplyWriter> Conn<'_, W> {
-    fn read_requests<R: Read>(&self, mut input: Input<R>, tx: &SyncSender<Request>) -> Result<()> {
+    fn read_requests<R: RequestStream>(
+        &self,
+        mut input: Input<R>,
+        tx: &SyncSender<Request>,
+    ) -> Result<()> {
         let mut out = ReplyBuf::default();
         let r = self.read_loop(&mut input, tx, &mut out);
         // Replies to requests already run go out whatever ended the loop.
@@ -366,7 +422,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
         r
     }
 
-    fn read_loop<R: Read>(
+    fn read_loop<R: RequestStream>(
         &self,
         input: &mut Input<R>,
         tx: &SyncSender<Request>,
@@ -1588,6 +1644,79 @@ mod tests {
         let left = data.len() - (INPUT_BUFFER + 65);
         input.skip(left as u64).expect("skip");
         assert!(!input.fill(1).expect("eof"));
+    }
+
+    /// A stream whose bytes arrive in pieces: `read_now` finds nothing for the first
+    /// `gaps` polls before each piece, and counts the blocking reads it is asked for.
+    struct Trickle {
+        pieces: Vec<Vec<u8>>,
+        gaps: usize,
+        polls: usize,
+        blocking_reads: usize,
+        /// Each poll sleeps this long (a piece that is slow to come).
+        poll_cost: Duration,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.blocking_reads += 1;
+            self.polls = self.gaps; // what was waited for has come
+            self.read_now(buf)
+        }
+    }
+
+    impl RequestStream for Trickle {
+        fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.pieces.is_empty() {
+                return Ok(0);
+            }
+            if self.polls < self.gaps {
+                self.polls += 1;
+                thread::sleep(self.poll_cost);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.polls = 0;
+            let piece = &mut self.pieces[0];
+            let n = piece.len().min(buf.len());
+            buf[..n].copy_from_slice(&piece[..n]);
+            piece.drain(..n);
+            if piece.is_empty() {
+                self.pieces.remove(0);
+            }
+            Ok(n)
+        }
+    }
+
+    /// A write payload arriving in pieces is polled for, not slept for, while the
+    /// pieces come within [`PAYLOAD_SPIN`]; past it the reader sleeps in a read.
+    #[test]
+    fn payload_pieces_are_polled_for_before_the_reader_sleeps() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let pieces = |k: usize| data.chunks(k).map(<[u8]>::to_vec).collect::<Vec<_>>();
+        // Quick pieces: never a blocking read.
+        let mut input = Input::new(Trickle {
+            pieces: pieces(70_000),
+            gaps: 3,
+            polls: 0,
+            blocking_reads: 0,
+            poll_cost: Duration::ZERO,
+        });
+        let mut got = vec![0u8; data.len()];
+        input.read_exact(&mut got).expect("read");
+        assert!(got == data);
+        assert_eq!(input.r.blocking_reads, 0);
+        // Slow pieces: one blocking read per piece once the poll window has passed.
+        let mut input = Input::new(Trickle {
+            pieces: pieces(100_000),
+            gaps: usize::MAX,
+            polls: 0,
+            blocking_reads: 0,
+            poll_cost: PAYLOAD_SPIN / 4,
+        });
+        let mut got = vec![0u8; data.len()];
+        input.read_exact(&mut got).expect("read");
+        assert!(got == data);
+        assert_eq!(input.r.blocking_reads, 3);
     }
 
     #[test]

@@ -59,6 +59,8 @@ impl<'a> Wire<'a> {
     }
 }
 
+impl transmission::RequestStream for Wire<'_> {}
+
 impl Read for Wire<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let rest = self.rest();
