@@ -106,6 +106,12 @@ pub struct Settings {
     pub max_in_flight_bytes: usize,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
+    /// How long shutdown waits for busy connections to finish before it closes the
+    /// image anyway ([`crate::server::DRAIN_TIMEOUT`]).
+    pub drain_timeout: Duration,
+    /// How long a control connection may stay silent before it is closed and its
+    /// slot given back ([`crate::control::IDLE_TIMEOUT`]).
+    pub control_idle_timeout: Duration,
     /// Log connection events and client errors to stderr.
     pub verbose: bool,
     /// STARTTLS settings (`None`: TLS off, `STARTTLS` gets `NBD_REP_ERR_UNSUP`).
@@ -125,6 +131,8 @@ impl Default for Settings {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             handshake_timeout: Duration::from_secs(10),
+            drain_timeout: crate::server::DRAIN_TIMEOUT,
+            control_idle_timeout: crate::control::IDLE_TIMEOUT,
             verbose: false,
             tls: None,
         }

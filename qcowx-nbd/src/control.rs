@@ -112,7 +112,8 @@ pub const MAX_LINE: usize = 64 << 10;
 /// The most control connections served at once; more are answered `busy`.
 pub const MAX_CONNECTIONS: usize = 16;
 
-/// How long a control connection may sit idle between requests.
+/// How long a control connection may sit idle between requests, by default
+/// (`Settings::control_idle_timeout`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One control request.
@@ -821,7 +822,13 @@ impl ControlListener {
     }
 
     /// Accepts every pending connection and starts a thread for each.
-    pub(crate) fn accept_all(&self, exports: &Arc<Exports>, state: &Arc<ControlState>) {
+    /// A connection silent for `idle` is closed.
+    pub(crate) fn accept_all(
+        &self,
+        exports: &Arc<Exports>,
+        state: &Arc<ControlState>,
+        idle: Duration,
+    ) {
         loop {
             let s = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -833,8 +840,8 @@ impl ControlListener {
                 }
             };
             let _ = s.set_nonblocking(false);
-            let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
-            let _ = s.set_write_timeout(Some(IDLE_TIMEOUT));
+            let _ = s.set_read_timeout(Some(idle));
+            let _ = s.set_write_timeout(Some(idle));
             {
                 let mut n = state.active.lock().unwrap_or_else(|p| p.into_inner());
                 if *n >= MAX_CONNECTIONS {

@@ -34,7 +34,8 @@ use crate::socket::Socket;
 use crate::tls;
 use crate::transmission;
 
-/// How long shutdown waits for connections to finish their requests.
+/// How long shutdown waits for connections to finish their requests, by default
+/// (`Settings::drain_timeout`).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where to listen.
@@ -494,7 +495,7 @@ impl Server {
             }
             if let Some(c) = &self.control {
                 if fds[1].revents != 0 {
-                    c.accept_all(&self.exports, &control_state);
+                    c.accept_all(&self.exports, &control_state, settings.control_idle_timeout);
                 }
             }
             for (i, l) in self.listeners.iter().enumerate() {
@@ -550,13 +551,14 @@ impl Server {
                 let _ = s.shutdown(Shutdown::Read);
             }
         }
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let drain = settings.drain_timeout;
+        let deadline = Instant::now() + drain;
         let mut count = clients.count.lock().unwrap_or_else(|p| p.into_inner());
         while *count > 0 {
             let now = Instant::now();
             if now >= deadline {
                 eprintln!(
-                    "qcowx-nbd: {} connection(s) still busy after {DRAIN_TIMEOUT:?}; closing the image anyway",
+                    "qcowx-nbd: {} connection(s) still busy after {drain:?}; closing the image anyway",
                     *count
                 );
                 break;
@@ -570,7 +572,7 @@ impl Server {
         drop(count);
         // A control request already running (a gc, say) finishes first; later ones
         // are refused.
-        control_state.shut_down(DRAIN_TIMEOUT);
+        control_state.shut_down(drain);
         let image = self.exports.image();
         image.flush().and_then(|_| image.close())?;
         Ok(())

@@ -3,12 +3,12 @@
 //! uses when the image is locked. Live snapshots under real NBD clients are in the
 //! workspace's `tests/nbd.rs`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
 use qcowx_nbd::control::{self, ControlError, Request, Response};
@@ -28,6 +28,16 @@ impl TestServer {
     /// Serves `image` (opened writable unless `read_only`) with its control socket at
     /// `control`.
     fn start(image: &Path, control: PathBuf, read_only: bool) -> TestServer {
+        TestServer::start_with(image, control, read_only, Settings::default())
+    }
+
+    /// [`TestServer::start`] with `settings`.
+    fn start_with(
+        image: &Path,
+        control: PathBuf,
+        read_only: bool,
+        settings: Settings,
+    ) -> TestServer {
         let img = OpenOptions::new()
             .write(!read_only)
             .open(image)
@@ -51,7 +61,7 @@ impl TestServer {
                 socket_activation: false,
                 max_clients: 0,
                 persistent: true,
-                settings: Settings::default(),
+                settings,
                 control: Some(control.clone()),
             },
         )
@@ -390,5 +400,41 @@ fn request_finds_the_server_from_the_image_path_alone() {
         panic!("list answer")
     };
     assert!(roots.iter().any(|r| r.name == "via-link"));
+    srv.stop();
+}
+
+/// A control connection that says nothing is closed at `Settings::control_idle_timeout`,
+/// and gives its slot back: with every slot taken by silent connections, a request
+/// is answered (not `busy`) once they have timed out.
+#[test]
+fn silent_control_connections_are_closed_at_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    new_image(&img);
+    let ctl = dir.path().join("ctl.sock");
+    let settings = Settings {
+        control_idle_timeout: Duration::from_millis(300),
+        ..Settings::default()
+    };
+    let srv = TestServer::start_with(&img, ctl.clone(), false, settings);
+    let t0 = Instant::now();
+    let silent: Vec<UnixStream> = (0..control::MAX_CONNECTIONS)
+        .map(|_| {
+            let s = UnixStream::connect(&ctl).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+        .collect();
+    for mut s in silent {
+        let mut b = [0u8; 64];
+        assert_eq!(s.read(&mut b).expect("closed, not timed out"), 0);
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    let a = raw(&ctl, &[b"{\"op\": \"list\"}"]);
+    assert_eq!(a[0]["ok"], true, "{}", a[0]);
     srv.stop();
 }

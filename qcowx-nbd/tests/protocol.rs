@@ -1027,3 +1027,34 @@ fn a_client_that_stops_reading_replies_holds_up_no_other_client() {
     }
     srv.stop();
 }
+
+/// Shutdown waits for busy connections only as long as `Settings::drain_timeout`: a
+/// client that stops reading its replies does not keep the image open (the server's
+/// send to it blocks, and no timeout set after the send began ends it).
+#[test]
+fn shutdown_stops_waiting_for_a_stuck_client_at_the_drain_timeout() {
+    const MIB: u32 = 1 << 20;
+    let settings = Settings {
+        drain_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    let srv = TestServer::start_on_file(settings, 0);
+    srv.image
+        .write_at(&pattern(2 * MIB as usize), 0)
+        .expect("write");
+    let mut stuck = srv.client();
+    stuck.go("");
+    for cookie in 0..48u64 {
+        stuck.request(0, CMD_READ, cookie, 0, MIB, &[]);
+    }
+    // Let the server fill the socket and block on it.
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    srv.stop();
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(8),
+        "shutdown took {took:?} with a 500 ms drain timeout"
+    );
+    drop(stuck);
+}
