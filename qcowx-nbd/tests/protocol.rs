@@ -1058,3 +1058,82 @@ fn shutdown_stops_waiting_for_a_stuck_client_at_the_drain_timeout() {
     );
     drop(stuck);
 }
+
+/// A storage that measures how many large reads run at once while `armed`, each
+/// taking 40 ms.
+#[derive(Debug, Default)]
+struct Gauge {
+    inner: MemStorage,
+    armed: std::sync::atomic::AtomicBool,
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+impl qcowx_core::storage::Storage for Gauge {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.armed.load(SeqCst) {
+            return self.inner.read_at(buf, offset);
+        }
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(n, SeqCst);
+        std::thread::sleep(Duration::from_millis(40));
+        let r = self.inner.read_at(buf, offset);
+        self.now.fetch_sub(1, SeqCst);
+        r
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn path(&self) -> Option<&std::path::Path> {
+        None
+    }
+}
+
+/// `Settings::workers` bounds how many requests of one connection run at once, and
+/// the workers do run in parallel: 8 pipelined reads too large to run on the reading
+/// thread, each waiting 40 ms for the disk, run two at a time with two workers and
+/// four at a time with four.
+#[test]
+fn a_connection_runs_as_many_requests_at_once_as_it_has_workers() {
+    use std::sync::atomic::Ordering::SeqCst;
+    for workers in [2usize, 4] {
+        let gauge = Arc::new(Gauge::default());
+        let img = Image::create_in(gauge.clone(), &CreateOptions::new(SIZE)).expect("create");
+        let settings = Settings {
+            workers,
+            ..Settings::default()
+        };
+        let srv = TestServer::serve(img, tempfile::tempdir().expect("tempdir"), settings, 0);
+        let mut c = srv.client();
+        c.go("");
+        gauge.armed.store(true, SeqCst);
+        // [64K, 192K): one cluster of data (one storage read), one unallocated.
+        let len = 2 * 65536u32;
+        for cookie in 0..8u64 {
+            c.request(0, CMD_READ, cookie, 65536, len, &[]);
+        }
+        for _ in 0..8 {
+            let (_, _, err, _, p) = c.any_reply(len as usize);
+            assert_eq!(err, 0);
+            assert!(p[..65536].iter().all(|&b| b == 0x5a));
+            assert!(p[65536..].iter().all(|&b| b == 0));
+        }
+        gauge.armed.store(false, SeqCst);
+        assert_eq!(gauge.max.load(SeqCst), workers, "reads at once");
+        drop(c);
+        srv.stop();
+    }
+}
