@@ -1137,3 +1137,68 @@ fn a_connection_runs_as_many_requests_at_once_as_it_has_workers() {
         srv.stop();
     }
 }
+
+/// One block status chunk carries at most `MAX_DESCRIPTORS` descriptors: on a disk of
+/// 512-byte clusters alternating data and hole, a query of the whole disk is answered
+/// with exactly that many, covering less than asked, and the queries that follow
+/// from where each reply stopped describe the whole disk.
+#[test]
+fn block_status_chunks_stop_at_the_descriptor_limit() {
+    use qcowx_nbd::transmission::MAX_DESCRIPTORS;
+    let pairs = MAX_DESCRIPTORS as u64 + 100;
+    let start = 196608u64; // past the data TestServer::serve writes at [64K, 128K)
+    let size = start + pairs * 1024;
+    let mut opts = CreateOptions::new(size);
+    opts.cluster_size = 512;
+    let img = Image::create_in(Arc::new(MemStorage::new()), &opts).expect("create");
+    for i in 0..pairs {
+        img.write_at(&[0x77; 512], start + i * 1024).expect("write");
+    }
+    let srv = TestServer::serve(
+        img,
+        tempfile::tempdir().expect("tempdir"),
+        Settings::default(),
+        0,
+    );
+    let mut c = srv.client();
+    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
+    assert_eq!(
+        c.final_kind(OPT_SET_META_CONTEXT, &meta_data("", &["base:allocation"])),
+        REP_ACK
+    );
+    c.go("");
+    let (mut offset, mut counts, mut data_at) = (0u64, Vec::new(), Vec::new());
+    for cookie in 1..=8 {
+        if offset >= size {
+            break;
+        }
+        c.request(
+            0,
+            CMD_BLOCK_STATUS,
+            cookie,
+            offset,
+            (size - offset) as u32,
+            &[],
+        );
+        let ch = c.chunks(cookie);
+        assert_eq!(ch.len(), 1, "one context, one chunk");
+        let descs: Vec<(u64, u32)> = ch[0].1[4..]
+            .chunks(8)
+            .map(|d| (u64::from(be_u32(d)), be_u32(&d[4..])))
+            .collect();
+        counts.push(descs.len());
+        for (n, flags) in descs {
+            if flags & STATE_HOLE == 0 && offset >= start {
+                data_at.push(offset);
+            }
+            offset += n;
+        }
+    }
+    assert_eq!(offset, size, "the whole disk was described");
+    assert_eq!(counts[0], MAX_DESCRIPTORS, "{counts:?}");
+    assert!(counts.iter().all(|&n| n <= MAX_DESCRIPTORS), "{counts:?}");
+    let want: Vec<u64> = (0..pairs).map(|i| start + i * 1024).collect();
+    assert_eq!(data_at.len(), want.len());
+    assert!(data_at == want, "data where it was written, holes between");
+    srv.stop();
+}
