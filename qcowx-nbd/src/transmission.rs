@@ -1406,6 +1406,30 @@ mod tests {
         assert_eq!(dirty_descriptors(&[], 5, 10), vec![(10, 0)]);
     }
 
+    /// The default export of a new in-memory image of `size` bytes, negotiated with
+    /// simple replies.
+    fn memory_export(size: u64) -> Negotiated {
+        use crate::exports::{ExportPlan, Exports};
+        use qcowx_core::storage::MemStorage;
+        use qcowx_core::{CreateOptions, Image};
+        use std::sync::Arc;
+
+        let image = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(size))
+            .expect("create");
+        let plan = ExportPlan::Auto {
+            main_name: "default".into(),
+            main_description: None,
+        };
+        let exports = Exports::new(Arc::new(image), plan, false).expect("exports");
+        let info = exports.find("default").expect("find").expect("default");
+        Negotiated {
+            export: exports.open(&info).expect("open"),
+            flags: 0,
+            structured: false,
+            contexts: Vec::new(),
+        }
+    }
+
     fn request(out: &mut Vec<u8>, command: u16, cookie: u64, offset: u64, len: u32) {
         let h = RequestHeader {
             magic: REQUEST_MAGIC.into(),
@@ -1425,26 +1449,9 @@ mod tests {
     /// workers too when the machine is slow), and every write lands.
     #[test]
     fn reader_and_worker_requests_interleave() {
-        use crate::exports::{ExportPlan, Exports};
-        use qcowx_core::storage::MemStorage;
-        use qcowx_core::{CreateOptions, Image};
         use std::collections::HashMap;
-        use std::sync::Arc;
 
-        let image = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(4 << 20))
-            .expect("create");
-        let plan = ExportPlan::Auto {
-            main_name: "default".into(),
-            main_description: None,
-        };
-        let exports = Exports::new(Arc::new(image), plan, false).expect("exports");
-        let info = exports.find("default").expect("find").expect("default");
-        let n = Negotiated {
-            export: exports.open(&info).expect("open"),
-            flags: 0,
-            structured: false,
-            contexts: Vec::new(),
-        };
+        let n = memory_export(4 << 20);
         let settings = Settings::default();
         let big = INLINE_MAX * 4;
         let mut input = Vec::new();
@@ -1518,25 +1525,7 @@ mod tests {
     /// only when the input buffer runs dry.
     #[test]
     fn replies_to_pipelined_small_writes_go_out_in_groups() {
-        use crate::exports::{ExportPlan, Exports};
-        use qcowx_core::storage::MemStorage;
-        use qcowx_core::{CreateOptions, Image};
-        use std::sync::Arc;
-
-        let image = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(4 << 20))
-            .expect("create");
-        let plan = ExportPlan::Auto {
-            main_name: "default".into(),
-            main_description: None,
-        };
-        let exports = Exports::new(Arc::new(image), plan, false).expect("exports");
-        let info = exports.find("default").expect("find").expect("default");
-        let n = Negotiated {
-            export: exports.open(&info).expect("open"),
-            flags: 0,
-            structured: false,
-            contexts: Vec::new(),
-        };
+        let n = memory_export(4 << 20);
         let mut input = Vec::new();
         let count = 4 * REPLY_EVERY as u64;
         for i in 0..count {

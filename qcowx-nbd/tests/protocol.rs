@@ -101,6 +101,19 @@ impl TestServer {
         Client::connect(&self.path, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
     }
 
+    /// A client in transmission on the default export, with structured replies and
+    /// the `base:allocation` context.
+    fn allocation_client(&self) -> Client {
+        let mut c = self.client();
+        assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
+        assert_eq!(
+            c.final_kind(OPT_SET_META_CONTEXT, &meta_data("", &["base:allocation"])),
+            REP_ACK
+        );
+        c.go("");
+        c
+    }
+
     fn stop(mut self) {
         self.handle.shutdown();
         let r = self.thread.take().expect("thread").join().expect("join");
@@ -622,13 +635,7 @@ fn block_status_replies_stop_at_the_query_limit() {
     srv.image
         .write_at(&[0x66; 65536], 2 * MAX_STATUS_QUERY + 65536)
         .expect("write far out");
-    let mut c = srv.client();
-    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
-    assert_eq!(
-        c.final_kind(OPT_SET_META_CONTEXT, &meta_data("", &["base:allocation"])),
-        REP_ACK
-    );
-    c.go("");
+    let mut c = srv.allocation_client();
     // Ask for 3 GiB at a time; every reply must stop within the limit.
     let ask = 3 * MAX_STATUS_QUERY as u32;
     let (mut offset, mut data_at) = (0u64, Vec::new());
@@ -1160,13 +1167,7 @@ fn block_status_chunks_stop_at_the_descriptor_limit() {
         Settings::default(),
         0,
     );
-    let mut c = srv.client();
-    assert_eq!(c.final_kind(OPT_STRUCTURED_REPLY, &[]), REP_ACK);
-    assert_eq!(
-        c.final_kind(OPT_SET_META_CONTEXT, &meta_data("", &["base:allocation"])),
-        REP_ACK
-    );
-    c.go("");
+    let mut c = srv.allocation_client();
     let (mut offset, mut counts, mut data_at) = (0u64, Vec::new(), Vec::new());
     for cookie in 1..=8 {
         if offset >= size {
