@@ -751,6 +751,8 @@ pub fn serve_client(
                 .map_err(|e| Error::io("clear timeout", e))?;
             let (plain, pump_end) =
                 UnixStream::pair().map_err(|e| Error::io("create a socket pair", e))?;
+            // As for a plaintext client (see `transmit`); best effort.
+            let _ = sock.enlarge_send_buffer();
             let pump_label = label.to_string();
             let verbose = settings.verbose;
             let pump = thread::Builder::new()

@@ -483,6 +483,14 @@ pub fn pump(mut conn: ServerConnection, mut sock: Socket, mut inner: UnixStream)
             let _ = sock.shutdown(std::net::Shutdown::Both);
             return Ok(());
         }
+        // Replies the session refused while its buffer was full, and the buffer has
+        // since gone to the client in full: the session takes more now. No event
+        // would come for them (the plaintext side is not read while they wait, and
+        // the client socket is not watched for room with nothing to send), so go
+        // round again instead of waiting.
+        if from_at < from_len && !conn.wants_write() {
+            continue;
+        }
 
         let mut fds = [
             libc::pollfd {
