@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backing::{self, MAX_BACKING_DEPTH};
 use crate::error::{Error, Result};
-use crate::image::{Extent, ExtentStatus, OpenOptions};
+use crate::image::{Extent, ExtentStatus, Image, OpenOptions};
 use crate::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};
 
@@ -80,7 +80,41 @@ pub fn backing_chain(
     format: Option<LayerFormat>,
     lock: LockMode,
 ) -> Result<Vec<ChainLayer>> {
-    let mut out: Vec<ChainLayer> = Vec::new();
+    Ok(walk(top, format, lock, false)?
+        .into_iter()
+        .map(|(layer, _)| layer)
+        .collect())
+}
+
+/// A layer of a chain, open (without its backing file) with the lock it was walked
+/// with.
+pub(crate) enum OpenLayer {
+    Qcow2(Box<Image>),
+    Raw(FileStorage),
+}
+
+/// [`backing_chain`], with every layer kept open: for callers that go on to read the
+/// layers (an import), so that each is opened and locked once.
+pub(crate) fn open_chain(
+    top: &Path,
+    format: Option<LayerFormat>,
+    lock: LockMode,
+) -> Result<Vec<(ChainLayer, OpenLayer)>> {
+    Ok(walk(top, format, lock, true)?
+        .into_iter()
+        .filter_map(|(layer, open)| open.map(|o| (layer, o)))
+        .collect())
+}
+
+/// Walks the chain under `top`, top first; with `keep`, each layer's open handle
+/// comes with it, else each is closed as soon as it has been read.
+fn walk(
+    top: &Path,
+    format: Option<LayerFormat>,
+    lock: LockMode,
+    keep: bool,
+) -> Result<Vec<(ChainLayer, Option<OpenLayer>)>> {
+    let mut out: Vec<(ChainLayer, Option<OpenLayer>)> = Vec::new();
     let mut seen: Vec<PathBuf> = Vec::new();
     let mut path = top.to_path_buf();
     let mut format = match format {
@@ -119,12 +153,13 @@ pub fn backing_chain(
                     offset: 0,
                     source,
                 })?;
-                out.push(ChainLayer {
+                let layer = ChainLayer {
                     path,
                     format,
                     virtual_size,
                     cluster_size: None,
-                });
+                };
+                out.push((layer, keep.then_some(OpenLayer::Raw(storage))));
                 return Ok(out);
             }
             LayerFormat::Qcow2 => {
@@ -133,13 +168,19 @@ pub fn backing_chain(
                     .open_backing(false)
                     .open(&path)?;
                 let info = img.info()?;
-                img.close()?;
-                out.push(ChainLayer {
+                let open = if keep {
+                    Some(OpenLayer::Qcow2(Box::new(img)))
+                } else {
+                    img.close()?;
+                    None
+                };
+                let layer = ChainLayer {
                     path: path.clone(),
                     format,
                     virtual_size: info.virtual_size,
                     cluster_size: Some(info.cluster_size),
-                });
+                };
+                out.push((layer, open));
                 let Some(name) = info.backing_file else {
                     return Ok(out);
                 };

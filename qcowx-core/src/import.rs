@@ -47,10 +47,10 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::chain::{backing_chain, raw_extents, ChainLayer, LayerFormat};
+use crate::chain::{open_chain, raw_extents, ChainLayer, LayerFormat, OpenLayer};
 use crate::convert::COPY_CHUNK;
 use crate::error::{Error, Result};
-use crate::image::{CreateOptions, Extent, ExtentStatus, Image, OpenOptions};
+use crate::image::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::lock::LockMode;
 use crate::storage::{DeferredSync, FileStorage, OpenMode, Storage, WriteBehind};
 use crate::vdi::{DEFAULT_VDI, MAX_NAME_LEN};
@@ -165,34 +165,10 @@ enum LayerReader {
 }
 
 impl LayerReader {
-    fn open(layer: &ChainLayer) -> Result<LayerReader> {
-        let name = layer.path.display().to_string();
-        match layer.format {
-            LayerFormat::Qcow2 => Ok(LayerReader::Qcow2(Box::new(
-                OpenOptions::new()
-                    .lock(LockMode::Shared)
-                    .open_backing(false)
-                    .open(&layer.path)?,
-            ))),
-            LayerFormat::Raw => {
-                let storage = FileStorage::open(
-                    &layer.path,
-                    OpenMode::read_only().with_lock(LockMode::Shared),
-                )
-                .map_err(|e| match e {
-                    crate::storage::OpenError::Lock { source, .. } => Error::Locked {
-                        file: name.clone(),
-                        source,
-                    },
-                    other => Error::Io {
-                        file: name.clone(),
-                        op: "open",
-                        offset: 0,
-                        source: other.into(),
-                    },
-                })?;
-                Ok(LayerReader::Raw(storage, name))
-            }
+    fn new(layer: &ChainLayer, open: OpenLayer) -> LayerReader {
+        match open {
+            OpenLayer::Qcow2(img) => LayerReader::Qcow2(img),
+            OpenLayer::Raw(storage) => LayerReader::Raw(storage, layer.path.display().to_string()),
         }
     }
 
@@ -277,8 +253,16 @@ pub fn import_chain_with(
     options: &ImportOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ImportReport> {
-    let mut chain = backing_chain(top, None, LockMode::Shared)?;
-    chain.reverse(); // bottom first
+    // Each layer opened once, read-only with a shared lock, and kept open to be read.
+    let mut opened = open_chain(top, None, LockMode::Shared)?;
+    opened.reverse(); // bottom first
+    let (chain, readers): (Vec<ChainLayer>, Vec<LayerReader>) = opened
+        .into_iter()
+        .map(|(layer, open)| {
+            let reader = LayerReader::new(&layer, open);
+            (layer, reader)
+        })
+        .unzip();
     let out_name = output.display().to_string();
     if let Ok(out_canon) = std::fs::canonicalize(output) {
         for layer in &chain {
@@ -305,10 +289,6 @@ pub fn import_chain_with(
             });
         }
     }
-    let readers = chain
-        .iter()
-        .map(LayerReader::open)
-        .collect::<Result<Vec<_>>>()?;
     // Plan: what each layer stores, and the total for progress.
     let mut plans: Vec<Vec<Extent>> = Vec::with_capacity(chain.len());
     let mut total = 0u64;
