@@ -9,7 +9,6 @@
 //! test with a message naming it.
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
-use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -26,7 +25,7 @@ use qcowx_core::header::{
 use qcowx_core::snapshot::{
     parse_table, SnapshotEntry, SnapshotError, MAX_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,
 };
-use qcowx_core::storage::{MemStorage, Storage};
+use qcowx_core::storage::{Access, MemStorage, Storage, Watched};
 use qcowx_core::vdi::MAX_NAME_LEN;
 use qcowx_core::{CreateOptions, Error, Image, LockMode, OpenOptions};
 
@@ -802,46 +801,36 @@ fn refcount_table_at_the_limit_opens_and_one_cluster_more_is_refused() {
 
 // ---- the L2 cache -----------------------------------------------------------------------------
 
-/// A storage that counts reads of whole clusters at the offsets it is told are L2
-/// tables.
-#[derive(Debug, Default)]
-struct CountingStorage {
-    inner: MemStorage,
-    tables: Mutex<Vec<u64>>,
-    table_reads: AtomicU64,
+/// Reads at the offsets it is told are L2 tables, counted.
+#[derive(Debug, Clone, Default)]
+struct TableReads {
+    tables: Arc<Mutex<Vec<u64>>>,
+    count: Arc<AtomicU64>,
 }
 
-impl Storage for CountingStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if self.tables.lock().unwrap().contains(&offset) {
-            self.table_reads.fetch_add(1, Ordering::SeqCst);
+/// A storage in memory whose reads of L2 tables `TableReads` counts.
+fn counting() -> (TableReads, Arc<Watched<MemStorage>>) {
+    let reads = TableReads::default();
+    let r = reads.clone();
+    let storage = Watched::new(MemStorage::new(), move |a| {
+        if let Access::Read { offset, .. } = a {
+            if r.tables.lock().unwrap().contains(&offset) {
+                r.count.fetch_add(1, Ordering::SeqCst);
+            }
         }
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
-    fn path(&self) -> Option<&Path> {
-        None
-    }
+        Ok(())
+    });
+    (reads, Arc::new(storage))
 }
 
 /// Reads, in `passes` rounds, one unallocated cluster of each of the first `tables`
 /// L2 tables (only the table lookup touches the file); returns the table reads of the
 /// rounds after the first.
-fn table_reads_cycling(storage: &Arc<CountingStorage>, opts: &OpenOptions, tables: u64) -> u64 {
+fn table_reads_cycling(
+    (reads, storage): &(TableReads, Arc<Watched<MemStorage>>),
+    opts: &OpenOptions,
+    tables: u64,
+) -> u64 {
     let img = Image::from_storage(storage.clone(), opts).expect("open");
     let span = 512u64 << 20; // guest bytes one 64 KiB L2 table maps
     let mut buf = [0u8; 512];
@@ -849,14 +838,14 @@ fn table_reads_cycling(storage: &Arc<CountingStorage>, opts: &OpenOptions, table
         img.read_at(&mut buf, t * span + 65536)
             .expect("warm-up read");
     }
-    let before = storage.table_reads.load(Ordering::SeqCst);
+    let before = reads.count.load(Ordering::SeqCst);
     for _ in 0..3 {
         for t in 0..tables {
             img.read_at(&mut buf, t * span + 65536).expect("read");
             assert_eq!(buf, [0u8; 512]);
         }
     }
-    storage.table_reads.load(Ordering::SeqCst) - before
+    reads.count.load(Ordering::SeqCst) - before
 }
 
 /// The L2 cache holds `cache_bytes / table size` tables (at least
@@ -868,7 +857,8 @@ fn l2_cache_holds_its_capacity_and_not_one_table_more() {
     let tables = DEFAULT_CACHE_BYTES as u64 / 65536 + 1;
     assert_eq!(tables - 1, 128);
     let span = 512u64 << 20;
-    let storage = Arc::new(CountingStorage::default());
+    let counted = counting();
+    let storage = &counted.1;
     let img =
         Image::create_in(storage.clone(), &CreateOptions::new(tables * span)).expect("create");
     for t in 0..tables {
@@ -889,20 +879,20 @@ fn l2_cache_holds_its_capacity_and_not_one_table_more() {
             .filter(|&o| o != 0)
             .collect();
         assert_eq!(offsets.len() as u64, tables);
-        *storage.tables.lock().unwrap() = offsets;
+        *counted.0.tables.lock().unwrap() = offsets;
     }
 
     let default = OpenOptions::new();
-    assert_eq!(table_reads_cycling(&storage, &default, tables - 1), 0);
-    assert_eq!(table_reads_cycling(&storage, &default, tables), 3 * tables);
+    assert_eq!(table_reads_cycling(&counted, &default, tables - 1), 0);
+    assert_eq!(table_reads_cycling(&counted, &default, tables), 3 * tables);
 
     let four = OpenOptions::new().cache_bytes(4 * 65536 + 65535);
-    assert_eq!(table_reads_cycling(&storage, &four, 4), 0);
-    assert_eq!(table_reads_cycling(&storage, &four, 5), 15);
+    assert_eq!(table_reads_cycling(&counted, &four, 4), 0);
+    assert_eq!(table_reads_cycling(&counted, &four, 5), 15);
     // Below the minimum the cache still holds MIN_CACHED_TABLES.
     let tiny = OpenOptions::new().cache_bytes(1);
     assert_eq!(
-        table_reads_cycling(&storage, &tiny, MIN_CACHED_TABLES as u64),
+        table_reads_cycling(&counted, &tiny, MIN_CACHED_TABLES as u64),
         0
     );
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use qcowx_core::storage::MemStorage;
+use qcowx_core::storage::{Access, MemStorage, Watched};
 use qcowx_core::{CreateOptions, Image};
 use qcowx_nbd::config::Settings;
 use qcowx_nbd::exports::{ExportPlan, Exports};
@@ -1066,47 +1066,30 @@ fn shutdown_stops_waiting_for_a_stuck_client_at_the_drain_timeout() {
     drop(stuck);
 }
 
-/// A storage that measures how many large reads run at once while `armed`, each
-/// taking 40 ms.
+/// How many reads of a [`gauged`] storage run at once while `armed`, each held up
+/// 40 ms.
 #[derive(Debug, Default)]
 struct Gauge {
-    inner: MemStorage,
     armed: std::sync::atomic::AtomicBool,
     now: std::sync::atomic::AtomicUsize,
     max: std::sync::atomic::AtomicUsize,
 }
 
-impl qcowx_core::storage::Storage for Gauge {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        use std::sync::atomic::Ordering::SeqCst;
-        if !self.armed.load(SeqCst) {
-            return self.inner.read_at(buf, offset);
+/// A storage in memory whose reads `Gauge` measures.
+fn gauged() -> (Arc<Gauge>, Arc<Watched<MemStorage>>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let gauge = Arc::new(Gauge::default());
+    let g = Arc::clone(&gauge);
+    let storage = Watched::new(MemStorage::new(), move |a| {
+        if matches!(a, Access::Read { .. }) && g.armed.load(SeqCst) {
+            let n = g.now.fetch_add(1, SeqCst) + 1;
+            g.max.fetch_max(n, SeqCst);
+            std::thread::sleep(Duration::from_millis(40));
+            g.now.fetch_sub(1, SeqCst);
         }
-        let n = self.now.fetch_add(1, SeqCst) + 1;
-        self.max.fetch_max(n, SeqCst);
-        std::thread::sleep(Duration::from_millis(40));
-        let r = self.inner.read_at(buf, offset);
-        self.now.fetch_sub(1, SeqCst);
-        r
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
-    fn path(&self) -> Option<&std::path::Path> {
-        None
-    }
+        Ok(())
+    });
+    (gauge, Arc::new(storage))
 }
 
 /// `Settings::workers` bounds how many requests of one connection run at once, and
@@ -1117,8 +1100,8 @@ impl qcowx_core::storage::Storage for Gauge {
 fn a_connection_runs_as_many_requests_at_once_as_it_has_workers() {
     use std::sync::atomic::Ordering::SeqCst;
     for workers in [2usize, 4] {
-        let gauge = Arc::new(Gauge::default());
-        let img = Image::create_in(gauge.clone(), &CreateOptions::new(SIZE)).expect("create");
+        let (gauge, storage) = gauged();
+        let img = Image::create_in(storage, &CreateOptions::new(SIZE)).expect("create");
         let settings = Settings {
             workers,
             ..Settings::default()
