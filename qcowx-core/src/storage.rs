@@ -781,6 +781,37 @@ impl Storage for DeferredSync {
     }
 }
 
+/// A shared storage is a storage (so a [`Watched`] can wrap an `Arc<dyn Storage>`).
+impl<T: Storage + ?Sized> Storage for Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn path(&self) -> Option<&Path> {
+        (**self).path()
+    }
+    fn release(&self) -> io::Result<()> {
+        (**self).release()
+    }
+    fn mapping(&self, end: u64) -> Option<Arc<Mmap>> {
+        (**self).mapping(end)
+    }
+}
+
 /// A read or a write a [`Watched`] storage is about to pass on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

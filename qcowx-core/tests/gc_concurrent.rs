@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{qemu_check_clean, Pause, Stopped};
 use qcowx_core::crashsim::Rng;
-use qcowx_core::storage::{FileStorage, Storage};
+use qcowx_core::storage::FileStorage;
 use qcowx_core::{CreateOptions, Image, LockMode, OpenOptions};
 
 const MIB: u64 = 1 << 20;
@@ -41,10 +41,8 @@ fn io_goes_on_while_gc_counts() {
     let path = dir.path().join("disk.qcow2");
     let size = 64 * MIB;
     let file = FileStorage::create(&path, LockMode::Exclusive).unwrap();
-    let pause = Arc::new(Pause::new(Arc::new(file)));
-    let img = Arc::new(
-        Image::create_in(pause.clone() as Arc<dyn Storage>, &CreateOptions::new(size)).unwrap(),
-    );
+    let (pause, storage) = Pause::new(Arc::new(file));
+    let img = Arc::new(Image::create_in(storage, &CreateOptions::new(size)).unwrap());
     let mut model = vec![0u8; size as usize];
     let write = |img: &Image, model: &mut Vec<u8>, seed: u8, off: u64, len: u64| {
         let data = fill(seed, len);

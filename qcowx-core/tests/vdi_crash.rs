@@ -120,8 +120,8 @@ impl Workload {
         let mut opts = CreateOptions::new(size);
         opts.cluster_size = cs;
         opts.extended_l2 = extended;
-        let pause = Arc::new(Pause::new(storage.clone() as Arc<dyn Storage>));
-        let img = Image::create_in(pause.clone() as Arc<dyn Storage>, &opts).unwrap();
+        let (pause, paused) = Pause::new(storage.clone() as Arc<dyn Storage>);
+        let img = Image::create_in(paused, &opts).unwrap();
         let per_table = cs / if extended { 16 } else { 8 };
         let l1_bytes = 8 * size.div_ceil(cs * per_table) as usize;
         let created = storage.cut_points();

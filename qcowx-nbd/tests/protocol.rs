@@ -242,6 +242,17 @@ impl Client {
         (be_u64(&e.data[2..]), be_u16(&e.data[10..]))
     }
 
+    /// A block status request for one context: its descriptors (length, flags).
+    fn status(&mut self, cookie: u64, offset: u64, len: u32) -> Vec<(u64, u32)> {
+        self.request(0, CMD_BLOCK_STATUS, cookie, offset, len, &[]);
+        let ch = self.chunks(cookie);
+        assert_eq!(ch.len(), 1, "one context, one chunk");
+        ch[0].1[4..]
+            .chunks(8)
+            .map(|d| (u64::from(be_u32(d)), be_u32(&d[4..])))
+            .collect()
+    }
+
     fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.s.read(&mut b), Ok(0) | Err(_))
@@ -644,13 +655,7 @@ fn block_status_replies_stop_at_the_query_limit() {
             break;
         }
         let len = (size - offset).min(u64::from(ask)) as u32;
-        c.request(0, CMD_BLOCK_STATUS, cookie, offset, len, &[]);
-        let ch = c.chunks(cookie);
-        assert_eq!(ch.len(), 1, "one context, one chunk");
-        let descs: Vec<(u64, u32)> = ch[0].1[4..]
-            .chunks(8)
-            .map(|d| (u64::from(be_u32(d)), be_u32(&d[4..])))
-            .collect();
+        let descs = c.status(cookie, offset, len);
         let covered: u64 = descs.iter().map(|d| d.0).sum();
         assert!(
             covered > 0 && covered <= MAX_STATUS_QUERY,
@@ -1156,20 +1161,7 @@ fn block_status_chunks_stop_at_the_descriptor_limit() {
         if offset >= size {
             break;
         }
-        c.request(
-            0,
-            CMD_BLOCK_STATUS,
-            cookie,
-            offset,
-            (size - offset) as u32,
-            &[],
-        );
-        let ch = c.chunks(cookie);
-        assert_eq!(ch.len(), 1, "one context, one chunk");
-        let descs: Vec<(u64, u32)> = ch[0].1[4..]
-            .chunks(8)
-            .map(|d| (u64::from(be_u32(d)), be_u32(&d[4..])))
-            .collect();
+        let descs = c.status(cookie, offset, (size - offset) as u32);
         counts.push(descs.len());
         for (n, flags) in descs {
             if flags & STATE_HOLE == 0 && offset >= start {

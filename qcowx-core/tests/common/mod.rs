@@ -2,14 +2,13 @@
 
 #![allow(dead_code)]
 
-use std::io;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use qcowx_core::storage::Storage;
+use qcowx_core::storage::{Access, Storage, Watched};
 
 /// Makes sure `tool` runs; panics naming the Debian package that provides it (the
 /// test command installs them) — a test never skips because its oracle is missing.
@@ -53,12 +52,11 @@ pub fn qemu_check_clean(path: &Path) {
     );
 }
 
-/// A storage that stops one chosen thread on its first read of a chosen length, until
-/// the test releases it: a way to run other code deterministically while, say, `gc`
-/// is half-way through counting.
-#[derive(Debug)]
+/// A pause point in a storage: it stops one chosen thread on its first read of a
+/// chosen length, until the test releases it — a way to run other code
+/// deterministically while, say, `gc` is half-way through counting.
+#[derive(Debug, Default)]
 pub struct Pause {
-    inner: Arc<dyn Storage>,
     state: Mutex<PauseState>,
     cv: Condvar,
 }
@@ -82,12 +80,17 @@ pub enum Stopped {
 }
 
 impl Pause {
-    pub fn new(inner: Arc<dyn Storage>) -> Pause {
-        Pause {
-            inner,
-            state: Mutex::new(PauseState::default()),
-            cv: Condvar::new(),
-        }
+    /// `inner` behind a pause point: the point, and the storage to give the image.
+    pub fn new(inner: Arc<dyn Storage>) -> (Arc<Pause>, Arc<dyn Storage>) {
+        let pause = Arc::new(Pause::default());
+        let p = Arc::clone(&pause);
+        let storage = Watched::new(inner, move |a| {
+            if let Access::Read { len, .. } = a {
+                p.maybe_stop(len);
+            }
+            Ok(())
+        });
+        (pause, Arc::new(storage))
     }
 
     /// Forgets the previous round; call before starting the thread that will
@@ -144,33 +147,5 @@ impl Pause {
         while !s.released {
             s = self.cv.wait(s).unwrap();
         }
-    }
-}
-
-impl Storage for Pause {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.maybe_stop(buf.len());
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.punch_hole(offset, len)
-    }
-    fn path(&self) -> Option<&Path> {
-        self.inner.path()
-    }
-    fn release(&self) -> io::Result<()> {
-        self.inner.release()
     }
 }
