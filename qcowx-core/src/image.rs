@@ -1165,7 +1165,7 @@ impl Image {
                 pos += self.write_whole_clusters(&mut st, root, guest, &buf[pos as usize..])?;
                 continue;
             }
-            self.write_cluster(&mut st, root, guest - in_off, in_off, chunk)?;
+            self.write_partial_cluster(&mut st, root, guest - in_off, in_off, chunk)?;
             pos += n;
         }
         Ok(())
@@ -1345,8 +1345,10 @@ impl Image {
         Ok(done)
     }
 
-    /// Writes `data` at `in_off` of the guest cluster `cg` through the slow path.
-    fn write_cluster(
+    /// Writes `data`, less than a whole cluster, at `in_off` of the guest cluster `cg`
+    /// through the slow path: the cluster's old content around it goes with it.
+    /// (Whole clusters go through `write_whole_clusters`.)
+    fn write_partial_cluster(
         &self,
         st: &mut State,
         root: RootId,
@@ -1362,42 +1364,36 @@ impl Image {
             host,
             in_place,
         } = self.slow_target(st, root, cg)?;
-        if in_off == 0 && data.len() as u64 == cs {
-            self.storage
-                .write_at(data, host)
-                .map_err(|e| self.io_err("write data", host, e))?;
-        } else {
-            let mut content = vec![0u8; cs as usize];
-            self.read_cluster(kind, cg, &mut content)?;
-            let (start, end) = (in_off as usize, in_off as usize + data.len());
-            content[start..end].copy_from_slice(data);
-            // Subclusters already allocated in this cluster may have in-place writes in
-            // flight (looked up before this call): rewrite only the written range and
-            // the subclusters being allocated, never other bytes of allocated ones.
-            let alloc = match (in_place, kind) {
-                (true, ClusterKind::Subclusters { alloc, .. }) => alloc,
-                _ => 0,
+        let mut content = vec![0u8; cs as usize];
+        self.read_cluster(kind, cg, &mut content)?;
+        let (start, end) = (in_off as usize, in_off as usize + data.len());
+        content[start..end].copy_from_slice(data);
+        // Subclusters already allocated in this cluster may have in-place writes in
+        // flight (looked up before this call): rewrite only the written range and
+        // the subclusters being allocated, never other bytes of allocated ones.
+        let alloc = match (in_place, kind) {
+            (true, ClusterKind::Subclusters { alloc, .. }) => alloc,
+            _ => 0,
+        };
+        let sub = self.geo.subcluster_size() as usize;
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in 0..crate::tables::SUBCLUSTERS as usize {
+            let (lo, hi) = if alloc & (1 << i) == 0 {
+                (i * sub, (i + 1) * sub)
+            } else {
+                ((i * sub).max(start), ((i + 1) * sub).min(end))
             };
-            let sub = self.geo.subcluster_size() as usize;
-            let mut runs: Vec<(usize, usize)> = Vec::new();
-            for i in 0..crate::tables::SUBCLUSTERS as usize {
-                let (lo, hi) = if alloc & (1 << i) == 0 {
-                    (i * sub, (i + 1) * sub)
-                } else {
-                    ((i * sub).max(start), ((i + 1) * sub).min(end))
-                };
-                match runs.last_mut() {
-                    _ if lo >= hi => {}
-                    Some(r) if r.1 == lo => r.1 = hi,
-                    _ => runs.push((lo, hi)),
-                }
+            match runs.last_mut() {
+                _ if lo >= hi => {}
+                Some(r) if r.1 == lo => r.1 = hi,
+                _ => runs.push((lo, hi)),
             }
-            for (lo, hi) in runs {
-                let at = host + lo as u64;
-                self.storage
-                    .write_at(&content[lo..hi], at)
-                    .map_err(|e| self.io_err("write data", at, e))?;
-            }
+        }
+        for (lo, hi) in runs {
+            let at = host + lo as u64;
+            self.storage
+                .write_at(&content[lo..hi], at)
+                .map_err(|e| self.io_err("write data", at, e))?;
         }
         self.set_l2_entry(st, l2_off, l2i, L2Entry::data(host, &self.geo))
     }

@@ -681,7 +681,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
                 Ok(None) if !sent => {
                     drop(w);
                     out.clear();
-                    self.read(req, out);
+                    self.read_into(req, &runs, out);
                     self.send(out.bytes());
                     out.clear();
                     return;
@@ -975,7 +975,12 @@ impl<W: ReplyWriter> Conn<'_, W> {
     }
 
     fn read(&self, req: &Request, out: &mut ReplyBuf) {
-        let runs = self.read_runs(req);
+        self.read_into(req, &self.read_runs(req), out);
+    }
+
+    /// The reply to read `req`, made of `runs` (see [`Conn::read_runs`]), read with
+    /// `read_at`.
+    fn read_into(&self, req: &Request, runs: &[(u64, u64, bool)], out: &mut ReplyBuf) {
         let n = runs.len();
         for (i, &(off, l, data)) in runs.iter().enumerate() {
             let at = out.len();
