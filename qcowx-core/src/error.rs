@@ -130,7 +130,7 @@ pub enum Error {
         bits: u32,
     },
     /// A named snapshot or VDI does not exist.
-    #[error("{file}: {what} '{name}' not found; `qcowx list {file}` lists them")]
+    #[error("{file}: {what} '{name}' not found")]
     NotFound {
         /// The image file.
         file: String,
@@ -155,6 +155,62 @@ pub enum Error {
     },
 }
 
+/// What kind of failure an [`Error`] is: the one classification that the NBD server's
+/// errno map, the control protocol's `kind` field and the command line's exit codes and
+/// hints all read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A named snapshot, VDI or file does not exist.
+    NotFound,
+    /// An argument is invalid.
+    InvalidArgument,
+    /// The image, the handle or the root does not allow writing.
+    ReadOnly,
+    /// A request lies past the end of the virtual disk.
+    OutOfRange,
+    /// The storage is full, or a limit of the format would be exceeded.
+    NoSpace,
+    /// An operating-system I/O error other than a full disk.
+    Io,
+    /// The image's metadata is damaged.
+    Corrupt,
+    /// Another process (or another handle in this one) holds the image's lock.
+    Locked,
+    /// The image uses a feature this implementation does not support.
+    Unsupported,
+    /// The image was closed.
+    Closed,
+    /// Anything else about the image (its header, snapshot table, backing chain,
+    /// compressed data).
+    Image,
+}
+
+impl ErrorKind {
+    /// A short stable name (`not-found`, `read-only`, …) for machine-readable output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::InvalidArgument => "invalid-argument",
+            ErrorKind::ReadOnly => "read-only",
+            ErrorKind::OutOfRange => "out-of-range",
+            ErrorKind::NoSpace => "no-space",
+            ErrorKind::Io => "io",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Locked => "locked",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Closed => "closed",
+            ErrorKind::Image => "image",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Error {
     /// The OS error number behind this error, if it came from the OS (for NBD replies).
     pub fn raw_os_error(&self) -> Option<i32> {
@@ -162,5 +218,77 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+
+    /// What kind of failure this is. OS errors are classified by their error number:
+    /// a full disk, an exceeded quota or a file grown past its limit is
+    /// [`ErrorKind::NoSpace`]; a refused permission is [`ErrorKind::ReadOnly`]; a
+    /// missing file is [`ErrorKind::NotFound`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::Limit { .. } | Error::RefcountOverflow { .. } => ErrorKind::NoSpace,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Locked { .. } => ErrorKind::Locked,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::Closed { .. } => ErrorKind::Closed,
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ErrorKind::NoSpace,
+                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => ErrorKind::ReadOnly,
+                Some(libc::ENOENT) => ErrorKind::NotFound,
+                Some(libc::EINVAL) => ErrorKind::InvalidArgument,
+                _ if source.kind() == std::io::ErrorKind::StorageFull => ErrorKind::NoSpace,
+                _ => ErrorKind::Io,
+            },
+            Error::Header { .. }
+            | Error::Snapshot { .. }
+            | Error::Compressed { .. }
+            | Error::Backing { .. } => ErrorKind::Image,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(code: i32) -> Error {
+        Error::Io {
+            file: "x".into(),
+            op: "write data",
+            offset: 0,
+            source: std::io::Error::from_raw_os_error(code),
+        }
+    }
+
+    #[test]
+    fn os_errors_are_classified_by_number() {
+        assert_eq!(io(libc::ENOSPC).kind(), ErrorKind::NoSpace);
+        assert_eq!(io(libc::EDQUOT).kind(), ErrorKind::NoSpace);
+        assert_eq!(io(libc::EFBIG).kind(), ErrorKind::NoSpace);
+        assert_eq!(io(libc::EROFS).kind(), ErrorKind::ReadOnly);
+        assert_eq!(io(libc::ENOENT).kind(), ErrorKind::NotFound);
+        assert_eq!(io(libc::EIO).kind(), ErrorKind::Io);
+        let full = Error::Io {
+            file: "x".into(),
+            op: "write data",
+            offset: 0,
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        assert_eq!(full.kind(), ErrorKind::NoSpace);
+    }
+
+    #[test]
+    fn messages_name_no_command() {
+        let e = Error::NotFound {
+            file: "a.qcow2".into(),
+            what: "snapshot".into(),
+            name: "s1".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(e.to_string(), "a.qcow2: snapshot 's1' not found");
     }
 }

@@ -54,7 +54,7 @@ pub mod vdi;
 
 pub use compress::CompressionType;
 pub use diff::Range;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use gc::GcReport;
 pub use image::{CreateOptions, Extent, ExtentStatus, Image, ImageInfo, OpenOptions, SnapshotInfo};
 pub use lock::LockMode;

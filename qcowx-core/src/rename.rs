@@ -61,11 +61,7 @@ impl Image {
             return Ok(());
         }
         if new == DEFAULT_VDI || roots.iter().any(|r| r.name == new) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: a snapshot or VDI named '{new}' already exists; `qcowx list {}` lists \
-                 them",
-                self.name, self.name
-            )));
+            return Err(self.exists(new));
         }
         let _structure = self.lock_structure();
         let mut st = self.lock_state()?;

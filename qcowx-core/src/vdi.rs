@@ -867,10 +867,10 @@ impl Image {
         }
     }
 
-    fn exists(&self, name: &str) -> Error {
+    pub(crate) fn exists(&self, name: &str) -> Error {
         Error::InvalidArgument(format!(
-            "{}: a snapshot or VDI named '{name}' already exists; `qcowx list {}` lists them",
-            self.name, self.name
+            "{}: a snapshot or VDI named '{name}' already exists",
+            self.name
         ))
     }
 

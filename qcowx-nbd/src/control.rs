@@ -59,9 +59,11 @@
 //!
 //! A failure is `{"ok": false, "error": MESSAGE, "kind": KIND}`: MESSAGE is the
 //! library's own message (what `qcowx` would print had it opened the image itself);
-//! KIND is one of `not-found`, `invalid-argument`, `read-only`, `limit`, `io`,
-//! `corrupt`, `closed`, `image` (any other library error), `invalid-request` (the line
-//! is not a valid request), `wrong-image`, `shutting-down`, `busy`. A bad request
+//! KIND is the library's error kind (`qcowx_core::ErrorKind::as_str`: `not-found`,
+//! `invalid-argument`, `read-only`, `out-of-range`, `no-space`, `io`, `corrupt`,
+//! `locked`, `unsupported`, `closed`, `image`) or one of the protocol's own:
+//! `invalid-request` (the line is not a valid request), `wrong-image`,
+//! `shutting-down`, `busy`. A bad request
 //! changes nothing and the connection stays usable (except after a line longer than
 //! [`MAX_LINE`], which closes it).
 //!
@@ -508,21 +510,6 @@ impl Response {
 
 fn error_json(message: &str, kind: &str) -> Value {
     json!({"ok": false, "error": message, "kind": kind})
-}
-
-/// The `kind` of an image error.
-pub fn error_kind(e: &qcowx_core::Error) -> &'static str {
-    use qcowx_core::Error as E;
-    match e {
-        E::NotFound { .. } => "not-found",
-        E::InvalidArgument(_) => "invalid-argument",
-        E::ReadOnly { .. } => "read-only",
-        E::Limit { .. } | E::RefcountOverflow { .. } => "limit",
-        E::Io { .. } => "io",
-        E::Corrupt { .. } => "corrupt",
-        E::Closed { .. } => "closed",
-        _ => "image",
-    }
 }
 
 // ---- where the socket is ----------------------------------------------------------------
@@ -1053,7 +1040,7 @@ fn run_request(req: &Request, exports: &Exports, state: &ControlState) -> Value 
     }
     match r {
         Ok(resp) => resp.to_json(),
-        Err(e) => error_json(&e.to_string(), error_kind(&e)),
+        Err(e) => error_json(&e.to_string(), e.kind().as_str()),
     }
 }
 

@@ -69,22 +69,17 @@ impl Error {
     }
 }
 
-/// The NBD error value for an image error. `write` selects `ENOSPC` for requests past
-/// the end of the disk (the protocol's choice for writes; reads get `EINVAL`).
+/// The NBD error value for an image error, from its [`qcowx_core::ErrorKind`]. `write`
+/// selects `ENOSPC` for requests past the end of the disk (the protocol's choice for
+/// writes; reads get `EINVAL`).
 pub fn nbd_errno(err: &qcowx_core::Error, write: bool) -> u32 {
-    use qcowx_core::Error as E;
-    match err {
-        E::ReadOnly { .. } => wire::EPERM,
-        E::OutOfRange { .. } if write => wire::ENOSPC,
-        E::OutOfRange { .. } | E::InvalidArgument(_) => wire::EINVAL,
-        E::Limit { .. } => wire::ENOSPC,
-        E::Closed { .. } => wire::ESHUTDOWN,
-        E::Io { .. } => match err.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => wire::ENOSPC,
-            Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => wire::EPERM,
-            Some(libc::EINVAL) => wire::EINVAL,
-            _ => wire::EIO,
-        },
+    use qcowx_core::ErrorKind as K;
+    match err.kind() {
+        K::ReadOnly => wire::EPERM,
+        K::OutOfRange if write => wire::ENOSPC,
+        K::OutOfRange | K::InvalidArgument => wire::EINVAL,
+        K::NoSpace => wire::ENOSPC,
+        K::Closed => wire::ESHUTDOWN,
         _ => wire::EIO,
     }
 }
