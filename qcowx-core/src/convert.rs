@@ -32,10 +32,9 @@ use std::sync::Arc;
 use crate::chain::{raw_extents, LayerFormat};
 use crate::compress::{compress_cluster, CompressionType};
 use crate::error::{Error, Result};
-use crate::image::{CreateOptions, Extent, ExtentStatus, Image, DEFAULT_ROOT};
+use crate::image::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};
-use crate::tables::{L1Entry, L2Entry, COMPRESSED};
 use crate::vdi::Disk;
 
 /// The largest buffer an export reads and writes at once.
@@ -593,8 +592,8 @@ fn write_nonzero(sink: &mut dyn Sink, buf: &[u8], offset: u64, granule: u64) -> 
 /// of, as QEMU counts them.
 ///
 /// Only clusters that are unallocated (or zero, without a preallocated host cluster)
-/// in the default VDI can be written, and only while no snapshot shares the L2
-/// table: the writer fills a fresh image, it does not replace data.
+/// in the default VDI can be written: the writer fills clusters, it does not replace
+/// data. An L2 table shared with a snapshot is copied first, as for any write.
 #[derive(Debug)]
 pub struct CompressedWriter<'a> {
     img: &'a Image,
@@ -649,98 +648,34 @@ impl<'a> CompressedWriter<'a> {
             img.write_at(&data[..n], guest)?;
             return Ok(false);
         };
-        let geo = img.geo;
-        let (l1i, l2i) = geo.split(guest);
         let mut st = img.lock_state()?;
         img.mark_stale(&mut st)?;
-        // The L2 table, created when missing.
-        let l1e = L1Entry(
-            img.root(&st, DEFAULT_ROOT)?
-                .l1
-                .get(l1i)
-                .copied()
-                .unwrap_or(0),
-        );
-        let l2_off = match l1e.l2_offset() {
-            Some(off) if l1e.writable() => {
-                img.load_l2(&mut st, off)?;
-                off
-            }
-            Some(_) => {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: compressed writes go to a fresh image; the L2 table of guest \
-                     offset {guest} is shared with a snapshot",
-                    img.file_name()
-                )))
-            }
-            None => {
-                let new = st.alloc.cluster();
-                let words = vec![0u64; (cs / 8) as usize];
-                if let Some(ev) = st.cache.insert(new, words, true) {
-                    img.sync()?;
-                    img.storage
-                        .write_at(&crate::tables::encode_words(&ev.words), ev.offset)
-                        .map_err(|e| img.io_err("write L2 table", ev.offset, e))?;
-                }
-                img.set_l1_entry(&mut st, DEFAULT_ROOT, l1i, L1Entry::new(new, true))?;
-                new
-            }
-        };
-        let step = if geo.extended { 2 } else { 1 };
-        let current = {
-            let words = st
-                .cache
-                .get(l2_off)
-                .ok_or_else(|| img.corrupt("L2 table", l2_off, "vanished from the cache"))?;
-            L2Entry {
-                word: words[l2i * step],
-                bitmap: if geo.extended { words[l2i * 2 + 1] } else { 0 },
-            }
-        };
-        match current.kind(&geo) {
-            Ok(crate::tables::ClusterKind::Unallocated)
-            | Ok(crate::tables::ClusterKind::Zero { host: None }) => {}
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: guest cluster at {guest} is already allocated; compressed writes \
-                     fill unallocated clusters only",
-                    img.file_name()
-                )))
-            }
-        }
-        // Byte-granular placement.
-        let len = bytes.len() as u64;
-        let at = if self.cursor != 0 && !self.cursor.is_multiple_of(cs) {
-            let room = cs - self.cursor % cs;
-            if len <= room {
-                self.cursor
-            } else {
-                let extra = (len - room).div_ceil(cs);
-                let new = st.alloc.contiguous(extra);
-                if new == self.cursor.next_multiple_of(cs) {
+        img.link_compressed(&mut st, guest, |st| {
+            // Byte-granular placement: right after the previous compressed cluster
+            // when it fits (or the next host cluster follows), else in new clusters.
+            let len = bytes.len() as u64;
+            let at = if self.cursor != 0 && !self.cursor.is_multiple_of(cs) {
+                let room = cs - self.cursor % cs;
+                if len <= room {
                     self.cursor
                 } else {
-                    new
+                    let extra = (len - room).div_ceil(cs);
+                    let new = st.alloc.contiguous(extra);
+                    if new == self.cursor.next_multiple_of(cs) {
+                        self.cursor
+                    } else {
+                        new
+                    }
                 }
-            }
-        } else {
-            st.alloc.contiguous(len.div_ceil(cs))
-        };
-        img.storage
-            .write_at(&bytes, at)
-            .map_err(|e| img.io_err("write compressed cluster", at, e))?;
-        self.cursor = at + len;
-        let sectors = ((at + len - 1) >> 9) - (at >> 9);
-        let word = COMPRESSED | (sectors << geo.csize_shift()) | at;
-        let words = st
-            .cache
-            .get_mut(l2_off)
-            .ok_or_else(|| img.corrupt("L2 table", l2_off, "vanished from the cache"))?;
-        words[l2i * step] = word;
-        if geo.extended {
-            words[l2i * 2 + 1] = 0;
-        }
-        st.cache.mark_dirty(l2_off);
+            } else {
+                st.alloc.contiguous(len.div_ceil(cs))
+            };
+            img.storage
+                .write_at(&bytes, at)
+                .map_err(|e| img.io_err("write compressed cluster", at, e))?;
+            self.cursor = at + len;
+            Ok((at, len))
+        })?;
         Ok(true)
     }
 

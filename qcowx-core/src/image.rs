@@ -1268,6 +1268,35 @@ impl Image {
         }
     }
 
+    /// Links guest cluster `guest` of the default VDI to compressed data that `place`
+    /// writes (it returns the host byte offset and length). The cluster must read as
+    /// unallocated (or zero with no host cluster): compressed output fills clusters, it
+    /// does not replace data. The L2 table is made writable through the same path every
+    /// write takes ([`Image::writable_l2`]), so a shared table is copied and a dirty
+    /// table evicted on the way is kept if its write-back fails.
+    pub(crate) fn link_compressed(
+        &self,
+        st: &mut State,
+        guest: u64,
+        place: impl FnOnce(&mut State) -> Result<(u64, u64)>,
+    ) -> Result<()> {
+        let (l1i, l2i) = self.geo.split(guest);
+        let l2_off = self.writable_l2(st, DEFAULT_ROOT, l1i)?;
+        let current = self.l2_entry(st, l2_off, l2i)?;
+        match current.kind(&self.geo) {
+            Ok(ClusterKind::Unallocated) | Ok(ClusterKind::Zero { host: None }) => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: guest cluster at {guest} is already allocated; compressed writes \
+                     fill unallocated clusters only",
+                    self.name
+                )))
+            }
+        }
+        let (at, len) = place(st)?;
+        self.set_l2_entry(st, l2_off, l2i, L2Entry::compressed(at, len, &self.geo))
+    }
+
     /// Where a write through the slow path puts guest cluster `cg` of `root`: makes
     /// the L2 table writable (copying or creating it) and picks the host cluster — the
     /// one the root owns there, or a new one. Nothing links to a new one until the

@@ -190,6 +190,15 @@ impl L2Entry {
             bitmap: if geo.extended { 0xffff_ffff } else { 0 },
         }
     }
+    /// A compressed entry: `len` bytes of compressed data at host byte offset `offset`
+    /// (never writable in place; no subcluster bits on an extended-L2 image).
+    pub fn compressed(offset: u64, len: u64, geo: &Geometry) -> L2Entry {
+        let sectors = ((offset + len - 1) >> 9) - (offset >> 9);
+        L2Entry {
+            word: COMPRESSED | (sectors << geo.csize_shift()) | offset,
+            bitmap: 0,
+        }
+    }
     /// An entry that reads as zeros, with no host cluster.
     pub fn zero(geo: &Geometry) -> L2Entry {
         if geo.extended {
