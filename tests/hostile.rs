@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qcowx_core::backing::MAX_BACKING_DEPTH;
-use qcowx_core::header::HeaderError;
-use qcowx_core::snapshot::SnapshotError;
+use qcowx_core::engine::backing::MAX_BACKING_DEPTH;
+use qcowx_core::format::header::HeaderError;
+use qcowx_core::format::snapshot::SnapshotError;
 use qcowx_core::{CheckReport, Error, Image, OpenOptions};
 use qcowx_tests::{
     alloc_limit, be32, be64, convert_to_raw, error_text, open_retry, patch, qemu_img,

@@ -69,7 +69,7 @@ const QEMU_BATCH: (u64, u64) = (20, 60);
 const BATCH_WAIT: Duration = Duration::from_secs(120);
 /// The bound on the server's peak resident memory.
 ///
-/// What the server holds: the L2 cache (`qcowx_core::cache::DEFAULT_CACHE_BYTES`,
+/// What the server holds: the L2 cache (`qcowx_core::engine::cache::DEFAULT_CACHE_BYTES`,
 /// 8 MiB); request payloads in flight, which this load keeps small — a libnbd client
 /// has at most 16 requests of at most 256 KiB in flight (4 MiB), a qemu-io client one
 /// (so about 6 × 4 + 6 × 0.25 = 26 MiB over all connections, far under the server's own

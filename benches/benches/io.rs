@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use qcowx_benches::{fill, run_tool};
-use qcowx_core::alloc::Allocator;
-use qcowx_core::cache::{L2Cache, DEFAULT_CACHE_BYTES, MIN_CACHED_TABLES};
-use qcowx_core::tables::{Geometry, L2Entry, COMPRESSED, WRITABLE, ZERO};
+use qcowx_core::engine::alloc::Allocator;
+use qcowx_core::engine::cache::{L2Cache, DEFAULT_CACHE_BYTES, MIN_CACHED_TABLES};
+use qcowx_core::format::tables::{Geometry, L2Entry, COMPRESSED, WRITABLE, ZERO};
 use qcowx_core::{CreateOptions, Image, OpenOptions};
 use tempfile::TempDir;
 
@@ -293,7 +293,7 @@ fn l2_entry_kind(c: &mut Criterion) {
             b.iter(|| {
                 let mut data = 0u32;
                 for e in black_box(&table) {
-                    if let Ok(qcowx_core::tables::ClusterKind::Data { .. }) = e.kind(&geo) {
+                    if let Ok(qcowx_core::format::tables::ClusterKind::Data { .. }) = e.kind(&geo) {
                         data += 1;
                     }
                 }

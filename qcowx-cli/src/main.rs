@@ -27,8 +27,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use qcowx_core::chain::LayerFormat;
 use qcowx_core::convert::{self, ConvertOptions, OutputFormat};
+use qcowx_core::engine::chain::LayerFormat;
 use qcowx_core::iocmd::IoCommand;
 use qcowx_core::vdi::DEFAULT_VDI;
 use qcowx_core::{CheckReport, CreateOptions, Image, LockMode, OpenOptions, RootKind};
@@ -688,7 +688,7 @@ fn backing_size(
             "a size is needed when there is no backing file".into(),
         ));
     };
-    let path = qcowx_core::backing::resolve(Some(file), backing);
+    let path = qcowx_core::engine::backing::resolve(Some(file), backing);
     let name = path.display().to_string();
     let io_err = |source| qcowx_core::Error::Io {
         file: name.clone(),
@@ -698,7 +698,7 @@ fn backing_size(
     };
     let format = match format {
         Some(f) => f,
-        None => qcowx_core::backing::probe_format(&path).map_err(io_err)?,
+        None => qcowx_core::engine::backing::probe_format(&path).map_err(io_err)?,
     };
     if format == "qcow2" {
         let img = OpenOptions::new()

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 
-use qcowx_core::usage::RootUsage;
+use qcowx_core::vdi::usage::RootUsage;
 use qcowx_core::{RootInfo, RootKind};
 use serde_json::{json, Value};
 

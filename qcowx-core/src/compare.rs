@@ -7,8 +7,8 @@
 //! start of the first sector that differs), as `qemu-img compare` reports it.
 
 use crate::convert::{Content, COPY_CHUNK};
+use crate::engine::image::{Extent, ExtentStatus};
 use crate::error::Result;
-use crate::image::{Extent, ExtentStatus};
 
 /// How much of a disk one block-status call covers.
 const STATUS_WINDOW: u64 = 1 << 30;

@@ -29,11 +29,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::chain::{raw_extents, LayerFormat};
-use crate::compress::{compress_cluster, CompressionType};
+use crate::engine::chain::{raw_extents, LayerFormat};
+use crate::engine::image::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
-use crate::image::{CreateOptions, Extent, ExtentStatus, Image};
-use crate::lock::LockMode;
+use crate::format::compress::{compress_cluster, CompressionType};
+use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};
 use crate::vdi::Disk;
 
@@ -234,7 +234,11 @@ pub fn open_input(
     };
     Ok(match format {
         LayerFormat::Raw => Box::new(RawFile::open(path, lock)?),
-        LayerFormat::Qcow2 => Box::new(crate::image::OpenOptions::new().lock(lock).open(path)?),
+        LayerFormat::Qcow2 => Box::new(
+            crate::engine::image::OpenOptions::new()
+                .lock(lock)
+                .open(path)?,
+        ),
     })
 }
 

@@ -1,9 +1,9 @@
 //! The crate's top-level error: what failed, in which file, at which offset.
 
-use crate::compress::CompressError;
-use crate::header::HeaderError;
-use crate::lock::LockError;
-use crate::snapshot::SnapshotError;
+use crate::format::compress::CompressError;
+use crate::format::header::HeaderError;
+use crate::format::snapshot::SnapshotError;
+use crate::storage::lock::LockError;
 
 /// Result type of the image API.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -42,8 +42,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::engine::image::Image;
 use crate::error::{Error, Result};
-use crate::image::Image;
 use crate::vdi::Disk;
 
 /// The pattern `qemu-io write` uses without `-P`.
@@ -611,7 +611,7 @@ fn timing_line(bytes: u64, ops: u64, elapsed: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::CreateOptions;
+    use crate::engine::image::CreateOptions;
 
     #[test]
     fn parses_qemu_io_syntax() {

@@ -20,43 +20,37 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The module layout follows the format: [`header`] and [`extensions`], [`tables`] (L1/L2
-//! entries and the read-only bit), [`alloc`], [`snapshot`] (the snapshot table),
-//! [`refcount`] (the reachability scan behind check, repair and clean close), [`cache`],
-//! [`storage`] and [`lock`], [`backing`], and the [`image`] API on top.
+//! The layers, from the bottom up (each uses only those below it):
+//!
+//! | module | holds |
+//! |---|---|
+//! | [`format`](mod@format) | bytes ⇄ types: header, extensions, L1/L2 entries, snapshot table, codecs; no I/O |
+//! | [`storage`] | the file: positional I/O, sync, hole punch, QEMU-compatible locks |
+//! | [`engine`] | one open image: table access and the L2 cache, allocation, the backing chain, read/write/zero/flush |
+//! | [`refcount`] | reference counts from reachability: check, repair, the rebuild at clean close |
+//! | [`vdi`] | roots as VDIs and snapshots: snapshot, fork, delete, revert, rename, gc, diff, usage, [`Disk`] |
+//! | [`convert`], [`import`] | whole-image copies built on the layers above |
 #![warn(missing_docs)]
 
-pub mod alloc;
-pub mod backing;
-pub mod cache;
-pub mod chain;
 pub mod compare;
-pub mod compress;
 pub mod convert;
-pub mod crashsim;
-pub mod diff;
+pub mod engine;
 pub mod error;
-pub mod extensions;
-pub mod gc;
-pub mod header;
-pub mod image;
+pub mod format;
 pub mod import;
 pub mod iocmd;
-pub mod lock;
 pub mod map;
 pub mod refcount;
-pub mod rename;
-pub mod snapshot;
 pub mod storage;
-pub mod tables;
-pub mod usage;
 pub mod vdi;
 
-pub use compress::CompressionType;
-pub use diff::Range;
+pub use engine::image::{
+    CreateOptions, Extent, ExtentStatus, Image, ImageInfo, OpenOptions, SnapshotInfo,
+};
 pub use error::{Error, ErrorKind, Result};
-pub use gc::GcReport;
-pub use image::{CreateOptions, Extent, ExtentStatus, Image, ImageInfo, OpenOptions, SnapshotInfo};
-pub use lock::LockMode;
+pub use format::compress::CompressionType;
 pub use refcount::CheckReport;
+pub use storage::lock::LockMode;
+pub use vdi::diff::Range;
+pub use vdi::gc::GcReport;
 pub use vdi::{Disk, RootInfo, RootKind};

@@ -21,11 +21,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::chain::{backing_chain, raw_extents, ChainLayer, LayerFormat};
+use crate::engine::chain::{backing_chain, raw_extents, ChainLayer, LayerFormat};
+use crate::engine::image::{Extent, ExtentStatus, Image, OpenOptions};
 use crate::error::{Error, Result};
-use crate::image::{Extent, ExtentStatus, Image, OpenOptions};
-use crate::lock::LockMode;
-use crate::tables::{ClusterKind, L1Entry, L2Entry};
+use crate::format::tables::{ClusterKind, L1Entry, L2Entry};
+use crate::storage::lock::LockMode;
 use crate::vdi::DEFAULT_VDI;
 
 /// How much of the disk one block-status call covers.

@@ -3,9 +3,9 @@
 //! * QEMU writes: `qemu-img convert -c` compresses a raw file (deflate and
 //!   zstd); the test walks the resulting image's L1/L2 tables by hand and
 //!   decompresses every compressed cluster with
-//!   [`qcowx_core::compress::decompress_cluster`].
+//!   [`qcowx_core::format::compress::decompress_cluster`].
 //! * QEMU reads: the test hand-builds a qcow2 image whose clusters were
-//!   compressed with [`qcowx_core::compress::compress_cluster`], and has
+//!   compressed with [`qcowx_core::format::compress::compress_cluster`], and has
 //!   `qemu-img check` and `qemu-img convert -O raw` read it back.
 //! * Window: the deflate streams are inflated by CPython's zlib with a 4 KiB
 //!   window (`wbits = -12`) one output byte at a time, which rejects any
@@ -20,7 +20,7 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use qcowx_core::compress::{compress_cluster, decompress_cluster, CompressionType};
+use qcowx_core::format::compress::{compress_cluster, decompress_cluster, CompressionType};
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 const CLUSTER_BITS: u32 = 16;

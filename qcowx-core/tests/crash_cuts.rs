@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use qcowx_core::crashsim::{CrashStorage, Rng};
+use qcowx_core::storage::crashsim::{CrashStorage, Rng};
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Image, OpenOptions};
 

@@ -15,14 +15,14 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use qcowx_core::backing::MAX_BACKING_DEPTH;
-use qcowx_core::cache::{L2Cache, DEFAULT_CACHE_BYTES, MIN_CACHED_TABLES};
-use qcowx_core::chain::backing_chain;
-use qcowx_core::header::{
+use qcowx_core::engine::backing::MAX_BACKING_DEPTH;
+use qcowx_core::engine::cache::{L2Cache, DEFAULT_CACHE_BYTES, MIN_CACHED_TABLES};
+use qcowx_core::engine::chain::backing_chain;
+use qcowx_core::format::header::{
     HeaderError, MAX_BACKING_NAME, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
     MAX_VIRTUAL_SIZE,
 };
-use qcowx_core::snapshot::{
+use qcowx_core::format::snapshot::{
     parse_table, SnapshotEntry, SnapshotError, MAX_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,
 };
 use qcowx_core::storage::{Access, MemStorage, Storage, Watched};
@@ -990,7 +990,7 @@ fn a_check_describes_at_most_max_messages_problems_and_counts_them_all() {
 /// 4,096 header extensions parse; a 4,097th is refused with an error naming it.
 #[test]
 fn at_most_4096_header_extensions() {
-    use qcowx_core::extensions::{Extension, Extensions};
+    use qcowx_core::format::extensions::{Extension, Extensions};
     let area = |n: u32| {
         let mut out = Vec::new();
         for i in 0..n {

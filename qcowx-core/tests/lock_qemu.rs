@@ -11,7 +11,7 @@ use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use qcowx_core::lock::{self, LockError, LockMode, LockStatus, Permission, Permissions};
+use qcowx_core::storage::lock::{self, LockError, LockMode, LockStatus, Permission, Permissions};
 use qcowx_core::storage::{FileStorage, OpenMode, Storage};
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use qcowx_core::snapshot::SnapshotError;
+use qcowx_core::format::snapshot::SnapshotError;
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Error, Image, OpenOptions, RootKind};
 

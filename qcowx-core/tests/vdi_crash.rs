@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use common::{Pause, Stopped};
-use qcowx_core::crashsim::{CrashStorage, Rng};
+use qcowx_core::storage::crashsim::{CrashStorage, Rng};
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
 

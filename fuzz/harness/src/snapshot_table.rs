@@ -2,7 +2,7 @@
 //! qcowx block in each entry's extra data.
 //!
 //! An input is `COUNT ‖ TABLE`: a big-endian `u16` entry count, then the table bytes.
-//! The table is parsed directly ([`qcowx_core::snapshot::parse_table`]); entries that
+//! The table is parsed directly ([`qcowx_core::format::snapshot::parse_table`]); entries that
 //! parse must serialize back to the same entries. Then the table becomes the snapshot
 //! table of the [fixture](crate::fixture) image — in place of the fixture's own table
 //! when it fits in the clusters that table occupies, else appended at the end of the
@@ -12,7 +12,7 @@
 //! root block, lineage, VDI heads and generations) is reached: through the library's
 //! own open path, not a copy of it.
 
-use qcowx_core::snapshot::{parse_table, SnapshotEntry};
+use qcowx_core::format::snapshot::{parse_table, SnapshotEntry};
 
 use crate::fixture::{self, CLUSTER_SIZE};
 use crate::image_ops::{self, Op};

@@ -2,9 +2,9 @@
 //! together and skipping links they share: the cost grows with what changed, not with
 //! the disk size.
 
+use crate::engine::image::Image;
 use crate::error::Result;
-use crate::image::Image;
-use crate::tables::{L1Entry, L2Entry, OFFSET_MASK, WRITABLE};
+use crate::format::tables::{L1Entry, L2Entry, OFFSET_MASK, WRITABLE};
 
 /// A guest range `[offset, offset + length)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +56,8 @@ impl Image {
                     continue;
                 }
                 let zero = |e: L2Entry| match e.kind(&geo) {
-                    Ok(crate::tables::ClusterKind::Zero { .. }) => true,
-                    Ok(crate::tables::ClusterKind::Unallocated) => !has_backing,
+                    Ok(crate::format::tables::ClusterKind::Zero { .. }) => true,
+                    Ok(crate::format::tables::ClusterKind::Unallocated) => !has_backing,
                     _ => false,
                 };
                 if zero(x) && zero(y) {

@@ -8,10 +8,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backing::{self, MAX_BACKING_DEPTH};
+use crate::engine::backing::{self, MAX_BACKING_DEPTH};
+use crate::engine::image::{Extent, ExtentStatus, Image, OpenOptions};
 use crate::error::{Error, Result};
-use crate::image::{Extent, ExtentStatus, Image, OpenOptions};
-use crate::lock::LockMode;
+use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};
 
 /// The format of one layer of a backing chain.

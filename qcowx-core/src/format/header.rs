@@ -7,7 +7,7 @@
 use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::extensions::{Extension, Extensions, FeatureKind};
+use crate::format::extensions::{Extension, Extensions, FeatureKind};
 
 /// The QCOW2 magic, `QFI\xfb`.
 pub const QCOW_MAGIC: u32 = 0x5146_49fb;

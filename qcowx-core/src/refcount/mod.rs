@@ -8,12 +8,12 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::engine::image::{Image, State, DEFAULT_ROOT};
 use crate::error::{Error, Result};
-use crate::extensions::EXT_BITMAPS;
-use crate::header::{Autoclear, Header, Incompatible};
-use crate::image::{Image, State, DEFAULT_ROOT};
-use crate::snapshot::SnapshotEntry;
-use crate::tables::{decode_words, encode_words, ClusterKind, L1Entry, L2Entry};
+use crate::format::extensions::EXT_BITMAPS;
+use crate::format::header::{Autoclear, Header, Incompatible};
+use crate::format::snapshot::SnapshotEntry;
+use crate::format::tables::{decode_words, encode_words, ClusterKind, L1Entry, L2Entry};
 use crate::vdi::RootKind;
 
 /// The most problems a report lists individually (the counts are always complete).
@@ -856,7 +856,7 @@ pub(crate) fn rebuild_with(
     for c in (table_at..table_at + table_clusters).chain(blocks.iter().copied()) {
         counts[c as usize] = 1;
     }
-    if table_clusters * cs > crate::header::MAX_REFTABLE_BYTES {
+    if table_clusters * cs > crate::format::header::MAX_REFTABLE_BYTES {
         return Err(img.corrupt(
             "refcount table",
             0,
@@ -864,7 +864,7 @@ pub(crate) fn rebuild_with(
                 "the file needs a refcount table of {} bytes, more than QEMU opens ({}); \
                  use larger clusters",
                 table_clusters * cs,
-                crate::header::MAX_REFTABLE_BYTES
+                crate::format::header::MAX_REFTABLE_BYTES
             ),
         ));
     }
@@ -971,9 +971,9 @@ fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<()> {
             let want = table_excl && s.count(host >> geo.cluster_bits) == 1;
             if entry.writable() != want {
                 let new = if want {
-                    word | crate::tables::WRITABLE
+                    word | crate::format::tables::WRITABLE
                 } else {
-                    word & !crate::tables::WRITABLE
+                    word & !crate::format::tables::WRITABLE
                 };
                 changed.push((j, new));
             }

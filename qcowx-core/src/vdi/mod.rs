@@ -12,17 +12,22 @@
 //! - Deleting a root sets a flag in place (O(1)); [`Image::gc`] reclaims its space.
 //! - [`Image::revert`] makes a VDI's head a fresh fork of one of its snapshots.
 
+pub mod diff;
+pub mod gc;
+pub mod rename;
+pub mod usage;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use zerocopy::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::engine::image::{Extent, Image, Root, RootId, State, ZeroMode, DEFAULT_ROOT};
 use crate::error::{Error, Result};
-use crate::header::MAX_SNAPSHOTS;
-use crate::image::{Extent, Image, Root, RootId, State, ZeroMode, DEFAULT_ROOT};
-use crate::snapshot::{SnapshotEntry, MAX_SNAPSHOT_TABLE_BYTES};
-use crate::tables::{decode_words, encode_words, WRITABLE};
+use crate::format::header::MAX_SNAPSHOTS;
+use crate::format::snapshot::{SnapshotEntry, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::tables::{decode_words, encode_words, WRITABLE};
 
 /// Magic of the qcowx block in snapshot extra data (`qcwx`).
 pub const ROOT_EXTRA_MAGIC: u32 = 0x7163_7778;
@@ -635,7 +640,9 @@ impl Image {
     /// shorter reads as unallocated there, and a header must cover its size).
     fn head_l1(&self, loc: L1Loc) -> Result<Vec<u64>> {
         let needed = self.geo.l1_entries_for(loc.size);
-        if loc.size > crate::header::MAX_VIRTUAL_SIZE || needed * 8 > crate::header::MAX_L1_BYTES {
+        if loc.size > crate::format::header::MAX_VIRTUAL_SIZE
+            || needed * 8 > crate::format::header::MAX_L1_BYTES
+        {
             return Err(self.corrupt(
                 "snapshot table entry",
                 loc.offset,
@@ -1346,7 +1353,7 @@ impl Image {
             let id = self.load_root(st, t)?;
             let l1 = self.root(st, id)?.l1.clone();
             for (i, &w) in l1.iter().enumerate() {
-                let e = crate::tables::L1Entry(w);
+                let e = crate::format::tables::L1Entry(w);
                 let Some(off) = e
                     .l2_offset()
                     .filter(|_| e.writable() && !e.is_malformed(&self.geo))
@@ -1364,7 +1371,7 @@ impl Image {
                     .enumerate()
                     .step_by(step)
                     .filter(|(_, &word)| {
-                        let entry = crate::tables::L2Entry { word, bitmap: 0 };
+                        let entry = crate::format::tables::L2Entry { word, bitmap: 0 };
                         entry.writable() && entry.host().is_some_and(|h| count(h) > 1)
                     })
                     .map(|(j, _)| j)

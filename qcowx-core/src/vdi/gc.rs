@@ -23,11 +23,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::alloc::runs;
+use crate::engine::alloc::runs;
+use crate::engine::image::{Image, State};
 use crate::error::Result;
-use crate::image::{Image, State};
+use crate::format::snapshot::SnapshotEntry;
 use crate::refcount::{self, Scan, ScanInput, Source};
-use crate::snapshot::SnapshotEntry;
 use crate::vdi::{encode_extra, RootKind};
 
 /// What a collection did.
@@ -54,7 +54,7 @@ struct Start {
     live: ScanInput,
     removed: ScanInput,
     roots_removed: u64,
-    generation: crate::image::Generation,
+    generation: crate::engine::image::Generation,
     /// Clusters below this index existed when gc began: only they can be freed.
     end_cluster: u64,
 }

@@ -10,9 +10,9 @@
 
 use std::collections::HashMap;
 
+use crate::engine::image::{Image, DEFAULT_ROOT};
 use crate::error::Result;
-use crate::image::{Image, DEFAULT_ROOT};
-use crate::tables::{decode_words, ClusterKind, L1Entry, L2Entry};
+use crate::format::tables::{decode_words, ClusterKind, L1Entry, L2Entry};
 use crate::vdi::{RootKind, DEFAULT_VDI, VDI_NAME_PREFIX};
 
 /// Space used by one root.

@@ -5,7 +5,10 @@
 //!
 //! Two implementations live here: [`FileStorage`], a host file accessed with positional
 //! reads and writes and protected by a QEMU-compatible image lock (see
-//! [`crate::lock`]), and [`MemStorage`], a growable in-memory buffer.
+//! [`crate::storage::lock`]), and [`MemStorage`], a growable in-memory buffer.
+
+pub mod crashsim;
+pub mod lock;
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -18,7 +21,7 @@ use memmap2::Mmap;
 
 use thiserror::Error;
 
-use crate::lock::{self, LockError, LockMode};
+use lock::{LockError, LockMode};
 
 /// A positional, thread-safe byte store holding one image file.
 // `len` is a fallible I/O query, not a collection size, so there is no `is_empty`.
@@ -419,7 +422,7 @@ impl Storage for FileStorage {
     }
 
     fn release(&self) -> io::Result<()> {
-        crate::lock::unlock_file(&self.file).map_err(io::Error::from)
+        crate::storage::lock::unlock_file(&self.file).map_err(io::Error::from)
     }
 }
 
@@ -904,7 +907,7 @@ impl<S: Storage> Storage for Watched<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lock::Permission;
+    use crate::storage::lock::Permission;
 
     fn exercise(s: &dyn Storage) {
         assert_eq!(s.len().unwrap(), 0);

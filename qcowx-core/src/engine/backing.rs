@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::engine::image::{Extent, ExtentStatus, Image, OpenOptions};
 use crate::error::{Error, Result};
-use crate::image::{Extent, ExtentStatus, Image, OpenOptions};
-use crate::lock::LockMode;
+use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};
 
 /// The deepest backing chain qcowx opens (layers below the top image).
@@ -141,7 +141,7 @@ pub fn probe_format(path: &Path) -> std::io::Result<&'static str> {
     let mut f = std::fs::File::open(path)?;
     let n = f.read(&mut magic)?;
     Ok(
-        if n == 4 && u32::from_be_bytes(magic) == crate::header::QCOW_MAGIC {
+        if n == 4 && u32::from_be_bytes(magic) == crate::format::header::QCOW_MAGIC {
             "qcow2"
         } else {
             "raw"

@@ -157,7 +157,7 @@ pub fn parse_table(
                 why: "L1 table offset is not a nonzero multiple of the cluster size",
             });
         }
-        if u64::from(raw.l1_size.get()) * 8 > crate::header::MAX_L1_BYTES {
+        if u64::from(raw.l1_size.get()) * 8 > crate::format::header::MAX_L1_BYTES {
             return Err(SnapshotError::Invalid {
                 index,
                 offset,

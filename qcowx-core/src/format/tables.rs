@@ -5,7 +5,7 @@
 //! bit: set means *writable in place* (the target is reachable from this root only, by
 //! this one path); clear means *read-only* (the target may be shared; a write must copy
 //! it first). A read-only L1 entry makes its whole L2 table read-only whatever the
-//! table's own bits say. Every write path in [`crate::image`] consults
+//! table's own bits say. Every write path in [`crate::engine::image`] consults
 //! [`L1Entry::writable`] and [`L2Entry::writable`] before writing in place; a copied
 //! table always has bit 63 cleared on every entry ([`L2Entry::read_only`]).
 

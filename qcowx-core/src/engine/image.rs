@@ -10,24 +10,24 @@ use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use crate::alloc::{runs, Allocator};
-use crate::backing::{self, Layer};
-use crate::cache::{L2Cache, DEFAULT_CACHE_BYTES};
-use crate::compress::{decompress_cluster, CompressionType};
+use crate::engine::alloc::{runs, Allocator};
+use crate::engine::backing::{self, Layer};
+use crate::engine::cache::{L2Cache, DEFAULT_CACHE_BYTES};
 use crate::error::{Error, Result};
-use crate::extensions::{Extension, Extensions, FeatureKind, EXT_BACKING_FORMAT};
-use crate::header::{
+use crate::format::compress::{decompress_cluster, CompressionType};
+use crate::format::extensions::{Extension, Extensions, FeatureKind, EXT_BACKING_FORMAT};
+use crate::format::header::{
     Autoclear, Header, Incompatible, HEADER_PROBE_LEN, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE,
     MIN_CLUSTER_BITS, V3_HEADER_LEN,
 };
-use crate::lock::LockMode;
-use crate::refcount;
-use crate::snapshot::{self, SnapshotEntry};
-use crate::storage::{self, FileStorage, OpenMode, Storage};
-use crate::tables::{
+use crate::format::snapshot::{self, SnapshotEntry};
+use crate::format::tables::{
     decode_words, encode_words, for_each_piece, ClusterKind, Geometry, L1Entry, L2Entry, Source,
     WRITABLE, ZERO,
 };
+use crate::refcount;
+use crate::storage::lock::LockMode;
+use crate::storage::{self, FileStorage, OpenMode, Storage};
 
 /// The allocation state of a guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1406,7 +1406,7 @@ impl Image {
         };
         let sub = self.geo.subcluster_size() as usize;
         let mut runs: Vec<(usize, usize)> = Vec::new();
-        for i in 0..crate::tables::SUBCLUSTERS as usize {
+        for i in 0..crate::format::tables::SUBCLUSTERS as usize {
             let (lo, hi) = if alloc & (1 << i) == 0 {
                 (i * sub, (i + 1) * sub)
             } else {
@@ -1653,7 +1653,7 @@ impl Image {
             )));
         }
         let needed = self.geo.l1_entries_for(new_size);
-        if needed * 8 > crate::header::MAX_L1_BYTES {
+        if needed * 8 > crate::format::header::MAX_L1_BYTES {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} needs an L1 table larger than 32 MiB; use larger clusters"
             )));
@@ -1972,7 +1972,7 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
         extended: opts.extended_l2,
     };
     let l1_entries = geo.l1_entries_for(size);
-    if l1_entries * 8 > crate::header::MAX_L1_BYTES {
+    if l1_entries * 8 > crate::format::header::MAX_L1_BYTES {
         return Err(Error::InvalidArgument(format!(
             "size {size} needs an L1 table larger than 32 MiB with {cs}-byte clusters; \
              use larger clusters"
@@ -2013,7 +2013,7 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
     }
     let backing_file = opts.backing_file.clone();
     if let Some(b) = &backing_file {
-        if b.is_empty() || b.len() > crate::header::MAX_BACKING_NAME as usize {
+        if b.is_empty() || b.len() > crate::format::header::MAX_BACKING_NAME as usize {
             return Err(Error::InvalidArgument(
                 "backing file name must be 1 to 1023 bytes".into(),
             ));
@@ -2072,7 +2072,7 @@ fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayou
         // backing name: it is optional, so leave it out.
         header
             .extensions
-            .remove(crate::extensions::EXT_FEATURE_NAMES);
+            .remove(crate::format::extensions::EXT_FEATURE_NAMES);
         header.layout_backing();
     }
     if header.to_cluster().is_none() {

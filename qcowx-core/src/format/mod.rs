@@ -1,0 +1,9 @@
+//! The format layer: QCOW2's on-disk structures as types, bytes in and bytes out, with
+//! no I/O. The header and its extensions, L1/L2 entries and the table geometry, the
+//! snapshot table, and the compressed-cluster codecs.
+
+pub mod compress;
+pub mod extensions;
+pub mod header;
+pub mod snapshot;
+pub mod tables;
