@@ -7,7 +7,7 @@
 //! start of the first sector that differs), as `qemu-img compare` reports it.
 
 use crate::convert::{Content, COPY_CHUNK};
-use crate::engine::image::{Extent, ExtentStatus};
+use crate::engine::{Extent, ExtentStatus};
 use crate::error::Result;
 
 /// How much of a disk one block-status call covers.

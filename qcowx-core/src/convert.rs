@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::engine::chain::{raw_extents, LayerFormat};
-use crate::engine::image::{CreateOptions, Extent, ExtentStatus, Image};
+use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
 use crate::format::compress::{compress_cluster, CompressionType};
 use crate::storage::lock::LockMode;
@@ -234,11 +234,7 @@ pub fn open_input(
     };
     Ok(match format {
         LayerFormat::Raw => Box::new(RawFile::open(path, lock)?),
-        LayerFormat::Qcow2 => Box::new(
-            crate::engine::image::OpenOptions::new()
-                .lock(lock)
-                .open(path)?,
-        ),
+        LayerFormat::Qcow2 => Box::new(crate::engine::OpenOptions::new().lock(lock).open(path)?),
     })
 }
 

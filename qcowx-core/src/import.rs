@@ -49,7 +49,7 @@ use std::sync::Arc;
 
 use crate::convert::COPY_CHUNK;
 use crate::engine::chain::{open_chain, raw_extents, ChainLayer, LayerFormat, OpenLayer};
-use crate::engine::image::{CreateOptions, Extent, ExtentStatus, Image};
+use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
 use crate::storage::{DeferredSync, FileStorage, OpenMode, Storage, WriteBehind};
@@ -334,10 +334,7 @@ impl Output {
         let name = output.display().to_string();
         let existing = if output.exists() {
             let mode = OpenMode::read_write().with_lock(LockMode::Exclusive);
-            Some(
-                FileStorage::open(output, mode)
-                    .map_err(|e| crate::engine::image::open_error(&name, e))?,
-            )
+            Some(FileStorage::open(output, mode).map_err(|e| crate::engine::open_error(&name, e))?)
         } else {
             None
         };
@@ -349,7 +346,7 @@ impl Output {
         temp_name.push(format!(".qcowx-import-{}", std::process::id()));
         let temp = output.with_file_name(temp_name);
         let storage = FileStorage::create(&temp, LockMode::Exclusive)
-            .map_err(|e| crate::engine::image::open_error(&temp.display().to_string(), e))?;
+            .map_err(|e| crate::engine::open_error(&temp.display().to_string(), e))?;
         let write_behind = if sync {
             WriteBehind::Background
         } else {

@@ -42,7 +42,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::engine::image::Image;
+use crate::engine::Image;
 use crate::error::{Error, Result};
 use crate::vdi::Disk;
 
@@ -611,7 +611,7 @@ fn timing_line(bytes: u64, ops: u64, elapsed: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::image::CreateOptions;
+    use crate::engine::CreateOptions;
 
     #[test]
     fn parses_qemu_io_syntax() {

@@ -44,7 +44,7 @@ pub mod refcount;
 pub mod storage;
 pub mod vdi;
 
-pub use engine::image::{
+pub use engine::{
     CreateOptions, Extent, ExtentStatus, Image, ImageInfo, OpenOptions, SnapshotInfo,
 };
 pub use error::{Error, ErrorKind, Result};

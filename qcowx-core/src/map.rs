@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::engine::chain::{backing_chain, raw_extents, ChainLayer, LayerFormat};
-use crate::engine::image::{Extent, ExtentStatus, Image, OpenOptions};
+use crate::engine::{Extent, ExtentStatus, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::tables::{ClusterKind, L1Entry, L2Entry};
 use crate::storage::lock::LockMode;

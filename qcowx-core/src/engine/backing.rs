@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::engine::image::{Extent, ExtentStatus, Image, OpenOptions};
+use crate::engine::{Extent, ExtentStatus, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::engine::backing::{self, MAX_BACKING_DEPTH};
-use crate::engine::image::{Extent, ExtentStatus, Image, OpenOptions};
+use crate::engine::{Extent, ExtentStatus, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};

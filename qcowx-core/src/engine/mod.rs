@@ -2,9 +2,34 @@
 //! and creating, the L2 table cache and table access, allocation, the backing chain,
 //! reads, writes, zeroing, block status, flush and resize. It knows roots (L1 tables)
 //! but not what a VDI or a snapshot is: that is the [`crate::vdi`] layer's business.
+//!
+//! [`image`] declares [`Image`] and its state; each other file holds one job's
+//! `impl Image` block: [`open`](self::open), `create`, `table` (the one path to L1/L2
+//! entries and the cache), `read`, `write`, `zero`, `flush` (and close), `status`,
+//! `resize`.
 
 pub mod alloc;
 pub mod backing;
 pub mod cache;
 pub mod chain;
+mod create;
+mod flush;
 pub mod image;
+mod open;
+mod read;
+mod resize;
+mod roots;
+mod status;
+mod table;
+mod write;
+mod zero;
+
+pub use create::CreateOptions;
+pub use image::{Image, ImageInfo, RootId, SnapshotInfo, DEFAULT_ROOT};
+pub use open::OpenOptions;
+pub use status::{Extent, ExtentStatus};
+
+pub(crate) use image::{Generation, Root, State};
+pub(crate) use open::open_error;
+pub(crate) use roots::Target;
+pub(crate) use zero::ZeroMode;

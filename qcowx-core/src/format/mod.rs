@@ -5,5 +5,7 @@
 pub mod compress;
 pub mod extensions;
 pub mod header;
+pub mod refblock;
+pub mod roots;
 pub mod snapshot;
 pub mod tables;

@@ -2,7 +2,7 @@
 //! together and skipping links they share: the cost grows with what changed, not with
 //! the disk size.
 
-use crate::engine::image::Image;
+use crate::engine::Image;
 use crate::error::Result;
 use crate::format::tables::{L1Entry, L2Entry, OFFSET_MASK, WRITABLE};
 

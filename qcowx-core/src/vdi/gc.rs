@@ -24,7 +24,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::engine::alloc::runs;
-use crate::engine::image::{Image, State};
+use crate::engine::{Image, State};
 use crate::error::Result;
 use crate::format::snapshot::SnapshotEntry;
 use crate::refcount::{self, Scan, ScanInput, Source};
@@ -54,7 +54,7 @@ struct Start {
     live: ScanInput,
     removed: ScanInput,
     roots_removed: u64,
-    generation: crate::engine::image::Generation,
+    generation: crate::engine::Generation,
     /// Clusters below this index existed when gc began: only they can be freed.
     end_cluster: u64,
 }

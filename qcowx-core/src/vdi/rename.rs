@@ -6,7 +6,7 @@
 //! write leaves the old name and an orphaned copy of the table (reclaimed by `gc`);
 //! after it, the new name.
 
-use crate::engine::image::Image;
+use crate::engine::Image;
 use crate::error::{Error, Result};
 use crate::vdi::{encode_extra, validate_name, RootKind, DEFAULT_VDI, VDI_NAME_PREFIX};
 
@@ -67,7 +67,7 @@ impl Image {
         let mut st = self.lock_state()?;
         let _gate = self.io_gate_write();
         let st = &mut *st;
-        let display = |st: &crate::engine::image::State, i: usize| -> String {
+        let display = |st: &crate::engine::State, i: usize| -> String {
             let n = &st.snapshots[i].name;
             match st.records[i].kind {
                 RootKind::Vdi => n.strip_prefix(VDI_NAME_PREFIX).unwrap_or(n).to_string(),

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use crate::engine::image::{Image, DEFAULT_ROOT};
+use crate::engine::{Image, DEFAULT_ROOT};
 use crate::error::Result;
 use crate::format::tables::{decode_words, ClusterKind, L1Entry, L2Entry};
 use crate::vdi::{RootKind, DEFAULT_VDI, VDI_NAME_PREFIX};

@@ -1,0 +1,314 @@
+//! Creating a new version 3 image: the layout of its first clusters and the bytes written.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::engine::backing;
+use crate::error::{Error, Result};
+use crate::format::compress::CompressionType;
+use crate::format::extensions::{Extension, Extensions, FeatureKind, EXT_BACKING_FORMAT};
+use crate::format::header::{
+    Header, Incompatible, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, V3_HEADER_LEN,
+};
+use crate::format::tables::{encode_words, Geometry};
+use crate::storage::lock::LockMode;
+use crate::storage::{FileStorage, Storage};
+
+use super::image::*;
+use super::*;
+
+/// How to create an image.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size in bytes (rounded up to a multiple of 512).
+    pub size: u64,
+    /// Cluster size: a power of two from 512 B to 2 MiB.
+    pub cluster_size: u64,
+    /// Backing file name, stored as given (relative names resolve against the image).
+    pub backing_file: Option<String>,
+    /// Backing format (`qcow2` or `raw`); probed from the file when absent.
+    pub backing_format: Option<String>,
+    /// Use 128-bit L2 entries with subcluster bitmaps.
+    pub extended_l2: bool,
+    /// Compression type for compressed clusters.
+    pub compression: CompressionType,
+    /// Refcount width in bits (1..=64, a power of two). The default, 32, cannot
+    /// overflow at QEMU's snapshot limit.
+    pub refcount_bits: u32,
+}
+
+impl CreateOptions {
+    /// An image of `size` bytes with 64 KiB clusters and no backing file.
+    pub fn new(size: u64) -> CreateOptions {
+        CreateOptions {
+            size,
+            cluster_size: 65536,
+            backing_file: None,
+            backing_format: None,
+            extended_l2: false,
+            compression: CompressionType::Deflate,
+            refcount_bits: 32,
+        }
+    }
+}
+
+/// Where a new image's structures go.
+#[derive(Debug)]
+pub(super) struct CreateLayout {
+    reftable: u64,
+    reftable_clusters: u64,
+    refblocks: u64,
+    refblock_count: u64,
+    l1: u64,
+    l1_clusters: u64,
+}
+
+/// The feature name table qcowx writes.
+pub(crate) fn feature_name_table() -> Extension {
+    Extension::feature_names(&[
+        (FeatureKind::Incompatible, 0, "dirty bit"),
+        (FeatureKind::Incompatible, 1, "corrupt bit"),
+        (FeatureKind::Incompatible, 2, "external data file"),
+        (FeatureKind::Incompatible, 3, "compression type"),
+        (FeatureKind::Incompatible, 4, "extended L2 entries"),
+        (FeatureKind::Compatible, 0, "lazy refcounts"),
+        (FeatureKind::Autoclear, 0, "bitmaps"),
+        (FeatureKind::Autoclear, 1, "raw external data"),
+    ])
+}
+
+pub(super) fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, CreateLayout)> {
+    let cs = opts.cluster_size;
+    if !cs.is_power_of_two() || !(1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS).contains(&cs)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "cluster size {cs} must be a power of two between 512 and 2097152"
+        )));
+    }
+    let cluster_bits = cs.trailing_zeros();
+    if opts.extended_l2 && cs < 16384 {
+        return Err(Error::InvalidArgument(
+            "extended L2 entries need a cluster size of at least 16 KiB".into(),
+        ));
+    }
+    if !opts.refcount_bits.is_power_of_two() || opts.refcount_bits > 64 {
+        return Err(Error::InvalidArgument(format!(
+            "refcount width {} must be a power of two from 1 to 64",
+            opts.refcount_bits
+        )));
+    }
+    let size = opts.size.next_multiple_of(512);
+    if size > MAX_VIRTUAL_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "size {size} is larger than the maximum {MAX_VIRTUAL_SIZE}"
+        )));
+    }
+    let geo = Geometry {
+        cluster_bits,
+        extended: opts.extended_l2,
+    };
+    let l1_entries = geo.l1_entries_for(size);
+    if l1_entries * 8 > crate::format::header::MAX_L1_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "size {size} needs an L1 table larger than 32 MiB with {cs}-byte clusters; \
+             use larger clusters"
+        )));
+    }
+    let l1_clusters = geo.clusters_for(l1_entries * 8).max(1);
+    let per_block = cs * 8 / u64::from(opts.refcount_bits);
+    let (mut blocks, mut table) = (1u64, 1u64);
+    loop {
+        let total = 1 + table + blocks + l1_clusters;
+        let need_blocks = total.div_ceil(per_block);
+        let need_table = geo.clusters_for(need_blocks * 8);
+        if need_blocks == blocks && need_table == table {
+            break;
+        }
+        blocks = need_blocks;
+        table = need_table;
+    }
+    let layout = CreateLayout {
+        reftable: cs,
+        reftable_clusters: table,
+        refblocks: cs * (1 + table),
+        refblock_count: blocks,
+        l1: cs * (1 + table + blocks),
+        l1_clusters,
+    };
+
+    // QEMU's order: backing format first, then the feature name table (`set` puts a
+    // new extension at the front).
+    let mut extensions = Extensions::default();
+    extensions.set(feature_name_table());
+    let mut incompatible = Incompatible::empty();
+    if opts.extended_l2 {
+        incompatible |= Incompatible::EXTENDED_L2;
+    }
+    if opts.compression == CompressionType::Zstd {
+        incompatible |= Incompatible::COMPRESSION_TYPE;
+    }
+    let backing_file = opts.backing_file.clone();
+    if let Some(b) = &backing_file {
+        if b.is_empty() || b.len() > crate::format::header::MAX_BACKING_NAME as usize {
+            return Err(Error::InvalidArgument(
+                "backing file name must be 1 to 1023 bytes".into(),
+            ));
+        }
+        let fmt = match &opts.backing_format {
+            Some(f) => f.clone(),
+            None => {
+                let resolved = backing::resolve(Some(path), b);
+                backing::probe_format(&resolved)
+                    .map_err(|e| Error::Backing {
+                        file: path.display().to_string(),
+                        why: format!("cannot open '{}': {e}", resolved.display()),
+                        source: None,
+                    })?
+                    .to_string()
+            }
+        };
+        if fmt != "qcow2" && fmt != "raw" {
+            return Err(Error::InvalidArgument(format!(
+                "backing format '{fmt}' is not supported (qcow2 and raw are)"
+            )));
+        }
+        extensions.set(Extension {
+            kind: EXT_BACKING_FORMAT,
+            data: fmt.into_bytes(),
+        });
+    }
+    let mut header = Header {
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        unknown_fields: Vec::new(),
+        version: 3,
+        cluster_bits,
+        size,
+        l1_size: l1_entries as u32,
+        l1_table_offset: layout.l1,
+        refcount_table_offset: layout.reftable,
+        refcount_table_clusters: layout.reftable_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible,
+        compatible: 0,
+        autoclear: 0,
+        refcount_order: opts.refcount_bits.trailing_zeros(),
+        header_length: V3_HEADER_LEN,
+        compression_type: match opts.compression {
+            CompressionType::Deflate => 0,
+            CompressionType::Zstd => 1,
+        },
+        extensions,
+        backing_file,
+    };
+    header.layout_backing();
+    if header.to_cluster().is_none() {
+        // Small clusters (512 B) cannot hold the feature name table beside a long
+        // backing name: it is optional, so leave it out.
+        header
+            .extensions
+            .remove(crate::format::extensions::EXT_FEATURE_NAMES);
+        header.layout_backing();
+    }
+    if header.to_cluster().is_none() {
+        return Err(Error::InvalidArgument(
+            "header, extensions and backing file name do not fit in one cluster".into(),
+        ));
+    }
+    Ok((header, layout))
+}
+
+pub(super) fn write_new_image(
+    storage: &dyn Storage,
+    name: &str,
+    header: &Header,
+    layout: &CreateLayout,
+) -> Result<()> {
+    let io = |op, offset, source| Error::Io {
+        file: name.to_string(),
+        op,
+        offset,
+        source,
+    };
+    let cs = header.cluster_size();
+    let used = 1 + layout.reftable_clusters + layout.refblock_count + layout.l1_clusters;
+    let end = used * cs;
+    storage.set_len(0).map_err(|e| io("truncate", 0, e))?;
+    // Refcount table.
+    let mut table = vec![0u64; (layout.reftable_clusters * cs / 8) as usize];
+    for i in 0..layout.refblock_count {
+        table[i as usize] = layout.refblocks + i * cs;
+    }
+    storage
+        .write_at(&encode_words(&table), layout.reftable)
+        .map_err(|e| io("write refcount table", layout.reftable, e))?;
+    // Refcount blocks: every cluster up to `end` has refcount 1.
+    let bits = 1u64 << header.refcount_order;
+    let per_block = cs * 8 / bits;
+    for b in 0..layout.refblock_count {
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..per_block {
+            let cluster = b * per_block + i;
+            if cluster >= used {
+                break;
+            }
+            crate::format::refblock::set_entry(&mut block, header.refcount_order, i as usize, 1);
+        }
+        let off = layout.refblocks + b * cs;
+        storage
+            .write_at(&block, off)
+            .map_err(|e| io("write refcount block", off, e))?;
+    }
+    // Empty L1 table.
+    let l1 = vec![0u8; (layout.l1_clusters * cs) as usize];
+    storage
+        .write_at(&l1, layout.l1)
+        .map_err(|e| io("write L1 table", layout.l1, e))?;
+    storage.set_len(end).map_err(|e| io("truncate", end, e))?;
+    storage.sync_data().map_err(|e| io("fdatasync", 0, e))?;
+    let first = header
+        .to_cluster()
+        .ok_or_else(|| Error::InvalidArgument("header does not fit in one cluster".into()))?;
+    storage
+        .write_at(&first, 0)
+        .map_err(|e| io("write header", 0, e))?;
+    storage.sync_data().map_err(|e| io("fdatasync", 0, e))
+}
+
+impl Image {
+    /// Creates a new version 3 image at `path` and opens it for writing.
+    pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let (header, layout) = plan_create(path, opts)?;
+        let storage =
+            FileStorage::create(path, LockMode::Exclusive).map_err(|e| open_error(&name, e))?;
+        if let Err(e) = write_new_image(&storage, &name, &header, &layout) {
+            // A half-written image is no image (a full disk, say): leave no file that
+            // looks like one. The lock is still held, so the file is still ours.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        // Open through the same locked file: no window where another process could
+        // take the image between creating and opening it.
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Image::from_parts(
+            Arc::new(storage),
+            name,
+            Some(path.to_path_buf()),
+            &OpenOptions::new().write(true),
+            &[canon],
+        )
+    }
+
+    /// Creates a new image in `storage` (which must be empty) and opens it for writing.
+    pub fn create_in(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Image> {
+        let name = storage
+            .path()
+            .map_or_else(|| "<memory>".to_string(), |p| p.display().to_string());
+        let (header, layout) = plan_create(Path::new(&name), opts)?;
+        write_new_image(storage.as_ref(), &name, &header, &layout)?;
+        Image::from_storage(storage, &OpenOptions::new().write(true))
+    }
+}

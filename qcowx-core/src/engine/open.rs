@@ -1,0 +1,342 @@
+//! Opening an image ([`OpenOptions`]): the header, the active L1 table, the snapshot table and the backing chain.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::engine::alloc::Allocator;
+use crate::engine::backing;
+use crate::engine::cache::{L2Cache, DEFAULT_CACHE_BYTES};
+use crate::error::{Error, Result};
+use crate::format::compress::CompressionType;
+use crate::format::header::{Autoclear, Header, Incompatible, HEADER_PROBE_LEN};
+use crate::format::snapshot::{self};
+use crate::format::tables::{decode_words, Geometry};
+use crate::storage::lock::LockMode;
+use crate::storage::{FileStorage, OpenMode, Storage};
+
+use super::image::*;
+
+/// How to open an image. Read-only with a shared lock unless told otherwise.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    write: bool,
+    lock: Option<LockMode>,
+    cache_bytes: usize,
+    open_backing: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions::new()
+    }
+}
+
+impl OpenOptions {
+    /// Read-only, shared lock, default cache, backing chain opened.
+    pub fn new() -> OpenOptions {
+        OpenOptions {
+            write: false,
+            lock: None,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            open_backing: true,
+        }
+    }
+    /// Open for writing (takes the exclusive image lock).
+    pub fn write(mut self, write: bool) -> Self {
+        self.write = write;
+        self
+    }
+    /// Override the image lock (e.g. [`LockMode::ForceShare`] to read an image in use,
+    /// like `qemu-img -U`).
+    pub fn lock(mut self, mode: LockMode) -> Self {
+        self.lock = Some(mode);
+        self
+    }
+    /// Size of the L2 table cache in bytes.
+    pub fn cache_bytes(mut self, bytes: usize) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+    /// Whether to open the backing chain (without it, unallocated clusters read zeros).
+    pub fn open_backing(mut self, open: bool) -> Self {
+        self.open_backing = open;
+        self
+    }
+    /// The lock mode in effect.
+    pub fn lock_mode(&self) -> LockMode {
+        self.lock.unwrap_or(if self.write {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        })
+    }
+    /// Opens the image at `path`.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<Image> {
+        let path = path.as_ref();
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Image::open_layer(path, self, &[canon])
+    }
+}
+
+pub(crate) fn open_error(name: &str, e: crate::storage::OpenError) -> Error {
+    match e.lock_error() {
+        Some(_) => match e {
+            crate::storage::OpenError::Lock { source, .. } => Error::Locked {
+                file: name.to_string(),
+                source,
+            },
+            other => Error::InvalidArgument(other.to_string()),
+        },
+        None => Error::Io {
+            file: name.to_string(),
+            op: "open",
+            offset: 0,
+            source: e.into(),
+        },
+    }
+}
+
+impl Image {
+    /// Opens an image read-only (shared lock, backing chain opened).
+    pub fn open(path: impl AsRef<Path>) -> Result<Image> {
+        OpenOptions::new().open(path)
+    }
+
+    /// Opens an image for reading and writing.
+    pub fn open_rw(path: impl AsRef<Path>) -> Result<Image> {
+        OpenOptions::new().write(true).open(path)
+    }
+
+    pub(crate) fn open_layer(path: &Path, opts: &OpenOptions, chain: &[PathBuf]) -> Result<Image> {
+        let name = path.display().to_string();
+        let mode = OpenMode {
+            writable: opts.write,
+            lock: opts.lock_mode(),
+        };
+        let storage = FileStorage::open(path, mode).map_err(|e| open_error(&name, e))?;
+        Image::from_parts(
+            Arc::new(storage),
+            name,
+            Some(path.to_path_buf()),
+            opts,
+            chain,
+        )
+    }
+
+    /// Opens an image held by any [`Storage`] (an in-memory file, a test layer).
+    ///
+    /// A backing file is resolved against the current directory.
+    pub fn from_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        let name = storage
+            .path()
+            .map_or_else(|| "<memory>".to_string(), |p| p.display().to_string());
+        let path = storage.path().map(Path::to_path_buf);
+        let chain: Vec<PathBuf> = path
+            .iter()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+            .collect();
+        Image::from_parts(storage, name, path, opts, &chain)
+    }
+
+    pub(super) fn from_parts(
+        storage: Arc<dyn Storage>,
+        name: String,
+        path: Option<PathBuf>,
+        opts: &OpenOptions,
+        chain: &[PathBuf],
+    ) -> Result<Image> {
+        let io = |op, offset, source| Error::Io {
+            file: name.clone(),
+            op,
+            offset,
+            source,
+        };
+        let file_len = storage.len().map_err(|e| io("stat", 0, e))?;
+        // The fixed header first, then the rest of the first cluster it describes (not
+        // the largest cluster size every time: images are opened often, layers of a
+        // chain once each).
+        let mut first = vec![0u8; file_len.min(HEADER_PROBE_LEN) as usize];
+        storage
+            .read_at(&mut first, 0)
+            .map_err(|e| io("read header", 0, e))?;
+        let first_len = Header::first_cluster_len(&first, file_len);
+        first.truncate(first_len as usize);
+        if first_len > first.len() as u64 {
+            let probed = first.len();
+            first.resize(first_len as usize, 0);
+            storage
+                .read_at(&mut first[probed..], probed as u64)
+                .map_err(|e| io("read header", probed as u64, e))?;
+        }
+        let header = Header::parse(&first, file_len).map_err(|source| Error::Header {
+            file: name.clone(),
+            source,
+        })?;
+        let unsupported = |what: &str| Error::Unsupported {
+            file: name.clone(),
+            what: what.to_string(),
+        };
+        if header.incompatible.contains(Incompatible::EXTERNAL_DATA) {
+            return Err(unsupported("an external data file"));
+        }
+        if opts.write {
+            if header.incompatible.contains(Incompatible::CORRUPT) {
+                return Err(Error::ReadOnly {
+                    file: name.clone(),
+                    why: "the image is marked corrupt; it can only be opened read-only \
+                          (repair it with `qemu-img check -r all`)"
+                        .into(),
+                });
+            }
+            if header.version < 3 {
+                return Err(Error::ReadOnly {
+                    file: name.clone(),
+                    why: "version 2 (compat 0.10) images are read-only in qcowx; \
+                          upgrade with `qemu-img amend -o compat=1.1`"
+                        .into(),
+                });
+            }
+        }
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            extended: header.extended_l2(),
+        };
+        let compression = match header.compression_type {
+            1 => CompressionType::Zstd,
+            _ => CompressionType::Deflate,
+        };
+
+        // Active L1 table (its bounds were validated against the file length).
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        let mut raw_l1 = vec![0u8; l1_bytes as usize];
+        storage
+            .read_at(&mut raw_l1, header.l1_table_offset)
+            .map_err(|e| io("read L1 table", header.l1_table_offset, e))?;
+        let l1 = decode_words(&raw_l1);
+
+        // Snapshot table. Its length is only known once it is parsed: read a guess and
+        // double it while the entries run past it, up to the 64 MiB QEMU allows (reading
+        // the whole bound every time costs a 64 MiB read and buffer per open when the
+        // table is followed by other clusters).
+        let snapshots = if header.nb_snapshots > 0 {
+            let avail =
+                (file_len - header.snapshots_offset).min(snapshot::MAX_SNAPSHOT_TABLE_BYTES);
+            let mut want = (u64::from(header.nb_snapshots) * 128)
+                .max(64 << 10)
+                .min(avail);
+            loop {
+                let mut table = vec![0u8; want as usize];
+                storage
+                    .read_at(&mut table, header.snapshots_offset)
+                    .map_err(|e| io("read snapshot table", header.snapshots_offset, e))?;
+                match snapshot::parse_table(
+                    &table,
+                    header.snapshots_offset,
+                    header.nb_snapshots,
+                    geo.cluster_size(),
+                ) {
+                    Err(snapshot::SnapshotError::Truncated { .. }) if want < avail => {
+                        want = (want * 2).min(avail);
+                    }
+                    parsed => {
+                        break parsed.map_err(|source| Error::Snapshot {
+                            file: name.clone(),
+                            source,
+                        })?
+                    }
+                }
+            }
+        } else {
+            Vec::new()
+        };
+
+        let backing = match (&header.backing_file, opts.open_backing) {
+            (Some(b), true) => Some(backing::open_chain(
+                &name,
+                path.as_deref(),
+                b,
+                header.backing_format(),
+                chain,
+                opts,
+            )?),
+            _ => None,
+        };
+
+        let stale = header.incompatible.contains(Incompatible::DIRTY) && opts.write;
+        let mut roots = BTreeMap::new();
+        roots.insert(
+            DEFAULT_ROOT,
+            Root {
+                l1,
+                l1_offset: header.l1_table_offset,
+                dirty: BTreeSet::new(),
+                size: header.size,
+                writable: opts.write,
+            },
+        );
+        let records = crate::format::roots::records_for(&snapshots);
+        let table_capacity = if header.nb_snapshots > 0 {
+            let used: u64 = snapshots.iter().map(|e| e.encoded_len() as u64).sum();
+            used.next_multiple_of(geo.cluster_size())
+        } else {
+            0
+        };
+        let index = crate::format::roots::Index::build(&snapshots, &records);
+        let state = State {
+            index,
+            records,
+            table_capacity,
+            roots,
+            cache: L2Cache::new(opts.cache_bytes, geo.cluster_size() as usize),
+            alloc: Allocator::new(geo.cluster_size(), file_len),
+            stale,
+            snapshots,
+            closed: false,
+            l1_changes: 0,
+            header,
+        };
+        let img = Image {
+            storage,
+            name,
+            path,
+            geo,
+            compression,
+            writable: opts.write,
+            backing,
+            state: Mutex::new(state),
+            io_gate: RwLock::new(()),
+            structure: Mutex::new(()),
+        };
+        if opts.write {
+            img.clear_autoclear()?;
+            // Anything may have written the image since qcowx last did: restore
+            // invariant W before any write of ours (O(metadata)).
+            img.reconcile()?;
+        }
+        Ok(img)
+    }
+
+    /// Clears every auto-clear feature bit before the first write, as QCOW2 requires of
+    /// a writer: qcowx maintains none of them (persistent bitmaps become inconsistent,
+    /// exactly as when any writer that does not know them writes the image). One
+    /// single-sector header write, made durable before any other write.
+    pub(super) fn clear_autoclear(&self) -> Result<()> {
+        let mut st = self.lock_state()?;
+        // qcowx keeps no auto-clear bit set at rest (see `reconcile`); images an
+        // earlier qcowx marked with bit 32 lose it here too.
+        let keep = 0;
+        if st.header.autoclear == keep {
+            return Ok(());
+        }
+        if st.header.autoclear & Autoclear::BITMAPS.bits() != 0 {
+            // The bitmaps' clusters stop being referenced: their refcounts become
+            // stale in the same header write.
+            st.header.incompatible |= Incompatible::DIRTY;
+            st.stale = true;
+        }
+        st.header.autoclear = keep;
+        self.write_header_fields(&st)?;
+        self.sync()
+    }
+}

@@ -1,0 +1,236 @@
+//! Reads: a request is planned into pieces (data, zeros, backing, compressed) under the state lock, then read outside it.
+
+use std::io::IoSlice;
+
+use crate::error::{Error, Result};
+use crate::format::compress::decompress_cluster;
+use crate::format::tables::{for_each_piece, ClusterKind, Source};
+use crate::storage::{self, Storage};
+
+use super::image::*;
+
+/// Zeros lent by [`Image::read_mapped`] for clusters that read as zeros.
+pub(super) static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// A piece of a request: `len` guest bytes at `guest` come from `src`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Piece {
+    pub(super) guest: u64,
+    pub(super) len: u64,
+    pub(super) src: Source,
+}
+
+pub(super) fn push_piece(out: &mut Vec<Piece>, p: Piece) {
+    if let Some(last) = out.last_mut() {
+        let merge = match (last.src, p.src) {
+            (Source::Host(a), Source::Host(b)) => a + last.len == b,
+            (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
+            _ => false,
+        };
+        if merge && last.guest + last.len == p.guest {
+            last.len += p.len;
+            return;
+        }
+    }
+    out.push(p);
+}
+
+impl Image {
+    /// Splits `[offset, offset+len)` into pieces by source, merging neighbours.
+    pub(super) fn plan(
+        &self,
+        st: &mut State,
+        root: RootId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Piece>> {
+        let cs = self.geo.cluster_size();
+        let mut out: Vec<Piece> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            let (kind, _) = self.lookup(st, root, pos)?;
+            let mut g = pos;
+            for_each_piece(&self.geo, kind, in_off, n, |plen, src| {
+                push_piece(
+                    &mut out,
+                    Piece {
+                        guest: g,
+                        len: plen,
+                        src,
+                    },
+                );
+                g += plen;
+            });
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    pub(super) fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) => b.read_layer(buf, guest),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let cs = self.geo.cluster_size();
+        let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        if offset >= file_len {
+            return Err(self.corrupt(
+                "compressed cluster",
+                offset,
+                "compressed data starts past the end of the file",
+            ));
+        }
+        let avail = len.min(file_len - offset).min(2 * cs);
+        let mut input = vec![0u8; avail as usize];
+        self.storage
+            .read_at(&mut input, offset)
+            .map_err(|e| self.io_err("read compressed cluster", offset, e))?;
+        let mut out = vec![0u8; cs as usize];
+        decompress_cluster(self.compression, &input, &mut out).map_err(|source| {
+            Error::Compressed {
+                file: self.name.clone(),
+                offset,
+                source,
+            }
+        })?;
+        Ok(out)
+    }
+
+    pub(super) fn read_pieces(&self, pieces: &[Piece], base: u64, buf: &mut [u8]) -> Result<()> {
+        for p in pieces {
+            let at = (p.guest - base) as usize;
+            let dst = &mut buf[at..at + p.len as usize];
+            match p.src {
+                Source::Host(h) => self
+                    .storage
+                    .read_at(dst, h)
+                    .map_err(|e| self.io_err("read data", h, e))?,
+                Source::Zero => dst.fill(0),
+                Source::Backing => self.read_backing(dst, p.guest)?,
+                Source::Compressed { offset, len, at } => {
+                    let cluster = self.read_compressed(offset, len)?;
+                    dst.copy_from_slice(&cluster[at as usize..at as usize + dst.len()]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the whole current content of the guest cluster at `cg` (cluster-aligned).
+    pub(super) fn read_cluster(&self, kind: ClusterKind, cg: u64, buf: &mut [u8]) -> Result<()> {
+        let mut pieces = Vec::new();
+        let mut g = cg;
+        for_each_piece(&self.geo, kind, 0, self.geo.cluster_size(), |plen, src| {
+            pieces.push(Piece {
+                guest: g,
+                len: plen,
+                src,
+            });
+            g += plen;
+        });
+        self.read_pieces(&pieces, cg, buf)
+    }
+
+    /// Reads `buf.len()` bytes of the disk at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_root(DEFAULT_ROOT, buf, offset)
+    }
+
+    pub(crate) fn read_root(&self, root: RootId, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        let (pieces, _gate) = {
+            let mut st = self.lock_state()?;
+            self.check_range(&st, root, offset, len)?;
+            let pieces = self.plan(&mut st, root, offset, len)?;
+            (pieces, self.gate_read())
+        };
+        self.read_pieces(&pieces, offset, buf)
+    }
+
+    /// Reads `len` bytes of the disk at `offset` without copying them: `f` gets them,
+    /// in order, as slices of the image file's mapping (and of a zero buffer where
+    /// clusters read as zeros), while no cluster they come from can be freed, reused
+    /// or cut off the file.
+    ///
+    /// Returns `Ok(None)` without calling `f` when the bytes cannot be lent cheaply:
+    /// the storage cannot map its file, a cluster is compressed or comes from a
+    /// backing file, or a page is not in the page cache (`f` would wait for the disk
+    /// while holding up the image). [`Image::read_at`] reads those.
+    ///
+    /// `f` runs under the image's I/O gate, which cluster frees wait for: it must not
+    /// call into this image, and must not wait long — a socket send has to be bounded
+    /// by a deadline, not left to a peer that may never read.
+    pub fn read_mapped<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[IoSlice<'_>]) -> R,
+    ) -> Result<Option<R>> {
+        self.read_root_mapped(DEFAULT_ROOT, offset, len, f)
+    }
+
+    pub(crate) fn read_root_mapped<R>(
+        &self,
+        root: RootId,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[IoSlice<'_>]) -> R,
+    ) -> Result<Option<R>> {
+        let (pieces, _gate) = {
+            let mut st = self.lock_state()?;
+            self.check_range(&st, root, offset, len)?;
+            let pieces = self.plan(&mut st, root, offset, len)?;
+            (pieces, self.gate_read())
+        };
+        let mut end = 0u64;
+        for p in &pieces {
+            match p.src {
+                Source::Host(h) => match h.checked_add(p.len) {
+                    Some(e) => end = end.max(e),
+                    None => return Ok(None),
+                },
+                Source::Zero => {}
+                Source::Backing if self.backing.is_none() => {}
+                Source::Backing | Source::Compressed { .. } => return Ok(None),
+            }
+        }
+        let map = match end {
+            0 => None,
+            _ => match self.storage.mapping(end) {
+                Some(m) => Some(m),
+                None => return Ok(None),
+            },
+        };
+        let mut slices = Vec::with_capacity(pieces.len());
+        for p in &pieces {
+            match (p.src, &map) {
+                (Source::Host(h), Some(m)) => {
+                    // Below `end`, which the mapping and the file both cover.
+                    let (h, l) = (h as usize, p.len as usize);
+                    if !storage::resident(m, h, l) {
+                        return Ok(None);
+                    }
+                    slices.push(IoSlice::new(&m[h..h + l]));
+                }
+                _ => {
+                    let mut left = p.len as usize;
+                    while left > 0 {
+                        let n = left.min(ZEROS.len());
+                        slices.push(IoSlice::new(&ZEROS[..n]));
+                        left -= n;
+                    }
+                }
+            }
+        }
+        Ok(Some(f(&slices)))
+    }
+}

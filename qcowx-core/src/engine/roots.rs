@@ -1,0 +1,315 @@
+//! Roots and the snapshot table: loading a root's L1 table, writing read-only copies,
+//! appending, flagging and replacing snapshot-table entries, each change committed by
+//! one header write. The narrow API through which the VDI layer changes the file.
+
+use zerocopy::IntoBytes;
+
+use crate::engine::{Image, Root, RootId, State, DEFAULT_ROOT};
+use crate::error::{Error, Result};
+use crate::format::header::MAX_SNAPSHOTS;
+use crate::format::roots::*;
+use crate::format::snapshot::{SnapshotEntry, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::tables::{decode_words, encode_words, WRITABLE};
+
+/// A resolved reference to a root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The default VDI.
+    Default,
+    /// Snapshot table entry `index`.
+    Entry(usize),
+}
+
+/// Where a root's L1 table lives and how big it is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct L1Loc {
+    pub(crate) offset: u64,
+    pub(crate) entries: u32,
+    pub(crate) size: u64,
+}
+
+impl Image {
+    /// The in-memory root id of a target.
+    pub(crate) fn root_id(st: &State, t: Target) -> RootId {
+        match t {
+            Target::Default => DEFAULT_ROOT,
+            Target::Entry(i) => match st.records[i].kind {
+                RootKind::Vdi => st.records[i].vdi,
+                RootKind::Snapshot => st.records[i].uid,
+            },
+        }
+    }
+
+    pub(crate) fn l1_loc(st: &State, t: Target) -> L1Loc {
+        match t {
+            Target::Default => L1Loc {
+                offset: st.header.l1_table_offset,
+                entries: st.header.l1_size,
+                size: st.header.size,
+            },
+            Target::Entry(i) => {
+                let e = &st.snapshots[i];
+                L1Loc {
+                    offset: e.l1_table_offset,
+                    entries: e.l1_size,
+                    size: e.disk_size().unwrap_or(st.header.size),
+                }
+            }
+        }
+    }
+
+    /// Makes sure the root of `t` is loaded and returns its id.
+    pub(crate) fn load_root(&self, st: &mut State, t: Target) -> Result<RootId> {
+        let id = Image::root_id(st, t);
+        if let Some(r) = st.roots.get(&id) {
+            // A reverted VDI keeps its id but moves: reload if stale.
+            let loc = Image::l1_loc(st, t);
+            if r.l1_offset == loc.offset {
+                return Ok(id);
+            }
+        }
+        let loc = Image::l1_loc(st, t);
+        let l1 = self.read_l1(loc)?;
+        let writable = match t {
+            Target::Default => true,
+            Target::Entry(i) => st.records[i].kind == RootKind::Vdi,
+        } && self.is_writable();
+        st.roots.insert(
+            id,
+            Root {
+                l1,
+                l1_offset: loc.offset,
+                dirty: Default::default(),
+                size: loc.size,
+                writable,
+            },
+        );
+        Ok(id)
+    }
+
+    pub(crate) fn read_l1(&self, loc: L1Loc) -> Result<Vec<u64>> {
+        let len = u64::from(loc.entries) * 8;
+        let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        if loc.offset.saturating_add(len) > file_len || loc.offset == 0 && len > 0 {
+            return Err(self.corrupt(
+                "snapshot L1 table",
+                loc.offset,
+                "runs past the end of the file",
+            ));
+        }
+        let mut raw = vec![0u8; len as usize];
+        self.storage
+            .read_at(&mut raw, loc.offset)
+            .map_err(|e| self.io_err("read L1 table", loc.offset, e))?;
+        Ok(decode_words(&raw))
+    }
+
+    /// A snapshot's L1 table as the first state of a head: padded with unallocated
+    /// entries up to what its disk size needs (a table QEMU or a damaged file left
+    /// shorter reads as unallocated there, and a header must cover its size).
+    pub(crate) fn head_l1(&self, loc: L1Loc) -> Result<Vec<u64>> {
+        let needed = self.geo.l1_entries_for(loc.size);
+        if loc.size > crate::format::header::MAX_VIRTUAL_SIZE
+            || needed * 8 > crate::format::header::MAX_L1_BYTES
+        {
+            return Err(self.corrupt(
+                "snapshot table entry",
+                loc.offset,
+                format!(
+                    "disk size {} needs an L1 table of {needed} entries, more than a head may have",
+                    loc.size
+                ),
+            ));
+        }
+        let mut l1 = self.read_l1(loc)?;
+        if (l1.len() as u64) < needed {
+            l1.resize(needed as usize, 0);
+        }
+        Ok(l1)
+    }
+
+    /// Writes `l1` with every link read-only to new clusters; returns the offset.
+    pub(crate) fn write_read_only_copy(&self, st: &mut State, l1: &[u64]) -> Result<u64> {
+        let copy: Vec<u64> = l1.iter().map(|w| w & !WRITABLE).collect();
+        let clusters = self.geo.clusters_for(copy.len() as u64 * 8).max(1);
+        let at = st.alloc.contiguous(clusters);
+        let mut bytes = encode_words(&copy);
+        bytes.resize((clusters * self.geo.cluster_size()) as usize, 0);
+        self.storage
+            .write_at(&bytes, at)
+            .map_err(|e| self.io_err("write L1 table", at, e))?;
+        Ok(at)
+    }
+
+    /// Bytes the table's entries occupy.
+    pub(crate) fn table_bytes(st: &State) -> u64 {
+        st.index.used
+    }
+
+    /// Appends `entry` to the snapshot table and commits it with one header write.
+    ///
+    /// The entry goes into the table's spare room when it fits (no rewrite of the
+    /// table); otherwise the table moves to new clusters with twice the room. Either
+    /// way everything is written and synced before the single-sector header write
+    /// (`nb_snapshots`, `snapshots_offset`) that makes the new root count.
+    pub(crate) fn append_entry(
+        &self,
+        st: &mut State,
+        entry: SnapshotEntry,
+        rec: Record,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        if st.header.nb_snapshots >= MAX_SNAPSHOTS {
+            return Err(Error::Limit {
+                file: self.name.clone(),
+                what: format!("the snapshot table holds at most {MAX_SNAPSHOTS} roots"),
+            });
+        }
+        let used = Image::table_bytes(st);
+        let need = used + entry.encoded_len() as u64;
+        if need > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(Error::Limit {
+                file: self.name.clone(),
+                what: format!("the snapshot table would exceed {MAX_SNAPSHOT_TABLE_BYTES} bytes"),
+            });
+        }
+        let offset = if st.header.snapshots_offset != 0 && need <= st.table_capacity {
+            let mut bytes = Vec::new();
+            entry.write_to(&mut bytes);
+            let at = st.header.snapshots_offset + used;
+            self.storage
+                .write_at(&bytes, at)
+                .map_err(|e| self.io_err("write snapshot table", at, e))?;
+            st.header.snapshots_offset
+        } else {
+            let capacity = (need * 2)
+                .next_multiple_of(cs)
+                .min(MAX_SNAPSHOT_TABLE_BYTES.next_multiple_of(cs));
+            let at = st.alloc.contiguous(capacity / cs);
+            let mut bytes = Vec::with_capacity(need as usize);
+            for e in &st.snapshots {
+                e.write_to(&mut bytes);
+            }
+            entry.write_to(&mut bytes);
+            self.storage
+                .write_at(&bytes, at)
+                .map_err(|e| self.io_err("write snapshot table", at, e))?;
+            st.table_capacity = capacity;
+            at
+        };
+        self.sync()?;
+        let before = (st.header.snapshots_offset, st.table_capacity);
+        st.header.nb_snapshots += 1;
+        st.header.snapshots_offset = offset;
+        st.snapshots.push(entry);
+        st.records.push(rec);
+        let i = st.snapshots.len() - 1;
+        st.index.on_append(&st.snapshots, &st.records, i);
+        let committed = self.write_header_fields(st).and_then(|_| self.sync());
+        if committed.is_err() {
+            // The commit failed: the entry does not count. The state goes back to the
+            // table the file had, so no later header write (a close) commits it.
+            st.header.nb_snapshots -= 1;
+            (st.header.snapshots_offset, st.table_capacity) = before;
+            st.snapshots.pop();
+            st.records.pop();
+            st.index = Index::build(&st.snapshots, &st.records);
+        }
+        committed
+    }
+
+    /// Rewrites the flags of entry `i` in place: one aligned 8-byte write (flags and
+    /// crc), synced.
+    pub(crate) fn write_flags(&self, st: &mut State, i: usize) -> Result<()> {
+        let rec = st.records[i].clone();
+        let before = st.index.offsets[i];
+        let at = st.header.snapshots_offset + before + 40 + QEMU_EXTRA_BYTES as u64 + 48;
+        let block = raw_block(&rec);
+        self.storage
+            .write_at(&block.as_bytes()[48..56], at)
+            .map_err(|e| self.io_err("write snapshot flags", at, e))?;
+        // Keep the in-memory entry's extra data in step with the file.
+        let extra = &mut st.snapshots[i].extra;
+        if extra.len() >= QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES {
+            extra[QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES]
+                .copy_from_slice(block.as_bytes());
+        }
+        self.sync()
+    }
+
+    /// Waits for data I/O in flight, then runs `f` with the metadata locked.
+    pub(crate) fn quiesced<T>(&self, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        let _structure = self.lock_structure();
+        let mut st = self.lock_state()?;
+        let _gate = self.io_gate_write();
+        f(&mut st)
+    }
+
+    /// Commits `snapshots` (with their `records`) as the new snapshot table. The state
+    /// keeps them only once the header points at the new table, durably: if writing
+    /// the table or the header fails, the state still describes the file's old table,
+    /// so a later header write (a close) cannot commit a change reported as failed,
+    /// nor entries the file's table lacks, nor count references it does not hold.
+    pub(crate) fn replace_table(
+        &self,
+        st: &mut State,
+        snapshots: Vec<SnapshotEntry>,
+        records: Vec<Record>,
+    ) -> Result<()> {
+        let (offset, capacity) = self.write_table(st, &snapshots)?;
+        let old_snapshots = std::mem::replace(&mut st.snapshots, snapshots);
+        let old_records = std::mem::replace(&mut st.records, records);
+        let old_place = (
+            st.header.nb_snapshots,
+            st.header.snapshots_offset,
+            st.table_capacity,
+        );
+        let committed = self.switch_table(st, offset, capacity);
+        if committed.is_err() {
+            st.snapshots = old_snapshots;
+            st.records = old_records;
+            (
+                st.header.nb_snapshots,
+                st.header.snapshots_offset,
+                st.table_capacity,
+            ) = old_place;
+            st.index = Index::build(&st.snapshots, &st.records);
+        }
+        committed
+    }
+
+    /// Writes `entries` to new clusters, synced;
+    /// returns where and the room taken (`(0, 0)` for an empty table).
+    pub(crate) fn write_table(
+        &self,
+        st: &mut State,
+        entries: &[SnapshotEntry],
+    ) -> Result<(u64, u64)> {
+        let cs = self.geo.cluster_size();
+        let mut bytes = Vec::new();
+        for e in entries {
+            e.write_to(&mut bytes);
+        }
+        if bytes.is_empty() {
+            return Ok((0, 0));
+        }
+        let capacity = (bytes.len() as u64).next_multiple_of(cs);
+        let at = st.alloc.contiguous(capacity / cs);
+        self.storage
+            .write_at(&bytes, at)
+            .map_err(|e| self.io_err("write snapshot table", at, e))?;
+        self.sync()?;
+        Ok((at, capacity))
+    }
+
+    /// Points the header at the state's table, written at `offset`: the commit (one
+    /// header write, synced).
+    pub(crate) fn switch_table(&self, st: &mut State, offset: u64, capacity: u64) -> Result<()> {
+        st.header.nb_snapshots = st.snapshots.len() as u32;
+        st.header.snapshots_offset = offset;
+        st.table_capacity = capacity;
+        st.index = Index::build(&st.snapshots, &st.records);
+        self.write_header_fields(st)?;
+        self.sync()
+    }
+}

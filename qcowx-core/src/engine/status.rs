@@ -1,0 +1,116 @@
+//! Block status: the allocation state of guest ranges, as NBD and `qemu-img map` report it.
+
+use crate::error::Result;
+use crate::format::tables::Source;
+
+use super::image::*;
+
+/// The allocation state of a guest range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentStatus {
+    /// Data is stored (here or in a backing layer).
+    Data,
+    /// Reads as zeros, recorded explicitly.
+    Zero,
+    /// Not allocated anywhere in the chain: reads as zeros.
+    Unallocated,
+}
+
+/// One extent of [`Image::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// What the range holds.
+    pub status: ExtentStatus,
+    /// Which layer answered: 0 this image, 1 its backing file, and so on. For
+    /// [`ExtentStatus::Unallocated`] it is the number of backing layers below this image
+    /// (as `qemu-img map` reports it).
+    pub depth: u32,
+    /// Host offset of the data in that layer's file, when it is stored uncompressed.
+    pub host_offset: Option<u64>,
+}
+
+pub(super) fn push_extent(
+    out: &mut Vec<Extent>,
+    offset: u64,
+    length: u64,
+    status: ExtentStatus,
+    depth: u32,
+    host_offset: Option<u64>,
+) {
+    if let Some(last) = out.last_mut() {
+        let host_ok = match (last.host_offset, host_offset) {
+            (Some(a), Some(b)) => a + last.length == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if last.status == status
+            && last.depth == depth
+            && host_ok
+            && last.offset + last.length == offset
+        {
+            last.length += length;
+            return;
+        }
+    }
+    out.push(Extent {
+        offset,
+        length,
+        status,
+        depth,
+        host_offset,
+    });
+}
+
+impl Image {
+    /// Allocation status of `[offset, offset+len)`.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.block_status_root(DEFAULT_ROOT, offset, len)
+    }
+
+    pub(crate) fn block_status_root(
+        &self,
+        root: RootId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>> {
+        let pieces = {
+            let mut st = self.lock_state()?;
+            self.check_range(&st, root, offset, len)?;
+            self.plan(&mut st, root, offset, len)?
+        };
+        let mut out: Vec<Extent> = Vec::new();
+        for p in pieces {
+            match p.src {
+                Source::Host(h) => {
+                    push_extent(&mut out, p.guest, p.len, ExtentStatus::Data, 0, Some(h))
+                }
+                Source::Compressed { .. } => {
+                    push_extent(&mut out, p.guest, p.len, ExtentStatus::Data, 0, None)
+                }
+                Source::Zero => push_extent(&mut out, p.guest, p.len, ExtentStatus::Zero, 0, None),
+                Source::Backing => match &self.backing {
+                    None => {
+                        push_extent(&mut out, p.guest, p.len, ExtentStatus::Unallocated, 0, None)
+                    }
+                    Some(b) => {
+                        for e in b.layer_status(p.guest, p.len)? {
+                            push_extent(
+                                &mut out,
+                                e.offset,
+                                e.length,
+                                e.status,
+                                e.depth + 1,
+                                e.host_offset,
+                            );
+                        }
+                    }
+                },
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,212 @@
+//! Table access: the one path by which every reader and writer reaches L1 and L2 entries and the L2 cache, and makes an L2 table writable (copying a shared one).
+
+use crate::error::{Error, Result};
+use crate::format::tables::{decode_words, encode_words, ClusterKind, L1Entry, L2Entry, WRITABLE};
+use crate::storage::Storage;
+
+use super::image::*;
+
+impl Image {
+    /// Makes sure the L2 table at `off` is in the cache.
+    pub(crate) fn load_l2(&self, st: &mut State, off: u64) -> Result<()> {
+        if st.cache.get(off).is_some() {
+            return Ok(());
+        }
+        let cs = self.geo.cluster_size();
+        let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        if !off.is_multiple_of(cs) || off.saturating_add(cs) > file_len.next_multiple_of(cs) {
+            return Err(self.corrupt(
+                "L2 table",
+                off,
+                "table offset is unaligned or past the end of the file",
+            ));
+        }
+        let mut raw = vec![0u8; cs as usize];
+        self.storage
+            .read_at(&mut raw, off)
+            .map_err(|e| self.io_err("read L2 table", off, e))?;
+        let words = decode_words(&raw);
+        self.cache_insert(st, off, words, false)
+    }
+
+    /// Inserts a table, writing back a dirty table the cache evicts (after the data it
+    /// links to is durable).
+    pub(super) fn cache_insert(
+        &self,
+        st: &mut State,
+        off: u64,
+        words: Vec<u64>,
+        dirty: bool,
+    ) -> Result<()> {
+        if let Some(ev) = st.cache.insert(off, words, dirty) {
+            let written = self.sync().and_then(|_| {
+                self.storage
+                    .write_at(&encode_words(&ev.words), ev.offset)
+                    .map_err(|e| self.io_err("write L2 table", ev.offset, e))
+            });
+            if let Err(e) = written {
+                // Keep the table (over capacity) rather than lose links to it.
+                st.cache.restore(ev);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn l2_entry(&self, st: &mut State, l2_off: u64, idx: usize) -> Result<L2Entry> {
+        self.load_l2(st, l2_off)?;
+        let ext = self.geo.extended;
+        let words = st
+            .cache
+            .get(l2_off)
+            .ok_or_else(|| self.corrupt("L2 table", l2_off, "vanished from the cache"))?;
+        Ok(if ext {
+            L2Entry {
+                word: words[idx * 2],
+                bitmap: words[idx * 2 + 1],
+            }
+        } else {
+            L2Entry {
+                word: words[idx],
+                bitmap: 0,
+            }
+        })
+    }
+
+    pub(super) fn set_l2_entry(
+        &self,
+        st: &mut State,
+        l2_off: u64,
+        idx: usize,
+        e: L2Entry,
+    ) -> Result<()> {
+        self.load_l2(st, l2_off)?;
+        let ext = self.geo.extended;
+        let words = st
+            .cache
+            .get_mut(l2_off)
+            .ok_or_else(|| self.corrupt("L2 table", l2_off, "vanished from the cache"))?;
+        if ext {
+            words[idx * 2] = e.word;
+            words[idx * 2 + 1] = e.bitmap;
+        } else {
+            words[idx] = e.word;
+        }
+        Ok(())
+    }
+
+    pub(super) fn l1_entry(&self, st: &State, root: RootId, l1i: usize) -> Result<L1Entry> {
+        let r = self.root(st, root)?;
+        let e = L1Entry(r.l1.get(l1i).copied().unwrap_or(0));
+        if e.is_malformed(&self.geo) {
+            return Err(self.corrupt(
+                "L1 table",
+                r.l1_offset + l1i as u64 * 8,
+                format!("malformed entry {:#x}", e.0),
+            ));
+        }
+        Ok(e)
+    }
+
+    pub(crate) fn set_l1_entry(
+        &self,
+        st: &mut State,
+        root: RootId,
+        l1i: usize,
+        e: L1Entry,
+    ) -> Result<()> {
+        let r = self.root_mut(st, root)?;
+        let slot = r.l1.get_mut(l1i).ok_or_else(|| {
+            Error::InvalidArgument(format!("L1 index {l1i} past the end of root {root}"))
+        })?;
+        *slot = e.0;
+        r.dirty.insert(l1i / 64);
+        st.l1_changes += 1;
+        Ok(())
+    }
+
+    /// What the guest cluster containing `guest` maps to, and whether both links to it
+    /// are writable.
+    pub(super) fn lookup(
+        &self,
+        st: &mut State,
+        root: RootId,
+        guest: u64,
+    ) -> Result<(ClusterKind, bool)> {
+        let (l1i, l2i) = self.geo.split(guest);
+        let l1e = self.l1_entry(st, root, l1i)?;
+        let Some(l2_off) = l1e.l2_offset() else {
+            return Ok((ClusterKind::Unallocated, false));
+        };
+        let e = self.l2_entry(st, l2_off, l2i)?;
+        let entry_off = l2_off + l2i as u64 * self.geo.l2_entry_bytes();
+        let kind = e
+            .kind(&self.geo)
+            .map_err(|why| self.corrupt("L2 entry", entry_off, why))?;
+        Ok((kind, l1e.writable() && e.writable()))
+    }
+
+    /// Makes sure the L1 entry `l1i` links to an L2 table this root owns, copying a
+    /// shared table (every entry of the copy read-only) or allocating a new one.
+    pub(super) fn writable_l2(&self, st: &mut State, root: RootId, l1i: usize) -> Result<u64> {
+        let e = self.l1_entry(st, root, l1i)?;
+        match e.l2_offset() {
+            Some(off) if e.writable() => {
+                self.load_l2(st, off)?;
+                Ok(off)
+            }
+            Some(off) => {
+                self.load_l2(st, off)?;
+                let mut words = st
+                    .cache
+                    .get(off)
+                    .ok_or_else(|| self.corrupt("L2 table", off, "vanished from the cache"))?
+                    .to_vec();
+                let step = if self.geo.extended { 2 } else { 1 };
+                for w in words.iter_mut().step_by(step) {
+                    *w &= !WRITABLE;
+                }
+                let new = st.alloc.cluster();
+                self.cache_insert(st, new, words, true)?;
+                self.set_l1_entry(st, root, l1i, L1Entry::new(new, true))?;
+                Ok(new)
+            }
+            None => {
+                let new = st.alloc.cluster();
+                let words = vec![0u64; (self.geo.cluster_size() / 8) as usize];
+                self.cache_insert(st, new, words, true)?;
+                self.set_l1_entry(st, root, l1i, L1Entry::new(new, true))?;
+                Ok(new)
+            }
+        }
+    }
+
+    /// Links guest cluster `guest` of the default VDI to compressed data that `place`
+    /// writes (it returns the host byte offset and length). The cluster must read as
+    /// unallocated (or zero with no host cluster): compressed output fills clusters, it
+    /// does not replace data. The L2 table is made writable through the same path every
+    /// write takes ([`Image::writable_l2`]), so a shared table is copied and a dirty
+    /// table evicted on the way is kept if its write-back fails.
+    pub(crate) fn link_compressed(
+        &self,
+        st: &mut State,
+        guest: u64,
+        place: impl FnOnce(&mut State) -> Result<(u64, u64)>,
+    ) -> Result<()> {
+        let (l1i, l2i) = self.geo.split(guest);
+        let l2_off = self.writable_l2(st, DEFAULT_ROOT, l1i)?;
+        let current = self.l2_entry(st, l2_off, l2i)?;
+        match current.kind(&self.geo) {
+            Ok(ClusterKind::Unallocated) | Ok(ClusterKind::Zero { host: None }) => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: guest cluster at {guest} is already allocated; compressed writes \
+                     fill unallocated clusters only",
+                    self.name
+                )))
+            }
+        }
+        let (at, len) = place(st)?;
+        self.set_l2_entry(st, l2_off, l2i, L2Entry::compressed(at, len, &self.geo))
+    }
+}

@@ -1,0 +1,236 @@
+//! Writes: in place when both links are writable, else through the slow path that copies or allocates the L2 table and the data cluster (data before links).
+
+use crate::error::Result;
+use crate::format::tables::{ClusterKind, Geometry, L2Entry};
+use crate::storage::Storage;
+
+use super::image::*;
+
+/// Where a write of `[in_off, in_off+n)` can go in place, if it can.
+/// The most bytes of whole clusters one write through the slow path allocates and
+/// writes at once, under the state lock (other requests to the image wait for it).
+pub(super) const MAX_SLOW_RUN: u64 = 4 << 20;
+
+/// Where the slow path writes one guest cluster (see `Image::slow_target`).
+pub(super) struct SlowTarget {
+    l2_off: u64,
+    l2i: usize,
+    kind: ClusterKind,
+    host: u64,
+    /// `host` is the cluster the root owns there, not a new one.
+    in_place: bool,
+}
+
+pub(super) fn in_place_target(
+    geo: &Geometry,
+    kind: ClusterKind,
+    writable: bool,
+    in_off: u64,
+    n: u64,
+) -> Option<u64> {
+    if !writable {
+        return None;
+    }
+    match kind {
+        ClusterKind::Data { host } => Some(host),
+        ClusterKind::Subclusters { host, alloc, .. } if host != 0 => {
+            let sub = geo.subcluster_size();
+            let first = in_off / sub;
+            let last = (in_off + n - 1) / sub;
+            (first..=last)
+                .all(|i| alloc & (1 << i) != 0)
+                .then_some(host)
+        }
+        _ => None,
+    }
+}
+
+impl Image {
+    /// Writes `buf` to the disk at `offset`.
+    ///
+    /// Writes to clusters owned by the active layer through writable links go in place;
+    /// anything else (unallocated, zero, compressed, or under a read-only link) copies
+    /// the path first: a new L2 table if the L1 link is read-only, a new data cluster
+    /// filled with the old content around the written range.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_root(DEFAULT_ROOT, buf, offset)
+    }
+
+    pub(crate) fn write_root(&self, root: RootId, buf: &[u8], offset: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let len = buf.len() as u64;
+        {
+            let st = self.lock_state()?;
+            self.check_root_writable(&st, root)?;
+            self.check_range(&st, root, offset, len)?;
+        }
+        let mut pos = 0u64;
+        while pos < len {
+            let guest = offset + pos;
+            let in_off = guest % cs;
+            let n = (cs - in_off).min(len - pos);
+            let chunk = &buf[pos as usize..(pos + n) as usize];
+            let mut st = self.lock_state()?;
+            let (kind, writable) = self.lookup(&mut st, root, guest)?;
+            if let Some(host) = in_place_target(&self.geo, kind, writable, in_off, n) {
+                // The clusters after this one that are written in place too, at the
+                // next host offsets, go in the same write.
+                let at = host + in_off;
+                let mut run = n;
+                while pos + run < len {
+                    let m = cs.min(len - pos - run);
+                    let (kind, writable) = self.lookup(&mut st, root, guest + run)?;
+                    match in_place_target(&self.geo, kind, writable, 0, m) {
+                        Some(h) if Some(h) == at.checked_add(run) => run += m,
+                        _ => break,
+                    }
+                }
+                let _gate = self.gate_read();
+                drop(st);
+                self.storage
+                    .write_at(&buf[pos as usize..(pos + run) as usize], at)
+                    .map_err(|e| self.io_err("write data", at, e))?;
+                pos += run;
+                continue;
+            }
+            self.mark_stale(&mut st)?;
+            if in_off == 0 && n == cs {
+                pos += self.write_whole_clusters(&mut st, root, guest, &buf[pos as usize..])?;
+                continue;
+            }
+            self.write_partial_cluster(&mut st, root, guest - in_off, in_off, chunk)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Where a write through the slow path puts guest cluster `cg` of `root`: makes
+    /// the L2 table writable (copying or creating it) and picks the host cluster — the
+    /// one the root owns there, or a new one. Nothing links to a new one until the
+    /// caller has written it and set the entry.
+    pub(super) fn slow_target(&self, st: &mut State, root: RootId, cg: u64) -> Result<SlowTarget> {
+        let (l1i, l2i) = self.geo.split(cg);
+        let l2_off = self.writable_l2(st, root, l1i)?;
+        let entry = self.l2_entry(st, l2_off, l2i)?;
+        let entry_off = l2_off + l2i as u64 * self.geo.l2_entry_bytes();
+        let kind = entry
+            .kind(&self.geo)
+            .map_err(|why| self.corrupt("L2 entry", entry_off, why))?;
+        let in_place = match kind {
+            ClusterKind::Data { host }
+            | ClusterKind::Zero { host: Some(host) }
+            | ClusterKind::Subclusters { host, .. }
+                if entry.writable() && host != 0 =>
+            {
+                Some(host)
+            }
+            _ => None,
+        };
+        Ok(SlowTarget {
+            l2_off,
+            l2i,
+            kind,
+            host: in_place.unwrap_or_else(|| st.alloc.cluster()),
+            in_place: in_place.is_some(),
+        })
+    }
+
+    /// Writes the whole clusters at the start of `data` (from the cluster-aligned
+    /// `guest`) that the slow path takes, up to [`MAX_SLOW_RUN`] bytes and until a
+    /// cluster written in place: each gets its target, clusters whose hosts follow
+    /// each other go in one storage write, and only then are the L2 entries set.
+    /// Returns the bytes written: at least the first cluster.
+    pub(super) fn write_whole_clusters(
+        &self,
+        st: &mut State,
+        root: RootId,
+        guest: u64,
+        data: &[u8],
+    ) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let limit = (data.len() as u64).min(MAX_SLOW_RUN.max(cs)) / cs * cs;
+        let mut targets: Vec<SlowTarget> = Vec::new();
+        let mut done = 0u64;
+        while done < limit {
+            if done > 0 {
+                let (kind, writable) = self.lookup(st, root, guest + done)?;
+                if in_place_target(&self.geo, kind, writable, 0, cs).is_some() {
+                    break;
+                }
+            }
+            targets.push(self.slow_target(st, root, guest + done)?);
+            done += cs;
+        }
+        let mut i = 0;
+        while i < targets.len() {
+            let mut j = i + 1;
+            while j < targets.len() && Some(targets[j].host) == targets[j - 1].host.checked_add(cs)
+            {
+                j += 1;
+            }
+            let at = targets[i].host;
+            let bytes = &data[i * cs as usize..j * cs as usize];
+            self.storage
+                .write_at(bytes, at)
+                .map_err(|e| self.io_err("write data", at, e))?;
+            i = j;
+        }
+        for t in targets {
+            self.set_l2_entry(st, t.l2_off, t.l2i, L2Entry::data(t.host, &self.geo))?;
+        }
+        Ok(done)
+    }
+
+    /// Writes `data`, less than a whole cluster, at `in_off` of the guest cluster `cg`
+    /// through the slow path: the cluster's old content around it goes with it.
+    /// (Whole clusters go through `write_whole_clusters`.)
+    pub(super) fn write_partial_cluster(
+        &self,
+        st: &mut State,
+        root: RootId,
+        cg: u64,
+        in_off: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let SlowTarget {
+            l2_off,
+            l2i,
+            kind,
+            host,
+            in_place,
+        } = self.slow_target(st, root, cg)?;
+        let mut content = vec![0u8; cs as usize];
+        self.read_cluster(kind, cg, &mut content)?;
+        let (start, end) = (in_off as usize, in_off as usize + data.len());
+        content[start..end].copy_from_slice(data);
+        // Subclusters already allocated in this cluster may have in-place writes in
+        // flight (looked up before this call): rewrite only the written range and
+        // the subclusters being allocated, never other bytes of allocated ones.
+        let alloc = match (in_place, kind) {
+            (true, ClusterKind::Subclusters { alloc, .. }) => alloc,
+            _ => 0,
+        };
+        let sub = self.geo.subcluster_size() as usize;
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in 0..crate::format::tables::SUBCLUSTERS as usize {
+            let (lo, hi) = if alloc & (1 << i) == 0 {
+                (i * sub, (i + 1) * sub)
+            } else {
+                ((i * sub).max(start), ((i + 1) * sub).min(end))
+            };
+            match runs.last_mut() {
+                _ if lo >= hi => {}
+                Some(r) if r.1 == lo => r.1 = hi,
+                _ => runs.push((lo, hi)),
+            }
+        }
+        for (lo, hi) in runs {
+            let at = host + lo as u64;
+            self.storage
+                .write_at(&content[lo..hi], at)
+                .map_err(|e| self.io_err("write data", at, e))?;
+        }
+        self.set_l2_entry(st, l2_off, l2i, L2Entry::data(host, &self.geo))
+    }
+}

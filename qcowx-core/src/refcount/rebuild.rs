@@ -1,0 +1,235 @@
+//! Rebuild: exact refcounts written from a scan (at clean close and repair), and the
+//! COPIED bits made to agree with them.
+
+use std::collections::HashSet;
+
+use crate::engine::{Image, State, DEFAULT_ROOT};
+use crate::error::{Error, Result};
+use crate::format::header::Incompatible;
+use crate::format::tables::{encode_words, L1Entry, L2Entry};
+
+use super::scan::*;
+use crate::format::refblock::set_entry;
+
+/// Writes exact refcounts from a reachability scan, normalizes bit 63 on the active
+/// tree, clears the dirty bit, and truncates free clusters at the end of the file.
+///
+/// Order: the caller has flushed; links are normalized and flushed; new refcount
+/// blocks and table are written to clusters that neither hold live data nor belong to
+/// the old refcount structures, and synced; then one header write switches to them and
+/// clears the dirty bit (the commit point); then the file is truncated.
+pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
+    give_up_table_room(img, st);
+    let s = scan(img, st, false)?;
+    let gate = img.io_gate_write();
+    rebuild_with(img, st, s, &gate)
+}
+
+/// Gives up the spare room reserved after the snapshot table this session: a scan
+/// counts only the clusters the entries cover, so that room would look free.
+pub(crate) fn give_up_table_room(img: &Image, st: &mut State) {
+    st.table_capacity = if st.header.nb_snapshots > 0 {
+        st.index.used.next_multiple_of(img.geo.cluster_size())
+    } else {
+        0
+    };
+}
+
+/// [`rebuild`] from a scan of the current roots (refcount structures not counted)
+/// that the caller made after [`give_up_table_room`], with no change since.
+///
+/// The caller holds the I/O gate (`_gate`): the file only shrinks while no data
+/// I/O is in flight, so a mapped read (`Image::read_mapped`) never sees its bytes
+/// cut off under it.
+pub(crate) fn rebuild_with(
+    img: &Image,
+    st: &mut State,
+    s: Scan,
+    _gate: &std::sync::RwLockWriteGuard<'_, ()>,
+) -> Result<Vec<u64>> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    if s.report.corruptions > 0 {
+        return Err(img.corrupt(
+            "image metadata",
+            0,
+            format!(
+                "cannot rebuild refcounts: {} structural error(s), first: {}",
+                s.report.corruptions,
+                s.report.messages.first().cloned().unwrap_or_default()
+            ),
+        ));
+    }
+    normalize_copied(img, st, &s)?;
+    img.flush_metadata(st)?;
+
+    // Old refcount structures stay untouched until the header stops pointing at them.
+    let old = refcount_clusters(img, &st.header)?;
+    let order = st.header.refcount_order;
+    let per_block = (cs * 8) >> order;
+    let mut counts = s.counts;
+    let used_end = counts
+        .iter()
+        .rposition(|&c| c > 0)
+        .map_or(1, |i| i as u64 + 1);
+    let is_free = |c: u64, counts: &[u64], taken: &HashSet<u64>| {
+        c > 0
+            && counts.get(c as usize).copied().unwrap_or(0) == 0
+            && !old.contains(&c)
+            && !taken.contains(&c)
+    };
+    let (table_at, table_clusters, blocks) = {
+        let mut total = used_end;
+        loop {
+            let nblocks = total.div_ceil(per_block);
+            let ntable = geo.clusters_for(nblocks * 8);
+            let mut taken: HashSet<u64> = HashSet::new();
+            // The table needs a contiguous run.
+            let mut start = 1;
+            let table_at = loop {
+                if (start..start + ntable).all(|c| is_free(c, &counts, &taken)) {
+                    break start;
+                }
+                start += 1;
+            };
+            taken.extend(table_at..table_at + ntable);
+            let mut blocks = Vec::with_capacity(nblocks as usize);
+            let mut c = 1;
+            while (blocks.len() as u64) < nblocks {
+                if is_free(c, &counts, &taken) {
+                    blocks.push(c);
+                    taken.insert(c);
+                }
+                c += 1;
+            }
+            let highest = taken.iter().copied().max().unwrap_or(0) + 1;
+            let new_total = total.max(highest);
+            if new_total.div_ceil(per_block) == nblocks {
+                break (table_at, ntable, blocks);
+            }
+            total = new_total;
+        }
+    };
+    let new_end = blocks
+        .iter()
+        .copied()
+        .chain([table_at + table_clusters - 1, used_end - 1])
+        .max()
+        .unwrap_or(0)
+        + 1;
+    counts.resize(new_end as usize, 0);
+    for c in (table_at..table_at + table_clusters).chain(blocks.iter().copied()) {
+        counts[c as usize] = 1;
+    }
+    if table_clusters * cs > crate::format::header::MAX_REFTABLE_BYTES {
+        return Err(img.corrupt(
+            "refcount table",
+            0,
+            format!(
+                "the file needs a refcount table of {} bytes, more than QEMU opens ({}); \
+                 use larger clusters",
+                table_clusters * cs,
+                crate::format::header::MAX_REFTABLE_BYTES
+            ),
+        ));
+    }
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1 << order)) - 1
+    };
+    if let Some((i, &c)) = counts.iter().enumerate().find(|(_, &c)| c > max) {
+        return Err(Error::RefcountOverflow {
+            file: img.name.clone(),
+            offset: i as u64 * cs,
+            count: c,
+            bits: 1 << order,
+        });
+    }
+    let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
+    let mut block = vec![0u8; cs as usize];
+    for (bi, &bc) in blocks.iter().enumerate() {
+        block.fill(0);
+        let first = bi as u64 * per_block;
+        for i in 0..per_block {
+            let c = (first + i) as usize;
+            if c >= counts.len() {
+                break;
+            }
+            set_entry(&mut block, order, i as usize, counts[c]);
+        }
+        let off = bc * cs;
+        img.storage
+            .write_at(&block, off)
+            .map_err(|e| img.io_err("write refcount block", off, e))?;
+        table[bi] = off;
+    }
+    let table_off = table_at * cs;
+    img.storage
+        .write_at(&encode_words(&table), table_off)
+        .map_err(|e| img.io_err("write refcount table", table_off, e))?;
+    img.sync()?;
+
+    st.header.refcount_table_offset = table_off;
+    st.header.refcount_table_clusters = table_clusters as u32;
+    st.header.incompatible.remove(Incompatible::DIRTY);
+    img.write_header_fields(st)?;
+    img.sync()?;
+    st.stale = false;
+
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    if file_len > new_end * cs {
+        img.storage
+            .set_len(new_end * cs)
+            .map_err(|e| img.io_err("truncate", new_end * cs, e))?;
+    }
+    st.alloc.reset(new_end * cs);
+    st.cache.clear_clean();
+    Ok(counts)
+}
+
+/// Sets bit 63 on each active-tree link to exactly `references == 1`.
+pub(super) fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<()> {
+    let geo = img.geo;
+    let l1 = st
+        .roots
+        .get(&DEFAULT_ROOT)
+        .map(|r| r.l1.clone())
+        .unwrap_or_default();
+    for (i, &w) in l1.iter().enumerate() {
+        let e = L1Entry(w);
+        let Some(off) = e.l2_offset() else { continue };
+        let table_excl = s.count(off >> geo.cluster_bits) == 1;
+        if e.writable() != table_excl {
+            if let Some(r) = st.roots.get_mut(&DEFAULT_ROOT) {
+                r.l1[i] = L1Entry::new(off, table_excl).0;
+                r.dirty.insert(i / 64);
+            }
+        }
+        img.load_l2(st, off)?;
+        let words: Vec<u64> = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
+        let step = if geo.extended { 2 } else { 1 };
+        let mut changed: Vec<(usize, u64)> = Vec::new();
+        for (j, &word) in words.iter().enumerate().step_by(step) {
+            let entry = L2Entry { word, bitmap: 0 };
+            let Some(host) = entry.host() else { continue };
+            let want = table_excl && s.count(host >> geo.cluster_bits) == 1;
+            if entry.writable() != want {
+                let new = if want {
+                    word | crate::format::tables::WRITABLE
+                } else {
+                    word & !crate::format::tables::WRITABLE
+                };
+                changed.push((j, new));
+            }
+        }
+        if !changed.is_empty() {
+            if let Some(t) = st.cache.get_mut(off) {
+                for (j, new) in changed {
+                    t[j] = new;
+                }
+            }
+        }
+    }
+    Ok(())
+}

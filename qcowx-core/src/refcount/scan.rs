@@ -1,0 +1,492 @@
+//! The reachability scan: every root's L1 table, every distinct L2 table once, the
+//! refcount structures, the snapshot table and bitmaps; references counted per path.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::engine::{Image, State, DEFAULT_ROOT};
+use crate::error::Result;
+use crate::format::extensions::EXT_BITMAPS;
+use crate::format::header::{Autoclear, Header, Incompatible};
+use crate::format::snapshot::SnapshotEntry;
+use crate::format::tables::{decode_words, ClusterKind, L1Entry, L2Entry};
+use crate::vdi::RootKind;
+
+use super::*;
+
+pub(super) const META: u8 = 1;
+
+pub(super) const DATA: u8 = 2;
+
+/// Reference counts per host cluster, from a walk of every root.
+pub(crate) struct Scan {
+    pub(crate) cluster_bits: u32,
+    pub(crate) file_clusters: u64,
+    pub(crate) counts: Vec<u64>,
+    pub(crate) kinds: Vec<u8>,
+    pub(crate) report: CheckReport,
+    /// Clusters past `file_clusters` were allocated after the scan began (a scan of
+    /// [`Source::Live`]): they are neither counted nor reported.
+    pub(crate) past_end_is_new: bool,
+}
+
+impl Scan {
+    pub(crate) fn new(cluster_bits: u32, file_len: u64) -> Scan {
+        let file_clusters = file_len.div_ceil(1 << cluster_bits);
+        Scan {
+            cluster_bits,
+            file_clusters,
+            counts: vec![0; file_clusters as usize],
+            kinds: vec![0; file_clusters as usize],
+            report: CheckReport::default(),
+            past_end_is_new: false,
+        }
+    }
+
+    /// Counts `k` references to the clusters covering `[offset, offset+len)`.
+    pub(crate) fn add(&mut self, offset: u64, len: u64, k: u64, kind: u8, what: &str) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset.saturating_add(len) - 1) >> self.cluster_bits;
+        if first >= self.file_clusters && self.past_end_is_new {
+            return true;
+        }
+        if first >= self.file_clusters {
+            self.report.problem(
+                true,
+                format!("{what} at offset {offset:#x} is past the end of the file"),
+            );
+            return false;
+        }
+        let last = last.min(self.file_clusters - 1);
+        for c in first..=last {
+            let i = c as usize;
+            if self.kinds[i] != 0 && self.kinds[i] != kind {
+                self.report.problem(
+                    true,
+                    format!(
+                        "cluster {:#x} is used both as metadata and as data ({what})",
+                        c << self.cluster_bits
+                    ),
+                );
+            }
+            self.kinds[i] |= kind;
+            self.counts[i] = self.counts[i].saturating_add(k);
+        }
+        true
+    }
+
+    /// References counted to cluster index `cluster`.
+    pub(crate) fn count(&self, cluster: u64) -> u64 {
+        self.counts.get(cluster as usize).copied().unwrap_or(0)
+    }
+
+    /// Clusters the scan covers (the file's length when it began).
+    pub(crate) fn clusters(&self) -> u64 {
+        self.file_clusters
+    }
+
+    /// The scan, or a corruption error naming the first structural problem it found.
+    pub(crate) fn checked(self, img: &Image) -> Result<Scan> {
+        if self.report.corruptions > 0 {
+            return Err(img.corrupt(
+                "image metadata",
+                0,
+                format!(
+                    "{} structural error(s), first: {}",
+                    self.report.corruptions,
+                    self.report.messages.first().cloned().unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// What a scan walks, copied out of the state so that a scan can also run while the
+/// state is unlocked (gc).
+pub(crate) struct ScanInput {
+    pub(crate) header: Header,
+    /// Each snapshot-table entry to walk.
+    pub(crate) entries: Vec<EntryRoot>,
+    /// Bytes the snapshot table's entries take.
+    pub(crate) table_len: u64,
+    /// The active L1 table (empty: not walked).
+    default_l1: Vec<u64>,
+    /// Count the header, the active and snapshot tables and bitmaps; without it only
+    /// the listed entries' trees are walked.
+    pub(crate) fixed: bool,
+}
+
+impl ScanInput {
+    /// Every root of the image as the state holds it.
+    pub(crate) fn of(st: &State) -> ScanInput {
+        ScanInput {
+            header: st.header.clone(),
+            entries: st
+                .snapshots
+                .iter()
+                .zip(&st.records)
+                .map(|(e, r)| EntryRoot::of(e, r.kind == RootKind::Vdi))
+                .collect(),
+            table_len: st.snapshots.iter().map(|e| e.encoded_len() as u64).sum(),
+            default_l1: st
+                .roots
+                .get(&DEFAULT_ROOT)
+                .map(|r| r.l1.clone())
+                .unwrap_or_default(),
+            fixed: true,
+        }
+    }
+
+    /// Only the trees of `entries` (their L1 tables, L2 tables and data).
+    pub(crate) fn entries_only(st: &State, entries: &[SnapshotEntry]) -> ScanInput {
+        ScanInput {
+            header: st.header.clone(),
+            entries: entries.iter().map(|e| EntryRoot::of(e, false)).collect(),
+            table_len: 0,
+            default_l1: Vec::new(),
+            fixed: false,
+        }
+    }
+}
+
+/// A snapshot-table entry's tree, as a scan needs it.
+pub(crate) struct EntryRoot {
+    pub(crate) name: String,
+    l1_offset: u64,
+    l1_size: u32,
+    /// A VDI head: its L1 table may change (in memory first) while a live scan runs.
+    /// A snapshot's never does.
+    pub(crate) mutable: bool,
+}
+
+impl EntryRoot {
+    pub(crate) fn of(e: &SnapshotEntry, mutable: bool) -> EntryRoot {
+        EntryRoot {
+            name: e.name.clone(),
+            l1_offset: e.l1_table_offset,
+            l1_size: e.l1_size,
+            mutable,
+        }
+    }
+}
+
+/// Where a scan reads tables from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The file, as is (the caller holds the state and flushed when it matters).
+    File,
+    /// The newest version while I/O goes on. A table that may change (a VDI head's L1,
+    /// an L2 table linked writable) is copied under the state lock — a loaded root's
+    /// in-memory L1, a cached L2 table, else the file — so the lock is held for one
+    /// table at a time. A table that cannot change while the set of roots is fixed (a
+    /// snapshot's L1; an L2 table linked only read-only, which invariant W keeps
+    /// unchanged) is read from the file without the lock.
+    Live,
+}
+
+impl Source {
+    pub(crate) fn l1(self, img: &Image, off: u64, entries: u32, mutable: bool) -> Result<Vec<u64>> {
+        let read = || -> Result<Vec<u64>> {
+            let mut raw = vec![0u8; entries as usize * 8];
+            img.storage
+                .read_at(&mut raw, off)
+                .map_err(|e| img.io_err("read snapshot L1 table", off, e))?;
+            Ok(decode_words(&raw))
+        };
+        if self == Source::File || !mutable {
+            return read();
+        }
+        let st = img.lock_state()?;
+        match st.roots.values().find(|r| r.l1_offset == off) {
+            Some(r) => {
+                let mut l1 = r.l1.clone();
+                l1.resize(entries as usize, 0);
+                Ok(l1)
+            }
+            None => read(),
+        }
+    }
+
+    pub(crate) fn l2(
+        self,
+        img: &Image,
+        off: u64,
+        raw: &mut [u8],
+        mutable: bool,
+    ) -> Result<Vec<u64>> {
+        let read = |raw: &mut [u8]| -> Result<Vec<u64>> {
+            img.storage
+                .read_at(raw, off)
+                .map_err(|e| img.io_err("read L2 table", off, e))?;
+            Ok(decode_words(raw))
+        };
+        if self == Source::File || !mutable {
+            return read(raw);
+        }
+        let mut st = img.lock_state()?;
+        match st.cache.get(off) {
+            Some(words) => Ok(words.to_vec()),
+            None => read(raw),
+        }
+    }
+}
+
+/// Walks every root of the image and counts references. Refcount structures are
+/// counted only when `with_refcounts`.
+pub(super) fn scan(img: &Image, st: &State, with_refcounts: bool) -> Result<Scan> {
+    scan_from(img, &ScanInput::of(st), with_refcounts, Source::File)
+}
+
+/// Counts references from the roots `input` lists, reading tables from `src`.
+pub(crate) fn scan_from(
+    img: &Image,
+    input: &ScanInput,
+    with_refcounts: bool,
+    src: Source,
+) -> Result<Scan> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let mut file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    if src == Source::Live {
+        // Clusters allocated but not written yet are inside the scan too.
+        file_len = file_len.max(img.lock_state()?.alloc.end());
+    }
+    let mut s = Scan::new(geo.cluster_bits, file_len);
+    s.past_end_is_new = src == Source::Live;
+    let h = &input.header;
+    s.report.dirty = h.incompatible.contains(Incompatible::DIRTY);
+    s.report.total_clusters = h.size.div_ceil(cs);
+
+    if input.fixed {
+        s.add(0, cs, 1, META, "header");
+        s.add(
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            1,
+            META,
+            "active L1 table",
+        );
+        if h.nb_snapshots > 0 {
+            s.add(
+                h.snapshots_offset,
+                input.table_len,
+                1,
+                META,
+                "snapshot table",
+            );
+        }
+        if with_refcounts {
+            let table_len = u64::from(h.refcount_table_clusters) * cs;
+            s.add(
+                h.refcount_table_offset,
+                table_len,
+                1,
+                META,
+                "refcount table",
+            );
+            for (i, block) in read_reftable(img, h)?.into_iter().enumerate() {
+                if block == 0 {
+                    continue;
+                }
+                if block % cs != 0 {
+                    s.report.problem(
+                        true,
+                        format!("refcount table entry {i} is not cluster-aligned: {block:#x}"),
+                    );
+                    continue;
+                }
+                s.add(block, cs, 1, META, "refcount block");
+            }
+        }
+        if h.autoclear & Autoclear::BITMAPS.bits() != 0 {
+            scan_bitmaps(img, h, &mut s)?;
+        }
+    }
+
+    // Every root: the active L1 (in memory) and each snapshot's L1 (on disk).
+    // Per L2 table: the links to it, and whether one of them is writable.
+    let mut l2_refs: HashMap<u64, (u64, bool)> = HashMap::new();
+    let mut link = |off: u64, writable: bool| {
+        let r = l2_refs.entry(off).or_insert((0, false));
+        r.0 += 1;
+        r.1 |= writable;
+    };
+    let mut active_l2: Vec<u64> = Vec::new();
+    for (i, &w) in input.default_l1.iter().enumerate() {
+        let e = L1Entry(w);
+        if e.is_malformed(&geo) {
+            s.report
+                .problem(true, format!("active L1 entry {i} is malformed: {w:#x}"));
+            continue;
+        }
+        if let Some(off) = e.l2_offset() {
+            link(off, e.writable());
+            active_l2.push(off);
+        }
+    }
+    for root in &input.entries {
+        let (name, l1_off, l1_size) = (&root.name, root.l1_offset, root.l1_size);
+        let len = u64::from(l1_size) * 8;
+        if !s.add(l1_off, len, 1, META, "snapshot L1 table") {
+            continue;
+        }
+        if l1_off + len > file_len {
+            s.report.problem(
+                true,
+                format!("snapshot '{name}' L1 table runs past the end of the file"),
+            );
+            continue;
+        }
+        for (i, w) in src
+            .l1(img, l1_off, l1_size, root.mutable)?
+            .into_iter()
+            .enumerate()
+        {
+            let e = L1Entry(w);
+            if e.is_malformed(&geo) {
+                s.report.problem(
+                    true,
+                    format!("L1 entry {i} of snapshot '{name}' is malformed: {w:#x}"),
+                );
+                continue;
+            }
+            if let Some(off) = e.l2_offset() {
+                link(off, e.writable());
+            }
+        }
+    }
+
+    let active: HashSet<u64> = active_l2.iter().copied().collect();
+    let mut tables: Vec<(u64, (u64, bool))> = l2_refs.into_iter().collect();
+    tables.sort_unstable();
+    let mut raw = vec![0u8; cs as usize];
+    let mut last_host: Option<u64> = None;
+    for (off, (k, writable)) in tables {
+        if !s.add(off, cs, k, META, "L2 table") {
+            continue;
+        }
+        let words = src.l2(img, off, &mut raw, writable)?;
+        let is_active = active.contains(&off);
+        let step = if geo.extended { 2 } else { 1 };
+        for (idx, chunk) in words.chunks(step).enumerate() {
+            let entry = L2Entry {
+                word: chunk[0],
+                bitmap: chunk.get(1).copied().unwrap_or(0),
+            };
+            let entry_off = off + idx as u64 * geo.l2_entry_bytes();
+            let kind = match entry.kind(&geo) {
+                Ok(kind) => kind,
+                Err(why) => {
+                    s.report
+                        .problem(true, format!("L2 entry at offset {entry_off:#x}: {why}"));
+                    continue;
+                }
+            };
+            match kind {
+                ClusterKind::Data { host }
+                | ClusterKind::Zero { host: Some(host) }
+                | ClusterKind::Subclusters { host, .. }
+                    if host != 0 =>
+                {
+                    s.add(host, cs, k, DATA, "data cluster");
+                    if is_active {
+                        s.report.allocated_clusters += 1;
+                        if last_host.is_some_and(|l| l + cs != host) {
+                            s.report.fragmented_clusters += 1;
+                        }
+                        last_host = Some(host);
+                    }
+                }
+                ClusterKind::Compressed { offset, len } => {
+                    s.add(offset, len, k, DATA, "compressed cluster");
+                    if is_active {
+                        s.report.allocated_clusters += 1;
+                        s.report.compressed_clusters += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(s)
+}
+
+pub(super) fn read_reftable(img: &Image, h: &Header) -> Result<Vec<u64>> {
+    let len = u64::from(h.refcount_table_clusters) * img.geo.cluster_size();
+    let mut raw = vec![0u8; len as usize];
+    img.storage
+        .read_at(&mut raw, h.refcount_table_offset)
+        .map_err(|e| img.io_err("read refcount table", h.refcount_table_offset, e))?;
+    Ok(decode_words(&raw))
+}
+
+/// Counts the clusters of persistent bitmaps (directory, tables, data).
+pub(super) fn scan_bitmaps(img: &Image, h: &Header, s: &mut Scan) -> Result<()> {
+    let Some(ext) = h.extensions.get(EXT_BITMAPS) else {
+        return Ok(());
+    };
+    let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
+    let be32 = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap_or([0; 4]));
+    let nb = be32(&ext.data[0..4]);
+    let dir_size = be64(&ext.data[8..16]);
+    let dir_off = be64(&ext.data[16..24]);
+    if dir_size > 64 << 20 || !s.add(dir_off, dir_size, 1, META, "bitmap directory") {
+        s.report.problem(true, "bitmap directory is invalid".into());
+        return Ok(());
+    }
+    let mut dir = vec![0u8; dir_size as usize];
+    img.storage
+        .read_at(&mut dir, dir_off)
+        .map_err(|e| img.io_err("read bitmap directory", dir_off, e))?;
+    let mut pos = 0usize;
+    for _ in 0..nb {
+        let Some(e) = dir.get(pos..pos + 24) else {
+            s.report
+                .problem(true, "bitmap directory is truncated".into());
+            break;
+        };
+        let table_off = be64(&e[0..8]);
+        let table_size = u64::from(be32(&e[8..12]));
+        let name_size = u16::from_be_bytes([e[18], e[19]]) as usize;
+        let extra = be32(&e[20..24]) as usize;
+        pos += (24 + name_size + extra).next_multiple_of(8);
+        let len = table_size * 8;
+        if len > 64 << 20 || !s.add(table_off, len, 1, META, "bitmap table") {
+            continue;
+        }
+        let mut raw = vec![0u8; len as usize];
+        img.storage
+            .read_at(&mut raw, table_off)
+            .map_err(|e| img.io_err("read bitmap table", table_off, e))?;
+        for w in decode_words(&raw) {
+            let off = w & 0x00ff_ffff_ffff_fe00;
+            if off != 0 {
+                s.add(off, img.geo.cluster_size(), 1, META, "bitmap data");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The clusters (indexes) of the refcount table and blocks the header points at.
+pub(crate) fn refcount_clusters(img: &Image, h: &Header) -> Result<HashSet<u64>> {
+    let geo = img.geo;
+    let mut set: HashSet<u64> = HashSet::new();
+    for i in 0..u64::from(h.refcount_table_clusters) {
+        set.insert((h.refcount_table_offset >> geo.cluster_bits) + i);
+    }
+    for b in read_reftable(img, h)? {
+        if b != 0 && b % geo.cluster_size() == 0 {
+            set.insert(b >> geo.cluster_bits);
+        }
+    }
+    Ok(set)
+}
+
+/// Reference counts per host cluster from every root (refcount structures excluded).
+pub(crate) fn reference_counts(img: &Image, st: &State) -> Result<Vec<u64>> {
+    Ok(scan(img, st, false)?.checked(img)?.counts)
+}

@@ -1,0 +1,127 @@
+//! Reconciliation: restoring invariant W, and qcowx's facts, after a foreign writer.
+
+use std::collections::HashMap;
+
+use crate::engine::{Image, State};
+use crate::error::Result;
+use crate::format::tables::WRITABLE;
+
+use super::*;
+
+impl Image {
+    /// Restores invariant W after a foreign writer (QEMU) may have written the image:
+    /// counts references from every root and clears bit 63 on every VDI-head link
+    /// whose target is reachable more than once. Only writable→read-only flips, so it
+    /// is safe at any point of a crash. It runs at every writable open: no auto-clear
+    /// bit records "qcowx was the last writer", because `qemu-img check -r` (QEMU 10)
+    /// rewrites the header of an image with an unknown auto-clear bit without its
+    /// snapshot table, dropping every snapshot.
+    pub(crate) fn reconcile(&self) -> Result<()> {
+        let mut guard = self.lock_state()?;
+        self.reconcile_locked(&mut guard)
+    }
+
+    /// Problems with qcowx's facts in the snapshot table, for `check`: damaged or
+    /// untrusted qcowx blocks, VDIs with several unflagged heads (an interrupted
+    /// revert), names carried by several live roots.
+    pub(crate) fn registry_problems(st: &State) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut heads: HashMap<u64, usize> = HashMap::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, (e, r)) in st.snapshots.iter().zip(&st.records).enumerate() {
+            let claims = e
+                .extra
+                .get(QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + 4)
+                .is_some_and(|m| m == ROOT_EXTRA_MAGIC.to_be_bytes());
+            if claims && !r.native {
+                out.push(format!(
+                    "snapshot entry {i} ('{}'): qcowx block damaged or conflicting; treated as a snapshot QEMU made",
+                    e.name
+                ));
+            }
+            if r.kind == RootKind::Vdi && !r.deleted {
+                *heads.entry(r.vdi).or_insert(0) += 1;
+            }
+            if Image::entry_live(st, i) {
+                *names.entry(display(e, r)).or_insert(0) += 1;
+            }
+        }
+        for (vdi, n) in heads {
+            if n > 1 {
+                out.push(format!(
+                    "VDI {vdi:x} has {n} unflagged heads (an interrupted revert); repair flags the older ones"
+                ));
+            }
+        }
+        for (name, n) in names {
+            if n > 1 {
+                out.push(format!("{n} live roots are named '{name}'"));
+            }
+        }
+        out
+    }
+
+    /// Repairs qcowx's facts: flags superseded VDI heads and restores invariant W on
+    /// every head.
+    pub(crate) fn repair_registry(&self, st: &mut State) -> Result<()> {
+        for i in 0..st.records.len() {
+            let r = &st.records[i];
+            if r.kind == RootKind::Vdi && !r.deleted && r.native && !Image::entry_live(st, i) {
+                st.records[i].deleted = true;
+                self.write_flags(st, i)?;
+            }
+        }
+        st.index = Index::build(&st.snapshots, &st.records);
+        self.reconcile_locked(st)
+    }
+
+    fn reconcile_locked(&self, st: &mut State) -> Result<()> {
+        let counts = crate::refcount::reference_counts(self, st)?;
+        let bits = self.geo.cluster_bits;
+        let count = |off: u64| counts.get((off >> bits) as usize).copied().unwrap_or(0);
+        let mut heads = vec![Target::Default];
+        heads.extend(
+            (0..st.snapshots.len())
+                .filter(|&i| st.records[i].kind == RootKind::Vdi && Image::entry_live(st, i))
+                .map(Target::Entry),
+        );
+        let step = if self.geo.extended { 2 } else { 1 };
+        for t in heads {
+            let id = self.load_root(st, t)?;
+            let l1 = self.root(st, id)?.l1.clone();
+            for (i, &w) in l1.iter().enumerate() {
+                let e = crate::format::tables::L1Entry(w);
+                let Some(off) = e
+                    .l2_offset()
+                    .filter(|_| e.writable() && !e.is_malformed(&self.geo))
+                else {
+                    continue;
+                };
+                if count(off) > 1 {
+                    self.set_l1_entry(st, id, i, e.read_only())?;
+                    continue;
+                }
+                self.load_l2(st, off)?;
+                let words = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
+                let shared: Vec<usize> = words
+                    .iter()
+                    .enumerate()
+                    .step_by(step)
+                    .filter(|(_, &word)| {
+                        let entry = crate::format::tables::L2Entry { word, bitmap: 0 };
+                        entry.writable() && entry.host().is_some_and(|h| count(h) > 1)
+                    })
+                    .map(|(j, _)| j)
+                    .collect();
+                if !shared.is_empty() {
+                    if let Some(t) = st.cache.get_mut(off) {
+                        for j in shared {
+                            t[j] &= !WRITABLE;
+                        }
+                    }
+                }
+            }
+        }
+        self.flush_locked(st)
+    }
+}
