@@ -27,10 +27,9 @@ use std::time::{Duration, Instant};
 
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::config::Settings;
+use crate::config::{Settings, TlsMode};
 use crate::error::{Error, Result};
 use crate::exports::{Export, ExportInfo, Exports};
-use crate::tls::TlsMode;
 use crate::wire::*;
 
 /// The longest option data read into memory; longer options are skipped.

@@ -34,9 +34,7 @@ use crate::socket::Socket;
 use crate::tls;
 use crate::transmission;
 
-/// How long shutdown waits for connections to finish their requests, by default
-/// (`Settings::drain_timeout`).
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+pub use crate::config::DRAIN_TIMEOUT;
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -36,25 +36,7 @@ use rustls::{
 use crate::error::{Error, Result};
 use crate::socket::Socket;
 
-/// When clients must use TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// Clients may upgrade with `STARTTLS` or go on in clear (the protocol's
-    /// SELECTIVETLS with no export requiring TLS).
-    Allow,
-    /// Every option before `STARTTLS` is refused with `NBD_REP_ERR_TLS_REQD` (the
-    /// protocol's FORCEDTLS).
-    Require,
-}
-
-/// A server's TLS settings: the mode and the rustls configuration.
-#[derive(Debug, Clone)]
-pub struct Tls {
-    /// When TLS is needed.
-    pub mode: TlsMode,
-    /// Certificates, key and client verification.
-    pub config: Arc<ServerConfig>,
-}
+pub use crate::config::{Tls, TlsMode};
 
 /// Where the server's X.509 files are and how clients are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use zerocopy::FromBytes;
 
 use super::block_status::MAX_STATUS_QUERY;
-use super::input::{Input, RequestStream};
-use super::reply::{ReplyBuf, ReplyWriter, REPLY_BATCH, REPLY_EVERY};
+use super::input::Input;
+use super::reply::{ReplyBuf, REPLY_BATCH, REPLY_EVERY};
 use super::{Conn, Request};
 use crate::error::{Error, Result};
+use crate::socket::{ReplyWriter, RequestStream};
 use crate::wire::*;
 
 /// An oversized write payload up to this many bytes is read and dropped (and the

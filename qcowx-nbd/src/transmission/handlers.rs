@@ -9,11 +9,12 @@ use zerocopy::IntoBytes;
 use super::block_status::{
     align_descriptors, descriptors, dirty_descriptors, read_runs, MAX_DESCRIPTORS, MAX_STATUS_QUERY,
 };
-use super::reply::{ReplyBuf, ReplyWriter};
+use super::reply::ReplyBuf;
 use super::{Conn, Request};
 use crate::config::{DetectZeroes, DiscardMode};
 use crate::error::nbd_errno;
 use crate::handshake::{context_id, MetaContext};
+use crate::socket::ReplyWriter;
 use crate::wire::*;
 
 /// Whether every byte is zero.

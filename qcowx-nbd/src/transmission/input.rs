@@ -1,8 +1,10 @@
-//! The reader's input: the [`RequestStream`] a connection reads requests from, and
-//! the buffer ([`Input`]) that parses them out of as few socket reads as possible.
+//! The reader's input: the buffer ([`Input`]) that parses requests out of a
+//! connection's [`RequestStream`] in as few socket reads as possible.
 
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
+
+use crate::socket::RequestStream;
 
 /// How long the reader polls for the rest of a write payload before it sleeps in a
 /// read. A client's socket lets only its send buffer's worth through at a time
@@ -16,19 +18,6 @@ pub const PAYLOAD_SPIN: Duration = Duration::from_micros(20);
 
 /// Size of the reader's input buffer: the most bytes one socket read takes in.
 pub(super) const INPUT_BUFFER: usize = 256 << 10;
-
-/// A connection's request stream: a blocking reader that can also be asked, without
-/// sleeping, for bytes that have already arrived.
-pub trait RequestStream: Read {
-    /// Reads what has arrived without waiting for more: `Err(WouldBlock)` when
-    /// nothing has. The default is `read` itself, for inputs that never keep a reader
-    /// waiting (byte slices, test streams).
-    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read(buf)
-    }
-}
-
-impl RequestStream for &[u8] {}
 
 /// The reader's input: bytes `[start..end)` of `buf` are read but not yet parsed.
 pub(super) struct Input<R> {

@@ -7,8 +7,9 @@ use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::reply::{ReplyBuf, ReplyWriter};
+use super::reply::ReplyBuf;
 use super::{Conn, Request};
+use crate::socket::ReplyWriter;
 
 /// The longest a send of data lent by the image's mapping waits for the client to
 /// make room; the image's cluster frees wait for it, so a client that stops reading

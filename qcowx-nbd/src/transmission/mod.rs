@@ -57,11 +57,12 @@ use crate::error::Result;
 use crate::exports::Export;
 use crate::handshake::{MetaContext, Negotiated};
 
+pub use crate::socket::{ReplyWriter, RequestStream};
 pub use block_status::{MAX_DESCRIPTORS, MAX_STATUS_QUERY};
 pub use dispatch::{INLINE_LIMIT, INLINE_MAX, MAX_SKIPPED_WRITE};
-pub use input::{RequestStream, PAYLOAD_SPIN};
+pub use input::PAYLOAD_SPIN;
 pub use lend::LEND_WAIT;
-pub use reply::{ReplyWriter, REPLY_EVERY};
+pub use reply::REPLY_EVERY;
 
 use input::Input;
 use workers::Budget;

@@ -1,15 +1,15 @@
-//! Replies: the reusable buffer a reply is built in ([`ReplyBuf`]), where replies go
-//! ([`ReplyWriter`]), the simple and error replies, and the gathering of the replies
-//! of requests run on the reader thread into few writes.
+//! Replies: the reusable buffer a reply is built in ([`ReplyBuf`]), the simple and
+//! error replies, and the gathering of the replies of requests run on the reader
+//! thread into few writes to the connection's [`ReplyWriter`].
 
-use std::io::{self, IoSlice, Write};
+use std::io;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use zerocopy::IntoBytes;
 
 use super::{Conn, Request};
 use crate::error::nbd_errno;
+use crate::socket::ReplyWriter;
 use crate::wire::*;
 
 /// Replies of requests run on the reader thread are sent once this many bytes wait,
@@ -73,26 +73,6 @@ impl ReplyBuf {
         let n = n.min(self.used);
         self.data.copy_within(n..self.used, 0);
         self.used -= n;
-    }
-}
-
-/// Where a connection's replies go.
-pub trait ReplyWriter: Write + Send {
-    /// Writes a prefix of `bufs`, in order, waiting for the peer to make room only
-    /// until `deadline`; returns how many bytes went. The default writes nothing, so
-    /// every reply goes through [`Write`] (copied first).
-    fn write_until(&mut self, _bufs: &[IoSlice<'_>], _deadline: Instant) -> io::Result<usize> {
-        Ok(0)
-    }
-}
-
-impl ReplyWriter for Vec<u8> {}
-
-impl ReplyWriter for io::Sink {}
-
-impl<W: ReplyWriter + ?Sized> ReplyWriter for &mut W {
-    fn write_until(&mut self, bufs: &[IoSlice<'_>], deadline: Instant) -> io::Result<usize> {
-        (**self).write_until(bufs, deadline)
     }
 }
 

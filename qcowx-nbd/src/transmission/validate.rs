@@ -1,7 +1,7 @@
 //! The protocol's rules about requests, checked before any I/O.
 
-use super::reply::ReplyWriter;
 use super::{Conn, Request};
+use crate::socket::ReplyWriter;
 use crate::wire::*;
 
 impl<W: ReplyWriter> Conn<'_, W> {

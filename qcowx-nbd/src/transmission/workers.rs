@@ -7,8 +7,9 @@ use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use super::dispatch::INLINE_MAX;
-use super::reply::{ReplyBuf, ReplyWriter};
+use super::reply::ReplyBuf;
 use super::{Conn, Request};
+use crate::socket::ReplyWriter;
 use crate::wire::*;
 
 /// The most write payload bytes kept for reuse per connection.
