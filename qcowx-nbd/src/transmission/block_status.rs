@@ -13,35 +13,60 @@ pub const MAX_STATUS_QUERY: u64 = 1 << 30;
 /// The most descriptors in one block status chunk.
 pub const MAX_DESCRIPTORS: usize = 1 << 16;
 
+/// Covers `[offset, offset+len)` with runs `(length, value)`: each piece `(start,
+/// length, value)` where it lies in the range (pieces in order; the part of a piece
+/// before the end of the previous one is ignored), `gap` before, between and after
+/// them. Neighbours of the same value are merged; no run is empty.
+fn cover<T: Copy + PartialEq>(
+    offset: u64,
+    len: u64,
+    pieces: impl IntoIterator<Item = (u64, u64, T)>,
+    gap: T,
+) -> Vec<(u64, T)> {
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    for (start, length, value) in pieces {
+        let s = start.max(pos);
+        let t = (start + length).min(end);
+        if t <= s {
+            continue;
+        }
+        push_merged(&mut out, s - pos, gap);
+        push_merged(&mut out, t - s, value);
+        pos = t;
+    }
+    push_merged(&mut out, end - pos, gap);
+    out
+}
+
+/// Appends a run of `len` bytes of `value`, merged into the last run if that has the
+/// same value; an empty run is dropped.
+fn push_merged<T: PartialEq>(out: &mut Vec<(u64, T)>, len: u64, value: T) {
+    if len == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.1 == value => last.0 += len,
+        _ => out.push((len, value)),
+    }
+}
+
 /// Splits `[offset, offset+len)` into data runs and hole runs (`(offset, length,
 /// is_data)`) from the extents of the range. Anything the extents do not describe
 /// is data.
 pub(super) fn read_runs(extents: &[Extent], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
-    let end = offset + len;
-    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-    let mut push = |start: u64, stop: u64, data: bool| {
-        if stop <= start {
-            return;
-        }
-        match runs.last_mut() {
-            Some(last) if last.2 == data && last.0 + last.1 == start => last.1 += stop - start,
-            _ => runs.push((start, stop - start, data)),
-        }
-    };
-    let mut pos = offset;
-    for e in extents {
-        let s = e.offset.max(pos);
-        let t = (e.offset + e.length).min(end);
-        if t <= s {
-            continue;
-        }
-        push(pos, s, true);
-        let data = e.status == ExtentStatus::Data;
-        push(s, t, data);
-        pos = t;
-    }
-    push(pos, end, true);
-    runs
+    let pieces = extents
+        .iter()
+        .map(|e| (e.offset, e.length, e.status == ExtentStatus::Data));
+    let mut at = offset;
+    cover(offset, len, pieces, true)
+        .into_iter()
+        .map(|(l, data)| {
+            at += l;
+            (at - l, l, data)
+        })
+        .collect()
 }
 
 /// The status value of an extent in an allocation context.
@@ -67,30 +92,12 @@ pub(super) fn dirty_descriptors(
     offset: u64,
     len: u64,
 ) -> Vec<(u64, u32)> {
-    let end = offset + len;
-    let mut out: Vec<(u64, u32)> = Vec::new();
-    let mut push = |l: u64, st: u32| {
-        if l == 0 {
-            return;
-        }
-        match out.last_mut() {
-            Some(last) if last.1 == st => last.0 += l,
-            _ => out.push((l, st)),
-        }
-    };
-    let mut pos = offset;
-    for r in ranges {
-        let s = r.offset.max(pos);
-        let t = (r.offset + r.length).min(end);
-        if t <= s {
-            continue;
-        }
-        push(s - pos, 0);
-        push(t - s, 1);
-        pos = t;
-    }
-    push(end - pos, 0);
-    out
+    cover(
+        offset,
+        len,
+        ranges.iter().map(|r| (r.offset, r.length, 1)),
+        0,
+    )
 }
 
 /// Block status descriptors `(length, status)` for `[offset, offset+len)`, merged
@@ -102,34 +109,14 @@ pub(super) fn descriptors(
     len: u64,
     ctx: &MetaContext,
 ) -> Vec<(u64, u32)> {
-    let end = offset + len;
     let gap = match ctx {
         MetaContext::BaseAllocation => 0,
         MetaContext::AllocationDepth | MetaContext::DirtyBitmap(_) => 1,
     };
-    let mut out: Vec<(u64, u32)> = Vec::new();
-    let mut push = |l: u64, st: u32| {
-        if l == 0 {
-            return;
-        }
-        match out.last_mut() {
-            Some(last) if last.1 == st => last.0 += l,
-            _ => out.push((l, st)),
-        }
-    };
-    let mut pos = offset;
-    for e in extents {
-        let s = e.offset.max(pos);
-        let t = (e.offset + e.length).min(end);
-        if t <= s {
-            continue;
-        }
-        push(s - pos, gap);
-        push(t - s, status_of(e, ctx));
-        pos = t;
-    }
-    push(end - pos, gap);
-    out
+    let pieces = extents
+        .iter()
+        .map(|e| (e.offset, e.length, status_of(e, ctx)));
+    cover(offset, len, pieces, gap)
 }
 
 /// Merges descriptors so every boundary lies on a multiple of `min` (or at the end of
@@ -158,10 +145,7 @@ pub(super) fn align_descriptors(
         };
         let end = pos + cur.0;
         if end.is_multiple_of(min) || end == size {
-            match out.last_mut() {
-                Some(last) if last.1 == cur.1 => last.0 += cur.0,
-                _ => out.push(cur),
-            }
+            push_merged(&mut out, cur.0, cur.1);
             pos = end;
         } else {
             pending = Some(cur);
@@ -184,24 +168,26 @@ pub(super) fn align_descriptors(
 mod tests {
     use super::*;
 
-    fn ext(offset: u64, length: u64, status: ExtentStatus, depth: u32) -> Extent {
-        Extent {
-            offset,
-            length,
-            status,
-            depth,
-            host_offset: None,
-        }
+    use qcowx_core::ExtentStatus::{Data, Unallocated, Zero};
+
+    /// Extents of `size` bytes each, one after the other from offset 0, with these
+    /// statuses and depths.
+    fn contiguous(size: u64, kinds: &[(ExtentStatus, u32)]) -> Vec<Extent> {
+        (0u64..)
+            .zip(kinds)
+            .map(|(i, &(status, depth))| Extent {
+                offset: i * size,
+                length: size,
+                status,
+                depth,
+                host_offset: None,
+            })
+            .collect()
     }
 
     #[test]
     fn read_runs_split_data_and_holes() {
-        let e = [
-            ext(0, 65536, ExtentStatus::Data, 0),
-            ext(65536, 65536, ExtentStatus::Unallocated, 0),
-            ext(131072, 65536, ExtentStatus::Zero, 0),
-            ext(196608, 65536, ExtentStatus::Data, 0),
-        ];
+        let e = contiguous(65536, &[(Data, 0), (Unallocated, 0), (Zero, 0), (Data, 0)]);
         let r = read_runs(&e, 1000, 200_000);
         assert_eq!(
             r,
@@ -217,12 +203,7 @@ mod tests {
 
     #[test]
     fn descriptors_merge_and_map_contexts() {
-        let e = [
-            ext(0, 4096, ExtentStatus::Data, 0),
-            ext(4096, 4096, ExtentStatus::Data, 1),
-            ext(8192, 4096, ExtentStatus::Zero, 0),
-            ext(12288, 4096, ExtentStatus::Unallocated, 1),
-        ];
+        let e = contiguous(4096, &[(Data, 0), (Data, 1), (Zero, 0), (Unallocated, 1)]);
         assert_eq!(
             descriptors(&e, 0, 16384, &MetaContext::BaseAllocation),
             vec![(8192, 0), (8192, STATE_HOLE | STATE_ZERO)]
