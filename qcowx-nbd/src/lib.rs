@@ -4,9 +4,8 @@
 //! (writable) and every snapshot (read-only) to any NBD client — QEMU, `qemu-img`,
 //! `qemu-io`, libnbd's tools, the Linux kernel client.
 //!
-//! The protocol reference is the NBD protocol document (NetworkBlockDevice/nbd,
-//! `doc/proto.md`); the `qcowx-nbd` binary takes the options of `qemu-nbd` where they
-//! mean the same. The layout:
+//! It speaks the NBD protocol; the `qcowx-nbd` binary takes the options of
+//! `qemu-nbd` where they mean the same. The layout:
 //!
 //! * [`wire`]: constants and the fixed-size messages (big-endian zerocopy structs);
 //! * [`handshake`]: fixed newstyle negotiation (`EXPORT_NAME`, `GO`, `INFO`, `LIST`,

@@ -1,8 +1,8 @@
 //! The NBD wire format: magic numbers, flag and type values, and every fixed-size
 //! message as a big-endian zerocopy struct.
 //!
-//! Values and layouts follow the NBD protocol document (NetworkBlockDevice/nbd,
-//! `doc/proto.md`). Everything on the wire is big-endian ("network byte order").
+//! Values and layouts are the NBD protocol's. Everything on the wire is big-endian
+//! ("network byte order").
 
 use zerocopy::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -193,6 +193,16 @@ pub const STATE_ZERO: u32 = 1 << 1;
 
 /// The longest string (export name, description, query) the protocol allows.
 pub const MAX_STRING: usize = 4096;
+
+/// The longest prefix of `s` that is at most `max` bytes long and ends on a character
+/// boundary: how strings are cut to fit the protocol's limits.
+pub fn truncate_str(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 // ---- fixed-size messages --------------------------------------------------------------
 
@@ -411,5 +421,15 @@ mod tests {
     fn magic_bytes_spell_their_names() {
         assert_eq!(&NBDMAGIC.to_be_bytes(), b"NBDMAGIC");
         assert_eq!(&IHAVEOPT.to_be_bytes(), b"IHAVEOPT");
+    }
+
+    #[test]
+    fn strings_are_cut_on_character_boundaries() {
+        assert_eq!(truncate_str("abc", 5), "abc");
+        assert_eq!(truncate_str("abc", 2), "ab");
+        // "é" is two bytes: a cut through it keeps neither.
+        assert_eq!(truncate_str("aé", 2), "a");
+        assert_eq!(truncate_str("aé", 3), "aé");
+        assert_eq!(truncate_str("", 0), "");
     }
 }

@@ -116,11 +116,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
         msg: &str,
         offset: Option<u64>,
     ) {
-        let mut end = msg.len().min(MAX_STRING);
-        while !msg.is_char_boundary(end) {
-            end -= 1;
-        }
-        let msg = &msg.as_bytes()[..end];
+        let msg = truncate_str(msg, MAX_STRING).as_bytes();
         let (ty, extra) = match offset {
             Some(_) => (REPLY_TYPE_ERROR_OFFSET, 8),
             None => (REPLY_TYPE_ERROR, 0),
