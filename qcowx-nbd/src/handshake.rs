@@ -25,7 +25,7 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 use crate::config::{Settings, TlsMode};
 use crate::error::{Error, Result};
@@ -370,14 +370,7 @@ pub fn haggle<S: Read + Write>(
         }
         let mut hb = [0u8; 16];
         s.read_exact(&mut hb).map_err(io_err("read option"))?;
-        let h = OptionHeader::read_from_bytes(&hb)
-            .map_err(|_| Error::Protocol("short option header".into()))?;
-        if h.magic.get() != IHAVEOPT {
-            return Err(Error::Protocol(format!(
-                "option magic {:#x} is not IHAVEOPT",
-                h.magic.get()
-            )));
-        }
+        let h: OptionHeader = read_header(&hb).map_err(Error::Protocol)?;
         let opt = h.option.get();
         let len = h.length.get();
         if len > MAX_OPTION_DATA {

@@ -7,8 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
-use zerocopy::FromBytes;
-
 use super::block_status::MAX_STATUS_QUERY;
 use super::input::Input;
 use super::reply::{ReplyBuf, REPLY_BATCH, REPLY_EVERY};
@@ -67,15 +65,8 @@ impl<W: ReplyWriter> Conn<'_, W> {
                     return Ok(());
                 }
             }
-            let h = RequestHeader::read_from_bytes(input.peek(HEADER))
-                .map_err(|_| Error::Protocol("short request header".into()))?;
+            let h: RequestHeader = read_header(input.peek(HEADER)).map_err(Error::Protocol)?;
             input.consume(HEADER);
-            if h.magic.get() != REQUEST_MAGIC {
-                return Err(Error::Protocol(format!(
-                    "request magic {:#x} is not {REQUEST_MAGIC:#x}",
-                    h.magic.get()
-                )));
-            }
             let command = h.command.get();
             let length = h.length.get();
             if command == CMD_DISC {
