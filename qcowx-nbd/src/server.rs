@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::Settings;
 use crate::control::{ControlListener, ControlState};
@@ -377,22 +377,16 @@ impl Server {
             }
         }
         let drain = settings.drain_timeout;
-        let deadline = Instant::now() + drain;
-        let mut count = clients.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *count > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                eprintln!(
-                    "qcowx-nbd: {} connection(s) still busy after {drain:?}; closing the image anyway",
-                    *count
-                );
-                break;
-            }
-            count = clients
-                .cv
-                .wait_timeout(count, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let count = clients.count.lock().unwrap_or_else(|p| p.into_inner());
+        let (count, waited) = clients
+            .cv
+            .wait_timeout_while(count, drain, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        if waited.timed_out() {
+            eprintln!(
+                "qcowx-nbd: {} connection(s) still busy after {drain:?}; closing the image anyway",
+                *count
+            );
         }
         drop(count);
         // A control request already running (a gc, say) finishes first; later ones
