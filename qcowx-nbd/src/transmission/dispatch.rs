@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
-use super::block_status::MAX_STATUS_QUERY;
 use super::input::Input;
 use super::reply::{ReplyBuf, REPLY_BATCH, REPLY_EVERY};
 use super::{Conn, Request};
@@ -38,7 +37,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
         let mut out = ReplyBuf::default();
         let r = self.read_loop(&mut input, tx, &mut out);
         // Replies to requests already run go out whatever ended the loop.
-        self.send_batch(&mut out);
+        self.send(&mut out);
         r
     }
 
@@ -57,7 +56,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
             if input.available() < HEADER {
                 // Nothing more to run before the next socket read, which may block:
                 // answer what was run so far.
-                self.send_batch(out);
+                self.send(out);
                 if !input
                     .fill(HEADER)
                     .map_err(|e| Error::io("read request", e))?
@@ -98,7 +97,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
                     0
                 };
                 if input.available() < len {
-                    self.send_batch(out);
+                    self.send(out);
                     if !input
                         .fill(len)
                         .map_err(|e| Error::io("read write payload", e))?
@@ -118,13 +117,13 @@ impl<W: ReplyWriter> Conn<'_, W> {
                 input.consume(len);
                 gathered += 1;
                 if out.len() >= REPLY_BATCH || gathered >= REPLY_EVERY {
-                    self.send_batch(out);
+                    self.send(out);
                 }
                 continue;
             }
             // To the workers. What was run here is answered first: the budget or the
             // queue may make this thread wait.
-            self.send_batch(out);
+            self.send(out);
             req.cost = match command {
                 CMD_READ | CMD_WRITE if !req.oversized => length.min(max) as usize,
                 _ => 0,
@@ -178,19 +177,9 @@ impl<W: ReplyWriter> Conn<'_, W> {
         match req.command {
             CMD_READ => self.read(req, out),
             CMD_WRITE => self.write(req, payload, out),
-            CMD_FLUSH => match self.flush() {
-                Ok(()) => Self::simple(out, req.cookie, 0),
-                Err(e) => self.image_error(out, req, &e, true),
-            },
+            CMD_FLUSH => self.flush(req, out),
             CMD_TRIM => self.trim(req, out),
-            CMD_CACHE => {
-                // A prefetch hint: warm the metadata cache. Failure changes nothing.
-                let _ = self
-                    .export
-                    .disk
-                    .block_status(req.offset, u64::from(req.length).min(MAX_STATUS_QUERY));
-                Self::simple(out, req.cookie, 0)
-            }
+            CMD_CACHE => self.cache(req, out),
             CMD_WRITE_ZEROES => self.write_zeroes(req, out),
             CMD_BLOCK_STATUS => self.block_status(req, out),
             _ => self.error(out, req, EINVAL, "unknown command"),

@@ -1,5 +1,5 @@
-//! The command handlers: READ, WRITE, TRIM, WRITE_ZEROES, FLUSH and BLOCK_STATUS,
-//! each appending its whole reply to a [`ReplyBuf`].
+//! The command handlers: READ, WRITE, TRIM, WRITE_ZEROES, FLUSH, CACHE and
+//! BLOCK_STATUS, each appending its whole reply to a [`ReplyBuf`].
 
 use std::sync::atomic::Ordering;
 
@@ -18,18 +18,35 @@ use crate::socket::ReplyWriter;
 use crate::wire::*;
 
 /// Whether every byte is zero.
-pub(super) fn is_zero(buf: &[u8]) -> bool {
+fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096)
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 impl<W: ReplyWriter> Conn<'_, W> {
-    pub(super) fn flush(&self) -> qcowx_core::Result<()> {
+    /// Makes what was written durable, unless the cache mode skips flushes.
+    pub(super) fn make_durable(&self) -> qcowx_core::Result<()> {
         if self.settings.cache.skips_flush() {
             Ok(())
         } else {
             self.export.disk.flush()
         }
+    }
+
+    pub(super) fn flush(&self, req: &Request, out: &mut ReplyBuf) {
+        match self.make_durable() {
+            Ok(()) => Self::simple(out, req.cookie, 0),
+            Err(e) => self.image_error(out, req, &e, true),
+        }
+    }
+
+    /// A prefetch hint: warms the metadata cache. Failure changes nothing.
+    pub(super) fn cache(&self, req: &Request, out: &mut ReplyBuf) {
+        let _ = self
+            .export
+            .disk
+            .block_status(req.offset, u64::from(req.length).min(MAX_STATUS_QUERY));
+        Self::simple(out, req.cookie, 0)
     }
 
     /// Makes a completed write durable if FUA (or write-through caching) asks for it.
@@ -39,7 +56,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
         }
         let r = r.and_then(|_| {
             if req.flags & CMD_FLAG_FUA != 0 || self.settings.cache.write_through() {
-                self.flush()
+                self.make_durable()
             } else {
                 Ok(())
             }

@@ -27,8 +27,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
     pub(super) fn read_and_send(&self, req: &Request, out: &mut ReplyBuf) {
         if let Err((errno, msg)) = self.check(req) {
             self.error(out, req, errno, &msg);
-            self.send(out.bytes());
-            out.clear();
+            self.send(out);
             return;
         }
         let runs = self.read_runs(req);
@@ -55,8 +54,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
                     drop(w);
                     out.clear();
                     self.read_into(req, &runs, out);
-                    self.send(out.bytes());
-                    out.clear();
+                    self.send(out);
                     return;
                 }
                 Ok(None) => {
@@ -71,9 +69,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
                 }
             }
         }
-        if let Err(e) = w.write_all(out.bytes()).and_then(|_| w.flush()) {
-            self.broken(e);
-        }
+        self.write_out(&mut w, out.bytes());
         out.clear();
     }
 }

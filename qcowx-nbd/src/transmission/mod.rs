@@ -142,8 +142,8 @@ pub fn serve<R: RequestStream, W: ReplyWriter>(
         drop(tx);
         r
     });
-    if conn.wrote.load(Ordering::SeqCst) && !settings.cache.skips_flush() {
-        if let Err(e) = conn.export.disk.flush() {
+    if conn.wrote.load(Ordering::SeqCst) {
+        if let Err(e) = conn.make_durable() {
             eprintln!("qcowx-nbd: {label}: flush at disconnect failed: {e}");
         }
     }

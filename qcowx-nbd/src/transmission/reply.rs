@@ -77,19 +77,19 @@ impl ReplyBuf {
 }
 
 impl<W: ReplyWriter> Conn<'_, W> {
-    /// Sends the replies gathered in `out` (if any) and empties it.
-    pub(super) fn send_batch(&self, out: &mut ReplyBuf) {
-        if !out.is_empty() {
-            self.send(out.bytes());
-            out.clear();
+    /// Sends the replies in `out` (if any, and if the connection still stands) and
+    /// empties it.
+    pub(super) fn send(&self, out: &mut ReplyBuf) {
+        if !out.is_empty() && !self.dead.load(Ordering::SeqCst) {
+            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            self.write_out(&mut *w, out.bytes());
         }
+        out.clear();
     }
 
-    pub(super) fn send(&self, bytes: &[u8]) {
-        if self.dead.load(Ordering::SeqCst) {
-            return;
-        }
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+    /// Writes `bytes` to the writer (locked by the caller); a failure finishes the
+    /// connection.
+    pub(super) fn write_out(&self, w: &mut W, bytes: &[u8]) {
         if let Err(e) = w.write_all(bytes).and_then(|_| w.flush()) {
             self.broken(e);
         }

@@ -106,8 +106,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
             if let Some(buf) = payload {
                 self.return_buffer(buf);
             }
-            self.send(out.bytes());
-            out.clear();
+            self.send(&mut out);
             self.budget.release(cost);
         }
     }
