@@ -37,6 +37,44 @@
 //! write is read and dropped, up to [`MAX_SKIPPED_WRITE`]; beyond that the
 //! connection is closed). Write-zeroes, trim and cache carry no payload and are
 //! accepted at any length (real clients send them larger than the maximum).
+//!
+//! # Where things are
+//!
+//! * `mod.rs`: [`serve`], the per-connection state (`Conn`) and the parsed `Request`;
+//! * `input.rs`: the reader's buffer over the connection's [`RequestStream`];
+//! * `dispatch.rs`: the reader loop (inline or to the workers) and `Conn::handle`;
+//! * `workers.rs`: the worker threads, the in-flight budget, payload buffers;
+//! * `validate.rs`: `Conn::check`, the protocol's rules about requests;
+//! * `handlers.rs`: one handler per command;
+//! * `block_status.rs`: read runs and block status descriptors from extents;
+//! * `reply.rs`: reply buffers, simple and error replies, sending;
+//! * `lend.rs`: large reads sent from the image's mapping.
+//!
+//! # One WRITE, from the socket to the image
+//!
+//! 1. [`serve`] starts the workers and runs the reader, `Conn::read_requests` →
+//!    `Conn::read_loop`, over an `Input` wrapping the connection (a
+//!    [`crate::socket::Socket`], or the TLS thread's end of a socket pair).
+//! 2. `Input::fill` reads until the 28-byte header is buffered;
+//!    [`crate::wire::read_header`] parses it and checks its magic. A payload longer
+//!    than the maximum block size is skipped (`Input::skip`) and the request failed.
+//! 3. `Conn::runs_inline` decides where the write runs. Small and fast (at most
+//!    [`INLINE_MAX`] bytes, no FUA, page-cache speed): `Input::fill` buffers the
+//!    payload and the reader calls `Conn::handle` on `Input::peek`; the reply waits
+//!    in a `ReplyBuf` for `Conn::send`. Otherwise: `Budget::acquire`,
+//!    `Conn::take_buffer`, `Input::read_exact` into it, and the request goes down
+//!    the channel to a worker, `Conn::work`, which calls `Conn::handle`.
+//! 4. `Conn::handle` runs `Conn::check` (validate.rs), then `Conn::write`
+//!    (handlers.rs): all-zero data with zero detection on goes to
+//!    `qcowx_core::Disk::write_zeroes`, anything else to `qcowx_core::Disk::write_at`,
+//!    the export's handle on its VDI, which writes through the shared
+//!    `qcowx_core::Image`.
+//! 5. `Conn::finish_write` makes the write durable when FUA or write-through caching
+//!    asks (`Conn::make_durable`), and appends the reply: `Conn::simple`, or
+//!    `Conn::image_error`, whose errno comes from [`crate::error::nbd_errno`].
+//! 6. The reply goes out with `Conn::send` under the writer lock, in completion
+//!    order; a worker then gives back its budget and payload buffer
+//!    (`Conn::return_buffer`).
 
 mod block_status;
 mod dispatch;
