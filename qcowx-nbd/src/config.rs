@@ -1,4 +1,6 @@
-//! Per-server settings that shape the handshake and the transmission phase.
+//! Per-server settings that shape the handshake and the transmission phase, with
+//! their defaults: block sizes, per-connection limits, cache, discard and TLS modes,
+//! timeouts.
 
 use std::sync::Arc;
 use std::time::Duration;
