@@ -1,5 +1,8 @@
-//! Per-server settings that shape the handshake and the transmission phase.
+//! Per-server settings that shape the handshake and the transmission phase, with
+//! their defaults: block sizes, per-connection limits, cache, discard and TLS modes,
+//! timeouts.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -9,7 +12,7 @@ use crate::error::{Error, Result};
 ///
 /// The NBD protocol lets a server refuse larger payloads; QEMU's client never sends
 /// more than 32 MiB and libnbd follows the advertised size. A longer read or write
-/// gets `NBD_EINVAL` and the connection goes on (see [`crate::transmission`]).
+/// gets `NBD_EINVAL` and the connection goes on.
 pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
 
 /// Default number of worker threads per connection: requests of one connection run
@@ -29,6 +32,10 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 /// waits, but one request is always admitted, so a single maximum-size request never
 /// waits forever.
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 4 * MAX_BLOCK_SIZE as usize;
+
+/// How long shutdown waits for connections to finish their requests, by default
+/// (`Settings::drain_timeout`).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default bound on the clients served at once (`qcowx-nbd -e`, qemu-nbd's
 /// `--shared`): more clients wait in the listen backlog until one leaves. With the
@@ -82,6 +89,26 @@ impl CacheMode {
     }
 }
 
+/// When clients must use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Clients may upgrade with `STARTTLS` or go on in clear (the protocol's
+    /// SELECTIVETLS with no export requiring TLS).
+    Allow,
+    /// Every option before `STARTTLS` is refused with `NBD_REP_ERR_TLS_REQD` (the
+    /// protocol's FORCEDTLS).
+    Require,
+}
+
+/// A server's TLS settings: the mode and the rustls configuration.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// When TLS is needed.
+    pub mode: TlsMode,
+    /// Certificates, key and client verification.
+    pub config: Arc<rustls::ServerConfig>,
+}
+
 /// Settings shared by every connection of a server.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -107,7 +134,7 @@ pub struct Settings {
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
     /// How long shutdown waits for busy connections to finish before it closes the
-    /// image anyway ([`crate::server::DRAIN_TIMEOUT`]).
+    /// image anyway ([`DRAIN_TIMEOUT`]).
     pub drain_timeout: Duration,
     /// How long a control connection may stay silent before it is closed and its
     /// slot given back ([`crate::control::IDLE_TIMEOUT`]).
@@ -115,7 +142,7 @@ pub struct Settings {
     /// Log connection events and client errors to stderr.
     pub verbose: bool,
     /// STARTTLS settings (`None`: TLS off, `STARTTLS` gets `NBD_REP_ERR_UNSUP`).
-    pub tls: Option<crate::tls::Tls>,
+    pub tls: Option<Tls>,
 }
 
 impl Default for Settings {
@@ -131,7 +158,7 @@ impl Default for Settings {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             handshake_timeout: Duration::from_secs(10),
-            drain_timeout: crate::server::DRAIN_TIMEOUT,
+            drain_timeout: DRAIN_TIMEOUT,
             control_idle_timeout: crate::control::IDLE_TIMEOUT,
             verbose: false,
             tls: None,

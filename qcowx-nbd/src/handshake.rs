@@ -25,12 +25,11 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
-use crate::config::Settings;
+use crate::config::{Settings, TlsMode};
 use crate::error::{Error, Result};
 use crate::exports::{Export, ExportInfo, Exports};
-use crate::tls::TlsMode;
 use crate::wire::*;
 
 /// The longest option data read into memory; longer options are skipped.
@@ -137,11 +136,44 @@ fn reply<S: Write>(s: &mut S, option: u32, reply_type: u32, data: &[u8]) -> Resu
 
 /// Sends an error reply with a message (truncated to the protocol's string limit).
 fn reply_err<S: Write>(s: &mut S, option: u32, reply_type: u32, msg: &str) -> Result<()> {
-    let mut end = msg.len().min(MAX_STRING);
-    while !msg.is_char_boundary(end) {
-        end -= 1;
+    reply(
+        s,
+        option,
+        reply_type,
+        truncate_str(msg, MAX_STRING).as_bytes(),
+    )
+}
+
+/// The parsed option data, or `None` after answering the option with
+/// `NBD_REP_ERR_INVALID` and what is wrong with it.
+fn valid<S: Write, T>(
+    s: &mut S,
+    option: u32,
+    parsed: std::result::Result<T, String>,
+) -> Result<Option<T>> {
+    match parsed {
+        Ok(r) => Ok(Some(r)),
+        Err(why) => {
+            reply_err(s, option, REP_ERR_INVALID, &why)?;
+            Ok(None)
+        }
     }
-    reply(s, option, reply_type, &msg.as_bytes()[..end])
+}
+
+/// The export named `name`, or `None` after answering the option with
+/// `NBD_REP_ERR_UNKNOWN` and the names there are.
+fn known_export<S: Write>(
+    s: &mut S,
+    option: u32,
+    exports: &Exports,
+    name: &str,
+) -> Result<Option<ExportInfo>> {
+    let info = exports.find(name)?;
+    if info.is_none() {
+        let msg = unknown_export_message(exports, name);
+        reply_err(s, option, REP_ERR_UNKNOWN, &msg)?;
+    }
+    Ok(info)
 }
 
 /// Reads a big-endian u32 at `at` of `data`, if there.
@@ -338,14 +370,7 @@ pub fn haggle<S: Read + Write>(
         }
         let mut hb = [0u8; 16];
         s.read_exact(&mut hb).map_err(io_err("read option"))?;
-        let h = OptionHeader::read_from_bytes(&hb)
-            .map_err(|_| Error::Protocol("short option header".into()))?;
-        if h.magic.get() != IHAVEOPT {
-            return Err(Error::Protocol(format!(
-                "option magic {:#x} is not IHAVEOPT",
-                h.magic.get()
-            )));
-        }
+        let h: OptionHeader = read_header(&hb).map_err(Error::Protocol)?;
         let opt = h.option.get();
         let len = h.length.get();
         if len > MAX_OPTION_DATA {
@@ -424,13 +449,7 @@ pub fn haggle<S: Read + Write>(
                 s.write_all(&buf)
                     .and_then(|_| s.flush())
                     .map_err(io_err("send export reply"))?;
-                let contexts = contexts_for(&meta, &export.info);
-                return Ok(Outcome::Transmission(Negotiated {
-                    export,
-                    flags,
-                    structured,
-                    contexts,
-                }));
+                return Ok(transmission(export, flags, structured, &meta));
             }
             OPT_ABORT => {
                 // The client may already have gone: a failed ACK is not an error.
@@ -453,16 +472,10 @@ pub fn haggle<S: Read + Write>(
                 reply(s, opt, REP_ACK, &[])?;
             }
             OPT_INFO | OPT_GO => {
-                let req = match parse_info(&data) {
-                    Ok(r) => r,
-                    Err(why) => {
-                        reply_err(s, opt, REP_ERR_INVALID, &why)?;
-                        continue;
-                    }
+                let Some(req) = valid(s, opt, parse_info(&data))? else {
+                    continue;
                 };
-                let Some(info) = ctx.exports.find(&req.name)? else {
-                    let msg = unknown_export_message(ctx.exports, &req.name);
-                    reply_err(s, opt, REP_ERR_UNKNOWN, &msg)?;
+                let Some(info) = known_export(s, opt, ctx.exports, &req.name)? else {
                     continue;
                 };
                 let export = match ctx.exports.open(&info) {
@@ -477,13 +490,7 @@ pub fn haggle<S: Read + Write>(
                 reply(s, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
                     s.flush().map_err(io_err("send option reply"))?;
-                    let contexts = contexts_for(&meta, &export.info);
-                    return Ok(Outcome::Transmission(Negotiated {
-                        export,
-                        flags,
-                        structured,
-                        contexts,
-                    }));
+                    return Ok(transmission(export, flags, structured, &meta));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -521,16 +528,10 @@ pub fn haggle<S: Read + Write>(
                     )?;
                     continue;
                 }
-                let req = match parse_meta(&data) {
-                    Ok(r) => r,
-                    Err(why) => {
-                        reply_err(s, opt, REP_ERR_INVALID, &why)?;
-                        continue;
-                    }
+                let Some(req) = valid(s, opt, parse_meta(&data))? else {
+                    continue;
                 };
-                let Some(info) = ctx.exports.find(&req.export)? else {
-                    let msg = unknown_export_message(ctx.exports, &req.export);
-                    reply_err(s, opt, REP_ERR_UNKNOWN, &msg)?;
+                let Some(info) = known_export(s, opt, ctx.exports, &req.export)? else {
                     continue;
                 };
                 let available = MetaContext::available(&ctx.exports.snapshots()?);
@@ -557,12 +558,24 @@ pub fn haggle<S: Read + Write>(
     }
 }
 
-/// The contexts the last SET_META_CONTEXT selected, if it named this export.
-fn contexts_for(meta: &Option<(String, Vec<MetaContext>)>, info: &ExportInfo) -> Vec<MetaContext> {
-    match meta {
-        Some((name, c)) if *name == info.name => c.clone(),
+/// Transmission begins on `export`, with the contexts the last SET_META_CONTEXT
+/// (`meta`) selected if it named this export.
+fn transmission(
+    export: Export,
+    flags: u16,
+    structured: bool,
+    meta: &Option<(String, Vec<MetaContext>)>,
+) -> Outcome {
+    let contexts = match meta {
+        Some((name, c)) if *name == export.info.name => c.clone(),
         _ => Vec::new(),
-    }
+    };
+    Outcome::Transmission(Negotiated {
+        export,
+        flags,
+        structured,
+        contexts,
+    })
 }
 
 fn unknown_export_message(exports: &Exports, name: &str) -> String {
@@ -572,11 +585,7 @@ fn unknown_export_message(exports: &Exports, name: &str) -> String {
         .unwrap_or_default();
     let mut msg = format!("no export named '{name}'; exports: {}", names.join(", "));
     if msg.len() > 1024 {
-        let mut end = 1021;
-        while !msg.is_char_boundary(end) {
-            end -= 1;
-        }
-        msg.truncate(end);
+        msg.truncate(truncate_str(&msg, 1021).len());
         msg.push_str("...");
     }
     msg
@@ -616,12 +625,7 @@ fn send_info<S: Write>(
     }
     if requests.contains(&INFO_DESCRIPTION) && !export.info.description.is_empty() {
         let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
-        let desc = &export.info.description;
-        let mut end = desc.len().min(MAX_STRING);
-        while !desc.is_char_boundary(end) {
-            end -= 1;
-        }
-        d.extend_from_slice(&desc.as_bytes()[..end]);
+        d.extend_from_slice(truncate_str(&export.info.description, MAX_STRING).as_bytes());
         reply(s, opt, REP_INFO, &d)?;
     }
     Ok(())

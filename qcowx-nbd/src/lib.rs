@@ -4,9 +4,8 @@
 //! (writable) and every snapshot (read-only) to any NBD client — QEMU, `qemu-img`,
 //! `qemu-io`, libnbd's tools, the Linux kernel client.
 //!
-//! The protocol reference is the NBD protocol document (NetworkBlockDevice/nbd,
-//! `doc/proto.md`); the `qcowx-nbd` binary takes the options of `qemu-nbd` where they
-//! mean the same. The layout:
+//! It speaks the NBD protocol; the `qcowx-nbd` binary takes the options of
+//! `qemu-nbd` where they mean the same. The layout:
 //!
 //! * [`wire`]: constants and the fixed-size messages (big-endian zerocopy structs);
 //! * [`handshake`]: fixed newstyle negotiation (`EXPORT_NAME`, `GO`, `INFO`, `LIST`,
@@ -23,7 +22,15 @@
 //!   diff) and its client, for `qcowx` on a served image;
 //! * [`tls`]: STARTTLS with rustls (X.509 files, `require`/`allow` modes, client
 //!   certificate allow-list) and the I/O thread of a TLS connection;
-//! * [`config`]: settings; [`socket`]: the connection type; [`error`]: errors.
+//! * [`config`]: settings (TLS mode, timeouts, limits); [`socket`]: the connection
+//!   type and what the transmission phase needs of a connection; [`error`]: errors
+//!   and the one map from image errors to NBD error values.
+//!
+//! Modules import only from the layers below them, with no cycle: [`wire`] and
+//! [`error`] at the bottom, then [`exports`], [`config`], [`socket`] and [`tls`], then
+//! [`handshake`], then [`transmission`], then [`server`] (and `main`). [`control`]
+//! needs only [`exports`] and [`error`]; [`config`] takes the control connections'
+//! default idle timeout from it.
 //!
 //! ```no_run
 //! use std::sync::Arc;

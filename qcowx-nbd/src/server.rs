@@ -13,44 +13,30 @@
 //! finishes and answers those it already read, and closes; then the image is flushed
 //! and closed, which writes exact refcounts and releases the lock.
 
+mod client;
+mod listen;
+
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::Settings;
 use crate::control::{ControlListener, ControlState};
 use crate::error::{Error, Result};
 use crate::exports::Exports;
-use crate::handshake::{self, HandshakeContext, Negotiated, Outcome};
 use crate::socket::Socket;
-use crate::tls;
-use crate::transmission;
 
-/// How long shutdown waits for connections to finish their requests, by default
-/// (`Settings::drain_timeout`).
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+pub use crate::config::DRAIN_TIMEOUT;
+pub use client::serve_client;
+pub use listen::{Bound, ListenAddr};
 
-/// Where to listen.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    /// A Unix socket at this path (created; removed at shutdown).
-    Unix(PathBuf),
-    /// A TCP address: host name or IP address, and port (0 picks a free port).
-    Tcp {
-        /// Host or address to bind.
-        host: String,
-        /// Port.
-        port: u16,
-    },
-}
+use listen::{activated_listeners, bind_tcp, bind_unix, Listener};
 
 /// How a server listens and admits clients.
 #[derive(Debug, Clone)]
@@ -68,77 +54,6 @@ pub struct ServerConfig {
     /// Where to listen for control requests (snapshot, fork, gc, …; see
     /// [`crate::control`]); `None`: no control socket.
     pub control: Option<PathBuf>,
-}
-
-/// An address the server ended up listening on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Bound {
-    /// A Unix socket.
-    Unix(PathBuf),
-    /// A TCP socket (with the real port when 0 was asked for).
-    Tcp(SocketAddr),
-}
-
-impl std::fmt::Display for Bound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Bound::Unix(p) => write!(f, "unix {}", p.display()),
-            Bound::Tcp(a) => write!(f, "tcp {a}"),
-        }
-    }
-}
-
-impl Bound {
-    /// The NBD URI of export `name` at this address (for QEMU and libnbd tools).
-    pub fn uri(&self, name: &str) -> String {
-        match self {
-            Bound::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
-            Bound::Tcp(SocketAddr::V4(a)) => format!("nbd://{}:{}/{name}", a.ip(), a.port()),
-            Bound::Tcp(SocketAddr::V6(a)) => format!("nbd://[{}]:{}/{name}", a.ip(), a.port()),
-        }
-    }
-}
-
-enum Listener {
-    Tcp(TcpListener),
-    Unix {
-        listener: UnixListener,
-        /// The socket file to remove at shutdown (not for activated sockets).
-        path: Option<PathBuf>,
-    },
-}
-
-impl Listener {
-    fn fd(&self) -> RawFd {
-        match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix { listener, .. } => listener.as_raw_fd(),
-        }
-    }
-
-    fn accept(&self) -> io::Result<Socket> {
-        match self {
-            Listener::Tcp(l) => l.accept().map(|(s, _)| Socket::Tcp(s)),
-            Listener::Unix { listener, .. } => listener.accept().map(|(s, _)| Socket::Unix(s)),
-        }
-    }
-
-    fn bound(&self) -> io::Result<Bound> {
-        match self {
-            Listener::Tcp(l) => l.local_addr().map(Bound::Tcp),
-            Listener::Unix { listener, path } => {
-                let p = match path {
-                    Some(p) => p.clone(),
-                    None => listener
-                        .local_addr()?
-                        .as_pathname()
-                        .map(Path::to_path_buf)
-                        .unwrap_or_default(),
-                };
-                Ok(Bound::Unix(p))
-            }
-        }
-    }
 }
 
 /// A wake-up pipe plus a flag: how signals and other threads stop the accept loop.
@@ -244,96 +159,6 @@ pub fn install_signal_handlers(handle: &ShutdownHandle) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Listeners passed by systemd socket activation, if this process is their target.
-fn activated_listeners() -> Result<Option<Vec<Listener>>> {
-    let pid_ok = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-        .is_some_and(|p| p == std::process::id());
-    if !pid_ok {
-        return Ok(None);
-    }
-    let n: i32 = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
-    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        std::env::remove_var(v);
-    }
-    if n <= 0 {
-        return Ok(None);
-    }
-    let mut out = Vec::new();
-    for fd in 3..3 + n {
-        // SAFETY: getsockname/fcntl on a descriptor systemd passed; storage is valid.
-        let family = unsafe {
-            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-            let mut ss: libc::sockaddr_storage = std::mem::zeroed();
-            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            if libc::getsockname(
-                fd,
-                (&mut ss as *mut libc::sockaddr_storage).cast(),
-                &mut len,
-            ) != 0
-            {
-                return Err(Error::Config(format!(
-                    "LISTEN_FDS: descriptor {fd} is not a socket"
-                )));
-            }
-            libc::c_int::from(ss.ss_family)
-        };
-        // SAFETY: systemd hands these descriptors to this process to own.
-        let l = unsafe {
-            if family == libc::AF_UNIX {
-                Listener::Unix {
-                    listener: UnixListener::from_raw_fd(fd),
-                    path: None,
-                }
-            } else {
-                Listener::Tcp(TcpListener::from_raw_fd(fd))
-            }
-        };
-        out.push(l);
-    }
-    Ok(Some(out))
-}
-
-fn bind_unix(path: &Path) -> Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(Error::Config(format!(
-                "{} exists and is not a socket",
-                path.display()
-            )));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::Config(format!(
-                "{}: another server is listening there",
-                path.display()
-            )));
-        }
-        // A stale socket from a server that did not clean up.
-        std::fs::remove_file(path)
-            .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
-    }
-    UnixListener::bind(path).map_err(|e| Error::io(format!("listen on {}", path.display()), e))
-}
-
-fn bind_tcp(host: &str, port: u16) -> Result<TcpListener> {
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| Error::io(format!("resolve {host}"), e))?
-        .collect();
-    let mut last = None;
-    for a in addrs {
-        match TcpListener::bind(a) {
-            Ok(l) => return Ok(l),
-            Err(e) => last = Some(Error::io(format!("listen on {a}"), e)),
-        }
-    }
-    Err(last.unwrap_or_else(|| Error::Config(format!("{host}: no address to listen on"))))
 }
 
 /// Clients being served: their sockets (to stop them at shutdown) and the count.
@@ -552,22 +377,16 @@ impl Server {
             }
         }
         let drain = settings.drain_timeout;
-        let deadline = Instant::now() + drain;
-        let mut count = clients.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *count > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                eprintln!(
-                    "qcowx-nbd: {} connection(s) still busy after {drain:?}; closing the image anyway",
-                    *count
-                );
-                break;
-            }
-            count = clients
-                .cv
-                .wait_timeout(count, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let count = clients.count.lock().unwrap_or_else(|p| p.into_inner());
+        let (count, waited) = clients
+            .cv
+            .wait_timeout_while(count, drain, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        if waited.timed_out() {
+            eprintln!(
+                "qcowx-nbd: {} connection(s) still busy after {drain:?}; closing the image anyway",
+                *count
+            );
         }
         drop(count);
         // A control request already running (a gc, say) finishes first; later ones
@@ -640,174 +459,4 @@ fn client_done(clients: &Clients, id: u64, handle: &ShutdownHandle) {
     clients.cv.notify_all();
     drop(c);
     handle.notify();
-}
-
-/// A socket whose reads fail once a deadline has passed (each read may block only
-/// until then), so a client cannot stretch the handshake by trickling bytes.
-struct DeadlineSocket<'a> {
-    sock: &'a mut Socket,
-    deadline: Instant,
-}
-
-impl Read for DeadlineSocket<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.sock.set_read_timeout(Some(left))?;
-        self.sock.read(buf)
-    }
-}
-
-impl Write for DeadlineSocket<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.sock.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.sock.flush()
-    }
-}
-
-/// Maps read timeouts during the handshake to [`Error::HandshakeTimeout`].
-fn timeout_error(timeout: Duration) -> impl Fn(Error) -> Error {
-    move |e| match e {
-        Error::Io { source, .. }
-            if matches!(
-                source.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            Error::HandshakeTimeout(timeout)
-        }
-        e => e,
-    }
-}
-
-/// Runs one client: handshake (with STARTTLS when configured), then transmission.
-pub fn serve_client(
-    mut sock: Socket,
-    exports: &Exports,
-    settings: &Settings,
-    shutting_down: &AtomicBool,
-    label: &str,
-) -> Result<()> {
-    sock.set_blocking()
-        .and_then(|_| sock.set_nodelay())
-        .map_err(|e| Error::io("configure socket", e))?;
-    let timeout = settings.handshake_timeout;
-    let deadline = Instant::now() + timeout;
-    let ctx = HandshakeContext {
-        exports,
-        settings,
-        shutting_down,
-    };
-    let mut bounded = DeadlineSocket {
-        sock: &mut sock,
-        deadline,
-    };
-    let tmo = timeout_error(timeout);
-    let no_zeroes = handshake::greet(&mut bounded).map_err(&tmo)?;
-    let outcome = handshake::haggle(&mut bounded, ctx, no_zeroes, false, Some(deadline), timeout)
-        .map_err(&tmo)?;
-    let negotiated = match outcome {
-        Outcome::Closed => return Ok(()),
-        Outcome::Transmission(n) => n,
-        Outcome::StartTls => {
-            let tls = settings
-                .tls
-                .as_ref()
-                .ok_or_else(|| Error::Internal("STARTTLS accepted without TLS settings".into()))?;
-            let mut conn = tls::accept(&tls.config, &mut bounded).map_err(&tmo)?;
-            if settings.verbose {
-                let cns = tls::peer_common_names(&conn);
-                eprintln!(
-                    "qcowx-nbd: {label}: TLS established{}",
-                    if cns.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (client certificate CN {})", cns.join(", "))
-                    }
-                );
-            }
-            let outcome = {
-                let mut stream = rustls::Stream::new(&mut conn, &mut bounded);
-                handshake::haggle(&mut stream, ctx, no_zeroes, true, Some(deadline), timeout)
-                    .map_err(&tmo)?
-            };
-            let negotiated = match outcome {
-                Outcome::Transmission(n) => n,
-                Outcome::Closed => {
-                    conn.send_close_notify();
-                    let _ = conn.complete_io(&mut bounded);
-                    return Ok(());
-                }
-                Outcome::StartTls => {
-                    return Err(Error::Internal("STARTTLS accepted twice".into()));
-                }
-            };
-            log_negotiated(settings, label, &negotiated);
-            sock.set_read_timeout(None)
-                .map_err(|e| Error::io("clear timeout", e))?;
-            let (plain, pump_end) =
-                UnixStream::pair().map_err(|e| Error::io("create a socket pair", e))?;
-            // As for a plaintext client (see `transmit`); best effort.
-            let _ = sock.enlarge_send_buffer();
-            let pump_label = label.to_string();
-            let verbose = settings.verbose;
-            let pump = thread::Builder::new()
-                .name("nbd-tls".into())
-                .spawn(move || {
-                    if let Err(e) = tls::pump(conn, sock, pump_end) {
-                        if verbose
-                            || !matches!(
-                                e.kind(),
-                                io::ErrorKind::BrokenPipe
-                                    | io::ErrorKind::ConnectionReset
-                                    | io::ErrorKind::UnexpectedEof
-                            )
-                        {
-                            eprintln!("qcowx-nbd: {pump_label}: TLS: {e}");
-                        }
-                    }
-                })
-                .map_err(|e| Error::io("start the TLS thread", e))?;
-            let r = transmit(Socket::Unix(plain), &negotiated, settings, label);
-            let _ = pump.join();
-            return r;
-        }
-    };
-    log_negotiated(settings, label, &negotiated);
-    sock.set_read_timeout(None)
-        .map_err(|e| Error::io("clear timeout", e))?;
-    transmit(sock, &negotiated, settings, label)
-}
-
-fn log_negotiated(settings: &Settings, label: &str, negotiated: &Negotiated) {
-    if settings.verbose {
-        eprintln!(
-            "qcowx-nbd: {label}: export '{}' ({}, structured replies {}, contexts {:?})",
-            negotiated.export.info.name,
-            if negotiated.export.writable {
-                "read-write"
-            } else {
-                "read-only"
-            },
-            if negotiated.structured { "on" } else { "off" },
-            negotiated.contexts
-        );
-    }
-}
-
-/// The transmission phase on a (plaintext) socket; the socket is closed on return.
-fn transmit(sock: Socket, negotiated: &Negotiated, settings: &Settings, label: &str) -> Result<()> {
-    // Best effort: a smaller buffer only costs speed.
-    let _ = sock.enlarge_send_buffer();
-    let writer = sock.try_clone().map_err(|e| Error::io("clone socket", e))?;
-    let killer = sock.try_clone().map_err(|e| Error::io("clone socket", e))?;
-    let kill = move || {
-        let _ = killer.shutdown(Shutdown::Both);
-    };
-    // transmission::serve buffers its input itself.
-    transmission::serve(sock, writer, negotiated, settings, &kill, label)
 }

@@ -1,12 +1,45 @@
-//! A connected client socket: TCP or Unix, behind one type.
+//! A connected client socket: TCP or Unix, behind one type, and what the transmission
+//! phase needs of a connection: a [`RequestStream`] to read requests from and a
+//! [`ReplyWriter`] to send replies to.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use crate::transmission::ReplyWriter;
+/// A connection's request stream: a blocking reader that can also be asked, without
+/// sleeping, for bytes that have already arrived.
+pub trait RequestStream: Read {
+    /// Reads what has arrived without waiting for more: `Err(WouldBlock)` when
+    /// nothing has. The default is `read` itself, for inputs that never keep a reader
+    /// waiting (byte slices, test streams).
+    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+}
+
+impl RequestStream for &[u8] {}
+
+/// Where a connection's replies go.
+pub trait ReplyWriter: Write + Send {
+    /// Writes a prefix of `bufs`, in order, waiting for the peer to make room only
+    /// until `deadline`; returns how many bytes went. The default writes nothing, so
+    /// every reply goes through [`Write`] (copied first).
+    fn write_until(&mut self, _bufs: &[IoSlice<'_>], _deadline: Instant) -> io::Result<usize> {
+        Ok(0)
+    }
+}
+
+impl ReplyWriter for Vec<u8> {}
+
+impl ReplyWriter for io::Sink {}
+
+impl<W: ReplyWriter + ?Sized> ReplyWriter for &mut W {
+    fn write_until(&mut self, bufs: &[IoSlice<'_>], deadline: Instant) -> io::Result<usize> {
+        (**self).write_until(bufs, deadline)
+    }
+}
 
 /// The send buffer a Unix connection asks for (see [`Socket::enlarge_send_buffer`]).
 pub const UNIX_SEND_BUFFER: usize = 4 << 20;
@@ -132,7 +165,7 @@ impl Read for Socket {
     }
 }
 
-impl crate::transmission::RequestStream for Socket {
+impl RequestStream for Socket {
     /// `recv` with `MSG_DONTWAIT`.
     fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.

@@ -36,25 +36,7 @@ use rustls::{
 use crate::error::{Error, Result};
 use crate::socket::Socket;
 
-/// When clients must use TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// Clients may upgrade with `STARTTLS` or go on in clear (the protocol's
-    /// SELECTIVETLS with no export requiring TLS).
-    Allow,
-    /// Every option before `STARTTLS` is refused with `NBD_REP_ERR_TLS_REQD` (the
-    /// protocol's FORCEDTLS).
-    Require,
-}
-
-/// A server's TLS settings: the mode and the rustls configuration.
-#[derive(Debug, Clone)]
-pub struct Tls {
-    /// When TLS is needed.
-    pub mode: TlsMode,
-    /// Certificates, key and client verification.
-    pub config: Arc<ServerConfig>,
-}
+pub use crate::config::{Tls, TlsMode};
 
 /// Where the server's X.509 files are and how clients are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +154,21 @@ impl fmt::Display for NotAllowed {
 
 impl std::error::Error for NotAllowed {}
 
+/// The handshake signature checks of [`CnVerifier`], each the inner verifier's own
+/// (the TLS 1.2 and 1.3 ones have the same signature).
+macro_rules! signature_checks_of_inner {
+    ($($check:ident),*) => {$(
+        fn $check(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.$check(message, cert, dss)
+        }
+    )*};
+}
+
 /// WebPKI client verification, then the CN allow-list.
 #[derive(Debug)]
 struct CnVerifier {
@@ -214,23 +211,7 @@ impl ClientCertVerifier for CnVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
+    signature_checks_of_inner!(verify_tls12_signature, verify_tls13_signature);
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()

@@ -1,8 +1,8 @@
 //! The NBD wire format: magic numbers, flag and type values, and every fixed-size
 //! message as a big-endian zerocopy struct.
 //!
-//! Values and layouts follow the NBD protocol document (NetworkBlockDevice/nbd,
-//! `doc/proto.md`). Everything on the wire is big-endian ("network byte order").
+//! Values and layouts are the NBD protocol's. Everything on the wire is big-endian
+//! ("network byte order").
 
 use zerocopy::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -194,6 +194,16 @@ pub const STATE_ZERO: u32 = 1 << 1;
 /// The longest string (export name, description, query) the protocol allows.
 pub const MAX_STRING: usize = 4096;
 
+/// The longest prefix of `s` that is at most `max` bytes long and ends on a character
+/// boundary: how strings are cut to fit the protocol's limits.
+pub fn truncate_str(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 // ---- fixed-size messages --------------------------------------------------------------
 
 /// The server's first message of the newstyle handshake.
@@ -348,6 +358,50 @@ pub struct BlockDescriptor {
     pub status: U32,
 }
 
+/// A fixed-size message that opens with a magic number: read with [`read_header`].
+pub trait Header: FromBytes {
+    /// What the message is, in errors.
+    const WHAT: &'static str;
+    /// The magic it must carry.
+    const MAGIC: u64;
+    /// How errors name the magic (its value in hex unless set).
+    const MAGIC_NAME: Option<&'static str> = None;
+    /// The magic it carries.
+    fn magic(&self) -> u64;
+}
+
+impl Header for OptionHeader {
+    const WHAT: &'static str = "option";
+    const MAGIC: u64 = IHAVEOPT;
+    const MAGIC_NAME: Option<&'static str> = Some("IHAVEOPT");
+    fn magic(&self) -> u64 {
+        self.magic.get()
+    }
+}
+
+impl Header for RequestHeader {
+    const WHAT: &'static str = "request";
+    const MAGIC: u64 = REQUEST_MAGIC as u64;
+    fn magic(&self) -> u64 {
+        self.magic.get().into()
+    }
+}
+
+/// Reads a message `T` from `bytes` (exactly its size) and checks its magic; the error
+/// says what is wrong.
+pub fn read_header<T: Header>(bytes: &[u8]) -> Result<T, String> {
+    let h = T::read_from_bytes(bytes).map_err(|_| format!("short {} header", T::WHAT))?;
+    if h.magic() != T::MAGIC {
+        let expected = T::MAGIC_NAME.map_or_else(|| format!("{:#x}", T::MAGIC), str::to_string);
+        return Err(format!(
+            "{} magic {:#x} is not {expected}",
+            T::WHAT,
+            h.magic()
+        ));
+    }
+    Ok(h)
+}
+
 impl ChunkHeader {
     /// A chunk header for `cookie`.
     pub fn new(cookie: u64, chunk_type: u16, flags: u16, length: u32) -> ChunkHeader {
@@ -411,5 +465,37 @@ mod tests {
     fn magic_bytes_spell_their_names() {
         assert_eq!(&NBDMAGIC.to_be_bytes(), b"NBDMAGIC");
         assert_eq!(&IHAVEOPT.to_be_bytes(), b"IHAVEOPT");
+    }
+
+    #[test]
+    fn headers_are_checked_for_their_magic() {
+        let mut bytes = IHAVEOPT.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 0]);
+        let h: OptionHeader = read_header(&bytes).expect("valid");
+        assert_eq!(h.option.get(), OPT_GO);
+        assert_eq!(
+            read_header::<OptionHeader>(&bytes[..15]).map(|_| ()),
+            Err("short option header".to_string())
+        );
+        bytes[0] = 0;
+        assert_eq!(
+            read_header::<OptionHeader>(&bytes).map(|_| ()),
+            Err("option magic 0x484156454f5054 is not IHAVEOPT".to_string())
+        );
+        let r = [0u8; 28];
+        assert_eq!(
+            read_header::<RequestHeader>(&r).map(|_| ()),
+            Err("request magic 0x0 is not 0x25609513".to_string())
+        );
+    }
+
+    #[test]
+    fn strings_are_cut_on_character_boundaries() {
+        assert_eq!(truncate_str("abc", 5), "abc");
+        assert_eq!(truncate_str("abc", 2), "ab");
+        // "é" is two bytes: a cut through it keeps neither.
+        assert_eq!(truncate_str("aé", 2), "a");
+        assert_eq!(truncate_str("aé", 3), "aé");
+        assert_eq!(truncate_str("", 0), "");
     }
 }

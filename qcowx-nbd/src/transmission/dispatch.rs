@@ -1,0 +1,188 @@
+//! The reader: parses requests from the input, runs small fast ones itself and hands
+//! the others to the workers, and [`Conn::handle`], which checks a request and calls
+//! its command's handler.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
+
+use super::input::Input;
+use super::reply::{ReplyBuf, REPLY_BATCH, REPLY_EVERY};
+use super::{Conn, Request};
+use crate::error::{Error, Result};
+use crate::socket::{ReplyWriter, RequestStream};
+use crate::wire::*;
+
+/// An oversized write payload up to this many bytes is read and dropped (and the
+/// request fails with `NBD_EINVAL`); a larger one closes the connection.
+pub const MAX_SKIPPED_WRITE: u32 = 256 << 20;
+
+/// Reads and writes up to this many bytes may run on the reader thread itself.
+pub const INLINE_MAX: u32 = 64 << 10;
+
+/// Small requests run on the reader thread while their smoothed service time stays
+/// below this (page-cache hits); above it they go to the workers.
+pub const INLINE_LIMIT: Duration = Duration::from_micros(50);
+
+/// The size of the fixed request header.
+const HEADER: usize = std::mem::size_of::<RequestHeader>();
+
+impl<W: ReplyWriter> Conn<'_, W> {
+    pub(super) fn read_requests<R: RequestStream>(
+        &self,
+        mut input: Input<R>,
+        tx: &SyncSender<Request>,
+    ) -> Result<()> {
+        let mut out = ReplyBuf::default();
+        let r = self.read_loop(&mut input, tx, &mut out);
+        // Replies to requests already run go out whatever ended the loop.
+        self.send(&mut out);
+        r
+    }
+
+    fn read_loop<R: RequestStream>(
+        &self,
+        input: &mut Input<R>,
+        tx: &SyncSender<Request>,
+        out: &mut ReplyBuf,
+    ) -> Result<()> {
+        let max = self.settings.max_block_size;
+        let mut gathered = 0usize;
+        loop {
+            if self.dead.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if input.available() < HEADER {
+                // Nothing more to run before the next socket read, which may block:
+                // answer what was run so far.
+                self.send(out);
+                if !input
+                    .fill(HEADER)
+                    .map_err(|e| Error::io("read request", e))?
+                {
+                    return Ok(());
+                }
+            }
+            let h: RequestHeader = read_header(input.peek(HEADER)).map_err(Error::Protocol)?;
+            input.consume(HEADER);
+            let command = h.command.get();
+            let length = h.length.get();
+            if command == CMD_DISC {
+                return Ok(());
+            }
+            let mut req = Request {
+                flags: h.flags.get(),
+                command,
+                cookie: h.cookie.get(),
+                offset: h.offset.get(),
+                length,
+                payload: None,
+                oversized: false,
+                cost: 0,
+            };
+            if command == CMD_WRITE && length > max {
+                if length > MAX_SKIPPED_WRITE {
+                    return Err(Error::Protocol(format!("write payload of {length} bytes")));
+                }
+                input
+                    .skip(u64::from(length))
+                    .map_err(|e| Error::io("skip write payload", e))?;
+                req.oversized = true;
+            }
+            if self.runs_inline(&req) {
+                let len = if command == CMD_WRITE {
+                    length as usize
+                } else {
+                    0
+                };
+                if input.available() < len {
+                    self.send(out);
+                    if !input
+                        .fill(len)
+                        .map_err(|e| Error::io("read write payload", e))?
+                    {
+                        return Err(Error::io(
+                            "read write payload",
+                            io::ErrorKind::UnexpectedEof.into(),
+                        ));
+                    }
+                }
+                if out.is_empty() {
+                    gathered = 0;
+                }
+                let t0 = Instant::now();
+                self.handle(&req, input.peek(len), out);
+                self.note_small(t0.elapsed());
+                input.consume(len);
+                gathered += 1;
+                if out.len() >= REPLY_BATCH || gathered >= REPLY_EVERY {
+                    self.send(out);
+                }
+                continue;
+            }
+            // To the workers. What was run here is answered first: the budget or the
+            // queue may make this thread wait.
+            self.send(out);
+            req.cost = match command {
+                CMD_READ | CMD_WRITE if !req.oversized => length.min(max) as usize,
+                _ => 0,
+            };
+            self.budget.acquire(req.cost);
+            if command == CMD_WRITE && !req.oversized {
+                let mut buf = self.take_buffer(length as usize);
+                if let Err(e) = input.read_exact(&mut buf) {
+                    self.budget.release(req.cost);
+                    return Err(Error::io("read write payload", e));
+                }
+                req.payload = Some(buf);
+            }
+            if tx.send(req).is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Whether `req` runs on the reader thread: a small read or write, with no flush
+    /// to wait for, while small requests are fast.
+    fn runs_inline(&self, req: &Request) -> bool {
+        let small = match req.command {
+            CMD_READ => true,
+            CMD_WRITE => {
+                req.flags & CMD_FLAG_FUA == 0
+                    && !self.settings.cache.write_through()
+                    && !req.oversized
+            }
+            _ => false,
+        };
+        small
+            && req.length <= INLINE_MAX
+            && self.small_ns.load(Ordering::Relaxed) < INLINE_LIMIT.as_nanos() as u64
+    }
+
+    /// Folds the service time of one small read or write into the running average
+    /// (weight 1/8).
+    pub(super) fn note_small(&self, took: Duration) {
+        let ns = took.as_nanos().min(u128::from(u32::MAX)) as u64;
+        let old = self.small_ns.load(Ordering::Relaxed);
+        let new = old - old / 8 + ns / 8;
+        self.small_ns.store(new, Ordering::Relaxed);
+    }
+
+    /// Runs `req` (with `payload` for a write) and appends its whole reply to `out`.
+    pub(super) fn handle(&self, req: &Request, payload: &[u8], out: &mut ReplyBuf) {
+        if let Err((errno, msg)) = self.check(req) {
+            return self.error(out, req, errno, &msg);
+        }
+        match req.command {
+            CMD_READ => self.read(req, out),
+            CMD_WRITE => self.write(req, payload, out),
+            CMD_FLUSH => self.flush(req, out),
+            CMD_TRIM => self.trim(req, out),
+            CMD_CACHE => self.cache(req, out),
+            CMD_WRITE_ZEROES => self.write_zeroes(req, out),
+            CMD_BLOCK_STATUS => self.block_status(req, out),
+            _ => self.error(out, req, EINVAL, "unknown command"),
+        }
+    }
+}
