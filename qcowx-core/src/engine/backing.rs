@@ -149,16 +149,69 @@ pub fn probe_format(path: &Path) -> std::io::Result<&'static str> {
     )
 }
 
-/// Opens the backing file `name` of the image at `image` (whose chain so far, top
-/// first, is `chain`).
-pub(crate) fn open_chain(
+/// The format of one layer of a backing chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerFormat {
+    /// A raw disk image (always the bottom of a chain).
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+impl LayerFormat {
+    /// The format's name as `qemu-img` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerFormat::Raw => "raw",
+            LayerFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    /// Parses `raw` or `qcow2`.
+    pub fn from_name(name: &str) -> Result<LayerFormat> {
+        match name {
+            "raw" => Ok(LayerFormat::Raw),
+            "qcow2" => Ok(LayerFormat::Qcow2),
+            other => Err(Error::InvalidArgument(format!(
+                "format '{other}' is not supported (qcow2 and raw are)"
+            ))),
+        }
+    }
+
+    /// Probes the format of the file at `path` (`qcow2` by its magic, else `raw`).
+    pub fn probe(path: &Path) -> Result<LayerFormat> {
+        let f = probe_format(path).map_err(|source| Error::Io {
+            file: path.display().to_string(),
+            op: "open",
+            offset: 0,
+            source,
+        })?;
+        LayerFormat::from_name(f)
+    }
+}
+
+/// One step down a backing chain: the file an image names as its backing file.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    /// The name resolved against the naming image's folder (what `qemu-img` prints).
+    pub(crate) path: PathBuf,
+    /// The canonical path, for loop detection.
+    pub(crate) canon: PathBuf,
+    /// The recorded format, or the probed one.
+    pub(crate) format: LayerFormat,
+}
+
+/// Follows the backing file `name` (recorded format `format`) of the image `image`
+/// (at `image_path`) whose chain so far, top first, is `chain` (canonical paths).
+/// The one place that resolves names, and refuses loops, chains deeper than
+/// [`MAX_BACKING_DEPTH`] and unsupported formats; every chain walker steps with it.
+pub(crate) fn follow(
     image: &str,
     image_path: Option<&Path>,
     name: &str,
     format: Option<&str>,
     chain: &[PathBuf],
-    opts: &OpenOptions,
-) -> Result<Arc<dyn Layer>> {
+) -> Result<Link> {
     let backing_err = |why: String, source: Option<Box<Error>>| Error::Backing {
         file: image.to_string(),
         why,
@@ -185,35 +238,58 @@ pub(crate) fn open_chain(
         ));
     }
     let format = match format {
-        Some(f) => f.to_string(),
-        None => probe_format(&canon)
-            .map_err(|e| backing_err(format!("cannot probe '{}': {e}", path.display()), None))?
-            .to_string(),
+        Some(f) => LayerFormat::from_name(f).map_err(|_| {
+            backing_err(
+                format!("backing format '{f}' is not supported (qcow2 and raw are)"),
+                None,
+            )
+        })?,
+        None => LayerFormat::probe(&canon).map_err(|e| {
+            backing_err(
+                format!("cannot probe '{}'", path.display()),
+                Some(Box::new(e)),
+            )
+        })?,
     };
+    Ok(Link {
+        path,
+        canon,
+        format,
+    })
+}
+
+/// Opens the backing file `name` of the image at `image` (whose chain so far, top
+/// first, is `chain`), with its own chain below it.
+pub(crate) fn open_chain(
+    image: &str,
+    image_path: Option<&Path>,
+    name: &str,
+    format: Option<&str>,
+    chain: &[PathBuf],
+    opts: &OpenOptions,
+) -> Result<Arc<dyn Layer>> {
+    let link = follow(image, image_path, name, format, chain)?;
     let lock = if opts.lock_mode() == LockMode::ForceShare || opts.lock_mode() == LockMode::None {
         opts.lock_mode()
     } else {
         LockMode::Shared
     };
-    match format.as_str() {
-        "raw" => Ok(Arc::new(RawLayer::open(&canon, lock)?)),
-        "qcow2" => {
+    match link.format {
+        LayerFormat::Raw => Ok(Arc::new(RawLayer::open(&link.canon, lock)?)),
+        LayerFormat::Qcow2 => {
             let mut next_chain = chain.to_vec();
-            next_chain.push(canon.clone());
+            next_chain.push(link.canon.clone());
             // Backing layers are only read: open them read-only with a shared lock,
             // so other overlays and `qemu-img info` can use them too.
             let layer_opts = opts.clone().write(false).lock(lock);
-            let img = Image::open_layer(&canon, &layer_opts, &next_chain).map_err(|e| {
-                backing_err(
-                    format!("cannot open '{}'", path.display()),
-                    Some(Box::new(e)),
-                )
+            let img = Image::open_layer(&link.canon, &layer_opts, &next_chain).map_err(|e| {
+                Error::Backing {
+                    file: image.to_string(),
+                    why: format!("cannot open '{}'", link.path.display()),
+                    source: Some(Box::new(e)),
+                }
             })?;
             Ok(Arc::new(img))
         }
-        other => Err(backing_err(
-            format!("backing format '{other}' is not supported (qcow2 and raw are)"),
-            None,
-        )),
     }
 }

@@ -8,52 +8,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::engine::backing::{self, MAX_BACKING_DEPTH};
+use crate::engine::backing::{self, Link};
+pub use crate::engine::backing::{LayerFormat, MAX_BACKING_DEPTH};
+use crate::engine::open_error;
 use crate::engine::{Extent, ExtentStatus, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};
-
-/// The format of one layer of a backing chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LayerFormat {
-    /// A raw disk image (always the bottom of a chain).
-    Raw,
-    /// A qcow2 image.
-    Qcow2,
-}
-
-impl LayerFormat {
-    /// The format's name as `qemu-img` spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            LayerFormat::Raw => "raw",
-            LayerFormat::Qcow2 => "qcow2",
-        }
-    }
-
-    /// Parses `raw` or `qcow2`.
-    pub fn from_name(name: &str) -> Result<LayerFormat> {
-        match name {
-            "raw" => Ok(LayerFormat::Raw),
-            "qcow2" => Ok(LayerFormat::Qcow2),
-            other => Err(Error::InvalidArgument(format!(
-                "format '{other}' is not supported (qcow2 and raw are)"
-            ))),
-        }
-    }
-
-    /// Probes the format of the file at `path` (`qcow2` by its magic, else `raw`).
-    pub fn probe(path: &Path) -> Result<LayerFormat> {
-        let f = backing::probe_format(path).map_err(|source| Error::Io {
-            file: path.display().to_string(),
-            op: "open",
-            offset: 0,
-            source,
-        })?;
-        LayerFormat::from_name(f)
-    }
-}
 
 /// One file of a backing chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,38 +76,29 @@ fn walk(
     keep: bool,
 ) -> Result<Vec<(ChainLayer, Option<OpenLayer>)>> {
     let mut out: Vec<(ChainLayer, Option<OpenLayer>)> = Vec::new();
-    let mut seen: Vec<PathBuf> = Vec::new();
-    let mut path = top.to_path_buf();
-    let mut format = match format {
+    let canon = std::fs::canonicalize(top).map_err(|source| Error::Io {
+        file: top.display().to_string(),
+        op: "open",
+        offset: 0,
+        source,
+    })?;
+    let format = match format {
         Some(f) => f,
         None => LayerFormat::probe(top)?,
     };
+    let mut link = Link {
+        path: top.to_path_buf(),
+        canon,
+        format,
+    };
+    let mut seen: Vec<PathBuf> = Vec::new();
     loop {
-        let canon = std::fs::canonicalize(&path).map_err(|source| Error::Io {
-            file: path.display().to_string(),
-            op: "open",
-            offset: 0,
-            source,
-        })?;
-        if seen.contains(&canon) {
-            return Err(Error::Backing {
-                file: top.display().to_string(),
-                why: format!("backing chain loop at '{}'", path.display()),
-                source: None,
-            });
-        }
-        if seen.len() > MAX_BACKING_DEPTH {
-            return Err(Error::Backing {
-                file: top.display().to_string(),
-                why: format!("backing chain deeper than {MAX_BACKING_DEPTH} layers"),
-                source: None,
-            });
-        }
-        seen.push(canon);
-        match format {
+        seen.push(link.canon.clone());
+        let path = link.path;
+        match link.format {
             LayerFormat::Raw => {
                 let storage = FileStorage::open(&path, OpenMode::read_only().with_lock(lock))
-                    .map_err(|e| open_error(&path, e))?;
+                    .map_err(|e| open_error(&path.display().to_string(), e))?;
                 let virtual_size = storage.len().map_err(|source| Error::Io {
                     file: path.display().to_string(),
                     op: "stat",
@@ -155,7 +107,7 @@ fn walk(
                 })?;
                 let layer = ChainLayer {
                     path,
-                    format,
+                    format: LayerFormat::Raw,
                     virtual_size,
                     cluster_size: None,
                 };
@@ -176,7 +128,7 @@ fn walk(
                 };
                 let layer = ChainLayer {
                     path: path.clone(),
-                    format,
+                    format: LayerFormat::Qcow2,
                     virtual_size: info.virtual_size,
                     cluster_size: Some(info.cluster_size),
                 };
@@ -184,35 +136,15 @@ fn walk(
                 let Some(name) = info.backing_file else {
                     return Ok(out);
                 };
-                let next = backing::resolve(Some(&path), &name);
-                format = match info.backing_format.as_deref() {
-                    Some(f) => LayerFormat::from_name(f).map_err(|_| Error::Backing {
-                        file: path.display().to_string(),
-                        why: format!("backing format '{f}' is not supported (qcow2 and raw are)"),
-                        source: None,
-                    })?,
-                    None => LayerFormat::probe(&next).map_err(|e| Error::Backing {
-                        file: path.display().to_string(),
-                        why: format!("cannot open '{}'", next.display()),
-                        source: Some(Box::new(e)),
-                    })?,
-                };
-                path = next;
+                link = backing::follow(
+                    &path.display().to_string(),
+                    Some(&path),
+                    &name,
+                    info.backing_format.as_deref(),
+                    &seen,
+                )?;
             }
         }
-    }
-}
-
-fn open_error(path: &Path, e: crate::storage::OpenError) -> Error {
-    let file = path.display().to_string();
-    match e {
-        crate::storage::OpenError::Lock { source, .. } => Error::Locked { file, source },
-        other => Error::Io {
-            file,
-            op: "open",
-            offset: 0,
-            source: other.into(),
-        },
     }
 }
 

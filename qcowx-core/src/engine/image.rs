@@ -363,11 +363,7 @@ impl Image {
                     date_sec: s.date_sec,
                     date_nsec: s.date_nsec,
                     vm_clock_nsec: s.vm_clock_nsec,
-                    vm_state_size: s
-                        .extra
-                        .get(0..8)
-                        .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-                        .unwrap_or(u64::from(s.vm_state_size)),
+                    vm_state_size: s.vm_state_size(),
                     disk_size: s.disk_size(),
                 })
                 .collect(),

@@ -8,7 +8,7 @@ use crate::engine::{Image, Root, RootId, State, DEFAULT_ROOT};
 use crate::error::{Error, Result};
 use crate::format::header::MAX_SNAPSHOTS;
 use crate::format::roots::*;
-use crate::format::snapshot::{SnapshotEntry, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::snapshot::{RawSnapshotHeader, SnapshotEntry, MAX_SNAPSHOT_TABLE_BYTES};
 use crate::format::tables::{decode_words, encode_words, WRITABLE};
 
 /// A resolved reference to a root.
@@ -223,10 +223,14 @@ impl Image {
     pub(crate) fn write_flags(&self, st: &mut State, i: usize) -> Result<()> {
         let rec = st.records[i].clone();
         let before = st.index.offsets[i];
-        let at = st.header.snapshots_offset + before + 40 + QEMU_EXTRA_BYTES as u64 + 48;
+        // The flags and the crc: the last aligned 8-byte word of the qcowx block, after
+        // the entry's fixed head and QEMU's extra data.
+        let word = std::mem::offset_of!(RawRootExtra, flags);
+        let head = std::mem::size_of::<RawSnapshotHeader>();
+        let at = st.header.snapshots_offset + before + (head + QEMU_EXTRA_BYTES + word) as u64;
         let block = raw_block(&rec);
         self.storage
-            .write_at(&block.as_bytes()[48..56], at)
+            .write_at(&block.as_bytes()[word..ROOT_EXTRA_BYTES], at)
             .map_err(|e| self.io_err("write snapshot flags", at, e))?;
         // Keep the in-memory entry's extra data in step with the file.
         let extra = &mut st.snapshots[i].extra;

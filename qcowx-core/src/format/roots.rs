@@ -8,17 +8,14 @@ use std::collections::HashMap;
 use zerocopy::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::format::snapshot::SnapshotEntry;
+pub use crate::format::snapshot::QEMU_EXTRA_BYTES;
+use crate::format::snapshot::{RawQemuExtra, SnapshotEntry};
 
 /// Magic of the qcowx block in snapshot extra data (`qcwx`).
 pub const ROOT_EXTRA_MAGIC: u32 = 0x7163_7778;
 
 /// Version of the qcowx block.
 pub const ROOT_EXTRA_VERSION: u8 = 1;
-
-/// Bytes QEMU defines at the start of snapshot extra data (vm_state_size_large,
-/// disk_size, icount).
-pub const QEMU_EXTRA_BYTES: usize = 24;
 
 /// Prefix of the snapshot-table name of a VDI head, so QEMU users see what it is.
 pub const VDI_NAME_PREFIX: &str = "vdi:";
@@ -68,6 +65,8 @@ pub struct RawRootExtra {
 
 /// Bytes of [`RawRootExtra`].
 pub const ROOT_EXTRA_BYTES: usize = 56;
+/// Bytes of the qcowx block the crc covers: everything before the crc.
+const CRC_COVERS: usize = std::mem::offset_of!(RawRootExtra, crc);
 
 const _: () = assert!(std::mem::size_of::<RawRootExtra>() == ROOT_EXTRA_BYTES);
 
@@ -96,7 +95,7 @@ pub(crate) struct Record {
 
 impl RawRootExtra {
     pub(crate) fn seal(mut self) -> RawRootExtra {
-        self.crc = crc32c::crc32c(&self.as_bytes()[..52]).into();
+        self.crc = crc32c::crc32c(&self.as_bytes()[..CRC_COVERS]).into();
         self
     }
 }
@@ -107,7 +106,7 @@ pub(crate) fn parse_record(extra: &[u8]) -> Option<Record> {
     let raw = RawRootExtra::read_from_bytes(block).ok()?;
     if raw.magic.get() != ROOT_EXTRA_MAGIC
         || raw.version != ROOT_EXTRA_VERSION
-        || crc32c::crc32c(&block[..52]) != raw.crc.get()
+        || crc32c::crc32c(&block[..CRC_COVERS]) != raw.crc.get()
         || raw.uid.get() == 0
     {
         return None;
@@ -132,11 +131,19 @@ pub(crate) fn parse_record(extra: &[u8]) -> Option<Record> {
 /// The extra data for an entry: QEMU's 24 bytes then the qcowx block.
 pub(crate) fn encode_extra(rec: &Record, disk_size: u64, vm_state: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES);
-    out.extend_from_slice(&vm_state.to_be_bytes());
-    out.extend_from_slice(&disk_size.to_be_bytes());
-    out.extend_from_slice(&0u64.to_be_bytes());
+    out.extend_from_slice(RawQemuExtra::new(disk_size, vm_state).as_bytes());
     out.extend_from_slice(raw_block(rec).as_bytes());
     out
+}
+
+/// `entry`'s extra data rewritten to carry `rec`, keeping QEMU's disk and VM-state
+/// sizes (`default_size` for an entry that records no disk size).
+pub(crate) fn extra_with_record(entry: &SnapshotEntry, rec: &Record, default_size: u64) -> Vec<u8> {
+    encode_extra(
+        rec,
+        entry.disk_size().unwrap_or(default_size),
+        entry.vm_state_size(),
+    )
 }
 
 pub(crate) fn raw_block(rec: &Record) -> RawRootExtra {

@@ -79,12 +79,52 @@ pub enum SnapshotError {
     },
 }
 
+/// Bytes QEMU defines at the start of snapshot extra data ([`RawQemuExtra`]).
+pub const QEMU_EXTRA_BYTES: usize = 24;
+
+/// The extra data QEMU defines, at the start of every entry's extra data (an entry
+/// may carry less of it: only the fields that fit are present).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawQemuExtra {
+    /// VM state size, 64-bit (supersedes the entry's 32-bit field).
+    pub vm_state_size_large: U64,
+    /// Virtual disk size when the snapshot was taken.
+    pub disk_size: U64,
+    /// Instruction count of the guest.
+    pub icount: U64,
+}
+const _: () = assert!(std::mem::size_of::<RawQemuExtra>() == QEMU_EXTRA_BYTES);
+
+impl RawQemuExtra {
+    /// QEMU's fields for a root of `disk_size` bytes with `vm_state_size` bytes of VM
+    /// state.
+    pub fn new(disk_size: u64, vm_state_size: u64) -> RawQemuExtra {
+        RawQemuExtra {
+            vm_state_size_large: vm_state_size.into(),
+            disk_size: disk_size.into(),
+            icount: 0.into(),
+        }
+    }
+}
+
 impl SnapshotEntry {
+    /// The 64-bit field at `at` of QEMU's extra data, when the entry carries it.
+    fn qemu_field(&self, at: usize) -> Option<u64> {
+        let bytes = self.extra.get(at..at + 8)?;
+        U64::read_from_bytes(bytes).ok().map(U64::get)
+    }
+
     /// The virtual disk size recorded in QEMU's extra data, if present.
     pub fn disk_size(&self) -> Option<u64> {
-        self.extra
-            .get(8..16)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+        self.qemu_field(std::mem::offset_of!(RawQemuExtra, disk_size))
+    }
+
+    /// The VM state size: QEMU's 64-bit field in the extra data when present, else
+    /// the entry's 32-bit field.
+    pub fn vm_state_size(&self) -> u64 {
+        self.qemu_field(std::mem::offset_of!(RawQemuExtra, vm_state_size_large))
+            .unwrap_or(u64::from(self.vm_state_size))
     }
 
     /// Bytes this entry occupies in the table (padded to 8).

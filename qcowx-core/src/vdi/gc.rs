@@ -26,9 +26,9 @@ use std::collections::{HashMap, HashSet};
 use crate::engine::alloc::runs;
 use crate::engine::{Image, State};
 use crate::error::Result;
+use crate::format::roots::{extra_with_record, RootKind};
 use crate::format::snapshot::SnapshotEntry;
 use crate::refcount::{self, Scan, ScanInput, Source};
-use crate::vdi::{encode_extra, RootKind};
 
 /// What a collection did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -201,12 +201,7 @@ impl Image {
             }
             if p != rec.parent && rec.native {
                 rec.parent = p;
-                let size = entry.disk_size().unwrap_or(st.header.size);
-                let vm = entry
-                    .extra
-                    .get(0..8)
-                    .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
-                entry.extra = encode_extra(&rec, size, vm);
+                entry.extra = extra_with_record(&entry, &rec, st.header.size);
             }
             snapshots.push(entry);
             records.push(rec);

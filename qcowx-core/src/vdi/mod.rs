@@ -431,13 +431,8 @@ impl Image {
             // rewriting the table (rare; O(table)).
             let mut snapshots = st.snapshots.clone();
             let mut records = st.records.clone();
-            let size = snapshots[i].disk_size().unwrap_or(st.header.size);
-            let vm = snapshots[i]
-                .extra
-                .get(0..8)
-                .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
             records[i].native = true;
-            snapshots[i].extra = encode_extra(&records[i], size, vm);
+            snapshots[i].extra = extra_with_record(&snapshots[i], &records[i], st.header.size);
             self.replace_table(st, snapshots, records)
         };
         if let Err(e) = flagged {

@@ -8,7 +8,8 @@
 
 use crate::engine::Image;
 use crate::error::{Error, Result};
-use crate::vdi::{encode_extra, validate_name, RootKind, DEFAULT_VDI, VDI_NAME_PREFIX};
+use crate::format::roots::extra_with_record;
+use crate::vdi::{validate_name, RootKind, DEFAULT_VDI, VDI_NAME_PREFIX};
 
 impl Image {
     /// Renames the live snapshot (`kind` [`RootKind::Snapshot`]) or VDI
@@ -94,13 +95,8 @@ impl Image {
             RootKind::Snapshot => new.to_string(),
         };
         if !records[i].native {
-            let size = snapshots[i].disk_size().unwrap_or(st.header.size);
-            let vm = snapshots[i]
-                .extra
-                .get(0..8)
-                .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
             records[i].native = true;
-            snapshots[i].extra = encode_extra(&records[i], size, vm);
+            snapshots[i].extra = extra_with_record(&snapshots[i], &records[i], st.header.size);
         }
         self.replace_table(st, snapshots, records)
     }

@@ -1,0 +1,126 @@
+//! The compressed writer behind `convert -c`: compressed clusters packed byte-granular,
+//! linked through the engine's table path.
+
+use crate::engine::Image;
+use crate::error::{Error, Result};
+use crate::format::compress::{compress_cluster, CompressionType};
+use crate::storage::Storage;
+
+/// Writes compressed clusters into the default VDI of an image being filled, as
+/// `qemu-img convert -c` does.
+///
+/// Compressed data is packed byte-granular, the way QEMU allocates it: each
+/// compressed cluster goes right after the previous one, in the same host cluster
+/// when it fits; when it does not, new clusters are taken from the end of the file,
+/// and the data runs on into them if they directly follow (else it starts at the new
+/// cluster). The L2 entry records the host byte offset and the number of 512-byte
+/// sectors the data touches. Compressed clusters are never writable in place (bit 63
+/// clear); refcounts are rewritten from a reachability scan when the image is closed,
+/// each host cluster counting one reference per compressed cluster it holds a part
+/// of, as QEMU counts them.
+///
+/// Only clusters that are unallocated (or zero, without a preallocated host cluster)
+/// in the default VDI can be written: the writer fills clusters, it does not replace
+/// data. An L2 table shared with a snapshot is copied first, as for any write.
+#[derive(Debug)]
+pub struct CompressedWriter<'a> {
+    img: &'a Image,
+    kind: CompressionType,
+    /// Where the next compressed bytes go (0: start a new host cluster).
+    cursor: u64,
+}
+
+impl<'a> CompressedWriter<'a> {
+    /// A writer for `img`, which must be open for writing.
+    pub fn new(img: &'a Image) -> Result<CompressedWriter<'a>> {
+        if !img.is_writable() {
+            return Err(Error::ReadOnly {
+                file: img.file_name().to_string(),
+                why: "compressed writes need the image open for writing".into(),
+            });
+        }
+        let kind = match img.info()?.compression_type {
+            "zstd" => CompressionType::Zstd,
+            _ => CompressionType::Deflate,
+        };
+        Ok(CompressedWriter {
+            img,
+            kind,
+            cursor: 0,
+        })
+    }
+
+    /// Stores `data` (one whole cluster) as the guest cluster at `guest`
+    /// (cluster-aligned, inside the disk). Returns `true` when it was stored
+    /// compressed, `false` when it did not compress and was written as is (only the
+    /// part inside the virtual disk, for a last partial cluster).
+    pub fn write_cluster(&mut self, guest: u64, data: &[u8]) -> Result<bool> {
+        let img = self.img;
+        let cs = img.cluster_size();
+        let size = img.size();
+        if !guest.is_multiple_of(cs) || data.len() as u64 != cs || guest >= size {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a compressed write takes one whole cluster ({cs} bytes) at a cluster \
+                 boundary inside the disk, not {} bytes at {guest}",
+                img.file_name(),
+                data.len()
+            )));
+        }
+        let compressed = compress_cluster(self.kind, data).map_err(|source| Error::Compressed {
+            file: img.file_name().to_string(),
+            offset: guest,
+            source,
+        })?;
+        let Some(bytes) = compressed else {
+            let n = cs.min(size - guest) as usize;
+            img.write_at(&data[..n], guest)?;
+            return Ok(false);
+        };
+        let mut st = img.lock_state()?;
+        img.mark_stale(&mut st)?;
+        img.link_compressed(&mut st, guest, |st| {
+            // Byte-granular placement: right after the previous compressed cluster
+            // when it fits (or the next host cluster follows), else in new clusters.
+            let len = bytes.len() as u64;
+            let at = if self.cursor != 0 && !self.cursor.is_multiple_of(cs) {
+                let room = cs - self.cursor % cs;
+                if len <= room {
+                    self.cursor
+                } else {
+                    let extra = (len - room).div_ceil(cs);
+                    let new = st.alloc.contiguous(extra);
+                    if new == self.cursor.next_multiple_of(cs) {
+                        self.cursor
+                    } else {
+                        new
+                    }
+                }
+            } else {
+                st.alloc.contiguous(len.div_ceil(cs))
+            };
+            img.storage
+                .write_at(&bytes, at)
+                .map_err(|e| img.io_err("write compressed cluster", at, e))?;
+            self.cursor = at + len;
+            Ok((at, len))
+        })?;
+        Ok(true)
+    }
+
+    /// Makes everything written durable and linked (the image's refcounts are
+    /// rewritten when it is closed).
+    pub fn finish(self) -> Result<()> {
+        let img = self.img;
+        let mut st = img.lock_state()?;
+        // The last compressed bytes may end inside a cluster: extend the file to
+        // whole clusters, so the sectors an entry names are all inside the file.
+        let end = st.alloc.end();
+        let len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+        if len < end {
+            img.storage
+                .set_len(end)
+                .map_err(|e| img.io_err("truncate", end, e))?;
+        }
+        img.flush_locked(&mut st)
+    }
+}

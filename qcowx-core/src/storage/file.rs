@@ -1,0 +1,400 @@
+//! A host file: positional I/O, sync, hole punch, and the QEMU-compatible image lock.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use memmap2::Mmap;
+
+use thiserror::Error;
+
+use lock::{LockError, LockMode};
+
+use super::*;
+
+/// How [`FileStorage::open`] opens an image file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OpenMode {
+    /// Open the file for writing as well as reading.
+    pub writable: bool,
+    /// The image lock to take. A writable file needs [`LockMode::Exclusive`] or
+    /// [`LockMode::None`].
+    pub lock: LockMode,
+}
+
+impl OpenMode {
+    /// Read-only with a [`LockMode::Shared`] lock: fails while a writer uses the image.
+    pub const fn read_only() -> OpenMode {
+        OpenMode {
+            writable: false,
+            lock: LockMode::Shared,
+        }
+    }
+
+    /// Read-write with a [`LockMode::Exclusive`] lock.
+    pub const fn read_write() -> OpenMode {
+        OpenMode {
+            writable: true,
+            lock: LockMode::Exclusive,
+        }
+    }
+
+    /// The same mode with a different lock.
+    pub const fn with_lock(self, lock: LockMode) -> OpenMode {
+        OpenMode { lock, ..self }
+    }
+}
+
+/// Why an image file could not be opened or created. Every variant carries the path.
+///
+/// Converts into an [`io::Error`] (lock conflicts become
+/// [`io::ErrorKind::ResourceBusy`]) for callers that only deal in I/O errors.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The file could not be opened, created or truncated.
+    #[error("cannot open {}: {source}", path.display())]
+    Io {
+        /// The file's path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The image lock could not be taken, usually because another process uses the
+    /// image.
+    #[error("{}: {source}", path.display())]
+    Lock {
+        /// The file's path.
+        path: PathBuf,
+        /// What conflicted or failed.
+        #[source]
+        source: LockError,
+    },
+    /// A writable file was requested with a lock mode that does not protect writers.
+    #[error(
+        "cannot open {} for writing with lock mode {mode:?}: writers need an exclusive \
+         lock (or none)",
+        path.display()
+    )]
+    WritableWithoutExclusiveLock {
+        /// The file's path.
+        path: PathBuf,
+        /// The rejected lock mode.
+        mode: LockMode,
+    },
+}
+
+impl OpenError {
+    /// The path of the file that could not be opened.
+    pub fn path(&self) -> &Path {
+        match self {
+            OpenError::Io { path, .. }
+            | OpenError::Lock { path, .. }
+            | OpenError::WritableWithoutExclusiveLock { path, .. } => path,
+        }
+    }
+
+    /// The lock error, if opening failed because of the image lock.
+    pub fn lock_error(&self) -> Option<&LockError> {
+        match self {
+            OpenError::Lock { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<OpenError> for io::Error {
+    fn from(err: OpenError) -> io::Error {
+        let kind = match &err {
+            OpenError::Io { source, .. } => source.kind(),
+            OpenError::Lock {
+                source: LockError::Io { source, .. },
+                ..
+            } => source.kind(),
+            OpenError::Lock { .. } => io::ErrorKind::ResourceBusy,
+            OpenError::WritableWithoutExclusiveLock { .. } => io::ErrorKind::InvalidInput,
+        };
+        io::Error::new(kind, err)
+    }
+}
+
+/// An image stored in a host file (or block device), accessed with `pread`/`pwrite`.
+///
+/// The image lock taken when opening is tied to this value's open file description and
+/// is released when it is dropped.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    writable: bool,
+    lock: LockMode,
+    /// The newest mapping of the file (see [`Storage::mapping`]); replaced by a
+    /// larger one when a read needs bytes past its end.
+    map: Mutex<Option<Arc<Mmap>>>,
+}
+
+impl FileStorage {
+    /// Opens an existing image file and takes the image lock of `mode.lock`.
+    pub fn open(path: impl AsRef<Path>, mode: OpenMode) -> Result<FileStorage, OpenError> {
+        let path = path.as_ref();
+        check_writable_mode(path, mode.writable, mode.lock)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(mode.writable)
+            .open(path)
+            .map_err(|source| OpenError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let storage = FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable: mode.writable,
+            lock: mode.lock,
+            map: Mutex::new(None),
+        };
+        storage.take_lock()?;
+        Ok(storage)
+    }
+
+    /// Creates a new, empty image file for reading and writing, or empties an existing
+    /// one, and takes the image lock of `lock` ([`LockMode::Exclusive`] or
+    /// [`LockMode::None`]).
+    ///
+    /// The lock is taken before an existing file is truncated, so an image in use by
+    /// another process is left untouched.
+    pub fn create(path: impl AsRef<Path>, lock: LockMode) -> Result<FileStorage, OpenError> {
+        let path = path.as_ref();
+        check_writable_mode(path, true, lock)?;
+        let io_err = |source| OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err)?;
+        let storage = FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable: true,
+            lock,
+            map: Mutex::new(None),
+        };
+        storage.take_lock()?;
+        Storage::set_len(&storage, 0).map_err(io_err)?;
+        Ok(storage)
+    }
+
+    fn take_lock(&self) -> Result<(), OpenError> {
+        if !self.lock.takes_lock() {
+            return Ok(());
+        }
+        lock::lock_file(&self.file, self.lock).map_err(|source| OpenError::Lock {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether the file was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The image lock taken when the file was opened.
+    pub fn lock_mode(&self) -> LockMode {
+        self.lock
+    }
+
+    /// Zero-fills `[offset, end)` with ordinary writes, in bounded chunks.
+    pub(super) fn write_zeros(&self, offset: u64, end: u64) -> io::Result<()> {
+        let total = end - offset;
+        let chunk_len = usize::try_from(total).map_or(ZERO_CHUNK, |t| t.min(ZERO_CHUNK));
+        let zeros = vec![0u8; chunk_len];
+        let mut pos = offset;
+        while pos < end {
+            let n = usize::try_from(end - pos).map_or(chunk_len, |r| r.min(chunk_len));
+            self.file.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn check_writable_mode(path: &Path, writable: bool, lock: LockMode) -> Result<(), OpenError> {
+    if writable && matches!(lock, LockMode::Shared | LockMode::ForceShare) {
+        return Err(OpenError::WritableWithoutExclusiveLock {
+            path: path.to_path_buf(),
+            mode: lock,
+        });
+    }
+    Ok(())
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        range_end(offset, buf.len() as u64)?;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    // End of file: the rest reads as zeros.
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        range_end(offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        let meta = self.file.metadata()?;
+        if meta.file_type().is_block_device() {
+            // st_size is 0 for block devices; seeking to the end gives their size.
+            // Only positional I/O is used, so moving the file position is harmless.
+            use std::io::Seek;
+            return (&self.file).seek(io::SeekFrom::End(0));
+        }
+        Ok(meta.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        // A file already that long is left alone: on ext4 any truncate to zero, even
+        // of an empty file, marks it for a flush of all its delayed allocations when
+        // it is closed (`auto_da_alloc`, meant for programs that rewrite a file
+        // without fsync), which would make closing a new image wait for the
+        // submission of everything written to it.
+        if self.file.metadata()?.len() == len {
+            return Ok(());
+        }
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn mapping(&self, end: u64) -> Option<Arc<Mmap>> {
+        // Regular files only; one fstat per call keeps every byte handed out below
+        // the file's current end (past it, a mapping faults with SIGBUS).
+        let meta = self.file.metadata().ok()?;
+        if !meta.is_file() || end > meta.len() || usize::try_from(meta.len()).is_err() {
+            return None;
+        }
+        let mut slot = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = slot.as_ref().filter(|m| m.len() as u64 >= end) {
+            return Some(Arc::clone(m));
+        }
+        // SAFETY: the mapping is read-only and shared. Its bytes can change under a
+        // reader (other writes to the file), which only changes what a racing read
+        // returns, as with pread; callers never read past the file's length (checked
+        // above, and the image does not shrink its file while a mapped read holds
+        // its I/O gate). Readers that outlive a remap keep the old mapping alive
+        // through their Arc.
+        let map = Arc::new(unsafe { Mmap::map(&self.file) }.ok()?);
+        if (map.len() as u64) < end {
+            return None;
+        }
+        *slot = Some(Arc::clone(&map));
+        Some(map)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = range_end(offset, len)?;
+        // Never touch anything past the end of the file: it already reads as zeros, and
+        // the zero-writing fallback must not extend the file.
+        let end = end.min(self.len()?);
+        if offset >= end {
+            return Ok(());
+        }
+        match sys::punch_hole(&self.file, offset, end - offset) {
+            Ok(()) => Ok(()),
+            Err(e) if sys::is_unsupported(&e) => self.write_zeros(offset, end),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
+    fn release(&self) -> io::Result<()> {
+        crate::storage::lock::unlock_file(&self.file).map_err(io::Error::from)
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod sys {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    fn off_t(value: u64) -> io::Result<libc::off_t> {
+        libc::off_t::try_from(value)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))
+    }
+
+    /// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`.
+    pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let (offset, len) = (off_t(offset)?, off_t(len)?);
+        loop {
+            // SAFETY: plain system call on a descriptor that `file` keeps open.
+            let ret = unsafe {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+            };
+            if ret == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    /// Whether `punch_hole` failed because the file system or kernel lacks support.
+    pub(super) fn is_unsupported(err: &io::Error) -> bool {
+        matches!(
+            err.raw_os_error(),
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+        )
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+mod sys {
+    use std::fs::File;
+    use std::io;
+
+    pub(super) fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    pub(super) fn is_unsupported(err: &io::Error) -> bool {
+        err.kind() == io::ErrorKind::Unsupported
+    }
+}

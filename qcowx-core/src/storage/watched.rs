@@ -1,0 +1,96 @@
+//! A storage that shows every read and write to a hook (for tests and tools that
+//! watch an image's I/O, or fail it).
+
+use std::io;
+use std::path::Path;
+
+use super::*;
+
+/// A read or a write a [`Watched`] storage is about to pass on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `read_at`.
+    Read {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: usize,
+    },
+    /// `write_at`.
+    Write {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: usize,
+    },
+}
+
+/// The hook of a [`Watched`] storage.
+type Watch = Box<dyn Fn(Access) -> io::Result<()> + Send + Sync>;
+
+/// A storage that shows every read and write to a hook before passing it to `inner`:
+/// the hook may record it, hold it up, or fail it (its error is the call's). Every
+/// other call goes straight to `inner`. For tests and tools that watch an image's
+/// I/O.
+pub struct Watched<S> {
+    /// The storage the calls go to.
+    pub inner: S,
+    watch: Watch,
+}
+
+impl<S: Storage> Watched<S> {
+    /// `inner`, with `watch` called before each read and write.
+    pub fn new(
+        inner: S,
+        watch: impl Fn(Access) -> io::Result<()> + Send + Sync + 'static,
+    ) -> Watched<S> {
+        Watched {
+            inner,
+            watch: Box::new(watch),
+        }
+    }
+}
+
+impl<S: Storage> std::fmt::Debug for Watched<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Storage> Storage for Watched<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (self.watch)(Access::Read {
+            offset,
+            len: buf.len(),
+        })?;
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (self.watch)(Access::Write {
+            offset,
+            len: buf.len(),
+        })?;
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn path(&self) -> Option<&Path> {
+        self.inner.path()
+    }
+    fn release(&self) -> io::Result<()> {
+        self.inner.release()
+    }
+    // No `mapping`: bytes lent from one would pass the hook by.
+}
