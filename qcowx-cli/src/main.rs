@@ -19,7 +19,6 @@ mod report;
 mod size;
 mod tree;
 
-use qcowx_nbd::control::{ControlError, Request, Response};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,10 +27,11 @@ use std::sync::Arc;
 
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use qcowx_core::chain::LayerFormat;
+use qcowx_core::control::{self, ControlError, DeleteTarget, Request, Response};
 use qcowx_core::convert::{self, ConvertOptions, OutputFormat};
 use qcowx_core::iocmd::IoCommand;
 use qcowx_core::vdi::DEFAULT_VDI;
-use qcowx_core::{CheckReport, CreateOptions, Image, LockMode, OpenOptions, RootKind};
+use qcowx_core::{CheckReport, CreateOptions, ErrorKind, Image, LockMode, OpenOptions, RootKind};
 
 /// Create, inspect, check and export QCOW2 images.
 #[derive(Debug, Parser)]
@@ -552,6 +552,20 @@ fn main() -> ExitCode {
             | Command::Resize(_)
             | Command::Rename(_)
     );
+    // The image file, when the command names snapshots or VDIs in it (for a hint when
+    // a name is unknown or taken).
+    let names_roots = match &cli.command {
+        Command::Snapshot(a) => Some(a.file.clone()),
+        Command::Fork(a) => Some(a.file.clone()),
+        Command::Delete(a) => Some(a.file.clone()),
+        Command::Revert(a) => Some(a.file.clone()),
+        Command::Diff(a) => Some(a.file.clone()),
+        Command::Export(a) => Some(a.file.clone()),
+        Command::Io(a) => Some(a.file.clone()),
+        Command::Map(a) => Some(a.file.clone()),
+        Command::Rename(a) => Some(a.file.clone()),
+        _ => None,
+    };
     // `compare` reports errors with 2, as `qemu-img compare` does (1 means "differ").
     let error_code = if matches!(&cli.command, Command::Compare(_)) {
         2
@@ -593,45 +607,93 @@ fn main() -> ExitCode {
             let _ = writeln!(io::stderr(), "qcowx: error writing output: {e}");
             ExitCode::from(error_code)
         }
-        Err(Failure::Control(e)) => {
-            let _ = writeln!(io::stderr(), "qcowx: {e}");
-            ExitCode::from(error_code)
-        }
-        Err(Failure::Image(e)) => {
+        Err(f) => {
             let mut err = io::stderr();
-            let _ = writeln!(err, "qcowx: {}", error_chain(&e));
-            if could_share && matches!(e, qcowx_core::Error::Locked { .. }) {
-                let _ = writeln!(
-                    err,
-                    "qcowx: hint: -U (--force-share) reads an image in use, though what \
-                     it reads may be changing"
-                );
-            }
-            if writes && cannot_write(&e) {
-                let _ = writeln!(
-                    err,
-                    "qcowx: hint: this command writes the image: it needs write access to \
-                     the file (list, diff and export only read)"
-                );
+            let _ = writeln!(err, "qcowx: {}", f.message());
+            for hint in hints(&f, could_share, writes, names_roots.as_deref()) {
+                let _ = writeln!(err, "qcowx: hint: {hint}");
             }
             ExitCode::from(error_code)
         }
     }
 }
 
-/// Whether `e` says that the file cannot be opened for writing.
-fn cannot_write(e: &qcowx_core::Error) -> bool {
-    match e {
-        qcowx_core::Error::Io {
-            op: "open", source, ..
-        } => {
-            matches!(
-                source.kind(),
-                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
-            )
+impl Failure {
+    /// The library's kind of the error (`None` for output errors and for failures to
+    /// talk to a server).
+    fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Failure::Image(e) => Some(e.kind()),
+            Failure::Control(e) => e.kind(),
+            Failure::Output(_) => None,
         }
-        _ => false,
     }
+
+    /// What to print after `qcowx: `.
+    fn message(&self) -> String {
+        match self {
+            Failure::Image(e) => error_chain(e),
+            Failure::Control(e) => e.to_string(),
+            Failure::Output(e) => format!("error writing output: {e}"),
+        }
+    }
+
+    /// The OS error behind an image error, if any.
+    fn os_error(&self) -> Option<&io::Error> {
+        match self {
+            Failure::Image(e) => {
+                std::error::Error::source(e).and_then(|s| s.downcast_ref::<io::Error>())
+            }
+            Failure::Control(_) | Failure::Output(_) => None,
+        }
+    }
+
+    /// Whether writing was refused: by the library, or by the OS (a permission, a
+    /// read-only file system; the library reports the latter as an I/O error when the
+    /// OS error comes wrapped in a message).
+    fn write_refused(&self) -> bool {
+        self.kind() == Some(ErrorKind::ReadOnly)
+            || self.os_error().is_some_and(|e| {
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+                )
+            })
+    }
+}
+
+/// The hints that follow an error: `could_share` when the command could have read the
+/// image with -U, `writes` when it writes the image, `names_roots` the image file when
+/// the command names snapshots or VDIs of it.
+fn hints(f: &Failure, could_share: bool, writes: bool, names_roots: Option<&Path>) -> Vec<String> {
+    let mut v = Vec::new();
+    let kind = f.kind();
+    if could_share && kind == Some(ErrorKind::Locked) {
+        v.push(
+            "-U (--force-share) reads an image in use, though what it reads may be changing"
+                .to_string(),
+        );
+    }
+    if writes && f.write_refused() && f.os_error().is_some() {
+        v.push(
+            "this command writes the image: it needs write access to the file (list, diff \
+             and export only read)"
+                .to_string(),
+        );
+    }
+    if let Some(file) = names_roots {
+        // A name that is not there (not a file that is not there), or one already taken.
+        let unknown_name = kind == Some(ErrorKind::NotFound) && f.os_error().is_none();
+        let taken =
+            kind == Some(ErrorKind::InvalidArgument) && f.message().contains("already exists");
+        if unknown_name || taken {
+            v.push(format!(
+                "`qcowx list {}` lists the snapshots and VDIs",
+                file.display()
+            ));
+        }
+    }
+    v
 }
 
 /// The error and the causes its message does not already include.
@@ -836,43 +898,38 @@ fn require_kind(img: &Image, kind: RootKind, name: &str) -> Result<(), qcowx_cor
     })
 }
 
-/// Sends `req` to the qcowx-nbd serving `file` when opening it failed because it is
-/// locked (DESIGN.md §6): scripts work the same on live and idle images. Any other
-/// error, or no server answering, is reported as the open error.
-fn forward(file: &Path, open_error: qcowx_core::Error, req: &Request) -> Result<Response, Failure> {
-    if !matches!(open_error, qcowx_core::Error::Locked { .. }) {
+/// Runs `req` on the image `opened` gave (then closes it), or, when opening failed
+/// because a qcowx-nbd serving the image holds its lock, sends `req` to that server:
+/// scripts work the same on live and idle images. Any other error, or no server
+/// answering, is reported as the open error.
+fn run_request(
+    file: &Path,
+    opened: Result<Image, qcowx_core::Error>,
+    req: &Request,
+) -> Result<Response, Failure> {
+    let open_error = match opened {
+        Ok(img) => {
+            let r = control::execute(&img, req, &control::Local)?;
+            img.close()?;
+            return Ok(r);
+        }
+        Err(e) => e,
+    };
+    if open_error.kind() != ErrorKind::Locked {
         return Err(Failure::Image(open_error));
     }
-    match qcowx_nbd::control::request(file, req) {
+    match control::request(file, req) {
         Ok(r) => Ok(r),
         Err(ControlError::NoServer { .. }) => Err(Failure::Image(open_error)),
         Err(e) => Err(Failure::Control(e)),
     }
 }
 
-/// Runs `local` on the image `opened` gave (then closes it), or, when opening failed
-/// because a qcowx-nbd serving the image holds its lock, sends `req` to that server
-/// and takes the result from its answer with `remote` (`None` for an answer of the
-/// wrong kind).
-fn local_or_served<T>(
-    file: &Path,
-    opened: Result<Image, qcowx_core::Error>,
-    local: impl FnOnce(&Image) -> Result<T, qcowx_core::Error>,
-    req: Request,
-    remote: impl FnOnce(Response) -> Option<T>,
-) -> Result<T, Failure> {
-    match opened {
-        Ok(img) => {
-            let v = local(&img)?;
-            img.close()?;
-            Ok(v)
-        }
-        Err(e) => remote(forward(file, e, &req)?).ok_or_else(|| {
-            Failure::Control(ControlError::Protocol(format!(
-                "unexpected answer to {req:?}"
-            )))
-        }),
-    }
+/// The failure for an answer of the wrong kind to `req`.
+fn unexpected(req: &Request, r: &Response) -> Failure {
+    Failure::Control(ControlError::Protocol(format!(
+        "unexpected answer to {req}: {r:?}"
+    )))
 }
 
 /// Opens `file` for writing (exclusive lock) without its backing chain.
@@ -888,13 +945,7 @@ fn snapshot(a: &SnapshotArgs) -> Result<u8, Failure> {
         vdi: a.vdi.clone(),
         name: a.name.clone(),
     };
-    local_or_served(
-        &a.file,
-        open_rw_meta(&a.file),
-        |img| img.snapshot(&a.vdi, &a.name).map(drop),
-        req,
-        |_| Some(()),
-    )?;
+    run_request(&a.file, open_rw_meta(&a.file), &req)?;
     Ok(0)
 }
 
@@ -903,10 +954,10 @@ fn list(a: &ListArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
         .lock(lock_mode(a.force_share))
         .open_backing(false)
         .open(&a.file);
-    let roots = local_or_served(&a.file, opened, Image::list, Request::List, |r| match r {
-        Response::Roots(roots) => Some(roots),
-        _ => None,
-    })?;
+    let roots = match run_request(&a.file, opened, &Request::List)? {
+        Response::Roots(roots) => roots,
+        other => return Err(unexpected(&Request::List, &other)),
+    };
     let name = a.file.display().to_string();
     match a.output {
         OutputKind::Json => report::write_json(out, &report::list_json(&name, &roots))?,
@@ -921,35 +972,22 @@ fn fork(a: &ForkArgs) -> Result<u8, Failure> {
         snapshot: a.snapshot.clone(),
         name: a.new_vdi.clone(),
     };
-    local_or_served(
-        &a.file,
-        open_rw_meta(&a.file),
-        |img| img.fork(&a.snapshot, &a.new_vdi).map(drop),
-        req,
-        |_| Some(()),
-    )?;
+    run_request(&a.file, open_rw_meta(&a.file), &req)?;
     Ok(0)
 }
 
 fn delete(a: &DeleteArgs) -> Result<u8, Failure> {
     // clap requires exactly one of --snapshot and --vdi.
-    let req = match (&a.snapshot, &a.vdi) {
-        (Some(s), _) => Request::DeleteSnapshot { name: s.clone() },
-        (None, Some(v)) => Request::DeleteVdi { name: v.clone() },
+    let target = match (&a.snapshot, &a.vdi) {
+        (Some(s), _) => DeleteTarget::Snapshot(s.clone()),
+        (None, Some(v)) => DeleteTarget::Vdi(v.clone()),
         (None, None) => {
             return Err(Failure::Image(qcowx_core::Error::InvalidArgument(
                 "delete needs --snapshot NAME or --vdi NAME".into(),
             )))
         }
     };
-    let local = |img: &Image| match &req {
-        Request::DeleteSnapshot { name } => img.delete_snapshot(name),
-        Request::DeleteVdi { name } => img.delete_vdi(name),
-        _ => Ok(()),
-    };
-    local_or_served(&a.file, open_rw_meta(&a.file), local, req.clone(), |_| {
-        Some(())
-    })?;
+    run_request(&a.file, open_rw_meta(&a.file), &Request::Delete(target))?;
     Ok(0)
 }
 
@@ -958,13 +996,7 @@ fn revert(a: &RevertArgs) -> Result<u8, Failure> {
         vdi: a.vdi.clone(),
         snapshot: a.snapshot.clone(),
     };
-    local_or_served(
-        &a.file,
-        open_rw_meta(&a.file),
-        |img| img.revert(&a.vdi, &a.snapshot),
-        req,
-        |_| Some(()),
-    )?;
+    run_request(&a.file, open_rw_meta(&a.file), &req)?;
     Ok(0)
 }
 
@@ -973,16 +1005,10 @@ fn gc(a: &GcArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
         progress::enabled(quiet, a.output == OutputKind::Json),
         "collecting garbage",
     );
-    let r = local_or_served(
-        &a.file,
-        open_rw_meta(&a.file),
-        Image::gc,
-        Request::Gc,
-        |r| match r {
-            Response::Gc(r) => Some(r),
-            _ => None,
-        },
-    )?;
+    let r = match run_request(&a.file, open_rw_meta(&a.file), &Request::Gc)? {
+        Response::Gc(r) => r,
+        other => return Err(unexpected(&Request::Gc, &other)),
+    };
     drop(spinner);
     let name = a.file.display().to_string();
     match a.output {

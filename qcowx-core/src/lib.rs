@@ -32,6 +32,8 @@ pub mod cache;
 pub mod chain;
 pub mod compare;
 pub mod compress;
+#[cfg(feature = "control")]
+pub mod control;
 pub mod convert;
 pub mod crashsim;
 pub mod diff;

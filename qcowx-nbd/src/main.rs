@@ -582,7 +582,7 @@ fn run(args: Args) -> Result<(), String> {
     } else if let Some(p) = &args.control {
         Some(p.clone())
     } else if image.is_writable() && !args.read_only {
-        match qcowx_nbd::control::default_socket_path(&args.file) {
+        match qcowx_core::control::default_socket_path(&args.file) {
             Ok(p) => Some(p),
             Err(e) => {
                 eprintln!("qcowx-nbd: no control socket: {e}");
