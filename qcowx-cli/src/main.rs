@@ -16,7 +16,6 @@
 
 mod progress;
 mod report;
-mod size;
 mod tree;
 
 use std::io::{self, Write};
@@ -30,6 +29,7 @@ use qcowx_core::chain::LayerFormat;
 use qcowx_core::control::{self, ControlError, DeleteTarget, Request, Response};
 use qcowx_core::convert::{self, ConvertOptions, OutputFormat};
 use qcowx_core::iocmd::IoCommand;
+use qcowx_core::size::parse_size;
 use qcowx_core::vdi::DEFAULT_VDI;
 use qcowx_core::{CheckReport, CreateOptions, ErrorKind, Image, LockMode, OpenOptions, RootKind};
 
@@ -492,7 +492,7 @@ struct ManArgs {
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
-    size::parse_size(s)
+    parse_size(s).map_err(|e| e.to_string())
 }
 
 fn io_cmd_arg(s: &str) -> Result<IoCommand, String> {
@@ -1225,11 +1225,11 @@ enum ResizeTo {
 
 fn resize_arg(s: &str) -> Result<ResizeTo, String> {
     if let Some(rest) = s.strip_prefix('+') {
-        size::parse_size(rest).map(ResizeTo::Grow)
+        size_arg(rest).map(ResizeTo::Grow)
     } else if let Some(rest) = s.strip_prefix('-') {
-        size::parse_size(rest).map(ResizeTo::Shrink)
+        size_arg(rest).map(ResizeTo::Shrink)
     } else {
-        size::parse_size(s).map(ResizeTo::Absolute)
+        size_arg(s).map(ResizeTo::Absolute)
     }
 }
 

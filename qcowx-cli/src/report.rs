@@ -10,7 +10,7 @@ use qcowx_core::map::MapExtent;
 use qcowx_core::{CheckReport, GcReport, ImageInfo, Range, RootInfo, RootKind, SnapshotInfo};
 use serde_json::{json, Map, Value};
 
-use crate::size::size_to_str;
+use qcowx_core::size::size_to_str;
 
 /// Problems a repair fixed.
 #[derive(Debug, Clone, Copy, Default)]

@@ -48,6 +48,7 @@ pub mod lock;
 pub mod map;
 pub mod refcount;
 pub mod rename;
+pub mod size;
 pub mod snapshot;
 pub mod storage;
 pub mod tables;
