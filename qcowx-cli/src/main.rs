@@ -14,6 +14,9 @@
 //! roff man page, both generated at run time from the same clap definitions as the
 //! parser (`qcowx man > qcowx.1`, `qcowx man import > qcowx-import.1`).
 
+mod compare;
+mod iocmd;
+mod map;
 mod progress;
 mod report;
 mod tree;
@@ -25,10 +28,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use iocmd::IoCommand;
 use qcowx_core::chain::LayerFormat;
 use qcowx_core::control::{self, ControlError, DeleteTarget, Request, Response};
 use qcowx_core::convert::{self, ConvertOptions, OutputFormat};
-use qcowx_core::iocmd::IoCommand;
 use qcowx_core::size::parse_size;
 use qcowx_core::vdi::DEFAULT_VDI;
 use qcowx_core::{CheckReport, CreateOptions, ErrorKind, Image, LockMode, OpenOptions, RootKind};
@@ -1068,6 +1071,9 @@ fn io_cmds(a: &IoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> 
                         out_err = Some(e);
                     }
                 }
+                if o.failed() {
+                    failed = true;
+                }
                 if let (
                     Some(at),
                     IoCommand::Read {
@@ -1075,7 +1081,6 @@ fn io_cmds(a: &IoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> 
                     },
                 ) = (o.mismatch, cmd)
                 {
-                    failed = true;
                     let _ = writeln!(
                         io::stderr(),
                         "qcowx: {}: pattern verification failed: the byte at offset {at} of \
@@ -1204,7 +1209,7 @@ fn map(a: &MapArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
         }
         (None, None) => DEFAULT_VDI,
     };
-    let extents = qcowx_core::map::map_root(&img, Some(root), lock)?;
+    let extents = map::map_root(&img, Some(root), lock)?;
     img.close()?;
     let name = a.file.display().to_string();
     match a.output {
@@ -1294,7 +1299,7 @@ fn compare(a: &CompareArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Fail
     let ib = convert::open_input(&a.file_b, a.format_b.map(DiskFormat::layer), lock)?;
     let json = a.output == OutputKind::Json;
     let bar = progress::Bar::new(progress::enabled(quiet, json), "comparing");
-    let r = qcowx_core::compare::compare(ia.as_ref(), ib.as_ref(), &mut bar.callback())?;
+    let r = compare::compare(ia.as_ref(), ib.as_ref(), &mut bar.callback())?;
     drop(bar);
     drop(ia);
     drop(ib);

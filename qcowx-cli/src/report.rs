@@ -3,10 +3,10 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use qcowx_core::compare::CompareReport;
+use crate::compare::CompareReport;
+use crate::map::MapExtent;
 use qcowx_core::control::{GcJson, RangesJson, RootJson};
 use qcowx_core::import::ImportReport;
-use qcowx_core::map::MapExtent;
 use qcowx_core::{CheckReport, GcReport, ImageInfo, Range, RootInfo, RootKind, SnapshotInfo};
 use serde_json::{json, Map, Value};
 

@@ -30,7 +30,6 @@ pub mod alloc;
 pub mod backing;
 pub mod cache;
 pub mod chain;
-pub mod compare;
 pub mod compress;
 #[cfg(feature = "control")]
 pub mod control;
@@ -43,7 +42,6 @@ pub mod gc;
 pub mod header;
 pub mod image;
 pub mod import;
-pub mod iocmd;
 pub mod lock;
 pub mod map;
 pub mod refcount;
