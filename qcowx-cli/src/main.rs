@@ -3,7 +3,8 @@
 //! VDIs, show their lineage tree, collect garbage, compare roots, and write through
 //! `io`.
 //!
-//! The binary is thin: it parses arguments, calls `qcowx-core` and prints. Output and
+//! The binary is thin: this file defines the command line and dispatches to
+//! [`commands`], which call `qcowx-core` and print. Output and
 //! exit codes follow `qemu-img` (`info`, `check`, `create`, `convert`, `map`,
 //! `resize`, `compare`) and `qemu-io` (`io`) where the commands overlap: errors print
 //! `qcowx: <error>` on stderr and exit 1, usage errors exit 2, `check` exits 0
@@ -14,24 +15,24 @@
 //! roff man page, both generated at run time from the same clap definitions as the
 //! parser (`qcowx man > qcowx.1`, `qcowx man import > qcowx-import.1`).
 
+mod commands;
+mod compare;
+mod iocmd;
+mod map;
 mod progress;
 mod report;
-mod size;
 mod tree;
 
-use qcowx_nbd::control::{ControlError, Request, Response};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use std::sync::Arc;
-
-use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use qcowx_core::convert::{self, ConvertOptions, OutputFormat};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use commands::{docs, hints, image, io as io_cmd, roots, Failure};
+use iocmd::IoCommand;
 use qcowx_core::engine::chain::LayerFormat;
-use qcowx_core::iocmd::IoCommand;
+use qcowx_core::size::parse_size;
 use qcowx_core::vdi::DEFAULT_VDI;
-use qcowx_core::{CheckReport, CreateOptions, Image, LockMode, OpenOptions, RootKind};
 
 /// Create, inspect, check and export QCOW2 images.
 #[derive(Debug, Parser)]
@@ -51,7 +52,7 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     Create(CreateArgs),
     /// Show facts about an image (like `qemu-img info`).
-    Info(InfoArgs),
+    Info(ReadArgs),
     /// Check an image's metadata and refcounts (like `qemu-img check`).
     Check(CheckArgs),
     /// Write the content of a VDI or snapshot, backing chain included, to a new file
@@ -60,7 +61,7 @@ enum Command {
     /// Take a snapshot of a VDI.
     Snapshot(SnapshotArgs),
     /// List VDIs and snapshots with their lineage and times.
-    List(ListArgs),
+    List(ReadArgs),
     /// Create a writable VDI from a snapshot.
     Fork(ForkArgs),
     /// Delete a snapshot or a VDI (its space comes back at `gc`).
@@ -96,6 +97,56 @@ enum Command {
     Man(ManArgs),
 }
 
+impl Command {
+    /// Whether the command could have read the image with -U (for a hint when it is
+    /// locked).
+    fn could_share(&self) -> bool {
+        match self {
+            Command::Info(a) | Command::List(a) => !a.force_share,
+            Command::Diff(DiffArgs { image: a, .. })
+            | Command::Tree(TreeArgs { image: a, .. })
+            | Command::Map(MapArgs { image: a, .. }) => !a.force_share,
+            Command::Check(a) => !a.force_share && !a.repair,
+            Command::Export(a) => !a.force_share,
+            Command::Compare(a) => !a.force_share,
+            Command::Convert(a) => !a.force_share,
+            _ => false,
+        }
+    }
+
+    /// Whether the command opens the image for writing (for a hint when it cannot).
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            Command::Snapshot(_)
+                | Command::Fork(_)
+                | Command::Delete(_)
+                | Command::Revert(_)
+                | Command::Gc(_)
+                | Command::Io(_)
+                | Command::Resize(_)
+                | Command::Rename(_)
+        )
+    }
+
+    /// The image file, when the command names snapshots or VDIs in it (for a hint when
+    /// a name is unknown or taken).
+    fn names_roots(&self) -> Option<&Path> {
+        Some(match self {
+            Command::Snapshot(a) => &a.file,
+            Command::Fork(a) => &a.file,
+            Command::Delete(a) => &a.file,
+            Command::Revert(a) => &a.file,
+            Command::Diff(a) => &a.image.file,
+            Command::Export(a) => &a.file,
+            Command::Io(a) => &a.file,
+            Command::Map(a) => &a.image.file,
+            Command::Rename(a) => &a.file,
+            _ => return None,
+        })
+    }
+}
+
 const IMPORT_ABOUT: &str = "\
 Turn the backing chain under TOP (TOP and every file below it: qcow2 layers over a qcow2
 or raw base) into one new qcowx image at OUTPUT. The bottom layer becomes the first
@@ -115,6 +166,20 @@ imported.
 The output is written under a temporary name beside OUTPUT and renamed over it once
 complete; by default it is on the disk (fdatasync) before the rename, and --no-sync
 leaves that to the kernel.";
+
+/// What a command that reads one image takes: the output format, -U and FILE.
+#[derive(Debug, Args)]
+struct ReadArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
+    /// Open the image without locking it, even while another process writes it.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
 
 #[derive(Debug, Args)]
 struct CreateArgs {
@@ -146,19 +211,6 @@ struct CreateArgs {
 enum OutputKind {
     Human,
     Json,
-}
-
-#[derive(Debug, Args)]
-struct InfoArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
-    output: OutputKind,
-    /// Open the image without locking it, even while another process writes it.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// The image file.
-    #[arg(value_name = "FILE")]
-    file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -220,19 +272,6 @@ struct SnapshotArgs {
 }
 
 #[derive(Debug, Args)]
-struct ListArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
-    output: OutputKind,
-    /// Open the image without locking it, even while another process writes it.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// The image file.
-    #[arg(value_name = "FILE")]
-    file: PathBuf,
-}
-
-#[derive(Debug, Args)]
 struct ForkArgs {
     /// The image file.
     #[arg(value_name = "FILE")]
@@ -284,15 +323,8 @@ struct GcArgs {
 
 #[derive(Debug, Args)]
 struct DiffArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
-    output: OutputKind,
-    /// Open the image without locking it, even while another process writes it.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// The image file.
-    #[arg(value_name = "FILE")]
-    file: PathBuf,
+    #[command(flatten)]
+    image: ReadArgs,
     /// A snapshot or VDI.
     #[arg(value_name = "FROM")]
     from: String,
@@ -350,15 +382,8 @@ struct TreeArgs {
     /// or none when empty).
     #[arg(long, value_name = "OUT")]
     svg: Option<PathBuf>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
-    output: OutputKind,
-    /// Open the image without locking it, even while another process writes it.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// The image file.
-    #[arg(value_name = "FILE")]
-    file: PathBuf,
+    #[command(flatten)]
+    image: ReadArgs,
 }
 
 #[derive(Debug, Args)]
@@ -370,15 +395,8 @@ struct MapArgs {
     /// Map this VDI (default: the default VDI).
     #[arg(long, value_name = "NAME")]
     vdi: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
-    output: OutputKind,
-    /// Open the image without locking it, even while another process writes it.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// The image file.
-    #[arg(value_name = "FILE")]
-    file: PathBuf,
+    #[command(flatten)]
+    image: ReadArgs,
 }
 
 #[derive(Debug, Args)]
@@ -492,34 +510,11 @@ struct ManArgs {
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
-    size::parse_size(s)
+    parse_size(s).map_err(|e| e.to_string())
 }
 
 fn io_cmd_arg(s: &str) -> Result<IoCommand, String> {
     IoCommand::parse(s).map_err(|e| e.to_string())
-}
-
-/// Why a command failed.
-#[derive(Debug)]
-enum Failure {
-    /// The image library reported an error.
-    Image(qcowx_core::Error),
-    /// A running qcowx-nbd serving the image refused or failed a forwarded request.
-    Control(ControlError),
-    /// Writing the command's output failed.
-    Output(io::Error),
-}
-
-impl From<qcowx_core::Error> for Failure {
-    fn from(e: qcowx_core::Error) -> Self {
-        Failure::Image(e)
-    }
-}
-
-impl From<io::Error> for Failure {
-    fn from(e: io::Error) -> Self {
-        Failure::Output(e)
-    }
 }
 
 fn main() -> ExitCode {
@@ -527,59 +522,38 @@ fn main() -> ExitCode {
     let stdout = io::stdout();
     let mut out = stdout.lock();
     let quiet = cli.quiet;
-    // Whether the command could have read the image with -U (for a hint when locked).
-    let could_share = match &cli.command {
-        Command::Info(a) => !a.force_share,
-        Command::Check(a) => !a.force_share && !a.repair,
-        Command::Export(a) => !a.force_share,
-        Command::List(a) => !a.force_share,
-        Command::Diff(a) => !a.force_share,
-        Command::Tree(a) => !a.force_share,
-        Command::Map(a) => !a.force_share,
-        Command::Compare(a) => !a.force_share,
-        Command::Convert(a) => !a.force_share,
-        _ => false,
-    };
-    // Whether the command opens the image for writing (for a hint when it cannot).
-    let writes = matches!(
-        &cli.command,
-        Command::Snapshot(_)
-            | Command::Fork(_)
-            | Command::Delete(_)
-            | Command::Revert(_)
-            | Command::Gc(_)
-            | Command::Io(_)
-            | Command::Resize(_)
-            | Command::Rename(_)
-    );
+    let could_share = cli.command.could_share();
+    let writes = cli.command.writes();
+    let names_roots = cli.command.names_roots().map(Path::to_path_buf);
     // `compare` reports errors with 2, as `qemu-img compare` does (1 means "differ").
     let error_code = if matches!(&cli.command, Command::Compare(_)) {
         2
     } else {
         1
     };
+    let out: &mut dyn Write = &mut out;
     let result = match cli.command {
-        Command::Create(a) => create(&a, quiet, &mut out),
-        Command::Info(a) => info(&a, quiet, &mut out),
-        Command::Check(a) => check(&a, quiet, &mut out),
-        Command::Export(a) => export(&a, quiet),
-        Command::Snapshot(a) => snapshot(&a),
-        Command::List(a) => list(&a, quiet, &mut out),
-        Command::Fork(a) => fork(&a),
-        Command::Delete(a) => delete(&a),
-        Command::Revert(a) => revert(&a),
-        Command::Gc(a) => gc(&a, quiet, &mut out),
-        Command::Diff(a) => diff(&a, quiet, &mut out),
-        Command::Io(a) => io_cmds(&a, quiet, &mut out),
-        Command::Import(a) => import(&a, quiet, &mut out),
-        Command::Tree(a) => tree_cmd(&a, quiet, &mut out),
-        Command::Map(a) => map(&a, quiet, &mut out),
-        Command::Resize(a) => resize(&a, quiet, &mut out),
-        Command::Rename(a) => rename(&a),
-        Command::Compare(a) => compare(&a, quiet, &mut out),
-        Command::Convert(a) => convert_cmd(&a, quiet),
-        Command::Completions(a) => completions(&a, &mut out),
-        Command::Man(a) => man(&a, &mut out),
+        Command::Create(a) => image::create(&a, quiet, out),
+        Command::Info(a) => image::info(&a, quiet, out),
+        Command::Check(a) => image::check(&a, quiet, out),
+        Command::Export(a) => image::export(&a, quiet),
+        Command::Snapshot(a) => roots::snapshot(&a),
+        Command::List(a) => roots::list(&a, quiet, out),
+        Command::Fork(a) => roots::fork(&a),
+        Command::Delete(a) => roots::delete(&a),
+        Command::Revert(a) => roots::revert(&a),
+        Command::Gc(a) => roots::gc(&a, quiet, out),
+        Command::Diff(a) => roots::diff(&a, quiet, out),
+        Command::Io(a) => io_cmd::io(&a, quiet, out),
+        Command::Import(a) => image::import(&a, quiet, out),
+        Command::Tree(a) => roots::tree(&a, quiet, out),
+        Command::Map(a) => roots::map(&a, quiet, out),
+        Command::Resize(a) => image::resize(&a, quiet, out),
+        Command::Rename(a) => roots::rename(&a),
+        Command::Compare(a) => image::compare(&a, quiet, out),
+        Command::Convert(a) => image::convert(&a, quiet),
+        Command::Completions(a) => docs::completions(&a, out),
+        Command::Man(a) => docs::man(&a, out),
     }
     .and_then(|code| {
         out.flush()?;
@@ -589,815 +563,24 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         // Whoever read our output stopped reading: not an error of ours.
         Err(Failure::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(Failure::Output(e)) => {
-            let _ = writeln!(io::stderr(), "qcowx: error writing output: {e}");
-            ExitCode::from(error_code)
-        }
-        Err(Failure::Control(e)) => {
-            let _ = writeln!(io::stderr(), "qcowx: {e}");
-            ExitCode::from(error_code)
-        }
-        Err(Failure::Image(e)) => {
+        Err(f) => {
             let mut err = io::stderr();
-            let _ = writeln!(err, "qcowx: {}", error_chain(&e));
-            if could_share && matches!(e, qcowx_core::Error::Locked { .. }) {
-                let _ = writeln!(
-                    err,
-                    "qcowx: hint: -U (--force-share) reads an image in use, though what \
-                     it reads may be changing"
-                );
-            }
-            if writes && cannot_write(&e) {
-                let _ = writeln!(
-                    err,
-                    "qcowx: hint: this command writes the image: it needs write access to \
-                     the file (list, diff and export only read)"
-                );
+            let _ = writeln!(err, "qcowx: {}", f.message());
+            for hint in hints(&f, could_share, writes, names_roots.as_deref()) {
+                let _ = writeln!(err, "qcowx: hint: {hint}");
             }
             ExitCode::from(error_code)
         }
     }
-}
-
-/// Whether `e` says that the file cannot be opened for writing.
-fn cannot_write(e: &qcowx_core::Error) -> bool {
-    match e {
-        qcowx_core::Error::Io {
-            op: "open", source, ..
-        } => {
-            matches!(
-                source.kind(),
-                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
-            )
-        }
-        _ => false,
-    }
-}
-
-/// The error and the causes its message does not already include.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let s = c.to_string();
-        if !msg.contains(&s) {
-            msg.push_str(": ");
-            msg.push_str(&s);
-        }
-        cause = c.source();
-    }
-    msg
-}
-
-fn lock_mode(force_share: bool) -> LockMode {
-    if force_share {
-        LockMode::ForceShare
-    } else {
-        LockMode::Shared
-    }
-}
-
-fn create(a: &CreateArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let size = match a.size {
-        Some(s) => s,
-        None => backing_size(&a.file, a.backing.as_deref(), a.backing_format.as_deref())?,
-    };
-    let mut opts = CreateOptions::new(size);
-    if let Some(cs) = a.cluster_size {
-        opts.cluster_size = cs;
-    }
-    opts.backing_file = a.backing.clone();
-    opts.backing_format = a.backing_format.clone();
-    let img = Image::create(&a.file, &opts)?;
-    let info = img.info()?;
-    img.close()?;
-    if !quiet {
-        report::formatting_line(out, &a.file, &info)?;
-    }
-    Ok(0)
-}
-
-/// The virtual size of the backing file named `backing` of a new image at `file`.
-fn backing_size(
-    file: &Path,
-    backing: Option<&str>,
-    format: Option<&str>,
-) -> Result<u64, qcowx_core::Error> {
-    let Some(backing) = backing else {
-        return Err(qcowx_core::Error::InvalidArgument(
-            "a size is needed when there is no backing file".into(),
-        ));
-    };
-    let path = qcowx_core::engine::backing::resolve(Some(file), backing);
-    let name = path.display().to_string();
-    let io_err = |source| qcowx_core::Error::Io {
-        file: name.clone(),
-        op: "open",
-        offset: 0,
-        source,
-    };
-    let format = match format {
-        Some(f) => f,
-        None => qcowx_core::engine::backing::probe_format(&path).map_err(io_err)?,
-    };
-    if format == "qcow2" {
-        let img = OpenOptions::new()
-            .lock(LockMode::ForceShare)
-            .open_backing(false)
-            .open(&path)?;
-        Ok(img.size())
-    } else {
-        Ok(std::fs::metadata(&path).map_err(io_err)?.len())
-    }
-}
-
-fn info(a: &InfoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = OpenOptions::new()
-        .lock(lock_mode(a.force_share))
-        .open_backing(false)
-        .open(&a.file)?;
-    let info = img.info()?;
-    let actual = actual_size(&a.file)?;
-    let name = a.file.display().to_string();
-    match a.output {
-        OutputKind::Json => report::write_json(out, &report::info_json(&name, &info, actual))?,
-        OutputKind::Human if quiet => {}
-        OutputKind::Human => report::info_human(out, &name, &info, actual)?,
-    }
-    Ok(0)
-}
-
-/// Bytes the file occupies on its file system.
-fn actual_size(path: &Path) -> Result<u64, qcowx_core::Error> {
-    use std::os::unix::fs::MetadataExt;
-    let md = std::fs::metadata(path).map_err(|source| qcowx_core::Error::Io {
-        file: path.display().to_string(),
-        op: "stat",
-        offset: 0,
-        source,
-    })?;
-    Ok(md.blocks() * 512)
-}
-
-fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let opts = OpenOptions::new().open_backing(false);
-    let opts = if a.repair {
-        opts.write(true)
-    } else {
-        opts.lock(lock_mode(a.force_share))
-    };
-    let img = opts.open(&a.file)?;
-    let spinner = progress::Spinner::start(
-        progress::enabled(quiet, a.output == OutputKind::Json),
-        "checking",
-    );
-    let first = img.check()?;
-    for m in &first.messages {
-        let _ = writeln!(io::stderr(), "{m}");
-    }
-    let needs_repair = first.corruptions > 0 || first.leaks > 0 || first.dirty;
-    let (last, fixed) = if a.repair && needs_repair {
-        let after = img.repair()?;
-        for m in &after.messages {
-            let _ = writeln!(io::stderr(), "{m}");
-        }
-        let fixed = report::Fixed {
-            corruptions: first.corruptions.saturating_sub(after.corruptions),
-            leaks: first.leaks.saturating_sub(after.leaks),
-        };
-        (after, Some(fixed))
-    } else {
-        (first, None)
-    };
-    img.close()?;
-    drop(spinner);
-    let name = a.file.display().to_string();
-    match a.output {
-        OutputKind::Json => {
-            report::write_json(out, &report::check_json(&name, &last, fixed.as_ref()))?
-        }
-        OutputKind::Human if quiet => {}
-        OutputKind::Human => report::check_human(out, &last, fixed.as_ref())?,
-    }
-    Ok(check_exit_code(&last))
-}
-
-/// `qemu-img check`'s exit code: 1 when the check itself hit errors, else 0, 2 or 3.
-fn check_exit_code(r: &CheckReport) -> u8 {
-    if r.check_errors > 0 {
-        1
-    } else {
-        u8::try_from(r.exit_code()).unwrap_or(1)
-    }
-}
-
-fn export(a: &ExportArgs, quiet: bool) -> Result<u8, Failure> {
-    let img = OpenOptions::new()
-        .lock(lock_mode(a.force_share))
-        .open(&a.file)?;
-    let format = match a.format {
-        ExportFormat::Raw => OutputFormat::Raw,
-        ExportFormat::Qcow2 => OutputFormat::Qcow2,
-    };
-    let root = match (&a.snapshot, &a.vdi) {
-        (Some(s), _) => Some((RootKind::Snapshot, s.as_str())),
-        (None, Some(v)) => Some((RootKind::Vdi, v.as_str())),
-        (None, None) => None,
-    };
-    let img = Arc::new(img);
-    let bar = progress::Bar::new(progress::enabled(quiet, false), "exporting");
-    let opts = ConvertOptions::new(format);
-    match root {
-        None => convert::convert(img.as_ref(), &a.output, &opts, &mut bar.callback())?,
-        Some((kind, name)) => {
-            require_kind(&img, kind, name)?;
-            let disk = img.open_root(name)?;
-            convert::convert(&disk, &a.output, &opts, &mut bar.callback())?
-        }
-    };
-    drop(bar);
-    img.close()?;
-    Ok(0)
-}
-
-/// Fails with the library's not-found error unless `name` is a live root of `kind`.
-fn require_kind(img: &Image, kind: RootKind, name: &str) -> Result<(), qcowx_core::Error> {
-    if img.list()?.iter().any(|r| r.kind == kind && r.name == name) {
-        return Ok(());
-    }
-    Err(qcowx_core::Error::NotFound {
-        file: img.file_name().to_string(),
-        what: match kind {
-            RootKind::Snapshot => "snapshot",
-            RootKind::Vdi => "VDI",
-        }
-        .to_string(),
-        name: name.to_string(),
-    })
-}
-
-/// Sends `req` to the qcowx-nbd serving `file` when opening it failed because it is
-/// locked (DESIGN.md §6): scripts work the same on live and idle images. Any other
-/// error, or no server answering, is reported as the open error.
-fn forward(file: &Path, open_error: qcowx_core::Error, req: &Request) -> Result<Response, Failure> {
-    if !matches!(open_error, qcowx_core::Error::Locked { .. }) {
-        return Err(Failure::Image(open_error));
-    }
-    match qcowx_nbd::control::request(file, req) {
-        Ok(r) => Ok(r),
-        Err(ControlError::NoServer { .. }) => Err(Failure::Image(open_error)),
-        Err(e) => Err(Failure::Control(e)),
-    }
-}
-
-/// Runs `local` on the image `opened` gave (then closes it), or, when opening failed
-/// because a qcowx-nbd serving the image holds its lock, sends `req` to that server
-/// and takes the result from its answer with `remote` (`None` for an answer of the
-/// wrong kind).
-fn local_or_served<T>(
-    file: &Path,
-    opened: Result<Image, qcowx_core::Error>,
-    local: impl FnOnce(&Image) -> Result<T, qcowx_core::Error>,
-    req: Request,
-    remote: impl FnOnce(Response) -> Option<T>,
-) -> Result<T, Failure> {
-    match opened {
-        Ok(img) => {
-            let v = local(&img)?;
-            img.close()?;
-            Ok(v)
-        }
-        Err(e) => remote(forward(file, e, &req)?).ok_or_else(|| {
-            Failure::Control(ControlError::Protocol(format!(
-                "unexpected answer to {req:?}"
-            )))
-        }),
-    }
-}
-
-/// Opens `file` for writing (exclusive lock) without its backing chain.
-fn open_rw_meta(file: &Path) -> Result<Image, qcowx_core::Error> {
-    OpenOptions::new()
-        .write(true)
-        .open_backing(false)
-        .open(file)
-}
-
-fn snapshot(a: &SnapshotArgs) -> Result<u8, Failure> {
-    let req = Request::Snapshot {
-        vdi: a.vdi.clone(),
-        name: a.name.clone(),
-    };
-    local_or_served(
-        &a.file,
-        open_rw_meta(&a.file),
-        |img| img.snapshot(&a.vdi, &a.name).map(drop),
-        req,
-        |_| Some(()),
-    )?;
-    Ok(0)
-}
-
-fn list(a: &ListArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let opened = OpenOptions::new()
-        .lock(lock_mode(a.force_share))
-        .open_backing(false)
-        .open(&a.file);
-    let roots = local_or_served(&a.file, opened, Image::list, Request::List, |r| match r {
-        Response::Roots(roots) => Some(roots),
-        _ => None,
-    })?;
-    let name = a.file.display().to_string();
-    match a.output {
-        OutputKind::Json => report::write_json(out, &report::list_json(&name, &roots))?,
-        OutputKind::Human if quiet => {}
-        OutputKind::Human => report::list_human(out, &roots)?,
-    }
-    Ok(0)
-}
-
-fn fork(a: &ForkArgs) -> Result<u8, Failure> {
-    let req = Request::Fork {
-        snapshot: a.snapshot.clone(),
-        name: a.new_vdi.clone(),
-    };
-    local_or_served(
-        &a.file,
-        open_rw_meta(&a.file),
-        |img| img.fork(&a.snapshot, &a.new_vdi).map(drop),
-        req,
-        |_| Some(()),
-    )?;
-    Ok(0)
-}
-
-fn delete(a: &DeleteArgs) -> Result<u8, Failure> {
-    // clap requires exactly one of --snapshot and --vdi.
-    let req = match (&a.snapshot, &a.vdi) {
-        (Some(s), _) => Request::DeleteSnapshot { name: s.clone() },
-        (None, Some(v)) => Request::DeleteVdi { name: v.clone() },
-        (None, None) => {
-            return Err(Failure::Image(qcowx_core::Error::InvalidArgument(
-                "delete needs --snapshot NAME or --vdi NAME".into(),
-            )))
-        }
-    };
-    let local = |img: &Image| match &req {
-        Request::DeleteSnapshot { name } => img.delete_snapshot(name),
-        Request::DeleteVdi { name } => img.delete_vdi(name),
-        _ => Ok(()),
-    };
-    local_or_served(&a.file, open_rw_meta(&a.file), local, req.clone(), |_| {
-        Some(())
-    })?;
-    Ok(0)
-}
-
-fn revert(a: &RevertArgs) -> Result<u8, Failure> {
-    let req = Request::Revert {
-        vdi: a.vdi.clone(),
-        snapshot: a.snapshot.clone(),
-    };
-    local_or_served(
-        &a.file,
-        open_rw_meta(&a.file),
-        |img| img.revert(&a.vdi, &a.snapshot),
-        req,
-        |_| Some(()),
-    )?;
-    Ok(0)
-}
-
-fn gc(a: &GcArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let spinner = progress::Spinner::start(
-        progress::enabled(quiet, a.output == OutputKind::Json),
-        "collecting garbage",
-    );
-    let r = local_or_served(
-        &a.file,
-        open_rw_meta(&a.file),
-        Image::gc,
-        Request::Gc,
-        |r| match r {
-            Response::Gc(r) => Some(r),
-            _ => None,
-        },
-    )?;
-    drop(spinner);
-    let name = a.file.display().to_string();
-    match a.output {
-        OutputKind::Json => report::write_json(out, &report::gc_json(&name, &r))?,
-        OutputKind::Human if quiet => {}
-        OutputKind::Human => report::gc_human(out, &r)?,
-    }
-    Ok(0)
-}
-
-fn diff(a: &DiffArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = OpenOptions::new()
-        .lock(lock_mode(a.force_share))
-        .open(&a.file)?;
-    let ranges = img.diff(&a.from, &a.to)?;
-    img.close()?;
-    let name = a.file.display().to_string();
-    match a.output {
-        OutputKind::Json => {
-            report::write_json(out, &report::diff_json(&name, &a.from, &a.to, &ranges))?
-        }
-        OutputKind::Human if quiet => {}
-        OutputKind::Human => report::diff_human(out, &ranges)?,
-    }
-    Ok(0)
-}
-
-/// Runs every command in order, as `qemu-io` does: a failed command is reported and
-/// the next one runs; the exit code is 1 if any failed.
-fn io_cmds(a: &IoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = Arc::new(OpenOptions::new().write(true).open(&a.file)?);
-    if a.commands.iter().any(IoCommand::writes)
-        && img
-            .list()?
-            .iter()
-            .any(|r| r.kind == RootKind::Snapshot && r.name == a.vdi)
-    {
-        return Err(Failure::Image(qcowx_core::Error::ReadOnly {
-            file: img.file_name().to_string(),
-            why: format!(
-                "'{}' is a snapshot, which is read-only; `qcowx fork {} {} NEW_VDI` makes a \
-                 writable VDI from it",
-                a.vdi,
-                a.file.display(),
-                a.vdi
-            ),
-        }));
-    }
-    let disk = img.open_root(&a.vdi)?;
-    let mut failed = false;
-    let mut out_err: Option<io::Error> = None;
-    for cmd in &a.commands {
-        match cmd.execute(&disk) {
-            Ok(o) => {
-                if out_err.is_none() && !quiet {
-                    if let Err(e) = o.lines().iter().try_for_each(|l| writeln!(out, "{l}")) {
-                        out_err = Some(e);
-                    }
-                }
-                if let (
-                    Some(at),
-                    IoCommand::Read {
-                        pattern: Some(p), ..
-                    },
-                ) = (o.mismatch, cmd)
-                {
-                    failed = true;
-                    let _ = writeln!(
-                        io::stderr(),
-                        "qcowx: {}: pattern verification failed: the byte at offset {at} of \
-                         '{}' is not {p:#04x}",
-                        img.file_name(),
-                        a.vdi
-                    );
-                }
-            }
-            Err(e) => {
-                failed = true;
-                let _ = writeln!(io::stderr(), "qcowx: {}", error_chain(&e));
-            }
-        }
-    }
-    drop(disk);
-    img.close()?;
-    match out_err {
-        _ if failed => Ok(1),
-        Some(e) => Err(Failure::Output(e)),
-        None => Ok(0),
-    }
-}
-
-fn import(a: &ImportArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let json = a.format == OutputKind::Json;
-    let bar = progress::Bar::new(progress::enabled(quiet, json), "importing");
-    let options = qcowx_core::import::ImportOptions { sync: !a.no_sync };
-    let r = qcowx_core::import::import_chain_with(&a.top, &a.dest, &options, &mut bar.callback())?;
-    drop(bar);
-    let top = a.top.display().to_string();
-    let dest = a.dest.display().to_string();
-    match a.format {
-        OutputKind::Json => report::write_json(out, &report::import_json(&top, &dest, &r))?,
-        OutputKind::Human if quiet => {}
-        OutputKind::Human => report::import_human(out, &dest, &r)?,
-    }
-    Ok(0)
-}
-
-fn tree_cmd(a: &TreeArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = OpenOptions::new()
-        .lock(lock_mode(a.force_share))
-        .open_backing(false)
-        .open(&a.file)?;
-    let roots = img.list()?;
-    let usage = img.root_usage()?;
-    img.close()?;
-    let forest = tree::Forest::build(&roots, &usage);
-    if let Some(svg) = &a.svg {
-        write_svg(&forest, svg)?;
-    }
-    let name = a.file.display().to_string();
-    if a.dot {
-        out.write_all(tree::dot(&forest).as_bytes())?;
-    } else {
-        match a.output {
-            OutputKind::Json => report::write_json(out, &tree::json(&name, &forest))?,
-            OutputKind::Human if quiet || a.svg.is_some() => {}
-            OutputKind::Human => tree::human(out, &forest)?,
-        }
-    }
-    Ok(0)
-}
-
-/// Writes the forest as SVG to `path`: with Graphviz's `dot` (or the program named by
-/// `QCOWX_DOT`; none when it is empty) when it can be run, else with the built-in
-/// renderer.
-fn write_svg(forest: &tree::Forest, path: &Path) -> Result<(), qcowx_core::Error> {
-    use std::process::{Command as Process, Stdio};
-    let name = path.display().to_string();
-    let io_err = |op: &'static str, source: io::Error| qcowx_core::Error::Io {
-        file: name.clone(),
-        op,
-        offset: 0,
-        source,
-    };
-    let program = std::env::var_os("QCOWX_DOT").unwrap_or_else(|| "dot".into());
-    if !program.is_empty() {
-        let spawned = Process::new(&program)
-            .arg("-Tsvg")
-            .arg("-o")
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn();
-        match spawned {
-            Ok(mut child) => {
-                if let Some(mut stdin) = child.stdin.take() {
-                    // An early exit of dot shows in its status below.
-                    let _ = stdin.write_all(tree::dot(forest).as_bytes());
-                }
-                let done = child
-                    .wait_with_output()
-                    .map_err(|e| io_err("run dot for", e))?;
-                if done.status.success() {
-                    return Ok(());
-                }
-                return Err(qcowx_core::Error::InvalidArgument(format!(
-                    "{name}: `{} -Tsvg` failed ({}): {}; unset QCOWX_DOT or set it empty to \
-                     use the built-in renderer",
-                    program.to_string_lossy(),
-                    done.status,
-                    String::from_utf8_lossy(&done.stderr).trim()
-                )));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("run dot for", e)),
-        }
-    }
-    std::fs::write(path, tree::svg(forest)).map_err(|e| io_err("write", e))
-}
-
-fn map(a: &MapArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let lock = lock_mode(a.force_share);
-    let img = Arc::new(OpenOptions::new().lock(lock).open(&a.file)?);
-    let root = match (&a.snapshot, &a.vdi) {
-        (Some(s), _) => {
-            require_kind(&img, RootKind::Snapshot, s)?;
-            s.as_str()
-        }
-        (None, Some(v)) => {
-            require_kind(&img, RootKind::Vdi, v)?;
-            v.as_str()
-        }
-        (None, None) => DEFAULT_VDI,
-    };
-    let extents = qcowx_core::map::map_root(&img, Some(root), lock)?;
-    img.close()?;
-    let name = a.file.display().to_string();
-    match a.output {
-        OutputKind::Json => report::write_json(out, &report::map_json(&name, root, &extents))?,
-        OutputKind::Human if quiet => {}
-        OutputKind::Human => report::map_human(out, &extents)?,
-    }
-    Ok(0)
-}
-
-/// A `resize` size: `SIZE`, `+SIZE` or `-SIZE`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ResizeTo {
-    Absolute(u64),
-    Grow(u64),
-    Shrink(u64),
-}
-
-fn resize_arg(s: &str) -> Result<ResizeTo, String> {
-    if let Some(rest) = s.strip_prefix('+') {
-        size::parse_size(rest).map(ResizeTo::Grow)
-    } else if let Some(rest) = s.strip_prefix('-') {
-        size::parse_size(rest).map(ResizeTo::Shrink)
-    } else {
-        size::parse_size(s).map(ResizeTo::Absolute)
-    }
-}
-
-fn resize(a: &ResizeArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let to = match resize_arg(&a.size) {
-        Ok(t) => t,
-        Err(why) => usage_error(
-            "resize",
-            clap::error::ErrorKind::InvalidValue,
-            format!("invalid value '{}' for '[+]SIZE': {why}", a.size),
-        ),
-    };
-    // With the backing chain: growing must hide a longer backing file's data.
-    let img = OpenOptions::new().write(true).open(&a.file)?;
-    let old = img.size();
-    let name = a.file.display().to_string();
-    let new = match to {
-        ResizeTo::Absolute(n) => Some(n),
-        ResizeTo::Grow(n) => old.checked_add(n),
-        ResizeTo::Shrink(n) => Some(old.saturating_sub(n)),
-    };
-    let Some(new) = new else {
-        return Err(Failure::Image(qcowx_core::Error::InvalidArgument(format!(
-            "{name}: {old} + {} bytes is too large",
-            a.size
-        ))));
-    };
-    if new < old {
-        return Err(Failure::Image(qcowx_core::Error::InvalidArgument(format!(
-            "{name}: shrinking the default VDI from {old} to {new} bytes is refused: data \
-             past the new end would be lost, and snapshots keep their own size anyway; \
-             qcowx resize only grows (`qemu-img resize --shrink` shrinks a copy made by \
-             `qcowx export -O qcow2`)"
-        ))));
-    }
-    img.resize(new)?;
-    let after = img.size();
-    img.close()?;
-    match a.output {
-        OutputKind::Json => report::write_json(out, &report::resize_json(&name, old, after))?,
-        OutputKind::Human if quiet => {}
-        OutputKind::Human => writeln!(out, "Image resized.")?,
-    }
-    Ok(0)
-}
-
-fn rename(a: &RenameArgs) -> Result<u8, Failure> {
-    let img = open_rw_meta(&a.file)?;
-    let kind = if a.snapshot {
-        RootKind::Snapshot
-    } else {
-        RootKind::Vdi
-    };
-    img.rename(kind, &a.old, &a.new)?;
-    img.close()?;
-    Ok(0)
-}
-
-fn compare(a: &CompareArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let lock = lock_mode(a.force_share);
-    let ia = convert::open_input(&a.file_a, a.format_a.map(DiskFormat::layer), lock)?;
-    let ib = convert::open_input(&a.file_b, a.format_b.map(DiskFormat::layer), lock)?;
-    let json = a.output == OutputKind::Json;
-    let bar = progress::Bar::new(progress::enabled(quiet, json), "comparing");
-    let r = qcowx_core::compare::compare(ia.as_ref(), ib.as_ref(), &mut bar.callback())?;
-    drop(bar);
-    drop(ia);
-    drop(ib);
-    let (name_a, name_b) = (
-        a.file_a.display().to_string(),
-        a.file_b.display().to_string(),
-    );
-    match a.output {
-        OutputKind::Json => report::write_json(out, &report::compare_json(&name_a, &name_b, &r))?,
-        OutputKind::Human if quiet => {}
-        OutputKind::Human => {
-            if r.size_a != r.size_b {
-                writeln!(out, "Warning: Image size mismatch!")?;
-            }
-            match r.mismatch {
-                None => writeln!(out, "Images are identical.")?,
-                Some(at) => writeln!(out, "Content mismatch at offset {at}!")?,
-            }
-        }
-    }
-    Ok(if r.identical() { 0 } else { 1 })
-}
-
-fn convert_cmd(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
-    if a.compress && a.out_format != DiskFormat::Qcow2 {
-        usage_error(
-            "convert",
-            clap::error::ErrorKind::ArgumentConflict,
-            "-c (compressed output) needs a qcow2 output: add -O qcow2".into(),
-        );
-    }
-    let input = convert::open_input(
-        &a.input,
-        a.in_format.map(DiskFormat::layer),
-        lock_mode(a.force_share),
-    )?;
-    let mut opts = ConvertOptions::new(match a.out_format {
-        DiskFormat::Raw => OutputFormat::Raw,
-        DiskFormat::Qcow2 => OutputFormat::Qcow2,
-    });
-    opts.compress = a.compress;
-    opts.cluster_size = a.cluster_size;
-    let bar = progress::Bar::new(progress::enabled(quiet, false), "converting");
-    convert::convert(input.as_ref(), &a.dest, &opts, &mut bar.callback())?;
-    Ok(0)
-}
-
-/// Exits with a usage error (exit code 2) in clap's format, with `sub`'s usage.
-fn usage_error(sub: &str, kind: clap::error::ErrorKind, msg: String) -> ! {
-    let mut cmd = Cli::command();
-    cmd.build();
-    match cmd.find_subcommand_mut(sub) {
-        Some(s) => s.error(kind, msg).exit(),
-        None => cmd.error(kind, msg).exit(),
-    }
-}
-
-fn completions(a: &CompletionsArgs, out: &mut dyn Write) -> Result<u8, Failure> {
-    let mut buf = Vec::new();
-    clap_complete::generate(a.shell, &mut Cli::command(), "qcowx", &mut buf);
-    out.write_all(&buf)?;
-    Ok(0)
-}
-
-fn man(a: &ManArgs, out: &mut dyn Write) -> Result<u8, Failure> {
-    let cmd = Cli::command();
-    let page = match &a.command {
-        None => cmd,
-        Some(name) => match cmd.find_subcommand(name) {
-            Some(sub) => sub
-                .clone()
-                .display_name(format!("qcowx-{name}"))
-                .bin_name(format!("qcowx {name}")),
-            None => usage_error(
-                "man",
-                clap::error::ErrorKind::InvalidValue,
-                format!("'{name}' is not a qcowx command; `qcowx --help` lists them"),
-            ),
-        },
-    };
-    let mut buf = Vec::new();
-    clap_mangen::Man::new(page).render(&mut buf)?;
-    out.write_all(&buf)?;
-    Ok(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn resize_sizes_take_a_sign() {
-        assert_eq!(resize_arg("1G"), Ok(ResizeTo::Absolute(1 << 30)));
-        assert_eq!(resize_arg("+64k"), Ok(ResizeTo::Grow(65536)));
-        assert_eq!(resize_arg("-1M"), Ok(ResizeTo::Shrink(1 << 20)));
-        assert!(resize_arg("+").is_err());
-        assert!(resize_arg("1Q").is_err());
-        assert!(resize_arg("--1M").is_err());
-    }
-
-    #[test]
-    fn check_errors_exit_1_like_qemu_img() {
-        let mut r = CheckReport {
-            leaks: 1,
-            ..CheckReport::default()
-        };
-        assert_eq!(check_exit_code(&r), 3);
-        r.corruptions = 1;
-        assert_eq!(check_exit_code(&r), 2);
-        r.check_errors = 1;
-        assert_eq!(check_exit_code(&r), 1);
-    }
-
-    #[test]
-    fn error_chain_adds_missing_causes_once() {
-        let inner = io::Error::other("disk on fire");
-        let e = qcowx_core::Error::Io {
-            file: "a.qcow2".into(),
-            op: "read",
-            offset: 0,
-            source: inner,
-        };
-        let s = error_chain(&e);
-        assert_eq!(s.matches("disk on fire").count(), 1, "{s}");
-        assert!(s.starts_with("a.qcow2: "), "{s}");
     }
 }

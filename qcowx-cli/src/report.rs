@@ -3,13 +3,14 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use qcowx_core::compare::CompareReport;
+use crate::compare::CompareReport;
+use crate::map::MapExtent;
+use qcowx_core::control::{GcJson, RangesJson, RootJson};
 use qcowx_core::import::ImportReport;
-use qcowx_core::map::MapExtent;
 use qcowx_core::{CheckReport, GcReport, ImageInfo, Range, RootInfo, RootKind, SnapshotInfo};
 use serde_json::{json, Map, Value};
 
-use crate::size::size_to_str;
+use qcowx_core::size::size_to_str;
 
 /// Problems a repair fixed.
 #[derive(Debug, Clone, Copy, Default)]
@@ -300,24 +301,10 @@ fn kind_name(k: RootKind) -> &'static str {
 }
 
 /// `qcowx list --output=json`'s object: `{"filename", "roots": [...]}`, one element per
-/// live root, the default VDI first (see `spec/cli-json.md`).
+/// live root, the default VDI first (see `spec/cli-json.md`); a root has the keys of the
+/// control protocol's roots.
 pub fn list_json(filename: &str, roots: &[RootInfo]) -> Value {
-    let roots: Vec<Value> = roots
-        .iter()
-        .map(|r| {
-            json!({
-                "name": r.name,
-                "kind": kind_name(r.kind),
-                "uid": format!("{:x}", r.uid),
-                "vdi": r.vdi,
-                "parent": r.parent,
-                "date-sec": r.created_ns / 1_000_000_000,
-                "date-nsec": r.created_ns % 1_000_000_000,
-                "virtual-size": r.size,
-                "id": r.id,
-            })
-        })
-        .collect();
+    let roots: Vec<RootJson> = roots.iter().map(RootJson::from).collect();
     json!({ "filename": filename, "roots": roots })
 }
 
@@ -365,17 +352,21 @@ pub fn list_human(out: &mut dyn Write, roots: &[RootInfo]) -> io::Result<()> {
     Ok(())
 }
 
-/// `qcowx gc --output=json`'s object (see `spec/cli-json.md`).
+/// `qcowx gc --output=json`'s object (see `spec/cli-json.md`): the control protocol's
+/// gc report and `filename`.
 pub fn gc_json(filename: &str, r: &GcReport) -> Value {
-    json!({
-        "filename": filename,
-        "roots-removed": r.roots_removed,
-        "clusters-freed": r.clusters_freed,
-        "bytes-freed": r.bytes_freed,
-        "file-size-before": r.file_size_before,
-        "file-size-after": r.file_size_after,
-        "refcounts-exact": r.refcounts_exact,
-    })
+    with_keys(&GcJson::from(r), [("filename", filename)])
+}
+
+/// `v`'s JSON object with the string keys `extra` added.
+fn with_keys<const N: usize>(v: &impl serde::Serialize, extra: [(&str, &str); N]) -> Value {
+    let mut v = serde_json::to_value(v).unwrap_or_else(|_| Value::Object(Map::new()));
+    if let Value::Object(m) = &mut v {
+        for (k, x) in extra {
+            m.insert(k.into(), x.into());
+        }
+    }
+    v
 }
 
 /// `qcowx gc`'s summary.
@@ -402,19 +393,13 @@ pub fn gc_human(out: &mut dyn Write, r: &GcReport) -> io::Result<()> {
     Ok(())
 }
 
-/// `qcowx diff --output=json`'s object (see `spec/cli-json.md`).
+/// `qcowx diff --output=json`'s object (see `spec/cli-json.md`): the control
+/// protocol's `ranges` and `bytes`, with `filename`, `from` and `to`.
 pub fn diff_json(filename: &str, from: &str, to: &str, ranges: &[Range]) -> Value {
-    let list: Vec<Value> = ranges
-        .iter()
-        .map(|r| json!({ "offset": r.offset, "length": r.length }))
-        .collect();
-    json!({
-        "filename": filename,
-        "from": from,
-        "to": to,
-        "ranges": list,
-        "bytes": ranges.iter().map(|r| r.length).sum::<u64>(),
-    })
+    with_keys(
+        &RangesJson::from(ranges),
+        [("filename", filename), ("from", from), ("to", to)],
+    )
 }
 
 /// `qcowx diff`'s output: `OFFSET LENGTH` per range (bytes), then the total.

@@ -19,7 +19,7 @@ use qcowx_core::vdi::usage::RootUsage;
 use qcowx_core::{RootInfo, RootKind};
 use serde_json::{json, Value};
 
-use crate::size::size_to_str;
+use qcowx_core::size::size_to_str;
 
 /// One root in the forest.
 #[derive(Debug, Clone)]

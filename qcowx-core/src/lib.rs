@@ -32,15 +32,16 @@
 //! | [`convert`], [`import`] | whole-image copies built on the layers above |
 #![warn(missing_docs)]
 
-pub mod compare;
+#[cfg(feature = "control")]
+pub mod control;
 pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod format;
 pub mod import;
-pub mod iocmd;
 pub mod map;
 pub mod refcount;
+pub mod size;
 pub mod storage;
 pub mod vdi;
 

@@ -1,172 +1,44 @@
-//! `qemu-img map` for any root: where each guest range of a VDI or snapshot comes
-//! from, as `qemu-img map --output=json` reports it for an image.
-//!
-//! [`map_root`] turns [`Image::block_status`] extents into [`MapExtent`]s with QEMU's
-//! flags (`present`, `zero`, `data`, `compressed`), `depth` and host `offset`:
-//!
-//! - data stored in a qcow2 layer: `data`, with the host offset unless compressed;
-//! - zero clusters: `zero` (present, no offset);
-//! - a raw layer: its data ranges are `data` and its holes `zero`, both present and
-//!   with the offset (the file system reports holes, as QEMU asks it);
-//! - unallocated ranges: not present, `zero`, at the depth of the last layer that
-//!   covers the range (a range past the end of a backing file stops there, as QEMU
-//!   stops), with the host offset when that layer keeps a host cluster there;
-//! - adjacent extents merge when every flag, the depth and the file agree and their
-//!   offsets are contiguous (or both absent), as `qemu-img map` merges them.
-//!
-//! Zero clusters that keep a preallocated host cluster (QCOW2's "zero, allocated")
-//! and unallocated subclusters of an allocated cluster (extended L2 entries) are
-//! reported with their host offset, in any layer, as QEMU reports them.
+//! Host clusters that block status does not report: a zero cluster that keeps a
+//! preallocated host cluster (QCOW2's "zero, allocated") and the unallocated
+//! subclusters of an allocated cluster (extended L2 entries) have a host offset that
+//! `qemu-img map` prints, but [`Image::block_status`] reports them as zeros or
+//! unallocated without one. [`KeptHosts`] reads them from a root's tables; `qcowx
+//! map` (the command line's `qemu-img map` emulation) asks it for exactly those
+//! ranges. It stays in the library because it reads the tables, which the library
+//! does not expose.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::engine::chain::{backing_chain, raw_extents, ChainLayer, LayerFormat};
-use crate::engine::{Extent, ExtentStatus, Image, OpenOptions};
-use crate::error::{Error, Result};
+use crate::engine::Image;
+use crate::error::Result;
 use crate::format::tables::{ClusterKind, L1Entry, L2Entry};
-use crate::storage::lock::LockMode;
-use crate::vdi::DEFAULT_VDI;
 
-/// How much of the disk one block-status call covers.
-const STATUS_WINDOW: u64 = 1 << 30;
-
-/// One extent of a map, as `qemu-img map --output=json` prints it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MapExtent {
-    /// Guest offset.
-    pub start: u64,
-    /// Length in bytes.
-    pub length: u64,
-    /// The layer that answered: 0 the image itself, 1 its backing file, …
-    pub depth: u32,
-    /// Allocated in some layer (false: reads from nowhere, as zeros).
-    pub present: bool,
-    /// Reads as zeros (known without reading).
-    pub zero: bool,
-    /// Holds data.
-    pub data: bool,
-    /// Stored compressed.
-    pub compressed: bool,
-    /// Host offset in the layer's file, when the data (or a raw hole) has one.
-    pub offset: Option<u64>,
-    /// The layer's file (as opened: relative backing names resolved against the
-    /// folder of the image naming them).
-    pub file: PathBuf,
-}
-
-impl MapExtent {
-    fn mergeable(&self, next: &MapExtent) -> bool {
-        self.start + self.length == next.start
-            && self.depth == next.depth
-            && self.present == next.present
-            && self.zero == next.zero
-            && self.data == next.data
-            && self.compressed == next.compressed
-            && self.file == next.file
-            && match (self.offset, next.offset) {
-                (None, None) => true,
-                (Some(a), Some(b)) => a + self.length == b,
-                _ => false,
-            }
-    }
-}
-
-fn push(out: &mut Vec<MapExtent>, e: MapExtent) {
-    if e.length == 0 {
-        return;
-    }
-    if let Some(last) = out.last_mut() {
-        if last.mergeable(&e) {
-            last.length += e.length;
-            return;
-        }
-    }
-    out.push(e);
-}
-
-/// The map of root `root` of `img` (a VDI or snapshot name; `None` or `"default"` for
-/// the default VDI), covering the root's whole virtual disk.
-///
-/// The backing chain's files are opened again (read-only, without their own backing
-/// files, with `lock`) for their sizes, their tables and, for a raw base, its holes:
-/// pass the lock `img` was opened with ([`LockMode::ForceShare`] for an image in use).
-pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<Vec<MapExtent>> {
-    let top = img
-        .path()
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{}: map needs an image opened from a file",
-                img.file_name()
-            ))
-        })?
-        .to_path_buf();
-    // Layer 0 is the image itself; its backing chain follows.
-    let mut chain: Vec<ChainLayer> = vec![ChainLayer {
-        path: top.clone(),
-        format: LayerFormat::Qcow2,
-        virtual_size: img.size(),
-        cluster_size: Some(img.cluster_size()),
-    }];
-    if img.backing().is_some() {
-        let below = backing_chain(&top, Some(LayerFormat::Qcow2), lock)?;
-        chain.extend(below.into_iter().skip(1));
-    }
-    let raw_base = match chain.last() {
-        Some(l) if l.format == LayerFormat::Raw => {
-            Some(std::fs::File::open(&l.path).map_err(|source| Error::Io {
-                file: l.path.display().to_string(),
-                op: "open",
-                offset: 0,
-                source,
-            })?)
-        }
-        _ => None,
-    };
-    let name = root.unwrap_or(DEFAULT_VDI);
-    let disk = img.open_root(name)?;
-    let size = disk.size()?;
-    let mut m = Mapper {
-        chain,
-        raw: raw_base,
-        tables: Vec::new(),
-        lock,
-        out: Vec::new(),
-    };
-    m.tables.push(Some(Tables::new(Arc::clone(img), name)?));
-    let mut window = 0u64;
-    while window < size {
-        let wlen = STATUS_WINDOW.min(size - window);
-        for e in disk.block_status(window, wlen)? {
-            m.convert(&e)?;
-        }
-        window += wlen;
-    }
-    Ok(m.out)
-}
-
-/// The tables of one qcow2 layer (one root of it), for host offsets that block status
-/// does not give: zero clusters and unallocated subclusters that keep a host cluster.
-struct Tables {
+/// The tables of one root of a qcow2 image, for the host offsets block status does
+/// not give: zero clusters and unallocated subclusters that keep a host cluster.
+#[derive(Debug)]
+pub struct KeptHosts {
     img: Arc<Image>,
     l1: Vec<u64>,
     /// The last L2 table read: its L1 index and words.
     table: Option<(usize, Option<Vec<u64>>)>,
 }
 
-impl Tables {
-    fn new(img: Arc<Image>, root: &str) -> Result<Tables> {
+impl KeptHosts {
+    /// The tables of root `root` (a VDI or snapshot name) of `img`.
+    pub fn new(img: Arc<Image>, root: &str) -> Result<KeptHosts> {
         let l1 = img.root_l1(root)?.0;
-        Ok(Tables {
+        Ok(KeptHosts {
             img,
             l1,
             table: None,
         })
     }
 
-    /// The host offset the layer keeps for guest offset `guest` (a zero or
-    /// unallocated range), and how many bytes from `guest` the answer covers.
-    fn host_of(&mut self, guest: u64) -> Result<(Option<u64>, u64)> {
+    /// The host offset the root keeps for guest offset `guest` (in a range block
+    /// status reports as zeros or unallocated), and how many bytes from `guest` the
+    /// answer covers (to the end of its cluster, or of its L1 entry's range when that
+    /// has no L2 table).
+    pub fn host_of(&mut self, guest: u64) -> Result<(Option<u64>, u64)> {
         let geo = self.img.geo;
         let cs = geo.cluster_size();
         let (l1i, l2i) = geo.split(guest);
@@ -201,189 +73,5 @@ impl Tables {
             _ => None,
         };
         Ok((host, cluster_left))
-    }
-}
-
-/// Turns core extents into map extents.
-struct Mapper {
-    chain: Vec<ChainLayer>,
-    raw: Option<std::fs::File>,
-    /// Tables per depth, opened when first needed (`None`: a raw layer).
-    tables: Vec<Option<Tables>>,
-    lock: LockMode,
-    out: Vec<MapExtent>,
-}
-
-impl Mapper {
-    fn file(&self, d: u32) -> PathBuf {
-        self.chain
-            .get(d as usize)
-            .or(self.chain.last())
-            .map(|l| l.path.clone())
-            .unwrap_or_default()
-    }
-
-    fn tables(&mut self, d: u32) -> Result<Option<&mut Tables>> {
-        let d = d as usize;
-        while self.tables.len() <= d {
-            let i = self.tables.len();
-            let t = match self.chain.get(i) {
-                Some(l) if l.format == LayerFormat::Qcow2 => {
-                    let img = OpenOptions::new()
-                        .lock(self.lock)
-                        .open_backing(false)
-                        .open(&l.path)?;
-                    Some(Tables::new(Arc::new(img), DEFAULT_VDI)?)
-                }
-                _ => None,
-            };
-            self.tables.push(t);
-        }
-        Ok(self.tables[d].as_mut())
-    }
-
-    /// Pushes `[start, end)` at depth `d` with the given flags, with the host offsets
-    /// the layer keeps there.
-    fn with_offsets(&mut self, start: u64, end: u64, d: u32, present: bool) -> Result<()> {
-        let file = self.file(d);
-        let mut pos = start;
-        while pos < end {
-            let (offset, run) = match self.tables(d)? {
-                Some(t) => t.host_of(pos)?,
-                None => (None, end - pos),
-            };
-            let n = run.min(end - pos).max(1);
-            push(
-                &mut self.out,
-                MapExtent {
-                    start: pos,
-                    length: n,
-                    depth: d,
-                    present,
-                    zero: true,
-                    data: false,
-                    compressed: false,
-                    offset,
-                    file: file.clone(),
-                },
-            );
-            pos += n;
-        }
-        Ok(())
-    }
-
-    /// Appends the map extents of core extent `e`.
-    fn convert(&mut self, e: &Extent) -> Result<()> {
-        let layer = self
-            .chain
-            .get(e.depth as usize)
-            .or(self.chain.last())
-            .cloned();
-        match e.status {
-            ExtentStatus::Data => {
-                let is_raw = layer.as_ref().is_some_and(|l| l.format == LayerFormat::Raw);
-                match (is_raw, &self.raw) {
-                    (true, Some(f)) => {
-                        let size = layer.as_ref().map_or(0, |l| l.virtual_size);
-                        for r in raw_extents(f, size, e.offset, e.length) {
-                            let data = r.status == ExtentStatus::Data;
-                            let file = self.file(e.depth);
-                            push(
-                                &mut self.out,
-                                MapExtent {
-                                    start: r.offset,
-                                    length: r.length,
-                                    depth: e.depth,
-                                    present: true,
-                                    zero: !data,
-                                    data,
-                                    compressed: false,
-                                    offset: r.host_offset,
-                                    file,
-                                },
-                            );
-                        }
-                    }
-                    _ => {
-                        let file = self.file(e.depth);
-                        push(
-                            &mut self.out,
-                            MapExtent {
-                                start: e.offset,
-                                length: e.length,
-                                depth: e.depth,
-                                present: true,
-                                zero: false,
-                                data: true,
-                                compressed: e.host_offset.is_none(),
-                                offset: e.host_offset,
-                                file,
-                            },
-                        );
-                    }
-                }
-            }
-            ExtentStatus::Zero => {
-                self.with_offsets(e.offset, e.offset + e.length, e.depth, true)?;
-            }
-            ExtentStatus::Unallocated => {
-                // Walk down the chain: layer d+1 answers only for the part inside its
-                // virtual size; past its end the range stops at layer d.
-                let mut pieces: Vec<(u64, u64, u32)> = Vec::new();
-                let mut todo = vec![(e.offset, e.offset + e.length, 0u32)];
-                while let Some((start, end, d)) = todo.pop() {
-                    let next_size = self.chain.get(d as usize + 1).map(|l| l.virtual_size);
-                    match next_size {
-                        Some(ns) if d < e.depth && ns > start => {
-                            if ns < end {
-                                pieces.push((ns, end, d));
-                            }
-                            todo.push((start, end.min(ns), d + 1));
-                        }
-                        _ => pieces.push((start, end, d)),
-                    }
-                }
-                pieces.sort_unstable();
-                for (start, end, d) in pieces {
-                    self.with_offsets(start, end, d, false)?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::CreateOptions;
-
-    #[test]
-    fn data_zero_and_unallocated_like_qemu() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.qcow2");
-        let img = Arc::new(Image::create(&p, &CreateOptions::new(1 << 20)).unwrap());
-        img.write_at(&[1u8; 65536], 0).unwrap();
-        img.write_at(&[2u8; 65536], 65536).unwrap();
-        img.write_at(&[9u8; 65536], 3 * 65536).unwrap();
-        img.write_zeroes(3 * 65536, 65536, true).unwrap();
-        img.write_at(&[3u8; 512], 4 * 65536).unwrap();
-        let m = map_root(&img, None, LockMode::Shared).unwrap();
-        assert_eq!(m[0].start, 0);
-        assert_eq!(m[0].length, 2 * 65536, "{m:?}");
-        assert!(m[0].data && m[0].present && !m[0].zero && m[0].offset.is_some());
-        assert_eq!(
-            (m[1].start, m[1].present, m[1].zero),
-            (2 * 65536, false, true)
-        );
-        assert_eq!(
-            (m[2].start, m[2].present, m[2].zero),
-            (3 * 65536, true, true)
-        );
-        assert_eq!(m[2].offset, None);
-        assert!(m[3].data);
-        let total: u64 = m.iter().map(|e| e.length).sum();
-        assert_eq!(total, 1 << 20);
-        assert!(m.iter().all(|e| e.depth == 0 && e.file == p));
     }
 }

@@ -18,8 +18,9 @@
 //! * [`exports`]: export names and the roots they serve;
 //! * [`server`]: Unix and TCP listeners, systemd socket activation, connection
 //!   limits, the handshake timeout and clean shutdown;
-//! * [`control`]: the control socket (live snapshot, fork, delete, revert, gc, list,
-//!   diff) and its client, for `qcowx` on a served image;
+//! * [`control`]: the control socket's listener (live snapshot, fork, delete, revert,
+//!   gc, list, diff for `qcowx` on a served image); the protocol, its client and its
+//!   executor are `qcowx_core::control`, re-exported there;
 //! * [`tls`]: STARTTLS with rustls (X.509 files, `require`/`allow` modes, client
 //!   certificate allow-list) and the I/O thread of a TLS connection;
 //! * [`config`]: settings (TLS mode, timeouts, limits); [`socket`]: the connection

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use qcowx_core::size::{parse_size, size_to_str};
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
 use qcowx_nbd::config::{
     CacheMode, DetectZeroes, DiscardMode, Settings, DEFAULT_MAX_CLIENTS, DEFAULT_WORKERS,
@@ -211,51 +212,6 @@ struct Args {
     verbose: bool,
 }
 
-/// Parses a size with an optional K/M/G/T/P/E suffix (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                'E' => 60,
-                _ => return Err(format!("invalid size '{s}'")),
-            };
-            (&t[..t.len() - 1], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    let v = n * (1u64 << shift) as f64;
-    if !(0.0..1.8e19).contains(&v) || v == 0.0 {
-        return Err(format!("invalid size '{s}'"));
-    }
-    Ok(v as u64)
-}
-
-fn human(size: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = size as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{size} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 fn open_image(args: &Args) -> Result<Image, String> {
     let read_only = args.read_only || args.load_snapshot.is_some();
     if let Some(f) = &args.format {
@@ -268,13 +224,17 @@ fn open_image(args: &Args) -> Result<Image, String> {
     let path = &args.file;
     if let Some(size) = &args.create {
         if !path.exists() {
-            let size = parse_size(size)?;
+            let size = match parse_size(size) {
+                Ok(0) => return Err(format!("invalid size '{size}': an image needs a size")),
+                Ok(n) => n,
+                Err(e) => return Err(format!("invalid size '{size}': {e}")),
+            };
             let img = Image::create(path, &CreateOptions::new(size))
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
             eprintln!(
                 "qcowx-nbd: created {} ({})",
                 path.display(),
-                human(img.size())
+                size_to_str(img.size())
             );
             if !read_only {
                 return Ok(img);
@@ -369,7 +329,7 @@ fn print_banner(
             e.name,
             e.description,
             if e.read_only { "read-only" } else { "writable" },
-            human(e.size),
+            size_to_str(e.size),
             if i == 0 { " (default export)" } else { "" }
         ));
     }
@@ -582,7 +542,7 @@ fn run(args: Args) -> Result<(), String> {
     } else if let Some(p) = &args.control {
         Some(p.clone())
     } else if image.is_writable() && !args.read_only {
-        match qcowx_nbd::control::default_socket_path(&args.file) {
+        match qcowx_core::control::default_socket_path(&args.file) {
             Ok(p) => Some(p),
             Err(e) => {
                 eprintln!("qcowx-nbd: no control socket: {e}");
@@ -650,18 +610,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1.5K").unwrap(), 1536);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        for bad in ["", "x", "-1G", "0", "3Q"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn cli_parses_qemu_nbd_style_options() {

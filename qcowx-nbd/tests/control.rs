@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
-use qcowx_nbd::control::{self, ControlError, Request, Response};
+use qcowx_nbd::control::{self, ControlError, DeleteTarget, Request, Response};
 use qcowx_nbd::exports::{ExportPlan, Exports};
 use qcowx_nbd::server::{ListenAddr, Server, ServerConfig, ShutdownHandle};
 use qcowx_nbd::Settings;
@@ -206,16 +206,14 @@ fn control_requests_run_on_the_served_image_and_new_roots_are_exports_at_once() 
     }));
     assert_eq!(kind, "invalid-argument");
     assert!(msg.contains("already exists"), "{msg}");
-    let (kind, _) = refused(at(Request::DeleteVdi {
-        name: "default".into(),
-    }));
+    let (kind, _) = refused(at(Request::Delete(DeleteTarget::Vdi("default".into()))));
     assert_eq!(kind, "invalid-argument");
     let (kind, _) = refused(at(Request::Fork {
         snapshot: "s1".into(),
         name: "bad/name".into(),
     }));
     assert_eq!(kind, "invalid-argument");
-    let (kind, _) = refused(at(Request::DeleteSnapshot { name: "web".into() }));
+    let (kind, _) = refused(at(Request::Delete(DeleteTarget::Snapshot("web".into()))));
     assert_eq!(kind, "not-found", "web is a VDI, not a snapshot");
     assert_eq!(
         image.list().unwrap().len(),
@@ -232,11 +230,11 @@ fn control_requests_run_on_the_served_image_and_new_roots_are_exports_at_once() 
 
     // Delete, then gc reclaims.
     assert_eq!(
-        at(Request::DeleteVdi { name: "web".into() }).expect("delete VDI"),
+        at(Request::Delete(DeleteTarget::Vdi("web".into()))).expect("delete VDI"),
         Response::Done
     );
     assert_eq!(
-        at(Request::DeleteSnapshot { name: "s1".into() }).expect("delete snapshot"),
+        at(Request::Delete(DeleteTarget::Snapshot("s1".into()))).expect("delete snapshot"),
         Response::Done
     );
     assert_eq!(srv.export_names(), vec!["default"]);

@@ -22,29 +22,13 @@
 //! decimal, `0x` hex or `0`-prefixed octal. Options may be combined (`-zu`) and a
 //! pattern may be attached (`-P0x5a`).
 //!
-//! ```
-//! use qcowx_core::iocmd::IoCommand;
-//! use qcowx_core::{CreateOptions, Image};
-//!
-//! # fn main() -> Result<(), qcowx_core::Error> {
-//! let dir = tempfile::tempdir().unwrap();
-//! let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
-//! let out = IoCommand::parse("write -P 0x5a 4k 8k")?.execute(&img)?;
-//! assert_eq!(out.lines()[0], "wrote 8192/8192 bytes at offset 4096");
-//! let out = IoCommand::parse("read -P 90 4k 8k")?.execute(&img)?;
-//! assert!(!out.failed());
-//! let out = IoCommand::parse("read -P 0x5a 0 8k")?.execute(&img)?;
-//! assert!(out.failed());
-//! assert_eq!(out.lines()[0], "Pattern verification failed at offset 0, 8192 bytes");
-//! assert_eq!(out.mismatch, Some(0));
-//! # Ok(()) }
-//! ```
+//! The unit test `the_module_example_runs` shows a session.
 
 use std::time::{Duration, Instant};
 
-use crate::engine::Image;
-use crate::error::{Error, Result};
-use crate::vdi::Disk;
+use qcowx_core::Disk;
+use qcowx_core::Image;
+use qcowx_core::{Error, Result};
 
 /// The pattern `qemu-io write` uses without `-P`.
 pub const DEFAULT_WRITE_PATTERN: u8 = 0xcd;
@@ -611,7 +595,27 @@ fn timing_line(bytes: u64, ops: u64, elapsed: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::CreateOptions;
+
+    #[test]
+    fn the_module_example_runs() -> Result<()> {
+        use qcowx_core::{CreateOptions, Image};
+
+        let dir = tempfile::tempdir().unwrap();
+        let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+        let out = IoCommand::parse("write -P 0x5a 4k 8k")?.execute(&img)?;
+        assert_eq!(out.lines()[0], "wrote 8192/8192 bytes at offset 4096");
+        let out = IoCommand::parse("read -P 90 4k 8k")?.execute(&img)?;
+        assert!(!out.failed());
+        let out = IoCommand::parse("read -P 0x5a 0 8k")?.execute(&img)?;
+        assert!(out.failed());
+        assert_eq!(
+            out.lines()[0],
+            "Pattern verification failed at offset 0, 8192 bytes"
+        );
+        assert_eq!(out.mismatch, Some(0));
+        Ok(())
+    }
+    use qcowx_core::CreateOptions;
 
     #[test]
     fn parses_qemu_io_syntax() {
@@ -764,7 +768,7 @@ mod tests {
     #[test]
     fn executes_on_an_image_and_reports_like_qemu_io() {
         let img = Image::create_in(
-            std::sync::Arc::new(crate::storage::MemStorage::new()),
+            std::sync::Arc::new(qcowx_core::storage::MemStorage::new()),
             &CreateOptions::new(16 << 20),
         )
         .unwrap();
@@ -837,7 +841,7 @@ mod tests {
     #[test]
     fn refuses_requests_past_the_end_before_touching_the_disk() {
         let img = Image::create_in(
-            std::sync::Arc::new(crate::storage::MemStorage::new()),
+            std::sync::Arc::new(qcowx_core::storage::MemStorage::new()),
             &CreateOptions::new(1 << 20),
         )
         .unwrap();
@@ -863,7 +867,7 @@ mod tests {
     fn snapshots_read_but_refuse_writes() {
         let img = std::sync::Arc::new(
             Image::create_in(
-                std::sync::Arc::new(crate::storage::MemStorage::new()),
+                std::sync::Arc::new(qcowx_core::storage::MemStorage::new()),
                 &CreateOptions::new(1 << 20),
             )
             .unwrap(),

@@ -6,9 +6,9 @@
 //! must read as zeros. The first mismatch is reported at 512-byte granularity (the
 //! start of the first sector that differs), as `qemu-img compare` reports it.
 
-use crate::convert::{Content, COPY_CHUNK};
-use crate::engine::{Extent, ExtentStatus};
-use crate::error::Result;
+use qcowx_core::convert::{Content, COPY_CHUNK};
+use qcowx_core::Result;
+use qcowx_core::{Extent, ExtentStatus};
 
 /// How much of a disk one block-status call covers.
 const STATUS_WINDOW: u64 = 1 << 30;
@@ -59,22 +59,6 @@ fn first_diff(a: &[u8], b: &[u8], base: u64) -> Option<u64> {
 
 /// Compares the contents of `a` and `b`. `progress` is called with the bytes walked
 /// so far and the total (the larger size).
-///
-/// ```
-/// use qcowx_core::compare::compare;
-/// use qcowx_core::{CreateOptions, Image};
-///
-/// # fn main() -> Result<(), qcowx_core::Error> {
-/// let dir = tempfile::tempdir().unwrap();
-/// let a = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
-/// let b = Image::create(dir.path().join("b.qcow2"), &CreateOptions::new(2 << 20))?;
-/// a.write_at(b"same", 4096)?;
-/// b.write_at(b"same", 4096)?;
-/// assert!(compare(&a, &b, &mut |_, _| {})?.identical());
-/// b.write_at(b"!", (1 << 20) + 1000)?;
-/// assert_eq!(compare(&a, &b, &mut |_, _| {})?.mismatch, Some((1 << 20) + 512));
-/// # Ok(()) }
-/// ```
 pub fn compare(
     a: &dyn Content,
     b: &dyn Content,
@@ -154,6 +138,23 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compares_two_images() -> Result<()> {
+        use qcowx_core::{CreateOptions, Image};
+        let dir = tempfile::tempdir().unwrap();
+        let a = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+        let b = Image::create(dir.path().join("b.qcow2"), &CreateOptions::new(2 << 20))?;
+        a.write_at(b"same", 4096)?;
+        b.write_at(b"same", 4096)?;
+        assert!(compare(&a, &b, &mut |_, _| {})?.identical());
+        b.write_at(b"!", (1 << 20) + 1000)?;
+        assert_eq!(
+            compare(&a, &b, &mut |_, _| {})?.mismatch,
+            Some((1 << 20) + 512)
+        );
+        Ok(())
+    }
 
     #[test]
     fn first_diff_is_sector_aligned() {

@@ -1,0 +1,333 @@
+//! Commands on whole images: create, info, check, export, convert, compare, resize
+//! and import.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use qcowx_core::convert::{self as conv, ConvertOptions, OutputFormat};
+use qcowx_core::{CheckReport, CreateOptions, Image, LockMode, OpenOptions, RootKind};
+
+use super::{emit, lock_mode, require_kind, usage_error, Failure};
+use crate::{
+    progress, report, size_arg, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DiskFormat,
+    ExportArgs, ExportFormat, ImportArgs, OutputKind, ReadArgs, ResizeArgs,
+};
+
+pub(crate) fn create(a: &CreateArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let size = match a.size {
+        Some(s) => s,
+        None => backing_size(&a.file, a.backing.as_deref(), a.backing_format.as_deref())?,
+    };
+    let mut opts = CreateOptions::new(size);
+    if let Some(cs) = a.cluster_size {
+        opts.cluster_size = cs;
+    }
+    opts.backing_file = a.backing.clone();
+    opts.backing_format = a.backing_format.clone();
+    let img = Image::create(&a.file, &opts)?;
+    let info = img.info()?;
+    img.close()?;
+    if !quiet {
+        report::formatting_line(out, &a.file, &info)?;
+    }
+    Ok(0)
+}
+
+/// The virtual size of the backing file named `backing` of a new image at `file`.
+pub(crate) fn backing_size(
+    file: &Path,
+    backing: Option<&str>,
+    format: Option<&str>,
+) -> Result<u64, qcowx_core::Error> {
+    let Some(backing) = backing else {
+        return Err(qcowx_core::Error::InvalidArgument(
+            "a size is needed when there is no backing file".into(),
+        ));
+    };
+    let path = qcowx_core::engine::backing::resolve(Some(file), backing);
+    let name = path.display().to_string();
+    let io_err = |source| qcowx_core::Error::Io {
+        file: name.clone(),
+        op: "open",
+        offset: 0,
+        source,
+    };
+    let format = match format {
+        Some(f) => f,
+        None => qcowx_core::engine::backing::probe_format(&path).map_err(io_err)?,
+    };
+    if format == "qcow2" {
+        let img = OpenOptions::new()
+            .lock(LockMode::ForceShare)
+            .open_backing(false)
+            .open(&path)?;
+        Ok(img.size())
+    } else {
+        Ok(std::fs::metadata(&path).map_err(io_err)?.len())
+    }
+}
+
+pub(crate) fn info(a: &ReadArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let img = OpenOptions::new()
+        .lock(lock_mode(a.force_share))
+        .open_backing(false)
+        .open(&a.file)?;
+    let info = img.info()?;
+    let actual = actual_size(&a.file)?;
+    let name = a.file.display().to_string();
+    let json = || report::info_json(&name, &info, actual);
+    emit(out, a.output, quiet, json, |out| {
+        report::info_human(out, &name, &info, actual)
+    })?;
+    Ok(0)
+}
+
+/// Bytes the file occupies on its file system.
+pub(crate) fn actual_size(path: &Path) -> Result<u64, qcowx_core::Error> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).map_err(|source| qcowx_core::Error::Io {
+        file: path.display().to_string(),
+        op: "stat",
+        offset: 0,
+        source,
+    })?;
+    Ok(md.blocks() * 512)
+}
+
+pub(crate) fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let opts = OpenOptions::new().open_backing(false);
+    let opts = if a.repair {
+        opts.write(true)
+    } else {
+        opts.lock(lock_mode(a.force_share))
+    };
+    let img = opts.open(&a.file)?;
+    let spinner = progress::Spinner::start(
+        progress::enabled(quiet, a.output == OutputKind::Json),
+        "checking",
+    );
+    let first = img.check()?;
+    for m in &first.messages {
+        let _ = writeln!(io::stderr(), "{m}");
+    }
+    let needs_repair = first.corruptions > 0 || first.leaks > 0 || first.dirty;
+    let (last, fixed) = if a.repair && needs_repair {
+        let after = img.repair()?;
+        for m in &after.messages {
+            let _ = writeln!(io::stderr(), "{m}");
+        }
+        let fixed = report::Fixed {
+            corruptions: first.corruptions.saturating_sub(after.corruptions),
+            leaks: first.leaks.saturating_sub(after.leaks),
+        };
+        (after, Some(fixed))
+    } else {
+        (first, None)
+    };
+    img.close()?;
+    drop(spinner);
+    let name = a.file.display().to_string();
+    let json = || report::check_json(&name, &last, fixed.as_ref());
+    emit(out, a.output, quiet, json, |out| {
+        report::check_human(out, &last, fixed.as_ref())
+    })?;
+    Ok(check_exit_code(&last))
+}
+
+/// `qemu-img check`'s exit code: 1 when the check itself hit errors, else 0, 2 or 3.
+pub(crate) fn check_exit_code(r: &CheckReport) -> u8 {
+    if r.check_errors > 0 {
+        1
+    } else {
+        u8::try_from(r.exit_code()).unwrap_or(1)
+    }
+}
+
+pub(crate) fn export(a: &ExportArgs, quiet: bool) -> Result<u8, Failure> {
+    let img = OpenOptions::new()
+        .lock(lock_mode(a.force_share))
+        .open(&a.file)?;
+    let format = match a.format {
+        ExportFormat::Raw => OutputFormat::Raw,
+        ExportFormat::Qcow2 => OutputFormat::Qcow2,
+    };
+    let root = match (&a.snapshot, &a.vdi) {
+        (Some(s), _) => Some((RootKind::Snapshot, s.as_str())),
+        (None, Some(v)) => Some((RootKind::Vdi, v.as_str())),
+        (None, None) => None,
+    };
+    let img = Arc::new(img);
+    let bar = progress::Bar::new(progress::enabled(quiet, false), "exporting");
+    let opts = ConvertOptions::new(format);
+    match root {
+        None => conv::convert(img.as_ref(), &a.output, &opts, &mut bar.callback())?,
+        Some((kind, name)) => {
+            require_kind(&img, kind, name)?;
+            let disk = img.open_root(name)?;
+            conv::convert(&disk, &a.output, &opts, &mut bar.callback())?
+        }
+    };
+    drop(bar);
+    img.close()?;
+    Ok(0)
+}
+
+/// A `resize` size: `SIZE`, `+SIZE` or `-SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResizeTo {
+    Absolute(u64),
+    Grow(u64),
+    Shrink(u64),
+}
+
+pub(crate) fn resize_arg(s: &str) -> Result<ResizeTo, String> {
+    if let Some(rest) = s.strip_prefix('+') {
+        size_arg(rest).map(ResizeTo::Grow)
+    } else if let Some(rest) = s.strip_prefix('-') {
+        size_arg(rest).map(ResizeTo::Shrink)
+    } else {
+        size_arg(s).map(ResizeTo::Absolute)
+    }
+}
+
+pub(crate) fn resize(a: &ResizeArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let to = match resize_arg(&a.size) {
+        Ok(t) => t,
+        Err(why) => usage_error(
+            "resize",
+            clap::error::ErrorKind::InvalidValue,
+            format!("invalid value '{}' for '[+]SIZE': {why}", a.size),
+        ),
+    };
+    // With the backing chain: growing must hide a longer backing file's data.
+    let img = OpenOptions::new().write(true).open(&a.file)?;
+    let old = img.size();
+    let name = a.file.display().to_string();
+    let new = match to {
+        ResizeTo::Absolute(n) => Some(n),
+        ResizeTo::Grow(n) => old.checked_add(n),
+        ResizeTo::Shrink(n) => Some(old.saturating_sub(n)),
+    };
+    let Some(new) = new else {
+        return Err(Failure::Image(qcowx_core::Error::InvalidArgument(format!(
+            "{name}: {old} + {} bytes is too large",
+            a.size
+        ))));
+    };
+    if new < old {
+        return Err(Failure::Image(qcowx_core::Error::InvalidArgument(format!(
+            "{name}: shrinking the default VDI from {old} to {new} bytes is refused: data \
+             past the new end would be lost, and snapshots keep their own size anyway; \
+             qcowx resize only grows (`qemu-img resize --shrink` shrinks a copy made by \
+             `qcowx export -O qcow2`)"
+        ))));
+    }
+    img.resize(new)?;
+    let after = img.size();
+    img.close()?;
+    let json = || report::resize_json(&name, old, after);
+    emit(out, a.output, quiet, json, |out| {
+        writeln!(out, "Image resized.")
+    })?;
+    Ok(0)
+}
+
+pub(crate) fn compare(a: &CompareArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let lock = lock_mode(a.force_share);
+    let ia = conv::open_input(&a.file_a, a.format_a.map(DiskFormat::layer), lock)?;
+    let ib = conv::open_input(&a.file_b, a.format_b.map(DiskFormat::layer), lock)?;
+    let json = a.output == OutputKind::Json;
+    let bar = progress::Bar::new(progress::enabled(quiet, json), "comparing");
+    let r = crate::compare::compare(ia.as_ref(), ib.as_ref(), &mut bar.callback())?;
+    drop(bar);
+    drop(ia);
+    drop(ib);
+    let (name_a, name_b) = (
+        a.file_a.display().to_string(),
+        a.file_b.display().to_string(),
+    );
+    emit(
+        out,
+        a.output,
+        quiet,
+        || report::compare_json(&name_a, &name_b, &r),
+        |out| {
+            if r.size_a != r.size_b {
+                writeln!(out, "Warning: Image size mismatch!")?;
+            }
+            match r.mismatch {
+                None => writeln!(out, "Images are identical."),
+                Some(at) => writeln!(out, "Content mismatch at offset {at}!"),
+            }
+        },
+    )?;
+    Ok(if r.identical() { 0 } else { 1 })
+}
+
+pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
+    if a.compress && a.out_format != DiskFormat::Qcow2 {
+        usage_error(
+            "convert",
+            clap::error::ErrorKind::ArgumentConflict,
+            "-c (compressed output) needs a qcow2 output: add -O qcow2".into(),
+        );
+    }
+    let input = conv::open_input(
+        &a.input,
+        a.in_format.map(DiskFormat::layer),
+        lock_mode(a.force_share),
+    )?;
+    let mut opts = ConvertOptions::new(match a.out_format {
+        DiskFormat::Raw => OutputFormat::Raw,
+        DiskFormat::Qcow2 => OutputFormat::Qcow2,
+    });
+    opts.compress = a.compress;
+    opts.cluster_size = a.cluster_size;
+    let bar = progress::Bar::new(progress::enabled(quiet, false), "converting");
+    conv::convert(input.as_ref(), &a.dest, &opts, &mut bar.callback())?;
+    Ok(0)
+}
+
+pub(crate) fn import(a: &ImportArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let json = a.format == OutputKind::Json;
+    let bar = progress::Bar::new(progress::enabled(quiet, json), "importing");
+    let options = qcowx_core::import::ImportOptions { sync: !a.no_sync };
+    let r = qcowx_core::import::import_chain_with(&a.top, &a.dest, &options, &mut bar.callback())?;
+    drop(bar);
+    let top = a.top.display().to_string();
+    let dest = a.dest.display().to_string();
+    let json = || report::import_json(&top, &dest, &r);
+    emit(out, a.format, quiet, json, |out| {
+        report::import_human(out, &dest, &r)
+    })?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_sizes_take_a_sign() {
+        assert_eq!(resize_arg("1G"), Ok(ResizeTo::Absolute(1 << 30)));
+        assert_eq!(resize_arg("+64k"), Ok(ResizeTo::Grow(65536)));
+        assert_eq!(resize_arg("-1M"), Ok(ResizeTo::Shrink(1 << 20)));
+        assert!(resize_arg("+").is_err());
+        assert!(resize_arg("1Q").is_err());
+        assert!(resize_arg("--1M").is_err());
+    }
+
+    #[test]
+    fn check_errors_exit_1_like_qemu_img() {
+        let mut r = CheckReport {
+            leaks: 1,
+            ..CheckReport::default()
+        };
+        assert_eq!(check_exit_code(&r), 3);
+        r.corruptions = 1;
+        assert_eq!(check_exit_code(&r), 2);
+        r.check_errors = 1;
+        assert_eq!(check_exit_code(&r), 1);
+    }
+}

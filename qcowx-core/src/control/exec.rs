@@ -1,0 +1,106 @@
+//! The executor: one handler per operation, run on an [`Image`].
+
+use super::proto::{DeleteTarget, Request, Response};
+use crate::{Image, Result};
+
+/// What the executor needs to know about whoever runs it (a server, or `qcowx` on an
+/// image it opened itself).
+pub trait Host {
+    /// The name of the NBD export serving root `root`, if any.
+    fn export_of(&self, root: &str) -> Option<String>;
+}
+
+/// Running requests on an image opened in this process: nothing is exported.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Local;
+
+impl Host for Local {
+    fn export_of(&self, _root: &str) -> Option<String> {
+        None
+    }
+}
+
+/// Runs `req` on `img`. The error is the library's: a server answers it with its
+/// message and [`crate::Error::kind`].
+pub fn execute(img: &Image, req: &Request, host: &dyn Host) -> Result<Response> {
+    match req {
+        Request::Snapshot { vdi, name } => snapshot(img, host, vdi, name),
+        Request::Fork { snapshot, name } => fork(img, host, snapshot, name),
+        Request::Delete(target) => delete(img, target),
+        Request::Revert { vdi, snapshot } => revert(img, vdi, snapshot),
+        Request::Gc => gc(img),
+        Request::List => list(img),
+        Request::Diff { from, to } => diff(img, from, to),
+    }
+}
+
+fn snapshot(img: &Image, host: &dyn Host, vdi: &str, name: &str) -> Result<Response> {
+    let root = img.snapshot(vdi, name)?;
+    let export = host.export_of(&root.name);
+    Ok(Response::Root { root, export })
+}
+
+fn fork(img: &Image, host: &dyn Host, snapshot: &str, name: &str) -> Result<Response> {
+    let root = img.fork(snapshot, name)?;
+    let export = host.export_of(&root.name);
+    Ok(Response::Root { root, export })
+}
+
+fn delete(img: &Image, target: &DeleteTarget) -> Result<Response> {
+    match target {
+        DeleteTarget::Snapshot(name) => img.delete_snapshot(name)?,
+        DeleteTarget::Vdi(name) => img.delete_vdi(name)?,
+    }
+    Ok(Response::Done)
+}
+
+fn revert(img: &Image, vdi: &str, snapshot: &str) -> Result<Response> {
+    img.revert(vdi, snapshot)?;
+    Ok(Response::Done)
+}
+
+fn gc(img: &Image) -> Result<Response> {
+    Ok(Response::Gc(img.gc()?))
+}
+
+fn list(img: &Image) -> Result<Response> {
+    Ok(Response::Roots(img.list()?))
+}
+
+fn diff(img: &Image, from: &str, to: &str) -> Result<Response> {
+    Ok(Response::Ranges(img.diff(from, to)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CreateOptions;
+
+    #[test]
+    fn requests_run_on_an_image_opened_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))
+            .expect("create");
+        let run = |r: Request| execute(&img, &r, &Local);
+        let Response::Root { root, export } = run(Request::Snapshot {
+            vdi: "default".into(),
+            name: "s".into(),
+        })
+        .unwrap() else {
+            panic!("snapshot answer")
+        };
+        assert_eq!((root.name.as_str(), export), ("s", None));
+        let Response::Roots(roots) = run(Request::List).unwrap() else {
+            panic!("list answer")
+        };
+        assert_eq!(roots.len(), 2);
+        let e = run(Request::Delete(DeleteTarget::Vdi("nope".into()))).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::NotFound);
+        assert_eq!(
+            run(Request::Delete(DeleteTarget::Snapshot("s".into()))).unwrap(),
+            Response::Done
+        );
+        assert!(matches!(run(Request::Gc).unwrap(), Response::Gc(g) if g.roots_removed == 1));
+        img.close().unwrap();
+    }
+}

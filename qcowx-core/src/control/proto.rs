@@ -1,0 +1,680 @@
+//! The protocol's messages and their JSON, defined once with serde.
+//!
+//! Every line goes out through a [`serde_json::Value`], whose objects keep their keys
+//! sorted: the bytes on the wire (and in `qcowx --output=json`) do not depend on the
+//! order fields are declared in.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::vdi::DEFAULT_VDI;
+use crate::{GcReport, Range, RootInfo, RootKind};
+
+/// One control request: `{"op": OP, ...}` on the wire.
+///
+/// Adding an operation is a variant here and its handler in the executor
+/// ([`crate::control::execute`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// Take snapshot `name` of VDI `vdi`.
+    Snapshot {
+        /// The VDI (`"default"` for the default VDI; the default when left out).
+        #[serde(default = "default_vdi")]
+        vdi: String,
+        /// The new snapshot's name.
+        name: String,
+    },
+    /// Create VDI `name` from snapshot `snapshot`.
+    Fork {
+        /// The snapshot.
+        snapshot: String,
+        /// The new VDI's name.
+        name: String,
+    },
+    /// Delete a snapshot or a VDI (not the default one).
+    Delete(DeleteTarget),
+    /// Make VDI `vdi`'s content that of snapshot `snapshot`.
+    Revert {
+        /// The VDI.
+        vdi: String,
+        /// The snapshot.
+        snapshot: String,
+    },
+    /// Reclaim the space of deleted roots and write exact refcounts.
+    Gc,
+    /// List the live roots.
+    List,
+    /// The guest ranges where two roots may differ.
+    Diff {
+        /// One root.
+        from: String,
+        /// The other.
+        to: String,
+    },
+}
+
+fn default_vdi() -> String {
+    DEFAULT_VDI.to_string()
+}
+
+/// What `delete` deletes: `{"snapshot": NAME}` or `{"vdi": NAME}`, exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "EitherName")]
+pub enum DeleteTarget {
+    /// A snapshot.
+    Snapshot(String),
+    /// A VDI.
+    Vdi(String),
+}
+
+/// `delete`'s keys as they come, before checking that exactly one is there.
+#[derive(Deserialize)]
+struct EitherName {
+    snapshot: Option<String>,
+    vdi: Option<String>,
+}
+
+impl TryFrom<EitherName> for DeleteTarget {
+    type Error = &'static str;
+
+    fn try_from(e: EitherName) -> Result<Self, Self::Error> {
+        match (e.snapshot, e.vdi) {
+            (Some(s), None) => Ok(DeleteTarget::Snapshot(s)),
+            (None, Some(v)) => Ok(DeleteTarget::Vdi(v)),
+            _ => Err("\"delete\" takes exactly one of \"snapshot\" and \"vdi\""),
+        }
+    }
+}
+
+impl Request {
+    /// The request as a JSON object, with `"image": PATH` when given.
+    pub fn to_json(&self, image: Option<&std::path::Path>) -> Value {
+        let mut v = self.fields();
+        if let Some(p) = image {
+            v.insert("image".into(), p.to_string_lossy().into_owned().into());
+        }
+        Value::Object(v)
+    }
+
+    /// The request's keys (`op` included).
+    fn fields(&self) -> Map<String, Value> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(m)) => m,
+            // Every variant is a struct, a unit or a one-key map: always an object.
+            _ => Map::new(),
+        }
+    }
+
+    /// The operation's name on the wire.
+    pub fn op(&self) -> String {
+        match self.fields().get("op") {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        }
+    }
+
+    /// Whether the request changes the image.
+    pub fn modifies(&self) -> bool {
+        !matches!(self, Request::List | Request::Diff { .. })
+    }
+}
+
+impl fmt::Display for Request {
+    /// The operation and its arguments: `snapshot name='s1' vdi='default'`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fields = self.fields();
+        f.write_str(&self.op())?;
+        for (k, v) in fields.iter().filter(|(k, _)| *k != "op") {
+            match v {
+                Value::String(s) => write!(f, " {k}='{s}'")?,
+                other => write!(f, " {k}={other}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a request object; returns it and its `"image"`, if any. The error says what
+/// is wrong, for the `invalid-request` answer.
+pub fn parse_request(v: &Value) -> Result<(Request, Option<PathBuf>), String> {
+    let mut obj = v
+        .as_object()
+        .ok_or("a request must be a JSON object")?
+        .clone();
+    let op = match obj.get("op") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err("\"op\" must be a string".into()),
+        None => return Err("\"op\" is missing".into()),
+    };
+    let image = match obj.remove("image") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(PathBuf::from(s)),
+        Some(_) => return Err("\"image\" must be a string".into()),
+    };
+    let req = Request::deserialize(Value::Object(obj.clone())).map_err(|e| {
+        let e = e.to_string();
+        if e.starts_with("unknown variant") {
+            format!("unknown op \"{op}\": {e}")
+        } else {
+            format!("\"{op}\": {e}")
+        }
+    })?;
+    // A key the request does not take would be ignored: refuse it instead.
+    let known = req.fields();
+    if let Some(k) = obj.keys().find(|k| !known.contains_key(*k)) {
+        return Err(format!("\"{op}\" takes no \"{k}\""));
+    }
+    Ok((req, image))
+}
+
+// ---- the JSON of roots, gc reports and ranges -------------------------------------------
+
+/// A root's kind as JSON: `"vdi"` or `"snapshot"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootKindJson {
+    /// A VDI head.
+    Vdi,
+    /// A snapshot.
+    Snapshot,
+}
+
+impl From<RootKind> for RootKindJson {
+    fn from(k: RootKind) -> Self {
+        match k {
+            RootKind::Vdi => RootKindJson::Vdi,
+            RootKind::Snapshot => RootKindJson::Snapshot,
+        }
+    }
+}
+
+impl From<RootKindJson> for RootKind {
+    fn from(k: RootKindJson) -> Self {
+        match k {
+            RootKindJson::Vdi => RootKind::Vdi,
+            RootKindJson::Snapshot => RootKind::Snapshot,
+        }
+    }
+}
+
+/// A root as JSON: an element of `roots` in `qcowx list --output=json` and in the
+/// control protocol's answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RootJson {
+    /// Its name.
+    pub name: String,
+    /// Snapshot or VDI.
+    pub kind: RootKindJson,
+    /// Its unique id, lower-case hexadecimal.
+    pub uid: String,
+    /// The VDI it belongs to.
+    pub vdi: String,
+    /// The root its content came from.
+    pub parent: Option<String>,
+    /// Creation time: seconds since the Unix epoch.
+    pub date_sec: u64,
+    /// Creation time: nanoseconds within that second.
+    pub date_nsec: u64,
+    /// Virtual disk size.
+    pub virtual_size: u64,
+    /// The QCOW2 snapshot ID.
+    pub id: Option<String>,
+}
+
+impl From<&RootInfo> for RootJson {
+    fn from(r: &RootInfo) -> Self {
+        RootJson {
+            name: r.name.clone(),
+            kind: r.kind.into(),
+            uid: format!("{:x}", r.uid),
+            vdi: r.vdi.clone(),
+            parent: r.parent.clone(),
+            date_sec: r.created_ns / 1_000_000_000,
+            date_nsec: r.created_ns % 1_000_000_000,
+            virtual_size: r.size,
+            id: r.id.clone(),
+        }
+    }
+}
+
+impl TryFrom<RootJson> for RootInfo {
+    type Error = String;
+
+    fn try_from(r: RootJson) -> Result<Self, String> {
+        let uid = u64::from_str_radix(&r.uid, 16)
+            .map_err(|_| format!("\"uid\" {:?} is not hexadecimal", r.uid))?;
+        Ok(RootInfo {
+            kind: r.kind.into(),
+            name: r.name,
+            uid,
+            vdi: r.vdi,
+            parent: r.parent,
+            created_ns: r
+                .date_sec
+                .saturating_mul(1_000_000_000)
+                .saturating_add(r.date_nsec),
+            size: r.virtual_size,
+            id: r.id,
+        })
+    }
+}
+
+/// What a gc did, as JSON (`qcowx gc --output=json` adds `filename`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GcJson {
+    /// Roots removed from the snapshot table.
+    pub roots_removed: u64,
+    /// Clusters that lost their last reference.
+    pub clusters_freed: u64,
+    /// Bytes those clusters held.
+    pub bytes_freed: u64,
+    /// Image file length before.
+    pub file_size_before: u64,
+    /// Image file length after.
+    pub file_size_after: u64,
+    /// Exact refcounts were written.
+    pub refcounts_exact: bool,
+}
+
+impl From<&GcReport> for GcJson {
+    fn from(r: &GcReport) -> Self {
+        GcJson {
+            roots_removed: r.roots_removed,
+            clusters_freed: r.clusters_freed,
+            bytes_freed: r.bytes_freed,
+            file_size_before: r.file_size_before,
+            file_size_after: r.file_size_after,
+            refcounts_exact: r.refcounts_exact,
+        }
+    }
+}
+
+impl From<GcJson> for GcReport {
+    fn from(r: GcJson) -> Self {
+        GcReport {
+            roots_removed: r.roots_removed,
+            clusters_freed: r.clusters_freed,
+            bytes_freed: r.bytes_freed,
+            file_size_before: r.file_size_before,
+            file_size_after: r.file_size_after,
+            refcounts_exact: r.refcounts_exact,
+        }
+    }
+}
+
+/// A guest range as JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeJson {
+    /// Start (bytes).
+    pub offset: u64,
+    /// Length (bytes).
+    pub length: u64,
+}
+
+/// The ranges two roots may differ in, as JSON: `{"ranges": [...], "bytes": TOTAL}`
+/// (`qcowx diff --output=json` adds `filename`, `from` and `to`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangesJson {
+    /// The ranges.
+    pub ranges: Vec<RangeJson>,
+    /// The sum of their lengths.
+    pub bytes: u64,
+}
+
+impl From<&[Range]> for RangesJson {
+    fn from(r: &[Range]) -> Self {
+        RangesJson {
+            ranges: r
+                .iter()
+                .map(|x| RangeJson {
+                    offset: x.offset,
+                    length: x.length,
+                })
+                .collect(),
+            bytes: r.iter().map(|x| x.length).sum(),
+        }
+    }
+}
+
+impl From<RangesJson> for Vec<Range> {
+    fn from(r: RangesJson) -> Self {
+        r.ranges
+            .into_iter()
+            .map(|x| Range {
+                offset: x.offset,
+                length: x.length,
+            })
+            .collect()
+    }
+}
+
+// ---- answers ------------------------------------------------------------------------------
+
+/// The answer to a successful request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "Success", try_from = "Success")]
+pub enum Response {
+    /// Done (`delete`, `revert`).
+    Done,
+    /// The root a `snapshot` or `fork` created.
+    Root {
+        /// The new root.
+        root: RootInfo,
+        /// The NBD export serving it, if any (with `--export` lists, new roots are
+        /// not exported).
+        export: Option<String>,
+    },
+    /// The live roots (`list`).
+    Roots(Vec<RootInfo>),
+    /// What `gc` did.
+    Gc(GcReport),
+    /// The ranges that differ (`diff`).
+    Ranges(Vec<Range>),
+}
+
+/// A success line's keys besides `"ok"`, by answer.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Success {
+    Root {
+        root: RootJson,
+        export: Option<String>,
+    },
+    Roots {
+        roots: Vec<RootJson>,
+    },
+    Gc {
+        gc: GcJson,
+    },
+    Ranges(RangesJson),
+    Done {},
+}
+
+impl From<Response> for Success {
+    fn from(r: Response) -> Self {
+        match r {
+            Response::Done => Success::Done {},
+            Response::Root { root, export } => Success::Root {
+                root: RootJson::from(&root),
+                export,
+            },
+            Response::Roots(r) => Success::Roots {
+                roots: r.iter().map(RootJson::from).collect(),
+            },
+            Response::Gc(g) => Success::Gc { gc: (&g).into() },
+            Response::Ranges(r) => Success::Ranges(r.as_slice().into()),
+        }
+    }
+}
+
+impl TryFrom<Success> for Response {
+    type Error = String;
+
+    fn try_from(s: Success) -> Result<Self, String> {
+        Ok(match s {
+            Success::Done {} => Response::Done,
+            Success::Root { root, export } => Response::Root {
+                root: root.try_into()?,
+                export,
+            },
+            Success::Roots { roots } => Response::Roots(
+                roots
+                    .into_iter()
+                    .map(RootInfo::try_from)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Success::Gc { gc } => Response::Gc(gc.into()),
+            Success::Ranges(r) => Response::Ranges(r.into()),
+        })
+    }
+}
+
+impl Response {
+    /// The success line's object: `{"ok": true, ...}`.
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or_else(|_| Value::Object(Map::new()));
+        if let Value::Object(m) = &mut v {
+            m.insert("ok".into(), true.into());
+        }
+        v
+    }
+
+    /// Parses a success line's object.
+    pub fn from_json(v: &Value) -> Result<Response, String> {
+        Response::deserialize(v).map_err(|e| e.to_string())
+    }
+}
+
+/// A failure line: `{"ok": false, "error": MESSAGE, "kind": KIND}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The message (the library's, for image errors).
+    #[serde(default = "no_reason")]
+    pub error: String,
+    /// The kind: [`crate::ErrorKind::as_str`] or one of the protocol's own.
+    #[serde(default = "unknown_kind")]
+    pub kind: String,
+}
+
+fn no_reason() -> String {
+    "the server gave no reason".into()
+}
+
+fn unknown_kind() -> String {
+    "unknown".into()
+}
+
+impl ErrorReply {
+    /// The line is not a valid request.
+    pub const INVALID_REQUEST: &'static str = "invalid-request";
+    /// The request names another image than the one served.
+    pub const WRONG_IMAGE: &'static str = "wrong-image";
+    /// The server is shutting down.
+    pub const SHUTTING_DOWN: &'static str = "shutting-down";
+    /// Too many control connections.
+    pub const BUSY: &'static str = "busy";
+
+    /// A failure of `kind`.
+    pub fn new(error: impl Into<String>, kind: &str) -> ErrorReply {
+        ErrorReply {
+            error: error.into(),
+            kind: kind.into(),
+        }
+    }
+
+    /// The failure line for a library error: its message and [`crate::Error::kind`].
+    pub fn from_error(e: &crate::Error) -> ErrorReply {
+        ErrorReply::new(e.to_string(), e.kind().as_str())
+    }
+
+    /// The failure line's object: `{"ok": false, ...}`.
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or_else(|_| Value::Object(Map::new()));
+        if let Value::Object(m) = &mut v {
+            m.insert("ok".into(), false.into());
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn all_requests() -> Vec<Request> {
+        vec![
+            Request::Snapshot {
+                vdi: "web".into(),
+                name: "s1".into(),
+            },
+            Request::Fork {
+                snapshot: "s1".into(),
+                name: "db".into(),
+            },
+            Request::Delete(DeleteTarget::Snapshot("s1".into())),
+            Request::Delete(DeleteTarget::Vdi("db".into())),
+            Request::Revert {
+                vdi: "web".into(),
+                snapshot: "s1".into(),
+            },
+            Request::Gc,
+            Request::List,
+            Request::Diff {
+                from: "s1".into(),
+                to: "default".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn requests_round_trip_through_json() {
+        for r in all_requests() {
+            let v = r.to_json(Some(Path::new("/x/y.qcow2")));
+            let (back, image) = parse_request(&v).expect("parse");
+            assert_eq!(back, r);
+            assert_eq!(image.as_deref(), Some(Path::new("/x/y.qcow2")));
+            let (back, image) = parse_request(&r.to_json(None)).expect("parse");
+            assert_eq!(back, r);
+            assert!(image.is_none());
+        }
+        let (r, _) = parse_request(&json!({"op": "snapshot", "name": "a"})).unwrap();
+        assert_eq!(
+            r,
+            Request::Snapshot {
+                vdi: "default".into(),
+                name: "a".into()
+            }
+        );
+    }
+
+    /// The bytes of today's wire format, key for key.
+    #[test]
+    fn requests_have_the_documented_keys() {
+        let lines: Vec<String> = all_requests()
+            .iter()
+            .map(|r| r.to_json(None).to_string())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                r#"{"name":"s1","op":"snapshot","vdi":"web"}"#,
+                r#"{"name":"db","op":"fork","snapshot":"s1"}"#,
+                r#"{"op":"delete","snapshot":"s1"}"#,
+                r#"{"op":"delete","vdi":"db"}"#,
+                r#"{"op":"revert","snapshot":"s1","vdi":"web"}"#,
+                r#"{"op":"gc"}"#,
+                r#"{"op":"list"}"#,
+                r#"{"from":"s1","op":"diff","to":"default"}"#,
+            ]
+        );
+        let r = Request::Snapshot {
+            vdi: "default".into(),
+            name: "x".into(),
+        };
+        assert_eq!(r.op(), "snapshot");
+        assert_eq!(r.to_string(), "snapshot name='x' vdi='default'");
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        let cases = [
+            (json!([1, 2]), "JSON object"),
+            (json!({"name": "x"}), "\"op\" is missing"),
+            (json!({"op": 7}), "\"op\" must be a string"),
+            (json!({"op": "explode"}), "unknown op \"explode\""),
+            (json!({"op": "snapshot"}), "name"),
+            (json!({"op": "snapshot", "name": 3}), "string"),
+            (json!({"op": "fork", "name": "x"}), "snapshot"),
+            (json!({"op": "delete"}), "exactly one"),
+            (
+                json!({"op": "delete", "vdi": "a", "snapshot": "b"}),
+                "exactly one",
+            ),
+            (json!({"op": "gc", "force": true}), "takes no \"force\""),
+            (
+                json!({"op": "snapshot", "name": "x", "force": true}),
+                "takes no \"force\"",
+            ),
+            (
+                json!({"op": "list", "image": 5}),
+                "\"image\" must be a string",
+            ),
+        ];
+        for (v, want) in cases {
+            let e = parse_request(&v).expect_err(&v.to_string());
+            assert!(e.contains(want), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn responses_round_trip_through_json() {
+        let root = RootInfo {
+            kind: RootKind::Snapshot,
+            name: "s1".into(),
+            uid: 0x939d_26cf_d54e_091b,
+            vdi: "default".into(),
+            parent: Some("s0".into()),
+            created_ns: 1_795_316_367_208_163_929,
+            size: 8 << 20,
+            id: Some("3".into()),
+        };
+        let r = Response::Root {
+            root: root.clone(),
+            export: Some("default@s1".into()),
+        };
+        let v = r.to_json();
+        assert_eq!(
+            v.to_string(),
+            r#"{"export":"default@s1","ok":true,"root":{"date-nsec":208163929,"date-sec":1795316367,"id":"3","kind":"snapshot","name":"s1","parent":"s0","uid":"939d26cfd54e091b","vdi":"default","virtual-size":8388608}}"#
+        );
+        assert_eq!(Response::from_json(&v).unwrap(), r);
+        let none = Response::Root {
+            root: root.clone(),
+            export: None,
+        };
+        assert_eq!(none.to_json()["export"], Value::Null);
+        assert_eq!(Response::from_json(&none.to_json()).unwrap(), none);
+        let list = Response::Roots(vec![root]);
+        assert_eq!(Response::from_json(&list.to_json()).unwrap(), list);
+        let gc = Response::Gc(GcReport {
+            roots_removed: 1,
+            clusters_freed: 2,
+            bytes_freed: 131072,
+            file_size_before: 10,
+            file_size_after: 5,
+            refcounts_exact: true,
+        });
+        assert_eq!(
+            gc.to_json().to_string(),
+            r#"{"gc":{"bytes-freed":131072,"clusters-freed":2,"file-size-after":5,"file-size-before":10,"refcounts-exact":true,"roots-removed":1},"ok":true}"#
+        );
+        assert_eq!(Response::from_json(&gc.to_json()).unwrap(), gc);
+        let ranges = Response::Ranges(vec![Range {
+            offset: 65536,
+            length: 65536,
+        }]);
+        assert_eq!(
+            ranges.to_json().to_string(),
+            r#"{"bytes":65536,"ok":true,"ranges":[{"length":65536,"offset":65536}]}"#
+        );
+        assert_eq!(Response::from_json(&ranges.to_json()).unwrap(), ranges);
+        assert_eq!(Response::Done.to_json().to_string(), r#"{"ok":true}"#);
+        assert_eq!(
+            Response::from_json(&json!({"ok": true})).unwrap(),
+            Response::Done
+        );
+        let e = ErrorReply::new("no", ErrorReply::BUSY);
+        assert_eq!(
+            e.to_json().to_string(),
+            r#"{"error":"no","kind":"busy","ok":false}"#
+        );
+    }
+}
