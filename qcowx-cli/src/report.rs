@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::compare::CompareReport;
 use crate::map::MapExtent;
-use qcowx_core::control::{GcJson, RangesJson, RootJson};
+use qcowx_core::control::{RangesJson, RootJson};
 use qcowx_core::import::ImportReport;
 use qcowx_core::{CheckReport, GcReport, ImageInfo, Range, RootInfo, RootKind, SnapshotInfo};
 use serde_json::{json, Map, Value};
@@ -355,7 +355,7 @@ pub fn list_human(out: &mut dyn Write, roots: &[RootInfo]) -> io::Result<()> {
 /// `qcowx gc --output=json`'s object (see `spec/cli-json.md`): the control protocol's
 /// gc report and `filename`.
 pub fn gc_json(filename: &str, r: &GcReport) -> Value {
-    with_keys(&GcJson::from(r), [("filename", filename)])
+    with_keys(r, [("filename", filename)])
 }
 
 /// `v`'s JSON object with the string keys `extra` added.

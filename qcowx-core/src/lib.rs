@@ -20,16 +20,45 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The layers, from the bottom up (each uses only those below it):
+//! # Layers
 //!
-//! | module | holds |
-//! |---|---|
-//! | [`format`](mod@format) | bytes ⇄ types: header, extensions, L1/L2 entries, snapshot table, codecs; no I/O |
-//! | [`storage`] | the file: positional I/O, sync, hole punch, QEMU-compatible locks |
-//! | [`engine`] | one open image: table access and the L2 cache, allocation, the backing chain, read/write/zero/flush |
-//! | [`refcount`] | reference counts from reachability: check, repair, the rebuild at clean close |
-//! | [`vdi`] | roots as VDIs and snapshots: snapshot, fork, delete, revert, rename, gc, diff, usage, [`Disk`] |
-//! | [`convert`], [`import`] | whole-image copies built on the layers above |
+//! From the bottom up; each uses only those below it.
+//!
+//! | module | holds | never does |
+//! |---|---|---|
+//! | [`format`](mod@format) | bytes ⇄ types: header, extensions, L1/L2 entries, refcount block entries, the snapshot table and qcowx's facts in its extra data, compression codecs | I/O |
+//! | [`storage`] | the file: positional I/O, sync, hole punch, QEMU-compatible locks; test doubles behind the `testing` feature | know QCOW2 |
+//! | [`engine`] | one open [`Image`]: opening and creating, table access and the L2 cache (`engine/table.rs`, the one path every writer takes), allocation, the backing chain, read, write, zero, flush, block status, resize, roots and the snapshot table | know what a VDI is |
+//! | [`refcount`] | reference counts from reachability: the scan, `check`, `repair`, the rebuild at clean close | |
+//! | [`vdi`] | roots as VDIs and snapshots: snapshot, fork, delete, revert, rename, reconcile, gc, diff, usage, [`Disk`] | write table or header bytes except through the engine |
+//! | [`convert`], [`import`] | whole-image copies built on the layers above | |
+//! | `control` (feature `control`) | the protocol of a running server's control socket, shared by `qcowx` and `qcowx-nbd`: one request enum, one handler per operation | |
+//!
+//! [`error`] holds the one [`Error`] type; [`Error::kind`] is the classification that
+//! the NBD server's errno map, the control protocol and the command line's exit codes
+//! all read. [`size`] parses sizes as `qemu-img` does, for every binary.
+//!
+//! # One NBD write, from the socket to the disk
+//!
+//! 1. `qcowx-nbd`'s transmission reader parses the request and calls its handler
+//!    (see `qcowx_nbd::transmission`), which calls [`Disk::write_at`] on the export's
+//!    VDI.
+//! 2. [`Disk::write_at`] calls `Image::write_root` (`engine/write.rs`) with the VDI's
+//!    root. Under the state lock it checks the root is writable and the range inside
+//!    the disk, then looks up each guest cluster through `engine/table.rs`.
+//! 3. A cluster whose L1 and L2 links are both writable (invariant W: this root owns it
+//!    alone) is written in place: the lock is dropped, the I/O gate is held shared, and
+//!    one `pwrite` covers every such cluster at consecutive host offsets
+//!    ([`storage::FileStorage`]).
+//! 4. Any other cluster takes the slow path: `Image::slow_target` makes the L2 table
+//!    writable (`Image::writable_l2`: a shared table is copied with every link
+//!    read-only, a missing one allocated) and picks a host cluster (the allocator in
+//!    `engine/alloc.rs`); the data is written (merged with the old data for a partial
+//!    cluster), and only then `Image::set_l2_entry` links it in the cached table.
+//! 5. An NBD FLUSH (or FUA) reaches [`Image::flush`] (`engine/flush.rs`): data is made
+//!    durable, then the dirty L2 tables, then the L1 sectors that link to them, with
+//!    an `fdatasync` between each level; no refcount is touched (the header's dirty
+//!    bit says they are stale until [`Image::close`] rebuilds them, `refcount/`).
 #![warn(missing_docs)]
 
 #[cfg(feature = "control")]

@@ -110,8 +110,8 @@ mod socket;
 pub use client::{request, request_at, ControlError};
 pub use exec::{execute, Host, Local};
 pub use proto::{
-    parse_request, DeleteTarget, ErrorReply, GcJson, RangeJson, RangesJson, Request, Response,
-    RootJson, RootKindJson,
+    parse_request, DeleteTarget, ErrorReply, RangeJson, RangesJson, Request, Response, RootJson,
+    RootKindJson,
 };
 pub use socket::{
     default_socket_path, runtime_dirs, socket_candidates, socket_name, socket_path_for,

@@ -264,50 +264,6 @@ impl TryFrom<RootJson> for RootInfo {
     }
 }
 
-/// What a gc did, as JSON (`qcowx gc --output=json` adds `filename`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct GcJson {
-    /// Roots removed from the snapshot table.
-    pub roots_removed: u64,
-    /// Clusters that lost their last reference.
-    pub clusters_freed: u64,
-    /// Bytes those clusters held.
-    pub bytes_freed: u64,
-    /// Image file length before.
-    pub file_size_before: u64,
-    /// Image file length after.
-    pub file_size_after: u64,
-    /// Exact refcounts were written.
-    pub refcounts_exact: bool,
-}
-
-impl From<&GcReport> for GcJson {
-    fn from(r: &GcReport) -> Self {
-        GcJson {
-            roots_removed: r.roots_removed,
-            clusters_freed: r.clusters_freed,
-            bytes_freed: r.bytes_freed,
-            file_size_before: r.file_size_before,
-            file_size_after: r.file_size_after,
-            refcounts_exact: r.refcounts_exact,
-        }
-    }
-}
-
-impl From<GcJson> for GcReport {
-    fn from(r: GcJson) -> Self {
-        GcReport {
-            roots_removed: r.roots_removed,
-            clusters_freed: r.clusters_freed,
-            bytes_freed: r.bytes_freed,
-            file_size_before: r.file_size_before,
-            file_size_after: r.file_size_after,
-            refcounts_exact: r.refcounts_exact,
-        }
-    }
-}
-
 /// A guest range as JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeJson {
@@ -390,7 +346,7 @@ enum Success {
         roots: Vec<RootJson>,
     },
     Gc {
-        gc: GcJson,
+        gc: GcReport,
     },
     Ranges(RangesJson),
     Done {},
@@ -407,7 +363,7 @@ impl From<Response> for Success {
             Response::Roots(r) => Success::Roots {
                 roots: r.iter().map(RootJson::from).collect(),
             },
-            Response::Gc(g) => Success::Gc { gc: (&g).into() },
+            Response::Gc(gc) => Success::Gc { gc },
             Response::Ranges(r) => Success::Ranges(r.as_slice().into()),
         }
     }
@@ -429,7 +385,7 @@ impl TryFrom<Success> for Response {
                     .map(RootInfo::try_from)
                     .collect::<Result<_, _>>()?,
             ),
-            Success::Gc { gc } => Response::Gc(gc.into()),
+            Success::Gc { gc } => Response::Gc(gc),
             Success::Ranges(r) => Response::Ranges(r.into()),
         })
     }

@@ -7,16 +7,19 @@
 //! reads and writes and protected by a QEMU-compatible image lock (see
 //! [`crate::storage::lock`]), and [`MemStorage`], a growable in-memory buffer.
 
+#[cfg(feature = "testing")]
 pub mod crashsim;
 mod deferred;
 mod file;
 pub mod lock;
 mod mem;
+#[cfg(any(test, feature = "testing"))]
 mod watched;
 
 pub use deferred::{DeferredSync, WriteBehind, WRITE_BEHIND_BYTES};
 pub use file::{FileStorage, OpenError, OpenMode};
 pub use mem::MemStorage;
+#[cfg(any(test, feature = "testing"))]
 pub use watched::{Access, Watched};
 
 use std::io;
@@ -100,7 +103,8 @@ fn range_end(offset: u64, len: u64) -> io::Result<u64> {
     })
 }
 
-/// A shared storage is a storage (so a [`Watched`] can wrap an `Arc<dyn Storage>`).
+/// A shared storage is a storage (so a wrapper such as `Watched` can wrap an
+/// `Arc<dyn Storage>`).
 impl<T: Storage + ?Sized> Storage for Arc<T> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)

@@ -30,8 +30,14 @@ use crate::format::roots::{extra_with_record, RootKind};
 use crate::format::snapshot::SnapshotEntry;
 use crate::refcount::{self, Scan, ScanInput, Source};
 
-/// What a collection did.
+/// What a collection did. With the `control` feature it is also the JSON of a gc
+/// report (kebab-case keys), in the control protocol and `qcowx gc --output=json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "control",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "kebab-case")
+)]
 pub struct GcReport {
     /// Roots removed from the snapshot table (deleted ones, superseded VDI heads).
     pub roots_removed: u64,

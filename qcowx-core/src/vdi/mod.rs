@@ -238,17 +238,25 @@ impl Image {
 
     // ---- operations -------------------------------------------------------------
 
-    /// Takes a snapshot named `name` of VDI `vdi` (`"default"` for the default VDI).
-    ///
-    /// Cost: O(L1) — independent of the data size and of the number of snapshots.
-    /// Writes in flight are waited for; later writes to the VDI copy what they touch.
-    pub fn snapshot(&self, vdi: &str, name: &str) -> Result<RootInfo> {
+    /// Runs `f` quiesced for an operation that creates a root named `name`: the image
+    /// must be writable, the name valid and not taken.
+    fn creating<T>(&self, name: &str, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
         self.require_writable()?;
         validate_name(name)?;
         self.quiesced(|st| {
             if Image::name_taken(st, name) {
                 return Err(self.exists(name));
             }
+            f(st)
+        })
+    }
+
+    /// Takes a snapshot named `name` of VDI `vdi` (`"default"` for the default VDI).
+    ///
+    /// Cost: O(L1) — independent of the data size and of the number of snapshots.
+    /// Writes in flight are waited for; later writes to the VDI copy what they touch.
+    pub fn snapshot(&self, vdi: &str, name: &str) -> Result<RootInfo> {
+        self.creating(name, |st| {
             let target = self.find_vdi(st, vdi)?;
             let vdi_uid = match target {
                 Target::Default => 0,
@@ -335,12 +343,7 @@ impl Image {
 
     /// Creates VDI `new_vdi` whose first state is snapshot `snapshot`. Cost: one L1 copy.
     pub fn fork(&self, snapshot: &str, new_vdi: &str) -> Result<RootInfo> {
-        self.require_writable()?;
-        validate_name(new_vdi)?;
-        self.quiesced(|st| {
-            if Image::name_taken(st, new_vdi) {
-                return Err(self.exists(new_vdi));
-            }
+        self.creating(new_vdi, |st| {
             let i = self.find_snapshot(st, snapshot)?;
             let loc = Image::l1_loc(st, Target::Entry(i));
             let l1 = self.head_l1(loc)?;
