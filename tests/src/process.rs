@@ -1,0 +1,113 @@
+//! Running processes with a time limit and describing what they did.
+
+use std::io::Read;
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long [`run`] lets one QEMU tool invocation take before it is killed.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The command line of `cmd`, for messages.
+pub fn command_line(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        let a = a.to_string_lossy();
+        if a.contains(' ') || a.is_empty() {
+            s.push('\'');
+            s.push_str(&a);
+            s.push('\'');
+        } else {
+            s.push_str(&a);
+        }
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        s.push_str(&format!(" (in {})", dir.display()));
+    }
+    s
+}
+
+/// Describes a finished process: exit status, stdout and stderr.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    )
+}
+
+/// Runs `cmd` (stdin closed) and returns its output whatever its exit status.
+///
+/// Panics if it cannot be started or does not finish within [`TOOL_TIMEOUT`] (it is
+/// killed then).
+pub fn run(cmd: &mut Command) -> Output {
+    run_timeout(cmd, TOOL_TIMEOUT)
+}
+
+/// [`run`] with an explicit time limit.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let line = command_line(cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{line}`: {e}"));
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let status = wait_deadline(&mut child, timeout)
+        .unwrap_or_else(|| panic!("`{line}` did not finish within {timeout:?}; killed it"));
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+pub(crate) fn drain<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut v);
+        }
+        v
+    })
+}
+
+/// Waits for `child` until `timeout`; kills it and returns `None` if it is still running.
+pub(crate) fn wait_deadline(
+    child: &mut Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    let mut nap = Duration::from_millis(1);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => {}
+            Err(e) => panic!("waiting for process {}: {e}", child.id()),
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Sends signal `sig` (a name such as `KILL` or `TERM`) to process `pid` with
+/// `kill(1)`; panics if `kill` fails.
+pub fn send_signal(pid: u32, sig: &str) {
+    let out = run(Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string()));
+    assert!(
+        out.status.success(),
+        "kill -{sig} {pid}: {}",
+        describe(&out)
+    );
+}
