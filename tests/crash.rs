@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use qcowx_core::{CreateOptions, Image, LockMode, OpenOptions};
 use qcowx_tests::{
-    describe, qemu_check, qemu_img, qemu_img_create, qemu_info, qemu_io_run, run, QemuCheck,
+    describe, qemu_check, qemu_img, qemu_img_create, qemu_info, qemu_io_run, run, QemuCheck, Rng,
 };
 
 const MIB: u64 = 1 << 20;
@@ -198,21 +198,8 @@ fn pattern_byte(seed: u8, g: u64) -> u8 {
     (x >> 56) as u8 ^ seed
 }
 
-/// SplitMix64.
-struct Mix(u64);
-
-impl Mix {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-}
-
 /// One guest operation of the in-flight scenario, applied to the image and a model.
-fn random_op(img: &Image, model: &mut [u8], rng: &mut Mix, cs: u64, discards: bool) {
+fn random_op(img: &Image, model: &mut [u8], rng: &mut Rng, cs: u64, discards: bool) {
     let size = model.len() as u64;
     match rng.below(if discards { 8 } else { 6 }) {
         0..=5 => {
@@ -280,7 +267,7 @@ fn crash_with_copy_on_write_in_flight() {
 
     let mut flushed = base_content.clone();
     let mut written = Vec::new();
-    let mut rng = Mix(0x5eed);
+    let mut rng = Rng::new(0x5eed);
     // Two 512-byte L2 tables of cache: each covers 32 KiB of the disk, so writes all
     // over 4 MiB evict dirty tables constantly.
     crash_session(&path, OpenOptions::new().cache_bytes(1024), |img| {

@@ -20,28 +20,14 @@ use std::thread;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use qcowx_core::{CreateOptions, Image, OpenOptions};
-use qcowx_tests::{describe, qemu_check, qemu_img, qemu_img_create, qemu_info, qemu_io_run, run};
+use qcowx_tests::{
+    describe, qemu_check, qemu_img, qemu_img_create, qemu_info, qemu_io_run, run, Rng,
+};
 
 /// The largest disk a sequence may grow to.
 const MAX_DISK: u64 = 12 << 20;
 
 // ---- deterministic data -------------------------------------------------------------
-
-/// SplitMix64: deterministic pseudo-random numbers from a proptest-chosen seed.
-struct Mix(u64);
-
-impl Mix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The byte a qcowx write with `seed` puts at guest offset `g` (position dependent, so
 /// misplaced or stale data is noticed).
@@ -191,7 +177,7 @@ fn make_backing(dir: &Path, kind: Backing, size: u64, seed: u64) -> (Option<Stri
             (name, "raw")
         }
     };
-    let mut rng = Mix(seed);
+    let mut rng = Rng::new(seed);
     let mut cmds = Vec::new();
     for _ in 0..8 {
         let off = rng.below(size);
@@ -627,9 +613,9 @@ fn concurrent_run(
         let initial = Arc::clone(&initial);
         handles.push(thread::spawn(move || {
             let mut model = (*initial).clone();
-            let mut rng = Mix(seed ^ (t + 1).wrapping_mul(0xA076_1D64_78BD_642F));
+            let mut rng = Rng::new(seed ^ (t + 1).wrapping_mul(0xA076_1D64_78BD_642F));
             let nstripes = size / stripes.stripe;
-            let my_stripe = |rng: &mut Mix| {
+            let my_stripe = |rng: &mut Rng| {
                 let k = rng.below(nstripes / stripes.threads) * stripes.threads + t;
                 k * stripes.stripe
             };

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use qcowx_core::compress::{compress_cluster, decompress_cluster, CompressionType};
+use qcowx_tests::Rng;
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 const CLUSTER_BITS: u32 = 16;
@@ -51,25 +52,6 @@ fn describe(out: &Output) -> String {
     )
 }
 
-/// SplitMix64, for reproducible pseudo-random test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            *b = self.next() as u8;
-        }
-    }
-}
-
 /// What a cluster of the source file holds.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Pattern {
@@ -97,7 +79,7 @@ const PATTERNS: [Pattern; 12] = [
 ];
 
 fn fill_cluster(pattern: Pattern, index: usize, buf: &mut [u8]) {
-    let mut rng = Rng(index as u64 * 7919 + 1);
+    let mut rng = Rng::new(index as u64 * 7919 + 1);
     match pattern {
         Pattern::Zero => buf.fill(0),
         Pattern::Text => {
@@ -112,7 +94,7 @@ fn fill_cluster(pattern: Pattern, index: usize, buf: &mut [u8]) {
         Pattern::SparseRandom => {
             buf.fill(0);
             for _ in 0..16 {
-                let at = (rng.next() as usize) % (buf.len() - 64);
+                let at = (rng.next_u64() as usize) % (buf.len() - 64);
                 rng.fill(&mut buf[at..at + 64]);
             }
         }

@@ -8,9 +8,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::{qemu_check_clean, Pause, Stopped};
-use qcowx_core::crashsim::Rng;
 use qcowx_core::storage::FileStorage;
 use qcowx_core::{CreateOptions, Image, LockMode, OpenOptions};
+use qcowx_tests::Rng;
 
 const MIB: u64 = 1 << 20;
 
