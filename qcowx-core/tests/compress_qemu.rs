@@ -11,17 +11,14 @@
 //!   window (`wbits = -12`) one output byte at a time, which rejects any
 //!   back-reference further than QEMU's window.
 //!
-//! Every test prints a message and passes without checking anything when the
-//! tool it needs (`qemu-img`, `python3`) is not installed.
-
-mod common;
+//! A missing tool (`qemu-img`, `python3`) fails the test, naming its package.
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use qcowx_core::compress::{compress_cluster, decompress_cluster, CompressionType};
-use qcowx_tests::Rng;
+use qcowx_tests::{describe, require_tool, run, Rng};
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 const CLUSTER_BITS: u32 = 16;
@@ -30,27 +27,6 @@ const CLUSTER: usize = 1 << CLUSTER_BITS;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED_FLAG: u64 = 1 << 62;
 const COPIED_FLAG: u64 = 1 << 63;
-
-/// The oracle must be there: a missing tool fails the test (naming its package).
-fn tool_available(_test: &str, tool: &str) -> bool {
-    common::require_tool(tool);
-    true
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}, stdout {:?}, stderr {:?}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// What a cluster of the source file holds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -202,10 +178,8 @@ impl Image {
 }
 
 /// Converts the source with `qemu-img convert -c` and checks every cluster.
-fn check_qemu_compressed(test: &str, kind: CompressionType) {
-    if !tool_available(test, "qemu-img") {
-        return;
-    }
+fn check_qemu_compressed(kind: CompressionType) {
+    require_tool("qemu-img", "qemu-utils", &["--version"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let raw = dir.path().join("source.raw");
     let img = dir.path().join("compressed.qcow2");
@@ -275,12 +249,12 @@ fn check_qemu_compressed(test: &str, kind: CompressionType) {
 
 #[test]
 fn qemu_deflate_clusters_decompress() {
-    check_qemu_compressed("qemu_deflate_clusters_decompress", CompressionType::Deflate);
+    check_qemu_compressed(CompressionType::Deflate);
 }
 
 #[test]
 fn qemu_zstd_clusters_decompress() {
-    check_qemu_compressed("qemu_zstd_clusters_decompress", CompressionType::Zstd);
+    check_qemu_compressed(CompressionType::Zstd);
 }
 
 fn put_be32(b: &mut [u8], at: usize, v: u32) {
@@ -382,10 +356,8 @@ fn build_image(kind: CompressionType, data: &[u8]) -> (Vec<u8>, usize) {
     (image, compressed)
 }
 
-fn check_qemu_reads_ours(test: &str, kind: CompressionType) {
-    if !tool_available(test, "qemu-img") {
-        return;
-    }
+fn check_qemu_reads_ours(kind: CompressionType) {
+    require_tool("qemu-img", "qemu-utils", &["--version"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let img = dir.path().join("ours.qcow2");
     let back = dir.path().join("back.raw");
@@ -416,12 +388,12 @@ fn check_qemu_reads_ours(test: &str, kind: CompressionType) {
 
 #[test]
 fn qemu_reads_our_deflate_clusters() {
-    check_qemu_reads_ours("qemu_reads_our_deflate_clusters", CompressionType::Deflate);
+    check_qemu_reads_ours(CompressionType::Deflate);
 }
 
 #[test]
 fn qemu_reads_our_zstd_clusters() {
-    check_qemu_reads_ours("qemu_reads_our_zstd_clusters", CompressionType::Zstd);
+    check_qemu_reads_ours(CompressionType::Zstd);
 }
 
 /// Inflates each file with zlib at `wbits = -12`, one output byte per call,
@@ -448,10 +420,7 @@ for path in sys.argv[2:]:
 
 #[test]
 fn our_deflate_streams_fit_qemus_4k_window() {
-    let test = "our_deflate_streams_fit_qemus_4k_window";
-    if !tool_available(test, "python3") {
-        return;
-    }
+    require_tool("python3", "python3", &["--version"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let data = source_data();
     let mut files = Vec::new();

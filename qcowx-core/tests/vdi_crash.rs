@@ -20,16 +20,13 @@
 //! - have no structural error before repair, and check clean (no corruption, no leak)
 //!   after `repair()`, with content unchanged by the repair and a clean close.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use common::{Pause, Stopped};
 use qcowx_core::crashsim::CrashStorage;
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
-use qcowx_tests::Rng;
+use qcowx_tests::{Pause, Rng, Stopped};
 
 /// Normal data bytes lie in `0x10..=0xef`; secret data bytes in `0xf0..=0xff`.
 fn pattern(seed: u64, len: u64) -> Vec<u8> {

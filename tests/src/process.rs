@@ -2,11 +2,51 @@
 
 use std::io::Read;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 /// How long [`run`] lets one QEMU tool invocation take before it is killed.
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Makes sure `tool` runs (`tool PROBE...` exits 0), once per process; panics with
+/// "TOOL not found: install PACKAGE (scripts/test does)" otherwise — a test never skips
+/// because its oracle is missing.
+pub fn require_tool(tool: &str, package: &str, probe: &[&str]) {
+    let mut cmd = Command::new(tool);
+    cmd.args(probe);
+    require_command(tool, package, &mut cmd);
+}
+
+/// [`require_tool`] with the probe command given: runs `probe` (once per process for
+/// each `tool`) and panics naming `package` unless it exits 0.
+pub fn require_command(tool: &str, package: &str, probe: &mut Command) {
+    static CHECKED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let checked = |t: &str| {
+        CHECKED
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|c| c == t)
+    };
+    if checked(tool) {
+        return;
+    }
+    let ok = probe
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{tool} not found: install {package} (scripts/test does)"
+    );
+    CHECKED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(tool.to_string());
+}
 
 /// The command line of `cmd`, for messages.
 pub fn command_line(cmd: &Command) -> String {

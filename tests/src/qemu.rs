@@ -5,37 +5,19 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use qcowx_core::Image;
 
-use crate::{command_line, describe, run, wait_deadline, LOCK_RETRY};
-
-fn require_tool(tool: &'static str, cell: &'static OnceLock<()>) {
-    cell.get_or_init(|| {
-        let found = Command::new(tool)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !found {
-            panic!("{tool} not found: install qemu-utils (scripts/test does)");
-        }
-    });
-}
+use crate::{command_line, describe, require_tool, run, wait_deadline, LOCK_RETRY};
 
 /// A `qemu-img` command with no arguments yet.
 ///
 /// Panics with "qemu-img not found: install qemu-utils (scripts/test does)" when
 /// `qemu-img` cannot be run.
 pub fn qemu_img() -> Command {
-    static FOUND: OnceLock<()> = OnceLock::new();
-    require_tool("qemu-img", &FOUND);
+    require_tool("qemu-img", "qemu-utils", &["--version"]);
     Command::new("qemu-img")
 }
 
@@ -44,9 +26,14 @@ pub fn qemu_img() -> Command {
 /// Panics with "qemu-io not found: install qemu-utils (scripts/test does)" when
 /// `qemu-io` cannot be run.
 pub fn qemu_io() -> Command {
-    static FOUND: OnceLock<()> = OnceLock::new();
-    require_tool("qemu-io", &FOUND);
+    require_tool("qemu-io", "qemu-utils", &["--version"]);
     Command::new("qemu-io")
+}
+
+/// Makes sure both `qemu-img` and `qemu-io` run (see [`require_tool`]).
+pub fn require_qemu_tools() {
+    require_tool("qemu-img", "qemu-utils", &["--version"]);
+    require_tool("qemu-io", "qemu-utils", &["--version"]);
 }
 
 /// Whether a QEMU tool failed only because it could not take an image lock.
@@ -84,6 +71,26 @@ pub fn run_lock_retry(cmd: &mut Command) -> Output {
 /// Runs `qemu-img` with `args` and asserts success.
 pub fn qemu_img_ok<S: AsRef<OsStr>>(args: &[S]) -> Output {
     run_ok(qemu_img().args(args))
+}
+
+/// Runs `qemu-img` with `args` and returns its output whatever the exit status (no
+/// lock retry).
+pub fn qemu_img_run<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run(qemu_img().args(args))
+}
+
+/// Runs `qemu-img` with `args`, asserts that it fails and returns its stderr.
+pub fn qemu_img_fails<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let mut cmd = qemu_img();
+    cmd.args(args);
+    let line = command_line(&cmd);
+    let out = run(&mut cmd);
+    assert!(
+        !out.status.success(),
+        "`{line}` succeeded: {}",
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Creates a qcow2 image with `qemu-img create -f qcow2 [-o opts] path size`.
@@ -193,6 +200,24 @@ pub fn assert_qemu_check_clean(path: &Path) {
             && c.count("check-errors") == 0,
         "qemu-img check {} is not clean: {}",
         path.display(),
+        describe(&c.output)
+    );
+}
+
+/// Writes the qcow2 image `bytes` to a temporary file and asserts that `qemu-img check`
+/// finds it clean (see [`assert_qemu_check_clean`]); `what` names the image in the
+/// message.
+pub fn assert_qemu_check_clean_bytes(bytes: &[u8], what: &str) {
+    let dir = crate::tempdir();
+    let path = dir.path().join("image.qcow2");
+    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    let c = qemu_check(&path);
+    assert!(
+        c.code == 0
+            && c.count("leaks") == 0
+            && c.count("corruptions") == 0
+            && c.count("check-errors") == 0,
+        "{what}: qemu-img check is not clean: {}",
         describe(&c.output)
     );
 }
