@@ -42,22 +42,29 @@ fn build_workspace_bin(package: &str, bin: &str) -> PathBuf {
     path
 }
 
-/// The `qcowx-nbd` binary: `$QCOWX_NBD` when set, else built with this test's cargo
-/// profile on first use.
+/// The `qcowx-nbd` binary: `$QCOWX_NBD` when set, else the binary cargo built for the
+/// running test (`$CARGO_BIN_EXE_qcowx-nbd`, set in the tests of `qcowx-nbd`), else
+/// built with this test's cargo profile on first use.
 pub fn qcowx_nbd_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| match std::env::var_os("QCOWX_NBD") {
-        Some(p) => PathBuf::from(p),
-        None => build_workspace_bin("qcowx-nbd", "qcowx-nbd"),
+    BIN.get_or_init(|| {
+        match std::env::var_os("QCOWX_NBD").or_else(|| std::env::var_os("CARGO_BIN_EXE_qcowx-nbd"))
+        {
+            Some(p) => PathBuf::from(p),
+            None => build_workspace_bin("qcowx-nbd", "qcowx-nbd"),
+        }
     })
 }
 
-/// The `qcowx` command-line binary: `$QCOWX_CLI` when set, else built with this
-/// test's cargo profile on first use.
+/// The `qcowx` command-line binary: `$QCOWX_CLI` when set, else the binary cargo built
+/// for the running test (`$CARGO_BIN_EXE_qcowx`, set in the tests of `qcowx-cli`),
+/// else built with this test's cargo profile on first use.
 pub fn qcowx_cli_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| match std::env::var_os("QCOWX_CLI") {
-        Some(p) => PathBuf::from(p),
-        None => build_workspace_bin("qcowx-cli", "qcowx"),
+    BIN.get_or_init(|| {
+        match std::env::var_os("QCOWX_CLI").or_else(|| std::env::var_os("CARGO_BIN_EXE_qcowx")) {
+            Some(p) => PathBuf::from(p),
+            None => build_workspace_bin("qcowx-cli", "qcowx"),
+        }
     })
 }

@@ -38,6 +38,7 @@
 
 mod bins;
 mod bounded;
+pub mod cli;
 mod expected;
 mod files;
 mod images;
