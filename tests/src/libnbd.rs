@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use crate::{describe, run};
+use std::ffi::OsString;
+
+use crate::{describe, require_command, run};
 
 /// A `python3` command whose interpreter has libnbd's `nbd` module.
 ///
@@ -90,4 +92,47 @@ pub fn libnbd_read_ranges(reads: &[(String, Vec<(u64, u64)>)], scratch: &Path) -
             bytes
         })
         .collect()
+}
+
+/// A command for a libnbd tool. `nbdsh` runs `python3 -m nbd` from `PATH`; Debian's
+/// `python3-libnbd` installs the module for `/usr/bin/python3`, so that comes first
+/// (a pyenv or venv python3 earlier in `PATH` would not have it).
+pub fn tool_command(tool: &str) -> Command {
+    let mut c = Command::new(tool);
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut p = OsString::from("/usr/bin:");
+    p.push(path);
+    c.env("PATH", p);
+    c
+}
+
+/// An `nbdinfo` command (Debian package `libnbd-bin`; a missing tool fails the test).
+pub fn nbdinfo() -> Command {
+    require_command(
+        "nbdinfo",
+        "libnbd-bin",
+        tool_command("nbdinfo").arg("--version"),
+    );
+    tool_command("nbdinfo")
+}
+
+/// An `nbdcopy` command (Debian package `libnbd-bin`; a missing tool fails the test).
+pub fn nbdcopy() -> Command {
+    require_command(
+        "nbdcopy",
+        "libnbd-bin",
+        tool_command("nbdcopy").arg("--version"),
+    );
+    tool_command("nbdcopy")
+}
+
+/// An `nbdsh` command (Debian packages `python3-libnbd` and `libnbd-bin`; a missing
+/// tool fails the test).
+pub fn nbdsh() -> Command {
+    require_command(
+        "nbdsh",
+        "python3-libnbd (and libnbd-bin)",
+        tool_command("nbdsh").args(["-c", "import nbd"]),
+    );
+    tool_command("nbdsh")
 }

@@ -1,29 +1,43 @@
 //! A `qcowx-nbd` process serving an image, stopped when dropped.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{command_line, qcowx_cli_bin, qcowx_nbd_bin, send_signal, wait_deadline};
+use crate::{
+    command_line, qcowx_cli_bin, qcowx_nbd_bin, send_signal, tempdir, wait_deadline, TempDir,
+};
 
 /// How long [`QcowxNbd`] waits for a server to start listening or to exit.
 pub const SERVER_WAIT: Duration = Duration::from_secs(60);
 
-/// A running `qcowx-nbd` serving one image on a Unix socket, with its control socket
-/// in a runtime directory of the test's choosing (`QCOWX_RUNTIME_DIR`).
+/// Where [`QcowxNbd::listen`] makes the server listen.
+#[derive(Debug, Clone, Copy)]
+pub enum Listen<'a> {
+    /// A Unix socket at this path (`-k PATH`).
+    Unix(&'a Path),
+    /// A free TCP port on 127.0.0.1 (`-b 127.0.0.1 -p 0`).
+    Tcp,
+}
+
+/// A running `qcowx-nbd` serving an image on a Unix socket or a TCP port, with its
+/// control socket in a runtime directory (`QCOWX_RUNTIME_DIR`): one of the test's
+/// choosing, or one temporary directory for the whole test process.
 ///
 /// Dropping it kills the server (SIGKILL) if it is still running, so a failing test
 /// leaves no server behind.
 #[derive(Debug)]
 pub struct QcowxNbd {
     child: Option<Child>,
-    sock: PathBuf,
+    sock: Option<PathBuf>,
+    tcp: Option<String>,
     runtime: PathBuf,
     control: Option<PathBuf>,
-    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    banner: String,
+    stderr: Arc<Mutex<String>>,
 }
 
 impl QcowxNbd {
@@ -36,6 +50,42 @@ impl QcowxNbd {
             .args(args)
             .arg(image)
             .env("QCOWX_RUNTIME_DIR", runtime);
+        let mut server = QcowxNbd::spawn(cmd);
+        server.sock.get_or_insert_with(|| sock.to_path_buf());
+        server
+    }
+
+    /// Starts `qcowx-nbd ARGS... IMAGE` listening as `listen` says, with the test
+    /// process's runtime directory, and waits (up to [`SERVER_WAIT`]) until it listens.
+    pub fn listen(image: &Path, listen: Listen<'_>, args: &[&str]) -> QcowxNbd {
+        let mut cmd = Command::new(qcowx_nbd_bin());
+        match listen {
+            Listen::Unix(p) => {
+                cmd.arg("-k").arg(p);
+            }
+            Listen::Tcp => {
+                cmd.args(["-b", "127.0.0.1", "-p", "0"]);
+            }
+        }
+        cmd.args(args).arg(image);
+        QcowxNbd::spawn(cmd)
+    }
+
+    /// Starts `cmd` (a `qcowx-nbd` command line, or one that runs it) and waits (up to
+    /// [`SERVER_WAIT`]) for the end of the server's banner, reading from it where the
+    /// server listens and its control socket. Without `QCOWX_RUNTIME_DIR` in `cmd`'s
+    /// environment, control sockets go to a temporary directory of the test process,
+    /// not `/run/qcowx`.
+    pub fn spawn(mut cmd: Command) -> QcowxNbd {
+        static RUNTIME: OnceLock<TempDir> = OnceLock::new();
+        let runtime = match cmd.get_envs().find(|(k, _)| *k == "QCOWX_RUNTIME_DIR") {
+            Some((_, Some(dir))) => PathBuf::from(dir),
+            _ => {
+                let dir = RUNTIME.get_or_init(tempdir).path().to_path_buf();
+                cmd.env("QCOWX_RUNTIME_DIR", &dir);
+                dir
+            }
+        };
         let line = command_line(&cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -43,9 +93,9 @@ impl QcowxNbd {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
         let mut err = child.stderr.take().expect("piped stderr");
-        let sink = std::sync::Arc::clone(&stderr);
+        let sink = Arc::clone(&stderr);
         thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf) {
@@ -60,8 +110,7 @@ impl QcowxNbd {
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().expect("piped stdout");
         thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(out).lines() {
+            for l in BufReader::new(out).lines() {
                 let Ok(l) = l else { break };
                 // After the banner nobody listens: keep reading so the server never
                 // blocks on a full pipe.
@@ -70,27 +119,33 @@ impl QcowxNbd {
         });
         let mut server = QcowxNbd {
             child: Some(child),
-            sock: sock.to_path_buf(),
-            runtime: runtime.to_path_buf(),
+            sock: None,
+            tcp: None,
+            runtime,
             control: None,
+            banner: String::new(),
             stderr,
         };
         let deadline = Instant::now() + SERVER_WAIT;
-        let mut banner = String::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(l) => {
-                    banner.push_str(&l);
-                    banner.push('\n');
-                    if let Some(p) = l.strip_prefix("control socket ") {
+                    server.banner.push_str(&l);
+                    server.banner.push('\n');
+                    if let Some(p) = l.strip_prefix("listening on unix ") {
+                        server.sock = Some(PathBuf::from(p));
+                    } else if let Some(a) = l.strip_prefix("listening on tcp ") {
+                        server.tcp = Some(a.to_string());
+                    } else if let Some(p) = l.strip_prefix("control socket ") {
                         server.control = Some(PathBuf::from(p));
                     } else if l.trim_start().starts_with("nbdinfo --list") {
                         break; // the last line of the banner
                     }
                 }
                 Err(_) => panic!(
-                    "`{line}` did not start listening within {SERVER_WAIT:?}\nstdout:\n{banner}\nstderr:\n{}",
+                    "`{line}` did not start listening within {SERVER_WAIT:?}\nstdout:\n{}\nstderr:\n{}",
+                    server.banner,
                     server.stderr()
                 ),
             }
@@ -98,14 +153,33 @@ impl QcowxNbd {
         server
     }
 
+    /// What the server printed on stdout when it started.
+    pub fn banner(&self) -> &str {
+        &self.banner
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the server is running").id()
     }
 
-    /// The `nbd+unix://` URI of `export`.
+    /// The NBD URI of `export`: `nbd+unix://` on a Unix socket, else `nbd://`.
     pub fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+        match (&self.sock, &self.tcp) {
+            (Some(s), _) => format!("nbd+unix:///{export}?socket={}", s.display()),
+            (None, Some(a)) => format!("nbd://{a}/{export}"),
+            (None, None) => panic!("the server announced no address:\n{}", self.banner),
+        }
+    }
+
+    /// The Unix socket the server listens on, if any.
+    pub fn sock(&self) -> Option<&Path> {
+        self.sock.as_deref()
+    }
+
+    /// The TCP address (`HOST:PORT`) the server announced, if any.
+    pub fn tcp(&self) -> Option<&str> {
+        self.tcp.as_deref()
     }
 
     /// The control socket the server announced, if any.
@@ -149,11 +223,9 @@ impl QcowxNbd {
             "qcowx-nbd exited with {status} after SIGTERM\nstderr:\n{}",
             self.stderr()
         );
-        assert!(
-            !self.sock.exists(),
-            "{} left behind after shutdown",
-            self.sock.display()
-        );
+        if let Some(s) = &self.sock {
+            assert!(!s.exists(), "{} left behind after shutdown", s.display());
+        }
         if let Some(c) = &self.control {
             assert!(!c.exists(), "{} left behind after shutdown", c.display());
         }
@@ -161,10 +233,9 @@ impl QcowxNbd {
 
     /// Kills the server with SIGKILL (a crash) and reaps it.
     pub fn kill9(mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let mut c = self.child.take().expect("the server is running");
+        c.kill().expect("kill -9");
+        c.wait().expect("wait");
     }
 }
 
