@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use qcowx_tests::cli::*;
 use serde_json::Value;
@@ -1133,17 +1133,7 @@ fn a_closed_stdout_is_a_clean_exit() {
             "read -P 8 0 4k",
         ][..],
     ] {
-        let mut child = Command::new(QCOWX)
-            .args(args)
-            .current_dir(d)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
-        assert_code(&out, 0, &format!("{args:?} into a closed pipe"));
-        assert!(out.stderr.is_empty(), "{args:?}: {}", stderr(&out));
+        ok_into_closed_stdout(d, args);
     }
     // The io commands ran although nobody read their output.
     io(d, "p.qcow2", None, &["read -P 8 0 4k"]);

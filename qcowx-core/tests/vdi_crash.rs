@@ -30,14 +30,9 @@ use qcowx_tests::{Pause, Rng, Stopped};
 
 /// Normal data bytes lie in `0x10..=0xef`; secret data bytes in `0xf0..=0xff`.
 fn pattern(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut rng = Rng::new(seed);
     (0..len)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            0x10 + ((x >> 33) % 0xe0) as u8
-        })
+        .map(|_| 0x10 + (rng.next_u64() % 0xe0) as u8)
         .collect()
 }
 

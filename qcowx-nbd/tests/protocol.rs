@@ -687,16 +687,6 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + (i >> 12)) as u8).collect()
 }
 
-/// Drops the image file's clean pages from the page cache.
-fn evict(path: &std::path::Path) {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).expect("open image file");
-    f.sync_all().expect("sync");
-    // SAFETY: a valid descriptor; POSIX_FADV_DONTNEED only drops cached pages.
-    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(r, 0, "posix_fadvise");
-}
-
 /// Reads larger than the inline limit, from an image file: sent straight from the
 /// file's mapping when their pages are cached, read into a buffer when they are not;
 /// either way the bytes the disk holds, in simple and structured replies.
@@ -730,7 +720,7 @@ fn large_reads_of_an_image_file_send_what_the_disk_holds() {
     for round in ["cold", "warm"] {
         for &(off, len) in &reads {
             if round == "cold" {
-                evict(&file);
+                qcowx_tests::evict_page_cache(&file);
             }
             let mut expect = vec![0u8; len as usize];
             srv.image.read_at(&mut expect, off).expect("read_at");

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
@@ -146,6 +146,23 @@ pub fn fails_quiet(dir: &Path, code: i32, args: &[&str], needles: &[&str]) -> St
     let out = failing(dir, code, args, needles);
     assert!(out.stdout.is_empty(), "{args:?}: {}", stdout(&out));
     stderr(&out)
+}
+
+/// Runs `qcowx ARGS` in `dir` with stdout a pipe whose read end is closed before it
+/// writes, and expects a clean exit: 0, nothing on stderr.
+pub fn ok_into_closed_stdout(dir: &Path, args: &[&str]) {
+    let mut child = Command::new(qcowx_cli_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the child writes.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_code(&out, 0, &format!("{args:?} into a closed pipe"));
+    assert!(out.stderr.is_empty(), "{args:?}: {}", stderr(&out));
 }
 
 /// Runs `qcowx` and expects a usage error: exit 2, nothing on stdout. Returns stderr.

@@ -1,6 +1,7 @@
 //! Temporary directories, raw file access and a storage with a size cap.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -43,6 +44,16 @@ pub fn be32(path: &Path, offset: u64) -> u32 {
 /// The big-endian u64 of the file at `path` at `offset`.
 pub fn be64(path: &Path, offset: u64) -> u64 {
     u64::from_be_bytes(read_at(path, offset, 8).try_into().expect("8 bytes"))
+}
+
+/// Drops the clean pages of the file at `path` from the page cache (after syncing
+/// it), so the next reads go to the disk.
+pub fn evict_page_cache(path: &Path) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.sync_all().expect("sync");
+    // SAFETY: a valid descriptor; POSIX_FADV_DONTNEED only drops cached pages.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
 }
 
 /// An in-memory [`Storage`] that refuses to grow past a cap (an I/O error instead).

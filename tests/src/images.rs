@@ -151,7 +151,8 @@ pub fn assert_block_status_matches_qemu(img: &Image, path: &Path) {
 
 // ---- content comparison ---------------------------------------------------------------
 
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+/// The first offset where `a` and `b` differ (over the shorter of the two).
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 

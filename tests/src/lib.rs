@@ -1,38 +1,47 @@
-//! Helpers shared by the workspace-level interoperability tests.
+//! The test-support library of the workspace: what the integration tests of every crate
+//! (`qcowx-core`, `qcowx-cli`, `qcowx-nbd`) and the workspace-level tests of this package
+//! (`interop.rs`, `hostile.rs`, `nbd.rs`, …) share, so that no test file carries its own
+//! copy. QEMU's and libnbd's tools are the oracles; a missing tool fails the test with
+//! the package to install, it never skips it.
 //!
-//! The test targets of this package (`interop.rs`, `hostile.rs`, `model.rs`, …) use
-//! QEMU's own tools as the oracle. This library gathers what they all need:
-//!
-//! * **Running QEMU tools** — [`qemu_img`] and [`qemu_io`] build commands (and panic
-//!   with "qemu-img not found: install qemu-utils (scripts/test does)" when the tool is
-//!   missing: tests that need QEMU fail, they never skip); [`run`] and [`run_ok`] run a
-//!   command with a time limit and, on failure, panic with the command line, exit
-//!   status, stdout and stderr. Wrappers for the common sub-commands:
-//!   [`qemu_img_create`], [`qemu_io_ok`], [`convert_to_raw`], [`convert_snapshot_to_raw`],
-//!   [`qemu_check`] / [`assert_qemu_check_clean`], [`assert_qemu_compare_eq`],
-//!   [`qemu_map`], [`qemu_info`] / [`assert_info_matches_qemu`], [`QemuIoSession`] (a
-//!   `qemu-io` process holding an image open). [`qemu_io_run`] and [`run`] never retry;
-//!   [`run_ok`], [`qemu_io_ok`] and the check/compare wrappers retry transient lock
-//!   failures (see [`LOCK_RETRY`]).
-//! * **Opening images** — [`open_ro`], [`open_rw`] and [`open_retry`] ride out the
-//!   transient lock conflicts a multi-threaded test binary causes (see [`LOCK_RETRY`]).
-//! * **Comparing content** — [`assert_image_eq_file`] compares the whole content of a
-//!   qcowx [`Image`] with a raw file (for example `qemu-img convert -O raw` output) in
-//!   bounded chunks; [`assert_image_matches_qemu`] does the conversion too;
-//!   [`assert_image_eq_bytes`] compares with an in-memory expectation.
-//! * **Block status** — [`classify_block_status`] and [`classify_qemu_map`] turn qcowx
-//!   extents and `qemu-img map --output=json` output into per-byte classifications that
-//!   [`assert_same_classification`] compares (the two merge extents differently).
-//! * **Deterministic data** — [`Rng`] (SplitMix64), [`pattern`], [`compressible`].
-//! * **Expected content** — [`ExpectedDisk`], an in-memory model of a disk that mirrors
-//!   qcowx's write / write-zeroes / discard semantics, and [`apply_random_ops`] to drive an
-//!   image and a model with the same random operations.
-//! * **Files** — [`tempdir`], [`read_at`], [`patch`], [`be32`], [`be64`]; and
-//!   [`CappedStorage`], an in-memory storage with a size cap.
-//! * **Bounded execution** — [`run_bounded`] runs a closure on its own thread with a time
-//!   limit, catches panics and reports the largest single allocation it made (when the
-//!   test binary installs [`alloc_limit::LimitAlloc`] as its global allocator).
-//! * **Errors** — [`error_text`] renders an error with its whole `source()` chain.
+//! * **Processes** (`process`) — [`run`] and [`run_timeout`] run a command with a time
+//!   limit; [`describe`] and [`command_line`] for messages; [`require_tool`] checks an
+//!   oracle once per process; [`spawn_piped`] and [`KillOnDrop`] for long-running helper
+//!   processes; [`send_signal`].
+//! * **QEMU's tools** (`qemu`) — [`qemu_img`] and [`qemu_io`] build commands;
+//!   [`run_ok`] asserts success. Wrappers for the common sub-commands:
+//!   [`qemu_img_run`], [`qemu_img_ok`], [`qemu_img_fails`], [`qemu_img_create`],
+//!   [`qemu_io_ok`], [`convert_to_raw`], [`convert_snapshot_to_raw`], [`qemu_check`] /
+//!   [`assert_qemu_check_clean`] / [`assert_qemu_check_clean_bytes`],
+//!   [`assert_qemu_compare_eq`], [`qemu_map`], [`qemu_info`] /
+//!   [`assert_info_matches_qemu`], [`QemuIoSession`] (a `qemu-io` process holding an
+//!   image open). [`qemu_io_run`] and [`run`] never retry; [`run_ok`], [`qemu_io_ok`] and
+//!   the check/compare wrappers retry transient lock failures (see [`LOCK_RETRY`]).
+//! * **Images** (`images`) — [`open_ro`], [`open_rw`] and [`open_retry`] ride out the
+//!   transient lock conflicts a multi-threaded test binary causes;
+//!   [`assert_image_eq_file`], [`assert_image_matches_qemu`] and
+//!   [`assert_image_eq_bytes`] compare whole disks in bounded chunks;
+//!   [`classify_block_status`], [`classify_qemu_map`] and [`assert_same_classification`]
+//!   compare block status with `qemu-img map`.
+//! * **Deterministic data** (`rng`) — [`Rng`], the one pseudo-random generator of the
+//!   tests (SplitMix64), [`pattern`], [`compressible`].
+//! * **Models** (`expected`, [`strategies`]) — [`ExpectedDisk`], an in-memory model of a
+//!   disk, and [`apply_random_ops`]; the proptest ranges and position-dependent write
+//!   data of the model tests.
+//! * **Files and storages** (`files`, `pause`) — [`tempdir`], [`read_at`], [`patch`],
+//!   [`be32`], [`be64`], [`evict_page_cache`], [`CappedStorage`]; [`Pause`], a pause
+//!   point that stops one thread on a chosen read.
+//! * **Bounded execution** (`bounded`) — [`run_bounded`], [`alloc_limit::LimitAlloc`],
+//!   [`error_text`].
+//! * **Binaries** (`bins`) — [`qcowx_cli_bin`] and [`qcowx_nbd_bin`]: the binary cargo
+//!   built for the running test, or built with cargo once per test process.
+//! * **The CLI** ([`cli`]) — `qcowx` and QEMU's tools run in a test directory, and the
+//!   assertions the CLI tests make on their exit codes and output.
+//! * **NBD** (`nbd_server`, `libnbd`, [`nbd_wire`], `pki`) — [`QcowxNbd`], a `qcowx-nbd`
+//!   process on a Unix socket or a free TCP port, stopped when dropped; libnbd's tools
+//!   ([`nbdinfo`], [`nbdcopy`], [`nbdsh`], [`libnbd_read_ranges`]); a hand-written
+//!   protocol client and an in-process server; [`make_pki`], the certificates of the TLS
+//!   tests.
 
 #![warn(missing_docs)]
 
@@ -50,6 +59,7 @@ mod pki;
 mod process;
 mod qemu;
 mod rng;
+pub mod strategies;
 
 pub use bins::*;
 pub use bounded::*;

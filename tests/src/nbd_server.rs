@@ -55,6 +55,14 @@ impl QcowxNbd {
         server
     }
 
+    /// [`QcowxNbd::start`] with the socket `DIR/nbd.sock` and the runtime directory
+    /// `DIR/run` (made if missing).
+    pub fn in_dir(dir: &Path, image: &Path, args: &[&str]) -> QcowxNbd {
+        let runtime = dir.join("run");
+        std::fs::create_dir_all(&runtime).expect("runtime directory");
+        QcowxNbd::start(image, &dir.join("nbd.sock"), &runtime, args)
+    }
+
     /// Starts `qcowx-nbd ARGS... IMAGE` listening as `listen` says, with the test
     /// process's runtime directory, and waits (up to [`SERVER_WAIT`]) until it listens.
     pub fn listen(image: &Path, listen: Listen<'_>, args: &[&str]) -> QcowxNbd {

@@ -1,8 +1,9 @@
 //! Running processes with a time limit and describing what they did.
 
 use std::io::Read;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, PoisonError};
+use std::ops::{Deref, DerefMut};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -150,4 +151,71 @@ pub fn send_signal(pid: u32, sig: &str) {
         "kill -{sig} {pid}: {}",
         describe(&out)
     );
+}
+
+/// A child process that is killed (and reaped) when dropped if it still runs, so a
+/// failing test leaves no process behind.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A child process with piped stdin and stdout, and a thread collecting its stderr.
+#[derive(Debug)]
+pub struct Piped {
+    /// The process, killed when dropped.
+    pub child: KillOnDrop,
+    /// Its stdin.
+    pub stdin: Option<ChildStdin>,
+    /// Its stdout.
+    pub stdout: ChildStdout,
+    /// Everything it wrote to stderr so far.
+    pub stderr: Arc<Mutex<String>>,
+}
+
+/// Starts `cmd` with piped stdin, stdout and stderr, and a thread that collects its
+/// stderr; panics with `what` if it cannot be started.
+pub fn spawn_piped(cmd: &mut Command, what: &str) -> Piped {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(what);
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let sink = Arc::clone(&stderr);
+    thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        sink.lock().unwrap().push_str(&s);
+    });
+    Piped {
+        child: KillOnDrop(child),
+        stdin,
+        stdout,
+        stderr,
+    }
 }

@@ -173,6 +173,19 @@ impl QemuCheck {
     pub fn count(&self, key: &str) -> u64 {
         self.json.get(key).and_then(|v| v.as_u64()).unwrap_or(0)
     }
+
+    /// Asserts a clean report: exit 0, no leak, no corruption, no check error. `what`
+    /// names the image in the message.
+    pub fn assert_clean(&self, what: &str) {
+        assert!(
+            self.code == 0
+                && self.count("leaks") == 0
+                && self.count("corruptions") == 0
+                && self.count("check-errors") == 0,
+            "{what}: qemu-img check is not clean: {}",
+            describe(&self.output)
+        );
+    }
 }
 
 /// Runs `qemu-img check --output=json` on a qcow2 image.
@@ -192,16 +205,7 @@ pub fn qemu_check(path: &Path) -> QemuCheck {
 
 /// Asserts that `qemu-img check` finds no corruption, no leak and no check error.
 pub fn assert_qemu_check_clean(path: &Path) {
-    let c = qemu_check(path);
-    assert!(
-        c.code == 0
-            && c.count("leaks") == 0
-            && c.count("corruptions") == 0
-            && c.count("check-errors") == 0,
-        "qemu-img check {} is not clean: {}",
-        path.display(),
-        describe(&c.output)
-    );
+    qemu_check(path).assert_clean(&path.display().to_string());
 }
 
 /// Writes the qcow2 image `bytes` to a temporary file and asserts that `qemu-img check`
@@ -211,15 +215,7 @@ pub fn assert_qemu_check_clean_bytes(bytes: &[u8], what: &str) {
     let dir = crate::tempdir();
     let path = dir.path().join("image.qcow2");
     std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-    let c = qemu_check(&path);
-    assert!(
-        c.code == 0
-            && c.count("leaks") == 0
-            && c.count("corruptions") == 0
-            && c.count("check-errors") == 0,
-        "{what}: qemu-img check is not clean: {}",
-        describe(&c.output)
-    );
+    qemu_check(&path).assert_clean(what);
 }
 
 /// Asserts that `qemu-img compare` finds `a` (format `a_fmt`) and `b` (format `b_fmt`)
