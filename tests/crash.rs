@@ -18,8 +18,9 @@
 use std::path::{Path, PathBuf};
 
 use qcowx_core::{CreateOptions, Image, LockMode, OpenOptions};
+use qcowx_tests::strategies::guest_pattern;
 use qcowx_tests::{
-    describe, qemu_check, qemu_img, qemu_img_create, qemu_info, qemu_io_run, run, QemuCheck,
+    describe, qemu_check, qemu_img, qemu_img_create, qemu_info, qemu_io_run, run, Rng,
 };
 
 const MIB: u64 = 1 << 20;
@@ -52,17 +53,6 @@ fn dirty_flag(path: &Path) -> bool {
     info["dirty-flag"]
         .as_bool()
         .unwrap_or_else(|| panic!("qemu-img info has no dirty-flag: {info}"))
-}
-
-fn assert_check_clean(c: &QemuCheck, what: &str) {
-    assert!(
-        c.code == 0
-            && c.count("leaks") == 0
-            && c.count("corruptions") == 0
-            && c.count("check-errors") == 0,
-        "{what}: qemu-img check is not clean: {}",
-        describe(&c.output)
-    );
 }
 
 /// `qemu-io` with one `read -P` per entry of [`WRITES`] (read-write open unless
@@ -155,7 +145,7 @@ fn qemu_repairs_dirty_image_on_read_write_open() {
         !dirty_flag(&path),
         "the dirty flag is still set after a read-write qemu-io session: {out}"
     );
-    assert_check_clean(&qemu_check(&path), "after QEMU's repair on open");
+    qemu_check(&path).assert_clean("after QEMU's repair on open");
     qemu_verify_writes(&path, true);
     let img = Image::open(&path).expect("qcowx opens the repaired image");
     qcowx_verify_writes(&img);
@@ -174,7 +164,7 @@ fn qemu_img_check_repair_fixes_dirty_image() {
         describe(&out)
     );
     assert!(!dirty_flag(&path));
-    assert_check_clean(&qemu_check(&path), "after qemu-img check -r all");
+    qemu_check(&path).assert_clean("after qemu-img check -r all");
     qemu_verify_writes(&path, true);
 }
 
@@ -186,33 +176,14 @@ fn qcowx_read_write_open_and_close_cleans_dirty_image() {
     img.close().expect("close");
     drop(img);
     assert!(!dirty_flag(&path), "qcowx's close clears the dirty flag");
-    assert_check_clean(&qemu_check(&path), "after qcowx's close");
+    qemu_check(&path).assert_clean("after qcowx's close");
     qemu_verify_writes(&path, true);
 }
 
 // ---- writes in flight at the crash ----------------------------------------------------
 
-/// The byte a write with `seed` puts at guest offset `g`.
-fn pattern_byte(seed: u8, g: u64) -> u8 {
-    let x = (g ^ (u64::from(seed) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (x >> 56) as u8 ^ seed
-}
-
-/// SplitMix64.
-struct Mix(u64);
-
-impl Mix {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-}
-
 /// One guest operation of the in-flight scenario, applied to the image and a model.
-fn random_op(img: &Image, model: &mut [u8], rng: &mut Mix, cs: u64, discards: bool) {
+fn random_op(img: &Image, model: &mut [u8], rng: &mut Rng, cs: u64, discards: bool) {
     let size = model.len() as u64;
     match rng.below(if discards { 8 } else { 6 }) {
         0..=5 => {
@@ -220,7 +191,7 @@ fn random_op(img: &Image, model: &mut [u8], rng: &mut Mix, cs: u64, discards: bo
             let off = rng.below(size);
             let len = (1 + rng.below(4 * cs)).min(size - off);
             let seed = 1 + rng.below(255) as u8;
-            let data: Vec<u8> = (off..off + len).map(|g| pattern_byte(seed, g)).collect();
+            let data: Vec<u8> = guest_pattern(seed, off, len);
             img.write_at(&data, off).expect("write");
             model[off as usize..(off + len) as usize].copy_from_slice(&data);
         }
@@ -280,7 +251,7 @@ fn crash_with_copy_on_write_in_flight() {
 
     let mut flushed = base_content.clone();
     let mut written = Vec::new();
-    let mut rng = Mix(0x5eed);
+    let mut rng = Rng::new(0x5eed);
     // Two 512-byte L2 tables of cache: each covers 32 KiB of the disk, so writes all
     // over 4 MiB evict dirty tables constantly.
     crash_session(&path, OpenOptions::new().cache_bytes(1024), |img| {
@@ -343,7 +314,7 @@ fn crash_with_copy_on_write_in_flight() {
     drop(rw);
 
     assert!(!dirty_flag(&path));
-    assert_check_clean(&qemu_check(&path), "after qcowx's repair");
+    qemu_check(&path).assert_clean("after qcowx's repair");
     let raw = dir.path().join("seen.raw");
     std::fs::write(&raw, &seen).expect("write the expected content");
     let out = run(qemu_img()

@@ -310,13 +310,6 @@ fn image_with(path: &Path, size: u64, data: &[u8]) {
     img.close().expect("close");
 }
 
-/// A server for `image` with its sockets in `dir` (never on the small file system).
-fn serve(dir: &Path, image: &Path) -> QcowxNbd {
-    let runtime = dir.join("run");
-    std::fs::create_dir_all(&runtime).expect("runtime directory");
-    QcowxNbd::start(image, &dir.join("nbd.sock"), &runtime, &["-t"])
-}
-
 /// Python: fills the file system holding argv path with a filler file (1 MiB writes,
 /// then 4 KiB ones, until ENOSPC).
 const PY_FILL: &str = r#"
@@ -345,7 +338,7 @@ fn a_full_file_system_fails_nbd_writes_with_enospc_and_recovers_when_space_retur
     let image = fs.path().join("disk.qcow2");
     let before = pattern(1, 1 << 20);
     image_with(&image, 64 << 20, &before);
-    let server = serve(dir.path(), &image);
+    let server = QcowxNbd::in_dir(dir.path(), &image, &["-t"]);
     let filler = fs.path().join("filler");
     let mut py = StepScript::start(
         &format!(
@@ -431,7 +424,7 @@ fn a_shutdown_on_a_full_file_system_fails_cleanly_and_repair_loses_nothing() {
     let before = pattern(2, 1 << 20);
     // 1 GiB: offset 768 MiB lies under a second L2 table (each maps 512 MiB).
     image_with(&image, 1 << 30, &before);
-    let mut server = serve(dir.path(), &image);
+    let mut server = QcowxNbd::in_dir(dir.path(), &image, &["-t"]);
     let filler = fs.path().join("filler");
     let py = StepScript::start(
         &format!(

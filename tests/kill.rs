@@ -38,9 +38,9 @@
 //! `python3-libnbd`.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -406,7 +406,7 @@ fn plan_text(plan: &[Op], slots: &[Slot]) -> String {
 /// One running client: its log lines (shared with a reader thread) and the events
 /// `r`, `p`, `done`, `x` and `eof` with their line index.
 struct Client {
-    child: Child,
+    child: KillOnDrop,
     stdin: Option<ChildStdin>,
     lines: Arc<Mutex<Vec<String>>>,
     events: mpsc::Receiver<(String, usize)>,
@@ -416,27 +416,20 @@ struct Client {
 
 impl Client {
     fn start(script: &Path, uri: &str, plan: &Path, export: usize) -> Client {
-        let mut child = python3_libnbd()
-            .arg(script)
-            .arg(uri)
-            .arg(plan)
-            .arg(export.to_string())
-            .arg(WINDOW.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start a libnbd client");
-        let stdin = child.stdin.take();
-        let out = child.stdout.take().expect("stdout");
-        let mut err = child.stderr.take().expect("stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            sink.lock().unwrap().push_str(&s);
-        });
+        let Piped {
+            child,
+            stdin,
+            stdout: out,
+            stderr,
+        } = spawn_piped(
+            python3_libnbd()
+                .arg(script)
+                .arg(uri)
+                .arg(plan)
+                .arg(export.to_string())
+                .arg(WINDOW.to_string()),
+            "start a libnbd client",
+        );
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, events) = mpsc::channel();
         let l2 = Arc::clone(&lines);
@@ -510,15 +503,6 @@ impl Client {
         let lines = std::mem::take(&mut *self.lines.lock().unwrap());
         let err = self.stderr.lock().unwrap().clone();
         (lines, status, err)
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

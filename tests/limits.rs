@@ -54,13 +54,6 @@ fn libnbd_script(uri: &str, script: &str) {
     );
 }
 
-/// A server on `dir/nbd.sock` for `image`, with its runtime directory in `dir`.
-fn serve(dir: &Path, image: &Path, args: &[&str]) -> QcowxNbd {
-    let runtime = dir.join("run");
-    std::fs::create_dir_all(&runtime).expect("runtime directory");
-    QcowxNbd::start(image, &dir.join("nbd.sock"), &runtime, args)
-}
-
 /// Resident memory of process `pid` now and at its peak (kB), from /proc.
 fn memory_kb(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
@@ -201,7 +194,7 @@ fn requests_of_32_mib_work_and_one_byte_more_gets_einval() {
     let dir = tempdir();
     let image = dir.path().join("disk.qcow2");
     new_image(&image, 128 << 20);
-    let server = serve(dir.path(), &image, &["-t"]);
+    let server = QcowxNbd::in_dir(dir.path(), &image, &["-t"]);
     libnbd_script(
         &server.uri("default"),
         r#"
@@ -249,7 +242,7 @@ fn oversized_write_payloads_are_skipped_up_to_their_limit_and_close_the_connecti
     let dir = tempdir();
     let image = dir.path().join("disk.qcow2");
     new_image(&image, 64 << 20);
-    let server = serve(dir.path(), &image, &["-t"]);
+    let server = QcowxNbd::in_dir(dir.path(), &image, &["-t"]);
     let sock = dir.path().join("nbd.sock");
     let mut other = RawClient::connect(&sock);
 
@@ -292,7 +285,7 @@ fn pipelined_writes_growth(dir: &Path, count: u64, len: u32) -> u64 {
     new_image(&image, span);
     let sub = dir.join(format!("srv-{count}"));
     std::fs::create_dir_all(&sub).expect("dir");
-    let server = serve(&sub, &image, &["-t"]);
+    let server = QcowxNbd::in_dir(&sub, &image, &["-t"]);
     let mut c = RawClient::connect(&sub.join("nbd.sock"));
     assert_eq!(c.size, span);
     // Warm up with one request of each kind, so allocator pools exist before the
@@ -390,7 +383,7 @@ fn clients_past_the_shared_limit_wait_until_one_leaves() {
     let dir = tempdir();
     let image = dir.path().join("disk.qcow2");
     new_image(&image, 16 << 20);
-    let server = serve(dir.path(), &image, &["-t", "-e", "2"]);
+    let server = QcowxNbd::in_dir(dir.path(), &image, &["-t", "-e", "2"]);
     let uri = server.uri("default");
     let wait = Duration::from_secs(60);
     let mut first = QemuIoSession::start(
@@ -452,7 +445,7 @@ fn control_connections_past_the_limit_are_answered_busy() {
     let dir = tempdir();
     let image = dir.path().join("disk.qcow2");
     new_image(&image, 16 << 20);
-    let server = serve(dir.path(), &image, &["-t"]);
+    let server = QcowxNbd::in_dir(dir.path(), &image, &["-t"]);
     let control = server.control().expect("a control socket").to_path_buf();
     let connect = || {
         let s = UnixStream::connect(&control).expect("connect to the control socket");

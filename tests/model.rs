@@ -20,80 +20,16 @@ use std::thread;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use qcowx_core::{CreateOptions, Image, OpenOptions};
-use qcowx_tests::{describe, qemu_check, qemu_img, qemu_img_create, qemu_info, qemu_io_run, run};
+use qcowx_tests::strategies::{guest_pattern, range, Range};
+use qcowx_tests::{
+    describe, first_difference, qemu_check, qemu_img, qemu_img_create, qemu_info, qemu_io_run, run,
+    Rng,
+};
 
 /// The largest disk a sequence may grow to.
 const MAX_DISK: u64 = 12 << 20;
 
-// ---- deterministic data -------------------------------------------------------------
-
-/// SplitMix64: deterministic pseudo-random numbers from a proptest-chosen seed.
-struct Mix(u64);
-
-impl Mix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// The byte a qcowx write with `seed` puts at guest offset `g` (position dependent, so
-/// misplaced or stale data is noticed).
-fn pattern_byte(seed: u8, g: u64) -> u8 {
-    let x = (g ^ (u64::from(seed) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (x >> 56) as u8 ^ seed
-}
-
-fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
-    (off..off + len).map(|g| pattern_byte(seed, g)).collect()
-}
-
-fn first_diff(got: &[u8], want: &[u8]) -> usize {
-    got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0)
-}
-
 // ---- operations -----------------------------------------------------------------------
-
-/// Where an operation lands, resolved against the disk size when it runs.
-#[derive(Debug, Clone, Copy)]
-enum Shape {
-    Unaligned,
-    Sectors,
-    Clusters,
-    Tail,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Range {
-    shape: Shape,
-    off: u64,
-    len: u64,
-}
-
-impl Range {
-    fn resolve(self, size: u64, cs: u64) -> (u64, u64) {
-        let span = |max: u64| 1 + self.len % max;
-        let (off, len) = match self.shape {
-            Shape::Unaligned => (self.off % size, span(3 * cs)),
-            Shape::Sectors => {
-                let off = (self.off % size.div_ceil(512)) * 512;
-                (off, 512 * span(3 * cs.div_ceil(512)))
-            }
-            Shape::Clusters => ((self.off % size.div_ceil(cs)) * cs, cs * span(4)),
-            Shape::Tail => {
-                let back = span(size.min(3 * cs));
-                (size - back, back)
-            }
-        };
-        (off, len.min(size - off))
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -122,20 +58,6 @@ enum Op {
         byte: u8,
         zero: bool,
     },
-}
-
-fn range() -> impl Strategy<Value = Range> {
-    (
-        prop_oneof![
-            3 => Just(Shape::Unaligned),
-            2 => Just(Shape::Sectors),
-            3 => Just(Shape::Clusters),
-            1 => Just(Shape::Tail),
-        ],
-        any::<u64>(),
-        any::<u64>(),
-    )
-        .prop_map(|(shape, off, len)| Range { shape, off, len })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -191,7 +113,7 @@ fn make_backing(dir: &Path, kind: Backing, size: u64, seed: u64) -> (Option<Stri
             (name, "raw")
         }
     };
-    let mut rng = Mix(seed);
+    let mut rng = Rng::new(seed);
     let mut cmds = Vec::new();
     for _ in 0..8 {
         let off = rng.below(size);
@@ -255,7 +177,7 @@ impl Run {
             .map_err(|e| self.fail(format!("{when}: read {off}+{len}: {e}")))?;
         let want = &self.model[off as usize..(off + len) as usize];
         if got != want {
-            let i = first_diff(&got, want);
+            let i = first_difference(&got, want).unwrap_or(0);
             return Err(self.fail(format!(
                 "{when}: mismatch at guest offset {} (read {:#04x}, model {:#04x})",
                 off + i as u64,
@@ -343,7 +265,7 @@ impl Run {
             Op::Write { at, seed } => {
                 let (off, len) = at.resolve(size, cs);
                 writeln!(self.trace, "{i}: write {off}+{len} seed {seed}").ok();
-                let data = pattern(seed, off, len);
+                let data = guest_pattern(seed, off, len);
                 self.img()
                     .write_at(&data, off)
                     .map_err(|e| self.fail(format!("step {i}: write: {e}")))?;
@@ -627,9 +549,9 @@ fn concurrent_run(
         let initial = Arc::clone(&initial);
         handles.push(thread::spawn(move || {
             let mut model = (*initial).clone();
-            let mut rng = Mix(seed ^ (t + 1).wrapping_mul(0xA076_1D64_78BD_642F));
+            let mut rng = Rng::new(seed ^ (t + 1).wrapping_mul(0xA076_1D64_78BD_642F));
             let nstripes = size / stripes.stripe;
-            let my_stripe = |rng: &mut Mix| {
+            let my_stripe = |rng: &mut Rng| {
                 let k = rng.below(nstripes / stripes.threads) * stripes.threads + t;
                 k * stripes.stripe
             };
@@ -640,7 +562,7 @@ fn concurrent_run(
                         let off = base + rng.below(stripes.stripe);
                         let len = 1 + rng.below(base + stripes.stripe - off);
                         let seed = 1 + rng.below(255) as u8;
-                        let data = pattern(seed, off, len);
+                        let data = guest_pattern(seed, off, len);
                         img.write_at(&data, off).expect("write");
                         model[off as usize..(off + len) as usize].copy_from_slice(&data);
                     }
@@ -687,7 +609,7 @@ fn concurrent_run(
     let mut got = vec![0u8; size as usize];
     img.read_at(&mut got, 0).expect("read all");
     if got != merged {
-        let i = first_diff(&got, &merged);
+        let i = first_difference(&got, &merged).unwrap_or(0);
         panic!(
             "after the threads: byte {i} reads {:#04x}, model {:#04x} (owner thread {})",
             got[i],
@@ -880,7 +802,7 @@ fn grow_over_longer_backing_file_reads_zeros() {
     let mut got = vec![0u8; new as usize];
     img.read_at(&mut got, 0).expect("read");
     if got != model {
-        let i = first_diff(&got, &model);
+        let i = first_difference(&got, &model).unwrap_or(0);
         panic!(
             "after growing from {old} to {new}, byte {i} reads {:#04x}, expected {:#04x}",
             got[i], model[i]

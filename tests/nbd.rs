@@ -11,74 +11,19 @@
 //! The server binary is built on first use with the same cargo profile as this test
 //! (`cargo build -p qcowx-nbd`); set `QCOWX_NBD=/path/to/qcowx-nbd` to use another.
 
-use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use qcowx_core::{CreateOptions, Image};
 use qcowx_tests::*;
 
-/// How long a server may take to start listening or to stop.
-const SERVER_WAIT: Duration = Duration::from_secs(60);
-
 // ---- tools ------------------------------------------------------------------------------
-
-fn require(tool: &str, package: &str, probe: &[&str]) {
-    static CHECKED: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
-    let checked = CHECKED.get_or_init(Default::default);
-    if checked.lock().unwrap().iter().any(|t| t == tool) {
-        return;
-    }
-    let ok = tool_command(tool)
-        .args(probe)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        panic!("{tool} not found or not working: install {package} (scripts/test does)");
-    }
-    checked.lock().unwrap().push(tool.to_string());
-}
-
-/// A command for a libnbd tool. `nbdsh` runs `python3 -m nbd` from `PATH`; Debian's
-/// `python3-libnbd` installs the module for `/usr/bin/python3`, so that comes first
-/// (a pyenv or venv python3 earlier in `PATH` would not have it).
-fn tool_command(tool: &str) -> Command {
-    let mut c = Command::new(tool);
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut p = OsString::from("/usr/bin:");
-    p.push(path);
-    c.env("PATH", p);
-    c
-}
-
-fn nbdinfo() -> Command {
-    require("nbdinfo", "libnbd-bin", &["--version"]);
-    tool_command("nbdinfo")
-}
-
-fn nbdcopy() -> Command {
-    require("nbdcopy", "libnbd-bin", &["--version"]);
-    tool_command("nbdcopy")
-}
-
-fn nbdsh() -> Command {
-    require(
-        "nbdsh",
-        "python3-libnbd (and libnbd-bin)",
-        &["-c", "import nbd"],
-    );
-    tool_command("nbdsh")
-}
 
 /// Python helpers prepended to every nbdsh script.
 const PY_PRELUDE: &str = r#"
@@ -105,235 +50,7 @@ fn nbdsh_ok(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(out)))
-}
-
 // ---- the server under test ---------------------------------------------------------------
-
-/// The `qcowx-nbd` binary, built with this test's profile on first use.
-fn server_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("QCOWX_NBD") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile dir>/deps/nbd-<hash>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target profile directory")
-            .to_path_buf();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "qcowx-nbd", "--bin", "qcowx-nbd"])
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                cmd.arg("--release");
-            }
-            Some(p) => {
-                cmd.args(["--profile", p]);
-            }
-        }
-        let out = run_timeout(&mut cmd, Duration::from_secs(1200));
-        assert!(
-            out.status.success(),
-            "building qcowx-nbd failed: {}",
-            describe(&out)
-        );
-        let bin = profile_dir.join("qcowx-nbd");
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
-}
-
-/// A running `qcowx-nbd`.
-struct NbdServer {
-    child: Option<Child>,
-    sock: Option<PathBuf>,
-    tcp: Option<String>,
-    control: Option<PathBuf>,
-    banner: String,
-    stderr: Arc<Mutex<String>>,
-}
-
-/// Where a server should listen.
-enum Listen<'a> {
-    Unix(&'a Path),
-    Tcp,
-}
-
-impl NbdServer {
-    /// Starts `qcowx-nbd ARGS... IMAGE` listening as `listen` says and waits until it
-    /// listens (it prints where, then how to connect).
-    fn start(image: &Path, listen: Listen<'_>, args: &[&str]) -> NbdServer {
-        let mut cmd = Command::new(server_bin());
-        match listen {
-            Listen::Unix(p) => {
-                cmd.arg("-k").arg(p);
-            }
-            Listen::Tcp => {
-                cmd.args(["-b", "127.0.0.1", "-p", "0"]);
-            }
-        }
-        cmd.args(args).arg(image);
-        NbdServer::spawn(cmd)
-    }
-
-    fn spawn(mut cmd: Command) -> NbdServer {
-        // Default control sockets go to a directory of this test run, not /run/qcowx.
-        static RUNTIME: OnceLock<TempDir> = OnceLock::new();
-        if !cmd.get_envs().any(|(k, _)| k == "QCOWX_RUNTIME_DIR") {
-            cmd.env("QCOWX_RUNTIME_DIR", RUNTIME.get_or_init(tempdir).path());
-        }
-        let line = command_line(&cmd);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut server = NbdServer {
-            child: Some(child),
-            sock: None,
-            tcp: None,
-            control: None,
-            banner: String::new(),
-            stderr,
-        };
-        let deadline = Instant::now() + SERVER_WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) => {
-                    server.banner.push_str(&l);
-                    server.banner.push('\n');
-                    if let Some(p) = l.strip_prefix("listening on unix ") {
-                        server.sock = Some(PathBuf::from(p));
-                    } else if let Some(a) = l.strip_prefix("listening on tcp ") {
-                        server.tcp = Some(a.to_string());
-                    } else if let Some(p) = l.strip_prefix("control socket ") {
-                        server.control = Some(PathBuf::from(p));
-                    } else if l.trim_start().starts_with("nbdinfo --list") {
-                        // The last line of the banner.
-                        break;
-                    }
-                }
-                Err(_) => panic!(
-                    "`{line}` did not start listening within {SERVER_WAIT:?}\nstdout:\n{}\nstderr:\n{}",
-                    server.banner,
-                    server.stderr()
-                ),
-            }
-        }
-        // Keep draining stdout so the server never blocks on it.
-        thread::spawn(move || while rx.recv().is_ok() {});
-        server
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// The NBD URI of `export`.
-    fn uri(&self, export: &str) -> String {
-        if let Some(s) = &self.sock {
-            format!("nbd+unix:///{export}?socket={}", s.display())
-        } else {
-            format!("nbd://{}/{export}", self.tcp.as_ref().expect("an address"))
-        }
-    }
-
-    /// Sends SIGTERM and waits; asserts a clean exit and that the socket is gone.
-    fn stop(mut self) {
-        let pid = self.pid().to_string();
-        let out = run(Command::new("kill").args(["-TERM", &pid]));
-        assert!(out.status.success(), "kill -TERM: {}", describe(&out));
-        let status = self.wait();
-        assert!(
-            status.success(),
-            "qcowx-nbd exited with {status}\nstderr:\n{}",
-            self.stderr()
-        );
-        if let Some(s) = &self.sock {
-            assert!(!s.exists(), "{} left behind after shutdown", s.display());
-        }
-        if let Some(c) = &self.control {
-            assert!(!c.exists(), "{} left behind after shutdown", c.display());
-        }
-    }
-
-    /// Waits (bounded) for the server to exit by itself.
-    fn wait(&mut self) -> ExitStatus {
-        let child = self.child.as_mut().expect("running");
-        let deadline = Instant::now() + SERVER_WAIT;
-        loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                self.child = None;
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                self.child = None;
-                panic!(
-                    "qcowx-nbd did not exit within {SERVER_WAIT:?}\nstderr:\n{}",
-                    self.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL, as a crash.
-    fn kill9(mut self) {
-        let mut c = self.child.take().expect("running");
-        c.kill().expect("kill -9");
-        c.wait().expect("wait");
-    }
-}
-
-impl Drop for NbdServer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn sock_in(dir: &TempDir) -> PathBuf {
     dir.path().join("nbd.sock")
@@ -364,7 +81,7 @@ fn qemu_io_nbd(uri: &str, cmds: &[&str]) -> Output {
 }
 
 /// The bytes of an export, through nbdcopy.
-fn export_bytes(server: &NbdServer, export: &str, scratch: &Path) -> Vec<u8> {
+fn export_bytes(server: &QcowxNbd, export: &str, scratch: &Path) -> Vec<u8> {
     let _ = std::fs::remove_file(scratch);
     run_ok(nbdcopy().arg(server.uri(export)).arg(scratch));
     std::fs::read(scratch).expect("read copy")
@@ -416,7 +133,7 @@ fn qemu_io_reads_writes_flushes_discards_and_zeroes_over_a_unix_socket() {
     let size = 64 << 20;
     new_image(&img, size);
     let pidfile = dir.path().join("server.pid");
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock_in(&dir)),
         &[
@@ -433,7 +150,7 @@ fn qemu_io_reads_writes_flushes_discards_and_zeroes_over_a_unix_socket() {
         .expect("pid");
     assert_eq!(pid, server.pid());
     assert!(server
-        .banner
+        .banner()
         .contains("qemu-system-x86_64 -drive file=nbd+unix:///default?socket="));
     let uri = server.uri("default");
     qemu_io_nbd(
@@ -498,7 +215,7 @@ fn qemu_img_converts_to_and_from_an_export_over_tcp() {
     Rng::new(8).fill(&mut bytes[(9 << 20)..(9 << 20) + 77777]);
     std::fs::write(&src, &bytes).unwrap();
 
-    let server = NbdServer::start(&img, Listen::Tcp, &["-t"]);
+    let server = QcowxNbd::listen(&img, Listen::Tcp, &["-t"]);
     let uri = server.uri("default");
     assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
     run_ok(
@@ -559,15 +276,15 @@ fn qemu_img_map_over_nbd_matches_the_image_allocation() {
     image.write_at(&[0xc1; 4096], 7 << 20).unwrap();
     image.close().unwrap();
 
-    let server = NbdServer::start(&top, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
+    let server = QcowxNbd::listen(&top, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
     let uri = server.uri("default");
     // The file's own map, as QEMU sees it (the server holds a shared lock only).
-    let file_map = json(&run_ok(
+    let file_map = cli::json(&run_ok(
         qemu_img()
             .args(["map", "--output=json", "-f", "qcow2"])
             .arg(&top),
     ));
-    let nbd_map = json(&run_ok(
+    let nbd_map = cli::json(&run_ok(
         qemu_img()
             .args(["map", "--output=json", "-f", "raw"])
             .arg(&uri),
@@ -585,7 +302,7 @@ fn qemu_img_map_over_nbd_matches_the_image_allocation() {
         "data extents over NBD differ from the file's\nnbd: {nbd_map}\nfile: {file_map}"
     );
     // qemu:allocation-depth: 0 unallocated, 1 this image, 2 the backing file.
-    let depth_map = json(&run_ok(
+    let depth_map = cli::json(&run_ok(
         nbdinfo()
             .args(["--map=qemu:allocation-depth", "--json"])
             .arg(&uri),
@@ -613,7 +330,7 @@ fn qemu_img_map_over_nbd_matches_the_image_allocation() {
         "unallocated expected: {depths:?}"
     );
     // base:allocation through nbdinfo: data where qemu-img says data.
-    let base_map = json(&run_ok(nbdinfo().args(["--map", "--json"]).arg(&uri)));
+    let base_map = cli::json(&run_ok(nbdinfo().args(["--map", "--json"]).arg(&uri)));
     let nbd_data = merge_runs(
         map_entries(&base_map)
             .into_iter()
@@ -663,12 +380,12 @@ fn nbdinfo_lists_every_vdi_and_snapshot() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock_in(&dir)),
         &["-t", "-D", "main disk"],
     );
-    let list = json(&run_ok(
+    let list = cli::json(&run_ok(
         nbdinfo().args(["--list", "--json"]).arg(server.uri("")),
     ));
     let exports = list["exports"].as_array().expect("exports");
@@ -697,7 +414,7 @@ fn nbdinfo_lists_every_vdi_and_snapshot() {
         .unwrap();
     assert_eq!(main["description"], "main disk");
 
-    let info = json(&run_ok(nbdinfo().arg("--json").arg(server.uri("web@w1"))));
+    let info = cli::json(&run_ok(nbdinfo().arg("--json").arg(server.uri("web@w1"))));
     let e = &info["exports"][0];
     assert_eq!(e["export-size"], 4 << 20);
     assert_eq!(e["block_size_minimum"], 1);
@@ -716,7 +433,7 @@ fn nbdinfo_lists_every_vdi_and_snapshot() {
 
     // --map of each export shows its own allocation.
     let map = |export: &str| {
-        let v = json(&run_ok(
+        let v = cli::json(&run_ok(
             nbdinfo().args(["--map", "--json"]).arg(server.uri(export)),
         ));
         merge_runs(
@@ -750,7 +467,7 @@ fn nbdcopy_copies_into_and_out_of_exports() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock_in(&dir)),
         &["-t", "--discard=unmap"],
@@ -796,7 +513,7 @@ fn concurrent_clients_on_several_exports_stay_isolated() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-e", "8"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-e", "8"]);
     let jobs: Vec<(String, u8)> = vec![
         (server.uri("default"), 0xd0),
         (server.uri("web"), 0xe0),
@@ -850,7 +567,7 @@ fn nbdsh_edge_cases_with_structured_replies() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-v"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-v"]);
     let script = format!(
         r#"
 h.add_meta_context("base:allocation")
@@ -991,7 +708,7 @@ fn nbdsh_edge_cases_with_simple_replies_and_a_minimum_block_size() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     new_image(&img, 8 << 20);
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock_in(&dir)),
         &["-t", "-v", "--min-block-size", "4096"],
@@ -1041,7 +758,7 @@ fn an_abrupt_disconnect_mid_write_leaves_the_server_serving_others() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     new_image(&img, 8 << 20);
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
     // A client connected throughout: one checked write per line on its stdin.
     let script = format!(
         r#"
@@ -1070,7 +787,7 @@ for line in sys.stdin:
     assert_eq!(line.trim(), "ready");
     for round in 0..3u8 {
         // A client that goes away in the middle of a write's payload.
-        let mut s = UnixStream::connect(server.sock.as_ref().unwrap()).expect("connect");
+        let mut s = UnixStream::connect(server.sock().unwrap()).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut greet = [0u8; 18];
         s.read_exact(&mut greet).unwrap();
@@ -1137,7 +854,7 @@ fn read_only_serving_shares_the_image_with_qemu() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
     // QEMU can read the file while it is served read-only (shared lock).
     run_ok(qemu_img().arg("info").arg(&img));
     let script = format!(
@@ -1161,12 +878,12 @@ fn load_snapshot_and_export_options_choose_what_is_served() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock_in(&dir)),
         &["-t", "-l", "snapshot.name=s1", "-x", "old"],
     );
-    let list = json(&run_ok(
+    let list = cli::json(&run_ok(
         nbdinfo().args(["--list", "--json"]).arg(server.uri("")),
     ));
     let names: Vec<&str> = list["exports"]
@@ -1182,12 +899,12 @@ fn load_snapshot_and_export_options_choose_what_is_served() {
     server.stop();
 
     let sock = dir.path().join("nbd2.sock");
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock),
         &["-t", "--export", "a=web", "--export", "b=web@w1"],
     );
-    let list = json(&run_ok(
+    let list = cli::json(&run_ok(
         nbdinfo().args(["--list", "--json"]).arg(server.uri("")),
     ));
     let got: Vec<(&str, bool)> = list["exports"]
@@ -1210,7 +927,7 @@ fn load_snapshot_and_export_options_choose_what_is_served() {
     server.stop();
 
     // An unknown root is refused at start.
-    let out = run(Command::new(server_bin())
+    let out = run(Command::new(qcowx_nbd_bin())
         .args(["-k"])
         .arg(dir.path().join("nbd3.sock"))
         .args(["--export", "x=nope"])
@@ -1227,10 +944,10 @@ fn load_snapshot_and_export_options_choose_what_is_served() {
 fn without_persistent_the_server_exits_after_its_last_client() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
-    let mut server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["--create", "16M"]);
+    let mut server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["--create", "16M"]);
     assert!(img.exists(), "--create made no image");
     qemu_io_nbd(&server.uri(""), &["write -P 0x12 0 64k"]);
-    let status = server.wait();
+    let status = server.wait_exit();
     assert!(status.success(), "exit {status}: {}", server.stderr());
     assert!(!sock_in(&dir).exists());
     let image = open_ro(&img);
@@ -1249,7 +966,7 @@ fn fork_detaches_and_the_pid_file_names_the_server() {
     new_image(&img, 8 << 20);
     let sock = sock_in(&dir);
     let pidfile = dir.path().join("pid");
-    let out = run(Command::new(server_bin())
+    let out = run(Command::new(qcowx_nbd_bin())
         .arg("-k")
         .arg(&sock)
         .args(["-t", "--fork", "--pid-file"])
@@ -1300,17 +1017,20 @@ os.environ["LISTEN_FDS"] = "1"
 os.environ["LISTEN_PID"] = str(os.getpid())
 os.execv(sys.argv[2], [sys.argv[2]] + sys.argv[3:])
 "#;
-    require("python3", "python3", &["-c", "import socket"]);
+    require_command(
+        "python3",
+        "python3",
+        tool_command("python3").args(["-c", "import socket"]),
+    );
     let mut cmd = tool_command("python3");
     cmd.args(["-c", py])
         .arg(&sock)
-        .arg(server_bin())
+        .arg(qcowx_nbd_bin())
         .args(["-t"])
         .arg(&img);
-    let mut server = NbdServer::spawn(cmd);
-    server.sock = Some(sock.clone());
+    let mut server = QcowxNbd::spawn(cmd);
     assert!(server
-        .banner
+        .banner()
         .contains(&format!("listening on unix {}", sock.display())));
     qemu_io_nbd(
         &server.uri("default"),
@@ -1318,7 +1038,7 @@ os.execv(sys.argv[2], [sys.argv[2]] + sys.argv[3:])
     );
     let pid = server.pid().to_string();
     run_ok(Command::new("kill").args(["-TERM", &pid]));
-    let status = server.wait();
+    let status = server.wait_exit();
     assert!(status.success(), "{}", server.stderr());
     assert_qemu_check_clean(&img);
 }
@@ -1329,7 +1049,7 @@ fn kill_9_during_writes_keeps_everything_flushed() {
     let img = dir.path().join("disk.qcow2");
     new_image(&img, 32 << 20);
     let sock = sock_in(&dir);
-    let server = NbdServer::start(&img, Listen::Unix(&sock), &["-t"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock), &["-t"]);
     // Acknowledged and flushed: must survive. Then more writes, unflushed, in flight.
     let script = format!(
         r#"
@@ -1360,7 +1080,7 @@ print("flushed", flush=True)
     let _ = child.wait();
 
     // Restart on the crashed image: the flushed data is all there.
-    let server = NbdServer::start(&img, Listen::Unix(&sock), &["-t"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock), &["-t"]);
     let mut cmds: Vec<String> = (0..64)
         .map(|i| format!("read -P {} {} 64k", i + 1, i * 65536))
         .collect();
@@ -1376,7 +1096,7 @@ fn detect_zeroes_and_cache_modes() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     new_image(&img, 8 << 20);
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock_in(&dir)),
         &[
@@ -1397,7 +1117,7 @@ fn detect_zeroes_and_cache_modes() {
         ],
     );
     // The all-zero write released its clusters.
-    let v = json(&run_ok(nbdinfo().args(["--map", "--json"]).arg(&uri)));
+    let v = cli::json(&run_ok(nbdinfo().args(["--map", "--json"]).arg(&uri)));
     let data = merge_runs(
         map_entries(&v)
             .into_iter()
@@ -1421,10 +1141,10 @@ fn dirty_bitmap_contexts_give_backup_tools_the_changes_since_a_snapshot() {
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
     let sock = sock_in(&dir);
-    let server = NbdServer::start(&img, Listen::Unix(&sock), &["-t"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock), &["-t"]);
     qemu_io_nbd(&server.uri("default"), &["write -P 0x09 3M 100"]);
     let dirty = |export: &str, snap: &str| {
-        let v = json(&run_ok(
+        let v = cli::json(&run_ok(
             nbdinfo()
                 .arg(format!("--map=qemu:dirty-bitmap:{snap}"))
                 .arg("--json")
@@ -1461,7 +1181,7 @@ fn dirty_bitmap_contexts_give_backup_tools_the_changes_since_a_snapshot() {
         "driver=nbd,server.type=unix,server.path={},export=default,x-dirty-bitmap=qemu:dirty-bitmap:s1",
         sock.display()
     );
-    let v = json(&run_ok(
+    let v = cli::json(&run_ok(
         qemu_img()
             .args(["map", "--output=json", "--image-opts"])
             .arg(&opts),
@@ -1484,11 +1204,8 @@ struct Control {
 }
 
 impl Control {
-    fn connect(server: &NbdServer) -> Control {
-        let path = server
-            .control
-            .as_ref()
-            .expect("the server has a control socket");
+    fn connect(server: &QcowxNbd) -> Control {
+        let path = server.control().expect("the server has a control socket");
         let s = UnixStream::connect(path)
             .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
         s.set_read_timeout(Some(SERVER_WAIT)).unwrap();
@@ -1520,8 +1237,8 @@ impl Control {
 }
 
 /// The export names `nbdinfo --list --json` shows.
-fn export_names(server: &NbdServer) -> Vec<String> {
-    let list = json(&run_ok(
+fn export_names(server: &QcowxNbd) -> Vec<String> {
+    let list = cli::json(&run_ok(
         nbdinfo().args(["--list", "--json"]).arg(server.uri("")),
     ));
     list["exports"]
@@ -1659,7 +1376,7 @@ fn live_snapshots_of_a_busy_export_are_consistent_points_in_each_write_stream() 
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     new_image(&img, 8 << 20);
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-e", "8"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-e", "8"]);
     // Two clients, each its own ordered stream in its own region of one VDI.
     let writers = [
         StreamWriter::start(&server.uri("default"), 0),
@@ -1736,7 +1453,7 @@ fn fork_revert_delete_gc_and_list_over_the_control_socket() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
     // QEMU cannot open the served image for writing: that is why the socket exists.
     let out = run(qemu_img().args(["snapshot", "-c", "x"]).arg(&img));
     assert!(!out.status.success(), "qemu-img wrote a served image");
@@ -1830,7 +1547,7 @@ fn bad_control_requests_get_errors_and_affect_nothing() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
     let mut ctl = Control::connect(&server);
     let cases: Vec<(&str, &str, &str)> = vec![
         ("not json at all", "invalid-request", "not JSON"),
@@ -1891,7 +1608,7 @@ fn bad_control_requests_get_errors_and_affect_nothing() {
     assert_eq!(list["roots"].as_array().unwrap().len(), 4);
     qemu_io_nbd(&server.uri("default"), &["read -P 0x02 0 64k"]);
     // A client that connects and goes away mid-line changes nothing either.
-    let mut s = UnixStream::connect(server.control.as_ref().unwrap()).unwrap();
+    let mut s = UnixStream::connect(server.control().unwrap()).unwrap();
     s.write_all(b"{\"op\": \"snapshot\", \"na").unwrap();
     drop(s);
     let list = ctl.ok(serde_json::json!({"op": "list"}));
@@ -1905,16 +1622,16 @@ fn a_read_only_server_has_no_control_socket_unless_asked() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
-    assert!(server.control.is_none(), "{}", server.banner);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
+    assert!(server.control().is_none(), "{}", server.banner());
     server.stop();
     let ctl = dir.path().join("ctl.sock");
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock_in(&dir)),
         &["-t", "-r", "--control", ctl.to_str().unwrap()],
     );
-    assert_eq!(server.control.as_deref(), Some(ctl.as_path()));
+    assert_eq!(server.control(), Some(ctl.as_path()));
     let mut c = Control::connect(&server);
     assert_eq!(
         c.ok(serde_json::json!({"op": "list"}))["roots"][1]["name"],
@@ -1923,40 +1640,12 @@ fn a_read_only_server_has_no_control_socket_unless_asked() {
     let a = c.send(serde_json::json!({"op": "snapshot", "name": "x"}));
     assert_eq!(a["kind"], "read-only", "{a}");
     server.stop();
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t", "--no-control"]);
-    assert!(server.control.is_none());
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t", "--no-control"]);
+    assert!(server.control().is_none());
     server.stop();
 }
 
 // ---- TLS -------------------------------------------------------------------------------------
-
-/// Certificates for the TLS tests, made with `openssl` (Debian package `openssl`):
-/// `server/` in QEMU's server layout, `alice/` and `eve/` in its client layout
-/// (ca-cert.pem, client-cert.pem, client-key.pem; CN alice / eve, signed by the CA),
-/// `nocert/` with the CA only.
-fn make_pki(dir: &Path) {
-    require("openssl", "openssl", &["version"]);
-    let script = r#"
-set -e
-ec() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
-mkdir -p server alice eve nocert
-ec ca.key
-openssl req -x509 -new -key ca.key -days 30 -subj "/CN=qcowx test CA" \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" -out ca.pem
-ec server/server-key.pem
-openssl req -new -key server/server-key.pem -subj "/CN=localhost" -out s.csr
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n' > s.ext
-openssl x509 -req -in s.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 -extfile s.ext -out server/server-cert.pem 2>/dev/null
-printf 'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n' > c.ext
-for who in alice eve; do
-  ec $who/client-key.pem
-  openssl req -new -key $who/client-key.pem -subj "/O=qcowx/CN=$who" -out c.csr
-  openssl x509 -req -in c.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 -extfile c.ext -out $who/client-cert.pem 2>/dev/null
-done
-for d in server alice eve nocert; do cp ca.pem $d/ca-cert.pem; done
-"#;
-    run_ok(Command::new("bash").args(["-c", script]).current_dir(dir));
-}
 
 /// qemu-io over TLS on a Unix socket: `dir` holds the client's files.
 fn qemu_io_tls(sock: &Path, export: &str, dir: &Path, cmds: &[&str]) -> Output {
@@ -1992,7 +1681,7 @@ fn tls_required_serves_tls_clients_and_refuses_the_others() {
     let img = dir.path().join("disk.qcow2");
     new_image(&img, 16 << 20);
     let sock = sock_in(&dir);
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock),
         &[
@@ -2002,7 +1691,11 @@ fn tls_required_serves_tls_clients_and_refuses_the_others() {
             dir.path().join("server").to_str().unwrap(),
         ],
     );
-    assert!(server.banner.contains("TLS required"), "{}", server.banner);
+    assert!(
+        server.banner().contains("TLS required"),
+        "{}",
+        server.banner()
+    );
     let alice = dir.path().join("alice");
 
     // QEMU's client over TLS: writes, reads, flushes; qemu-img copies the export.
@@ -2116,7 +1809,7 @@ fn tls_allowed_over_tcp_serves_clients_with_and_without_tls() {
     make_pki(dir.path());
     let img = dir.path().join("disk.qcow2");
     new_image(&img, 8 << 20);
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Tcp,
         &[
@@ -2130,8 +1823,12 @@ fn tls_allowed_over_tcp_serves_clients_with_and_without_tls() {
             dir.path().join("ca.pem").to_str().unwrap(),
         ],
     );
-    assert!(server.banner.contains("TLS allowed"), "{}", server.banner);
-    let addr = server.tcp.clone().expect("tcp address");
+    assert!(
+        server.banner().contains("TLS allowed"),
+        "{}",
+        server.banner()
+    );
+    let addr = server.tcp().expect("tcp address").to_string();
     let (host, port) = addr.rsplit_once(':').unwrap();
     let alice = dir.path().join("alice");
     // In clear.
@@ -2175,7 +1872,7 @@ fn tls_client_certificates_outside_the_allow_list_are_refused() {
     let img = dir.path().join("disk.qcow2");
     new_image(&img, 8 << 20);
     let sock = sock_in(&dir);
-    let server = NbdServer::start(
+    let server = QcowxNbd::listen(
         &img,
         Listen::Unix(&sock),
         &[
@@ -2223,52 +1920,19 @@ fn tls_client_certificates_outside_the_allow_list_are_refused() {
 
 // ---- the qcowx CLI against a served image ------------------------------------------------
 
-/// The `qcowx` binary, built with this test's profile on first use.
-fn cli_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let server = server_bin();
-        let profile_dir = server.parent().expect("profile directory").to_path_buf();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "qcowx-cli", "--bin", "qcowx"])
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                cmd.arg("--release");
-            }
-            Some(p) => {
-                cmd.args(["--profile", p]);
-            }
-        }
-        let out = run_timeout(&mut cmd, Duration::from_secs(1200));
-        assert!(
-            out.status.success(),
-            "building qcowx failed: {}",
-            describe(&out)
-        );
-        let bin = profile_dir.join("qcowx");
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
-}
-
 #[test]
 fn the_cli_forwards_to_the_server_of_a_locked_image() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
     image_with_vdis(&img);
-    let server = NbdServer::start(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t"]);
     let runtime = server
-        .control
-        .as_ref()
+        .control()
         .and_then(|c| c.parent())
         .expect("the server has a control socket")
         .to_path_buf();
     let qcowx = |args: &[&str]| {
-        let mut cmd = Command::new(cli_bin());
+        let mut cmd = Command::new(qcowx_cli_bin());
         cmd.env("QCOWX_RUNTIME_DIR", &runtime).args(args);
         run(&mut cmd)
     };

@@ -34,9 +34,9 @@
 //! `QCOWX_SOAK_SECS` sets the load time (default 60 s) and `QCOWX_SOAK_SEED` replays
 //! a seed (printed). Needs `qemu-utils` and `python3-libnbd`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::ChildStdin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::thread;
@@ -365,7 +365,7 @@ fn qemu_batch(rng: &mut Rng, model: &mut ExpectedDisk, base: u64, counts: &Count
 // ---- a libnbd client process -------------------------------------------------------------
 
 struct LibnbdClient {
-    child: Child,
+    child: KillOnDrop,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
     stderr: Arc<Mutex<String>>,
@@ -374,25 +374,18 @@ struct LibnbdClient {
 
 impl LibnbdClient {
     fn start(script: &Path, uri: &str, window: u64) -> LibnbdClient {
-        let mut child = python3_libnbd()
-            .arg(script)
-            .arg(uri)
-            .arg(window.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start a libnbd client");
-        let stdin = child.stdin.take();
-        let out = child.stdout.take().expect("stdout");
-        let mut err = child.stderr.take().expect("stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            sink.lock().unwrap().push_str(&s);
-        });
+        let Piped {
+            child,
+            stdin,
+            stdout: out,
+            stderr,
+        } = spawn_piped(
+            python3_libnbd()
+                .arg(script)
+                .arg(uri)
+                .arg(window.to_string()),
+            "start a libnbd client",
+        );
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
             for l in BufReader::new(out).lines() {
@@ -463,15 +456,6 @@ impl LibnbdClient {
                 Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
                 _ => panic!("libnbd client did not quit"),
             }
-        }
-    }
-}
-
-impl Drop for LibnbdClient {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }

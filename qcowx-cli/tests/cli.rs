@@ -3,81 +3,10 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
+use qcowx_tests::cli::*;
+use qcowx_tests::patch;
 use serde_json::Value;
-
-const QCOWX: &str = env!("CARGO_BIN_EXE_qcowx");
-
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    match Command::new(prog).args(args).current_dir(dir).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && prog != QCOWX => {
-            panic!("{prog} not found: install qemu-utils (scripts/test does)")
-        }
-        Err(e) => panic!("cannot run {prog}: {e}"),
-    }
-}
-
-/// Runs `qcowx` in `dir`.
-fn qcowx(dir: &Path, args: &[&str]) -> Output {
-    run(QCOWX, args, dir)
-}
-
-/// Runs `qemu-img` in `dir`.
-fn qemu_img(dir: &Path, args: &[&str]) -> Output {
-    run("qemu-img", args, dir)
-}
-
-/// Runs `qemu-io` on a qcow2 (or, with `fmt`, another format) image and expects success.
-fn qemu_io(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", fmt];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(file);
-    let out = run("qemu-io", &args, dir);
-    assert_ok(&out, &format!("qemu-io {cmds:?} {file}"));
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        stdout(out),
-        stderr(out)
-    );
-}
-
-fn assert_code(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}:\nstdout: {}\nstderr: {}",
-        stdout(out),
-        stderr(out)
-    );
-    assert!(
-        !stderr(out).contains("panicked"),
-        "{what} panicked: {}",
-        stderr(out)
-    );
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(out), stderr(out)))
-}
 
 fn qemu_info(dir: &Path, file: &str) -> Value {
     let out = qemu_img(dir, &["info", "-U", "--output=json", file]);
@@ -88,11 +17,6 @@ fn qemu_info(dir: &Path, file: &str) -> Value {
 fn qemu_check_code(dir: &Path, file: &str) -> i32 {
     let out = qemu_img(dir, &["check", file]);
     out.status.code().unwrap_or(-1)
-}
-
-fn assert_qemu_check_clean(dir: &Path, file: &str) {
-    let out = qemu_img(dir, &["check", file]);
-    assert_code(&out, 0, &format!("qemu-img check {file}"));
 }
 
 fn file_len(p: &Path) -> u64 {
@@ -602,12 +526,6 @@ fn make_checked_image(d: &Path, name: &str) {
 
 const REFBLOCK: u64 = 0x20000;
 
-fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
-}
-
 /// Adds a leak: cluster 7 (a new cluster at the end of the file) gets refcount 1.
 fn make_leak(path: &Path) {
     patch(path, REFBLOCK + 2 * 7, &[0, 1]);
@@ -959,18 +877,7 @@ fn a_closed_stdout_is_a_clean_exit() {
         &["info", "--output=json", "p.qcow2"][..],
         &["check", "p.qcow2"][..],
     ] {
-        let mut child = Command::new(QCOWX)
-            .args(args)
-            .current_dir(d)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Close the read end before the child writes.
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
-        assert_code(&out, 0, &format!("{args:?} into a closed pipe"));
-        assert!(out.stderr.is_empty(), "{args:?}: {}", stderr(&out));
+        ok_into_closed_stdout(d, args);
     }
 }
 

@@ -7,136 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use qcowx_tests::cli::*;
 use serde_json::Value;
 
 const QCOWX: &str = env!("CARGO_BIN_EXE_qcowx");
 const CS: u64 = 65536;
-
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    match Command::new(prog).args(args).current_dir(dir).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && prog != QCOWX => {
-            panic!("{prog} not found: install qemu-utils (scripts/test does)")
-        }
-        Err(e) => panic!("cannot run {prog}: {e}"),
-    }
-}
-
-fn qcowx(dir: &Path, args: &[&str]) -> Output {
-    run(QCOWX, args, dir)
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> Output {
-    run("qemu-img", args, dir)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_code(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}:\nstdout: {}\nstderr: {}",
-        stdout(out),
-        stderr(out)
-    );
-    assert!(
-        !stderr(out).contains("panicked"),
-        "{what} panicked: {}",
-        stderr(out)
-    );
-}
-
-/// Runs `qcowx` and expects exit 0 and nothing on stderr (no progress bars in pipes).
-fn ok(dir: &Path, args: &[&str]) -> Output {
-    let out = qcowx(dir, args);
-    assert_code(&out, 0, &format!("qcowx {args:?}"));
-    assert!(
-        out.stderr.is_empty(),
-        "qcowx {args:?} wrote to stderr: {}",
-        stderr(&out)
-    );
-    out
-}
-
-/// Runs `qcowx` and expects exit `code` with a `qcowx: ` message containing every
-/// `needles`, and nothing on stdout.
-fn fails_with(dir: &Path, code: i32, args: &[&str], needles: &[&str]) -> String {
-    let out = qcowx(dir, args);
-    assert_code(&out, code, &format!("qcowx {args:?}"));
-    let err = stderr(&out);
-    assert!(err.starts_with("qcowx: "), "{args:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: {n:?} not in {err}");
-    }
-    assert!(out.stdout.is_empty(), "{args:?}: {}", stdout(&out));
-    err
-}
-
-fn fails(dir: &Path, args: &[&str], needles: &[&str]) -> String {
-    fails_with(dir, 1, args, needles)
-}
-
-fn usage_error(dir: &Path, args: &[&str]) -> String {
-    let out = qcowx(dir, args);
-    assert_code(&out, 2, &format!("qcowx {args:?}"));
-    assert!(out.stdout.is_empty(), "{args:?}: {}", stdout(&out));
-    stderr(&out)
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(out), stderr(out)))
-}
-
-fn qemu_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = qemu_img(dir, args);
-    assert_code(&out, 0, &format!("qemu-img {args:?}"));
-    out
-}
-
-fn qemu_io(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", fmt];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(file);
-    let out = run("qemu-io", &args, dir);
-    assert_code(&out, 0, &format!("qemu-io {cmds:?} {file}"));
-    assert!(!stdout(&out).contains("failed"), "{}", stdout(&out));
-}
-
-fn assert_qemu_check_clean(dir: &Path, file: &str) {
-    let out = qemu_img(dir, &["check", "--output=json", file]);
-    assert_code(&out, 0, &format!("qemu-img check {file}"));
-    let v = json(&out);
-    assert_eq!(v["check-errors"], 0, "{v:#}");
-    assert!(v.get("corruptions").is_none(), "{v:#}");
-    assert!(v.get("leaks").is_none(), "{v:#}");
-}
-
-/// `qemu-img convert -O raw [-l snapshot.name=S] FILE`, as bytes.
-fn qemu_raw(dir: &Path, file: &str, snapshot: Option<&str>) -> Vec<u8> {
-    let out_name = format!("qemu-{}.raw", snapshot.unwrap_or("active"));
-    let opt;
-    let mut args = vec!["convert"];
-    if let Some(s) = snapshot {
-        opt = format!("snapshot.name={s}");
-        args.extend(["-l", &opt]);
-    }
-    args.extend(["-O", "raw", file, &out_name]);
-    qemu_ok(dir, &args);
-    let bytes = std::fs::read(dir.join(&out_name)).unwrap();
-    std::fs::remove_file(dir.join(&out_name)).unwrap();
-    bytes
-}
 
 /// Asserts that `got` reads as `want`: equal over `want`'s length and zeros after
 /// (`qemu-img convert -l` writes a snapshot at the image's current size).
@@ -252,7 +127,7 @@ fn import_and_verify(d: &Path, files: &[String], extra: &[&str]) {
     let top = files.last().unwrap();
     let mut args = vec!["import", "--output=json", top, "out.qcow2"];
     args.extend(extra);
-    let out = ok(d, &args);
+    let out = ok_quiet(d, &args);
     // Nothing is left under the temporary name.
     let names: Vec<String> = std::fs::read_dir(d)
         .unwrap()
@@ -275,7 +150,7 @@ fn import_and_verify(d: &Path, files: &[String], extra: &[&str]) {
     assert_eq!(info["cluster-size"], top_info["cluster-size"]);
     assert_eq!(info["virtual-size"], top_info["virtual-size"]);
     // Snapshot names: the file stems, bottom first, in the table in that order.
-    let list = json(&ok(d, &["list", "--output=json", "out.qcow2"]));
+    let list = json(&ok_quiet(d, &["list", "--output=json", "out.qcow2"]));
     let roots = list["roots"].as_array().unwrap();
     assert_eq!(roots.len(), files.len());
     for (i, file) in files[..files.len() - 1].iter().enumerate() {
@@ -349,7 +224,7 @@ fn import_of_a_lone_image_and_human_output() {
     // A raw file alone: no snapshots, the default VDI reads as the file.
     qemu_ok(d, &["create", "-f", "raw", "disk.raw", "2M"]);
     qemu_io(d, "raw", "disk.raw", &["write -P 0x61 1M 100k"]);
-    let out = ok(d, &["import", "disk.raw", "a.qcow2"]);
+    let out = ok_quiet(d, &["import", "disk.raw", "a.qcow2"]);
     let text = stdout(&out);
     assert!(
         text.contains("disk.raw (raw, 2 MiB) -> default VDI"),
@@ -395,11 +270,14 @@ fn import_of_a_lone_image_and_human_output() {
             "1M",
         ],
     );
-    let v = json(&ok(d, &["import", "--output=json", "t.qcow2", "b.qcow2"]));
+    let v = json(&ok_quiet(
+        d,
+        &["import", "--output=json", "t.qcow2", "b.qcow2"],
+    ));
     assert_eq!(v["layers"][0]["snapshot"], "my_disk");
     assert_eq!(v["layers"][1]["snapshot"], "default-2");
     // -q: nothing on stdout.
-    let out = ok(d, &["-q", "import", "t.qcow2", "c.qcow2"]);
+    let out = ok_quiet(d, &["-q", "import", "t.qcow2", "c.qcow2"]);
     assert!(out.stdout.is_empty());
 }
 
@@ -411,30 +289,37 @@ fn import_errors_name_the_file_and_leave_the_chain_alone() {
     // A layer in use by a writer is refused (the holder itself may write the file:
     // the unchanged-chain check below starts after it is closed).
     let held = qcowx_core::Image::open_rw(d.join("l1.qcow2")).unwrap();
-    fails(d, &["import", "l2.qcow2", "o.qcow2"], &["l1.qcow2", "lock"]);
+    fails_quiet(
+        d,
+        1,
+        &["import", "l2.qcow2", "o.qcow2"],
+        &["l1.qcow2", "lock"],
+    );
     held.close().unwrap();
     drop(held);
     let before: Vec<Vec<u8>> = files
         .iter()
         .map(|f| std::fs::read(d.join(f)).unwrap())
         .collect();
-    fails(
+    fails_quiet(
         d,
+        1,
         &["import", "missing.qcow2", "o.qcow2"],
         &["missing.qcow2"],
     );
     assert!(!d.join("o.qcow2").exists());
     // The output may not be a file of the chain.
     for target in ["base.qcow2", "l1.qcow2", "l2.qcow2"] {
-        fails(
+        fails_quiet(
             d,
+            1,
             &["import", "l2.qcow2", target],
             &[target, "a file of the chain"],
         );
     }
     // A missing backing file is named.
     std::fs::rename(d.join("base.qcow2"), d.join("gone.qcow2")).unwrap();
-    fails(d, &["import", "l2.qcow2", "o.qcow2"], &["base.qcow2"]);
+    fails_quiet(d, 1, &["import", "l2.qcow2", "o.qcow2"], &["base.qcow2"]);
     std::fs::rename(d.join("gone.qcow2"), d.join("base.qcow2")).unwrap();
     for (f, b) in files.iter().zip(&before) {
         assert!(std::fs::read(d.join(f)).unwrap() == *b, "{f} changed");
@@ -455,8 +340,9 @@ fn import_errors_name_the_file_and_leave_the_chain_alone() {
             "2M",
         ],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &["import", "small.qcow2", "o2.qcow2"],
         &["small.qcow2", "big.qcow2", "smaller"],
     );
@@ -482,7 +368,7 @@ fn import_replaces_an_output_only_when_done_and_not_in_use() {
     let before = std::fs::read(d.join("out.qcow2")).unwrap();
     let held = qcowx_core::Image::open_rw(d.join("out.qcow2")).unwrap();
     let top = files.last().unwrap().as_str();
-    fails(d, &["import", top, "out.qcow2"], &["out.qcow2", "lock"]);
+    fails_quiet(d, 1, &["import", top, "out.qcow2"], &["out.qcow2", "lock"]);
     held.close().unwrap();
     drop(held);
     assert!(std::fs::read(d.join("out.qcow2")).unwrap() == before);
@@ -542,10 +428,6 @@ fn parse_dot(text: &str) -> (BTreeSet<String>, BTreeSet<(String, String)>) {
     (nodes, edges)
 }
 
-fn set(names: &[&str]) -> BTreeSet<String> {
-    names.iter().map(|s| s.to_string()).collect()
-}
-
 fn edges(pairs: &[(&str, &str)]) -> BTreeSet<(String, String)> {
     pairs
         .iter()
@@ -555,19 +437,19 @@ fn edges(pairs: &[(&str, &str)]) -> BTreeSet<(String, String)> {
 
 /// s1 -> s2 -> default; dev forked from s1 with snapshot d1; test forked from s2.
 fn make_tree(d: &Path) {
-    ok(d, &["create", "t.qcow2", "4M"]);
-    ok(d, &["io", "t.qcow2", "-c", "write -P 1 0 256k"]);
-    ok(d, &["snapshot", "t.qcow2", "s1"]);
-    ok(d, &["io", "t.qcow2", "-c", "write -P 2 0 64k"]);
-    ok(d, &["snapshot", "t.qcow2", "s2"]);
-    ok(d, &["fork", "t.qcow2", "s1", "dev"]);
-    ok(
+    ok_quiet(d, &["create", "t.qcow2", "4M"]);
+    ok_quiet(d, &["io", "t.qcow2", "-c", "write -P 1 0 256k"]);
+    ok_quiet(d, &["snapshot", "t.qcow2", "s1"]);
+    ok_quiet(d, &["io", "t.qcow2", "-c", "write -P 2 0 64k"]);
+    ok_quiet(d, &["snapshot", "t.qcow2", "s2"]);
+    ok_quiet(d, &["fork", "t.qcow2", "s1", "dev"]);
+    ok_quiet(
         d,
         &["io", "t.qcow2", "--vdi", "dev", "-c", "write -P 3 1M 128k"],
     );
-    ok(d, &["snapshot", "t.qcow2", "--vdi", "dev", "d1"]);
-    ok(d, &["fork", "t.qcow2", "s2", "test"]);
-    ok(d, &["io", "t.qcow2", "-c", "write -P 4 2M 64k"]);
+    ok_quiet(d, &["snapshot", "t.qcow2", "--vdi", "dev", "d1"]);
+    ok_quiet(d, &["fork", "t.qcow2", "s2", "test"]);
+    ok_quiet(d, &["io", "t.qcow2", "-c", "write -P 4 2M 64k"]);
 }
 
 #[test]
@@ -575,7 +457,7 @@ fn tree_dot_parses_back_to_the_lineage() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     make_tree(d);
-    let out = ok(d, &["tree", "--dot", "t.qcow2"]);
+    let out = ok_quiet(d, &["tree", "--dot", "t.qcow2"]);
     let (nodes, edge_set) = parse_dot(&stdout(&out));
     assert_eq!(nodes, set(&["default", "s1", "s2", "dev", "d1", "test"]));
     assert_eq!(
@@ -589,7 +471,7 @@ fn tree_dot_parses_back_to_the_lineage() {
         ])
     );
     // The JSON agrees with the DOT edges and with list.
-    let v = json(&ok(d, &["tree", "--output=json", "t.qcow2"]));
+    let v = json(&ok_quiet(d, &["tree", "--output=json", "t.qcow2"]));
     let nodes_json = v["nodes"].as_array().unwrap();
     assert_eq!(nodes_json.len(), 6);
     assert_eq!(
@@ -626,8 +508,8 @@ fn tree_dot_parses_back_to_the_lineage() {
     // Deleting a snapshot and collecting gives back at least what it alone held.
     let d1_excl = by_name["d1"]["exclusive-bytes"].as_u64().unwrap();
     assert_eq!(d1_excl, CS, "d1 shares everything with dev but its L1");
-    ok(d, &["delete", "t.qcow2", "--vdi", "dev"]);
-    let v = json(&ok(d, &["tree", "--output=json", "t.qcow2"]));
+    ok_quiet(d, &["delete", "t.qcow2", "--vdi", "dev"]);
+    let v = json(&ok_quiet(d, &["tree", "--output=json", "t.qcow2"]));
     let d1 = v["nodes"]
         .as_array()
         .unwrap()
@@ -639,8 +521,8 @@ fn tree_dot_parses_back_to_the_lineage() {
         4 * CS,
         "d1 now owns dev's data and tables"
     );
-    ok(d, &["delete", "t.qcow2", "--snapshot", "d1"]);
-    let gc = json(&ok(d, &["gc", "--output=json", "t.qcow2"]));
+    ok_quiet(d, &["delete", "t.qcow2", "--snapshot", "d1"]);
+    let gc = json(&ok_quiet(d, &["gc", "--output=json", "t.qcow2"]));
     let freed = gc["bytes-freed"].as_u64().unwrap();
     // d1's own clusters, dev's L1 and head entry clusters, and the old snapshot table.
     assert!(freed >= 4 * CS + CS, "freed {freed}");
@@ -653,7 +535,7 @@ fn tree_human_svg_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     make_tree(d);
-    let text = stdout(&ok(d, &["tree", "t.qcow2"]));
+    let text = stdout(&ok_quiet(d, &["tree", "t.qcow2"]));
     let heads: Vec<&str> = text
         .lines()
         .map(|l| l.split("  (").next().unwrap())
@@ -718,7 +600,7 @@ fn tree_human_svg_and_errors() {
         "<svg>fake</svg>\n"
     );
     let given = std::fs::read_to_string(d.join("g.svg.dot")).unwrap();
-    assert_eq!(given, stdout(&ok(d, &["tree", "--dot", "t.qcow2"])));
+    assert_eq!(given, stdout(&ok_quiet(d, &["tree", "--dot", "t.qcow2"])));
     // A failing `dot` is an error that says how to avoid it.
     let out = Command::new(QCOWX)
         .args(["tree", "--svg", "g.svg", "t.qcow2"])
@@ -730,11 +612,11 @@ fn tree_human_svg_and_errors() {
     assert!(stderr(&out).contains("g.svg"), "{}", stderr(&out));
     assert!(stderr(&out).contains("QCOWX_DOT"), "{}", stderr(&out));
     // Errors.
-    fails(d, &["tree", "nope.qcow2"], &["nope.qcow2"]);
+    fails_quiet(d, 1, &["tree", "nope.qcow2"], &["nope.qcow2"]);
     usage_error(d, &["tree", "--dot", "--output=json", "t.qcow2"]);
     let held = qcowx_core::Image::open_rw(d.join("t.qcow2")).unwrap();
-    fails(d, &["tree", "t.qcow2"], &["t.qcow2", "locked", "-U"]);
-    let v = json(&ok(d, &["tree", "-U", "--output=json", "t.qcow2"]));
+    fails_quiet(d, 1, &["tree", "t.qcow2"], &["t.qcow2", "locked", "-U"]);
+    let v = json(&ok_quiet(d, &["tree", "-U", "--output=json", "t.qcow2"]));
     assert_eq!(v["nodes"].as_array().unwrap().len(), 6);
     drop(held);
 }
@@ -748,7 +630,7 @@ fn qemu_map(d: &Path, file: &str) -> Value {
 fn qcowx_map(d: &Path, args: &[&str]) -> Value {
     let mut all = vec!["map", "--output=json"];
     all.extend(args);
-    json(&ok(d, &all))
+    json(&ok_quiet(d, &all))
 }
 
 fn assert_map_matches_qemu(d: &Path, file: &str) {
@@ -768,8 +650,8 @@ fn map_matches_qemu_img_map_on_images_and_chains() {
     let d = dir.path();
     // A qcowx image: data, a zero cluster over data, a discarded cluster, a partial
     // zero write, an unaligned end.
-    ok(d, &["create", "a.qcow2", "3000k"]);
-    ok(
+    ok_quiet(d, &["create", "a.qcow2", "3000k"]);
+    ok_quiet(
         d,
         &[
             "io",
@@ -844,7 +726,7 @@ fn map_matches_qemu_img_map_on_images_and_chains() {
     assert_map_matches_qemu(d, "mid.qcow2");
     assert_map_matches_qemu(d, "top.qcow2");
     // qcowx writes on top of the chain.
-    ok(
+    ok_quiet(
         d,
         &[
             "io",
@@ -907,17 +789,17 @@ fn map_matches_qemu_img_map_on_images_and_chains() {
     );
     assert_map_matches_qemu(d, "x.qcow2");
     assert_map_matches_qemu(d, "x2.qcow2");
-    ok(d, &["io", "x2.qcow2", "-c", "write -P 5 3M 32k"]);
+    ok_quiet(d, &["io", "x2.qcow2", "-c", "write -P 5 3M 32k"]);
     assert_map_matches_qemu(d, "x2.qcow2");
     // The human table is qemu-img's where there is nothing compressed.
-    let ours = stdout(&ok(d, &["map", "a.qcow2"]));
+    let ours = stdout(&ok_quiet(d, &["map", "a.qcow2"]));
     let theirs = stdout(&qemu_ok(d, &["map", "a.qcow2"]));
     assert_eq!(ours, theirs);
-    let ours = stdout(&ok(d, &["map", "top.qcow2"]));
+    let ours = stdout(&ok_quiet(d, &["map", "top.qcow2"]));
     assert!(ours.starts_with("Offset          Length          Mapped to       File\n"));
     assert!(ours.contains("compressed      mid.qcow2"), "{ours}");
     // -q: nothing.
-    assert!(ok(d, &["-q", "map", "top.qcow2"]).stdout.is_empty());
+    assert!(ok_quiet(d, &["-q", "map", "top.qcow2"]).stdout.is_empty());
 }
 
 /// Per-cluster data/zero classification of map extents inside `[0, size)`.
@@ -944,8 +826,8 @@ fn map_of_snapshots_and_vdis_agrees_with_qemu_copies() {
     let d = dir.path();
     qemu_ok(d, &["create", "-f", "raw", "b.raw", "4M"]);
     qemu_io(d, "raw", "b.raw", &["write -P 7 3M 64k"]);
-    ok(d, &["create", "-b", "b.raw", "-F", "raw", "s.qcow2", "4M"]);
-    ok(
+    ok_quiet(d, &["create", "-b", "b.raw", "-F", "raw", "s.qcow2", "4M"]);
+    ok_quiet(
         d,
         &[
             "io",
@@ -956,8 +838,8 @@ fn map_of_snapshots_and_vdis_agrees_with_qemu_copies() {
             "write -z 3M 64k",
         ],
     );
-    ok(d, &["snapshot", "s.qcow2", "one"]);
-    ok(
+    ok_quiet(d, &["snapshot", "s.qcow2", "one"]);
+    ok_quiet(
         d,
         &[
             "io",
@@ -968,9 +850,9 @@ fn map_of_snapshots_and_vdis_agrees_with_qemu_copies() {
             "write -z 0 64k",
         ],
     );
-    ok(d, &["snapshot", "s.qcow2", "two"]);
-    ok(d, &["fork", "s.qcow2", "one", "dev"]);
-    ok(
+    ok_quiet(d, &["snapshot", "s.qcow2", "two"]);
+    ok_quiet(d, &["fork", "s.qcow2", "one", "dev"]);
+    ok_quiet(
         d,
         &["io", "s.qcow2", "--vdi", "dev", "-c", "write -P 3 2M 64k"],
     );
@@ -1017,21 +899,23 @@ fn map_of_snapshots_and_vdis_agrees_with_qemu_copies() {
         .iter()
         .any(|e| e["depth"] == 1 && e["zero"] == true && e["present"] == true));
     // Errors.
-    fails(
+    fails_quiet(
         d,
+        1,
         &["map", "--snapshot", "nope", "s.qcow2"],
         &["s.qcow2", "snapshot 'nope' not found", "qcowx list s.qcow2"],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &["map", "--vdi", "one", "s.qcow2"],
         &["VDI 'one' not found"],
     );
-    fails(d, &["map", "missing.qcow2"], &["missing.qcow2"]);
+    fails_quiet(d, 1, &["map", "missing.qcow2"], &["missing.qcow2"]);
     usage_error(d, &["map", "--snapshot", "one", "--vdi", "dev", "s.qcow2"]);
     let held = qcowx_core::Image::open_rw(d.join("s.qcow2")).unwrap();
-    fails(d, &["map", "s.qcow2"], &["s.qcow2", "locked", "-U"]);
-    ok(d, &["map", "-U", "s.qcow2"]);
+    fails_quiet(d, 1, &["map", "s.qcow2"], &["s.qcow2", "locked", "-U"]);
+    ok_quiet(d, &["map", "-U", "s.qcow2"]);
     drop(held);
 }
 
@@ -1047,26 +931,29 @@ fn virtual_size(d: &Path, file: &str) -> u64 {
 fn resize_grows_and_refuses_to_shrink() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(d, &["create", "r.qcow2", "1M"]);
-    ok(d, &["io", "r.qcow2", "-c", "write -P 5 0 64k"]);
-    ok(d, &["snapshot", "r.qcow2", "small"]);
-    let out = ok(d, &["resize", "r.qcow2", "2M"]);
+    ok_quiet(d, &["create", "r.qcow2", "1M"]);
+    ok_quiet(d, &["io", "r.qcow2", "-c", "write -P 5 0 64k"]);
+    ok_quiet(d, &["snapshot", "r.qcow2", "small"]);
+    let out = ok_quiet(d, &["resize", "r.qcow2", "2M"]);
     assert_eq!(stdout(&out), "Image resized.\n");
     assert_eq!(virtual_size(d, "r.qcow2"), 2 << 20);
-    let v = json(&ok(d, &["resize", "--output=json", "r.qcow2", "+1.5M"]));
+    let v = json(&ok_quiet(
+        d,
+        &["resize", "--output=json", "r.qcow2", "+1.5M"],
+    ));
     assert_eq!(v["old-size"], 2 << 20);
     assert_eq!(v["new-size"], (7 << 20) / 2);
     assert_eq!(v["filename"], "r.qcow2");
     let raw = qemu_raw(d, "r.qcow2", Some("small"));
     assert!(raw[..CS as usize].iter().all(|&b| b == 5));
     // Large sizes need a bigger L1 table.
-    ok(d, &["resize", "r.qcow2", "+100G"]);
+    ok_quiet(d, &["resize", "r.qcow2", "+100G"]);
     assert_eq!(virtual_size(d, "r.qcow2"), (100 << 30) + (7 << 20) / 2);
     // Rounded up to 512.
-    ok(d, &["-q", "resize", "r.qcow2", "+1000"]);
+    ok_quiet(d, &["-q", "resize", "r.qcow2", "+1000"]);
     assert_eq!(virtual_size(d, "r.qcow2") % 512, 0);
     assert_qemu_check_clean(d, "r.qcow2");
-    let list = json(&ok(d, &["list", "--output=json", "r.qcow2"]));
+    let list = json(&ok_quiet(d, &["list", "--output=json", "r.qcow2"]));
     assert_eq!(
         list["roots"][1]["virtual-size"],
         1 << 20,
@@ -1078,7 +965,7 @@ fn resize_grows_and_refuses_to_shrink() {
         &["resize", "r.qcow2", "-1M"][..],
         &["resize", "r.qcow2", "1M"][..],
     ] {
-        fails(d, args, &["r.qcow2", "shrinking", "only grows"]);
+        fails_quiet(d, 1, args, &["r.qcow2", "shrinking", "only grows"]);
     }
     assert_eq!(virtual_size(d, "r.qcow2"), size);
     // Bad sizes are usage errors.
@@ -1086,9 +973,9 @@ fn resize_grows_and_refuses_to_shrink() {
         let err = usage_error(d, &["resize", "r.qcow2", bad]);
         assert!(err.contains(bad), "{bad}: {err}");
     }
-    fails(d, &["resize", "missing.qcow2", "1G"], &["missing.qcow2"]);
+    fails_quiet(d, 1, &["resize", "missing.qcow2", "1G"], &["missing.qcow2"]);
     let held = qcowx_core::Image::open(d.join("r.qcow2")).unwrap();
-    let err = fails(d, &["resize", "r.qcow2", "+1M"], &["r.qcow2", "locked"]);
+    let err = fails_quiet(d, 1, &["resize", "r.qcow2", "+1M"], &["r.qcow2", "locked"]);
     assert!(!err.contains("-U"), "{err}");
     drop(held);
 }
@@ -1099,11 +986,11 @@ fn resize_over_a_longer_backing_file_reads_zeros_past_the_old_end() {
     let d = dir.path();
     qemu_ok(d, &["create", "-f", "qcow2", "long.qcow2", "4M"]);
     qemu_io(d, "qcow2", "long.qcow2", &["write -P 0x44 0 4M"]);
-    ok(
+    ok_quiet(
         d,
         &["create", "-b", "long.qcow2", "-F", "qcow2", "o.qcow2", "1M"],
     );
-    ok(d, &["resize", "o.qcow2", "3M"]);
+    ok_quiet(d, &["resize", "o.qcow2", "3M"]);
     qemu_io(
         d,
         "qcow2",
@@ -1118,8 +1005,8 @@ fn resize_and_rename_refuse_a_read_only_file() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir(d.join("ro")).unwrap();
-    ok(d, &["create", "ro/r.qcow2", "1M"]);
-    ok(d, &["snapshot", "ro/r.qcow2", "s"]);
+    ok_quiet(d, &["create", "ro/r.qcow2", "1M"]);
+    ok_quiet(d, &["snapshot", "ro/r.qcow2", "s"]);
     let before = std::fs::read(d.join("ro/r.qcow2")).unwrap();
     let run_ro = |args: &[&str]| -> Output {
         if is_root(d) {
@@ -1166,23 +1053,23 @@ fn resize_and_rename_refuse_a_read_only_file() {
 fn rename_snapshots_and_vdis() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(d, &["create", "n.qcow2", "1M"]);
-    ok(d, &["io", "n.qcow2", "-c", "write -P 1 0 64k"]);
-    ok(d, &["snapshot", "n.qcow2", "s1"]);
-    ok(d, &["fork", "n.qcow2", "s1", "dev"]);
-    ok(d, &["snapshot", "n.qcow2", "--vdi", "dev", "d1"]);
+    ok_quiet(d, &["create", "n.qcow2", "1M"]);
+    ok_quiet(d, &["io", "n.qcow2", "-c", "write -P 1 0 64k"]);
+    ok_quiet(d, &["snapshot", "n.qcow2", "s1"]);
+    ok_quiet(d, &["fork", "n.qcow2", "s1", "dev"]);
+    ok_quiet(d, &["snapshot", "n.qcow2", "--vdi", "dev", "d1"]);
     // A snapshot QEMU made, then one of ours on top of it.
     qemu_ok(d, &["snapshot", "-c", "qemu-snap", "n.qcow2"]);
-    ok(d, &["snapshot", "n.qcow2", "after"]);
-    let before = json(&ok(d, &["list", "--output=json", "n.qcow2"]));
-    let out = ok(
+    ok_quiet(d, &["snapshot", "n.qcow2", "after"]);
+    let before = json(&ok_quiet(d, &["list", "--output=json", "n.qcow2"]));
+    let out = ok_quiet(
         d,
         &["rename", "n.qcow2", "--snapshot", "s1", "golden-image"],
     );
     assert!(out.stdout.is_empty());
-    ok(d, &["rename", "n.qcow2", "--vdi", "dev", "develop"]);
-    ok(d, &["rename", "n.qcow2", "--snapshot", "qemu-snap", "q2"]);
-    let after = json(&ok(d, &["list", "--output=json", "n.qcow2"]));
+    ok_quiet(d, &["rename", "n.qcow2", "--vdi", "dev", "develop"]);
+    ok_quiet(d, &["rename", "n.qcow2", "--snapshot", "qemu-snap", "q2"]);
+    let after = json(&ok_quiet(d, &["list", "--output=json", "n.qcow2"]));
     let find = |v: &Value, n: &str| -> Value {
         v["roots"]
             .as_array()
@@ -1220,38 +1107,45 @@ fn rename_snapshots_and_vdis() {
     let raw = qemu_raw(d, "n.qcow2", Some("golden-image"));
     assert!(raw[..CS as usize].iter().all(|&b| b == 1));
     // Errors.
-    fails(
+    fails_quiet(
         d,
+        1,
         &["rename", "n.qcow2", "--snapshot", "s1", "x"],
         &["n.qcow2", "snapshot 's1' not found", "qcowx list n.qcow2"],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &["rename", "n.qcow2", "--vdi", "d1", "x"],
         &["VDI 'd1' not found"],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &["rename", "n.qcow2", "--snapshot", "d1", "develop"],
         &["'develop' already exists"],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &["rename", "n.qcow2", "--snapshot", "d1", "default"],
         &["'default' already exists"],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &["rename", "n.qcow2", "--vdi", "default", "x"],
         &["default VDI cannot be renamed"],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &["rename", "n.qcow2", "--snapshot", "d1", "bad name"],
         &["invalid name 'bad name'"],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &["rename", "nope.qcow2", "--snapshot", "a", "b"],
         &["nope.qcow2"],
     );
@@ -1259,14 +1153,15 @@ fn rename_snapshots_and_vdis() {
     usage_error(d, &["rename", "n.qcow2", "--snapshot", "--vdi", "d1", "x"]);
     usage_error(d, &["rename", "n.qcow2", "--snapshot", "d1"]);
     let held = qcowx_core::Image::open(d.join("n.qcow2")).unwrap();
-    fails(
+    fails_quiet(
         d,
+        1,
         &["rename", "n.qcow2", "--snapshot", "d1", "x"],
         &["n.qcow2", "locked"],
     );
     drop(held);
     assert_eq!(
-        json(&ok(d, &["list", "--output=json", "n.qcow2"])),
+        json(&ok_quiet(d, &["list", "--output=json", "n.qcow2"])),
         after,
         "failed renames change nothing"
     );
@@ -1302,7 +1197,7 @@ fn compare_agrees_with_qemu_img_compare() {
         &["write -P 1 0 1M", "write -P 2 3M 4k"],
     );
     qemu_ok(d, &["convert", "-O", "raw", "a.qcow2", "a.raw"]);
-    ok(d, &["convert", "-O", "qcow2", "a.qcow2", "b.qcow2"]);
+    ok_quiet(d, &["convert", "-O", "qcow2", "a.qcow2", "b.qcow2"]);
     assert_eq!(compare_like_qemu(d, "a.qcow2", "a.raw"), 0);
     assert_eq!(compare_like_qemu(d, "a.raw", "b.qcow2"), 0);
     // One byte differs (reported at its sector).
@@ -1330,7 +1225,7 @@ fn compare_agrees_with_qemu_img_compare() {
             .code(),
         Some(2)
     );
-    fails_with(d, 2, &["compare", "a.raw", "missing.raw"], &["missing.raw"]);
+    fails_quiet(d, 2, &["compare", "a.raw", "missing.raw"], &["missing.raw"]);
     usage_error(d, &["compare", "-f", "vmdk", "a.raw", "a.qcow2"]);
     // Forced formats: a qcow2 file read as raw differs from its content.
     let out = qcowx(d, &["compare", "-f", "raw", "a.qcow2", "a.raw"]);
@@ -1345,32 +1240,31 @@ fn compare_agrees_with_qemu_img_compare() {
     assert_eq!(v["identical"], false);
     assert_eq!(v["mismatch-offset"], 700001 / 512 * 512);
     assert_eq!(v["size-a"], 4 << 20);
-    let v = json(&ok(d, &["compare", "--output=json", "a.qcow2", "b.qcow2"]));
+    let v = json(&ok_quiet(
+        d,
+        &["compare", "--output=json", "a.qcow2", "b.qcow2"],
+    ));
     assert_eq!(v["mismatch-offset"], Value::Null);
     // A locked image is refused, -U reads it.
     let held = qcowx_core::Image::open_rw(d.join("b.qcow2")).unwrap();
-    fails_with(
+    fails_quiet(
         d,
         2,
         &["compare", "a.raw", "b.qcow2"],
         &["b.qcow2", "locked", "-U"],
     );
-    ok(d, &["compare", "-U", "a.raw", "b.qcow2"]);
+    ok_quiet(d, &["compare", "-U", "a.raw", "b.qcow2"]);
     drop(held);
 }
 
-/// Deterministic bytes: half random (SplitMix64), half repeating text, per 4 KiB.
+/// Deterministic bytes: half random, half repeating text, per 4 KiB.
 fn mixed_data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
+    let mut rng = qcowx_tests::Rng::new(seed);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        for _ in 0..256 {
-            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-        }
+        let mut random = [0u8; 2048];
+        rng.fill(&mut random);
+        out.extend_from_slice(&random);
         out.extend(b"qcowx compresses this part ".iter().cycle().take(2048));
     }
     out.truncate(len);
@@ -1418,12 +1312,12 @@ fn convert_between_raw_and_qcow2_and_compressed() {
         &["write -P 0x5a 0 1M", "write -z 2M 64k"],
     );
     // qcow2 chain -> raw, raw -> qcow2.
-    ok(d, &["convert", "top.qcow2", "flat.raw"]);
+    ok_quiet(d, &["convert", "top.qcow2", "flat.raw"]);
     assert_eq!(
         std::fs::read(d.join("flat.raw")).unwrap(),
         qemu_raw(d, "top.qcow2", None)
     );
-    ok(
+    ok_quiet(
         d,
         &[
             "convert",
@@ -1453,7 +1347,7 @@ fn convert_between_raw_and_qcow2_and_compressed() {
             args.extend(["--cluster-size", cs]);
         }
         args.extend(["top.qcow2", out]);
-        ok(d, &args);
+        ok_quiet(d, &args);
         assert_qemu_check_clean(d, out);
         assert_code(&qemu_img(d, &["compare", out, "top.qcow2"]), 0, out);
         let check = json(&qemu_ok(d, &["check", "--output=json", out]));
@@ -1489,18 +1383,21 @@ fn convert_between_raw_and_qcow2_and_compressed() {
     let err = usage_error(d, &["convert", "-c", "top.qcow2", "x.raw"]);
     assert!(err.contains("-O qcow2"), "{err}");
     usage_error(d, &["convert", "-O", "vmdk", "top.qcow2", "x"]);
-    fails(
+    fails_quiet(
         d,
+        1,
         &["convert", "missing.qcow2", "x.raw"],
         &["missing.qcow2"],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &["convert", "-O", "qcow2", "top.qcow2", "top.qcow2"],
         &["source image itself"],
     );
-    fails(
+    fails_quiet(
         d,
+        1,
         &[
             "convert",
             "-O",
@@ -1513,12 +1410,13 @@ fn convert_between_raw_and_qcow2_and_compressed() {
         &["cluster size"],
     );
     let held = qcowx_core::Image::open_rw(d.join("back.qcow2")).unwrap();
-    fails(
+    fails_quiet(
         d,
+        1,
         &["convert", "back.qcow2", "z.raw"],
         &["back.qcow2", "locked", "-U"],
     );
-    ok(d, &["convert", "-U", "back.qcow2", "z.raw"]);
+    ok_quiet(d, &["convert", "-U", "back.qcow2", "z.raw"]);
     drop(held);
 }
 
@@ -1553,15 +1451,15 @@ fn completions_and_man_pages_come_from_the_same_definitions() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
-        let text = stdout(&ok(d, &["completions", shell]));
+        let text = stdout(&ok_quiet(d, &["completions", shell]));
         for cmd in ["import", "tree", "rename", "compare"] {
             assert!(text.contains(cmd), "{shell}: {cmd}");
         }
     }
-    let bash = stdout(&ok(d, &["completions", "bash"]));
+    let bash = stdout(&ok_quiet(d, &["completions", "bash"]));
     assert!(bash.contains("complete -F _qcowx"), "{bash}");
     usage_error(d, &["completions", "tcsh"]);
-    let page = stdout(&ok(d, &["man"]));
+    let page = stdout(&ok_quiet(d, &["man"]));
     assert!(
         page.contains(".TH qcowx 1"),
         "{}",
@@ -1573,7 +1471,7 @@ fn completions_and_man_pages_come_from_the_same_definitions() {
             "{cmd}"
         );
     }
-    let page = stdout(&ok(d, &["man", "import"]));
+    let page = stdout(&ok_quiet(d, &["man", "import"]));
     assert!(page.contains(".TH qcowx-import 1"), "{page}");
     assert!(page.contains("qcowx import"), "{page}");
     assert!(
@@ -1584,11 +1482,11 @@ fn completions_and_man_pages_come_from_the_same_definitions() {
     assert!(err.contains("frobnicate"), "{err}");
     // Every command has a man page and help.
     for cmd in COMMANDS {
-        let page = stdout(&ok(d, &["man", cmd]));
+        let page = stdout(&ok_quiet(d, &["man", cmd]));
         assert!(page.contains(&format!(".TH qcowx-{cmd} 1")), "{cmd}");
-        ok(d, &[cmd, "--help"]);
+        ok_quiet(d, &[cmd, "--help"]);
     }
-    let help = stdout(&ok(d, &["--help"]));
+    let help = stdout(&ok_quiet(d, &["--help"]));
     for cmd in COMMANDS {
         assert!(help.contains(cmd), "{cmd} not in --help");
     }
@@ -1615,7 +1513,7 @@ fn quiet_suppresses_human_output_but_not_json() {
         &["-q", "io", "q.qcow2", "-c", "write 0 512"][..],
         &["-q", "gc", "q.qcow2"][..],
     ] {
-        let out = ok(d, args);
+        let out = ok_quiet(d, args);
         assert!(out.stdout.is_empty(), "{args:?}: {}", stdout(&out));
     }
     assert!(d.join("q2.qcow2").exists());
@@ -1626,9 +1524,9 @@ fn quiet_suppresses_human_output_but_not_json() {
         &["-q", "map", "--output=json", "q.qcow2"][..],
         &["-q", "gc", "--output=json", "q.qcow2"][..],
     ] {
-        json(&ok(d, args));
+        json(&ok_quiet(d, args));
     }
-    assert!(stdout(&ok(d, &["-q", "tree", "--dot", "q.qcow2"])).starts_with("digraph"));
+    assert!(stdout(&ok_quiet(d, &["-q", "tree", "--dot", "q.qcow2"])).starts_with("digraph"));
     // check -q still gives its exit code.
     let out = qcowx(d, &["-q", "check", "missing.qcow2"]);
     assert_code(&out, 1, "check -q missing");
@@ -1676,7 +1574,7 @@ fn progress_bars_only_on_a_terminal_and_never_with_json() {
     let v: Value = serde_json::from_str(&tty).unwrap_or_else(|e| panic!("{e}: {tty:?}"));
     assert_eq!(v["snapshots"], 1);
     // In a pipe nothing but the output (checked by `ok` for every command).
-    let out = ok(d, &["convert", "-O", "raw", "p.qcow2", "d.raw"]);
+    let out = ok_quiet(d, &["convert", "-O", "raw", "p.qcow2", "d.raw"]);
     assert!(out.stdout.is_empty());
 }
 
@@ -1684,8 +1582,8 @@ fn progress_bars_only_on_a_terminal_and_never_with_json() {
 fn a_closed_stdout_is_a_clean_exit() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(d, &["create", "p.qcow2", "4M"]);
-    ok(
+    ok_quiet(d, &["create", "p.qcow2", "4M"]);
+    ok_quiet(
         d,
         &[
             "io",
@@ -1696,7 +1594,7 @@ fn a_closed_stdout_is_a_clean_exit() {
             "write -P 2 1M 64k",
         ],
     );
-    ok(d, &["snapshot", "p.qcow2", "s"]);
+    ok_quiet(d, &["snapshot", "p.qcow2", "s"]);
     for args in [
         &["tree", "p.qcow2"][..],
         &["tree", "--dot", "p.qcow2"][..],
@@ -1707,17 +1605,7 @@ fn a_closed_stdout_is_a_clean_exit() {
         &["completions", "bash"][..],
         &["man"][..],
     ] {
-        let mut child = Command::new(QCOWX)
-            .args(args)
-            .current_dir(d)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
-        assert_code(&out, 0, &format!("{args:?} into a closed pipe"));
-        assert!(out.stderr.is_empty(), "{args:?}: {}", stderr(&out));
+        ok_into_closed_stdout(d, args);
     }
 }
 
@@ -1903,7 +1791,7 @@ fn every_commands_json_matches_the_documented_schema() {
     // info: v3 with backing and snapshots, and v2 (no version-3-only keys).
     qemu_ok(d, &["create", "-f", "qcow2", "base.qcow2", "4M"]);
     qemu_io(d, "qcow2", "base.qcow2", &["write -P 1 0 128k"]);
-    ok(
+    ok_quiet(
         d,
         &[
             "create",
@@ -1915,11 +1803,11 @@ fn every_commands_json_matches_the_documented_schema() {
             "4M",
         ],
     );
-    ok(d, &["io", "img.qcow2", "-c", "write -P 2 1M 64k"]);
-    ok(d, &["snapshot", "img.qcow2", "s1"]);
-    ok(d, &["io", "img.qcow2", "-c", "write -P 3 2M 64k"]);
-    ok(d, &["snapshot", "img.qcow2", "s2"]);
-    ok(d, &["fork", "img.qcow2", "s1", "dev"]);
+    ok_quiet(d, &["io", "img.qcow2", "-c", "write -P 2 1M 64k"]);
+    ok_quiet(d, &["snapshot", "img.qcow2", "s1"]);
+    ok_quiet(d, &["io", "img.qcow2", "-c", "write -P 3 2M 64k"]);
+    ok_quiet(d, &["snapshot", "img.qcow2", "s2"]);
+    ok_quiet(d, &["fork", "img.qcow2", "s1", "dev"]);
     run_json("info", &["info", "--output=json", "img.qcow2"], 0);
     qemu_ok(
         d,
@@ -1969,7 +1857,7 @@ fn every_commands_json_matches_the_documented_schema() {
         "frag.qcow2",
         &["write -P 1 128k 64k", "write -P 2 0 64k"],
     );
-    ok(
+    ok_quiet(
         d,
         &["convert", "-c", "-O", "qcow2", "frag.qcow2", "comp.qcow2"],
     );
@@ -2006,9 +1894,9 @@ fn every_commands_json_matches_the_documented_schema() {
         0,
     );
     // gc after deletes; import of a two-layer chain.
-    ok(d, &["delete", "img.qcow2", "--snapshot", "s2"]);
+    ok_quiet(d, &["delete", "img.qcow2", "--snapshot", "s2"]);
     run_json("gc", &["gc", "--output=json", "img.qcow2"], 0);
-    ok(
+    ok_quiet(
         d,
         &[
             "create",

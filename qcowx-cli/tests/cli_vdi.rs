@@ -4,87 +4,13 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
+use qcowx_tests::cli::*;
 use serde_json::Value;
 
 const QCOWX: &str = env!("CARGO_BIN_EXE_qcowx");
 const CS: u64 = 65536;
-
-fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
-    match Command::new(prog).args(args).current_dir(dir).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && prog != QCOWX => {
-            panic!("{prog} not found: install qemu-utils (scripts/test does)")
-        }
-        Err(e) => panic!("cannot run {prog}: {e}"),
-    }
-}
-
-fn qcowx(dir: &Path, args: &[&str]) -> Output {
-    run(QCOWX, args, dir)
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> Output {
-    run("qemu-img", args, dir)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_code(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}:\nstdout: {}\nstderr: {}",
-        stdout(out),
-        stderr(out)
-    );
-    assert!(
-        !stderr(out).contains("panicked"),
-        "{what} panicked: {}",
-        stderr(out)
-    );
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert_code(out, 0, what);
-}
-
-/// Runs `qcowx` and expects exit 0.
-fn ok(dir: &Path, args: &[&str]) -> Output {
-    let out = qcowx(dir, args);
-    assert_ok(&out, &format!("qcowx {args:?}"));
-    out
-}
-
-/// Runs `qcowx` and expects exit 1 with a `qcowx: ` message containing every `needles`.
-fn fails(dir: &Path, args: &[&str], needles: &[&str]) -> String {
-    let out = qcowx(dir, args);
-    assert_code(&out, 1, &format!("qcowx {args:?}"));
-    let err = stderr(&out);
-    assert!(err.starts_with("qcowx: "), "{args:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: {n:?} not in {err}");
-    }
-    err
-}
-
-fn usage_error(dir: &Path, args: &[&str]) {
-    let out = qcowx(dir, args);
-    assert_code(&out, 2, &format!("qcowx {args:?}"));
-    assert!(out.stdout.is_empty(), "{args:?}: {}", stdout(&out));
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(out), stderr(out)))
-}
 
 fn keys(v: &Value) -> BTreeSet<String> {
     v.as_object()
@@ -92,19 +18,6 @@ fn keys(v: &Value) -> BTreeSet<String> {
         .keys()
         .cloned()
         .collect()
-}
-
-fn set(names: &[&str]) -> BTreeSet<String> {
-    names.iter().map(|s| s.to_string()).collect()
-}
-
-fn assert_qemu_check_clean(dir: &Path, file: &str) {
-    let out = qemu_img(dir, &["check", "--output=json", file]);
-    assert_code(&out, 0, &format!("qemu-img check {file}"));
-    let v = json(&out);
-    assert_eq!(v["check-errors"], 0, "{v:#}");
-    assert!(v.get("corruptions").is_none(), "{v:#}");
-    assert!(v.get("leaks").is_none(), "{v:#}");
 }
 
 /// The snapshot names `qemu-img snapshot -l` lists.
@@ -116,25 +29,6 @@ fn qemu_snapshot_names(dir: &Path, file: &str) -> Vec<String> {
         .skip(2) // "Snapshot list:" and the column titles
         .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
         .collect()
-}
-
-/// `qemu-img convert -l snapshot.name=S -O raw` (or the active layer for `None`).
-fn qemu_raw(dir: &Path, file: &str, snapshot: Option<&str>) -> Vec<u8> {
-    let out_name = format!(
-        "qemu-{}.raw",
-        snapshot.unwrap_or("active").replace(':', "_")
-    );
-    let opt;
-    let mut args = vec!["convert"];
-    if let Some(s) = snapshot {
-        opt = format!("snapshot.name={s}");
-        args.extend(["-l", &opt]);
-    }
-    args.extend(["-O", "raw", file, &out_name]);
-    assert_ok(&qemu_img(dir, &args), &format!("qemu-img {args:?}"));
-    let bytes = std::fs::read(dir.join(&out_name)).unwrap();
-    std::fs::remove_file(dir.join(&out_name)).unwrap();
-    bytes
 }
 
 /// `qcowx export [ROOT_ARGS] -O raw FILE`.
@@ -1239,17 +1133,7 @@ fn a_closed_stdout_is_a_clean_exit() {
             "read -P 8 0 4k",
         ][..],
     ] {
-        let mut child = Command::new(QCOWX)
-            .args(args)
-            .current_dir(d)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
-        assert_code(&out, 0, &format!("{args:?} into a closed pipe"));
-        assert!(out.stderr.is_empty(), "{args:?}: {}", stderr(&out));
+        ok_into_closed_stdout(d, args);
     }
     // The io commands ran although nobody read their output.
     io(d, "p.qcow2", None, &["read -P 8 0 4k"]);

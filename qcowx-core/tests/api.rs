@@ -3,23 +3,7 @@
 use std::process::Command;
 
 use qcowx_core::{CreateOptions, Error, Image, OpenOptions};
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img not found: install qemu-utils (scripts/test does)")
-}
-
-fn assert_qemu_check_clean(path: &std::path::Path) {
-    let out = qemu_img(&["check", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "qemu-img check failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use qcowx_tests::{assert_qemu_check_clean, qemu_img_run as qemu_img};
 
 #[test]
 fn handles_are_send_and_sync() {

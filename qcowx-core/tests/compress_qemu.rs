@@ -11,16 +11,14 @@
 //!   window (`wbits = -12`) one output byte at a time, which rejects any
 //!   back-reference further than QEMU's window.
 //!
-//! Every test prints a message and passes without checking anything when the
-//! tool it needs (`qemu-img`, `python3`) is not installed.
-
-mod common;
+//! A missing tool (`qemu-img`, `python3`) fails the test, naming its package.
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use qcowx_core::format::compress::{compress_cluster, decompress_cluster, CompressionType};
+use qcowx_tests::{describe, require_tool, run, Rng};
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 const CLUSTER_BITS: u32 = 16;
@@ -29,46 +27,6 @@ const CLUSTER: usize = 1 << CLUSTER_BITS;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED_FLAG: u64 = 1 << 62;
 const COPIED_FLAG: u64 = 1 << 63;
-
-/// The oracle must be there: a missing tool fails the test (naming its package).
-fn tool_available(_test: &str, tool: &str) -> bool {
-    common::require_tool(tool);
-    true
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}, stdout {:?}, stderr {:?}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// SplitMix64, for reproducible pseudo-random test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            *b = self.next() as u8;
-        }
-    }
-}
 
 /// What a cluster of the source file holds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -97,7 +55,7 @@ const PATTERNS: [Pattern; 12] = [
 ];
 
 fn fill_cluster(pattern: Pattern, index: usize, buf: &mut [u8]) {
-    let mut rng = Rng(index as u64 * 7919 + 1);
+    let mut rng = Rng::new(index as u64 * 7919 + 1);
     match pattern {
         Pattern::Zero => buf.fill(0),
         Pattern::Text => {
@@ -112,7 +70,7 @@ fn fill_cluster(pattern: Pattern, index: usize, buf: &mut [u8]) {
         Pattern::SparseRandom => {
             buf.fill(0);
             for _ in 0..16 {
-                let at = (rng.next() as usize) % (buf.len() - 64);
+                let at = (rng.next_u64() as usize) % (buf.len() - 64);
                 rng.fill(&mut buf[at..at + 64]);
             }
         }
@@ -220,10 +178,8 @@ impl Image {
 }
 
 /// Converts the source with `qemu-img convert -c` and checks every cluster.
-fn check_qemu_compressed(test: &str, kind: CompressionType) {
-    if !tool_available(test, "qemu-img") {
-        return;
-    }
+fn check_qemu_compressed(kind: CompressionType) {
+    require_tool("qemu-img", "qemu-utils", &["--version"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let raw = dir.path().join("source.raw");
     let img = dir.path().join("compressed.qcow2");
@@ -293,12 +249,12 @@ fn check_qemu_compressed(test: &str, kind: CompressionType) {
 
 #[test]
 fn qemu_deflate_clusters_decompress() {
-    check_qemu_compressed("qemu_deflate_clusters_decompress", CompressionType::Deflate);
+    check_qemu_compressed(CompressionType::Deflate);
 }
 
 #[test]
 fn qemu_zstd_clusters_decompress() {
-    check_qemu_compressed("qemu_zstd_clusters_decompress", CompressionType::Zstd);
+    check_qemu_compressed(CompressionType::Zstd);
 }
 
 fn put_be32(b: &mut [u8], at: usize, v: u32) {
@@ -400,10 +356,8 @@ fn build_image(kind: CompressionType, data: &[u8]) -> (Vec<u8>, usize) {
     (image, compressed)
 }
 
-fn check_qemu_reads_ours(test: &str, kind: CompressionType) {
-    if !tool_available(test, "qemu-img") {
-        return;
-    }
+fn check_qemu_reads_ours(kind: CompressionType) {
+    require_tool("qemu-img", "qemu-utils", &["--version"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let img = dir.path().join("ours.qcow2");
     let back = dir.path().join("back.raw");
@@ -434,12 +388,12 @@ fn check_qemu_reads_ours(test: &str, kind: CompressionType) {
 
 #[test]
 fn qemu_reads_our_deflate_clusters() {
-    check_qemu_reads_ours("qemu_reads_our_deflate_clusters", CompressionType::Deflate);
+    check_qemu_reads_ours(CompressionType::Deflate);
 }
 
 #[test]
 fn qemu_reads_our_zstd_clusters() {
-    check_qemu_reads_ours("qemu_reads_our_zstd_clusters", CompressionType::Zstd);
+    check_qemu_reads_ours(CompressionType::Zstd);
 }
 
 /// Inflates each file with zlib at `wbits = -12`, one output byte per call,
@@ -466,10 +420,7 @@ for path in sys.argv[2:]:
 
 #[test]
 fn our_deflate_streams_fit_qemus_4k_window() {
-    let test = "our_deflate_streams_fit_qemus_4k_window";
-    if !tool_available(test, "python3") {
-        return;
-    }
+    require_tool("python3", "python3", &["--version"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let data = source_data();
     let mut files = Vec::new();

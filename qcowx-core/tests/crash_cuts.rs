@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use qcowx_core::storage::crashsim::{CrashStorage, Rng};
+use qcowx_core::storage::crashsim::CrashStorage;
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Image, OpenOptions};
+use qcowx_tests::Rng;
 
 #[derive(Debug, Clone)]
 enum Op {

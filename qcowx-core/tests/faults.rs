@@ -21,11 +21,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Error, Image, OpenOptions};
+use qcowx_tests::assert_qemu_check_clean_bytes;
 
 // ---- the failing storage -------------------------------------------------------------------
 
@@ -248,36 +248,6 @@ fn seed_of(s: &[u8], offset: u64) -> Option<u8> {
     (s == sector(seed, offset)).then_some(seed)
 }
 
-/// `qemu-img check` on the image bytes must exit 0 (no corruption, no leak).
-fn assert_qemu_check_clean(bytes: &[u8], what: &str) {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "qemu-img not found: install qemu-utils (scripts/test does)"
-    );
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let path = dir.path().join("image.qcow2");
-    std::fs::write(&path, bytes).expect("write image");
-    let out = Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run qemu-img check");
-    assert!(
-        out.status.success(),
-        "{what}: qemu-img check: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 // ---- disk full -------------------------------------------------------------------------------
 
 const CS: u64 = 4096;
@@ -394,7 +364,7 @@ fn a_full_disk_fails_allocating_writes_with_enospc_and_recovers_when_space_retur
     let mut b = vec![0u8; expect.len()];
     snap.read_at(&mut b, 0).expect("read snapshot");
     assert_eq!(b, expect);
-    assert_qemu_check_clean(&bytes, "after a full disk");
+    assert_qemu_check_clean_bytes(&bytes, "after a full disk");
 }
 
 /// Flush and close on a full disk: a flush that must write a new L2 table fails with
@@ -948,7 +918,7 @@ fn verify(bytes: Vec<u8>, run: &Run, label: &str, qemu: bool) {
     );
     drop(img);
     if qemu {
-        assert_qemu_check_clean(&mem.to_vec(), label);
+        assert_qemu_check_clean_bytes(&mem.to_vec(), label);
     }
 }
 
@@ -1227,7 +1197,7 @@ fn a_table_change_whose_header_write_fails_does_not_happen() {
             "{what}: the close committed the failed change"
         );
         assert_eq!(reopened.check().expect("check").corruptions, 0, "{what}");
-        assert_qemu_check_clean(&bytes, what);
+        assert_qemu_check_clean_bytes(&bytes, what);
 
         // The same handle makes the change once the disk works again.
         let (storage, img, before, result) = fail_write(commit);

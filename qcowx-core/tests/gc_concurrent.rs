@@ -1,16 +1,13 @@
 //! GC runs while VDIs are read and written: I/O does not wait for its count, what is
 //! written meanwhile survives, snapshots stay exact, and QEMU finds the image clean.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use common::{qemu_check_clean, Pause, Stopped};
-use qcowx_core::storage::crashsim::Rng;
 use qcowx_core::storage::FileStorage;
 use qcowx_core::{CreateOptions, Image, LockMode, OpenOptions};
+use qcowx_tests::{assert_qemu_check_clean as qemu_check_clean, Pause, Rng, Stopped};
 
 const MIB: u64 = 1 << 20;
 

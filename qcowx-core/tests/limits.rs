@@ -11,7 +11,7 @@
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -28,100 +28,15 @@ use qcowx_core::format::snapshot::{
 use qcowx_core::storage::{Access, MemStorage, Storage, Watched};
 use qcowx_core::vdi::MAX_NAME_LEN;
 use qcowx_core::{CreateOptions, Error, Image, LockMode, OpenOptions};
+use qcowx_tests::{
+    assert_qemu_check_clean, be32, be64, describe, error_text, patch, qemu_img, qemu_img_fails,
+    qemu_img_ok, read_at, run, tempdir,
+};
 
 // ---- helpers ----------------------------------------------------------------------------
 
-fn qemu_img() -> Command {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "qemu-img not found: install qemu-utils (scripts/test does)"
-    );
-    Command::new("qemu-img")
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// `qemu-img ARGS`, which must succeed.
-fn qemu_img_ok(args: &[&str]) -> Output {
-    let out = run(qemu_img().args(args));
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        describe(&out)
-    );
-    out
-}
-
-/// `qemu-img ARGS`, which must fail; returns its stderr.
-fn qemu_img_fails(args: &[&str]) -> String {
-    let out = run(qemu_img().args(args));
-    assert!(
-        !out.status.success(),
-        "qemu-img {args:?} succeeded: {}",
-        describe(&out)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// `qemu-img check` exits 0: no corruption, no leak.
-fn assert_qemu_check_clean(path: &Path) {
-    qemu_img_ok(&["check", "-f", "qcow2", &path.display().to_string()]);
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("qcowx-limits-")
-        .tempdir()
-        .expect("temporary directory")
-}
-
 fn p(path: &Path) -> String {
     path.display().to_string()
-}
-
-fn read_file_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset)
-        .unwrap_or_else(|e| panic!("read {} at {offset}: {e}", path.display()));
-    buf
-}
-
-fn write_file_at(path: &Path, offset: u64, bytes: &[u8]) {
-    let f = FsOpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    f.write_all_at(bytes, offset)
-        .unwrap_or_else(|e| panic!("write {} at {offset}: {e}", path.display()));
-}
-
-fn be32_at(path: &Path, offset: u64) -> u32 {
-    u32::from_be_bytes(read_file_at(path, offset, 4).try_into().unwrap())
-}
-
-fn be64_at(path: &Path, offset: u64) -> u64 {
-    u64::from_be_bytes(read_file_at(path, offset, 8).try_into().unwrap())
 }
 
 // Header field offsets (QCOW2 specification).
@@ -136,8 +51,8 @@ const HDR_INCOMPATIBLE: u64 = 72;
 /// Sets the dirty bit, so that qcowx and QEMU rebuild the refcounts a hand edit made
 /// stale.
 fn set_dirty(path: &Path) {
-    let bits = be64_at(path, HDR_INCOMPATIBLE) | 1;
-    write_file_at(path, HDR_INCOMPATIBLE, &bits.to_be_bytes());
+    let bits = be64(path, HDR_INCOMPATIBLE) | 1;
+    patch(path, HDR_INCOMPATIBLE, &bits.to_be_bytes());
 }
 
 fn file_len(path: &Path) -> u64 {
@@ -155,10 +70,10 @@ fn create(path: &Path, size: u64, cluster_size: u64) {
 
 /// The snapshot table of the image at `path`.
 fn read_table(path: &Path) -> Vec<SnapshotEntry> {
-    let n = be32_at(path, HDR_NB_SNAPSHOTS);
-    let off = be64_at(path, HDR_SNAPSHOTS_OFFSET);
+    let n = be32(path, HDR_NB_SNAPSHOTS);
+    let off = be64(path, HDR_SNAPSHOTS_OFFSET);
     let cs = Image::open(path).expect("open").cluster_size();
-    let bytes = read_file_at(path, off, (file_len(path) - off) as usize);
+    let bytes = read_at(path, off, (file_len(path) - off) as usize);
     parse_table(&bytes, off, n, cs).expect("parse the snapshot table")
 }
 
@@ -170,19 +85,19 @@ fn install_table(path: &Path, entries: &[SnapshotEntry], cluster_size: u64) -> u
         e.write_to(&mut bytes);
     }
     let at = file_len(path).next_multiple_of(cluster_size);
-    write_file_at(path, at, &bytes);
+    patch(path, at, &bytes);
     let end = (at + bytes.len() as u64).next_multiple_of(cluster_size);
     File::options()
         .write(true)
         .open(path)
         .and_then(|f| f.set_len(end))
         .expect("pad the file");
-    write_file_at(
+    patch(
         path,
         HDR_NB_SNAPSHOTS,
         &(entries.len() as u32).to_be_bytes(),
     );
-    write_file_at(path, HDR_SNAPSHOTS_OFFSET, &at.to_be_bytes());
+    patch(path, HDR_SNAPSHOTS_OFFSET, &at.to_be_bytes());
     set_dirty(path);
     bytes.len() as u64
 }
@@ -291,7 +206,7 @@ fn l1_table_at_the_limit_works_and_one_entry_more_is_refused() {
         .open(&hostile)
         .and_then(|f| f.set_len(file_len(&at) + 1024))
         .expect("extend");
-    write_file_at(
+    patch(
         &hostile,
         HDR_L1_SIZE,
         &((max_entries + 1) as u32).to_be_bytes(),
@@ -357,7 +272,7 @@ fn virtual_size_at_the_limit_works_and_one_sector_more_is_refused() {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
     let hostile = dir.path().join("hostile.qcow2");
     std::fs::copy(&path, &hostile).expect("copy");
-    write_file_at(&hostile, HDR_SIZE, &(max + 512).to_be_bytes());
+    patch(&hostile, HDR_SIZE, &(max + 512).to_be_bytes());
     let err = Image::open(&hostile).expect_err("a header past 2^56");
     assert!(
         matches!(
@@ -417,7 +332,7 @@ fn snapshot_count_at_the_limit_works_and_one_more_is_refused() {
     );
 
     // One entry past the limit in the header.
-    write_file_at(&copy, HDR_NB_SNAPSHOTS, &(MAX_SNAPSHOTS + 1).to_be_bytes());
+    patch(&copy, HDR_NB_SNAPSHOTS, &(MAX_SNAPSHOTS + 1).to_be_bytes());
     let err = Image::open(&copy).expect_err("65,537 snapshots");
     assert!(
         matches!(
@@ -713,9 +628,9 @@ fn backing_chain_at_the_limit_opens_and_one_layer_more_is_refused() {
     let err = Image::open(&past).expect_err("257 backing layers");
     assert!(matches!(err, Error::Backing { .. }), "{err:?}");
     assert!(
-        error_chain(&err).contains(&format!("deeper than {MAX_BACKING_DEPTH} layers")),
+        error_text(&err).contains(&format!("deeper than {MAX_BACKING_DEPTH} layers")),
         "{}",
-        error_chain(&err)
+        error_text(&err)
     );
     let err = backing_chain(&past, None, LockMode::Shared).expect_err("chain of 258 images");
     assert!(
@@ -723,17 +638,6 @@ fn backing_chain_at_the_limit_opens_and_one_layer_more_is_refused() {
             .contains(&format!("deeper than {MAX_BACKING_DEPTH} layers")),
         "{err}"
     );
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 // ---- the refcount table --------------------------------------------------------------------
@@ -755,18 +659,18 @@ fn refcount_table_at_the_limit_opens_and_one_cluster_more_is_refused() {
             img.close().expect("close");
         }
         // Move the table to the end of the file and make it `clusters` long.
-        let old = be64_at(&path, HDR_REFTABLE_OFFSET);
-        let old_clusters = u64::from(be32_at(&path, HDR_REFTABLE_CLUSTERS));
-        let table = read_file_at(&path, old, (old_clusters * cs) as usize);
+        let old = be64(&path, HDR_REFTABLE_OFFSET);
+        let old_clusters = u64::from(be32(&path, HDR_REFTABLE_CLUSTERS));
+        let table = read_at(&path, old, (old_clusters * cs) as usize);
         let at = file_len(&path).next_multiple_of(cs);
-        write_file_at(&path, at, &table);
+        patch(&path, at, &table);
         File::options()
             .write(true)
             .open(&path)
             .and_then(|f| f.set_len(at + clusters * cs))
             .expect("extend (sparse)");
-        write_file_at(&path, HDR_REFTABLE_OFFSET, &at.to_be_bytes());
-        write_file_at(
+        patch(&path, HDR_REFTABLE_OFFSET, &at.to_be_bytes());
+        patch(
             &path,
             HDR_REFTABLE_CLUSTERS,
             &(clusters as u32).to_be_bytes(),

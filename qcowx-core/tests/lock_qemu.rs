@@ -1,9 +1,6 @@
 //! Interoperability of qcowx image locks with real QEMU tools (`qemu-img`, `qemu-io`).
 //!
-//! Every test prints a message and passes without checking anything when the QEMU tools
-//! are not installed.
-
-mod common;
+//! A missing QEMU tool fails the test, naming its package.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -13,32 +10,10 @@ use std::time::{Duration, Instant};
 
 use qcowx_core::storage::lock::{self, LockError, LockMode, LockStatus, Permission, Permissions};
 use qcowx_core::storage::{FileStorage, OpenMode, Storage};
+use qcowx_tests::{describe, require_qemu_tools, run};
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 const WAIT_LIMIT: Duration = Duration::from_secs(20);
-
-/// Whether `qemu-img` and `qemu-io` can be run; prints why not otherwise.
-/// The oracles must be there: a missing tool fails the test (naming its package).
-fn qemu_tools_available(_test: &str) -> bool {
-    common::require_tool("qemu-img");
-    common::require_tool("qemu-io");
-    true
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}, stdout {:?}, stderr {:?}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Creates a 1 MiB qcow2 image with `qemu-img create` in a fresh directory.
 fn qemu_image() -> (tempfile::TempDir, PathBuf) {
@@ -167,9 +142,7 @@ impl Drop for QemuIo {
 
 #[test]
 fn qcowx_writer_locks_out_qemu() {
-    if !qemu_tools_available("qcowx_writer_locks_out_qemu") {
-        return;
-    }
+    require_qemu_tools();
     let (_dir, path) = qemu_image();
 
     let storage = FileStorage::open(&path, OpenMode::read_write()).expect("open exclusive");
@@ -204,9 +177,7 @@ fn qcowx_writer_locks_out_qemu() {
 
 #[test]
 fn qcowx_reader_shares_with_qemu_readers_only() {
-    if !qemu_tools_available("qcowx_reader_shares_with_qemu_readers_only") {
-        return;
-    }
+    require_qemu_tools();
     let (_dir, path) = qemu_image();
 
     let storage = FileStorage::open(&path, OpenMode::read_only()).expect("open shared");
@@ -226,9 +197,7 @@ fn qcowx_reader_shares_with_qemu_readers_only() {
 
 #[test]
 fn qemu_writer_locks_out_qcowx() {
-    if !qemu_tools_available("qemu_writer_locks_out_qcowx") {
-        return;
-    }
+    require_qemu_tools();
     let (_dir, path) = qemu_image();
     let qemu = QemuIo::spawn(&path, false, Permission::Write);
 
@@ -270,9 +239,7 @@ fn qemu_writer_locks_out_qcowx() {
 
 #[test]
 fn qemu_reader_blocks_only_qcowx_writers() {
-    if !qemu_tools_available("qemu_reader_blocks_only_qcowx_writers") {
-        return;
-    }
+    require_qemu_tools();
     let (_dir, path) = qemu_image();
     let qemu = QemuIo::spawn(&path, true, Permission::ConsistentRead);
 
@@ -292,9 +259,7 @@ fn qemu_reader_blocks_only_qcowx_writers() {
 
 #[test]
 fn two_storages_in_one_process_conflict() {
-    if !qemu_tools_available("two_storages_in_one_process_conflict") {
-        return;
-    }
+    require_qemu_tools();
     let (_dir, path) = qemu_image();
 
     let first = FileStorage::open(&path, OpenMode::read_write()).expect("first open");

@@ -2,7 +2,6 @@
 //! `read_at` reads, it declines what it cannot lend cheaply, and the file never
 //! shrinks under a lender.
 
-use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +9,7 @@ use std::time::Duration;
 use qcowx_core::convert::CompressedWriter;
 use qcowx_core::storage::MemStorage;
 use qcowx_core::{CreateOptions, Image};
+use qcowx_tests::evict_page_cache;
 
 const MIB: u64 = 1 << 20;
 
@@ -36,15 +36,6 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| ((i as u64 * 31 + seed * 7) ^ (i as u64 >> 9)) as u8)
         .collect()
-}
-
-/// Drops the file's clean pages from the page cache.
-fn evict(path: &std::path::Path) {
-    let f = std::fs::File::open(path).expect("open");
-    f.sync_all().expect("sync");
-    // SAFETY: a valid descriptor; POSIX_FADV_DONTNEED only drops cached pages.
-    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(r, 0, "posix_fadvise");
 }
 
 #[test]
@@ -99,7 +90,7 @@ fn what_cannot_be_lent_cheaply_is_declined() {
     // this process has touched through the mapping stay cached while mapped, so
     // this range is lent only after the eviction.)
     img.flush().unwrap();
-    evict(&path);
+    evict_page_cache(&path);
     assert!(
         lent(&img, 0, MIB).is_none(),
         "evicted pages must not be lent"

@@ -17,32 +17,13 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, ExtentStatus, Image, OpenOptions};
+use qcowx_tests::first_difference;
+use qcowx_tests::strategies::{guest_pattern, range, Range};
 
 /// The largest disk a sequence may grow to.
 const MAX_DISK: u64 = 8 << 20;
 /// How often (in steps) the whole disk is compared.
 const FULL_COMPARE_EVERY: usize = 8;
-
-/// Where an operation lands, as selectors resolved against the disk size at the time
-/// the operation runs (the size changes when the disk grows).
-#[derive(Debug, Clone, Copy)]
-enum Shape {
-    /// Any byte offset, any length up to a few clusters.
-    Unaligned,
-    /// Sector-aligned offset and length.
-    Sectors,
-    /// Whole clusters.
-    Clusters,
-    /// A range that ends exactly at the end of the disk.
-    Tail,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Range {
-    shape: Shape,
-    off: u64,
-    len: u64,
-}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -52,20 +33,6 @@ enum Op {
     Flush,
     Grow { by: u64 },
     Reopen { small_cache: bool },
-}
-
-fn range() -> impl Strategy<Value = Range> {
-    (
-        prop_oneof![
-            3 => Just(Shape::Unaligned),
-            2 => Just(Shape::Sectors),
-            3 => Just(Shape::Clusters),
-            1 => Just(Shape::Tail),
-        ],
-        any::<u64>(),
-        any::<u64>(),
-    )
-        .prop_map(|(shape, off, len)| Range { shape, off, len })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -79,49 +46,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-impl Range {
-    /// The byte range `(offset, len)` on a disk of `size` bytes with `cs`-byte clusters.
-    fn resolve(self, size: u64, cs: u64) -> (u64, u64) {
-        let span = |max: u64| 1 + self.len % max;
-        let (off, len) = match self.shape {
-            Shape::Unaligned => (self.off % size, span(3 * cs)),
-            Shape::Sectors => {
-                let off = (self.off % size.div_ceil(512)) * 512;
-                (off, 512 * span(3 * cs.div_ceil(512)))
-            }
-            Shape::Clusters => {
-                let off = (self.off % size.div_ceil(cs)) * cs;
-                (off, cs * span(4))
-            }
-            Shape::Tail => {
-                let back = span(size.min(3 * cs));
-                (size - back, back)
-            }
-        };
-        (off, len.min(size - off))
-    }
-}
-
-/// The byte a write with `seed` puts at guest offset `g`: it depends on both, so data
-/// written to the wrong place or left over from an older write is noticed.
-fn pattern_byte(seed: u8, g: u64) -> u8 {
-    let x = (g ^ (u64::from(seed) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (x >> 56) as u8 ^ seed
-}
-
-fn pattern(seed: u8, off: u64, len: u64) -> Vec<u8> {
-    (off..off + len).map(|g| pattern_byte(seed, g)).collect()
-}
-
 #[derive(Debug, Clone, Copy)]
 struct ModelConfig {
     cluster_size: u64,
     extended_l2: bool,
-}
-
-/// The first offset where `got` and `want` differ, for a readable failure message.
-fn first_diff(got: &[u8], want: &[u8]) -> Option<usize> {
-    got.iter().zip(want).position(|(a, b)| a != b)
 }
 
 /// Whether `buf` is all zeros (compared in chunks, which stays fast in debug builds).
@@ -156,7 +84,7 @@ impl Run {
             .map_err(|e| self.fail(format!("{when}: read {off}+{len}: {e}")))?;
         let want = &self.model[off as usize..(off + len) as usize];
         if got != want {
-            let i = first_diff(&got, want).unwrap_or(0);
+            let i = first_difference(&got, want).unwrap_or(0);
             return Err(self.fail(format!(
                 "{when}: mismatch at guest offset {} (read {:#04x}, model {:#04x})",
                 off + i as u64,
@@ -237,7 +165,7 @@ impl Run {
             Op::Write { at, seed } => {
                 let (off, len) = at.resolve(size, cs);
                 writeln!(self.trace, "{i}: write {off}+{len} seed {seed}").ok();
-                let data = pattern(seed, off, len);
+                let data = guest_pattern(seed, off, len);
                 self.img
                     .write_at(&data, off)
                     .map_err(|e| self.fail(format!("step {i}: write: {e}")))?;
@@ -419,9 +347,9 @@ proptest! {
 /// misplaced data pass).
 #[test]
 fn pattern_is_position_dependent() {
-    let a = pattern(7, 0, 4096);
-    let b = pattern(7, 512, 4096);
-    let c = pattern(8, 0, 4096);
+    let a = guest_pattern(7, 0, 4096);
+    let b = guest_pattern(7, 512, 4096);
+    let c = guest_pattern(8, 0, 4096);
     assert_ne!(a, b);
     assert_ne!(a, c);
     assert!(a.windows(2).filter(|w| w[0] != w[1]).count() > 3000);
@@ -550,7 +478,7 @@ fn concurrent_writes_to_different_subclusters_are_not_lost() {
     want[..512].fill(0xaa);
     want[512..2048].fill(0x11);
     want[4096..4608].fill(0xbb);
-    if let Some(i) = first_diff(&got, &want) {
+    if let Some(i) = first_difference(&got, &want) {
         panic!(
             "byte {i} of the cluster reads {:#04x}, expected {:#04x}: a concurrent write to \
              another subcluster wrote stale data over it",

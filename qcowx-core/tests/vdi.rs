@@ -3,10 +3,8 @@
 use std::process::Command;
 use std::sync::Arc;
 
-mod common;
-
-use common::{qemu_check_clean, qemu_img};
 use qcowx_core::{CreateOptions, Error, Image, RootKind};
+use qcowx_tests::{assert_qemu_check_clean as qemu_check_clean, qemu_img_run as qemu_img};
 
 fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];

@@ -20,26 +20,19 @@
 //! - have no structural error before repair, and check clean (no corruption, no leak)
 //!   after `repair()`, with content unchanged by the repair and a clean close.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use common::{Pause, Stopped};
-use qcowx_core::storage::crashsim::{CrashStorage, Rng};
+use qcowx_core::storage::crashsim::CrashStorage;
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
+use qcowx_tests::{Pause, Rng, Stopped};
 
 /// Normal data bytes lie in `0x10..=0xef`; secret data bytes in `0xf0..=0xff`.
 fn pattern(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut rng = Rng::new(seed);
     (0..len)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            0x10 + ((x >> 33) % 0xe0) as u8
-        })
+        .map(|_| 0x10 + (rng.next_u64() % 0xe0) as u8)
         .collect()
 }
 

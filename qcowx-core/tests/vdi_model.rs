@@ -25,6 +25,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Disk, Error, ExtentStatus, Image, OpenOptions, RootKind};
+use qcowx_tests::Rng;
 
 /// Disk geometries the cases run on: (cluster size, extended L2, virtual size).
 /// Small disks keep a whole-disk comparison of every root after every step cheap;
@@ -316,15 +317,8 @@ impl Model {
 
 /// Deterministic, non-zero-heavy data for a write.
 fn pattern(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8 | 0x10
-        })
-        .collect()
+    let mut rng = Rng::new(seed);
+    (0..len).map(|_| rng.next_u64() as u8 | 0x10).collect()
 }
 
 fn err_text(e: &Error) -> String {

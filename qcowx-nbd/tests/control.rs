@@ -7,21 +7,20 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
 use qcowx_nbd::control::{self, ControlError, DeleteTarget, Request, Response};
 use qcowx_nbd::exports::{ExportPlan, Exports};
-use qcowx_nbd::server::{ListenAddr, Server, ServerConfig, ShutdownHandle};
+use qcowx_nbd::server::{Server, ServerConfig};
 use qcowx_nbd::Settings;
+use qcowx_tests::nbd_wire::{unix_config, InProcessServer};
 use serde_json::{json, Value};
 
 struct TestServer {
+    server: InProcessServer,
     exports: Arc<Exports>,
     control: PathBuf,
-    handle: ShutdownHandle,
-    thread: Option<JoinHandle<qcowx_nbd::Result<()>>>,
 }
 
 impl TestServer {
@@ -57,23 +56,16 @@ impl TestServer {
         let server = Server::bind(
             Arc::clone(&exports),
             ServerConfig {
-                listen: vec![ListenAddr::Unix(nbd)],
-                socket_activation: false,
-                max_clients: 0,
-                persistent: true,
-                settings,
                 control: Some(control.clone()),
+                ..unix_config(nbd, settings)
             },
         )
         .expect("bind");
         assert_eq!(server.control_path(), Some(control.as_path()));
-        let handle = server.shutdown_handle();
-        let thread = std::thread::spawn(move || server.run());
         TestServer {
+            server: InProcessServer::run(server),
             exports,
             control,
-            handle,
-            thread: Some(thread),
         }
     }
 
@@ -86,20 +78,9 @@ impl TestServer {
             .collect()
     }
 
-    fn stop(mut self) {
-        self.handle.shutdown();
-        let r = self.thread.take().expect("thread").join().expect("join");
-        r.expect("server run");
+    fn stop(self) {
+        self.server.stop();
         assert!(!self.control.exists(), "control socket left behind");
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.handle.shutdown();
-            let _ = t.join();
-        }
     }
 }
 

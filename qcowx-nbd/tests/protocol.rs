@@ -8,7 +8,6 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qcowx_core::storage::{Access, MemStorage, Watched};
@@ -16,16 +15,19 @@ use qcowx_core::{CreateOptions, Image};
 use qcowx_nbd::config::Settings;
 use qcowx_nbd::exports::{ExportPlan, Exports};
 use qcowx_nbd::handshake::{self, HandshakeContext};
-use qcowx_nbd::server::{ListenAddr, Server, ServerConfig, ShutdownHandle};
+use qcowx_nbd::server::ServerConfig;
 use qcowx_nbd::wire::*;
+use qcowx_tests::nbd_wire::*;
 
 const SIZE: u64 = 4 << 20;
 
+type Client = WireClient;
+
+/// A server in process; dropping it shuts the server down before its directory goes.
 struct TestServer {
+    server: InProcessServer,
     _dir: tempfile::TempDir,
     path: PathBuf,
-    handle: ShutdownHandle,
-    thread: Option<JoinHandle<qcowx_nbd::Result<()>>>,
     image: Arc<Image>,
 }
 
@@ -74,25 +76,17 @@ impl TestServer {
         )
         .expect("exports");
         let path = dir.path().join("nbd.sock");
-        let server = Server::bind(
+        let server = InProcessServer::bind(
             Arc::new(exports),
             ServerConfig {
-                listen: vec![ListenAddr::Unix(path.clone())],
-                socket_activation: false,
                 max_clients,
-                persistent: true,
-                settings,
-                control: None,
+                ..unix_config(path.clone(), settings)
             },
-        )
-        .expect("bind");
-        let handle = server.shutdown_handle();
-        let thread = std::thread::spawn(move || server.run());
+        );
         TestServer {
+            server,
             _dir: dir,
             path,
-            handle,
-            thread: Some(thread),
             image,
         }
     }
@@ -114,212 +108,9 @@ impl TestServer {
         c
     }
 
-    fn stop(mut self) {
-        self.handle.shutdown();
-        let r = self.thread.take().expect("thread").join().expect("join");
-        r.expect("server run");
+    fn stop(self) {
+        self.server.stop();
         assert!(!self.path.exists(), "socket file left behind");
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.handle.shutdown();
-            let _ = t.join();
-        }
-    }
-}
-
-struct Client {
-    s: UnixStream,
-}
-
-fn be_u16(b: &[u8]) -> u16 {
-    u16::from_be_bytes(b[..2].try_into().unwrap())
-}
-fn be_u32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-fn be_u64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
-
-/// Option data of NBD_OPT_INFO / NBD_OPT_GO.
-fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(requests.len() as u16).to_be_bytes());
-    for r in requests {
-        d.extend_from_slice(&r.to_be_bytes());
-    }
-    d
-}
-
-/// Option data of NBD_OPT_{LIST,SET}_META_CONTEXT.
-fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
-    }
-    d
-}
-
-struct OptReply {
-    option: u32,
-    kind: u32,
-    data: Vec<u8>,
-}
-
-impl Client {
-    fn connect(path: &PathBuf, flags: u32) -> Client {
-        Client::over(UnixStream::connect(path).expect("connect"), flags)
-    }
-
-    fn over(s: UnixStream, flags: u32) -> Client {
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut c = Client { s };
-        let mut g = [0u8; 18];
-        c.s.read_exact(&mut g).expect("greeting");
-        assert_eq!(&g[..8], b"NBDMAGIC");
-        assert_eq!(&g[8..16], b"IHAVEOPT");
-        assert_eq!(be_u16(&g[16..]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-        c.s.write_all(&flags.to_be_bytes()).unwrap();
-        c
-    }
-
-    fn send_opt(&mut self, opt: u32, data: &[u8]) {
-        let mut b = IHAVEOPT.to_be_bytes().to_vec();
-        b.extend_from_slice(&opt.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b).unwrap();
-    }
-
-    fn opt_reply(&mut self) -> OptReply {
-        let mut h = [0u8; 20];
-        self.s.read_exact(&mut h).expect("option reply");
-        assert_eq!(be_u64(&h), OPTION_REPLY_MAGIC);
-        let mut data = vec![0u8; be_u32(&h[16..]) as usize];
-        self.s.read_exact(&mut data).unwrap();
-        OptReply {
-            option: be_u32(&h[8..]),
-            kind: be_u32(&h[12..]),
-            data,
-        }
-    }
-
-    /// Sends an option and collects replies up to the final one.
-    fn opt(&mut self, opt: u32, data: &[u8]) -> Vec<OptReply> {
-        self.send_opt(opt, data);
-        let mut out = Vec::new();
-        loop {
-            let r = self.opt_reply();
-            assert_eq!(r.option, opt);
-            let last = r.kind == REP_ACK || r.kind & (1 << 31) != 0;
-            out.push(r);
-            if last {
-                return out;
-            }
-        }
-    }
-
-    fn final_kind(&mut self, opt: u32, data: &[u8]) -> u32 {
-        self.opt(opt, data).last().unwrap().kind
-    }
-
-    /// GO to `name`; returns (size, transmission flags).
-    fn go(&mut self, name: &str) -> (u64, u16) {
-        let replies = self.opt(OPT_GO, &info_data(name, &[INFO_BLOCK_SIZE]));
-        assert_eq!(replies.last().unwrap().kind, REP_ACK);
-        let e = replies
-            .iter()
-            .find(|r| r.kind == REP_INFO && be_u16(&r.data) == INFO_EXPORT)
-            .expect("INFO_EXPORT");
-        (be_u64(&e.data[2..]), be_u16(&e.data[10..]))
-    }
-
-    /// A block status request for one context: its descriptors (length, flags).
-    fn status(&mut self, cookie: u64, offset: u64, len: u32) -> Vec<(u64, u32)> {
-        self.request(0, CMD_BLOCK_STATUS, cookie, offset, len, &[]);
-        let ch = self.chunks(cookie);
-        assert_eq!(ch.len(), 1, "one context, one chunk");
-        ch[0].1[4..]
-            .chunks(8)
-            .map(|d| (u64::from(be_u32(d)), be_u32(&d[4..])))
-            .collect()
-    }
-
-    fn is_closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
-    }
-
-    fn request(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) {
-        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&cmd.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b).unwrap();
-    }
-
-    /// A simple reply: (error, cookie).
-    fn simple(&mut self) -> (u32, u64) {
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).expect("simple reply");
-        assert_eq!(be_u32(&h), SIMPLE_REPLY_MAGIC);
-        (be_u32(&h[4..]), be_u64(&h[8..]))
-    }
-
-    /// A reply of either kind with its payload: (magic, flags, type or error, cookie,
-    /// payload). Simple replies to reads carry `read_len` bytes when successful.
-    fn any_reply(&mut self, read_len: usize) -> (u32, u16, u32, u64, Vec<u8>) {
-        let mut m = [0u8; 4];
-        self.s.read_exact(&mut m).expect("reply magic");
-        match be_u32(&m) {
-            SIMPLE_REPLY_MAGIC => {
-                let mut h = [0u8; 12];
-                self.s.read_exact(&mut h).unwrap();
-                let err = be_u32(&h);
-                let mut p = vec![0u8; if err == 0 { read_len } else { 0 }];
-                self.s.read_exact(&mut p).unwrap();
-                (SIMPLE_REPLY_MAGIC, 0, err, be_u64(&h[4..]), p)
-            }
-            STRUCTURED_REPLY_MAGIC => {
-                let mut h = [0u8; 16];
-                self.s.read_exact(&mut h).unwrap();
-                let mut p = vec![0u8; be_u32(&h[12..]) as usize];
-                self.s.read_exact(&mut p).unwrap();
-                (
-                    STRUCTURED_REPLY_MAGIC,
-                    be_u16(&h),
-                    u32::from(be_u16(&h[2..])),
-                    be_u64(&h[4..]),
-                    p,
-                )
-            }
-            m => panic!("bad reply magic {m:#x}"),
-        }
-    }
-
-    /// All chunks of one structured reply: (type, payload).
-    fn chunks(&mut self, cookie: u64) -> Vec<(u16, Vec<u8>)> {
-        let mut out = Vec::new();
-        loop {
-            let (magic, flags, ty, c, p) = self.any_reply(0);
-            assert_eq!(magic, STRUCTURED_REPLY_MAGIC);
-            assert_eq!(c, cookie);
-            out.push((ty as u16, p));
-            if flags & REPLY_FLAG_DONE != 0 {
-                return out;
-            }
-        }
     }
 }
 
@@ -896,39 +687,6 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + (i >> 12)) as u8).collect()
 }
 
-/// Drops the image file's clean pages from the page cache.
-fn evict(path: &std::path::Path) {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).expect("open image file");
-    f.sync_all().expect("sync");
-    // SAFETY: a valid descriptor; POSIX_FADV_DONTNEED only drops cached pages.
-    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(r, 0, "posix_fadvise");
-}
-
-impl Client {
-    /// Reads with a structured reply and puts its chunks together: data chunks
-    /// where they say, zeros for holes. Every byte must be covered once.
-    fn structured_read(&mut self, cookie: u64, flags: u16, offset: u64, len: u32) -> Vec<u8> {
-        self.request(flags, CMD_READ, cookie, offset, len, &[]);
-        let mut out = vec![0u8; len as usize];
-        let mut covered = 0u64;
-        for (ty, p) in self.chunks(cookie) {
-            let at = (be_u64(&p) - offset) as usize;
-            match ty {
-                REPLY_TYPE_OFFSET_DATA => {
-                    out[at..at + p.len() - 8].copy_from_slice(&p[8..]);
-                    covered += p.len() as u64 - 8;
-                }
-                REPLY_TYPE_OFFSET_HOLE => covered += u64::from(be_u32(&p[8..])),
-                t => panic!("read at {offset}: chunk type {t}"),
-            }
-        }
-        assert_eq!(covered, u64::from(len), "read at {offset}: bytes covered");
-        out
-    }
-}
-
 /// Reads larger than the inline limit, from an image file: sent straight from the
 /// file's mapping when their pages are cached, read into a buffer when they are not;
 /// either way the bytes the disk holds, in simple and structured replies.
@@ -962,7 +720,7 @@ fn large_reads_of_an_image_file_send_what_the_disk_holds() {
     for round in ["cold", "warm"] {
         for &(off, len) in &reads {
             if round == "cold" {
-                evict(&file);
+                qcowx_tests::evict_page_cache(&file);
             }
             let mut expect = vec![0u8; len as usize];
             srv.image.read_at(&mut expect, off).expect("read_at");

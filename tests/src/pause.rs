@@ -1,56 +1,11 @@
-//! Test support shared by the integration tests of this crate.
+//! A pause point in a storage: one chosen thread stops on a chosen read until the test
+//! releases it.
 
-#![allow(dead_code)]
-
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use qcowx_core::storage::{Access, Storage, Watched};
-
-/// Makes sure `tool` runs; panics naming the Debian package that provides it (the
-/// test command installs them) — a test never skips because its oracle is missing.
-pub fn require_tool(tool: &str) {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let package = match tool {
-        "qemu-img" | "qemu-io" | "qemu-nbd" => "qemu-utils",
-        "python3" => "python3",
-        other => other,
-    };
-    assert!(
-        ok,
-        "{tool} not found: install {package} (scripts/test does)"
-    );
-}
-
-/// Runs `qemu-img ARGS`.
-pub fn qemu_img(args: &[&str]) -> Output {
-    require_tool("qemu-img");
-    Command::new("qemu-img")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run qemu-img")
-}
-
-/// `qemu-img check PATH` must find nothing: no corruption, no leak.
-pub fn qemu_check_clean(path: &Path) {
-    let out = qemu_img(&["check", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "qemu-img check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A pause point in a storage: it stops one chosen thread on its first read of a
 /// chosen length, until the test releases it — a way to run other code

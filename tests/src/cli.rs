@@ -1,0 +1,210 @@
+//! The `qcowx` command-line tool and QEMU's tools run in a test directory, with the
+//! assertions the CLI tests make on what they print and how they exit.
+//!
+//! Import with `use qcowx_tests::cli::*;`: the names (`qemu_img`, `run`, …) are those
+//! of the CLI tests and take a directory, unlike the crate-level helpers of the same
+//! purpose.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::qcowx_cli_bin;
+
+/// Runs `prog ARGS` in `dir` (stdin closed) and returns its output whatever its exit
+/// status. Panics if it cannot be started: for a QEMU tool with "PROG not found:
+/// install qemu-utils (scripts/test does)".
+pub fn run<P: AsRef<OsStr>>(prog: P, args: &[&str], dir: &Path) -> Output {
+    let prog = prog.as_ref();
+    match Command::new(prog).args(args).current_dir(dir).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && prog != qcowx_cli_bin() => {
+            panic!(
+                "{} not found: install qemu-utils (scripts/test does)",
+                prog.to_string_lossy()
+            )
+        }
+        Err(e) => panic!("cannot run {}: {e}", prog.to_string_lossy()),
+    }
+}
+
+/// Runs `qcowx ARGS` in `dir`.
+pub fn qcowx(dir: &Path, args: &[&str]) -> Output {
+    run(qcowx_cli_bin(), args, dir)
+}
+
+/// Runs `qemu-img ARGS` in `dir`.
+pub fn qemu_img(dir: &Path, args: &[&str]) -> Output {
+    run("qemu-img", args, dir)
+}
+
+/// Runs `qemu-img ARGS` in `dir` and expects exit 0.
+pub fn qemu_ok(dir: &Path, args: &[&str]) -> Output {
+    let out = qemu_img(dir, args);
+    assert_code(&out, 0, &format!("qemu-img {args:?}"));
+    out
+}
+
+/// Runs `qemu-io -f FMT -c CMD... FILE` in `dir` and expects exit 0 with no failed
+/// command (`read -P` pattern mismatches included).
+pub fn qemu_io(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(file);
+    let out = run("qemu-io", &args, dir);
+    assert_code(&out, 0, &format!("qemu-io {cmds:?} {file}"));
+    assert!(!stdout(&out).contains("failed"), "{}", stdout(&out));
+}
+
+/// Standard output, as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Standard error, as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts exit code `code` and no panic message on stderr; `what` names the command.
+pub fn assert_code(out: &Output, code: i32, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}:\nstdout: {}\nstderr: {}",
+        stdout(out),
+        stderr(out)
+    );
+    assert!(
+        !stderr(out).contains("panicked"),
+        "{what} panicked: {}",
+        stderr(out)
+    );
+}
+
+/// Asserts exit 0 (see [`assert_code`]).
+pub fn assert_ok(out: &Output, what: &str) {
+    assert_code(out, 0, what);
+}
+
+/// Stdout parsed as JSON; panics with both outputs when it is not JSON.
+pub fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(out), stderr(out)))
+}
+
+/// Runs `qcowx` and expects exit 0.
+pub fn ok(dir: &Path, args: &[&str]) -> Output {
+    let out = qcowx(dir, args);
+    assert_ok(&out, &format!("qcowx {args:?}"));
+    out
+}
+
+/// Runs `qcowx` and expects exit 0 and nothing on stderr (no progress bars in pipes).
+pub fn ok_quiet(dir: &Path, args: &[&str]) -> Output {
+    let out = ok(dir, args);
+    assert!(
+        out.stderr.is_empty(),
+        "qcowx {args:?} wrote to stderr: {}",
+        stderr(&out)
+    );
+    out
+}
+
+/// Runs `qcowx`, expects exit `code` with a `qcowx: ` message containing every
+/// `needles`, and returns its output.
+fn failing(dir: &Path, code: i32, args: &[&str], needles: &[&str]) -> Output {
+    let out = qcowx(dir, args);
+    assert_code(&out, code, &format!("qcowx {args:?}"));
+    let err = stderr(&out);
+    assert!(err.starts_with("qcowx: "), "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: {n:?} not in {err}");
+    }
+    out
+}
+
+/// Runs `qcowx` and expects exit `code` with a `qcowx: ` message containing every
+/// `needles`; returns stderr.
+pub fn fails_code(dir: &Path, code: i32, args: &[&str], needles: &[&str]) -> String {
+    stderr(&failing(dir, code, args, needles))
+}
+
+/// [`fails_code`] with exit 1.
+pub fn fails(dir: &Path, args: &[&str], needles: &[&str]) -> String {
+    fails_code(dir, 1, args, needles)
+}
+
+/// [`fails_code`], and nothing on stdout.
+pub fn fails_quiet(dir: &Path, code: i32, args: &[&str], needles: &[&str]) -> String {
+    let out = failing(dir, code, args, needles);
+    assert!(out.stdout.is_empty(), "{args:?}: {}", stdout(&out));
+    stderr(&out)
+}
+
+/// Runs `qcowx ARGS` in `dir` with stdout a pipe whose read end is closed before it
+/// writes, and expects a clean exit: 0, nothing on stderr.
+pub fn ok_into_closed_stdout(dir: &Path, args: &[&str]) {
+    let mut child = Command::new(qcowx_cli_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the child writes.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_code(&out, 0, &format!("{args:?} into a closed pipe"));
+    assert!(out.stderr.is_empty(), "{args:?}: {}", stderr(&out));
+}
+
+/// Runs `qcowx` and expects a usage error: exit 2, nothing on stdout. Returns stderr.
+pub fn usage_error(dir: &Path, args: &[&str]) -> String {
+    let out = qcowx(dir, args);
+    assert_code(&out, 2, &format!("qcowx {args:?}"));
+    assert!(out.stdout.is_empty(), "{args:?}: {}", stdout(&out));
+    stderr(&out)
+}
+
+/// `qemu-img check --output=json FILE` exits 0 and reports no check error, no
+/// corruption and no leak.
+pub fn assert_qemu_check_clean(dir: &Path, file: &str) {
+    let out = qemu_img(dir, &["check", "--output=json", file]);
+    assert_code(&out, 0, &format!("qemu-img check {file}"));
+    let v = json(&out);
+    assert_eq!(v["check-errors"], 0, "{v:#}");
+    assert!(v.get("corruptions").is_none(), "{v:#}");
+    assert!(v.get("leaks").is_none(), "{v:#}");
+}
+
+/// `qemu-img convert [-l snapshot.name=S] -O raw FILE` (the active layer for `None`),
+/// as bytes.
+pub fn qemu_raw(dir: &Path, file: &str, snapshot: Option<&str>) -> Vec<u8> {
+    let out_name = format!(
+        "qemu-{}.raw",
+        snapshot.unwrap_or("active").replace(':', "_")
+    );
+    let opt;
+    let mut args = vec!["convert"];
+    if let Some(s) = snapshot {
+        opt = format!("snapshot.name={s}");
+        args.extend(["-l", &opt]);
+    }
+    args.extend(["-O", "raw", file, &out_name]);
+    qemu_ok(dir, &args);
+    let bytes = std::fs::read(dir.join(&out_name)).unwrap();
+    std::fs::remove_file(dir.join(&out_name)).unwrap();
+    bytes
+}
+
+/// The names of `names`, as a set.
+pub fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
