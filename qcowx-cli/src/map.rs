@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use qcowx_core::engine::chain::{backing_chain, raw_extents, ChainLayer, LayerFormat};
-use qcowx_core::map::KeptHosts;
+use qcowx_core::vdi::kept_hosts::KeptHosts;
 use qcowx_core::vdi::DEFAULT_VDI;
 use qcowx_core::{Error, Extent, ExtentStatus, Image, LockMode, OpenOptions, Result};
 

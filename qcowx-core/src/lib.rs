@@ -68,7 +68,6 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod import;
-pub mod map;
 pub mod refcount;
 pub mod size;
 pub mod storage;

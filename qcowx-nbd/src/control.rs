@@ -8,7 +8,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,6 +22,7 @@ pub use qcowx_core::control::*;
 
 use crate::error::{Error, Result};
 use crate::exports::Exports;
+use crate::socket::stale_unix_socket;
 
 /// The most control connections served at once; more are answered `busy`.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -59,20 +60,7 @@ pub struct ControlListener {
 /// restricted, then renamed into place, so it is never open to others). A stale
 /// socket file there is replaced; a live one is an error.
 pub fn bind_private(path: &Path) -> Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(Error::Config(format!(
-                "{} exists and is not a socket",
-                path.display()
-            )));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::Config(format!(
-                "{}: another server is listening there",
-                path.display()
-            )));
-        }
-    }
+    stale_unix_socket(path)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));
     let tmp = PathBuf::from(tmp);

@@ -269,6 +269,30 @@ impl ReplyWriter for Socket {
     }
 }
 
+/// Checks a path a Unix socket is to be bound at: refuses anything there that is not a
+/// socket, and a socket another server listens on; returns whether a stale socket file
+/// (a server that did not clean up) is there to be replaced.
+pub(crate) fn stale_unix_socket(path: &std::path::Path) -> crate::error::Result<bool> {
+    use crate::error::Error;
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(false);
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::Config(format!(
+            "{} exists and is not a socket",
+            path.display()
+        )));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(Error::Config(format!(
+            "{}: another server is listening there",
+            path.display()
+        )));
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -475,29 +475,44 @@ fn copy(
         ..ExportStats::default()
     };
     let mut buf: Vec<u8> = Vec::new();
+    for_each_data_extent(src, size, progress, |ext, progress| {
+        let end = ext.offset + ext.length;
+        let mut pos = ext.offset;
+        while pos < end {
+            let n = (end - pos).min(COPY_CHUNK as u64);
+            buf.resize(n as usize, 0);
+            src.read_at(&mut buf, pos)?;
+            stats.data_bytes += n;
+            stats.written_bytes += write_nonzero(sink, &buf, pos, granule)?;
+            pos += n;
+            progress(pos, size);
+        }
+        Ok(())
+    })?;
+    Ok(stats)
+}
+
+/// Calls `f` with each extent of `src` (of `size` bytes) that holds data, in order,
+/// asking for block status one [`STATUS_WINDOW`] at a time; reports progress at the
+/// end of each window.
+fn for_each_data_extent(
+    src: &dyn Content,
+    size: u64,
+    progress: Progress<'_>,
+    mut f: impl FnMut(Extent, &mut dyn FnMut(u64, u64)) -> Result<()>,
+) -> Result<()> {
     let mut window = 0u64;
     while window < size {
         let wlen = STATUS_WINDOW.min(size - window);
         for ext in src.block_status(window, wlen)? {
-            if ext.status != ExtentStatus::Data {
-                continue;
-            }
-            let end = ext.offset + ext.length;
-            let mut pos = ext.offset;
-            while pos < end {
-                let n = (end - pos).min(COPY_CHUNK as u64);
-                buf.resize(n as usize, 0);
-                src.read_at(&mut buf, pos)?;
-                stats.data_bytes += n;
-                stats.written_bytes += write_nonzero(sink, &buf, pos, granule)?;
-                pos += n;
-                progress(pos, size);
+            if ext.status == ExtentStatus::Data {
+                f(ext, &mut *progress)?;
             }
         }
         window += wlen;
         progress(window, size);
     }
-    Ok(stats)
+    Ok(())
 }
 
 /// Copies `src` into the fresh image `dst`, cluster by cluster, compressed.
@@ -516,34 +531,26 @@ fn copy_compressed(
     let mut buf = vec![0u8; cs as usize];
     // The next cluster index not yet looked at.
     let mut next = 0u64;
-    let mut window = 0u64;
-    while window < size {
-        let wlen = STATUS_WINDOW.min(size - window);
-        for ext in src.block_status(window, wlen)? {
-            if ext.status != ExtentStatus::Data {
-                continue;
-            }
-            stats.data_bytes += ext.length;
-            let first = (ext.offset / cs).max(next);
-            let last = (ext.offset + ext.length - 1) / cs;
-            for c in first..=last {
-                let at = c * cs;
-                let n = cs.min(size - at) as usize;
-                buf[n..].fill(0);
-                src.read_at(&mut buf[..n], at)?;
-                if buf.iter().any(|&b| b != 0) {
-                    if writer.write_cluster(at, &buf)? {
-                        stats.compressed_clusters += 1;
-                    }
-                    stats.written_bytes += n as u64;
+    for_each_data_extent(src, size, progress, |ext, progress| {
+        stats.data_bytes += ext.length;
+        let first = (ext.offset / cs).max(next);
+        let last = (ext.offset + ext.length - 1) / cs;
+        for c in first..=last {
+            let at = c * cs;
+            let n = cs.min(size - at) as usize;
+            buf[n..].fill(0);
+            src.read_at(&mut buf[..n], at)?;
+            if buf.iter().any(|&b| b != 0) {
+                if writer.write_cluster(at, &buf)? {
+                    stats.compressed_clusters += 1;
                 }
-                next = c + 1;
-                progress(at + n as u64, size);
+                stats.written_bytes += n as u64;
             }
+            next = c + 1;
+            progress(at + n as u64, size);
         }
-        window += wlen;
-        progress(window, size);
-    }
+        Ok(())
+    })?;
     writer.finish()?;
     Ok(stats)
 }

@@ -7,7 +7,7 @@
 use zerocopy::big_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::format::header::HeaderError;
+use crate::format::header_error::HeaderError;
 
 /// End of the extension list.
 pub const EXT_END: u32 = 0x0000_0000;

@@ -5,6 +5,7 @@
 pub mod compress;
 pub mod extensions;
 pub mod header;
+mod header_error;
 pub mod refblock;
 pub mod roots;
 pub mod snapshot;

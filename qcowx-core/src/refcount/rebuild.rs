@@ -49,17 +49,7 @@ pub(crate) fn rebuild_with(
 ) -> Result<Vec<u64>> {
     let geo = img.geo;
     let cs = geo.cluster_size();
-    if s.report.corruptions > 0 {
-        return Err(img.corrupt(
-            "image metadata",
-            0,
-            format!(
-                "cannot rebuild refcounts: {} structural error(s), first: {}",
-                s.report.corruptions,
-                s.report.messages.first().cloned().unwrap_or_default()
-            ),
-        ));
-    }
+    let s = s.checked(img, "cannot rebuild refcounts: ")?;
     normalize_copied(img, st, &s)?;
     img.flush_metadata(st)?;
 

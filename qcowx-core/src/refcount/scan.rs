@@ -87,14 +87,15 @@ impl Scan {
         self.file_clusters
     }
 
-    /// The scan, or a corruption error naming the first structural problem it found.
-    pub(crate) fn checked(self, img: &Image) -> Result<Scan> {
+    /// The scan, or a corruption error naming the first structural problem it found
+    /// (after `context`, what could not be done because of it, when given).
+    pub(crate) fn checked(self, img: &Image, context: &str) -> Result<Scan> {
         if self.report.corruptions > 0 {
             return Err(img.corrupt(
                 "image metadata",
                 0,
                 format!(
-                    "{} structural error(s), first: {}",
+                    "{context}{} structural error(s), first: {}",
                     self.report.corruptions,
                     self.report.messages.first().cloned().unwrap_or_default()
                 ),
@@ -488,5 +489,5 @@ pub(crate) fn refcount_clusters(img: &Image, h: &Header) -> Result<HashSet<u64>>
 
 /// Reference counts per host cluster from every root (refcount structures excluded).
 pub(crate) fn reference_counts(img: &Image, st: &State) -> Result<Vec<u64>> {
-    Ok(scan(img, st, false)?.checked(img)?.counts)
+    Ok(scan(img, st, false)?.checked(img, "")?.counts)
 }

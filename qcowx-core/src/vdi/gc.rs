@@ -126,7 +126,8 @@ impl Image {
     /// freed that the removed roots referenced, and whether refcounts are exact.
     fn gc_count_and_sweep(&self, start: &Start) -> Result<(u64, bool)> {
         let cs = self.geo.cluster_size();
-        let live = refcount::scan_from(self, &start.live, false, Source::Live)?.checked(self)?;
+        let live =
+            refcount::scan_from(self, &start.live, false, Source::Live)?.checked(self, "")?;
         // Removed roots are never written: their tables are read from the file.
         let dead = refcount::scan_from(self, &start.removed, false, Source::File)?;
 

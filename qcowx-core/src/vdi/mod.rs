@@ -14,6 +14,7 @@
 
 pub mod diff;
 pub mod gc;
+pub mod kept_hosts;
 mod reconcile;
 pub mod rename;
 pub mod usage;

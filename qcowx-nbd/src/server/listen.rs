@@ -4,12 +4,11 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::socket::Socket;
+use crate::socket::{stale_unix_socket, Socket};
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,19 +150,7 @@ pub(super) fn activated_listeners() -> Result<Option<Vec<Listener>>> {
 }
 
 pub(super) fn bind_unix(path: &Path) -> Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(Error::Config(format!(
-                "{} exists and is not a socket",
-                path.display()
-            )));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::Config(format!(
-                "{}: another server is listening there",
-                path.display()
-            )));
-        }
+    if stale_unix_socket(path)? {
         // A stale socket from a server that did not clean up.
         std::fs::remove_file(path)
             .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
