@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::format::header::MAX_SNAPSHOTS;
 use crate::format::roots::*;
 use crate::format::snapshot::{RawSnapshotHeader, SnapshotEntry, MAX_SNAPSHOT_TABLE_BYTES};
-use crate::format::tables::{decode_words, encode_words, WRITABLE};
+use crate::format::tables::{decode_words, encode_words, read_only_l1};
 
 /// A resolved reference to a root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +130,7 @@ impl Image {
 
     /// Writes `l1` with every link read-only to new clusters; returns the offset.
     pub(crate) fn write_read_only_copy(&self, st: &mut State, l1: &[u64]) -> Result<u64> {
-        let copy: Vec<u64> = l1.iter().map(|w| w & !WRITABLE).collect();
+        let copy = read_only_l1(l1);
         let clusters = self.geo.clusters_for(copy.len() as u64 * 8).max(1);
         let at = st.alloc.contiguous(clusters);
         let mut bytes = encode_words(&copy);

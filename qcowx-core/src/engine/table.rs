@@ -1,7 +1,9 @@
 //! Table access: the one path by which every reader and writer reaches L1 and L2 entries and the L2 cache, and makes an L2 table writable (copying a shared one).
 
 use crate::error::{Error, Result};
-use crate::format::tables::{decode_words, encode_words, ClusterKind, L1Entry, L2Entry, WRITABLE};
+use crate::format::tables::{
+    decode_words, encode_words, make_l2_read_only, ClusterKind, L1Entry, L2Entry,
+};
 use crate::storage::Storage;
 
 use super::image::*;
@@ -55,22 +57,11 @@ impl Image {
 
     pub(super) fn l2_entry(&self, st: &mut State, l2_off: u64, idx: usize) -> Result<L2Entry> {
         self.load_l2(st, l2_off)?;
-        let ext = self.geo.extended;
         let words = st
             .cache
             .get(l2_off)
             .ok_or_else(|| self.corrupt("L2 table", l2_off, "vanished from the cache"))?;
-        Ok(if ext {
-            L2Entry {
-                word: words[idx * 2],
-                bitmap: words[idx * 2 + 1],
-            }
-        } else {
-            L2Entry {
-                word: words[idx],
-                bitmap: 0,
-            }
-        })
+        Ok(L2Entry::get(words, idx, &self.geo))
     }
 
     pub(super) fn set_l2_entry(
@@ -81,17 +72,11 @@ impl Image {
         e: L2Entry,
     ) -> Result<()> {
         self.load_l2(st, l2_off)?;
-        let ext = self.geo.extended;
         let words = st
             .cache
             .get_mut(l2_off)
             .ok_or_else(|| self.corrupt("L2 table", l2_off, "vanished from the cache"))?;
-        if ext {
-            words[idx * 2] = e.word;
-            words[idx * 2 + 1] = e.bitmap;
-        } else {
-            words[idx] = e.word;
-        }
+        e.put(words, idx, &self.geo);
         Ok(())
     }
 
@@ -162,10 +147,7 @@ impl Image {
                     .get(off)
                     .ok_or_else(|| self.corrupt("L2 table", off, "vanished from the cache"))?
                     .to_vec();
-                let step = if self.geo.extended { 2 } else { 1 };
-                for w in words.iter_mut().step_by(step) {
-                    *w &= !WRITABLE;
-                }
+                make_l2_read_only(&mut words, &self.geo);
                 let new = st.alloc.cluster();
                 self.cache_insert(st, new, words, true)?;
                 self.set_l1_entry(st, root, l1i, L1Entry::new(new, true))?;

@@ -1,7 +1,7 @@
 //! Zeroing and discard: zero clusters, unmapping clusters a root owns exclusively.
 
 use crate::error::Result;
-use crate::format::tables::{ClusterKind, L2Entry, WRITABLE, ZERO};
+use crate::format::tables::{ClusterKind, L2Entry};
 
 use super::image::*;
 
@@ -117,18 +117,7 @@ impl Image {
         };
         let new = match mode {
             ZeroMode::Zero { unmap: false } if owned_host.is_some() => {
-                let host = owned_host.unwrap_or(0);
-                if self.geo.extended {
-                    L2Entry {
-                        word: host | WRITABLE,
-                        bitmap: 0xffff_ffff_0000_0000,
-                    }
-                } else {
-                    L2Entry {
-                        word: host | WRITABLE | ZERO,
-                        bitmap: 0,
-                    }
-                }
+                L2Entry::zero_allocated(owned_host.unwrap_or(0), &self.geo)
             }
             _ => {
                 if let Some(h) = owned_host {

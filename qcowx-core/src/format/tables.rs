@@ -85,6 +85,12 @@ impl Geometry {
 pub struct L1Entry(pub u64);
 
 impl L1Entry {
+    /// Whether two entries link the same L2 table (or both none), whatever their
+    /// writable bits.
+    pub fn same_table(self, other: L1Entry) -> bool {
+        self.0 & OFFSET_MASK == other.0 & OFFSET_MASK
+    }
+
     /// The L2 table's host offset, or `None` when unallocated.
     pub fn l2_offset(self) -> Option<u64> {
         match self.0 & OFFSET_MASK {
@@ -108,6 +114,20 @@ impl L1Entry {
     pub fn is_malformed(self, geo: &Geometry) -> bool {
         let off = self.0 & OFFSET_MASK;
         self.0 & !(OFFSET_MASK | WRITABLE) != 0 || !off.is_multiple_of(geo.cluster_size())
+    }
+}
+
+/// A table's links made read-only: every L1 word, or every L2 entry of `words` (a
+/// copy of a table, whose links become read-only when it is copied).
+pub fn read_only_l1(l1: &[u64]) -> Vec<u64> {
+    l1.iter().map(|&w| L1Entry(w).read_only().0).collect()
+}
+
+/// Clears bit 63 on every entry of an L2 table's words.
+pub fn make_l2_read_only(words: &mut [u64], geo: &Geometry) {
+    let step = if geo.extended { 2 } else { 1 };
+    for w in words.iter_mut().step_by(step) {
+        *w &= !WRITABLE;
     }
 }
 
@@ -169,6 +189,17 @@ impl L2Entry {
             bitmap: self.bitmap,
         }
     }
+    /// The same entry with bit 63 set as `writable` says.
+    pub fn with_writable(self, writable: bool) -> L2Entry {
+        L2Entry {
+            word: if writable {
+                self.word | WRITABLE
+            } else {
+                self.word & !WRITABLE
+            },
+            bitmap: self.bitmap,
+        }
+    }
     /// Whether the entry is compressed.
     pub fn is_compressed(self) -> bool {
         self.word & COMPRESSED != 0
@@ -211,6 +242,48 @@ impl L2Entry {
                 word: ZERO,
                 bitmap: 0,
             }
+        }
+    }
+
+    /// A writable entry that reads as zeros and keeps its host cluster `host`
+    /// (QCOW2's "zero, allocated"; on an extended-L2 image every subcluster zero).
+    pub fn zero_allocated(host: u64, geo: &Geometry) -> L2Entry {
+        if geo.extended {
+            L2Entry {
+                word: host | WRITABLE,
+                bitmap: 0xffff_ffff_0000_0000,
+            }
+        } else {
+            L2Entry {
+                word: host | WRITABLE | ZERO,
+                bitmap: 0,
+            }
+        }
+    }
+
+    /// Entry `idx` of an L2 table's words (an index past the table reads as
+    /// unallocated). The one place the extended-L2 layout (word, then bitmap) is read.
+    pub fn get(words: &[u64], idx: usize, geo: &Geometry) -> L2Entry {
+        if geo.extended {
+            L2Entry {
+                word: words.get(idx * 2).copied().unwrap_or(0),
+                bitmap: words.get(idx * 2 + 1).copied().unwrap_or(0),
+            }
+        } else {
+            L2Entry {
+                word: words.get(idx).copied().unwrap_or(0),
+                bitmap: 0,
+            }
+        }
+    }
+
+    /// Stores the entry as entry `idx` of an L2 table's words (inside the table).
+    pub fn put(self, words: &mut [u64], idx: usize, geo: &Geometry) {
+        if geo.extended {
+            words[idx * 2] = self.word;
+            words[idx * 2 + 1] = self.bitmap;
+        } else {
+            words[idx] = self.word;
         }
     }
 

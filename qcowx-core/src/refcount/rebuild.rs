@@ -198,25 +198,19 @@ pub(super) fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<
         }
         img.load_l2(st, off)?;
         let words: Vec<u64> = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
-        let step = if geo.extended { 2 } else { 1 };
-        let mut changed: Vec<(usize, u64)> = Vec::new();
-        for (j, &word) in words.iter().enumerate().step_by(step) {
-            let entry = L2Entry { word, bitmap: 0 };
+        let mut changed: Vec<(usize, L2Entry)> = Vec::new();
+        for j in 0..geo.l2_entries() as usize {
+            let entry = L2Entry::get(&words, j, &geo);
             let Some(host) = entry.host() else { continue };
             let want = table_excl && s.count(host >> geo.cluster_bits) == 1;
             if entry.writable() != want {
-                let new = if want {
-                    word | crate::format::tables::WRITABLE
-                } else {
-                    word & !crate::format::tables::WRITABLE
-                };
-                changed.push((j, new));
+                changed.push((j, entry.with_writable(want)));
             }
         }
         if !changed.is_empty() {
             if let Some(t) = st.cache.get_mut(off) {
                 for (j, new) in changed {
-                    t[j] = new;
+                    new.put(t, j, &geo);
                 }
             }
         }

@@ -4,7 +4,7 @@
 
 use crate::engine::Image;
 use crate::error::Result;
-use crate::format::tables::{L1Entry, L2Entry, OFFSET_MASK, WRITABLE};
+use crate::format::tables::{Geometry, L1Entry, L2Entry};
 
 /// A guest range `[offset, offset + length)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,19 +39,18 @@ impl Image {
         for i in 0..a.len().max(b.len()) {
             let ea = L1Entry(a.get(i).copied().unwrap_or(0));
             let eb = L1Entry(b.get(i).copied().unwrap_or(0));
-            if ea.0 & OFFSET_MASK == eb.0 & OFFSET_MASK {
+            if ea.same_table(eb) {
                 continue; // the same table (or none): nothing differs below
             }
             let ta = self.l2_words(ea.l2_offset())?;
             let tb = self.l2_words(eb.l2_offset())?;
-            let step = if geo.extended { 2 } else { 1 };
             for j in 0..geo.l2_entries() as usize {
                 let offset = i as u64 * per_l1 + j as u64 * cs;
                 if offset >= size {
                     break;
                 }
-                let x = entry(&ta, j, step);
-                let y = entry(&tb, j, step);
+                let x = entry(&ta, j, &geo);
+                let y = entry(&tb, j, &geo);
                 if x == y {
                     continue;
                 }
@@ -70,16 +69,11 @@ impl Image {
     }
 }
 
-fn entry(table: &Option<Vec<u64>>, j: usize, step: usize) -> L2Entry {
+/// Entry `j` of a table (none: unallocated), without its writable bit: two roots
+/// sharing a cluster differ only there.
+fn entry(table: &Option<Vec<u64>>, j: usize, geo: &Geometry) -> L2Entry {
     match table {
         None => L2Entry::UNALLOCATED,
-        Some(t) => L2Entry {
-            word: t.get(j * step).copied().unwrap_or(0) & !WRITABLE,
-            bitmap: if step == 2 {
-                t.get(j * step + 1).copied().unwrap_or(0)
-            } else {
-                0
-            },
-        },
+        Some(t) => L2Entry::get(t, j, geo).read_only(),
     }
 }

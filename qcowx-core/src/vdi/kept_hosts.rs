@@ -57,15 +57,7 @@ impl KeptHosts {
             let per = geo.bytes_per_l1_entry();
             return Ok((None, per - guest % per));
         };
-        let step = if geo.extended { 2 } else { 1 };
-        let entry = L2Entry {
-            word: words.get(l2i * step).copied().unwrap_or(0),
-            bitmap: if geo.extended {
-                words.get(l2i * 2 + 1).copied().unwrap_or(0)
-            } else {
-                0
-            },
-        };
+        let entry = L2Entry::get(words, l2i, &geo);
         let in_cluster = guest % cs;
         let host = match entry.kind(&geo) {
             Ok(ClusterKind::Zero { host: Some(h) }) => Some(h + in_cluster),

@@ -29,7 +29,7 @@ pub use crate::format::roots::{
     ROOT_EXTRA_BYTES, ROOT_EXTRA_MAGIC, ROOT_EXTRA_VERSION, VDI_NAME_PREFIX,
 };
 use crate::format::snapshot::SnapshotEntry;
-use crate::format::tables::{encode_words, WRITABLE};
+use crate::format::tables::{encode_words, read_only_l1};
 
 /// A fresh random root id (never 0).
 pub(crate) fn new_uid() -> u64 {
@@ -275,7 +275,7 @@ impl Image {
             let at = self.write_read_only_copy(st, &l1)?;
             // The VDI's own links become read-only before the snapshot counts: a crash
             // after this write but before the commit only costs copies later.
-            let ro: Vec<u64> = l1.iter().map(|w| w & !WRITABLE).collect();
+            let ro = read_only_l1(&l1);
             self.storage
                 .write_at(&encode_words(&ro), l1_offset)
                 .map_err(|e| self.io_err("write L1 table", l1_offset, e))?;
@@ -486,7 +486,7 @@ impl Image {
                     // Its links become read-only first: from the entry's commit on,
                     // its tables are reachable from two roots.
                     let cur = self.root(st, DEFAULT_ROOT)?.l1.clone();
-                    let ro: Vec<u64> = cur.iter().map(|w| w & !WRITABLE).collect();
+                    let ro = read_only_l1(&cur);
                     self.storage
                         .write_at(&encode_words(&ro), old_l1)
                         .map_err(|e| self.io_err("write L1 table", old_l1, e))?;

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use crate::engine::{Image, State};
 use crate::error::Result;
-use crate::format::tables::WRITABLE;
+use crate::format::tables::L2Entry;
 
 use super::*;
 
@@ -85,7 +85,6 @@ impl Image {
                 .filter(|&i| st.records[i].kind == RootKind::Vdi && Image::entry_live(st, i))
                 .map(Target::Entry),
         );
-        let step = if self.geo.extended { 2 } else { 1 };
         for t in heads {
             let id = self.load_root(st, t)?;
             let l1 = self.root(st, id)?.l1.clone();
@@ -103,20 +102,18 @@ impl Image {
                 }
                 self.load_l2(st, off)?;
                 let words = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
-                let shared: Vec<usize> = words
-                    .iter()
-                    .enumerate()
-                    .step_by(step)
-                    .filter(|(_, &word)| {
-                        let entry = crate::format::tables::L2Entry { word, bitmap: 0 };
+                let shared: Vec<usize> = (0..self.geo.l2_entries() as usize)
+                    .filter(|&j| {
+                        let entry = L2Entry::get(&words, j, &self.geo);
                         entry.writable() && entry.host().is_some_and(|h| count(h) > 1)
                     })
-                    .map(|(j, _)| j)
                     .collect();
                 if !shared.is_empty() {
                     if let Some(t) = st.cache.get_mut(off) {
                         for j in shared {
-                            t[j] &= !WRITABLE;
+                            L2Entry::get(t, j, &self.geo)
+                                .read_only()
+                                .put(t, j, &self.geo);
                         }
                     }
                 }
