@@ -128,6 +128,24 @@ impl Image {
         Ok(l1)
     }
 
+    /// Makes every link of root `id`'s L1 table read-only, in place in the file and in
+    /// memory: the step before a second root may reach its tables. Writable→read-only
+    /// flips are safe to persist at any time.
+    pub(crate) fn make_root_read_only(&self, st: &mut State, id: RootId) -> Result<()> {
+        let (ro, at) = {
+            let r = self.root(st, id)?;
+            (read_only_l1(&r.l1), r.l1_offset)
+        };
+        self.storage
+            .write_at(&encode_words(&ro), at)
+            .map_err(|e| self.io_err("write L1 table", at, e))?;
+        if let Some(r) = st.roots.get_mut(&id) {
+            r.l1 = ro;
+            r.dirty.clear();
+        }
+        Ok(())
+    }
+
     /// Writes `l1` with every link read-only to new clusters; returns the offset.
     pub(crate) fn write_read_only_copy(&self, st: &mut State, l1: &[u64]) -> Result<u64> {
         let copy = read_only_l1(l1);

@@ -29,7 +29,6 @@ pub use crate::format::roots::{
     ROOT_EXTRA_BYTES, ROOT_EXTRA_MAGIC, ROOT_EXTRA_VERSION, VDI_NAME_PREFIX,
 };
 use crate::format::snapshot::SnapshotEntry;
-use crate::format::tables::{encode_words, read_only_l1};
 
 /// A fresh random root id (never 0).
 pub(crate) fn new_uid() -> u64 {
@@ -268,21 +267,14 @@ impl Image {
             self.flush_metadata(st)?;
             self.promote_pending(st)?;
             self.mark_stale(st)?;
-            let (l1, l1_offset, size) = {
+            let (l1, size) = {
                 let r = self.root(st, id)?;
-                (r.l1.clone(), r.l1_offset, r.size)
+                (r.l1.clone(), r.size)
             };
             let at = self.write_read_only_copy(st, &l1)?;
             // The VDI's own links become read-only before the snapshot counts: a crash
             // after this write but before the commit only costs copies later.
-            let ro = read_only_l1(&l1);
-            self.storage
-                .write_at(&encode_words(&ro), l1_offset)
-                .map_err(|e| self.io_err("write L1 table", l1_offset, e))?;
-            if let Some(r) = st.roots.get_mut(&id) {
-                r.l1 = ro;
-                r.dirty.clear();
-            }
+            self.make_root_read_only(st, id)?;
             let parent = self.latest_snapshot_of(st, vdi_uid, target);
             let rec = Record {
                 kind: RootKind::Snapshot,
@@ -485,15 +477,7 @@ impl Image {
                         (st.header.l1_table_offset, st.header.l1_size, st.header.size);
                     // Its links become read-only first: from the entry's commit on,
                     // its tables are reachable from two roots.
-                    let cur = self.root(st, DEFAULT_ROOT)?.l1.clone();
-                    let ro = read_only_l1(&cur);
-                    self.storage
-                        .write_at(&encode_words(&ro), old_l1)
-                        .map_err(|e| self.io_err("write L1 table", old_l1, e))?;
-                    if let Some(r) = st.roots.get_mut(&DEFAULT_ROOT) {
-                        r.l1 = ro;
-                        r.dirty.clear();
-                    }
+                    self.make_root_read_only(st, DEFAULT_ROOT)?;
                     let name = format!("qcowx-reverted-{:016x}", rec.uid);
                     let entry = self.new_entry(st, name, old_l1, old_entries, old_size, &rec);
                     self.append_entry(st, entry, rec)?;
