@@ -48,6 +48,21 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// The record of a VDI head that a revert replaced: a deleted root, kept in the table
+/// until gc returns what only it reached.
+fn grave_record() -> Record {
+    Record {
+        kind: RootKind::Snapshot,
+        uid: new_uid(),
+        vdi: 0,
+        parent: 0,
+        generation: 0,
+        created_ns: now_ns(),
+        deleted: true,
+        native: true,
+    }
+}
+
 /// Checks a user-chosen snapshot or VDI name.
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -463,16 +478,7 @@ impl Image {
                     // reached and returns that space (punched). Committed first: a
                     // crash before the switch leaves a deleted entry naming the live
                     // head's L1, which gc never frees (it marks from live roots).
-                    let rec = Record {
-                        kind: RootKind::Snapshot,
-                        uid: new_uid(),
-                        vdi: 0,
-                        parent: 0,
-                        generation: 0,
-                        created_ns: now_ns(),
-                        deleted: true,
-                        native: true,
-                    };
+                    let rec = grave_record();
                     let (old_l1, old_entries, old_size) =
                         (st.header.l1_table_offset, st.header.l1_size, st.header.size);
                     // Its links become read-only first: from the entry's commit on,
@@ -512,16 +518,7 @@ impl Image {
                     // old head moves to the end as a deleted root so gc returns what
                     // only it reached. One table rewrite, one header commit: there is
                     // no moment where both heads count.
-                    let grave = Record {
-                        kind: RootKind::Snapshot,
-                        uid: new_uid(),
-                        vdi: 0,
-                        parent: 0,
-                        generation: 0,
-                        created_ns: now_ns(),
-                        deleted: true,
-                        native: true,
-                    };
+                    let grave = grave_record();
                     let mut grave_entry = st.snapshots[h].clone();
                     grave_entry.name = format!("qcowx-reverted-{:016x}", grave.uid);
                     let size = grave_entry.disk_size().unwrap_or(st.header.size);
