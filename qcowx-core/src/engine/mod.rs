@@ -4,7 +4,7 @@
 //! but not what a VDI or a snapshot is: that is the [`crate::vdi`] layer's business.
 //!
 //! [`image`] declares [`Image`] and its state; each other file holds one job's
-//! `impl Image` block: [`open`](self::open), `create`, `table` (the one path to L1/L2
+//! `impl Image` block: `open`, `create`, `table` (the one path to L1/L2
 //! entries and the cache), `read`, `write`, `zero`, `flush` (and close), `status`,
 //! `resize`.
 

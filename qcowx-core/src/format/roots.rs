@@ -1,6 +1,6 @@
 //! qcowx's facts about roots, kept in snapshot-table extra data: the qcowx block
 //! ([`RawRootExtra`], after the 24 bytes QEMU defines, protected by a crc32c), its
-//! decoded form ([`Record`]), and the in-memory [`Index`] of names and VDI heads over
+//! decoded form (`Record`), and the in-memory `Index` of names and VDI heads over
 //! the table. Bytes and types only; no I/O.
 
 use std::collections::HashMap;

@@ -78,7 +78,7 @@ impl CheckReport {
 /// Check, repair and close: the refcount layer's entry points on an [`Image`].
 impl Image {
     /// Flushes, writes exact refcounts if they are stale and clears the dirty bit.
-    /// Further calls on this image return [`Error::Closed`].
+    /// Further calls on this image return [`Error::Closed`](crate::Error::Closed).
     pub fn close(&self) -> Result<()> {
         let _structure = self.lock_structure();
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
