@@ -104,8 +104,13 @@ pub(crate) struct State {
     pub(crate) roots: BTreeMap<RootId, Root>,
     pub(crate) cache: L2Cache,
     pub(crate) alloc: Allocator,
-    /// We set the dirty bit: refcounts are stale until the next rebuild.
+    /// We set the dirty bit: on-disk refcounts are stale until `deltas` is applied.
     pub(crate) stale: bool,
+    /// Refcount changes since the on-disk refcounts were last exact.
+    pub(crate) deltas: super::RefDeltas,
+    /// Why the last refcount write was a full rebuild rather than an apply of
+    /// `deltas` (None: it was an apply, or there was none).
+    pub(crate) last_rebuild: Option<&'static str>,
     pub(crate) snapshots: Vec<SnapshotEntry>,
     /// qcowx's facts about each snapshot table entry (parallel to `snapshots`).
     pub(crate) records: Vec<crate::format::roots::Record>,

@@ -13,6 +13,7 @@ pub mod backing;
 pub mod cache;
 pub mod chain;
 mod create;
+mod deltas;
 mod flush;
 pub mod image;
 mod open;
@@ -29,6 +30,7 @@ pub use image::{Image, ImageInfo, RootId, SnapshotInfo, DEFAULT_ROOT};
 pub use open::OpenOptions;
 pub use status::{Extent, ExtentStatus};
 
+pub(crate) use deltas::{host_range, RefDeltas, TreeDelta};
 pub(crate) use image::{Generation, Root, State};
 pub(crate) use open::open_error;
 pub(crate) use roots::Target;

@@ -291,6 +291,8 @@ impl Image {
             cache: L2Cache::new(opts.cache_bytes, geo.cluster_size() as usize),
             alloc: Allocator::new(geo.cluster_size(), file_len),
             stale,
+            deltas: super::RefDeltas::new(geo.cluster_bits, !stale),
+            last_rebuild: None,
             snapshots,
             closed: false,
             l1_changes: 0,
@@ -334,6 +336,7 @@ impl Image {
             // stale in the same header write.
             st.header.incompatible |= Incompatible::DIRTY;
             st.stale = true;
+            st.deltas.lose_exactness();
         }
         st.header.autoclear = keep;
         self.write_header_fields(&st)?;

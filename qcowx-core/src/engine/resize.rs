@@ -14,6 +14,18 @@ impl Image {
         self.check_writable()?;
         let new_size = new_size.next_multiple_of(512);
         let _structure = self.lock_structure();
+        let r = self.resize_locked(new_size);
+        if r.is_err() {
+            // A resize cut short may leave a moved L1 table the header does not name.
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.stale {
+                st.deltas.lose_exactness();
+            }
+        }
+        r
+    }
+
+    fn resize_locked(&self, new_size: u64) -> Result<()> {
         let mut st = self.lock_state()?;
         if new_size < st.header.size {
             return Err(Error::Unsupported {
@@ -48,8 +60,13 @@ impl Image {
             let r = self.root_mut(&mut st, DEFAULT_ROOT)?;
             r.l1 = l1;
             r.l1_offset = at;
+            let (old_at, old_entries) = (st.header.l1_table_offset, st.header.l1_size);
             st.header.l1_size = needed as u32;
             st.header.l1_table_offset = at;
+            // The active L1 table moves (its links stay): only its own clusters'
+            // references move. The header commit below makes the move count.
+            st.deltas.range(old_at, u64::from(old_entries) * 8, -1);
+            st.deltas.range(at, needed * 8, 1);
         }
         let old_size = st.header.size;
         // The root grows now (so the zeroing below is in range); the header's size

@@ -232,8 +232,19 @@ impl Image {
             st.snapshots.pop();
             st.records.pop();
             st.index = Index::build(&st.snapshots, &st.records);
+        } else {
+            st.deltas.range(before.0, used, -1);
+            st.deltas.range(offset, need, 1);
         }
         committed
+    }
+
+    /// Counts a root committed at `l1_offset` whose table was written as a read-only
+    /// copy of `l1`: its L1 table gains a reference, and every cluster its tree
+    /// reaches one more (walked when the refcounts are next written).
+    pub(crate) fn count_new_root(&self, st: &mut State, l1_offset: u64, l1: &[u64]) {
+        st.deltas.range(l1_offset, l1.len() as u64 * 8, 1);
+        st.deltas.tree(l1.to_vec(), 1);
     }
 
     /// Rewrites the flags of entry `i` in place: one aligned 8-byte write (flags and
@@ -260,11 +271,20 @@ impl Image {
     }
 
     /// Waits for data I/O in flight, then runs `f` with the metadata locked.
+    ///
+    /// An operation that fails part-way may leave links flipped read-only for a root
+    /// that was never committed, or similar changes no refcount delta describes: the
+    /// next refcount write then rebuilds from a scan (which also sets every link's
+    /// bit 63 as the counts say).
     pub(crate) fn quiesced<T>(&self, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
         let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
         let _gate = self.io_gate_write();
-        f(&mut st)
+        let r = f(&mut st);
+        if r.is_err() && st.stale {
+            st.deltas.lose_exactness();
+        }
+        r
     }
 
     /// Commits `snapshots` (with their `records`) as the new snapshot table. The state
@@ -279,6 +299,7 @@ impl Image {
         records: Vec<Record>,
     ) -> Result<()> {
         let (offset, capacity) = self.write_table(st, &snapshots)?;
+        let old_table = (st.header.snapshots_offset, Image::table_bytes(st));
         let old_snapshots = std::mem::replace(&mut st.snapshots, snapshots);
         let old_records = std::mem::replace(&mut st.records, records);
         let old_place = (
@@ -296,6 +317,9 @@ impl Image {
                 st.table_capacity,
             ) = old_place;
             st.index = Index::build(&st.snapshots, &st.records);
+        } else {
+            st.deltas.range(old_table.0, old_table.1, -1);
+            st.deltas.range(offset, Image::table_bytes(st), 1);
         }
         committed
     }

@@ -76,7 +76,14 @@ impl Image {
             .cache
             .get_mut(l2_off)
             .ok_or_else(|| self.corrupt("L2 table", l2_off, "vanished from the cache"))?;
+        let old = L2Entry::get(words, idx, &self.geo);
         e.put(words, idx, &self.geo);
+        // The table is reached by one path (invariant W: only writable tables change),
+        // so one reference moves from the old target to the new one.
+        match (old.kind(&self.geo), e.kind(&self.geo)) {
+            (Ok(a), Ok(b)) => st.deltas.relink(&self.geo, a, b),
+            _ => st.deltas.lose_exactness(),
+        }
         Ok(())
     }
 
@@ -151,6 +158,10 @@ impl Image {
                 let new = st.alloc.cluster();
                 self.cache_insert(st, new, words, true)?;
                 self.set_l1_entry(st, root, l1i, L1Entry::new(new, true))?;
+                // The copy links what the table links: only the table's reference moves.
+                let cs = self.geo.cluster_size();
+                st.deltas.range(off, cs, -1);
+                st.deltas.range(new, cs, 1);
                 Ok(new)
             }
             None => {
@@ -158,6 +169,7 @@ impl Image {
                 let words = vec![0u64; (self.geo.cluster_size() / 8) as usize];
                 self.cache_insert(st, new, words, true)?;
                 self.set_l1_entry(st, root, l1i, L1Entry::new(new, true))?;
+                st.deltas.range(new, self.geo.cluster_size(), 1);
                 Ok(new)
             }
         }

@@ -166,6 +166,7 @@ pub(crate) fn rebuild_with(
     img.write_header_fields(st)?;
     img.sync()?;
     st.stale = false;
+    st.deltas.reset_exact();
 
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
     if file_len > new_end * cs {

@@ -82,7 +82,10 @@ impl Image {
         }
         let _structure = self.lock_structure();
         let file_size_before = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
-        let start = self.gc_start()?;
+        let start = self.gc_start().inspect_err(|_| {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.deltas.lose_exactness();
+        })?;
         let result = self.gc_count_and_sweep(&start);
         // Ready clusters may be handed out again, whatever happened.
         self.state
@@ -90,7 +93,11 @@ impl Image {
             .unwrap_or_else(|p| p.into_inner())
             .alloc
             .hold_ready(false);
-        let (clusters_freed, refcounts_exact) = result?;
+        let (clusters_freed, refcounts_exact) = result.inspect_err(|_| {
+            // A gc cut short may have freed clusters its count never reached.
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.deltas.lose_exactness();
+        })?;
         let file_size_after = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
         Ok(GcReport {
             roots_removed: start.roots_removed,
@@ -111,6 +118,11 @@ impl Image {
         self.promote_pending(st)?;
         self.mark_stale(st)?;
         let removed = self.compact_table(st)?;
+        if !removed.is_empty() {
+            // Their trees lose their references: the rebuild at the end counts that
+            // (or, if links change meanwhile, the next clean close does).
+            st.deltas.lose_exactness();
+        }
         refcount::give_up_table_room(self, st);
         st.alloc.hold_ready(true);
         Ok(Start {
@@ -142,6 +154,8 @@ impl Image {
                 .filter(|&c| after[c as usize] == 0)
                 .collect()
         } else {
+            // Clusters freed here may have carried stale counts: recount at close.
+            st.deltas.lose_exactness();
             self.flush_metadata(st)?;
             let mut keep: HashSet<u64> = refcount::refcount_clusters(self, &st.header)?;
             keep.extend(st.alloc.unused().map(|o| o >> self.geo.cluster_bits));

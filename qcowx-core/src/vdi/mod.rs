@@ -303,6 +303,7 @@ impl Image {
             };
             let entry = self.new_entry(st, name.to_string(), at, l1.len() as u32, size, &rec);
             self.append_entry(st, entry, rec)?;
+            self.count_new_root(st, at, &l1);
             Ok(self.info_of(st, Target::Entry(st.snapshots.len() - 1)))
         })
     }
@@ -377,6 +378,7 @@ impl Image {
                 &rec,
             );
             self.append_entry(st, entry, rec)?;
+            self.count_new_root(st, at, &l1);
             Ok(self.info_of(st, Target::Entry(st.snapshots.len() - 1)))
         })
     }
@@ -498,6 +500,9 @@ impl Image {
                         st.header.l1_table_offset = old_l1;
                         st.header.l1_size = old_entries;
                         st.header.size = old_size;
+                        // The grave entry names the live head's L1 table: a second
+                        // path to its tree that no delta describes.
+                        st.deltas.lose_exactness();
                         return Err(e);
                     }
                     Target::Default
@@ -536,6 +541,8 @@ impl Image {
                     Target::Entry(h)
                 }
             };
+            // The old head still counts (as a deleted root); the new one is counted.
+            self.count_new_root(st, at, &l1);
             let id = Image::root_id(st, target);
             st.roots.remove(&id);
             self.load_root(st, target)?;

@@ -1,0 +1,177 @@
+//! Refcount changes recorded as they happen, in memory.
+//!
+//! The hot path does no refcount I/O: while an image is open for writing its on-disk
+//! refcounts are stale (the header's dirty bit says so) and every change to the
+//! references is recorded here instead. The refcount layer applies the record at a
+//! clean close or a checkpoint (`crate::refcount::apply`), with I/O proportional to
+//! the refcount blocks that change, and then clears the dirty bit.
+//!
+//! References are counted per path, as QEMU counts them: a cluster reached from k
+//! roots has refcount k. So:
+//! - an L2 entry that changes in a table only one root reaches (every table the
+//!   engine changes in place: invariant W) moves one reference from its old host
+//!   cluster(s) to its new one(s);
+//! - an L1 entry that moves from a shared table to a copy of it moves one reference
+//!   from the table to the copy (the copy links the same clusters);
+//! - a new root adds one reference to every cluster its tree reaches. Its tables are
+//!   immutable (read-only links), so the walk is deferred to the apply ([`TreeDelta`]);
+//! - metadata that moves (an L1 table, the snapshot table) moves its own references.
+//!
+//! Anything that changes references in another way (a gc that raced with writes, a
+//! repair, features qcowx drops) calls [`RefDeltas::lose_exactness`]: the apply then
+//! rebuilds every refcount from a full scan, as it always did before deltas existed.
+
+use std::collections::HashMap;
+
+use crate::format::tables::{ClusterKind, Geometry};
+
+/// A whole tree gaining (`sign` 1) or losing (-1) one reference per path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TreeDelta {
+    /// The root's L1 entries as it was created (a new head's own table changes
+    /// with its writes, which are recorded as they happen; the tables these entries
+    /// link read-only never change). The L1 table itself is counted separately.
+    pub(crate) l1: Vec<u64>,
+    /// +1 or -1.
+    pub(crate) sign: i64,
+}
+
+/// The refcount changes since the on-disk refcounts were last exact.
+#[derive(Debug)]
+pub(crate) struct RefDeltas {
+    exact: bool,
+    cluster_bits: u32,
+    clusters: HashMap<u64, i64>,
+    trees: Vec<TreeDelta>,
+}
+
+impl RefDeltas {
+    /// No change yet. `exact` says whether the on-disk refcounts were exact to begin
+    /// with (false: the next apply rebuilds from a scan).
+    pub(crate) fn new(cluster_bits: u32, exact: bool) -> RefDeltas {
+        RefDeltas {
+            exact,
+            cluster_bits,
+            clusters: HashMap::new(),
+            trees: Vec::new(),
+        }
+    }
+
+    /// Whether on-disk refcounts plus this record are the exact references.
+    pub(crate) fn is_exact(&self) -> bool {
+        self.exact
+    }
+
+    /// Something changed references without being recorded: only a full scan can
+    /// tell the refcounts now. Also drops what was recorded (a scan counts it).
+    pub(crate) fn lose_exactness(&mut self) {
+        self.exact = false;
+        self.clusters = HashMap::new();
+        self.trees.clear();
+    }
+
+    /// Adds `d` to the refcount of every cluster covering `[offset, offset + len)`.
+    pub(crate) fn range(&mut self, offset: u64, len: u64, d: i64) {
+        if len == 0 || d == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset.saturating_add(len) - 1) >> self.cluster_bits;
+        for c in first..=last {
+            let v = self.clusters.entry(c).or_insert(0);
+            *v += d;
+            if *v == 0 {
+                self.clusters.remove(&c);
+            }
+        }
+    }
+
+    /// One reference moves from what `old` links to, to what `new` links to.
+    pub(crate) fn relink(&mut self, geo: &Geometry, old: ClusterKind, new: ClusterKind) {
+        let (a, b) = (host_range(geo, old), host_range(geo, new));
+        if a == b {
+            return;
+        }
+        if let Some((off, len)) = a {
+            self.range(off, len, -1);
+        }
+        if let Some((off, len)) = b {
+            self.range(off, len, 1);
+        }
+    }
+
+    /// A root whose tree (linked read-only from `l1`) gains or loses one reference
+    /// per path.
+    pub(crate) fn tree(&mut self, l1: Vec<u64>, sign: i64) {
+        if l1.iter().any(|&w| w != 0) {
+            self.trees.push(TreeDelta { l1, sign });
+        }
+    }
+
+    /// Takes the record, leaving an empty exact one.
+    pub(crate) fn take(&mut self) -> (HashMap<u64, i64>, Vec<TreeDelta>) {
+        self.exact = true;
+        (
+            std::mem::take(&mut self.clusters),
+            std::mem::take(&mut self.trees),
+        )
+    }
+
+    /// Starts over from exact on-disk refcounts (after a rebuild wrote them).
+    pub(crate) fn reset_exact(&mut self) {
+        self.exact = true;
+        self.clusters = HashMap::new();
+        self.trees.clear();
+    }
+}
+
+/// The host bytes an entry of kind `kind` references, if any.
+pub(crate) fn host_range(geo: &Geometry, kind: ClusterKind) -> Option<(u64, u64)> {
+    match kind {
+        ClusterKind::Data { host }
+        | ClusterKind::Zero { host: Some(host) }
+        | ClusterKind::Subclusters { host, .. }
+            if host != 0 =>
+        {
+            Some((host, geo.cluster_size()))
+        }
+        ClusterKind::Compressed { offset, len } => Some((offset, len)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relinks_cancel_and_ranges_cover_clusters() {
+        let geo = Geometry {
+            cluster_bits: 16,
+            extended: false,
+        };
+        let mut d = RefDeltas::new(16, true);
+        d.relink(
+            &geo,
+            ClusterKind::Unallocated,
+            ClusterKind::Data { host: 0x30000 },
+        );
+        d.relink(
+            &geo,
+            ClusterKind::Data { host: 0x30000 },
+            ClusterKind::Data { host: 0x30000 },
+        );
+        assert_eq!(d.clusters.len(), 1);
+        d.relink(
+            &geo,
+            ClusterKind::Data { host: 0x30000 },
+            ClusterKind::Compressed {
+                offset: 0x4fe00,
+                len: 0x400,
+            },
+        );
+        let (m, _) = d.take();
+        assert_eq!(m.get(&3), None, "the +1 and -1 on cluster 3 cancel");
+        assert_eq!((m.get(&4), m.get(&5)), (Some(&1), Some(&1)));
+    }
+}

@@ -1,0 +1,324 @@
+//! Apply: the refcount changes recorded since the image was opened (or last
+//! checkpointed) written into the refcount blocks, with I/O proportional to the blocks
+//! that change and the trees of the roots created — never a walk of every root.
+//!
+//! Crash safety: the header's dirty bit is set the whole time, so a crash anywhere
+//! in here leaves an image whose next writable open rebuilds every refcount from a
+//! scan. The bit is cleared last, after every block is durable.
+
+use std::collections::HashMap;
+
+use crate::engine::{host_range, Image, State, TreeDelta};
+use crate::error::{Error, Result};
+use crate::format::header::Incompatible;
+use crate::format::refblock::{get_entry, set_entry};
+use crate::format::tables::{decode_words, encode_words, L1Entry, L2Entry};
+
+use super::rebuild::{give_up_table_room, rebuild};
+use super::scan::read_reftable;
+
+/// Changes held in memory before they are written out while trees are walked (a
+/// root of a large image reaches millions of clusters).
+const MAX_PENDING: usize = 1 << 20;
+
+/// Why the record cannot be applied; the caller falls back to a full rebuild.
+#[derive(Debug)]
+enum Fallback {
+    /// The refcount table would have to grow, or points somewhere it must not; or a
+    /// tree holds something only a scan can judge.
+    Rebuild(&'static str),
+    /// A count would drop below zero: the on-disk refcounts were not exact.
+    Underflow,
+    /// An error to report as is.
+    Fatal(Error),
+}
+
+impl Fallback {
+    fn why(&self) -> &'static str {
+        match self {
+            Fallback::Rebuild(why) => why,
+            Fallback::Underflow => "a refcount on disk was lower than the references",
+            Fallback::Fatal(_) => "error",
+        }
+    }
+}
+
+impl From<Error> for Fallback {
+    fn from(e: Error) -> Fallback {
+        Fallback::Fatal(e)
+    }
+}
+
+/// Writes exact refcounts: the recorded changes when the record is exact, else a
+/// full rebuild. Then clears the dirty bit. The caller holds the state (with every
+/// table flushed) and nothing else of the image's locks but the structure lock.
+pub(crate) fn write_refcounts(img: &Image, st: &mut State) -> Result<()> {
+    if !st.deltas.is_exact() {
+        st.last_rebuild = Some("changes the record does not describe");
+        return rebuild(img, st).map(|_| ());
+    }
+    give_up_table_room(img, st);
+    match apply(img, st) {
+        Ok(()) => {
+            st.last_rebuild = None;
+            Ok(())
+        }
+        Err(Fallback::Fatal(e)) => {
+            // What was taken from the record is lost: only a scan can tell now.
+            st.deltas.lose_exactness();
+            Err(e)
+        }
+        Err(f) => {
+            st.last_rebuild = Some(f.why());
+            rebuild(img, st).map(|_| ())
+        }
+    }
+}
+
+fn apply(img: &Image, st: &mut State) -> std::result::Result<(), Fallback> {
+    let (mut changes, trees) = st.deltas.take();
+    let mut blocks = Blocks::open(img, st)?;
+    for t in trees {
+        walk_tree(img, st, t, &mut changes, &mut blocks)?;
+    }
+    blocks.apply(img, st, changes)?;
+    blocks.write_table(img, st)?;
+    img.sync()?;
+    truncate_free_tail(img, st, &mut blocks)?;
+    st.header.incompatible.remove(Incompatible::DIRTY);
+    img.write_header_fields(st)?;
+    img.sync()?;
+    st.stale = false;
+    Ok(())
+}
+
+/// Adds `t.sign` to every cluster the tree of `t` reaches (per path: an L2 table
+/// and every cluster it links). A new root's tables are shared from now on, so every
+/// writable L2 entry in them becomes read-only in place (writable→read-only flips
+/// are safe at any time), which is also what QEMU's COPIED flag says of them.
+fn walk_tree(
+    img: &Image,
+    st: &mut State,
+    t: TreeDelta,
+    changes: &mut HashMap<u64, i64>,
+    blocks: &mut Blocks,
+) -> std::result::Result<(), Fallback> {
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let mut table = vec![0u8; cs as usize];
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let add = |changes: &mut HashMap<u64, i64>, off: u64, len: u64| {
+        if len == 0 {
+            return;
+        }
+        for c in off >> geo.cluster_bits..=(off + len - 1) >> geo.cluster_bits {
+            let v = changes.entry(c).or_insert(0);
+            *v += t.sign;
+            if *v == 0 {
+                changes.remove(&c);
+            }
+        }
+    };
+    for &w in &t.l1 {
+        let e = L1Entry(w);
+        if e.is_malformed(&geo) {
+            return Err(Fallback::Rebuild("malformed L1 entry"));
+        }
+        let Some(off) = e.l2_offset() else { continue };
+        if off + cs > file_len {
+            return Err(Fallback::Rebuild("L2 table past the end of the file"));
+        }
+        add(changes, off, cs);
+        img.storage
+            .read_at(&mut table, off)
+            .map_err(|e| img.io_err("read L2 table", off, e))?;
+        let mut words = decode_words(&table);
+        let mut flipped = false;
+        for j in 0..geo.l2_entries() as usize {
+            let entry = L2Entry::get(&words, j, &geo);
+            let kind = entry
+                .kind(&geo)
+                .map_err(|_| Fallback::Rebuild("malformed L2 entry"))?;
+            if let Some((h, len)) = host_range(&geo, kind) {
+                add(changes, h, len);
+            }
+            if t.sign > 0 && entry.writable() {
+                entry.read_only().put(&mut words, j, &geo);
+                flipped = true;
+            }
+        }
+        if flipped {
+            img.storage
+                .write_at(&encode_words(&words), off)
+                .map_err(|e| img.io_err("write L2 table", off, e))?;
+            // A clean cached copy would still say writable.
+            st.cache.forget(off);
+        }
+        if changes.len() > MAX_PENDING {
+            blocks.apply(img, st, std::mem::take(changes))?;
+        }
+    }
+    Ok(())
+}
+
+/// The refcount table, and the blocks it points at read and written one at a time.
+struct Blocks {
+    order: u32,
+    per_block: u64,
+    max: u64,
+    table: Vec<u64>,
+    /// Table entries changed (new blocks).
+    table_dirty: bool,
+    file_len: u64,
+}
+
+impl Blocks {
+    fn open(img: &Image, st: &State) -> std::result::Result<Blocks, Fallback> {
+        let order = st.header.refcount_order;
+        let cs = img.geo.cluster_size();
+        let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+        let table = read_reftable(img, &st.header)?;
+        if table
+            .iter()
+            .any(|&b| b % cs != 0 || (b != 0 && b + cs > file_len))
+        {
+            return Err(Fallback::Rebuild("a refcount table entry is invalid"));
+        }
+        Ok(Blocks {
+            order,
+            per_block: (cs * 8) >> order,
+            max: if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            },
+            table,
+            table_dirty: false,
+            file_len,
+        })
+    }
+
+    /// Applies `changes` block by block, in order. A block that does not exist yet
+    /// is allocated (at the end of the file) and counted in a further round.
+    fn apply(
+        &mut self,
+        img: &Image,
+        st: &mut State,
+        changes: HashMap<u64, i64>,
+    ) -> std::result::Result<(), Fallback> {
+        let cs = img.geo.cluster_size();
+        let mut pending: Vec<(u64, i64)> = changes.into_iter().collect();
+        let mut block = vec![0u8; cs as usize];
+        while !pending.is_empty() {
+            pending.sort_unstable();
+            let mut new_blocks: Vec<u64> = Vec::new();
+            let mut i = 0;
+            while i < pending.len() {
+                let bi = pending[i].0 / self.per_block;
+                let mut j = i;
+                while j < pending.len() && pending[j].0 / self.per_block == bi {
+                    j += 1;
+                }
+                let Some(&at) = self.table.get(bi as usize) else {
+                    return Err(Fallback::Rebuild("the refcount table must grow"));
+                };
+                let at = if at == 0 {
+                    let new = st.alloc.contiguous(1);
+                    self.table[bi as usize] = new;
+                    self.table_dirty = true;
+                    new_blocks.push(new);
+                    block.fill(0);
+                    new
+                } else {
+                    img.storage
+                        .read_at(&mut block, at)
+                        .map_err(|e| img.io_err("read refcount block", at, e))?;
+                    at
+                };
+                for &(c, d) in &pending[i..j] {
+                    let idx = (c % self.per_block) as usize;
+                    let v = get_entry(&block, self.order, idx) as i128 + i128::from(d);
+                    if v < 0 {
+                        return Err(Fallback::Underflow);
+                    }
+                    if v as u128 > u128::from(self.max) {
+                        return Err(Fallback::Fatal(Error::RefcountOverflow {
+                            file: img.name.clone(),
+                            offset: c * cs,
+                            count: v as u64,
+                            bits: 1 << self.order,
+                        }));
+                    }
+                    set_entry(&mut block, self.order, idx, v as u64);
+                }
+                img.storage
+                    .write_at(&block, at)
+                    .map_err(|e| img.io_err("write refcount block", at, e))?;
+                self.file_len = self.file_len.max(at + cs);
+                i = j;
+            }
+            pending = new_blocks.iter().map(|&b| (b / cs, 1)).collect();
+        }
+        Ok(())
+    }
+
+    /// Writes the table if blocks were added.
+    fn write_table(&mut self, img: &Image, st: &State) -> Result<()> {
+        if !self.table_dirty {
+            return Ok(());
+        }
+        let at = st.header.refcount_table_offset;
+        img.storage
+            .write_at(&encode_words(&self.table), at)
+            .map_err(|e| img.io_err("write refcount table", at, e))?;
+        self.table_dirty = false;
+        Ok(())
+    }
+
+    /// The refcount of cluster `c`, reading its block into `block` (cached by offset).
+    fn get(
+        &self,
+        img: &Image,
+        c: u64,
+        block: &mut Vec<u8>,
+        loaded: &mut Option<u64>,
+    ) -> Result<u64> {
+        let Some(&at) = self.table.get((c / self.per_block) as usize) else {
+            return Ok(0);
+        };
+        if at == 0 {
+            return Ok(0);
+        }
+        if *loaded != Some(at) {
+            img.storage
+                .read_at(block, at)
+                .map_err(|e| img.io_err("read refcount block", at, e))?;
+            *loaded = Some(at);
+        }
+        Ok(get_entry(block, self.order, (c % self.per_block) as usize))
+    }
+}
+
+/// Cuts the clusters at the end of the file that nothing references any more (the
+/// caller has made every refcount durable). Waits for data I/O in flight.
+fn truncate_free_tail(img: &Image, st: &mut State, blocks: &mut Blocks) -> Result<()> {
+    let cs = img.geo.cluster_size();
+    let end_clusters = blocks.file_len.max(st.alloc.end()).div_ceil(cs);
+    let mut block = vec![0u8; cs as usize];
+    let mut loaded = None;
+    let mut end = end_clusters;
+    while end > 1 && blocks.get(img, end - 1, &mut block, &mut loaded)? == 0 {
+        end -= 1;
+    }
+    let _gate = img.io_gate_write();
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    if file_len > end * cs {
+        img.storage
+            .set_len(end * cs)
+            .map_err(|e| img.io_err("truncate", end * cs, e))?;
+    }
+    if end < end_clusters {
+        st.alloc.reset(end * cs);
+    }
+    Ok(())
+}
