@@ -280,7 +280,7 @@ impl Blocks {
         &self,
         img: &Image,
         c: u64,
-        block: &mut Vec<u8>,
+        block: &mut [u8],
         loaded: &mut Option<u64>,
     ) -> Result<u64> {
         let Some(&at) = self.table.get((c / self.per_block) as usize) else {
