@@ -10,6 +10,7 @@ use crate::format::extensions::{Extension, Extensions, FeatureKind, EXT_BACKING_
 use crate::format::header::{
     Header, Incompatible, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, V3_HEADER_LEN,
 };
+use crate::format::stamp;
 use crate::format::tables::{encode_words, Geometry};
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, Storage};
@@ -215,6 +216,18 @@ pub(super) fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, 
         return Err(Error::InvalidArgument(
             "header, extensions and backing file name do not fit in one cluster".into(),
         ));
+    }
+    // A new image is as clean as one qcowx closed: stamp it (when there is room), so
+    // its first writable open needs no scan. Preallocation changes the active L1
+    // table, so a preallocated image's stamp does not match, as it should not.
+    let mut stamped = header.clone();
+    let l1 = vec![0u64; l1_entries as usize];
+    stamped
+        .extensions
+        .set(stamp::extension(stamp::compute(&header, &l1, &[])));
+    stamped.layout_backing();
+    if stamped.to_cluster().is_some() {
+        header = stamped;
     }
     Ok((header, layout))
 }

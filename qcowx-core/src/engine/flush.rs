@@ -3,6 +3,7 @@
 use crate::engine::alloc::runs;
 use crate::error::Result;
 use crate::format::header::Incompatible;
+use crate::format::stamp::{self, EXT_CLEAN_STAMP};
 use crate::format::tables::encode_words;
 use crate::storage::Storage;
 
@@ -20,6 +21,63 @@ impl Image {
         self.sync()?;
         st.stale = true;
         Ok(())
+    }
+
+    /// Writes the clean-close stamp of the state as it is now (see
+    /// [`crate::format::stamp`]), before the header write that clears the dirty bit.
+    /// In place when the image has one; else the header area is rewritten with one
+    /// added, but only when the area fits in one sector (a single-sector write cannot
+    /// be torn) — otherwise the image goes without, and its writable opens scan.
+    pub(crate) fn write_clean_stamp(&self, st: &mut State) -> Result<()> {
+        if st.header.version < 3 {
+            return Ok(());
+        }
+        let l1 = &self.root(st, DEFAULT_ROOT)?.l1;
+        let ext = stamp::extension(stamp::compute(&st.header, l1, &st.snapshots));
+        let existing = st.header.extensions.get(EXT_CLEAN_STAMP);
+        if existing == Some(&ext) {
+            return Ok(());
+        }
+        if let (Some(old), Some(at)) = (existing, st.header.extension_data_offset(EXT_CLEAN_STAMP))
+        {
+            if old.data.len() == ext.data.len() {
+                self.storage
+                    .write_at(&ext.data, at)
+                    .map_err(|e| self.io_err("write clean stamp", at, e))?;
+                st.header.extensions.set(ext);
+                return Ok(());
+            }
+        }
+        let mut h = st.header.clone();
+        h.extensions.remove(EXT_CLEAN_STAMP);
+        h.extensions.set(ext);
+        h.layout_backing();
+        let Some(area) = h.area_bytes().filter(|a| a.len() <= 512) else {
+            return Ok(());
+        };
+        self.storage
+            .write_at(&area, 0)
+            .map_err(|e| self.io_err("write header", 0, e))?;
+        st.header = h;
+        Ok(())
+    }
+
+    /// Whether the image carries a clean-close stamp that matches it: qcowx closed it
+    /// cleanly and nothing that matters changed since (see [`crate::format::stamp`]).
+    pub(crate) fn stamp_matches(&self, st: &State) -> bool {
+        let Some(crc) = st
+            .header
+            .extensions
+            .get(EXT_CLEAN_STAMP)
+            .and_then(stamp::read)
+        else {
+            return false;
+        };
+        !st.header.incompatible.contains(Incompatible::DIRTY)
+            && st
+                .roots
+                .get(&DEFAULT_ROOT)
+                .is_some_and(|r| stamp::compute(&st.header, &r.l1, &st.snapshots) == crc)
     }
 
     /// Writes the fixed header fields (one sector).

@@ -74,6 +74,22 @@ pub struct SnapshotInfo {
     pub disk_size: Option<u64>,
 }
 
+/// What a writable open found the image in, and what it did about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenState {
+    /// Opened read-only: nothing was checked or changed.
+    ReadOnly,
+    /// qcowx closed it cleanly and nothing that matters changed since (its clean-close
+    /// stamp matched): opened without a scan.
+    Clean,
+    /// Closed cleanly by another program (or without a stamp): one scan of the
+    /// metadata made sure no writable link reaches a shared cluster.
+    Reconciled,
+    /// Not closed cleanly (the dirty bit was set: a crash, or a writer with lazy
+    /// refcounts): every refcount was rebuilt from a scan before anything else.
+    Recovered,
+}
+
 /// Identifies a root (an L1 table) of the image. [`DEFAULT_ROOT`] is the default
 /// VDI, QCOW2's active layer; other roots are snapshot table entries.
 pub type RootId = u64;
@@ -119,6 +135,8 @@ pub(crate) struct State {
     /// Name and head lookups over the table.
     pub(crate) index: crate::format::roots::Index,
     pub(crate) closed: bool,
+    /// What the open found and did.
+    pub(crate) open_state: OpenState,
     /// Counts changes to in-memory L1 tables (with the cache's and the allocator's
     /// counters, tells gc whether anything changed while it scanned).
     pub(crate) l1_changes: u64,
@@ -306,6 +324,15 @@ impl Image {
     /// Whether this handle may write.
     pub fn is_writable(&self) -> bool {
         self.writable
+    }
+
+    /// What opening found the image in and did about it (for a server to report an
+    /// unclean shutdown, say).
+    pub fn open_state(&self) -> OpenState {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open_state
     }
 
     /// The file name used in messages.

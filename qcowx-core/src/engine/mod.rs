@@ -26,7 +26,7 @@ mod write;
 mod zero;
 
 pub use create::CreateOptions;
-pub use image::{Image, ImageInfo, RootId, SnapshotInfo, DEFAULT_ROOT};
+pub use image::{Image, ImageInfo, OpenState, RootId, SnapshotInfo, DEFAULT_ROOT};
 pub use open::OpenOptions;
 pub use status::{Extent, ExtentStatus};
 

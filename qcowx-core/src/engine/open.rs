@@ -295,6 +295,7 @@ impl Image {
             last_rebuild: None,
             snapshots,
             closed: false,
+            open_state: OpenState::ReadOnly,
             l1_changes: 0,
             header,
         };
@@ -312,9 +313,10 @@ impl Image {
         };
         if opts.write {
             img.clear_autoclear()?;
-            // Anything may have written the image since qcowx last did: restore
-            // invariant W before any write of ours (O(metadata)).
-            img.reconcile()?;
+            // Anything may have written the image since qcowx last did: find out, and
+            // restore what qcowx relies on before any write of ours.
+            let state = img.settle_after_open()?;
+            img.lock_state()?.open_state = state;
         }
         Ok(img)
     }

@@ -558,6 +558,31 @@ impl Header {
     ///
     /// Returns `None` when it does not fit in one cluster.
     pub fn to_cluster(&self) -> Option<Vec<u8>> {
+        let mut out = self.area_bytes()?;
+        out.resize(self.cluster_size() as usize, 0);
+        Some(out)
+    }
+
+    /// Where the data of the extension of type `kind` lies in the file (version 3),
+    /// with the extensions laid out as [`Header::to_cluster`] writes them and as
+    /// [`Extensions::parse`] read them.
+    pub fn extension_data_offset(&self, kind: u32) -> Option<u64> {
+        if self.version < 3 {
+            return None;
+        }
+        let mut pos = u64::from(self.header_length);
+        for ext in self.extensions.iter() {
+            if ext.kind == kind {
+                return Some(pos + 8);
+            }
+            pos += 8 + (ext.data.len() as u64).next_multiple_of(8);
+        }
+        None
+    }
+
+    /// The header area [`Header::to_cluster`] writes, without the padding after the
+    /// backing file name (or the end marker). `None` when it does not fit.
+    pub fn area_bytes(&self) -> Option<Vec<u8>> {
         let cs = self.cluster_size() as usize;
         let mut out = self.fixed_bytes();
         if self.version == 3 {
@@ -577,7 +602,6 @@ impl Header {
         if out.len() > cs {
             return None;
         }
-        out.resize(cs, 0);
         Some(out)
     }
 

@@ -86,6 +86,7 @@ fn apply(img: &Image, st: &mut State) -> std::result::Result<(), Fallback> {
     img.sync()?;
     truncate_free_tail(img, st, &mut blocks)?;
     st.header.incompatible.remove(Incompatible::DIRTY);
+    img.write_clean_stamp(st)?;
     img.write_header_fields(st)?;
     img.sync()?;
     st.stale = false;
@@ -276,13 +277,7 @@ impl Blocks {
     }
 
     /// The refcount of cluster `c`, reading its block into `block` (cached by offset).
-    fn get(
-        &self,
-        img: &Image,
-        c: u64,
-        block: &mut [u8],
-        loaded: &mut Option<u64>,
-    ) -> Result<u64> {
+    fn get(&self, img: &Image, c: u64, block: &mut [u8], loaded: &mut Option<u64>) -> Result<u64> {
         let Some(&at) = self.table.get((c / self.per_block) as usize) else {
             return Ok(0);
         };

@@ -17,7 +17,7 @@ pub(crate) use check::check;
 pub(crate) use rebuild::{give_up_table_room, rebuild, rebuild_with};
 pub(crate) use scan::{refcount_clusters, reference_counts, scan_from, Scan, ScanInput, Source};
 
-use crate::engine::Image;
+use crate::engine::{Image, OpenState};
 use crate::error::Result;
 
 /// The most problems a report lists individually (the counts are always complete).
@@ -91,6 +91,10 @@ impl Image {
             self.flush_locked(&mut st).and_then(|_| {
                 if st.stale {
                     write_refcounts(self, &mut st)
+                } else if st.open_state == OpenState::Reconciled && !self.stamp_matches(&st) {
+                    // Nothing changed, but the open had to scan: stamp the image now
+                    // so that the next open need not.
+                    self.write_clean_stamp(&mut st).and_then(|_| self.sync())
                 } else {
                     Ok(())
                 }

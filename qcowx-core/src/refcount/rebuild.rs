@@ -163,6 +163,7 @@ pub(crate) fn rebuild_with(
     st.header.refcount_table_offset = table_off;
     st.header.refcount_table_clusters = table_clusters as u32;
     st.header.incompatible.remove(Incompatible::DIRTY);
+    img.write_clean_stamp(st)?;
     img.write_header_fields(st)?;
     img.sync()?;
     st.stale = false;

@@ -2,23 +2,35 @@
 
 use std::collections::HashMap;
 
-use crate::engine::{Image, State};
+use crate::engine::{Image, OpenState, State};
 use crate::error::Result;
 use crate::format::tables::L2Entry;
 
 use super::*;
 
 impl Image {
-    /// Restores invariant W after a foreign writer (QEMU) may have written the image:
-    /// counts references from every root and clears bit 63 on every VDI-head link
-    /// whose target is reachable more than once. Only writable→read-only flips, so it
-    /// is safe at any point of a crash. It runs at every writable open: no auto-clear
-    /// bit records "qcowx was the last writer", because `qemu-img check -r` (QEMU 10)
-    /// rewrites the header of an image with an unknown auto-clear bit without its
-    /// snapshot table, dropping every snapshot.
-    pub(crate) fn reconcile(&self) -> Result<()> {
-        let mut guard = self.lock_state()?;
-        self.reconcile_locked(&mut guard)
+    /// What a writable open does about the state it finds the image in:
+    /// - dirty (a crash, or a writer with lazy refcounts): restore invariant W and
+    ///   rebuild every refcount from a scan now, so the session starts exact;
+    /// - clean, with a clean-close stamp that matches (see [`crate::format::stamp`]):
+    ///   nothing — qcowx closed it and nothing that matters changed since;
+    /// - clean otherwise (QEMU or another program wrote it last): restore
+    ///   invariant W with one scan (O(metadata)); refcounts are trusted as exact.
+    ///
+    /// Restoring W clears bit 63 on every VDI-head link whose target is reachable
+    /// more than once: only writable→read-only flips, safe at any point of a crash.
+    pub(crate) fn settle_after_open(&self) -> Result<OpenState> {
+        let mut st = self.lock_state()?;
+        if st.stale {
+            self.reconcile_locked(&mut st)?;
+            crate::refcount::rebuild(self, &mut st)?;
+            return Ok(OpenState::Recovered);
+        }
+        if self.stamp_matches(&st) {
+            return Ok(OpenState::Clean);
+        }
+        self.reconcile_locked(&mut st)?;
+        Ok(OpenState::Reconciled)
     }
 
     /// Problems with qcowx's facts in the snapshot table, for `check`: damaged or
