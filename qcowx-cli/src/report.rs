@@ -219,6 +219,7 @@ pub fn check_json(filename: &str, r: &CheckReport, fixed: Option<&Fixed>) -> Val
     m.insert("filename".into(), json!(filename));
     m.insert("format".into(), json!("qcow2"));
     m.insert("check-errors".into(), json!(r.check_errors));
+    m.insert("dirty-flag".into(), json!(r.dirty));
     let fixed = fixed.copied().unwrap_or_default();
     for (key, v) in [
         ("corruptions", r.corruptions),
@@ -230,6 +231,7 @@ pub fn check_json(filename: &str, r: &CheckReport, fixed: Option<&Fixed>) -> Val
         ("allocated-clusters", r.allocated_clusters),
         ("fragmented-clusters", r.fragmented_clusters),
         ("compressed-clusters", r.compressed_clusters),
+        ("refcount-mismatches", r.refcount_mismatches),
     ] {
         if v != 0 {
             m.insert(key.into(), json!(v));
@@ -272,6 +274,15 @@ pub fn check_human(out: &mut dyn Write, r: &CheckReport, fixed: Option<&Fixed>) 
                 out,
                 "\n{} internal errors have occurred during the check.",
                 r.check_errors
+            )?;
+        }
+        if r.dirty && r.refcount_mismatches > 0 {
+            writeln!(
+                out,
+                "\nThe image was not closed cleanly (dirty bit set): {} of these are stale \
+                 refcounts, which a repair rebuilds (`qcowx check --repair`, or opening the \
+                 image for writing).",
+                r.refcount_mismatches
             )?;
         }
     }
@@ -630,7 +641,7 @@ mod tests {
     }
 
     #[test]
-    fn check_json_leaves_out_zero_counters_but_check_errors() {
+    fn check_json_leaves_out_zero_counters_but_check_errors_and_the_dirty_flag() {
         let r = CheckReport {
             leaks: 2,
             total_clusters: 16,
@@ -643,6 +654,7 @@ mod tests {
             keys,
             [
                 "check-errors",
+                "dirty-flag",
                 "filename",
                 "format",
                 "image-end-offset",

@@ -867,11 +867,15 @@ fn verify(bytes: Vec<u8>, run: &Run, label: &str, qemu: bool) {
     let report = img
         .check()
         .unwrap_or_else(|e| panic!("{label}: check failed: {e}"));
-    assert_eq!(
-        report.corruptions, 0,
-        "{label}: corruptions: {:?}",
-        report.messages
-    );
+    // A dirty file's refcounts are stale, and check reports them as `qemu-img check`
+    // does; its structure is judged below, where a writable open must recover it.
+    if !report.dirty {
+        assert_eq!(
+            report.corruptions, 0,
+            "{label}: corruptions: {:?}",
+            report.messages
+        );
+    }
     if run.closed {
         assert_eq!(report.leaks, 0, "{label}: leaks after a clean close");
         assert!(!report.dirty, "{label}: dirty after a clean close");

@@ -10,7 +10,59 @@ use super::scan::*;
 use super::*;
 use crate::format::refblock::get_entry;
 
-/// Compares the on-disk refcounts with a reachability scan.
+/// The refcounts on disk, read one block at a time.
+pub(super) struct DiskRefcounts {
+    table: Vec<u64>,
+    order: u32,
+    per_block: u64,
+    cluster_size: u64,
+    file_clusters: u64,
+    block: Vec<u8>,
+    loaded: Option<u64>,
+}
+
+impl DiskRefcounts {
+    fn new(img: &Image, st: &State, file_clusters: u64) -> Result<DiskRefcounts> {
+        let cs = img.geo.cluster_size();
+        Ok(DiskRefcounts {
+            table: read_reftable(img, &st.header)?,
+            order: st.header.refcount_order,
+            per_block: (cs * 8) >> st.header.refcount_order,
+            cluster_size: cs,
+            file_clusters,
+            block: vec![0u8; cs as usize],
+            loaded: None,
+        })
+    }
+
+    /// The refcount of cluster index `c` (0 where no valid block covers it).
+    pub(super) fn get(&mut self, img: &Image, c: u64) -> Result<u64> {
+        let cs = self.cluster_size;
+        let block_off = self
+            .table
+            .get((c / self.per_block) as usize)
+            .copied()
+            .unwrap_or(0);
+        if block_off == 0 || block_off % cs != 0 || block_off >= self.file_clusters * cs {
+            return Ok(0);
+        }
+        if self.loaded != Some(block_off) {
+            img.storage
+                .read_at(&mut self.block, block_off)
+                .map_err(|e| img.io_err("read refcount block", block_off, e))?;
+            self.loaded = Some(block_off);
+        }
+        Ok(get_entry(
+            &self.block,
+            self.order,
+            (c % self.per_block) as usize,
+        ))
+    }
+}
+
+/// Compares the on-disk refcounts with a reachability scan, as `qemu-img check`
+/// does — on a dirty image too, where the differences are stale counts that a repair
+/// rebuilds (counted in [`CheckReport::refcount_mismatches`] as well).
 pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
     let mut s = scan(img, st, true)?;
     for msg in Image::registry_problems(st) {
@@ -19,35 +71,18 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
     let cs = img.geo.cluster_size();
     let order = st.header.refcount_order;
     let per_block = (cs * 8) >> order;
-    let table = read_reftable(img, &st.header)?;
-    let mut block = vec![0u8; cs as usize];
-    let mut loaded: Option<u64> = None;
-    let mut end = 0;
     let file_clusters = s.file_clusters;
-    let mut refcount_of = |c: u64, block: &mut Vec<u8>| -> Result<u64> {
-        let bi = c / per_block;
-        let block_off = table.get(bi as usize).copied().unwrap_or(0);
-        if block_off == 0 || block_off % cs != 0 || block_off >= file_clusters * cs {
-            return Ok(0);
-        }
-        if loaded != Some(block_off) {
-            img.storage
-                .read_at(block, block_off)
-                .map_err(|e| img.io_err("read refcount block", block_off, e))?;
-            loaded = Some(block_off);
-        }
-        Ok(get_entry(block, order, (c % per_block) as usize))
-    };
-    let dirty = s.report.dirty;
+    let mut disk = DiskRefcounts::new(img, st, file_clusters)?;
+    let table = disk.table.clone();
+    let mut block = vec![0u8; cs as usize];
+    let mut end = 0;
     let mut visit = |s: &mut Scan, c: u64, refcount: u64| {
         let refs = s.count(c);
         if refs > 0 || refcount > 0 {
             end = c + 1;
         }
-        if dirty {
-            // Refcounts are stale by protocol while the dirty bit is set; the next
-            // clean close or repair rewrites them. Only structure is checked.
-            return;
+        if refcount != refs {
+            s.report.refcount_mismatches += 1;
         }
         if refcount < refs {
             s.report.problem(
@@ -68,7 +103,7 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
         }
     };
     for c in 0..file_clusters {
-        let refcount = refcount_of(c, &mut block)?;
+        let refcount = disk.get(img, c)?;
         visit(&mut s, c, refcount);
     }
     // Past the end of the file nothing is referenced: only nonzero entries of the
@@ -98,21 +133,25 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
         }
     }
     s.report.image_end_offset = end * cs;
-    check_copied(img, st, &mut s)?;
+    check_copied(img, st, &mut s, &mut disk)?;
     Ok(s.report)
 }
 
-/// Checks bit 63 on the active tree against the reference counts: a writable link
-/// to a shared cluster breaks invariant W; a read-only link to an exclusive cluster is
-/// what QEMU calls an OFLAG_COPIED error (only reported when refcounts are exact).
-pub(super) fn check_copied(img: &Image, st: &mut State, s: &mut Scan) -> Result<()> {
-    let exact = !s.report.dirty;
+/// Checks bit 63 on the active tree: a writable link to a shared cluster breaks
+/// invariant W (judged by the references); and, as `qemu-img check` does, bit 63 must
+/// say exactly "refcount on disk is 1" (OFLAG_COPIED errors, stale counts included).
+pub(super) fn check_copied(
+    img: &Image,
+    st: &mut State,
+    s: &mut Scan,
+    disk: &mut DiskRefcounts,
+) -> Result<()> {
     let default_l1 = st
         .roots
         .get(&DEFAULT_ROOT)
         .map(|r| r.l1.clone())
         .unwrap_or_default();
-    check_head(img, s, "default VDI", &default_l1, exact)?;
+    check_head(img, s, "default VDI", &default_l1, Some(disk))?;
     // Named VDI heads: invariant W only (QEMU does not look at them).
     for i in 0..st.snapshots.len() {
         if st.records[i].kind != RootKind::Vdi || !Image::entry_live(st, i) {
@@ -128,21 +167,21 @@ pub(super) fn check_copied(img: &Image, st: &mut State, s: &mut Scan) -> Result<
             .read_at(&mut raw, e.l1_table_offset)
             .map_err(|err| img.io_err("read L1 table", e.l1_table_offset, err))?;
         let label = format!("VDI head '{}'", e.name);
-        check_head(img, s, &label, &decode_words(&raw), false)?;
+        check_head(img, s, &label, &decode_words(&raw), None)?;
     }
     Ok(())
 }
 
 /// Checks bit 63 along one VDI head. Invariant W: a cluster reached through writable
-/// links only has exactly one reference. With `qemu_rules` (the default VDI of an image
-/// whose refcounts are exact), a read-only link to a cluster with one reference is
-/// also reported, as `qemu-img check` reports it (OFLAG_COPIED).
+/// links only has exactly one reference. With `qemu_rules` (the default VDI: the
+/// refcounts on disk), bit 63 must also be set exactly where the refcount on disk is
+/// 1, as `qemu-img check` requires (OFLAG_COPIED).
 pub(super) fn check_head(
     img: &Image,
     s: &mut Scan,
     label: &str,
     l1: &[u64],
-    qemu_rules: bool,
+    mut qemu_rules: Option<&mut DiskRefcounts>,
 ) -> Result<()> {
     let geo = img.geo;
     let cs = geo.cluster_size();
@@ -158,13 +197,19 @@ pub(super) fn check_head(
                 true,
                 format!("{label}: L1 entry {i} is writable but its L2 table has {refs} references"),
             );
-        } else if qemu_rules && !e.writable() && refs == 1 {
-            s.report.problem(
-                true,
-                format!("OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={w:x} refcount=1"),
-            );
         }
-        if !e.writable() && !qemu_rules {
+        if let Some(disk) = qemu_rules.as_deref_mut() {
+            let refcount = disk.get(img, off >> geo.cluster_bits)?;
+            if e.writable() != (refcount == 1) {
+                s.report.problem(
+                    true,
+                    format!(
+                        "OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={w:x} refcount={refcount}"
+                    ),
+                );
+            }
+        }
+        if !e.writable() && qemu_rules.is_none() {
             continue; // a read-only table: its entries' bits do not matter
         }
         if off + cs > s.file_clusters * cs {
@@ -189,14 +234,18 @@ pub(super) fn check_head(
                         "{label}: L2 entry {j} of table {off:#x} is writable but cluster {host:#x} has {refs} references"
                     ),
                 );
-            } else if qemu_rules && entry.writable() != (refs == 1) {
-                s.report.problem(
-                    true,
-                    format!(
-                        "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refs}",
-                        entry.word
-                    ),
-                );
+            }
+            if let Some(disk) = qemu_rules.as_deref_mut() {
+                let refcount = disk.get(img, host >> geo.cluster_bits)?;
+                if entry.writable() != (refcount == 1) {
+                    s.report.problem(
+                        true,
+                        format!(
+                            "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
+                            entry.word
+                        ),
+                    );
+                }
             }
         }
     }

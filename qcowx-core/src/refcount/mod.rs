@@ -44,8 +44,13 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// One past the last cluster in use in the file.
     pub image_end_offset: u64,
-    /// The dirty bit was set (refcounts stale) when checked.
+    /// The dirty bit was set when checked: the image was not closed cleanly, and its
+    /// refcounts may be stale.
     pub dirty: bool,
+    /// Refcounts on disk that differ from the references (each also counted among
+    /// `corruptions` or `leaks`): what a repair rebuilds, as opposed to damage to the
+    /// structure. On a dirty image these are expected.
+    pub refcount_mismatches: u64,
     /// The report follows a repair.
     pub repaired: bool,
 }
@@ -141,12 +146,19 @@ impl Image {
             .last_rebuild
     }
 
-    /// Checks the image's metadata and refcounts (as `qemu-img check` does).
+    /// Checks the image's metadata and refcounts (as `qemu-img check` does). On a
+    /// handle open for writing, the refcount changes of this session are written
+    /// first (as [`Image::checkpoint`] writes them).
     pub fn check(&self) -> Result<CheckReport> {
         let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
         if self.is_writable() {
             self.flush_locked(&mut st)?;
+            // This handle's own changes are not damage: write them out first, so
+            // that only what a crash or another program left is reported.
+            if st.stale {
+                write_refcounts(self, &mut st)?;
+            }
         }
         check(self, &mut st)
     }
