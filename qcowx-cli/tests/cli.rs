@@ -483,6 +483,11 @@ fn info_respects_image_locks_and_force_share() {
             err.contains("busy.qcow2") && err.contains("locked"),
             "{args:?}: {err}"
         );
+        // The holder is named: this test's process.
+        assert!(
+            err.contains(&format!("process {} (", std::process::id())),
+            "{args:?}: {err}"
+        );
     }
     // qemu-img agrees that the image is in use.
     let q = qemu_img(d, &["info", "busy.qcow2"]);

@@ -225,12 +225,7 @@ pub(super) fn write_new_image(
     header: &Header,
     layout: &CreateLayout,
 ) -> Result<()> {
-    let io = |op, offset, source| Error::Io {
-        file: name.to_string(),
-        op,
-        offset,
-        source,
-    };
+    let io = |op, offset, source| Error::io(name, op, offset, source);
     let cs = header.cluster_size();
     let used = 1 + layout.reftable_clusters + layout.refblock_count + layout.l1_clusters;
     let end = used * cs;

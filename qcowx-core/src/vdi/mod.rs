@@ -343,10 +343,11 @@ impl Image {
     }
 
     pub(crate) fn exists(&self, name: &str) -> Error {
-        Error::InvalidArgument(format!(
-            "{}: a snapshot or VDI named '{name}' already exists",
-            self.name
-        ))
+        Error::AlreadyExists {
+            file: self.name.clone(),
+            what: "snapshot or VDI".into(),
+            name: name.to_string(),
+        }
     }
 
     /// Creates VDI `new_vdi` whose first state is snapshot `snapshot`. Cost: one L1 copy.
