@@ -198,7 +198,11 @@ struct CreateArgs {
         value_parser = ["raw", "qcow2"]
     )]
     backing_format: Option<String>,
-    /// The image file to create (an existing file is overwritten).
+    /// Replace FILE if it exists, whatever it holds (as `qemu-img create` does).
+    /// Without it an existing FILE is refused and left untouched.
+    #[arg(long = "overwrite")]
+    overwrite: bool,
+    /// The image file to create (refused if it exists, unless --overwrite).
     #[arg(value_name = "FILE")]
     file: PathBuf,
     /// Virtual size: bytes, or with a K, M, G, T, P or E suffix (powers of 1024).

@@ -74,7 +74,7 @@ pub mod storage;
 pub mod vdi;
 
 pub use engine::{
-    CreateOptions, Extent, ExtentStatus, Image, ImageInfo, OpenOptions, SnapshotInfo,
+    CreateOptions, Extent, ExtentStatus, IfExists, Image, ImageInfo, OpenOptions, SnapshotInfo,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use format::compress::CompressionType;

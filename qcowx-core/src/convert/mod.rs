@@ -425,7 +425,9 @@ pub fn convert(
             Ok(stats)
         }
         OutputFormat::Qcow2 => {
-            let mut create = CreateOptions::new(size);
+            // The output is replaced whatever it holds, as for raw output (and as
+            // `qemu-img convert` does).
+            let mut create = CreateOptions::new(size).if_exists(crate::IfExists::Replace);
             create.cluster_size = opts
                 .cluster_size
                 .or(src.cluster_size())
