@@ -61,6 +61,11 @@
 //!    bit says they are stale until [`Image::close`] rebuilds them, `refcount/`).
 #![warn(missing_docs)]
 
+/// The workspace README's example, compiled as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExample;
+
 #[cfg(feature = "control")]
 pub mod control;
 pub mod convert;
@@ -82,4 +87,4 @@ pub use refcount::CheckReport;
 pub use storage::lock::LockMode;
 pub use vdi::diff::Range;
 pub use vdi::gc::GcReport;
-pub use vdi::{Disk, RootInfo, RootKind};
+pub use vdi::{Disk, DiskCursor, DiskReader, RootInfo, RootKind, DEFAULT_VDI};

@@ -144,7 +144,7 @@ impl Content for Disk {
         self.image().path()
     }
     fn size(&self) -> Result<u64> {
-        Disk::size(self)
+        Ok(Disk::size(self))
     }
     fn cluster_size(&self) -> Option<u64> {
         Some(self.image().cluster_size())
