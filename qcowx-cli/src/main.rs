@@ -264,6 +264,9 @@ struct ExportArgs {
 
 #[derive(Debug, Args)]
 struct SnapshotArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
     /// The VDI to snapshot.
     #[arg(long, value_name = "VDI", default_value = DEFAULT_VDI)]
     vdi: String,
@@ -277,6 +280,9 @@ struct SnapshotArgs {
 
 #[derive(Debug, Args)]
 struct ForkArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
     /// The image file.
     #[arg(value_name = "FILE")]
     file: PathBuf,
@@ -541,9 +547,9 @@ fn main() -> ExitCode {
         Command::Info(a) => image::info(&a, quiet, out),
         Command::Check(a) => image::check(&a, quiet, out),
         Command::Export(a) => image::export(&a, quiet),
-        Command::Snapshot(a) => roots::snapshot(&a),
+        Command::Snapshot(a) => roots::snapshot(&a, quiet, out),
         Command::List(a) => roots::list(&a, quiet, out),
-        Command::Fork(a) => roots::fork(&a),
+        Command::Fork(a) => roots::fork(&a, quiet, out),
         Command::Delete(a) => roots::delete(&a),
         Command::Revert(a) => roots::revert(&a),
         Command::Gc(a) => roots::gc(&a, quiet, out),
