@@ -32,7 +32,7 @@ fn read_root(img: &Arc<Image>, name: &str) -> Vec<u8> {
     let d = img
         .open_root(name)
         .unwrap_or_else(|e| panic!("open_root({name}): {e}"));
-    let mut buf = vec![0u8; d.size().unwrap() as usize];
+    let mut buf = vec![0u8; d.size() as usize];
     d.read_at(&mut buf, 0)
         .unwrap_or_else(|e| panic!("read {name}: {e}"));
     buf

@@ -198,7 +198,11 @@ struct CreateArgs {
         value_parser = ["raw", "qcow2"]
     )]
     backing_format: Option<String>,
-    /// The image file to create (an existing file is overwritten).
+    /// Replace FILE if it exists, whatever it holds (as `qemu-img create` does).
+    /// Without it an existing FILE is refused and left untouched.
+    #[arg(long = "overwrite")]
+    overwrite: bool,
+    /// The image file to create (refused if it exists, unless --overwrite).
     #[arg(value_name = "FILE")]
     file: PathBuf,
     /// Virtual size: bytes, or with a K, M, G, T, P or E suffix (powers of 1024).
@@ -260,6 +264,9 @@ struct ExportArgs {
 
 #[derive(Debug, Args)]
 struct SnapshotArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
     /// The VDI to snapshot.
     #[arg(long, value_name = "VDI", default_value = DEFAULT_VDI)]
     vdi: String,
@@ -273,6 +280,9 @@ struct SnapshotArgs {
 
 #[derive(Debug, Args)]
 struct ForkArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
     /// The image file.
     #[arg(value_name = "FILE")]
     file: PathBuf,
@@ -537,9 +547,9 @@ fn main() -> ExitCode {
         Command::Info(a) => image::info(&a, quiet, out),
         Command::Check(a) => image::check(&a, quiet, out),
         Command::Export(a) => image::export(&a, quiet),
-        Command::Snapshot(a) => roots::snapshot(&a),
+        Command::Snapshot(a) => roots::snapshot(&a, quiet, out),
         Command::List(a) => roots::list(&a, quiet, out),
-        Command::Fork(a) => roots::fork(&a),
+        Command::Fork(a) => roots::fork(&a, quiet, out),
         Command::Delete(a) => roots::delete(&a),
         Command::Revert(a) => roots::revert(&a),
         Command::Gc(a) => roots::gc(&a, quiet, out),

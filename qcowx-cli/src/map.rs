@@ -124,7 +124,7 @@ pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<
     };
     let name = root.unwrap_or(DEFAULT_VDI);
     let disk = img.open_root(name)?;
-    let size = disk.size()?;
+    let size = disk.size();
     let mut m = Mapper {
         chain,
         raw: raw_base,

@@ -319,6 +319,12 @@ pub fn list_json(filename: &str, roots: &[RootInfo]) -> Value {
     json!({ "filename": filename, "roots": roots })
 }
 
+/// What `qcowx snapshot` and `qcowx fork` print with `--output=json`: the new root,
+/// with the keys of `list`'s roots.
+pub fn created_json(filename: &str, root: &RootInfo) -> Value {
+    json!({ "filename": filename, "root": RootJson::from(root) })
+}
+
 /// `qcowx list`'s table: one line per root, columns as wide as their contents.
 pub fn list_human(out: &mut dyn Write, roots: &[RootInfo]) -> io::Result<()> {
     let header = ["KIND", "NAME", "VDI", "PARENT", "SIZE", "DATE", "ID"];

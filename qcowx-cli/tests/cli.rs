@@ -162,6 +162,25 @@ fn create_over_raw_and_qcow2_backing_files() {
 }
 
 #[test]
+fn create_refuses_an_existing_file_unless_told_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("x.qcow2"), b"not an image").unwrap();
+    let out = qcowx(d, &["create", "x.qcow2", "1M"]);
+    assert_code(&out, 1, "create over an existing file");
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(d.join("x.qcow2")).unwrap(), b"not an image");
+    assert_ok(
+        &qcowx(d, &["create", "--overwrite", "x.qcow2", "1M"]),
+        "create --overwrite",
+    );
+    assert_qemu_check_clean(d, "x.qcow2");
+    // An image is refused too: qemu-img create would replace it.
+    let out = qcowx(d, &["create", "x.qcow2", "2M"]);
+    assert_code(&out, 1, "create over an image");
+}
+
+#[test]
 fn create_rejects_bad_arguments() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -481,6 +500,11 @@ fn info_respects_image_locks_and_force_share() {
         let err = stderr(&out);
         assert!(
             err.contains("busy.qcow2") && err.contains("locked"),
+            "{args:?}: {err}"
+        );
+        // The holder is named: this test's process.
+        assert!(
+            err.contains(&format!("process {} (", std::process::id())),
             "{args:?}: {err}"
         );
     }

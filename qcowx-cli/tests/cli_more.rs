@@ -1773,9 +1773,12 @@ fn every_commands_json_matches_the_documented_schema() {
     let documented: BTreeSet<&str> = schema.keys().map(String::as_str).collect();
     assert_eq!(
         documented,
-        ["check", "compare", "diff", "gc", "import", "info", "list", "map", "resize", "tree"]
-            .into_iter()
-            .collect(),
+        [
+            "check", "compare", "diff", "fork", "gc", "import", "info", "list", "map", "resize",
+            "snapshot", "tree"
+        ]
+        .into_iter()
+        .collect(),
         "commands with key tables in spec/cli-json.md"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -1911,6 +1914,17 @@ fn every_commands_json_matches_the_documented_schema() {
     run_json(
         "import",
         &["import", "--output=json", "top.qcow2", "imp.qcowx"],
+        0,
+    );
+    // snapshot and fork: the root created.
+    run_json(
+        "snapshot",
+        &["snapshot", "--output=json", "img.qcow2", "s3"],
+        0,
+    );
+    run_json(
+        "fork",
+        &["fork", "--output=json", "img.qcow2", "s3", "v3"],
         0,
     );
 

@@ -196,6 +196,38 @@ fn snapshots_forks_and_exports_agree_with_qemu() {
 }
 
 #[test]
+fn snapshot_and_fork_say_what_they_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    create(d, "a.qcow2", "1M");
+    let out = ok_quiet(d, &["snapshot", "a.qcow2", "s1"]);
+    assert_eq!(stdout(&out), "Created snapshot 's1' of VDI 'default'.\n");
+    let out = ok_quiet(d, &["fork", "a.qcow2", "s1", "dev"]);
+    assert_eq!(stdout(&out), "Created VDI 'dev' from snapshot 's1'.\n");
+    let v = json(&ok_quiet(
+        d,
+        &["snapshot", "--output=json", "--vdi", "dev", "a.qcow2", "d1"],
+    ));
+    assert_eq!(keys(&v), set(&["filename", "root"]));
+    assert_eq!(v["filename"], "a.qcow2");
+    assert_eq!(v["root"]["name"], "d1");
+    assert_eq!(v["root"]["kind"], "snapshot");
+    assert_eq!(v["root"]["vdi"], "dev");
+    // The root is the one list shows.
+    assert_eq!(&v["root"], root(&list(d, "a.qcow2"), "d1"));
+    let v = json(&ok_quiet(
+        d,
+        &["fork", "--output=json", "a.qcow2", "d1", "dev2"],
+    ));
+    assert_eq!(v["root"]["kind"], "vdi");
+    assert_eq!(v["root"]["parent"], "d1");
+    // -q keeps stdout empty.
+    assert!(ok_quiet(d, &["-q", "snapshot", "a.qcow2", "s2"])
+        .stdout
+        .is_empty());
+}
+
+#[test]
 fn list_reports_lineage_and_times_in_json_and_as_a_table() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -3,7 +3,8 @@
 use crate::format::compress::CompressError;
 use crate::format::header::HeaderError;
 use crate::format::snapshot::SnapshotError;
-use crate::storage::lock::LockError;
+use crate::storage::lock::{LockError, LockHolder};
+use crate::storage::OpenError;
 
 /// Result type of the image API.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,9 +22,26 @@ pub enum Error {
         #[source]
         source: HeaderError,
     },
-    /// An I/O operation failed.
+    /// An I/O operation failed. A full disk is [`Error::NoSpace`] instead; a missing
+    /// file is this variant with the OS error `ENOENT` (see [`Error::raw_os_error`] and
+    /// [`ErrorKind::NotFound`]).
     #[error("{file}: {op} at offset {offset} failed: {source}")]
     Io {
+        /// The image file.
+        file: String,
+        /// What was being done.
+        op: &'static str,
+        /// Byte offset in the file.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The storage is full: the OS reported `ENOSPC`, `EDQUOT` or `EFBIG` (or an
+    /// [`std::io::ErrorKind::StorageFull`] without a number). What was written before
+    /// the failure and flushed stays readable; see `spec/limits.md`.
+    #[error("{file}: {op} at offset {offset} failed: {source}")]
+    NoSpace {
         /// The image file.
         file: String,
         /// What was being done.
@@ -55,7 +73,8 @@ pub enum Error {
         #[source]
         source: SnapshotError,
     },
-    /// The image is locked by another process (or open elsewhere in this one).
+    /// The image is locked by another process, or by another handle in this one
+    /// ([`Error::lock_holder`] says which when it can be known).
     #[error("{file}: {source}")]
     Locked {
         /// The image file.
@@ -139,6 +158,17 @@ pub enum Error {
         /// The name given.
         name: String,
     },
+    /// A snapshot or VDI of that name exists already, or (creating a new image file)
+    /// the file does.
+    #[error("{file}: a {what} named '{name}' already exists")]
+    AlreadyExists {
+        /// The image file.
+        file: String,
+        /// What exists (`snapshot or VDI`, `file`).
+        what: String,
+        /// The name given.
+        name: String,
+    },
     /// A limit of the format would be exceeded.
     #[error("{file}: {what}")]
     Limit {
@@ -163,6 +193,8 @@ pub enum Error {
 pub enum ErrorKind {
     /// A named snapshot, VDI or file does not exist.
     NotFound,
+    /// A snapshot, VDI or file of that name exists already.
+    AlreadyExists,
     /// An argument is invalid.
     InvalidArgument,
     /// The image, the handle or the root does not allow writing.
@@ -187,10 +219,32 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, for reading an [`ErrorKind::as_str`] name back.
+    pub const ALL: [ErrorKind; 12] = [
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::InvalidArgument,
+        ErrorKind::ReadOnly,
+        ErrorKind::OutOfRange,
+        ErrorKind::NoSpace,
+        ErrorKind::Io,
+        ErrorKind::Corrupt,
+        ErrorKind::Locked,
+        ErrorKind::Unsupported,
+        ErrorKind::Closed,
+        ErrorKind::Image,
+    ];
+
+    /// The kind whose [`ErrorKind::as_str`] is `name`.
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
     /// A short stable name (`not-found`, `read-only`, …) for machine-readable output.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::NotFound => "not-found",
+            ErrorKind::AlreadyExists => "already-exists",
             ErrorKind::InvalidArgument => "invalid-argument",
             ErrorKind::ReadOnly => "read-only",
             ErrorKind::OutOfRange => "out-of-range",
@@ -211,11 +265,84 @@ impl std::fmt::Display for ErrorKind {
     }
 }
 
+/// Whether an OS error says the storage is full.
+fn is_full(source: &std::io::Error) -> bool {
+    matches!(
+        source.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
+    ) || source.kind() == std::io::ErrorKind::StorageFull
+}
+
 impl Error {
-    /// The OS error number behind this error, if it came from the OS (for NBD replies).
+    /// The error for an I/O operation `op` at `offset` of `file` that failed with
+    /// `source`: [`Error::NoSpace`] when the storage is full, [`Error::Io`] otherwise.
+    pub fn io(
+        file: impl Into<String>,
+        op: &'static str,
+        offset: u64,
+        source: std::io::Error,
+    ) -> Error {
+        let file = file.into();
+        if is_full(&source) {
+            Error::NoSpace {
+                file,
+                op,
+                offset,
+                source,
+            }
+        } else {
+            Error::Io {
+                file,
+                op,
+                offset,
+                source,
+            }
+        }
+    }
+
+    /// The error for a file that could not be opened or created: the OS error kept as
+    /// it is (so [`Error::raw_os_error`] reads it), an existing file refused by a
+    /// create-new as [`Error::AlreadyExists`], a lock conflict as [`Error::Locked`].
+    pub(crate) fn from_open(file: &str, e: OpenError) -> Error {
+        match e {
+            OpenError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                Error::AlreadyExists {
+                    file: file.to_string(),
+                    what: "file".into(),
+                    name: file.to_string(),
+                }
+            }
+            OpenError::Io { source, .. } => Error::io(file, "open", 0, source),
+            OpenError::Lock { source, .. } => Error::Locked {
+                file: file.to_string(),
+                source,
+            },
+            other => Error::InvalidArgument(other.to_string()),
+        }
+    }
+
+    /// The OS error number behind this error, if it came from the OS: `Some(2)`
+    /// (`ENOENT`) for a missing image or backing file, `Some(28)` (`ENOSPC`) for a
+    /// full disk.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Error::Io { source, .. } => source.raw_os_error(),
+            Error::Io { source, .. } | Error::NoSpace { source, .. } => source.raw_os_error(),
+            Error::Locked {
+                source: LockError::Io { source, .. },
+                ..
+            } => source.raw_os_error(),
+            Error::Backing {
+                source: Some(inner),
+                ..
+            } => inner.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// Who holds the lock that made this a [`Error::Locked`], when that can be known.
+    pub fn lock_holder(&self) -> Option<&LockHolder> {
+        match self {
+            Error::Locked { source, .. } => source.holder(),
             _ => None,
         }
     }
@@ -227,20 +354,23 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::ReadOnly { .. } => ErrorKind::ReadOnly,
             Error::OutOfRange { .. } => ErrorKind::OutOfRange,
-            Error::Limit { .. } | Error::RefcountOverflow { .. } => ErrorKind::NoSpace,
+            Error::NoSpace { .. } | Error::Limit { .. } | Error::RefcountOverflow { .. } => {
+                ErrorKind::NoSpace
+            }
             Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::Locked { .. } => ErrorKind::Locked,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::Closed { .. } => ErrorKind::Closed,
             Error::Io { source, .. } => match source.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ErrorKind::NoSpace,
+                _ if is_full(source) => ErrorKind::NoSpace,
                 Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => ErrorKind::ReadOnly,
                 Some(libc::ENOENT) => ErrorKind::NotFound,
+                Some(libc::EEXIST) => ErrorKind::AlreadyExists,
                 Some(libc::EINVAL) => ErrorKind::InvalidArgument,
-                _ if source.kind() == std::io::ErrorKind::StorageFull => ErrorKind::NoSpace,
                 _ => ErrorKind::Io,
             },
             Error::Header { .. }
@@ -248,6 +378,38 @@ impl Error {
             | Error::Compressed { .. }
             | Error::Backing { .. } => ErrorKind::Image,
         }
+    }
+}
+
+impl From<Error> for std::io::Error {
+    /// An error from the OS converts back to that OS error
+    /// ([`std::io::Error::raw_os_error`] reads the same number as
+    /// [`Error::raw_os_error`]; the file and the operation are then only in the
+    /// original error, so log it first where they matter). Any other error is wrapped
+    /// whole, with the [`std::io::ErrorKind`] closest to its [`ErrorKind`]:
+    /// [`ErrorKind::Locked`] is `ResourceBusy`, [`ErrorKind::ReadOnly`]
+    /// `PermissionDenied`, [`ErrorKind::NoSpace`] `StorageFull`, corrupt metadata
+    /// `InvalidData`, and so on.
+    fn from(err: Error) -> std::io::Error {
+        use std::io::ErrorKind as Io;
+        if let Some(code) = err.raw_os_error() {
+            return std::io::Error::from_raw_os_error(code);
+        }
+        let kind = match err.kind() {
+            ErrorKind::NotFound => Io::NotFound,
+            ErrorKind::AlreadyExists => Io::AlreadyExists,
+            ErrorKind::InvalidArgument | ErrorKind::OutOfRange => Io::InvalidInput,
+            ErrorKind::ReadOnly => Io::PermissionDenied,
+            ErrorKind::NoSpace => Io::StorageFull,
+            ErrorKind::Corrupt | ErrorKind::Image => Io::InvalidData,
+            ErrorKind::Locked => Io::ResourceBusy,
+            ErrorKind::Unsupported => Io::Unsupported,
+            ErrorKind::Io | ErrorKind::Closed => match &err {
+                Error::Io { source, .. } => source.kind(),
+                _ => Io::Other,
+            },
+        };
+        std::io::Error::new(kind, err)
     }
 }
 
@@ -279,6 +441,103 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::StorageFull),
         };
         assert_eq!(full.kind(), ErrorKind::NoSpace);
+    }
+
+    #[test]
+    fn a_full_disk_is_no_space_and_keeps_its_os_error() {
+        for source in [
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+            std::io::Error::from(std::io::ErrorKind::StorageFull),
+        ] {
+            let e = Error::io("x", "write data", 7, source);
+            assert!(matches!(e, Error::NoSpace { offset: 7, .. }), "{e:?}");
+            assert_eq!(e.kind(), ErrorKind::NoSpace);
+        }
+        let e = Error::io(
+            "x",
+            "write data",
+            0,
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        let io: std::io::Error = e.into();
+        assert_eq!(io.raw_os_error(), Some(libc::ENOSPC));
+        assert!(matches!(
+            Error::io("x", "read", 0, std::io::Error::from_raw_os_error(libc::EIO)),
+            Error::Io { .. }
+        ));
+    }
+
+    #[test]
+    fn a_missing_file_keeps_its_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = crate::Image::open(dir.path().join("missing.qcow2")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let io: std::io::Error = e.into();
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(io.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn writing_with_a_shared_lock_is_an_invalid_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.qcow2");
+        crate::Image::create(&path, &crate::CreateOptions::new(1 << 20))
+            .unwrap()
+            .close()
+            .unwrap();
+        let e = crate::OpenOptions::new()
+            .write(true)
+            .lock(crate::LockMode::Shared)
+            .open(&path)
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        assert!(e.to_string().contains("exclusive"), "{e}");
+    }
+
+    #[test]
+    fn a_second_handle_in_this_process_is_named_as_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.qcow2");
+        let _held = crate::Image::create(&path, &crate::CreateOptions::new(1 << 20)).unwrap();
+        let e = crate::Image::open(&path).unwrap_err();
+        assert!(matches!(e, Error::Locked { .. }), "{e:?}");
+        assert_eq!(e.lock_holder(), Some(&LockHolder::ThisProcess));
+        assert!(
+            e.to_string().contains("another handle in this process"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("another process"), "{e}");
+        let io: std::io::Error = e.into();
+        assert_eq!(io.kind(), std::io::ErrorKind::ResourceBusy);
+    }
+
+    #[test]
+    fn a_taken_name_is_already_exists() {
+        let img = crate::Image::create_in(
+            std::sync::Arc::new(crate::storage::MemStorage::new()),
+            &crate::CreateOptions::new(1 << 20),
+        )
+        .unwrap();
+        img.snapshot("default", "s").unwrap();
+        let e = img.snapshot("default", "s").unwrap_err();
+        assert!(
+            matches!(&e, Error::AlreadyExists { name, .. } if name == "s"),
+            "{e:?}"
+        );
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(e.kind().as_str(), "already-exists");
+        let io: std::io::Error = e.into();
+        assert_eq!(io.kind(), std::io::ErrorKind::AlreadyExists);
+    }
+
+    #[test]
+    fn kinds_read_back_from_their_names() {
+        for k in ErrorKind::ALL {
+            assert_eq!(ErrorKind::from_name(k.as_str()), Some(k));
+        }
+        assert_eq!(ErrorKind::from_name("busy"), None);
     }
 
     #[test]

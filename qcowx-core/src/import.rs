@@ -365,11 +365,8 @@ impl Output {
     /// temporary file removed.
     fn finish(self, result: Result<ImportReport>) -> Result<ImportReport> {
         let done = result.and_then(|report| {
-            let io = |op: &'static str, source| Error::Io {
-                file: self.output.display().to_string(),
-                op,
-                offset: 0,
-                source,
+            let io = |op: &'static str, source| {
+                Error::io(self.output.display().to_string(), op, 0, source)
             };
             if !self.sync {
                 std::fs::rename(&self.temp, &self.output).map_err(|e| io("rename", e))?;

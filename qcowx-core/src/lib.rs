@@ -61,6 +61,11 @@
 //!    bit says they are stale until [`Image::close`] rebuilds them, `refcount/`).
 #![warn(missing_docs)]
 
+/// The workspace README's example, compiled as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExample;
+
 #[cfg(feature = "control")]
 pub mod control;
 pub mod convert;
@@ -74,7 +79,8 @@ pub mod storage;
 pub mod vdi;
 
 pub use engine::{
-    CreateOptions, Extent, ExtentStatus, Image, ImageInfo, OpenOptions, OpenState, SnapshotInfo,
+    CreateOptions, Extent, ExtentStatus, IfExists, Image, ImageInfo, OpenOptions, OpenState,
+    SnapshotInfo,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use format::compress::CompressionType;
@@ -82,4 +88,4 @@ pub use refcount::CheckReport;
 pub use storage::lock::LockMode;
 pub use vdi::diff::Range;
 pub use vdi::gc::GcReport;
-pub use vdi::{Disk, RootInfo, RootKind};
+pub use vdi::{Disk, DiskCursor, DiskReader, RootInfo, RootKind, DEFAULT_VDI};

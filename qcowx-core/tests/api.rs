@@ -133,3 +133,36 @@ fn out_of_range_and_read_only_are_errors() {
         Err(Error::OutOfRange { .. })
     ));
 }
+
+#[test]
+fn create_never_replaces_a_file_that_is_not_an_image_unless_asked() {
+    use qcowx_core::IfExists;
+    let dir = tempfile::tempdir().unwrap();
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, b"precious").unwrap();
+    // The default replaces only images and empty files.
+    let e = Image::create(&notes, &CreateOptions::new(1 << 20)).unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists { .. }), "{e:?}");
+    assert_eq!(std::fs::read(&notes).unwrap(), b"precious");
+    // Create-new refuses any existing file, even an image, and leaves it alone.
+    let img = dir.path().join("a.qcow2");
+    let new_only = CreateOptions::new(1 << 20).if_exists(IfExists::Fail);
+    Image::create(&img, &new_only).unwrap().close().unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let e = Image::create(&img, &new_only).unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists { .. }), "{e:?}");
+    assert_eq!(e.kind(), qcowx_core::ErrorKind::AlreadyExists);
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    let e = Image::create(&notes, &new_only).unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists { .. }), "{e:?}");
+    // The default replaces an image (as qemu-img create does).
+    Image::create(&img, &CreateOptions::new(2 << 20))
+        .unwrap()
+        .close()
+        .unwrap();
+    assert_eq!(Image::open(&img).unwrap().size(), 2 << 20);
+    // Replace replaces anything.
+    let replace = CreateOptions::new(1 << 20).if_exists(IfExists::Replace);
+    Image::create(&notes, &replace).unwrap().close().unwrap();
+    assert_qemu_check_clean(&notes);
+}

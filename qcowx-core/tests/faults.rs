@@ -5,7 +5,7 @@
 //! real short write leaves it; punched holes give space back), and the k-th write or sync of a run fails with `EIO`,
 //! either once (a transient error) or from then on (a dead disk).
 //!
-//! * Disk full: the caller sees an `Error::Io` whose OS error is `ENOSPC` and that
+//! * Disk full: the caller sees an `Error::NoSpace` whose OS error is `ENOSPC` and that
 //!   names the file and offset; the image stays consistent and readable; writes (and
 //!   snapshots) succeed on the same handle once space returns.
 //! * I/O errors: a fixed sequence of operations (write, flush, snapshot, fork, write
@@ -216,7 +216,7 @@ fn rw() -> OpenOptions {
 
 fn os_error(e: &Error) -> Option<i32> {
     match e {
-        Error::Io { source, .. } => source.raw_os_error(),
+        Error::Io { source, .. } | Error::NoSpace { source, .. } => source.raw_os_error(),
         _ => None,
     }
 }
@@ -285,8 +285,9 @@ fn a_full_disk_fails_allocating_writes_with_enospc_and_recovers_when_space_retur
         text.contains("<memory>") && text.contains("offset") && text.contains("No space"),
         "the message names file, offset and cause: {text}"
     );
-    if let Error::Io { source, .. } = &err {
-        assert_eq!(source.kind(), io::ErrorKind::StorageFull);
+    match &err {
+        Error::NoSpace { source, .. } => assert_eq!(source.kind(), io::ErrorKind::StorageFull),
+        other => panic!("a full disk is Error::NoSpace: {other:?}"),
     }
     img.flush()
         .expect("nothing new to link: flush works on a full disk");
@@ -852,7 +853,7 @@ fn run_sequence(storage: &Arc<Faulty>, after: After, expect_errno: i32) -> Run {
 /// The `op` of an `Error::Io` ("write L2 table", "fdatasync", …).
 fn io_op(e: &Error) -> String {
     match e {
-        Error::Io { op, .. } => (*op).to_string(),
+        Error::Io { op, .. } | Error::NoSpace { op, .. } => (*op).to_string(),
         other => format!("{other:?}"),
     }
 }

@@ -8,7 +8,9 @@ use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use qcowx_core::storage::lock::{self, LockError, LockMode, LockStatus, Permission, Permissions};
+use qcowx_core::storage::lock::{
+    self, LockError, LockHolder, LockMode, LockStatus, Permission, Permissions,
+};
 use qcowx_core::storage::{FileStorage, OpenMode, Storage};
 use qcowx_tests::{describe, require_qemu_tools, run};
 
@@ -222,9 +224,16 @@ fn qemu_writer_locks_out_qcowx() {
     let err = FileStorage::open(&path, OpenMode::read_only()).unwrap_err();
     println!("shared open refused: {err}");
     assert!(
-        matches!(err.lock_error(), Some(LockError::Held(Permission::Write))),
+        matches!(
+            err.lock_error(),
+            Some(LockError::Held {
+                permission: Permission::Write,
+                holder: LockHolder::Process { name, .. },
+            }) if name == "qemu-io"
+        ),
         "{err}"
     );
+    assert!(err.to_string().contains("(qemu-io)"), "{err}");
 
     let forced = FileStorage::open(&path, OpenMode::read_only().with_lock(LockMode::ForceShare))
         .expect("force-share open");

@@ -31,7 +31,7 @@ fn random_session(seed: u64, path: &std::path::Path, opts: &CreateOptions) {
         let disk = img
             .open_root(&vdis[rng.below(vdis.len() as u64) as usize])
             .unwrap();
-        let dsize = disk.size().unwrap();
+        let dsize = disk.size();
         let off = rng.below(dsize / 512) * 512;
         let len = (rng.range(1, 3 * cs) / 512 * 512).clamp(512, dsize - off);
         match op {

@@ -71,13 +71,14 @@ impl Error {
 
 /// The NBD error value for an image error, from its [`qcowx_core::ErrorKind`]. `write`
 /// selects `ENOSPC` for requests past the end of the disk (the protocol's choice for
-/// writes; reads get `EINVAL`).
+/// writes; reads get `EINVAL`). The protocol has no `EEXIST`: a name that exists
+/// already is `EINVAL`.
 pub fn nbd_errno(err: &qcowx_core::Error, write: bool) -> u32 {
     use qcowx_core::ErrorKind as K;
     match err.kind() {
         K::ReadOnly => wire::EPERM,
         K::OutOfRange if write => wire::ENOSPC,
-        K::OutOfRange | K::InvalidArgument => wire::EINVAL,
+        K::OutOfRange | K::InvalidArgument | K::AlreadyExists => wire::EINVAL,
         K::NoSpace => wire::ENOSPC,
         K::Closed => wire::ESHUTDOWN,
         _ => wire::EIO,

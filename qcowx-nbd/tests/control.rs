@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qcowx_core::storage::lock::LockHolder;
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
 use qcowx_nbd::control::{self, ControlError, DeleteTarget, Request, Response};
 use qcowx_nbd::exports::{ExportPlan, Exports};
@@ -107,6 +108,12 @@ fn control_requests_run_on_the_served_image_and_new_roots_are_exports_at_once() 
     // What the CLI sees: the image is locked.
     let e = Image::open_rw(&img).expect_err("the served image must be locked");
     assert!(matches!(e, qcowx_core::Error::Locked { .. }), "{e}");
+    // The server runs in this process: the error says so, not "another process".
+    assert_eq!(e.lock_holder(), Some(&LockHolder::ThisProcess), "{e}");
+    assert!(
+        e.to_string().contains("another handle in this process"),
+        "{e}"
+    );
 
     let at = |req: Request| control::request_at(&ctl, Some(&img), &req);
     let r = at(Request::Snapshot {
@@ -185,7 +192,7 @@ fn control_requests_run_on_the_served_image_and_new_roots_are_exports_at_once() 
         vdi: "default".into(),
         name: "web".into(),
     }));
-    assert_eq!(kind, "invalid-argument");
+    assert_eq!(kind, "already-exists");
     assert!(msg.contains("already exists"), "{msg}");
     let (kind, _) = refused(at(Request::Delete(DeleteTarget::Vdi("default".into()))));
     assert_eq!(kind, "invalid-argument");

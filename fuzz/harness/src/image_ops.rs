@@ -148,7 +148,7 @@ pub fn read_roots(img: &Arc<Image>) {
 }
 
 fn read_data(d: &Disk) {
-    let Ok(size) = d.size() else { return };
+    let size = d.size();
     let Ok(extents) = d.block_status(0, size.min(MAX_RANGE)) else {
         // Block status failed: read the start of the disk anyway.
         let mut buf = vec![0u8; size.min(MAX_IO) as usize];
@@ -365,7 +365,7 @@ impl Runner {
         match op {
             Op::Read => {
                 if let Some(d) = self.disk(s) {
-                    let size = d.size().unwrap_or(0);
+                    let size = d.size();
                     let (off, len) = range(s, size, false);
                     let mut buf = vec![0u8; len as usize];
                     note(
@@ -376,7 +376,7 @@ impl Runner {
             }
             Op::Write => {
                 if let Some(d) = self.disk(s) {
-                    let size = d.size().unwrap_or(0);
+                    let size = d.size();
                     let (off, len) = range(s, size, false);
                     let seed = s.u8();
                     let buf: Vec<u8> = (0..len as usize)
@@ -402,7 +402,7 @@ impl Runner {
             }
             Op::WriteZeroes => {
                 if let Some(d) = self.disk(s) {
-                    let size = d.size().unwrap_or(0);
+                    let size = d.size();
                     let (off, len) = range(s, size, true);
                     let unmap = s.u8() & 1 != 0;
                     let r = d.write_zeroes(off, len, unmap);
@@ -426,7 +426,7 @@ impl Runner {
             }
             Op::Discard => {
                 if let Some(d) = self.disk(s) {
-                    let size = d.size().unwrap_or(0);
+                    let size = d.size();
                     let (off, len) = range(s, size, true);
                     note(
                         format_args!("discard {} {off}+{len}", d.name()),
@@ -484,7 +484,7 @@ impl Runner {
             }
             Op::BlockStatus => {
                 if let Some(d) = self.disk(s) {
-                    let size = d.size().unwrap_or(0);
+                    let size = d.size();
                     let (off, len) = range(s, size, true);
                     note(
                         format_args!("block status {} {off}+{len}", d.name()),

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qcowx_core::convert::{self as conv, ConvertOptions, OutputFormat};
-use qcowx_core::{CheckReport, CreateOptions, Image, LockMode, OpenOptions, RootKind};
+use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOptions, RootKind};
 
 use super::{emit, lock_mode, require_kind, usage_error, Failure};
 use crate::{
@@ -19,7 +19,11 @@ pub(crate) fn create(a: &CreateArgs, quiet: bool, out: &mut dyn Write) -> Result
         Some(s) => s,
         None => backing_size(&a.file, a.backing.as_deref(), a.backing_format.as_deref())?,
     };
-    let mut opts = CreateOptions::new(size);
+    let mut opts = CreateOptions::new(size).if_exists(if a.overwrite {
+        IfExists::Replace
+    } else {
+        IfExists::Fail
+    });
     if let Some(cs) = a.cluster_size {
         opts.cluster_size = cs;
     }

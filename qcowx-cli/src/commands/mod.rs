@@ -114,8 +114,7 @@ pub(crate) fn hints(
     if let Some(file) = names_roots {
         // A name that is not there (not a file that is not there), or one already taken.
         let unknown_name = kind == Some(ErrorKind::NotFound) && f.os_error().is_none();
-        let taken =
-            kind == Some(ErrorKind::InvalidArgument) && f.message().contains("already exists");
+        let taken = kind == Some(ErrorKind::AlreadyExists) && f.os_error().is_none();
         if unknown_name || taken {
             v.push(format!(
                 "`qcowx list {}` lists the snapshots and VDIs",

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use qcowx_core::control::{DeleteTarget, Request, Response};
 use qcowx_core::vdi::DEFAULT_VDI;
-use qcowx_core::{OpenOptions, RootKind};
+use qcowx_core::{OpenOptions, RootInfo, RootKind};
 
 use super::{emit, lock_mode, open_rw_meta, require_kind, run_request, unexpected, Failure};
 use crate::{
@@ -22,14 +22,36 @@ fn change(file: &Path, req: Request) -> Result<u8, Failure> {
     Ok(0)
 }
 
-pub(crate) fn snapshot(a: &SnapshotArgs) -> Result<u8, Failure> {
-    change(
-        &a.file,
-        Request::Snapshot {
-            vdi: a.vdi.clone(),
-            name: a.name.clone(),
-        },
-    )
+/// Runs `req`, which creates a root, and prints it: `human` on one line, or the root
+/// as `list` shows it in JSON.
+fn create_root(
+    file: &Path,
+    req: Request,
+    output: OutputKind,
+    quiet: bool,
+    out: &mut dyn Write,
+    human: impl FnOnce(&RootInfo) -> String,
+) -> Result<u8, Failure> {
+    let root = match run_request(file, open_rw_meta(file), &req)? {
+        Response::Root { root, .. } => root,
+        other => return Err(unexpected(&req, &other)),
+    };
+    let name = file.display().to_string();
+    let json = || report::created_json(&name, &root);
+    emit(out, output, quiet, json, |out| {
+        writeln!(out, "{}", human(&root))
+    })?;
+    Ok(0)
+}
+
+pub(crate) fn snapshot(a: &SnapshotArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let req = Request::Snapshot {
+        vdi: a.vdi.clone(),
+        name: a.name.clone(),
+    };
+    create_root(&a.file, req, a.output, quiet, out, |r| {
+        format!("Created snapshot '{}' of VDI '{}'.", r.name, r.vdi)
+    })
 }
 
 pub(crate) fn list(a: &ReadArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
@@ -49,14 +71,15 @@ pub(crate) fn list(a: &ReadArgs, quiet: bool, out: &mut dyn Write) -> Result<u8,
     Ok(0)
 }
 
-pub(crate) fn fork(a: &ForkArgs) -> Result<u8, Failure> {
-    change(
-        &a.file,
-        Request::Fork {
-            snapshot: a.snapshot.clone(),
-            name: a.new_vdi.clone(),
-        },
-    )
+pub(crate) fn fork(a: &ForkArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let req = Request::Fork {
+        snapshot: a.snapshot.clone(),
+        name: a.new_vdi.clone(),
+    };
+    let from = a.snapshot.clone();
+    create_root(&a.file, req, a.output, quiet, out, |r| {
+        format!("Created VDI '{}' from snapshot '{from}'.", r.name)
+    })
 }
 
 pub(crate) fn delete(a: &DeleteArgs) -> Result<u8, Failure> {

@@ -83,7 +83,7 @@ impl BlockIo for Disk {
         self.image().file_name()
     }
     fn disk_size(&self) -> Result<u64> {
-        self.size()
+        Ok(self.size())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Disk::read_at(self, buf, offset)

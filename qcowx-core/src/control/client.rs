@@ -46,29 +46,12 @@ pub enum ControlError {
     Protocol(String),
 }
 
-/// Every kind of library error, to read a refusal's `kind` back.
-const KINDS: [ErrorKind; 11] = [
-    ErrorKind::NotFound,
-    ErrorKind::InvalidArgument,
-    ErrorKind::ReadOnly,
-    ErrorKind::OutOfRange,
-    ErrorKind::NoSpace,
-    ErrorKind::Io,
-    ErrorKind::Corrupt,
-    ErrorKind::Locked,
-    ErrorKind::Unsupported,
-    ErrorKind::Closed,
-    ErrorKind::Image,
-];
-
 impl ControlError {
     /// The library's error kind behind a refusal (`None` for the protocol's own kinds
     /// and for failures to reach the server).
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
-            ControlError::Refused { kind, .. } => {
-                KINDS.into_iter().find(|k| k.as_str() == kind.as_str())
-            }
+            ControlError::Refused { kind, .. } => ErrorKind::from_name(kind),
             _ => None,
         }
     }

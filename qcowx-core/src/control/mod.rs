@@ -64,7 +64,7 @@
 //! A failure is `{"ok": false, "error": MESSAGE, "kind": KIND}`: MESSAGE is the
 //! library's own message (what `qcowx` would print had it opened the image itself);
 //! KIND is the library's error kind (`qcowx_core::ErrorKind::as_str`: `not-found`,
-//! `invalid-argument`, `read-only`, `out-of-range`, `no-space`, `io`, `corrupt`,
+//! `already-exists`, `invalid-argument`, `read-only`, `out-of-range`, `no-space`, `io`, `corrupt`,
 //! `locked`, `unsupported`, `closed`, `image`) or one of the protocol's own:
 //! `invalid-request` (the line is not a valid request), `wrong-image`,
 //! `shutting-down`, `busy`. A bad request

@@ -144,7 +144,7 @@ impl Content for Disk {
         self.image().path()
     }
     fn size(&self) -> Result<u64> {
-        Disk::size(self)
+        Ok(Disk::size(self))
     }
     fn cluster_size(&self) -> Option<u64> {
         Some(self.image().cluster_size())
@@ -172,15 +172,8 @@ impl RawFile {
     /// Opens the raw file at `path` read-only with the image lock `lock`.
     pub fn open(path: &Path, lock: LockMode) -> Result<RawFile> {
         let name = path.display().to_string();
-        let storage = FileStorage::open(path, OpenMode::read_only().with_lock(lock)).map_err(
-            |e| match e {
-                crate::storage::OpenError::Lock { source, .. } => Error::Locked {
-                    file: name.clone(),
-                    source,
-                },
-                other => io_error(&name, "open", 0, other.into()),
-            },
-        )?;
+        let storage = FileStorage::open(path, OpenMode::read_only().with_lock(lock))
+            .map_err(|e| Error::from_open(&name, e))?;
         let size = storage.len().map_err(|e| io_error(&name, "stat", 0, e))?;
         Ok(RawFile {
             storage,
@@ -294,12 +287,7 @@ impl Sink for Image {
 }
 
 fn io_error(name: &str, op: &'static str, offset: u64, source: std::io::Error) -> Error {
-    Error::Io {
-        file: name.to_string(),
-        op,
-        offset,
-        source,
-    }
+    Error::io(name, op, offset, source)
 }
 
 /// Writes the current content of `src` (its active layer over its backing chain) to a
@@ -421,14 +409,8 @@ pub fn convert(
     let size = src.size()?;
     match opts.format {
         OutputFormat::Raw => {
-            let storage =
-                FileStorage::create(output, LockMode::Exclusive).map_err(|e| match e {
-                    crate::storage::OpenError::Lock { source, .. } => Error::Locked {
-                        file: out_name.clone(),
-                        source,
-                    },
-                    other => io_error(&out_name, "create", 0, other.into()),
-                })?;
+            let storage = FileStorage::create(output, LockMode::Exclusive)
+                .map_err(|e| Error::from_open(&out_name, e))?;
             storage
                 .set_len(size)
                 .map_err(|e| io_error(&out_name, "truncate", size, e))?;
@@ -443,7 +425,9 @@ pub fn convert(
             Ok(stats)
         }
         OutputFormat::Qcow2 => {
-            let mut create = CreateOptions::new(size);
+            // The output is replaced whatever it holds, as for raw output (and as
+            // `qemu-img convert` does).
+            let mut create = CreateOptions::new(size).if_exists(crate::IfExists::Replace);
             create.cluster_size = opts
                 .cluster_size
                 .or(src.cluster_size())

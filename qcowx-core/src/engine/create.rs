@@ -18,6 +18,20 @@ use crate::storage::{FileStorage, Storage};
 use super::image::*;
 use super::*;
 
+/// What [`Image::create`] does when the file exists already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum IfExists {
+    /// Fail with [`Error::AlreadyExists`] and leave the file untouched (`O_EXCL`).
+    Fail,
+    /// Replace an empty file or a QCOW2 image (as `qemu-img create` replaces an
+    /// image); fail with [`Error::AlreadyExists`] for a file that holds anything else.
+    #[default]
+    ReplaceImage,
+    /// Replace whatever the file holds.
+    Replace,
+}
+
 /// How to create an image.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -36,6 +50,9 @@ pub struct CreateOptions {
     /// Refcount width in bits (1..=64, a power of two). The default, 32, cannot
     /// overflow at QEMU's snapshot limit.
     pub refcount_bits: u32,
+    /// What to do when the file exists already. The default,
+    /// [`IfExists::ReplaceImage`], never replaces a file that is not an image.
+    pub if_exists: IfExists,
 }
 
 impl CreateOptions {
@@ -49,7 +66,14 @@ impl CreateOptions {
             extended_l2: false,
             compression: CompressionType::Deflate,
             refcount_bits: 32,
+            if_exists: IfExists::default(),
         }
+    }
+
+    /// The same options with `if_exists`.
+    pub fn if_exists(mut self, if_exists: IfExists) -> CreateOptions {
+        self.if_exists = if_exists;
+        self
     }
 }
 
@@ -238,12 +262,7 @@ pub(super) fn write_new_image(
     header: &Header,
     layout: &CreateLayout,
 ) -> Result<()> {
-    let io = |op, offset, source| Error::Io {
-        file: name.to_string(),
-        op,
-        offset,
-        source,
-    };
+    let io = |op, offset, source| Error::io(name, op, offset, source);
     let cs = header.cluster_size();
     let used = 1 + layout.reftable_clusters + layout.refblock_count + layout.l1_clusters;
     let end = used * cs;
@@ -289,14 +308,54 @@ pub(super) fn write_new_image(
     storage.sync_data().map_err(|e| io("fdatasync", 0, e))
 }
 
+/// Whether the file `storage` holds nothing or starts with the QCOW2 magic.
+fn empty_or_image(storage: &FileStorage, name: &str) -> Result<bool> {
+    let len = storage.len().map_err(|e| Error::io(name, "stat", 0, e))?;
+    if len == 0 {
+        return Ok(true);
+    }
+    let mut magic = [0u8; 4];
+    storage
+        .read_at(&mut magic, 0)
+        .map_err(|e| Error::io(name, "read header", 0, e))?;
+    Ok(u32::from_be_bytes(magic) == crate::format::header::QCOW_MAGIC)
+}
+
 impl Image {
-    /// Creates a new version 3 image at `path` and opens it for writing.
+    /// Creates a new version 3 image at `path` and opens it for writing. An existing
+    /// file is replaced or refused as [`CreateOptions::if_exists`] says: by default an
+    /// empty file or an image is replaced, anything else refused with
+    /// [`Error::AlreadyExists`].
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Error, IfExists, Image};
+    ///
+    /// # fn main() -> Result<(), Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("disk.qcow2");
+    /// let new_only = CreateOptions::new(1 << 20).if_exists(IfExists::Fail);
+    /// Image::create(&path, &new_only)?.close()?;
+    /// assert!(matches!(Image::create(&path, &new_only), Err(Error::AlreadyExists { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Image> {
         let path = path.as_ref();
         let name = path.display().to_string();
         let (header, layout) = plan_create(path, opts)?;
-        let storage =
-            FileStorage::create(path, LockMode::Exclusive).map_err(|e| open_error(&name, e))?;
+        let lock = LockMode::Exclusive;
+        let storage = match opts.if_exists {
+            IfExists::Fail => FileStorage::create_new(path, lock),
+            IfExists::Replace => FileStorage::create(path, lock),
+            IfExists::ReplaceImage => FileStorage::create_keeping(path, lock),
+        }
+        .map_err(|e| open_error(&name, e))?;
+        if opts.if_exists == IfExists::ReplaceImage && !empty_or_image(&storage, &name)? {
+            return Err(Error::AlreadyExists {
+                file: name.clone(),
+                what: "non-image file".into(),
+                name,
+            });
+        }
         if let Err(e) = write_new_image(&storage, &name, &header, &layout) {
             // A half-written image is no image (a full disk, say): leave no file that
             // looks like one. The lock is still held, so the file is still ours.

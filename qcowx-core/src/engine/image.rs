@@ -191,12 +191,7 @@ impl Image {
     // ---- small helpers ------------------------------------------------------------
 
     pub(crate) fn io_err(&self, op: &'static str, offset: u64, source: std::io::Error) -> Error {
-        Error::Io {
-            file: self.name.clone(),
-            op,
-            offset,
-            source,
-        }
+        Error::io(self.name.clone(), op, offset, source)
     }
 
     pub(crate) fn corrupt(

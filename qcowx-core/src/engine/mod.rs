@@ -25,7 +25,7 @@ mod table;
 mod write;
 mod zero;
 
-pub use create::CreateOptions;
+pub use create::{CreateOptions, IfExists};
 pub use image::{Image, ImageInfo, OpenState, RootId, SnapshotInfo, DEFAULT_ROOT};
 pub use open::OpenOptions;
 pub use status::{Extent, ExtentStatus};

@@ -80,21 +80,7 @@ impl OpenOptions {
 }
 
 pub(crate) fn open_error(name: &str, e: crate::storage::OpenError) -> Error {
-    match e.lock_error() {
-        Some(_) => match e {
-            crate::storage::OpenError::Lock { source, .. } => Error::Locked {
-                file: name.to_string(),
-                source,
-            },
-            other => Error::InvalidArgument(other.to_string()),
-        },
-        None => Error::Io {
-            file: name.to_string(),
-            op: "open",
-            offset: 0,
-            source: e.into(),
-        },
-    }
+    Error::from_open(name, e)
 }
 
 impl Image {

@@ -167,19 +167,40 @@ impl FileStorage {
     /// The lock is taken before an existing file is truncated, so an image in use by
     /// another process is left untouched.
     pub fn create(path: impl AsRef<Path>, lock: LockMode) -> Result<FileStorage, OpenError> {
-        let path = path.as_ref();
+        let storage = FileStorage::create_keeping(path.as_ref(), lock)?;
+        Storage::set_len(&storage, 0).map_err(|source| OpenError::Io {
+            path: storage.path.clone(),
+            source,
+        })?;
+        Ok(storage)
+    }
+
+    /// Creates a new, empty image file like [`FileStorage::create`], but fails with
+    /// an [`OpenError::Io`] of kind [`io::ErrorKind::AlreadyExists`] if the file exists
+    /// (`O_EXCL`): an existing file is never touched.
+    pub fn create_new(path: impl AsRef<Path>, lock: LockMode) -> Result<FileStorage, OpenError> {
+        FileStorage::open_for_create(path.as_ref(), lock, true)
+    }
+
+    /// Opens `path` for writing, creating it if missing, and takes the lock; an existing
+    /// file keeps its bytes (the caller decides whether to replace them).
+    pub(crate) fn create_keeping(path: &Path, lock: LockMode) -> Result<FileStorage, OpenError> {
+        FileStorage::open_for_create(path, lock, false)
+    }
+
+    fn open_for_create(path: &Path, lock: LockMode, new: bool) -> Result<FileStorage, OpenError> {
         check_writable_mode(path, true, lock)?;
-        let io_err = |source| OpenError::Io {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if new {
+            options.create_new(true);
+        } else {
+            options.create(true).truncate(false);
+        }
+        let file = options.open(path).map_err(|source| OpenError::Io {
             path: path.to_path_buf(),
             source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io_err)?;
+        })?;
         let storage = FileStorage {
             file,
             path: path.to_path_buf(),
@@ -188,7 +209,6 @@ impl FileStorage {
             map: Mutex::new(None),
         };
         storage.take_lock()?;
-        Storage::set_len(&storage, 0).map_err(io_err)?;
         Ok(storage)
     }
 

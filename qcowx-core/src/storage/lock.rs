@@ -43,6 +43,8 @@ use std::ops::{BitAnd, BitOr, Not};
 
 use thiserror::Error;
 
+mod holders;
+
 /// Offset of the first "permission in use" byte (QEMU's `RAW_LOCK_PERM_BASE`).
 pub const PERM_LOCK_BASE: u64 = 100;
 /// Offset of the first "permission not shared" byte (QEMU's `RAW_LOCK_SHARED_BASE`).
@@ -262,22 +264,58 @@ impl LockMode {
     }
 }
 
+/// Who holds a conflicting image lock, as far as this process can tell.
+///
+/// Open-file-description locks record no owner; the holder is found by looking for
+/// descriptions of the same file that hold the conflicting byte in `/proc/*/fdinfo`
+/// (Linux; only processes this user may inspect are seen).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LockHolder {
+    /// Another handle in this process: the image (or its file) is open twice.
+    ThisProcess,
+    /// Another process.
+    Process {
+        /// Its process id.
+        pid: u32,
+        /// Its command name (`/proc/PID/comm`), empty when unreadable.
+        name: String,
+    },
+    /// Some other process that cannot be seen from here.
+    Unknown,
+}
+
+impl fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LockHolder::ThisProcess => f.write_str("another handle in this process"),
+            LockHolder::Process { pid, name } if name.is_empty() => write!(f, "process {pid}"),
+            LockHolder::Process { pid, name } => write!(f, "process {pid} ({name})"),
+            LockHolder::Unknown => f.write_str("another process"),
+        }
+    }
+}
+
 /// Why an image lock could not be taken.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum LockError {
     /// Another user holds a permission that the requested mode does not share.
-    #[error(
-        "image is locked: another process holds the \"{0}\" lock \
-         (is it in use by QEMU or qcowx-nbd?)"
-    )]
-    Held(Permission),
+    #[error("image is locked: {holder} holds the \"{permission}\" lock")]
+    Held {
+        /// The permission in conflict.
+        permission: Permission,
+        /// Who holds it.
+        holder: LockHolder,
+    },
     /// Another user does not share a permission that the requested mode needs.
-    #[error(
-        "image is locked: another process does not share the \"{0}\" lock \
-         (is it in use by QEMU or qcowx-nbd?)"
-    )]
-    NotShared(Permission),
+    #[error("image is locked: {holder} does not share the \"{permission}\" lock")]
+    NotShared {
+        /// The permission in conflict.
+        permission: Permission,
+        /// Who refuses to share it.
+        holder: LockHolder,
+    },
     /// A lock operation failed for a reason other than a conflict (for example, the
     /// file system or kernel does not support OFD locks).
     #[error("cannot {op} image lock byte {offset}: {source}")]
@@ -293,10 +331,43 @@ pub enum LockError {
 }
 
 impl LockError {
+    fn held(permission: Permission) -> LockError {
+        LockError::Held {
+            permission,
+            holder: LockHolder::Unknown,
+        }
+    }
+
+    fn not_shared(permission: Permission) -> LockError {
+        LockError::NotShared {
+            permission,
+            holder: LockHolder::Unknown,
+        }
+    }
+
     /// The permission in conflict, if this error is a conflict with another user.
     pub fn permission(&self) -> Option<Permission> {
         match self {
-            LockError::Held(p) | LockError::NotShared(p) => Some(*p),
+            LockError::Held { permission, .. } | LockError::NotShared { permission, .. } => {
+                Some(*permission)
+            }
+            LockError::Io { .. } => None,
+        }
+    }
+
+    /// Who holds the conflicting lock, if this error is a conflict.
+    pub fn holder(&self) -> Option<&LockHolder> {
+        match self {
+            LockError::Held { holder, .. } | LockError::NotShared { holder, .. } => Some(holder),
+            LockError::Io { .. } => None,
+        }
+    }
+
+    /// The byte whose holder caused the conflict.
+    fn conflict_byte(&self) -> Option<u64> {
+        match self {
+            LockError::Held { permission, .. } => Some(permission.perm_byte()),
+            LockError::NotShared { permission, .. } => Some(permission.shared_byte()),
             LockError::Io { .. } => None,
         }
     }
@@ -310,7 +381,7 @@ impl LockError {
 impl From<LockError> for io::Error {
     fn from(err: LockError) -> io::Error {
         let kind = match &err {
-            LockError::Held(_) | LockError::NotShared(_) => io::ErrorKind::ResourceBusy,
+            LockError::Held { .. } | LockError::NotShared { .. } => io::ErrorKind::ResourceBusy,
             LockError::Io { source, .. } => source.kind(),
         };
         io::Error::new(kind, err)
@@ -337,7 +408,7 @@ impl LockStatus {
 ///
 /// For [`LockMode::Shared`] and [`LockMode::Exclusive`] this takes the mode's bytes,
 /// then checks for conflicting users and fails with [`LockError::Held`] or
-/// [`LockError::NotShared`] if there are any. Bytes held from an earlier call that the
+/// [`LockError::NotShared`] (naming the holder when it can be found) if there are any. Bytes held from an earlier call that the
 /// new mode does not need are released on success. [`LockMode::None`] and
 /// [`LockMode::ForceShare`] check nothing and release any image-lock bytes held
 /// through `file`.
@@ -361,33 +432,45 @@ pub fn lock_file_with(
         return unlock_file(file);
     }
     let result = apply_and_check(file, held, unshared);
-    if result.is_err() {
-        // Best effort: the conflict (or the first failure) is the error to report.
-        let _ = unlock_file(file);
+    match result {
+        Ok(()) => Ok(()),
+        Err(mut e) => {
+            // Best effort: the conflict (or the first failure) is the error to report.
+            let _ = unlock_file(file);
+            // With our bytes gone, any description holding the byte is the holder.
+            if let (
+                Some(byte),
+                LockError::Held { holder, .. } | LockError::NotShared { holder, .. },
+            ) = (e.conflict_byte(), &mut e)
+            {
+                *holder = holders::find(file, byte);
+            }
+            Err(e)
+        }
     }
-    result
 }
 
 fn apply_and_check(file: &File, held: Permissions, unshared: Permissions) -> Result<(), LockError> {
     // Take our bytes first so that a racing opener sees them, as QEMU does.
     for perm in held.iter() {
-        sys::set_lock(file, perm.perm_byte(), sys::LockKind::Shared)
-            .map_err(|e| conflict_or_io(e, "take", perm.perm_byte(), LockError::NotShared(perm)))?;
+        sys::set_lock(file, perm.perm_byte(), sys::LockKind::Shared).map_err(|e| {
+            conflict_or_io(e, "take", perm.perm_byte(), LockError::not_shared(perm))
+        })?;
     }
     for perm in unshared.iter() {
         sys::set_lock(file, perm.shared_byte(), sys::LockKind::Shared)
-            .map_err(|e| conflict_or_io(e, "take", perm.shared_byte(), LockError::Held(perm)))?;
+            .map_err(|e| conflict_or_io(e, "take", perm.shared_byte(), LockError::held(perm)))?;
     }
     // Every permission we use must be shared by everybody else.
     for perm in held.iter() {
         if is_held_by_other(file, perm.shared_byte())? {
-            return Err(LockError::NotShared(perm));
+            return Err(LockError::not_shared(perm));
         }
     }
     // Nobody else may use a permission we do not share.
     for perm in unshared.iter() {
         if is_held_by_other(file, perm.perm_byte())? {
-            return Err(LockError::Held(perm));
+            return Err(LockError::held(perm));
         }
     }
     // Drop bytes left over from an earlier mode.
@@ -604,7 +687,20 @@ mod tests {
         assert_eq!(held_by_others(&a).unwrap(), LockStatus::default());
 
         let err = lock_file(&b, LockMode::Shared).unwrap_err();
-        assert!(matches!(err, LockError::Held(Permission::Write)), "{err}");
+        assert!(
+            matches!(
+                err,
+                LockError::Held {
+                    permission: Permission::Write,
+                    holder: LockHolder::ThisProcess
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("another handle in this process"),
+            "{err}"
+        );
         lock_file(&b, LockMode::ForceShare).unwrap();
         lock_file(&b, LockMode::None).unwrap();
 

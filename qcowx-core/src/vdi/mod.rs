@@ -17,8 +17,10 @@ pub mod gc;
 pub mod kept_hosts;
 mod reconcile;
 pub mod rename;
+mod stdio;
 pub mod usage;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::engine::{Extent, Image, RootId, State, Target, ZeroMode, DEFAULT_ROOT};
@@ -29,6 +31,7 @@ pub use crate::format::roots::{
     ROOT_EXTRA_BYTES, ROOT_EXTRA_MAGIC, ROOT_EXTRA_VERSION, VDI_NAME_PREFIX,
 };
 use crate::format::snapshot::SnapshotEntry;
+pub use stdio::{DiskCursor, DiskReader};
 
 /// A fresh random root id (never 0).
 pub(crate) fn new_uid() -> u64 {
@@ -108,13 +111,28 @@ pub struct RootInfo {
 ///
 /// It shares the image (`Arc<Image>`); many handles can be used at once from many
 /// threads. A handle to a deleted root fails with an error; a handle to a VDI follows
-/// a revert to the VDI's new head.
-#[derive(Debug, Clone)]
+/// a revert to the VDI's new head. [`Disk::cursor`] and [`Disk::reader`] make it a
+/// `std::io` reader and writer.
+#[derive(Debug)]
 pub struct Disk {
     image: Arc<Image>,
     root: RootId,
     name: String,
     writable: bool,
+    /// The root's size when last read, for [`Disk::size`] once the root is gone.
+    last_size: AtomicU64,
+}
+
+impl Clone for Disk {
+    fn clone(&self) -> Disk {
+        Disk {
+            image: Arc::clone(&self.image),
+            root: self.root,
+            name: self.name.clone(),
+            writable: self.writable,
+            last_size: AtomicU64::new(self.last_size.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 impl Disk {
@@ -130,9 +148,17 @@ impl Disk {
     pub fn is_writable(&self) -> bool {
         self.writable
     }
-    /// Virtual disk size in bytes.
-    pub fn size(&self) -> Result<u64> {
-        self.image.root_size(self.root)
+    /// Virtual disk size in bytes, like [`Image::size`]. A handle whose root was
+    /// deleted (or whose image was closed) reports the size it last saw; its I/O
+    /// fails.
+    pub fn size(&self) -> u64 {
+        match self.image.root_size(self.root) {
+            Ok(size) => {
+                self.last_size.store(size, Ordering::Relaxed);
+                size
+            }
+            Err(_) => self.last_size.load(Ordering::Relaxed),
+        }
     }
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -344,10 +370,11 @@ impl Image {
     }
 
     pub(crate) fn exists(&self, name: &str) -> Error {
-        Error::InvalidArgument(format!(
-            "{}: a snapshot or VDI named '{name}' already exists",
-            self.name
-        ))
+        Error::AlreadyExists {
+            file: self.name.clone(),
+            what: "snapshot or VDI".into(),
+            name: name.to_string(),
+        }
     }
 
     /// Creates VDI `new_vdi` whose first state is snapshot `snapshot`. Cost: one L1 copy.
@@ -618,12 +645,14 @@ impl Image {
         let mut st = self.lock_state()?;
         let t = self.find_root(&st, name)?;
         let id = self.load_root(&mut st, t)?;
-        let writable = self.root(&st, id)?.writable;
+        let root = self.root(&st, id)?;
+        let (writable, size) = (root.writable, root.size);
         Ok(Disk {
             image: Arc::clone(self),
             root: id,
             name: name.to_string(),
             writable,
+            last_size: AtomicU64::new(size),
         })
     }
 
