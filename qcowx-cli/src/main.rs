@@ -87,6 +87,9 @@ enum Command {
     Resize(ResizeArgs),
     /// Rename a snapshot or a VDI.
     Rename(RenameArgs),
+    /// Change an image's options (like `qemu-img amend`): `-o refcount_bits=N` widens
+    /// or narrows the refcounts.
+    Amend(AmendArgs),
     /// Compare the contents of two images, qcow2 or raw (like `qemu-img compare`).
     Compare(CompareArgs),
     /// Convert between raw and qcow2, optionally compressed (like `qemu-img convert`).
@@ -126,6 +129,7 @@ impl Command {
                 | Command::Io(_)
                 | Command::Resize(_)
                 | Command::Rename(_)
+                | Command::Amend(_)
         )
     }
 
@@ -410,6 +414,16 @@ struct MapArgs {
 }
 
 #[derive(Debug, Args)]
+struct AmendArgs {
+    /// Options, comma-separated: `refcount_bits=N` (1, 2, 4, 8, 16, 32 or 64).
+    #[arg(short = 'o', value_name = "OPTIONS", required = true)]
+    options: String,
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+#[derive(Debug, Args)]
 struct ResizeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputKind::Human)]
@@ -560,6 +574,7 @@ fn main() -> ExitCode {
         Command::Map(a) => roots::map(&a, quiet, out),
         Command::Resize(a) => image::resize(&a, quiet, out),
         Command::Rename(a) => roots::rename(&a),
+        Command::Amend(a) => image::amend(&a),
         Command::Compare(a) => image::compare(&a, quiet, out),
         Command::Convert(a) => image::convert(&a, quiet),
         Command::Completions(a) => docs::completions(&a, out),

@@ -137,7 +137,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     /// A reference count does not fit the image's refcount width.
-    #[error("{file}: cluster at offset {offset} has {count} references, more than {bits}-bit refcounts hold")]
+    #[error("{file}: cluster at offset {offset:#x} would have {count} references, more than {bits}-bit refcounts hold")]
     RefcountOverflow {
         /// The image file.
         file: String,

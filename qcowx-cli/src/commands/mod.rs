@@ -111,6 +111,13 @@ pub(crate) fn hints(
                 .to_string(),
         );
     }
+    if let Failure::Image(qcowx_core::Error::RefcountOverflow { file, bits, .. }) = f {
+        let wider = (bits * 2).clamp(16, 64);
+        v.push(format!(
+            "`qcowx amend -o refcount_bits={wider} {file}` widens the refcounts \
+             (nothing was changed)"
+        ));
+    }
     if let Some(file) = names_roots {
         // A name that is not there (not a file that is not there), or one already taken.
         let unknown_name = kind == Some(ErrorKind::NotFound) && f.os_error().is_none();

@@ -188,11 +188,7 @@ impl Blocks {
         Ok(Blocks {
             order,
             per_block: (cs * 8) >> order,
-            max: if order == 6 {
-                u64::MAX
-            } else {
-                (1u64 << (1 << order)) - 1
-            },
+            max: super::max_refcount(order),
             table,
             table_dirty: false,
             file_len,

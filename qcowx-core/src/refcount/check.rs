@@ -22,7 +22,7 @@ pub(super) struct DiskRefcounts {
 }
 
 impl DiskRefcounts {
-    fn new(img: &Image, st: &State, file_clusters: u64) -> Result<DiskRefcounts> {
+    pub(super) fn new(img: &Image, st: &State, file_clusters: u64) -> Result<DiskRefcounts> {
         let cs = img.geo.cluster_size();
         Ok(DiskRefcounts {
             table: read_reftable(img, &st.header)?,

@@ -123,11 +123,7 @@ pub(crate) fn rebuild_with(
             ),
         ));
     }
-    let max = if order == 6 {
-        u64::MAX
-    } else {
-        (1u64 << (1 << order)) - 1
-    };
+    let max = super::max_refcount(order);
     if let Some((i, &c)) = counts.iter().enumerate().find(|(_, &c)| c > max) {
         return Err(Error::RefcountOverflow {
             file: img.name.clone(),

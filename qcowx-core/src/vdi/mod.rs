@@ -307,11 +307,12 @@ impl Image {
             // Links in memory must be durable before a copy of them is.
             self.flush_metadata(st)?;
             self.promote_pending(st)?;
-            self.mark_stale(st)?;
             let (l1, size) = {
                 let r = self.root(st, id)?;
                 (r.l1.clone(), r.size)
             };
+            crate::refcount::check_room_for_root(self, st, &l1)?;
+            self.mark_stale(st)?;
             let at = self.write_read_only_copy(st, &l1)?;
             // The VDI's own links become read-only before the snapshot counts: a crash
             // after this write but before the commit only costs copies later.
@@ -383,6 +384,7 @@ impl Image {
             let i = self.find_snapshot(st, snapshot)?;
             let loc = Image::l1_loc(st, Target::Entry(i));
             let l1 = self.head_l1(loc)?;
+            crate::refcount::check_room_for_root(self, st, &l1)?;
             self.mark_stale(st)?;
             let at = self.write_read_only_copy(st, &l1)?;
             let uid = new_uid();
@@ -496,6 +498,7 @@ impl Image {
             let target = self.find_vdi(st, vdi)?;
             let loc = Image::l1_loc(st, Target::Entry(s));
             let l1 = self.head_l1(loc)?;
+            crate::refcount::check_room_for_root(self, st, &l1)?;
             self.flush_metadata(st)?;
             self.promote_pending(st)?;
             self.mark_stale(st)?;

@@ -1,0 +1,123 @@
+//! Room in the refcounts: operations that add a root are refused before they write
+//! anything when a count would not fit the image's refcount width, and the width can
+//! be changed (as `qemu-img amend -o refcount_bits=` changes it).
+
+use std::collections::HashMap;
+
+use crate::engine::{host_range, Image, State};
+use crate::error::{Error, Result};
+use crate::format::tables::{decode_words, L1Entry, L2Entry};
+
+use super::apply::write_refcounts;
+use super::check::DiskRefcounts;
+use super::rebuild::rebuild;
+
+/// The largest count a refcount of `order` holds.
+pub(crate) fn max_refcount(order: u32) -> u64 {
+    if order >= 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1 << order)) - 1
+    }
+}
+
+/// Refuses, before anything is written, a new root that links what `l1` links when a
+/// cluster it reaches would then have more references than the refcounts hold.
+///
+/// Cheap in the common case: a root reaches a cluster at most once, except a host
+/// cluster of compressed data (one reference per compressed cluster in it), so with
+/// few enough roots no count can overflow and nothing is read. Otherwise the
+/// session's changes are written out first and the tree's clusters are looked up.
+pub(crate) fn check_room_for_root(img: &Image, st: &mut State, l1: &[u64]) -> Result<()> {
+    let order = st.header.refcount_order;
+    let max = max_refcount(order);
+    let geo = img.geo;
+    let cs = geo.cluster_size();
+    let roots_after = st.snapshots.len() as u64 + 2;
+    if roots_after.saturating_mul((cs / 512).max(1)) <= max {
+        return Ok(());
+    }
+    img.flush_metadata(st)?;
+    if st.stale {
+        write_refcounts(img, st)?;
+    }
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let file_clusters = file_len.div_ceil(cs);
+    let mut disk = DiskRefcounts::new(img, st, file_clusters)?;
+    let overflow = |offset: u64, count: u64| Error::RefcountOverflow {
+        file: img.name.clone(),
+        offset,
+        count,
+        bits: 1 << order,
+    };
+    let mut raw = vec![0u8; cs as usize];
+    // Clusters this tree reaches more than once (compressed data shares clusters).
+    let mut seen: HashMap<u64, u64> = HashMap::new();
+    for &w in l1 {
+        let e = L1Entry(w);
+        let Some(off) = e.l2_offset().filter(|_| !e.is_malformed(&geo)) else {
+            continue;
+        };
+        let c = off >> geo.cluster_bits;
+        let now = disk.get(img, c)?;
+        if now >= max {
+            return Err(overflow(off, now.saturating_add(1)));
+        }
+        if off + cs > file_len {
+            continue;
+        }
+        img.storage
+            .read_at(&mut raw, off)
+            .map_err(|e| img.io_err("read L2 table", off, e))?;
+        let words = decode_words(&raw);
+        for j in 0..geo.l2_entries() as usize {
+            let Ok(kind) = L2Entry::get(&words, j, &geo).kind(&geo) else {
+                continue;
+            };
+            let Some((h, len)) = host_range(&geo, kind) else {
+                continue;
+            };
+            for hc in h >> geo.cluster_bits..=(h + len - 1) >> geo.cluster_bits {
+                let times = seen.entry(hc).or_insert(0);
+                *times += 1;
+                let now = disk.get(img, hc)?;
+                if now.saturating_add(*times) > max {
+                    return Err(overflow(hc * cs, now.saturating_add(*times)));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Image {
+    /// Changes the width of the refcounts to `bits` (1, 2, 4, 8, 16, 32 or 64), as
+    /// `qemu-img amend -o refcount_bits=` does: every refcount is rewritten, from a
+    /// scan, into new refcount structures, and one header write switches to them.
+    /// Refused, with nothing changed, when a count does not fit the new width.
+    pub fn set_refcount_bits(&self, bits: u32) -> Result<()> {
+        if !bits.is_power_of_two() || bits > 64 {
+            return Err(Error::InvalidArgument(format!(
+                "refcount width {bits} is not one of 1, 2, 4, 8, 16, 32, 64"
+            )));
+        }
+        self.check_writable()?;
+        let _structure = self.lock_structure();
+        let mut st = self.lock_state()?;
+        let order = bits.trailing_zeros();
+        if st.header.refcount_order == order {
+            return Ok(());
+        }
+        self.flush_locked(&mut st)?;
+        self.mark_stale(&mut st)?;
+        let old = st.header.refcount_order;
+        st.header.refcount_order = order;
+        let r = rebuild(self, &mut st);
+        if r.is_err() {
+            // The header on disk still names the old structures and width.
+            st.header.refcount_order = old;
+            st.deltas.lose_exactness();
+        }
+        r.map(|_| ())
+    }
+}
