@@ -1,7 +1,9 @@
 //! Crash consistency: run random workloads on a storage layer that records writes and
 //! syncs, cut the history at every point (dropping, tearing and reordering unsynced
 //! writes), and check that each crash image opens, reads every write that was
-//! acknowledged before a completed flush, and repairs to a clean check.
+//! acknowledged before a completed flush, and repairs to a clean check. Workloads with
+//! snapshots and refcount checkpoints cut across the refcount writes too: a cut there
+//! must open (recovered from a scan if dirty) as well as any other.
 
 use std::sync::Arc;
 
@@ -12,10 +14,24 @@ use qcowx_tests::Rng;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { offset: u64, len: u64, seed: u8 },
-    Zero { offset: u64, len: u64, unmap: bool },
-    Discard { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: u64,
+        seed: u8,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
     Flush,
+    /// `Image::checkpoint`: exact refcounts written, dirty bit cleared, image open.
+    Checkpoint,
+    Snapshot,
 }
 
 fn pattern(seed: u8, offset: u64, len: u64) -> Vec<u8> {
@@ -38,9 +54,16 @@ struct Change {
     data: Vec<u8>,
 }
 
-fn random_ops(rng: &mut Rng, size: u64, cs: u64, n: usize) -> Vec<Op> {
+fn random_ops(rng: &mut Rng, size: u64, cs: u64, n: usize, structural: bool) -> Vec<Op> {
     (0..n)
         .map(|_| {
+            if structural {
+                match rng.below(12) {
+                    0 => return Op::Checkpoint,
+                    1 => return Op::Snapshot,
+                    _ => {}
+                }
+            }
             let offset = rng.below(size / 512) * 512;
             let len = (1 + rng.below((3 * cs / 512).max(1))) * 512;
             let len = len.min(size - offset);
@@ -62,7 +85,7 @@ fn random_ops(rng: &mut Rng, size: u64, cs: u64, n: usize) -> Vec<Op> {
         .collect()
 }
 
-fn run_workload(cs: u64, extended: bool, seed: u64) {
+fn run_workload(cs: u64, extended: bool, seed: u64, structural: bool) {
     let size = 256 * 1024;
     let storage = Arc::new(CrashStorage::new());
     let mut opts = CreateOptions::new(size);
@@ -81,7 +104,8 @@ fn run_workload(cs: u64, extended: bool, seed: u64) {
         model: model.clone(),
     }];
     let mut changes: Vec<Change> = Vec::new();
-    for op in random_ops(&mut rng, size, cs, 40) {
+    let mut snapshots = 0;
+    for op in random_ops(&mut rng, size, cs, 40, structural) {
         let started = storage.cut_points();
         match op {
             Op::Write { offset, len, seed } => {
@@ -125,6 +149,17 @@ fn run_workload(cs: u64, extended: bool, seed: u64) {
                     model: model.clone(),
                 });
             }
+            Op::Checkpoint => {
+                img.checkpoint().unwrap();
+                durable.push(Durable {
+                    at: storage.cut_points(),
+                    model: model.clone(),
+                });
+            }
+            Op::Snapshot => {
+                snapshots += 1;
+                img.snapshot("default", &format!("s{snapshots}")).unwrap();
+            }
         }
     }
     drop(img); // clean close is part of the history too
@@ -134,8 +169,8 @@ fn run_workload(cs: u64, extended: bool, seed: u64) {
     });
 
     let cuts = storage.cut_points();
-    let step = (cuts / 80).max(1);
-    for cut in (0..=cuts).step_by(step) {
+    let step = (cuts / if structural { 160 } else { 80 }).max(1);
+    for (n, cut) in (0..=cuts).step_by(step).enumerate() {
         let Some(last) = durable.iter().rev().find(|d| d.at <= cut) else {
             continue; // before the image was created and synced
         };
@@ -148,6 +183,8 @@ fn run_workload(cs: u64, extended: bool, seed: u64) {
                 cut,
                 size,
                 &format!("cs={cs} ext={extended} seed={seed} cut={cut}/{cuts} s={s}"),
+                // QEMU's check on some of them (it costs a process each).
+                structural && n % 16 == 0 && s == 0,
             );
         }
     }
@@ -160,6 +197,7 @@ fn verify_crash_image(
     cut: usize,
     size: u64,
     what: &str,
+    qemu: bool,
 ) {
     let mem = Arc::new(MemStorage::from_vec(bytes));
     let img = Image::from_storage(
@@ -198,31 +236,44 @@ fn verify_crash_image(
     assert_eq!(report.leaks, 0, "{what}: {:?}", report.messages);
     img.close().unwrap();
     drop(img);
-    let img = Image::from_storage(mem as Arc<dyn Storage>, &OpenOptions::new()).unwrap();
+    let img = Image::from_storage(mem.clone() as Arc<dyn Storage>, &OpenOptions::new()).unwrap();
     let mut again = vec![0u8; size as usize];
     img.read_at(&mut again, 0).unwrap();
     assert_eq!(again, content, "{what}: content changed by repair");
     let report = img.check().unwrap();
     assert_eq!(report.exit_code(), 0, "{what}: {:?}", report.messages);
+    drop(img);
+    if qemu {
+        qcowx_tests::assert_qemu_check_clean_bytes(&mem.to_vec(), what);
+    }
 }
 
 #[test]
 fn crash_cuts_4k_clusters() {
     for seed in 1..=4 {
-        run_workload(4096, false, seed);
+        run_workload(4096, false, seed, false);
     }
 }
 
 #[test]
 fn crash_cuts_512_byte_clusters() {
     for seed in 11..=13 {
-        run_workload(512, false, seed);
+        run_workload(512, false, seed, false);
     }
 }
 
 #[test]
 fn crash_cuts_extended_l2() {
     for seed in 21..=23 {
-        run_workload(16384, true, seed);
+        run_workload(16384, true, seed, false);
+    }
+}
+
+/// About 2,000 cuts across snapshots, refcount checkpoints and clean closes.
+#[test]
+fn crash_cuts_across_checkpoints_and_snapshots() {
+    for seed in 31..=36 {
+        let cs = if seed % 2 == 0 { 4096 } else { 512 };
+        run_workload(cs, false, seed, true);
     }
 }
