@@ -1992,3 +1992,38 @@ fn the_cli_forwards_to_the_server_of_a_locked_image() {
         describe(&out)
     );
 }
+
+/// A server killed after a refcount checkpoint leaves an image that is clean on disk
+/// (the checkpoint wrote exact refcounts and cleared the dirty bit); restarted on an
+/// image killed before any checkpoint, the server says it recovered it.
+#[test]
+fn checkpoints_keep_a_killed_servers_image_clean_and_recovery_is_reported() {
+    require_qemu_tools();
+    let dir = tempdir();
+    let img = dir.path().join("a.qcow2");
+    new_image(&img, 64 << 20);
+
+    // No checkpoint before the kill: the image is dirty, and the restart says so.
+    let server = QcowxNbd::in_dir(dir.path(), &img, &["-t", "--checkpoint-interval", "3600"]);
+    qemu_io_nbd(&server.uri("default"), &["write -P 0x31 0 1M", "flush"]);
+    server.kill9();
+    let info = qemu_info(&img, true);
+    assert_eq!(info["dirty-flag"], true, "no checkpoint ran: {info:#}");
+    let server = QcowxNbd::in_dir(dir.path(), &img, &["-t", "--checkpoint-interval", "1"]);
+    assert!(
+        server.stderr().contains("was not closed cleanly"),
+        "the restart reports the unclean shutdown: {}",
+        server.stderr()
+    );
+    qemu_io_nbd(&server.uri("default"), &["read -P 0x31 0 1M"]);
+
+    // With checkpoints every second: after a write and a checkpoint, a kill leaves a
+    // clean image that QEMU checks clean.
+    qemu_io_nbd(&server.uri("default"), &["write -P 0x32 8M 1M", "flush"]);
+    wait_for("a checkpoint to clear the dirty bit", || {
+        qemu_info(&img, true)["dirty-flag"] == false
+    });
+    server.kill9();
+    assert_qemu_check_clean(&img);
+    qemu_io_ok("qcow2", &img, &["read -P 0x31 0 1M", "read -P 0x32 8M 1M"]);
+}

@@ -231,7 +231,7 @@ pub fn check_json(filename: &str, r: &CheckReport, fixed: Option<&Fixed>) -> Val
         ("allocated-clusters", r.allocated_clusters),
         ("fragmented-clusters", r.fragmented_clusters),
         ("compressed-clusters", r.compressed_clusters),
-        ("refcount-mismatches", r.refcount_mismatches),
+        ("stale-corruptions", r.stale_corruptions),
     ] {
         if v != 0 {
             m.insert(key.into(), json!(v));
@@ -276,13 +276,19 @@ pub fn check_human(out: &mut dyn Write, r: &CheckReport, fixed: Option<&Fixed>) 
                 r.check_errors
             )?;
         }
-        if r.dirty && r.refcount_mismatches > 0 {
+        if r.stale_corruptions > 0 {
+            let why = if r.dirty {
+                "The image was not closed cleanly (dirty bit set): "
+            } else {
+                ""
+            };
             writeln!(
                 out,
-                "\nThe image was not closed cleanly (dirty bit set): {} of these are stale \
-                 refcounts, which a repair rebuilds (`qcowx check --repair`, or opening the \
-                 image for writing).",
-                r.refcount_mismatches
+                "\n{why}{} of the errors are stale refcounts, which a repair rebuilds \
+                 (`qcowx check --repair`, or opening the image for writing); {} damage the \
+                 structure.",
+                r.stale_corruptions,
+                r.corruptions - r.stale_corruptions
             )?;
         }
     }

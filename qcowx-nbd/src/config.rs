@@ -139,11 +139,18 @@ pub struct Settings {
     /// How long a control connection may stay silent before it is closed and its
     /// slot given back ([`crate::control::IDLE_TIMEOUT`]).
     pub control_idle_timeout: Duration,
+    /// How often a serving image's refcounts are made exact on disk and its dirty bit
+    /// cleared ([`qcowx_core::Image::checkpoint`]), when anything changed: what a
+    /// crash in between costs is a scan at the next open, never data.
+    pub checkpoint_interval: Duration,
     /// Log connection events and client errors to stderr.
     pub verbose: bool,
     /// STARTTLS settings (`None`: TLS off, `STARTTLS` gets `NBD_REP_ERR_UNSUP`).
     pub tls: Option<Tls>,
 }
+
+/// The default [`Settings::checkpoint_interval`].
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Default for Settings {
     fn default() -> Settings {
@@ -160,6 +167,7 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: DRAIN_TIMEOUT,
             control_idle_timeout: crate::control::IDLE_TIMEOUT,
+            checkpoint_interval: CHECKPOINT_INTERVAL,
             verbose: false,
             tls: None,
         }

@@ -153,6 +153,16 @@ struct Args {
     #[arg(long = "handshake-timeout", value_name = "SECS", default_value_t = 10)]
     handshake_timeout: u64,
 
+    /// Seconds between refcount checkpoints of a written image: each makes its
+    /// refcounts exact on disk and clears its dirty bit, so that after a crash the
+    /// next open rebuilds (scans) only if something changed since the last one.
+    #[arg(
+        long = "checkpoint-interval",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
+    checkpoint_interval: u64,
+
     /// Advertised minimum block size (power of two, at most the cluster size):
     /// requests not aligned to it fail with EINVAL.
     #[arg(long = "min-block-size", value_name = "BYTES", default_value_t = 1)]
@@ -243,10 +253,14 @@ fn open_image(args: &Args) -> Result<Image, String> {
                 .map_err(|e| format!("cannot close {}: {e}", path.display()))?;
         }
     }
-    OpenOptions::new()
+    let img = OpenOptions::new()
         .write(!read_only)
         .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    if let Some(what) = img.open_state().describe() {
+        eprintln!("qcowx-nbd: {} {what}", path.display());
+    }
+    Ok(img)
 }
 
 /// The root `-l` names: a snapshot name or ID, optionally as `snapshot.name=` /
@@ -509,6 +523,7 @@ fn run(args: Args) -> Result<(), String> {
         },
         workers: args.workers,
         handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+        checkpoint_interval: Duration::from_secs(args.checkpoint_interval.max(1)),
         verbose: args.verbose,
         tls,
         ..Settings::default()

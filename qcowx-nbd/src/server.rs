@@ -273,6 +273,11 @@ impl Server {
         let shutting_down = Arc::new(AtomicBool::new(false));
         let clients = Arc::new(Clients::default());
         let control_state = Arc::new(ControlState::default());
+        let checkpointer = spawn_checkpointer(
+            Arc::clone(self.exports.image()),
+            settings.checkpoint_interval,
+            Arc::clone(&shutting_down),
+        );
         let max = self.config.max_clients;
         let mut had_client = false;
         let mut next_id = 0u64;
@@ -392,6 +397,7 @@ impl Server {
         // A control request already running (a gc, say) finishes first; later ones
         // are refused.
         control_state.shut_down(drain);
+        let _ = checkpointer.join();
         let image = self.exports.image();
         image.flush().and_then(|_| image.close())?;
         Ok(())
@@ -459,4 +465,29 @@ fn client_done(clients: &Clients, id: u64, handle: &ShutdownHandle) {
     clients.cv.notify_all();
     drop(c);
     handle.notify();
+}
+
+/// Checkpoints `image` every `interval` until `stop` is set (a long-running server
+/// keeps its image's refcounts exact on disk, so a crash costs a scan at most since
+/// the last checkpoint, never hours of changes).
+fn spawn_checkpointer(
+    image: Arc<qcowx_core::Image>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let tick = Duration::from_millis(100).min(interval);
+        let mut waited = Duration::ZERO;
+        while !stop.load(Ordering::SeqCst) {
+            thread::sleep(tick);
+            waited += tick;
+            if waited < interval {
+                continue;
+            }
+            waited = Duration::ZERO;
+            if let Err(e) = image.checkpoint() {
+                eprintln!("qcowx-nbd: refcount checkpoint failed (retried later): {e}");
+            }
+        }
+    })
 }

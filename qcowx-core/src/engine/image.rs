@@ -90,6 +90,23 @@ pub enum OpenState {
     Recovered,
 }
 
+impl OpenState {
+    /// What a program serving the image should tell its operator, if anything.
+    pub fn describe(self) -> Option<&'static str> {
+        match self {
+            OpenState::Recovered => Some(
+                "was not closed cleanly (dirty bit set): refcounts rebuilt from a scan of \
+                 its metadata; every write flushed before the shutdown is kept",
+            ),
+            OpenState::Reconciled => Some(
+                "was last written by another program: its metadata was scanned once \
+                 (the next open after a clean close needs no scan)",
+            ),
+            OpenState::Clean | OpenState::ReadOnly => None,
+        }
+    }
+}
+
 /// Identifies a root (an L1 table) of the image. [`DEFAULT_ROOT`] is the default
 /// VDI, QCOW2's active layer; other roots are snapshot table entries.
 pub type RootId = u64;

@@ -62,7 +62,7 @@ impl DiskRefcounts {
 
 /// Compares the on-disk refcounts with a reachability scan, as `qemu-img check`
 /// does — on a dirty image too, where the differences are stale counts that a repair
-/// rebuilds (counted in [`CheckReport::refcount_mismatches`] as well).
+/// rebuilds (counted in [`CheckReport::stale_corruptions`] as well).
 pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
     let mut s = scan(img, st, true)?;
     for msg in Image::registry_problems(st) {
@@ -81,10 +81,8 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
         if refs > 0 || refcount > 0 {
             end = c + 1;
         }
-        if refcount != refs {
-            s.report.refcount_mismatches += 1;
-        }
         if refcount < refs {
+            s.report.stale_corruptions += 1;
             s.report.problem(
                 true,
                 format!(
@@ -201,6 +199,9 @@ pub(super) fn check_head(
         if let Some(disk) = qemu_rules.as_deref_mut() {
             let refcount = disk.get(img, off >> geo.cluster_bits)?;
             if e.writable() != (refcount == 1) {
+                if refcount != refs {
+                    s.report.stale_corruptions += 1;
+                }
                 s.report.problem(
                     true,
                     format!(
@@ -238,6 +239,9 @@ pub(super) fn check_head(
             if let Some(disk) = qemu_rules.as_deref_mut() {
                 let refcount = disk.get(img, host >> geo.cluster_bits)?;
                 if entry.writable() != (refcount == 1) {
+                    if refcount != refs {
+                        s.report.stale_corruptions += 1;
+                    }
                     s.report.problem(
                         true,
                         format!(

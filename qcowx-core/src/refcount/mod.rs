@@ -49,10 +49,12 @@ pub struct CheckReport {
     /// The dirty bit was set when checked: the image was not closed cleanly, and its
     /// refcounts may be stale.
     pub dirty: bool,
-    /// Refcounts on disk that differ from the references (each also counted among
-    /// `corruptions` or `leaks`): what a repair rebuilds, as opposed to damage to the
-    /// structure. On a dirty image these are expected.
-    pub refcount_mismatches: u64,
+    /// Of `corruptions`, those that are stale refcounts: a refcount lower than the
+    /// references, or bit 63 judged on a refcount that differs from the references.
+    /// A refcount rebuild (repair, or a writable open of a dirty image) fixes them;
+    /// the rest of `corruptions` is damage to the structure. Expected on a dirty
+    /// image.
+    pub stale_corruptions: u64,
     /// The report follows a repair.
     pub repaired: bool,
 }
@@ -130,11 +132,11 @@ impl Image {
         }
         let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
-        self.flush_locked(&mut st)?;
-        if st.stale {
-            write_refcounts(self, &mut st)?;
+        if !st.stale {
+            return Ok(());
         }
-        Ok(())
+        self.flush_locked(&mut st)?;
+        write_refcounts(self, &mut st)
     }
 
     /// Why the last refcount write (at a close or checkpoint) rebuilt every refcount
