@@ -1853,6 +1853,22 @@ fn every_commands_json_matches_the_documented_schema() {
     run_json("check", &["check", "--output=json", "-r", "leak.qcow2"], 0);
     run_json("check", &["check", "--output=json", "bad.qcow2"], 2);
     run_json("check", &["check", "--output=json", "-r", "bad.qcow2"], 0);
+    // A dirty image QEMU left behind (lazy refcounts, a crash): stale refcounts.
+    qemu_ok(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "dirty.qcow2",
+            "4M",
+        ],
+    );
+    let crashed = qemu_io_crash(d, "dirty.qcow2");
+    assert!(!crashed.status.success(), "qemu-io abort ends the process");
+    run_json("check", &["check", "--output=json", "dirty.qcow2"], 2);
     qemu_ok(d, &["create", "-f", "qcow2", "frag.qcow2", "1M"]);
     qemu_io(
         d,
@@ -1947,4 +1963,13 @@ fn every_commands_json_matches_the_documented_schema() {
     let v2 = &outputs[1].1;
     assert_eq!(v2["format-specific"]["data"]["compat"], "0.10");
     assert!(v2["format-specific"]["data"].get("extended-l2").is_none());
+}
+
+/// `qemu-io -c 'write 0 64k' -c abort FILE`: QEMU writes, then dies as in a crash.
+fn qemu_io_crash(dir: &Path, file: &str) -> std::process::Output {
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 9 0 64k", "-c", "abort", file],
+        dir,
+    )
 }

@@ -60,7 +60,7 @@ fn snapshot_fork_revert_delete_round_trip() {
     assert_eq!(names, ["default", "s1", "web", "web-s1"]);
     assert!(matches!(
         img.snapshot("default", "s1"),
-        Err(Error::InvalidArgument(_))
+        Err(Error::AlreadyExists { .. })
     ));
     assert!(matches!(
         img.delete_snapshot("nope"),

@@ -63,7 +63,7 @@ enum NameChoice {
     Fresh,
     /// The name of a root that was deleted (names can be reused).
     Reused(usize),
-    /// A name a live root has (must fail with `InvalidArgument`).
+    /// A name a live root has (must fail with `AlreadyExists`).
     Taken(usize),
     /// A malformed name (must fail with `InvalidArgument`).
     Malformed(usize),
@@ -386,6 +386,11 @@ fn invalid(e: &Error) -> bool {
     matches!(e, Error::InvalidArgument(_))
 }
 
+/// A malformed name (`InvalidArgument`) or one a live root has (`AlreadyExists`).
+fn refused_name(e: &Error) -> bool {
+    matches!(e, Error::InvalidArgument(_) | Error::AlreadyExists { .. })
+}
+
 /// Runs one operation on the image and the model. Returns a description.
 fn apply(sut: &mut Sut, m: &mut Model, op: &Op, log: &mut String) {
     let cs = m.cluster_size;
@@ -433,7 +438,7 @@ fn apply(sut: &mut Sut, m: &mut Model, op: &Op, log: &mut String) {
             let _ = writeln!(log, "snapshot {v} {n:?} (must fail: {bad})");
             let r = sut.img.snapshot(&v, &n);
             if bad {
-                expect_err(&format!("snapshot({v}, {n:?})"), r, invalid);
+                expect_err(&format!("snapshot({v}, {n:?})"), r, refused_name);
                 return;
             }
             let info = r.unwrap_or_else(|e| panic!("snapshot({v}, {n}): {}", err_text(&e)));
@@ -466,7 +471,7 @@ fn apply(sut: &mut Sut, m: &mut Model, op: &Op, log: &mut String) {
             let _ = writeln!(log, "fork {s} -> {n:?} (must fail: {bad})");
             let r = sut.img.fork(&s, &n);
             if bad {
-                expect_err(&format!("fork({s}, {n:?})"), r, invalid);
+                expect_err(&format!("fork({s}, {n:?})"), r, refused_name);
                 return;
             }
             let info = r.unwrap_or_else(|e| panic!("fork({s}, {n}): {}", err_text(&e)));

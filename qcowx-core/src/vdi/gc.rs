@@ -28,7 +28,7 @@ use crate::engine::{Image, State};
 use crate::error::Result;
 use crate::format::roots::{extra_with_record, RootKind};
 use crate::format::snapshot::SnapshotEntry;
-use crate::refcount::{self, Scan, ScanInput, Source};
+use crate::refcount::{self, ScanInput, Source};
 
 /// What a collection did. With the `control` feature it is also the JSON of a gc
 /// report (kebab-case keys), in the control protocol and `qcowx gc --output=json`.
@@ -147,6 +147,11 @@ impl Image {
         let gate = self.io_gate_write();
         let st = &mut *st;
         let exact = st.generation() == start.generation;
+        // What the removed roots referenced and no live root does: freed, even where
+        // the rebuild below puts new refcount structures.
+        let freed = (1..dead.clusters())
+            .filter(|&c| dead.count(c) > 0 && (c >= live.clusters() || live.count(c) == 0))
+            .count() as u64;
         let free: Vec<u64> = if exact {
             // Nothing changed since the count: it is exact now.
             let after = refcount::rebuild_with(self, st, live, &gate)?;
@@ -163,7 +168,6 @@ impl Image {
                 .filter(|&c| live.count(c) == 0 && !keep.contains(&c))
                 .collect()
         };
-        let freed = count_freed(&dead, &free, st.alloc.end() >> self.geo.cluster_bits);
         let offsets: Vec<u64> = free.iter().map(|c| c * cs).collect();
         for (at, len) in runs(&offsets, cs) {
             self.storage
@@ -235,13 +239,4 @@ impl Image {
         }
         Ok(removed)
     }
-}
-
-/// Clusters in `free` (or past the new end of the file) that a removed root
-/// referenced: the space the removal gave back.
-fn count_freed(dead: &Scan, free: &[u64], end_cluster: u64) -> u64 {
-    let free: HashSet<u64> = free.iter().copied().collect();
-    (1..dead.clusters())
-        .filter(|&c| dead.count(c) > 0 && (free.contains(&c) || c >= end_cluster))
-        .count() as u64
 }
