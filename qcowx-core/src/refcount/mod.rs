@@ -17,7 +17,7 @@ pub(crate) use apply::write_refcounts;
 pub(crate) use check::check;
 pub(crate) use rebuild::{give_up_table_room, rebuild, rebuild_with};
 pub(crate) use room::{check_room_for_root, max_refcount};
-pub(crate) use scan::{refcount_clusters, reference_counts, scan_from, Scan, ScanInput, Source};
+pub(crate) use scan::{refcount_clusters, reference_counts, scan_from, ScanInput, Source};
 
 use crate::engine::{Image, OpenState};
 use crate::error::Result;
