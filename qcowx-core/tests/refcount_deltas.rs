@@ -141,3 +141,46 @@ fn reopened_sessions_keep_counting() {
     let img = OpenOptions::new().open(&path).unwrap();
     assert_eq!(img.check().unwrap().exit_code(), 0);
 }
+
+/// 8-bit refcounts hold 255 references: the active layer and 254 snapshots of it fit,
+/// one more snapshot is refused before it writes anything, and every snapshot taken
+/// on the way (through the free bound, the session bound and the exact check) leaves
+/// counts QEMU agrees with.
+#[test]
+fn snapshots_fill_8_bit_refcounts_exactly_then_are_refused() {
+    require_qemu_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r8.qcow2");
+    qcowx_tests::qemu_img_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "refcount_bits=8",
+        path.to_str().unwrap(),
+        "4M",
+    ]);
+    qcowx_tests::qemu_io_ok("qcow2", &path, &["write -P 0x11 0 256k"]);
+    let img = Image::open_rw(&path).unwrap();
+    let mut taken = 0;
+    let refused = loop {
+        match img.snapshot("default", &format!("s{taken}")) {
+            Ok(_) => taken += 1,
+            Err(e) => break e,
+        }
+        assert!(taken <= 300, "snapshots never refused");
+    };
+    assert_eq!(taken, 254, "refused after {taken}: {refused}");
+    assert!(
+        matches!(refused, qcowx_core::Error::RefcountOverflow { bits: 8, .. }),
+        "{refused:?}"
+    );
+    assert_eq!(
+        img.list().unwrap().len(),
+        255,
+        "the refused snapshot is not listed"
+    );
+    img.close().unwrap();
+    drop(img);
+    assert_qemu_check_clean(&path);
+}

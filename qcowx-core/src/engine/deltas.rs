@@ -43,6 +43,9 @@ pub(crate) struct RefDeltas {
     cluster_bits: u32,
     clusters: HashMap<u64, i64>,
     trees: Vec<TreeDelta>,
+    /// An upper bound on every cluster's refcount once the record is applied, when
+    /// known (see [`RefDeltas::max_bound`]).
+    max_bound: Option<u64>,
 }
 
 impl RefDeltas {
@@ -54,7 +57,28 @@ impl RefDeltas {
             cluster_bits,
             clusters: HashMap::new(),
             trees: Vec::new(),
+            max_bound: None,
         }
+    }
+
+    /// The most references one root can add to one cluster: one, except a host
+    /// cluster of compressed data, which every compressed cluster starting in it
+    /// (at most one per 512-byte sector) or running into it references.
+    pub(crate) fn per_root_multiplicity(&self) -> u64 {
+        (1u64 << self.cluster_bits.saturating_sub(9)) + 1
+    }
+
+    /// An upper bound on every cluster's refcount once the record is applied: the
+    /// largest count on disk when it was last read (or written by a rebuild), plus the
+    /// most each root created since can add. Changes to links only ever make counts of
+    /// new clusters, at most [`RefDeltas::per_root_multiplicity`].
+    pub(crate) fn max_bound(&self) -> Option<u64> {
+        self.max_bound.map(|b| b.max(self.per_root_multiplicity()))
+    }
+
+    /// Records the largest refcount on disk, read when the record is empty.
+    pub(crate) fn set_max_bound(&mut self, max: u64) {
+        self.max_bound = Some(max);
     }
 
     /// Whether on-disk refcounts plus this record are the exact references.
@@ -68,6 +92,7 @@ impl RefDeltas {
         self.exact = false;
         self.clusters = HashMap::new();
         self.trees.clear();
+        self.max_bound = None;
     }
 
     /// Adds `d` to the refcount of every cluster covering `[offset, offset + len)`.
@@ -104,6 +129,10 @@ impl RefDeltas {
     /// per path.
     pub(crate) fn tree(&mut self, l1: Vec<u64>, sign: i64) {
         if l1.iter().any(|&w| w != 0) {
+            if sign > 0 {
+                let m = self.per_root_multiplicity();
+                self.max_bound = self.max_bound.map(|b| b.saturating_add(m));
+            }
             self.trees.push(TreeDelta { l1, sign });
         }
     }
@@ -118,10 +147,11 @@ impl RefDeltas {
     }
 
     /// Starts over from exact on-disk refcounts (after a rebuild wrote them).
-    pub(crate) fn reset_exact(&mut self) {
+    pub(crate) fn reset_exact(&mut self, max_on_disk: u64) {
         self.exact = true;
         self.clusters = HashMap::new();
         self.trees.clear();
+        self.max_bound = Some(max_on_disk);
     }
 }
 

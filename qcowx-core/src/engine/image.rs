@@ -159,6 +159,10 @@ pub(crate) struct State {
     pub(crate) l1_changes: u64,
 }
 
+/// The I/O gate held exclusively: no data I/O is in flight (the proof some metadata
+/// operations take, e.g. before the file may shrink).
+pub(crate) type IoGate<'a> = std::sync::RwLockWriteGuard<'a, ()>;
+
 /// A moment in the metadata's history: two equal values mean no link changed, no
 /// cluster was allocated and none was freed in between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

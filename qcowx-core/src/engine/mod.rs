@@ -31,7 +31,7 @@ pub use open::OpenOptions;
 pub use status::{Extent, ExtentStatus};
 
 pub(crate) use deltas::{host_range, RefDeltas, TreeDelta};
-pub(crate) use image::{Generation, Root, State};
+pub(crate) use image::{Generation, IoGate, Root, State};
 pub(crate) use open::open_error;
 pub(crate) use roots::Target;
 pub(crate) use zero::ZeroMode;

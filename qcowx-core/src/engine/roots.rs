@@ -4,7 +4,7 @@
 
 use zerocopy::IntoBytes;
 
-use crate::engine::{Image, Root, RootId, State, DEFAULT_ROOT};
+use crate::engine::{Image, IoGate, Root, RootId, State, DEFAULT_ROOT};
 use crate::error::{Error, Result};
 use crate::format::header::MAX_SNAPSHOTS;
 use crate::format::roots::*;
@@ -277,10 +277,19 @@ impl Image {
     /// next refcount write then rebuilds from a scan (which also sets every link's
     /// bit 63 as the counts say).
     pub(crate) fn quiesced<T>(&self, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        self.quiesced_gated(|st, _| f(st))
+    }
+
+    /// [`Image::quiesced`], handing `f` the I/O gate it holds (for work that needs
+    /// the proof, such as writing refcounts, which may shrink the file).
+    pub(crate) fn quiesced_gated<T>(
+        &self,
+        f: impl FnOnce(&mut State, &IoGate<'_>) -> Result<T>,
+    ) -> Result<T> {
         let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
-        let _gate = self.io_gate_write();
-        let r = f(&mut st);
+        let gate = self.io_gate_write();
+        let r = f(&mut st, &gate);
         if r.is_err() && st.stale {
             st.deltas.lose_exactness();
         }

@@ -8,13 +8,13 @@
 
 use std::collections::HashMap;
 
-use crate::engine::{host_range, Image, State, TreeDelta};
+use crate::engine::{host_range, Image, IoGate, State, TreeDelta};
 use crate::error::{Error, Result};
 use crate::format::header::Incompatible;
 use crate::format::refblock::{get_entry, set_entry};
 use crate::format::tables::{decode_words, encode_words, L1Entry, L2Entry};
 
-use super::rebuild::{give_up_table_room, rebuild};
+use super::rebuild::{give_up_table_room, rebuild_gated};
 use super::scan::read_reftable;
 
 /// Changes held in memory before they are written out while trees are walked (a
@@ -51,14 +51,22 @@ impl From<Error> for Fallback {
 
 /// Writes exact refcounts: the recorded changes when the record is exact, else a
 /// full rebuild. Then clears the dirty bit. The caller holds the state (with every
-/// table flushed) and nothing else of the image's locks but the structure lock.
+/// table flushed) and the structure lock, not the I/O gate (waited for here: data
+/// I/O stops while the refcounts are written).
 pub(crate) fn write_refcounts(img: &Image, st: &mut State) -> Result<()> {
+    let gate = img.io_gate_write();
+    write_refcounts_gated(img, st, &gate)
+}
+
+/// [`write_refcounts`] by a caller that holds the I/O gate (no data I/O in flight:
+/// the file may shrink).
+pub(crate) fn write_refcounts_gated(img: &Image, st: &mut State, gate: &IoGate<'_>) -> Result<()> {
     if !st.deltas.is_exact() {
         st.last_rebuild = Some("changes the record does not describe");
-        return rebuild(img, st).map(|_| ());
+        return rebuild_gated(img, st, gate).map(|_| ());
     }
     give_up_table_room(img, st);
-    match apply(img, st) {
+    match apply(img, st, gate) {
         Ok(()) => {
             st.last_rebuild = None;
             Ok(())
@@ -70,21 +78,19 @@ pub(crate) fn write_refcounts(img: &Image, st: &mut State) -> Result<()> {
         }
         Err(f) => {
             st.last_rebuild = Some(f.why());
-            rebuild(img, st).map(|_| ())
+            rebuild_gated(img, st, gate).map(|_| ())
         }
     }
 }
 
-fn apply(img: &Image, st: &mut State) -> std::result::Result<(), Fallback> {
+fn apply(img: &Image, st: &mut State, gate: &IoGate<'_>) -> std::result::Result<(), Fallback> {
     let (mut changes, trees) = st.deltas.take();
     let mut blocks = Blocks::open(img, st)?;
-    for t in trees {
-        walk_tree(img, st, t, &mut changes, &mut blocks)?;
-    }
+    walk_trees(img, st, &trees, &mut changes, &mut blocks)?;
     blocks.apply(img, st, changes)?;
     blocks.write_table(img, st)?;
     img.sync()?;
-    truncate_free_tail(img, st, &mut blocks)?;
+    truncate_free_tail(img, st, &mut blocks, gate)?;
     st.header.incompatible.remove(Incompatible::DIRTY);
     img.write_clean_stamp(st)?;
     img.write_header_fields(st)?;
@@ -93,47 +99,59 @@ fn apply(img: &Image, st: &mut State) -> std::result::Result<(), Fallback> {
     Ok(())
 }
 
-/// Adds `t.sign` to every cluster the tree of `t` reaches (per path: an L2 table
-/// and every cluster it links). A new root's tables are shared from now on, so every
-/// writable L2 entry in them becomes read-only in place (writable→read-only flips
-/// are safe at any time), which is also what QEMU's COPIED flag says of them.
-fn walk_tree(
+/// Adds to every cluster the trees of `trees` reach their sign, per path: an L2 table
+/// linked k times (over all the trees) gets k, and so does every cluster it links.
+/// Each distinct table is read once, however many of the new roots share it (a
+/// session that took a thousand snapshots of one disk reads its tables once). A new
+/// root's tables are shared from now on, so every writable L2 entry in them becomes
+/// read-only in place (writable→read-only flips are safe at any time), which is also
+/// what QEMU's COPIED flag says of them.
+fn walk_trees(
     img: &Image,
     st: &mut State,
-    t: TreeDelta,
+    trees: &[TreeDelta],
     changes: &mut HashMap<u64, i64>,
     blocks: &mut Blocks,
 ) -> std::result::Result<(), Fallback> {
     let geo = img.geo;
     let cs = geo.cluster_size();
-    let mut table = vec![0u8; cs as usize];
+    let mut links: HashMap<u64, i64> = HashMap::new();
+    for t in trees {
+        for &w in &t.l1 {
+            let e = L1Entry(w);
+            if e.is_malformed(&geo) {
+                return Err(Fallback::Rebuild("malformed L1 entry"));
+            }
+            if let Some(off) = e.l2_offset() {
+                *links.entry(off).or_insert(0) += t.sign;
+            }
+        }
+    }
+    let mut tables: Vec<(u64, i64)> = links.into_iter().filter(|&(_, k)| k != 0).collect();
+    tables.sort_unstable();
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
-    let add = |changes: &mut HashMap<u64, i64>, off: u64, len: u64| {
+    let mut raw = vec![0u8; cs as usize];
+    let add = |changes: &mut HashMap<u64, i64>, off: u64, len: u64, k: i64| {
         if len == 0 {
             return;
         }
         for c in off >> geo.cluster_bits..=(off + len - 1) >> geo.cluster_bits {
             let v = changes.entry(c).or_insert(0);
-            *v += t.sign;
+            *v += k;
             if *v == 0 {
                 changes.remove(&c);
             }
         }
     };
-    for &w in &t.l1 {
-        let e = L1Entry(w);
-        if e.is_malformed(&geo) {
-            return Err(Fallback::Rebuild("malformed L1 entry"));
-        }
-        let Some(off) = e.l2_offset() else { continue };
+    for (off, k) in tables {
         if off + cs > file_len {
             return Err(Fallback::Rebuild("L2 table past the end of the file"));
         }
-        add(changes, off, cs);
+        add(changes, off, cs, k);
         img.storage
-            .read_at(&mut table, off)
+            .read_at(&mut raw, off)
             .map_err(|e| img.io_err("read L2 table", off, e))?;
-        let mut words = decode_words(&table);
+        let mut words = decode_words(&raw);
         let mut flipped = false;
         for j in 0..geo.l2_entries() as usize {
             let entry = L2Entry::get(&words, j, &geo);
@@ -141,9 +159,9 @@ fn walk_tree(
                 .kind(&geo)
                 .map_err(|_| Fallback::Rebuild("malformed L2 entry"))?;
             if let Some((h, len)) = host_range(&geo, kind) {
-                add(changes, h, len);
+                add(changes, h, len, k);
             }
-            if t.sign > 0 && entry.writable() {
+            if k > 0 && entry.writable() {
                 entry.read_only().put(&mut words, j, &geo);
                 flipped = true;
             }
@@ -291,8 +309,14 @@ impl Blocks {
 }
 
 /// Cuts the clusters at the end of the file that nothing references any more (the
-/// caller has made every refcount durable). Waits for data I/O in flight.
-fn truncate_free_tail(img: &Image, st: &mut State, blocks: &mut Blocks) -> Result<()> {
+/// caller has made every refcount durable, and holds the I/O gate: no data I/O is in
+/// flight while the file shrinks).
+fn truncate_free_tail(
+    img: &Image,
+    st: &mut State,
+    blocks: &mut Blocks,
+    _gate: &IoGate<'_>,
+) -> Result<()> {
     let cs = img.geo.cluster_size();
     let end_clusters = blocks.file_len.max(st.alloc.end()).div_ceil(cs);
     let mut block = vec![0u8; cs as usize];
@@ -301,7 +325,6 @@ fn truncate_free_tail(img: &Image, st: &mut State, blocks: &mut Blocks) -> Resul
     while end > 1 && blocks.get(img, end - 1, &mut block, &mut loaded)? == 0 {
         end -= 1;
     }
-    let _gate = img.io_gate_write();
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
     if file_len > end * cs {
         img.storage

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use crate::engine::{Image, State, DEFAULT_ROOT};
+use crate::engine::{Image, IoGate, State, DEFAULT_ROOT};
 use crate::error::{Error, Result};
 use crate::format::header::Incompatible;
 use crate::format::tables::{encode_words, L1Entry, L2Entry};
@@ -19,10 +19,15 @@ use crate::format::refblock::set_entry;
 /// the old refcount structures, and synced; then one header write switches to them and
 /// clears the dirty bit (the commit point); then the file is truncated.
 pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
+    let gate = img.io_gate_write();
+    rebuild_gated(img, st, &gate)
+}
+
+/// [`rebuild`] by a caller that holds the I/O gate.
+pub(crate) fn rebuild_gated(img: &Image, st: &mut State, gate: &IoGate<'_>) -> Result<Vec<u64>> {
     give_up_table_room(img, st);
     let s = scan(img, st, false)?;
-    let gate = img.io_gate_write();
-    rebuild_with(img, st, s, &gate)
+    rebuild_with(img, st, s, gate)
 }
 
 /// Gives up the spare room reserved after the snapshot table this session: a scan
@@ -163,7 +168,8 @@ pub(crate) fn rebuild_with(
     img.write_header_fields(st)?;
     img.sync()?;
     st.stale = false;
-    st.deltas.reset_exact();
+    st.deltas
+        .reset_exact(counts.iter().copied().max().unwrap_or(0));
 
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
     if file_len > new_end * cs {

@@ -4,13 +4,15 @@
 
 use std::collections::HashMap;
 
-use crate::engine::{host_range, Image, State};
+use crate::engine::{host_range, Image, IoGate, State};
 use crate::error::{Error, Result};
 use crate::format::tables::{decode_words, L1Entry, L2Entry};
 
-use super::apply::write_refcounts;
+use super::apply::write_refcounts_gated;
 use super::check::DiskRefcounts;
 use super::rebuild::rebuild;
+use super::scan::read_reftable;
+use crate::format::refblock::get_entry;
 
 /// The largest count a refcount of `order` holds.
 pub(crate) fn max_refcount(order: u32) -> u64 {
@@ -24,22 +26,42 @@ pub(crate) fn max_refcount(order: u32) -> u64 {
 /// Refuses, before anything is written, a new root that links what `l1` links when a
 /// cluster it reaches would then have more references than the refcounts hold.
 ///
-/// Cheap in the common case: a root reaches a cluster at most once, except a host
-/// cluster of compressed data (one reference per compressed cluster in it), so with
-/// few enough roots no count can overflow and nothing is read. Otherwise the
-/// session's changes are written out first and the tree's clusters are looked up.
-pub(crate) fn check_room_for_root(img: &Image, st: &mut State, l1: &[u64]) -> Result<()> {
+/// Cheap in the common case. A root reaches a cluster at most once, except a host
+/// cluster of compressed data (see [`crate::engine::RefDeltas::per_root_multiplicity`]),
+/// so when every root doing that still fits the width, nothing is read. Otherwise an
+/// upper bound on the counts is kept for the session — the largest count on disk,
+/// read once, plus what each root created since can add — and only when even that
+/// does not fit are the session's changes written out and the tree's own clusters
+/// looked up.
+pub(crate) fn check_room_for_root(
+    img: &Image,
+    st: &mut State,
+    gate: &IoGate<'_>,
+    l1: &[u64],
+) -> Result<()> {
     let order = st.header.refcount_order;
     let max = max_refcount(order);
     let geo = img.geo;
     let cs = geo.cluster_size();
+    let m = st.deltas.per_root_multiplicity();
     let roots_after = st.snapshots.len() as u64 + 2;
-    if roots_after.saturating_mul((cs / 512).max(1)) <= max {
+    if roots_after.saturating_mul(m) <= max {
         return Ok(());
     }
-    img.flush_metadata(st)?;
-    if st.stale {
-        write_refcounts(img, st)?;
+    let bound = match st.deltas.max_bound() {
+        Some(b) => b,
+        None => {
+            refresh_max_bound(img, st, gate)?;
+            st.deltas.max_bound().unwrap_or(u64::MAX)
+        }
+    };
+    if bound.saturating_add(m) <= max {
+        return Ok(());
+    }
+    // The bound may be stale by the roots created since it was read: read it again.
+    refresh_max_bound(img, st, gate)?;
+    if st.deltas.max_bound().unwrap_or(u64::MAX).saturating_add(m) <= max {
+        return Ok(());
     }
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
     let file_clusters = file_len.div_ceil(cs);
@@ -87,6 +109,34 @@ pub(crate) fn check_room_for_root(img: &Image, st: &mut State, l1: &[u64]) -> Re
             }
         }
     }
+    Ok(())
+}
+
+/// Writes the session's changes out (if any) and reads the largest refcount on disk
+/// into the record's bound. O(refcount blocks).
+fn refresh_max_bound(img: &Image, st: &mut State, gate: &IoGate<'_>) -> Result<()> {
+    img.flush_metadata(st)?;
+    if st.stale {
+        write_refcounts_gated(img, st, gate)?;
+    }
+    let order = st.header.refcount_order;
+    let cs = img.geo.cluster_size();
+    let per_block = (cs * 8) >> order;
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let mut block = vec![0u8; cs as usize];
+    let mut largest = 0;
+    for at in read_reftable(img, &st.header)? {
+        if at == 0 || at % cs != 0 || at + cs > file_len {
+            continue;
+        }
+        img.storage
+            .read_at(&mut block, at)
+            .map_err(|e| img.io_err("read refcount block", at, e))?;
+        for i in 0..per_block as usize {
+            largest = largest.max(get_entry(&block, order, i));
+        }
+    }
+    st.deltas.set_max_bound(largest);
     Ok(())
 }
 

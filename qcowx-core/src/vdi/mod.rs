@@ -23,7 +23,7 @@ pub mod usage;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::engine::{Extent, Image, RootId, State, Target, ZeroMode, DEFAULT_ROOT};
+use crate::engine::{Extent, Image, IoGate, RootId, State, Target, ZeroMode, DEFAULT_ROOT};
 use crate::error::{Error, Result};
 use crate::format::roots::*;
 pub use crate::format::roots::{
@@ -281,14 +281,18 @@ impl Image {
 
     /// Runs `f` quiesced for an operation that creates a root named `name`: the image
     /// must be writable, the name valid and not taken.
-    fn creating<T>(&self, name: &str, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+    fn creating<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut State, &IoGate<'_>) -> Result<T>,
+    ) -> Result<T> {
         self.require_writable()?;
         validate_name(name)?;
-        self.quiesced(|st| {
+        self.quiesced_gated(|st, gate| {
             if Image::name_taken(st, name) {
                 return Err(self.exists(name));
             }
-            f(st)
+            f(st, gate)
         })
     }
 
@@ -297,7 +301,7 @@ impl Image {
     /// Cost: O(L1) — independent of the data size and of the number of snapshots.
     /// Writes in flight are waited for; later writes to the VDI copy what they touch.
     pub fn snapshot(&self, vdi: &str, name: &str) -> Result<RootInfo> {
-        self.creating(name, |st| {
+        self.creating(name, |st, gate| {
             let target = self.find_vdi(st, vdi)?;
             let vdi_uid = match target {
                 Target::Default => 0,
@@ -311,7 +315,7 @@ impl Image {
                 let r = self.root(st, id)?;
                 (r.l1.clone(), r.size)
             };
-            crate::refcount::check_room_for_root(self, st, &l1)?;
+            crate::refcount::check_room_for_root(self, st, gate, &l1)?;
             self.mark_stale(st)?;
             let at = self.write_read_only_copy(st, &l1)?;
             // The VDI's own links become read-only before the snapshot counts: a crash
@@ -380,11 +384,11 @@ impl Image {
 
     /// Creates VDI `new_vdi` whose first state is snapshot `snapshot`. Cost: one L1 copy.
     pub fn fork(&self, snapshot: &str, new_vdi: &str) -> Result<RootInfo> {
-        self.creating(new_vdi, |st| {
+        self.creating(new_vdi, |st, gate| {
             let i = self.find_snapshot(st, snapshot)?;
             let loc = Image::l1_loc(st, Target::Entry(i));
             let l1 = self.head_l1(loc)?;
-            crate::refcount::check_room_for_root(self, st, &l1)?;
+            crate::refcount::check_room_for_root(self, st, gate, &l1)?;
             self.mark_stale(st)?;
             let at = self.write_read_only_copy(st, &l1)?;
             let uid = new_uid();
@@ -493,12 +497,12 @@ impl Image {
     /// Data written to the VDI since becomes garbage for [`Image::gc`].
     pub fn revert(&self, vdi: &str, snapshot: &str) -> Result<()> {
         self.require_writable()?;
-        self.quiesced(|st| {
+        self.quiesced_gated(|st, gate| {
             let s = self.find_snapshot(st, snapshot)?;
             let target = self.find_vdi(st, vdi)?;
             let loc = Image::l1_loc(st, Target::Entry(s));
             let l1 = self.head_l1(loc)?;
-            crate::refcount::check_room_for_root(self, st, &l1)?;
+            crate::refcount::check_room_for_root(self, st, gate, &l1)?;
             self.flush_metadata(st)?;
             self.promote_pending(st)?;
             self.mark_stale(st)?;
