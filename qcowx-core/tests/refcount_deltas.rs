@@ -184,3 +184,36 @@ fn snapshots_fill_8_bit_refcounts_exactly_then_are_refused() {
     drop(img);
     assert_qemu_check_clean(&path);
 }
+
+/// Two heads share a cluster through copies of one table; when the other head
+/// overwrites it, the default VDI is its only holder, and its link must say so (bit
+/// 63, QEMU's COPIED rule) once the refcounts are written — without a full rebuild.
+#[test]
+fn a_cluster_another_head_gives_up_becomes_the_default_vdis_own() {
+    require_qemu_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.qcow2");
+    let img = Arc::new(Image::create(&path, &CreateOptions::new(SIZE)).unwrap());
+    let cs = img.cluster_size();
+    img.write_at(&pattern(1, 2 * cs as usize), 0).unwrap();
+    img.snapshot("default", "s1").unwrap();
+    img.fork("s1", "v2").unwrap();
+    img.delete_snapshot("s1").unwrap();
+    img.gc().unwrap();
+    // Both heads copy the shared table, then v2 overwrites the first cluster.
+    img.write_at(&pattern(2, 512), cs).unwrap();
+    let v2 = img.open_root("v2").unwrap();
+    v2.write_at(&pattern(3, cs as usize), 0).unwrap();
+    drop(v2);
+    closes_by_apply(&img);
+    let report = img.check().unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks),
+        (0, 0),
+        "{:?}",
+        report.messages
+    );
+    img.close().unwrap();
+    drop(img);
+    assert_qemu_check_clean(&path);
+}

@@ -46,6 +46,20 @@ pub(crate) struct RefDeltas {
     /// An upper bound on every cluster's refcount once the record is applied, when
     /// known (see [`RefDeltas::max_bound`]).
     max_bound: Option<u64>,
+    /// Links another head than the default VDI gave up (see [`Released`]).
+    released: Vec<Released>,
+}
+
+/// A link a VDI head other than the default one gave up: the cluster it linked may
+/// now be reached by the default VDI alone, whose link to it must then say so (bit
+/// 63, as QEMU's COPIED rule requires of the active layer). Roots share clusters only
+/// by sharing tables, so the default VDI can only reach it at the same place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Released {
+    /// A data cluster `host` at guest offset `guest`.
+    Data { guest: u64, host: u64 },
+    /// An L2 table `table` at L1 index `l1i`.
+    Table { l1i: usize, table: u64 },
 }
 
 impl RefDeltas {
@@ -58,7 +72,20 @@ impl RefDeltas {
             clusters: HashMap::new(),
             trees: Vec::new(),
             max_bound: None,
+            released: Vec::new(),
         }
+    }
+
+    /// Records a link a head other than the default VDI gave up.
+    pub(crate) fn released(&mut self, r: Released) {
+        if self.exact {
+            self.released.push(r);
+        }
+    }
+
+    /// Takes the links given up since the last apply.
+    pub(crate) fn take_released(&mut self) -> Vec<Released> {
+        std::mem::take(&mut self.released)
     }
 
     /// The most references one root can add to one cluster: one, except a host
@@ -93,6 +120,7 @@ impl RefDeltas {
         self.clusters = HashMap::new();
         self.trees.clear();
         self.max_bound = None;
+        self.released = Vec::new();
     }
 
     /// Adds `d` to the refcount of every cluster covering `[offset, offset + len)`.
@@ -152,6 +180,7 @@ impl RefDeltas {
         self.clusters = HashMap::new();
         self.trees.clear();
         self.max_bound = Some(max_on_disk);
+        self.released = Vec::new();
     }
 }
 

@@ -64,6 +64,27 @@ impl Image {
         Ok(L2Entry::get(words, idx, &self.geo))
     }
 
+    /// Notes that `root` gives up the cluster `old` linked at guest offset `guest` (it
+    /// is relinking it to `new_host`), for the default VDI's bit 63 (see
+    /// [`super::Released`]).
+    pub(super) fn note_release(
+        &self,
+        st: &mut State,
+        root: RootId,
+        guest: u64,
+        old: ClusterKind,
+        new_host: Option<u64>,
+    ) {
+        if root == DEFAULT_ROOT {
+            return;
+        }
+        if let Some((host, _)) = super::host_range(&self.geo, old) {
+            if !old_is_compressed(old) && Some(host) != new_host {
+                st.deltas.released(super::Released::Data { guest, host });
+            }
+        }
+    }
+
     pub(super) fn set_l2_entry(
         &self,
         st: &mut State,
@@ -162,6 +183,10 @@ impl Image {
                 let cs = self.geo.cluster_size();
                 st.deltas.range(off, cs, -1);
                 st.deltas.range(new, cs, 1);
+                if root != DEFAULT_ROOT {
+                    st.deltas
+                        .released(super::Released::Table { l1i, table: off });
+                }
                 Ok(new)
             }
             None => {
@@ -203,4 +228,9 @@ impl Image {
         let (at, len) = place(st)?;
         self.set_l2_entry(st, l2_off, l2i, L2Entry::compressed(at, len, &self.geo))
     }
+}
+
+/// Compressed clusters carry no bit 63 in QEMU's rule.
+fn old_is_compressed(k: ClusterKind) -> bool {
+    matches!(k, ClusterKind::Compressed { .. })
 }

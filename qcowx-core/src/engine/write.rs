@@ -175,7 +175,9 @@ impl Image {
                 .map_err(|e| self.io_err("write data", at, e))?;
             i = j;
         }
-        for t in targets {
+        for (i, t) in targets.into_iter().enumerate() {
+            let cg = guest + i as u64 * cs;
+            self.note_release(st, root, cg, t.kind, Some(t.host));
             self.set_l2_entry(st, t.l2_off, t.l2i, L2Entry::data(t.host, &self.geo))?;
         }
         Ok(done)
@@ -231,6 +233,7 @@ impl Image {
                 .write_at(&content[lo..hi], at)
                 .map_err(|e| self.io_err("write data", at, e))?;
         }
+        self.note_release(st, root, cg, kind, Some(host));
         self.set_l2_entry(st, l2_off, l2i, L2Entry::data(host, &self.geo))
     }
 }

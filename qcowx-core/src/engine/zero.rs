@@ -130,6 +130,8 @@ impl Image {
                 }
             }
         };
+        let new_host = new.host();
+        self.note_release(st, root, cg, kind, new_host);
         self.set_l2_entry(st, l2_off, l2i, new)
     }
 }

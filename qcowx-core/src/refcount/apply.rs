@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::engine::{host_range, Image, IoGate, State, TreeDelta};
+use crate::engine::{host_range, Image, IoGate, Released, State, TreeDelta, DEFAULT_ROOT};
 use crate::error::{Error, Result};
 use crate::format::header::Incompatible;
 use crate::format::refblock::{get_entry, set_entry};
@@ -88,6 +88,8 @@ fn apply(img: &Image, st: &mut State, gate: &IoGate<'_>) -> std::result::Result<
     let mut blocks = Blocks::open(img, st)?;
     walk_trees(img, st, &trees, &mut changes, &mut blocks)?;
     blocks.apply(img, st, changes)?;
+    let released = st.deltas.take_released();
+    set_copied(img, st, &released, &mut blocks)?;
     blocks.write_table(img, st)?;
     img.sync()?;
     truncate_free_tail(img, st, &mut blocks, gate)?;
@@ -177,6 +179,70 @@ fn walk_trees(
             blocks.apply(img, st, std::mem::take(changes))?;
         }
     }
+    Ok(())
+}
+
+/// Sets bit 63 on the default VDI's links to what other heads gave up this session
+/// (see [`Released`]) where the default VDI is now the only holder (refcount 1): what
+/// QEMU's COPIED rule requires of the active layer, and what lets the default VDI
+/// write there in place again. A refcount of 1, exact after the apply, proves the
+/// single path (invariant W). Changed tables and L1 sectors are flushed here.
+fn set_copied(
+    img: &Image,
+    st: &mut State,
+    released: &[Released],
+    blocks: &mut Blocks,
+) -> std::result::Result<(), Fallback> {
+    if released.is_empty() {
+        return Ok(());
+    }
+    let geo = img.geo;
+    let mut block = vec![0u8; geo.cluster_size() as usize];
+    let mut loaded = None;
+    let size = st.header.size;
+    for &r in released {
+        let l1i = match r {
+            Released::Table { l1i, .. } => l1i,
+            Released::Data { guest, .. } if guest < size => geo.split(guest).0,
+            Released::Data { .. } => continue,
+        };
+        let Some(&w) = st
+            .roots
+            .get(&DEFAULT_ROOT)
+            .and_then(|root| root.l1.get(l1i))
+        else {
+            continue;
+        };
+        let e = L1Entry(w);
+        let Some(table) = e.l2_offset().filter(|_| !e.is_malformed(&geo)) else {
+            continue;
+        };
+        if let Released::Data { guest, host } = r {
+            let l2i = geo.split(guest).1;
+            img.load_l2(st, table)?;
+            let entry = st
+                .cache
+                .get(table)
+                .map(|words| L2Entry::get(words, l2i, &geo));
+            let Some(entry) = entry.filter(|x| x.host() == Some(host) && !x.writable()) else {
+                continue;
+            };
+            if blocks.get(img, host >> geo.cluster_bits, &mut block, &mut loaded)? != 1 {
+                continue;
+            }
+            if let Some(words) = st.cache.get_mut(table) {
+                entry.with_writable(true).put(words, l2i, &geo);
+            }
+        } else if !matches!(r, Released::Table { table: t, .. } if t == table) {
+            continue;
+        }
+        if !e.writable()
+            && blocks.get(img, table >> geo.cluster_bits, &mut block, &mut loaded)? == 1
+        {
+            img.set_l1_entry(st, DEFAULT_ROOT, l1i, L1Entry::new(table, true))?;
+        }
+    }
+    img.flush_metadata(st)?;
     Ok(())
 }
 
