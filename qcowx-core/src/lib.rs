@@ -29,7 +29,7 @@
 //! | [`format`](mod@format) | bytes ⇄ types: header, extensions, L1/L2 entries, refcount block entries, the snapshot table and qcowx's facts in its extra data, compression codecs | I/O |
 //! | [`storage`] | the file: positional I/O, sync, hole punch, QEMU-compatible locks; test doubles behind the `testing` feature | know QCOW2 |
 //! | [`engine`] | one open [`Image`]: opening and creating, table access and the L2 cache (`engine/table.rs`, the one path every writer takes), allocation, the backing chain, read, write, zero, flush, block status, resize, roots and the snapshot table | know what a VDI is |
-//! | [`refcount`] | reference counts from reachability: the scan, `check`, `repair`, the rebuild at clean close | |
+//! | [`refcount`] | reference counts: the scan, `check`, `repair`, the rebuild, and the apply of the changes an open image records (at close and checkpoint) | |
 //! | [`vdi`] | roots as VDIs and snapshots: snapshot, fork, delete, revert, rename, reconcile, gc, diff, usage, [`Disk`] | write table or header bytes except through the engine |
 //! | [`convert`], [`import`] | whole-image copies built on the layers above | |
 //! | `control` (feature `control`) | the protocol of a running server's control socket, shared by `qcowx` and `qcowx-nbd`: one request enum, one handler per operation | |
@@ -58,7 +58,8 @@
 //! 5. An NBD FLUSH (or FUA) reaches [`Image::flush`] (`engine/flush.rs`): data is made
 //!    durable, then the dirty L2 tables, then the L1 sectors that link to them, with
 //!    an `fdatasync` between each level; no refcount is touched (the header's dirty
-//!    bit says they are stale until [`Image::close`] rebuilds them, `refcount/`).
+//!    bit says they are stale until [`Image::close`] or [`Image::checkpoint`] writes
+//!    the changes recorded in memory, `engine/deltas.rs` and `refcount/apply.rs`).
 #![warn(missing_docs)]
 
 /// The workspace README's example, compiled as a doctest so it stays true.
