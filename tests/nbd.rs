@@ -2009,7 +2009,11 @@ fn checkpoints_keep_a_killed_servers_image_clean_and_recovery_is_reported() {
     server.kill9();
     let info = qemu_info(&img, true);
     assert_eq!(info["dirty-flag"], true, "no checkpoint ran: {info:#}");
-    let server = QcowxNbd::in_dir(dir.path(), &img, &["-t", "--checkpoint-interval", "1"]);
+    let server = QcowxNbd::in_dir(
+        dir.path(),
+        &img,
+        &["-t", "--checkpoint-interval", "1", "--l2-cache-size", "1M"],
+    );
     assert!(
         server.stderr().contains("was not closed cleanly"),
         "the restart reports the unclean shutdown: {}",

@@ -153,6 +153,12 @@ struct Args {
     #[arg(long = "handshake-timeout", value_name = "SECS", default_value_t = 10)]
     handshake_timeout: u64,
 
+    /// Bytes of L2 tables cached in memory (K, M, G suffixes; as QEMU's
+    /// `l2-cache-size`): with the record of refcount changes, what bounds the server's
+    /// memory whatever the image's size. Default 8 MiB.
+    #[arg(long = "l2-cache-size", value_name = "SIZE")]
+    l2_cache_size: Option<String>,
+
     /// Seconds between refcount checkpoints of a written image: each makes its
     /// refcounts exact on disk and clears its dirty bit, so that after a crash the
     /// next open rebuilds (scans) only if something changed since the last one.
@@ -253,8 +259,12 @@ fn open_image(args: &Args) -> Result<Image, String> {
                 .map_err(|e| format!("cannot close {}: {e}", path.display()))?;
         }
     }
-    let img = OpenOptions::new()
-        .write(!read_only)
+    let mut opts = OpenOptions::new().write(!read_only);
+    if let Some(s) = &args.l2_cache_size {
+        let bytes = parse_size(s).map_err(|e| format!("invalid --l2-cache-size '{s}': {e}"))?;
+        opts = opts.cache_bytes(usize::try_from(bytes).unwrap_or(usize::MAX));
+    }
+    let img = opts
         .open(path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     if let Some(what) = img.open_state().describe() {

@@ -76,6 +76,12 @@ impl RefDeltas {
         }
     }
 
+    /// Clusters with a recorded change (what the record costs in memory, about 32
+    /// bytes each, plus the L1 entries of the roots created).
+    pub(crate) fn len(&self) -> usize {
+        self.clusters.len() + self.released.len()
+    }
+
     /// Records a link a head other than the default VDI gave up.
     pub(crate) fn released(&mut self, r: Released) {
         if self.exact {

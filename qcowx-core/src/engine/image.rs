@@ -342,6 +342,17 @@ impl Image {
         self.writable
     }
 
+    /// Refcount changes recorded in memory and not yet written (see
+    /// [`Image::checkpoint`]): a long-running writer checkpoints when this grows, to
+    /// bound the memory the record takes (about 32 bytes a change).
+    pub fn pending_refcount_changes(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .deltas
+            .len()
+    }
+
     /// What opening found the image in and did about it (for a server to report an
     /// unclean shutdown, say).
     pub fn open_state(&self) -> OpenState {
