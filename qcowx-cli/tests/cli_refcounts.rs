@@ -78,3 +78,44 @@ fn amend_refuses_what_it_does_not_know() {
     );
     assert_qemu_check_clean(d, "a.qcow2");
 }
+
+#[test]
+fn a_repair_that_cannot_succeed_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_ok(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=16",
+            "a.qcow2",
+            "16M",
+        ],
+    );
+    qemu_io(d, "qcow2", "a.qcow2", &["write -P 0x5a 0 1M"]);
+    ok(d, &["snapshot", "a.qcow2", "s1"]);
+    // Damage: the header now says 1-bit refcounts, which cannot count the clusters
+    // the snapshot shares (2 references each).
+    let path = d.join("a.qcow2");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[96..100].copy_from_slice(&0u32.to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+
+    // The check before the repair lists what it finds; then the repair is refused.
+    let out = qcowx(d, &["check", "--repair", "a.qcow2"]);
+    assert_code(&out, 1, "check --repair");
+    assert!(
+        stderr(&out).contains("qcowx: a.qcow2: cluster at offset")
+            && stderr(&out).contains("more than 1-bit refcounts hold"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "a repair that cannot succeed leaves the image as it was"
+    );
+}

@@ -100,7 +100,10 @@ impl Image {
             self.flush_locked(&mut st).and_then(|_| {
                 if st.stale {
                     write_refcounts(self, &mut st)
-                } else if st.open_state == OpenState::Reconciled && !self.stamp_matches(&st) {
+                } else if st.open_state == OpenState::Reconciled
+                    && st.deltas.is_exact()
+                    && !self.stamp_matches(&st)
+                {
                     // Nothing changed, but the open had to scan: stamp the image now
                     // so that the next open need not.
                     self.write_clean_stamp(&mut st).and_then(|_| self.sync())
@@ -168,12 +171,31 @@ impl Image {
     }
 
     /// Rebuilds the refcounts from a reachability scan and clears the dirty bit, then
-    /// checks again. Needs a writable image.
+    /// checks again. Needs a writable image. Either repairs the image or, when it
+    /// cannot (structural damage a rebuild cannot resolve, a count the refcount width
+    /// cannot hold), fails before writing anything.
     pub fn repair(&self) -> Result<CheckReport> {
         self.check_writable()?;
         let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
         self.flush_locked(&mut st)?;
+        // What the rebuild would refuse is refused before anything is written: damage
+        // a rebuild cannot resolve, or a count the refcount width cannot hold.
+        // Either way the image is not as a clean close leaves one: no stamp for it.
+        let probe = scan::scan(self, &st, false)
+            .and_then(|s| s.checked(self, "cannot repair: "))
+            .inspect_err(|_| st.deltas.lose_exactness())?;
+        let max = max_refcount(st.header.refcount_order);
+        if let Some((c, &count)) = probe.counts.iter().enumerate().find(|(_, &n)| n > max) {
+            st.deltas.lose_exactness();
+            return Err(crate::Error::RefcountOverflow {
+                file: self.name.clone(),
+                offset: (c as u64) << self.geo.cluster_bits,
+                count,
+                bits: 1 << st.header.refcount_order,
+            });
+        }
+        drop(probe);
         // Repair rewrites links and refcounts: protect them with the dirty bit first.
         self.mark_stale(&mut st)?;
         self.repair_registry(&mut st)?;
