@@ -172,3 +172,24 @@ fn qemu_operations_that_matter_make_the_open_scan() {
         OpenState::Reconciled,
     );
 }
+
+/// An image QEMU made (its header area is one full sector, with the feature name
+/// table) is stamped at the first clean close by qcowx, and then opens without a scan.
+#[test]
+fn an_image_qemu_made_is_stamped_at_its_first_qcowx_close() {
+    require_qemu_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("q.qcow2");
+    qemu_img_ok(&["create", "-f", "qcow2", p.to_str().unwrap(), "1G"]);
+    qemu_io_ok("qcow2", &p, &["write -P 3 0 1M"]);
+    assert_eq!(state_of(&p), OpenState::Reconciled, "never closed by qcowx");
+    assert_eq!(state_of(&p), OpenState::Clean, "stamped at that close");
+    let img = Arc::new(Image::open_rw(&p).unwrap());
+    img.write_at(&[4; 4096], 8 << 20).unwrap();
+    img.snapshot("default", "s").unwrap();
+    img.close().unwrap();
+    drop(img);
+    assert_eq!(state_of(&p), OpenState::Clean);
+    assert_qemu_check_clean(&p);
+    qemu_io_ok("qcow2", &p, &["read -P 3 0 1M", "read -P 4 8M 4k"]);
+}

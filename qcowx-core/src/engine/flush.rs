@@ -2,6 +2,7 @@
 
 use crate::engine::alloc::runs;
 use crate::error::Result;
+use crate::format::extensions::EXT_FEATURE_NAMES;
 use crate::format::header::Incompatible;
 use crate::format::stamp::{self, EXT_CLEAN_STAMP};
 use crate::format::tables::encode_words;
@@ -26,8 +27,9 @@ impl Image {
     /// Writes the clean-close stamp of the state as it is now (see
     /// [`crate::format::stamp`]), before the header write that clears the dirty bit.
     /// In place when the image has one; else the header area is rewritten with one
-    /// added, but only when the area fits in one sector (a single-sector write cannot
-    /// be torn) — otherwise the image goes without, and its writable opens scan.
+    /// added (without the informative feature name table if that is what it takes),
+    /// but only when the area fits in one sector (a single-sector write cannot be
+    /// torn) — otherwise the image goes without, and its writable opens scan.
     pub(crate) fn write_clean_stamp(&self, st: &mut State) -> Result<()> {
         if st.header.version < 3 {
             return Ok(());
@@ -52,6 +54,13 @@ impl Image {
         h.extensions.remove(EXT_CLEAN_STAMP);
         h.extensions.set(ext);
         h.layout_backing();
+        if h.area_bytes().is_none_or(|a| a.len() > 512) {
+            // The feature name table is informative (QEMU rewrites it whenever it
+            // updates the header): leave it out rather than write more than a sector.
+            // QEMU's own header area is exactly one sector with it.
+            h.extensions.remove(EXT_FEATURE_NAMES);
+            h.layout_backing();
+        }
         let Some(area) = h.area_bytes().filter(|a| a.len() <= 512) else {
             return Ok(());
         };
