@@ -143,7 +143,9 @@ fn qemu_operations_that_matter_make_the_open_scan() {
         "qemu-img snapshot -d",
         |p| {
             qemu_img_ok(&["snapshot", "-c", "q", p.to_str().unwrap()]);
+            // A qcowx session that writes stamps the image with snapshot q in it.
             let img = Image::open_rw(p).unwrap();
+            img.write_at(&[1; 512], 2 << 20).unwrap();
             img.close().unwrap();
             qemu_img_ok(&["snapshot", "-d", "q", p.to_str().unwrap()]);
         },
@@ -174,7 +176,8 @@ fn qemu_operations_that_matter_make_the_open_scan() {
 }
 
 /// An image QEMU made (its header area is one full sector, with the feature name
-/// table) is stamped at the first clean close by qcowx, and then opens without a scan.
+/// table) is stamped when a qcowx session that wrote it closes, and then opens without
+/// a scan; a session that changed nothing leaves the file as it was.
 #[test]
 fn an_image_qemu_made_is_stamped_at_its_first_qcowx_close() {
     require_qemu_tools();
@@ -182,14 +185,24 @@ fn an_image_qemu_made_is_stamped_at_its_first_qcowx_close() {
     let p = dir.path().join("q.qcow2");
     qemu_img_ok(&["create", "-f", "qcow2", p.to_str().unwrap(), "1G"]);
     qemu_io_ok("qcow2", &p, &["write -P 3 0 1M"]);
+    let before = std::fs::read(&p).unwrap();
     assert_eq!(state_of(&p), OpenState::Reconciled, "never closed by qcowx");
-    assert_eq!(state_of(&p), OpenState::Clean, "stamped at that close");
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        before,
+        "a session that wrote nothing"
+    );
     let img = Arc::new(Image::open_rw(&p).unwrap());
+    assert_eq!(img.open_state(), OpenState::Reconciled);
     img.write_at(&[4; 4096], 8 << 20).unwrap();
     img.snapshot("default", "s").unwrap();
     img.close().unwrap();
     drop(img);
-    assert_eq!(state_of(&p), OpenState::Clean);
+    assert_eq!(
+        state_of(&p),
+        OpenState::Clean,
+        "stamped at the close that wrote"
+    );
     assert_qemu_check_clean(&p);
     qemu_io_ok("qcow2", &p, &["read -P 3 0 1M", "read -P 4 8M 4k"]);
 }

@@ -206,6 +206,10 @@ pub struct Image {
     /// its whole run, so gc's scan sees a fixed set of roots while reads and writes
     /// go on. Lock order: `structure`, then `state`, then `io_gate`.
     pub(super) structure: Mutex<()>,
+    /// Set by the first write or zeroing of the session: a session that changed the
+    /// file may stamp it at close (see `Image::close`); one that did not leaves it as
+    /// it was.
+    pub(crate) wrote: std::sync::atomic::AtomicBool,
 }
 
 impl Image {

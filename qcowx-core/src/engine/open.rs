@@ -296,6 +296,7 @@ impl Image {
             state: Mutex::new(state),
             io_gate: RwLock::new(()),
             structure: Mutex::new(()),
+            wrote: std::sync::atomic::AtomicBool::new(false),
         };
         if opts.write {
             img.clear_autoclear()?;

@@ -57,6 +57,7 @@ impl Image {
     }
 
     pub(crate) fn write_root(&self, root: RootId, buf: &[u8], offset: u64) -> Result<()> {
+        self.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
         let cs = self.geo.cluster_size();
         let len = buf.len() as u64;
         {

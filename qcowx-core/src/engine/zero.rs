@@ -43,6 +43,7 @@ impl Image {
         len: u64,
         mode: ZeroMode,
     ) -> Result<()> {
+        self.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
         let cs = self.geo.cluster_size();
         let (size, v3) = {
             let st = self.lock_state()?;

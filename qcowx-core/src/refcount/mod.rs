@@ -98,14 +98,16 @@ impl Image {
         }
         let r = if self.is_writable() {
             self.flush_locked(&mut st).and_then(|_| {
+                // A session that changed nothing leaves the file as it was; one that
+                // wrote data only (no metadata) after a scan at open stamps the image
+                // so that the next open need not scan.
                 if st.stale {
                     write_refcounts(self, &mut st)
                 } else if st.open_state == OpenState::Reconciled
                     && st.deltas.is_exact()
+                    && self.wrote.load(std::sync::atomic::Ordering::Relaxed)
                     && !self.stamp_matches(&st)
                 {
-                    // Nothing changed, but the open had to scan: stamp the image now
-                    // so that the next open need not.
                     self.write_clean_stamp(&mut st).and_then(|_| self.sync())
                 } else {
                     Ok(())
