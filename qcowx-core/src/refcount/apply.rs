@@ -290,6 +290,7 @@ impl Blocks {
         let cs = img.geo.cluster_size();
         let mut pending: Vec<(u64, i64)> = changes.into_iter().collect();
         let mut block = vec![0u8; cs as usize];
+        let mut before: Vec<u8> = Vec::with_capacity(cs as usize);
         while !pending.is_empty() {
             pending.sort_unstable();
             let mut new_blocks: Vec<u64> = Vec::new();
@@ -303,19 +304,21 @@ impl Blocks {
                 let Some(&at) = self.table.get(bi as usize) else {
                     return Err(Fallback::Rebuild("the refcount table must grow"));
                 };
-                let at = if at == 0 {
+                let (at, fresh) = if at == 0 {
                     let new = st.alloc.contiguous(1);
                     self.table[bi as usize] = new;
                     self.table_dirty = true;
                     new_blocks.push(new);
                     block.fill(0);
-                    new
+                    (new, true)
                 } else {
                     img.storage
                         .read_at(&mut block, at)
                         .map_err(|e| img.io_err("read refcount block", at, e))?;
-                    at
+                    (at, false)
                 };
+                before.clear();
+                before.extend_from_slice(&block);
                 for &(c, d) in &pending[i..j] {
                     let idx = (c % self.per_block) as usize;
                     let v = get_entry(&block, self.order, idx) as i128 + i128::from(d);
@@ -332,9 +335,27 @@ impl Blocks {
                     }
                     set_entry(&mut block, self.order, idx, v as u64);
                 }
-                img.storage
-                    .write_at(&block, at)
-                    .map_err(|e| img.io_err("write refcount block", at, e))?;
+                // Only the pages that changed are written (a few changes in a large
+                // block dirty one page, not the whole cluster).
+                let page = (cs as usize).min(4096);
+                let mut k = 0;
+                while k < block.len() {
+                    if !fresh && block[k..k + page] == before[k..k + page] {
+                        k += page;
+                        continue;
+                    }
+                    let mut end = k + page;
+                    while end < block.len()
+                        && (fresh || block[end..end + page] != before[end..end + page])
+                    {
+                        end += page;
+                    }
+                    let off = at + k as u64;
+                    img.storage
+                        .write_at(&block[k..end], off)
+                        .map_err(|e| img.io_err("write refcount block", off, e))?;
+                    k = end;
+                }
                 self.file_len = self.file_len.max(at + cs);
                 i = j;
             }
