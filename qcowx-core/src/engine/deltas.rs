@@ -48,6 +48,10 @@ pub(crate) struct RefDeltas {
     max_bound: Option<u64>,
     /// Links another head than the default VDI gave up (see [`Released`]).
     released: Vec<Released>,
+    /// Clusters the file had when the on-disk refcounts were last known exact: a
+    /// refcount past them must be 0 (nothing was there), else the counts on disk
+    /// were not what the record assumes and the apply falls back to a rebuild.
+    base_clusters: u64,
 }
 
 /// A link a VDI head other than the default one gave up: the cluster it linked may
@@ -73,7 +77,18 @@ impl RefDeltas {
             trees: Vec::new(),
             max_bound: None,
             released: Vec::new(),
+            base_clusters: u64::MAX,
         }
+    }
+
+    /// Records how many clusters the file has while the record is empty and exact.
+    pub(crate) fn set_base_clusters(&mut self, clusters: u64) {
+        self.base_clusters = clusters;
+    }
+
+    /// See [`RefDeltas::set_base_clusters`].
+    pub(crate) fn base_clusters(&self) -> u64 {
+        self.base_clusters
     }
 
     /// Clusters with a recorded change (what the record costs in memory, about 32

@@ -277,7 +277,11 @@ impl Image {
             cache: L2Cache::new(opts.cache_bytes, geo.cluster_size() as usize),
             alloc: Allocator::new(geo.cluster_size(), file_len),
             stale,
-            deltas: super::RefDeltas::new(geo.cluster_bits, !stale),
+            deltas: {
+                let mut d = super::RefDeltas::new(geo.cluster_bits, !stale);
+                d.set_base_clusters(file_len.div_ceil(geo.cluster_size()));
+                d
+            },
             last_rebuild: None,
             snapshots,
             closed: false,

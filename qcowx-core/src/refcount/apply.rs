@@ -92,7 +92,8 @@ fn apply(img: &Image, st: &mut State, gate: &IoGate<'_>) -> std::result::Result<
     set_copied(img, st, &released, &mut blocks)?;
     blocks.write_table(img, st)?;
     img.sync()?;
-    truncate_free_tail(img, st, &mut blocks, gate)?;
+    let end = truncate_free_tail(img, st, &mut blocks, gate)?;
+    st.deltas.set_base_clusters(end);
     st.header.incompatible.remove(Incompatible::DIRTY);
     img.write_clean_stamp(st)?;
     img.write_header_fields(st)?;
@@ -291,6 +292,7 @@ impl Blocks {
         let mut pending: Vec<(u64, i64)> = changes.into_iter().collect();
         let mut block = vec![0u8; cs as usize];
         let mut before: Vec<u8> = Vec::with_capacity(cs as usize);
+        let base_clusters = st.deltas.base_clusters();
         while !pending.is_empty() {
             pending.sort_unstable();
             let mut new_blocks: Vec<u64> = Vec::new();
@@ -321,7 +323,15 @@ impl Blocks {
                 before.extend_from_slice(&block);
                 for &(c, d) in &pending[i..j] {
                     let idx = (c % self.per_block) as usize;
-                    let v = get_entry(&block, self.order, idx) as i128 + i128::from(d);
+                    let old = get_entry(&block, self.order, idx);
+                    if c >= base_clusters && old != 0 && !fresh {
+                        // Past the end of the file as it was, yet counted: the counts
+                        // on disk were not exact (a leak another writer left).
+                        return Err(Fallback::Rebuild(
+                            "a refcount past the end of the file was not 0",
+                        ));
+                    }
+                    let v = old as i128 + i128::from(d);
                     if v < 0 {
                         return Err(Fallback::Underflow);
                     }
@@ -397,13 +407,13 @@ impl Blocks {
 
 /// Cuts the clusters at the end of the file that nothing references any more (the
 /// caller has made every refcount durable, and holds the I/O gate: no data I/O is in
-/// flight while the file shrinks).
+/// flight while the file shrinks). Returns the clusters the file now has.
 fn truncate_free_tail(
     img: &Image,
     st: &mut State,
     blocks: &mut Blocks,
     _gate: &IoGate<'_>,
-) -> Result<()> {
+) -> Result<u64> {
     let cs = img.geo.cluster_size();
     let end_clusters = blocks.file_len.max(st.alloc.end()).div_ceil(cs);
     let mut block = vec![0u8; cs as usize];
@@ -421,5 +431,6 @@ fn truncate_free_tail(
     if end < end_clusters {
         st.alloc.reset(end * cs);
     }
-    Ok(())
+    // What the file now holds: every cluster with a refcount lies below it.
+    Ok(file_len.min(end * cs).div_ceil(cs))
 }

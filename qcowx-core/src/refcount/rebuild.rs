@@ -170,6 +170,7 @@ pub(crate) fn rebuild_with(
     st.stale = false;
     st.deltas
         .reset_exact(counts.iter().copied().max().unwrap_or(0));
+    st.deltas.set_base_clusters(new_end);
 
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
     if file_len > new_end * cs {
