@@ -146,18 +146,7 @@ impl RefDeltas {
 
     /// Adds `d` to the refcount of every cluster covering `[offset, offset + len)`.
     pub(crate) fn range(&mut self, offset: u64, len: u64, d: i64) {
-        if len == 0 || d == 0 {
-            return;
-        }
-        let first = offset >> self.cluster_bits;
-        let last = (offset.saturating_add(len) - 1) >> self.cluster_bits;
-        for c in first..=last {
-            let v = self.clusters.entry(c).or_insert(0);
-            *v += d;
-            if *v == 0 {
-                self.clusters.remove(&c);
-            }
-        }
+        add_range(&mut self.clusters, self.cluster_bits, offset, len, d);
     }
 
     /// One reference moves from what `old` links to, to what `new` links to.
@@ -202,6 +191,29 @@ impl RefDeltas {
         self.trees.clear();
         self.max_bound = Some(max_on_disk);
         self.released = Vec::new();
+    }
+}
+
+/// Adds `d` to the change of every cluster covering `[offset, offset + len)` in
+/// `changes` (cluster index → change; zero changes are dropped).
+pub(crate) fn add_range(
+    changes: &mut HashMap<u64, i64>,
+    cluster_bits: u32,
+    offset: u64,
+    len: u64,
+    d: i64,
+) {
+    if len == 0 || d == 0 {
+        return;
+    }
+    let first = offset >> cluster_bits;
+    let last = (offset.saturating_add(len) - 1) >> cluster_bits;
+    for c in first..=last {
+        let v = changes.entry(c).or_insert(0);
+        *v += d;
+        if *v == 0 {
+            changes.remove(&c);
+        }
     }
 }
 

@@ -30,7 +30,7 @@ pub use image::{Image, ImageInfo, OpenState, RootId, SnapshotInfo, DEFAULT_ROOT}
 pub use open::OpenOptions;
 pub use status::{Extent, ExtentStatus};
 
-pub(crate) use deltas::{host_range, RefDeltas, Released, TreeDelta};
+pub(crate) use deltas::{add_range, host_range, RefDeltas, Released, TreeDelta};
 pub(crate) use image::{Generation, IoGate, Root, State};
 pub(crate) use open::open_error;
 pub(crate) use roots::Target;

@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 
-use crate::engine::{host_range, Image, IoGate, Released, State, TreeDelta, DEFAULT_ROOT};
+use crate::engine::{
+    add_range, host_range, Image, IoGate, Released, State, TreeDelta, DEFAULT_ROOT,
+};
 use crate::error::{Error, Result};
 use crate::format::header::Incompatible;
 use crate::format::refblock::{get_entry, set_entry};
@@ -135,16 +137,7 @@ fn walk_trees(
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
     let mut raw = vec![0u8; cs as usize];
     let add = |changes: &mut HashMap<u64, i64>, off: u64, len: u64, k: i64| {
-        if len == 0 {
-            return;
-        }
-        for c in off >> geo.cluster_bits..=(off + len - 1) >> geo.cluster_bits {
-            let v = changes.entry(c).or_insert(0);
-            *v += k;
-            if *v == 0 {
-                changes.remove(&c);
-            }
-        }
+        add_range(changes, geo.cluster_bits, off, len, k)
     };
     for (off, k) in tables {
         if off + cs > file_len {

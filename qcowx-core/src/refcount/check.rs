@@ -198,17 +198,9 @@ pub(super) fn check_head(
         }
         if let Some(disk) = qemu_rules.as_deref_mut() {
             let refcount = disk.get(img, off >> geo.cluster_bits)?;
-            if e.writable() != (refcount == 1) {
-                if refcount != refs {
-                    s.report.stale_corruptions += 1;
-                }
-                s.report.problem(
-                    true,
-                    format!(
-                        "OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={w:x} refcount={refcount}"
-                    ),
-                );
-            }
+            copied_rule(s, e.writable(), refcount, refs, || {
+                format!("OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={w:x} refcount={refcount}")
+            });
         }
         if !e.writable() && qemu_rules.is_none() {
             continue; // a read-only table: its entries' bits do not matter
@@ -238,20 +230,32 @@ pub(super) fn check_head(
             }
             if let Some(disk) = qemu_rules.as_deref_mut() {
                 let refcount = disk.get(img, host >> geo.cluster_bits)?;
-                if entry.writable() != (refcount == 1) {
-                    if refcount != refs {
-                        s.report.stale_corruptions += 1;
-                    }
-                    s.report.problem(
-                        true,
-                        format!(
-                            "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
-                            entry.word
-                        ),
-                    );
-                }
+                copied_rule(s, entry.writable(), refcount, refs, || {
+                    format!(
+                        "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
+                        entry.word
+                    )
+                });
             }
         }
     }
     Ok(())
+}
+
+/// QEMU's COPIED rule for one link: bit 63 set exactly where the on-disk refcount is
+/// one. A violation judged on a refcount that differs from the references (`refs`)
+/// is a stale count, which a rebuild fixes.
+fn copied_rule(
+    s: &mut Scan,
+    writable: bool,
+    refcount: u64,
+    refs: u64,
+    msg: impl FnOnce() -> String,
+) {
+    if writable != (refcount == 1) {
+        if refcount != refs {
+            s.report.stale_corruptions += 1;
+        }
+        s.report.problem(true, msg());
+    }
 }
