@@ -200,6 +200,22 @@ impl QcowxNbd {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Waits (up to [`SERVER_WAIT`]) until the server's stderr contains `needle`, and
+    /// says whether it did. Stderr is read by its own thread, so a line written before
+    /// the banner may still be in flight when [`QcowxNbd::in_dir`] returns.
+    pub fn stderr_shows(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + SERVER_WAIT;
+        loop {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A `qcowx` command (no arguments yet) that finds this server's control socket:
     /// `qcowx snapshot|fork|delete|revert|gc|list` on the served image forward to it.
     pub fn qcowx(&self) -> Command {
