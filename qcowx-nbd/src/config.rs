@@ -131,6 +131,10 @@ pub struct Settings {
     /// Most payload bytes (write data and read buffers) in flight per connection
     /// ([`DEFAULT_MAX_IN_FLIGHT_BYTES`]).
     pub max_in_flight_bytes: usize,
+    /// Small reads and writes run on the connection's reading thread while their
+    /// smoothed service time stays below this
+    /// ([`crate::transmission::INLINE_LIMIT`]); slower ones go to the workers.
+    pub inline_limit: Duration,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
     /// How long shutdown waits for busy connections to finish before it closes the
@@ -167,6 +171,7 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: DRAIN_TIMEOUT,
             control_idle_timeout: crate::control::IDLE_TIMEOUT,
+            inline_limit: crate::transmission::INLINE_LIMIT,
             checkpoint_interval: CHECKPOINT_INTERVAL,
             verbose: false,
             tls: None,

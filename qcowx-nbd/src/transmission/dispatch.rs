@@ -22,7 +22,8 @@ pub const MAX_SKIPPED_WRITE: u32 = 256 << 20;
 pub const INLINE_MAX: u32 = 64 << 10;
 
 /// Small requests run on the reader thread while their smoothed service time stays
-/// below this (page-cache hits); above it they go to the workers.
+/// below this (page-cache hits); above it they go to the workers. The default of
+/// [`crate::Settings::inline_limit`].
 pub const INLINE_LIMIT: Duration = Duration::from_micros(50);
 
 /// The size of the fixed request header.
@@ -157,7 +158,12 @@ impl<W: ReplyWriter> Conn<'_, W> {
         };
         small
             && req.length <= INLINE_MAX
-            && self.small_ns.load(Ordering::Relaxed) < INLINE_LIMIT.as_nanos() as u64
+            && self.small_ns.load(Ordering::Relaxed)
+                < self
+                    .settings
+                    .inline_limit
+                    .as_nanos()
+                    .min(u128::from(u64::MAX)) as u64
     }
 
     /// Folds the service time of one small read or write into the running average

@@ -192,6 +192,7 @@ pub fn serve<R: RequestStream, W: ReplyWriter>(
 mod tests {
     use super::*;
     use std::io::{self, Write};
+    use std::time::Duration;
 
     use zerocopy::{FromBytes, IntoBytes};
 
@@ -326,7 +327,12 @@ mod tests {
         }
         assert!(input.len() <= INPUT_BUFFER, "all of it in one socket read");
         let mut writes = Writes::default();
-        let settings = Settings::default();
+        // Every write runs on the reading thread however slow this machine is at the
+        // moment (with the default limit, a loaded machine sends them to the workers).
+        let settings = Settings {
+            inline_limit: Duration::from_secs(3600),
+            ..Settings::default()
+        };
         serve(&input[..], &mut writes, &n, &settings, &|| {}, "test").expect("serve");
         // Simple replies, 16 bytes each, REPLY_EVERY to a write.
         assert_eq!(writes.0, vec![16 * REPLY_EVERY; 4], "{:?}", writes.0);
