@@ -25,7 +25,7 @@ pub enum Error {
     /// An I/O operation failed. A full disk is [`Error::NoSpace`] instead; a missing
     /// file is this variant with the OS error `ENOENT` (see [`Error::raw_os_error`] and
     /// [`ErrorKind::NotFound`]).
-    #[error("{file}: {op} at offset {offset} failed: {source}")]
+    #[error("{file}: {op} at offset {offset:#x} failed: {source}")]
     Io {
         /// The image file.
         file: String,
@@ -40,7 +40,7 @@ pub enum Error {
     /// The storage is full: the OS reported `ENOSPC`, `EDQUOT` or `EFBIG` (or an
     /// [`std::io::ErrorKind::StorageFull`] without a number). What was written before
     /// the failure and flushed stays readable; see `spec/limits.md`.
-    #[error("{file}: {op} at offset {offset} failed: {source}")]
+    #[error("{file}: {op} at offset {offset:#x} failed: {source}")]
     NoSpace {
         /// The image file.
         file: String,
@@ -53,7 +53,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A metadata structure is inconsistent.
-    #[error("{file}: corrupt {structure} at offset {offset}: {why}")]
+    #[error("{file}: corrupt {structure} at offset {offset:#x}: {why}")]
     Corrupt {
         /// The image file.
         file: String,
@@ -63,6 +63,21 @@ pub enum Error {
         offset: u64,
         /// What is wrong.
         why: String,
+    },
+    /// A scan of the image's metadata found structural damage (two structures in one
+    /// cluster, a table past the end of the file, a malformed entry…). Nothing was
+    /// written; [`Image::check`](crate::Image::check) lists every problem, and
+    /// [`Image::repair`](crate::Image::repair) fixes what can be fixed.
+    #[error("{file}: {doing}the image's metadata is damaged ({errors} structural error(s); first: {first})")]
+    Damaged {
+        /// The image file.
+        file: String,
+        /// What could not be done because of it ("" or e.g. "cannot repair: ").
+        doing: String,
+        /// How many structural errors the scan found.
+        errors: u64,
+        /// The first, as `check` words it (structure and offset, in hex).
+        first: String,
     },
     /// The snapshot table is invalid.
     #[error("{file}: {source}")]
@@ -84,7 +99,7 @@ pub enum Error {
         source: LockError,
     },
     /// A compressed cluster could not be decompressed.
-    #[error("{file}: compressed cluster at offset {offset}: {source}")]
+    #[error("{file}: compressed cluster at offset {offset:#x}: {source}")]
     Compressed {
         /// The image file.
         file: String,
@@ -361,7 +376,7 @@ impl Error {
             Error::NoSpace { .. } | Error::Limit { .. } | Error::RefcountOverflow { .. } => {
                 ErrorKind::NoSpace
             }
-            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Corrupt { .. } | Error::Damaged { .. } => ErrorKind::Corrupt,
             Error::Locked { .. } => ErrorKind::Locked,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::Closed { .. } => ErrorKind::Closed,

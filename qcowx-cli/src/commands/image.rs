@@ -102,7 +102,7 @@ pub(crate) fn actual_size(path: &Path) -> Result<u64, qcowx_core::Error> {
 pub(crate) fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let opts = OpenOptions::new().open_backing(false);
     let opts = if a.repair {
-        opts.write(true)
+        opts.repair(true)
     } else {
         opts.lock(lock_mode(a.force_share))
     };
@@ -115,7 +115,8 @@ pub(crate) fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u
     for m in &first.messages {
         let _ = writeln!(io::stderr(), "{m}");
     }
-    let needs_repair = first.corruptions > 0 || first.leaks > 0 || first.dirty;
+    let needs_repair =
+        first.corruptions > 0 || first.leaks > 0 || first.dirty || first.marked_corrupt;
     let (last, fixed) = if a.repair && needs_repair {
         let after = img.repair()?;
         for m in &after.messages {

@@ -78,32 +78,29 @@ impl<'a> CompressedWriter<'a> {
         };
         let mut st = img.lock_state()?;
         img.mark_stale(&mut st)?;
-        img.link_compressed(&mut st, guest, |st| {
+        let cursor = self.cursor;
+        let at = img.link_compressed(&mut st, guest, &bytes, |st| {
             // Byte-granular placement: right after the previous compressed cluster
             // when it fits (or the next host cluster follows), else in new clusters.
             let len = bytes.len() as u64;
-            let at = if self.cursor != 0 && !self.cursor.is_multiple_of(cs) {
-                let room = cs - self.cursor % cs;
+            if cursor != 0 && !cursor.is_multiple_of(cs) {
+                let room = cs - cursor % cs;
                 if len <= room {
-                    self.cursor
+                    cursor
                 } else {
                     let extra = (len - room).div_ceil(cs);
                     let new = st.alloc.contiguous(extra);
-                    if new == self.cursor.next_multiple_of(cs) {
-                        self.cursor
+                    if new == cursor.next_multiple_of(cs) {
+                        cursor
                     } else {
                         new
                     }
                 }
             } else {
                 st.alloc.contiguous(len.div_ceil(cs))
-            };
-            img.storage
-                .write_at(&bytes, at)
-                .map_err(|e| img.io_err("write compressed cluster", at, e))?;
-            self.cursor = at + len;
-            Ok((at, len))
+            }
         })?;
+        self.cursor = at + bytes.len() as u64;
         Ok(true)
     }
 

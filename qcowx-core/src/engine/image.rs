@@ -157,6 +157,10 @@ pub(crate) struct State {
     /// Counts changes to in-memory L1 tables (with the cache's and the allocator's
     /// counters, tells gc whether anything changed while it scanned).
     pub(crate) l1_changes: u64,
+    /// The image's metadata clusters, for [`Image::guard_write`].
+    pub(crate) metadata: super::overlap::MetadataMap,
+    /// Set when a write on metadata was refused: why this handle writes no more.
+    pub(crate) refused: Option<String>,
 }
 
 /// The I/O gate held exclusively: no data I/O is in flight (the proof some metadata

@@ -24,6 +24,7 @@ pub struct OpenOptions {
     lock: Option<LockMode>,
     cache_bytes: usize,
     open_backing: bool,
+    repair: bool,
 }
 
 impl Default for OpenOptions {
@@ -40,6 +41,7 @@ impl OpenOptions {
             lock: None,
             cache_bytes: DEFAULT_CACHE_BYTES,
             open_backing: true,
+            repair: false,
         }
     }
     /// Open for writing (takes the exclusive image lock).
@@ -61,6 +63,16 @@ impl OpenOptions {
     /// Whether to open the backing chain (without it, unallocated clusters read zeros).
     pub fn open_backing(mut self, open: bool) -> Self {
         self.open_backing = open;
+        self
+    }
+    /// Open for writing in order to repair the image ([`Image::repair`]): an image
+    /// marked corrupt, or one whose metadata is damaged, opens; nothing is checked or
+    /// changed until the repair runs. Implies [`OpenOptions::write`].
+    pub fn repair(mut self, repair: bool) -> Self {
+        self.repair = repair;
+        if repair {
+            self.write = true;
+        }
         self
     }
     /// The lock mode in effect.
@@ -167,11 +179,11 @@ impl Image {
             return Err(unsupported("an external data file"));
         }
         if opts.write {
-            if header.incompatible.contains(Incompatible::CORRUPT) {
+            if header.incompatible.contains(Incompatible::CORRUPT) && !opts.repair {
                 return Err(Error::ReadOnly {
                     file: name.clone(),
-                    why: "the image is marked corrupt; it can only be opened read-only \
-                          (repair it with `qemu-img check -r all`)"
+                    why: "the image is marked corrupt (a write on its metadata was refused); \
+                          it opens read-only until it is repaired"
                         .into(),
                 });
             }
@@ -287,6 +299,8 @@ impl Image {
             closed: false,
             open_state: OpenState::ReadOnly,
             l1_changes: 0,
+            metadata: Default::default(),
+            refused: None,
             header,
         };
         let img = Image {
@@ -302,7 +316,8 @@ impl Image {
             structure: Mutex::new(()),
             wrote: std::sync::atomic::AtomicBool::new(false),
         };
-        if opts.write {
+        // A repair-mode open checks and changes nothing: the repair decides.
+        if opts.write && !opts.repair {
             img.clear_autoclear()?;
             // Anything may have written the image since qcowx last did: find out, and
             // restore what qcowx relies on before any write of ours.

@@ -7,6 +7,7 @@ use crate::format::tables::{
 use crate::storage::Storage;
 
 use super::image::*;
+use super::Writing;
 
 impl Image {
     /// Makes sure the L2 table at `off` is in the cache.
@@ -166,6 +167,7 @@ impl Image {
         match e.l2_offset() {
             Some(off) if e.writable() => {
                 self.load_l2(st, off)?;
+                self.guard_write(st, Writing::L2Table, off, self.geo.cluster_size())?;
                 Ok(off)
             }
             Some(off) => {
@@ -200,18 +202,20 @@ impl Image {
         }
     }
 
-    /// Links guest cluster `guest` of the default VDI to compressed data that `place`
-    /// writes (it returns the host byte offset and length). The cluster must read as
-    /// unallocated (or zero with no host cluster): compressed output fills clusters, it
-    /// does not replace data. The L2 table is made writable through the same path every
-    /// write takes ([`Image::writable_l2`]), so a shared table is copied and a dirty
-    /// table evicted on the way is kept if its write-back fails.
+    /// Writes the compressed cluster `bytes` where `place` says (a host byte offset)
+    /// and links guest cluster `guest` of the default VDI to it; returns the offset.
+    /// The cluster must read as unallocated (or zero with no host cluster): compressed
+    /// output fills clusters, it does not replace data. The L2 table is made writable
+    /// through the same path every write takes ([`Image::writable_l2`]), so a shared
+    /// table is copied and a dirty table evicted on the way is kept if its write-back
+    /// fails; the data is guarded as every data write is ([`Image::guard_write`]).
     pub(crate) fn link_compressed(
         &self,
         st: &mut State,
         guest: u64,
-        place: impl FnOnce(&mut State) -> Result<(u64, u64)>,
-    ) -> Result<()> {
+        bytes: &[u8],
+        place: impl FnOnce(&mut State) -> u64,
+    ) -> Result<u64> {
         let (l1i, l2i) = self.geo.split(guest);
         let l2_off = self.writable_l2(st, DEFAULT_ROOT, l1i)?;
         let current = self.l2_entry(st, l2_off, l2i)?;
@@ -225,8 +229,14 @@ impl Image {
                 )))
             }
         }
-        let (at, len) = place(st)?;
-        self.set_l2_entry(st, l2_off, l2i, L2Entry::compressed(at, len, &self.geo))
+        let at = place(st);
+        let len = bytes.len() as u64;
+        self.guard_write(st, Writing::Data, at, len)?;
+        self.storage
+            .write_at(bytes, at)
+            .map_err(|e| self.io_err("write compressed cluster", at, e))?;
+        self.set_l2_entry(st, l2_off, l2i, L2Entry::compressed(at, len, &self.geo))?;
+        Ok(at)
     }
 }
 

@@ -4,6 +4,8 @@ use crate::error::Result;
 use crate::format::tables::{ClusterKind, Geometry, L2Entry};
 use crate::storage::Storage;
 
+use super::Writing;
+
 use super::image::*;
 
 /// Where a write of `[in_off, in_off+n)` can go in place, if it can.
@@ -86,6 +88,7 @@ impl Image {
                         _ => break,
                     }
                 }
+                self.guard_write(&mut st, Writing::Data, at, run)?;
                 let _gate = self.gate_read();
                 drop(st);
                 self.storage
@@ -171,6 +174,7 @@ impl Image {
             }
             let at = targets[i].host;
             let bytes = &data[i * cs as usize..j * cs as usize];
+            self.guard_write(st, Writing::Data, at, bytes.len() as u64)?;
             self.storage
                 .write_at(bytes, at)
                 .map_err(|e| self.io_err("write data", at, e))?;
@@ -203,6 +207,7 @@ impl Image {
             host,
             in_place,
         } = self.slow_target(st, root, cg)?;
+        self.guard_write(st, Writing::Data, host, cs)?;
         let mut content = vec![0u8; cs as usize];
         self.read_cluster(kind, cg, &mut content)?;
         let (start, end) = (in_off as usize, in_off as usize + data.len());

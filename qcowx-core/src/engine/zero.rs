@@ -122,6 +122,8 @@ impl Image {
             }
             _ => {
                 if let Some(h) = owned_host {
+                    // Freeing punches the cluster: never one that is metadata.
+                    self.guard_write(st, super::Writing::Data, h, self.geo.cluster_size())?;
                     st.alloc.free(h);
                 }
                 if target_unallocated {

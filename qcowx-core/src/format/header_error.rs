@@ -14,7 +14,11 @@ pub enum HeaderError {
     #[error("not a QCOW2 image: magic is {0:#010x}, expected 0x514649fb")]
     BadMagic(u32),
     /// A header field has a value QCOW2 does not allow.
-    #[error("header field `{field}` has invalid value {value}: {why}")]
+    #[error(
+        "header field `{field}`{} has invalid value {}: {why}",
+        field_offset(field).map_or(String::new(), |at| format!(" (header offset {at:#x})")),
+        shown(*value)
+    )]
     Field {
         /// Field name as the QCOW2 specification spells it.
         field: &'static str,
@@ -30,7 +34,7 @@ pub enum HeaderError {
     #[error("encrypted images are not supported (crypt_method {0})")]
     Encrypted(u32),
     /// A header extension is malformed.
-    #[error("header extension {kind:#010x} at offset {offset}: {why}")]
+    #[error("header extension {kind:#010x} at offset {offset:#x}: {why}")]
     Extension {
         /// Extension type.
         kind: u32,
@@ -39,4 +43,40 @@ pub enum HeaderError {
         /// What is wrong.
         why: &'static str,
     },
+}
+
+/// Where a field of the fixed header lies (QCOW2's layout), for messages.
+pub fn field_offset(field: &str) -> Option<u64> {
+    Some(match field {
+        "magic" => 0,
+        "version" => 4,
+        "backing_file_offset" => 8,
+        "backing_file_size" => 16,
+        "cluster_bits" => 20,
+        "size" => 24,
+        "crypt_method" => 32,
+        "l1_size" => 36,
+        "l1_table_offset" => 40,
+        "refcount_table_offset" => 48,
+        "refcount_table_clusters" => 56,
+        "nb_snapshots" => 60,
+        "snapshots_offset" => 64,
+        "incompatible_features" => 72,
+        "compatible_features" => 80,
+        "autoclear_features" => 88,
+        "refcount_order" => 96,
+        "header_length" => 100,
+        "compression_type" => 104,
+        _ => return None,
+    })
+}
+
+/// A field's value as a message shows it: small counts in decimal, offsets, sizes and
+/// masks (anything from 64 Ki up) in hex.
+pub fn shown(value: u64) -> String {
+    if value < 0x1_0000 {
+        value.to_string()
+    } else {
+        format!("{value:#x}")
+    }
 }

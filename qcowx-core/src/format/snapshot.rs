@@ -60,7 +60,7 @@ pub struct SnapshotEntry {
 #[non_exhaustive]
 pub enum SnapshotError {
     /// An entry runs past the end of the table or file.
-    #[error("snapshot table entry {index} at offset {offset} is truncated")]
+    #[error("snapshot table entry {index} at offset {offset:#x} is truncated")]
     Truncated {
         /// Entry index.
         index: u32,
@@ -68,7 +68,7 @@ pub enum SnapshotError {
         offset: u64,
     },
     /// A field is out of range.
-    #[error("snapshot table entry {index} at offset {offset}: {why}")]
+    #[error("snapshot table entry {index} at offset {offset:#x}: {why}")]
     Invalid {
         /// Entry index.
         index: u32,
@@ -78,6 +78,9 @@ pub enum SnapshotError {
         why: &'static str,
     },
 }
+
+/// Extra data a version 3 entry must carry: the 64-bit VM state size and the disk size.
+pub const V3_MIN_EXTRA: usize = 16;
 
 /// Bytes QEMU defines at the start of snapshot extra data ([`RawQemuExtra`]).
 pub const QEMU_EXTRA_BYTES: usize = 24;
@@ -125,6 +128,24 @@ impl SnapshotEntry {
     pub fn vm_state_size(&self) -> u64 {
         self.qemu_field(std::mem::offset_of!(RawQemuExtra, vm_state_size_large))
             .unwrap_or(u64::from(self.vm_state_size))
+    }
+
+    /// A version 3 entry that carries less extra data than version 3 requires (the
+    /// 64-bit VM state size and the disk size, [`V3_MIN_EXTRA`] bytes): left by an
+    /// upgrade from version 2 that did not rewrite the table.
+    pub fn is_incomplete(&self, version: u32) -> bool {
+        version >= 3 && self.extra.len() < V3_MIN_EXTRA
+    }
+
+    /// Completes an incomplete entry's extra data: the 64-bit VM state size from the
+    /// entry's 32-bit field, and `disk_size` (the image's size, which the entry's
+    /// snapshot had) where the entry lacks it. What the entry has is kept.
+    pub fn complete_extra(&mut self, disk_size: u64) {
+        if self.extra.len() >= V3_MIN_EXTRA {
+            return;
+        }
+        let fields = RawQemuExtra::new(self.disk_size().unwrap_or(disk_size), self.vm_state_size());
+        self.extra = fields.as_bytes()[..V3_MIN_EXTRA].to_vec();
     }
 
     /// Bytes this entry occupies in the table (padded to 8).
@@ -190,7 +211,9 @@ pub fn parse_table(
             });
         }
         let l1 = raw.l1_table_offset.get();
-        if l1 % cluster_size != 0 || l1 == 0 {
+        // An entry with no L1 table at all (offset and size 0) is valid: a snapshot of
+        // an empty disk, as version 2 images may carry all-zero entries.
+        if l1 % cluster_size != 0 || (l1 == 0 && raw.l1_size.get() != 0) {
             return Err(SnapshotError::Invalid {
                 index,
                 offset,

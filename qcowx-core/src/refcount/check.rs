@@ -68,6 +68,20 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
     for msg in Image::registry_problems(st) {
         s.report.problem(true, msg);
     }
+    for (i, e) in st.snapshots.iter().enumerate() {
+        if e.is_incomplete(st.header.version) {
+            s.report.problem(
+                true,
+                format!(
+                    "snapshot table entry {i} ('{}') is incomplete: a version 3 entry \
+                     needs {} bytes of extra data, it has {}",
+                    e.name,
+                    crate::format::snapshot::V3_MIN_EXTRA,
+                    e.extra.len()
+                ),
+            );
+        }
+    }
     let cs = img.geo.cluster_size();
     let order = st.header.refcount_order;
     let per_block = (cs * 8) >> order;

@@ -21,6 +21,7 @@ pub(crate) use scan::{refcount_clusters, reference_counts, scan_from, ScanInput,
 
 use crate::engine::{Image, OpenState};
 use crate::error::Result;
+use crate::format::header::Incompatible;
 
 /// The most problems a report lists individually (the counts are always complete).
 pub const MAX_MESSAGES: usize = 1000;
@@ -57,6 +58,9 @@ pub struct CheckReport {
     pub stale_corruptions: u64,
     /// The report follows a repair.
     pub repaired: bool,
+    /// The header's corrupt bit is set: a write on metadata was refused (by qcowx or
+    /// QEMU) and the image opens read-only until a repair clears it.
+    pub marked_corrupt: bool,
 }
 
 impl CheckReport {
@@ -88,6 +92,24 @@ impl CheckReport {
 
 /// Check, repair and close: the refcount layer's entry points on an [`Image`].
 impl Image {
+    /// Rewrites the snapshot table with every incomplete entry completed (see
+    /// [`crate::format::snapshot::SnapshotEntry::is_incomplete`]), if there is one.
+    fn complete_snapshot_entries(&self, st: &mut crate::engine::State) -> Result<()> {
+        let version = st.header.version;
+        if !st.snapshots.iter().any(|e| e.is_incomplete(version)) {
+            return Ok(());
+        }
+        let size = st.header.size;
+        let mut snapshots = st.snapshots.clone();
+        for e in &mut snapshots {
+            if e.is_incomplete(version) {
+                e.complete_extra(size);
+            }
+        }
+        let records = st.records.clone();
+        self.replace_table(st, snapshots, records)
+    }
+
     /// Flushes, writes exact refcounts if they are stale and clears the dirty bit.
     /// Further calls on this image return [`Error::Closed`](crate::Error::Closed).
     pub fn close(&self) -> Result<()> {
@@ -101,7 +123,12 @@ impl Image {
                 // A session that changed nothing leaves the file as it was; one that
                 // wrote data only (no metadata) after a scan at open stamps the image
                 // so that the next open need not scan.
-                if st.stale {
+                if st.refused.is_some() {
+                    // A write on metadata was refused: the image is damaged and marked
+                    // corrupt. Links to data already written are flushed (they were
+                    // checked), refcounts are left to a repair.
+                    Ok(())
+                } else if st.stale {
                     write_refcounts(self, &mut st)
                 } else if st.open_state == OpenState::Reconciled
                     && st.deltas.is_exact()
@@ -141,6 +168,9 @@ impl Image {
             return Ok(());
         }
         self.flush_locked(&mut st)?;
+        if st.refused.is_some() {
+            return Ok(());
+        }
         write_refcounts(self, &mut st)
     }
 
@@ -165,7 +195,7 @@ impl Image {
             self.flush_locked(&mut st)?;
             // This handle's own changes are not damage: write them out first, so
             // that only what a crash or another program left is reported.
-            if st.stale {
+            if st.stale && st.refused.is_none() {
                 write_refcounts(self, &mut st)?;
             }
         }
@@ -200,10 +230,19 @@ impl Image {
         drop(probe);
         // Repair rewrites links and refcounts: protect them with the dirty bit first.
         self.mark_stale(&mut st)?;
+        self.complete_snapshot_entries(&mut st)?;
         self.repair_registry(&mut st)?;
         rebuild(self, &mut st)?;
         let mut report = check(self, &mut st)?;
         report.repaired = true;
+        if report.corruptions == 0 && st.header.incompatible.contains(Incompatible::CORRUPT) {
+            // Repaired: the image may be written again (QEMU clears the bit the same way).
+            st.header.incompatible.remove(Incompatible::CORRUPT);
+            self.write_header_fields(&st)?;
+            self.sync()?;
+            st.refused = None;
+            report.marked_corrupt = false;
+        }
         Ok(report)
     }
 }

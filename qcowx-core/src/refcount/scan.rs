@@ -17,12 +17,54 @@ pub(super) const META: u8 = 1;
 
 pub(super) const DATA: u8 = 2;
 
+/// The metadata structures a scan tells apart (index + 1 is kept per cluster, so that
+/// a cluster claimed by two of them is reported by name).
+const STRUCTURES: [&str; 10] = [
+    "image header",
+    "active L1 table",
+    "snapshot table",
+    "refcount table",
+    "refcount block",
+    "snapshot L1 table",
+    "L2 table",
+    "bitmap directory",
+    "bitmap table",
+    "bitmap data",
+];
+
+/// Per-cluster claim bits: the structure's number (1..=15) in the low four bits, and
+/// whether data uses the cluster.
+const CLAIM_DATA: u8 = 1 << 4;
+
+fn structure_id(what: &str) -> u8 {
+    // Two roots may share one L1 table for a moment (a revert interrupted between
+    // its header write and its snapshot-table write): a refcount matter, not damage.
+    let what = if what == "snapshot L1 table" {
+        "active L1 table"
+    } else {
+        what
+    };
+    STRUCTURES
+        .iter()
+        .position(|s| *s == what)
+        .map_or(15, |i| i as u8 + 1)
+}
+
+fn structure_name(id: u8) -> &'static str {
+    STRUCTURES
+        .get(usize::from(id).wrapping_sub(1))
+        .copied()
+        .unwrap_or("metadata")
+}
+
 /// Reference counts per host cluster, from a walk of every root.
 pub(crate) struct Scan {
     pub(crate) cluster_bits: u32,
     pub(crate) file_clusters: u64,
+    file_len: u64,
     pub(crate) counts: Vec<u64>,
-    pub(crate) kinds: Vec<u8>,
+    /// What claims each cluster (see [`CLAIM_DATA`]).
+    claims: Vec<u8>,
     pub(crate) report: CheckReport,
     /// Clusters past `file_clusters` were allocated after the scan began (a scan of
     /// [`Source::Live`]): they are neither counted nor reported.
@@ -35,14 +77,17 @@ impl Scan {
         Scan {
             cluster_bits,
             file_clusters,
+            file_len,
             counts: vec![0; file_clusters as usize],
-            kinds: vec![0; file_clusters as usize],
+            claims: vec![0; file_clusters as usize],
             report: CheckReport::default(),
             past_end_is_new: false,
         }
     }
 
-    /// Counts `k` references to the clusters covering `[offset, offset+len)`.
+    /// Counts `k` references to the clusters covering `[offset, offset+len)`, used as
+    /// `kind` ([`META`]: the structure `what`; [`DATA`]: guest data). A cluster used
+    /// by two different structures, or as metadata and data, is reported.
     pub(crate) fn add(&mut self, offset: u64, len: u64, k: u64, kind: u8, what: &str) -> bool {
         if len == 0 {
             return true;
@@ -55,23 +100,62 @@ impl Scan {
         if first >= self.file_clusters {
             self.report.problem(
                 true,
-                format!("{what} at offset {offset:#x} is past the end of the file"),
+                format!(
+                    "{what} at offset {offset:#x} is past the end of the file ({:#x})",
+                    self.file_len
+                ),
             );
             return false;
         }
+        // As QEMU counts it: a region may end inside the last cluster past the end of
+        // the file (a compressed cluster's sector count is an upper bound), but not a
+        // whole cluster or more beyond it.
+        let cs = 1u64 << self.cluster_bits;
+        if !self.past_end_is_new && offset.saturating_add(len).saturating_sub(self.file_len) >= cs {
+            self.report.problem(
+                true,
+                format!(
+                    "{what} at offset {offset:#x} (length {len:#x}) runs past the end of \
+                     the file ({:#x})",
+                    self.file_len
+                ),
+            );
+        }
         let last = last.min(self.file_clusters - 1);
+        let claim = if kind == META {
+            structure_id(what)
+        } else {
+            CLAIM_DATA
+        };
         for c in first..=last {
             let i = c as usize;
-            if self.kinds[i] != 0 && self.kinds[i] != kind {
+            let had = self.claims[i];
+            let had_meta = had & 0x0f;
+            let clash = if claim == CLAIM_DATA {
+                had_meta != 0
+            } else {
+                had & CLAIM_DATA != 0 || (had_meta != 0 && had_meta != claim)
+            };
+            if clash {
+                let first_use = if had_meta != 0 && had_meta != claim {
+                    structure_name(had_meta)
+                } else {
+                    "data"
+                };
+                let second = what;
                 self.report.problem(
                     true,
                     format!(
-                        "cluster {:#x} is used both as metadata and as data ({what})",
+                        "cluster {:#x} is used both as {first_use} and as {second}",
                         c << self.cluster_bits
                     ),
                 );
             }
-            self.kinds[i] |= kind;
+            if claim == CLAIM_DATA {
+                self.claims[i] |= CLAIM_DATA;
+            } else if had_meta == 0 {
+                self.claims[i] |= claim;
+            }
             self.counts[i] = self.counts[i].saturating_add(k);
         }
         true
@@ -91,15 +175,12 @@ impl Scan {
     /// (after `context`, what could not be done because of it, when given).
     pub(crate) fn checked(self, img: &Image, context: &str) -> Result<Scan> {
         if self.report.corruptions > 0 {
-            return Err(img.corrupt(
-                "image metadata",
-                0,
-                format!(
-                    "{context}{} structural error(s), first: {}",
-                    self.report.corruptions,
-                    self.report.messages.first().cloned().unwrap_or_default()
-                ),
-            ));
+            return Err(crate::Error::Damaged {
+                file: img.file_name().to_string(),
+                doing: context.to_string(),
+                errors: self.report.corruptions,
+                first: self.report.messages.first().cloned().unwrap_or_default(),
+            });
         }
         Ok(self)
     }
@@ -259,10 +340,11 @@ pub(crate) fn scan_from(
     s.past_end_is_new = src == Source::Live;
     let h = &input.header;
     s.report.dirty = h.incompatible.contains(Incompatible::DIRTY);
+    s.report.marked_corrupt = h.incompatible.contains(Incompatible::CORRUPT);
     s.report.total_clusters = h.size.div_ceil(cs);
 
     if input.fixed {
-        s.add(0, cs, 1, META, "header");
+        s.add(0, cs, 1, META, "image header");
         s.add(
             h.l1_table_offset,
             u64::from(h.l1_size) * 8,
@@ -402,6 +484,16 @@ pub(crate) fn scan_from(
                     }
                 }
                 ClusterKind::Compressed { offset, len } => {
+                    if geo.extended && entry.bitmap != 0 {
+                        s.report.problem(
+                            true,
+                            format!(
+                                "L2 entry at offset {entry_off:#x}: compressed cluster with a \
+                                 non-zero subcluster bitmap {:#018x}",
+                                entry.bitmap
+                            ),
+                        );
+                    }
                     s.add(offset, len, k, DATA, "compressed cluster");
                     if is_active {
                         s.report.allocated_clusters += 1;
@@ -416,12 +508,7 @@ pub(crate) fn scan_from(
 }
 
 pub(super) fn read_reftable(img: &Image, h: &Header) -> Result<Vec<u64>> {
-    let len = u64::from(h.refcount_table_clusters) * img.geo.cluster_size();
-    let mut raw = vec![0u8; len as usize];
-    img.storage
-        .read_at(&mut raw, h.refcount_table_offset)
-        .map_err(|e| img.io_err("read refcount table", h.refcount_table_offset, e))?;
-    Ok(decode_words(&raw))
+    img.read_reftable(h)
 }
 
 /// Counts the clusters of persistent bitmaps (directory, tables, data).
@@ -487,7 +574,12 @@ pub(crate) fn refcount_clusters(img: &Image, h: &Header) -> Result<HashSet<u64>>
     Ok(set)
 }
 
-/// Reference counts per host cluster from every root (refcount structures excluded).
-pub(crate) fn reference_counts(img: &Image, st: &State) -> Result<Vec<u64>> {
-    Ok(scan(img, st, false)?.checked(img, "")?.counts)
+/// Reference counts per host cluster from every root, refused with
+/// [`crate::Error::Damaged`] on structural damage. With `refuse` (what to say before
+/// the damage), the refcount structures are scanned too, so that data overlapping
+/// them is damage; without, they are left out (a repair is about to rebuild them).
+pub(crate) fn reference_counts(img: &Image, st: &State, refuse: Option<&str>) -> Result<Vec<u64>> {
+    Ok(scan(img, st, refuse.is_some())?
+        .checked(img, refuse.unwrap_or(""))?
+        .counts)
 }

@@ -8,6 +8,9 @@ use crate::format::tables::L2Entry;
 
 use super::*;
 
+/// What a writable open of a damaged image says.
+const OPEN: Option<&str> = Some("cannot open for writing until it is repaired: ");
+
 impl Image {
     /// What a writable open does about the state it finds the image in:
     /// - dirty (a crash, or a writer with lazy refcounts): restore invariant W and
@@ -22,14 +25,14 @@ impl Image {
     pub(crate) fn settle_after_open(&self) -> Result<OpenState> {
         let mut st = self.lock_state()?;
         if st.stale {
-            self.reconcile_locked(&mut st)?;
+            self.reconcile_locked(&mut st, OPEN)?;
             crate::refcount::rebuild(self, &mut st)?;
             return Ok(OpenState::Recovered);
         }
         if self.stamp_matches(&st) {
             return Ok(OpenState::Clean);
         }
-        self.reconcile_locked(&mut st)?;
+        self.reconcile_locked(&mut st, OPEN)?;
         Ok(OpenState::Reconciled)
     }
 
@@ -39,7 +42,7 @@ impl Image {
     pub(crate) fn registry_problems(st: &State) -> Vec<String> {
         let mut out = Vec::new();
         let mut heads: HashMap<u64, usize> = HashMap::new();
-        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut names: HashMap<String, (usize, bool)> = HashMap::new();
         for (i, (e, r)) in st.snapshots.iter().zip(&st.records).enumerate() {
             let claims = e
                 .extra
@@ -55,7 +58,9 @@ impl Image {
                 *heads.entry(r.vdi).or_insert(0) += 1;
             }
             if Image::entry_live(st, i) {
-                *names.entry(display(e, r)).or_insert(0) += 1;
+                let n = names.entry(display(e, r)).or_insert((0, false));
+                n.0 += 1;
+                n.1 |= r.native;
             }
         }
         for (vdi, n) in heads {
@@ -65,8 +70,10 @@ impl Image {
                 ));
             }
         }
-        for (name, n) in names {
-            if n > 1 {
+        // Snapshots QEMU made may share a name (QEMU tells them apart by ID): only a
+        // name a qcowx root carries must be unique.
+        for (name, (n, native)) in names {
+            if n > 1 && native {
                 out.push(format!("{n} live roots are named '{name}'"));
             }
         }
@@ -84,11 +91,16 @@ impl Image {
             }
         }
         st.index = Index::build(&st.snapshots, &st.records);
-        self.reconcile_locked(st)
+        // The refcount structures are about to be rebuilt elsewhere: data that
+        // overlaps them is not damage the repair must refuse.
+        self.reconcile_locked(st, None)
     }
 
-    fn reconcile_locked(&self, st: &mut State) -> Result<()> {
-        let counts = crate::refcount::reference_counts(self, st)?;
+    /// Restores invariant W on every head. `refuse`: scan the refcount structures
+    /// too and refuse any damage, saying this (else the refcount structures are left
+    /// out of the scan).
+    fn reconcile_locked(&self, st: &mut State, refuse: Option<&str>) -> Result<()> {
+        let counts = crate::refcount::reference_counts(self, st, refuse)?;
         let bits = self.geo.cluster_bits;
         let count = |off: u64| counts.get((off >> bits) as usize).copied().unwrap_or(0);
         let mut heads = vec![Target::Default];

@@ -1,0 +1,229 @@
+//! Metadata overlap protection: on an image whose links were damaged after qcowx
+//! closed it cleanly (so the open trusts it and scans nothing), a write, discard or
+//! copy that would land on metadata is refused, the structure is left intact, the image
+//! is marked corrupt as QEMU marks it, and a repair makes it writable again.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use qcowx_core::{CreateOptions, ErrorKind, Image, OpenOptions, OpenState};
+use qcowx_tests::{qemu_check, qemu_info, require_qemu_tools};
+
+const MIB: u64 = 1 << 20;
+const CLUSTER: u64 = 64 << 10;
+
+fn be64(path: &Path, at: u64) -> u64 {
+    let mut b = [0u8; 8];
+    fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    u64::from_be_bytes(b)
+}
+
+fn poke64(path: &Path, at: u64, v: u64) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&v.to_be_bytes(), at).unwrap();
+}
+
+fn bytes(path: &Path, at: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    b
+}
+
+/// Offsets of an image's structures, read from its header.
+struct Layout {
+    l1: u64,
+    refcount_table: u64,
+    refcount_block: u64,
+    l2: u64,
+}
+
+fn layout(path: &Path) -> Layout {
+    let l1 = be64(path, 40);
+    let refcount_table = be64(path, 48);
+    let refcount_block = be64(path, refcount_table);
+    let l2 = be64(path, l1) & 0x00ff_ffff_ffff_fe00;
+    Layout {
+        l1,
+        refcount_table,
+        refcount_block,
+        l2,
+    }
+}
+
+/// An image qcowx wrote (guest clusters 0 and 1 allocated) and closed cleanly, with
+/// the L2 entry of guest cluster 1 then pointed at `target` (writable, as a damaged
+/// image could have it). Returns the layout.
+fn damaged(path: &Path, target: impl Fn(&Layout) -> u64) -> Layout {
+    let img = Image::create(path, &CreateOptions::new(64 * MIB)).unwrap();
+    img.write_at(&[0x11; 2 * CLUSTER as usize], 0).unwrap();
+    img.close().unwrap();
+    let l = layout(path);
+    poke64(path, l.l2 + 8, (1 << 63) | target(&l));
+    l
+}
+
+fn assert_marked_corrupt(path: &Path) {
+    let info = qemu_info(path, true);
+    assert_eq!(
+        info["format-specific"]["data"]["corrupt"], true,
+        "QEMU sees the corrupt bit: {info:#}"
+    );
+}
+
+/// The whole protocol on one damaged image: refused write, structure intact, corrupt
+/// bit, no more writes, read-only reopen, repair, writable again.
+#[test]
+fn a_write_onto_a_refcount_block_is_refused_and_the_image_marked_corrupt() {
+    require_qemu_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    let l = damaged(&p, |l| l.refcount_block);
+    let before = bytes(&p, l.refcount_block, CLUSTER as usize);
+
+    let img = Image::open_rw(&p).unwrap();
+    assert_eq!(
+        img.open_state(),
+        OpenState::Clean,
+        "the damage came after a clean close: no scan at open"
+    );
+    let e = img.write_at(&[0x2a; 512], CLUSTER).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    let msg = e.to_string();
+    for want in [
+        "refcount block",
+        &format!("{:#x}", l.refcount_block),
+        "marked corrupt",
+    ] {
+        assert!(msg.contains(want), "{want:?} missing from: {msg}");
+    }
+    // Nothing more is written through this handle, not even elsewhere.
+    let again = img.write_at(&[0x2b; 512], 0).unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::ReadOnly, "{again}");
+    drop(img);
+
+    assert_eq!(
+        bytes(&p, l.refcount_block, CLUSTER as usize),
+        before,
+        "the refcount block is intact"
+    );
+    assert_marked_corrupt(&p);
+    let e = Image::open_rw(&p).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ReadOnly, "{e}");
+    assert!(e.to_string().contains("marked corrupt"), "{e}");
+    // Read-only opens still work and read the damaged link's target.
+    let mut b = [0u8; 2];
+    Image::open(&p).unwrap().read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [0x11, 0x11]);
+
+    // A repair fixes the image and clears the bit; then it is writable again.
+    let img = OpenOptions::new().repair(true).open(&p).unwrap();
+    let r = img.repair().unwrap();
+    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+    assert!(!r.marked_corrupt);
+    img.close().unwrap();
+    assert_eq!(qemu_check(&p).code, 0, "{}", qemu_check(&p).json);
+    let img = Image::open_rw(&p).unwrap();
+    img.write_at(&[0x2a; 512], CLUSTER).unwrap();
+    img.close().unwrap();
+    assert_eq!(qemu_check(&p).code, 0, "{}", qemu_check(&p).json);
+    let mut b = [0u8; 512];
+    Image::open(&p).unwrap().read_at(&mut b, CLUSTER).unwrap();
+    assert_eq!(b, [0x2a; 512]);
+}
+
+/// Each structure a data cluster could be pointed at: the write is refused and the
+/// structure's bytes stay as they were.
+#[test]
+fn writes_onto_each_structure_are_refused() {
+    type Pick = fn(&Layout) -> u64;
+    // (Host offset 0, the header, cannot be named by a link: an entry with offset 0
+    // reads as unallocated, in QEMU's rule too.)
+    let cases: [(&str, Pick); 3] = [
+        ("L1 table", |l| l.l1),
+        ("refcount table", |l| l.refcount_table),
+        ("L2 table", |l| l.l2),
+    ];
+    for (name, pick) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.qcow2");
+        let l = damaged(&p, pick);
+        let at = pick(&l);
+        let before = bytes(&p, at, CLUSTER as usize);
+        let img = Image::open_rw(&p).unwrap();
+        let e = img.write_at(&[0x2a; 4096], CLUSTER + 4096).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{name}: {e}");
+        assert!(e.to_string().contains(name), "{name}: {e}");
+        drop(img);
+        let after = bytes(&p, at, CLUSTER as usize);
+        assert_eq!(after, before, "{name}: the structure is intact");
+    }
+}
+
+/// A discard of a cluster whose link points at metadata would punch the structure: it
+/// is refused like a write.
+#[test]
+fn a_discard_never_punches_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    let l = damaged(&p, |l| l.refcount_block);
+    let before = bytes(&p, l.refcount_block, CLUSTER as usize);
+    let img = Image::open_rw(&p).unwrap();
+    let e = img.discard(CLUSTER, CLUSTER).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    img.flush().unwrap();
+    drop(img);
+    assert_eq!(bytes(&p, l.refcount_block, CLUSTER as usize), before);
+}
+
+/// A link past every allocated cluster: writing through it would put data where the
+/// next allocation goes (a table, say). Refused as damage.
+#[test]
+fn a_write_through_a_link_past_the_end_of_the_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    damaged(&p, |_| 64 * CLUSTER);
+    let file_len = fs::metadata(&p).unwrap().len();
+    assert!(file_len <= 64 * CLUSTER, "the link points past the end");
+    let img = Image::open_rw(&p).unwrap();
+    let e = img.write_at(&[0x2a; 512], CLUSTER).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("past the end"), "{e}");
+    drop(img);
+    assert_eq!(
+        fs::metadata(&p).unwrap().len(),
+        file_len,
+        "nothing was written"
+    );
+}
+
+/// The same writes on a sound image go through: the protection refuses nothing a
+/// healthy image does (allocation, in place, copy-on-write after a snapshot, discard).
+#[test]
+fn a_sound_image_is_never_refused() {
+    require_qemu_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    let img = std::sync::Arc::new(Image::create(&p, &CreateOptions::new(64 * MIB)).unwrap());
+    for round in 0..4u8 {
+        img.write_at(&[round; 3 * CLUSTER as usize], 0).unwrap();
+        img.write_at(&[round; 512], 40 * MIB + 512).unwrap();
+        img.snapshot("default", &format!("s{round}")).unwrap();
+        img.discard(CLUSTER, CLUSTER).unwrap();
+        img.write_at(&[round + 1; 4096], 2 * CLUSTER).unwrap();
+    }
+    img.delete_snapshot("s0").unwrap();
+    img.gc().unwrap();
+    img.write_at(&[9; 2 * CLUSTER as usize], 4 * CLUSTER)
+        .unwrap();
+    img.close().unwrap();
+    assert_eq!(qemu_check(&p).code, 0, "{}", qemu_check(&p).json);
+    let info = qemu_info(&p, false);
+    assert_eq!(info["format-specific"]["data"]["corrupt"], false);
+}
