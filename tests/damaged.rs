@@ -288,32 +288,55 @@ fn iotest_060_compressed_past_eof() {
 
 // ---- 080: header, refcount table, snapshot table and L1 validation ----------------------
 
-/// A fresh 64 MiB image, `pokes` applied (offset, bytes), saved as a seed named
-/// `080-NAME`, which QEMU refuses to open: qcowx refuses it too, naming `needles`,
-/// and `qcowx check` exits as `qemu-img check` does.
-fn refused_080(name: &str, pokes: &[(u64, &[u8])], needles: &[&str]) {
-    let c = image(&format!("080-{name}"));
-    for (off, bytes) in pokes {
-        c.poke(*off, bytes);
+/// Variants of an 080 case: fresh 64 MiB images, each with its pokes applied (offset,
+/// bytes) and saved as a seed named `080-NAME` as it is built (so that every variant
+/// is saved even when an earlier one fails its assertions), which QEMU refuses to
+/// open: qcowx refuses each too, naming its needles, and `qcowx check` exits as
+/// `qemu-img check` does.
+#[derive(Default)]
+struct Refused(Vec<(Case, Vec<String>)>);
+
+impl Refused {
+    fn add(&mut self, name: &str, pokes: &[(u64, &[u8])], needles: &[&str]) {
+        let c = image(&format!("080-{name}"));
+        for (off, bytes) in pokes {
+            c.poke(*off, bytes);
+        }
+        let needles = needles.iter().map(|n| n.to_string()).collect();
+        self.0.push((c.damaged(), needles));
     }
-    let c = c.damaged();
-    c.open_refused_like_qemu(needles);
-    c.check_like_qemu(needles);
-    c.repair_like_qemu(&[], false);
+
+    fn run(self) {
+        for (c, needles) in self.0 {
+            let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+            c.open_refused_like_qemu(&needles);
+            c.check_like_qemu(&needles);
+            c.repair_like_qemu(&[], false);
+        }
+    }
+}
+
+/// One [`Refused`] variant.
+fn refused_080(name: &str, pokes: &[(u64, &[u8])], needles: &[&str]) {
+    let mut r = Refused::default();
+    r.add(name, pokes, needles);
+    r.run();
 }
 
 #[test]
 fn iotest_080_huge_header_length() {
-    refused_080(
+    let mut r = Refused::default();
+    r.add(
         "header-length-ffffffff",
         &[(100, b"\xff\xff\xff\xff")],
         &["header"],
     );
-    refused_080(
+    r.add(
         "header-length-7fffffff",
         &[(100, b"\x7f\xff\xff\xff")],
         &["header"],
     );
+    r.run();
 }
 
 /// An unknown header extension claiming 2 GiB (placed after the header, whose length
@@ -321,6 +344,7 @@ fn iotest_080_huge_header_length() {
 /// huge, inside the extension, and 0.
 #[test]
 fn iotest_080_huge_header_extension() {
+    let mut r = Refused::default();
     require_qemu_tools();
     let probe = Case::create("probe", M64, "compat=1.1");
     let ext = u64::from(qcowx_tests::be32(&probe.img, 100));
@@ -332,24 +356,27 @@ fn iotest_080_huge_header_extension() {
             (ext + 4, b"\x7f\xff\xff\xff"),
             (8, &b),
         ];
-        refused_080(
+        r.add(
             &format!("huge-header-extension-{tag}"),
             pokes,
             &["extension"],
         );
     }
+    r.run();
 }
 
 #[test]
 fn iotest_080_huge_refcount_table_clusters() {
+    let mut r = Refused::default();
     for v in [0xffff_ffffu32, 0x0002_0001] {
         let b = v.to_be_bytes();
-        refused_080(
+        r.add(
             &format!("refcount-table-clusters-{v:x}"),
             &[(56, &b)],
             &["refcount_table_clusters"],
         );
     }
+    r.run();
 }
 
 #[test]
@@ -376,15 +403,16 @@ fn iotest_080_huge_refcount_table_offset() {
 /// `nb_snapshots` huge; then a huge `snapshots_offset` with 65535 snapshots.
 #[test]
 fn iotest_080_invalid_snapshot_table() {
+    let mut r = Refused::default();
     for v in [0xffff_ffffu32, 0x7fff_ffff] {
         let b = v.to_be_bytes();
-        refused_080(
+        r.add(
             &format!("nb-snapshots-{v:x}"),
             &[(60, &b)],
             &["nb_snapshots"],
         );
     }
-    refused_080(
+    r.add(
         "snapshots-offset-huge",
         &[
             (64, &0xffff_ffff_ffff_0000u64.to_be_bytes()),
@@ -392,6 +420,7 @@ fn iotest_080_invalid_snapshot_table() {
         ],
         &["snapshot", "0xffffffffffff0000"],
     );
+    r.run();
 }
 
 /// The case: a snapshot-table offset that is not cluster-aligned, with no
@@ -408,11 +437,12 @@ fn iotest_080_snapshot_table_offset_unaligned() {
 
 #[test]
 fn iotest_080_invalid_l1_table() {
+    let mut r = Refused::default();
     for v in [0xffff_ffffu32, 0x7fff_ffff] {
         let b = v.to_be_bytes();
-        refused_080(&format!("l1-size-{v:x}"), &[(36, &b)], &["l1_size"]);
+        r.add(&format!("l1-size-{v:x}"), &[(36, &b)], &["l1_size"]);
     }
-    refused_080(
+    r.add(
         "l1-offset-huge",
         &[
             (40, &0x7fff_ffff_ffff_0000u64.to_be_bytes()),
@@ -420,7 +450,7 @@ fn iotest_080_invalid_l1_table() {
         ],
         &["l1_table_offset", "0x7fffffffffff0000"],
     );
-    refused_080(
+    r.add(
         "l1-offset-unaligned",
         &[
             (40, &0x1234_5678_90ab_cdefu64.to_be_bytes()),
@@ -428,6 +458,7 @@ fn iotest_080_invalid_l1_table() {
         ],
         &["l1_table_offset", "0x1234567890abcdef"],
     );
+    r.run();
 }
 
 #[test]
@@ -444,14 +475,20 @@ fn iotest_080_invalid_backing_file_size() {
 /// file as it was, and check must agree with QEMU's.
 #[test]
 fn iotest_080_l2_entry_huge_offset() {
-    for (tag, entry) in [
+    // Every variant is built (and saved as a seed) before any is asserted on.
+    let cases: Vec<_> = [
         ("reserved-bits", 0xbfff_ffff_ffff_0000u64),
         ("standard", 0x8000_00ff_ffff_0000),
-    ] {
+    ]
+    .into_iter()
+    .map(|(tag, entry)| {
         let c = image(&format!("080-l2-entry-huge-offset-{tag}"));
         c.qemu_io(&["write 0 512"]);
         c.poke64(c.l2_offset(0), entry);
-        let c = c.damaged();
+        (tag, entry, c.damaged())
+    })
+    .collect();
+    for (tag, entry, c) in cases {
         let q = c.qemu_img(&["snapshot", "-c", "test", &c.copy("qemu-snap")]);
         assert!(
             !q.status.success(),
@@ -477,15 +514,21 @@ fn iotest_080_l2_entry_huge_offset() {
 /// naming it in hex.
 #[test]
 fn iotest_080_invalid_snapshot_l1() {
-    for (tag, off, bytes) in [
+    // Every variant is built (and saved as a seed) before any is asserted on.
+    let cases: Vec<_> = [
         ("offset", 0u64, 0x40_0200u64.to_be_bytes().to_vec()),
         ("size", 8, 0x1000_0000u32.to_be_bytes().to_vec()),
-    ] {
+    ]
+    .into_iter()
+    .map(|(tag, off, bytes)| {
         let c = image(&format!("080-snapshot-l1-{tag}"));
         c.qemu_io(&["write 0 512"]);
         c.qemu_img(&["snapshot", "-c", "test", IMAGE]);
         c.poke(c.snapshots_offset() + off, &bytes);
-        let c = c.damaged();
+        (tag, c.damaged())
+    })
+    .collect();
+    for (tag, c) in cases {
         let q = c.qemu_img(&[
             "convert",
             "-l",
