@@ -118,7 +118,7 @@ impl Case {
     /// Marks the end of the damage: saves the image as a fuzz seed when
     /// `QCOWX_DAMAGED_SEEDS` is set (images over [`MAX_SEED`] are not saved).
     pub fn damaged(self) -> Case {
-        if let Some(dir) = std::env::var_os("QCOWX_DAMAGED_SEEDS") {
+        if let Some(dir) = std::env::var_os("QCOWX_DAMAGED_SEEDS").filter(|d| !d.is_empty()) {
             let len = std::fs::metadata(&self.img).expect("stat").len();
             if len <= MAX_SEED {
                 let dir = PathBuf::from(dir);
