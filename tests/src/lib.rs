@@ -37,6 +37,8 @@
 //!   built for the running test, or built with cargo once per test process.
 //! * **The CLI** ([`cli`]) — `qcowx` and QEMU's tools run in a test directory, and the
 //!   assertions the CLI tests make on their exit codes and output.
+//! * **Damaged images** ([`damaged`]) — [`damaged::Case`], an image damaged as QEMU's
+//!   qcow2 iotests damage theirs, and the assertions comparing qcowx with QEMU on it.
 //! * **NBD** (`nbd_server`, `libnbd`, [`nbd_wire`], `pki`) — [`QcowxNbd`], a `qcowx-nbd`
 //!   process on a Unix socket or a free TCP port, stopped when dropped; libnbd's tools
 //!   ([`nbdinfo`], [`nbdcopy`], [`nbdsh`], [`libnbd_read_ranges`]); a hand-written
@@ -48,6 +50,7 @@
 mod bins;
 mod bounded;
 pub mod cli;
+pub mod damaged;
 mod expected;
 mod files;
 mod images;
