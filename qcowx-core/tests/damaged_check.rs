@@ -154,7 +154,8 @@ fn an_incomplete_version_3_snapshot_entry_is_reported_and_repaired() {
     let r = qcowx_check(&p);
     assert_eq!(r.exit_code(), 2, "{:?}", r.messages);
     assert!(
-        mentions(&r, "snapshot table entry 0 ('sn0') is incomplete"),
+        mentions(&r, "snapshot table entry 0 ('sn0') at offset 0x")
+            && mentions(&r, "is incomplete"),
         "{:?}",
         r.messages
     );

@@ -227,3 +227,77 @@ fn a_sound_image_is_never_refused() {
     let info = qemu_info(&p, false);
     assert_eq!(info["format-specific"]["data"]["corrupt"], false);
 }
+
+/// Guest data linked onto a snapshot's L2 table (QEMU's iotest 060 "data reference
+/// into inactive L2 table"): a writable open refuses the image, and a repair moves the
+/// data to a cluster of its own. Afterwards QEMU checks the image clean, both layers
+/// read what QEMU reads from a copy it repaired itself, and the image takes writes.
+#[test]
+fn a_repair_moves_data_off_a_snapshot_l2_table() {
+    require_qemu_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    let q = dir.path().join("q.qcow2");
+    qcowx_tests::qemu_img_create(&p, 64 * MIB, "compat=1.1");
+    qcowx_tests::qemu_io_ok("qcow2", &p, &["write -P 1 0 512"]);
+    qcowx_tests::qemu_img_ok(&["snapshot", "-c", "foo", p.to_str().unwrap()]);
+    qcowx_tests::qemu_io_ok("qcow2", &p, &["write -P 2 0 512"]);
+    // The snapshot's L2 table stays where it was; the active L1 now links a copy.
+    let snapshot_l2 = {
+        let table = be64(&p, 64);
+        let snap_l1 = be64(&p, table);
+        be64(&p, snap_l1) & 0x00ff_ffff_ffff_fe00
+    };
+    let active_l2 = layout(&p).l2;
+    assert_ne!(snapshot_l2, active_l2);
+    poke64(&p, active_l2, (1 << 63) | snapshot_l2);
+    fs::copy(&p, &q).unwrap();
+    let before = fs::read(&p).unwrap();
+
+    let e = Image::open_rw(&p).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.to_string().contains(&format!("{snapshot_l2:#x}")),
+        "the message names the cluster: {e}"
+    );
+    assert_eq!(
+        fs::read(&p).unwrap(),
+        before,
+        "a refused open changes nothing"
+    );
+
+    let img = OpenOptions::new().repair(true).open(&p).unwrap();
+    let r = img.repair().unwrap();
+    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+    img.close().unwrap();
+    assert_eq!(qemu_check(&p).code, 0, "{:#}", qemu_check(&p).json);
+    assert_eq!(
+        be64(&p, be64(&p, be64(&p, 64))) & 0x00ff_ffff_ffff_fe00,
+        snapshot_l2,
+        "the snapshot's L2 table kept its place"
+    );
+
+    qcowx_tests::qemu_img_ok(&["check", "-r", "all", q.to_str().unwrap()]);
+    for snapshot in [None, Some("foo")] {
+        let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+        match snapshot {
+            None => {
+                qcowx_tests::convert_to_raw(&p, &a);
+                qcowx_tests::convert_to_raw(&q, &b);
+            }
+            Some(s) => {
+                qcowx_tests::convert_snapshot_to_raw(&p, s, &a);
+                qcowx_tests::convert_snapshot_to_raw(&q, s, &b);
+            }
+        }
+        assert!(
+            fs::read(&a).unwrap() == fs::read(&b).unwrap(),
+            "{snapshot:?} reads as QEMU's repair has it"
+        );
+    }
+    let img = Image::open_rw(&p).unwrap();
+    img.write_at(&[4; 512], 0).unwrap();
+    img.close().unwrap();
+    assert_eq!(qemu_check(&p).code, 0, "{:#}", qemu_check(&p).json);
+    qcowx_tests::qemu_io_ok("qcow2", &p, &["read -P 4 0 512"]);
+}

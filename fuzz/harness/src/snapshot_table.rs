@@ -41,7 +41,7 @@ pub fn join(count: u16, table: &[u8]) -> Vec<u8> {
 pub fn fixture_input() -> Vec<u8> {
     let img = fixture::image_bytes();
     let (count, offset) = table_location(img);
-    let entries = parse_table(&img[offset..], offset as u64, count, CLUSTER_SIZE)
+    let entries = parse_table(&img[offset..], offset as u64, count)
         .expect("the fixture's snapshot table parses");
     let mut table = Vec::new();
     for e in &entries {
@@ -76,7 +76,7 @@ fn script() -> Vec<u8> {
 /// Runs one input (see the [module documentation](self)).
 pub fn run(data: &[u8]) {
     let (count, table) = split(data);
-    if let Ok(entries) = parse_table(table, 0, count, CLUSTER_SIZE) {
+    if let Ok(entries) = parse_table(table, 0, count) {
         round_trip(&entries, count);
     }
     let image = image_with_table(count, table);
@@ -89,7 +89,7 @@ fn round_trip(entries: &[SnapshotEntry], count: u32) {
     for e in entries {
         e.write_to(&mut bytes);
     }
-    match parse_table(&bytes, 0, count, CLUSTER_SIZE) {
+    match parse_table(&bytes, 0, count) {
         Ok(back) => assert!(
             back == entries,
             "snapshot table entries do not survive serialization"
@@ -102,7 +102,7 @@ fn round_trip(entries: &[SnapshotEntry], count: u32) {
 pub fn image_with_table(count: u32, table: &[u8]) -> Vec<u8> {
     let mut img = fixture::image_bytes().to_vec();
     let (old_count, old_offset) = table_location(&img);
-    let old_len: usize = parse_table(&img[old_offset..], 0, old_count, CLUSTER_SIZE)
+    let old_len: usize = parse_table(&img[old_offset..], 0, old_count)
         .map(|es| es.iter().map(SnapshotEntry::encoded_len).sum())
         .unwrap_or(0);
     let cs = CLUSTER_SIZE as usize;

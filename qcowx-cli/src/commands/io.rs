@@ -12,8 +12,11 @@ use crate::IoArgs;
 /// Runs every command in order, as `qemu-io` does: a failed command is reported and
 /// the next one runs; the exit code is 1 if any failed.
 pub(crate) fn io(a: &IoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = Arc::new(OpenOptions::new().write(true).open(&a.file)?);
-    if a.commands.iter().any(IoCommand::writes)
+    // Only commands that write need the image writable (and its exclusive lock): reads
+    // alone work on an image in use read-only, marked corrupt or damaged.
+    let writes = a.commands.iter().any(IoCommand::writes);
+    let img = Arc::new(OpenOptions::new().write(writes).open(&a.file)?);
+    if writes
         && img
             .list()?
             .iter()

@@ -88,6 +88,10 @@ pub enum OpenState {
     /// Not closed cleanly (the dirty bit was set: a crash, or a writer with lazy
     /// refcounts): every refcount was rebuilt from a scan before anything else.
     Recovered,
+    /// Closed cleanly by another program, but the scan found refcounts lower than the
+    /// references (a damaged refcount table or block): every refcount was rebuilt
+    /// before anything else, as for [`OpenState::Recovered`].
+    Rebuilt,
 }
 
 impl OpenState {
@@ -101,6 +105,10 @@ impl OpenState {
             OpenState::Reconciled => Some(
                 "was last written by another program: its metadata was scanned once \
                  (the next open after a clean close needs no scan)",
+            ),
+            OpenState::Rebuilt => Some(
+                "had refcounts lower than its references (damaged refcount structures): \
+                 every refcount was rebuilt from a scan of its metadata",
             ),
             OpenState::Clean | OpenState::ReadOnly => None,
         }

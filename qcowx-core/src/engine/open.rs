@@ -228,12 +228,7 @@ impl Image {
                 storage
                     .read_at(&mut table, header.snapshots_offset)
                     .map_err(|e| io("read snapshot table", header.snapshots_offset, e))?;
-                match snapshot::parse_table(
-                    &table,
-                    header.snapshots_offset,
-                    header.nb_snapshots,
-                    geo.cluster_size(),
-                ) {
+                match snapshot::parse_table(&table, header.snapshots_offset, header.nb_snapshots) {
                     Err(snapshot::SnapshotError::Truncated { .. }) if want < avail => {
                         want = (want * 2).min(avail);
                     }

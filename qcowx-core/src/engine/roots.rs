@@ -26,6 +26,8 @@ pub(crate) struct L1Loc {
     pub(crate) offset: u64,
     pub(crate) entries: u32,
     pub(crate) size: u64,
+    /// What is wrong with a snapshot entry's L1 reference (`SnapshotEntry::l1_problem`).
+    pub(crate) problem: Option<&'static str>,
 }
 
 impl Image {
@@ -46,6 +48,7 @@ impl Image {
                 offset: st.header.l1_table_offset,
                 entries: st.header.l1_size,
                 size: st.header.size,
+                problem: None,
             },
             Target::Entry(i) => {
                 let e = &st.snapshots[i];
@@ -53,6 +56,7 @@ impl Image {
                     offset: e.l1_table_offset,
                     entries: e.l1_size,
                     size: e.disk_size().unwrap_or(st.header.size),
+                    problem: e.l1_problem(1 << st.header.cluster_bits),
                 }
             }
         }
@@ -88,6 +92,9 @@ impl Image {
     }
 
     pub(crate) fn read_l1(&self, loc: L1Loc) -> Result<Vec<u64>> {
+        if let Some(why) = loc.problem {
+            return Err(self.corrupt("snapshot table entry's L1 table", loc.offset, why));
+        }
         let len = u64::from(loc.entries) * 8;
         let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
         if loc.offset.saturating_add(len) > file_len || loc.offset == 0 && len > 0 {

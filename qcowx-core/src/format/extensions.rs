@@ -119,7 +119,20 @@ impl Extensions {
         let mut pos = start;
         loop {
             if pos + 8 > end {
-                // QEMU tolerates a missing end marker when the cluster ends.
+                // QEMU tolerates a missing end marker when the area ends; an
+                // extension header cut by the end is an error (zeros aside).
+                let cut = &first[pos.min(end) as usize..end as usize];
+                if cut.iter().any(|&b| b != 0) {
+                    let mut kind = [0u8; 4];
+                    for (k, b) in kind.iter_mut().zip(cut) {
+                        *k = *b;
+                    }
+                    return Err(HeaderError::Extension {
+                        kind: u32::from_be_bytes(kind),
+                        offset: pos,
+                        why: "its header runs past the end of the extension area",
+                    });
+                }
                 break;
             }
             let (hdr, _) = RawExtensionHeader::read_from_prefix(&first[pos as usize..])

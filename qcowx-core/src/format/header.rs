@@ -398,10 +398,9 @@ impl Header {
             ));
         }
         let snapshots_offset = raw.snapshots_offset.get();
-        if nb_snapshots > 0
-            && (snapshots_offset % cluster_size != 0
-                || snapshots_offset == 0
-                || snapshots_offset >= file_len)
+        // Alignment is required even of an empty table, as QEMU requires it.
+        if snapshots_offset % cluster_size != 0
+            || (nb_snapshots > 0 && (snapshots_offset == 0 || snapshots_offset >= file_len))
         {
             return Err(field(
                 "snapshots_offset",

@@ -200,6 +200,14 @@ impl L2Entry {
             bitmap: self.bitmap,
         }
     }
+    /// The same standard entry (flags and subcluster bitmap kept) naming host cluster
+    /// `host` instead.
+    pub fn with_host(self, host: u64) -> L2Entry {
+        L2Entry {
+            word: (self.word & !OFFSET_MASK) | (host & OFFSET_MASK),
+            bitmap: self.bitmap,
+        }
+    }
     /// Whether the entry is compressed.
     pub fn is_compressed(self) -> bool {
         self.word & COMPRESSED != 0

@@ -10,11 +10,12 @@
 mod apply;
 mod check;
 mod rebuild;
+mod relocate;
 mod room;
 mod scan;
 
 pub(crate) use apply::write_refcounts;
-pub(crate) use check::check;
+pub(crate) use check::{check, refcounts_cover};
 pub(crate) use rebuild::{give_up_table_room, rebuild, rebuild_with};
 pub(crate) use room::{check_room_for_root, max_refcount};
 pub(crate) use scan::{refcount_clusters, reference_counts, scan_from, ScanInput, Source};
@@ -214,9 +215,18 @@ impl Image {
         // What the rebuild would refuse is refused before anything is written: damage
         // a rebuild cannot resolve, or a count the refcount width cannot hold.
         // Either way the image is not as a clean close leaves one: no stamp for it.
+        // Guest data that shares a cluster with a structure is the one kind of
+        // structural damage a repair resolves (by moving the data); any other refuses.
         let probe = scan::scan(self, &st, false)
-            .and_then(|s| s.checked(self, "cannot repair: "))
+            .and_then(|s| {
+                if s.report.corruptions > 0 && s.report.corruptions == s.data_on_metadata_problems {
+                    Ok(s)
+                } else {
+                    s.checked(self, "cannot repair: ")
+                }
+            })
             .inspect_err(|_| st.deltas.lose_exactness())?;
+        let relocate = probe.data_on_metadata.clone();
         let max = max_refcount(st.header.refcount_order);
         if let Some((c, &count)) = probe.counts.iter().enumerate().find(|(_, &n)| n > max) {
             st.deltas.lose_exactness();
@@ -230,6 +240,10 @@ impl Image {
         drop(probe);
         // Repair rewrites links and refcounts: protect them with the dirty bit first.
         self.mark_stale(&mut st)?;
+        if !relocate.is_empty() {
+            self.relocate_data_on_metadata(&mut st, &relocate)?;
+            self.flush_locked(&mut st)?;
+        }
         self.complete_snapshot_entries(&mut st)?;
         self.repair_registry(&mut st)?;
         rebuild(self, &mut st)?;

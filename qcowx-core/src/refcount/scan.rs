@@ -1,7 +1,7 @@
 //! The reachability scan: every root's L1 table, every distinct L2 table once, the
 //! refcount structures, the snapshot table and bitmaps; references counted per path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::engine::{Image, State, DEFAULT_ROOT};
 use crate::error::Result;
@@ -36,6 +36,9 @@ const STRUCTURES: [&str; 10] = [
 /// whether data uses the cluster.
 const CLAIM_DATA: u8 = 1 << 4;
 
+/// Some of the data using the cluster is compressed.
+const CLAIM_COMPRESSED: u8 = 1 << 5;
+
 fn structure_id(what: &str) -> u8 {
     // Two roots may share one L1 table for a moment (a revert interrupted between
     // its header write and its snapshot-table write): a refcount matter, not damage.
@@ -66,6 +69,11 @@ pub(crate) struct Scan {
     /// What claims each cluster (see [`CLAIM_DATA`]).
     claims: Vec<u8>,
     pub(crate) report: CheckReport,
+    /// Clusters used both by a metadata structure and as guest data, and how many of
+    /// the reported problems are those clashes: a repair can move such data away
+    /// (`relocate.rs`).
+    pub(crate) data_on_metadata: BTreeSet<u64>,
+    pub(crate) data_on_metadata_problems: u64,
     /// Clusters past `file_clusters` were allocated after the scan began (a scan of
     /// [`Source::Live`]): they are neither counted nor reported.
     pub(crate) past_end_is_new: bool,
@@ -81,6 +89,8 @@ impl Scan {
             counts: vec![0; file_clusters as usize],
             claims: vec![0; file_clusters as usize],
             report: CheckReport::default(),
+            data_on_metadata: BTreeSet::new(),
+            data_on_metadata_problems: 0,
             past_end_is_new: false,
         }
     }
@@ -143,6 +153,13 @@ impl Scan {
                     "data"
                 };
                 let second = what;
+                // Data (not compressed) against one structure: a repair can move it.
+                let two_structures = claim != CLAIM_DATA && had_meta != 0 && had_meta != claim;
+                let compressed = what == "compressed cluster" || had & CLAIM_COMPRESSED != 0;
+                if !two_structures && !compressed {
+                    self.data_on_metadata.insert(c);
+                    self.data_on_metadata_problems += 1;
+                }
                 self.report.problem(
                     true,
                     format!(
@@ -153,6 +170,9 @@ impl Scan {
             }
             if claim == CLAIM_DATA {
                 self.claims[i] |= CLAIM_DATA;
+                if what == "compressed cluster" {
+                    self.claims[i] |= CLAIM_COMPRESSED;
+                }
             } else if had_meta == 0 {
                 self.claims[i] |= claim;
             }
@@ -210,7 +230,7 @@ impl ScanInput {
                 .snapshots
                 .iter()
                 .zip(&st.records)
-                .map(|(e, r)| EntryRoot::of(e, r.kind == RootKind::Vdi))
+                .map(|(e, r)| EntryRoot::of(e, r.kind == RootKind::Vdi, &st.header))
                 .collect(),
             table_len: st.snapshots.iter().map(|e| e.encoded_len() as u64).sum(),
             default_l1: st
@@ -226,7 +246,10 @@ impl ScanInput {
     pub(crate) fn entries_only(st: &State, entries: &[SnapshotEntry]) -> ScanInput {
         ScanInput {
             header: st.header.clone(),
-            entries: entries.iter().map(|e| EntryRoot::of(e, false)).collect(),
+            entries: entries
+                .iter()
+                .map(|e| EntryRoot::of(e, false, &st.header))
+                .collect(),
             table_len: 0,
             default_l1: Vec::new(),
             fixed: false,
@@ -242,15 +265,18 @@ pub(crate) struct EntryRoot {
     /// A VDI head: its L1 table may change (in memory first) while a live scan runs.
     /// A snapshot's never does.
     pub(crate) mutable: bool,
+    /// What is wrong with the entry's L1 reference (`SnapshotEntry::l1_problem`).
+    problem: Option<&'static str>,
 }
 
 impl EntryRoot {
-    pub(crate) fn of(e: &SnapshotEntry, mutable: bool) -> EntryRoot {
+    pub(crate) fn of(e: &SnapshotEntry, mutable: bool, h: &Header) -> EntryRoot {
         EntryRoot {
             name: e.name.clone(),
             l1_offset: e.l1_table_offset,
             l1_size: e.l1_size,
             mutable,
+            problem: e.l1_problem(1 << h.cluster_bits),
         }
     }
 }
@@ -412,6 +438,15 @@ pub(crate) fn scan_from(
     }
     for root in &input.entries {
         let (name, l1_off, l1_size) = (&root.name, root.l1_offset, root.l1_size);
+        if let Some(why) = root.problem {
+            s.report.problem(
+                true,
+                format!(
+                    "snapshot '{name}': {why} (L1 table offset {l1_off:#x}, {l1_size} entries)"
+                ),
+            );
+            continue;
+        }
         let len = u64::from(l1_size) * 8;
         if !s.add(l1_off, len, 1, META, "snapshot L1 table") {
             continue;

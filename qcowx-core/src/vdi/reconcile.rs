@@ -32,7 +32,14 @@ impl Image {
         if self.stamp_matches(&st) {
             return Ok(OpenState::Clean);
         }
-        self.reconcile_locked(&mut st, OPEN)?;
+        let counts = self.reconcile_locked(&mut st, OPEN)?;
+        // The refcounts are trusted from here on: a damaged refcount table or block
+        // (a count below the references) would stay damaged through every apply.
+        if !crate::refcount::refcounts_cover(self, &st, &counts)? {
+            self.mark_stale(&mut st)?;
+            crate::refcount::rebuild(self, &mut st)?;
+            return Ok(OpenState::Rebuilt);
+        }
         Ok(OpenState::Reconciled)
     }
 
@@ -93,13 +100,13 @@ impl Image {
         st.index = Index::build(&st.snapshots, &st.records);
         // The refcount structures are about to be rebuilt elsewhere: data that
         // overlaps them is not damage the repair must refuse.
-        self.reconcile_locked(st, None)
+        self.reconcile_locked(st, None).map(drop)
     }
 
     /// Restores invariant W on every head. `refuse`: scan the refcount structures
     /// too and refuse any damage, saying this (else the refcount structures are left
     /// out of the scan).
-    fn reconcile_locked(&self, st: &mut State, refuse: Option<&str>) -> Result<()> {
+    fn reconcile_locked(&self, st: &mut State, refuse: Option<&str>) -> Result<Vec<u64>> {
         let counts = crate::refcount::reference_counts(self, st, refuse)?;
         let bits = self.geo.cluster_bits;
         let count = |off: u64| counts.get((off >> bits) as usize).copied().unwrap_or(0);
@@ -143,6 +150,7 @@ impl Image {
                 }
             }
         }
-        self.flush_locked(st)
+        self.flush_locked(st)?;
+        Ok(counts)
     }
 }

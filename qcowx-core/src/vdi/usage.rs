@@ -103,6 +103,9 @@ impl Image {
             let e = &st.snapshots[i];
             let r = &st.records[i];
             let len = u64::from(e.l1_size) * 8;
+            if let Some(why) = e.l1_problem(self.geo.cluster_size()) {
+                return Err(self.corrupt("snapshot L1 table", e.l1_table_offset, why));
+            }
             if e.l1_table_offset.saturating_add(len) > file_len {
                 return Err(self.corrupt(
                     "snapshot L1 table",

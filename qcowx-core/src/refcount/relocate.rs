@@ -1,0 +1,100 @@
+//! Repair of guest data that shares a host cluster with metadata: the data is copied
+//! to a new cluster and every link to it moved there, so the structure keeps its
+//! cluster and the guest reads what it read before.
+//!
+//! QEMU's repair leaves such a cluster shared (its refcount raised, bit 63 cleared, so
+//! that the next write copies it away); qcowx moves the data at once, which reads the
+//! same and leaves no cluster with two meanings.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::engine::{Image, State, DEFAULT_ROOT};
+use crate::error::Result;
+use crate::format::tables::{ClusterKind, L1Entry, L2Entry};
+use crate::storage::Storage;
+
+use super::scan::Source;
+
+impl Image {
+    /// Copies each cluster of `clusters` (cluster indexes that hold metadata and are
+    /// also linked as guest data) to a new cluster and relinks every data link to it,
+    /// in every root. Returns how many links moved. The caller holds the structure
+    /// lock and has flushed; links are written back by the caller's next flush.
+    pub(super) fn relocate_data_on_metadata(
+        &self,
+        st: &mut State,
+        clusters: &BTreeSet<u64>,
+    ) -> Result<u64> {
+        if clusters.is_empty() {
+            return Ok(0);
+        }
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        // The copies first, durably: nothing links to them yet.
+        let mut moved: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut buf = vec![0u8; cs as usize];
+        for &c in clusters {
+            let from = c << geo.cluster_bits;
+            self.storage
+                .read_at(&mut buf, from)
+                .map_err(|e| self.io_err("read cluster to relocate", from, e))?;
+            let to = st.alloc.contiguous(1);
+            self.storage
+                .write_at(&buf, to)
+                .map_err(|e| self.io_err("write relocated cluster", to, e))?;
+            moved.insert(from, to);
+        }
+        self.sync()?;
+
+        // Every L2 table any root links, once.
+        let mut tables: BTreeSet<u64> = BTreeSet::new();
+        let mut add_l1 = |l1: &[u64]| {
+            for &w in l1 {
+                let e = L1Entry(w);
+                if !e.is_malformed(&geo) {
+                    tables.extend(e.l2_offset());
+                }
+            }
+        };
+        add_l1(&self.root(st, DEFAULT_ROOT)?.l1);
+        // (A repair runs this only when the scan found no other damage, so every
+        // entry's L1 reference is sound; a bad one is skipped all the same.)
+        let entries: Vec<(u64, u32)> = st
+            .snapshots
+            .iter()
+            .filter(|e| e.l1_problem(cs).is_none())
+            .map(|e| (e.l1_table_offset, e.l1_size))
+            .collect();
+        for (off, size) in entries {
+            add_l1(&Source::File.l1(self, off, size, false)?);
+        }
+
+        let mut links = 0;
+        for off in tables {
+            self.load_l2(st, off)?;
+            let Some(words) = st.cache.get_mut(off) else {
+                continue;
+            };
+            let mut changed = false;
+            for i in 0..geo.l2_entries() as usize {
+                let e = L2Entry::get(words, i, &geo);
+                let host = match e.kind(&geo) {
+                    Ok(ClusterKind::Data { host })
+                    | Ok(ClusterKind::Zero { host: Some(host) })
+                    | Ok(ClusterKind::Subclusters { host, .. }) => host,
+                    _ => continue,
+                };
+                if let Some(&to) = moved.get(&host) {
+                    e.with_host(to).put(words, i, &geo);
+                    changed = true;
+                    links += 1;
+                }
+            }
+            if changed {
+                st.cache.mark_dirty(off);
+            }
+        }
+        st.deltas.lose_exactness();
+        Ok(links)
+    }
+}
