@@ -97,19 +97,32 @@ struct Key {
 #[derive(Debug, Default)]
 pub(crate) struct MetadataMap {
     key: Option<Key>,
+    /// Every structure but L2 tables (few clusters), with the structure's offset.
     clusters: HashMap<u64, (Structure, u64)>,
+    /// The loaded roots' L2 tables (host offsets), sorted: 8 bytes per L1 entry in use.
+    l2_tables: Vec<u64>,
+    cluster_bits: u32,
 }
 
 impl MetadataMap {
     /// The first cluster of `[first, last]` the map lists (ignoring `skip`), with the
     /// structure and the structure's own offset.
     fn hit(&self, first: u64, last: u64, skip: Option<Structure>) -> Option<(u64, Structure, u64)> {
-        (first..=last).find_map(|c| {
+        let fixed = (first..=last).find_map(|c| {
             self.clusters
                 .get(&c)
                 .filter(|(s, _)| Some(*s) != skip)
                 .map(|&(s, at)| (c, s, at))
-        })
+        });
+        if fixed.is_some() || skip == Some(Structure::L2Table) {
+            return fixed;
+        }
+        let bits = self.cluster_bits;
+        let i = self.l2_tables.partition_point(|&off| off >> bits < first);
+        self.l2_tables
+            .get(i)
+            .filter(|&&off| off >> bits <= last)
+            .map(|&off| (off >> bits, Structure::L2Table, off))
     }
 }
 
@@ -192,12 +205,14 @@ impl Image {
                     .filter_map(|e| e.l2_offset()),
             );
         }
-        for off in l2 {
-            add(off, cs, Structure::L2Table);
-        }
+        let mut l2_tables: Vec<u64> = l2.into_iter().map(|off| off & !(cs - 1)).collect();
+        l2_tables.sort_unstable();
+        l2_tables.dedup();
         Ok(MetadataMap {
             key: Some(key_of(st)),
             clusters,
+            l2_tables,
+            cluster_bits: bits,
         })
     }
 

@@ -274,7 +274,9 @@ pub(super) fn check_head(
 
 /// QEMU's COPIED rule for one link: bit 63 set exactly where the on-disk refcount is
 /// one. A violation judged on a refcount that differs from the references (`refs`)
-/// is a stale count, which a rebuild fixes.
+/// is a stale count, which a rebuild fixes; so is a clear bit 63 where the refcount is
+/// one (always safe — a crash between a snapshot's read-only flips and its commit
+/// leaves it — and a rebuild sets the bit).
 fn copied_rule(
     s: &mut Scan,
     writable: bool,
@@ -283,7 +285,7 @@ fn copied_rule(
     msg: impl FnOnce() -> String,
 ) {
     if writable != (refcount == 1) {
-        if refcount != refs {
+        if refcount != refs || !writable {
             s.report.stale_corruptions += 1;
         }
         s.report.problem(true, msg());
