@@ -85,6 +85,38 @@ impl Case {
         be64(&self.img, offset)
     }
 
+    /// The big-endian u32 at `offset`.
+    pub fn peek32(&self, offset: u64) -> u32 {
+        crate::be32(&self.img, offset)
+    }
+
+    /// The cluster size (`1 << cluster_bits`, header offset 20).
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.peek32(20)
+    }
+
+    /// The image file's length.
+    pub fn len(&self) -> u64 {
+        std::fs::metadata(&self.img)
+            .expect("stat the case image")
+            .len()
+    }
+
+    /// Whether the image file is empty (never, for a qcow2 image).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Truncates or extends the image file to `len` bytes (as the iotests' `truncate`).
+    pub fn set_len(&self, len: u64) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.img)
+            .expect("open the case image")
+            .set_len(len)
+            .expect("set the case image's length");
+    }
+
     /// The header's `l1_table_offset`.
     pub fn l1_offset(&self) -> u64 {
         self.peek64(40)
