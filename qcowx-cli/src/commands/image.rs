@@ -264,8 +264,11 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
             "no option to amend".into(),
         )));
     };
+    // As a repair does: the open checks and changes nothing (an image whose counts
+    // overflow its width, the reason to amend, is refused by a plain writable open),
+    // and the amend refuses before writing anything or rewrites every refcount.
     let img = OpenOptions::new()
-        .write(true)
+        .repair(true)
         .open_backing(false)
         .open(&a.file)?;
     img.set_refcount_bits(bits)?;

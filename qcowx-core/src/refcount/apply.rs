@@ -329,12 +329,13 @@ impl Blocks {
                         return Err(Fallback::Underflow);
                     }
                     if v as u128 > u128::from(self.max) {
-                        return Err(Fallback::Fatal(Error::RefcountOverflow {
-                            file: img.name.clone(),
-                            offset: c * cs,
-                            count: v as u64,
-                            bits: 1 << self.order,
-                        }));
+                        // The room check before every new root keeps the references
+                        // within the width, so the count on disk was above them (a
+                        // leak another writer left): counting afresh fits, and a count
+                        // that truly does not is refused by the rebuild.
+                        return Err(Fallback::Rebuild(
+                            "a count on disk plus the changes would overflow the width",
+                        ));
                     }
                     set_entry(&mut block, self.order, idx, v as u64);
                 }

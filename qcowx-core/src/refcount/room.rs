@@ -159,6 +159,19 @@ impl Image {
             return Ok(());
         }
         self.flush_locked(&mut st)?;
+        // What the rebuild would refuse is refused before anything is written: damage
+        // it cannot resolve, or a count the new width cannot hold.
+        let probe = super::scan::scan(self, &st, false)?.checked(self, "cannot amend: ")?;
+        let max = max_refcount(order);
+        if let Some((c, &count)) = probe.counts.iter().enumerate().find(|(_, &n)| n > max) {
+            return Err(Error::RefcountOverflow {
+                file: self.name.clone(),
+                offset: (c as u64) << self.geo.cluster_bits,
+                count,
+                bits,
+            });
+        }
+        drop(probe);
         self.mark_stale(&mut st)?;
         let old = st.header.refcount_order;
         st.header.refcount_order = order;

@@ -32,10 +32,26 @@ impl Image {
         if self.stamp_matches(&st) {
             return Ok(OpenState::Clean);
         }
-        let counts = self.reconcile_locked(&mut st, OPEN)?;
+        let counts = crate::refcount::reference_counts(self, &st, OPEN)?;
         // The refcounts are trusted from here on: a damaged refcount table or block
-        // (a count below the references) would stay damaged through every apply.
-        if !crate::refcount::refcounts_cover(self, &st, &counts)? {
+        // (a count below the references) would stay damaged through every apply, so
+        // they are rebuilt — unless a count cannot fit the width, which is refused
+        // before anything is written.
+        let rebuild = !crate::refcount::refcounts_cover(self, &st, &counts)?;
+        if rebuild {
+            let order = st.header.refcount_order;
+            let max = crate::refcount::max_refcount(order);
+            if let Some((c, &count)) = counts.iter().enumerate().find(|(_, &n)| n > max) {
+                return Err(crate::Error::RefcountOverflow {
+                    file: self.name.clone(),
+                    offset: (c as u64) << self.geo.cluster_bits,
+                    count,
+                    bits: 1 << order,
+                });
+            }
+        }
+        self.reconcile_with(&mut st, &counts)?;
+        if rebuild {
             self.mark_stale(&mut st)?;
             crate::refcount::rebuild(self, &mut st)?;
             return Ok(OpenState::Rebuilt);
@@ -100,14 +116,19 @@ impl Image {
         st.index = Index::build(&st.snapshots, &st.records);
         // The refcount structures are about to be rebuilt elsewhere: data that
         // overlaps them is not damage the repair must refuse.
-        self.reconcile_locked(st, None).map(drop)
+        self.reconcile_locked(st, None)
     }
 
     /// Restores invariant W on every head. `refuse`: scan the refcount structures
     /// too and refuse any damage, saying this (else the refcount structures are left
     /// out of the scan).
-    fn reconcile_locked(&self, st: &mut State, refuse: Option<&str>) -> Result<Vec<u64>> {
+    fn reconcile_locked(&self, st: &mut State, refuse: Option<&str>) -> Result<()> {
         let counts = crate::refcount::reference_counts(self, st, refuse)?;
+        self.reconcile_with(st, &counts)
+    }
+
+    /// Restores invariant W on every head, given every cluster's references.
+    fn reconcile_with(&self, st: &mut State, counts: &[u64]) -> Result<()> {
         let bits = self.geo.cluster_bits;
         let count = |off: u64| counts.get((off >> bits) as usize).copied().unwrap_or(0);
         let mut heads = vec![Target::Default];
@@ -150,7 +171,6 @@ impl Image {
                 }
             }
         }
-        self.flush_locked(st)?;
-        Ok(counts)
+        self.flush_locked(st)
     }
 }
