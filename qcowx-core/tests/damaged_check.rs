@@ -2,24 +2,15 @@
 //! with QEMU's tools and a few pokes and judged against `qemu-img check`.
 
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use qcowx_core::{Image, OpenOptions};
-use qcowx_tests::{qemu_check, qemu_img_create, qemu_img_ok, qemu_io_ok, require_qemu_tools};
-
-fn be64(path: &Path, at: u64) -> u64 {
-    let mut b = [0u8; 8];
-    fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut b, at)
-        .unwrap();
-    u64::from_be_bytes(b)
-}
+use qcowx_tests::{
+    be64, patch, qemu_check, qemu_img_create, qemu_img_ok, qemu_io_ok, read_at, require_qemu_tools,
+};
 
 fn poke(path: &Path, at: u64, bytes: &[u8]) {
-    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, at).unwrap();
+    patch(path, at, bytes);
 }
 
 fn qcowx_check(path: &Path) -> qcowx_core::CheckReport {
@@ -129,19 +120,11 @@ fn an_incomplete_version_3_snapshot_entry_is_reported_and_repaired() {
     qemu_io_ok("qcow2", &p, &["write -P 0x18 0 64k"]);
     // Rewrite the one entry with no extra data (v2 allows it), then make it v3.
     let table = be64(&p, 64);
-    let mut e = vec![0u8; 40];
-    fs::File::open(&p)
-        .unwrap()
-        .read_exact_at(&mut e, table)
-        .unwrap();
+    let mut e = read_at(&p, table, 40);
     let extra = u32::from_be_bytes(e[36..40].try_into().unwrap()) as u64;
     let id_len = u16::from_be_bytes(e[12..14].try_into().unwrap()) as usize;
     let name_len = u16::from_be_bytes(e[14..16].try_into().unwrap()) as usize;
-    let mut strings = vec![0u8; id_len + name_len];
-    fs::File::open(&p)
-        .unwrap()
-        .read_exact_at(&mut strings, table + 40 + extra)
-        .unwrap();
+    let strings = read_at(&p, table + 40 + extra, id_len + name_len);
     e[36..40].copy_from_slice(&0u32.to_be_bytes());
     let mut entry = e;
     entry.extend_from_slice(&strings);

@@ -4,36 +4,20 @@
 //! is marked corrupt as QEMU marks it, and a repair makes it writable again.
 
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use qcowx_core::{CreateOptions, ErrorKind, Image, OpenOptions, OpenState};
-use qcowx_tests::{qemu_check, qemu_info, require_qemu_tools};
+use qcowx_tests::{be64, patch, qemu_check, qemu_info, read_at, require_qemu_tools};
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = 64 << 10;
 
-fn be64(path: &Path, at: u64) -> u64 {
-    let mut b = [0u8; 8];
-    fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut b, at)
-        .unwrap();
-    u64::from_be_bytes(b)
-}
-
 fn poke64(path: &Path, at: u64, v: u64) {
-    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&v.to_be_bytes(), at).unwrap();
+    patch(path, at, &v.to_be_bytes());
 }
 
 fn bytes(path: &Path, at: u64, len: usize) -> Vec<u8> {
-    let mut b = vec![0u8; len];
-    fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut b, at)
-        .unwrap();
-    b
+    read_at(path, at, len)
 }
 
 /// Offsets of an image's structures, read from its header.
