@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 use thiserror::Error;
 
@@ -355,6 +355,10 @@ impl Storage for FileStorage {
         if (map.len() as u64) < end {
             return None;
         }
+        // Page faults map at most the 64 KiB around them, never a whole 2 MiB folio at
+        // once (where transparent huge pages are on for every mapping), so the bytes
+        // `mapped_read` counts bound what the mapping holds (MAP_RELEASE_BYTES).
+        let _ = map.advise(Advice::NoHugePage);
         *slot = Some(Arc::clone(&map));
         Some(map)
     }
