@@ -297,6 +297,45 @@ mod tests {
         );
     }
 
+    /// Threads reading through the mapping while others make it give its pages back
+    /// always see the file's bytes, and the file keeps them.
+    #[test]
+    fn reads_through_the_mapping_stay_right_while_it_gives_pages_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::create(dir.path().join("img"), LockMode::None).unwrap();
+        let chunk = 256usize << 10;
+        let chunks = 64;
+        for i in 0..chunks {
+            s.write_at(&vec![i as u8 ^ 0x5a; chunk], (i * chunk) as u64)
+                .unwrap();
+        }
+        let map = s.mapping((chunks * chunk) as u64).expect("a mapping");
+        std::thread::scope(|scope| {
+            for t in 0..4usize {
+                let (s, map) = (&s, &map);
+                scope.spawn(move || {
+                    for k in 0..(4 * MAP_RELEASE_BYTES as usize / chunk) {
+                        let i = (k * 7 + t * 13) % chunks;
+                        let bytes = &map[i * chunk..(i + 1) * chunk];
+                        assert!(
+                            bytes.iter().step_by(512).all(|&b| b == i as u8 ^ 0x5a),
+                            "chunk {i} read wrong"
+                        );
+                        s.mapped_read((i * chunk) as u64, chunk as u64);
+                    }
+                });
+            }
+        });
+        let mut back = vec![0u8; chunk];
+        for i in 0..chunks {
+            s.read_at(&mut back, (i * chunk) as u64).unwrap();
+            assert!(
+                back.iter().all(|&b| b == i as u8 ^ 0x5a),
+                "chunk {i} on file"
+            );
+        }
+    }
+
     #[test]
     fn file_storage_basics() {
         let dir = tempfile::tempdir().unwrap();
