@@ -10,6 +10,9 @@
 //!   bytes ([`DEFAULT_MAX_IN_FLIGHT_BYTES`]): a raw client pipelines far more writes
 //!   than the bounds without reading a reply; the server's resident memory grows by no
 //!   more than the bound, and every write is answered and lands once the client reads.
+//! * The mapping's resident pages ([`MAP_RELEASE_BYTES`]): a raw client reads a whole
+//!   256 MiB image in 1 MiB reads; the server's peak resident memory grows by far
+//!   less than that.
 //! * Clients at once (`-e N`, default [`DEFAULT_MAX_CLIENTS`]): with `-e 2`, two
 //!   `qemu-io` clients are served; a third connection gets no greeting until one of
 //!   them leaves, then it is served.
@@ -24,6 +27,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use qcowx_core::storage::MAP_RELEASE_BYTES;
 use qcowx_core::{CreateOptions, Image};
 use qcowx_nbd::config::{
     DEFAULT_MAX_CLIENTS, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES, MAX_BLOCK_SIZE,
@@ -370,6 +374,53 @@ fn requests_in_flight_past_the_bounds_wait_and_the_server_memory_stays_bounded()
     assert!(
         grew <= bound + slack_kb,
         "{grew} kB for 8 pipelined 32 MiB writes: more than {DEFAULT_MAX_IN_FLIGHT_BYTES} bytes in flight"
+    );
+}
+
+// ---- memory of a server that reads its image --------------------------------------------------
+
+/// Reading a whole image through the server (1 MiB reads: sent from the image file's
+/// mapping) leaves its resident memory about where it was: the mapping gives its
+/// pages back every [`MAP_RELEASE_BYTES`] read, so the server's peak does not grow
+/// with the bytes served (before, it grew by the size of the disk). Every byte read
+/// is right.
+#[test]
+fn reading_a_whole_image_does_not_make_the_server_grow_by_its_size() {
+    assert_eq!(MAP_RELEASE_BYTES, 16 << 20);
+    let dir = tempdir();
+    let image = dir.path().join("disk.qcow2");
+    let size: u64 = 256 << 20;
+    let chunk: u32 = 1 << 20;
+    // Every cluster allocated (fallocate: no data written, so nothing to write back),
+    // and the file read once so its pages are in the page cache, which is what the
+    // server sends from its mapping.
+    qemu_img_create(&image, size, "preallocation=falloc");
+    std::io::copy(
+        &mut std::fs::File::open(&image).expect("open"),
+        &mut std::io::sink(),
+    )
+    .expect("read the image");
+    let server = QcowxNbd::in_dir(dir.path(), &image, &["-t"]);
+    let mut c = RawClient::connect(&dir.path().join("nbd.sock"));
+    assert_eq!(c.size, size);
+    // Warm up: the first read of each kind sets up the worker's buffers.
+    let _ = c.read(0, chunk);
+    let (_, base) = memory_kb(server.pid());
+    for i in 0..size / u64::from(chunk) {
+        let data = c.read(i * u64::from(chunk), chunk);
+        assert!(data.iter().all(|&b| b == 0), "read {i} differs");
+    }
+    let (_, peak) = memory_kb(server.pid());
+    c.disconnect();
+    server.stop();
+    let grew = peak.saturating_sub(base);
+    println!("reading {} MiB: peak memory grew {grew} kB", size >> 20);
+    // The mapping's window, a reply buffer and slack; far below the 256 MiB read.
+    let bound = (MAP_RELEASE_BYTES >> 10) + (32 << 10);
+    assert!(
+        grew <= bound,
+        "the server grew by {grew} kB reading {} MiB (bound {bound} kB)",
+        size >> 20
     );
 }
 

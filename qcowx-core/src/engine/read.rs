@@ -231,6 +231,13 @@ impl Image {
                 }
             }
         }
-        Ok(Some(f(&slices)))
+        let r = f(&slices);
+        drop(slices);
+        for p in &pieces {
+            if let (Source::Host(h), Some(_)) = (p.src, &map) {
+                self.storage.mapped_read(h, p.len);
+            }
+        }
+        Ok(Some(r))
     }
 }

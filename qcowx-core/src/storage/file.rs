@@ -4,9 +4,10 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use memmap2::Mmap;
+use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 use thiserror::Error;
 
@@ -121,6 +122,21 @@ impl From<OpenError> for io::Error {
     }
 }
 
+/// Bytes read through a [`FileStorage`]'s mapping ([`Storage::mapped_read`]) after
+/// which the mapping gives its pages back (`MADV_DONTNEED`: the process's page table
+/// entries go, the page cache keeps the pages). Every page read through a mapping
+/// counts in the process's resident memory until then, so without this a server that
+/// lends its image's bytes grows by the size of everything it serves. Each read
+/// counts as the 64 KiB windows it touches (a page fault maps the cached pages around
+/// it too), so what the mapping holds stays within this much plus the reads in
+/// flight. Releasing costs one `madvise` per this many bytes, and pages read again
+/// fault back in from the page cache.
+pub const MAP_RELEASE_BYTES: u64 = 16 << 20;
+
+/// The span of the page cache a page fault may map around the faulting page (the
+/// kernel's default `fault_around_bytes`).
+const FAULT_AROUND: u64 = 64 << 10;
+
 /// An image stored in a host file (or block device), accessed with `pread`/`pwrite`.
 ///
 /// The image lock taken when opening is tied to this value's open file description and
@@ -134,6 +150,9 @@ pub struct FileStorage {
     /// The newest mapping of the file (see [`Storage::mapping`]); replaced by a
     /// larger one when a read needs bytes past its end.
     map: Mutex<Option<Arc<Mmap>>>,
+    /// Bytes read through the mapping since it last gave its pages back (see
+    /// [`MAP_RELEASE_BYTES`]).
+    mapped: AtomicU64,
 }
 
 impl FileStorage {
@@ -155,6 +174,7 @@ impl FileStorage {
             writable: mode.writable,
             lock: mode.lock,
             map: Mutex::new(None),
+            mapped: AtomicU64::new(0),
         };
         storage.take_lock()?;
         Ok(storage)
@@ -207,6 +227,7 @@ impl FileStorage {
             writable: true,
             lock,
             map: Mutex::new(None),
+            mapped: AtomicU64::new(0),
         };
         storage.take_lock()?;
         Ok(storage)
@@ -334,8 +355,40 @@ impl Storage for FileStorage {
         if (map.len() as u64) < end {
             return None;
         }
+        // Page faults map at most the 64 KiB around them, never a whole 2 MiB folio at
+        // once (where transparent huge pages are on for every mapping), so the bytes
+        // `mapped_read` counts bound what the mapping holds (MAP_RELEASE_BYTES).
+        let _ = map.advise(Advice::NoHugePage);
         *slot = Some(Arc::clone(&map));
         Some(map)
+    }
+
+    fn mapped_read(&self, offset: u64, len: u64) {
+        let start = offset - offset % FAULT_AROUND;
+        let end = offset
+            .saturating_add(len)
+            .checked_next_multiple_of(FAULT_AROUND)
+            .unwrap_or(u64::MAX);
+        let span = end - start;
+        if self.mapped.fetch_add(span, Ordering::Relaxed) + span < MAP_RELEASE_BYTES {
+            return;
+        }
+        self.mapped.store(0, Ordering::Relaxed);
+        let map = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Arc::clone);
+        if let Some(map) = map {
+            // SAFETY: the mapping is a shared mapping of a file: MADV_DONTNEED drops
+            // only this process's page table entries for it, and the next access maps
+            // the page cache's page again, with the same bytes (only private mappings
+            // lose data this way). Readers racing with it fault the pages back in.
+            // Mappings replaced by a larger one are unmapped when their last reader
+            // drops them.
+            let _ = unsafe { map.unchecked_advise(UncheckedAdvice::DontNeed) };
+        }
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -17,7 +17,7 @@ mod mem;
 mod watched;
 
 pub use deferred::{DeferredSync, WriteBehind, WRITE_BEHIND_BYTES};
-pub use file::{FileStorage, OpenError, OpenMode};
+pub use file::{FileStorage, OpenError, OpenMode, MAP_RELEASE_BYTES};
 pub use mem::MemStorage;
 #[cfg(any(test, feature = "testing"))]
 pub use watched::{Access, Watched};
@@ -62,6 +62,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn mapping(&self, _end: u64) -> Option<Arc<Mmap>> {
         None
     }
+    /// Tells the storage that `[offset, offset + len)` of a mapping it handed out
+    /// ([`Storage::mapping`]) has just been read. Every page read through a mapping
+    /// stays in the process's resident memory until the mapping lets it go, so a
+    /// storage that maps its file releases its pages from time to time (see
+    /// [`MAP_RELEASE_BYTES`]); they stay in the page cache.
+    fn mapped_read(&self, _offset: u64, _len: u64) {}
 }
 
 /// Whether every page under `map[offset..offset + len]` is in the page cache now, so
@@ -132,6 +138,9 @@ impl<T: Storage + ?Sized> Storage for Arc<T> {
     }
     fn mapping(&self, end: u64) -> Option<Arc<Mmap>> {
         (**self).mapping(end)
+    }
+    fn mapped_read(&self, offset: u64, len: u64) {
+        (**self).mapped_read(offset, len)
     }
 }
 
@@ -235,6 +244,96 @@ mod tests {
         s.write_at(&[], u64::MAX).unwrap();
         assert_eq!(s.len().unwrap(), 0);
         assert!(format!("{s:?}").contains("len: 0"));
+    }
+
+    /// The resident memory (kB) of the mapping that starts at `addr`, from
+    /// /proc/self/smaps.
+    #[cfg(target_os = "linux")]
+    fn mapping_rss_kb(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        assert!(lines.next().is_some(), "mapping {addr:x} not in smaps");
+        lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("Rss of the mapping")
+    }
+
+    /// Reading a file through its mapping, telling the storage as the engine does,
+    /// keeps the mapping's resident pages within `MAP_RELEASE_BYTES` (plus one read)
+    /// however much is read; the bytes read stay right.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn reads_through_the_mapping_do_not_make_it_resident() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::create(dir.path().join("img"), LockMode::None).unwrap();
+        let chunk = 1usize << 20;
+        let total = 4 * MAP_RELEASE_BYTES as usize;
+        for i in 0..total / chunk {
+            s.write_at(&vec![i as u8; chunk], (i * chunk) as u64)
+                .unwrap();
+        }
+        let map = s.mapping(total as u64).expect("a mapping");
+        let mut peak = 0;
+        for i in 0..total / chunk {
+            let bytes = &map[i * chunk..(i + 1) * chunk];
+            // One byte of every page, read as a send from the mapping would.
+            let sum: u64 = bytes
+                .iter()
+                .step_by(4096)
+                .map(|&b| u64::from(std::hint::black_box(b)))
+                .sum();
+            assert_eq!(sum, (chunk / 4096) as u64 * u64::from(i as u8));
+            s.mapped_read((i * chunk) as u64, chunk as u64);
+            peak = peak.max(mapping_rss_kb(map.as_ptr() as usize));
+        }
+        let bound = (MAP_RELEASE_BYTES + chunk as u64) / 1024;
+        assert!(
+            peak <= bound,
+            "the mapping held {peak} kB after reading {} MiB through it (bound {bound} kB)",
+            total >> 20
+        );
+    }
+
+    /// Threads reading through the mapping while others make it give its pages back
+    /// always see the file's bytes, and the file keeps them.
+    #[test]
+    fn reads_through_the_mapping_stay_right_while_it_gives_pages_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::create(dir.path().join("img"), LockMode::None).unwrap();
+        let chunk = 256usize << 10;
+        let chunks = 64;
+        for i in 0..chunks {
+            s.write_at(&vec![i as u8 ^ 0x5a; chunk], (i * chunk) as u64)
+                .unwrap();
+        }
+        let map = s.mapping((chunks * chunk) as u64).expect("a mapping");
+        std::thread::scope(|scope| {
+            for t in 0..4usize {
+                let (s, map) = (&s, &map);
+                scope.spawn(move || {
+                    for k in 0..(4 * MAP_RELEASE_BYTES as usize / chunk) {
+                        let i = (k * 7 + t * 13) % chunks;
+                        let bytes = &map[i * chunk..(i + 1) * chunk];
+                        assert!(
+                            bytes.iter().step_by(512).all(|&b| b == i as u8 ^ 0x5a),
+                            "chunk {i} read wrong"
+                        );
+                        s.mapped_read((i * chunk) as u64, chunk as u64);
+                    }
+                });
+            }
+        });
+        let mut back = vec![0u8; chunk];
+        for i in 0..chunks {
+            s.read_at(&mut back, (i * chunk) as u64).unwrap();
+            assert!(
+                back.iter().all(|&b| b == i as u8 ^ 0x5a),
+                "chunk {i} on file"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! the socket without a copy, and what the client has no room for is copied with
 //! `process_vm_readv`, which turns a page gone from under the mapping into an error
 //! instead of a `SIGBUS`.
+//!
+//! Pages read through the mapping count in the server's resident memory until the
+//! mapping drops them: the image's storage drops them every
+//! [`qcowx_core::storage::MAP_RELEASE_BYTES`] lent, so the server's RSS stays bounded
+//! however many bytes it serves (pages read again fault back in from the page cache).
 
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -15,7 +15,9 @@
 //! whole reply under one writer lock, so replies go out in completion order
 //! (answered out of order, never interleaved mid-message). A large read whose data
 //! sits in the page cache goes from the image file's mapping straight into the
-//! socket ([`qcowx_core::Disk::read_mapped`]): one copy instead of two. The image
+//! socket ([`qcowx_core::Disk::read_mapped`]): one copy instead of two (the mapping
+//! gives its pages back every [`qcowx_core::storage::MAP_RELEASE_BYTES`], so the
+//! server's RSS does not grow with the bytes it sends). The image
 //! cannot free clusters while their bytes are lent, so such a send waits at most
 //! [`LEND_WAIT`] for a slow client; what is left then is copied and sent after.
 //!
