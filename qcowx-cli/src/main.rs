@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use commands::{docs, hints, image, io as io_cmd, roots, Failure};
 use iocmd::IoCommand;
-use qcowx_core::engine::chain::LayerFormat;
+use qcowx_core::engine::chain::ImageFormat;
 use qcowx_core::size::parse_size;
 use qcowx_core::vdi::DEFAULT_VDI;
 
@@ -464,10 +464,10 @@ enum DiskFormat {
 }
 
 impl DiskFormat {
-    fn layer(self) -> LayerFormat {
+    fn layer(self) -> ImageFormat {
         match self {
-            DiskFormat::Raw => LayerFormat::Raw,
-            DiskFormat::Qcow2 => LayerFormat::Qcow2,
+            DiskFormat::Raw => ImageFormat::Raw,
+            DiskFormat::Qcow2 => ImageFormat::Qcow2,
         }
     }
 }

@@ -22,7 +22,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use qcowx_core::engine::chain::{backing_chain, raw_extents, ChainLayer, LayerFormat};
+use qcowx_core::engine::chain::{backing_chain, raw_extents, ChainLayer, ImageFormat};
 use qcowx_core::vdi::kept_hosts::KeptHosts;
 use qcowx_core::vdi::DEFAULT_VDI;
 use qcowx_core::{Error, Extent, ExtentStatus, Image, LockMode, OpenOptions, Result};
@@ -103,16 +103,16 @@ pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<
     // Layer 0 is the image itself; its backing chain follows.
     let mut chain: Vec<ChainLayer> = vec![ChainLayer {
         path: top.clone(),
-        format: LayerFormat::Qcow2,
+        format: ImageFormat::Qcow2,
         virtual_size: img.size(),
         cluster_size: Some(img.cluster_size()),
     }];
     if img.backing().is_some() {
-        let below = backing_chain(&top, Some(LayerFormat::Qcow2), lock)?;
+        let below = backing_chain(&top, Some(ImageFormat::Qcow2), lock)?;
         chain.extend(below.into_iter().skip(1));
     }
     let raw_base = match chain.last() {
-        Some(l) if l.format == LayerFormat::Raw => {
+        Some(l) if l.format == ImageFormat::Raw => {
             Some(std::fs::File::open(&l.path).map_err(|source| Error::Io {
                 file: l.path.display().to_string(),
                 op: "open",
@@ -168,7 +168,7 @@ impl Mapper {
         while self.tables.len() <= d {
             let i = self.tables.len();
             let t = match self.chain.get(i) {
-                Some(l) if l.format == LayerFormat::Qcow2 => {
+                Some(l) if l.format == ImageFormat::Qcow2 => {
                     let img = OpenOptions::new()
                         .lock(self.lock)
                         .open_backing(false)
@@ -221,7 +221,7 @@ impl Mapper {
             .cloned();
         match e.status {
             ExtentStatus::Data => {
-                let is_raw = layer.as_ref().is_some_and(|l| l.format == LayerFormat::Raw);
+                let is_raw = layer.as_ref().is_some_and(|l| l.format == ImageFormat::Raw);
                 match (is_raw, &self.raw) {
                     (true, Some(f)) => {
                         let size = layer.as_ref().map_or(0, |l| l.virtual_size);

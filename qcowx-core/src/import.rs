@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::convert::COPY_CHUNK;
-use crate::engine::chain::{open_chain, raw_extents, ChainLayer, LayerFormat, OpenLayer};
+use crate::engine::chain::{open_chain, raw_extents, ChainLayer, ImageFormat, OpenLayer};
 use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
@@ -87,7 +87,7 @@ pub struct ImportedLayer {
     /// The layer's file.
     pub path: PathBuf,
     /// Its format.
-    pub format: LayerFormat,
+    pub format: ImageFormat,
     /// Its virtual size.
     pub virtual_size: u64,
     /// The snapshot it became (`None` for the top, which became the default VDI).

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use qcowx_core::convert::{self as conv, ConvertOptions, OutputFormat};
+use qcowx_core::convert::{self as conv, ConvertOptions, ImageFormat};
 use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOptions, RootKind};
 
 use super::{emit, lock_mode, require_kind, usage_error, Failure};
@@ -154,8 +154,8 @@ pub(crate) fn export(a: &ExportArgs, quiet: bool) -> Result<u8, Failure> {
         .lock(lock_mode(a.force_share))
         .open(&a.file)?;
     let format = match a.format {
-        ExportFormat::Raw => OutputFormat::Raw,
-        ExportFormat::Qcow2 => OutputFormat::Qcow2,
+        ExportFormat::Raw => ImageFormat::Raw,
+        ExportFormat::Qcow2 => ImageFormat::Qcow2,
     };
     let root = match (&a.snapshot, &a.vdi) {
         (Some(s), _) => Some((RootKind::Snapshot, s.as_str())),
@@ -322,8 +322,8 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
         lock_mode(a.force_share),
     )?;
     let mut opts = ConvertOptions::new(match a.out_format {
-        DiskFormat::Raw => OutputFormat::Raw,
-        DiskFormat::Qcow2 => OutputFormat::Qcow2,
+        DiskFormat::Raw => ImageFormat::Raw,
+        DiskFormat::Qcow2 => ImageFormat::Qcow2,
     });
     opts.compress = a.compress;
     opts.cluster_size = a.cluster_size;

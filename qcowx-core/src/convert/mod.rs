@@ -11,7 +11,7 @@
 //! data.
 //!
 //! ```
-//! use qcowx_core::convert::{export, OutputFormat};
+//! use qcowx_core::convert::{export, ImageFormat};
 //! use qcowx_core::{CreateOptions, Image};
 //!
 //! # fn main() -> Result<(), qcowx_core::Error> {
@@ -19,7 +19,7 @@
 //! let src = Image::create(dir.path().join("src.qcow2"), &CreateOptions::new(8 << 20))?;
 //! src.write_at(b"hello", 1 << 20)?;
 //! let out = dir.path().join("flat.raw");
-//! let stats = export(&src, &out, OutputFormat::Raw)?;
+//! let stats = export(&src, &out, ImageFormat::Raw)?;
 //! assert_eq!(stats.virtual_size, 8 << 20);
 //! let raw = std::fs::read(&out).unwrap();
 //! assert_eq!(&raw[1 << 20..(1 << 20) + 5], b"hello");
@@ -32,7 +32,7 @@ pub use compressed::CompressedWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::engine::chain::{raw_extents, LayerFormat};
+use crate::engine::chain::raw_extents;
 use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
@@ -48,39 +48,7 @@ const STATUS_WINDOW: u64 = 1 << 30;
 /// Granularity of zero detection in a raw output (qcow2 outputs use the cluster size).
 const RAW_ZERO_GRANULE: u64 = 4096;
 
-/// The format of an export's output file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OutputFormat {
-    /// A raw disk image: a sparse file of the virtual size.
-    Raw,
-    /// A new qcow2 image with the source's virtual size and cluster size and no
-    /// backing file.
-    Qcow2,
-}
-
-impl OutputFormat {
-    /// The format's name as `qemu-img` spells it (`raw`, `qcow2`).
-    pub fn name(self) -> &'static str {
-        match self {
-            OutputFormat::Raw => "raw",
-            OutputFormat::Qcow2 => "qcow2",
-        }
-    }
-}
-
-impl std::str::FromStr for OutputFormat {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<OutputFormat> {
-        match s {
-            "raw" => Ok(OutputFormat::Raw),
-            "qcow2" => Ok(OutputFormat::Qcow2),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown output format '{other}' (raw and qcow2 are supported)"
-            ))),
-        }
-    }
-}
+pub use crate::engine::backing::ImageFormat;
 
 /// What an [`export`] or [`convert`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -220,16 +188,16 @@ impl Content for RawFile {
 /// or a raw file. `format` is probed from the file when `None`.
 pub fn open_input(
     path: &Path,
-    format: Option<LayerFormat>,
+    format: Option<ImageFormat>,
     lock: LockMode,
 ) -> Result<Box<dyn Content>> {
     let format = match format {
         Some(f) => f,
-        None => LayerFormat::probe(path)?,
+        None => ImageFormat::probe(path)?,
     };
     Ok(match format {
-        LayerFormat::Raw => Box::new(RawFile::open(path, lock)?),
-        LayerFormat::Qcow2 => Box::new(crate::engine::OpenOptions::new().lock(lock).open(path)?),
+        ImageFormat::Raw => Box::new(RawFile::open(path, lock)?),
+        ImageFormat::Qcow2 => Box::new(crate::engine::OpenOptions::new().lock(lock).open(path)?),
     })
 }
 
@@ -237,7 +205,7 @@ pub fn open_input(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvertOptions {
     /// The output format.
-    pub format: OutputFormat,
+    pub format: ImageFormat,
     /// Store clusters compressed (qcow2 outputs only), as `qemu-img convert -c` does:
     /// each cluster that holds non-zero data is compressed with the image's
     /// compression type and stored compressed when that makes it smaller.
@@ -249,7 +217,7 @@ pub struct ConvertOptions {
 
 impl ConvertOptions {
     /// Options for an uncompressed output of `format` with the default cluster size.
-    pub fn new(format: OutputFormat) -> ConvertOptions {
+    pub fn new(format: ImageFormat) -> ConvertOptions {
         ConvertOptions {
             format,
             compress: false,
@@ -305,7 +273,7 @@ fn io_error(name: &str, op: &'static str, offset: u64, source: std::io::Error) -
 /// that hold non-zero data are written, in buffers of at most [`COPY_CHUNK`] bytes.
 ///
 /// On error the output may be left partly written.
-pub fn export(src: &Image, output: &Path, format: OutputFormat) -> Result<ExportStats> {
+pub fn export(src: &Image, output: &Path, format: ImageFormat) -> Result<ExportStats> {
     convert(src, output, &ConvertOptions::new(format), &mut |_, _| {})
 }
 
@@ -319,7 +287,7 @@ pub fn export(src: &Image, output: &Path, format: OutputFormat) -> Result<Export
 ///
 /// ```
 /// use std::sync::Arc;
-/// use qcowx_core::convert::{export_root, OutputFormat};
+/// use qcowx_core::convert::{export_root, ImageFormat};
 /// use qcowx_core::{CreateOptions, Image};
 ///
 /// # fn main() -> Result<(), qcowx_core::Error> {
@@ -329,7 +297,7 @@ pub fn export(src: &Image, output: &Path, format: OutputFormat) -> Result<Export
 /// img.snapshot("default", "s1")?;
 /// img.write_at(b"after!", 0)?;
 /// let out = dir.path().join("s1.raw");
-/// export_root(&img, "s1", &out, OutputFormat::Raw)?;
+/// export_root(&img, "s1", &out, ImageFormat::Raw)?;
 /// assert_eq!(&std::fs::read(&out).unwrap()[..6], b"before");
 /// # Ok(()) }
 /// ```
@@ -337,7 +305,7 @@ pub fn export_root(
     img: &Arc<Image>,
     root: &str,
     output: &Path,
-    format: OutputFormat,
+    format: ImageFormat,
 ) -> Result<ExportStats> {
     let disk = img.open_root(root)?;
     export_disk(&disk, output, format)
@@ -346,7 +314,7 @@ pub fn export_root(
 /// Writes the content of `disk` (any VDI or snapshot handle from
 /// [`Image::open_root`]) to a new file at `output` in `format`; see [`export`] and
 /// [`export_root`].
-pub fn export_disk(disk: &Disk, output: &Path, format: OutputFormat) -> Result<ExportStats> {
+pub fn export_disk(disk: &Disk, output: &Path, format: ImageFormat) -> Result<ExportStats> {
     convert(disk, output, &ConvertOptions::new(format), &mut |_, _| {})
 }
 
@@ -362,14 +330,14 @@ pub fn export_disk(disk: &Disk, output: &Path, format: OutputFormat) -> Result<E
 /// compress is stored as is. The output passes `qemu-img check`.
 ///
 /// ```
-/// use qcowx_core::convert::{convert, ConvertOptions, OutputFormat};
+/// use qcowx_core::convert::{convert, ConvertOptions, ImageFormat};
 /// use qcowx_core::{CreateOptions, Image};
 ///
 /// # fn main() -> Result<(), qcowx_core::Error> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let src = Image::create(dir.path().join("src.qcow2"), &CreateOptions::new(4 << 20))?;
 /// src.write_at(&vec![7u8; 1 << 20], 0)?;
-/// let mut opts = ConvertOptions::new(OutputFormat::Qcow2);
+/// let mut opts = ConvertOptions::new(ImageFormat::Qcow2);
 /// opts.compress = true;
 /// let out = dir.path().join("small.qcow2");
 /// let stats = convert(&src, &out, &opts, &mut |_, _| {})?;
@@ -387,7 +355,7 @@ pub fn convert(
     progress: Progress<'_>,
 ) -> Result<ExportStats> {
     let out_name = output.display().to_string();
-    if opts.compress && opts.format != OutputFormat::Qcow2 {
+    if opts.compress && opts.format != ImageFormat::Qcow2 {
         return Err(Error::InvalidArgument(format!(
             "{out_name}: compression needs a qcow2 output (-O qcow2)"
         )));
@@ -408,7 +376,7 @@ pub fn convert(
     }
     let size = src.size()?;
     match opts.format {
-        OutputFormat::Raw => {
+        ImageFormat::Raw => {
             let storage = FileStorage::create(output, LockMode::Exclusive)
                 .map_err(|e| Error::from_open(&out_name, e))?;
             storage
@@ -424,7 +392,7 @@ pub fn convert(
                 .map_err(|e| io_error(&out_name, "fdatasync", 0, e))?;
             Ok(stats)
         }
-        OutputFormat::Qcow2 => {
+        ImageFormat::Qcow2 => {
             // The output is replaced whatever it holds, as for raw output (and as
             // `qemu-img convert` does).
             let mut create = CreateOptions::new(size).if_exists(crate::IfExists::Replace);
@@ -621,13 +589,10 @@ mod tests {
 
     #[test]
     fn output_format_parses_qemu_names() {
-        assert_eq!("raw".parse::<OutputFormat>().unwrap(), OutputFormat::Raw);
-        assert_eq!(
-            "qcow2".parse::<OutputFormat>().unwrap(),
-            OutputFormat::Qcow2
-        );
-        assert!("vmdk".parse::<OutputFormat>().is_err());
-        assert_eq!(OutputFormat::Qcow2.name(), "qcow2");
+        assert_eq!("raw".parse::<ImageFormat>().unwrap(), ImageFormat::Raw);
+        assert_eq!("qcow2".parse::<ImageFormat>().unwrap(), ImageFormat::Qcow2);
+        assert!("vmdk".parse::<ImageFormat>().is_err());
+        assert_eq!(ImageFormat::Qcow2.name(), "qcow2");
     }
 
     #[test]
@@ -648,12 +613,12 @@ mod tests {
             .write_at(&[4u8; 512], 0)
             .unwrap();
 
-        let read = |name: &str, format: OutputFormat| {
+        let read = |name: &str, format: ImageFormat| {
             let out = dir.path().join(format!("{name}.{}", format.name()));
             let stats = export_root(&img, name, &out, format).unwrap();
             let raw = match format {
-                OutputFormat::Raw => std::fs::read(&out).unwrap(),
-                OutputFormat::Qcow2 => {
+                ImageFormat::Raw => std::fs::read(&out).unwrap(),
+                ImageFormat::Qcow2 => {
                     let e = Image::open(&out).unwrap();
                     let mut b = vec![0u8; e.size() as usize];
                     e.read_at(&mut b, 0).unwrap();
@@ -663,7 +628,7 @@ mod tests {
             assert_eq!(raw.len() as u64, stats.virtual_size, "{name}");
             raw
         };
-        for format in [OutputFormat::Raw, OutputFormat::Qcow2] {
+        for format in [ImageFormat::Raw, ImageFormat::Qcow2] {
             let small = read("small", format);
             assert_eq!(small.len(), 1 << 20);
             assert!(small[8192..12288].iter().all(|&b| b == 1));
@@ -680,7 +645,7 @@ mod tests {
             assert_eq!(head, big);
         }
         let err =
-            export_root(&img, "nope", &dir.path().join("x.raw"), OutputFormat::Raw).unwrap_err();
+            export_root(&img, "nope", &dir.path().join("x.raw"), ImageFormat::Raw).unwrap_err();
         assert!(matches!(err, Error::NotFound { .. }), "{err}");
         assert!(!dir.path().join("x.raw").exists());
     }
@@ -692,7 +657,7 @@ mod tests {
         let img = Image::create(&path, &CreateOptions::new(1 << 20)).unwrap();
         img.write_at(b"keep", 0).unwrap();
         img.flush().unwrap();
-        let err = export(&img, &path, OutputFormat::Raw).unwrap_err();
+        let err = export(&img, &path, ImageFormat::Raw).unwrap_err();
         assert!(err.to_string().contains("source image itself"), "{err}");
         let mut b = [0u8; 4];
         img.read_at(&mut b, 0).unwrap();

@@ -149,29 +149,39 @@ pub fn probe_format(path: &Path) -> std::io::Result<&'static str> {
     )
 }
 
-/// The format of one layer of a backing chain.
+/// A disk image format qcowx reads and writes: a layer of a backing chain, the
+/// output of an export or convert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LayerFormat {
-    /// A raw disk image (always the bottom of a chain).
+pub enum ImageFormat {
+    /// A raw disk image (always the bottom of a chain; as output, a sparse file of the
+    /// virtual size).
     Raw,
     /// A qcow2 image.
     Qcow2,
 }
 
-impl LayerFormat {
+impl std::str::FromStr for ImageFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<ImageFormat> {
+        ImageFormat::from_name(s)
+    }
+}
+
+impl ImageFormat {
     /// The format's name as `qemu-img` spells it.
     pub fn name(self) -> &'static str {
         match self {
-            LayerFormat::Raw => "raw",
-            LayerFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
         }
     }
 
     /// Parses `raw` or `qcow2`.
-    pub fn from_name(name: &str) -> Result<LayerFormat> {
+    pub fn from_name(name: &str) -> Result<ImageFormat> {
         match name {
-            "raw" => Ok(LayerFormat::Raw),
-            "qcow2" => Ok(LayerFormat::Qcow2),
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
             other => Err(Error::InvalidArgument(format!(
                 "format '{other}' is not supported (qcow2 and raw are)"
             ))),
@@ -179,14 +189,14 @@ impl LayerFormat {
     }
 
     /// Probes the format of the file at `path` (`qcow2` by its magic, else `raw`).
-    pub fn probe(path: &Path) -> Result<LayerFormat> {
+    pub fn probe(path: &Path) -> Result<ImageFormat> {
         let f = probe_format(path).map_err(|source| Error::Io {
             file: path.display().to_string(),
             op: "open",
             offset: 0,
             source,
         })?;
-        LayerFormat::from_name(f)
+        ImageFormat::from_name(f)
     }
 }
 
@@ -198,7 +208,7 @@ pub(crate) struct Link {
     /// The canonical path, for loop detection.
     pub(crate) canon: PathBuf,
     /// The recorded format, or the probed one.
-    pub(crate) format: LayerFormat,
+    pub(crate) format: ImageFormat,
 }
 
 /// Follows the backing file `name` (recorded format `format`) of the image `image`
@@ -238,13 +248,13 @@ pub(crate) fn follow(
         ));
     }
     let format = match format {
-        Some(f) => LayerFormat::from_name(f).map_err(|_| {
+        Some(f) => ImageFormat::from_name(f).map_err(|_| {
             backing_err(
                 format!("backing format '{f}' is not supported (qcow2 and raw are)"),
                 None,
             )
         })?,
-        None => LayerFormat::probe(&canon).map_err(|e| {
+        None => ImageFormat::probe(&canon).map_err(|e| {
             backing_err(
                 format!("cannot probe '{}'", path.display()),
                 Some(Box::new(e)),
@@ -275,8 +285,8 @@ pub(crate) fn open_chain(
         LockMode::Shared
     };
     match link.format {
-        LayerFormat::Raw => Ok(Arc::new(RawLayer::open(&link.canon, lock)?)),
-        LayerFormat::Qcow2 => {
+        ImageFormat::Raw => Ok(Arc::new(RawLayer::open(&link.canon, lock)?)),
+        ImageFormat::Qcow2 => {
             let mut next_chain = chain.to_vec();
             next_chain.push(link.canon.clone());
             // Backing layers are only read: open them read-only with a shared lock,

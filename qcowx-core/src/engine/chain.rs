@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::engine::backing::{self, Link};
-pub use crate::engine::backing::{LayerFormat, MAX_BACKING_DEPTH};
+pub use crate::engine::backing::{ImageFormat, MAX_BACKING_DEPTH};
 use crate::engine::open_error;
 use crate::engine::{Extent, ExtentStatus, Image, OpenOptions};
 use crate::error::{Error, Result};
@@ -23,7 +23,7 @@ pub struct ChainLayer {
     /// that names it) below: the name `qemu-img map` prints.
     pub path: PathBuf,
     /// Its format.
-    pub format: LayerFormat,
+    pub format: ImageFormat,
     /// Its virtual size in bytes (a raw file's length).
     pub virtual_size: u64,
     /// Its cluster size (qcow2 layers only).
@@ -38,7 +38,7 @@ pub struct ChainLayer {
 /// images in use). Loops and chains deeper than [`MAX_BACKING_DEPTH`] are refused.
 pub fn backing_chain(
     top: &Path,
-    format: Option<LayerFormat>,
+    format: Option<ImageFormat>,
     lock: LockMode,
 ) -> Result<Vec<ChainLayer>> {
     Ok(walk(top, format, lock, false)?
@@ -58,7 +58,7 @@ pub(crate) enum OpenLayer {
 /// layers (an import), so that each is opened and locked once.
 pub(crate) fn open_chain(
     top: &Path,
-    format: Option<LayerFormat>,
+    format: Option<ImageFormat>,
     lock: LockMode,
 ) -> Result<Vec<(ChainLayer, OpenLayer)>> {
     Ok(walk(top, format, lock, true)?
@@ -71,7 +71,7 @@ pub(crate) fn open_chain(
 /// comes with it, else each is closed as soon as it has been read.
 fn walk(
     top: &Path,
-    format: Option<LayerFormat>,
+    format: Option<ImageFormat>,
     lock: LockMode,
     keep: bool,
 ) -> Result<Vec<(ChainLayer, Option<OpenLayer>)>> {
@@ -84,7 +84,7 @@ fn walk(
     })?;
     let format = match format {
         Some(f) => f,
-        None => LayerFormat::probe(top)?,
+        None => ImageFormat::probe(top)?,
     };
     let mut link = Link {
         path: top.to_path_buf(),
@@ -96,7 +96,7 @@ fn walk(
         seen.push(link.canon.clone());
         let path = link.path;
         match link.format {
-            LayerFormat::Raw => {
+            ImageFormat::Raw => {
                 let storage = FileStorage::open(&path, OpenMode::read_only().with_lock(lock))
                     .map_err(|e| open_error(&path.display().to_string(), e))?;
                 let virtual_size = storage.len().map_err(|source| Error::Io {
@@ -107,14 +107,14 @@ fn walk(
                 })?;
                 let layer = ChainLayer {
                     path,
-                    format: LayerFormat::Raw,
+                    format: ImageFormat::Raw,
                     virtual_size,
                     cluster_size: None,
                 };
                 out.push((layer, keep.then_some(OpenLayer::Raw(storage))));
                 return Ok(out);
             }
-            LayerFormat::Qcow2 => {
+            ImageFormat::Qcow2 => {
                 let img = OpenOptions::new()
                     .lock(lock)
                     .open_backing(false)
@@ -128,7 +128,7 @@ fn walk(
                 };
                 let layer = ChainLayer {
                     path: path.clone(),
-                    format: LayerFormat::Qcow2,
+                    format: ImageFormat::Qcow2,
                     virtual_size: info.virtual_size,
                     cluster_size: Some(info.cluster_size),
                 };
