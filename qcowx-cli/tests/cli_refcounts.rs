@@ -3,6 +3,12 @@
 
 use qcowx_tests::cli::*;
 
+/// A 16 MiB `a.qcow2` with `bits`-bit refcounts, made by QEMU.
+fn create(d: &std::path::Path, bits: u32) {
+    let opt = format!("refcount_bits={bits}");
+    qemu_ok(d, &["create", "-f", "qcow2", "-o", &opt, "a.qcow2", "16M"]);
+}
+
 fn snapshot_names(dir: &std::path::Path, file: &str) -> usize {
     let out = qemu_img(dir, &["snapshot", "-l", file]);
     assert_ok(&out, "qemu-img snapshot -l");
@@ -13,18 +19,7 @@ fn snapshot_names(dir: &std::path::Path, file: &str) -> usize {
 fn a_snapshot_that_would_overflow_1_bit_refcounts_is_refused_up_front() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    qemu_ok(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "refcount_bits=1",
-            "a.qcow2",
-            "16M",
-        ],
-    );
+    create(d, 1);
     qemu_io(d, "qcow2", "a.qcow2", &["write -P 0x5a 0 1M"]);
     let before = std::fs::read(d.join("a.qcow2")).unwrap();
 
@@ -83,18 +78,7 @@ fn amend_refuses_what_it_does_not_know() {
 fn a_repair_that_cannot_succeed_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    qemu_ok(
-        d,
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "refcount_bits=16",
-            "a.qcow2",
-            "16M",
-        ],
-    );
+    create(d, 16);
     qemu_io(d, "qcow2", "a.qcow2", &["write -P 0x5a 0 1M"]);
     ok(d, &["snapshot", "a.qcow2", "s1"]);
     // Damage: the header now says 1-bit refcounts, which cannot count the clusters

@@ -285,3 +285,65 @@ fn a_repair_moves_data_off_a_snapshot_l2_table() {
     assert_eq!(qemu_check(&p).code, 0, "{:#}", qemu_check(&p).json);
     qcowx_tests::qemu_io_ok("qcow2", &p, &["read -P 4 0 512"]);
 }
+
+/// The guard on L2 tables: a named VDI's L1 entry (not covered by the clean-close
+/// stamp, so the open trusts it) pointed at the active L1 table, writable. A write that
+/// allocates through it would change "entries" of that table: refused, naming the L1
+/// table, and the active L1 table is intact.
+#[test]
+fn an_l2_table_that_is_another_structure_is_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    let img = std::sync::Arc::new(Image::create(&p, &CreateOptions::new(64 * MIB)).unwrap());
+    img.write_at(&[1; 4096], 0).unwrap();
+    img.snapshot("default", "s").unwrap();
+    img.fork("s", "dev").unwrap();
+    img.open_root("dev")
+        .unwrap()
+        .write_at(&[2; 4096], 0)
+        .unwrap();
+    img.close().unwrap();
+    drop(img);
+
+    let (n, table) = (
+        u32::from_be_bytes(read_at(&p, 60, 4).try_into().unwrap()),
+        be64(&p, 64),
+    );
+    let bytes = read_at(
+        &p,
+        table,
+        (fs::metadata(&p).unwrap().len() - table) as usize,
+    );
+    let entries = qcowx_core::format::snapshot::parse_table(&bytes, table, n).unwrap();
+    let dev = entries
+        .iter()
+        .find(|e| e.name == "vdi:dev")
+        .expect("the VDI head's entry");
+    let active_l1 = layout(&p).l1;
+    patch(
+        &p,
+        dev.l1_table_offset,
+        &((1u64 << 63) | active_l1).to_be_bytes(),
+    );
+    let before = read_at(&p, active_l1, 512);
+
+    let img = std::sync::Arc::new(Image::open_rw(&p).unwrap());
+    assert_eq!(img.open_state(), OpenState::Clean);
+    // Guest cluster 5 of the "table" is an unused L1 slot: the write allocates.
+    let e = img
+        .open_root("dev")
+        .unwrap()
+        .write_at(&[3; 512], 5 * CLUSTER)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.to_string().contains("L1 table") && e.to_string().contains(&format!("{active_l1:#x}")),
+        "{e}"
+    );
+    drop(img);
+    assert_eq!(
+        read_at(&p, active_l1, 512),
+        before,
+        "the L1 table is intact"
+    );
+}

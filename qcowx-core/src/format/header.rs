@@ -174,7 +174,40 @@ pub struct Header {
 }
 
 fn field(field: &'static str, value: u64, why: &'static str) -> HeaderError {
-    HeaderError::Field { field, value, why }
+    HeaderError::Field {
+        field,
+        offset: field_offset(field),
+        value,
+        why,
+    }
+}
+
+/// Where the fixed-header field `name` lies, as the raw header structs place it.
+fn field_offset(name: &str) -> Option<u64> {
+    use std::mem::offset_of;
+    let tail = |at: usize| Some((std::mem::size_of::<RawHeaderV2>() + at) as u64);
+    match name {
+        "magic" => Some(offset_of!(RawHeaderV2, magic) as u64),
+        "version" => Some(offset_of!(RawHeaderV2, version) as u64),
+        "backing_file_offset" => Some(offset_of!(RawHeaderV2, backing_file_offset) as u64),
+        "backing_file_size" => Some(offset_of!(RawHeaderV2, backing_file_size) as u64),
+        "cluster_bits" => Some(offset_of!(RawHeaderV2, cluster_bits) as u64),
+        "size" => Some(offset_of!(RawHeaderV2, size) as u64),
+        "crypt_method" => Some(offset_of!(RawHeaderV2, crypt_method) as u64),
+        "l1_size" => Some(offset_of!(RawHeaderV2, l1_size) as u64),
+        "l1_table_offset" => Some(offset_of!(RawHeaderV2, l1_table_offset) as u64),
+        "refcount_table_offset" => Some(offset_of!(RawHeaderV2, refcount_table_offset) as u64),
+        "refcount_table_clusters" => Some(offset_of!(RawHeaderV2, refcount_table_clusters) as u64),
+        "nb_snapshots" => Some(offset_of!(RawHeaderV2, nb_snapshots) as u64),
+        "snapshots_offset" => Some(offset_of!(RawHeaderV2, snapshots_offset) as u64),
+        "incompatible_features" => tail(offset_of!(RawHeaderV3Tail, incompatible_features)),
+        "compatible_features" => tail(offset_of!(RawHeaderV3Tail, compatible_features)),
+        "autoclear_features" => tail(offset_of!(RawHeaderV3Tail, autoclear_features)),
+        "refcount_order" => tail(offset_of!(RawHeaderV3Tail, refcount_order)),
+        "header_length" => tail(offset_of!(RawHeaderV3Tail, header_length)),
+        "compression_type" => tail(offset_of!(RawHeaderV3Tail, compression_type)),
+        _ => None,
+    }
 }
 
 impl Header {

@@ -16,12 +16,14 @@ pub enum HeaderError {
     /// A header field has a value QCOW2 does not allow.
     #[error(
         "header field `{field}`{} has invalid value {}: {why}",
-        field_offset(field).map_or(String::new(), |at| format!(" (header offset {at:#x})")),
+        offset.map_or(String::new(), |at| format!(" (header offset {at:#x})")),
         shown(*value)
     )]
     Field {
         /// Field name as the QCOW2 specification spells it.
         field: &'static str,
+        /// The field's byte offset in the header.
+        offset: Option<u64>,
         /// The value found.
         value: u64,
         /// What the value must be.
@@ -43,32 +45,6 @@ pub enum HeaderError {
         /// What is wrong.
         why: &'static str,
     },
-}
-
-/// Where a field of the fixed header lies (QCOW2's layout), for messages.
-pub fn field_offset(field: &str) -> Option<u64> {
-    Some(match field {
-        "magic" => 0,
-        "version" => 4,
-        "backing_file_offset" => 8,
-        "backing_file_size" => 16,
-        "cluster_bits" => 20,
-        "size" => 24,
-        "crypt_method" => 32,
-        "l1_size" => 36,
-        "l1_table_offset" => 40,
-        "refcount_table_offset" => 48,
-        "refcount_table_clusters" => 56,
-        "nb_snapshots" => 60,
-        "snapshots_offset" => 64,
-        "incompatible_features" => 72,
-        "compatible_features" => 80,
-        "autoclear_features" => 88,
-        "refcount_order" => 96,
-        "header_length" => 100,
-        "compression_type" => 104,
-        _ => return None,
-    })
 }
 
 /// A field's value as a message shows it: small counts in decimal, offsets, sizes and

@@ -17,7 +17,6 @@ use crate::format::refblock::{get_entry, set_entry};
 use crate::format::tables::{decode_words, encode_words, L1Entry, L2Entry};
 
 use super::rebuild::{give_up_table_room, rebuild_gated};
-use super::scan::read_reftable;
 
 /// Changes held in memory before they are written out while trees are walked (a
 /// root of a large image reaches millions of clusters).
@@ -256,7 +255,7 @@ impl Blocks {
         let order = st.header.refcount_order;
         let cs = img.geo.cluster_size();
         let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
-        let table = read_reftable(img, &st.header)?;
+        let table = img.read_reftable(&st.header)?;
         if table
             .iter()
             .any(|&b| b % cs != 0 || (b != 0 && b + cs > file_len))

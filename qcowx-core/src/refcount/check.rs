@@ -25,7 +25,7 @@ impl DiskRefcounts {
     pub(super) fn new(img: &Image, st: &State, file_clusters: u64) -> Result<DiskRefcounts> {
         let cs = img.geo.cluster_size();
         Ok(DiskRefcounts {
-            table: read_reftable(img, &st.header)?,
+            table: img.read_reftable(&st.header)?,
             order: st.header.refcount_order,
             per_block: (cs * 8) >> st.header.refcount_order,
             cluster_size: cs,

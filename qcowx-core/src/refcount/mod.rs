@@ -17,7 +17,7 @@ mod scan;
 pub(crate) use apply::write_refcounts;
 pub(crate) use check::{check, refcounts_cover};
 pub(crate) use rebuild::{give_up_table_room, rebuild, rebuild_with};
-pub(crate) use room::{check_room_for_root, max_refcount};
+pub(crate) use room::{check_room_for_root, max_refcount, refuse_overflow};
 pub(crate) use scan::{refcount_clusters, reference_counts, scan_from, ScanInput, Source};
 
 use crate::engine::{Image, OpenState};
@@ -227,16 +227,8 @@ impl Image {
             })
             .inspect_err(|_| st.deltas.lose_exactness())?;
         let relocate = probe.data_on_metadata.clone();
-        let max = max_refcount(st.header.refcount_order);
-        if let Some((c, &count)) = probe.counts.iter().enumerate().find(|(_, &n)| n > max) {
-            st.deltas.lose_exactness();
-            return Err(crate::Error::RefcountOverflow {
-                file: self.name.clone(),
-                offset: (c as u64) << self.geo.cluster_bits,
-                count,
-                bits: 1 << st.header.refcount_order,
-            });
-        }
+        refuse_overflow(self, &probe.counts, st.header.refcount_order)
+            .inspect_err(|_| st.deltas.lose_exactness())?;
         drop(probe);
         // Repair rewrites links and refcounts: protect them with the dirty bit first.
         self.mark_stale(&mut st)?;

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use crate::engine::{Image, IoGate, State, DEFAULT_ROOT};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::header::Incompatible;
 use crate::format::tables::{encode_words, L1Entry, L2Entry};
 
@@ -128,15 +128,7 @@ pub(crate) fn rebuild_with(
             ),
         ));
     }
-    let max = super::max_refcount(order);
-    if let Some((i, &c)) = counts.iter().enumerate().find(|(_, &c)| c > max) {
-        return Err(Error::RefcountOverflow {
-            file: img.name.clone(),
-            offset: i as u64 * cs,
-            count: c,
-            bits: 1 << order,
-        });
-    }
+    super::refuse_overflow(img, &counts, order)?;
     let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
     let mut block = vec![0u8; cs as usize];
     for (bi, &bc) in blocks.iter().enumerate() {

@@ -11,7 +11,6 @@ use crate::format::tables::{decode_words, L1Entry, L2Entry};
 use super::apply::write_refcounts_gated;
 use super::check::DiskRefcounts;
 use super::rebuild::rebuild;
-use super::scan::read_reftable;
 use crate::format::refblock::get_entry;
 
 /// The largest count a refcount of `order` holds.
@@ -20,6 +19,21 @@ pub(crate) fn max_refcount(order: u32) -> u64 {
         u64::MAX
     } else {
         (1u64 << (1 << order)) - 1
+    }
+}
+
+/// Refuses counts (`counts[c]`: the references to cluster `c`) that a refcount of
+/// `order` cannot hold, naming the first cluster that overflows.
+pub(crate) fn refuse_overflow(img: &Image, counts: &[u64], order: u32) -> Result<()> {
+    let max = max_refcount(order);
+    match counts.iter().enumerate().find(|(_, &n)| n > max) {
+        Some((c, &count)) => Err(Error::RefcountOverflow {
+            file: img.name.clone(),
+            offset: (c as u64) << img.geo.cluster_bits,
+            count,
+            bits: 1 << order,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -125,7 +139,7 @@ fn refresh_max_bound(img: &Image, st: &mut State, gate: &IoGate<'_>) -> Result<(
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
     let mut block = vec![0u8; cs as usize];
     let mut largest = 0;
-    for at in read_reftable(img, &st.header)? {
+    for at in img.read_reftable(&st.header)? {
         if at == 0 || at % cs != 0 || at + cs > file_len {
             continue;
         }
@@ -162,15 +176,7 @@ impl Image {
         // What the rebuild would refuse is refused before anything is written: damage
         // it cannot resolve, or a count the new width cannot hold.
         let probe = super::scan::scan(self, &st, false)?.checked(self, "cannot amend: ")?;
-        let max = max_refcount(order);
-        if let Some((c, &count)) = probe.counts.iter().enumerate().find(|(_, &n)| n > max) {
-            return Err(Error::RefcountOverflow {
-                file: self.name.clone(),
-                offset: (c as u64) << self.geo.cluster_bits,
-                count,
-                bits,
-            });
-        }
+        refuse_overflow(self, &probe.counts, order)?;
         drop(probe);
         self.mark_stale(&mut st)?;
         let old = st.header.refcount_order;

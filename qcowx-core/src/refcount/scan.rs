@@ -396,7 +396,7 @@ pub(crate) fn scan_from(
                 META,
                 "refcount table",
             );
-            for (i, block) in read_reftable(img, h)?.into_iter().enumerate() {
+            for (i, block) in img.read_reftable(h)?.into_iter().enumerate() {
                 if block == 0 {
                     continue;
                 }
@@ -542,10 +542,6 @@ pub(crate) fn scan_from(
     Ok(s)
 }
 
-pub(super) fn read_reftable(img: &Image, h: &Header) -> Result<Vec<u64>> {
-    img.read_reftable(h)
-}
-
 /// Counts the clusters of persistent bitmaps (directory, tables, data).
 pub(super) fn scan_bitmaps(img: &Image, h: &Header, s: &mut Scan) -> Result<()> {
     let Some(ext) = h.extensions.get(EXT_BITMAPS) else {
@@ -601,7 +597,7 @@ pub(crate) fn refcount_clusters(img: &Image, h: &Header) -> Result<HashSet<u64>>
     for i in 0..u64::from(h.refcount_table_clusters) {
         set.insert((h.refcount_table_offset >> geo.cluster_bits) + i);
     }
-    for b in read_reftable(img, h)? {
+    for b in img.read_reftable(h)? {
         if b != 0 && b % geo.cluster_size() == 0 {
             set.insert(b >> geo.cluster_bits);
         }

@@ -39,16 +39,7 @@ impl Image {
         // before anything is written.
         let rebuild = !crate::refcount::refcounts_cover(self, &st, &counts)?;
         if rebuild {
-            let order = st.header.refcount_order;
-            let max = crate::refcount::max_refcount(order);
-            if let Some((c, &count)) = counts.iter().enumerate().find(|(_, &n)| n > max) {
-                return Err(crate::Error::RefcountOverflow {
-                    file: self.name.clone(),
-                    offset: (c as u64) << self.geo.cluster_bits,
-                    count,
-                    bits: 1 << order,
-                });
-            }
+            crate::refcount::refuse_overflow(self, &counts, st.header.refcount_order)?;
         }
         self.reconcile_with(&mut st, &counts)?;
         if rebuild {
