@@ -23,6 +23,7 @@ mod resize;
 mod roots;
 mod status;
 mod table;
+mod walk;
 mod write;
 mod zero;
 
@@ -36,4 +37,5 @@ pub(crate) use image::{Generation, IoGate, Root, State};
 pub(crate) use open::open_error;
 pub(crate) use overlap::Writing;
 pub(crate) use roots::Target;
+pub(crate) use walk::{walk_tree, Step, TableReader};
 pub(crate) use zero::ZeroMode;

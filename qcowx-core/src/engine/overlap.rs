@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::format::header::Incompatible;
-use crate::format::tables::{decode_words, L1Entry};
+use crate::format::tables::{decode_words, l2_tables};
 use crate::storage::Storage;
 
 use super::image::*;
@@ -198,12 +198,7 @@ impl Image {
         let mut l2 = Vec::new();
         for r in st.roots.values() {
             add(r.l1_offset, r.l1.len() as u64 * 8, Structure::L1Table);
-            l2.extend(
-                r.l1.iter()
-                    .map(|&w| L1Entry(w))
-                    .filter(|e| !e.is_malformed(&self.geo))
-                    .filter_map(|e| e.l2_offset()),
-            );
+            l2.extend(l2_tables(&r.l1, &self.geo).map(|(_, _, table)| table));
         }
         let mut l2_tables: Vec<u64> = l2.into_iter().map(|off| off & !(cs - 1)).collect();
         l2_tables.sort_unstable();

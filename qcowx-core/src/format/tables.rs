@@ -117,6 +117,72 @@ impl L1Entry {
     }
 }
 
+/// What one L1 entry links to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// No L2 table: the range reads from the backing file, or as zeros.
+    None,
+    /// Reserved bits set or an unaligned offset: a damaged entry, never followed.
+    Malformed,
+    /// An L2 table at host offset `table`.
+    Table {
+        /// Host offset of the L2 table.
+        table: u64,
+        /// Whether the table may be written in place through this link.
+        writable: bool,
+    },
+}
+
+impl Link {
+    /// The table linked, if the link is well formed and names one.
+    pub fn table(self) -> Option<u64> {
+        match self {
+            Link::Table { table, .. } => Some(table),
+            Link::None | Link::Malformed => None,
+        }
+    }
+}
+
+impl L1Entry {
+    /// What the entry links to. The one classification every walk of a tree uses.
+    pub fn link(self, geo: &Geometry) -> Link {
+        if self.is_malformed(geo) {
+            return Link::Malformed;
+        }
+        match self.l2_offset() {
+            None => Link::None,
+            Some(table) => Link::Table {
+                table,
+                writable: self.writable(),
+            },
+        }
+    }
+}
+
+/// The L2 tables an L1 table links to, in L1 order: `(L1 index, entry, table offset)`.
+/// Malformed entries are skipped; a walk that must report them matches
+/// [`L1Entry::link`] itself.
+pub fn l2_tables<'a>(
+    l1: &'a [u64],
+    geo: &'a Geometry,
+) -> impl Iterator<Item = (usize, L1Entry, u64)> + 'a {
+    l1.iter().enumerate().filter_map(|(i, &w)| {
+        let e = L1Entry(w);
+        match e.link(geo) {
+            Link::Table { table, .. } => Some((i, e, table)),
+            Link::None | Link::Malformed => None,
+        }
+    })
+}
+
+/// The entries of an L2 table's words, in order: `(L2 index, entry)`.
+pub fn l2_entries<'a>(
+    words: &'a [u64],
+    geo: &'a Geometry,
+) -> impl Iterator<Item = (usize, L2Entry)> + 'a {
+    (0..geo.l2_entries() as usize).map(move |j| (j, L2Entry::get(words, j, geo)))
+}
+
 /// A table's links made read-only: every L1 word, or every L2 entry of `words` (a
 /// copy of a table, whose links become read-only when it is copied).
 pub fn read_only_l1(l1: &[u64]) -> Vec<u64> {
@@ -494,6 +560,33 @@ mod tests {
                 (2048, Source::Backing)
             ]
         );
+    }
+
+    #[test]
+    fn walks_follow_only_well_formed_links() {
+        let geo = Geometry {
+            cluster_bits: 16,
+            extended: false,
+        };
+        let l1 = [
+            0,
+            0x3_0000 | WRITABLE,
+            0x4_0200,     // unaligned
+            0x5_0000 | 2, // a reserved bit
+            0x6_0000,
+        ];
+        let links: Vec<Link> = l1.iter().map(|&w| L1Entry(w).link(&geo)).collect();
+        assert_eq!(links[0], Link::None);
+        assert_eq!(
+            links[1],
+            Link::Table {
+                table: 0x3_0000,
+                writable: true
+            }
+        );
+        assert_eq!((links[2], links[3]), (Link::Malformed, Link::Malformed));
+        let tables: Vec<(usize, u64)> = l2_tables(&l1, &geo).map(|(i, _, t)| (i, t)).collect();
+        assert_eq!(tables, vec![(1, 0x3_0000), (4, 0x6_0000)]);
     }
 
     #[test]

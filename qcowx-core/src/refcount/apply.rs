@@ -9,12 +9,12 @@
 use std::collections::HashMap;
 
 use crate::engine::{
-    add_range, host_range, Image, IoGate, Released, State, TreeDelta, DEFAULT_ROOT,
+    add_range, host_range, Image, IoGate, Released, State, TableReader, TreeDelta, DEFAULT_ROOT,
 };
 use crate::error::{Error, Result};
 use crate::format::header::Incompatible;
 use crate::format::refblock::{get_entry, set_entry};
-use crate::format::tables::{decode_words, encode_words, L1Entry, L2Entry};
+use crate::format::tables::{encode_words, l2_entries, L1Entry, L2Entry, Link};
 
 use super::rebuild::{give_up_table_room, rebuild_gated};
 
@@ -122,34 +122,26 @@ fn walk_trees(
     let mut links: HashMap<u64, i64> = HashMap::new();
     for t in trees {
         for &w in &t.l1 {
-            let e = L1Entry(w);
-            if e.is_malformed(&geo) {
-                return Err(Fallback::Rebuild("malformed L1 entry"));
-            }
-            if let Some(off) = e.l2_offset() {
-                *links.entry(off).or_insert(0) += t.sign;
+            match L1Entry(w).link(&geo) {
+                Link::Malformed => return Err(Fallback::Rebuild("malformed L1 entry")),
+                Link::Table { table, .. } => *links.entry(table).or_insert(0) += t.sign,
+                Link::None => {}
             }
         }
     }
     let mut tables: Vec<(u64, i64)> = links.into_iter().filter(|&(_, k)| k != 0).collect();
     tables.sort_unstable();
-    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
-    let mut raw = vec![0u8; cs as usize];
+    let mut reader = TableReader::new(img)?;
     let add = |changes: &mut HashMap<u64, i64>, off: u64, len: u64, k: i64| {
         add_range(changes, geo.cluster_bits, off, len, k)
     };
     for (off, k) in tables {
-        if off + cs > file_len {
+        let Some(mut words) = reader.read(off)? else {
             return Err(Fallback::Rebuild("L2 table past the end of the file"));
-        }
+        };
         add(changes, off, cs, k);
-        img.storage
-            .read_at(&mut raw, off)
-            .map_err(|e| img.io_err("read L2 table", off, e))?;
-        let mut words = decode_words(&raw);
-        let mut flipped = false;
-        for j in 0..geo.l2_entries() as usize {
-            let entry = L2Entry::get(&words, j, &geo);
+        let mut flips = Vec::new();
+        for (j, entry) in l2_entries(&words, &geo) {
             let kind = entry
                 .kind(&geo)
                 .map_err(|_| Fallback::Rebuild("malformed L2 entry"))?;
@@ -157,11 +149,13 @@ fn walk_trees(
                 add(changes, h, len, k);
             }
             if k > 0 && entry.writable() {
-                entry.read_only().put(&mut words, j, &geo);
-                flipped = true;
+                flips.push((j, entry.read_only()));
             }
         }
-        if flipped {
+        if !flips.is_empty() {
+            for (j, entry) in flips {
+                entry.put(&mut words, j, &geo);
+            }
             img.storage
                 .write_at(&encode_words(&words), off)
                 .map_err(|e| img.io_err("write L2 table", off, e))?;
@@ -206,8 +200,7 @@ fn set_copied(
         else {
             continue;
         };
-        let e = L1Entry(w);
-        let Some(table) = e.l2_offset().filter(|_| !e.is_malformed(&geo)) else {
+        let Link::Table { table, writable } = L1Entry(w).link(&geo) else {
             continue;
         };
         if let Released::Data { guest, host } = r {
@@ -229,9 +222,7 @@ fn set_copied(
         } else if !matches!(r, Released::Table { table: t, .. } if t == table) {
             continue;
         }
-        if !e.writable()
-            && blocks.get(img, table >> geo.cluster_bits, &mut block, &mut loaded)? == 1
-        {
+        if !writable && blocks.get(img, table >> geo.cluster_bits, &mut block, &mut loaded)? == 1 {
             img.set_l1_entry(st, DEFAULT_ROOT, l1i, L1Entry::new(table, true))?;
         }
     }

@@ -1,9 +1,9 @@
 //! Check: the scan compared with the refcounts on disk and with invariant W, reported
 //! with `qemu-img check`'s counters.
 
-use crate::engine::{Image, State, DEFAULT_ROOT};
+use crate::engine::{walk_tree, Image, State, Step, DEFAULT_ROOT};
 use crate::error::Result;
-use crate::format::tables::{decode_words, L1Entry, L2Entry};
+use crate::format::tables::decode_words;
 use crate::vdi::RootKind;
 
 use super::scan::*;
@@ -212,64 +212,67 @@ pub(super) fn check_head(
     mut qemu_rules: Option<&mut DiskRefcounts>,
 ) -> Result<()> {
     let geo = img.geo;
-    let cs = geo.cluster_size();
-    let mut raw = vec![0u8; cs as usize];
-    for (i, &w) in l1.iter().enumerate() {
-        let e = L1Entry(w);
-        let Some(off) = e.l2_offset().filter(|_| !e.is_malformed(&geo)) else {
-            continue;
-        };
-        let refs = s.count(off >> geo.cluster_bits);
-        if e.writable() && refs > 1 {
-            s.report.problem(
-                true,
-                format!("{label}: L1 entry {i} is writable but its L2 table has {refs} references"),
-            );
-        }
-        if let Some(disk) = qemu_rules.as_deref_mut() {
-            let refcount = disk.get(img, off >> geo.cluster_bits)?;
-            copied_rule(s, e.writable(), refcount, refs, || {
-                format!("OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={w:x} refcount={refcount}")
-            });
-        }
-        if !e.writable() && qemu_rules.is_none() {
-            continue; // a read-only table: its entries' bits do not matter
-        }
-        if off + cs > s.file_clusters * cs {
-            continue;
-        }
-        img.storage
-            .read_at(&mut raw, off)
-            .map_err(|e| img.io_err("read L2 table", off, e))?;
-        let words = decode_words(&raw);
-        let step = if geo.extended { 2 } else { 1 };
-        for (j, chunk) in words.chunks(step).enumerate() {
-            let entry = L2Entry {
-                word: chunk[0],
-                bitmap: chunk.get(1).copied().unwrap_or(0),
-            };
-            let Some(host) = entry.host() else { continue };
-            let refs = s.count(host >> geo.cluster_bits);
-            if e.writable() && entry.writable() && refs > 1 {
-                s.report.problem(
-                    true,
-                    format!(
-                        "{label}: L2 entry {j} of table {off:#x} is writable but cluster {host:#x} has {refs} references"
-                    ),
-                );
+    // Whether the table being visited was reached through a writable link.
+    let mut table_writable = false;
+    walk_tree(img, l1, |step| {
+        match step {
+            Step::Link {
+                index: i,
+                entry: e,
+                table: off,
+            } => {
+                let refs = s.count(off >> geo.cluster_bits);
+                if e.writable() && refs > 1 {
+                    s.report.problem(
+                        true,
+                        format!(
+                            "{label}: L1 entry {i} is writable but its L2 table has {refs} references"
+                        ),
+                    );
+                }
+                if let Some(disk) = qemu_rules.as_deref_mut() {
+                    let refcount = disk.get(img, off >> geo.cluster_bits)?;
+                    copied_rule(s, e.writable(), refcount, refs, || {
+                        format!(
+                            "OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={refcount}",
+                            e.0
+                        )
+                    });
+                }
+                table_writable = e.writable();
+                // A read-only table's entries' bits do not matter, but for QEMU's rules.
+                Ok(table_writable || qemu_rules.is_some())
             }
-            if let Some(disk) = qemu_rules.as_deref_mut() {
-                let refcount = disk.get(img, host >> geo.cluster_bits)?;
-                copied_rule(s, entry.writable(), refcount, refs, || {
-                    format!(
-                        "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
-                        entry.word
-                    )
-                });
+            Step::Entry {
+                table: off,
+                index: j,
+                entry,
+            } => {
+                let Some(host) = entry.host() else {
+                    return Ok(true);
+                };
+                let refs = s.count(host >> geo.cluster_bits);
+                if table_writable && entry.writable() && refs > 1 {
+                    s.report.problem(
+                        true,
+                        format!(
+                            "{label}: L2 entry {j} of table {off:#x} is writable but cluster {host:#x} has {refs} references"
+                        ),
+                    );
+                }
+                if let Some(disk) = qemu_rules.as_deref_mut() {
+                    let refcount = disk.get(img, host >> geo.cluster_bits)?;
+                    copied_rule(s, entry.writable(), refcount, refs, || {
+                        format!(
+                            "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
+                            entry.word
+                        )
+                    });
+                }
+                Ok(true)
             }
         }
-    }
-    Ok(())
+    })
 }
 
 /// QEMU's COPIED rule for one link: bit 63 set exactly where the on-disk refcount is

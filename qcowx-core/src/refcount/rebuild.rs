@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use crate::engine::{Image, IoGate, State, DEFAULT_ROOT};
 use crate::error::Result;
 use crate::format::header::Incompatible;
-use crate::format::tables::{encode_words, L1Entry, L2Entry};
+use crate::format::tables::{encode_words, l2_entries, l2_tables, L1Entry, L2Entry};
 
 use super::scan::*;
 use crate::format::refblock::set_entry;
@@ -183,9 +183,7 @@ pub(super) fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<
         .get(&DEFAULT_ROOT)
         .map(|r| r.l1.clone())
         .unwrap_or_default();
-    for (i, &w) in l1.iter().enumerate() {
-        let e = L1Entry(w);
-        let Some(off) = e.l2_offset() else { continue };
+    for (i, e, off) in l2_tables(&l1, &geo) {
         let table_excl = s.count(off >> geo.cluster_bits) == 1;
         if e.writable() != table_excl {
             if let Some(r) = st.roots.get_mut(&DEFAULT_ROOT) {
@@ -196,8 +194,7 @@ pub(super) fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<
         img.load_l2(st, off)?;
         let words: Vec<u64> = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
         let mut changed: Vec<(usize, L2Entry)> = Vec::new();
-        for j in 0..geo.l2_entries() as usize {
-            let entry = L2Entry::get(&words, j, &geo);
+        for (j, entry) in l2_entries(&words, &geo) {
             let Some(host) = entry.host() else { continue };
             let want = table_excl && s.count(host >> geo.cluster_bits) == 1;
             if entry.writable() != want {

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::engine::{Image, State, DEFAULT_ROOT};
 use crate::error::Result;
-use crate::format::tables::{ClusterKind, L1Entry, L2Entry};
+use crate::format::tables::{l2_entries, l2_tables, ClusterKind, L2Entry};
 use crate::storage::Storage;
 
 use super::scan::Source;
@@ -48,14 +48,7 @@ impl Image {
 
         // Every L2 table any root links, once.
         let mut tables: BTreeSet<u64> = BTreeSet::new();
-        let mut add_l1 = |l1: &[u64]| {
-            for &w in l1 {
-                let e = L1Entry(w);
-                if !e.is_malformed(&geo) {
-                    tables.extend(e.l2_offset());
-                }
-            }
-        };
+        let mut add_l1 = |l1: &[u64]| tables.extend(l2_tables(l1, &geo).map(|(_, _, t)| t));
         add_l1(&self.root(st, DEFAULT_ROOT)?.l1);
         // (A repair runs this only when the scan found no other damage, so every
         // entry's L1 reference is sound; a bad one is skipped all the same.)
@@ -75,22 +68,22 @@ impl Image {
             let Some(words) = st.cache.get_mut(off) else {
                 continue;
             };
-            let mut changed = false;
-            for i in 0..geo.l2_entries() as usize {
-                let e = L2Entry::get(words, i, &geo);
-                let host = match e.kind(&geo) {
-                    Ok(ClusterKind::Data { host })
-                    | Ok(ClusterKind::Zero { host: Some(host) })
-                    | Ok(ClusterKind::Subclusters { host, .. }) => host,
-                    _ => continue,
-                };
-                if let Some(&to) = moved.get(&host) {
-                    e.with_host(to).put(words, i, &geo);
-                    changed = true;
-                    links += 1;
-                }
+            let relinked: Vec<(usize, L2Entry)> = l2_entries(words, &geo)
+                .filter_map(|(i, e)| {
+                    let host = match e.kind(&geo) {
+                        Ok(ClusterKind::Data { host })
+                        | Ok(ClusterKind::Zero { host: Some(host) })
+                        | Ok(ClusterKind::Subclusters { host, .. }) => host,
+                        _ => return None,
+                    };
+                    moved.get(&host).map(|&to| (i, e.with_host(to)))
+                })
+                .collect();
+            for &(i, e) in &relinked {
+                e.put(words, i, &geo);
             }
-            if changed {
+            if !relinked.is_empty() {
+                links += relinked.len() as u64;
                 st.cache.mark_dirty(off);
             }
         }

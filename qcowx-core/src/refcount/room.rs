@@ -4,9 +4,8 @@
 
 use std::collections::HashMap;
 
-use crate::engine::{host_range, Image, IoGate, State};
+use crate::engine::{host_range, walk_tree, Image, IoGate, State, Step};
 use crate::error::{Error, Result};
-use crate::format::tables::{decode_words, L1Entry, L2Entry};
 
 use super::apply::write_refcounts_gated;
 use super::check::DiskRefcounts;
@@ -78,52 +77,39 @@ pub(crate) fn check_room_for_root(
         return Ok(());
     }
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
-    let file_clusters = file_len.div_ceil(cs);
-    let mut disk = DiskRefcounts::new(img, st, file_clusters)?;
+    let mut disk = DiskRefcounts::new(img, st, file_len.div_ceil(cs))?;
     let overflow = |offset: u64, count: u64| Error::RefcountOverflow {
         file: img.name.clone(),
         offset,
         count,
         bits: 1 << order,
     };
-    let mut raw = vec![0u8; cs as usize];
     // Clusters this tree reaches more than once (compressed data shares clusters).
     let mut seen: HashMap<u64, u64> = HashMap::new();
-    for &w in l1 {
-        let e = L1Entry(w);
-        let Some(off) = e.l2_offset().filter(|_| !e.is_malformed(&geo)) else {
-            continue;
-        };
-        let c = off >> geo.cluster_bits;
-        let now = disk.get(img, c)?;
-        if now >= max {
-            return Err(overflow(off, now.saturating_add(1)));
-        }
-        if off + cs > file_len {
-            continue;
-        }
-        img.storage
-            .read_at(&mut raw, off)
-            .map_err(|e| img.io_err("read L2 table", off, e))?;
-        let words = decode_words(&raw);
-        for j in 0..geo.l2_entries() as usize {
-            let Ok(kind) = L2Entry::get(&words, j, &geo).kind(&geo) else {
-                continue;
-            };
-            let Some((h, len)) = host_range(&geo, kind) else {
-                continue;
-            };
-            for hc in h >> geo.cluster_bits..=(h + len - 1) >> geo.cluster_bits {
-                let times = seen.entry(hc).or_insert(0);
-                *times += 1;
-                let now = disk.get(img, hc)?;
-                if now.saturating_add(*times) > max {
-                    return Err(overflow(hc * cs, now.saturating_add(*times)));
+    walk_tree(img, l1, |step| {
+        match step {
+            Step::Link { table, .. } => {
+                let now = disk.get(img, table >> geo.cluster_bits)?;
+                if now >= max {
+                    return Err(overflow(table, now.saturating_add(1)));
+                }
+            }
+            Step::Entry { entry, .. } => {
+                let Some((h, len)) = entry.kind(&geo).ok().and_then(|k| host_range(&geo, k)) else {
+                    return Ok(true);
+                };
+                for hc in h >> geo.cluster_bits..=(h + len - 1) >> geo.cluster_bits {
+                    let times = seen.entry(hc).or_insert(0);
+                    *times += 1;
+                    let now = disk.get(img, hc)?;
+                    if now.saturating_add(*times) > max {
+                        return Err(overflow(hc * cs, now.saturating_add(*times)));
+                    }
                 }
             }
         }
-    }
-    Ok(())
+        Ok(true)
+    })
 }
 
 /// Writes the session's changes out (if any) and reads the largest refcount on disk

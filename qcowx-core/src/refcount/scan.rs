@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::format::extensions::EXT_BITMAPS;
 use crate::format::header::{Autoclear, Header, Incompatible};
 use crate::format::snapshot::SnapshotEntry;
-use crate::format::tables::{decode_words, ClusterKind, L1Entry, L2Entry};
+use crate::format::tables::{decode_words, l2_entries, ClusterKind, L1Entry, Link};
 use crate::vdi::RootKind;
 
 use super::*;
@@ -425,15 +425,15 @@ pub(crate) fn scan_from(
     };
     let mut active_l2: Vec<u64> = Vec::new();
     for (i, &w) in input.default_l1.iter().enumerate() {
-        let e = L1Entry(w);
-        if e.is_malformed(&geo) {
-            s.report
-                .problem(true, format!("active L1 entry {i} is malformed: {w:#x}"));
-            continue;
-        }
-        if let Some(off) = e.l2_offset() {
-            link(off, e.writable());
-            active_l2.push(off);
+        match L1Entry(w).link(&geo) {
+            Link::Malformed => s
+                .report
+                .problem(true, format!("active L1 entry {i} is malformed: {w:#x}")),
+            Link::Table { table, writable } => {
+                link(table, writable);
+                active_l2.push(table);
+            }
+            Link::None => {}
         }
     }
     for root in &input.entries {
@@ -463,16 +463,13 @@ pub(crate) fn scan_from(
             .into_iter()
             .enumerate()
         {
-            let e = L1Entry(w);
-            if e.is_malformed(&geo) {
-                s.report.problem(
+            match L1Entry(w).link(&geo) {
+                Link::Malformed => s.report.problem(
                     true,
                     format!("L1 entry {i} of snapshot '{name}' is malformed: {w:#x}"),
-                );
-                continue;
-            }
-            if let Some(off) = e.l2_offset() {
-                link(off, e.writable());
+                ),
+                Link::Table { table, writable } => link(table, writable),
+                Link::None => {}
             }
         }
     }
@@ -488,12 +485,7 @@ pub(crate) fn scan_from(
         }
         let words = src.l2(img, off, &mut raw, writable)?;
         let is_active = active.contains(&off);
-        let step = if geo.extended { 2 } else { 1 };
-        for (idx, chunk) in words.chunks(step).enumerate() {
-            let entry = L2Entry {
-                word: chunk[0],
-                bitmap: chunk.get(1).copied().unwrap_or(0),
-            };
+        for (idx, entry) in l2_entries(&words, &geo) {
             let entry_off = off + idx as u64 * geo.l2_entry_bytes();
             let kind = match entry.kind(&geo) {
                 Ok(kind) => kind,

@@ -42,8 +42,8 @@ impl Image {
             if ea.same_table(eb) {
                 continue; // the same table (or none): nothing differs below
             }
-            let ta = self.l2_words(ea.l2_offset())?;
-            let tb = self.l2_words(eb.l2_offset())?;
+            let ta = self.l2_words(ea.link(&geo).table())?;
+            let tb = self.l2_words(eb.link(&geo).table())?;
             for j in 0..geo.l2_entries() as usize {
                 let offset = i as u64 * per_l1 + j as u64 * cs;
                 if offset >= size {

@@ -44,12 +44,9 @@ impl KeptHosts {
         let (l1i, l2i) = geo.split(guest);
         let cluster_left = cs - guest % cs;
         if self.table.as_ref().is_none_or(|(i, _)| *i != l1i) {
-            let e = L1Entry(self.l1.get(l1i).copied().unwrap_or(0));
-            let off = if e.is_malformed(&geo) {
-                None
-            } else {
-                e.l2_offset()
-            };
+            let off = L1Entry(self.l1.get(l1i).copied().unwrap_or(0))
+                .link(&geo)
+                .table();
             self.table = Some((l1i, self.img.l2_words(off)?));
         }
         let Some((_, Some(words))) = &self.table else {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use crate::engine::{Image, OpenState, State};
 use crate::error::Result;
-use crate::format::tables::L2Entry;
+use crate::format::tables::{l2_entries, l2_tables, L2Entry};
 
 use super::*;
 
@@ -131,33 +131,20 @@ impl Image {
         for t in heads {
             let id = self.load_root(st, t)?;
             let l1 = self.root(st, id)?.l1.clone();
-            for (i, &w) in l1.iter().enumerate() {
-                let e = crate::format::tables::L1Entry(w);
-                let Some(off) = e
-                    .l2_offset()
-                    .filter(|_| e.writable() && !e.is_malformed(&self.geo))
-                else {
-                    continue;
-                };
+            let geo = self.geo;
+            for (i, e, off) in l2_tables(&l1, &geo).filter(|(_, e, _)| e.writable()) {
                 if count(off) > 1 {
                     self.set_l1_entry(st, id, i, e.read_only())?;
                     continue;
                 }
                 self.load_l2(st, off)?;
                 let words = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
-                let shared: Vec<usize> = (0..self.geo.l2_entries() as usize)
-                    .filter(|&j| {
-                        let entry = L2Entry::get(&words, j, &self.geo);
-                        entry.writable() && entry.host().is_some_and(|h| count(h) > 1)
-                    })
+                let shared: Vec<(usize, L2Entry)> = l2_entries(&words, &geo)
+                    .filter(|(_, e)| e.writable() && e.host().is_some_and(|h| count(h) > 1))
                     .collect();
-                if !shared.is_empty() {
-                    if let Some(t) = st.cache.get_mut(off) {
-                        for j in shared {
-                            L2Entry::get(t, j, &self.geo)
-                                .read_only()
-                                .put(t, j, &self.geo);
-                        }
+                if let Some(t) = st.cache.get_mut(off).filter(|_| !shared.is_empty()) {
+                    for (j, e) in shared {
+                        e.read_only().put(t, j, &geo);
                     }
                 }
             }

@@ -10,9 +10,9 @@
 
 use std::collections::HashMap;
 
-use crate::engine::{Image, DEFAULT_ROOT};
+use crate::engine::{Image, TableReader, DEFAULT_ROOT};
 use crate::error::Result;
-use crate::format::tables::{decode_words, ClusterKind, L1Entry, L2Entry};
+use crate::format::tables::{decode_words, l2_entries, l2_tables, ClusterKind};
 use crate::vdi::{RootKind, DEFAULT_VDI, VDI_NAME_PREFIX};
 
 /// Space used by one root.
@@ -151,18 +151,12 @@ impl Image {
             for c in (l1_off >> bits)..=((l1_off + l1_len - 1) >> bits) {
                 mark(&mut owner, c, id);
             }
-            for &w in l1 {
-                let e = L1Entry(w);
-                if e.is_malformed(&geo) {
-                    continue;
+            for (_, _, off) in l2_tables(l1, &geo) {
+                let o = tables.entry(off).or_insert(id);
+                if *o != id {
+                    *o = SHARED;
                 }
-                if let Some(off) = e.l2_offset() {
-                    let o = tables.entry(off).or_insert(id);
-                    if *o != id {
-                        *o = SHARED;
-                    }
-                    mark(&mut owner, off >> bits, id);
-                }
+                mark(&mut owner, off >> bits, id);
             }
         }
 
@@ -170,28 +164,17 @@ impl Image {
         let mut mapped: HashMap<u64, u64> = HashMap::with_capacity(tables.len());
         let mut sorted: Vec<(u64, u32)> = tables.into_iter().collect();
         sorted.sort_unstable();
-        let mut raw = vec![0u8; cs as usize];
-        let step = if geo.extended { 2 } else { 1 };
+        let mut reader = TableReader::new(self)?;
         for (off, table_owner) in sorted {
-            if off.saturating_add(cs) > file_len.next_multiple_of(cs) {
+            let Some(words) = reader.read(off)? else {
                 return Err(self.corrupt(
                     "L2 table",
                     off,
                     "table offset is past the end of the file",
                 ));
-            }
-            let n = cs.min(file_len - off) as usize;
-            raw[n..].fill(0);
-            self.storage
-                .read_at(&mut raw[..n], off)
-                .map_err(|e| self.io_err("read L2 table", off, e))?;
-            let words = decode_words(&raw);
+            };
             let mut count = 0u64;
-            for chunk in words.chunks(step) {
-                let entry = L2Entry {
-                    word: chunk[0],
-                    bitmap: chunk.get(1).copied().unwrap_or(0),
-                };
+            for (_, entry) in l2_entries(&words, &geo) {
                 match entry.kind(&geo) {
                     Ok(ClusterKind::Data { host }) | Ok(ClusterKind::Subclusters { host, .. })
                         if host != 0 =>
@@ -223,13 +206,8 @@ impl Image {
             }
         }
         for (r, (usage, _, l1)) in roots.iter_mut().enumerate() {
-            usage.mapped_bytes = l1
-                .iter()
-                .filter_map(|&w| {
-                    let e = L1Entry(w);
-                    (!e.is_malformed(&geo)).then(|| e.l2_offset()).flatten()
-                })
-                .map(|off| mapped.get(&off).copied().unwrap_or(0) * cs)
+            usage.mapped_bytes = l2_tables(l1, &geo)
+                .map(|(_, _, off)| mapped.get(&off).copied().unwrap_or(0) * cs)
                 .sum();
             usage.exclusive_bytes = owned[r + 1] * cs;
         }
