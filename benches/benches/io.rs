@@ -27,7 +27,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use qcowx_benches::{fill, run_tool};
 use qcowx_core::engine::alloc::Allocator;
 use qcowx_core::engine::cache::{L2Cache, DEFAULT_CACHE_BYTES, MIN_CACHED_TABLES};
-use qcowx_core::format::tables::{Geometry, L2Entry, COMPRESSED, WRITABLE, ZERO};
+use qcowx_core::format::addr::HostOffset;
+use qcowx_core::format::tables::{Geometry, L2Entry, WRITABLE};
 use qcowx_core::{CreateOptions, Image, OpenOptions};
 use tempfile::TempDir;
 
@@ -264,26 +265,17 @@ fn l2_entry_kind(c: &mut Criterion) {
         // standard entries) compressed clusters.
         let table: Vec<L2Entry> = (0..n)
             .map(|i| {
-                let host = (i + 16) * CLUSTER;
+                let host = HostOffset::new((i + 16) * CLUSTER);
                 match (i % 8, extended) {
                     (0..=3, false) => L2Entry::data(host, &geo),
                     (4, false) => L2Entry::data(host, &geo).read_only(),
-                    (5, false) => L2Entry {
-                        word: ZERO,
-                        bitmap: 0,
-                    },
+                    (5, false) => L2Entry::zero(&geo),
                     (6, false) => L2Entry::UNALLOCATED,
-                    (_, false) => L2Entry {
-                        word: COMPRESSED | (3 << geo.csize_shift()) | (host + 512),
-                        bitmap: 0,
-                    },
+                    (_, false) => L2Entry::compressed(host + 512, 4 * 512, &geo),
                     (0..=3, true) => L2Entry::data(host, &geo),
                     (4, true) => L2Entry::zero(&geo),
                     (5, true) => L2Entry::UNALLOCATED,
-                    (_, true) => L2Entry {
-                        word: host | WRITABLE,
-                        bitmap: 0x0000_ff00_0000_00ff,
-                    },
+                    (_, true) => L2Entry::from_raw(host.get() | WRITABLE, 0x0000_ff00_0000_00ff),
                 }
             })
             .collect();
@@ -312,13 +304,17 @@ fn l2_cache(c: &mut Criterion) {
     let mut cache = L2Cache::new(DEFAULT_CACHE_BYTES, table_bytes);
     let cap = cache.capacity() as u64;
     for t in 0..cap {
-        cache.insert(t * CLUSTER, vec![t; words], false);
+        cache.insert(HostOffset::new(t * CLUSTER), vec![t; words], false);
     }
     let mut i = 0u64;
     g.bench_function("hit", |b| {
         b.iter(|| {
             i = (i + 7) % cap;
-            black_box(cache.get(black_box(i * CLUSTER)).map(|t| t[3]))
+            black_box(
+                cache
+                    .get(black_box(HostOffset::new(i * CLUSTER)))
+                    .map(|t| t[3]),
+            )
         })
     });
     // Miss: the lookup fails and the loaded table goes in, evicting the least recently
@@ -328,7 +324,7 @@ fn l2_cache(c: &mut Criterion) {
         b.iter_batched(
             || vec![0u64; words],
             |table| {
-                let off = next * CLUSTER;
+                let off = HostOffset::new(next * CLUSTER);
                 next += 1;
                 assert!(cache.get(off).is_none());
                 cache.insert(off, table, false)
@@ -384,7 +380,7 @@ fn allocator(c: &mut Criterion) {
     g.bench_function("new_cluster", |b| b.iter(|| black_box(a.cluster())));
     // Free 64 clusters, make them ready, hand them out again.
     let mut a = Allocator::new(CLUSTER, 1 << 30);
-    let batch: Vec<u64> = (0..64).map(|_| a.cluster()).collect();
+    let batch: Vec<HostOffset> = (0..64).map(|_| a.cluster()).collect();
     g.throughput(Throughput::Elements(batch.len() as u64));
     g.bench_function("reuse_64", |b| {
         b.iter(|| {

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use qcowx_core::engine::backing::MAX_BACKING_DEPTH;
 use qcowx_core::engine::cache::{L2Cache, DEFAULT_CACHE_BYTES, MIN_CACHED_TABLES};
 use qcowx_core::engine::chain::backing_chain;
+use qcowx_core::format::addr::HostOffset;
 use qcowx_core::format::header::{
     HeaderError, MAX_BACKING_NAME, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
     MAX_VIRTUAL_SIZE,
@@ -803,10 +804,12 @@ fn l2_cache_holds_its_capacity_and_not_one_table_more() {
     let mut c = L2Cache::new(4 * 64, 64);
     assert_eq!(c.capacity(), 4);
     for o in 0..4 {
-        assert!(c.insert(o, vec![o], true).is_none());
+        assert!(c.insert(HostOffset::new(o), vec![o], true).is_none());
     }
-    let ev = c.insert(4, vec![4], true).expect("a dirty table evicted");
-    assert_eq!(ev.offset, 0, "the least recently used one");
+    let ev = c
+        .insert(HostOffset::new(4), vec![4], true)
+        .expect("a dirty table evicted");
+    assert_eq!(ev.offset, HostOffset::new(0), "the least recently used one");
 }
 
 // ---- check report ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 
 use crate::engine::Image;
 use crate::error::{Error, Result};
+use crate::format::addr::{GuestOffset, HostOffset};
 use crate::format::compress::{compress_cluster, CompressionType};
 use crate::storage::Storage;
 
@@ -79,19 +80,19 @@ impl<'a> CompressedWriter<'a> {
         let mut st = img.lock_state()?;
         img.mark_stale(&mut st)?;
         let cursor = self.cursor;
-        let at = img.link_compressed(&mut st, guest, &bytes, |st| {
+        let at = img.link_compressed(&mut st, GuestOffset::new(guest), &bytes, |st| {
             // Byte-granular placement: right after the previous compressed cluster
             // when it fits (or the next host cluster follows), else in new clusters.
             let len = bytes.len() as u64;
             if cursor != 0 && !cursor.is_multiple_of(cs) {
                 let room = cs - cursor % cs;
                 if len <= room {
-                    cursor
+                    HostOffset::new(cursor)
                 } else {
                     let extra = (len - room).div_ceil(cs);
                     let new = st.alloc.contiguous(extra);
-                    if new == cursor.next_multiple_of(cs) {
-                        cursor
+                    if new.get() == cursor.next_multiple_of(cs) {
+                        HostOffset::new(cursor)
                     } else {
                         new
                     }
@@ -100,7 +101,7 @@ impl<'a> CompressedWriter<'a> {
                 st.alloc.contiguous(len.div_ceil(cs))
             }
         })?;
-        self.cursor = at + bytes.len() as u64;
+        self.cursor = at.get() + bytes.len() as u64;
         Ok(true)
     }
 
@@ -112,7 +113,7 @@ impl<'a> CompressedWriter<'a> {
         // The last compressed bytes may end inside a cluster: extend the file to
         // whole clusters, so the sectors an entry names are all inside the file.
         let end = st.alloc.end();
-        let len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+        let len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
         if len < end {
             img.storage
                 .set_len(end)

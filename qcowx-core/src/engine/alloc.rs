@@ -6,6 +6,8 @@
 //! it *ready* to be handed out again, so a torn write can never expose old data through
 //! another link.
 
+use crate::format::addr::HostOffset;
+
 /// The allocator's state. All offsets are cluster-aligned host offsets.
 #[derive(Debug)]
 pub struct Allocator {
@@ -31,20 +33,20 @@ impl Allocator {
     }
 
     /// One cluster: a ready freed one, or a new one at the end.
-    pub fn cluster(&mut self) -> u64 {
+    pub fn cluster(&mut self) -> HostOffset {
         if !self.hold_ready {
             if let Some(c) = self.ready.pop() {
-                return c;
+                return HostOffset::new(c);
             }
         }
         self.contiguous(1)
     }
 
     /// `n` contiguous new clusters at the end of the file.
-    pub fn contiguous(&mut self, n: u64) -> u64 {
+    pub fn contiguous(&mut self, n: u64) -> HostOffset {
         let at = self.end;
         self.end += n * self.cluster_size;
-        at
+        HostOffset::new(at)
     }
 
     /// The first offset past every cluster allocated so far.
@@ -60,8 +62,8 @@ impl Allocator {
     }
 
     /// Records a cluster that nothing links to any more (once the unlink is durable).
-    pub fn free(&mut self, offset: u64) {
-        self.pending.push(offset);
+    pub fn free(&mut self, offset: HostOffset) {
+        self.pending.push(offset.get());
     }
 
     /// Takes the pending clusters, sorted, for punching.
@@ -112,26 +114,30 @@ mod tests {
     #[test]
     fn end_then_ready() {
         let mut a = Allocator::new(512, 1000);
-        assert_eq!(a.cluster(), 1024);
-        assert_eq!(a.contiguous(2), 1536);
-        a.free(512);
-        assert_eq!(a.cluster(), 2560, "pending clusters are not reused");
+        assert_eq!(a.cluster().get(), 1024);
+        assert_eq!(a.contiguous(2).get(), 1536);
+        a.free(HostOffset::new(512));
+        assert_eq!(a.cluster().get(), 2560, "pending clusters are not reused");
         let p = a.take_pending();
         a.make_ready(p);
-        assert_eq!(a.cluster(), 512);
+        assert_eq!(a.cluster().get(), 512);
         assert_eq!(runs(&[0, 512, 2048], 512), vec![(0, 1024), (2048, 512)]);
     }
 
     #[test]
     fn held_ready_clusters_stay_unused() {
         let mut a = Allocator::new(512, 1024);
-        a.free(512);
+        a.free(HostOffset::new(512));
         let p = a.take_pending();
         a.make_ready(p);
         a.hold_ready(true);
-        assert_eq!(a.cluster(), 1024, "a held ready cluster is not handed out");
+        assert_eq!(
+            a.cluster().get(),
+            1024,
+            "a held ready cluster is not handed out"
+        );
         assert_eq!(a.unused().collect::<Vec<_>>(), vec![512]);
         a.hold_ready(false);
-        assert_eq!(a.cluster(), 512);
+        assert_eq!(a.cluster().get(), 512);
     }
 }

@@ -5,6 +5,7 @@
 //! data those tables link to is durable (links are written after their targets; see
 //! `spec/qcowx-format.md`, "Write ordering").
 
+use crate::format::addr::HostOffset;
 use std::collections::HashMap;
 
 /// Default cache size: 8 MiB, which maps a 64 GiB working set with 64 KiB clusters.
@@ -23,7 +24,7 @@ struct Slot {
 #[derive(Debug)]
 pub struct Evicted {
     /// Host offset of the table.
-    pub offset: u64,
+    pub offset: HostOffset,
     /// Its words.
     pub words: Vec<u64>,
 }
@@ -31,7 +32,7 @@ pub struct Evicted {
 /// LRU cache of L2 tables.
 #[derive(Debug)]
 pub struct L2Cache {
-    slots: HashMap<u64, Slot>,
+    slots: HashMap<HostOffset, Slot>,
     capacity: usize,
     tick: u64,
     /// Counts modifications (a table taken for writing, a dirty table inserted).
@@ -56,7 +57,7 @@ impl L2Cache {
     }
 
     /// The table at `offset`, if cached.
-    pub fn get(&mut self, offset: u64) -> Option<&[u64]> {
+    pub fn get(&mut self, offset: HostOffset) -> Option<&[u64]> {
         self.tick += 1;
         let tick = self.tick;
         self.slots.get_mut(&offset).map(|s| {
@@ -66,7 +67,7 @@ impl L2Cache {
     }
 
     /// The table at `offset` for modification; marks it dirty.
-    pub fn get_mut(&mut self, offset: u64) -> Option<&mut Vec<u64>> {
+    pub fn get_mut(&mut self, offset: HostOffset) -> Option<&mut Vec<u64>> {
         self.tick += 1;
         self.changes += 1;
         let tick = self.tick;
@@ -78,7 +79,7 @@ impl L2Cache {
     }
 
     /// Inserts a table. Returns a dirty table that had to be evicted to make room.
-    pub fn insert(&mut self, offset: u64, words: Vec<u64>, dirty: bool) -> Option<Evicted> {
+    pub fn insert(&mut self, offset: HostOffset, words: Vec<u64>, dirty: bool) -> Option<Evicted> {
         self.tick += 1;
         self.changes += u64::from(dirty);
         let mut evicted = None;
@@ -125,7 +126,7 @@ impl L2Cache {
     }
 
     /// Removes a table without writing it (its cluster was freed).
-    pub fn forget(&mut self, offset: u64) {
+    pub fn forget(&mut self, offset: HostOffset) {
         self.slots.remove(&offset);
     }
 
@@ -141,8 +142,8 @@ impl L2Cache {
     }
 
     /// Takes copies of every dirty table and marks them clean.
-    pub fn take_dirty(&mut self) -> Vec<(u64, Vec<u64>)> {
-        let mut out: Vec<(u64, Vec<u64>)> = self
+    pub fn take_dirty(&mut self) -> Vec<(HostOffset, Vec<u64>)> {
+        let mut out: Vec<(HostOffset, Vec<u64>)> = self
             .slots
             .iter_mut()
             .filter(|(_, s)| s.dirty)
@@ -156,7 +157,7 @@ impl L2Cache {
     }
 
     /// Marks a table dirty again (a write-back failed).
-    pub fn mark_dirty(&mut self, offset: u64) {
+    pub fn mark_dirty(&mut self, offset: HostOffset) {
         if let Some(s) = self.slots.get_mut(&offset) {
             s.dirty = true;
         }
@@ -183,21 +184,22 @@ mod tests {
 
     #[test]
     fn evicts_clean_before_dirty() {
+        let h = HostOffset::new;
         let mut c = L2Cache::new(4 * 64, 64);
-        assert!(c.insert(1, vec![1], true).is_none());
+        assert!(c.insert(h(1), vec![1], true).is_none());
         for o in 2..=4 {
-            assert!(c.insert(o, vec![o], false).is_none());
+            assert!(c.insert(h(o), vec![o], false).is_none());
         }
-        c.get(2);
+        c.get(h(2));
         // 3 is the least recently used clean table.
-        assert!(c.insert(5, vec![5], false).is_none());
-        assert!(c.get(3).is_none());
-        assert!(c.get(1).is_some());
+        assert!(c.insert(h(5), vec![5], false).is_none());
+        assert!(c.get(h(3)).is_none());
+        assert!(c.get(h(1)).is_some());
         // Make everything dirty; the next insert evicts a dirty table and returns it.
         for o in [1, 2, 4, 5] {
-            c.get_mut(o);
+            c.get_mut(h(o));
         }
-        let ev = c.insert(6, vec![6], false).expect("dirty eviction");
+        let ev = c.insert(h(6), vec![6], false).expect("dirty eviction");
         assert!(c.get(ev.offset).is_none());
     }
 }

@@ -21,6 +21,7 @@
 //! repair, features qcowx drops) calls [`RefDeltas::lose_exactness`]: the apply then
 //! rebuilds every refcount from a full scan, as it always did before deltas existed.
 
+use crate::format::addr::{GuestOffset, HostOffset};
 use std::collections::HashMap;
 
 use crate::format::tables::{ClusterKind, Geometry};
@@ -61,9 +62,12 @@ pub(crate) struct RefDeltas {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Released {
     /// A data cluster `host` at guest offset `guest`.
-    Data { guest: u64, host: u64 },
+    Data {
+        guest: GuestOffset,
+        host: HostOffset,
+    },
     /// An L2 table `table` at L1 index `l1i`.
-    Table { l1i: usize, table: u64 },
+    Table { l1i: usize, table: HostOffset },
 }
 
 impl RefDeltas {
@@ -145,7 +149,7 @@ impl RefDeltas {
     }
 
     /// Adds `d` to the refcount of every cluster covering `[offset, offset + len)`.
-    pub(crate) fn range(&mut self, offset: u64, len: u64, d: i64) {
+    pub(crate) fn range(&mut self, offset: HostOffset, len: u64, d: i64) {
         add_range(&mut self.clusters, self.cluster_bits, offset, len, d);
     }
 
@@ -199,13 +203,14 @@ impl RefDeltas {
 pub(crate) fn add_range(
     changes: &mut HashMap<u64, i64>,
     cluster_bits: u32,
-    offset: u64,
+    offset: HostOffset,
     len: u64,
     d: i64,
 ) {
     if len == 0 || d == 0 {
         return;
     }
+    let offset = offset.get();
     let first = offset >> cluster_bits;
     let last = (offset.saturating_add(len) - 1) >> cluster_bits;
     for c in first..=last {
@@ -218,15 +223,13 @@ pub(crate) fn add_range(
 }
 
 /// The host bytes an entry of kind `kind` references, if any.
-pub(crate) fn host_range(geo: &Geometry, kind: ClusterKind) -> Option<(u64, u64)> {
+pub(crate) fn host_range(geo: &Geometry, kind: ClusterKind) -> Option<(HostOffset, u64)> {
     match kind {
         ClusterKind::Data { host }
         | ClusterKind::Zero { host: Some(host) }
-        | ClusterKind::Subclusters { host, .. }
-            if host != 0 =>
-        {
-            Some((host, geo.cluster_size()))
-        }
+        | ClusterKind::Subclusters {
+            host: Some(host), ..
+        } => Some((host, geo.cluster_size())),
         ClusterKind::Compressed { offset, len } => Some((offset, len)),
         _ => None,
     }
@@ -246,19 +249,27 @@ mod tests {
         d.relink(
             &geo,
             ClusterKind::Unallocated,
-            ClusterKind::Data { host: 0x30000 },
+            ClusterKind::Data {
+                host: HostOffset::new(0x30000),
+            },
         );
         d.relink(
             &geo,
-            ClusterKind::Data { host: 0x30000 },
-            ClusterKind::Data { host: 0x30000 },
+            ClusterKind::Data {
+                host: HostOffset::new(0x30000),
+            },
+            ClusterKind::Data {
+                host: HostOffset::new(0x30000),
+            },
         );
         assert_eq!(d.clusters.len(), 1);
         d.relink(
             &geo,
-            ClusterKind::Data { host: 0x30000 },
+            ClusterKind::Data {
+                host: HostOffset::new(0x30000),
+            },
             ClusterKind::Compressed {
-                offset: 0x4fe00,
+                offset: HostOffset::new(0x4fe00),
                 len: 0x400,
             },
         );

@@ -66,7 +66,7 @@ impl Image {
         };
         self.storage
             .write_at(&area, 0)
-            .map_err(|e| self.io_err("write header", 0, e))?;
+            .map_err(|e| self.io_err("write header", 0u64, e))?;
         st.header = h;
         Ok(())
     }
@@ -94,7 +94,7 @@ impl Image {
         let bytes = st.header.commit_bytes();
         self.storage
             .write_at(&bytes, 0)
-            .map_err(|e| self.io_err("write header", 0, e))
+            .map_err(|e| self.io_err("write header", 0u64, e))
     }
 
     /// Makes every completed write durable, then writes metadata links in dependency
@@ -145,7 +145,7 @@ impl Image {
             let dirty = st.cache.take_dirty();
             let mut result = Ok(());
             for (off, words) in &dirty {
-                if let Err(e) = self.storage.write_at(&encode_words(words), *off) {
+                if let Err(e) = self.storage.write_at(&encode_words(words), off.get()) {
                     result = Err(self.io_err("write L2 table", *off, e));
                     break;
                 }

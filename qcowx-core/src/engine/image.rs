@@ -227,20 +227,25 @@ pub struct Image {
 impl Image {
     // ---- small helpers ------------------------------------------------------------
 
-    pub(crate) fn io_err(&self, op: &'static str, offset: u64, source: std::io::Error) -> Error {
-        Error::io(self.name.clone(), op, offset, source)
+    pub(crate) fn io_err(
+        &self,
+        op: &'static str,
+        offset: impl Into<u64>,
+        source: std::io::Error,
+    ) -> Error {
+        Error::io(self.name.clone(), op, offset.into(), source)
     }
 
     pub(crate) fn corrupt(
         &self,
         structure: &'static str,
-        offset: u64,
+        offset: impl Into<u64>,
         why: impl Into<String>,
     ) -> Error {
         Error::Corrupt {
             file: self.name.clone(),
             structure,
-            offset,
+            offset: offset.into(),
             why: why.into(),
         }
     }
@@ -275,7 +280,7 @@ impl Image {
     pub(crate) fn sync(&self) -> Result<()> {
         self.storage
             .sync_data()
-            .map_err(|e| self.io_err("fdatasync", 0, e))
+            .map_err(|e| self.io_err("fdatasync", 0u64, e))
     }
 
     pub(crate) fn root<'s>(&self, st: &'s State, root: RootId) -> Result<&'s Root> {
@@ -406,7 +411,10 @@ impl Image {
     pub fn info(&self) -> Result<ImageInfo> {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let h = &st.header;
-        let file_length = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        let file_length = self
+            .storage
+            .len()
+            .map_err(|e| self.io_err("stat", 0u64, e))?;
         Ok(ImageInfo {
             virtual_size: h.size,
             cluster_size: h.cluster_size(),

@@ -23,6 +23,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
+use crate::format::addr::HostOffset;
 use crate::format::header::Incompatible;
 use crate::format::tables::{decode_words, l2_tables};
 use crate::storage::Storage;
@@ -200,7 +201,7 @@ impl Image {
             add(r.l1_offset, r.l1.len() as u64 * 8, Structure::L1Table);
             l2.extend(l2_tables(&r.l1, &self.geo).map(|(_, _, table)| table));
         }
-        let mut l2_tables: Vec<u64> = l2.into_iter().map(|off| off & !(cs - 1)).collect();
+        let mut l2_tables: Vec<u64> = l2.into_iter().map(|off| off.get() & !(cs - 1)).collect();
         l2_tables.sort_unstable();
         l2_tables.dedup();
         Ok(MetadataMap {
@@ -219,9 +220,10 @@ impl Image {
         &self,
         st: &mut State,
         what: Writing,
-        host: u64,
+        host: HostOffset,
         len: u64,
     ) -> Result<()> {
+        let host = host.get();
         if let Some(why) = &st.refused {
             return Err(Error::ReadOnly {
                 file: self.name.clone(),

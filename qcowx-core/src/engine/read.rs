@@ -3,6 +3,7 @@
 use std::io::IoSlice;
 
 use crate::error::{Error, Result};
+use crate::format::addr::{GuestOffset, HostOffset};
 use crate::format::compress::decompress_cluster;
 use crate::format::tables::{for_each_piece, ClusterKind, Source};
 use crate::storage::{self, Storage};
@@ -51,7 +52,7 @@ impl Image {
         while pos < end {
             let in_off = pos % cs;
             let n = (cs - in_off).min(end - pos);
-            let (kind, _) = self.lookup(st, root, pos)?;
+            let (kind, _) = self.lookup(st, root, GuestOffset::new(pos))?;
             let mut g = pos;
             for_each_piece(&self.geo, kind, in_off, n, |plen, src| {
                 push_piece(
@@ -79,9 +80,13 @@ impl Image {
         }
     }
 
-    pub(super) fn read_compressed(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+    pub(super) fn read_compressed(&self, offset: HostOffset, len: u64) -> Result<Vec<u8>> {
+        let offset = offset.get();
         let cs = self.geo.cluster_size();
-        let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| self.io_err("stat", 0u64, e))?;
         if offset >= file_len {
             return Err(self.corrupt(
                 "compressed cluster",
@@ -112,7 +117,7 @@ impl Image {
             match p.src {
                 Source::Host(h) => self
                     .storage
-                    .read_at(dst, h)
+                    .read_at(dst, h.get())
                     .map_err(|e| self.io_err("read data", h, e))?,
                 Source::Zero => dst.fill(0),
                 Source::Backing => self.read_backing(dst, p.guest)?,
@@ -126,7 +131,13 @@ impl Image {
     }
 
     /// Reads the whole current content of the guest cluster at `cg` (cluster-aligned).
-    pub(super) fn read_cluster(&self, kind: ClusterKind, cg: u64, buf: &mut [u8]) -> Result<()> {
+    pub(super) fn read_cluster(
+        &self,
+        kind: ClusterKind,
+        cg: GuestOffset,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let cg = cg.get();
         let mut pieces = Vec::new();
         let mut g = cg;
         for_each_piece(&self.geo, kind, 0, self.geo.cluster_size(), |plen, src| {
@@ -194,7 +205,7 @@ impl Image {
         let mut end = 0u64;
         for p in &pieces {
             match p.src {
-                Source::Host(h) => match h.checked_add(p.len) {
+                Source::Host(h) => match h.get().checked_add(p.len) {
                     Some(e) => end = end.max(e),
                     None => return Ok(None),
                 },
@@ -215,7 +226,7 @@ impl Image {
             match (p.src, &map) {
                 (Source::Host(h), Some(m)) => {
                     // Below `end`, which the mapping and the file both cover.
-                    let (h, l) = (h as usize, p.len as usize);
+                    let (h, l) = (h.get() as usize, p.len as usize);
                     if !storage::resident(m, h, l) {
                         return Ok(None);
                     }
@@ -235,7 +246,7 @@ impl Image {
         drop(slices);
         for p in &pieces {
             if let (Source::Host(h), Some(_)) = (p.src, &map) {
-                self.storage.mapped_read(h, p.len);
+                self.storage.mapped_read(h.get(), p.len);
             }
         }
         Ok(Some(r))

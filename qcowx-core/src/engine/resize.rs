@@ -1,6 +1,7 @@
 //! Growing the virtual disk.
 
 use crate::error::{Error, Result};
+use crate::format::addr::HostOffset;
 use crate::format::header::MAX_VIRTUAL_SIZE;
 use crate::format::tables::encode_words;
 use crate::storage::Storage;
@@ -48,7 +49,7 @@ impl Image {
             self.flush_locked(&mut st)?;
             self.mark_stale(&mut st)?;
             let clusters = self.geo.clusters_for(needed * 8);
-            let at = st.alloc.contiguous(clusters);
+            let at = st.alloc.contiguous(clusters).get();
             let mut l1 = self.root(&st, DEFAULT_ROOT)?.l1.clone();
             l1.resize(needed as usize, 0);
             let mut bytes = encode_words(&l1);
@@ -65,8 +66,9 @@ impl Image {
             st.header.l1_table_offset = at;
             // The active L1 table moves (its links stay): only its own clusters'
             // references move. The header commit below makes the move count.
-            st.deltas.range(old_at, u64::from(old_entries) * 8, -1);
-            st.deltas.range(at, needed * 8, 1);
+            st.deltas
+                .range(HostOffset::new(old_at), u64::from(old_entries) * 8, -1);
+            st.deltas.range(HostOffset::new(at), needed * 8, 1);
         }
         let old_size = st.header.size;
         // The root grows now (so the zeroing below is in range); the header's size

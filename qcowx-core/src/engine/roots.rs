@@ -6,6 +6,7 @@ use zerocopy::IntoBytes;
 
 use crate::engine::{Image, IoGate, Root, RootId, State, DEFAULT_ROOT};
 use crate::error::{Error, Result};
+use crate::format::addr::HostOffset;
 use crate::format::header::MAX_SNAPSHOTS;
 use crate::format::roots::*;
 use crate::format::snapshot::{RawSnapshotHeader, SnapshotEntry, MAX_SNAPSHOT_TABLE_BYTES};
@@ -96,7 +97,10 @@ impl Image {
             return Err(self.corrupt("snapshot table entry's L1 table", loc.offset, why));
         }
         let len = u64::from(loc.entries) * 8;
-        let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| self.io_err("stat", 0u64, e))?;
         if loc.offset.saturating_add(len) > file_len || loc.offset == 0 && len > 0 {
             return Err(self.corrupt(
                 "snapshot L1 table",
@@ -157,7 +161,7 @@ impl Image {
     pub(crate) fn write_read_only_copy(&self, st: &mut State, l1: &[u64]) -> Result<u64> {
         let copy = read_only_l1(l1);
         let clusters = self.geo.clusters_for(copy.len() as u64 * 8).max(1);
-        let at = st.alloc.contiguous(clusters);
+        let at = st.alloc.contiguous(clusters).get();
         let mut bytes = encode_words(&copy);
         bytes.resize((clusters * self.geo.cluster_size()) as usize, 0);
         self.storage
@@ -210,7 +214,7 @@ impl Image {
             let capacity = (need * 2)
                 .next_multiple_of(cs)
                 .min(MAX_SNAPSHOT_TABLE_BYTES.next_multiple_of(cs));
-            let at = st.alloc.contiguous(capacity / cs);
+            let at = st.alloc.contiguous(capacity / cs).get();
             let mut bytes = Vec::with_capacity(need as usize);
             for e in &st.snapshots {
                 e.write_to(&mut bytes);
@@ -240,8 +244,8 @@ impl Image {
             st.records.pop();
             st.index = Index::build(&st.snapshots, &st.records);
         } else {
-            st.deltas.range(before.0, used, -1);
-            st.deltas.range(offset, need, 1);
+            st.deltas.range(HostOffset::new(before.0), used, -1);
+            st.deltas.range(HostOffset::new(offset), need, 1);
         }
         committed
     }
@@ -250,7 +254,8 @@ impl Image {
     /// copy of `l1`: its L1 table gains a reference, and every cluster its tree
     /// reaches one more (walked when the refcounts are next written).
     pub(crate) fn count_new_root(&self, st: &mut State, l1_offset: u64, l1: &[u64]) {
-        st.deltas.range(l1_offset, l1.len() as u64 * 8, 1);
+        st.deltas
+            .range(HostOffset::new(l1_offset), l1.len() as u64 * 8, 1);
         st.deltas.tree(l1.to_vec(), 1);
     }
 
@@ -334,8 +339,10 @@ impl Image {
             ) = old_place;
             st.index = Index::build(&st.snapshots, &st.records);
         } else {
-            st.deltas.range(old_table.0, old_table.1, -1);
-            st.deltas.range(offset, Image::table_bytes(st), 1);
+            st.deltas
+                .range(HostOffset::new(old_table.0), old_table.1, -1);
+            st.deltas
+                .range(HostOffset::new(offset), Image::table_bytes(st), 1);
         }
         committed
     }
@@ -356,7 +363,7 @@ impl Image {
             return Ok((0, 0));
         }
         let capacity = (bytes.len() as u64).next_multiple_of(cs);
-        let at = st.alloc.contiguous(capacity / cs);
+        let at = st.alloc.contiguous(capacity / cs).get();
         self.storage
             .write_at(&bytes, at)
             .map_err(|e| self.io_err("write snapshot table", at, e))?;

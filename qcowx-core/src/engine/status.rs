@@ -85,9 +85,14 @@ impl Image {
         let mut out: Vec<Extent> = Vec::new();
         for p in pieces {
             match p.src {
-                Source::Host(h) => {
-                    push_extent(&mut out, p.guest, p.len, ExtentStatus::Data, 0, Some(h))
-                }
+                Source::Host(h) => push_extent(
+                    &mut out,
+                    p.guest,
+                    p.len,
+                    ExtentStatus::Data,
+                    0,
+                    Some(h.get()),
+                ),
                 Source::Compressed { .. } => {
                     push_extent(&mut out, p.guest, p.len, ExtentStatus::Data, 0, None)
                 }

@@ -1,6 +1,7 @@
 //! Table access: the one path by which every reader and writer reaches L1 and L2 entries and the L2 cache, and makes an L2 table writable (copying a shared one).
 
 use crate::error::{Error, Result};
+use crate::format::addr::{GuestOffset, HostOffset};
 use crate::format::tables::{
     decode_words, encode_words, make_l2_read_only, ClusterKind, L1Entry, L2Entry,
 };
@@ -11,13 +12,18 @@ use super::Writing;
 
 impl Image {
     /// Makes sure the L2 table at `off` is in the cache.
-    pub(crate) fn load_l2(&self, st: &mut State, off: u64) -> Result<()> {
+    pub(crate) fn load_l2(&self, st: &mut State, off: HostOffset) -> Result<()> {
         if st.cache.get(off).is_some() {
             return Ok(());
         }
         let cs = self.geo.cluster_size();
-        let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
-        if !off.is_multiple_of(cs) || off.saturating_add(cs) > file_len.next_multiple_of(cs) {
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| self.io_err("stat", 0u64, e))?;
+        if !off.is_cluster_aligned(&self.geo)
+            || off.get().saturating_add(cs) > file_len.next_multiple_of(cs)
+        {
             return Err(self.corrupt(
                 "L2 table",
                 off,
@@ -26,7 +32,7 @@ impl Image {
         }
         let mut raw = vec![0u8; cs as usize];
         self.storage
-            .read_at(&mut raw, off)
+            .read_at(&mut raw, off.get())
             .map_err(|e| self.io_err("read L2 table", off, e))?;
         let words = decode_words(&raw);
         self.cache_insert(st, off, words, false)
@@ -37,14 +43,14 @@ impl Image {
     pub(super) fn cache_insert(
         &self,
         st: &mut State,
-        off: u64,
+        off: HostOffset,
         words: Vec<u64>,
         dirty: bool,
     ) -> Result<()> {
         if let Some(ev) = st.cache.insert(off, words, dirty) {
             let written = self.sync().and_then(|_| {
                 self.storage
-                    .write_at(&encode_words(&ev.words), ev.offset)
+                    .write_at(&encode_words(&ev.words), ev.offset.get())
                     .map_err(|e| self.io_err("write L2 table", ev.offset, e))
             });
             if let Err(e) = written {
@@ -56,7 +62,12 @@ impl Image {
         Ok(())
     }
 
-    pub(super) fn l2_entry(&self, st: &mut State, l2_off: u64, idx: usize) -> Result<L2Entry> {
+    pub(super) fn l2_entry(
+        &self,
+        st: &mut State,
+        l2_off: HostOffset,
+        idx: usize,
+    ) -> Result<L2Entry> {
         self.load_l2(st, l2_off)?;
         let words = st
             .cache
@@ -72,9 +83,9 @@ impl Image {
         &self,
         st: &mut State,
         root: RootId,
-        guest: u64,
+        guest: GuestOffset,
         old: ClusterKind,
-        new_host: Option<u64>,
+        new_host: Option<HostOffset>,
     ) {
         if root == DEFAULT_ROOT {
             return;
@@ -89,7 +100,7 @@ impl Image {
     pub(super) fn set_l2_entry(
         &self,
         st: &mut State,
-        l2_off: u64,
+        l2_off: HostOffset,
         idx: usize,
         e: L2Entry,
     ) -> Result<()> {
@@ -111,12 +122,12 @@ impl Image {
 
     pub(super) fn l1_entry(&self, st: &State, root: RootId, l1i: usize) -> Result<L1Entry> {
         let r = self.root(st, root)?;
-        let e = L1Entry(r.l1.get(l1i).copied().unwrap_or(0));
+        let e = L1Entry::from_raw(r.l1.get(l1i).copied().unwrap_or(0));
         if e.is_malformed(&self.geo) {
             return Err(self.corrupt(
                 "L1 table",
                 r.l1_offset + l1i as u64 * 8,
-                format!("malformed entry {:#x}", e.0),
+                format!("malformed entry {:#x}", e.raw()),
             ));
         }
         Ok(e)
@@ -133,7 +144,7 @@ impl Image {
         let slot = r.l1.get_mut(l1i).ok_or_else(|| {
             Error::InvalidArgument(format!("L1 index {l1i} past the end of root {root}"))
         })?;
-        *slot = e.0;
+        *slot = e.raw();
         r.dirty.insert(l1i / 64);
         st.l1_changes += 1;
         Ok(())
@@ -145,7 +156,7 @@ impl Image {
         &self,
         st: &mut State,
         root: RootId,
-        guest: u64,
+        guest: GuestOffset,
     ) -> Result<(ClusterKind, bool)> {
         let (l1i, l2i) = self.geo.split(guest);
         let l1e = self.l1_entry(st, root, l1i)?;
@@ -162,7 +173,12 @@ impl Image {
 
     /// Makes sure the L1 entry `l1i` links to an L2 table this root owns, copying a
     /// shared table (every entry of the copy read-only) or allocating a new one.
-    pub(super) fn writable_l2(&self, st: &mut State, root: RootId, l1i: usize) -> Result<u64> {
+    pub(super) fn writable_l2(
+        &self,
+        st: &mut State,
+        root: RootId,
+        l1i: usize,
+    ) -> Result<HostOffset> {
         let e = self.l1_entry(st, root, l1i)?;
         match e.l2_offset() {
             Some(off) if e.writable() => {
@@ -212,10 +228,10 @@ impl Image {
     pub(crate) fn link_compressed(
         &self,
         st: &mut State,
-        guest: u64,
+        guest: GuestOffset,
         bytes: &[u8],
-        place: impl FnOnce(&mut State) -> u64,
-    ) -> Result<u64> {
+        place: impl FnOnce(&mut State) -> HostOffset,
+    ) -> Result<HostOffset> {
         let (l1i, l2i) = self.geo.split(guest);
         let l2_off = self.writable_l2(st, DEFAULT_ROOT, l1i)?;
         let current = self.l2_entry(st, l2_off, l2i)?;
@@ -233,7 +249,7 @@ impl Image {
         let len = bytes.len() as u64;
         self.guard_write(st, Writing::Data, at, len)?;
         self.storage
-            .write_at(bytes, at)
+            .write_at(bytes, at.get())
             .map_err(|e| self.io_err("write compressed cluster", at, e))?;
         self.set_l2_entry(st, l2_off, l2i, L2Entry::compressed(at, len, &self.geo))?;
         Ok(at)

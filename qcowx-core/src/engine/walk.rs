@@ -12,6 +12,7 @@
 //! the end, as QEMU reads it.
 
 use crate::error::{Error, Result};
+use crate::format::addr::HostOffset;
 use crate::format::tables::{decode_words, l2_entries, l2_tables, L1Entry, L2Entry};
 
 use super::image::Image;
@@ -26,7 +27,7 @@ pub(crate) struct TableReader<'a> {
 impl<'a> TableReader<'a> {
     /// A reader for `img`'s tables, as long as the file is now.
     pub(crate) fn new(img: &'a Image) -> Result<TableReader<'a>> {
-        let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+        let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
         Ok(TableReader {
             img,
             raw: vec![0u8; img.geo.cluster_size() as usize],
@@ -35,21 +36,21 @@ impl<'a> TableReader<'a> {
     }
 
     /// Whether a table at `table` starts inside the file.
-    pub(crate) fn inside(&self, table: u64) -> bool {
-        table < self.file_len
+    pub(crate) fn inside(&self, table: HostOffset) -> bool {
+        table.get() < self.file_len
     }
 
     /// The words of the L2 table at `table`, or `None` when it starts at or past the
     /// end of the file (a damaged link).
-    pub(crate) fn read(&mut self, table: u64) -> Result<Option<Vec<u64>>> {
+    pub(crate) fn read(&mut self, table: HostOffset) -> Result<Option<Vec<u64>>> {
         if !self.inside(table) {
             return Ok(None);
         }
-        let n = (self.file_len - table).min(self.raw.len() as u64) as usize;
+        let n = (self.file_len - table.get()).min(self.raw.len() as u64) as usize;
         self.raw[n..].fill(0);
         self.img
             .storage
-            .read_at(&mut self.raw[..n], table)
+            .read_at(&mut self.raw[..n], table.get())
             .map_err(|e| self.img.io_err("read L2 table", table, e))?;
         Ok(Some(decode_words(&self.raw)))
     }
@@ -63,11 +64,11 @@ pub(crate) enum Step {
     Link {
         index: usize,
         entry: L1Entry,
-        table: u64,
+        table: HostOffset,
     },
     /// Entry `index` of the table at `table`.
     Entry {
-        table: u64,
+        table: HostOffset,
         index: usize,
         entry: L2Entry,
     },

@@ -1,6 +1,7 @@
 //! Writes: in place when both links are writable, else through the slow path that copies or allocates the L2 table and the data cluster (data before links).
 
 use crate::error::Result;
+use crate::format::addr::{GuestOffset, HostOffset};
 use crate::format::tables::{ClusterKind, Geometry, L2Entry};
 use crate::storage::Storage;
 
@@ -15,10 +16,10 @@ pub(super) const MAX_SLOW_RUN: u64 = 4 << 20;
 
 /// Where the slow path writes one guest cluster (see `Image::slow_target`).
 pub(super) struct SlowTarget {
-    l2_off: u64,
+    l2_off: HostOffset,
     l2i: usize,
     kind: ClusterKind,
-    host: u64,
+    host: HostOffset,
     /// `host` is the cluster the root owns there, not a new one.
     in_place: bool,
 }
@@ -29,13 +30,17 @@ pub(super) fn in_place_target(
     writable: bool,
     in_off: u64,
     n: u64,
-) -> Option<u64> {
+) -> Option<HostOffset> {
     if !writable {
         return None;
     }
     match kind {
         ClusterKind::Data { host } => Some(host),
-        ClusterKind::Subclusters { host, alloc, .. } if host != 0 => {
+        ClusterKind::Subclusters {
+            host: Some(host),
+            alloc,
+            ..
+        } => {
             let sub = geo.subcluster_size();
             let first = in_off / sub;
             let last = (in_off + n - 1) / sub;
@@ -69,8 +74,8 @@ impl Image {
         }
         let mut pos = 0u64;
         while pos < len {
-            let guest = offset + pos;
-            let in_off = guest % cs;
+            let guest = GuestOffset::new(offset + pos);
+            let in_off = guest.in_cluster(&self.geo);
             let n = (cs - in_off).min(len - pos);
             let chunk = &buf[pos as usize..(pos + n) as usize];
             let mut st = self.lock_state()?;
@@ -92,7 +97,7 @@ impl Image {
                 let _gate = self.gate_read();
                 drop(st);
                 self.storage
-                    .write_at(&buf[pos as usize..(pos + run) as usize], at)
+                    .write_at(&buf[pos as usize..(pos + run) as usize], at.get())
                     .map_err(|e| self.io_err("write data", at, e))?;
                 pos += run;
                 continue;
@@ -102,7 +107,8 @@ impl Image {
                 pos += self.write_whole_clusters(&mut st, root, guest, &buf[pos as usize..])?;
                 continue;
             }
-            self.write_partial_cluster(&mut st, root, guest - in_off, in_off, chunk)?;
+            let cg = guest.cluster_start(&self.geo);
+            self.write_partial_cluster(&mut st, root, cg, in_off, chunk)?;
             pos += n;
         }
         Ok(())
@@ -112,7 +118,12 @@ impl Image {
     /// the L2 table writable (copying or creating it) and picks the host cluster — the
     /// one the root owns there, or a new one. Nothing links to a new one until the
     /// caller has written it and set the entry.
-    pub(super) fn slow_target(&self, st: &mut State, root: RootId, cg: u64) -> Result<SlowTarget> {
+    pub(super) fn slow_target(
+        &self,
+        st: &mut State,
+        root: RootId,
+        cg: GuestOffset,
+    ) -> Result<SlowTarget> {
         let (l1i, l2i) = self.geo.split(cg);
         let l2_off = self.writable_l2(st, root, l1i)?;
         let entry = self.l2_entry(st, l2_off, l2i)?;
@@ -123,11 +134,9 @@ impl Image {
         let in_place = match kind {
             ClusterKind::Data { host }
             | ClusterKind::Zero { host: Some(host) }
-            | ClusterKind::Subclusters { host, .. }
-                if entry.writable() && host != 0 =>
-            {
-                Some(host)
-            }
+            | ClusterKind::Subclusters {
+                host: Some(host), ..
+            } if entry.writable() => Some(host),
             _ => None,
         };
         Ok(SlowTarget {
@@ -148,7 +157,7 @@ impl Image {
         &self,
         st: &mut State,
         root: RootId,
-        guest: u64,
+        guest: GuestOffset,
         data: &[u8],
     ) -> Result<u64> {
         let cs = self.geo.cluster_size();
@@ -176,7 +185,7 @@ impl Image {
             let bytes = &data[i * cs as usize..j * cs as usize];
             self.guard_write(st, Writing::Data, at, bytes.len() as u64)?;
             self.storage
-                .write_at(bytes, at)
+                .write_at(bytes, at.get())
                 .map_err(|e| self.io_err("write data", at, e))?;
             i = j;
         }
@@ -195,7 +204,7 @@ impl Image {
         &self,
         st: &mut State,
         root: RootId,
-        cg: u64,
+        cg: GuestOffset,
         in_off: u64,
         data: &[u8],
     ) -> Result<()> {
@@ -236,7 +245,7 @@ impl Image {
         for (lo, hi) in runs {
             let at = host + lo as u64;
             self.storage
-                .write_at(&content[lo..hi], at)
+                .write_at(&content[lo..hi], at.get())
                 .map_err(|e| self.io_err("write data", at, e))?;
         }
         self.note_release(st, root, cg, kind, Some(host));

@@ -1,6 +1,7 @@
 //! Zeroing and discard: zero clusters, unmapping clusters a root owns exclusively.
 
 use crate::error::Result;
+use crate::format::addr::GuestOffset;
 use crate::format::tables::{ClusterKind, L2Entry};
 
 use super::image::*;
@@ -61,7 +62,7 @@ impl Image {
             let whole = in_off == 0 && (n == cs || pos + n == size);
             let mut st = self.lock_state()?;
             match (&mode, whole && v3) {
-                (_, true) => self.zero_cluster(&mut st, root, pos, &mode)?,
+                (_, true) => self.zero_cluster(&mut st, root, GuestOffset::new(pos), &mode)?,
                 (ZeroMode::Discard, false) if !v3 && whole => {
                     // Version 2 has no zero flag: a discard must write zeros so the
                     // backing file does not show through.
@@ -70,7 +71,7 @@ impl Image {
                 }
                 (ZeroMode::Discard, false) => {}
                 (ZeroMode::Zero { .. }, false) => {
-                    let (kind, _) = self.lookup(&mut st, root, pos)?;
+                    let (kind, _) = self.lookup(&mut st, root, GuestOffset::new(pos))?;
                     if !reads_zero(kind, self.backing.is_some()) {
                         drop(st);
                         self.write_root(root, &vec![0u8; n as usize], pos)?;
@@ -87,7 +88,7 @@ impl Image {
         &self,
         st: &mut State,
         root: RootId,
-        cg: u64,
+        cg: GuestOffset,
         mode: &ZeroMode,
     ) -> Result<()> {
         let has_backing = self.backing.is_some();
@@ -106,19 +107,17 @@ impl Image {
             match kind {
                 ClusterKind::Data { host }
                 | ClusterKind::Zero { host: Some(host) }
-                | ClusterKind::Subclusters { host, .. }
-                    if host != 0 =>
-                {
-                    Some(host)
-                }
+                | ClusterKind::Subclusters {
+                    host: Some(host), ..
+                } => Some(host),
                 _ => None,
             }
         } else {
             None
         };
-        let new = match mode {
-            ZeroMode::Zero { unmap: false } if owned_host.is_some() => {
-                L2Entry::zero_allocated(owned_host.unwrap_or(0), &self.geo)
+        let new = match (mode, owned_host) {
+            (ZeroMode::Zero { unmap: false }, Some(host)) => {
+                L2Entry::zero_allocated(host, &self.geo)
             }
             _ => {
                 if let Some(h) = owned_host {

@@ -2,6 +2,7 @@
 //! no I/O. The header and its extensions, L1/L2 entries and the table geometry, the
 //! snapshot table, the clean-close stamp, and the compressed-cluster codecs.
 
+pub mod addr;
 pub mod compress;
 pub mod extensions;
 pub mod header;

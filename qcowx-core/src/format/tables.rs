@@ -8,6 +8,13 @@
 //! table's own bits say. Every write path in [`crate::engine::image`] consults
 //! [`L1Entry::writable`] and [`L2Entry::writable`] before writing in place; a copied
 //! table always has bit 63 cleared on every entry ([`L2Entry::read_only`]).
+//!
+//! Entries keep their bits private: they are made by constructors ([`L1Entry::new`],
+//! [`L2Entry::data`], [`L2Entry::zero`], ...) and read by accessors and
+//! [`L2Entry::kind`], so the bit layout (the extended-L2 bitmap included) is known
+//! here only.
+
+use super::addr::{GuestOffset, HostOffset};
 
 /// Bit 63: the cluster is writable in place (QCOW2's COPIED flag).
 pub const WRITABLE: u64 = 1 << 63;
@@ -59,8 +66,8 @@ impl Geometry {
         size.div_ceil(self.bytes_per_l1_entry())
     }
     /// (L1 index, L2 index) of the guest cluster holding `offset`.
-    pub fn split(&self, offset: u64) -> (usize, usize) {
-        let cluster = offset >> self.cluster_bits;
+    pub fn split(&self, offset: GuestOffset) -> (usize, usize) {
+        let cluster = offset.cluster(self).get();
         (
             (cluster >> self.l2_bits()) as usize,
             (cluster & (self.l2_entries() - 1)) as usize,
@@ -82,9 +89,17 @@ impl Geometry {
 
 /// An L1 entry: a link to an L2 table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct L1Entry(pub u64);
+pub struct L1Entry(u64);
 
 impl L1Entry {
+    /// The entry stored as `word`.
+    pub const fn from_raw(word: u64) -> L1Entry {
+        L1Entry(word)
+    }
+    /// The entry as stored.
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
     /// Whether two entries link the same L2 table (or both none), whatever their
     /// writable bits.
     pub fn same_table(self, other: L1Entry) -> bool {
@@ -92,10 +107,10 @@ impl L1Entry {
     }
 
     /// The L2 table's host offset, or `None` when unallocated.
-    pub fn l2_offset(self) -> Option<u64> {
+    pub fn l2_offset(self) -> Option<HostOffset> {
         match self.0 & OFFSET_MASK {
             0 => None,
-            o => Some(o),
+            o => Some(HostOffset::new(o)),
         }
     }
     /// Whether the L2 table may be written in place through this link.
@@ -103,8 +118,8 @@ impl L1Entry {
         self.0 & WRITABLE != 0
     }
     /// A link to `offset`, writable or read-only.
-    pub fn new(offset: u64, writable: bool) -> L1Entry {
-        L1Entry(offset | if writable { WRITABLE } else { 0 })
+    pub fn new(offset: HostOffset, writable: bool) -> L1Entry {
+        L1Entry(offset.get() | if writable { WRITABLE } else { 0 })
     }
     /// The same link with bit 63 cleared.
     pub fn read_only(self) -> L1Entry {
@@ -127,7 +142,7 @@ pub enum Link {
     /// An L2 table at host offset `table`.
     Table {
         /// Host offset of the L2 table.
-        table: u64,
+        table: HostOffset,
         /// Whether the table may be written in place through this link.
         writable: bool,
     },
@@ -135,7 +150,7 @@ pub enum Link {
 
 impl Link {
     /// The table linked, if the link is well formed and names one.
-    pub fn table(self) -> Option<u64> {
+    pub fn table(self) -> Option<HostOffset> {
         match self {
             Link::Table { table, .. } => Some(table),
             Link::None | Link::Malformed => None,
@@ -165,7 +180,7 @@ impl L1Entry {
 pub fn l2_tables<'a>(
     l1: &'a [u64],
     geo: &'a Geometry,
-) -> impl Iterator<Item = (usize, L1Entry, u64)> + 'a {
+) -> impl Iterator<Item = (usize, L1Entry, HostOffset)> + 'a {
     l1.iter().enumerate().filter_map(|(i, &w)| {
         let e = L1Entry(w);
         match e.link(geo) {
@@ -201,10 +216,10 @@ pub fn make_l2_read_only(words: &mut [u64], geo: &Geometry) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct L2Entry {
     /// The standard 64-bit descriptor.
-    pub word: u64,
+    word: u64,
     /// The subcluster bitmap of an extended entry (0 otherwise): bits 0..32 allocated,
     /// bits 32..64 reads-as-zero.
-    pub bitmap: u64,
+    bitmap: u64,
 }
 
 /// What an L2 entry says about its guest cluster.
@@ -215,24 +230,24 @@ pub enum ClusterKind {
     /// Reads as zeros; `host` is a preallocated cluster (QCOW2's ZERO_ALLOC) if any.
     Zero {
         /// Preallocated host cluster.
-        host: Option<u64>,
+        host: Option<HostOffset>,
     },
     /// Data at a host cluster.
     Data {
         /// Host offset of the cluster.
-        host: u64,
+        host: HostOffset,
     },
     /// Compressed data.
     Compressed {
         /// Host offset of the compressed bytes.
-        offset: u64,
+        offset: HostOffset,
         /// Length in bytes (rounded up to the descriptor's 512-byte sectors).
         len: u64,
     },
-    /// Extended entry with per-subcluster state; `host` is 0 when no host cluster.
+    /// Extended entry with per-subcluster state.
     Subclusters {
-        /// Host cluster (0 if none).
-        host: u64,
+        /// Host cluster, if any (none when no subcluster is allocated).
+        host: Option<HostOffset>,
         /// Allocation bitmap (bit i: subcluster i has data at host).
         alloc: u32,
         /// Zero bitmap (bit i: subcluster i reads as zeros).
@@ -243,6 +258,19 @@ pub enum ClusterKind {
 impl L2Entry {
     /// An unallocated entry.
     pub const UNALLOCATED: L2Entry = L2Entry { word: 0, bitmap: 0 };
+
+    /// The entry stored as `word` (and, on an extended-L2 image, `bitmap`).
+    pub const fn from_raw(word: u64, bitmap: u64) -> L2Entry {
+        L2Entry { word, bitmap }
+    }
+    /// The standard 64-bit descriptor as stored.
+    pub const fn word(self) -> u64 {
+        self.word
+    }
+    /// The subcluster bitmap as stored (0 on a standard image).
+    pub const fn bitmap(self) -> u64 {
+        self.bitmap
+    }
 
     /// Whether the data cluster may be written in place through this link.
     pub fn writable(self) -> bool {
@@ -268,9 +296,9 @@ impl L2Entry {
     }
     /// The same standard entry (flags and subcluster bitmap kept) naming host cluster
     /// `host` instead.
-    pub fn with_host(self, host: u64) -> L2Entry {
+    pub fn with_host(self, host: HostOffset) -> L2Entry {
         L2Entry {
-            word: (self.word & !OFFSET_MASK) | (host & OFFSET_MASK),
+            word: (self.word & !OFFSET_MASK) | (host.get() & OFFSET_MASK),
             bitmap: self.bitmap,
         }
     }
@@ -279,25 +307,26 @@ impl L2Entry {
         self.word & COMPRESSED != 0
     }
     /// Host offset of a standard (not compressed) cluster, if any.
-    pub fn host(self) -> Option<u64> {
+    pub fn host(self) -> Option<HostOffset> {
         if self.is_compressed() {
             return None;
         }
         match self.word & OFFSET_MASK {
             0 => None,
-            o => Some(o),
+            o => Some(HostOffset::new(o)),
         }
     }
     /// A writable data entry for `host`, fully allocated.
-    pub fn data(host: u64, geo: &Geometry) -> L2Entry {
+    pub fn data(host: HostOffset, geo: &Geometry) -> L2Entry {
         L2Entry {
-            word: host | WRITABLE,
+            word: host.get() | WRITABLE,
             bitmap: if geo.extended { 0xffff_ffff } else { 0 },
         }
     }
     /// A compressed entry: `len` bytes of compressed data at host byte offset `offset`
     /// (never writable in place; no subcluster bits on an extended-L2 image).
-    pub fn compressed(offset: u64, len: u64, geo: &Geometry) -> L2Entry {
+    pub fn compressed(offset: HostOffset, len: u64, geo: &Geometry) -> L2Entry {
+        let offset = offset.get();
         let sectors = ((offset + len - 1) >> 9) - (offset >> 9);
         L2Entry {
             word: COMPRESSED | (sectors << geo.csize_shift()) | offset,
@@ -321,7 +350,8 @@ impl L2Entry {
 
     /// A writable entry that reads as zeros and keeps its host cluster `host`
     /// (QCOW2's "zero, allocated"; on an extended-L2 image every subcluster zero).
-    pub fn zero_allocated(host: u64, geo: &Geometry) -> L2Entry {
+    pub fn zero_allocated(host: HostOffset, geo: &Geometry) -> L2Entry {
+        let host = host.get();
         if geo.extended {
             L2Entry {
                 word: host | WRITABLE,
@@ -375,42 +405,36 @@ impl L2Entry {
             if offset == 0 {
                 return Err("compressed cluster at host offset 0");
             }
-            return Ok(ClusterKind::Compressed { offset, len });
+            return Ok(ClusterKind::Compressed {
+                offset: HostOffset::new(offset),
+                len,
+            });
         }
-        let host = self.word & OFFSET_MASK;
-        if !host.is_multiple_of(geo.cluster_size()) {
+        let raw = self.word & OFFSET_MASK;
+        if !raw.is_multiple_of(geo.cluster_size()) {
             return Err("data cluster offset is not cluster-aligned");
         }
+        let host = (raw != 0).then_some(HostOffset::new(raw));
         if geo.extended {
             let alloc = self.bitmap as u32;
             let zero = (self.bitmap >> 32) as u32;
             if alloc & zero != 0 {
                 return Err("subcluster both allocated and zero");
             }
-            if host == 0 && alloc != 0 {
-                return Err("subclusters allocated without a host cluster");
-            }
-            if host == 0 && zero == 0 {
-                return Ok(ClusterKind::Unallocated);
-            }
-            if host != 0 && alloc == 0xffff_ffff {
-                return Ok(ClusterKind::Data { host });
-            }
-            if zero == 0xffff_ffff {
-                return Ok(ClusterKind::Zero {
-                    host: (host != 0).then_some(host),
-                });
-            }
-            return Ok(ClusterKind::Subclusters { host, alloc, zero });
-        }
-        if self.word & ZERO != 0 {
-            return Ok(ClusterKind::Zero {
-                host: (host != 0).then_some(host),
+            return Ok(match host {
+                None if alloc != 0 => return Err("subclusters allocated without a host cluster"),
+                None if zero == 0 => ClusterKind::Unallocated,
+                Some(host) if alloc == 0xffff_ffff => ClusterKind::Data { host },
+                _ if zero == 0xffff_ffff => ClusterKind::Zero { host },
+                _ => ClusterKind::Subclusters { host, alloc, zero },
             });
         }
+        if self.word & ZERO != 0 {
+            return Ok(ClusterKind::Zero { host });
+        }
         Ok(match host {
-            0 => ClusterKind::Unallocated,
-            h => ClusterKind::Data { host: h },
+            None => ClusterKind::Unallocated,
+            Some(host) => ClusterKind::Data { host },
         })
     }
 }
@@ -419,7 +443,7 @@ impl L2Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// Host bytes at this offset.
-    Host(u64),
+    Host(HostOffset),
     /// Zeros.
     Zero,
     /// The backing file (or zeros without one).
@@ -427,7 +451,7 @@ pub enum Source {
     /// The cluster is compressed; decompress it, then take bytes at this in-cluster offset.
     Compressed {
         /// Host offset of the compressed bytes.
-        offset: u64,
+        offset: HostOffset,
         /// Their length.
         len: u64,
         /// Offset inside the decompressed cluster.
@@ -464,7 +488,7 @@ pub fn for_each_piece(
             while pos < end {
                 let i = (pos / sub) as u32;
                 let stop = ((u64::from(i) + 1) * sub).min(end);
-                let src = if alloc & (1 << i) != 0 {
+                let src = if let Some(host) = host.filter(|_| alloc & (1 << i) != 0) {
                     Source::Host(host + pos)
                 } else if zero & (1 << i) != 0 {
                     Source::Zero
@@ -533,7 +557,7 @@ mod tests {
         assert_eq!(
             e.kind(&geo),
             Ok(ClusterKind::Compressed {
-                offset: 0x50200,
+                offset: HostOffset::new(0x50200),
                 len: 4 * 512
             })
         );
@@ -546,7 +570,7 @@ mod tests {
             extended: true,
         };
         let kind = ClusterKind::Subclusters {
-            host: 0x10000,
+            host: Some(HostOffset::new(0x10000)),
             alloc: 0b0011,
             zero: 0b0100,
         };
@@ -555,7 +579,7 @@ mod tests {
         assert_eq!(
             pieces,
             vec![
-                (4096, Source::Host(0x10000)),
+                (4096, Source::Host(HostOffset::new(0x10000))),
                 (2048, Source::Zero),
                 (2048, Source::Backing)
             ]
@@ -580,12 +604,13 @@ mod tests {
         assert_eq!(
             links[1],
             Link::Table {
-                table: 0x3_0000,
+                table: HostOffset::new(0x3_0000),
                 writable: true
             }
         );
         assert_eq!((links[2], links[3]), (Link::Malformed, Link::Malformed));
-        let tables: Vec<(usize, u64)> = l2_tables(&l1, &geo).map(|(i, _, t)| (i, t)).collect();
+        let tables: Vec<(usize, u64)> =
+            l2_tables(&l1, &geo).map(|(i, _, t)| (i, t.get())).collect();
         assert_eq!(tables, vec![(1, 0x3_0000), (4, 0x6_0000)]);
     }
 
@@ -595,7 +620,10 @@ mod tests {
             cluster_bits: 16,
             extended: false,
         };
-        assert_eq!(geo.split(0), (0, 0));
-        assert_eq!(geo.split(65536 * 8192 + 65536 * 3 + 5), (1, 3));
+        assert_eq!(geo.split(GuestOffset::new(0)), (0, 0));
+        assert_eq!(
+            geo.split(GuestOffset::new(65536 * 8192 + 65536 * 3 + 5)),
+            (1, 3)
+        );
     }
 }

@@ -12,6 +12,7 @@ use crate::engine::{
     add_range, host_range, Image, IoGate, Released, State, TableReader, TreeDelta, DEFAULT_ROOT,
 };
 use crate::error::{Error, Result};
+use crate::format::addr::HostOffset;
 use crate::format::header::Incompatible;
 use crate::format::refblock::{get_entry, set_entry};
 use crate::format::tables::{encode_words, l2_entries, L1Entry, L2Entry, Link};
@@ -119,20 +120,20 @@ fn walk_trees(
 ) -> std::result::Result<(), Fallback> {
     let geo = img.geo;
     let cs = geo.cluster_size();
-    let mut links: HashMap<u64, i64> = HashMap::new();
+    let mut links: HashMap<HostOffset, i64> = HashMap::new();
     for t in trees {
         for &w in &t.l1 {
-            match L1Entry(w).link(&geo) {
+            match L1Entry::from_raw(w).link(&geo) {
                 Link::Malformed => return Err(Fallback::Rebuild("malformed L1 entry")),
                 Link::Table { table, .. } => *links.entry(table).or_insert(0) += t.sign,
                 Link::None => {}
             }
         }
     }
-    let mut tables: Vec<(u64, i64)> = links.into_iter().filter(|&(_, k)| k != 0).collect();
+    let mut tables: Vec<(HostOffset, i64)> = links.into_iter().filter(|&(_, k)| k != 0).collect();
     tables.sort_unstable();
     let mut reader = TableReader::new(img)?;
-    let add = |changes: &mut HashMap<u64, i64>, off: u64, len: u64, k: i64| {
+    let add = |changes: &mut HashMap<u64, i64>, off: HostOffset, len: u64, k: i64| {
         add_range(changes, geo.cluster_bits, off, len, k)
     };
     for (off, k) in tables {
@@ -157,7 +158,7 @@ fn walk_trees(
                 entry.put(&mut words, j, &geo);
             }
             img.storage
-                .write_at(&encode_words(&words), off)
+                .write_at(&encode_words(&words), off.get())
                 .map_err(|e| img.io_err("write L2 table", off, e))?;
             // A clean cached copy would still say writable.
             st.cache.forget(off);
@@ -190,7 +191,7 @@ fn set_copied(
     for &r in released {
         let l1i = match r {
             Released::Table { l1i, .. } => l1i,
-            Released::Data { guest, .. } if guest < size => geo.split(guest).0,
+            Released::Data { guest, .. } if guest.get() < size => geo.split(guest).0,
             Released::Data { .. } => continue,
         };
         let Some(&w) = st
@@ -200,7 +201,7 @@ fn set_copied(
         else {
             continue;
         };
-        let Link::Table { table, writable } = L1Entry(w).link(&geo) else {
+        let Link::Table { table, writable } = L1Entry::from_raw(w).link(&geo) else {
             continue;
         };
         if let Released::Data { guest, host } = r {
@@ -213,7 +214,7 @@ fn set_copied(
             let Some(entry) = entry.filter(|x| x.host() == Some(host) && !x.writable()) else {
                 continue;
             };
-            if blocks.get(img, host >> geo.cluster_bits, &mut block, &mut loaded)? != 1 {
+            if blocks.get(img, host.cluster(&geo).get(), &mut block, &mut loaded)? != 1 {
                 continue;
             }
             if let Some(words) = st.cache.get_mut(table) {
@@ -222,7 +223,7 @@ fn set_copied(
         } else if !matches!(r, Released::Table { table: t, .. } if t == table) {
             continue;
         }
-        if !writable && blocks.get(img, table >> geo.cluster_bits, &mut block, &mut loaded)? == 1 {
+        if !writable && blocks.get(img, table.cluster(&geo).get(), &mut block, &mut loaded)? == 1 {
             img.set_l1_entry(st, DEFAULT_ROOT, l1i, L1Entry::new(table, true))?;
         }
     }
@@ -245,7 +246,7 @@ impl Blocks {
     fn open(img: &Image, st: &State) -> std::result::Result<Blocks, Fallback> {
         let order = st.header.refcount_order;
         let cs = img.geo.cluster_size();
-        let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+        let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
         let table = img.read_reftable(&st.header)?;
         if table
             .iter()
@@ -290,7 +291,7 @@ impl Blocks {
                     return Err(Fallback::Rebuild("the refcount table must grow"));
                 };
                 let (at, fresh) = if at == 0 {
-                    let new = st.alloc.contiguous(1);
+                    let new = st.alloc.contiguous(1).get();
                     self.table[bi as usize] = new;
                     self.table_dirty = true;
                     new_blocks.push(new);
@@ -406,7 +407,7 @@ fn truncate_free_tail(
     while end > 1 && blocks.get(img, end - 1, &mut block, &mut loaded)? == 0 {
         end -= 1;
     }
-    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
     if file_len > end * cs {
         img.storage
             .set_len(end * cs)

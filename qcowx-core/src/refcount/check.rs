@@ -221,7 +221,7 @@ pub(super) fn check_head(
                 entry: e,
                 table: off,
             } => {
-                let refs = s.count(off >> geo.cluster_bits);
+                let refs = s.count(off.cluster(&geo).get());
                 if e.writable() && refs > 1 {
                     s.report.problem(
                         true,
@@ -231,11 +231,11 @@ pub(super) fn check_head(
                     );
                 }
                 if let Some(disk) = qemu_rules.as_deref_mut() {
-                    let refcount = disk.get(img, off >> geo.cluster_bits)?;
+                    let refcount = disk.get(img, off.cluster(&geo).get())?;
                     copied_rule(s, e.writable(), refcount, refs, || {
                         format!(
                             "OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={refcount}",
-                            e.0
+                            e.raw()
                         )
                     });
                 }
@@ -251,7 +251,7 @@ pub(super) fn check_head(
                 let Some(host) = entry.host() else {
                     return Ok(true);
                 };
-                let refs = s.count(host >> geo.cluster_bits);
+                let refs = s.count(host.cluster(&geo).get());
                 if table_writable && entry.writable() && refs > 1 {
                     s.report.problem(
                         true,
@@ -261,11 +261,11 @@ pub(super) fn check_head(
                     );
                 }
                 if let Some(disk) = qemu_rules.as_deref_mut() {
-                    let refcount = disk.get(img, host >> geo.cluster_bits)?;
+                    let refcount = disk.get(img, host.cluster(&geo).get())?;
                     copied_rule(s, entry.writable(), refcount, refs, || {
                         format!(
                             "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
-                            entry.word
+                            entry.word()
                         )
                     });
                 }

@@ -149,7 +149,7 @@ impl Image {
         let released = self
             .storage
             .release()
-            .map_err(|e| self.io_err("unlock", 0, e));
+            .map_err(|e| self.io_err("unlock", 0u64, e));
         r.and(released)
     }
 

@@ -119,7 +119,7 @@ pub(crate) fn rebuild_with(
     if table_clusters * cs > crate::format::header::MAX_REFTABLE_BYTES {
         return Err(img.corrupt(
             "refcount table",
-            0,
+            0u64,
             format!(
                 "the file needs a refcount table of {} bytes, more than QEMU opens ({}); \
                  use larger clusters",
@@ -164,7 +164,7 @@ pub(crate) fn rebuild_with(
         .reset_exact(counts.iter().copied().max().unwrap_or(0));
     st.deltas.set_base_clusters(new_end);
 
-    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
     if file_len > new_end * cs {
         img.storage
             .set_len(new_end * cs)
@@ -184,10 +184,10 @@ pub(super) fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<
         .map(|r| r.l1.clone())
         .unwrap_or_default();
     for (i, e, off) in l2_tables(&l1, &geo) {
-        let table_excl = s.count(off >> geo.cluster_bits) == 1;
+        let table_excl = s.count(off.cluster(&geo).get()) == 1;
         if e.writable() != table_excl {
             if let Some(r) = st.roots.get_mut(&DEFAULT_ROOT) {
-                r.l1[i] = L1Entry::new(off, table_excl).0;
+                r.l1[i] = L1Entry::new(off, table_excl).raw();
                 r.dirty.insert(i / 64);
             }
         }
@@ -196,7 +196,7 @@ pub(super) fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<
         let mut changed: Vec<(usize, L2Entry)> = Vec::new();
         for (j, entry) in l2_entries(&words, &geo) {
             let Some(host) = entry.host() else { continue };
-            let want = table_excl && s.count(host >> geo.cluster_bits) == 1;
+            let want = table_excl && s.count(host.cluster(&geo).get()) == 1;
             if entry.writable() != want {
                 changed.push((j, entry.with_writable(want)));
             }

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::engine::{Image, State, DEFAULT_ROOT};
 use crate::error::Result;
+use crate::format::addr::{HostCluster, HostOffset};
 use crate::format::tables::{l2_entries, l2_tables, ClusterKind, L2Entry};
 use crate::storage::Storage;
 
@@ -31,23 +32,23 @@ impl Image {
         let geo = self.geo;
         let cs = geo.cluster_size();
         // The copies first, durably: nothing links to them yet.
-        let mut moved: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut moved: BTreeMap<HostOffset, HostOffset> = BTreeMap::new();
         let mut buf = vec![0u8; cs as usize];
         for &c in clusters {
-            let from = c << geo.cluster_bits;
+            let from = HostCluster::new(c).offset(&geo);
             self.storage
-                .read_at(&mut buf, from)
+                .read_at(&mut buf, from.get())
                 .map_err(|e| self.io_err("read cluster to relocate", from, e))?;
             let to = st.alloc.contiguous(1);
             self.storage
-                .write_at(&buf, to)
+                .write_at(&buf, to.get())
                 .map_err(|e| self.io_err("write relocated cluster", to, e))?;
             moved.insert(from, to);
         }
         self.sync()?;
 
         // Every L2 table any root links, once.
-        let mut tables: BTreeSet<u64> = BTreeSet::new();
+        let mut tables: BTreeSet<HostOffset> = BTreeSet::new();
         let mut add_l1 = |l1: &[u64]| tables.extend(l2_tables(l1, &geo).map(|(_, _, t)| t));
         add_l1(&self.root(st, DEFAULT_ROOT)?.l1);
         // (A repair runs this only when the scan found no other damage, so every
@@ -73,7 +74,9 @@ impl Image {
                     let host = match e.kind(&geo) {
                         Ok(ClusterKind::Data { host })
                         | Ok(ClusterKind::Zero { host: Some(host) })
-                        | Ok(ClusterKind::Subclusters { host, .. }) => host,
+                        | Ok(ClusterKind::Subclusters {
+                            host: Some(host), ..
+                        }) => host,
                         _ => return None,
                     };
                     moved.get(&host).map(|&to| (i, e.with_host(to)))

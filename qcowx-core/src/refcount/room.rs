@@ -76,7 +76,7 @@ pub(crate) fn check_room_for_root(
     if st.deltas.max_bound().unwrap_or(u64::MAX).saturating_add(m) <= max {
         return Ok(());
     }
-    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
     let mut disk = DiskRefcounts::new(img, st, file_len.div_ceil(cs))?;
     let overflow = |offset: u64, count: u64| Error::RefcountOverflow {
         file: img.name.clone(),
@@ -89,16 +89,16 @@ pub(crate) fn check_room_for_root(
     walk_tree(img, l1, |step| {
         match step {
             Step::Link { table, .. } => {
-                let now = disk.get(img, table >> geo.cluster_bits)?;
+                let now = disk.get(img, table.cluster(&geo).get())?;
                 if now >= max {
-                    return Err(overflow(table, now.saturating_add(1)));
+                    return Err(overflow(table.get(), now.saturating_add(1)));
                 }
             }
             Step::Entry { entry, .. } => {
                 let Some((h, len)) = entry.kind(&geo).ok().and_then(|k| host_range(&geo, k)) else {
                     return Ok(true);
                 };
-                for hc in h >> geo.cluster_bits..=(h + len - 1) >> geo.cluster_bits {
+                for hc in h.cluster(&geo).get()..=(h + (len - 1)).cluster(&geo).get() {
                     let times = seen.entry(hc).or_insert(0);
                     *times += 1;
                     let now = disk.get(img, hc)?;
@@ -122,7 +122,7 @@ fn refresh_max_bound(img: &Image, st: &mut State, gate: &IoGate<'_>) -> Result<(
     let order = st.header.refcount_order;
     let cs = img.geo.cluster_size();
     let per_block = (cs * 8) >> order;
-    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
     let mut block = vec![0u8; cs as usize];
     let mut largest = 0;
     for at in img.read_reftable(&st.header)? {

@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::engine::{Image, State, DEFAULT_ROOT};
 use crate::error::Result;
+use crate::format::addr::HostOffset;
 use crate::format::extensions::EXT_BITMAPS;
 use crate::format::header::{Autoclear, Header, Incompatible};
 use crate::format::snapshot::SnapshotEntry;
@@ -321,13 +322,13 @@ impl Source {
     pub(crate) fn l2(
         self,
         img: &Image,
-        off: u64,
+        off: HostOffset,
         raw: &mut [u8],
         mutable: bool,
     ) -> Result<Vec<u64>> {
         let read = |raw: &mut [u8]| -> Result<Vec<u64>> {
             img.storage
-                .read_at(raw, off)
+                .read_at(raw, off.get())
                 .map_err(|e| img.io_err("read L2 table", off, e))?;
             Ok(decode_words(raw))
         };
@@ -357,7 +358,7 @@ pub(crate) fn scan_from(
 ) -> Result<Scan> {
     let geo = img.geo;
     let cs = geo.cluster_size();
-    let mut file_len = img.storage.len().map_err(|e| img.io_err("stat", 0, e))?;
+    let mut file_len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
     if src == Source::Live {
         // Clusters allocated but not written yet are inside the scan too.
         file_len = file_len.max(img.lock_state()?.alloc.end());
@@ -417,15 +418,15 @@ pub(crate) fn scan_from(
 
     // Every root: the active L1 (in memory) and each snapshot's L1 (on disk).
     // Per L2 table: the links to it, and whether one of them is writable.
-    let mut l2_refs: HashMap<u64, (u64, bool)> = HashMap::new();
-    let mut link = |off: u64, writable: bool| {
+    let mut l2_refs: HashMap<HostOffset, (u64, bool)> = HashMap::new();
+    let mut link = |off: HostOffset, writable: bool| {
         let r = l2_refs.entry(off).or_insert((0, false));
         r.0 += 1;
         r.1 |= writable;
     };
-    let mut active_l2: Vec<u64> = Vec::new();
+    let mut active_l2: Vec<HostOffset> = Vec::new();
     for (i, &w) in input.default_l1.iter().enumerate() {
-        match L1Entry(w).link(&geo) {
+        match L1Entry::from_raw(w).link(&geo) {
             Link::Malformed => s
                 .report
                 .problem(true, format!("active L1 entry {i} is malformed: {w:#x}")),
@@ -463,7 +464,7 @@ pub(crate) fn scan_from(
             .into_iter()
             .enumerate()
         {
-            match L1Entry(w).link(&geo) {
+            match L1Entry::from_raw(w).link(&geo) {
                 Link::Malformed => s.report.problem(
                     true,
                     format!("L1 entry {i} of snapshot '{name}' is malformed: {w:#x}"),
@@ -474,13 +475,13 @@ pub(crate) fn scan_from(
         }
     }
 
-    let active: HashSet<u64> = active_l2.iter().copied().collect();
-    let mut tables: Vec<(u64, (u64, bool))> = l2_refs.into_iter().collect();
+    let active: HashSet<HostOffset> = active_l2.iter().copied().collect();
+    let mut tables: Vec<(HostOffset, (u64, bool))> = l2_refs.into_iter().collect();
     tables.sort_unstable();
     let mut raw = vec![0u8; cs as usize];
-    let mut last_host: Option<u64> = None;
+    let mut last_host: Option<HostOffset> = None;
     for (off, (k, writable)) in tables {
-        if !s.add(off, cs, k, META, "L2 table") {
+        if !s.add(off.get(), cs, k, META, "L2 table") {
             continue;
         }
         let words = src.l2(img, off, &mut raw, writable)?;
@@ -498,10 +499,10 @@ pub(crate) fn scan_from(
             match kind {
                 ClusterKind::Data { host }
                 | ClusterKind::Zero { host: Some(host) }
-                | ClusterKind::Subclusters { host, .. }
-                    if host != 0 =>
-                {
-                    s.add(host, cs, k, DATA, "data cluster");
+                | ClusterKind::Subclusters {
+                    host: Some(host), ..
+                } => {
+                    s.add(host.get(), cs, k, DATA, "data cluster");
                     if is_active {
                         s.report.allocated_clusters += 1;
                         if last_host.is_some_and(|l| l + cs != host) {
@@ -511,17 +512,17 @@ pub(crate) fn scan_from(
                     }
                 }
                 ClusterKind::Compressed { offset, len } => {
-                    if geo.extended && entry.bitmap != 0 {
+                    if geo.extended && entry.bitmap() != 0 {
                         s.report.problem(
                             true,
                             format!(
                                 "L2 entry at offset {entry_off:#x}: compressed cluster with a \
                                  non-zero subcluster bitmap {:#018x}",
-                                entry.bitmap
+                                entry.bitmap()
                             ),
                         );
                     }
-                    s.add(offset, len, k, DATA, "compressed cluster");
+                    s.add(offset.get(), len, k, DATA, "compressed cluster");
                     if is_active {
                         s.report.allocated_clusters += 1;
                         s.report.compressed_clusters += 1;

@@ -37,8 +37,8 @@ impl Image {
             }
         };
         for i in 0..a.len().max(b.len()) {
-            let ea = L1Entry(a.get(i).copied().unwrap_or(0));
-            let eb = L1Entry(b.get(i).copied().unwrap_or(0));
+            let ea = L1Entry::from_raw(a.get(i).copied().unwrap_or(0));
+            let eb = L1Entry::from_raw(b.get(i).copied().unwrap_or(0));
             if ea.same_table(eb) {
                 continue; // the same table (or none): nothing differs below
             }

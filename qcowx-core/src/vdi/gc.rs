@@ -81,7 +81,10 @@ impl Image {
             });
         }
         let _structure = self.lock_structure();
-        let file_size_before = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        let file_size_before = self
+            .storage
+            .len()
+            .map_err(|e| self.io_err("stat", 0u64, e))?;
         let start = self.gc_start().inspect_err(|_| {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             st.deltas.lose_exactness();
@@ -98,7 +101,10 @@ impl Image {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             st.deltas.lose_exactness();
         })?;
-        let file_size_after = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        let file_size_after = self
+            .storage
+            .len()
+            .map_err(|e| self.io_err("stat", 0u64, e))?;
         Ok(GcReport {
             roots_removed: start.roots_removed,
             clusters_freed,

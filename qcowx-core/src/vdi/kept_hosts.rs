@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::engine::Image;
 use crate::error::Result;
+use crate::format::addr::GuestOffset;
 use crate::format::tables::{ClusterKind, L1Entry, L2Entry};
 
 /// The tables of one root of a qcow2 image, for the host offsets block status does
@@ -41,10 +42,10 @@ impl KeptHosts {
     pub fn host_of(&mut self, guest: u64) -> Result<(Option<u64>, u64)> {
         let geo = self.img.geo;
         let cs = geo.cluster_size();
-        let (l1i, l2i) = geo.split(guest);
+        let (l1i, l2i) = geo.split(GuestOffset::new(guest));
         let cluster_left = cs - guest % cs;
         if self.table.as_ref().is_none_or(|(i, _)| *i != l1i) {
-            let off = L1Entry(self.l1.get(l1i).copied().unwrap_or(0))
+            let off = L1Entry::from_raw(self.l1.get(l1i).copied().unwrap_or(0))
                 .link(&geo)
                 .table();
             self.table = Some((l1i, self.img.l2_words(off)?));
@@ -57,8 +58,8 @@ impl KeptHosts {
         let entry = L2Entry::get(words, l2i, &geo);
         let in_cluster = guest % cs;
         let host = match entry.kind(&geo) {
-            Ok(ClusterKind::Zero { host: Some(h) }) => Some(h + in_cluster),
-            Ok(ClusterKind::Subclusters { host, .. }) if host != 0 => Some(host + in_cluster),
+            Ok(ClusterKind::Zero { host: Some(h) })
+            | Ok(ClusterKind::Subclusters { host: Some(h), .. }) => Some((h + in_cluster).get()),
             _ => None,
         };
         Ok((host, cluster_left))

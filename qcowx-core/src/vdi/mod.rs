@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use crate::engine::{Extent, Image, IoGate, RootId, State, Target, ZeroMode, DEFAULT_ROOT};
 use crate::error::{Error, Result};
+use crate::format::addr::HostOffset;
 use crate::format::roots::*;
 pub use crate::format::roots::{
     RawRootExtra, RootKind, DEFAULT_VDI, FLAG_DELETED, MAX_NAME_LEN, QEMU_EXTRA_BYTES,
@@ -665,7 +666,7 @@ impl Image {
 
     /// The words of the L2 table at `off` (through the cache, so links not yet
     /// written back are seen), or `None` for no table.
-    pub(crate) fn l2_words(&self, off: Option<u64>) -> Result<Option<Vec<u64>>> {
+    pub(crate) fn l2_words(&self, off: Option<HostOffset>) -> Result<Option<Vec<u64>>> {
         let Some(off) = off else { return Ok(None) };
         let mut st = self.lock_state()?;
         self.load_l2(&mut st, off)?;

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use crate::engine::{Image, OpenState, State};
 use crate::error::Result;
+use crate::format::addr::HostOffset;
 use crate::format::tables::{l2_entries, l2_tables, L2Entry};
 
 use super::*;
@@ -121,7 +122,12 @@ impl Image {
     /// Restores invariant W on every head, given every cluster's references.
     fn reconcile_with(&self, st: &mut State, counts: &[u64]) -> Result<()> {
         let bits = self.geo.cluster_bits;
-        let count = |off: u64| counts.get((off >> bits) as usize).copied().unwrap_or(0);
+        let count = |off: HostOffset| {
+            counts
+                .get((off.get() >> bits) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
         let mut heads = vec![Target::Default];
         heads.extend(
             (0..st.snapshots.len())

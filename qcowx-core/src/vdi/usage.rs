@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use crate::engine::{Image, TableReader, DEFAULT_ROOT};
 use crate::error::Result;
+use crate::format::addr::HostOffset;
 use crate::format::tables::{decode_words, l2_entries, l2_tables, ClusterKind};
 use crate::vdi::{RootKind, DEFAULT_VDI, VDI_NAME_PREFIX};
 
@@ -79,7 +80,10 @@ impl Image {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let bits = geo.cluster_bits;
-        let file_len = self.storage.len().map_err(|e| self.io_err("stat", 0, e))?;
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| self.io_err("stat", 0u64, e))?;
         let file_clusters = file_len.div_ceil(cs);
 
         // The live roots and their L1 tables (the default VDI's from memory).
@@ -144,7 +148,7 @@ impl Image {
 
         // L1 tables, and the owner of every L2 table.
         let mut owner = vec![NONE; file_clusters as usize];
-        let mut tables: HashMap<u64, u32> = HashMap::new();
+        let mut tables: HashMap<HostOffset, u32> = HashMap::new();
         for (r, (_, l1_off, l1)) in roots.iter().enumerate() {
             let id = r as u32 + 1;
             let l1_len = (l1.len() as u64 * 8).max(1);
@@ -156,13 +160,13 @@ impl Image {
                 if *o != id {
                     *o = SHARED;
                 }
-                mark(&mut owner, off >> bits, id);
+                mark(&mut owner, off.cluster(&geo).get(), id);
             }
         }
 
         // Every distinct L2 table once: what it maps, and who owns its clusters.
-        let mut mapped: HashMap<u64, u64> = HashMap::with_capacity(tables.len());
-        let mut sorted: Vec<(u64, u32)> = tables.into_iter().collect();
+        let mut mapped: HashMap<HostOffset, u64> = HashMap::with_capacity(tables.len());
+        let mut sorted: Vec<(HostOffset, u32)> = tables.into_iter().collect();
         sorted.sort_unstable();
         let mut reader = TableReader::new(self)?;
         for (off, table_owner) in sorted {
@@ -176,19 +180,20 @@ impl Image {
             let mut count = 0u64;
             for (_, entry) in l2_entries(&words, &geo) {
                 match entry.kind(&geo) {
-                    Ok(ClusterKind::Data { host }) | Ok(ClusterKind::Subclusters { host, .. })
-                        if host != 0 =>
-                    {
+                    Ok(ClusterKind::Data { host })
+                    | Ok(ClusterKind::Subclusters {
+                        host: Some(host), ..
+                    }) => {
                         count += 1;
-                        mark(&mut owner, host >> bits, table_owner);
+                        mark(&mut owner, host.cluster(&geo).get(), table_owner);
                     }
                     Ok(ClusterKind::Zero { host: Some(host) }) => {
-                        mark(&mut owner, host >> bits, table_owner);
+                        mark(&mut owner, host.cluster(&geo).get(), table_owner);
                     }
                     Ok(ClusterKind::Compressed { offset, len }) => {
                         count += 1;
-                        let last = (offset + len.max(1) - 1) >> bits;
-                        for c in (offset >> bits)..=last {
+                        let last = (offset + (len.max(1) - 1)).cluster(&geo).get();
+                        for c in offset.cluster(&geo).get()..=last {
                             mark(&mut owner, c, table_owner);
                         }
                     }

@@ -1,0 +1,164 @@
+//! Typed addresses: where in the guest's disk, and where in the image file. A guest
+//! offset cannot be passed where a host offset is meant, nor a cluster number where a
+//! byte offset is; conversions between them go through the image's [`Geometry`].
+//!
+//! Byte offsets in the public I/O API (`read_at`, `write_at`) stay `u64`, as in
+//! `std::os::unix::fs::FileExt`; the engine turns them into [`GuestOffset`] at its
+//! edge, and host offsets meet the storage (which knows nothing of QCOW2) as `u64`
+//! through [`HostOffset::get`].
+//!
+//! ```
+//! use qcowx_core::format::addr::HostOffset;
+//! use qcowx_core::format::tables::{Geometry, L2Entry};
+//! let geo = Geometry { cluster_bits: 16, extended: false };
+//! let e = L2Entry::data(HostOffset::new(0x3_0000), &geo);
+//! assert_eq!(e.host(), Some(HostOffset::new(0x3_0000)));
+//! ```
+//!
+//! A guest offset is not accepted where a host offset is meant:
+//!
+//! ```compile_fail
+//! use qcowx_core::format::addr::GuestOffset;
+//! use qcowx_core::format::tables::{Geometry, L2Entry};
+//! let geo = Geometry { cluster_bits: 16, extended: false };
+//! let e = L2Entry::data(GuestOffset::new(0x3_0000), &geo);
+//! ```
+
+use std::fmt;
+use std::ops::Add;
+
+use super::tables::Geometry;
+
+macro_rules! address {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+        pub struct $name(u64);
+
+        impl $name {
+            /// The address `value`.
+            pub const fn new(value: u64) -> $name {
+                $name(value)
+            }
+            /// The address as a number.
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+        }
+
+        impl From<$name> for u64 {
+            fn from(a: $name) -> u64 {
+                a.0
+            }
+        }
+
+        impl fmt::LowerHex for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::LowerHex::fmt(&self.0, f)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:#x}", self.0)
+            }
+        }
+    };
+}
+
+address!(
+    /// A byte offset in the guest's disk.
+    GuestOffset
+);
+address!(
+    /// The index of a guest cluster (a guest offset divided by the cluster size).
+    GuestCluster
+);
+address!(
+    /// A byte offset in the image file.
+    HostOffset
+);
+address!(
+    /// The index of a host cluster (a host offset divided by the cluster size).
+    HostCluster
+);
+
+impl Add<u64> for HostOffset {
+    type Output = HostOffset;
+    fn add(self, bytes: u64) -> HostOffset {
+        HostOffset(self.0 + bytes)
+    }
+}
+
+impl Add<u64> for GuestOffset {
+    type Output = GuestOffset;
+    fn add(self, bytes: u64) -> GuestOffset {
+        GuestOffset(self.0 + bytes)
+    }
+}
+
+impl HostOffset {
+    /// The offset `bytes` further on, if it exists.
+    pub fn checked_add(self, bytes: u64) -> Option<HostOffset> {
+        self.0.checked_add(bytes).map(HostOffset)
+    }
+    /// The host cluster holding this byte.
+    pub fn cluster(self, geo: &Geometry) -> HostCluster {
+        HostCluster(self.0 >> geo.cluster_bits)
+    }
+    /// Whether the offset starts a cluster.
+    pub fn is_cluster_aligned(self, geo: &Geometry) -> bool {
+        self.0 & (geo.cluster_size() - 1) == 0
+    }
+}
+
+impl HostCluster {
+    /// The offset of the cluster's first byte.
+    pub fn offset(self, geo: &Geometry) -> HostOffset {
+        HostOffset(self.0 << geo.cluster_bits)
+    }
+}
+
+impl GuestOffset {
+    /// The guest cluster holding this byte.
+    pub fn cluster(self, geo: &Geometry) -> GuestCluster {
+        GuestCluster(self.0 >> geo.cluster_bits)
+    }
+    /// The byte's offset inside its cluster.
+    pub fn in_cluster(self, geo: &Geometry) -> u64 {
+        self.0 & (geo.cluster_size() - 1)
+    }
+    /// The first byte of the cluster holding this byte.
+    pub fn cluster_start(self, geo: &Geometry) -> GuestOffset {
+        GuestOffset(self.0 & !(geo.cluster_size() - 1))
+    }
+}
+
+impl GuestCluster {
+    /// The offset of the cluster's first byte.
+    pub fn offset(self, geo: &Geometry) -> GuestOffset {
+        GuestOffset(self.0 << geo.cluster_bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_go_through_the_geometry() {
+        let geo = Geometry {
+            cluster_bits: 16,
+            extended: false,
+        };
+        let h = HostOffset::new(0x3_0010);
+        assert_eq!(h.cluster(&geo), HostCluster::new(3));
+        assert_eq!(h.cluster(&geo).offset(&geo), HostOffset::new(0x3_0000));
+        assert!(!h.is_cluster_aligned(&geo));
+        let g = GuestOffset::new(5 * 65536 + 7);
+        assert_eq!(g.cluster(&geo), GuestCluster::new(5));
+        assert_eq!(g.in_cluster(&geo), 7);
+        assert_eq!(format!("{h}"), "0x30010");
+        assert_eq!(format!("{h:#x}"), "0x30010");
+    }
+}
