@@ -12,12 +12,14 @@ pub mod crashsim;
 mod deferred;
 mod file;
 pub mod lock;
+mod mapping;
 mod mem;
 #[cfg(any(test, feature = "testing"))]
 mod watched;
 
 pub use deferred::{DeferredSync, WriteBehind, WRITE_BEHIND_BYTES};
 pub use file::{FileStorage, OpenError, OpenMode, MAP_RELEASE_BYTES};
+pub use mapping::{copy_mapped, resident};
 pub use mem::MemStorage;
 #[cfg(any(test, feature = "testing"))]
 pub use watched::{Access, Watched};
@@ -68,32 +70,6 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// storage that maps its file releases its pages from time to time (see
     /// [`MAP_RELEASE_BYTES`]); they stay in the page cache.
     fn mapped_read(&self, _offset: u64, _len: u64) {}
-}
-
-/// Whether every page under `map[offset..offset + len]` is in the page cache now, so
-/// reading it will not wait for the disk (`mincore`). False if the range is outside
-/// the mapping.
-pub fn resident(map: &Mmap, offset: usize, len: usize) -> bool {
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let Some(end) = offset.checked_add(len).filter(|&e| e <= map.len()) else {
-        return false;
-    };
-    if len == 0 {
-        return true;
-    }
-    let start = offset - offset % page;
-    let mut vec = vec![0u8; (end - start).div_ceil(page)];
-    // SAFETY: `[start, end)` lies inside the mapping (checked above) and starts on a
-    // page boundary (the mapping does); `vec` has one byte per page of it.
-    let r = unsafe {
-        libc::mincore(
-            map.as_ptr().add(start) as *mut libc::c_void,
-            end - start,
-            vec.as_mut_ptr(),
-        )
-    };
-    r == 0 && vec.iter().all(|v| v & 1 == 1)
 }
 
 /// Size of the zero-filled chunks written when a hole cannot be punched.

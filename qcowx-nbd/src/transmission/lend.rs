@@ -1,7 +1,7 @@
 //! Large reads sent from the image file's mapping: the bytes the image lends go to
 //! the socket without a copy, and what the client has no room for is copied with
-//! `process_vm_readv`, which turns a page gone from under the mapping into an error
-//! instead of a `SIGBUS`.
+//! [`qcowx_core::storage::copy_mapped`], which turns a page gone from under the
+//! mapping into an error instead of a `SIGBUS`.
 //!
 //! Pages read through the mapping count in the server's resident memory until the
 //! mapping drops them: the image's storage drops them every
@@ -9,8 +9,10 @@
 //! however many bytes it serves (pages read again fault back in from the page cache).
 
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use qcowx_core::storage::copy_mapped;
 
 use super::reply::ReplyBuf;
 use super::{Conn, Request};
@@ -111,49 +113,6 @@ fn lend<W: ReplyWriter + ?Sized>(
     Ok(went > 0)
 }
 
-/// Whether `process_vm_readv` may be used (cleared the first time the kernel or a
-/// sandbox refuses it).
-static VM_READV: AtomicBool = AtomicBool::new(true);
-
-/// Copies `src` — bytes of a file mapping — into `dst` (as long as `src`) through the
-/// kernel (`process_vm_readv` on this process), so that a page gone from under the
-/// mapping (the file cut short by a process that ignores the image locks) makes this
-/// one copy fail with `EFAULT` instead of killing the server with `SIGBUS`, as a
-/// plain copy would. Where the call is refused (`ENOSYS`, `EPERM`), a plain copy.
-fn copy_mapped(dst: &mut [u8], src: &[u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < src.len() && VM_READV.load(Ordering::Relaxed) {
-        let local = libc::iovec {
-            iov_base: dst[done..].as_mut_ptr().cast(),
-            iov_len: src.len() - done,
-        };
-        let remote = libc::iovec {
-            iov_base: src[done..].as_ptr() as *mut libc::c_void,
-            iov_len: src.len() - done,
-        };
-        // SAFETY: both ranges lie in this process: `local` in `dst`, writable for its
-        // length; `remote` in `src`, only read, and faults there are reported, not
-        // raised.
-        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-        if n > 0 {
-            done += n as usize;
-            continue;
-        }
-        if n == 0 {
-            // No progress on a non-empty range: the next byte cannot be read.
-            return Err(io::Error::from_raw_os_error(libc::EFAULT));
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => {}
-            Some(libc::ENOSYS | libc::EPERM) => VM_READV.store(false, Ordering::Relaxed),
-            _ => return Err(e),
-        }
-    }
-    dst[done..].copy_from_slice(&src[done..]);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,34 +171,5 @@ mod tests {
             assert_eq!(all, expect, "room {room}");
             assert_eq!(w.took.len(), room.min(expect.len()));
         }
-    }
-
-    /// Bytes of a mapping whose file was cut short under it: the copy fails with
-    /// EFAULT (a plain copy would kill the test process with SIGBUS); bytes still
-    /// there copy as they are.
-    #[test]
-    fn copying_from_a_mapping_of_a_truncated_file_fails_without_a_signal() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("f");
-        std::fs::write(&path, vec![0x3cu8; 1 << 20]).expect("write");
-        let file = std::fs::File::open(&path).expect("open");
-        // SAFETY: the test owns the file; the point is what happens when it shrinks.
-        let map = unsafe { memmap2::Mmap::map(&file) }.expect("map");
-        let mut dst = vec![0u8; 8192];
-        copy_mapped(&mut dst, &map[..8192]).expect("copy");
-        assert!(dst.iter().all(|&b| b == 0x3c));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .expect("open")
-            .set_len(4096)
-            .expect("truncate");
-        assert!(
-            VM_READV.load(Ordering::Relaxed),
-            "process_vm_readv refused here: the copy would be a plain one"
-        );
-        let err = copy_mapped(&mut dst, &map[8192..16384]).expect_err("pages gone");
-        assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
-        copy_mapped(&mut dst[..4096], &map[..4096]).expect("first page still there");
     }
 }
