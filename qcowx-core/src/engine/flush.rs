@@ -35,7 +35,7 @@ impl Image {
             return Ok(());
         }
         let l1 = &self.root(st, DEFAULT_ROOT)?.l1;
-        let ext = stamp::extension(stamp::compute(&st.header, l1, &st.snapshots));
+        let ext = stamp::extension(stamp::compute(&st.header, l1, st.registry.entries()));
         let existing = st.header.extensions.get(EXT_CLEAN_STAMP);
         if existing == Some(&ext) {
             return Ok(());
@@ -86,7 +86,7 @@ impl Image {
             && st
                 .roots
                 .get(&DEFAULT_ROOT)
-                .is_some_and(|r| stamp::compute(&st.header, &r.l1, &st.snapshots) == crc)
+                .is_some_and(|r| stamp::compute(&st.header, &r.l1, st.registry.entries()) == crc)
     }
 
     /// Writes the fixed header fields (one sector).

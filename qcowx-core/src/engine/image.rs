@@ -16,7 +16,6 @@ use crate::engine::cache::L2Cache;
 use crate::error::{Error, Result};
 use crate::format::compress::CompressionType;
 use crate::format::header::{Header, Incompatible};
-use crate::format::snapshot::SnapshotEntry;
 use crate::format::tables::Geometry;
 use crate::storage::Storage;
 
@@ -152,13 +151,8 @@ pub(crate) struct State {
     /// Why the last refcount write was a full rebuild rather than an apply of
     /// `deltas` (None: it was an apply, or there was none).
     pub(crate) last_rebuild: Option<&'static str>,
-    pub(crate) snapshots: Vec<SnapshotEntry>,
-    /// qcowx's facts about each snapshot table entry (parallel to `snapshots`).
-    pub(crate) records: Vec<crate::format::roots::Record>,
-    /// Bytes at `snapshots_offset` this session may fill without moving the table.
-    pub(crate) table_capacity: u64,
-    /// Name and head lookups over the table.
-    pub(crate) index: crate::format::roots::Index,
+    /// The snapshot table's roots, qcowx's records of them and lookups over them.
+    pub(crate) registry: crate::format::registry::Registry,
     pub(crate) closed: bool,
     /// What the open found and did.
     pub(crate) open_state: OpenState,
@@ -438,7 +432,8 @@ impl Image {
             },
             file_length,
             snapshots: st
-                .snapshots
+                .registry
+                .entries()
                 .iter()
                 .map(|s| SnapshotInfo {
                     id: s.id.clone(),

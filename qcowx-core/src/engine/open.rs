@@ -10,6 +10,7 @@ use crate::engine::cache::{L2Cache, DEFAULT_CACHE_BYTES};
 use crate::error::{Error, Result};
 use crate::format::compress::CompressionType;
 use crate::format::header::{Autoclear, Header, Incompatible, HEADER_PROBE_LEN};
+use crate::format::registry::Registry;
 use crate::format::snapshot::{self};
 use crate::format::tables::{decode_words, Geometry};
 use crate::storage::lock::LockMode;
@@ -275,11 +276,8 @@ impl Image {
         } else {
             0
         };
-        let index = crate::format::roots::Index::build(&snapshots, &records);
         let state = State {
-            index,
-            records,
-            table_capacity,
+            registry: Registry::new(snapshots, records, table_capacity),
             roots,
             cache: L2Cache::new(opts.cache_bytes, geo.cluster_size() as usize),
             alloc: Allocator::new(geo.cluster_size(), file_len),
@@ -290,7 +288,6 @@ impl Image {
                 d
             },
             last_rebuild: None,
-            snapshots,
             closed: false,
             open_state: OpenState::ReadOnly,
             l1_changes: 0,

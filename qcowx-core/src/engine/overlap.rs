@@ -134,7 +134,7 @@ fn key_of(st: &State) -> Key {
             acc.wrapping_mul(31)
                 .wrapping_add(r.l1_offset ^ r.l1.len() as u64)
         }),
-        snapshots: st.snapshots.len(),
+        snapshots: st.registry.len(),
         snapshots_offset: st.header.snapshots_offset,
         refcount_table: (
             st.header.refcount_table_offset,
@@ -185,11 +185,16 @@ impl Image {
                 add(block, cs, Structure::RefcountBlock);
             }
         }
-        if !st.snapshots.is_empty() {
-            let used: u64 = st.snapshots.iter().map(|e| e.encoded_len() as u64).sum();
+        if !st.registry.is_empty() {
+            let used: u64 = st
+                .registry
+                .entries()
+                .iter()
+                .map(|e| e.encoded_len() as u64)
+                .sum();
             add(h.snapshots_offset, used, Structure::SnapshotTable);
         }
-        for e in &st.snapshots {
+        for e in st.registry.entries() {
             add(
                 e.l1_table_offset,
                 u64::from(e.l1_size) * 8,

@@ -36,9 +36,9 @@ impl Image {
     pub(crate) fn root_id(st: &State, t: Target) -> RootId {
         match t {
             Target::Default => DEFAULT_ROOT,
-            Target::Entry(i) => match st.records[i].kind {
-                RootKind::Vdi => st.records[i].vdi,
-                RootKind::Snapshot => st.records[i].uid,
+            Target::Entry(i) => match st.registry.record(i).kind {
+                RootKind::Vdi => st.registry.record(i).vdi,
+                RootKind::Snapshot => st.registry.record(i).uid,
             },
         }
     }
@@ -52,7 +52,7 @@ impl Image {
                 problem: None,
             },
             Target::Entry(i) => {
-                let e = &st.snapshots[i];
+                let e = st.registry.entry(i);
                 L1Loc {
                     offset: e.l1_table_offset,
                     entries: e.l1_size,
@@ -77,7 +77,7 @@ impl Image {
         let l1 = self.read_l1(loc)?;
         let writable = match t {
             Target::Default => true,
-            Target::Entry(i) => st.records[i].kind == RootKind::Vdi,
+            Target::Entry(i) => st.registry.record(i).kind == RootKind::Vdi,
         } && self.is_writable();
         st.roots.insert(
             id,
@@ -172,7 +172,7 @@ impl Image {
 
     /// Bytes the table's entries occupy.
     pub(crate) fn table_bytes(st: &State) -> u64 {
-        st.index.used
+        st.registry.used_bytes()
     }
 
     /// Appends `entry` to the snapshot table and commits it with one header write.
@@ -202,47 +202,45 @@ impl Image {
                 what: format!("the snapshot table would exceed {MAX_SNAPSHOT_TABLE_BYTES} bytes"),
             });
         }
-        let offset = if st.header.snapshots_offset != 0 && need <= st.table_capacity {
+        let (offset, moved) = if st.header.snapshots_offset != 0 && need <= st.registry.capacity() {
             let mut bytes = Vec::new();
             entry.write_to(&mut bytes);
             let at = st.header.snapshots_offset + used;
             self.storage
                 .write_at(&bytes, at)
                 .map_err(|e| self.io_err("write snapshot table", at, e))?;
-            st.header.snapshots_offset
+            (st.header.snapshots_offset, None)
         } else {
             let capacity = (need * 2)
                 .next_multiple_of(cs)
                 .min(MAX_SNAPSHOT_TABLE_BYTES.next_multiple_of(cs));
             let at = st.alloc.contiguous(capacity / cs).get();
             let mut bytes = Vec::with_capacity(need as usize);
-            for e in &st.snapshots {
+            for e in st.registry.entries() {
                 e.write_to(&mut bytes);
             }
             entry.write_to(&mut bytes);
             self.storage
                 .write_at(&bytes, at)
                 .map_err(|e| self.io_err("write snapshot table", at, e))?;
-            st.table_capacity = capacity;
-            at
+            (at, Some(capacity))
         };
         self.sync()?;
-        let before = (st.header.snapshots_offset, st.table_capacity);
+        let before = (st.header.snapshots_offset, st.registry.capacity());
         st.header.nb_snapshots += 1;
         st.header.snapshots_offset = offset;
-        st.snapshots.push(entry);
-        st.records.push(rec);
-        let i = st.snapshots.len() - 1;
-        st.index.on_append(&st.snapshots, &st.records, i);
+        if let Some(capacity) = moved {
+            st.registry.set_capacity(capacity);
+        }
+        st.registry.push(entry, rec);
         let committed = self.write_header_fields(st).and_then(|_| self.sync());
         if committed.is_err() {
             // The commit failed: the entry does not count. The state goes back to the
             // table the file had, so no later header write (a close) commits it.
             st.header.nb_snapshots -= 1;
-            (st.header.snapshots_offset, st.table_capacity) = before;
-            st.snapshots.pop();
-            st.records.pop();
-            st.index = Index::build(&st.snapshots, &st.records);
+            st.header.snapshots_offset = before.0;
+            st.registry.set_capacity(before.1);
+            st.registry.pop();
         } else {
             st.deltas.range(HostOffset::new(before.0), used, -1);
             st.deltas.range(HostOffset::new(offset), need, 1);
@@ -262,8 +260,8 @@ impl Image {
     /// Rewrites the flags of entry `i` in place: one aligned 8-byte write (flags and
     /// crc), synced.
     pub(crate) fn write_flags(&self, st: &mut State, i: usize) -> Result<()> {
-        let rec = st.records[i].clone();
-        let before = st.index.offsets[i];
+        let rec = st.registry.record(i).clone();
+        let before = st.registry.offset_of(i);
         // The flags and the crc: the last aligned 8-byte word of the qcowx block, after
         // the entry's fixed head and QEMU's extra data.
         let word = std::mem::offset_of!(RawRootExtra, flags);
@@ -274,7 +272,7 @@ impl Image {
             .write_at(&block.as_bytes()[word..ROOT_EXTRA_BYTES], at)
             .map_err(|e| self.io_err("write snapshot flags", at, e))?;
         // Keep the in-memory entry's extra data in step with the file.
-        let extra = &mut st.snapshots[i].extra;
+        let extra = st.registry.extra_mut(i);
         if extra.len() >= QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES {
             extra[QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES]
                 .copy_from_slice(block.as_bytes());
@@ -321,23 +319,12 @@ impl Image {
     ) -> Result<()> {
         let (offset, capacity) = self.write_table(st, &snapshots)?;
         let old_table = (st.header.snapshots_offset, Image::table_bytes(st));
-        let old_snapshots = std::mem::replace(&mut st.snapshots, snapshots);
-        let old_records = std::mem::replace(&mut st.records, records);
-        let old_place = (
-            st.header.nb_snapshots,
-            st.header.snapshots_offset,
-            st.table_capacity,
-        );
-        let committed = self.switch_table(st, offset, capacity);
+        let old = st.registry.replace(snapshots, records, capacity);
+        let old_place = (st.header.nb_snapshots, st.header.snapshots_offset);
+        let committed = self.switch_table(st, offset);
         if committed.is_err() {
-            st.snapshots = old_snapshots;
-            st.records = old_records;
-            (
-                st.header.nb_snapshots,
-                st.header.snapshots_offset,
-                st.table_capacity,
-            ) = old_place;
-            st.index = Index::build(&st.snapshots, &st.records);
+            st.registry.restore(old);
+            (st.header.nb_snapshots, st.header.snapshots_offset) = old_place;
         } else {
             st.deltas
                 .range(HostOffset::new(old_table.0), old_table.1, -1);
@@ -373,11 +360,9 @@ impl Image {
 
     /// Points the header at the state's table, written at `offset`: the commit (one
     /// header write, synced).
-    pub(crate) fn switch_table(&self, st: &mut State, offset: u64, capacity: u64) -> Result<()> {
-        st.header.nb_snapshots = st.snapshots.len() as u32;
+    pub(crate) fn switch_table(&self, st: &mut State, offset: u64) -> Result<()> {
+        st.header.nb_snapshots = st.registry.len() as u32;
         st.header.snapshots_offset = offset;
-        st.table_capacity = capacity;
-        st.index = Index::build(&st.snapshots, &st.records);
         self.write_header_fields(st)?;
         self.sync()
     }

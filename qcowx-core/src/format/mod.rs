@@ -8,6 +8,7 @@ pub mod extensions;
 pub mod header;
 mod header_error;
 pub mod refblock;
+pub(crate) mod registry;
 pub mod roots;
 pub mod snapshot;
 pub mod stamp;

@@ -81,7 +81,7 @@ pub(crate) fn check(img: &Image, st: &mut State) -> Result<CheckReport> {
         s.report.problem(true, msg);
     }
     let mut at = st.header.snapshots_offset;
-    for (i, e) in st.snapshots.iter().enumerate() {
+    for (i, e) in st.registry.entries().iter().enumerate() {
         if e.is_incomplete(st.header.version) {
             s.report.problem(
                 true,
@@ -179,11 +179,11 @@ pub(super) fn check_copied(
         .unwrap_or_default();
     check_head(img, s, "default VDI", &default_l1, Some(disk))?;
     // Named VDI heads: invariant W only (QEMU does not look at them).
-    for i in 0..st.snapshots.len() {
-        if st.records[i].kind != RootKind::Vdi || !Image::entry_live(st, i) {
+    for i in 0..st.registry.len() {
+        if st.registry.record(i).kind != RootKind::Vdi || !st.registry.is_live(i) {
             continue;
         }
-        let e = &st.snapshots[i];
+        let e = st.registry.entry(i);
         let len = u64::from(e.l1_size) * 8;
         if e.l1_problem(img.geo.cluster_size()).is_some()
             || e.l1_table_offset.saturating_add(len) > s.file_clusters << s.cluster_bits

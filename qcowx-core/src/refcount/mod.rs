@@ -97,17 +97,22 @@ impl Image {
     /// [`crate::format::snapshot::SnapshotEntry::is_incomplete`]), if there is one.
     fn complete_snapshot_entries(&self, st: &mut crate::engine::State) -> Result<()> {
         let version = st.header.version;
-        if !st.snapshots.iter().any(|e| e.is_incomplete(version)) {
+        if !st
+            .registry
+            .entries()
+            .iter()
+            .any(|e| e.is_incomplete(version))
+        {
             return Ok(());
         }
         let size = st.header.size;
-        let mut snapshots = st.snapshots.clone();
+        let mut snapshots = st.registry.entries().to_vec();
         for e in &mut snapshots {
             if e.is_incomplete(version) {
                 e.complete_extra(size);
             }
         }
-        let records = st.records.clone();
+        let records = st.registry.records().to_vec();
         self.replace_table(st, snapshots, records)
     }
 

@@ -33,11 +33,14 @@ pub(crate) fn rebuild_gated(img: &Image, st: &mut State, gate: &IoGate<'_>) -> R
 /// Gives up the spare room reserved after the snapshot table this session: a scan
 /// counts only the clusters the entries cover, so that room would look free.
 pub(crate) fn give_up_table_room(img: &Image, st: &mut State) {
-    st.table_capacity = if st.header.nb_snapshots > 0 {
-        st.index.used.next_multiple_of(img.geo.cluster_size())
+    let capacity = if st.header.nb_snapshots > 0 {
+        st.registry
+            .used_bytes()
+            .next_multiple_of(img.geo.cluster_size())
     } else {
         0
     };
+    st.registry.set_capacity(capacity);
 }
 
 /// [`rebuild`] from a scan of the current roots (refcount structures not counted)

@@ -54,7 +54,8 @@ impl Image {
         // (A repair runs this only when the scan found no other damage, so every
         // entry's L1 reference is sound; a bad one is skipped all the same.)
         let entries: Vec<(u64, u32)> = st
-            .snapshots
+            .registry
+            .entries()
             .iter()
             .filter(|e| e.l1_problem(cs).is_none())
             .map(|e| (e.l1_table_offset, e.l1_size))

@@ -57,7 +57,7 @@ pub(crate) fn check_room_for_root(
     let geo = img.geo;
     let cs = geo.cluster_size();
     let m = st.deltas.per_root_multiplicity();
-    let roots_after = st.snapshots.len() as u64 + 2;
+    let roots_after = st.registry.len() as u64 + 2;
     if roots_after.saturating_mul(m) <= max {
         return Ok(());
     }

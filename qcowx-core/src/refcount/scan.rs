@@ -228,12 +228,18 @@ impl ScanInput {
         ScanInput {
             header: st.header.clone(),
             entries: st
-                .snapshots
+                .registry
+                .entries()
                 .iter()
-                .zip(&st.records)
+                .zip(st.registry.records())
                 .map(|(e, r)| EntryRoot::of(e, r.kind == RootKind::Vdi, &st.header))
                 .collect(),
-            table_len: st.snapshots.iter().map(|e| e.encoded_len() as u64).sum(),
+            table_len: st
+                .registry
+                .entries()
+                .iter()
+                .map(|e| e.encoded_len() as u64)
+                .sum(),
             default_l1: st
                 .roots
                 .get(&DEFAULT_ROOT)

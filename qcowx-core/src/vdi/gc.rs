@@ -192,15 +192,21 @@ impl Image {
     /// Drops every entry that is not live, re-linking the lineage of the kept ones
     /// around them, and commits the table. Returns the removed entries.
     fn compact_table(&self, st: &mut State) -> Result<Vec<SnapshotEntry>> {
-        let live: Vec<bool> = (0..st.snapshots.len())
-            .map(|i| Image::entry_live(st, i))
+        let live: Vec<bool> = (0..st.registry.len())
+            .map(|i| st.registry.is_live(i))
             .collect();
         if live.iter().all(|l| *l) {
             return Ok(Vec::new());
         }
-        let parent_of: HashMap<u64, u64> = st.records.iter().map(|r| (r.uid, r.parent)).collect();
+        let parent_of: HashMap<u64, u64> = st
+            .registry
+            .records()
+            .iter()
+            .map(|r| (r.uid, r.parent))
+            .collect();
         let live_uids: HashSet<u64> = st
-            .records
+            .registry
+            .records()
             .iter()
             .zip(&live)
             .filter(|(_, l)| **l)
@@ -213,17 +219,17 @@ impl Image {
         for (i, keep) in live.iter().enumerate() {
             if !keep {
                 // A superseded head shares its VDI's id with the live head.
-                if st.records[i].kind == RootKind::Snapshot {
-                    unloaded.push(st.records[i].uid);
+                if st.registry.record(i).kind == RootKind::Snapshot {
+                    unloaded.push(st.registry.record(i).uid);
                 }
-                removed.push(st.snapshots[i].clone());
+                removed.push(st.registry.entry(i).clone());
                 continue;
             }
-            let mut rec = st.records[i].clone();
-            let mut entry = st.snapshots[i].clone();
+            let mut rec = st.registry.record(i).clone();
+            let mut entry = st.registry.entry(i).clone();
             let mut p = rec.parent;
             let mut hops = 0;
-            while p != 0 && !live_uids.contains(&p) && hops < st.records.len() {
+            while p != 0 && !live_uids.contains(&p) && hops < st.registry.len() {
                 p = parent_of.get(&p).copied().unwrap_or(0);
                 hops += 1;
             }

@@ -210,34 +210,10 @@ impl Image {
         }
     }
 
-    /// The live head entry of VDI `vdi` (highest generation, not deleted).
-    fn head_index(st: &State, vdi: u64) -> Option<usize> {
-        st.index.heads.get(&vdi).copied()
-    }
-
-    /// Whether entry `i` is a live root (not deleted, not a superseded head).
-    pub(crate) fn entry_live(st: &State, i: usize) -> bool {
-        let r = &st.records[i];
-        match r.kind {
-            RootKind::Snapshot => !r.deleted,
-            RootKind::Vdi => Image::head_index(st, r.vdi) == Some(i),
-        }
-    }
-
-    fn display_name(st: &State, i: usize) -> &str {
-        let n = &st.snapshots[i].name;
-        match st.records[i].kind {
-            RootKind::Vdi => n.strip_prefix(VDI_NAME_PREFIX).unwrap_or(n),
-            RootKind::Snapshot => n,
-        }
-    }
-
     fn find_snapshot(&self, st: &State, name: &str) -> Result<usize> {
-        st.index
-            .names
-            .get(name)
-            .copied()
-            .filter(|&i| st.records[i].kind == RootKind::Snapshot)
+        st.registry
+            .by_name(name)
+            .filter(|&i| st.registry.record(i).kind == RootKind::Snapshot)
             .ok_or_else(|| self.not_found("snapshot", name))
     }
 
@@ -245,11 +221,9 @@ impl Image {
         if name == DEFAULT_VDI {
             return Ok(Target::Default);
         }
-        st.index
-            .names
-            .get(name)
-            .copied()
-            .filter(|&i| st.records[i].kind == RootKind::Vdi)
+        st.registry
+            .by_name(name)
+            .filter(|&i| st.registry.record(i).kind == RootKind::Vdi)
             .map(Target::Entry)
             .ok_or_else(|| self.not_found("VDI", name))
     }
@@ -262,7 +236,7 @@ impl Image {
     }
 
     fn name_taken(st: &State, name: &str) -> bool {
-        name == DEFAULT_VDI || st.index.all_names.contains_key(name)
+        name == DEFAULT_VDI || st.registry.name_taken(name)
     }
 
     // ---- the snapshot table -----------------------------------------------------
@@ -306,7 +280,7 @@ impl Image {
             let target = self.find_vdi(st, vdi)?;
             let vdi_uid = match target {
                 Target::Default => 0,
-                Target::Entry(i) => st.records[i].vdi,
+                Target::Entry(i) => st.registry.record(i).vdi,
             };
             let id = self.load_root(st, target)?;
             // Links in memory must be durable before a copy of them is.
@@ -336,18 +310,17 @@ impl Image {
             let entry = self.new_entry(st, name.to_string(), at, l1.len() as u32, size, &rec);
             self.append_entry(st, entry, rec)?;
             self.count_new_root(st, at, &l1);
-            Ok(self.info_of(st, Target::Entry(st.snapshots.len() - 1)))
+            Ok(self.info_of(st, Target::Entry(st.registry.len() - 1)))
         })
     }
 
     /// The newest snapshot of VDI `vdi`, or the snapshot the VDI was forked from.
     fn latest_snapshot_of(&self, st: &State, vdi: u64, target: Target) -> u64 {
-        st.index
-            .latest
-            .get(&vdi)
-            .map(|&(_, uid)| uid)
+        st.registry
+            .latest(vdi)
+            .map(|(_, uid)| uid)
             .unwrap_or_else(|| match target {
-                Target::Entry(i) => st.records[i].parent,
+                Target::Entry(i) => st.registry.record(i).parent,
                 Target::Default => 0,
             })
     }
@@ -361,7 +334,7 @@ impl Image {
         disk_size: u64,
         rec: &Record,
     ) -> SnapshotEntry {
-        let max_id = st.index.max_id;
+        let max_id = st.registry.max_id();
         SnapshotEntry {
             l1_table_offset: l1_offset,
             l1_size,
@@ -397,7 +370,7 @@ impl Image {
                 kind: RootKind::Vdi,
                 uid,
                 vdi: uid,
-                parent: st.records[i].uid,
+                parent: st.registry.record(i).uid,
                 generation: 1,
                 created_ns: now_ns(),
                 deleted: false,
@@ -413,7 +386,7 @@ impl Image {
             );
             self.append_entry(st, entry, rec)?;
             self.count_new_root(st, at, &l1);
-            Ok(self.info_of(st, Target::Entry(st.snapshots.len() - 1)))
+            Ok(self.info_of(st, Target::Entry(st.registry.len() - 1)))
         })
     }
 
@@ -450,34 +423,33 @@ impl Image {
         self.promote_pending(st)?;
         self.mark_stale(st)?;
         let id = Image::root_id(st, Target::Entry(i));
-        if st.records[i].kind == RootKind::Vdi {
+        if st.registry.record(i).kind == RootKind::Vdi {
             // Older heads a crash left unflagged (a revert cut between its two writes)
             // must not take over: flag them first.
-            let vdi = st.records[i].vdi;
-            let older: Vec<usize> = (0..st.records.len())
+            let vdi = st.registry.record(i).vdi;
+            let older: Vec<usize> = (0..st.registry.len())
                 .filter(|&j| {
                     j != i
-                        && st.records[j].kind == RootKind::Vdi
-                        && st.records[j].vdi == vdi
-                        && !st.records[j].deleted
-                        && st.records[j].native
+                        && st.registry.record(j).kind == RootKind::Vdi
+                        && st.registry.record(j).vdi == vdi
+                        && !st.registry.record(j).deleted
+                        && st.registry.record(j).native
                 })
                 .collect();
             for j in older {
-                st.records[j].deleted = true;
+                st.registry.set_deleted(j, true);
                 self.write_flags(st, j)?;
             }
         }
         let table_at = st.header.snapshots_offset;
-        st.records[i].deleted = true;
-        st.index.on_delete(&st.snapshots, &st.records, i);
-        let flagged = if st.records[i].native {
+        st.registry.set_deleted(i, true);
+        let flagged = if st.registry.record(i).native {
             self.write_flags(st, i)
         } else {
             // A snapshot QEMU made has no qcowx block to flag: give it one by
             // rewriting the table (rare; O(table)).
-            let mut snapshots = st.snapshots.clone();
-            let mut records = st.records.clone();
+            let mut snapshots = st.registry.entries().to_vec();
+            let mut records = st.registry.records().to_vec();
             records[i].native = true;
             snapshots[i].extra = extra_with_record(&snapshots[i], &records[i], st.header.size);
             self.replace_table(st, snapshots, records)
@@ -485,8 +457,7 @@ impl Image {
         if let Err(e) = flagged {
             if st.header.snapshots_offset == table_at {
                 // The file's table still holds the entry live: so does the state.
-                st.records[i].deleted = false;
-                st.index = Index::build(&st.snapshots, &st.records);
+                st.registry.set_deleted(i, false);
             }
             return Err(e);
         }
@@ -543,15 +514,15 @@ impl Image {
                     Target::Default
                 }
                 Target::Entry(h) => {
-                    let old = st.records[h].clone();
+                    let old = st.registry.record(h).clone();
                     let rec = Record {
                         uid: new_uid(),
-                        parent: st.records[s].uid,
+                        parent: st.registry.record(s).uid,
                         generation: old.generation + 1,
                         created_ns: now_ns(),
                         ..old
                     };
-                    let name = st.snapshots[h].name.clone();
+                    let name = st.registry.entry(h).name.clone();
                     let entry = self.new_entry(st, name, at, l1.len() as u32, loc.size, &rec);
                     // The new head takes the old head's place in the table (QEMU
                     // resolves `vdi:NAME` to the first entry with that name), and the
@@ -559,15 +530,15 @@ impl Image {
                     // only it reached. One table rewrite, one header commit: there is
                     // no moment where both heads count.
                     let grave = grave_record();
-                    let mut grave_entry = st.snapshots[h].clone();
+                    let mut grave_entry = st.registry.entry(h).clone();
                     grave_entry.name = format!("qcowx-reverted-{:016x}", grave.uid);
                     let size = grave_entry.disk_size().unwrap_or(st.header.size);
                     grave_entry.extra = encode_extra(&grave, size, 0);
-                    grave_entry.id = (st.index.max_id + 1).to_string();
+                    grave_entry.id = (st.registry.max_id() + 1).to_string();
                     let mut entry = entry;
-                    entry.id = st.snapshots[h].id.clone();
-                    let mut snapshots = st.snapshots.clone();
-                    let mut records = st.records.clone();
+                    entry.id = st.registry.entry(h).id.clone();
+                    let mut snapshots = st.registry.entries().to_vec();
+                    let mut records = st.registry.records().to_vec();
                     snapshots[h] = entry;
                     records[h] = rec;
                     snapshots.push(grave_entry);
@@ -598,38 +569,38 @@ impl Image {
                 id: None,
             },
             Target::Entry(i) => {
-                let r = &st.records[i];
+                let r = st.registry.record(i);
                 let vdi = if r.vdi == 0 {
                     DEFAULT_VDI.to_string()
                 } else {
-                    Image::head_index(st, r.vdi).map_or_else(
+                    st.registry.head(r.vdi).map_or_else(
                         || format!("<deleted VDI {:x}>", r.vdi),
-                        |h| Image::display_name(st, h).to_string(),
+                        |h| st.registry.display_name(h).to_string(),
                     )
                 };
                 // The nearest live ancestor: deleted roots are skipped, as gc will
                 // re-link them.
                 let mut parent = None;
                 let mut p = r.parent;
-                for _ in 0..st.records.len() {
-                    let Some(&j) = st.index.by_uid.get(&p).filter(|_| p != 0) else {
+                for _ in 0..st.registry.len() {
+                    let Some(j) = st.registry.by_uid(p).filter(|_| p != 0) else {
                         break;
                     };
-                    if st.records[j].kind == RootKind::Snapshot && Image::entry_live(st, j) {
-                        parent = Some(Image::display_name(st, j).to_string());
+                    if st.registry.record(j).kind == RootKind::Snapshot && st.registry.is_live(j) {
+                        parent = Some(st.registry.display_name(j).to_string());
                         break;
                     }
-                    p = st.records[j].parent;
+                    p = st.registry.record(j).parent;
                 }
                 RootInfo {
                     kind: r.kind,
-                    name: Image::display_name(st, i).to_string(),
+                    name: st.registry.display_name(i).to_string(),
                     uid: r.uid,
                     vdi,
                     parent,
                     created_ns: r.created_ns,
-                    size: st.snapshots[i].disk_size().unwrap_or(st.header.size),
-                    id: Some(st.snapshots[i].id.clone()),
+                    size: st.registry.entry(i).disk_size().unwrap_or(st.header.size),
+                    id: Some(st.registry.entry(i).id.clone()),
                 }
             }
         }
@@ -639,8 +610,8 @@ impl Image {
     pub fn list(&self) -> Result<Vec<RootInfo>> {
         let st = self.lock_state()?;
         let mut out = vec![self.info_of(&st, Target::Default)];
-        for i in 0..st.snapshots.len() {
-            if Image::entry_live(&st, i) {
+        for i in 0..st.registry.len() {
+            if st.registry.is_live(i) {
                 out.push(self.info_of(&st, Target::Entry(i)));
             }
         }

@@ -58,7 +58,13 @@ impl Image {
         let mut out = Vec::new();
         let mut heads: HashMap<u64, usize> = HashMap::new();
         let mut names: HashMap<String, (usize, bool)> = HashMap::new();
-        for (i, (e, r)) in st.snapshots.iter().zip(&st.records).enumerate() {
+        for (i, (e, r)) in st
+            .registry
+            .entries()
+            .iter()
+            .zip(st.registry.records())
+            .enumerate()
+        {
             let claims = e
                 .extra
                 .get(QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + 4)
@@ -72,8 +78,10 @@ impl Image {
             if r.kind == RootKind::Vdi && !r.deleted {
                 *heads.entry(r.vdi).or_insert(0) += 1;
             }
-            if Image::entry_live(st, i) {
-                let n = names.entry(display(e, r)).or_insert((0, false));
+            if st.registry.is_live(i) {
+                let n = names
+                    .entry(crate::format::registry::display(e, r))
+                    .or_insert((0, false));
                 n.0 += 1;
                 n.1 |= r.native;
             }
@@ -98,14 +106,13 @@ impl Image {
     /// Repairs qcowx's facts: flags superseded VDI heads and restores invariant W on
     /// every head.
     pub(crate) fn repair_registry(&self, st: &mut State) -> Result<()> {
-        for i in 0..st.records.len() {
-            let r = &st.records[i];
-            if r.kind == RootKind::Vdi && !r.deleted && r.native && !Image::entry_live(st, i) {
-                st.records[i].deleted = true;
+        for i in 0..st.registry.len() {
+            let r = st.registry.record(i);
+            if r.kind == RootKind::Vdi && !r.deleted && r.native && !st.registry.is_live(i) {
+                st.registry.set_deleted(i, true);
                 self.write_flags(st, i)?;
             }
         }
-        st.index = Index::build(&st.snapshots, &st.records);
         // The refcount structures are about to be rebuilt elsewhere: data that
         // overlaps them is not damage the repair must refuse.
         self.reconcile_locked(st, None)
@@ -130,8 +137,8 @@ impl Image {
         };
         let mut heads = vec![Target::Default];
         heads.extend(
-            (0..st.snapshots.len())
-                .filter(|&i| st.records[i].kind == RootKind::Vdi && Image::entry_live(st, i))
+            (0..st.registry.len())
+                .filter(|&i| st.registry.record(i).kind == RootKind::Vdi && st.registry.is_live(i))
                 .map(Target::Entry),
         );
         for t in heads {

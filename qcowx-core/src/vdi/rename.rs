@@ -68,16 +68,12 @@ impl Image {
         let mut st = self.lock_state()?;
         let _gate = self.io_gate_write();
         let st = &mut *st;
-        let display = |st: &crate::engine::State, i: usize| -> String {
-            let n = &st.snapshots[i].name;
-            match st.records[i].kind {
-                RootKind::Vdi => n.strip_prefix(VDI_NAME_PREFIX).unwrap_or(n).to_string(),
-                RootKind::Snapshot => n.clone(),
-            }
-        };
-        let i = (0..st.snapshots.len())
+        let display = |st: &crate::engine::State, i: usize| st.registry.display_name(i).to_string();
+        let i = (0..st.registry.len())
             .find(|&i| {
-                st.records[i].kind == kind && Image::entry_live(st, i) && display(st, i) == old
+                st.registry.record(i).kind == kind
+                    && st.registry.is_live(i)
+                    && display(st, i) == old
             })
             .ok_or_else(|| Error::NotFound {
                 file: self.name.clone(),
@@ -88,8 +84,8 @@ impl Image {
         // The table moves to new clusters: refcounts are stale until the next rebuild.
         self.mark_stale(st)?;
         // The new table is built aside: the state takes it only once it is durable.
-        let mut snapshots = st.snapshots.clone();
-        let mut records = st.records.clone();
+        let mut snapshots = st.registry.entries().to_vec();
+        let mut records = st.registry.records().to_vec();
         snapshots[i].name = match kind {
             RootKind::Vdi => format!("{VDI_NAME_PREFIX}{new}"),
             RootKind::Snapshot => new.to_string(),

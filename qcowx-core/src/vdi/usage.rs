@@ -100,12 +100,12 @@ impl Image {
             st.header.l1_table_offset,
             default_l1,
         ));
-        for i in 0..st.snapshots.len() {
-            if !Image::entry_live(&st, i) {
+        for i in 0..st.registry.len() {
+            if !st.registry.is_live(i) {
                 continue;
             }
-            let e = &st.snapshots[i];
-            let r = &st.records[i];
+            let e = st.registry.entry(i);
+            let r = st.registry.record(i);
             let len = u64::from(e.l1_size) * 8;
             if let Some(why) = e.l1_problem(self.geo.cluster_size()) {
                 return Err(self.corrupt("snapshot L1 table", e.l1_table_offset, why));
