@@ -58,7 +58,8 @@
 //! `qcowx list|gc|diff --output=json` (`spec/cli-json.md`): a root is `{"name",
 //! "kind": "vdi"|"snapshot", "uid": HEX, "vdi", "parent", "date-sec", "date-nsec",
 //! "virtual-size", "id"}`; a gc report `{"roots-removed", "clusters-freed",
-//! "bytes-freed", "file-size-before", "file-size-after"}`; a range `{"offset",
+//! "bytes-freed", "file-size-before", "file-size-after", "allocated-before",
+//! "allocated-after", "refcounts-exact"}`; a range `{"offset",
 //! "length"}`.
 //!
 //! A failure is `{"ok": false, "error": MESSAGE, "kind": KIND}`: MESSAGE is the

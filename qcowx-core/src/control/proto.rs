@@ -606,11 +606,13 @@ mod tests {
             bytes_freed: 131072,
             file_size_before: 10,
             file_size_after: 5,
+            allocated_before: Some(8),
+            allocated_after: None,
             refcounts_exact: true,
         });
         assert_eq!(
             gc.to_json().to_string(),
-            r#"{"gc":{"bytes-freed":131072,"clusters-freed":2,"file-size-after":5,"file-size-before":10,"refcounts-exact":true,"roots-removed":1},"ok":true}"#
+            r#"{"gc":{"allocated-after":null,"allocated-before":8,"bytes-freed":131072,"clusters-freed":2,"file-size-after":5,"file-size-before":10,"refcounts-exact":true,"roots-removed":1},"ok":true}"#
         );
         assert_eq!(Response::from_json(&gc.to_json()).unwrap(), gc);
         let ranges = Response::Ranges(vec![Range {
