@@ -1,4 +1,5 @@
-//! What an operator reads: `gc`'s report of what it did to the file.
+//! What an operator reads: `tree`'s lineage on images built with `qcowx snapshot`,
+//! `fork` and `revert`, and `gc`'s report of what it did to the file.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -7,6 +8,76 @@ use qcowx_tests::cli::*;
 use serde_json::Value;
 
 const CS: u64 = 65536;
+
+/// The names of `tree`'s human lines, with their tree drawing.
+fn tree_lines(d: &Path, file: &str) -> Vec<String> {
+    stdout(&ok_quiet(d, &["tree", file]))
+        .lines()
+        .map(|l| l.split("  (").next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn tree_reads_top_down_from_each_vdi_to_its_snapshots_and_their_forks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok_quiet(d, &["create", "t.qcow2", "4M"]);
+    ok_quiet(d, &["io", "t.qcow2", "-c", "write -P 1 0 256k"]);
+    ok_quiet(d, &["snapshot", "t.qcow2", "s1"]);
+    ok_quiet(d, &["io", "t.qcow2", "-c", "write -P 2 0 64k"]);
+    ok_quiet(d, &["snapshot", "t.qcow2", "s2"]);
+    ok_quiet(d, &["fork", "t.qcow2", "s1", "dev"]);
+    ok_quiet(d, &["snapshot", "t.qcow2", "--vdi", "dev", "d1"]);
+    ok_quiet(d, &["fork", "t.qcow2", "s2", "test"]);
+    ok_quiet(d, &["snapshot", "t.qcow2", "--vdi", "test", "t1"]);
+    ok_quiet(d, &["fork", "t.qcow2", "t1", "test2"]);
+    ok_quiet(d, &["snapshot", "t.qcow2", "s3"]);
+    let want = [
+        "default",
+        "├─ s1",
+        "│  └─ dev",
+        "│     └─ d1",
+        "├─ s2",
+        "│  └─ test",
+        "│     └─ t1",
+        "│        └─ test2",
+        "└─ s3",
+    ];
+    assert_eq!(tree_lines(d, "t.qcow2"), want);
+    // A revert changes content, not lineage: the default VDI still heads its
+    // snapshots, and so does dev after going back to its own snapshot.
+    ok_quiet(d, &["revert", "t.qcow2", "--vdi", "default", "s1"]);
+    ok_quiet(d, &["revert", "t.qcow2", "--vdi", "dev", "d1"]);
+    assert_eq!(tree_lines(d, "t.qcow2"), want);
+    // The JSON says the same: one tree, every VDI but the default under the snapshot
+    // it was forked from, every snapshot under its VDI.
+    let v = json(&ok_quiet(d, &["tree", "--output=json", "t.qcow2"]));
+    let nodes = v["nodes"].as_array().unwrap();
+    let up = |n: &str| {
+        let node = nodes.iter().find(|x| x["name"] == n).unwrap();
+        node["tree-parent"].as_str().map(String::from)
+    };
+    assert_eq!(up("default"), None);
+    for (n, p) in [
+        ("s1", "default"),
+        ("s3", "default"),
+        ("dev", "s1"),
+        ("d1", "dev"),
+        ("test", "s2"),
+        ("t1", "test"),
+        ("test2", "t1"),
+    ] {
+        assert_eq!(up(n).as_deref(), Some(p), "{n}");
+    }
+    // A snapshot whose VDI is deleted hangs where its VDI was.
+    ok_quiet(d, &["delete", "t.qcow2", "--vdi", "test"]);
+    let lines = tree_lines(d, "t.qcow2");
+    assert_eq!(
+        &lines[4..],
+        ["├─ s2", "│  └─ t1", "│     └─ test2", "└─ s3"],
+        "{lines:#?}"
+    );
+}
 
 fn allocated(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().blocks() * 512
