@@ -52,11 +52,25 @@ enum Command {
     #[command(allow_negative_numbers = true)]
     Create(CreateArgs),
     /// Show facts about an image (like `qemu-img info`).
+    ///
+    /// An image a qcowx-nbd serves is locked: as with `qemu-img info`, -U reads it
+    /// anyway, as it is on disk (the snapshot table is current; the dirty flag is set
+    /// while it is served).
     Info(ReadArgs),
     /// Check an image's metadata and refcounts (like `qemu-img check`).
+    ///
+    /// An image a qcowx-nbd serves is checked by that server, on the image it has
+    /// open (its own changes written out first, so only damage is reported). With -U
+    /// the file is read as it is on disk instead: a served image then shows the stale
+    /// refcounts of an image in use. --repair needs the image to itself.
     Check(CheckArgs),
     /// Write the content of a VDI or snapshot, backing chain included, to a new file
     /// (like `qemu-img convert`).
+    ///
+    /// An image a qcowx-nbd serves is locked: as with `qemu-img convert`, -U reads it
+    /// anyway, as it is on disk. A served VDI changes as it is read and its latest
+    /// writes may not be on disk yet; for a consistent copy take a snapshot (`qcowx
+    /// snapshot` goes to the server) and export that: `qcowx export -U --snapshot NAME`.
     Export(ExportArgs),
     /// Take a snapshot of a VDI.
     Snapshot(SnapshotArgs),
@@ -71,6 +85,9 @@ enum Command {
     /// Give back the space of deleted snapshots and VDIs.
     Gc(GcArgs),
     /// List the guest ranges that differ between two snapshots or VDIs.
+    ///
+    /// An image a qcowx-nbd serves is asked of that server (its current view); -U
+    /// reads the file as it is on disk instead.
     Diff(DiffArgs),
     /// Read and write a VDI with `qemu-io` commands (`-c 'write -P 0x5a 0 64k'`).
     Io(IoArgs),
@@ -79,6 +96,10 @@ enum Command {
     #[command(long_about = IMPORT_ABOUT)]
     Import(ImportArgs),
     /// Show the lineage forest of VDIs and snapshots with their exclusive sizes.
+    ///
+    /// Each VDI heads its snapshots, and a VDI forked from a snapshot hangs under
+    /// it. An image a qcowx-nbd serves is asked of that server (its current view); -U
+    /// reads the file as it is on disk instead.
     Tree(TreeArgs),
     /// Show where each guest range comes from (like `qemu-img map`).
     Map(MapArgs),

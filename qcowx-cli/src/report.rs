@@ -411,6 +411,21 @@ pub fn gc_human(out: &mut dyn Write, r: &GcReport) -> io::Result<()> {
         "file size: {} -> {} bytes",
         r.file_size_before, r.file_size_after
     )?;
+    if let (Some(before), Some(after)) = (r.allocated_before, r.allocated_after) {
+        writeln!(
+            out,
+            "allocated on disk: {} -> {} ({before} -> {after} bytes)",
+            size_to_str(before),
+            size_to_str(after)
+        )?;
+    }
+    if r.file_size_after > r.file_size_before {
+        writeln!(
+            out,
+            "note: the file grew: the compacted snapshot table is written past the end, \
+             and freed clusters are hole-punched in place, not cut off"
+        )?;
+    }
     if !r.refcounts_exact {
         writeln!(
             out,

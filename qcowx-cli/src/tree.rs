@@ -1,16 +1,16 @@
 //! `qcowx tree`: the lineage forest of an image's VDIs and snapshots, as text,
 //! JSON, Graphviz DOT or SVG.
 //!
-//! Where each root hangs:
-//! - a snapshot under its lineage parent (`qcowx list`'s `parent`: the previous
-//!   snapshot of its VDI, or the snapshot its VDI was forked from); a snapshot
-//!   without one (QEMU made it, or its parent was deleted) under the newest older
-//!   snapshot of the same VDI, else it starts a tree;
-//! - a VDI head under the newest snapshot of that VDI, unless the VDI was forked or
-//!   reverted after that snapshot was taken (or has none): then under the snapshot
-//!   it was forked or reverted from; without either it starts a tree.
+//! The forest reads top-down: a VDI, under it its snapshots, under each snapshot
+//! the VDIs forked from it, and so on. Where each root hangs:
+//! - a VDI under the snapshot it was forked from: the first snapshot of another VDI
+//!   met going up its lineage (`qcowx list`'s `parent`, then that root's parent, ...;
+//!   a revert to one of its own snapshots keeps the VDI where it was); a VDI not
+//!   forked from another's snapshot (the default VDI, one QEMU made) starts a tree;
+//! - a snapshot under its VDI; a snapshot whose VDI was deleted under its lineage
+//!   parent, else it starts a tree.
 //!
-//! Children are in time order; forks therefore hang off the snapshot they came from.
+//! Children and trees are in time order (the default VDI, which has no date, first).
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -74,28 +74,30 @@ impl Forest {
         };
         // Order of time; ties by list order.
         let key = |i: usize| (roots[i].created_ns, i);
-        // The newest snapshot of VDI `vdi` older than `before` (by key).
-        let newest_of = |vdi: &str, before: Option<(u64, usize)>| -> Option<usize> {
-            (0..roots.len())
-                .filter(|&j| roots[j].kind == RootKind::Snapshot && roots[j].vdi == vdi)
-                .filter(|&j| before.is_none_or(|b| key(j) < b))
-                .max_by_key(|&j| key(j))
+        let vdi_named = |name: &str| -> Option<usize> {
+            index
+                .get(name)
+                .copied()
+                .filter(|&i| roots[i].kind == RootKind::Vdi)
+        };
+        // The snapshot VDI `i` was forked from: up its lineage, the first snapshot of
+        // another VDI (bounded: a damaged lineage may loop).
+        let origin = |i: usize| -> Option<usize> {
+            let mut at = snapshot_named(&roots[i].parent);
+            for _ in 0..roots.len() {
+                let s = at?;
+                if roots[s].vdi != roots[i].name {
+                    return Some(s);
+                }
+                at = snapshot_named(&roots[s].parent);
+            }
+            None
         };
         for i in 0..roots.len() {
             let r = &roots[i];
             let up = match r.kind {
-                RootKind::Snapshot => {
-                    snapshot_named(&r.parent).or_else(|| newest_of(&r.vdi, Some(key(i))))
-                }
-                RootKind::Vdi => {
-                    let newest = newest_of(&r.name, None);
-                    let parent = snapshot_named(&r.parent);
-                    match (newest, parent) {
-                        (Some(n), Some(_)) if roots[n].created_ns >= r.created_ns => Some(n),
-                        (_, Some(p)) => Some(p),
-                        (n, None) => n,
-                    }
-                }
+                RootKind::Vdi => origin(i),
+                RootKind::Snapshot => vdi_named(&r.vdi).or_else(|| snapshot_named(&r.parent)),
             };
             nodes[i].up = up.filter(|&u| u != i);
         }
@@ -138,18 +140,6 @@ impl Forest {
         }
         out
     }
-
-    /// The child that continues `i`'s own VDI (drawn below it at the same level).
-    fn continuation(&self, i: usize) -> Option<usize> {
-        let n = &self.nodes[i];
-        if n.info.kind == RootKind::Vdi {
-            return None;
-        }
-        n.children
-            .iter()
-            .copied()
-            .find(|&c| self.nodes[c].info.vdi == n.info.vdi)
-    }
 }
 
 fn kind_name(k: RootKind) -> &'static str {
@@ -175,42 +165,29 @@ fn describe(n: &Node) -> String {
     }
 }
 
-/// The human tree: a VDI's line of snapshots runs down at one level; forks branch
-/// off the snapshot they came from.
+/// The human tree: one root per line, each under the root it hangs off.
 pub fn human(out: &mut dyn Write, f: &Forest) -> io::Result<()> {
-    fn chain(out: &mut dyn Write, f: &Forest, start: usize, prefix: &str) -> io::Result<()> {
-        let mut at = Some(start);
-        while let Some(i) = at {
-            let n = &f.nodes[i];
-            writeln!(out, "{prefix}{}  ({})", n.info.name, describe(n))?;
-            let cont = f.continuation(i);
-            let forks: Vec<usize> = n
-                .children
-                .iter()
-                .copied()
-                .filter(|&c| Some(c) != cont)
-                .collect();
-            for (k, &c) in forks.iter().enumerate() {
-                let last = k + 1 == forks.len() && cont.is_none();
-                let (head, rest) = if last {
-                    ("└─ ", "   ")
-                } else {
-                    ("├─ ", "│  ")
-                };
-                let mut buf = Vec::new();
-                chain(&mut buf, f, c, "")?;
-                let text = String::from_utf8_lossy(&buf);
-                for (l, line) in text.lines().enumerate() {
-                    let lead = if l == 0 { head } else { rest };
-                    writeln!(out, "{prefix}{lead}{line}")?;
-                }
-            }
-            at = cont;
+    fn node(out: &mut dyn Write, f: &Forest, i: usize, lead: &str, rest: &str) -> io::Result<()> {
+        let n = &f.nodes[i];
+        writeln!(out, "{lead}{}  ({})", n.info.name, describe(n))?;
+        for (k, &c) in n.children.iter().enumerate() {
+            let (head, more) = if k + 1 == n.children.len() {
+                ("└─ ", "   ")
+            } else {
+                ("├─ ", "│  ")
+            };
+            node(
+                out,
+                f,
+                c,
+                &format!("{rest}{head}"),
+                &format!("{rest}{more}"),
+            )?;
         }
         Ok(())
     }
     for &t in &f.tops {
-        chain(out, f, t, "")?;
+        node(out, f, t, "", "")?;
     }
     Ok(())
 }
@@ -421,30 +398,33 @@ mod tests {
     }
 
     fn forest() -> Forest {
-        let roots = vec![
+        Forest::build(&forest_roots(), &[])
+    }
+
+    fn forest_roots() -> Vec<RootInfo> {
+        vec![
             root(RootKind::Vdi, "default", "default", None, 0),
             root(RootKind::Snapshot, "s1", "default", None, 10),
             root(RootKind::Snapshot, "s2", "default", Some("s1"), 20),
             root(RootKind::Vdi, "dev", "dev", Some("s1"), 15),
             root(RootKind::Snapshot, "d1", "dev", Some("s1"), 30),
             root(RootKind::Vdi, "test", "test", Some("s2"), 40),
-        ];
-        Forest::build(&roots, &[])
+        ]
     }
 
     #[test]
-    fn forks_hang_off_their_snapshot_and_heads_end_their_line() {
+    fn vdis_head_their_snapshots_and_forks_hang_off_their_snapshot() {
         let f = forest();
         let name = |i: usize| f.nodes[i].info.name.as_str();
         let up = |n: &str| {
             let i = f.nodes.iter().position(|x| x.info.name == n).unwrap();
             f.nodes[i].up.map(name)
         };
-        assert_eq!(up("s1"), None);
-        assert_eq!(up("s2"), Some("s1"));
-        assert_eq!(up("default"), Some("s2"));
-        assert_eq!(up("d1"), Some("s1"));
-        assert_eq!(up("dev"), Some("d1"));
+        assert_eq!(up("default"), None);
+        assert_eq!(up("s1"), Some("default"));
+        assert_eq!(up("s2"), Some("default"));
+        assert_eq!(up("dev"), Some("s1"));
+        assert_eq!(up("d1"), Some("dev"));
         assert_eq!(up("test"), Some("s2"));
         let mut text = Vec::new();
         human(&mut text, &f).unwrap();
@@ -453,7 +433,35 @@ mod tests {
             .lines()
             .map(|l| l.split("  (").next().unwrap())
             .collect();
-        assert_eq!(first, ["s1", "├─ d1", "│  dev", "s2", "├─ test", "default"]);
+        assert_eq!(
+            first,
+            [
+                "default",
+                "├─ s1",
+                "│  └─ dev",
+                "│     └─ d1",
+                "└─ s2",
+                "   └─ test"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_revert_keeps_a_vdi_under_its_origin_and_orphans_hang_off_their_parent() {
+        let mut roots = forest_roots();
+        // dev reverted to its own snapshot d1: still forked from s1.
+        roots[3].parent = Some("d1".into());
+        // A snapshot of a deleted VDI: under its lineage parent.
+        roots.push(root(RootKind::Snapshot, "x1", "gone", Some("s2"), 50));
+        let f = Forest::build(&roots, &[]);
+        let up = |n: &str| {
+            let i = f.nodes.iter().position(|x| x.info.name == n).unwrap();
+            f.nodes[i].up.map(|u| f.nodes[u].info.name.clone())
+        };
+        assert_eq!(up("dev").as_deref(), Some("s1"));
+        assert_eq!(up("d1").as_deref(), Some("dev"));
+        assert_eq!(up("x1").as_deref(), Some("s2"));
+        assert_eq!(f.tops.len(), 1);
     }
 
     #[test]
@@ -462,7 +470,7 @@ mod tests {
         roots.push(root(RootKind::Snapshot, "a\"b<c", "default", None, 1));
         let f = Forest::build(&roots, &[]);
         let d = dot(&f);
-        assert!(d.contains("\"a\\\"b<c\" -> \"default\";"), "{d}");
+        assert!(d.contains("\"default\" -> \"a\\\"b<c\";"), "{d}");
         let s = svg(&f);
         assert!(s.contains("a&quot;b&lt;c"), "{s}");
         assert!(!s.contains("a\"b<c"));

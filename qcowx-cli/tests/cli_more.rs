@@ -435,7 +435,8 @@ fn edges(pairs: &[(&str, &str)]) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-/// s1 -> s2 -> default; dev forked from s1 with snapshot d1; test forked from s2.
+/// default with snapshots s1 and s2; dev forked from s1 with snapshot d1; test forked
+/// from s2.
 fn make_tree(d: &Path) {
     ok_quiet(d, &["create", "t.qcow2", "4M"]);
     ok_quiet(d, &["io", "t.qcow2", "-c", "write -P 1 0 256k"]);
@@ -463,10 +464,10 @@ fn tree_dot_parses_back_to_the_lineage() {
     assert_eq!(
         edge_set,
         edges(&[
-            ("s1", "s2"),
-            ("s2", "default"),
-            ("s1", "d1"),
-            ("d1", "dev"),
+            ("default", "s1"),
+            ("default", "s2"),
+            ("s1", "dev"),
+            ("dev", "d1"),
             ("s2", "test"),
         ])
     );
@@ -475,8 +476,8 @@ fn tree_dot_parses_back_to_the_lineage() {
     let nodes_json = v["nodes"].as_array().unwrap();
     assert_eq!(nodes_json.len(), 6);
     assert_eq!(
-        nodes_json[0]["name"], "s1",
-        "pre-order starts at the oldest tree"
+        nodes_json[0]["name"], "default",
+        "pre-order starts at the default VDI's tree"
     );
     let mut from_parents = BTreeSet::new();
     let mut from_children = BTreeSet::new();
@@ -542,7 +543,14 @@ fn tree_human_svg_and_errors() {
         .collect();
     assert_eq!(
         heads,
-        ["s1", "├─ d1", "│  dev", "s2", "├─ test", "default"],
+        [
+            "default",
+            "├─ s1",
+            "│  └─ dev",
+            "│     └─ d1",
+            "└─ s2",
+            "   └─ test"
+        ],
         "{text}"
     );
     assert!(text.contains("snapshot of default"), "{text}");

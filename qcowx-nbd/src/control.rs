@@ -87,7 +87,15 @@ impl ControlListener {
             }
             None => None,
         };
+        let stale = stale_unix_socket(path)?;
         let listener = bind_private(path)?;
+        if stale {
+            eprintln!(
+                "qcowx-nbd: {}: replaced a control socket left behind by a server that \
+                 stopped without cleaning up (killed, or crashed)",
+                path.display()
+            );
+        }
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("set control socket non-blocking", e))?;

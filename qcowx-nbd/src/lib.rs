@@ -19,8 +19,8 @@
 //! * [`server`]: Unix and TCP listeners, systemd socket activation, connection
 //!   limits, the handshake timeout and clean shutdown;
 //! * [`control`]: the control socket's listener (live snapshot, fork, delete, revert,
-//!   gc, list, diff for `qcowx` on a served image); the protocol, its client and its
-//!   executor are `qcowx_core::control`, re-exported there;
+//!   gc, list, diff, usage and check for `qcowx` on a served image); the protocol,
+//!   its client and its executor are `qcowx_core::control`, re-exported there;
 //! * [`tls`]: STARTTLS with rustls (X.509 files, `require`/`allow` modes, client
 //!   certificate allow-list) and the I/O thread of a TLS connection;
 //! * [`config`]: settings (TLS mode, timeouts, limits); [`socket`]: the connection

@@ -212,8 +212,8 @@ struct Args {
     #[arg(long = "tls-allow-cn", value_name = "CN")]
     tls_allow_cn: Vec<String>,
 
-    /// Listen for control requests (`qcowx snapshot|fork|delete|revert|gc|list` on the
-    /// served image) at PATH instead of the place derived from the image file
+    /// Listen for control requests (`qcowx snapshot|fork|delete|revert|gc|list|diff|
+    /// tree|check` on the served image) at PATH instead of the place derived from the image file
     /// ($QCOWX_RUNTIME_DIR, /run/qcowx, $XDG_RUNTIME_DIR/qcowx or /tmp/qcowx-UID, file
     /// img-DEV-INO.sock). Without this option a read-only server has no control socket.
     #[arg(long = "control", value_name = "PATH", conflicts_with = "no_control")]

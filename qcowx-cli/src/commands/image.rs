@@ -8,11 +8,12 @@ use std::sync::Arc;
 use qcowx_core::convert::{self as conv, ConvertOptions, ImageFormat};
 use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOptions, RootKind};
 
-use super::{emit, lock_mode, require_kind, usage_error, Failure};
+use super::{emit, lock_mode, require_kind, run_request, unexpected, usage_error, Failure};
 use crate::{
     progress, report, size_arg, AmendArgs, CheckArgs, CompareArgs, ConvertArgs, CreateArgs,
     DiskFormat, ExportArgs, ExportFormat, ImportArgs, OutputKind, ReadArgs, ResizeArgs,
 };
+use qcowx_core::control::{Request, Response};
 
 pub(crate) fn create(a: &CreateArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
     let size = match a.size {
@@ -100,24 +101,37 @@ pub(crate) fn actual_size(path: &Path) -> Result<u64, qcowx_core::Error> {
 }
 
 pub(crate) fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let opts = OpenOptions::new().open_backing(false);
-    let opts = if a.repair {
-        opts.repair(true)
-    } else {
-        opts.lock(lock_mode(a.force_share))
-    };
-    let img = opts.open(&a.file)?;
     let spinner = progress::Spinner::start(
         progress::enabled(quiet, a.output == OutputKind::Json),
         "checking",
     );
+    if !a.repair {
+        // Without -U, a served image is checked by its server.
+        let opened = OpenOptions::new()
+            .open_backing(false)
+            .lock(lock_mode(a.force_share))
+            .open(&a.file);
+        let report = match run_request(&a.file, opened, &Request::Check)? {
+            Response::Check(r) => r,
+            other => return Err(unexpected(&Request::Check, &other)),
+        };
+        drop(spinner);
+        for m in &report.messages {
+            let _ = writeln!(io::stderr(), "{m}");
+        }
+        return print_check(a, quiet, out, &report, None);
+    }
+    let img = OpenOptions::new()
+        .open_backing(false)
+        .repair(true)
+        .open(&a.file)?;
     let first = img.check()?;
     for m in &first.messages {
         let _ = writeln!(io::stderr(), "{m}");
     }
     let needs_repair =
         first.corruptions > 0 || first.leaks > 0 || first.dirty || first.marked_corrupt;
-    let (last, fixed) = if a.repair && needs_repair {
+    let (last, fixed) = if needs_repair {
         let after = img.repair()?;
         for m in &after.messages {
             let _ = writeln!(io::stderr(), "{m}");
@@ -132,12 +146,23 @@ pub(crate) fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u
     };
     img.close()?;
     drop(spinner);
+    print_check(a, quiet, out, &last, fixed.as_ref())
+}
+
+/// Prints a check's report and returns `qemu-img check`'s exit code.
+fn print_check(
+    a: &CheckArgs,
+    quiet: bool,
+    out: &mut dyn Write,
+    last: &CheckReport,
+    fixed: Option<&report::Fixed>,
+) -> Result<u8, Failure> {
     let name = a.file.display().to_string();
-    let json = || report::check_json(&name, &last, fixed.as_ref());
+    let json = || report::check_json(&name, last, fixed);
     emit(out, a.output, quiet, json, |out| {
-        report::check_human(out, &last, fixed.as_ref())
+        report::check_human(out, last, fixed)
     })?;
-    Ok(check_exit_code(&last))
+    Ok(check_exit_code(last))
 }
 
 /// `qemu-img check`'s exit code: 1 when the check itself hit errors, else 0, 2 or 3.

@@ -1,6 +1,6 @@
 //! Commands on the snapshots and VDIs of an image: snapshot, list, fork, delete,
 //! revert, gc, diff, rename, tree and map. Those that change the image, and list,
-//! go to the qcowx-nbd serving it when it is locked.
+//! diff and tree, go to the qcowx-nbd serving it when it is locked (without -U).
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -123,11 +123,17 @@ pub(crate) fn gc(a: &GcArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Fai
 }
 
 pub(crate) fn diff(a: &DiffArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = OpenOptions::new()
+    let opened = OpenOptions::new()
         .lock(lock_mode(a.image.force_share))
-        .open(&a.image.file)?;
-    let ranges = img.diff(&a.from, &a.to)?;
-    img.close()?;
+        .open(&a.image.file);
+    let req = Request::Diff {
+        from: a.from.clone(),
+        to: a.to.clone(),
+    };
+    let ranges = match run_request(&a.image.file, opened, &req)? {
+        Response::Ranges(r) => r,
+        other => return Err(unexpected(&req, &other)),
+    };
     let name = a.image.file.display().to_string();
     let json = || report::diff_json(&name, &a.from, &a.to, &ranges);
     emit(out, a.image.output, quiet, json, |out| {
@@ -149,13 +155,14 @@ pub(crate) fn rename(a: &RenameArgs) -> Result<u8, Failure> {
 }
 
 pub(crate) fn tree(a: &TreeArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = OpenOptions::new()
+    let opened = OpenOptions::new()
         .lock(lock_mode(a.image.force_share))
         .open_backing(false)
-        .open(&a.image.file)?;
-    let roots = img.list()?;
-    let usage = img.root_usage()?;
-    img.close()?;
+        .open(&a.image.file);
+    let (roots, usage) = match run_request(&a.image.file, opened, &Request::Usage)? {
+        Response::Usage { roots, usage } => (roots, usage),
+        other => return Err(unexpected(&Request::Usage, &other)),
+    };
     let forest = forest::Forest::build(&roots, &usage);
     if let Some(svg) = &a.svg {
         write_svg(&forest, svg)?;

@@ -31,6 +31,8 @@ pub fn execute(img: &Image, req: &Request, host: &dyn Host) -> Result<Response> 
         Request::Gc => gc(img),
         Request::List => list(img),
         Request::Diff { from, to } => diff(img, from, to),
+        Request::Usage => usage(img),
+        Request::Check => Ok(Response::Check(img.check()?)),
     }
 }
 
@@ -69,6 +71,13 @@ fn list(img: &Image) -> Result<Response> {
 
 fn diff(img: &Image, from: &str, to: &str) -> Result<Response> {
     Ok(Response::Ranges(img.diff(from, to)?))
+}
+
+fn usage(img: &Image) -> Result<Response> {
+    Ok(Response::Usage {
+        roots: img.list()?,
+        usage: img.root_usage()?,
+    })
 }
 
 #[cfg(test)]

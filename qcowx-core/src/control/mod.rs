@@ -47,6 +47,8 @@
 //! | `{"op": "gc"}` | [`Image::gc`] |
 //! | `{"op": "list"}` | [`Image::list`] |
 //! | `{"op": "diff", "from": ROOT, "to": ROOT}` | [`Image::diff`] |
+//! | `{"op": "usage"}` | [`Image::list`] and [`Image::root_usage`] (`qcowx tree`) |
+//! | `{"op": "check"}` | [`Image::check`] on the served image (its own changes written out first) |
 //!
 //! Every request may carry `"image": PATH`: the server then refuses it (kind
 //! `wrong-image`) unless PATH names the file it serves — [`request`] always sends it.
@@ -54,11 +56,16 @@
 //! A success is `{"ok": true, ...}` with, by operation: `snapshot` and `fork`:
 //! `"root"` (the new root) and `"export"` (the NBD export name it is served under, or
 //! `null`); `list`: `"roots"`; `gc`: `"gc"`; `diff`: `"ranges"` and `"bytes"`;
+//! `usage`: `"roots"` and `"usage"` (one `{"name", "kind", "uid", "mapped-bytes",
+//! "exclusive-bytes"}` per root, in the same order); `check`: `"check"` (the fields
+//! of [`crate::CheckReport`], kebab-case: `"corruptions"`, `"leaks"`,
+//! `"check-errors"`, `"messages"`, ...);
 //! `delete` and `revert`: nothing more. Roots, gc reports and ranges have the keys of
 //! `qcowx list|gc|diff --output=json` (`spec/cli-json.md`): a root is `{"name",
 //! "kind": "vdi"|"snapshot", "uid": HEX, "vdi", "parent", "date-sec", "date-nsec",
 //! "virtual-size", "id"}`; a gc report `{"roots-removed", "clusters-freed",
-//! "bytes-freed", "file-size-before", "file-size-after"}`; a range `{"offset",
+//! "bytes-freed", "file-size-before", "file-size-after", "allocated-before",
+//! "allocated-after", "refcounts-exact"}`; a range `{"offset",
 //! "length"}`.
 //!
 //! A failure is `{"ok": false, "error": MESSAGE, "kind": KIND}`: MESSAGE is the
@@ -101,10 +108,13 @@
 //! [`Image::gc`]: crate::Image::gc
 //! [`Image::list`]: crate::Image::list
 //! [`Image::diff`]: crate::Image::diff
+//! [`Image::root_usage`]: crate::Image::root_usage
+//! [`Image::check`]: crate::Image::check
 
 mod client;
 mod exec;
 mod proto;
+mod reports;
 mod socket;
 
 pub use client::{request, request_at, ControlError};
@@ -113,6 +123,7 @@ pub use proto::{
     parse_request, DeleteTarget, ErrorReply, RangeJson, RangesJson, Request, Response, RootJson,
     RootKindJson,
 };
+pub use reports::{CheckJson, UsageJson};
 pub use socket::{
     default_socket_path, runtime_dirs, socket_candidates, socket_name, socket_path_for,
 };

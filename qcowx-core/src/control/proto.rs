@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::reports::{CheckJson, UsageJson};
+use crate::vdi::usage::RootUsage;
 use crate::vdi::DEFAULT_VDI;
-use crate::{GcReport, Range, RootInfo, RootKind};
+use crate::{CheckReport, GcReport, Range, RootInfo, RootKind};
 
 /// One control request: `{"op": OP, ...}` on the wire.
 ///
@@ -55,6 +57,11 @@ pub enum Request {
         /// The other.
         to: String,
     },
+    /// The live roots and the space each uses (what `qcowx tree` draws).
+    Usage,
+    /// Check the image's metadata and refcounts, as the server sees them (its own
+    /// changes written out first, so only damage is reported).
+    Check,
 }
 
 fn default_vdi() -> String {
@@ -119,7 +126,10 @@ impl Request {
 
     /// Whether the request changes the image.
     pub fn modifies(&self) -> bool {
-        !matches!(self, Request::List | Request::Diff { .. })
+        !matches!(
+            self,
+            Request::List | Request::Diff { .. } | Request::Usage | Request::Check
+        )
     }
 }
 
@@ -332,12 +342,30 @@ pub enum Response {
     Gc(GcReport),
     /// The ranges that differ (`diff`).
     Ranges(Vec<Range>),
+    /// The live roots and their space use (`usage`).
+    Usage {
+        /// The live roots, as `list` answers them.
+        roots: Vec<RootInfo>,
+        /// Their space use, in the same order.
+        usage: Vec<RootUsage>,
+    },
+    /// A check's report (`check`).
+    Check(CheckReport),
 }
 
 /// A success line's keys besides `"ok"`, by answer.
 #[derive(Serialize, Deserialize)]
 #[serde(untagged)]
 enum Success {
+    // Untagged: tried in order, and unknown keys are ignored, so an answer with more
+    // keys comes before one whose keys are a subset of its own.
+    Usage {
+        roots: Vec<RootJson>,
+        usage: Vec<UsageJson>,
+    },
+    Check {
+        check: CheckJson,
+    },
     Root {
         root: RootJson,
         export: Option<String>,
@@ -365,6 +393,13 @@ impl From<Response> for Success {
             },
             Response::Gc(gc) => Success::Gc { gc },
             Response::Ranges(r) => Success::Ranges(r.as_slice().into()),
+            Response::Usage { roots, usage } => Success::Usage {
+                roots: roots.iter().map(RootJson::from).collect(),
+                usage: usage.iter().map(UsageJson::from).collect(),
+            },
+            Response::Check(r) => Success::Check {
+                check: CheckJson::from(&r),
+            },
         }
     }
 }
@@ -387,6 +422,17 @@ impl TryFrom<Success> for Response {
             ),
             Success::Gc { gc } => Response::Gc(gc),
             Success::Ranges(r) => Response::Ranges(r.into()),
+            Success::Usage { roots, usage } => Response::Usage {
+                roots: roots
+                    .into_iter()
+                    .map(RootInfo::try_from)
+                    .collect::<Result<_, _>>()?,
+                usage: usage
+                    .into_iter()
+                    .map(RootUsage::try_from)
+                    .collect::<Result<_, _>>()?,
+            },
+            Success::Check { check } => Response::Check(check.into()),
         })
     }
 }
@@ -487,6 +533,8 @@ mod tests {
                 from: "s1".into(),
                 to: "default".into(),
             },
+            Request::Usage,
+            Request::Check,
         ]
     }
 
@@ -529,6 +577,8 @@ mod tests {
                 r#"{"op":"gc"}"#,
                 r#"{"op":"list"}"#,
                 r#"{"from":"s1","op":"diff","to":"default"}"#,
+                r#"{"op":"usage"}"#,
+                r#"{"op":"check"}"#,
             ]
         );
         let r = Request::Snapshot {
@@ -598,7 +648,7 @@ mod tests {
         };
         assert_eq!(none.to_json()["export"], Value::Null);
         assert_eq!(Response::from_json(&none.to_json()).unwrap(), none);
-        let list = Response::Roots(vec![root]);
+        let list = Response::Roots(vec![root.clone()]);
         assert_eq!(Response::from_json(&list.to_json()).unwrap(), list);
         let gc = Response::Gc(GcReport {
             roots_removed: 1,
@@ -606,11 +656,13 @@ mod tests {
             bytes_freed: 131072,
             file_size_before: 10,
             file_size_after: 5,
+            allocated_before: Some(8),
+            allocated_after: None,
             refcounts_exact: true,
         });
         assert_eq!(
             gc.to_json().to_string(),
-            r#"{"gc":{"bytes-freed":131072,"clusters-freed":2,"file-size-after":5,"file-size-before":10,"refcounts-exact":true,"roots-removed":1},"ok":true}"#
+            r#"{"gc":{"allocated-after":null,"allocated-before":8,"bytes-freed":131072,"clusters-freed":2,"file-size-after":5,"file-size-before":10,"refcounts-exact":true,"roots-removed":1},"ok":true}"#
         );
         assert_eq!(Response::from_json(&gc.to_json()).unwrap(), gc);
         let ranges = Response::Ranges(vec![Range {
@@ -622,6 +674,32 @@ mod tests {
             r#"{"bytes":65536,"ok":true,"ranges":[{"length":65536,"offset":65536}]}"#
         );
         assert_eq!(Response::from_json(&ranges.to_json()).unwrap(), ranges);
+        let usage = Response::Usage {
+            roots: vec![root.clone()],
+            usage: vec![RootUsage {
+                name: "s1".into(),
+                kind: RootKind::Snapshot,
+                uid: root.uid,
+                mapped_bytes: 131072,
+                exclusive_bytes: 65536,
+            }],
+        };
+        let v = usage.to_json();
+        assert_eq!(
+            v["usage"].to_string(),
+            r#"[{"exclusive-bytes":65536,"kind":"snapshot","mapped-bytes":131072,"name":"s1","uid":"939d26cfd54e091b"}]"#
+        );
+        assert_eq!(Response::from_json(&v).unwrap(), usage);
+        let check = Response::Check(CheckReport {
+            leaks: 1,
+            messages: vec!["leaked cluster 5".into()],
+            dirty: true,
+            ..CheckReport::default()
+        });
+        let v = check.to_json();
+        assert_eq!(v["check"]["leaks"], 1);
+        assert_eq!(v["check"]["check-errors"], 0);
+        assert_eq!(Response::from_json(&v).unwrap(), check);
         assert_eq!(Response::Done.to_json().to_string(), r#"{"ok":true}"#);
         assert_eq!(
             Response::from_json(&json!({"ok": true})).unwrap(),

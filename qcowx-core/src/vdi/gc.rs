@@ -41,14 +41,27 @@ use crate::refcount::{self, ScanInput, Source};
 pub struct GcReport {
     /// Roots removed from the snapshot table (deleted ones, superseded VDI heads).
     pub roots_removed: u64,
-    /// Clusters that lost their last reference.
+    /// Clusters that only the removed roots referenced (data, L2 and L1 tables): the
+    /// space their removal gave back. The same count whether the image stayed open
+    /// since the roots were deleted or was reopened. Other clusters gc gives back
+    /// (the old snapshot table and refcount structures, leaked clusters) are not
+    /// counted here; they show in the allocated bytes.
     pub clusters_freed: u64,
     /// Bytes those clusters held.
     pub bytes_freed: u64,
     /// Image file length before.
     pub file_size_before: u64,
-    /// Image file length after (the free tail is truncated).
+    /// Image file length after. Freed clusters inside the file are hole-punched, not
+    /// moved, so the length shrinks only when the tail is free; it can grow a little
+    /// when the compacted snapshot table (or rewritten refcount structures) find no
+    /// room below the end — what the file occupies is then still smaller: see
+    /// `allocated_before` and `allocated_after`.
     pub file_size_after: u64,
+    /// Bytes the file occupied on its file system before (`st_blocks` × 512); `None`
+    /// for storage that is not a file.
+    pub allocated_before: Option<u64>,
+    /// Bytes it occupies after, once the freed clusters are hole-punched.
+    pub allocated_after: Option<u64>,
     /// Exact refcounts were written and the dirty bit cleared. False when links
     /// changed while gc counted (the image was being written): the refcounts are then
     /// rewritten at the next clean close.
@@ -85,6 +98,7 @@ impl Image {
             .storage
             .len()
             .map_err(|e| self.io_err("stat", 0u64, e))?;
+        let allocated_before = self.allocated_bytes();
         let start = self.gc_start().inspect_err(|_| {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             st.deltas.lose_exactness();
@@ -111,8 +125,18 @@ impl Image {
             bytes_freed: clusters_freed * self.geo.cluster_size(),
             file_size_before,
             file_size_after,
+            allocated_before,
+            allocated_after: self.allocated_bytes(),
             refcounts_exact,
         })
+    }
+
+    /// Bytes the image file occupies on its file system: `None` when the storage is
+    /// not a file or its path no longer names it (a report is not worth an error).
+    fn allocated_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(self.storage.path()?).ok()?;
+        Some(m.blocks() * 512)
     }
 
     /// Step 1, locked: flush, dirty bit, compact the table, hold ready clusters back.
