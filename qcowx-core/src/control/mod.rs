@@ -123,7 +123,7 @@ pub use proto::{
     parse_request, DeleteTarget, ErrorReply, RangeJson, RangesJson, Request, Response, RootJson,
     RootKindJson,
 };
-pub use reports::{CheckJson, UsageJson};
+pub use reports::UsageJson;
 pub use socket::{
     default_socket_path, runtime_dirs, socket_candidates, socket_name, socket_path_for,
 };

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::reports::{CheckJson, UsageJson};
+use super::reports::UsageJson;
 use crate::vdi::usage::RootUsage;
 use crate::vdi::DEFAULT_VDI;
 use crate::{CheckReport, GcReport, Range, RootInfo, RootKind};
@@ -364,7 +364,7 @@ enum Success {
         usage: Vec<UsageJson>,
     },
     Check {
-        check: CheckJson,
+        check: CheckReport,
     },
     Root {
         root: RootJson,
@@ -397,9 +397,7 @@ impl From<Response> for Success {
                 roots: roots.iter().map(RootJson::from).collect(),
                 usage: usage.iter().map(UsageJson::from).collect(),
             },
-            Response::Check(r) => Success::Check {
-                check: CheckJson::from(&r),
-            },
+            Response::Check(r) => Success::Check { check: r },
         }
     }
 }
@@ -432,7 +430,7 @@ impl TryFrom<Success> for Response {
                     .map(RootUsage::try_from)
                     .collect::<Result<_, _>>()?,
             },
-            Success::Check { check } => Response::Check(check.into()),
+            Success::Check { check } => Response::Check(check),
         })
     }
 }

@@ -1,11 +1,11 @@
 //! The JSON of the read-only reports a server gives about its image: space use by
-//! root (`usage`, what `qcowx tree` draws) and a check (`check`).
+//! root (`usage`, what `qcowx tree` draws). A check's answer is
+//! [`crate::CheckReport`] itself.
 
 use serde::{Deserialize, Serialize};
 
 use super::proto::RootKindJson;
 use crate::vdi::usage::RootUsage;
-use crate::CheckReport;
 
 /// One root's space use as JSON: an element of `usage` in the answer to `usage`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,78 +48,5 @@ impl TryFrom<UsageJson> for RootUsage {
             mapped_bytes: u.mapped_bytes,
             exclusive_bytes: u.exclusive_bytes,
         })
-    }
-}
-
-/// A check report as JSON: the answer to `check`, key for key the fields of
-/// [`CheckReport`] in kebab-case.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct CheckJson {
-    /// [`CheckReport::corruptions`].
-    pub corruptions: u64,
-    /// [`CheckReport::leaks`].
-    pub leaks: u64,
-    /// [`CheckReport::check_errors`].
-    pub check_errors: u64,
-    /// [`CheckReport::messages`].
-    pub messages: Vec<String>,
-    /// [`CheckReport::allocated_clusters`].
-    pub allocated_clusters: u64,
-    /// [`CheckReport::total_clusters`].
-    pub total_clusters: u64,
-    /// [`CheckReport::fragmented_clusters`].
-    pub fragmented_clusters: u64,
-    /// [`CheckReport::compressed_clusters`].
-    pub compressed_clusters: u64,
-    /// [`CheckReport::image_end_offset`].
-    pub image_end_offset: u64,
-    /// [`CheckReport::dirty`].
-    pub dirty: bool,
-    /// [`CheckReport::stale_corruptions`].
-    pub stale_corruptions: u64,
-    /// [`CheckReport::repaired`].
-    pub repaired: bool,
-    /// [`CheckReport::marked_corrupt`].
-    pub marked_corrupt: bool,
-}
-
-impl From<&CheckReport> for CheckJson {
-    fn from(r: &CheckReport) -> Self {
-        CheckJson {
-            corruptions: r.corruptions,
-            leaks: r.leaks,
-            check_errors: r.check_errors,
-            messages: r.messages.clone(),
-            allocated_clusters: r.allocated_clusters,
-            total_clusters: r.total_clusters,
-            fragmented_clusters: r.fragmented_clusters,
-            compressed_clusters: r.compressed_clusters,
-            image_end_offset: r.image_end_offset,
-            dirty: r.dirty,
-            stale_corruptions: r.stale_corruptions,
-            repaired: r.repaired,
-            marked_corrupt: r.marked_corrupt,
-        }
-    }
-}
-
-impl From<CheckJson> for CheckReport {
-    fn from(r: CheckJson) -> Self {
-        CheckReport {
-            corruptions: r.corruptions,
-            leaks: r.leaks,
-            check_errors: r.check_errors,
-            messages: r.messages,
-            allocated_clusters: r.allocated_clusters,
-            total_clusters: r.total_clusters,
-            fragmented_clusters: r.fragmented_clusters,
-            compressed_clusters: r.compressed_clusters,
-            image_end_offset: r.image_end_offset,
-            dirty: r.dirty,
-            stale_corruptions: r.stale_corruptions,
-            repaired: r.repaired,
-            marked_corrupt: r.marked_corrupt,
-        }
     }
 }

@@ -27,8 +27,14 @@ use crate::format::header::Incompatible;
 /// The most problems a report lists individually (the counts are always complete).
 pub const MAX_MESSAGES: usize = 1000;
 
-/// The outcome of a check, with `qemu-img check`'s counters.
+/// The outcome of a check, with `qemu-img check`'s counters. With feature `control`
+/// it is its own JSON (kebab-case keys), the answer to the control protocol's `check`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "control",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "kebab-case")
+)]
 pub struct CheckReport {
     /// Structural errors and refcounts lower than the references (data at risk).
     pub corruptions: u64,
