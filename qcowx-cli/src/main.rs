@@ -223,6 +223,15 @@ struct CreateArgs {
         value_parser = ["raw", "qcow2"]
     )]
     backing_format: Option<String>,
+    /// 128-bit L2 entries with subcluster bitmaps (`-o extended_l2=on`): a first
+    /// write smaller than a cluster allocates only the 1/32-cluster subclusters it
+    /// touches, the rest reading from the backing file.
+    #[arg(long = "extended-l2")]
+    extended_l2: bool,
+    /// qemu-img's creation options, comma-separated key=value: cluster_size,
+    /// extended_l2, refcount_bits, compression_type, backing_file, backing_fmt.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
     /// Replace FILE if it exists, whatever it holds (as `qemu-img create` does).
     /// Without it an existing FILE is refused and left untouched.
     #[arg(long = "overwrite")]
@@ -232,7 +241,11 @@ struct CreateArgs {
     file: PathBuf,
     /// Virtual size: bytes, or with a K, M, G, T, P or E suffix (powers of 1024).
     /// Defaults to the backing file's size.
-    #[arg(value_name = "SIZE", value_parser = size_arg, required_unless_present = "backing")]
+    #[arg(
+        value_name = "SIZE",
+        value_parser = size_arg,
+        required_unless_present_any = ["backing", "options"]
+    )]
     size: Option<u64>,
 }
 

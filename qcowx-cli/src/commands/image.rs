@@ -16,20 +16,30 @@ use crate::{
 use qcowx_core::control::{Request, Response};
 
 pub(crate) fn create(a: &CreateArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let size = match a.size {
-        Some(s) => s,
-        None => backing_size(&a.file, a.backing.as_deref(), a.backing_format.as_deref())?,
-    };
-    let mut opts = CreateOptions::new(size).if_exists(if a.overwrite {
+    let mut opts = CreateOptions::new(0).if_exists(if a.overwrite {
         IfExists::Replace
     } else {
         IfExists::Fail
     });
+    for o in &a.options {
+        opts.apply_qemu_options(o)?;
+    }
     if let Some(cs) = a.cluster_size {
         opts.cluster_size = cs;
     }
-    opts.backing_file = a.backing.clone();
-    opts.backing_format = a.backing_format.clone();
+    if a.backing.is_some() {
+        opts.backing_file = a.backing.clone();
+        opts.backing_format = a.backing_format.clone();
+    }
+    opts.extended_l2 |= a.extended_l2;
+    opts.size = match a.size {
+        Some(s) => s,
+        None => backing_size(
+            &a.file,
+            opts.backing_file.as_deref(),
+            opts.backing_format.as_deref(),
+        )?,
+    };
     let img = Image::create(&a.file, &opts)?;
     let info = img.info()?;
     img.close()?;

@@ -70,6 +70,51 @@ impl CreateOptions {
         }
     }
 
+    /// Applies `qemu-img create -o` options: a comma-separated list of `key=value`
+    /// with QEMU's names `cluster_size`, `extended_l2` (`on`/`off`), `refcount_bits`,
+    /// `compression_type` (`zlib`/`zstd`), `backing_file` and `backing_fmt`. An
+    /// unknown key or a bad value is refused, naming it.
+    pub fn apply_qemu_options(&mut self, options: &str) -> Result<()> {
+        let bad = |what: String| Error::InvalidArgument(format!("-o {options}: {what}"));
+        for item in options.split(',').filter(|s| !s.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| bad(format!("'{item}' is not key=value")))?;
+            let on_off = |v: &str| match v {
+                "on" | "true" | "yes" => Ok(true),
+                "off" | "false" | "no" => Ok(false),
+                _ => Err(bad(format!("{key} must be on or off, not '{v}'"))),
+            };
+            match key {
+                "cluster_size" => {
+                    self.cluster_size =
+                        crate::size::parse_size(value).map_err(|e| bad(e.to_string()))?
+                }
+                "extended_l2" => self.extended_l2 = on_off(value)?,
+                "refcount_bits" => {
+                    self.refcount_bits = value
+                        .parse()
+                        .map_err(|_| bad(format!("refcount_bits '{value}' is not a number")))?
+                }
+                "compression_type" => {
+                    self.compression = match value {
+                        "zlib" => CompressionType::Deflate,
+                        "zstd" => CompressionType::Zstd,
+                        _ => {
+                            return Err(bad(format!(
+                                "compression_type '{value}' is not zlib or zstd"
+                            )))
+                        }
+                    }
+                }
+                "backing_file" => self.backing_file = Some(value.to_string()),
+                "backing_fmt" => self.backing_format = Some(value.to_string()),
+                _ => return Err(bad(format!("unknown option '{key}'"))),
+            }
+        }
+        Ok(())
+    }
+
     /// The same options with `if_exists`.
     pub fn if_exists(mut self, if_exists: IfExists) -> CreateOptions {
         self.if_exists = if_exists;

@@ -130,17 +130,19 @@ impl Image {
         Ok(())
     }
 
-    /// Reads the whole current content of the guest cluster at `cg` (cluster-aligned).
-    pub(super) fn read_cluster(
+    /// Reads `buf.len()` bytes at `at` inside the guest cluster at `cg`
+    /// (cluster-aligned), whose entry says `kind`.
+    pub(super) fn read_cluster_range(
         &self,
         kind: ClusterKind,
         cg: GuestOffset,
+        at: u64,
         buf: &mut [u8],
     ) -> Result<()> {
-        let cg = cg.get();
+        let base = cg.get() + at;
         let mut pieces = Vec::new();
-        let mut g = cg;
-        for_each_piece(&self.geo, kind, 0, self.geo.cluster_size(), |plen, src| {
+        let mut g = base;
+        for_each_piece(&self.geo, kind, at, buf.len() as u64, |plen, src| {
             pieces.push(Piece {
                 guest: g,
                 len: plen,
@@ -148,7 +150,7 @@ impl Image {
             });
             g += plen;
         });
-        self.read_pieces(&pieces, cg, buf)
+        self.read_pieces(&pieces, base, buf)
     }
 
     /// Reads `buf.len()` bytes of the disk at `offset`.

@@ -2,7 +2,7 @@
 
 use crate::error::Result;
 use crate::format::addr::{GuestOffset, HostOffset};
-use crate::format::tables::{ClusterKind, Geometry, L2Entry};
+use crate::format::tables::{ClusterKind, Geometry, L2Entry, ALL_SUBCLUSTERS, SUBCLUSTERS};
 use crate::storage::Storage;
 
 use super::Writing;
@@ -198,8 +198,13 @@ impl Image {
     }
 
     /// Writes `data`, less than a whole cluster, at `in_off` of the guest cluster `cg`
-    /// through the slow path: the cluster's old content around it goes with it.
-    /// (Whole clusters go through `write_whole_clusters`.)
+    /// through the slow path. (Whole clusters go through `write_whole_clusters`.)
+    ///
+    /// On an extended-L2 image only subclusters are written: those the write touches
+    /// (their bytes around `data` from the cluster's current content) and, when the
+    /// cluster moves to a new host cluster, those the old one held; every other
+    /// subcluster keeps reading from the backing file or as zeros, as QCOW2's
+    /// subcluster bitmaps allow. On a standard image the whole cluster is written.
     pub(super) fn write_partial_cluster(
         &self,
         st: &mut State,
@@ -208,7 +213,8 @@ impl Image {
         in_off: u64,
         data: &[u8],
     ) -> Result<()> {
-        let cs = self.geo.cluster_size();
+        let geo = self.geo;
+        let cs = geo.cluster_size();
         let SlowTarget {
             l2_off,
             l2i,
@@ -217,38 +223,70 @@ impl Image {
             in_place,
         } = self.slow_target(st, root, cg)?;
         self.guard_write(st, Writing::Data, host, cs)?;
-        let mut content = vec![0u8; cs as usize];
-        self.read_cluster(kind, cg, &mut content)?;
-        let (start, end) = (in_off as usize, in_off as usize + data.len());
-        content[start..end].copy_from_slice(data);
-        // Subclusters already allocated in this cluster may have in-place writes in
-        // flight (looked up before this call): rewrite only the written range and
-        // the subclusters being allocated, never other bytes of allocated ones.
-        let alloc = match (in_place, kind) {
-            (true, ClusterKind::Subclusters { alloc, .. }) => alloc,
-            _ => 0,
+        let (old_alloc, old_zero) = match kind {
+            ClusterKind::Data { .. } | ClusterKind::Compressed { .. } => (ALL_SUBCLUSTERS, 0),
+            ClusterKind::Subclusters { alloc, zero, .. } => (alloc, zero),
+            ClusterKind::Zero { .. } => (0, ALL_SUBCLUSTERS),
+            ClusterKind::Unallocated => (0, 0),
         };
-        let sub = self.geo.subcluster_size() as usize;
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        for i in 0..crate::format::tables::SUBCLUSTERS as usize {
-            let (lo, hi) = if alloc & (1 << i) == 0 {
-                (i * sub, (i + 1) * sub)
-            } else {
-                ((i * sub).max(start), ((i + 1) * sub).min(end))
-            };
-            match runs.last_mut() {
-                _ if lo >= hi => {}
-                Some(r) if r.1 == lo => r.1 = hi,
-                _ => runs.push((lo, hi)),
+        let len = data.len() as u64;
+        let touched = geo.subclusters_touched(in_off, len);
+        // Subclusters already in `host` (in-place writes may be in flight there: only
+        // the written bytes of them are rewritten), and the allocated set afterwards.
+        let present = if in_place { old_alloc } else { 0 };
+        let alloc = if geo.extended {
+            old_alloc | touched
+        } else {
+            ALL_SUBCLUSTERS
+        };
+        let sub = geo.subcluster_size();
+        let (start, end) = (in_off, in_off + len);
+        let mut i = 0u64;
+        while i < u64::from(SUBCLUSTERS) {
+            let bit = 1u32 << i;
+            if alloc & bit == 0 || (present & bit != 0 && touched & bit == 0) {
+                i += 1;
+                continue;
             }
-        }
-        for (lo, hi) in runs {
-            let at = host + lo as u64;
+            // A run of subclusters written the same way: whole (new to `host`), or
+            // only the written bytes (already in `host`).
+            let whole = present & bit == 0;
+            let mut j = i + 1;
+            while j < u64::from(SUBCLUSTERS) {
+                let b = 1u32 << j;
+                let next_whole = present & b == 0;
+                if alloc & b == 0 || next_whole != whole || (!whole && touched & b == 0) {
+                    break;
+                }
+                j += 1;
+            }
+            let (lo, hi) = if whole {
+                (i * sub, j * sub)
+            } else {
+                ((i * sub).max(start), (j * sub).min(end))
+            };
+            let mut buf = vec![0u8; (hi - lo) as usize];
+            if lo < start || hi > end {
+                // Bytes of the run outside the write: the cluster's current content.
+                self.read_cluster_range(kind, cg, lo, &mut buf)?;
+            }
+            let (from, to) = (start.max(lo), end.min(hi));
+            if from < to {
+                buf[(from - lo) as usize..(to - lo) as usize]
+                    .copy_from_slice(&data[(from - start) as usize..(to - start) as usize]);
+            }
+            let at = host + lo;
             self.storage
-                .write_at(&content[lo..hi], at.get())
+                .write_at(&buf, at.get())
                 .map_err(|e| self.io_err("write data", at, e))?;
+            i = j;
         }
         self.note_release(st, root, cg, kind, Some(host));
-        self.set_l2_entry(st, l2_off, l2i, L2Entry::data(host, &self.geo))
+        let entry = if geo.extended && alloc != ALL_SUBCLUSTERS {
+            L2Entry::subclusters(host, alloc, old_zero & !alloc)
+        } else {
+            L2Entry::data(host, &geo)
+        };
+        self.set_l2_entry(st, l2_off, l2i, entry)
     }
 }

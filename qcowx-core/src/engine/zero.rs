@@ -2,21 +2,16 @@
 
 use crate::error::Result;
 use crate::format::addr::GuestOffset;
-use crate::format::tables::{ClusterKind, L2Entry};
+use crate::format::tables::{
+    for_each_piece, subcluster_runs, ClusterKind, L2Entry, Source, ALL_SUBCLUSTERS,
+};
+use crate::storage::Storage;
 
 use super::image::*;
 
 pub(crate) enum ZeroMode {
     Zero { unmap: bool },
     Discard,
-}
-
-pub(super) fn reads_zero(kind: ClusterKind, has_backing: bool) -> bool {
-    match kind {
-        ClusterKind::Zero { .. } => true,
-        ClusterKind::Unallocated => !has_backing,
-        _ => false,
-    }
 }
 
 impl Image {
@@ -71,16 +66,108 @@ impl Image {
                 }
                 (ZeroMode::Discard, false) => {}
                 (ZeroMode::Zero { .. }, false) => {
-                    let (kind, _) = self.lookup(&mut st, root, GuestOffset::new(pos))?;
-                    if !reads_zero(kind, self.backing.is_some()) {
+                    let cg = GuestOffset::new(pos - in_off);
+                    let covered = if self.geo.extended {
+                        self.geo.subclusters_covered(in_off, n)
+                    } else {
+                        0
+                    };
+                    if covered != 0 && self.zero_subclusters(&mut st, root, cg, covered)? {
+                        // The whole subclusters read as zeros now; the bytes around them
+                        // are written.
+                        let sub = self.geo.subcluster_size();
+                        let lo = u64::from(covered.trailing_zeros()) * sub;
+                        let hi = u64::from(32 - covered.leading_zeros()) * sub;
                         drop(st);
-                        self.write_root(root, &vec![0u8; n as usize], pos)?;
+                        self.zero_by_writing(root, pos, lo - in_off)?;
+                        self.zero_by_writing(root, cg.get() + hi, in_off + n - hi)?;
+                    } else {
+                        drop(st);
+                        self.zero_by_writing(root, pos, n)?;
                     }
                 }
             }
             pos += n;
         }
         Ok(())
+    }
+
+    /// Makes `[at, at + len)` (inside one cluster) read as zeros by writing zeros,
+    /// unless it reads as zeros already.
+    fn zero_by_writing(&self, root: RootId, at: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut st = self.lock_state()?;
+        let g = GuestOffset::new(at);
+        let (kind, _) = self.lookup(&mut st, root, g)?;
+        let has_backing = self.backing.is_some();
+        let mut zero = true;
+        for_each_piece(&self.geo, kind, g.in_cluster(&self.geo), len, |_, src| {
+            zero &= matches!(src, Source::Zero) || (src == Source::Backing && !has_backing);
+        });
+        if zero {
+            return Ok(());
+        }
+        drop(st);
+        self.write_root(root, &vec![0u8; len as usize], at)
+    }
+
+    /// Makes the subclusters `covered` of the guest cluster at `cg` (an extended-L2
+    /// image) read as zeros by setting their zero bits, as QCOW2 allows; false when
+    /// that cannot be done without copying the cluster (it is shared and holds other
+    /// allocated subclusters, or compressed): the caller writes zeros instead.
+    fn zero_subclusters(
+        &self,
+        st: &mut State,
+        root: RootId,
+        cg: GuestOffset,
+        covered: u32,
+    ) -> Result<bool> {
+        let (kind, _) = self.lookup(st, root, cg)?;
+        let (host, alloc, zero) = match kind {
+            ClusterKind::Unallocated => (None, 0, 0),
+            ClusterKind::Zero { host } => (host, 0, ALL_SUBCLUSTERS),
+            ClusterKind::Subclusters { host, alloc, zero } => (host, alloc, zero),
+            ClusterKind::Data { host } => (Some(host), ALL_SUBCLUSTERS, 0),
+            ClusterKind::Compressed { .. } => return Ok(false),
+        };
+        if alloc & covered == 0 && (zero & covered == covered || self.backing.is_none()) {
+            return Ok(true); // every one of them reads as zeros already
+        }
+        self.mark_stale(st)?;
+        let (l1i, l2i) = self.geo.split(cg);
+        let l2_off = self.writable_l2(st, root, l1i)?;
+        let entry = self.l2_entry(st, l2_off, l2i)?;
+        let new = match host {
+            Some(h) if entry.writable() => {
+                L2Entry::subclusters(h, alloc & !covered, zero | covered)
+            }
+            // No host cluster, or a shared one nothing else of is allocated here: the
+            // link goes, the zero bits stay.
+            _ if alloc & !covered == 0 => L2Entry::zero_subclusters(zero | covered),
+            // A shared cluster holding other subclusters: those are copied to a new
+            // cluster of this root's own (copy-on-write of what the cluster holds).
+            _ => {
+                let keep = alloc & !covered;
+                let new_host = st.alloc.cluster();
+                self.guard_write(st, super::Writing::Data, new_host, self.geo.cluster_size())?;
+                let sub = self.geo.subcluster_size();
+                for (first, end) in subcluster_runs(keep) {
+                    let (lo, hi) = (u64::from(first) * sub, u64::from(end) * sub);
+                    let mut buf = vec![0u8; (hi - lo) as usize];
+                    self.read_cluster_range(kind, cg, lo, &mut buf)?;
+                    let at = new_host + lo;
+                    self.storage
+                        .write_at(&buf, at.get())
+                        .map_err(|e| self.io_err("write data", at, e))?;
+                }
+                L2Entry::subclusters(new_host, keep, zero | covered)
+            }
+        };
+        self.note_release(st, root, cg, kind, new.host());
+        self.set_l2_entry(st, l2_off, l2i, new)?;
+        Ok(true)
     }
 
     /// Makes one whole guest cluster read as zeros (or discards it).

@@ -26,6 +26,24 @@ pub const ZERO: u64 = 1;
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Number of subclusters per cluster with extended L2 entries.
 pub const SUBCLUSTERS: u32 = 32;
+/// A subcluster bitmap naming every subcluster.
+pub const ALL_SUBCLUSTERS: u32 = u32::MAX;
+
+/// The runs of consecutive subclusters in `mask`, as `(first, end)` subcluster
+/// indexes, in order.
+pub fn subcluster_runs(mask: u32) -> impl Iterator<Item = (u32, u32)> {
+    let mut rest = mask;
+    std::iter::from_fn(move || {
+        if rest == 0 {
+            return None;
+        }
+        let first = rest.trailing_zeros();
+        let len = (rest >> first).trailing_ones();
+        let end = first + len;
+        rest &= if end >= 32 { 0 } else { u32::MAX << end };
+        Some((first, end))
+    })
+}
 
 /// Address geometry derived from the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +94,30 @@ impl Geometry {
     /// Subcluster size in bytes (only meaningful when extended).
     pub fn subcluster_size(&self) -> u64 {
         self.cluster_size() / u64::from(SUBCLUSTERS)
+    }
+    /// The subclusters `[in_off, in_off + len)` of a cluster touches, as a bitmap
+    /// (`len` > 0).
+    pub fn subclusters_touched(&self, in_off: u64, len: u64) -> u32 {
+        let sub = self.subcluster_size();
+        let (first, last) = (in_off / sub, (in_off + len - 1) / sub);
+        let upto = |n: u64| {
+            if n >= 31 {
+                ALL_SUBCLUSTERS
+            } else {
+                (2u32 << n) - 1
+            }
+        };
+        upto(last) & !((1u32 << first) - 1)
+    }
+    /// The subclusters `[in_off, in_off + len)` of a cluster covers whole.
+    pub fn subclusters_covered(&self, in_off: u64, len: u64) -> u32 {
+        let sub = self.subcluster_size();
+        let first = in_off.div_ceil(sub);
+        let end = (in_off + len) / sub;
+        if first >= end {
+            return 0;
+        }
+        self.subclusters_touched(first * sub, (end - first) * sub)
     }
     /// The bit position where a compressed descriptor's sector count starts.
     pub fn csize_shift(&self) -> u32 {
@@ -333,6 +375,26 @@ impl L2Entry {
             bitmap: 0,
         }
     }
+    /// A writable extended entry for host cluster `host` whose subclusters in `alloc`
+    /// hold data there and those in `zero` read as zeros (the rest read from the
+    /// backing file). The two sets must not meet; every subcluster allocated is
+    /// [`L2Entry::data`].
+    pub fn subclusters(host: HostOffset, alloc: u32, zero: u32) -> L2Entry {
+        L2Entry {
+            word: host.get() | WRITABLE,
+            bitmap: u64::from(alloc) | (u64::from(zero & !alloc) << 32),
+        }
+    }
+
+    /// An extended entry with no host cluster whose subclusters in `zero` read as
+    /// zeros and the rest from the backing file.
+    pub fn zero_subclusters(zero: u32) -> L2Entry {
+        L2Entry {
+            word: 0,
+            bitmap: u64::from(zero) << 32,
+        }
+    }
+
     /// An entry that reads as zeros, with no host cluster.
     pub fn zero(geo: &Geometry) -> L2Entry {
         if geo.extended {
@@ -612,6 +674,27 @@ mod tests {
         let tables: Vec<(usize, u64)> =
             l2_tables(&l1, &geo).map(|(i, _, t)| (i, t.get())).collect();
         assert_eq!(tables, vec![(1, 0x3_0000), (4, 0x6_0000)]);
+    }
+
+    #[test]
+    fn subcluster_masks_and_runs() {
+        let geo = Geometry {
+            cluster_bits: 16,
+            extended: true,
+        };
+        // 2 KiB subclusters.
+        assert_eq!(geo.subclusters_touched(4096, 4096), 0b1100);
+        assert_eq!(geo.subclusters_touched(2047, 2), 0b11);
+        assert_eq!(geo.subclusters_touched(0, 65536), ALL_SUBCLUSTERS);
+        assert_eq!(geo.subclusters_covered(4095, 4098), 0b1100);
+        assert_eq!(geo.subclusters_covered(1, 2046), 0);
+        assert_eq!(geo.subclusters_covered(62 * 1024, 2048), 1 << 31);
+        let runs: Vec<(u32, u32)> = subcluster_runs(0b1110_0110 | 1 << 31).collect();
+        assert_eq!(runs, vec![(1, 3), (5, 8), (31, 32)]);
+        assert_eq!(
+            subcluster_runs(ALL_SUBCLUSTERS).collect::<Vec<_>>(),
+            vec![(0, 32)]
+        );
     }
 
     #[test]
