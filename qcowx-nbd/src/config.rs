@@ -7,6 +7,11 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// Small requests run on the reader thread while their smoothed service time stays
+/// below this (page-cache hits); above it they go to the workers. The default of
+/// [`Settings::inline_limit`].
+pub const INLINE_LIMIT: Duration = Duration::from_micros(50);
+
 /// The largest request payload (and the advertised maximum block size): 32 MiB, the
 /// size every NBD client supports.
 ///
@@ -133,7 +138,7 @@ pub struct Settings {
     pub max_in_flight_bytes: usize,
     /// Small reads and writes run on the connection's reading thread while their
     /// smoothed service time stays below this
-    /// ([`crate::transmission::INLINE_LIMIT`]); slower ones go to the workers.
+    /// ([`INLINE_LIMIT`]); slower ones go to the workers.
     pub inline_limit: Duration,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
@@ -171,7 +176,7 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: DRAIN_TIMEOUT,
             control_idle_timeout: crate::control::IDLE_TIMEOUT,
-            inline_limit: crate::transmission::INLINE_LIMIT,
+            inline_limit: INLINE_LIMIT,
             checkpoint_interval: CHECKPOINT_INTERVAL,
             verbose: false,
             tls: None,

@@ -114,16 +114,14 @@
 mod client;
 mod exec;
 mod proto;
-mod reports;
 mod socket;
 
 pub use client::{request, request_at, ControlError};
 pub use exec::{execute, Host, Local};
 pub use proto::{
     parse_request, DeleteTarget, ErrorReply, RangeJson, RangesJson, Request, Response, RootJson,
-    RootKindJson,
+    RootKindJson, UsageJson,
 };
-pub use reports::UsageJson;
 pub use socket::{
     default_socket_path, runtime_dirs, socket_candidates, socket_name, socket_path_for,
 };

@@ -1,6 +1,7 @@
 //! Typed addresses: where in the guest's disk, and where in the image file. A guest
 //! offset cannot be passed where a host offset is meant, nor a cluster number where a
-//! byte offset is; conversions between them go through the image's [`Geometry`].
+//! byte offset is; conversions between them go through the image's geometry (the
+//! methods that take one live beside it, in [`super::tables`]).
 //!
 //! Byte offsets in the public I/O API (`read_at`, `write_at`) stay `u64`, as in
 //! `std::os::unix::fs::FileExt`; the engine turns them into [`GuestOffset`] at its
@@ -26,8 +27,6 @@
 
 use std::fmt;
 use std::ops::Add;
-
-use super::tables::Geometry;
 
 macro_rules! address {
     ($(#[$doc:meta])* $name:ident) => {
@@ -90,6 +89,13 @@ impl Add<u64> for HostOffset {
     }
 }
 
+impl HostOffset {
+    /// The offset `bytes` further on, if it exists.
+    pub fn checked_add(self, bytes: u64) -> Option<HostOffset> {
+        self.0.checked_add(bytes).map(HostOffset)
+    }
+}
+
 impl Add<u64> for GuestOffset {
     type Output = GuestOffset;
     fn add(self, bytes: u64) -> GuestOffset {
@@ -97,53 +103,10 @@ impl Add<u64> for GuestOffset {
     }
 }
 
-impl HostOffset {
-    /// The offset `bytes` further on, if it exists.
-    pub fn checked_add(self, bytes: u64) -> Option<HostOffset> {
-        self.0.checked_add(bytes).map(HostOffset)
-    }
-    /// The host cluster holding this byte.
-    pub fn cluster(self, geo: &Geometry) -> HostCluster {
-        HostCluster(self.0 >> geo.cluster_bits)
-    }
-    /// Whether the offset starts a cluster.
-    pub fn is_cluster_aligned(self, geo: &Geometry) -> bool {
-        self.0 & (geo.cluster_size() - 1) == 0
-    }
-}
-
-impl HostCluster {
-    /// The offset of the cluster's first byte.
-    pub fn offset(self, geo: &Geometry) -> HostOffset {
-        HostOffset(self.0 << geo.cluster_bits)
-    }
-}
-
-impl GuestOffset {
-    /// The guest cluster holding this byte.
-    pub fn cluster(self, geo: &Geometry) -> GuestCluster {
-        GuestCluster(self.0 >> geo.cluster_bits)
-    }
-    /// The byte's offset inside its cluster.
-    pub fn in_cluster(self, geo: &Geometry) -> u64 {
-        self.0 & (geo.cluster_size() - 1)
-    }
-    /// The first byte of the cluster holding this byte.
-    pub fn cluster_start(self, geo: &Geometry) -> GuestOffset {
-        GuestOffset(self.0 & !(geo.cluster_size() - 1))
-    }
-}
-
-impl GuestCluster {
-    /// The offset of the cluster's first byte.
-    pub fn offset(self, geo: &Geometry) -> GuestOffset {
-        GuestOffset(self.0 << geo.cluster_bits)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::tables::Geometry;
 
     #[test]
     fn conversions_go_through_the_geometry() {

@@ -14,7 +14,7 @@
 //! [`L2Entry::kind`], so the bit layout (the extended-L2 bitmap included) is known
 //! here only.
 
-use super::addr::{GuestOffset, HostOffset};
+use super::addr::{GuestCluster, GuestOffset, HostCluster, HostOffset};
 
 /// Bit 63: the cluster is writable in place (QCOW2's COPIED flag).
 pub const WRITABLE: u64 = 1 << 63;
@@ -126,6 +126,48 @@ impl Geometry {
     /// Clusters needed to hold `bytes`.
     pub fn clusters_for(&self, bytes: u64) -> u64 {
         bytes.div_ceil(self.cluster_size())
+    }
+}
+
+// ---- typed addresses converted through the geometry ----------------------------
+
+impl HostOffset {
+    /// The host cluster holding this byte.
+    pub fn cluster(self, geo: &Geometry) -> HostCluster {
+        HostCluster::new(self.get() >> geo.cluster_bits)
+    }
+    /// Whether the offset starts a cluster.
+    pub fn is_cluster_aligned(self, geo: &Geometry) -> bool {
+        self.get() & (geo.cluster_size() - 1) == 0
+    }
+}
+
+impl HostCluster {
+    /// The offset of the cluster's first byte.
+    pub fn offset(self, geo: &Geometry) -> HostOffset {
+        HostOffset::new(self.get() << geo.cluster_bits)
+    }
+}
+
+impl GuestOffset {
+    /// The guest cluster holding this byte.
+    pub fn cluster(self, geo: &Geometry) -> GuestCluster {
+        GuestCluster::new(self.get() >> geo.cluster_bits)
+    }
+    /// The byte's offset inside its cluster.
+    pub fn in_cluster(self, geo: &Geometry) -> u64 {
+        self.get() & (geo.cluster_size() - 1)
+    }
+    /// The first byte of the cluster holding this byte.
+    pub fn cluster_start(self, geo: &Geometry) -> GuestOffset {
+        GuestOffset::new(self.get() & !(geo.cluster_size() - 1))
+    }
+}
+
+impl GuestCluster {
+    /// The offset of the cluster's first byte.
+    pub fn offset(self, geo: &Geometry) -> GuestOffset {
+        GuestOffset::new(self.get() << geo.cluster_bits)
     }
 }
 

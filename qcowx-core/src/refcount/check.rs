@@ -3,8 +3,8 @@
 
 use crate::engine::{walk_tree, Image, State, Step, DEFAULT_ROOT};
 use crate::error::Result;
+use crate::format::roots::RootKind;
 use crate::format::tables::decode_words;
-use crate::vdi::RootKind;
 
 use super::scan::*;
 use super::*;

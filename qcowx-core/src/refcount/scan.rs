@@ -8,9 +8,9 @@ use crate::error::Result;
 use crate::format::addr::HostOffset;
 use crate::format::extensions::EXT_BITMAPS;
 use crate::format::header::{Autoclear, Header, Incompatible};
+use crate::format::roots::RootKind;
 use crate::format::snapshot::SnapshotEntry;
 use crate::format::tables::{decode_words, l2_entries, ClusterKind, L1Entry, Link};
-use crate::vdi::RootKind;
 
 use super::*;
 

@@ -21,11 +21,6 @@ pub const MAX_SKIPPED_WRITE: u32 = 256 << 20;
 /// Reads and writes up to this many bytes may run on the reader thread itself.
 pub const INLINE_MAX: u32 = 64 << 10;
 
-/// Small requests run on the reader thread while their smoothed service time stays
-/// below this (page-cache hits); above it they go to the workers. The default of
-/// [`crate::Settings::inline_limit`].
-pub const INLINE_LIMIT: Duration = Duration::from_micros(50);
-
 /// The size of the fixed request header.
 const HEADER: usize = std::mem::size_of::<RequestHeader>();
 

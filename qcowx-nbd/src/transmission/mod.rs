@@ -97,9 +97,10 @@ use crate::error::Result;
 use crate::exports::Export;
 use crate::handshake::{MetaContext, Negotiated};
 
+pub use crate::config::INLINE_LIMIT;
 pub use crate::socket::{ReplyWriter, RequestStream};
 pub use block_status::{MAX_DESCRIPTORS, MAX_STATUS_QUERY};
-pub use dispatch::{INLINE_LIMIT, INLINE_MAX, MAX_SKIPPED_WRITE};
+pub use dispatch::{INLINE_MAX, MAX_SKIPPED_WRITE};
 pub use input::PAYLOAD_SPIN;
 pub use lend::LEND_WAIT;
 pub use reply::REPLY_EVERY;
