@@ -3,6 +3,7 @@
 
 use crate::engine::{walk_tree, Image, State, Step, DEFAULT_ROOT};
 use crate::error::Result;
+use crate::format::addr::HostOffset;
 use crate::format::roots::RootKind;
 use crate::format::tables::decode_words;
 
@@ -211,7 +212,6 @@ pub(super) fn check_head(
     l1: &[u64],
     mut qemu_rules: Option<&mut DiskRefcounts>,
 ) -> Result<()> {
-    let geo = img.geo;
     // Whether the table being visited was reached through a writable link.
     let mut table_writable = false;
     walk_tree(img, l1, |step| {
@@ -221,24 +221,15 @@ pub(super) fn check_head(
                 entry: e,
                 table: off,
             } => {
-                let refs = s.count(off.cluster(&geo).get());
-                if e.writable() && refs > 1 {
-                    s.report.problem(
-                        true,
-                        format!(
-                            "{label}: L1 entry {i} is writable but its L2 table has {refs} references"
-                        ),
-                    );
-                }
-                if let Some(disk) = qemu_rules.as_deref_mut() {
-                    let refcount = disk.get(img, off.cluster(&geo).get())?;
-                    copied_rule(s, e.writable(), refcount, refs, || {
-                        format!(
-                            "OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={refcount}",
-                            e.raw()
-                        )
-                    });
-                }
+                let w = || format!("{label}: L1 entry {i} is writable but its L2 table");
+                let copied = |refcount| {
+                    format!(
+                        "OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={refcount}",
+                        e.raw()
+                    )
+                };
+                let rules = qemu_rules.as_deref_mut();
+                check_link(img, s, rules, off, e.writable(), e.writable(), w, copied)?;
                 table_writable = e.writable();
                 // A read-only table's entries' bits do not matter, but for QEMU's rules.
                 Ok(table_writable || qemu_rules.is_some())
@@ -251,28 +242,53 @@ pub(super) fn check_head(
                 let Some(host) = entry.host() else {
                     return Ok(true);
                 };
-                let refs = s.count(host.cluster(&geo).get());
-                if table_writable && entry.writable() && refs > 1 {
-                    s.report.problem(
-                        true,
-                        format!(
-                            "{label}: L2 entry {j} of table {off:#x} is writable but cluster {host:#x} has {refs} references"
-                        ),
-                    );
-                }
-                if let Some(disk) = qemu_rules.as_deref_mut() {
-                    let refcount = disk.get(img, host.cluster(&geo).get())?;
-                    copied_rule(s, entry.writable(), refcount, refs, || {
-                        format!(
-                            "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
-                            entry.word()
-                        )
-                    });
-                }
+                let w = || {
+                    format!(
+                        "{label}: L2 entry {j} of table {off:#x} is writable but cluster {host:#x}"
+                    )
+                };
+                let copied = |refcount| {
+                    format!(
+                        "OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
+                        entry.word()
+                    )
+                };
+                let path = table_writable && entry.writable();
+                let rules = qemu_rules.as_deref_mut();
+                check_link(img, s, rules, host, entry.writable(), path, w, copied)?;
                 Ok(true)
             }
         }
     })
+}
+
+/// The bit-63 rules for one link to `target` whose own bit says `writable`:
+/// invariant W (a path writable all the way, `path_writable`, reaches a cluster with
+/// one reference) and, with the refcounts on disk (`qemu_rules`), QEMU's COPIED rule.
+/// `w_message` names the link (the count is added), `copied_message` the link with the
+/// refcount it was judged on.
+#[allow(clippy::too_many_arguments)]
+fn check_link(
+    img: &Image,
+    s: &mut Scan,
+    qemu_rules: Option<&mut DiskRefcounts>,
+    target: HostOffset,
+    writable: bool,
+    path_writable: bool,
+    w_message: impl FnOnce() -> String,
+    copied_message: impl FnOnce(u64) -> String,
+) -> Result<()> {
+    let cluster = target.cluster(&img.geo).get();
+    let refs = s.count(cluster);
+    if path_writable && refs > 1 {
+        s.report
+            .problem(true, format!("{} has {refs} references", w_message()));
+    }
+    if let Some(disk) = qemu_rules {
+        let refcount = disk.get(img, cluster)?;
+        copied_rule(s, writable, refcount, refs, || copied_message(refcount));
+    }
+    Ok(())
 }
 
 /// QEMU's COPIED rule for one link: bit 63 set exactly where the on-disk refcount is

@@ -168,11 +168,21 @@ impl FileStorage {
                 path: path.to_path_buf(),
                 source,
             })?;
+        FileStorage::locked(file, path, mode.writable, mode.lock)
+    }
+
+    /// The storage of an open `file`, once it holds the image lock of `lock`.
+    fn locked(
+        file: File,
+        path: &Path,
+        writable: bool,
+        lock: LockMode,
+    ) -> Result<FileStorage, OpenError> {
         let storage = FileStorage {
             file,
             path: path.to_path_buf(),
-            writable: mode.writable,
-            lock: mode.lock,
+            writable,
+            lock,
             map: Mutex::new(None),
             mapped: AtomicU64::new(0),
         };
@@ -221,16 +231,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             source,
         })?;
-        let storage = FileStorage {
-            file,
-            path: path.to_path_buf(),
-            writable: true,
-            lock,
-            map: Mutex::new(None),
-            mapped: AtomicU64::new(0),
-        };
-        storage.take_lock()?;
-        Ok(storage)
+        FileStorage::locked(file, path, true, lock)
     }
 
     fn take_lock(&self) -> Result<(), OpenError> {
