@@ -33,22 +33,33 @@ mod imp {
         let Ok(procs) = fs::read_dir("/proc") else {
             return LockHolder::Unknown;
         };
-        for entry in procs.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if pid != own && holds(&entry.path(), id, byte) {
-                let name = fs::read_to_string(entry.path().join("comm"))
-                    .map(|s| s.trim_end().to_string())
-                    .unwrap_or_default();
-                return LockHolder::Process { pid, name };
-            }
-        }
-        LockHolder::Unknown
+        let holders: Vec<u32> = procs
+            .flatten()
+            .filter_map(|entry| {
+                let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                (pid != own && holds(&entry.path(), id, byte)).then_some(pid)
+            })
+            .collect();
+        // A child the holder is forking shares its descriptions until it executes
+        // (they close on exec): name the holder, not such a child.
+        let Some(&pid) = holders
+            .iter()
+            .find(|&&pid| parent(pid).is_none_or(|p| !holders.contains(&p)))
+        else {
+            return LockHolder::Unknown;
+        };
+        let name = fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|s| s.trim_end().to_string())
+            .unwrap_or_default();
+        LockHolder::Process { pid, name }
+    }
+
+    /// The parent of process `pid` (field 4 of `/proc/PID/stat`, after the
+    /// parenthesised name, which may itself hold spaces and parentheses).
+    fn parent(pid: u32) -> Option<u32> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        after_name.split_whitespace().nth(1)?.parse().ok()
     }
 
     /// Whether the process at `proc` has a description of file `id` locking `byte`.
@@ -92,6 +103,17 @@ mod imp {
 
     #[cfg(test)]
     mod tests {
+        #[test]
+        fn reads_a_parent_from_stat() {
+            let me = std::process::id();
+            let parent = super::parent(me).expect("this process has a parent");
+            assert_eq!(
+                parent,
+                std::os::unix::process::parent_id(),
+                "field 4 of /proc/self/stat"
+            );
+        }
+
         #[test]
         fn reads_fdinfo_lock_lines() {
             let line = "lock:\t1: OFDLCK ADVISORY  READ -1 fe:00:10010777 201 201";
