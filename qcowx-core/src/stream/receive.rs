@@ -101,8 +101,9 @@ pub fn resume_token(path: &Path) -> Result<Option<ResumeToken>> {
     Ok(Progress::load(path)?.map(|p| p.token()))
 }
 
-/// Drops the receive in progress in the image at `path`: its staging VDI and its
-/// progress. Returns whether there was one.
+/// Drops the receive in progress in the image at `path`: its staging VDI (collected
+/// at once, so the snapshot table is as before the receive) and its progress.
+/// Returns whether there was one.
 pub fn abort(path: &Path) -> Result<bool> {
     let Some(p) = Progress::load(path)? else {
         return Ok(false);
@@ -111,6 +112,8 @@ pub fn abort(path: &Path) -> Result<bool> {
     let staging = staging_name(p.to_uid);
     if image.has_vdi(&staging)? {
         image.delete_vdi(&staging)?;
+        // Gone from the snapshot table too, as QEMU sees it (O(metadata)).
+        image.gc()?;
     }
     image.close()?;
     Progress::remove(path)?;
