@@ -298,13 +298,17 @@ impl StreamHeader {
         if raw.flags.get() != 0 {
             return Err(bad("unknown flags"));
         }
+        if raw.reserved.get() != 0 || raw.reserved2.get() != 0 || raw.reserved3.get() != 0 {
+            return Err(bad("reserved fields set"));
+        }
         let cs = raw.cluster_size.get();
         if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
             return Err(bad(
                 "cluster size is not a power of two from 512 B to 2 MiB",
             ));
         }
-        if raw.to_uid.get() == 0 || raw.to_uid.get() == raw.from_uid.get() {
+        if raw.to_uid.get() < 2 || raw.from_uid.get() == 1 || raw.to_uid.get() == raw.from_uid.get()
+        {
             return Err(bad("invalid snapshot identity"));
         }
         let n = usize::from(raw.name_len.get());
@@ -457,7 +461,7 @@ mod tests {
         let h = header();
         let b = h.encode();
         assert_eq!(StreamHeader::decode(&b).unwrap(), h);
-        for i in 0..HEADER_CRC_COVERS {
+        for i in 0..STREAM_HEADER_BYTES {
             let mut d = b;
             d[i] ^= 0x10;
             assert!(StreamHeader::decode(&d).is_err(), "byte {i}");

@@ -189,14 +189,17 @@ fn check_token(
         return Err(bad("it is for a stream of other snapshots".into()));
     }
     let seq = t.next.seq;
-    let expected = match usize::try_from(seq).ok().and_then(|s| plan.get(s)) {
-        Some(p) => p.offset,
-        None if seq == plan.len() as u64 => t.next.offset,
-        None => return Err(bad(format!("the stream has {} records", plan.len()))),
+    // The token's offset is the end of the last record the receiver has.
+    let end_before = match seq.checked_sub(1) {
+        None => 0,
+        Some(prev) => match usize::try_from(prev).ok().and_then(|p| plan.get(p)) {
+            Some(p) => p.offset + p.length,
+            None => return Err(bad(format!("the stream has {} records", plan.len()))),
+        },
     };
-    if expected != t.next.offset {
+    if end_before != t.next.offset {
         return Err(bad(format!(
-            "record {seq} starts at guest offset {expected:#x}, not {:#x}",
+            "record {seq} follows guest offset {end_before:#x}, not {:#x}",
             t.next.offset
         )));
     }
