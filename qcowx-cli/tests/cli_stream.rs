@@ -244,6 +244,17 @@ fn every_stream_fault_is_refused_and_changes_nothing() {
     );
     assert_eq!(std::fs::read(dir.join("b.qcow2")).unwrap(), file_before);
     assert!(!dir.join("b.qcow2.qcowx-recv").exists());
+    // A damaged full stream creates no image.
+    let mut full = std::fs::read(dir.join("full.stream")).unwrap();
+    let f0 = records(&full)[0];
+    full[f0.0 + f0.1 - 1] ^= 0x40;
+    std::fs::write(dir.join("bad.stream"), &full).unwrap();
+    fails(
+        dir,
+        &["receive", "-i", "bad.stream", "new.qcow2"],
+        &["checksum mismatch"],
+    );
+    assert!(!dir.join("new.qcow2").exists());
 
     // Faults after records applied: nothing visible changes; the verified part waits
     // hidden for a resume.

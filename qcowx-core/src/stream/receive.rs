@@ -148,6 +148,11 @@ pub fn receive(path: &Path, input: &mut dyn Read, opts: &ReceiveOptions) -> Resu
     let image = Arc::new(OpenOptions::new().write(true).open(path)?);
     let result = receive_into(&image, path, &mut r, &h, &name, opts);
     let closed = image.close();
+    drop(image);
+    if result.is_err() && created && Progress::load(path)?.is_none() {
+        // Nothing to resume: the image this receive created goes too.
+        let _ = std::fs::remove_file(path);
+    }
     let mut report = result?;
     closed?;
     report.created = created;
@@ -286,8 +291,9 @@ fn receive_into(
     };
     if have.seq == 0 && image.has_vdi(&staging)? {
         // A staging VDI without progress: the leftover of a start cut before its
-        // first progress write.
+        // first progress write. Collected at once, so its name is free again.
         image.delete_vdi(&staging)?;
+        image.gc()?;
     }
     let mut applier = Applier {
         image,
