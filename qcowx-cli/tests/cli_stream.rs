@@ -159,6 +159,20 @@ fn identity_not_name_decides_the_base() {
         &["which this image does not have", "identity"],
     );
     assert_eq!(std::fs::read(dir.join("c.qcow2")).unwrap(), before);
+    // Its full stream neither: the name is taken by another snapshot; under
+    // another name it goes in.
+    fails(
+        dir,
+        &["receive", "-i", "full.stream", "c.qcow2"],
+        &["named 'base' exists already"],
+    );
+    assert_eq!(std::fs::read(dir.join("c.qcow2")).unwrap(), before);
+    ok(
+        dir,
+        &["receive", "-i", "full.stream", "--name", "base2", "c.qcow2"],
+    );
+    ok(dir, &["receive", "-i", "inc.stream", "c.qcow2"]);
+    assert!(qemu_raw(dir, "c.qcow2", Some("next")) == qemu_raw(dir, "a.qcow2", Some("next")));
     // An incremental stream cannot create an image.
     fails(
         dir,
