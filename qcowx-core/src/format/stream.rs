@@ -318,6 +318,10 @@ impl StreamHeader {
             .and_then(|b| std::str::from_utf8(b).ok())
             .filter(|s| !s.is_empty())
             .ok_or_else(|| bad("invalid snapshot name"))?;
+        let size = raw.virtual_size.get();
+        if size == 0 || size % 512 != 0 || size > crate::format::header::MAX_VIRTUAL_SIZE {
+            return Err(bad("virtual size is 0, not a multiple of 512 or past 2^56"));
+        }
         if raw.start_offset.get() > raw.virtual_size.get() {
             return Err(bad("start offset past the disk"));
         }
@@ -472,6 +476,21 @@ mod tests {
             StreamHeader::decode(&v),
             Err(StreamError::Version { found: 2 })
         );
+    }
+
+    #[test]
+    fn header_refuses_sizes_a_receiver_cannot_hold() {
+        for size in [0, 1000, 1 << 60] {
+            let mut h = header();
+            h.virtual_size = size;
+            assert!(
+                matches!(
+                    StreamHeader::decode(&h.encode()),
+                    Err(StreamError::Header { .. })
+                ),
+                "{size}"
+            );
+        }
     }
 
     #[test]

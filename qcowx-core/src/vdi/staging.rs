@@ -55,7 +55,17 @@ impl Image {
                     let loc = Image::l1_loc(st, Target::Entry(i));
                     (self.head_l1(loc)?, uid)
                 }
-                None => (vec![0u64; self.geo.l1_entries_for(size) as usize], 0),
+                None => {
+                    let entries = self.geo.l1_entries_for(size);
+                    if entries * 8 > crate::format::header::MAX_L1_BYTES {
+                        return Err(Error::InvalidArgument(format!(
+                            "{}: a disk of {size} bytes needs an L1 table of {entries} entries, \
+                             more than an image may have with its cluster size",
+                            self.name
+                        )));
+                    }
+                    (vec![0u64; entries as usize], 0)
+                }
             };
             crate::refcount::check_room_for_root(self, st, gate, &l1)?;
             self.mark_stale(st)?;
