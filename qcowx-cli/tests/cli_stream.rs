@@ -363,6 +363,19 @@ fn a_receive_killed_at_random_points_resumes_to_completion() {
     ok(dir, &["receive", "-i", "base.stream", "b.qcow2"]);
     send(dir, &["--from", "empty", "a.qcow2", "full"], "big.stream");
 
+    // How long a whole receive takes here, to kill within it.
+    std::fs::copy(dir.join("b.qcow2"), dir.join("cal.qcow2")).unwrap();
+    let t0 = std::time::Instant::now();
+    let out = Command::new(QCOWX)
+        .args(["receive", "-q", "-i", "big.stream", "cal.qcow2"])
+        .env("QCOWX_RECEIVE_CHECKPOINT", "1048576")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert_ok(&out, "calibrating receive");
+    let whole = t0.elapsed().as_millis() as u64;
+    std::fs::remove_file(dir.join("cal.qcow2")).unwrap();
+
     let mut rng = Rng::new(7);
     let mut kills = 0;
     for round in 0..12 {
@@ -374,7 +387,10 @@ fn a_receive_killed_at_random_points_resumes_to_completion() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.range(20, 400)));
+        // Anywhere from the start to well before the end (a resumed receive has
+        // less left to do, so later rounds may finish).
+        let at = rng.range(whole / 50, whole * 7 / 10 + 2);
+        std::thread::sleep(Duration::from_millis(at));
         let finished = child.try_wait().unwrap().is_some();
         child.kill().unwrap_or(());
         child.wait().unwrap();
