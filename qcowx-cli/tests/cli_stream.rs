@@ -173,6 +173,12 @@ fn identity_not_name_decides_the_base() {
     );
     ok(dir, &["receive", "-i", "inc.stream", "c.qcow2"]);
     assert!(qemu_raw(dir, "c.qcow2", Some("next")) == qemu_raw(dir, "a.qcow2", Some("next")));
+    // A VDI is sent as a snapshot of it.
+    fails(
+        dir,
+        &["send", "-o", "x.stream", "a.qcow2", "default"],
+        &["is a VDI", "snapshot --vdi default"],
+    );
     // An incremental stream cannot create an image.
     fails(
         dir,

@@ -41,8 +41,18 @@ struct Planned {
 }
 
 fn find_snapshot(image: &Image, name: &str) -> Result<RootInfo> {
-    image
-        .list()?
+    let roots = image.list()?;
+    if roots
+        .iter()
+        .any(|r| r.kind == RootKind::Vdi && r.name == name)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{}: '{name}' is a VDI, which changes as it is written: send a snapshot of it \
+             (qcowx snapshot --vdi {name} FILE NAME)",
+            image.file_name()
+        )));
+    }
+    roots
         .into_iter()
         .find(|r| r.kind == RootKind::Snapshot && r.name == name)
         .ok_or_else(|| Error::NotFound {
