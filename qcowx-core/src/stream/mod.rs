@@ -45,7 +45,10 @@ pub enum Mismatch {
         name: String,
     },
     /// A different root has the snapshot's name.
-    #[error("a snapshot or VDI named '{name}' exists already (receive it under another name)")]
+    #[error(
+        "a snapshot or VDI named '{name}' exists already (or was deleted and awaits gc): \
+         receive it under another name"
+    )]
     NameTaken {
         /// The name.
         name: String,

@@ -228,7 +228,7 @@ fn receive_into(
             },
         ));
     }
-    if image.list()?.iter().any(|r| r.name == name) {
+    if image.name_in_use(name)? {
         return Err(mismatch(
             path,
             Mismatch::NameTaken {

@@ -109,6 +109,13 @@ impl Image {
         Ok(st.registry.by_uid(uid).is_some())
     }
 
+    /// Whether a new root may not take `name`: a live root has it, or a deleted one
+    /// that gc has not yet removed.
+    pub(crate) fn name_in_use(&self, name: &str) -> Result<bool> {
+        let st = self.lock_state()?;
+        Ok(Image::name_taken(&st, name))
+    }
+
     /// Whether VDI `name` exists (hidden ones included).
     pub(crate) fn has_vdi(&self, name: &str) -> Result<bool> {
         let st = self.lock_state()?;
