@@ -289,3 +289,80 @@ fn gc_of_a_served_image_reports_what_an_offline_gc_reports() {
     );
     assert_qemu_check_clean(&served);
 }
+
+/// The raw content of snapshot `name` of `file`, as `qemu-img convert` reads it.
+fn snapshot_bytes(d: &Path, file: &str, name: &str) -> Vec<u8> {
+    let out = d.join(format!("{file}-{}.raw", name.replace(':', "_")));
+    convert_snapshot_to_raw(&d.join(file), name, &out);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+#[test]
+fn send_reads_live_snapshots_of_a_served_image_and_a_vdi_moves_between_hosts() {
+    require_qemu_tools();
+    let dir = tempdir();
+    let d = dir.path();
+    image_with_a_fork(d);
+    let server = QcowxNbd::in_dir(d, &d.join("disk.qcow2"), &["-t"]);
+    qemu_io_nbd(&server.uri("default"), &["write -P 0x22 2M 512k"]);
+    qemu_io_nbd(&server.uri("dev"), &["write -P 0x33 4M 64k"]);
+    // Live snapshots through the server: of the default VDI and of the fork.
+    qcowx_ok(&server, d, &["snapshot", "disk.qcow2", "s2"]);
+    qcowx_ok(
+        &server,
+        d,
+        &["snapshot", "--vdi", "dev", "disk.qcow2", "d1"],
+    );
+
+    // send reads the file: refused without -U (with the hint), a snapshot with it.
+    let out = qcowx_at(&server, d, &["send", "-o", "x.stream", "disk.qcow2", "s1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("locked") && err.contains("-U"), "{err}");
+    let send = |args: &[&str]| {
+        let mut a = vec!["send", "-q", "-U", "-o", "x.stream"];
+        a.extend_from_slice(args);
+        qcowx_ok(&server, d, &a);
+        offline_ok(d, &["receive", "-q", "-i", "x.stream", "far.qcow2"]);
+    };
+    send(&["disk.qcow2", "s1"]);
+    send(&["--from", "s1", "disk.qcow2", "s2"]);
+    send(&["--from", "s1", "disk.qcow2", "d1"]);
+    // The VM keeps writing, then stops: a last small incremental.
+    qemu_io_nbd(&server.uri("dev"), &["write -P 0x44 5M 64k"]);
+    qcowx_ok(
+        &server,
+        d,
+        &["snapshot", "--vdi", "dev", "disk.qcow2", "d2"],
+    );
+    server.stop();
+    offline_ok(
+        d,
+        &[
+            "send",
+            "-q",
+            "-o",
+            "x.stream",
+            "--from",
+            "d1",
+            "disk.qcow2",
+            "d2",
+        ],
+    );
+    offline_ok(d, &["receive", "-q", "-i", "x.stream", "far.qcow2"]);
+    // The fork travels as its snapshot plus a fork on the receiving side.
+    offline_ok(d, &["fork", "far.qcow2", "d2", "dev"]);
+
+    assert_qemu_check_clean(&d.join("far.qcow2"));
+    for s in ["s1", "s2", "d1", "d2"] {
+        assert!(
+            snapshot_bytes(d, "far.qcow2", s) == snapshot_bytes(d, "disk.qcow2", s),
+            "snapshot {s} differs"
+        );
+    }
+    assert!(
+        snapshot_bytes(d, "far.qcow2", "vdi:dev") == snapshot_bytes(d, "disk.qcow2", "vdi:dev")
+    );
+}

@@ -1,7 +1,7 @@
 //! `qcowx`: create, inspect, check, map, resize, compare, convert and export QCOW2
 //! images; import backing chains; take snapshots, fork, revert, rename and delete
-//! VDIs, show their lineage tree, collect garbage, compare roots, and write through
-//! `io`.
+//! VDIs, show their lineage tree, collect garbage, compare roots, send and receive
+//! snapshots as streams, and write through `io`.
 //!
 //! The binary is thin: this file defines the command line and dispatches to
 //! [`commands`], which call `qcowx-core` and print. Output and
@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
-use commands::{docs, hints, image, io as io_cmd, roots, Failure};
+use commands::{docs, hints, image, io as io_cmd, roots, stream, Failure};
 use iocmd::IoCommand;
 use qcowx_core::engine::chain::ImageFormat;
 use qcowx_core::size::parse_size;
@@ -115,6 +115,24 @@ enum Command {
     Compare(CompareArgs),
     /// Convert between raw and qcow2, optionally compressed (like `qemu-img convert`).
     Convert(ConvertArgs),
+    /// Write a snapshot, or what changed since another (--from), as a stream.
+    ///
+    /// The stream (spec/stream.md) goes to stdout, or to -o FILE; `qcowx receive`
+    /// reads it. A VDI is sent by taking a snapshot of it first. An image a qcowx-nbd
+    /// serves is locked: take the snapshot through the server (`qcowx snapshot`) and
+    /// send it with -U (a snapshot never changes once taken).
+    Send(SendArgs),
+    /// Receive a stream from `qcowx send` as a new snapshot of FILE.
+    ///
+    /// The stream comes from stdin, or from -i FILE. A full stream creates FILE when it
+    /// is missing; an incremental one needs its base snapshot in FILE (the same
+    /// snapshot, whatever its name now). The snapshot appears only once the whole
+    /// stream arrived and verified; a damaged or mismatched stream changes nothing
+    /// visible. A receive that stopped keeps what it verified in a hidden VDI and
+    /// resumes when run again with the stream, or with `qcowx send --resume-from
+    /// TOKEN` where `qcowx receive --token FILE` prints TOKEN; --abort drops it.
+    #[command(group(ArgGroup::new("mode").args(["token", "abort"])))]
+    Receive(ReceiveArgs),
     /// Print shell completions for SHELL.
     Completions(CompletionsArgs),
     /// Print the man page (roff) of qcowx or of one of its commands.
@@ -132,6 +150,7 @@ impl Command {
             | Command::Map(MapArgs { image: a, .. }) => !a.force_share,
             Command::Check(a) => !a.force_share && !a.repair,
             Command::Export(a) => !a.force_share,
+            Command::Send(a) => !a.force_share,
             Command::Compare(a) => !a.force_share,
             Command::Convert(a) => !a.force_share,
             _ => false,
@@ -151,6 +170,7 @@ impl Command {
                 | Command::Resize(_)
                 | Command::Rename(_)
                 | Command::Amend(_)
+                | Command::Receive(_)
         )
     }
 
@@ -167,6 +187,7 @@ impl Command {
             Command::Io(a) => &a.file,
             Command::Map(a) => &a.image.file,
             Command::Rename(a) => &a.file,
+            Command::Send(a) => &a.file,
             _ => return None,
         })
     }
@@ -298,6 +319,51 @@ struct ExportArgs {
     /// The file to write (overwritten if it exists).
     #[arg(value_name = "OUTPUT")]
     output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// Send only what changed since this snapshot (an incremental stream).
+    #[arg(long, value_name = "SNAPSHOT")]
+    from: Option<String>,
+    /// Write the stream to this file instead of stdout.
+    #[arg(short = 'o', long = "output-file", value_name = "OUT")]
+    output_file: Option<PathBuf>,
+    /// Start where a stopped receive needs it (the token `qcowx receive --token`
+    /// prints).
+    #[arg(long = "resume-from", value_name = "TOKEN")]
+    resume_from: Option<String>,
+    /// Read the image without locking it (a served image's snapshots).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// The snapshot to send.
+    #[arg(value_name = "SNAPSHOT")]
+    snapshot: String,
+}
+
+#[derive(Debug, Args)]
+struct ReceiveArgs {
+    /// Read the stream from this file instead of stdin.
+    #[arg(short = 'i', long = "input-file", value_name = "IN")]
+    input_file: Option<PathBuf>,
+    /// Name the snapshot this instead of the sender's name.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Print the resume token of the receive stopped in FILE, and exit.
+    #[arg(long)]
+    token: bool,
+    /// Drop the receive stopped in FILE (its hidden VDI and progress), and exit.
+    #[arg(long)]
+    abort: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputKind::Human)]
+    output: OutputKind,
+    /// The image file (created by a full stream when missing).
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -611,6 +677,8 @@ fn main() -> ExitCode {
         Command::Amend(a) => image::amend(&a),
         Command::Compare(a) => image::compare(&a, quiet, out),
         Command::Convert(a) => image::convert(&a, quiet),
+        Command::Send(a) => stream::send(&a, quiet, out),
+        Command::Receive(a) => stream::receive(&a, quiet, out),
         Command::Completions(a) => docs::completions(&a, out),
         Command::Man(a) => docs::man(&a, out),
     }

@@ -198,6 +198,26 @@ pub enum Error {
         /// The image file.
         file: String,
     },
+    /// A send/receive stream's bytes were refused (damaged, truncated, reordered, an
+    /// unknown version); the receiving image is as it was.
+    #[error("{file}: stream refused: {source}")]
+    Stream {
+        /// The receiving image file.
+        file: String,
+        /// What is wrong with the stream.
+        #[source]
+        source: crate::format::stream::StreamError,
+    },
+    /// A well-formed stream does not fit the receiving image (a base it lacks, a
+    /// snapshot it has, another size); the image is as it was.
+    #[error("{file}: {source}")]
+    StreamMismatch {
+        /// The receiving image file.
+        file: String,
+        /// Why it does not fit.
+        #[source]
+        source: crate::stream::Mismatch,
+    },
 }
 
 /// What kind of failure an [`Error`] is: the one classification that the NBD server's
@@ -380,6 +400,8 @@ impl Error {
             Error::Locked { .. } => ErrorKind::Locked,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::Closed { .. } => ErrorKind::Closed,
+            Error::Stream { .. } => ErrorKind::Corrupt,
+            Error::StreamMismatch { source, .. } => source.kind(),
             Error::Io { source, .. } => match source.raw_os_error() {
                 _ if is_full(source) => ErrorKind::NoSpace,
                 Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => ErrorKind::ReadOnly,

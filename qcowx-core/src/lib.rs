@@ -32,6 +32,7 @@
 //! | [`refcount`] | reference counts: the scan, `check`, `repair`, the rebuild, and the apply of the changes an open image records (at close and checkpoint) | |
 //! | [`vdi`] | roots as VDIs and snapshots: snapshot, fork, delete, revert, rename, reconcile, gc, diff, usage, [`Disk`] | write table or header bytes except through the engine |
 //! | [`convert`], [`import`] | whole-image copies built on the layers above | |
+//! | [`stream`] | `send`/`receive`: a snapshot (or what changed since another) as a stream, and its atomic, resumable receipt | |
 //! | `control` (feature `control`) | the protocol of a running server's control socket, shared by `qcowx` and `qcowx-nbd`: one request enum, one handler per operation | |
 //!
 //! [`error`] holds the one [`Error`] type; [`Error::kind`] is the classification that
@@ -77,6 +78,7 @@ pub mod import;
 pub mod refcount;
 pub mod size;
 pub mod storage;
+pub mod stream;
 pub mod vdi;
 
 pub use engine::{

@@ -1,6 +1,6 @@
 //! The commands, one file per group: [`image`] (create, info, check, export,
 //! convert, compare, resize, import), [`roots`] (snapshot, list, fork, delete,
-//! revert, gc, diff, rename, tree, map), [`io`] and [`docs`] (completions, man
+//! revert, gc, diff, rename, tree, map), [`stream`] (send, receive), [`io`] and [`docs`] (completions, man
 //! pages); here, what they share: how a command fails, the hints after an error, and
 //! how a result is printed.
 
@@ -8,6 +8,7 @@ pub(crate) mod docs;
 pub(crate) mod image;
 pub(crate) mod io;
 pub(crate) mod roots;
+pub(crate) mod stream;
 
 use std::io::Write;
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! The format layer: QCOW2's on-disk structures as types, bytes in and bytes out, with
 //! no I/O. The header and its extensions, L1/L2 entries and the table geometry, the
-//! snapshot table, the clean-close stamp, and the compressed-cluster codecs.
+//! snapshot table, the clean-close stamp, the compressed-cluster codecs, and the send/receive stream.
 
 pub mod addr;
 pub mod compress;
@@ -12,4 +12,5 @@ pub(crate) mod registry;
 pub mod roots;
 pub mod snapshot;
 pub mod stamp;
+pub mod stream;
 pub mod tables;

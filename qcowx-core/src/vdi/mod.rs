@@ -17,6 +17,7 @@ pub mod gc;
 pub mod kept_hosts;
 mod reconcile;
 pub mod rename;
+pub(crate) mod staging;
 mod stdio;
 pub mod usage;
 
@@ -606,12 +607,13 @@ impl Image {
         }
     }
 
-    /// Every live VDI (the default one first) and snapshot, in table order.
+    /// Every live VDI (the default one first) and snapshot, in table order; the hidden
+    /// VDI of a receive in progress is not listed.
     pub fn list(&self) -> Result<Vec<RootInfo>> {
         let st = self.lock_state()?;
         let mut out = vec![self.info_of(&st, Target::Default)];
         for i in 0..st.registry.len() {
-            if st.registry.is_live(i) {
+            if st.registry.is_live(i) && !staging::is_staging(st.registry.display_name(i)) {
                 out.push(self.info_of(&st, Target::Entry(i)));
             }
         }

@@ -279,6 +279,18 @@ pub fn compress_cluster(
     }
 }
 
+/// Compresses `input` (any length) into one zstd frame as [`compress_cluster`] does
+/// for zstd: `None` when the frame would not be smaller. For send/receive streams.
+pub fn compress_zstd(input: &[u8]) -> Option<Vec<u8>> {
+    zstd_compress_cluster(input).ok().flatten()
+}
+
+/// Decodes zstd frames into exactly `out.len()` bytes, with the checks of
+/// [`decompress_cluster`] (window cap, content size and checksum) but any length.
+pub fn decompress_zstd(input: &[u8], out: &mut [u8]) -> Result<(), CompressError> {
+    zstd_decompress_cluster(input, out)
+}
+
 fn check_cluster_size(size: usize) -> Result<(), CompressError> {
     if size.is_power_of_two() && (MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&size) {
         Ok(())
