@@ -48,6 +48,7 @@
 #![warn(missing_docs)]
 
 mod bins;
+mod bitmaps;
 mod bounded;
 pub mod cli;
 pub mod damaged;
@@ -65,6 +66,7 @@ mod rng;
 pub mod strategies;
 
 pub use bins::*;
+pub use bitmaps::*;
 pub use bounded::*;
 pub use expected::*;
 pub use files::*;

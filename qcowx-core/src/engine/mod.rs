@@ -10,6 +10,7 @@
 
 pub mod alloc;
 pub mod backing;
+mod bitmaps;
 pub mod cache;
 pub mod chain;
 mod create;
@@ -27,6 +28,7 @@ mod walk;
 mod write;
 mod zero;
 
+pub use bitmaps::BitmapInfo;
 pub use create::{CreateOptions, IfExists};
 pub use image::{Image, ImageInfo, OpenState, RootId, SnapshotInfo, DEFAULT_ROOT};
 pub use open::OpenOptions;

@@ -3,6 +3,7 @@
 //! snapshot table, the clean-close stamp, and the compressed-cluster codecs.
 
 pub mod addr;
+pub mod bitmap;
 pub mod compress;
 pub mod extensions;
 pub mod header;
