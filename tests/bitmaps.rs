@@ -210,3 +210,35 @@ fn nbd_writes(path: &Path, dir: &Path, rng: &mut Rng) {
     nbd_io(&server.uri(""), &cmds);
     server.stop();
 }
+
+#[test]
+fn qcowx_bitmap_on_a_served_image_goes_to_its_server() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    let server = QcowxNbd::in_dir(dir.path(), &path, &["-t", "--discard=unmap"]);
+    let uri = server.uri("");
+    nbd_io(&uri, &["write -P 0x44 0 64k"]);
+    let p = path.to_str().unwrap();
+    for args in [
+        ["bitmap", "--add", "-g", "4096", p, "nb"],
+        ["bitmap", "--clear", "--merge", "b0", p, "b1"],
+    ] {
+        let out = qcowx_tests::run(server.qcowx().args(args));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            qcowx_tests::describe(&out)
+        );
+    }
+    nbd_io(&uri, &["write -P 0x55 1M 4k"]);
+    server.stop();
+    assert_qemu_check_clean(&path);
+    let names: Vec<String> = qemu_bitmaps(&path, false)
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(names, ["b0", "b1", "nb"]);
+    // b1 got b0's bits (the first write) through the server; nb only saw the second.
+    assert_eq!(qemu_nbd_dirty(&path, "b1", dir.path()), vec![(0, G)]);
+    assert_eq!(qemu_nbd_dirty(&path, "nb", dir.path()), vec![(MIB, 4096)]);
+}

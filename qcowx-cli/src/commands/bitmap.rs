@@ -1,41 +1,26 @@
-//! `qcowx bitmap`: persistent dirty bitmaps, as `qemu-img bitmap` changes them.
+//! `qcowx bitmap`: persistent dirty bitmaps, as `qemu-img bitmap` changes them. A
+//! served image is changed by its server (control op `bitmap`).
 
-use qcowx_core::Error;
+use qcowx_core::control::Request;
 
-use super::{open_rw_meta, Failure};
+use super::{open_rw_meta, run_request, unexpected, Failure};
 use crate::BitmapArgs;
 
-/// Applies the operations of `a` to bitmap `a.bitmap` in one writable session, in
-/// the order add, clear, merge, enable/disable, remove; the close stores them.
+/// Applies the operations of `a` to bitmap `a.bitmap` in one request, in the order
+/// add, clear, merge, enable/disable, remove; the close (or the server's) stores them.
 pub(crate) fn bitmap(a: &BitmapArgs) -> Result<u8, Failure> {
-    if !(a.add || a.remove || a.clear || a.enable || a.disable || !a.merge.is_empty()) {
-        return Err(Error::InvalidArgument(
-            "need at least one of --add, --remove, --clear, --enable, --disable, --merge".into(),
-        )
-        .into());
+    let req = Request::Bitmap {
+        bitmap: a.bitmap.clone(),
+        add: a.add,
+        granularity: a.granularity,
+        clear: a.clear,
+        merge: a.merge.clone(),
+        enable: a.enable,
+        disable: a.disable,
+        remove: a.remove,
+    };
+    match run_request(&a.file, open_rw_meta(&a.file), &req)? {
+        qcowx_core::control::Response::Done => Ok(0),
+        other => Err(unexpected(&req, &other)),
     }
-    if a.granularity.is_some() && !a.add {
-        return Err(Error::InvalidArgument("--granularity only goes with --add".into()).into());
-    }
-    let img = open_rw_meta(&a.file)?;
-    if a.add {
-        img.bitmap_add(&a.bitmap, a.granularity, a.disable)?;
-    }
-    if a.clear {
-        img.bitmap_clear(&a.bitmap)?;
-    }
-    for source in &a.merge {
-        img.bitmap_merge(source, &a.bitmap)?;
-    }
-    if a.enable {
-        img.bitmap_enable(&a.bitmap, true)?;
-    }
-    if a.disable && !a.add {
-        img.bitmap_enable(&a.bitmap, false)?;
-    }
-    if a.remove {
-        img.bitmap_remove(&a.bitmap)?;
-    }
-    img.close()?;
-    Ok(0)
 }
