@@ -69,6 +69,28 @@ fn qcowx_io_writes_keep_bitmaps_consistent() {
         qemu_nbd_dirty(&path, "b0", dir.path()),
         vec![(0, G), (8 * MIB, 2 * G), (16 * MIB, G)]
     );
+    // qcowx info lists them as qemu-img info does, in JSON and in text.
+    let ours = cli::json(&cli::ok(
+        dir.path(),
+        &["info", "--output=json", "disk.qcow2"],
+    ));
+    let theirs = qcowx_tests::qemu_info(&path, false);
+    let key = |v: &serde_json::Value| v["format-specific"]["data"]["bitmaps"].clone();
+    assert_eq!(key(&ours), key(&theirs));
+    let block = |text: String| -> Vec<String> {
+        text.lines()
+            .skip_while(|l| l.trim() != "bitmaps:")
+            .take_while(|l| !l.trim_start().starts_with("refcount bits"))
+            .map(String::from)
+            .collect()
+    };
+    let ours = block(cli::stdout(&cli::ok(dir.path(), &["info", "disk.qcow2"])));
+    let theirs = block(cli::stdout(&cli::qemu_ok(
+        dir.path(),
+        &["info", "disk.qcow2"],
+    )));
+    assert!(ours.len() > 5, "{ours:?}");
+    assert_eq!(ours, theirs);
     assert_eq!(qemu_nbd_dirty(&path, "b1", dir.path()), vec![]);
 }
 

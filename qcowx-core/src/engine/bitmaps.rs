@@ -61,11 +61,18 @@ pub(crate) struct Bitmaps {
     /// Clusters of bitmaps removed in this session, released when the removal is
     /// stored (offset, bytes).
     released: Vec<(u64, u64)>,
+    /// Every cluster the bitmaps on disk occupy (directory, tables, data), which
+    /// guest data must never overwrite (offset, bytes).
+    metadata: Vec<(u64, u64)>,
 }
 
 impl Bitmaps {
     pub(crate) fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    pub(crate) fn metadata(&self) -> &[(u64, u64)] {
+        &self.metadata
     }
 
     pub(crate) fn infos(&self) -> Vec<BitmapInfo> {
@@ -147,7 +154,9 @@ impl Image {
         let entries = bitmap::parse_directory(&dir, &ext, st.header.size, cs, file_len)
             .map_err(|e| self.bitmap_err(e))?;
         let mut list = Vec::with_capacity(entries.len());
+        let mut metadata = vec![(ext.directory_offset, ext.directory_size)];
         for entry in entries {
+            metadata.extend(self.bitmap_clusters(&entry)?);
             let inconsistent = entry.flags & FLAG_IN_USE != 0;
             let data = if data && !inconsistent {
                 Some(self.read_bitmap_data(&entry, st.header.size)?)
@@ -165,6 +174,7 @@ impl Image {
             on_disk: Some(ext),
             in_use_set: false,
             released: Vec::new(),
+            metadata,
         };
         Ok(())
     }
