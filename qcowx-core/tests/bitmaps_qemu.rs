@@ -160,3 +160,36 @@ fn bitmaps_added_removed_and_changed_through_the_library() {
         "{info}"
     );
 }
+
+#[test]
+fn a_damaged_bitmap_table_is_refused_read_only_and_dropped_by_a_writer() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    let ext = {
+        let img = Image::open(&path).unwrap();
+        img.header()
+            .extensions
+            .get(qcowx_core::format::extensions::EXT_BITMAPS)
+            .unwrap()
+            .data
+            .clone()
+    };
+    let dir_off = u64::from_be_bytes(ext[16..24].try_into().unwrap());
+    let table = qcowx_tests::be64(&path, dir_off);
+    // b0's first table entry points far past the end of the file.
+    qcowx_tests::patch(&path, table, &0x00ff_0000_0000_0000u64.to_be_bytes());
+
+    let img = Image::open(&path).unwrap();
+    assert_eq!(img.bitmaps().unwrap().len(), 2);
+    let err = img.bitmap_dirty("b0").unwrap_err();
+    assert!(err.to_string().contains("bitmap table"), "{err}");
+    drop(img);
+
+    let img = Image::open_rw(&path).unwrap();
+    assert!(img.bitmaps().unwrap().is_empty());
+    assert_eq!(img.header().autoclear & 1, 0);
+    img.write_at(&[5u8; 512], 0).unwrap();
+    img.close().unwrap();
+    assert_qemu_check_clean(&path);
+    assert!(qemu_bitmaps(&path, false).is_empty());
+}

@@ -156,7 +156,10 @@ impl Image {
         let mut list = Vec::with_capacity(entries.len());
         let mut metadata = vec![(ext.directory_offset, ext.directory_size)];
         for entry in entries {
-            metadata.extend(self.bitmap_clusters(&entry)?);
+            if data {
+                // What the overlap guard protects (only writers need it).
+                metadata.extend(self.bitmap_clusters(&entry)?);
+            }
             let inconsistent = entry.flags & FLAG_IN_USE != 0;
             let data = if data && !inconsistent {
                 Some(self.read_bitmap_data(&entry, st.header.size)?)
@@ -345,11 +348,15 @@ impl Image {
         }
         let size = st.header.size;
         let bytes = bitmap::data_bytes(size, bits);
-        if bytes > bitmap::MAX_DATA_BYTES {
+        let held: u64 = (st.bitmaps.list.iter())
+            .map(|b| bitmap::data_bytes(size, b.entry.granularity_bits))
+            .sum();
+        if bytes > bitmap::MAX_DATA_BYTES || held + bytes > bitmap::MAX_TOTAL_DATA_BYTES {
             return Err(Error::InvalidArgument(format!(
-                "a bitmap of {size} bytes at granularity {g} needs {bytes} bytes of data, \
-                 more than {}: use a larger granularity",
-                bitmap::MAX_DATA_BYTES
+                "a bitmap of {size} bytes at granularity {g} needs {bytes} bytes of data \
+                 ({held} held already; at most {} each, {} in all): use a larger granularity",
+                bitmap::MAX_DATA_BYTES,
+                bitmap::MAX_TOTAL_DATA_BYTES
             )));
         }
         st.bitmaps.list.push(Bitmap {

@@ -41,6 +41,9 @@ pub const MAX_GRANULARITY_BITS: u8 = 31;
 /// The most bitmap data qcowx keeps in memory for one bitmap (a bitmap larger than
 /// this is refused: e.g. a 512 TiB disk at 4 KiB granularity).
 pub const MAX_DATA_BYTES: u64 = 512 << 20;
+/// The most bitmap data of all the bitmaps of an image together (what a writable open
+/// holds in memory).
+pub const MAX_TOTAL_DATA_BYTES: u64 = 1 << 30;
 /// Table entry bits holding the data cluster's offset.
 pub const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Table entry bit 0: with offset 0, the cluster reads as all ones.
@@ -227,6 +230,7 @@ pub fn parse_directory(
     };
     let mut out: Vec<DirEntry> = Vec::new();
     let mut pos = 0usize;
+    let mut total = 0u64;
     for index in 0..ext.nb_bitmaps as usize {
         let fixed = dir
             .get(pos..pos + ENTRY_FIXED)
@@ -282,9 +286,12 @@ pub fn parse_directory(
                 entry.table_size
             )));
         }
-        if data_bytes(disk_size, entry.granularity_bits) > MAX_DATA_BYTES {
+        let bytes = data_bytes(disk_size, entry.granularity_bits);
+        total += bytes;
+        if bytes > MAX_DATA_BYTES || total > MAX_TOTAL_DATA_BYTES {
             return Err(bad(format!(
-                "more than {MAX_DATA_BYTES} bytes of bitmap data"
+                "more than {MAX_DATA_BYTES} bytes of bitmap data, or more than \
+                 {MAX_TOTAL_DATA_BYTES} for all bitmaps together"
             )));
         }
         let table_end = entry
