@@ -44,6 +44,9 @@
 //!   ([`nbdinfo`], [`nbdcopy`], [`nbdsh`], [`libnbd_read_ranges`]); a hand-written
 //!   protocol client and an in-process server; [`make_pki`], the certificates of the TLS
 //!   tests.
+//! * **Persistent bitmaps** (`bitmaps`) — [`qemu_bitmaps`] (what `qemu-img info` lists),
+//!   [`nbdinfo_dirty`] (the dirty ranges of a `qemu:dirty-bitmap:NAME` context) and
+//!   [`qemu_nbd_dirty`] (the same through a `qemu-nbd -B NAME` it starts and stops).
 
 #![warn(missing_docs)]
 
