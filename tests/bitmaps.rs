@@ -175,6 +175,24 @@ fn a_killed_server_leaves_the_bitmaps_in_use() {
     let img = qcowx_core::Image::open(&path).unwrap();
     assert!(img.bitmaps().unwrap().iter().all(|b| b.in_use));
     assert!(img.bitmap_dirty("b0").is_err());
+    drop(img);
+    // As in QEMU, an inconsistent bitmap can only be removed; the other stays in use
+    // through a writable session, and the image checks clean.
+    cli::fails(
+        dir.path(),
+        &["bitmap", "--clear", "disk.qcow2", "b0"],
+        &["inconsistent"],
+    );
+    cli::ok(dir.path(), &["bitmap", "--remove", "disk.qcow2", "b0"]);
+    assert_qemu_check_clean(&path);
+    assert_eq!(
+        qemu_bitmaps(&path, false),
+        vec![QemuBitmap {
+            name: "b1".into(),
+            flags: vec!["in-use".into()],
+            granularity: G,
+        }]
+    );
 }
 
 #[test]
