@@ -193,3 +193,20 @@ fn a_damaged_bitmap_table_is_refused_read_only_and_dropped_by_a_writer() {
     assert_qemu_check_clean(&path);
     assert!(qemu_bitmaps(&path, false).is_empty());
 }
+
+#[test]
+fn a_revert_of_the_default_vdi_marks_the_whole_disk() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    let img = Image::open_rw(&path).unwrap();
+    img.snapshot(qcowx_core::DEFAULT_VDI, "s").unwrap();
+    img.close().unwrap();
+    // A clean start: b0 saw nothing yet.
+    assert_eq!(qemu_nbd_dirty(&path, "b0", dir.path()), vec![]);
+    let img = Image::open_rw(&path).unwrap();
+    img.revert(qcowx_core::DEFAULT_VDI, "s").unwrap();
+    img.close().unwrap();
+    assert_eq!(qemu_nbd_dirty(&path, "b0", dir.path()), vec![(0, 64 * MIB)]);
+    assert_eq!(qemu_nbd_dirty(&path, "b1", dir.path()), vec![]);
+    assert_qemu_check_clean(&path);
+}
