@@ -6,7 +6,8 @@
 //! [`image`] declares [`Image`] and its state; each other file holds one job's
 //! `impl Image` block: `open`, `create`, `table` (the one path to L1/L2
 //! entries and the cache), `read`, `write`, `zero`, `flush` (and close), `status`,
-//! `resize`.
+//! `resize`, `bitmaps` (persistent dirty bitmaps: loaded at open, marked at the entry
+//! points of write, zero and discard, stored at a clean close).
 
 pub mod alloc;
 pub mod backing;
