@@ -108,6 +108,9 @@ enum Command {
     Resize(ResizeArgs),
     /// Rename a snapshot or a VDI.
     Rename(RenameArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like
+    /// `qemu-img bitmap`). The image must not be served.
+    Bitmap(BitmapArgs),
     /// Change an image's options (like `qemu-img amend`): `-o refcount_bits=N` widens
     /// or narrows the refcounts.
     Amend(AmendArgs),
@@ -171,6 +174,7 @@ impl Command {
                 | Command::Rename(_)
                 | Command::Amend(_)
                 | Command::Receive(_)
+                | Command::Bitmap(_)
         )
     }
 
@@ -537,6 +541,38 @@ struct ResizeArgs {
     size: String,
 }
 
+#[derive(Args, Debug)]
+struct BitmapArgs {
+    /// Add the bitmap (empty; enabled unless --disable).
+    #[arg(long)]
+    add: bool,
+    /// Remove the bitmap (an inconsistent one too).
+    #[arg(long)]
+    remove: bool,
+    /// Clear every bit of the bitmap.
+    #[arg(long)]
+    clear: bool,
+    /// Enable the bitmap: writes to the default VDI mark it.
+    #[arg(long, conflicts_with = "disable")]
+    enable: bool,
+    /// Disable the bitmap: it keeps its bits and no longer tracks writes.
+    #[arg(long)]
+    disable: bool,
+    /// Mark dirty in the bitmap everything dirty in bitmap SOURCE (repeatable).
+    #[arg(long, value_name = "SOURCE")]
+    merge: Vec<String>,
+    /// Bytes per bit of a new bitmap (512 to 2G, a power of two; K/M/G suffixes;
+    /// default: the cluster size).
+    #[arg(short = 'g', long, value_name = "SIZE", value_parser = size_arg)]
+    granularity: Option<u64>,
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// The bitmap's name.
+    #[arg(value_name = "BITMAP")]
+    bitmap: String,
+}
+
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("kind").required(true).args(["snapshot", "vdi"])))]
 struct RenameArgs {
@@ -674,6 +710,7 @@ fn main() -> ExitCode {
         Command::Map(a) => roots::map(&a, quiet, out),
         Command::Resize(a) => image::resize(&a, quiet, out),
         Command::Rename(a) => roots::rename(&a),
+        Command::Bitmap(a) => commands::bitmap::bitmap(&a),
         Command::Amend(a) => image::amend(&a),
         Command::Compare(a) => image::compare(&a, quiet, out),
         Command::Convert(a) => image::convert(&a, quiet),

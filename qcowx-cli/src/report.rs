@@ -95,11 +95,31 @@ pub fn info_json(filename: &str, info: &ImageInfo, actual_size: u64) -> Value {
         data.insert("corrupt".into(), json!(info.corrupt));
         data.insert("extended-l2".into(), json!(info.extended_l2));
     }
+    if !info.bitmaps.is_empty() {
+        let list: Vec<Value> = info
+            .bitmaps
+            .iter()
+            .map(|b| json!({ "flags": bitmap_flags(b), "name": b.name, "granularity": b.granularity }))
+            .collect();
+        data.insert("bitmaps".into(), Value::Array(list));
+    }
     m.insert(
         "format-specific".into(),
         json!({ "type": "qcow2", "data": Value::Object(data) }),
     );
     Value::Object(m)
+}
+
+/// A bitmap's flags as QEMU names them, in QEMU's order.
+fn bitmap_flags(b: &qcowx_core::BitmapInfo) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if b.in_use {
+        f.push("in-use");
+    }
+    if b.enabled {
+        f.push("auto");
+    }
+    f
 }
 
 fn snapshot_json(s: &SnapshotInfo) -> Value {
@@ -169,6 +189,18 @@ pub fn info_human(
     writeln!(out, "    compression type: {}", info.compression_type)?;
     if info.version >= 3 {
         writeln!(out, "    lazy refcounts: {}", info.lazy_refcounts)?;
+    }
+    if !info.bitmaps.is_empty() {
+        writeln!(out, "    bitmaps:")?;
+        for (i, b) in info.bitmaps.iter().enumerate() {
+            writeln!(out, "        [{i}]:")?;
+            writeln!(out, "            flags:")?;
+            for (j, f) in bitmap_flags(b).iter().enumerate() {
+                writeln!(out, "                [{j}]: {f}")?;
+            }
+            writeln!(out, "            name: {}", b.name)?;
+            writeln!(out, "            granularity: {}", b.granularity)?;
+        }
     }
     writeln!(out, "    refcount bits: {}", info.refcount_bits)?;
     if info.version >= 3 {

@@ -1833,6 +1833,10 @@ fn every_commands_json_matches_the_documented_schema() {
         ],
     );
     run_json("info", &["info", "--output=json", "v2.qcow2"], 0);
+    // An image with a persistent bitmap (the `bitmaps` key).
+    ok_quiet(d, &["create", "bm.qcow2", "1M"]);
+    ok_quiet(d, &["bitmap", "--add", "bm.qcow2", "b0"]);
+    run_json("info", &["info", "--output=json", "bm.qcow2"], 0);
 
     // check: clean; leaked then repaired; corrupted then repaired; compressed and
     // fragmented clusters.

@@ -79,6 +79,15 @@ pub enum Error {
         /// The first, as `check` words it (structure and offset, in hex).
         first: String,
     },
+    /// The persistent bitmaps (extension, directory or a table) are invalid.
+    #[error("{file}: {source}")]
+    Bitmap {
+        /// The image file.
+        file: String,
+        /// What is wrong.
+        #[source]
+        source: crate::format::bitmap::BitmapError,
+    },
     /// The snapshot table is invalid.
     #[error("{file}: {source}")]
     Snapshot {
@@ -412,6 +421,7 @@ impl Error {
             },
             Error::Header { .. }
             | Error::Snapshot { .. }
+            | Error::Bitmap { .. }
             | Error::Compressed { .. }
             | Error::Backing { .. } => ErrorKind::Image,
         }

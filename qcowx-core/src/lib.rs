@@ -82,8 +82,8 @@ pub mod stream;
 pub mod vdi;
 
 pub use engine::{
-    CreateOptions, Extent, ExtentStatus, IfExists, Image, ImageInfo, OpenOptions, OpenState,
-    SnapshotInfo,
+    BitmapInfo, CreateOptions, Extent, ExtentStatus, IfExists, Image, ImageInfo, OpenOptions,
+    OpenState, SnapshotInfo,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use format::compress::CompressionType;

@@ -35,15 +35,14 @@ fn insert_unknown_extension(path: &std::path::Path, kind: u32, data: &[u8]) {
 }
 
 #[test]
-fn unknown_extensions_survive_writes_and_bitmaps_are_invalidated() {
+fn unknown_extensions_survive_writes_and_bitmaps_stay_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ext.qcow2");
     let p = path.to_str().unwrap();
     assert!(qemu_img(&["create", "-q", "-f", "qcow2", p, "8M"])
         .status
         .success());
-    // A persistent bitmap: qcowx clears its auto-clear bit when it opens the image for
-    // writing (as any writer that does not maintain bitmaps must).
+    // A persistent bitmap: qcowx maintains it, so its auto-clear bit stays set.
     let out = qemu_img(&["bitmap", "--add", p, "b0"]);
     assert!(
         out.status.success(),
@@ -67,7 +66,10 @@ fn unknown_extensions_survive_writes_and_bitmaps_are_invalidated() {
         .cloned()
         .expect("unknown extension kept");
     assert_eq!(ext.data, payload);
-    assert_eq!(img.header().autoclear & 1, 0, "bitmaps marked inconsistent");
+    assert_eq!(img.header().autoclear & 1, 1, "bitmaps kept consistent");
+    let b0 = &img.bitmaps().unwrap()[0];
+    assert_eq!((b0.name.as_str(), b0.in_use), ("b0", false));
+    assert_eq!(img.bitmap_dirty("b0").unwrap(), vec![(65536, 65536)]);
     drop(img);
     assert_qemu_check_clean(&path);
     let raw = std::fs::read(&path).unwrap();

@@ -101,6 +101,8 @@ pub struct Exports {
     image: Arc<Image>,
     plan: ExportPlan,
     read_only: bool,
+    /// Persistent bitmaps exported as `qemu:dirty-bitmap:NAME` (`-B`).
+    bitmaps: Vec<String>,
 }
 
 impl Exports {
@@ -111,6 +113,7 @@ impl Exports {
             image,
             plan,
             read_only,
+            bitmaps: Vec::new(),
         };
         if let ExportPlan::Fixed(specs) = &exports.plan {
             if specs.is_empty() {
@@ -132,6 +135,43 @@ impl Exports {
             }
         }
         Ok(exports)
+    }
+
+    /// Exports the persistent bitmaps `names` as `qemu:dirty-bitmap:NAME` contexts of
+    /// the default VDI's exports. Each must exist and be consistent; an enabled one
+    /// needs read-only exports (its bits would change under the client), as qemu-nbd
+    /// requires.
+    pub fn with_bitmaps(mut self, names: Vec<String>) -> Result<Exports> {
+        let writable = !self.read_only && self.image.is_writable();
+        let list = self.image.bitmaps()?;
+        for n in &names {
+            let Some(b) = list.iter().find(|b| &b.name == n) else {
+                return Err(Error::Config(format!(
+                    "bitmap '{n}' not found in {}",
+                    self.image.file_name()
+                )));
+            };
+            if b.in_use {
+                return Err(Error::Config(format!(
+                    "bitmap '{n}' is inconsistent (in use): it cannot be exported"
+                )));
+            }
+            if b.enabled && writable {
+                return Err(Error::Config(format!(
+                    "enabled bitmap '{n}' is incompatible with a writable export: \
+                     serve read-only (-r) or disable it first"
+                )));
+            }
+            // Read now, so that a damaged bitmap refuses the start, not a client.
+            self.image.bitmap_dirty_in(n, 0, 0)?;
+        }
+        self.bitmaps = names;
+        Ok(self)
+    }
+
+    /// The persistent bitmaps exported (`-B`).
+    pub fn bitmaps(&self) -> &[String] {
+        &self.bitmaps
     }
 
     /// The image.

@@ -50,6 +50,9 @@ pub enum MetaContext {
     /// `qemu:dirty-bitmap:SNAPSHOT`: bit 0 set where the export may differ from the
     /// snapshot (whole clusters).
     DirtyBitmap(String),
+    /// `qemu:dirty-bitmap:NAME` of a persistent bitmap exported with `-B NAME`: bit 0
+    /// set where the bitmap is dirty (whole granules), as qemu-nbd reports it.
+    PersistentBitmap(String),
 }
 
 impl MetaContext {
@@ -58,14 +61,26 @@ impl MetaContext {
         match self {
             MetaContext::BaseAllocation => "base:allocation".into(),
             MetaContext::AllocationDepth => "qemu:allocation-depth".into(),
-            MetaContext::DirtyBitmap(s) => format!("{DIRTY_BITMAP_PREFIX}{s}"),
+            MetaContext::DirtyBitmap(s) | MetaContext::PersistentBitmap(s) => {
+                format!("{DIRTY_BITMAP_PREFIX}{s}")
+            }
         }
     }
 
-    /// Every context available when the image holds `snapshots`.
-    pub fn available(snapshots: &[String]) -> Vec<MetaContext> {
+    /// Every context available when the image holds `snapshots` and the export
+    /// carries the persistent `bitmaps`. A name in `bitmaps` is the persistent
+    /// bitmap: a snapshot of the same name has no diff context then (one name, one
+    /// context).
+    pub fn available(snapshots: &[String], bitmaps: &[String]) -> Vec<MetaContext> {
         let mut v = vec![MetaContext::BaseAllocation, MetaContext::AllocationDepth];
-        v.extend(snapshots.iter().cloned().map(MetaContext::DirtyBitmap));
+        v.extend(bitmaps.iter().cloned().map(MetaContext::PersistentBitmap));
+        v.extend(
+            snapshots
+                .iter()
+                .filter(|s| !bitmaps.contains(s))
+                .cloned()
+                .map(MetaContext::DirtyBitmap),
+        );
         v
     }
 }
@@ -534,7 +549,13 @@ pub fn haggle<S: Read + Write>(
                 let Some(info) = known_export(s, opt, ctx.exports, &req.export)? else {
                     continue;
                 };
-                let available = MetaContext::available(&ctx.exports.snapshots()?);
+                // Persistent bitmaps describe the default VDI (QCOW2's active layer).
+                let bitmaps = if info.root == qcowx_core::vdi::DEFAULT_VDI {
+                    ctx.exports.bitmaps()
+                } else {
+                    &[]
+                };
+                let available = MetaContext::available(&ctx.exports.snapshots()?, bitmaps);
                 let contexts = match_contexts(&req.queries, !set, &available);
                 for (i, c) in contexts.iter().enumerate() {
                     let id = if set { context_id(i) } else { 0 };
@@ -666,7 +687,12 @@ mod tests {
         }
         let r = parse_meta(&d).expect("valid");
         assert_eq!(r.export, "");
-        let all = MetaContext::available(&["s1".to_string(), "s2".to_string()]);
+        let all = MetaContext::available(&["s1".to_string(), "s2".to_string()], &[]);
+        let shadowed = MetaContext::available(&["s1".to_string()], &["s1".to_string()]);
+        assert_eq!(
+            match_contexts(&["qemu:dirty-bitmap:s1".into()], false, &shadowed),
+            vec![MetaContext::PersistentBitmap("s1".into())]
+        );
         assert_eq!(match_contexts(&r.queries, true, &all), all[..2].to_vec());
         assert_eq!(match_contexts(&[], true, &all), all);
         assert_eq!(

@@ -75,6 +75,13 @@ struct Args {
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
 
+    /// Export the persistent dirty bitmap NAME as the metadata context
+    /// `qemu:dirty-bitmap:NAME` of the default VDI's export (repeatable), as qemu-nbd
+    /// does. The name means the persistent bitmap: a snapshot of the same name loses
+    /// its snapshot-diff context. An enabled bitmap needs -r.
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmaps: Vec<String>,
+
     /// Name of the default VDI's export (or of the -l snapshot's export).
     #[arg(short = 'x', long = "export-name", value_name = "NAME")]
     export_name: Option<String>,
@@ -549,8 +556,9 @@ fn run(args: Args) -> Result<(), String> {
     }
     let plan = plan(&args, &image)?;
     let image = Arc::new(image);
-    let exports =
-        Exports::new(Arc::clone(&image), plan, args.read_only).map_err(|e| e.to_string())?;
+    let exports = Exports::new(Arc::clone(&image), plan, args.read_only)
+        .and_then(|e| e.with_bitmaps(args.bitmaps.clone()))
+        .map_err(|e| e.to_string())?;
 
     let mut listen = Vec::new();
     if let Some(p) = &args.socket {

@@ -44,10 +44,14 @@
 //!   ([`nbdinfo`], [`nbdcopy`], [`nbdsh`], [`libnbd_read_ranges`]); a hand-written
 //!   protocol client and an in-process server; [`make_pki`], the certificates of the TLS
 //!   tests.
+//! * **Persistent bitmaps** (`bitmaps`) — [`qemu_bitmaps`] (what `qemu-img info` lists),
+//!   [`nbdinfo_dirty`] (the dirty ranges of a `qemu:dirty-bitmap:NAME` context) and
+//!   [`qemu_nbd_dirty`] (the same through a `qemu-nbd -B NAME` it starts and stops).
 
 #![warn(missing_docs)]
 
 mod bins;
+mod bitmaps;
 mod bounded;
 pub mod cli;
 pub mod damaged;
@@ -65,6 +69,7 @@ mod rng;
 pub mod strategies;
 
 pub use bins::*;
+pub use bitmaps::*;
 pub use bounded::*;
 pub use expected::*;
 pub use files::*;

@@ -33,7 +33,55 @@ pub fn execute(img: &Image, req: &Request, host: &dyn Host) -> Result<Response> 
         Request::Diff { from, to } => diff(img, from, to),
         Request::Usage => usage(img),
         Request::Check => Ok(Response::Check(img.check()?)),
+        Request::Bitmap { .. } => bitmap(img, req),
     }
+}
+
+fn bitmap(img: &Image, req: &Request) -> Result<Response> {
+    let Request::Bitmap {
+        bitmap: name,
+        add,
+        granularity,
+        clear,
+        merge,
+        enable,
+        disable,
+        remove,
+    } = req
+    else {
+        return Ok(Response::Done);
+    };
+    if !(*add || *remove || *clear || *enable || *disable || !merge.is_empty()) {
+        return Err(crate::Error::InvalidArgument(
+            "need at least one of add, remove, clear, enable, disable, merge".into(),
+        ));
+    }
+    if *enable && *disable {
+        return Err(crate::Error::InvalidArgument(
+            "enable and disable exclude each other".into(),
+        ));
+    }
+    if granularity.is_some() && !*add {
+        return Err(crate::Error::InvalidArgument(
+            "a granularity only goes with add".into(),
+        ));
+    }
+    if *add {
+        img.bitmap_add(name, *granularity, *disable)?;
+    }
+    if *clear {
+        img.bitmap_clear(name)?;
+    }
+    for source in merge {
+        img.bitmap_merge(source, name)?;
+    }
+    if *enable || (*disable && !*add) {
+        img.bitmap_enable(name, *enable)?;
+    }
+    if *remove {
+        img.bitmap_remove(name)?;
+    }
+    Ok(Response::Done)
 }
 
 fn snapshot(img: &Image, host: &dyn Host, vdi: &str, name: &str) -> Result<Response> {

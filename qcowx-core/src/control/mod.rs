@@ -49,6 +49,7 @@
 //! | `{"op": "diff", "from": ROOT, "to": ROOT}` | [`Image::diff`] |
 //! | `{"op": "usage"}` | [`Image::list`] and [`Image::root_usage`] (`qcowx tree`) |
 //! | `{"op": "check"}` | [`Image::check`] on the served image (its own changes written out first) |
+//! | `{"op": "bitmap", "bitmap": NAME, "add", "granularity", "clear", "merge": [SOURCE...], "enable", "disable", "remove"}` | [`Image::bitmap_add`], [`Image::bitmap_clear`], [`Image::bitmap_merge`], [`Image::bitmap_enable`], [`Image::bitmap_remove`] in that order (`qcowx bitmap`; every key but `bitmap` may be left out) |
 //!
 //! Every request may carry `"image": PATH`: the server then refuses it (kind
 //! `wrong-image`) unless PATH names the file it serves — [`request`] always sends it.
@@ -60,7 +61,7 @@
 //! "exclusive-bytes"}` per root, in the same order); `check`: `"check"` (the fields
 //! of [`crate::CheckReport`], kebab-case: `"corruptions"`, `"leaks"`,
 //! `"check-errors"`, `"messages"`, ...);
-//! `delete` and `revert`: nothing more. Roots, gc reports and ranges have the keys of
+//! `delete`, `revert` and `bitmap`: nothing more. Roots, gc reports and ranges have the keys of
 //! `qcowx list|gc|diff --output=json` (`spec/cli-json.md`): a root is `{"name",
 //! "kind": "vdi"|"snapshot", "uid": HEX, "vdi", "parent", "date-sec", "date-nsec",
 //! "virtual-size", "id"}`; a gc report `{"roots-removed", "clusters-freed",
@@ -110,6 +111,11 @@
 //! [`Image::diff`]: crate::Image::diff
 //! [`Image::root_usage`]: crate::Image::root_usage
 //! [`Image::check`]: crate::Image::check
+//! [`Image::bitmap_add`]: crate::Image::bitmap_add
+//! [`Image::bitmap_clear`]: crate::Image::bitmap_clear
+//! [`Image::bitmap_merge`]: crate::Image::bitmap_merge
+//! [`Image::bitmap_enable`]: crate::Image::bitmap_enable
+//! [`Image::bitmap_remove`]: crate::Image::bitmap_remove
 
 mod client;
 mod exec;

@@ -61,6 +61,34 @@ pub enum Request {
     /// Check the image's metadata and refcounts, as the server sees them (its own
     /// changes written out first, so only damage is reported).
     Check,
+    /// Change persistent dirty bitmap `bitmap` as `qemu-img bitmap` does, in the
+    /// order add, clear, merge, enable/disable, remove (every key but `bitmap` may be
+    /// left out).
+    Bitmap {
+        /// The bitmap.
+        bitmap: String,
+        /// Add it (empty; enabled unless `disable`).
+        #[serde(default)]
+        add: bool,
+        /// Bytes per bit of the added bitmap (default: the cluster size).
+        #[serde(default)]
+        granularity: Option<u64>,
+        /// Clear every bit.
+        #[serde(default)]
+        clear: bool,
+        /// Bitmaps whose dirty ranges are marked in this one.
+        #[serde(default)]
+        merge: Vec<String>,
+        /// Enable it.
+        #[serde(default)]
+        enable: bool,
+        /// Disable it.
+        #[serde(default)]
+        disable: bool,
+        /// Remove it.
+        #[serde(default)]
+        remove: bool,
+    },
 }
 
 fn default_vdi() -> String {
@@ -576,6 +604,16 @@ mod tests {
             },
             Request::Usage,
             Request::Check,
+            Request::Bitmap {
+                bitmap: "b0".into(),
+                add: true,
+                granularity: Some(65536),
+                clear: false,
+                merge: vec!["b1".into()],
+                enable: false,
+                disable: true,
+                remove: false,
+            },
         ]
     }
 
@@ -620,6 +658,7 @@ mod tests {
                 r#"{"from":"s1","op":"diff","to":"default"}"#,
                 r#"{"op":"usage"}"#,
                 r#"{"op":"check"}"#,
+                r#"{"add":true,"bitmap":"b0","clear":false,"disable":true,"enable":false,"granularity":65536,"merge":["b1"],"op":"bitmap","remove":false}"#,
             ]
         );
         let r = Request::Snapshot {

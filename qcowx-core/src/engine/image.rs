@@ -52,6 +52,9 @@ pub struct ImageInfo {
     pub file_length: u64,
     /// Snapshot table entries.
     pub snapshots: Vec<SnapshotInfo>,
+    /// Persistent dirty bitmaps (empty when the bitmaps extension is absent or not
+    /// consistent).
+    pub bitmaps: Vec<super::BitmapInfo>,
 }
 
 /// One snapshot table entry, as `qemu-img info` lists it.
@@ -163,6 +166,8 @@ pub(crate) struct State {
     pub(crate) metadata: super::overlap::MetadataMap,
     /// Set when a write on metadata was refused: why this handle writes no more.
     pub(crate) refused: Option<String>,
+    /// The persistent dirty bitmaps.
+    pub(crate) bitmaps: super::bitmaps::Bitmaps,
 }
 
 /// The I/O gate held exclusively: no data I/O is in flight (the proof some metadata
@@ -445,6 +450,7 @@ impl Image {
                     disk_size: s.disk_size(),
                 })
                 .collect(),
+            bitmaps: st.bitmaps.infos(),
         })
     }
 

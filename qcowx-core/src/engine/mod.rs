@@ -6,10 +6,12 @@
 //! [`image`] declares [`Image`] and its state; each other file holds one job's
 //! `impl Image` block: `open`, `create`, `table` (the one path to L1/L2
 //! entries and the cache), `read`, `write`, `zero`, `flush` (and close), `status`,
-//! `resize`.
+//! `resize`, `bitmaps` (persistent dirty bitmaps: loaded at open, marked at the entry
+//! points of write, zero and discard, stored at a clean close).
 
 pub mod alloc;
 pub mod backing;
+mod bitmaps;
 pub mod cache;
 pub mod chain;
 mod create;
@@ -27,6 +29,7 @@ mod walk;
 mod write;
 mod zero;
 
+pub use bitmaps::BitmapInfo;
 pub use create::{CreateOptions, IfExists};
 pub use image::{Image, ImageInfo, OpenState, RootId, SnapshotInfo, DEFAULT_ROOT};
 pub use open::OpenOptions;

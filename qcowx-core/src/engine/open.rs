@@ -293,6 +293,7 @@ impl Image {
             l1_changes: 0,
             metadata: Default::default(),
             refused: None,
+            bitmaps: Default::default(),
             header,
         };
         let img = Image {
@@ -310,28 +311,43 @@ impl Image {
         };
         // A repair-mode open checks and changes nothing: the repair decides.
         if opts.write && !opts.repair {
-            img.clear_autoclear()?;
+            // Bitmaps qcowx cannot read are dropped as any writer lacking bitmap
+            // support drops them: their auto-clear bit is cleared below.
+            let kept = img.load_bitmaps(true).is_ok();
+            img.clear_autoclear(kept)?;
             // Anything may have written the image since qcowx last did: find out, and
             // restore what qcowx relies on before any write of ours.
             let state = img.settle_after_open()?;
             img.lock_state()?.open_state = state;
+            img.mark_bitmaps_in_use()?;
+        } else if !opts.write {
+            // A read-only open lists what it can read; a broken directory reads as
+            // no bitmaps here (check and a writable open say more).
+            let _ = img.load_bitmaps(false);
         }
         Ok(img)
     }
 
-    /// Clears every auto-clear feature bit before the first write, as QCOW2 requires of
-    /// a writer: qcowx maintains none of them (persistent bitmaps become inconsistent,
-    /// exactly as when any writer that does not know them writes the image). One
-    /// single-sector header write, made durable before any other write.
-    pub(super) fn clear_autoclear(&self) -> Result<()> {
+    /// Clears every auto-clear feature bit qcowx does not maintain before the first
+    /// write, as QCOW2 requires of a writer: all but bit 0 (bitmaps) when
+    /// `keep_bitmaps` (qcowx read them and maintains them from here on). Bitmaps qcowx
+    /// could not read become inconsistent, exactly as when any writer that does not
+    /// know them writes the image. One single-sector header write, made durable
+    /// before any other write.
+    pub(super) fn clear_autoclear(&self, keep_bitmaps: bool) -> Result<()> {
         let mut st = self.lock_state()?;
-        // qcowx keeps no auto-clear bit set at rest (see `reconcile`); images an
+        // qcowx keeps no other auto-clear bit set at rest (see `reconcile`); images an
         // earlier qcowx marked with bit 32 lose it here too.
-        let keep = 0;
+        let keep = if keep_bitmaps {
+            st.header.autoclear & Autoclear::BITMAPS.bits()
+        } else {
+            0
+        };
         if st.header.autoclear == keep {
             return Ok(());
         }
-        if st.header.autoclear & Autoclear::BITMAPS.bits() != 0 {
+        if st.header.autoclear & Autoclear::BITMAPS.bits() & !keep != 0 {
+            st.bitmaps = Default::default();
             // The bitmaps' clusters stop being referenced: their refcounts become
             // stale in the same header write.
             st.header.incompatible |= Incompatible::DIRTY;

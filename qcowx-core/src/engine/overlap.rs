@@ -47,6 +47,8 @@ pub(crate) enum Structure {
     RefcountBlock,
     /// The snapshot table.
     SnapshotTable,
+    /// A persistent bitmap's directory, table or data cluster.
+    Bitmap,
 }
 
 impl Structure {
@@ -60,6 +62,7 @@ impl Structure {
             Structure::RefcountTable => "refcount table",
             Structure::RefcountBlock => "refcount block",
             Structure::SnapshotTable => "snapshot table",
+            Structure::Bitmap => "persistent bitmap",
         }
     }
 }
@@ -200,6 +203,9 @@ impl Image {
                 u64::from(e.l1_size) * 8,
                 Structure::SnapshotL1Table,
             );
+        }
+        for &(offset, len) in st.bitmaps.metadata() {
+            add(offset, len, Structure::Bitmap);
         }
         let mut l2 = Vec::new();
         for r in st.roots.values() {

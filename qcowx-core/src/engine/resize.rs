@@ -34,6 +34,12 @@ impl Image {
                 what: "shrinking an image".into(),
             });
         }
+        if !st.bitmaps.is_empty() {
+            return Err(Error::Unsupported {
+                file: self.name.clone(),
+                what: "resizing an image with persistent bitmaps (remove them first)".into(),
+            });
+        }
         if new_size > MAX_VIRTUAL_SIZE {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} is larger than the maximum {MAX_VIRTUAL_SIZE}"

@@ -68,9 +68,10 @@ impl Image {
         let cs = self.geo.cluster_size();
         let len = buf.len() as u64;
         {
-            let st = self.lock_state()?;
+            let mut st = self.lock_state()?;
             self.check_root_writable(&st, root)?;
             self.check_range(&st, root, offset, len)?;
+            self.mark_bitmaps(&mut st, root, offset, len);
         }
         let mut pos = 0u64;
         while pos < len {

@@ -42,9 +42,10 @@ impl Image {
         self.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
         let cs = self.geo.cluster_size();
         let (size, v3) = {
-            let st = self.lock_state()?;
+            let mut st = self.lock_state()?;
             self.check_root_writable(&st, root)?;
             self.check_range(&st, root, offset, len)?;
+            self.mark_bitmaps(&mut st, root, offset, len);
             (self.root(&st, root)?.size, st.header.version >= 3)
         };
         let end = offset + len;

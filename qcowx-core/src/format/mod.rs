@@ -3,6 +3,7 @@
 //! snapshot table, the clean-close stamp, the compressed-cluster codecs, and the send/receive stream.
 
 pub mod addr;
+pub mod bitmap;
 pub mod compress;
 pub mod extensions;
 pub mod header;

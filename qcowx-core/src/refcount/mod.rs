@@ -140,6 +140,9 @@ impl Image {
                     // corrupt. Links to data already written are flushed (they were
                     // checked), refcounts are left to a repair.
                     Ok(())
+                } else if let Err(e) = self.store_bitmaps(&mut st) {
+                    // The bitmaps stay in use on disk (inconsistent), as after a crash.
+                    Err(e)
                 } else if st.stale {
                     write_refcounts(self, &mut st)
                 } else if st.open_state == OpenState::Reconciled

@@ -474,6 +474,17 @@ impl Image {
             let s = self.find_snapshot(st, snapshot)?;
             let target = self.find_vdi(st, vdi)?;
             let loc = Image::l1_loc(st, Target::Entry(s));
+            if matches!(target, Target::Default)
+                && loc.size != st.header.size
+                && !st.bitmaps.is_empty()
+            {
+                return Err(Error::Unsupported {
+                    file: self.name.clone(),
+                    what: "a revert that changes the disk size of an image with persistent \
+                           bitmaps (remove them first)"
+                        .into(),
+                });
+            }
             let l1 = self.head_l1(loc)?;
             crate::refcount::check_room_for_root(self, st, gate, &l1)?;
             self.flush_metadata(st)?;
@@ -512,6 +523,9 @@ impl Image {
                         st.deltas.lose_exactness();
                         return Err(e);
                     }
+                    // Every byte of the disk may have changed: the bitmaps say so.
+                    let size = st.header.size;
+                    self.mark_bitmaps(st, DEFAULT_ROOT, 0, size);
                     Target::Default
                 }
                 Target::Entry(h) => {

@@ -81,7 +81,7 @@ fn status_of(e: &Extent, ctx: &MetaContext) -> u32 {
             ExtentStatus::Data | ExtentStatus::Zero => e.depth + 1,
         },
         // Computed from the tree diff, never from extents.
-        MetaContext::DirtyBitmap(_) => 1,
+        MetaContext::DirtyBitmap(_) | MetaContext::PersistentBitmap(_) => 1,
     }
 }
 
@@ -111,7 +111,9 @@ pub(super) fn descriptors(
 ) -> Vec<(u64, u32)> {
     let gap = match ctx {
         MetaContext::BaseAllocation => 0,
-        MetaContext::AllocationDepth | MetaContext::DirtyBitmap(_) => 1,
+        MetaContext::AllocationDepth
+        | MetaContext::DirtyBitmap(_)
+        | MetaContext::PersistentBitmap(_) => 1,
     };
     let pieces = extents
         .iter()
@@ -133,7 +135,7 @@ pub(super) fn align_descriptors(
     let combine = |a: u32, b: u32| match ctx {
         MetaContext::BaseAllocation => a & b,
         MetaContext::AllocationDepth => a.max(b),
-        MetaContext::DirtyBitmap(_) => a | b,
+        MetaContext::DirtyBitmap(_) | MetaContext::PersistentBitmap(_) => a | b,
     };
     let mut out: Vec<(u64, u32)> = Vec::new();
     let mut pos = offset;

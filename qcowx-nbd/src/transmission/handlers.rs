@@ -233,10 +233,12 @@ impl<W: ReplyWriter> Conn<'_, W> {
     pub(super) fn block_status(&self, req: &Request, out: &mut ReplyBuf) {
         let len = u64::from(req.length).min(MAX_STATUS_QUERY);
         let disk = &self.export.disk;
-        let needs_extents = self
-            .contexts
-            .iter()
-            .any(|c| !matches!(c, MetaContext::DirtyBitmap(_)));
+        let needs_extents = self.contexts.iter().any(|c| {
+            !matches!(
+                c,
+                MetaContext::DirtyBitmap(_) | MetaContext::PersistentBitmap(_)
+            )
+        });
         let extents = if needs_extents {
             match disk.block_status(req.offset, len) {
                 Ok(e) => e,
@@ -253,6 +255,21 @@ impl<W: ReplyWriter> Conn<'_, W> {
                 MetaContext::DirtyBitmap(snap) => {
                     match disk.image().diff(snap, &self.export.info.root) {
                         Ok(ranges) => dirty_descriptors(&ranges, req.offset, len),
+                        Err(e) => {
+                            out.truncate(start);
+                            return self.image_error(out, req, &e, false);
+                        }
+                    }
+                }
+                MetaContext::PersistentBitmap(name) => {
+                    match disk.image().bitmap_dirty_in(name, req.offset, len) {
+                        Ok(ranges) => {
+                            let ranges: Vec<qcowx_core::Range> = ranges
+                                .into_iter()
+                                .map(|(offset, length)| qcowx_core::Range { offset, length })
+                                .collect();
+                            dirty_descriptors(&ranges, req.offset, len)
+                        }
                         Err(e) => {
                             out.truncate(start);
                             return self.image_error(out, req, &e, false);

@@ -1,0 +1,284 @@
+//! Persistent dirty bitmaps through qcowx's programs, judged by QEMU and libnbd: writes
+//! through `qcowx io` and `qcowx-nbd` keep the bitmaps consistent and mark exactly the
+//! ranges written; `qcowx-nbd -B NAME` exports `qemu:dirty-bitmap:NAME` as `qemu-nbd
+//! -B NAME` does; a SIGKILLed server leaves them in use; an incremental backup loop
+//! through `qcowx-nbd -B` restores the disk exactly.
+
+use std::path::{Path, PathBuf};
+
+use qcowx_tests::cli;
+use qcowx_tests::{
+    assert_qemu_check_clean, assert_qemu_compare_eq, convert_to_raw, libnbd_read_ranges,
+    nbdinfo_dirty, qemu_bitmaps, qemu_img_create, qemu_img_ok, qemu_io_ok, qemu_nbd_dirty,
+    require_qemu_tools, tempdir, QcowxNbd, QemuBitmap, Rng,
+};
+
+const MIB: u64 = 1 << 20;
+const G: u64 = 65536;
+
+fn image_with_bitmaps(dir: &Path) -> PathBuf {
+    require_qemu_tools();
+    let path = dir.join("disk.qcow2");
+    qemu_img_create(&path, 64 * MIB, "");
+    let p = path.to_str().unwrap();
+    qemu_img_ok(&["bitmap", "--add", "-g", "65536", p, "b0"]);
+    qemu_img_ok(&["bitmap", "--add", "--disable", "-g", "65536", p, "b1"]);
+    path
+}
+
+fn consistent() -> Vec<QemuBitmap> {
+    vec![
+        QemuBitmap {
+            name: "b0".into(),
+            flags: vec!["auto".into()],
+            granularity: G,
+        },
+        QemuBitmap {
+            name: "b1".into(),
+            flags: vec![],
+            granularity: G,
+        },
+    ]
+}
+
+/// qemu-io over NBD (raw protocol) at `uri`.
+fn nbd_io(uri: &str, cmds: &[&str]) {
+    qemu_io_ok("raw", Path::new(uri), cmds);
+}
+
+#[test]
+fn qcowx_io_writes_keep_bitmaps_consistent() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    cli::ok(
+        dir.path(),
+        &[
+            "io",
+            "-c",
+            "write -P 0x11 0 4k",
+            "-c",
+            "write -z 8M 128k",
+            "-c",
+            "discard 16M 64k",
+            "disk.qcow2",
+        ],
+    );
+    assert_eq!(qemu_bitmaps(&path, false), consistent());
+    assert_qemu_check_clean(&path);
+    assert_eq!(
+        qemu_nbd_dirty(&path, "b0", dir.path()),
+        vec![(0, G), (8 * MIB, 2 * G), (16 * MIB, G)]
+    );
+    // qcowx info lists them as qemu-img info does, in JSON and in text.
+    let ours = cli::json(&cli::ok(
+        dir.path(),
+        &["info", "--output=json", "disk.qcow2"],
+    ));
+    let theirs = qcowx_tests::qemu_info(&path, false);
+    let key = |v: &serde_json::Value| v["format-specific"]["data"]["bitmaps"].clone();
+    assert_eq!(key(&ours), key(&theirs));
+    let block = |text: String| -> Vec<String> {
+        text.lines()
+            .skip_while(|l| l.trim() != "bitmaps:")
+            .take_while(|l| !l.trim_start().starts_with("refcount bits"))
+            .map(String::from)
+            .collect()
+    };
+    let ours = block(cli::stdout(&cli::ok(dir.path(), &["info", "disk.qcow2"])));
+    let theirs = block(cli::stdout(&cli::qemu_ok(
+        dir.path(),
+        &["info", "disk.qcow2"],
+    )));
+    assert!(ours.len() > 5, "{ours:?}");
+    assert_eq!(ours, theirs);
+    assert_eq!(qemu_nbd_dirty(&path, "b1", dir.path()), vec![]);
+}
+
+#[test]
+fn writes_through_qcowx_nbd_keep_bitmaps_consistent() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    let server = QcowxNbd::in_dir(dir.path(), &path, &["--discard=unmap"]);
+    nbd_io(
+        &server.uri(""),
+        &["write -P 0x22 1M 100k", "write -z 2M 64k", "discard 32M 1M"],
+    );
+    server.stop();
+    assert_eq!(qemu_bitmaps(&path, false), consistent());
+    assert_qemu_check_clean(&path);
+    assert_eq!(
+        qemu_nbd_dirty(&path, "b0", dir.path()),
+        vec![(MIB, 2 * G), (2 * MIB, G), (32 * MIB, MIB)]
+    );
+}
+
+#[test]
+fn qcowx_nbd_exports_a_bitmap_as_qemu_nbd_does() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    // QEMU dirties b0; a snapshot named like the bitmap shows which name wins.
+    qemu_io_ok(
+        "qcow2",
+        &path,
+        &["write 0 1k", "write 5M 300k", "write 63M 1M"],
+    );
+    qemu_img_ok(&["snapshot", "-c", "b0", path.to_str().unwrap()]);
+    let theirs = qemu_nbd_dirty(&path, "b0", dir.path());
+    assert_eq!(theirs.len(), 3, "{theirs:?}");
+
+    let server = QcowxNbd::in_dir(
+        dir.path(),
+        &path,
+        &["-t", "-r", "-B", "b0", "--bitmap", "b1"],
+    );
+    let uri = server.uri("");
+    assert_eq!(nbdinfo_dirty(&uri, "b0"), theirs);
+    assert_eq!(nbdinfo_dirty(&uri, "b1"), vec![]);
+    server.stop();
+
+    // An enabled bitmap on a writable export is refused, as qemu-nbd refuses it; a
+    // missing one too.
+    for (args, needle) in [
+        (&["-B", "b0"][..], "incompatible with a writable export"),
+        (&["-r", "-B", "nope"][..], "bitmap 'nope' not found"),
+    ] {
+        let out = qcowx_tests::run(
+            std::process::Command::new(qcowx_tests::qcowx_nbd_bin())
+                .arg("-k")
+                .arg(dir.path().join("refused.sock"))
+                .args(args)
+                .arg(&path)
+                .env("QCOWX_RUNTIME_DIR", dir.path()),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_killed_server_leaves_the_bitmaps_in_use() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    let server = QcowxNbd::in_dir(dir.path(), &path, &["--discard=unmap"]);
+    nbd_io(&server.uri(""), &["write -P 0x33 0 1M"]);
+    server.kill9();
+    let after = qemu_bitmaps(&path, true);
+    assert!(
+        after
+            .iter()
+            .all(|b| b.flags.contains(&"in-use".to_string())),
+        "{after:?}"
+    );
+    let img = qcowx_core::Image::open(&path).unwrap();
+    assert!(img.bitmaps().unwrap().iter().all(|b| b.in_use));
+    assert!(img.bitmap_dirty("b0").is_err());
+    drop(img);
+    // As in QEMU, an inconsistent bitmap can only be removed; the other stays in use
+    // through a writable session, and the image checks clean.
+    cli::fails(
+        dir.path(),
+        &["bitmap", "--clear", "disk.qcow2", "b0"],
+        &["inconsistent"],
+    );
+    cli::ok(dir.path(), &["bitmap", "--remove", "disk.qcow2", "b0"]);
+    assert_qemu_check_clean(&path);
+    assert_eq!(
+        qemu_bitmaps(&path, false),
+        vec![QemuBitmap {
+            name: "b1".into(),
+            flags: vec!["in-use".into()],
+            granularity: G,
+        }]
+    );
+}
+
+#[test]
+fn incremental_backup_through_qcowx_nbd_restores_the_disk() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    let backup = dir.path().join("backup.raw");
+    let mut rng = Rng::new(19);
+    // Full copy, then the bitmap starts from clean.
+    nbd_writes(&path, dir.path(), &mut rng);
+    convert_to_raw(&path, &backup);
+    cli::ok(dir.path(), &["bitmap", "--clear", "disk.qcow2", "b0"]);
+    assert_qemu_check_clean(&path);
+    for round in 0..3 {
+        nbd_writes(&path, dir.path(), &mut rng);
+        assert_qemu_check_clean(&path);
+        let server = QcowxNbd::in_dir(dir.path(), &path, &["-t", "-r", "-B", "b0"]);
+        let uri = server.uri("");
+        let dirty = nbdinfo_dirty(&uri, "b0");
+        assert!(!dirty.is_empty(), "round {round}: nothing dirty");
+        let bytes = libnbd_read_ranges(&[(uri, dirty.clone())], dir.path()).remove(0);
+        server.stop();
+        let mut at = 0usize;
+        for (off, len) in &dirty {
+            qcowx_tests::patch(&backup, *off, &bytes[at..at + *len as usize]);
+            at += *len as usize;
+        }
+        assert_qemu_compare_eq(&backup, "raw", &path, "qcow2");
+        let copied: u64 = dirty.iter().map(|r| r.1).sum();
+        assert!(
+            copied < 64 * MIB / 2,
+            "round {round}: copied {copied} bytes"
+        );
+        cli::ok(dir.path(), &["bitmap", "--clear", "disk.qcow2", "b0"]);
+        assert_qemu_check_clean(&path);
+        assert_eq!(qemu_nbd_dirty(&path, "b0", dir.path()), vec![]);
+    }
+}
+
+/// A few random writes, zero writes and discards through a writable qcowx-nbd.
+fn nbd_writes(path: &Path, dir: &Path, rng: &mut Rng) {
+    let server = QcowxNbd::in_dir(dir, path, &["--discard=unmap"]);
+    let mut cmds = Vec::new();
+    for _ in 0..6 {
+        let off = rng.below(64 * MIB - 256 * 1024) & !511;
+        let len = (1 + rng.below(256)) * 512;
+        let pat = rng.below(255) + 1;
+        cmds.push(match rng.below(4) {
+            0 => format!("write -z {off} {len}"),
+            1 => format!("discard {off} {len}"),
+            _ => format!("write -P {pat} {off} {len}"),
+        });
+    }
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    nbd_io(&server.uri(""), &cmds);
+    server.stop();
+}
+
+#[test]
+fn qcowx_bitmap_on_a_served_image_goes_to_its_server() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    let server = QcowxNbd::in_dir(dir.path(), &path, &["-t", "--discard=unmap"]);
+    let uri = server.uri("");
+    nbd_io(&uri, &["write -P 0x44 0 64k"]);
+    let p = path.to_str().unwrap();
+    for args in [
+        ["bitmap", "--add", "-g", "4096", p, "nb"],
+        ["bitmap", "--clear", "--merge", "b0", p, "b1"],
+    ] {
+        let out = qcowx_tests::run(server.qcowx().args(args));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            qcowx_tests::describe(&out)
+        );
+    }
+    nbd_io(&uri, &["write -P 0x55 1M 4k"]);
+    server.stop();
+    assert_qemu_check_clean(&path);
+    let names: Vec<String> = qemu_bitmaps(&path, false)
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(names, ["b0", "b1", "nb"]);
+    // b1 got b0's bits (the first write) through the server; nb only saw the second.
+    assert_eq!(qemu_nbd_dirty(&path, "b1", dir.path()), vec![(0, G)]);
+    assert_eq!(qemu_nbd_dirty(&path, "nb", dir.path()), vec![(MIB, 4096)]);
+}
