@@ -1782,8 +1782,8 @@ fn every_commands_json_matches_the_documented_schema() {
     assert_eq!(
         documented,
         [
-            "check", "compare", "diff", "fork", "gc", "import", "info", "list", "map", "resize",
-            "snapshot", "tree"
+            "check", "compare", "diff", "fork", "gc", "import", "info", "list", "map", "receive",
+            "resize", "snapshot", "tree"
         ]
         .into_iter()
         .collect(),
@@ -1894,6 +1894,17 @@ fn every_commands_json_matches_the_documented_schema() {
     );
     run_json("check", &["check", "--output=json", "comp.qcow2"], 0);
     run_json("check", &["check", "--output=json", "frag.qcow2"], 0);
+
+    // receive: a full stream into a new image.
+    ok_quiet(d, &["create", "src.qcow2", "1M"]);
+    ok_quiet(d, &["io", "src.qcow2", "-c", "write -P 4 0 64k"]);
+    ok_quiet(d, &["snapshot", "src.qcow2", "r1"]);
+    ok(d, &["send", "-o", "r1.stream", "src.qcow2", "r1"]);
+    run_json(
+        "receive",
+        &["receive", "--output=json", "-i", "r1.stream", "dst.qcow2"],
+        0,
+    );
 
     // list, diff, tree, map (a chain: offsets and no offsets), resize, compare.
     run_json("list", &["list", "--output=json", "img.qcow2"], 0);
