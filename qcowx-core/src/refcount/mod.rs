@@ -124,6 +124,17 @@ impl Image {
 
     /// Flushes, writes exact refcounts if they are stale and clears the dirty bit.
     /// Further calls on this image return [`Error::Closed`](crate::Error::Closed).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Error, Image};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(b"data", 0)?;
+    /// img.close()?;
+    /// assert!(matches!(img.write_at(b"late", 0), Err(Error::Closed { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn close(&self) -> Result<()> {
         let _structure = self.lock_structure();
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -203,6 +214,18 @@ impl Image {
     /// Checks the image's metadata and refcounts (as `qemu-img check` does). On a
     /// handle open for writing, the refcount changes of this session are written
     /// first (as [`Image::checkpoint`] writes them).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(b"data", 0)?;
+    /// let report = img.check()?;
+    /// assert_eq!((report.corruptions, report.leaks), (0, 0));
+    /// assert_eq!(report.exit_code(), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn check(&self) -> Result<CheckReport> {
         let _structure = self.lock_structure();
         let mut st = self.lock_state()?;

@@ -20,6 +20,19 @@ impl Image {
     /// may differ. Clusters linked to the same host cluster, or reading zeros in both,
     /// are never reported; a reported cluster may still hold equal bytes (data written
     /// twice with the same content).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.snapshot(DEFAULT_VDI, "a")?;
+    /// img.write_at(&[7u8; 512], 65536)?;
+    /// img.snapshot(DEFAULT_VDI, "b")?;
+    /// let ranges = img.diff("a", "b")?;
+    /// assert_eq!((ranges[0].offset, ranges[0].length), (65536, 65536));
+    /// # Ok(()) }
+    /// ```
     pub fn diff(&self, from: &str, to: &str) -> Result<Vec<Range>> {
         let (a, size_a) = self.root_l1(from)?;
         let (b, size_b) = self.root_l1(to)?;

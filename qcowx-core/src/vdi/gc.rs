@@ -86,6 +86,20 @@ impl Image {
     /// resize and close wait for it. The state lock and the I/O gate are held twice
     /// briefly: to compact the table at the start, and to punch (and, when nothing
     /// changed meanwhile, write refcounts) at the end.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1u8; 65536], 0)?;
+    /// img.snapshot(DEFAULT_VDI, "s1")?;
+    /// img.write_at(&[2u8; 65536], 0)?; // copies the cluster s1 shares
+    /// img.delete_snapshot("s1")?;
+    /// let report = img.gc()?;
+    /// assert_eq!(report.roots_removed, 1);
+    /// # Ok(()) }
+    /// ```
     pub fn gc(&self) -> Result<GcReport> {
         if !self.is_writable() {
             return Err(crate::Error::ReadOnly {

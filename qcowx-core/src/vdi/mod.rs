@@ -276,6 +276,18 @@ impl Image {
     ///
     /// Cost: O(L1) — independent of the data size and of the number of snapshots.
     /// Writes in flight are waited for; later writes to the VDI copy what they touch.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(b"before", 0)?;
+    /// let s = img.snapshot(DEFAULT_VDI, "s1")?;
+    /// assert_eq!(s.name, "s1");
+    /// img.write_at(b"after!", 0)?; // the snapshot keeps "before"
+    /// # Ok(()) }
+    /// ```
     pub fn snapshot(&self, vdi: &str, name: &str) -> Result<RootInfo> {
         self.creating(name, |st, gate| {
             let target = self.find_vdi(st, vdi)?;
@@ -358,6 +370,23 @@ impl Image {
     }
 
     /// Creates VDI `new_vdi` whose first state is snapshot `snapshot`. Cost: one L1 copy.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::sync::Arc;
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+    /// img.write_at(b"golden", 0)?;
+    /// img.snapshot(DEFAULT_VDI, "golden")?;
+    /// img.fork("golden", "vm1")?;
+    /// let vm1 = img.open_root("vm1")?;
+    /// vm1.write_at(b"vm1 data", 4096)?; // the default VDI does not see it
+    /// let mut b = [0u8; 6];
+    /// vm1.read_at(&mut b, 0)?;
+    /// assert_eq!(&b, b"golden");
+    /// # Ok(()) }
+    /// ```
     pub fn fork(&self, snapshot: &str, new_vdi: &str) -> Result<RootInfo> {
         self.creating(new_vdi, |st, gate| {
             let i = self.find_snapshot(st, snapshot)?;
@@ -393,6 +422,18 @@ impl Image {
 
     /// Deletes snapshot `name` in O(1): it disappears at once; [`Image::gc`] reclaims
     /// its space.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.snapshot(DEFAULT_VDI, "old")?;
+    /// img.delete_snapshot("old")?;
+    /// assert!(img.list()?.iter().all(|r| r.name != "old"));
+    /// img.gc()?; // reclaims what only "old" held
+    /// # Ok(()) }
+    /// ```
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
         self.require_writable()?;
         self.quiesced(|st| {
@@ -402,6 +443,18 @@ impl Image {
     }
 
     /// Deletes VDI `name` (not the default VDI) in O(1); its snapshots stay.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.snapshot(DEFAULT_VDI, "base")?;
+    /// img.fork("base", "scratch")?;
+    /// img.delete_vdi("scratch")?;
+    /// assert!(img.list()?.iter().any(|r| r.name == "base"));
+    /// # Ok(()) }
+    /// ```
     pub fn delete_vdi(&self, name: &str) -> Result<()> {
         self.require_writable()?;
         if name == DEFAULT_VDI {
@@ -468,6 +521,21 @@ impl Image {
 
     /// Makes VDI `vdi`'s head a fresh fork of `snapshot` (one of any VDI's snapshots).
     /// Data written to the VDI since becomes garbage for [`Image::gc`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(b"good", 0)?;
+    /// img.snapshot(DEFAULT_VDI, "good")?;
+    /// img.write_at(b"oops", 0)?;
+    /// img.revert(DEFAULT_VDI, "good")?;
+    /// let mut b = [0u8; 4];
+    /// img.read_at(&mut b, 0)?;
+    /// assert_eq!(&b, b"good");
+    /// # Ok(()) }
+    /// ```
     pub fn revert(&self, vdi: &str, snapshot: &str) -> Result<()> {
         self.require_writable()?;
         self.quiesced_gated(|st, gate| {
@@ -623,6 +691,18 @@ impl Image {
 
     /// Every live VDI (the default one first) and snapshot, in table order; the hidden
     /// VDI of a receive in progress is not listed.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image, RootKind, DEFAULT_VDI};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.snapshot(DEFAULT_VDI, "s1")?;
+    /// let roots = img.list()?;
+    /// assert_eq!(roots[0].name, DEFAULT_VDI);
+    /// assert!(roots.iter().any(|r| r.name == "s1" && r.kind == RootKind::Snapshot));
+    /// # Ok(()) }
+    /// ```
     pub fn list(&self) -> Result<Vec<RootInfo>> {
         let st = self.lock_state()?;
         let mut out = vec![self.info_of(&st, Target::Default)];
@@ -636,6 +716,20 @@ impl Image {
 
     /// A handle for I/O on VDI `name` (writable when the image is) or snapshot `name`
     /// (read-only).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::sync::Arc;
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+    /// img.write_at(b"v1", 0)?;
+    /// img.snapshot(DEFAULT_VDI, "s1")?;
+    /// let snap = img.open_root("s1")?;
+    /// assert!(!snap.is_writable());
+    /// assert!(snap.write_at(b"no", 0).is_err()); // snapshots are read-only
+    /// # Ok(()) }
+    /// ```
     pub fn open_root(self: &Arc<Self>, name: &str) -> Result<Disk> {
         let mut st = self.lock_state()?;
         let t = self.find_root(&st, name)?;
