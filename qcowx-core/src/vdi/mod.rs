@@ -392,32 +392,50 @@ impl Image {
             let i = self.find_snapshot(st, snapshot)?;
             let loc = Image::l1_loc(st, Target::Entry(i));
             let l1 = self.head_l1(loc)?;
-            crate::refcount::check_room_for_root(self, st, gate, &l1)?;
-            self.mark_stale(st)?;
-            let at = self.write_read_only_copy(st, &l1)?;
-            let uid = new_uid();
-            let rec = Record {
-                kind: RootKind::Vdi,
-                uid,
-                vdi: uid,
-                parent: st.registry.record(i).uid,
-                generation: 1,
-                created_ns: now_ns(),
-                deleted: false,
-                native: true,
-            };
-            let entry = self.new_entry(
-                st,
-                format!("{VDI_NAME_PREFIX}{new_vdi}"),
-                at,
-                l1.len() as u32,
-                loc.size,
-                &rec,
-            );
-            self.append_entry(st, entry, rec)?;
-            self.count_new_root(st, at, &l1);
-            Ok(self.info_of(st, Target::Entry(st.registry.len() - 1)))
+            let parent = st.registry.record(i).uid;
+            let j = self.add_vdi_head(st, gate, new_vdi, &l1, loc.size, parent)?;
+            Ok(self.info_of(st, Target::Entry(j)))
         })
+    }
+
+    /// Commits a new VDI head `name` whose first state is `l1` (a disk of `size`
+    /// bytes, forked from the snapshot with uid `parent`, 0 for none): the room check,
+    /// a read-only copy of `l1`, its entry appended and its tree counted. Returns the
+    /// entry's index.
+    pub(crate) fn add_vdi_head(
+        &self,
+        st: &mut State,
+        gate: &IoGate<'_>,
+        name: &str,
+        l1: &[u64],
+        size: u64,
+        parent: u64,
+    ) -> Result<usize> {
+        crate::refcount::check_room_for_root(self, st, gate, l1)?;
+        self.mark_stale(st)?;
+        let at = self.write_read_only_copy(st, l1)?;
+        let uid = new_uid();
+        let rec = Record {
+            kind: RootKind::Vdi,
+            uid,
+            vdi: uid,
+            parent,
+            generation: 1,
+            created_ns: now_ns(),
+            deleted: false,
+            native: true,
+        };
+        let entry = self.new_entry(
+            st,
+            format!("{VDI_NAME_PREFIX}{name}"),
+            at,
+            l1.len() as u32,
+            size,
+            &rec,
+        );
+        self.append_entry(st, entry, rec)?;
+        self.count_new_root(st, at, l1);
+        Ok(st.registry.len() - 1)
     }
 
     /// Deletes snapshot `name` in O(1): it disappears at once; [`Image::gc`] reclaims

@@ -67,30 +67,7 @@ impl Image {
                     (vec![0u64; entries as usize], 0)
                 }
             };
-            crate::refcount::check_room_for_root(self, st, gate, &l1)?;
-            self.mark_stale(st)?;
-            let at = self.write_read_only_copy(st, &l1)?;
-            let uid = new_uid();
-            let rec = Record {
-                kind: RootKind::Vdi,
-                uid,
-                vdi: uid,
-                parent,
-                generation: 1,
-                created_ns: now_ns(),
-                deleted: false,
-                native: true,
-            };
-            let entry = self.new_entry(
-                st,
-                format!("{VDI_NAME_PREFIX}{name}"),
-                at,
-                l1.len() as u32,
-                size,
-                &rec,
-            );
-            self.append_entry(st, entry, rec)?;
-            self.count_new_root(st, at, &l1);
+            self.add_vdi_head(st, gate, name, &l1, size, parent)?;
             Ok(())
         })
     }
