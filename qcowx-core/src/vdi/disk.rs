@@ -1,0 +1,130 @@
+//! [`Disk`]: the handle for I/O on one VDI or snapshot of an open image.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::*;
+
+/// A writable VDI or read-only snapshot of an open image, for I/O.
+///
+/// It shares the image (`Arc<Image>`); many handles can be used at once from many
+/// threads. A handle to a deleted root fails with an error; a handle to a VDI follows
+/// a revert to the VDI's new head. [`Disk::cursor`] and [`Disk::reader`] make it a
+/// `std::io` reader and writer.
+#[derive(Debug)]
+pub struct Disk {
+    pub(super) image: Arc<Image>,
+    pub(super) root: RootId,
+    pub(super) name: String,
+    pub(super) writable: bool,
+    /// The root's size when last read, for [`Disk::size`] once the root is gone.
+    pub(super) last_size: AtomicU64,
+}
+
+impl Clone for Disk {
+    fn clone(&self) -> Disk {
+        Disk {
+            image: Arc::clone(&self.image),
+            root: self.root,
+            name: self.name.clone(),
+            writable: self.writable,
+            last_size: AtomicU64::new(self.last_size.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+impl Disk {
+    /// The image.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+    /// The root's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Whether writes are allowed (VDIs on a writable image).
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    /// Virtual disk size in bytes, like [`Image::size`]. A handle whose root was
+    /// deleted (or whose image was closed) reports the size it last saw; its I/O
+    /// fails.
+    pub fn size(&self) -> u64 {
+        match self.image.root_size(self.root) {
+            Ok(size) => {
+                self.last_size.store(size, Ordering::Relaxed);
+                size
+            }
+            Err(_) => self.last_size.load(Ordering::Relaxed),
+        }
+    }
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.image.read_root(self.root, buf, offset)
+    }
+    /// Lends `len` bytes at `offset` to `f` without copying them, or returns `None`
+    /// (see [`Image::read_mapped`]).
+    pub fn read_mapped<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&[std::io::IoSlice<'_>]) -> R,
+    ) -> Result<Option<R>> {
+        self.image.read_root_mapped(self.root, offset, len, f)
+    }
+    /// Writes `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.image.write_root(self.root, buf, offset)
+    }
+    /// Makes the range read as zeros (see [`Image::write_zeroes`]).
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.image
+            .zero_range(self.root, offset, len, ZeroMode::Zero { unmap: may_unmap })
+    }
+    /// Discards whole clusters of the range (see [`Image::discard`]).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.image
+            .zero_range(self.root, offset, len, ZeroMode::Discard)
+    }
+    /// Makes completed writes durable (for the whole image).
+    pub fn flush(&self) -> Result<()> {
+        self.image.flush()
+    }
+    /// Allocation status of a range.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.image.block_status_root(self.root, offset, len)
+    }
+}
+
+impl Image {
+    /// A handle for I/O on VDI `name` (writable when the image is) or snapshot `name`
+    /// (read-only).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::sync::Arc;
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+    /// img.write_at(b"v1", 0)?;
+    /// img.snapshot(DEFAULT_VDI, "s1")?;
+    /// let snap = img.open_root("s1")?;
+    /// assert!(!snap.is_writable());
+    /// assert!(snap.write_at(b"no", 0).is_err()); // snapshots are read-only
+    /// # Ok(()) }
+    /// ```
+    pub fn open_root(self: &Arc<Self>, name: &str) -> Result<Disk> {
+        let mut st = self.lock_state()?;
+        let t = self.find_root(&st, name)?;
+        let id = self.load_root(&mut st, t)?;
+        let root = self.root(&st, id)?;
+        let (writable, size) = (root.writable, root.size);
+        Ok(Disk {
+            image: Arc::clone(self),
+            root: id,
+            name: name.to_string(),
+            writable,
+            last_size: AtomicU64::new(size),
+        })
+    }
+}
