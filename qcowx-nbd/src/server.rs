@@ -22,7 +22,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -273,10 +273,11 @@ impl Server {
         let shutting_down = Arc::new(AtomicBool::new(false));
         let clients = Arc::new(Clients::default());
         let control_state = Arc::new(ControlState::default());
+        let (stop_checkpoints, checkpoints_stopped) = mpsc::channel::<()>();
         let checkpointer = spawn_checkpointer(
             Arc::clone(self.exports.image()),
             settings.checkpoint_interval,
-            Arc::clone(&shutting_down),
+            checkpoints_stopped,
         );
         let max = self.config.max_clients;
         let mut had_client = false;
@@ -397,6 +398,8 @@ impl Server {
         // A control request already running (a gc, say) finishes first; later ones
         // are refused.
         control_state.shut_down(drain);
+        // Wakes the checkpointer at once: the close writes what it would have.
+        drop(stop_checkpoints);
         let _ = checkpointer.join();
         let image = self.exports.image();
         image.flush().and_then(|_| image.close())?;
@@ -472,19 +475,20 @@ fn client_done(clients: &Clients, id: u64, handle: &ShutdownHandle) {
 const MAX_PENDING_REFCOUNT_CHANGES: usize = 1 << 18;
 
 /// Checkpoints `image` every `interval`, or sooner when its in-memory record of
-/// refcount changes grows past [`MAX_PENDING_REFCOUNT_CHANGES`], until `stop` is set
-/// (a long-running server keeps its image's refcounts exact on disk, so a crash costs
-/// a scan at most since the last checkpoint, never hours of changes).
+/// refcount changes grows past [`MAX_PENDING_REFCOUNT_CHANGES`], until `stop`'s sender
+/// is dropped (a long-running server keeps its image's refcounts exact on disk, so a
+/// crash costs a scan at most since the last checkpoint, never hours of changes). The
+/// shutdown drops the sender, which wakes the thread at once rather than after its
+/// next tick.
 fn spawn_checkpointer(
     image: Arc<qcowx_core::Image>,
     interval: Duration,
-    stop: Arc<AtomicBool>,
+    stop: mpsc::Receiver<()>,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let tick = Duration::from_millis(100).min(interval);
         let mut waited = Duration::ZERO;
-        while !stop.load(Ordering::SeqCst) {
-            thread::sleep(tick);
+        while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(tick) {
             waited += tick;
             if waited < interval && image.pending_refcount_changes() < MAX_PENDING_REFCOUNT_CHANGES
             {
