@@ -3,8 +3,10 @@
 //! resizes closes to refcounts that `qemu-img check` and qcowx's own scan accept,
 //! without the full rebuild (a walk of every root) the close used to do.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use qcowx_core::storage::{Access, FileStorage, OpenMode, Watched};
 use qcowx_core::{CreateOptions, Image, OpenOptions, RootKind};
 use qcowx_tests::{assert_qemu_check_clean, pattern, require_qemu_tools, Rng};
 
@@ -214,6 +216,65 @@ fn a_cluster_another_head_gives_up_becomes_the_default_vdis_own() {
         report.messages
     );
     img.close().unwrap();
+    drop(img);
+    assert_qemu_check_clean(&path);
+}
+
+/// A flush writes the refcount changes recorded since the last one when they are
+/// few: the close after it writes the header sector and nothing else (no refcount
+/// block), and the counts are exact — for qcowx's check and `qemu-img check`. The
+/// copies of shared clusters (under a snapshot) and new tables all count.
+#[test]
+fn a_flush_writes_the_changes_so_the_close_after_it_writes_only_the_header() {
+    require_qemu_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.qcow2");
+    let img = Image::create(&path, &CreateOptions::new(SIZE)).unwrap();
+    let cs = img.cluster_size();
+    img.write_at(&pattern(1, 4 * cs as usize), 0).unwrap();
+    img.snapshot("default", "s").unwrap();
+    img.close().unwrap();
+    drop(img);
+
+    let closing = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let (c, w) = (Arc::clone(&closing), Arc::clone(&writes));
+    let file = FileStorage::open(&path, OpenMode::read_write()).unwrap();
+    let watched = Watched::new(file, move |a| {
+        if let Access::Write { offset, len } = a {
+            if c.load(Ordering::SeqCst) {
+                w.lock().unwrap().push((offset, len));
+            }
+        }
+        Ok(())
+    });
+    let img = Image::from_storage(Arc::new(watched), &OpenOptions::new().write(true)).unwrap();
+    // Copy-on-write of two shared clusters (and of their L2 table), then new
+    // clusters in the second half of the disk.
+    img.write_at(&pattern(2, 512), 0).unwrap();
+    img.write_at(&pattern(3, 512), 2 * cs).unwrap();
+    for i in 0..8 {
+        img.write_at(&pattern(4 + i, 4096), SIZE / 2 + i * 3 * cs)
+            .unwrap();
+    }
+    img.flush().unwrap();
+    closing.store(true, Ordering::SeqCst);
+    img.close().unwrap();
+    let at_close = writes.lock().unwrap().clone();
+    assert!(
+        !at_close.is_empty() && at_close.iter().all(|&(off, len)| off + len as u64 <= 512),
+        "the close wrote more than the header sector: {at_close:?}"
+    );
+    drop(img);
+
+    let img = Image::open(&path).unwrap();
+    let report = img.check().unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks, report.dirty),
+        (0, 0, false),
+        "{:?}",
+        report.messages
+    );
     drop(img);
     assert_qemu_check_clean(&path);
 }

@@ -101,6 +101,12 @@ impl RefDeltas {
         self.clusters.len() + self.released.len()
     }
 
+    /// Whether a whole root's tree was added or dropped since the last apply (its
+    /// apply walks the tree).
+    pub(crate) fn has_trees(&self) -> bool {
+        !self.trees.is_empty()
+    }
+
     /// Records a link a head other than the default VDI gave up.
     pub(crate) fn released(&mut self, r: Released) {
         if self.exact {

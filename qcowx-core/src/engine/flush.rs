@@ -97,17 +97,6 @@ impl Image {
             .map_err(|e| self.io_err("write header", 0u64, e))
     }
 
-    /// Makes every completed write durable, then writes metadata links in dependency
-    /// order: data and new tables first, then the L2 tables that link to data, then the
-    /// L1 entries that link to tables, with an fdatasync between each level.
-    pub fn flush(&self) -> Result<()> {
-        if !self.writable {
-            return Ok(());
-        }
-        let mut st = self.lock_state()?;
-        self.flush_locked(&mut st)
-    }
-
     pub(crate) fn flush_locked(&self, st: &mut State) -> Result<()> {
         self.flush_metadata(st)?;
         // Clusters unlinked before this flush can be reused once punched durably; the

@@ -266,6 +266,15 @@ impl Image {
         self.structure.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The structure lock if no structural operation or gc holds it now.
+    pub(crate) fn try_lock_structure(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.structure.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     pub(super) fn gate_read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.io_gate.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -85,6 +85,59 @@ pub(crate) fn write_refcounts_gated(img: &Image, st: &mut State, gate: &IoGate<'
     }
 }
 
+/// Most recorded changes a flush writes out itself (see [`apply_at_flush`]): each
+/// costs at most one page of a refcount block read and written.
+const FLUSH_APPLY_MAX: usize = 1 << 14;
+
+/// At a flush: writes the recorded changes into the refcount blocks when the record
+/// is small and names no whole trees (no root created or deleted since the last
+/// apply), so that the flush's own fdatasync makes them durable and the close or
+/// checkpoint that follows has little left to do — as QEMU's flush writes its
+/// refcount cache. The dirty bit stays set: the counts on disk are exact only once
+/// the flush is durable, and a crash before the next close is still recovered by a
+/// scan. A record this cannot apply stays for the close (or, on a count that does not
+/// add up, leaves a full rebuild to it). The caller holds the state and the
+/// structure lock, not the I/O gate.
+pub(crate) fn apply_at_flush(img: &Image, st: &mut State) -> Result<()> {
+    if !st.stale
+        || st.refused.is_some()
+        || !st.deltas.is_exact()
+        || st.deltas.has_trees()
+        || st.deltas.len() == 0
+        || st.deltas.len() > FLUSH_APPLY_MAX
+    {
+        return Ok(());
+    }
+    let _gate = img.io_gate_write();
+    let (changes, _) = st.deltas.take();
+    let applied = (|| -> std::result::Result<u64, Fallback> {
+        let mut blocks = Blocks::open(img, st)?;
+        blocks.apply(img, st, changes)?;
+        let released = st.deltas.take_released();
+        set_copied(img, st, &released, &mut blocks)?;
+        blocks.write_table(img, st)?;
+        Ok(blocks.file_len)
+    })();
+    match applied {
+        Ok(file_len) => {
+            // Every cluster up to here now has its exact count on disk.
+            let cs = img.geo.cluster_size();
+            st.deltas
+                .set_base_clusters(file_len.max(st.alloc.end()).div_ceil(cs));
+            Ok(())
+        }
+        Err(Fallback::Fatal(e)) => {
+            st.deltas.lose_exactness();
+            Err(e)
+        }
+        Err(_) => {
+            // Part of the record may be on disk: only a scan can tell now.
+            st.deltas.lose_exactness();
+            Ok(())
+        }
+    }
+}
+
 fn apply(img: &Image, st: &mut State, gate: &IoGate<'_>) -> std::result::Result<(), Fallback> {
     let (mut changes, trees) = st.deltas.take();
     let mut blocks = Blocks::open(img, st)?;
@@ -265,7 +318,9 @@ impl Blocks {
     }
 
     /// Applies `changes` block by block, in order. A block that does not exist yet
-    /// is allocated (at the end of the file) and counted in a further round.
+    /// is allocated (at the end of the file) and counted in a further round. Of a
+    /// block that exists, only the pages holding a changed count are read and
+    /// written (a few changes in a large block cost a page each, not the cluster).
     fn apply(
         &mut self,
         img: &Image,
@@ -273,9 +328,10 @@ impl Blocks {
         changes: HashMap<u64, i64>,
     ) -> std::result::Result<(), Fallback> {
         let cs = img.geo.cluster_size();
-        let mut pending: Vec<(u64, i64)> = changes.into_iter().collect();
-        let mut block = vec![0u8; cs as usize];
-        let mut before: Vec<u8> = Vec::with_capacity(cs as usize);
+        let page = cs.min(4096);
+        let per_page = (page * 8) >> self.order;
+        let mut pending: Vec<(u64, i64)> = changes.into_iter().filter(|&(_, d)| d != 0).collect();
+        let mut buf = vec![0u8; cs as usize];
         let base_clusters = st.deltas.base_clusters();
         while !pending.is_empty() {
             pending.sort_unstable();
@@ -283,76 +339,78 @@ impl Blocks {
             let mut i = 0;
             while i < pending.len() {
                 let bi = pending[i].0 / self.per_block;
-                let mut j = i;
-                while j < pending.len() && pending[j].0 / self.per_block == bi {
-                    j += 1;
-                }
                 let Some(&at) = self.table.get(bi as usize) else {
                     return Err(Fallback::Rebuild("the refcount table must grow"));
                 };
-                let (at, fresh) = if at == 0 {
+                let fresh = at == 0;
+                let at = if fresh {
                     let new = st.alloc.contiguous(1).get();
                     self.table[bi as usize] = new;
                     self.table_dirty = true;
                     new_blocks.push(new);
-                    block.fill(0);
-                    (new, true)
+                    new
                 } else {
-                    img.storage
-                        .read_at(&mut block, at)
-                        .map_err(|e| img.io_err("read refcount block", at, e))?;
-                    (at, false)
+                    at
                 };
-                before.clear();
-                before.extend_from_slice(&block);
-                for &(c, d) in &pending[i..j] {
-                    let idx = (c % self.per_block) as usize;
-                    let old = get_entry(&block, self.order, idx);
-                    if c >= base_clusters && old != 0 && !fresh {
-                        // Past the end of the file as it was, yet counted: the counts
-                        // on disk were not exact (a leak another writer left).
-                        return Err(Fallback::Rebuild(
-                            "a refcount past the end of the file was not 0",
-                        ));
+                // One run of pages at a time: consecutive touched pages of this block
+                // (a fresh block is one run, the whole cluster, written from zeros).
+                while i < pending.len() && pending[i].0 / self.per_block == bi {
+                    let first_page = (pending[i].0 % self.per_block) / per_page;
+                    let mut j = i;
+                    let mut last_page = first_page;
+                    while j < pending.len() && pending[j].0 / self.per_block == bi {
+                        let p = (pending[j].0 % self.per_block) / per_page;
+                        if !fresh && p > last_page + 1 {
+                            break;
+                        }
+                        last_page = p;
+                        j += 1;
                     }
-                    let v = old as i128 + i128::from(d);
-                    if v < 0 {
-                        return Err(Fallback::Underflow);
+                    let (from, len) = if fresh {
+                        (0, cs)
+                    } else {
+                        (first_page * page, (last_page - first_page + 1) * page)
+                    };
+                    let run = &mut buf[..len as usize];
+                    if fresh {
+                        run.fill(0);
+                    } else {
+                        img.storage
+                            .read_at(run, at + from)
+                            .map_err(|e| img.io_err("read refcount block", at + from, e))?;
                     }
-                    if v as u128 > u128::from(self.max) {
-                        // The room check before every new root keeps the references
-                        // within the width, so the count on disk was above them (a
-                        // leak another writer left): counting afresh fits, and a count
-                        // that truly does not is refused by the rebuild.
-                        return Err(Fallback::Rebuild(
-                            "a count on disk plus the changes would overflow the width",
-                        ));
+                    let first_entry = from / page * per_page;
+                    for &(c, d) in &pending[i..j] {
+                        let idx = (c % self.per_block - first_entry) as usize;
+                        let old = get_entry(run, self.order, idx);
+                        if c >= base_clusters && old != 0 && !fresh {
+                            // Past the end of the file as it was, yet counted: the
+                            // counts on disk were not exact (a leak another writer left).
+                            return Err(Fallback::Rebuild(
+                                "a refcount past the end of the file was not 0",
+                            ));
+                        }
+                        let v = old as i128 + i128::from(d);
+                        if v < 0 {
+                            return Err(Fallback::Underflow);
+                        }
+                        if v as u128 > u128::from(self.max) {
+                            // The room check before every new root keeps the references
+                            // within the width, so the count on disk was above them (a
+                            // leak another writer left): counting afresh fits, and a
+                            // count that truly does not is refused by the rebuild.
+                            return Err(Fallback::Rebuild(
+                                "a count on disk plus the changes would overflow the width",
+                            ));
+                        }
+                        set_entry(run, self.order, idx, v as u64);
                     }
-                    set_entry(&mut block, self.order, idx, v as u64);
-                }
-                // Only the pages that changed are written (a few changes in a large
-                // block dirty one page, not the whole cluster).
-                let page = (cs as usize).min(4096);
-                let mut k = 0;
-                while k < block.len() {
-                    if !fresh && block[k..k + page] == before[k..k + page] {
-                        k += page;
-                        continue;
-                    }
-                    let mut end = k + page;
-                    while end < block.len()
-                        && (fresh || block[end..end + page] != before[end..end + page])
-                    {
-                        end += page;
-                    }
-                    let off = at + k as u64;
                     img.storage
-                        .write_at(&block[k..end], off)
-                        .map_err(|e| img.io_err("write refcount block", off, e))?;
-                    k = end;
+                        .write_at(run, at + from)
+                        .map_err(|e| img.io_err("write refcount block", at + from, e))?;
+                    i = j;
                 }
                 self.file_len = self.file_len.max(at + cs);
-                i = j;
             }
             pending = new_blocks.iter().map(|&b| (b / cs, 1)).collect();
         }

@@ -63,9 +63,9 @@ impl DiskRefcounts {
 
 /// Whether no cluster's refcount on disk is below its references `counts` (from a
 /// scan that counted the refcount structures). Leaks do not matter here.
-pub(crate) fn refcounts_cover(img: &Image, st: &State, counts: &[u64]) -> Result<bool> {
-    let mut disk = DiskRefcounts::new(img, st, counts.len() as u64)?;
-    for (c, &refs) in counts.iter().enumerate() {
+pub(crate) fn refcounts_cover(img: &Image, st: &State, counts: &super::Counts) -> Result<bool> {
+    let mut disk = DiskRefcounts::new(img, st, counts.len())?;
+    for (c, refs) in counts.iter().enumerate() {
         if refs > 0 && disk.get(img, c as u64)? < refs {
             return Ok(false);
         }

@@ -9,13 +9,15 @@
 
 mod apply;
 mod check;
+mod counts;
 mod rebuild;
 mod relocate;
 mod room;
 mod scan;
 
-pub(crate) use apply::write_refcounts;
+pub(crate) use apply::{apply_at_flush, write_refcounts};
 pub(crate) use check::{check, refcounts_cover};
+pub(crate) use counts::Counts;
 pub(crate) use rebuild::{give_up_table_room, rebuild, rebuild_with};
 pub(crate) use room::{check_room_for_root, max_refcount, refuse_overflow};
 pub(crate) use scan::{refcount_clusters, reference_counts, scan_from, ScanInput, Source};
@@ -176,6 +178,38 @@ impl Image {
             .release()
             .map_err(|e| self.io_err("unlock", 0u64, e));
         r.and(released)
+    }
+
+    /// Makes every completed write durable, then writes metadata links in dependency
+    /// order: data and new tables first, then the L2 tables that link to data, then the
+    /// L1 entries that link to tables, with an fdatasync between each level. When the
+    /// refcount changes recorded since the last one are few (no snapshot, fork or
+    /// delete among them), they go out with it, so that a close after a flush has
+    /// almost nothing left to write; the dirty bit stays set until the close.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(b"durable", 4096)?;
+    /// img.flush()?;
+    /// let mut back = [0u8; 7];
+    /// img.read_at(&mut back, 4096)?;
+    /// assert_eq!(&back, b"durable");
+    /// # Ok(()) }
+    /// ```
+    pub fn flush(&self) -> Result<()> {
+        if !self.is_writable() {
+            return Ok(());
+        }
+        // A flush never waits for a gc or a snapshot: then the changes wait instead.
+        let structure = self.try_lock_structure();
+        let mut st = self.lock_state()?;
+        if structure.is_some() {
+            apply_at_flush(self, &mut st)?;
+        }
+        self.flush_locked(&mut st)
     }
 
     /// Makes the refcounts on disk exact and clears the dirty bit, as a clean close

@@ -3,11 +3,12 @@
 
 use std::collections::HashSet;
 
-use crate::engine::{Image, IoGate, State, DEFAULT_ROOT};
+use crate::engine::{Image, IoGate, State, TableReader, DEFAULT_ROOT};
 use crate::error::Result;
 use crate::format::header::Incompatible;
 use crate::format::tables::{encode_words, l2_entries, l2_tables, L1Entry, L2Entry};
 
+use super::counts::Counts;
 use super::scan::*;
 use crate::format::refblock::set_entry;
 
@@ -18,13 +19,13 @@ use crate::format::refblock::set_entry;
 /// blocks and table are written to clusters that neither hold live data nor belong to
 /// the old refcount structures, and synced; then one header write switches to them and
 /// clears the dirty bit (the commit point); then the file is truncated.
-pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Vec<u64>> {
+pub(crate) fn rebuild(img: &Image, st: &mut State) -> Result<Counts> {
     let gate = img.io_gate_write();
     rebuild_gated(img, st, &gate)
 }
 
 /// [`rebuild`] by a caller that holds the I/O gate.
-pub(crate) fn rebuild_gated(img: &Image, st: &mut State, gate: &IoGate<'_>) -> Result<Vec<u64>> {
+pub(crate) fn rebuild_gated(img: &Image, st: &mut State, gate: &IoGate<'_>) -> Result<Counts> {
     give_up_table_room(img, st);
     let s = scan(img, st, false)?;
     rebuild_with(img, st, s, gate)
@@ -54,7 +55,7 @@ pub(crate) fn rebuild_with(
     st: &mut State,
     s: Scan,
     _gate: &std::sync::RwLockWriteGuard<'_, ()>,
-) -> Result<Vec<u64>> {
+) -> Result<Counts> {
     let geo = img.geo;
     let cs = geo.cluster_size();
     let s = s.checked(img, "cannot rebuild refcounts: ")?;
@@ -66,15 +67,9 @@ pub(crate) fn rebuild_with(
     let order = st.header.refcount_order;
     let per_block = (cs * 8) >> order;
     let mut counts = s.counts;
-    let used_end = counts
-        .iter()
-        .rposition(|&c| c > 0)
-        .map_or(1, |i| i as u64 + 1);
-    let is_free = |c: u64, counts: &[u64], taken: &HashSet<u64>| {
-        c > 0
-            && counts.get(c as usize).copied().unwrap_or(0) == 0
-            && !old.contains(&c)
-            && !taken.contains(&c)
+    let used_end = counts.used_end().max(1);
+    let is_free = |c: u64, counts: &Counts, taken: &HashSet<u64>| {
+        c > 0 && counts.get(c) == 0 && !old.contains(&c) && !taken.contains(&c)
     };
     let (table_at, table_clusters, blocks) = {
         let mut total = used_end;
@@ -115,9 +110,9 @@ pub(crate) fn rebuild_with(
         .max()
         .unwrap_or(0)
         + 1;
-    counts.resize(new_end as usize, 0);
+    counts.resize(new_end);
     for c in (table_at..table_at + table_clusters).chain(blocks.iter().copied()) {
-        counts[c as usize] = 1;
+        counts.set(c, 1);
     }
     if table_clusters * cs > crate::format::header::MAX_REFTABLE_BYTES {
         return Err(img.corrupt(
@@ -138,11 +133,11 @@ pub(crate) fn rebuild_with(
         block.fill(0);
         let first = bi as u64 * per_block;
         for i in 0..per_block {
-            let c = (first + i) as usize;
+            let c = first + i;
             if c >= counts.len() {
                 break;
             }
-            set_entry(&mut block, order, i as usize, counts[c]);
+            set_entry(&mut block, order, i as usize, counts.get(c));
         }
         let off = bc * cs;
         img.storage
@@ -163,8 +158,7 @@ pub(crate) fn rebuild_with(
     img.write_header_fields(st)?;
     img.sync()?;
     st.stale = false;
-    st.deltas
-        .reset_exact(counts.iter().copied().max().unwrap_or(0));
+    st.deltas.reset_exact(counts.max());
     st.deltas.set_base_clusters(new_end);
 
     let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
@@ -186,6 +180,7 @@ pub(super) fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<
         .get(&DEFAULT_ROOT)
         .map(|r| r.l1.clone())
         .unwrap_or_default();
+    let mut reader = TableReader::new(img)?;
     for (i, e, off) in l2_tables(&l1, &geo) {
         let table_excl = s.count(off.cluster(&geo).get()) == 1;
         if e.writable() != table_excl {
@@ -194,8 +189,12 @@ pub(super) fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<
                 r.dirty.insert(i / 64);
             }
         }
-        img.load_l2(st, off)?;
-        let words: Vec<u64> = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
+        // A table that is not cached is read past the cache: a rebuild walks every
+        // table once, and only the ones it changes need a place in it.
+        let words: Vec<u64> = match st.cache.get(off) {
+            Some(words) => words.to_vec(),
+            None => reader.read(off)?.unwrap_or_default(),
+        };
         let mut changed: Vec<(usize, L2Entry)> = Vec::new();
         for (j, entry) in l2_entries(&words, &geo) {
             let Some(host) = entry.host() else { continue };
@@ -205,6 +204,7 @@ pub(super) fn normalize_copied(img: &Image, st: &mut State, s: &Scan) -> Result<
             }
         }
         if !changed.is_empty() {
+            img.load_l2(st, off)?;
             if let Some(t) = st.cache.get_mut(off) {
                 for (j, new) in changed {
                     new.put(t, j, &geo);

@@ -21,12 +21,12 @@ pub(crate) fn max_refcount(order: u32) -> u64 {
     }
 }
 
-/// Refuses counts (`counts[c]`: the references to cluster `c`) that a refcount of
-/// `order` cannot hold, naming the first cluster that overflows.
-pub(crate) fn refuse_overflow(img: &Image, counts: &[u64], order: u32) -> Result<()> {
+/// Refuses counts (`counts.get(c)`: the references to cluster `c`) that a refcount
+/// of `order` cannot hold, naming the first cluster that overflows.
+pub(crate) fn refuse_overflow(img: &Image, counts: &super::Counts, order: u32) -> Result<()> {
     let max = max_refcount(order);
-    match counts.iter().enumerate().find(|(_, &n)| n > max) {
-        Some((c, &count)) => Err(Error::RefcountOverflow {
+    match counts.iter().enumerate().find(|&(_, n)| n > max) {
+        Some((c, count)) => Err(Error::RefcountOverflow {
             file: img.name.clone(),
             offset: (c as u64) << img.geo.cluster_bits,
             count,

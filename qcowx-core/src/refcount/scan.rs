@@ -12,6 +12,7 @@ use crate::format::roots::RootKind;
 use crate::format::snapshot::SnapshotEntry;
 use crate::format::tables::{decode_words, l2_entries, ClusterKind, L1Entry, Link};
 
+use super::counts::Counts;
 use super::*;
 
 pub(super) const META: u8 = 1;
@@ -33,12 +34,17 @@ const STRUCTURES: [&str; 10] = [
     "bitmap data",
 ];
 
-/// Per-cluster claim bits: the structure's number (1..=15) in the low four bits, and
-/// whether data uses the cluster.
+/// The claim of guest data (structures are numbered 1..=15).
 const CLAIM_DATA: u8 = 1 << 4;
 
-/// Some of the data using the cluster is compressed.
-const CLAIM_COMPRESSED: u8 = 1 << 5;
+/// A metadata structure's claim on a cluster: which structure claimed it first, and
+/// how many of the cluster's references are metadata references (the rest, if any,
+/// are guest data: a clash).
+#[derive(Clone, Copy)]
+struct MetaClaim {
+    id: u8,
+    refs: u64,
+}
 
 fn structure_id(what: &str) -> u8 {
     // Two roots may share one L1 table for a moment (a revert interrupted between
@@ -66,9 +72,12 @@ pub(crate) struct Scan {
     pub(crate) cluster_bits: u32,
     pub(crate) file_clusters: u64,
     file_len: u64,
-    pub(crate) counts: Vec<u64>,
-    /// What claims each cluster (see [`CLAIM_DATA`]).
-    claims: Vec<u8>,
+    pub(crate) counts: Counts,
+    /// The clusters metadata structures claim (few: tables and blocks, not data).
+    /// A cluster with more references than its metadata claims is used by data.
+    meta: HashMap<u64, MetaClaim>,
+    /// One bit per cluster: compressed data uses it (allocated at the first one).
+    compressed: Option<Vec<u64>>,
     pub(crate) report: CheckReport,
     /// Clusters used both by a metadata structure and as guest data, and how many of
     /// the reported problems are those clashes: a repair can move such data away
@@ -87,8 +96,9 @@ impl Scan {
             cluster_bits,
             file_clusters,
             file_len,
-            counts: vec![0; file_clusters as usize],
-            claims: vec![0; file_clusters as usize],
+            counts: Counts::new(file_clusters),
+            meta: HashMap::new(),
+            compressed: None,
             report: CheckReport::default(),
             data_on_metadata: BTreeSet::new(),
             data_on_metadata_problems: 0,
@@ -139,13 +149,13 @@ impl Scan {
             CLAIM_DATA
         };
         for c in first..=last {
-            let i = c as usize;
-            let had = self.claims[i];
-            let had_meta = had & 0x0f;
+            let meta = self.meta.get(&c).copied();
+            let had_meta = meta.map_or(0, |m| m.id);
+            let had_data = self.counts.get(c) > meta.map_or(0, |m| m.refs);
             let clash = if claim == CLAIM_DATA {
                 had_meta != 0
             } else {
-                had & CLAIM_DATA != 0 || (had_meta != 0 && had_meta != claim)
+                had_data || (had_meta != 0 && had_meta != claim)
             };
             if clash {
                 let first_use = if had_meta != 0 && had_meta != claim {
@@ -156,7 +166,7 @@ impl Scan {
                 let second = what;
                 // Data (not compressed) against one structure: a repair can move it.
                 let two_structures = claim != CLAIM_DATA && had_meta != 0 && had_meta != claim;
-                let compressed = what == "compressed cluster" || had & CLAIM_COMPRESSED != 0;
+                let compressed = what == "compressed cluster" || self.is_compressed(c);
                 if !two_structures && !compressed {
                     self.data_on_metadata.insert(c);
                     self.data_on_metadata_problems += 1;
@@ -170,21 +180,33 @@ impl Scan {
                 );
             }
             if claim == CLAIM_DATA {
-                self.claims[i] |= CLAIM_DATA;
                 if what == "compressed cluster" {
-                    self.claims[i] |= CLAIM_COMPRESSED;
+                    let words = (self.file_clusters as usize).div_ceil(64);
+                    let bits = self.compressed.get_or_insert_with(|| vec![0; words]);
+                    bits[c as usize / 64] |= 1 << (c % 64);
                 }
-            } else if had_meta == 0 {
-                self.claims[i] |= claim;
+            } else {
+                let m = self
+                    .meta
+                    .entry(c)
+                    .or_insert(MetaClaim { id: claim, refs: 0 });
+                m.refs = m.refs.saturating_add(k);
             }
-            self.counts[i] = self.counts[i].saturating_add(k);
+            self.counts.add(c, k);
         }
         true
     }
 
+    /// Whether compressed data uses cluster `c`.
+    fn is_compressed(&self, c: u64) -> bool {
+        self.compressed
+            .as_ref()
+            .is_some_and(|bits| bits[c as usize / 64] & (1 << (c % 64)) != 0)
+    }
+
     /// References counted to cluster index `cluster`.
     pub(crate) fn count(&self, cluster: u64) -> u64 {
-        self.counts.get(cluster as usize).copied().unwrap_or(0)
+        self.counts.get(cluster)
     }
 
     /// Clusters the scan covers (the file's length when it began).
@@ -608,7 +630,7 @@ pub(crate) fn refcount_clusters(img: &Image, h: &Header) -> Result<HashSet<u64>>
 /// [`crate::Error::Damaged`] on structural damage. With `refuse` (what to say before
 /// the damage), the refcount structures are scanned too, so that data overlapping
 /// them is damage; without, they are left out (a repair is about to rebuild them).
-pub(crate) fn reference_counts(img: &Image, st: &State, refuse: Option<&str>) -> Result<Vec<u64>> {
+pub(crate) fn reference_counts(img: &Image, st: &State, refuse: Option<&str>) -> Result<Counts> {
     Ok(scan(img, st, refuse.is_some())?
         .checked(img, refuse.unwrap_or(""))?
         .counts)

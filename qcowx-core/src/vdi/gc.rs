@@ -199,9 +199,7 @@ impl Image {
         let free: Vec<u64> = if exact {
             // Nothing changed since the count: it is exact now.
             let after = refcount::rebuild_with(self, st, live, &gate)?;
-            (1..after.len() as u64)
-                .filter(|&c| after[c as usize] == 0)
-                .collect()
+            (1..after.len()).filter(|&c| after.get(c) == 0).collect()
         } else {
             // Clusters freed here may have carried stale counts: recount at close.
             st.deltas.lose_exactness();

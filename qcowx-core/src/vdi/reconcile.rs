@@ -127,14 +127,9 @@ impl Image {
     }
 
     /// Restores invariant W on every head, given every cluster's references.
-    fn reconcile_with(&self, st: &mut State, counts: &[u64]) -> Result<()> {
+    fn reconcile_with(&self, st: &mut State, counts: &crate::refcount::Counts) -> Result<()> {
         let bits = self.geo.cluster_bits;
-        let count = |off: HostOffset| {
-            counts
-                .get((off.get() >> bits) as usize)
-                .copied()
-                .unwrap_or(0)
-        };
+        let count = |off: HostOffset| counts.get(off.get() >> bits);
         let mut heads = vec![Target::Default];
         heads.extend(
             (0..st.registry.len())
