@@ -109,6 +109,8 @@ impl Counts {
         self.len = clusters;
         for bytes in [&mut self.low, &mut self.high] {
             if !bytes.is_empty() {
+                // Exactly: a doubled allocation would be as large as the counts.
+                bytes.reserve_exact((clusters as usize).saturating_sub(bytes.len()));
                 bytes.resize(clusters as usize, 0);
             }
         }

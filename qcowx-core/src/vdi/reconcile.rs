@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::engine::{Image, OpenState, State};
+use crate::engine::{Image, OpenState, State, TableReader};
 use crate::error::Result;
 use crate::format::addr::HostOffset;
 use crate::format::tables::{l2_entries, l2_tables, L2Entry};
@@ -136,6 +136,7 @@ impl Image {
                 .filter(|&i| st.registry.record(i).kind == RootKind::Vdi && st.registry.is_live(i))
                 .map(Target::Entry),
         );
+        let mut reader = TableReader::new(self)?;
         for t in heads {
             let id = self.load_root(st, t)?;
             let l1 = self.root(st, id)?.l1.clone();
@@ -145,12 +146,20 @@ impl Image {
                     self.set_l1_entry(st, id, i, e.read_only())?;
                     continue;
                 }
-                self.load_l2(st, off)?;
-                let words = st.cache.get(off).map(<[u64]>::to_vec).unwrap_or_default();
+                // A table that is not cached is read past the cache: only the tables
+                // this changes need a place in it (the scan walks every one).
+                let words = match st.cache.get(off) {
+                    Some(words) => words.to_vec(),
+                    None => reader.read(off)?.unwrap_or_default(),
+                };
                 let shared: Vec<(usize, L2Entry)> = l2_entries(&words, &geo)
                     .filter(|(_, e)| e.writable() && e.host().is_some_and(|h| count(h) > 1))
                     .collect();
-                if let Some(t) = st.cache.get_mut(off).filter(|_| !shared.is_empty()) {
+                if shared.is_empty() {
+                    continue;
+                }
+                self.load_l2(st, off)?;
+                if let Some(t) = st.cache.get_mut(off) {
                     for (j, e) in shared {
                         e.read_only().put(t, j, &geo);
                     }
