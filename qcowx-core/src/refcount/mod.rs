@@ -73,6 +73,17 @@ pub struct CheckReport {
 impl CheckReport {
     /// `qemu-img check`'s exit code: 0 clean, 1 check not completed, 2 corruptions,
     /// 3 leaks only.
+    ///
+    /// ```
+    /// use qcowx_core::CheckReport;
+    ///
+    /// let mut report = CheckReport::default();
+    /// assert_eq!(report.exit_code(), 0);
+    /// report.leaks = 3;
+    /// assert_eq!(report.exit_code(), 3);
+    /// report.corruptions = 1;
+    /// assert_eq!(report.exit_code(), 2);
+    /// ```
     pub fn exit_code(&self) -> i32 {
         if self.check_errors > 0 {
             1
@@ -184,6 +195,29 @@ impl Image {
     /// time to time. Costs the refcount blocks changed since the last checkpoint and
     /// the trees of the roots created since (a full rebuild only if something the
     /// record cannot describe happened, such as a gc that raced with writes).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use qcowx_core::storage::MemStorage;
+    /// use qcowx_core::{CreateOptions, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let mem = Arc::new(MemStorage::new());
+    /// let img = Image::create_in(mem.clone(), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 65536], 0)?;
+    /// assert!(img.pending_refcount_changes() > 0);
+    /// img.checkpoint()?;
+    /// assert_eq!(img.pending_refcount_changes(), 0);
+    /// assert!(!img.info()?.dirty);
+    ///
+    /// // A crash now (the handle is never closed) leaves a clean image.
+    /// let bytes = mem.to_vec();
+    /// std::mem::forget(img);
+    /// let after = Image::from_storage(Arc::new(MemStorage::from_vec(bytes)), &OpenOptions::new())?;
+    /// assert!(!after.info()?.dirty);
+    /// assert_eq!(after.check()?.exit_code(), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn checkpoint(&self) -> Result<()> {
         if !self.is_writable() {
             return Ok(());
@@ -244,6 +278,32 @@ impl Image {
     /// checks again. Needs a writable image. Either repairs the image or, when it
     /// cannot (structural damage a rebuild cannot resolve, a count the refcount width
     /// cannot hold), fails before writing anything.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use qcowx_core::storage::MemStorage;
+    /// use qcowx_core::{CreateOptions, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// // An image whose writer crashed: data flushed, refcounts stale, dirty bit set.
+    /// let mem = Arc::new(MemStorage::new());
+    /// let img = Image::create_in(mem.clone(), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 65536], 0)?;
+    /// img.flush()?;
+    /// let crashed = mem.to_vec();
+    /// std::mem::forget(img);
+    ///
+    /// let opts = OpenOptions::new().repair(true);
+    /// let img = Image::from_storage(Arc::new(MemStorage::from_vec(crashed)), &opts)?;
+    /// let report = img.repair()?;
+    /// assert!(report.repaired);
+    /// assert_eq!((report.corruptions, report.leaks, report.exit_code()), (0, 0, 0));
+    /// assert!(!img.info()?.dirty);
+    /// let mut buf = [0u8; 4];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [1; 4]);
+    /// # Ok(()) }
+    /// ```
     pub fn repair(&self) -> Result<CheckReport> {
         self.check_writable()?;
         let _structure = self.lock_structure();
