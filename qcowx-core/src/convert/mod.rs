@@ -138,6 +138,25 @@ pub struct RawFile {
 
 impl RawFile {
     /// Opens the raw file at `path` read-only with the image lock `lock`.
+    ///
+    /// ```
+    /// use qcowx_core::convert::{convert, ConvertOptions, Content, ImageFormat, RawFile};
+    /// use qcowx_core::{Image, LockMode};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let raw = dir.path().join("disk.raw");
+    /// std::fs::write(&raw, b"raw bytes").unwrap();
+    /// let src = RawFile::open(&raw, LockMode::Shared)?;
+    /// assert_eq!(src.size()?, 9);
+    /// // Into a qcow2 image, as `qemu-img convert -O qcow2` does.
+    /// let out = dir.path().join("disk.qcow2");
+    /// convert(&src, &out, &ConvertOptions::new(ImageFormat::Qcow2), &mut |_, _| {})?;
+    /// let mut buf = [0u8; 9];
+    /// Image::open(&out)?.read_at(&mut buf, 0)?;
+/// assert_eq!(&buf, b"raw bytes");
+    /// # Ok(()) }
+    /// ```
     pub fn open(path: &Path, lock: LockMode) -> Result<RawFile> {
         let name = path.display().to_string();
         let storage = FileStorage::open(path, OpenMode::read_only().with_lock(lock))
@@ -186,6 +205,27 @@ impl Content for RawFile {
 
 /// Opens the disk image at `path` for reading: a qcow2 image (with its backing chain)
 /// or a raw file. `format` is probed from the file when `None`.
+///
+/// ```
+/// use qcowx_core::convert::{open_input, ImageFormat};
+/// use qcowx_core::{CreateOptions, Image, LockMode};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let raw = dir.path().join("disk.raw");
+/// std::fs::write(&raw, vec![5u8; 8192]).unwrap();
+/// let qcow = dir.path().join("disk.qcow2");
+/// Image::create(&qcow, &CreateOptions::new(8192))?.close()?;
+///
+/// let a = open_input(&raw, None, LockMode::Shared)?; // probed: raw
+/// assert_eq!((a.size()?, a.cluster_size()), (8192, None));
+/// let mut buf = [0u8; 2];
+/// a.read_at(&mut buf, 100)?;
+/// assert_eq!(buf, [5, 5]);
+/// let b = open_input(&qcow, Some(ImageFormat::Qcow2), LockMode::Shared)?;
+/// assert_eq!(b.cluster_size(), Some(65536));
+/// # Ok(()) }
+/// ```
 pub fn open_input(
     path: &Path,
     format: Option<ImageFormat>,
@@ -273,6 +313,26 @@ fn io_error(name: &str, op: &'static str, offset: u64, source: std::io::Error) -
 /// that hold non-zero data are written, in buffers of at most [`COPY_CHUNK`] bytes.
 ///
 /// On error the output may be left partly written.
+///
+/// ```
+/// use qcowx_core::convert::{export, ImageFormat};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let src = Image::create(dir.path().join("src.qcow2"), &CreateOptions::new(4 << 20))?;
+/// src.write_at(&[9; 4096], 2 << 20)?;
+/// let out = dir.path().join("copy.qcow2");
+/// let stats = export(&src, &out, ImageFormat::Qcow2)?;
+/// // One cluster holds data: it is all the output stores.
+/// assert_eq!((stats.virtual_size, stats.written_bytes), (4 << 20, 65536));
+/// let copy = Image::open(&out)?;
+/// let mut buf = [0u8; 4096];
+/// copy.read_at(&mut buf, 2 << 20)?;
+/// assert_eq!(buf, [9; 4096]);
+/// assert_eq!(copy.check()?.exit_code(), 0);
+/// # Ok(()) }
+/// ```
 pub fn export(src: &Image, output: &Path, format: ImageFormat) -> Result<ExportStats> {
     convert(src, output, &ConvertOptions::new(format), &mut |_, _| {})
 }
@@ -314,6 +374,25 @@ pub fn export_root(
 /// Writes the content of `disk` (any VDI or snapshot handle from
 /// [`Image::open_root`]) to a new file at `output` in `format`; see [`export`] and
 /// [`export_root`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::convert::{export_disk, ImageFormat};
+/// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+/// img.write_at(b"base", 0)?;
+/// img.snapshot(DEFAULT_VDI, "s")?;
+/// img.fork("s", "clone")?;
+/// let clone = img.open_root("clone")?;
+/// clone.write_at(b"mine", 0)?;
+/// let out = dir.path().join("clone.raw");
+/// export_disk(&clone, &out, ImageFormat::Raw)?;
+/// assert_eq!(&std::fs::read(&out).unwrap()[..4], b"mine");
+/// # Ok(()) }
+/// ```
 pub fn export_disk(disk: &Disk, output: &Path, format: ImageFormat) -> Result<ExportStats> {
     convert(disk, output, &ConvertOptions::new(format), &mut |_, _| {})
 }

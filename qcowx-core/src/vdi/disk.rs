@@ -29,8 +29,8 @@ use super::*;
 /// use std::sync::Arc;
 /// use qcowx_core::{CreateOptions, ExtentStatus, Image, DEFAULT_VDI};
 ///
-/// # fn main() -> Result<(), qcowx_core::Error> {
-/// let dir = tempfile::tempdir().unwrap();
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
 /// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
 /// let disk = img.open_root(DEFAULT_VDI)?;
 /// assert_eq!((disk.name(), disk.is_writable(), disk.size()), (DEFAULT_VDI, true, 1 << 20));
@@ -55,6 +55,13 @@ use super::*;
 /// assert_eq!(buf, [0; 8192]);
 ///
 /// disk.flush()?; // durable from here on
+///
+/// // As std::io types: `cursor()` reads and writes, `reader()` only reads.
+/// use std::io::{Read, Write};
+/// disk.clone().cursor().write_all(b"via io")?;
+/// let mut head = [0u8; 6];
+/// disk.clone().reader().read_exact(&mut head)?;
+/// assert_eq!(&head, b"via io");
 ///
 /// // The same bytes without a copy, where the storage can lend them.
 /// disk.write_at(b"mapped", 0)?;
