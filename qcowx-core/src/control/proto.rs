@@ -17,9 +17,44 @@ use crate::{CheckReport, GcReport, Range, RootInfo, RootKind};
 /// One control request: `{"op": OP, ...}` on the wire.
 ///
 /// Adding an operation is a variant here and its handler in the executor
-/// ([`crate::control::execute`]).
+/// ([`crate::control::execute`]). The enum is `#[non_exhaustive]`: new operations
+/// are added without breaking code outside the crate, whose matches keep a `_` arm:
+/// a match that lists every operation of today does not compile.
+///
+/// ```compile_fail
+/// use qcowx_core::control::Request;
+///
+/// fn name(req: &Request) -> &'static str {
+///     match req {
+///         Request::Snapshot { .. } => "snapshot",
+///         Request::Fork { .. } => "fork",
+///         Request::Delete(_) => "delete",
+///         Request::Revert { .. } => "revert",
+///         Request::Gc => "gc",
+///         Request::List => "list",
+///         Request::Diff { .. } => "diff",
+///         Request::Usage => "usage",
+///         Request::Check => "check",
+///         Request::Bitmap { .. } => "bitmap",
+///     }
+/// }
+/// # fn main() { let _ = name(&Request::Gc); }
+/// ```
+///
+/// ```
+/// use qcowx_core::control::{parse_request, Request};
+///
+/// let req = Request::Fork { snapshot: "golden".into(), name: "web-1".into() };
+/// assert_eq!(req.op(), "fork");
+/// assert!(req.modifies());
+/// assert!(!Request::List.modifies());
+/// let line = req.to_json(None);
+/// assert_eq!(line["op"], "fork");
+/// assert_eq!(parse_request(&line).unwrap().0, req);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Request {
     /// Take snapshot `name` of VDI `vdi`.
     Snapshot {
@@ -177,6 +212,17 @@ impl fmt::Display for Request {
 
 /// Parses a request object; returns it and its `"image"`, if any. The error says what
 /// is wrong, for the `invalid-request` answer.
+///
+/// ```
+/// use qcowx_core::control::{parse_request, DeleteTarget, Request};
+/// use serde_json::json;
+///
+/// let (req, image) = parse_request(&json!({"op": "delete", "snapshot": "s1", "image": "/vm/a.qcow2"})).unwrap();
+/// assert_eq!(req, Request::Delete(DeleteTarget::Snapshot("s1".into())));
+/// assert_eq!(image.as_deref(), Some(std::path::Path::new("/vm/a.qcow2")));
+/// assert!(parse_request(&json!({"op": "gc", "force": true})).unwrap_err().contains("force"));
+/// assert!(parse_request(&json!({"op": "explode"})).is_err());
+/// ```
 pub fn parse_request(v: &Value) -> Result<(Request, Option<PathBuf>), String> {
     let mut obj = v
         .as_object()
@@ -393,9 +439,41 @@ impl From<RangesJson> for Vec<Range> {
 
 // ---- answers ------------------------------------------------------------------------------
 
-/// The answer to a successful request.
+/// The answer to a successful request. `#[non_exhaustive]`, as [`Request`] is: new
+/// operations may bring new answers, so a match on it outside the crate keeps a `_`
+/// arm.
+///
+/// ```compile_fail
+/// use qcowx_core::control::Response;
+///
+/// fn done(r: &Response) -> bool {
+///     match r {
+///         Response::Done => true,
+///         Response::Root { .. }
+///         | Response::Roots(_)
+///         | Response::Gc(_)
+///         | Response::Ranges(_)
+///         | Response::Usage { .. }
+///         | Response::Check(_) => false,
+///     }
+/// }
+/// # fn main() { let _ = done(&Response::Done); }
+/// ```
+///
+/// ```
+/// use qcowx_core::control::Response;
+/// use qcowx_core::Range;
+///
+/// let r = Response::Ranges(vec![Range { offset: 0, length: 65536 }]);
+/// let line = r.to_json();
+/// assert_eq!(line["ok"], true);
+/// assert_eq!(line["bytes"], 65536);
+/// assert_eq!(Response::from_json(&line).unwrap(), r);
+/// assert_eq!(Response::Done.to_json(), serde_json::json!({"ok": true}));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Success", try_from = "Success")]
+#[non_exhaustive]
 pub enum Response {
     /// Done (`delete`, `revert`).
     Done,
@@ -523,6 +601,22 @@ impl Response {
 }
 
 /// A failure line: `{"ok": false, "error": MESSAGE, "kind": KIND}`.
+///
+/// ```
+/// use qcowx_core::control::ErrorReply;
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+/// let e = img.delete_snapshot("nope").unwrap_err();
+/// let line = ErrorReply::from_error(&e).to_json();
+/// assert_eq!((line["ok"].as_bool(), line["kind"].as_str()), (Some(false), Some("not-found")));
+/// assert_eq!(line["error"], e.to_string());
+/// let busy = ErrorReply::new("too many connections", "busy").to_json();
+/// assert_eq!(busy["kind"], "busy");
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     /// The message (the library's, for image errors).

@@ -154,7 +154,7 @@ impl RawFile {
     /// convert(&src, &out, &ConvertOptions::new(ImageFormat::Qcow2), &mut |_, _| {})?;
     /// let mut buf = [0u8; 9];
     /// Image::open(&out)?.read_at(&mut buf, 0)?;
-/// assert_eq!(&buf, b"raw bytes");
+    /// assert_eq!(&buf, b"raw bytes");
     /// # Ok(()) }
     /// ```
     pub fn open(path: &Path, lock: LockMode) -> Result<RawFile> {

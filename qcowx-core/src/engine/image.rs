@@ -77,7 +77,9 @@ pub struct SnapshotInfo {
 }
 
 /// What a writable open found the image in, and what it did about it.
+/// `#[non_exhaustive]`: later versions may tell more cases apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OpenState {
     /// Opened read-only: nothing was checked or changed.
     ReadOnly,
@@ -234,10 +236,10 @@ impl State {
 /// use qcowx_core::{CreateOptions, Disk, Image};
 ///
 /// fn send_sync<T: Send + Sync>() {}
-/// send_sync::<Image>();
-/// send_sync::<Disk>();
 ///
 /// # fn main() -> Result<(), qcowx_core::Error> {
+/// send_sync::<Image>();
+/// send_sync::<Disk>();
 /// let dir = tempfile::tempdir().unwrap();
 /// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
 /// // Four threads write their own 4 KiB at once; none disturbs another.
