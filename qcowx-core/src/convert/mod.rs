@@ -257,6 +257,16 @@ pub struct ConvertOptions {
 
 impl ConvertOptions {
     /// Options for an uncompressed output of `format` with the default cluster size.
+    ///
+    /// ```
+    /// use qcowx_core::convert::{ConvertOptions, ImageFormat};
+    ///
+    /// let opts = ConvertOptions::new(ImageFormat::Qcow2);
+    /// assert!(!opts.compress);
+    /// assert_eq!(opts.cluster_size, None); // the source's
+    /// let small = ConvertOptions { cluster_size: Some(4096), ..ConvertOptions::new(ImageFormat::Qcow2) };
+    /// assert_eq!(small.format, ImageFormat::Qcow2);
+    /// ```
     pub fn new(format: ImageFormat) -> ConvertOptions {
         ConvertOptions {
             format,
