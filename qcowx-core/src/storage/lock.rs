@@ -53,6 +53,16 @@ pub const PERM_LOCK_BASE: u64 = 100;
 pub const SHARED_LOCK_BASE: u64 = 200;
 
 /// How an image file is locked against concurrent users.
+///
+/// ```
+/// use qcowx_core::storage::lock::{LockMode, Permission, Permissions};
+///
+/// // A writer uses write and resize and lets others only read and write unchanged.
+/// assert!(LockMode::Exclusive.held().has(Permission::Write));
+/// assert!(!LockMode::Exclusive.shared().has(Permission::Write));
+/// assert_eq!(LockMode::Shared.held(), Permissions::CONSISTENT_READ);
+/// assert!(LockMode::Shared.takes_lock() && !LockMode::ForceShare.takes_lock());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LockMode {
     /// No locking at all: no bytes are held and nothing is checked. Use only when the
@@ -134,6 +144,30 @@ impl fmt::Display for LockHolder {
 }
 
 /// Why an image lock could not be taken.
+///
+/// Two handles on one file conflict as two processes would:
+///
+/// ```
+/// use qcowx_core::storage::lock::{held_by_others, lock_file, unlock_file, LockHolder, LockMode, Permission};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let writer = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// lock_file(&writer, LockMode::Exclusive).unwrap();
+///
+/// let reader = std::fs::File::open(&path).unwrap();
+/// let e = lock_file(&reader, LockMode::Shared).unwrap_err();
+/// assert!(e.is_conflict());
+/// assert_eq!(e.permission(), Some(Permission::Write));
+/// assert_eq!(e.holder(), Some(&LockHolder::ThisProcess));
+/// let seen = held_by_others(&reader).unwrap();
+/// assert!(seen.held.has(Permission::Write) && !seen.is_unlocked());
+///
+/// unlock_file(&writer).unwrap();
+/// assert!(held_by_others(&reader).unwrap().is_unlocked());
+/// lock_file(&reader, LockMode::Shared).unwrap();
+/// ```
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum LockError {
@@ -226,6 +260,21 @@ impl From<LockError> for io::Error {
 }
 
 /// The image-lock bytes held by *other* open file descriptions of a file.
+///
+/// ```
+/// use qcowx_core::storage::lock::{held_by_others, lock_file, LockMode, Permission};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let me = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// assert!(held_by_others(&me).unwrap().is_unlocked());
+/// let reader = std::fs::File::open(&path).unwrap();
+/// lock_file(&reader, LockMode::Shared).unwrap();
+/// let status = held_by_others(&me).unwrap();
+/// assert!(status.held.has(Permission::ConsistentRead));
+/// assert!(status.unshared.has(Permission::Write), "a reader does not share write");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LockStatus {
     /// Permissions some other user holds (bytes `100 + bit`).
@@ -252,6 +301,21 @@ impl LockStatus {
 ///
 /// On error, `file` holds no image-lock bytes (even ones it held before the call).
 /// The lock is released when the file is closed; see the [module docs](self).
+///
+/// ```
+/// use qcowx_core::storage::lock::{lock_file, LockMode};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let a = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// let b = std::fs::File::open(&path).unwrap();
+/// lock_file(&a, LockMode::Shared).unwrap();
+/// lock_file(&b, LockMode::Shared).unwrap(); // readers coexist
+/// assert!(lock_file(&a, LockMode::Exclusive).is_err(), "b reads");
+/// lock_file(&b, LockMode::None).unwrap(); // releases b's bytes
+/// lock_file(&a, LockMode::Exclusive).unwrap();
+/// ```
 pub fn lock_file(file: &File, mode: LockMode) -> Result<(), LockError> {
     lock_file_with(file, mode.held(), mode.shared())
 }
@@ -259,6 +323,19 @@ pub fn lock_file(file: &File, mode: LockMode) -> Result<(), LockError> {
 /// Sets the image lock held through `file` to using `held` and sharing `shared`, with
 /// the same semantics as [`lock_file`]; for callers that need a combination that no
 /// [`LockMode`] offers.
+///
+/// ```
+/// use qcowx_core::storage::lock::{lock_file, lock_file_with, LockMode, Permissions};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let a = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// // Read, and let others do anything (what QEMU's `-U` readers never refuse).
+/// lock_file_with(&a, Permissions::CONSISTENT_READ, Permissions::ALL).unwrap();
+/// let b = std::fs::File::open(&path).unwrap();
+/// lock_file(&b, LockMode::Exclusive).unwrap();
+/// ```
 pub fn lock_file_with(
     file: &File,
     held: Permissions,
@@ -323,6 +400,20 @@ fn apply_and_check(file: &File, held: Permissions, unshared: Permissions) -> Res
 /// Releases every image-lock byte held through `file`'s open file description.
 ///
 /// Closing the file does the same implicitly.
+///
+/// ```
+/// use qcowx_core::storage::lock::{lock_file, unlock_file, LockMode};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let a = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// let b = std::fs::File::open(&path).unwrap();
+/// lock_file(&a, LockMode::Exclusive).unwrap();
+/// assert!(lock_file(&b, LockMode::Shared).is_err());
+/// unlock_file(&a).unwrap();
+/// lock_file(&b, LockMode::Shared).unwrap();
+/// ```
 pub fn unlock_file(file: &File) -> Result<(), LockError> {
     for perm in Permission::ALL {
         release(file, perm.perm_byte())?;
@@ -333,6 +424,22 @@ pub fn unlock_file(file: &File) -> Result<(), LockError> {
 
 /// Reports which image-lock bytes other open file descriptions (in this or any other
 /// process) hold on `file`. Bytes held through `file` itself are not reported.
+///
+/// ```
+/// use qcowx_core::storage::lock::{held_by_others, lock_file, LockMode, Permissions};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let a = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// lock_file(&a, LockMode::Exclusive).unwrap();
+/// // Its own bytes are not reported to itself.
+/// assert!(held_by_others(&a).unwrap().is_unlocked());
+/// let other = std::fs::File::open(&path).unwrap();
+/// assert_eq!(held_by_others(&other).unwrap().held, LockMode::Exclusive.held());
+/// assert_eq!(held_by_others(&other).unwrap().unshared, !LockMode::Exclusive.shared());
+/// # let _ = Permissions::NONE;
+/// ```
 pub fn held_by_others(file: &File) -> Result<LockStatus, LockError> {
     let mut status = LockStatus::default();
     for perm in Permission::ALL {

@@ -7,6 +7,15 @@ use std::ops::{BitAnd, BitOr, Not};
 use super::{PERM_LOCK_BASE, SHARED_LOCK_BASE};
 
 /// One of QEMU's block-layer permissions that take part in image locking.
+///
+/// ```
+/// use qcowx_core::storage::lock::Permission;
+///
+/// assert_eq!(Permission::Write.bit(), 1);
+/// assert_eq!(Permission::Write.name(), "write");
+/// assert_eq!((Permission::Write.perm_byte(), Permission::Write.shared_byte()), (101, 201));
+/// assert_eq!(Permission::ALL.len(), 4);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Permission {
     /// Reading with the guarantee that the contents are complete and self-consistent
@@ -68,6 +77,19 @@ impl fmt::Display for Permission {
 }
 
 /// A set of [`Permission`]s, with the same bit layout as QEMU's `BLK_PERM_*` mask.
+///
+/// ```
+/// use qcowx_core::storage::lock::{Permission, Permissions};
+///
+/// let rw = Permissions::CONSISTENT_READ | Permissions::single(Permission::Write);
+/// assert_eq!(rw.bits(), 0b0011);
+/// assert!(rw.has(Permission::Write) && !rw.has(Permission::Resize));
+/// assert!(rw.contains(Permissions::CONSISTENT_READ));
+/// assert!(!rw.is_empty() && Permissions::NONE.is_empty());
+/// assert_eq!(rw.iter().collect::<Vec<_>>(), [Permission::ConsistentRead, Permission::Write]);
+/// assert_eq!(Permissions::from_bits_truncate(0xff), Permissions::ALL);
+/// assert_eq!(!rw, Permissions::WRITE_UNCHANGED | Permissions::RESIZE);
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Permissions(pub(super) u8);
 
