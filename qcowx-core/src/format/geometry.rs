@@ -5,6 +5,26 @@ use super::addr::{GuestCluster, GuestOffset, HostCluster, HostOffset};
 use super::tables::{ALL_SUBCLUSTERS, SUBCLUSTERS};
 
 /// Address geometry derived from the header.
+///
+/// ```
+/// use qcowx_core::format::addr::GuestOffset;
+/// use qcowx_core::format::tables::Geometry;
+///
+/// let geo = Geometry { cluster_bits: 16, extended: false }; // 64 KiB clusters
+/// assert_eq!(geo.cluster_size(), 65536);
+/// assert_eq!((geo.l2_entry_bytes(), geo.l2_entries(), geo.l2_bits()), (8, 8192, 13));
+/// assert_eq!(geo.bytes_per_l1_entry(), 512 << 20); // one L2 table maps 512 MiB
+/// assert_eq!(geo.l1_entries_for(1 << 30), 2);
+/// assert_eq!(geo.split(GuestOffset::new((512 << 20) + 3 * 65536)), (1, 3));
+/// assert_eq!(geo.clusters_for(65537), 2);
+/// assert_eq!(geo.csize_shift(), 54); // where a compressed entry's sector count starts
+///
+/// // Extended L2 entries: 16 bytes, 32 subclusters of 2 KiB.
+/// let ext = Geometry { cluster_bits: 16, extended: true };
+/// assert_eq!((ext.l2_entry_bytes(), ext.subcluster_size()), (16, 2048));
+/// assert_eq!(ext.subclusters_touched(2047, 2), 0b11); // two subclusters touched
+/// assert_eq!(ext.subclusters_covered(2047, 4098), 0b110); // two covered whole
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
     /// log2 of the cluster size.
