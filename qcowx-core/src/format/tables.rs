@@ -31,6 +31,14 @@ pub const ALL_SUBCLUSTERS: u32 = u32::MAX;
 
 /// The runs of consecutive subclusters in `mask`, as `(first, end)` subcluster
 /// indexes, in order.
+///
+/// ```
+/// use qcowx_core::format::tables::subcluster_runs;
+///
+/// let runs: Vec<_> = subcluster_runs(0b1110_0011).collect();
+/// assert_eq!(runs, [(0, 2), (5, 8)]);
+/// assert_eq!(subcluster_runs(u32::MAX).collect::<Vec<_>>(), [(0, 32)]);
+/// ```
 pub fn subcluster_runs(mask: u32) -> impl Iterator<Item = (u32, u32)> {
     let mut rest = mask;
     std::iter::from_fn(move || {
@@ -48,6 +56,24 @@ pub fn subcluster_runs(mask: u32) -> impl Iterator<Item = (u32, u32)> {
 pub use super::geometry::Geometry;
 
 /// An L1 entry: a link to an L2 table.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{Geometry, L1Entry, Link};
+///
+/// let geo = Geometry { cluster_bits: 16, extended: false };
+/// let e = L1Entry::new(HostOffset::new(0x5_0000), true);
+/// assert_eq!(e.raw(), 0x8000_0000_0005_0000);
+/// assert_eq!((e.l2_offset(), e.writable()), (Some(HostOffset::new(0x5_0000)), true));
+/// let ro = e.read_only();
+/// assert!(!ro.writable() && ro.same_table(e));
+/// assert_eq!(ro.link(&geo), Link::Table { table: HostOffset::new(0x5_0000), writable: false });
+/// assert_eq!(ro.link(&geo).table(), Some(HostOffset::new(0x5_0000)));
+/// assert_eq!(L1Entry::from_raw(0).link(&geo), Link::None);
+/// let unaligned = L1Entry::from_raw(0x5_0200);
+/// assert!(unaligned.is_malformed(&geo));
+/// assert_eq!(unaligned.link(&geo).table(), None);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct L1Entry(u64);
 
@@ -137,6 +163,16 @@ impl L1Entry {
 /// The L2 tables an L1 table links to, in L1 order: `(L1 index, entry, table offset)`.
 /// Malformed entries are skipped; a walk that must report them matches
 /// [`L1Entry::link`] itself.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{l2_tables, Geometry, L1Entry};
+///
+/// let geo = Geometry { cluster_bits: 16, extended: false };
+/// let l1 = [0, L1Entry::new(HostOffset::new(0x3_0000), true).raw(), 0x3_0200 /* malformed */];
+/// let tables: Vec<_> = l2_tables(&l1, &geo).map(|(i, _, at)| (i, at)).collect();
+/// assert_eq!(tables, [(1, HostOffset::new(0x3_0000))]);
+/// ```
 pub fn l2_tables<'a>(
     l1: &'a [u64],
     geo: &'a Geometry,
@@ -151,6 +187,18 @@ pub fn l2_tables<'a>(
 }
 
 /// The entries of an L2 table's words, in order: `(L2 index, entry)`.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{l2_entries, Geometry, L2Entry};
+///
+/// let geo = Geometry { cluster_bits: 16, extended: false };
+/// let mut words = vec![0u64; 8192];
+/// L2Entry::data(HostOffset::new(0x4_0000), &geo).put(&mut words, 5, &geo);
+/// let used: Vec<usize> = l2_entries(&words, &geo).filter(|(_, e)| e.host().is_some()).map(|(j, _)| j).collect();
+/// assert_eq!(used, [5]);
+/// assert_eq!(l2_entries(&words, &geo).count(), 8192);
+/// ```
 pub fn l2_entries<'a>(
     words: &'a [u64],
     geo: &'a Geometry,
@@ -160,11 +208,27 @@ pub fn l2_entries<'a>(
 
 /// A table's links made read-only: every L1 word, or every L2 entry of `words` (a
 /// copy of a table, whose links become read-only when it is copied).
+///
+/// ```
+/// use qcowx_core::format::tables::{read_only_l1, WRITABLE};
+///
+/// assert_eq!(read_only_l1(&[WRITABLE | 0x3_0000, 0]), [0x3_0000, 0]);
+/// ```
 pub fn read_only_l1(l1: &[u64]) -> Vec<u64> {
     l1.iter().map(|&w| L1Entry(w).read_only().0).collect()
 }
 
 /// Clears bit 63 on every entry of an L2 table's words.
+///
+/// ```
+/// use qcowx_core::format::tables::{make_l2_read_only, Geometry, WRITABLE};
+///
+/// let ext = Geometry { cluster_bits: 16, extended: true };
+/// // Extended entries: (word, bitmap) pairs; only the words lose bit 63.
+/// let mut words = [WRITABLE | 0x3_0000, WRITABLE | 1, WRITABLE | 0x4_0000, 0];
+/// make_l2_read_only(&mut words, &ext);
+/// assert_eq!(words, [0x3_0000, WRITABLE | 1, 0x4_0000, 0]);
+/// ```
 pub fn make_l2_read_only(words: &mut [u64], geo: &Geometry) {
     let step = if geo.extended { 2 } else { 1 };
     for w in words.iter_mut().step_by(step) {
@@ -173,6 +237,43 @@ pub fn make_l2_read_only(words: &mut [u64], geo: &Geometry) {
 }
 
 /// An L2 entry (the first 64 bits; extended entries carry a bitmap beside it).
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{ClusterKind, Geometry, L2Entry};
+///
+/// let geo = Geometry { cluster_bits: 16, extended: false };
+/// let host = HostOffset::new(0x7_0000);
+/// let d = L2Entry::data(host, &geo);
+/// assert_eq!((d.host(), d.writable(), d.is_compressed()), (Some(host), true, false));
+/// assert_eq!(d.kind(&geo), Ok(ClusterKind::Data { host }));
+/// assert!(!d.read_only().writable() && d.read_only().with_writable(true) == d);
+/// assert_eq!(d.with_host(HostOffset::new(0x9_0000)).host(), Some(HostOffset::new(0x9_0000)));
+/// assert_eq!((d.word(), d.bitmap()), (0x8000_0000_0007_0000, 0));
+/// assert_eq!(L2Entry::from_raw(d.word(), 0), d);
+///
+/// assert_eq!(L2Entry::zero(&geo).kind(&geo), Ok(ClusterKind::Zero { host: None }));
+/// let kept = L2Entry::zero_allocated(host, &geo);
+/// assert_eq!(kept.kind(&geo), Ok(ClusterKind::Zero { host: Some(host) }));
+/// let c = L2Entry::compressed(HostOffset::new(0x7_0123), 700, &geo);
+/// assert!(c.is_compressed() && !c.writable());
+/// assert!(matches!(c.kind(&geo), Ok(ClusterKind::Compressed { len, .. }) if len >= 700));
+///
+/// // In a table's words: standard entries take one word, extended ones two.
+/// let mut words = vec![0u64; 8192];
+/// d.put(&mut words, 3, &geo);
+/// assert_eq!(L2Entry::get(&words, 3, &geo), d);
+/// assert_eq!(L2Entry::get(&words, 9999, &geo), L2Entry::UNALLOCATED);
+///
+/// let ext = Geometry { cluster_bits: 16, extended: true };
+/// let sub = L2Entry::subclusters(host, 0b0011, 0b0100);
+/// assert_eq!(sub.kind(&ext), Ok(ClusterKind::Subclusters { host: Some(host), alloc: 0b0011, zero: 0b0100 }));
+/// let zs = L2Entry::zero_subclusters(0b1);
+/// assert_eq!(zs.kind(&ext), Ok(ClusterKind::Subclusters { host: None, alloc: 0, zero: 0b1 }));
+/// let mut ext_words = vec![0u64; 8192];
+/// sub.put(&mut ext_words, 1, &ext);
+/// assert_eq!((ext_words[2], ext_words[3]), (sub.word(), sub.bitmap()));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct L2Entry {
     /// The standard 64-bit descriptor.
@@ -441,6 +542,20 @@ pub enum Source {
 
 /// Splits `[in_off, in_off+len)` of a cluster of `kind` into pieces by source, calling
 /// `f(len, source)` for each in order. Adjacent pieces of one source are merged.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{for_each_piece, ClusterKind, Geometry, Source};
+///
+/// let ext = Geometry { cluster_bits: 16, extended: true }; // 2 KiB subclusters
+/// let kind = ClusterKind::Subclusters { host: Some(HostOffset::new(0x10_0000)), alloc: 0b001, zero: 0b010 };
+/// let mut pieces = Vec::new();
+/// for_each_piece(&ext, kind, 1024, 5120, |len, src| pieces.push((len, src)));
+/// assert_eq!(
+///     pieces,
+///     [(1024, Source::Host(HostOffset::new(0x10_0400))), (2048, Source::Zero), (2048, Source::Backing)]
+/// );
+/// ```
 pub fn for_each_piece(
     geo: &Geometry,
     kind: ClusterKind,
@@ -502,6 +617,15 @@ fn continues(prev: Source, prev_len: u64, next: Source) -> bool {
 }
 
 /// Decodes a big-endian table of 64-bit words.
+///
+/// ```
+/// use qcowx_core::format::tables::{decode_words, encode_words};
+///
+/// let words = [1u64, 0x8000_0000_0003_0000];
+/// let bytes = encode_words(&words);
+/// assert_eq!(&bytes[..8], &[0, 0, 0, 0, 0, 0, 0, 1]); // big-endian
+/// assert_eq!(decode_words(&bytes), words);
+/// ```
 pub fn decode_words(bytes: &[u8]) -> Vec<u64> {
     bytes
         .chunks_exact(8)
@@ -510,6 +634,12 @@ pub fn decode_words(bytes: &[u8]) -> Vec<u64> {
 }
 
 /// Encodes 64-bit words big-endian.
+///
+/// ```
+/// use qcowx_core::format::tables::encode_words;
+///
+/// assert_eq!(encode_words(&[0x0102]), [0, 0, 0, 0, 0, 0, 1, 2]);
+/// ```
 pub fn encode_words(words: &[u64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(words.len() * 8);
     for w in words {
