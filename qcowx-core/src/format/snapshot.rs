@@ -132,6 +132,15 @@ const _: () = assert!(std::mem::size_of::<RawQemuExtra>() == QEMU_EXTRA_BYTES);
 impl RawQemuExtra {
     /// QEMU's fields for a root of `disk_size` bytes with `vm_state_size` bytes of VM
     /// state.
+    ///
+    /// ```
+    /// use qcowx_core::format::snapshot::{RawQemuExtra, QEMU_EXTRA_BYTES};
+    /// use zerocopy::IntoBytes;
+    ///
+    /// let extra = RawQemuExtra::new(1 << 30, 0);
+    /// assert_eq!(extra.disk_size.get(), 1 << 30);
+    /// assert_eq!(extra.as_bytes().len(), QEMU_EXTRA_BYTES);
+    /// ```
     pub fn new(disk_size: u64, vm_state_size: u64) -> RawQemuExtra {
         RawQemuExtra {
             vm_state_size_large: vm_state_size.into(),

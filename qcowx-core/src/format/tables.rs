@@ -119,6 +119,15 @@ impl L1Entry {
 }
 
 /// What one L1 entry links to.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::Link;
+///
+/// let at = HostOffset::new(0x3_0000);
+/// assert_eq!(Link::Table { table: at, writable: false }.table(), Some(at));
+/// assert_eq!(Link::Malformed.table(), None);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     /// No L2 table: the range reads from the backing file, or as zeros.
