@@ -237,6 +237,19 @@ impl Image {
     /// Why the last refcount write (at a close or checkpoint) rebuilt every refcount
     /// from a full scan instead of applying the changes recorded since the image was
     /// opened; `None` when it applied them. For tests of the record's coverage.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 4096], 0)?;
+    /// img.snapshot(DEFAULT_VDI, "s")?;
+    /// img.checkpoint()?;
+    /// assert_eq!(img.last_refcount_rebuild(), None, "the recorded changes were applied");
+    /// # Ok(()) }
+    /// ```
     #[cfg(feature = "testing")]
     pub fn last_refcount_rebuild(&self) -> Option<&'static str> {
         self.state
