@@ -12,7 +12,7 @@ use crate::storage::{FileStorage, OpenMode, Storage};
 
 /// A raw disk image file opened for reading. Its block status comes from the file
 /// system (`SEEK_DATA`/`SEEK_HOLE`): holes read as zeros and are reported as
-/// [`ExtentStatus::Zero`].
+/// [`ExtentStatus::Zero`](crate::ExtentStatus::Zero).
 #[derive(Debug)]
 pub struct RawFile {
     storage: FileStorage,
