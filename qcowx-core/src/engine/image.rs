@@ -77,7 +77,20 @@ pub struct SnapshotInfo {
 }
 
 /// What a writable open found the image in, and what it did about it.
-/// `#[non_exhaustive]`: later versions may tell more cases apart.
+/// `#[non_exhaustive]`: later versions may tell more cases apart, so a match outside
+/// the crate keeps a `_` arm (one that lists today's cases does not compile).
+///
+/// ```compile_fail
+/// use qcowx_core::OpenState;
+///
+/// fn scanned(s: OpenState) -> bool {
+///     match s {
+///         OpenState::ReadOnly | OpenState::Clean => false,
+///         OpenState::Reconciled | OpenState::Recovered | OpenState::Rebuilt => true,
+///     }
+/// }
+/// # fn main() { let _ = scanned(OpenState::Clean); }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum OpenState {
