@@ -225,9 +225,10 @@ impl State {
 /// # Threads and concurrent I/O
 ///
 /// `Image` is `Send + Sync` and every method takes `&self`: share one open image
-/// between threads with an `Arc<Image>` (which [`Image::open_root`] needs anyway), and
-/// do not open the same file twice (the second open is refused with
-/// [`Error::Locked`]). Requests in flight at once behave as on a disk:
+/// between threads with an `Arc<Image>` (which [`Image::open_root`] needs anyway)
+/// rather than opening the file again (while a handle writes, another open of the
+/// file, in this process or any other, is refused with [`Error::Locked`]). Requests
+/// in flight at once behave as on a disk:
 ///
 /// - requests on ranges that do not overlap never affect each other, also within one
 ///   cluster;
@@ -240,9 +241,11 @@ impl State {
 ///   it is durable once a later [`Image::flush`] returns;
 /// - whatever runs concurrently, a read never returns bytes of another root or of a
 ///   freed cluster, and metadata is never left half-updated in memory: snapshot,
-///   fork, delete, revert, resize and gc may run while other threads read and write
-///   (a write that races with a snapshot lands either before it, and is in the
-///   snapshot, or after it, and is not).
+///   fork, delete, revert, resize and gc may run while other threads read and write.
+///   A snapshot holds every write that returned before it was taken and none that
+///   started after it returned; a write in flight meanwhile may be in it wholly,
+///   cluster by cluster in part, or not at all, as on a disk snapshotted with a
+///   request in flight.
 ///
 /// ```
 /// use std::sync::Arc;
