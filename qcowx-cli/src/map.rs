@@ -22,6 +22,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use qcowx_core::engine::backing;
 use qcowx_core::engine::chain::{backing_chain, raw_extents, ChainLayer, ImageFormat};
 use qcowx_core::vdi::kept_hosts::KeptHosts;
 use qcowx_core::vdi::DEFAULT_VDI;
@@ -90,6 +91,8 @@ fn push(out: &mut Vec<MapExtent>, e: MapExtent) {
 /// The backing chain's files are opened again (read-only, without their own backing
 /// files, with `lock`) for their sizes, their tables and, for a raw base, its holes:
 /// pass the lock `img` was opened with ([`LockMode::ForceShare`] for an image in use).
+/// `img` itself is not opened again, so an image this process holds open for writing
+/// maps with [`LockMode::Shared`] too.
 pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<Vec<MapExtent>> {
     let top = img
         .path()
@@ -107,9 +110,18 @@ pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<
         virtual_size: img.size(),
         cluster_size: Some(img.cluster_size()),
     }];
-    if img.backing().is_some() {
-        let below = backing_chain(&top, Some(ImageFormat::Qcow2), lock)?;
-        chain.extend(below.into_iter().skip(1));
+    // The chain is walked from the backing file down, never through the top file:
+    // `img` holds the top's lock (a writer's lock refuses a second open, whatever its
+    // mode), while a writer holds its backing files shared, as `lock` opens them.
+    let info = img.info()?;
+    if let (Some(_), Some(name)) = (img.backing(), info.backing_file.as_deref()) {
+        let format = info
+            .backing_format
+            .as_deref()
+            .map(ImageFormat::from_name)
+            .transpose()?;
+        let below = backing::resolve(Some(&top), name);
+        chain.extend(backing_chain(&below, format, lock)?);
     }
     let raw_base = match chain.last() {
         Some(l) if l.format == ImageFormat::Raw => {
@@ -325,5 +337,46 @@ mod tests {
         let total: u64 = m.iter().map(|e| e.length).sum();
         assert_eq!(total, 1 << 20);
         assert!(m.iter().all(|e| e.depth == 0 && e.file == p));
+    }
+
+    #[test]
+    fn maps_an_overlay_this_process_holds_open_for_writing() {
+        use qcowx_tests::{qemu_img_create, qemu_img_ok, qemu_io_ok};
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        qemu_img_create(&base, 1 << 20, "");
+        qemu_io_ok("qcow2", &base, &["write -P 5 0 64k"]);
+        let top_name = top.to_str().unwrap();
+        let args = [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+        ];
+        qemu_img_ok(&[&args[..], &[top_name]].concat());
+        let img = Arc::new(OpenOptions::new().write(true).open(&top).unwrap());
+        img.write_at(&[7u8; 65536], 65536).unwrap();
+        for lock in [LockMode::Shared, LockMode::ForceShare] {
+            let m = map_root(&img, None, lock).unwrap_or_else(|e| panic!("{lock:?}: {e}"));
+            let first = &m[0];
+            assert_eq!(
+                (first.start, first.length, first.depth),
+                (0, 65536, 1),
+                "{m:?}"
+            );
+            assert!(first.data && first.file.ends_with("base.qcow2"), "{m:?}");
+            let second = &m[1];
+            assert_eq!((second.start, second.depth), (65536, 0), "{m:?}");
+            assert!(second.data && second.file == top, "{m:?}");
+            assert_eq!(m.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+        }
+        // The writer still writes after the map.
+        img.write_at(&[8u8; 512], 0).unwrap();
+        img.close().unwrap();
     }
 }

@@ -280,11 +280,28 @@ impl ErrorKind {
     ];
 
     /// The kind whose [`ErrorKind::as_str`] is `name`.
+    ///
+    /// ```
+    /// use qcowx_core::ErrorKind;
+    ///
+    /// for kind in ErrorKind::ALL {
+    ///     assert_eq!(ErrorKind::from_name(kind.as_str()), Some(kind));
+    /// }
+    /// assert_eq!(ErrorKind::from_name("no-space"), Some(ErrorKind::NoSpace));
+    /// assert_eq!(ErrorKind::from_name("bogus"), None);
+    /// ```
     pub fn from_name(name: &str) -> Option<ErrorKind> {
         ErrorKind::ALL.into_iter().find(|k| k.as_str() == name)
     }
 
     /// A short stable name (`not-found`, `read-only`, …) for machine-readable output.
+    ///
+    /// ```
+    /// use qcowx_core::ErrorKind;
+    ///
+    /// assert_eq!(ErrorKind::ReadOnly.as_str(), "read-only");
+    /// assert_eq!(ErrorKind::ReadOnly.to_string(), "read-only");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::NotFound => "not-found",
@@ -320,6 +337,17 @@ fn is_full(source: &std::io::Error) -> bool {
 impl Error {
     /// The error for an I/O operation `op` at `offset` of `file` that failed with
     /// `source`: [`Error::NoSpace`] when the storage is full, [`Error::Io`] otherwise.
+    ///
+    /// ```
+    /// use qcowx_core::{Error, ErrorKind};
+    ///
+    /// let full = std::io::Error::from_raw_os_error(28); // ENOSPC
+    /// let e = Error::io("a.qcow2", "write data", 4096, full);
+    /// assert!(matches!(e, Error::NoSpace { offset: 4096, .. }));
+    /// assert_eq!((e.kind(), e.raw_os_error()), (ErrorKind::NoSpace, Some(28)));
+    /// let other = Error::io("a.qcow2", "read", 0, std::io::Error::from_raw_os_error(5)); // EIO
+    /// assert_eq!(other.kind(), ErrorKind::Io);
+    /// ```
     pub fn io(
         file: impl Into<String>,
         op: &'static str,
@@ -368,6 +396,15 @@ impl Error {
     /// The OS error number behind this error, if it came from the OS: `Some(2)`
     /// (`ENOENT`) for a missing image or backing file, `Some(28)` (`ENOSPC`) for a
     /// full disk.
+    ///
+    /// ```
+    /// use qcowx_core::Image;
+    ///
+    /// let e = Image::open("/nonexistent/disk.qcow2").unwrap_err();
+    /// assert_eq!(e.raw_os_error(), Some(2));
+    /// // Converted to an io::Error, the OS error survives.
+    /// assert_eq!(std::io::Error::from(e).kind(), std::io::ErrorKind::NotFound);
+    /// ```
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             Error::Io { source, .. } | Error::NoSpace { source, .. } => source.raw_os_error(),
@@ -384,6 +421,20 @@ impl Error {
     }
 
     /// Who holds the lock that made this a [`Error::Locked`], when that can be known.
+    ///
+    /// ```
+    /// use qcowx_core::storage::lock::LockHolder;
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("a.qcow2");
+    /// let _writer = Image::create(&path, &CreateOptions::new(1 << 20))?;
+    /// let e = Image::open(&path).unwrap_err();
+    /// assert_eq!(e.lock_holder(), Some(&LockHolder::ThisProcess));
+    /// assert!(e.to_string().contains("another handle in this process"), "{e}");
+    /// # Ok(()) }
+    /// ```
     pub fn lock_holder(&self) -> Option<&LockHolder> {
         match self {
             Error::Locked { source, .. } => source.holder(),
@@ -395,6 +446,21 @@ impl Error {
     /// a full disk, an exceeded quota or a file grown past its limit is
     /// [`ErrorKind::NoSpace`]; a refused permission is [`ErrorKind::ReadOnly`]; a
     /// missing file is [`ErrorKind::NotFound`].
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, ErrorKind, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// let kind = |r: qcowx_core::Result<()>| r.unwrap_err().kind();
+    /// assert_eq!(kind(img.delete_snapshot("none")), ErrorKind::NotFound);
+    /// img.snapshot("default", "s")?;
+    /// assert_eq!(kind(img.snapshot("default", "s").map(drop)), ErrorKind::AlreadyExists);
+    /// assert_eq!(kind(img.write_at(&[0], 1 << 20)), ErrorKind::OutOfRange);
+    /// assert_eq!(kind(img.resize(1)), ErrorKind::Unsupported);
+    /// # Ok(()) }
+    /// ```
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::NotFound { .. } => ErrorKind::NotFound,

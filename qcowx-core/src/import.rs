@@ -117,6 +117,14 @@ pub struct ImportReport {
 /// `-` with `_`; cut it to [`MAX_NAME_LEN`] bytes; use `layer` for an empty name. A
 /// name already taken (by an earlier layer, or `default`, the default VDI's name)
 /// gets the first free suffix `-2`, `-3`, … (the stem is shortened to make room).
+///
+/// ```
+/// use std::path::Path;
+/// use qcowx_core::import::snapshot_names;
+///
+/// let layers = [Path::new("/img/base.qcow2"), Path::new("/img/base.raw"), Path::new("default.qcow2")];
+/// assert_eq!(snapshot_names(&layers), ["base", "base-2", "default-2"]);
+/// ```
 pub fn snapshot_names(paths: &[&Path]) -> Vec<String> {
     let mut taken: HashSet<String> = HashSet::new();
     taken.insert(DEFAULT_VDI.to_string());
@@ -238,6 +246,36 @@ impl LayerReader {
 /// `progress` is called with the bytes copied so far and the total the layers store.
 /// The output is durable when this returns; [`import_chain_with`] can leave that to
 /// the kernel.
+///
+/// A raw base under a qcow2 overlay:
+///
+/// ```
+/// use qcowx_core::import::import_chain;
+/// use qcowx_core::{CreateOptions, Image, RootKind};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// std::fs::write(dir.path().join("golden.raw"), vec![1u8; 1 << 20]).unwrap();
+/// let mut opts = CreateOptions::new(1 << 20);
+/// opts.backing_file = Some("golden.raw".into());
+/// opts.backing_format = Some("raw".into());
+/// let top = dir.path().join("vm.qcow2");
+/// Image::create(&top, &opts)?.close()?;
+///
+/// let out = dir.path().join("vm-flat.qcow2");
+/// let mut calls = 0;
+/// let report = import_chain(&top, &out, &mut |_, _| calls += 1)?;
+/// assert_eq!(report.layers.len(), 2);
+/// let img = Image::open(&out)?;
+/// let roots: Vec<_> = img.list()?.into_iter().map(|r| (r.kind, r.name)).collect();
+/// assert_eq!(roots, [(RootKind::Vdi, "default".into()), (RootKind::Snapshot, "golden".into())]);
+/// assert!(img.info()?.backing_file.is_none());
+/// let mut b = [0u8; 1];
+/// img.read_at(&mut b, 12345)?;
+/// assert_eq!(b, [1]);
+/// # let _ = calls;
+/// # Ok(()) }
+/// ```
 pub fn import_chain(
     top: &Path,
     output: &Path,
@@ -247,6 +285,23 @@ pub fn import_chain(
 }
 
 /// [`import_chain`] with options.
+///
+/// ```
+/// use qcowx_core::import::{import_chain_with, ImportOptions};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let base = dir.path().join("base.qcow2");
+/// Image::create(&base, &CreateOptions::new(1 << 20))?.close()?;
+/// let out = dir.path().join("out.qcow2");
+/// // No fdatasync: the kernel writes the output back when it chooses.
+/// let fast = ImportOptions { sync: false };
+/// let report = import_chain_with(&base, &out, &fast, &mut |_, _| {})?;
+/// assert_eq!((report.virtual_size, report.cluster_size), (1 << 20, 65536));
+/// assert_eq!(Image::open(&out)?.list()?.len(), 1, "one layer: the default VDI only");
+/// # Ok(()) }
+/// ```
 pub fn import_chain_with(
     top: &Path,
     output: &Path,

@@ -38,6 +38,15 @@ pub enum SizeError {
 }
 
 /// Parses a size as `qemu-img` does (see the module documentation).
+///
+/// ```
+/// use qcowx_core::size::parse_size;
+///
+/// assert_eq!(parse_size("512").unwrap(), 512);
+/// assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+/// assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+/// assert!(parse_size("10X").is_err());
+/// ```
 pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     // C's isspace: space, \t, \n, \v, \f, \r.
     let t = s.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
@@ -107,6 +116,14 @@ fn fraction_bytes(frac: &str, shift: u32) -> u64 {
 
 /// Formats a byte count as `qemu-img` does in human output: three significant digits
 /// and a binary unit (`0 B`, `88.5 KiB`, `1 GiB`).
+///
+/// ```
+/// use qcowx_core::size::size_to_str;
+///
+/// assert_eq!(size_to_str(0), "0 B");
+/// assert_eq!(size_to_str(90_624), "88.5 KiB");
+/// assert_eq!(size_to_str(1 << 30), "1 GiB");
+/// ```
 pub fn size_to_str(val: u64) -> String {
     const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
     // Switch to the next unit once the value would print as 1000 or more.

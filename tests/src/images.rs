@@ -13,7 +13,7 @@ use crate::{convert_to_raw, error_text, qemu_map, MapExtent};
 /// Chunk size used by the content comparisons (bounded memory).
 pub const COMPARE_CHUNK: usize = 1 << 20;
 
-/// How long [`open_retry`] and [`run_ok`] retry an image lock conflict.
+/// How long [`open_retry`] and [`run_ok`](crate::run_ok) retry an image lock conflict.
 ///
 /// Why a conflict can be transient: when any thread of the test binary spawns a
 /// process, the child holds duplicates of all the binary's file descriptors until it

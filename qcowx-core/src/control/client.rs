@@ -12,6 +12,18 @@ use super::MAX_LINE;
 use crate::ErrorKind;
 
 /// Why a control request did not succeed.
+///
+/// ```
+/// use qcowx_core::control::ControlError;
+/// use qcowx_core::ErrorKind;
+///
+/// // A refusal carries the library's error kind, by name.
+/// let refused = ControlError::Refused { message: "a.qcow2: snapshot 'x' not found".into(), kind: "not-found".into() };
+/// assert_eq!(refused.kind(), Some(ErrorKind::NotFound));
+/// // The protocol's own kinds have no library kind.
+/// let busy = ControlError::Refused { message: "busy".into(), kind: "busy".into() };
+/// assert_eq!(busy.kind(), None);
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ControlError {
@@ -74,6 +86,25 @@ fn list_paths(p: &[PathBuf]) -> String {
 ///
 /// This is what `qcowx snapshot|fork|delete|revert|gc|list` call when opening the
 /// image fails with [`crate::Error::Locked`].
+///
+/// With no server running, the answer is [`ControlError::NoServer`]; see the module
+/// documentation for a client that falls back on it.
+///
+/// ```
+/// use qcowx_core::control::{request, ControlError, Request};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.qcow2");
+/// Image::create(&path, &CreateOptions::new(1 << 20))?.close()?;
+/// std::env::set_var("QCOWX_RUNTIME_DIR", dir.path());
+/// match request(&path, &Request::List) {
+///     Err(ControlError::NoServer { image, .. }) => assert_eq!(image, path),
+///     other => panic!("nobody serves it: {other:?}"),
+/// }
+/// # Ok(()) }
+/// ```
 pub fn request(image: &Path, req: &Request) -> Result<Response, ControlError> {
     let candidates = socket_candidates(image).map_err(|e| ControlError::Io {
         context: format!("stat {}", image.display()),
@@ -107,6 +138,16 @@ pub fn request(image: &Path, req: &Request) -> Result<Response, ControlError> {
 
 /// Sends `req` to the control socket at `socket` (a server started with `--control
 /// PATH`). With `image`, the server checks that it serves that file.
+///
+/// ```
+/// use std::path::Path;
+/// use qcowx_core::control::{request_at, ControlError, Request};
+///
+/// let socket = Path::new("/nonexistent/qcowx-ctl.sock");
+/// let e = request_at(socket, None, &Request::Gc).unwrap_err();
+/// assert!(matches!(e, ControlError::NoServer { ref tried, .. } if tried == &[socket]));
+/// assert_eq!(e.kind(), None); // not the library's refusal: nothing was asked
+/// ```
 pub fn request_at(
     socket: &Path,
     image: Option<&Path>,

@@ -5,6 +5,29 @@ use crate::{Image, Result};
 
 /// What the executor needs to know about whoever runs it (a server, or `qcowx` on an
 /// image it opened itself).
+///
+/// ```
+/// use qcowx_core::control::{execute, Host, Request, Response};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// /// A server that exports every root under its own name.
+/// struct Exports;
+/// impl Host for Exports {
+///     fn export_of(&self, root: &str) -> Option<String> {
+///         Some(root.to_string())
+///     }
+/// }
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+/// let req = Request::Snapshot { vdi: "default".into(), name: "s1".into() };
+/// let Response::Root { export, .. } = execute(&img, &req, &Exports)? else {
+///     panic!("a snapshot answers its root");
+/// };
+/// assert_eq!(export.as_deref(), Some("s1"));
+/// # Ok(()) }
+/// ```
 pub trait Host {
     /// The name of the NBD export serving root `root`, if any.
     fn export_of(&self, root: &str) -> Option<String>;
@@ -22,6 +45,29 @@ impl Host for Local {
 
 /// Runs `req` on `img`. The error is the library's: a server answers it with its
 /// message and [`crate::Error::kind`].
+///
+/// ```
+/// use qcowx_core::control::{execute, Local, Request, Response};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+/// let req = Request::Snapshot { vdi: "default".into(), name: "s1".into() };
+/// match execute(&img, &req, &Local)? {
+///     Response::Root { root, export } => {
+///         assert_eq!(root.name, "s1");
+///         assert_eq!(export, None); // nothing is exported locally
+///     }
+///     // Request and Response are #[non_exhaustive]: new operations add variants.
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// let Response::Roots(roots) = execute(&img, &Request::List, &Local)? else {
+///     panic!("list answers roots");
+/// };
+/// assert_eq!(roots.len(), 2);
+/// # Ok(()) }
+/// ```
 pub fn execute(img: &Image, req: &Request, host: &dyn Host) -> Result<Response> {
     match req {
         Request::Snapshot { vdi, name } => snapshot(img, host, vdi, name),

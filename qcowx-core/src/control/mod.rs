@@ -119,15 +119,14 @@
 
 mod client;
 mod exec;
+mod json;
 mod proto;
 mod socket;
 
 pub use client::{request, request_at, ControlError};
 pub use exec::{execute, Host, Local};
-pub use proto::{
-    parse_request, DeleteTarget, ErrorReply, RangeJson, RangesJson, Request, Response, RootJson,
-    RootKindJson, UsageJson,
-};
+pub use json::{RangeJson, RangesJson, RootJson, RootKindJson, UsageJson};
+pub use proto::{parse_request, DeleteTarget, ErrorReply, Request, Response};
 pub use socket::{
     default_socket_path, runtime_dirs, socket_candidates, socket_name, socket_path_for,
 };

@@ -10,16 +10,52 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::json::{RangesJson, RootJson, UsageJson};
 use crate::vdi::usage::RootUsage;
 use crate::vdi::DEFAULT_VDI;
-use crate::{CheckReport, GcReport, Range, RootInfo, RootKind};
+use crate::{CheckReport, GcReport, Range, RootInfo};
 
 /// One control request: `{"op": OP, ...}` on the wire.
 ///
 /// Adding an operation is a variant here and its handler in the executor
-/// ([`crate::control::execute`]).
+/// ([`crate::control::execute`]). The enum is `#[non_exhaustive]`: new operations
+/// are added without breaking code outside the crate, whose matches keep a `_` arm:
+/// a match that lists every operation of today does not compile.
+///
+/// ```compile_fail
+/// use qcowx_core::control::Request;
+///
+/// fn name(req: &Request) -> &'static str {
+///     match req {
+///         Request::Snapshot { .. } => "snapshot",
+///         Request::Fork { .. } => "fork",
+///         Request::Delete(_) => "delete",
+///         Request::Revert { .. } => "revert",
+///         Request::Gc => "gc",
+///         Request::List => "list",
+///         Request::Diff { .. } => "diff",
+///         Request::Usage => "usage",
+///         Request::Check => "check",
+///         Request::Bitmap { .. } => "bitmap",
+///     }
+/// }
+/// # fn main() { let _ = name(&Request::Gc); }
+/// ```
+///
+/// ```
+/// use qcowx_core::control::{parse_request, Request};
+///
+/// let req = Request::Fork { snapshot: "golden".into(), name: "web-1".into() };
+/// assert_eq!(req.op(), "fork");
+/// assert!(req.modifies());
+/// assert!(!Request::List.modifies());
+/// let line = req.to_json(None);
+/// assert_eq!(line["op"], "fork");
+/// assert_eq!(parse_request(&line).unwrap().0, req);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Request {
     /// Take snapshot `name` of VDI `vdi`.
     Snapshot {
@@ -177,6 +213,17 @@ impl fmt::Display for Request {
 
 /// Parses a request object; returns it and its `"image"`, if any. The error says what
 /// is wrong, for the `invalid-request` answer.
+///
+/// ```
+/// use qcowx_core::control::{parse_request, DeleteTarget, Request};
+/// use serde_json::json;
+///
+/// let (req, image) = parse_request(&json!({"op": "delete", "snapshot": "s1", "image": "/vm/a.qcow2"})).unwrap();
+/// assert_eq!(req, Request::Delete(DeleteTarget::Snapshot("s1".into())));
+/// assert_eq!(image.as_deref(), Some(std::path::Path::new("/vm/a.qcow2")));
+/// assert!(parse_request(&json!({"op": "gc", "force": true})).unwrap_err().contains("force"));
+/// assert!(parse_request(&json!({"op": "explode"})).is_err());
+/// ```
 pub fn parse_request(v: &Value) -> Result<(Request, Option<PathBuf>), String> {
     let mut obj = v
         .as_object()
@@ -208,194 +255,43 @@ pub fn parse_request(v: &Value) -> Result<(Request, Option<PathBuf>), String> {
     Ok((req, image))
 }
 
-// ---- the JSON of roots, gc reports and ranges -------------------------------------------
-
-/// A root's kind as JSON: `"vdi"` or `"snapshot"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RootKindJson {
-    /// A VDI head.
-    Vdi,
-    /// A snapshot.
-    Snapshot,
-}
-
-impl From<RootKind> for RootKindJson {
-    fn from(k: RootKind) -> Self {
-        match k {
-            RootKind::Vdi => RootKindJson::Vdi,
-            RootKind::Snapshot => RootKindJson::Snapshot,
-        }
-    }
-}
-
-/// One root's space use as JSON: an element of `usage` in the answer to `usage`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct UsageJson {
-    /// The root's name.
-    pub name: String,
-    /// Snapshot or VDI.
-    pub kind: RootKindJson,
-    /// Its unique id, lower-case hexadecimal.
-    pub uid: String,
-    /// Guest bytes it maps to clusters of the image.
-    pub mapped_bytes: u64,
-    /// Bytes of host clusters only it references.
-    pub exclusive_bytes: u64,
-}
-
-impl From<&RootUsage> for UsageJson {
-    fn from(u: &RootUsage) -> Self {
-        UsageJson {
-            name: u.name.clone(),
-            kind: u.kind.into(),
-            uid: format!("{:x}", u.uid),
-            mapped_bytes: u.mapped_bytes,
-            exclusive_bytes: u.exclusive_bytes,
-        }
-    }
-}
-
-impl TryFrom<UsageJson> for RootUsage {
-    type Error = String;
-
-    fn try_from(u: UsageJson) -> Result<Self, String> {
-        let uid = u64::from_str_radix(&u.uid, 16)
-            .map_err(|_| format!("\"uid\" {:?} is not hexadecimal", u.uid))?;
-        Ok(RootUsage {
-            name: u.name,
-            kind: u.kind.into(),
-            uid,
-            mapped_bytes: u.mapped_bytes,
-            exclusive_bytes: u.exclusive_bytes,
-        })
-    }
-}
-
-impl From<RootKindJson> for RootKind {
-    fn from(k: RootKindJson) -> Self {
-        match k {
-            RootKindJson::Vdi => RootKind::Vdi,
-            RootKindJson::Snapshot => RootKind::Snapshot,
-        }
-    }
-}
-
-/// A root as JSON: an element of `roots` in `qcowx list --output=json` and in the
-/// control protocol's answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct RootJson {
-    /// Its name.
-    pub name: String,
-    /// Snapshot or VDI.
-    pub kind: RootKindJson,
-    /// Its unique id, lower-case hexadecimal.
-    pub uid: String,
-    /// The VDI it belongs to.
-    pub vdi: String,
-    /// The root its content came from.
-    pub parent: Option<String>,
-    /// Creation time: seconds since the Unix epoch.
-    pub date_sec: u64,
-    /// Creation time: nanoseconds within that second.
-    pub date_nsec: u64,
-    /// Virtual disk size.
-    pub virtual_size: u64,
-    /// The QCOW2 snapshot ID.
-    pub id: Option<String>,
-}
-
-impl From<&RootInfo> for RootJson {
-    fn from(r: &RootInfo) -> Self {
-        RootJson {
-            name: r.name.clone(),
-            kind: r.kind.into(),
-            uid: format!("{:x}", r.uid),
-            vdi: r.vdi.clone(),
-            parent: r.parent.clone(),
-            date_sec: r.created_ns / 1_000_000_000,
-            date_nsec: r.created_ns % 1_000_000_000,
-            virtual_size: r.size,
-            id: r.id.clone(),
-        }
-    }
-}
-
-impl TryFrom<RootJson> for RootInfo {
-    type Error = String;
-
-    fn try_from(r: RootJson) -> Result<Self, String> {
-        let uid = u64::from_str_radix(&r.uid, 16)
-            .map_err(|_| format!("\"uid\" {:?} is not hexadecimal", r.uid))?;
-        Ok(RootInfo {
-            kind: r.kind.into(),
-            name: r.name,
-            uid,
-            vdi: r.vdi,
-            parent: r.parent,
-            created_ns: r
-                .date_sec
-                .saturating_mul(1_000_000_000)
-                .saturating_add(r.date_nsec),
-            size: r.virtual_size,
-            id: r.id,
-        })
-    }
-}
-
-/// A guest range as JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RangeJson {
-    /// Start (bytes).
-    pub offset: u64,
-    /// Length (bytes).
-    pub length: u64,
-}
-
-/// The ranges two roots may differ in, as JSON: `{"ranges": [...], "bytes": TOTAL}`
-/// (`qcowx diff --output=json` adds `filename`, `from` and `to`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RangesJson {
-    /// The ranges.
-    pub ranges: Vec<RangeJson>,
-    /// The sum of their lengths.
-    pub bytes: u64,
-}
-
-impl From<&[Range]> for RangesJson {
-    fn from(r: &[Range]) -> Self {
-        RangesJson {
-            ranges: r
-                .iter()
-                .map(|x| RangeJson {
-                    offset: x.offset,
-                    length: x.length,
-                })
-                .collect(),
-            bytes: r.iter().map(|x| x.length).sum(),
-        }
-    }
-}
-
-impl From<RangesJson> for Vec<Range> {
-    fn from(r: RangesJson) -> Self {
-        r.ranges
-            .into_iter()
-            .map(|x| Range {
-                offset: x.offset,
-                length: x.length,
-            })
-            .collect()
-    }
-}
-
 // ---- answers ------------------------------------------------------------------------------
 
-/// The answer to a successful request.
+/// The answer to a successful request. `#[non_exhaustive]`, as [`Request`] is: new
+/// operations may bring new answers, so a match on it outside the crate keeps a `_`
+/// arm.
+///
+/// ```compile_fail
+/// use qcowx_core::control::Response;
+///
+/// fn done(r: &Response) -> bool {
+///     match r {
+///         Response::Done => true,
+///         Response::Root { .. }
+///         | Response::Roots(_)
+///         | Response::Gc(_)
+///         | Response::Ranges(_)
+///         | Response::Usage { .. }
+///         | Response::Check(_) => false,
+///     }
+/// }
+/// # fn main() { let _ = done(&Response::Done); }
+/// ```
+///
+/// ```
+/// use qcowx_core::control::Response;
+/// use qcowx_core::Range;
+///
+/// let r = Response::Ranges(vec![Range { offset: 0, length: 65536 }]);
+/// let line = r.to_json();
+/// assert_eq!(line["ok"], true);
+/// assert_eq!(line["bytes"], 65536);
+/// assert_eq!(Response::from_json(&line).unwrap(), r);
+/// assert_eq!(Response::Done.to_json(), serde_json::json!({"ok": true}));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Success", try_from = "Success")]
+#[non_exhaustive]
 pub enum Response {
     /// Done (`delete`, `revert`).
     Done,
@@ -523,6 +419,22 @@ impl Response {
 }
 
 /// A failure line: `{"ok": false, "error": MESSAGE, "kind": KIND}`.
+///
+/// ```
+/// use qcowx_core::control::ErrorReply;
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+/// let e = img.delete_snapshot("nope").unwrap_err();
+/// let line = ErrorReply::from_error(&e).to_json();
+/// assert_eq!((line["ok"].as_bool(), line["kind"].as_str()), (Some(false), Some("not-found")));
+/// assert_eq!(line["error"], e.to_string());
+/// let busy = ErrorReply::new("too many connections", "busy").to_json();
+/// assert_eq!(busy["kind"], "busy");
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     /// The message (the library's, for image errors).
@@ -577,6 +489,7 @@ impl ErrorReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RootKind;
     use serde_json::json;
     use std::path::Path;
 

@@ -12,6 +12,21 @@ pub(super) fn euid() -> u32 {
 }
 
 /// The socket's file name for an image: from the file's device and inode numbers.
+///
+/// ```
+/// use std::os::unix::fs::MetadataExt;
+/// use qcowx_core::control::socket_name;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let image = dir.path().join("a.qcow2");
+/// std::fs::write(&image, b"").unwrap();
+/// let m = std::fs::metadata(&image).unwrap();
+/// assert_eq!(socket_name(&image).unwrap(), format!("img-{:x}-{:x}.sock", m.dev(), m.ino()));
+/// // Every name of the file gives the same socket.
+/// let link = dir.path().join("link.qcow2");
+/// std::os::unix::fs::symlink(&image, &link).unwrap();
+/// assert_eq!(socket_name(&link).unwrap(), socket_name(&image).unwrap());
+/// ```
 pub fn socket_name(image: &Path) -> io::Result<String> {
     let m = std::fs::metadata(image)?;
     Ok(format!("img-{:x}-{:x}.sock", m.dev(), m.ino()))
@@ -19,6 +34,17 @@ pub fn socket_name(image: &Path) -> io::Result<String> {
 
 /// The directories control sockets may be in, in the order clients try them (see the
 /// module documentation).
+///
+/// ```
+/// use std::path::Path;
+/// use qcowx_core::control::{runtime_dirs, ENV_RUNTIME_DIR};
+///
+/// std::env::set_var(ENV_RUNTIME_DIR, "/srv/qcowx-sockets");
+/// let dirs = runtime_dirs();
+/// assert_eq!(dirs[0], Path::new("/srv/qcowx-sockets"));
+/// assert_eq!(dirs[1], Path::new("/run/qcowx"));
+/// assert!(dirs.last().unwrap().starts_with("/tmp"));
+/// ```
 pub fn runtime_dirs() -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Some(d) = std::env::var_os(ENV_RUNTIME_DIR).filter(|d| !d.is_empty()) {
@@ -34,6 +60,18 @@ pub fn runtime_dirs() -> Vec<PathBuf> {
 
 /// Every path where a control socket for `image` may be, in the order
 /// [`super::request`] tries them. Fails only if the image cannot be `stat`ed.
+///
+/// ```
+/// use qcowx_core::control::{runtime_dirs, socket_candidates, socket_name};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let image = dir.path().join("a.qcow2");
+/// std::fs::write(&image, b"").unwrap();
+/// let name = socket_name(&image).unwrap();
+/// let expected: Vec<_> = runtime_dirs().into_iter().map(|d| d.join(&name)).collect();
+/// assert_eq!(socket_candidates(&image).unwrap(), expected);
+/// assert!(socket_candidates(&dir.path().join("missing")).is_err());
+/// ```
 pub fn socket_candidates(image: &Path) -> io::Result<Vec<PathBuf>> {
     let name = socket_name(image)?;
     Ok(runtime_dirs().into_iter().map(|d| d.join(&name)).collect())
@@ -42,6 +80,19 @@ pub fn socket_candidates(image: &Path) -> io::Result<Vec<PathBuf>> {
 /// The control socket of the server serving `image`: the first candidate where a
 /// socket file exists, else the path a server started now would use (without
 /// creating anything).
+///
+/// ```
+/// use qcowx_core::control::{socket_name, socket_path_for, ENV_RUNTIME_DIR};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let image = dir.path().join("a.qcow2");
+/// std::fs::write(&image, b"").unwrap();
+/// std::env::set_var(ENV_RUNTIME_DIR, dir.path());
+/// // No server: where one started now would listen.
+/// let path = socket_path_for(&image).unwrap();
+/// assert_eq!(path, dir.path().join(socket_name(&image).unwrap()));
+/// assert!(!path.exists(), "nothing is created");
+/// ```
 pub fn socket_path_for(image: &Path) -> io::Result<PathBuf> {
     let c = socket_candidates(image)?;
     if let Some(p) = c.iter().find(|p| is_socket(p)) {
@@ -115,6 +166,19 @@ fn server_dir_choice(create: bool) -> io::Result<PathBuf> {
 
 /// The default control socket path of a server for `image`, creating its directory
 /// (see the module documentation).
+///
+/// ```
+/// use qcowx_core::control::{default_socket_path, socket_name, ENV_RUNTIME_DIR};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let image = dir.path().join("a.qcow2");
+/// std::fs::write(&image, b"").unwrap();
+/// let sockets = dir.path().join("run");
+/// std::env::set_var(ENV_RUNTIME_DIR, &sockets);
+/// let path = default_socket_path(&image).unwrap();
+/// assert_eq!(path, sockets.join(socket_name(&image).unwrap()));
+/// assert!(sockets.is_dir(), "the directory is created for the server");
+/// ```
 pub fn default_socket_path(image: &Path) -> Result<PathBuf, ControlError> {
     let name = socket_name(image).map_err(|source| ControlError::Io {
         context: format!("stat {}", image.display()),

@@ -23,6 +23,32 @@ use crate::storage::Storage;
 /// Only clusters that are unallocated (or zero, without a preallocated host cluster)
 /// in the default VDI can be written: the writer fills clusters, it does not replace
 /// data. An L2 table shared with a snapshot is copied first, as for any write.
+///
+/// ```
+/// use qcowx_core::convert::CompressedWriter;
+/// use qcowx_core::{CreateOptions, ExtentStatus, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("packed.qcow2");
+/// let img = Image::create(&path, &CreateOptions::new(1 << 20))?;
+/// let cs = img.cluster_size();
+/// let mut w = CompressedWriter::new(&img)?;
+/// assert!(w.write_cluster(0, &vec![b'a'; cs as usize])?, "repetitive data compresses");
+/// let noise: Vec<u8> = (0..cs).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+/// let _stored_as_is = w.write_cluster(cs, &noise)?;
+/// w.finish()?;
+/// img.close()?;
+///
+/// let img = Image::open(&path)?;
+/// let mut buf = vec![0u8; 2 * cs as usize];
+/// img.read_at(&mut buf, 0)?;
+/// assert!(buf[..cs as usize].iter().all(|&b| b == b'a'));
+/// assert_eq!(&buf[cs as usize..], &noise[..]);
+/// assert_eq!(img.block_status(0, cs)?[0].status, ExtentStatus::Data);
+/// assert_eq!(img.check()?.exit_code(), 0);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct CompressedWriter<'a> {
     img: &'a Image,

@@ -27,16 +27,17 @@
 //! ```
 
 mod compressed;
+mod input;
 pub use compressed::CompressedWriter;
+pub use input::{open_input, RawFile};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use crate::engine::chain::raw_extents;
 use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
-use crate::storage::{FileStorage, OpenMode, Storage};
+use crate::storage::{FileStorage, Storage};
 use crate::vdi::Disk;
 
 /// The largest buffer an export reads and writes at once.
@@ -66,7 +67,63 @@ pub struct ExportStats {
 
 /// A readable disk: what [`convert`] copies and `compare` compares. Implemented by
 /// [`Image`] (its default VDI, backing chain included), [`Disk`] (any VDI or
-/// snapshot) and [`RawFile`].
+/// snapshot) and [`RawFile`]; an embedder implements it to convert from anything else.
+///
+/// ```
+/// use std::path::Path;
+/// use qcowx_core::convert::{convert, Content, ConvertOptions, ImageFormat};
+/// use qcowx_core::{Extent, ExtentStatus, Image};
+///
+/// /// A disk of `size` bytes that holds `0xab` in its first MiB and nothing after.
+/// struct Pattern {
+///     size: u64,
+/// }
+///
+/// impl Content for Pattern {
+///     fn name(&self) -> &str {
+///         "pattern"
+///     }
+///     fn path(&self) -> Option<&Path> {
+///         None
+///     }
+///     fn size(&self) -> qcowx_core::Result<u64> {
+///         Ok(self.size)
+///     }
+///     fn cluster_size(&self) -> Option<u64> {
+///         None
+///     }
+///     fn read_at(&self, buf: &mut [u8], offset: u64) -> qcowx_core::Result<()> {
+///         for (i, b) in buf.iter_mut().enumerate() {
+///             *b = if offset + (i as u64) < 1 << 20 { 0xab } else { 0 };
+///         }
+///         Ok(())
+///     }
+///     fn block_status(&self, offset: u64, len: u64) -> qcowx_core::Result<Vec<Extent>> {
+///         let data_end = (1u64 << 20).clamp(offset, offset + len);
+///         let mut out = Vec::new();
+///         for (start, end, status) in [
+///             (offset, data_end, ExtentStatus::Data),
+///             (data_end, offset + len, ExtentStatus::Zero),
+///         ] {
+///             if end > start {
+///                 out.push(Extent { offset: start, length: end - start, status, depth: 0, host_offset: None });
+///             }
+///         }
+///         Ok(out)
+///     }
+/// }
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let out = dir.path().join("pattern.qcow2");
+/// let stats = convert(&Pattern { size: 8 << 20 }, &out, &ConvertOptions::new(ImageFormat::Qcow2), &mut |_, _| {})?;
+/// assert_eq!(stats.written_bytes, 1 << 20, "only the data range is written");
+/// let img = Image::open(&out)?;
+/// let mut b = [0u8; 2];
+/// img.read_at(&mut b, (1 << 20) - 1)?;
+/// assert_eq!(b, [0xab, 0]);
+/// # Ok(()) }
+/// ```
 pub trait Content: Send + Sync {
     /// A name for messages (the file name).
     fn name(&self) -> &str;
@@ -125,82 +182,6 @@ impl Content for Disk {
     }
 }
 
-/// A raw disk image file opened for reading. Its block status comes from the file
-/// system (`SEEK_DATA`/`SEEK_HOLE`): holes read as zeros and are reported as
-/// [`ExtentStatus::Zero`].
-#[derive(Debug)]
-pub struct RawFile {
-    storage: FileStorage,
-    name: String,
-    path: PathBuf,
-    size: u64,
-}
-
-impl RawFile {
-    /// Opens the raw file at `path` read-only with the image lock `lock`.
-    pub fn open(path: &Path, lock: LockMode) -> Result<RawFile> {
-        let name = path.display().to_string();
-        let storage = FileStorage::open(path, OpenMode::read_only().with_lock(lock))
-            .map_err(|e| Error::from_open(&name, e))?;
-        let size = storage.len().map_err(|e| io_error(&name, "stat", 0, e))?;
-        Ok(RawFile {
-            storage,
-            name,
-            path: path.to_path_buf(),
-            size,
-        })
-    }
-}
-
-impl Content for RawFile {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn path(&self) -> Option<&Path> {
-        Some(&self.path)
-    }
-    fn size(&self) -> Result<u64> {
-        Ok(self.size)
-    }
-    fn cluster_size(&self) -> Option<u64> {
-        None
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Error::OutOfRange {
-                file: self.name.clone(),
-                offset,
-                len,
-                size: self.size,
-            });
-        }
-        self.storage
-            .read_at(buf, offset)
-            .map_err(|e| io_error(&self.name, "read", offset, e))
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        Ok(raw_extents(self.storage.file(), self.size, offset, len))
-    }
-}
-
-/// Opens the disk image at `path` for reading: a qcow2 image (with its backing chain)
-/// or a raw file. `format` is probed from the file when `None`.
-pub fn open_input(
-    path: &Path,
-    format: Option<ImageFormat>,
-    lock: LockMode,
-) -> Result<Box<dyn Content>> {
-    let format = match format {
-        Some(f) => f,
-        None => ImageFormat::probe(path)?,
-    };
-    Ok(match format {
-        ImageFormat::Raw => Box::new(RawFile::open(path, lock)?),
-        ImageFormat::Qcow2 => Box::new(crate::engine::OpenOptions::new().lock(lock).open(path)?),
-    })
-}
-
 /// How [`convert`] writes its output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvertOptions {
@@ -217,6 +198,16 @@ pub struct ConvertOptions {
 
 impl ConvertOptions {
     /// Options for an uncompressed output of `format` with the default cluster size.
+    ///
+    /// ```
+    /// use qcowx_core::convert::{ConvertOptions, ImageFormat};
+    ///
+    /// let opts = ConvertOptions::new(ImageFormat::Qcow2);
+    /// assert!(!opts.compress);
+    /// assert_eq!(opts.cluster_size, None); // the source's
+    /// let small = ConvertOptions { cluster_size: Some(4096), ..ConvertOptions::new(ImageFormat::Qcow2) };
+    /// assert_eq!(small.format, ImageFormat::Qcow2);
+    /// ```
     pub fn new(format: ImageFormat) -> ConvertOptions {
         ConvertOptions {
             format,
@@ -273,6 +264,26 @@ fn io_error(name: &str, op: &'static str, offset: u64, source: std::io::Error) -
 /// that hold non-zero data are written, in buffers of at most [`COPY_CHUNK`] bytes.
 ///
 /// On error the output may be left partly written.
+///
+/// ```
+/// use qcowx_core::convert::{export, ImageFormat};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let src = Image::create(dir.path().join("src.qcow2"), &CreateOptions::new(4 << 20))?;
+/// src.write_at(&[9; 4096], 2 << 20)?;
+/// let out = dir.path().join("copy.qcow2");
+/// let stats = export(&src, &out, ImageFormat::Qcow2)?;
+/// // One cluster holds data: it is all the output stores.
+/// assert_eq!((stats.virtual_size, stats.written_bytes), (4 << 20, 65536));
+/// let copy = Image::open(&out)?;
+/// let mut buf = [0u8; 4096];
+/// copy.read_at(&mut buf, 2 << 20)?;
+/// assert_eq!(buf, [9; 4096]);
+/// assert_eq!(copy.check()?.exit_code(), 0);
+/// # Ok(()) }
+/// ```
 pub fn export(src: &Image, output: &Path, format: ImageFormat) -> Result<ExportStats> {
     convert(src, output, &ConvertOptions::new(format), &mut |_, _| {})
 }
@@ -314,6 +325,25 @@ pub fn export_root(
 /// Writes the content of `disk` (any VDI or snapshot handle from
 /// [`Image::open_root`]) to a new file at `output` in `format`; see [`export`] and
 /// [`export_root`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::convert::{export_disk, ImageFormat};
+/// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+/// img.write_at(b"base", 0)?;
+/// img.snapshot(DEFAULT_VDI, "s")?;
+/// img.fork("s", "clone")?;
+/// let clone = img.open_root("clone")?;
+/// clone.write_at(b"mine", 0)?;
+/// let out = dir.path().join("clone.raw");
+/// export_disk(&clone, &out, ImageFormat::Raw)?;
+/// assert_eq!(&std::fs::read(&out).unwrap()[..4], b"mine");
+/// # Ok(()) }
+/// ```
 pub fn export_disk(disk: &Disk, output: &Path, format: ImageFormat) -> Result<ExportStats> {
     convert(disk, output, &ConvertOptions::new(format), &mut |_, _| {})
 }

@@ -9,6 +9,31 @@
 use crate::format::addr::HostOffset;
 
 /// The allocator's state. All offsets are cluster-aligned host offsets.
+///
+/// ```
+/// use qcowx_core::engine::alloc::Allocator;
+/// use qcowx_core::format::addr::HostOffset;
+///
+/// let mut a = Allocator::new(65536, 100_000); // a file of 100,000 bytes
+/// assert_eq!(a.cluster(), HostOffset::new(131072)); // the next whole cluster
+/// assert_eq!(a.contiguous(2), HostOffset::new(196608));
+/// assert_eq!(a.end(), 327680);
+///
+/// // A freed cluster waits for its punch before it is handed out again.
+/// a.free(HostOffset::new(131072));
+/// assert_eq!(a.pending_len(), 1);
+/// assert_eq!(a.cluster(), HostOffset::new(327680));
+/// let punched = a.take_pending();
+/// a.make_ready(punched);
+/// a.hold_ready(true); // a gc is counting: ready clusters stay put
+/// assert_eq!(a.unused().collect::<Vec<_>>(), [131072]);
+/// assert_eq!(a.cluster(), HostOffset::new(393216));
+/// a.hold_ready(false);
+/// assert_eq!(a.cluster(), HostOffset::new(131072));
+///
+/// a.reset(65536); // the file was cut back
+/// assert_eq!(a.end(), 65536);
+/// ```
 #[derive(Debug)]
 pub struct Allocator {
     cluster_size: u64,
@@ -96,6 +121,12 @@ impl Allocator {
 }
 
 /// Groups sorted cluster offsets into `(start, len)` runs.
+///
+/// ```
+/// use qcowx_core::engine::alloc::runs;
+///
+/// assert_eq!(runs(&[0, 512, 1024, 4096], 512), [(0, 1536), (4096, 512)]);
+/// ```
 pub fn runs(sorted: &[u64], cluster_size: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &c in sorted {

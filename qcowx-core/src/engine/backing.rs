@@ -42,6 +42,22 @@ pub struct RawLayer {
 
 impl RawLayer {
     /// Opens `path` read-only with a shared lock.
+    ///
+    /// ```
+    /// use qcowx_core::engine::backing::{Layer, RawLayer};
+    /// use qcowx_core::LockMode;
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("base.raw");
+    /// std::fs::write(&path, [4u8; 1000]).unwrap();
+    /// let raw = RawLayer::open(&path, LockMode::Shared)?;
+    /// assert_eq!((raw.size(), raw.chain_len()), (1000, 1));
+    /// let mut buf = [9u8; 8];
+    /// raw.read_layer(&mut buf, 996)?; // past the end reads zeros
+    /// assert_eq!(buf, [4, 4, 4, 4, 0, 0, 0, 0]);
+    /// # Ok(()) }
+    /// ```
     pub fn open(path: &Path, lock: LockMode) -> Result<RawLayer> {
         let name = path.display().to_string();
         let storage =
@@ -123,6 +139,16 @@ impl Layer for RawLayer {
 
 /// Resolves a backing file name as QEMU does: absolute names as they are, relative
 /// ones against the folder of the image that names them.
+///
+/// ```
+/// use std::path::Path;
+/// use qcowx_core::engine::backing::resolve;
+///
+/// let top = Path::new("/vm/disks/top.qcow2");
+/// assert_eq!(resolve(Some(top), "base.qcow2"), Path::new("/vm/disks/base.qcow2"));
+/// assert_eq!(resolve(Some(top), "../golden.raw"), Path::new("/vm/disks/../golden.raw"));
+/// assert_eq!(resolve(Some(top), "/srv/base.qcow2"), Path::new("/srv/base.qcow2"));
+/// ```
 pub fn resolve(image: Option<&Path>, backing: &str) -> PathBuf {
     let p = Path::new(backing);
     if p.is_absolute() {
@@ -135,6 +161,21 @@ pub fn resolve(image: Option<&Path>, backing: &str) -> PathBuf {
 }
 
 /// Guesses a file's format: `qcow2` by its magic, else `raw`.
+///
+/// ```
+/// use qcowx_core::engine::backing::probe_format;
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let qcow = dir.path().join("a.qcow2");
+/// Image::create(&qcow, &CreateOptions::new(1 << 20))?.close()?;
+/// let raw = dir.path().join("a.img");
+/// std::fs::write(&raw, [0u8; 512]).unwrap();
+/// assert_eq!(probe_format(&qcow).unwrap(), "qcow2");
+/// assert_eq!(probe_format(&raw).unwrap(), "raw");
+/// # Ok(()) }
+/// ```
 pub fn probe_format(path: &Path) -> std::io::Result<&'static str> {
     use std::io::Read;
     let mut magic = [0u8; 4];
@@ -151,6 +192,22 @@ pub fn probe_format(path: &Path) -> std::io::Result<&'static str> {
 
 /// A disk image format qcowx reads and writes: a layer of a backing chain, the
 /// output of an export or convert.
+///
+/// ```
+/// use qcowx_core::convert::ImageFormat;
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let qcow = dir.path().join("a.qcow2");
+/// Image::create(&qcow, &CreateOptions::new(1 << 20))?.close()?;
+/// assert_eq!(ImageFormat::probe(&qcow)?, ImageFormat::Qcow2);
+/// assert_eq!(ImageFormat::Qcow2.name(), "qcow2");
+/// assert_eq!(ImageFormat::from_name("raw")?, ImageFormat::Raw);
+/// assert_eq!("raw".parse::<ImageFormat>()?, ImageFormat::Raw);
+/// assert!(ImageFormat::from_name("vmdk").is_err());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ImageFormat {
     /// A raw disk image (always the bottom of a chain; as output, a sparse file of the

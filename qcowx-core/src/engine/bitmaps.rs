@@ -285,6 +285,24 @@ impl Image {
     }
 
     /// The image's bitmaps.
+    ///
+    /// ```
+    /// use qcowx_core::{BitmapInfo, CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// assert!(img.bitmaps()?.is_empty());
+    /// img.bitmap_add("backup", Some(65536), false)?;
+    /// let expected = BitmapInfo {
+    ///     name: "backup".into(),
+    ///     granularity: 65536,
+    ///     enabled: true,
+    ///     in_use: false,
+    /// };
+    /// assert_eq!(img.bitmaps()?, [expected]);
+    /// # Ok(()) }
+    /// ```
     pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
         Ok(self.lock_state()?.bitmaps.infos())
     }
@@ -320,6 +338,26 @@ impl Image {
     /// Adds an empty bitmap `name` covering `granularity` bytes per bit (a power of
     /// two from 512 B to 2 GiB; default: the cluster size), enabled unless
     /// `disabled`. Stored at the next clean close.
+    ///
+    /// An incremental backup: the bitmap records which granules were written since it was
+    /// added (or last cleared), and survives a clean close as QEMU's persistent bitmaps do.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Error, Image};
+    ///
+    /// # fn main() -> Result<(), Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("a.qcow2");
+    /// let img = Image::create(&path, &CreateOptions::new(1 << 20))?;
+    /// img.bitmap_add("backup", None, false)?; // one bit per cluster (64 KiB)
+    /// img.write_at(b"changed", 65536 + 100)?;
+    /// img.close()?;
+    ///
+    /// let img = Image::open_rw(&path)?;
+    /// assert_eq!(img.bitmap_dirty("backup")?, [(65536, 65536)]);
+    /// assert!(matches!(img.bitmap_add("backup", None, false), Err(Error::AlreadyExists { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn bitmap_add(&self, name: &str, granularity: Option<u64>, disabled: bool) -> Result<()> {
         self.check_writable()?;
         bitmap::check_name(name).map_err(Error::InvalidArgument)?;
@@ -375,6 +413,19 @@ impl Image {
     }
 
     /// Removes bitmap `name` (an inconsistent one too).
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Error, Image};
+    ///
+    /// # fn main() -> Result<(), Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.bitmap_add("old", None, false)?;
+    /// img.bitmap_remove("old")?;
+    /// assert!(img.bitmaps()?.is_empty());
+    /// assert!(matches!(img.bitmap_remove("old"), Err(Error::NotFound { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn bitmap_remove(&self, name: &str) -> Result<()> {
         self.check_writable()?;
         let mut st = self.lock_state()?;
@@ -391,6 +442,20 @@ impl Image {
     }
 
     /// Clears every bit of bitmap `name`.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.bitmap_add("backup", None, false)?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// assert_eq!(img.bitmap_dirty("backup")?.len(), 1);
+    /// img.bitmap_clear("backup")?; // after the backup copied those ranges
+    /// assert!(img.bitmap_dirty("backup")?.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn bitmap_clear(&self, name: &str) -> Result<()> {
         self.with_bitmap(name, |b| {
             if let Some(d) = &mut b.data {
@@ -400,6 +465,22 @@ impl Image {
     }
 
     /// Enables (tracks writes) or disables bitmap `name`.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.bitmap_add("b", None, true)?; // added disabled
+    /// img.write_at(&[1; 512], 0)?;
+    /// assert!(img.bitmap_dirty("b")?.is_empty(), "a disabled bitmap tracks nothing");
+    /// img.bitmap_enable("b", true)?;
+    /// img.write_at(&[1; 512], 65536)?;
+    /// assert_eq!(img.bitmap_dirty("b")?, [(65536, 65536)]);
+    /// assert!(img.bitmaps()?[0].enabled);
+    /// # Ok(()) }
+    /// ```
     pub fn bitmap_enable(&self, name: &str, enabled: bool) -> Result<()> {
         self.with_bitmap(name, |b| {
             b.entry.flags = (b.entry.flags & !FLAG_AUTO) | if enabled { FLAG_AUTO } else { 0 };
@@ -407,6 +488,23 @@ impl Image {
     }
 
     /// Marks dirty in `target` every range dirty in `source`.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.bitmap_add("monday", None, false)?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// img.bitmap_enable("monday", false)?;
+    /// img.bitmap_add("tuesday", None, false)?;
+    /// img.write_at(&[1; 512], 3 * 65536)?;
+    /// img.bitmap_merge("monday", "tuesday")?;
+    /// assert_eq!(img.bitmap_dirty("tuesday")?, [(0, 65536), (3 * 65536, 65536)]);
+    /// assert_eq!(img.bitmap_dirty("monday")?, [(0, 65536)], "the source is unchanged");
+    /// # Ok(()) }
+    /// ```
     pub fn bitmap_merge(&self, source: &str, target: &str) -> Result<()> {
         let dirty = self.bitmap_dirty(source)?;
         self.check_writable()?;
@@ -427,6 +525,19 @@ impl Image {
 
     /// The dirty ranges of bitmap `name` (offset, length), in order, each a whole
     /// number of granules clipped to the disk.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.bitmap_add("b", Some(4096), false)?;
+    /// img.write_at(&[1; 10], 4090)?; // touches two 4 KiB granules
+    /// img.write_at(&[1; 1], 65536)?;
+    /// assert_eq!(img.bitmap_dirty("b")?, [(0, 8192), (65536, 4096)]);
+    /// # Ok(()) }
+    /// ```
     pub fn bitmap_dirty(&self, name: &str) -> Result<Vec<(u64, u64)>> {
         self.bitmap_dirty_in(name, 0, u64::MAX)
     }
@@ -434,6 +545,20 @@ impl Image {
     /// The dirty ranges of bitmap `name` that meet `[offset, offset + len)`, clipped
     /// to it. A read-only handle reads the bitmap from the file on first use and keeps
     /// it (it cannot change under a read-only handle: writers hold the image lock).
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.bitmap_add("b", None, false)?;
+    /// img.write_at(&[1; 3 * 65536], 0)?;
+    /// // Only the part inside the window, clipped to it.
+    /// assert_eq!(img.bitmap_dirty_in("b", 65536 + 512, 65536)?, [(65536 + 512, 65536)]);
+    /// assert!(img.bitmap_dirty_in("b", 4 * 65536, 65536)?.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn bitmap_dirty_in(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
         let mut st = self.lock_state()?;
         let i = self.bitmap_index(&st, name)?;

@@ -30,6 +30,51 @@ pub struct Evicted {
 }
 
 /// LRU cache of L2 tables.
+///
+/// ```
+/// use qcowx_core::engine::cache::L2Cache;
+/// use qcowx_core::format::addr::HostOffset;
+///
+/// let at = |n: u64| HostOffset::new(n << 16);
+/// // Room for 4 tables of 64 KiB (the minimum).
+/// let mut cache = L2Cache::new(1, 65536);
+/// assert_eq!(cache.capacity(), 4);
+/// for i in 1..=4 {
+///     assert!(cache.insert(at(i), vec![i; 8192], false).is_none());
+/// }
+/// assert_eq!(cache.get(at(2)).map(|t| t[0]), Some(2));
+///
+/// // A change marks the table dirty and counts.
+/// let before = cache.changes();
+/// cache.get_mut(at(1)).unwrap()[0] = 99;
+/// assert!(cache.has_dirty() && cache.changes() > before);
+///
+/// // A fifth table evicts the least recently used clean one: table 3, nothing to write.
+/// assert!(cache.insert(at(5), vec![5; 8192], false).is_none());
+/// assert!(cache.get(at(3)).is_none());
+///
+/// // Write-back: take the dirty tables; a failed write marks them dirty again.
+/// let dirty = cache.take_dirty();
+/// assert_eq!(dirty.len(), 1);
+/// assert!(!cache.has_dirty());
+/// cache.mark_dirty(dirty[0].0);
+/// assert!(cache.has_dirty());
+///
+/// // When every table is dirty, the one that must leave comes back to be written.
+/// for i in [2, 4, 5] {
+///     cache.get_mut(at(i));
+/// }
+/// let evicted = cache.insert(at(6), vec![6; 8192], false).expect("all are dirty");
+/// assert_eq!((evicted.offset, evicted.words[0]), (at(1), 99));
+/// cache.restore(evicted); // its write failed: keep it, past capacity if need be
+/// assert!(cache.get(at(1)).is_some());
+///
+/// cache.forget(at(6)); // its cluster was freed
+/// assert!(cache.get(at(6)).is_none());
+/// cache.take_dirty();
+/// cache.clear_clean();
+/// assert!(cache.get(at(2)).is_none());
+/// ```
 #[derive(Debug)]
 pub struct L2Cache {
     slots: HashMap<HostOffset, Slot>,

@@ -36,6 +36,26 @@ pub struct ChainLayer {
 /// recorded backing formats, probed when absent. Each qcow2 layer is opened briefly,
 /// without its backing file, with `lock` (use [`LockMode::ForceShare`] to look at
 /// images in use). Loops and chains deeper than [`MAX_BACKING_DEPTH`] are refused.
+///
+/// ```
+/// use qcowx_core::engine::chain::{backing_chain, ImageFormat};
+/// use qcowx_core::{CreateOptions, Image, LockMode};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// std::fs::write(dir.path().join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+/// let mut opts = CreateOptions::new(2 << 20);
+/// opts.backing_file = Some("base.raw".into());
+/// opts.backing_format = Some("raw".into());
+/// let top = dir.path().join("top.qcow2");
+/// Image::create(&top, &opts)?.close()?;
+///
+/// let chain = backing_chain(&top, None, LockMode::Shared)?;
+/// let layers: Vec<_> = chain.iter().map(|l| (l.format, l.virtual_size)).collect();
+/// assert_eq!(layers, [(ImageFormat::Qcow2, 2 << 20), (ImageFormat::Raw, 1 << 20)]);
+/// assert_eq!(chain[1].path, dir.path().join("base.raw"));
+/// # Ok(()) }
+/// ```
 pub fn backing_chain(
     top: &Path,
     format: Option<ImageFormat>,
@@ -153,6 +173,20 @@ fn walk(
 /// offset, which equals the guest offset), as the file system reports them with
 /// `SEEK_DATA`/`SEEK_HOLE`. A range past the end of the file is a hole. When the file
 /// system cannot tell, everything inside the file is data.
+///
+/// ```
+/// use qcowx_core::engine::chain::raw_extents;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("disk.raw");
+/// let file = std::fs::File::create(&path).unwrap();
+/// file.set_len(1 << 20).unwrap(); // all hole
+/// let extents = raw_extents(&file, 1 << 20, 0, 1 << 20);
+/// // Every byte is covered, in order; a file system without SEEK_HOLE reports data.
+/// assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+/// assert_eq!(extents[0].offset, 0);
+/// assert!(extents.iter().all(|e| e.host_offset == Some(e.offset)));
+/// ```
 pub fn raw_extents(file: &std::fs::File, size: u64, offset: u64, len: u64) -> Vec<Extent> {
     let end = offset.saturating_add(len);
     let mut out: Vec<Extent> = Vec::new();

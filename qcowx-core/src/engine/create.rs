@@ -33,6 +33,24 @@ pub enum IfExists {
 }
 
 /// How to create an image.
+///
+/// ```
+/// use qcowx_core::{CompressionType, CreateOptions, IfExists, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut opts = CreateOptions::new(16 << 20).if_exists(IfExists::Fail);
+/// opts.apply_qemu_options("cluster_size=128k,extended_l2=on,compression_type=zstd")?;
+/// assert_eq!((opts.cluster_size, opts.extended_l2), (128 << 10, true));
+/// assert_eq!(opts.compression, CompressionType::Zstd);
+/// assert!(opts.apply_qemu_options("preallocation=full").is_err());
+///
+/// let img = Image::create(dir.path().join("a.qcow2"), &opts)?;
+/// let info = img.info()?;
+/// assert_eq!((info.cluster_size, info.extended_l2, info.compression_type), (128 << 10, true, "zstd"));
+/// assert_eq!(info.refcount_bits, 32);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
     /// Virtual size in bytes (rounded up to a multiple of 512).
@@ -420,6 +438,19 @@ impl Image {
     }
 
     /// Creates a new image in `storage` (which must be empty) and opens it for writing.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use qcowx_core::storage::MemStorage;
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let img = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(1 << 20))?;
+    /// assert!(img.is_writable());
+    /// assert_eq!(img.file_name(), "<memory>");
+    /// assert_eq!(img.path(), None);
+    /// # Ok(()) }
+    /// ```
     pub fn create_in(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Image> {
         let name = storage
             .path()

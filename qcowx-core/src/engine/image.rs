@@ -77,7 +77,22 @@ pub struct SnapshotInfo {
 }
 
 /// What a writable open found the image in, and what it did about it.
+/// `#[non_exhaustive]`: later versions may tell more cases apart, so a match outside
+/// the crate keeps a `_` arm (one that lists today's cases does not compile).
+///
+/// ```compile_fail
+/// use qcowx_core::OpenState;
+///
+/// fn scanned(s: OpenState) -> bool {
+///     match s {
+///         OpenState::ReadOnly | OpenState::Clean => false,
+///         OpenState::Reconciled | OpenState::Recovered | OpenState::Rebuilt => true,
+///     }
+/// }
+/// # fn main() { let _ = scanned(OpenState::Clean); }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OpenState {
     /// Opened read-only: nothing was checked or changed.
     ReadOnly,
@@ -98,6 +113,13 @@ pub enum OpenState {
 
 impl OpenState {
     /// What a program serving the image should tell its operator, if anything.
+    ///
+    /// ```
+    /// use qcowx_core::OpenState;
+    ///
+    /// assert_eq!(OpenState::Clean.describe(), None);
+    /// assert!(OpenState::Recovered.describe().unwrap().contains("not closed cleanly"));
+    /// ```
     pub fn describe(self) -> Option<&'static str> {
         match self {
             OpenState::Recovered => Some(
@@ -199,6 +221,83 @@ impl State {
 ///
 /// Reads and writes address the active layer (QCOW2's active L1 table). Drop closes
 /// the image as [`Image::close`] does, ignoring errors; call `close` to see them.
+///
+/// # Threads and concurrent I/O
+///
+/// `Image` is `Send + Sync` and every method takes `&self`: share one open image
+/// between threads with an `Arc<Image>` (which [`Image::open_root`] needs anyway)
+/// rather than opening the file again (while a handle writes, another open of the
+/// file, in this process or any other, is refused with [`Error::Locked`]). Requests
+/// in flight at once behave as on a disk:
+///
+/// - requests on ranges that do not overlap never affect each other, also within one
+///   cluster;
+/// - a read that overlaps a write in flight returns, for each byte, either its old or
+///   its new content (possibly some of each); two overlapping writes in flight leave
+///   each byte as one of them wrote it. Nothing orders such requests: order them
+///   yourself when it matters, as a guest does;
+/// - a request that has returned is seen by every request that starts after it, in
+///   any thread, and by every handle on the image ([`Disk`](crate::Disk)s share it);
+///   it is durable once a later [`Image::flush`] returns;
+/// - whatever runs concurrently, a read never returns bytes of another root or of a
+///   freed cluster, and metadata is never left half-updated in memory: snapshot,
+///   fork, delete, revert, resize and gc may run while other threads read and write.
+///   A snapshot holds every write that returned before it was taken and none that
+///   started after it returned; a write in flight meanwhile may be in it wholly,
+///   cluster by cluster in part, or not at all, as on a disk snapshotted with a
+///   request in flight.
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::{CreateOptions, Disk, Image};
+///
+/// fn send_sync<T: Send + Sync>() {}
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// send_sync::<Image>();
+/// send_sync::<Disk>();
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+/// // Four threads write their own 4 KiB at once; none disturbs another.
+/// std::thread::scope(|s| {
+///     for t in 0..4u8 {
+///         let img = &img;
+///         s.spawn(move || img.write_at(&[t + 1; 4096], u64::from(t) * 4096).unwrap());
+///     }
+/// });
+/// let mut buf = vec![0u8; 4 * 4096];
+/// img.read_at(&mut buf, 0)?;
+/// for t in 0..4usize {
+///     assert!(buf[t * 4096..(t + 1) * 4096].iter().all(|&b| b == t as u8 + 1));
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// # Facts about an open image
+///
+/// ```
+/// use qcowx_core::{CreateOptions, Image, OpenState};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.qcow2");
+/// Image::create(&path, &CreateOptions::new(1 << 30))?.close()?;
+/// let img = Image::open_rw(&path)?;
+/// assert_eq!((img.size(), img.cluster_size()), (1 << 30, 65536));
+/// assert!(img.is_writable());
+/// assert_eq!(img.file_name(), path.display().to_string());
+/// assert_eq!(img.path(), Some(path.as_path()));
+/// assert!(img.backing().is_none());
+/// assert_eq!(img.open_state(), OpenState::Clean);
+/// assert_eq!(img.open_state().describe(), None); // nothing to tell an operator
+/// assert_eq!(img.header().version, 3);
+/// img.write_at(&[1; 512], 0)?;
+/// assert!(img.pending_refcount_changes() > 0);
+/// let info = img.info()?;
+/// assert_eq!((info.virtual_size, info.compat, info.refcount_bits), (1 << 30, "1.1", 32));
+/// assert!(info.snapshots.is_empty() && info.backing_file.is_none());
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Image {
     pub(crate) storage: Arc<dyn Storage>,

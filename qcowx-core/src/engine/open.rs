@@ -19,6 +19,36 @@ use crate::storage::{FileStorage, OpenMode, Storage};
 use super::image::*;
 
 /// How to open an image. Read-only with a shared lock unless told otherwise.
+///
+/// ```
+/// use qcowx_core::{CreateOptions, Error, Image, LockMode, OpenOptions};
+///
+/// # fn main() -> Result<(), Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.qcow2");
+/// Image::create(&path, &CreateOptions::new(1 << 20))?.close()?;
+///
+/// let reader = OpenOptions::new();
+/// assert_eq!(reader.lock_mode(), LockMode::Shared);
+/// let writer = OpenOptions::new()
+///     .write(true)
+///     .cache_bytes(4 << 20)
+///     .open_backing(true);
+/// assert_eq!(writer.lock_mode(), LockMode::Exclusive);
+///
+/// let img = writer.open(&path)?;
+/// assert!(img.is_writable());
+/// // While it is open for writing, a reader is refused unless it forces sharing.
+/// assert!(matches!(reader.open(&path), Err(Error::Locked { .. })));
+/// let peek = reader.clone().lock(LockMode::ForceShare).open(&path)?;
+/// assert_eq!(peek.size(), 1 << 20);
+/// drop(peek);
+/// img.close()?;
+///
+/// // A repair open implies writing.
+/// assert!(OpenOptions::new().repair(true).open(&path)?.is_writable());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
     write: bool,
@@ -98,11 +128,40 @@ pub(crate) fn open_error(name: &str, e: crate::storage::OpenError) -> Error {
 
 impl Image {
     /// Opens an image read-only (shared lock, backing chain opened).
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, ErrorKind, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("a.qcow2");
+    /// Image::create(&path, &CreateOptions::new(1 << 20))?.close()?;
+    /// let img = Image::open(&path)?;
+    /// assert!(!img.is_writable());
+    /// assert_eq!(img.path(), Some(path.as_path()));
+    /// let missing = Image::open(dir.path().join("missing.qcow2")).unwrap_err();
+    /// assert_eq!(missing.kind(), ErrorKind::NotFound);
+    /// # Ok(()) }
+    /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Image> {
         OpenOptions::new().open(path)
     }
 
     /// Opens an image for reading and writing.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image, OpenState};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("a.qcow2");
+    /// Image::create(&path, &CreateOptions::new(1 << 20))?.close()?;
+    /// let img = Image::open_rw(&path)?;
+    /// assert_eq!(img.open_state(), OpenState::Clean); // closed cleanly by qcowx
+    /// img.write_at(b"x", 0)?;
+    /// img.close()?;
+    /// # Ok(()) }
+    /// ```
     pub fn open_rw(path: impl AsRef<Path>) -> Result<Image> {
         OpenOptions::new().write(true).open(path)
     }
@@ -126,6 +185,27 @@ impl Image {
     /// Opens an image held by any [`Storage`] (an in-memory file, a test layer).
     ///
     /// A backing file is resolved against the current directory.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use qcowx_core::storage::MemStorage;
+    /// use qcowx_core::{CreateOptions, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// // Make an image file's bytes in memory, then open them again.
+    /// let mem = Arc::new(MemStorage::new());
+    /// let img = Image::create_in(mem.clone(), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(b"in memory", 512)?;
+    /// img.close()?;
+    /// let bytes = mem.to_vec();
+    /// assert_eq!(&bytes[..4], b"QFI\xfb");
+    ///
+    /// let again = Image::from_storage(Arc::new(MemStorage::from_vec(bytes)), &OpenOptions::new())?;
+    /// let mut buf = [0u8; 9];
+    /// again.read_at(&mut buf, 512)?;
+    /// assert_eq!(&buf, b"in memory");
+    /// # Ok(()) }
+    /// ```
     pub fn from_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         let name = storage
             .path()

@@ -154,6 +154,22 @@ impl Image {
     }
 
     /// Reads `buf.len()` bytes of the disk at `offset`.
+    ///
+    /// Unwritten ranges read as zeros; a read past the end of the disk is refused.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Error, Image};
+    ///
+    /// # fn main() -> Result<(), Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(b"abc", 10)?;
+    /// let mut buf = [0xffu8; 16];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(&buf[..13], b"\0\0\0\0\0\0\0\0\0\0abc");
+    /// assert!(matches!(img.read_at(&mut buf, (1 << 20) - 8), Err(Error::OutOfRange { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_root(DEFAULT_ROOT, buf, offset)
     }
@@ -182,6 +198,29 @@ impl Image {
     /// `f` runs under the image's I/O gate, which cluster frees wait for: it must not
     /// call into this image, and must not wait long — a socket send has to be bounded
     /// by a deadline, not left to a peer that may never read.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[3; 4096], 0)?;
+    /// // Count the 3s without copying; fall back to read_at when the bytes are not lent.
+    /// let count = |slices: &[std::io::IoSlice<'_>]| {
+    ///     slices.iter().map(|s| s.iter().filter(|&&b| b == 3).count()).sum::<usize>()
+    /// };
+    /// let n = match img.read_mapped(0, 8192, count)? {
+    ///     Some(n) => n,
+    ///     None => {
+    ///         let mut buf = vec![0u8; 8192];
+    ///         img.read_at(&mut buf, 0)?;
+    ///         count(&[std::io::IoSlice::new(&buf)])
+    ///     }
+    /// };
+    /// assert_eq!(n, 4096);
+    /// # Ok(()) }
+    /// ```
     pub fn read_mapped<R>(
         &self,
         offset: u64,

@@ -11,6 +11,23 @@ use super::image::*;
 impl Image {
     /// Grows the virtual disk to `new_size` bytes (rounded up to 512), growing the L1
     /// table when needed. Shrinking is refused.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Error, Image};
+    ///
+    /// # fn main() -> Result<(), Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(b"kept", 0)?;
+    /// img.resize(3 << 30)?;
+    /// assert_eq!(img.size(), 3 << 30);
+    /// img.write_at(b"far", (3 << 30) - 3)?;
+    /// let mut buf = [0u8; 4];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(&buf, b"kept");
+    /// assert!(matches!(img.resize(1 << 20), Err(Error::Unsupported { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
         let new_size = new_size.next_multiple_of(512);

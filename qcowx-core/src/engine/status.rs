@@ -67,6 +67,27 @@ pub(super) fn push_extent(
 
 impl Image {
     /// Allocation status of `[offset, offset+len)`.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, ExtentStatus, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 512], 65536)?;
+    /// let extents = img.block_status(0, 1 << 20)?;
+    /// let summary: Vec<_> = extents.iter().map(|e| (e.offset, e.length, e.status)).collect();
+    /// assert_eq!(
+    ///     summary,
+    ///     [
+    ///         (0, 65536, ExtentStatus::Unallocated),
+    ///         (65536, 65536, ExtentStatus::Data),
+    ///         (2 * 65536, (1 << 20) - 2 * 65536, ExtentStatus::Unallocated),
+    ///     ]
+    /// );
+    /// assert!(extents[1].host_offset.is_some());
+    /// # Ok(()) }
+    /// ```
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.block_status_root(DEFAULT_ROOT, offset, len)
     }

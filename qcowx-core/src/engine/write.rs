@@ -59,6 +59,25 @@ impl Image {
     /// anything else (unallocated, zero, compressed, or under a read-only link) copies
     /// the path first: a new L2 table if the L1 link is read-only, a new data cluster
     /// filled with the old content around the written range.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Error, Image};
+    ///
+    /// # fn main() -> Result<(), Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("a.qcow2");
+    /// let img = Image::create(&path, &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[0x5a; 1000], 65000)?; // across a cluster boundary
+    /// img.close()?;
+    ///
+    /// let img = Image::open(&path)?;
+    /// let mut buf = [0u8; 1000];
+    /// img.read_at(&mut buf, 65000)?;
+    /// assert_eq!(buf, [0x5a; 1000]);
+    /// // A read-only handle refuses writes.
+    /// assert!(matches!(img.write_at(&buf, 0), Err(Error::ReadOnly { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.write_root(DEFAULT_ROOT, buf, offset)
     }

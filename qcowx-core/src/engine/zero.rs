@@ -17,6 +17,21 @@ pub(crate) enum ZeroMode {
 impl Image {
     /// Makes `[offset, offset+len)` read as zeros. With `may_unmap`, clusters the
     /// active layer owns are released; without it they stay allocated.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, ExtentStatus, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 65536], 0)?;
+    /// img.write_zeroes(0, 65536, true)?;
+    /// let mut buf = [1u8; 512];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [0; 512]);
+    /// assert_eq!(img.block_status(0, 65536)?[0].status, ExtentStatus::Zero);
+    /// # Ok(()) }
+    /// ```
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.zero_range(
             DEFAULT_ROOT,
@@ -28,6 +43,21 @@ impl Image {
 
     /// Discards `[offset, offset+len)`: whole clusters in the range are released and
     /// read as zeros afterwards; partial clusters at the edges are left alone.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 2 * 65536], 0)?;
+    /// // The first whole cluster is released; the half cluster after it is left alone.
+    /// img.discard(0, 65536 + 32768)?;
+    /// let mut buf = [9u8; 2];
+    /// img.read_at(&mut buf, 65535)?;
+    /// assert_eq!(buf, [0, 1]);
+    /// # Ok(()) }
+    /// ```
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.zero_range(DEFAULT_ROOT, offset, len, ZeroMode::Discard)
     }

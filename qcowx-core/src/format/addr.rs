@@ -67,18 +67,61 @@ macro_rules! address {
 
 address!(
     /// A byte offset in the guest's disk.
+    ///
+    /// ```
+    /// use qcowx_core::format::addr::{GuestCluster, GuestOffset};
+    /// use qcowx_core::format::tables::Geometry;
+    ///
+    /// let geo = Geometry { cluster_bits: 16, extended: false };
+    /// let g = GuestOffset::new(5 * 65536 + 7);
+    /// assert_eq!(g.get(), 327687);
+    /// assert_eq!(g.cluster(&geo), GuestCluster::new(5));
+    /// assert_eq!((g.in_cluster(&geo), g.cluster_start(&geo)), (7, GuestOffset::new(5 * 65536)));
+    /// assert_eq!(g + 1, GuestOffset::new(327688));
+    /// ```
     GuestOffset
 );
 address!(
     /// The index of a guest cluster (a guest offset divided by the cluster size).
+    ///
+    /// ```
+    /// use qcowx_core::format::addr::{GuestCluster, GuestOffset};
+    /// use qcowx_core::format::tables::Geometry;
+    ///
+    /// let geo = Geometry { cluster_bits: 16, extended: false };
+    /// let c = GuestCluster::new(5);
+    /// assert_eq!((c.get(), c.offset(&geo)), (5, GuestOffset::new(5 * 65536)));
+    /// ```
     GuestCluster
 );
 address!(
     /// A byte offset in the image file.
+    ///
+    /// ```
+    /// use qcowx_core::format::addr::{HostCluster, HostOffset};
+    /// use qcowx_core::format::tables::Geometry;
+    ///
+    /// let geo = Geometry { cluster_bits: 16, extended: false };
+    /// let h = HostOffset::new(0x3_0010);
+    /// assert_eq!((h.get(), h.to_string()), (0x3_0010, "0x30010".to_string()));
+    /// assert_eq!(h.cluster(&geo), HostCluster::new(3));
+    /// assert!(!h.is_cluster_aligned(&geo) && HostOffset::new(0x3_0000).is_cluster_aligned(&geo));
+    /// assert_eq!(h + 0x10, HostOffset::new(0x3_0020));
+    /// assert_eq!(HostOffset::new(u64::MAX).checked_add(1), None);
+    /// ```
     HostOffset
 );
 address!(
     /// The index of a host cluster (a host offset divided by the cluster size).
+    ///
+    /// ```
+    /// use qcowx_core::format::addr::{HostCluster, HostOffset};
+    /// use qcowx_core::format::tables::Geometry;
+    ///
+    /// let geo = Geometry { cluster_bits: 16, extended: false };
+    /// let c = HostCluster::new(3);
+    /// assert_eq!((c.get(), c.offset(&geo)), (3, HostOffset::new(0x3_0000)));
+    /// ```
     HostCluster
 );
 

@@ -112,6 +112,19 @@ pub enum BitmapError {
 }
 
 /// The extension's fields.
+///
+/// ```
+/// use qcowx_core::format::bitmap::BitmapsExt;
+/// use qcowx_core::format::extensions::EXT_BITMAPS;
+///
+/// let ext = BitmapsExt { nb_bitmaps: 1, directory_size: 32, directory_offset: 0x4_0000 };
+/// let raw = ext.to_extension();
+/// assert_eq!((raw.kind, raw.data.len()), (EXT_BITMAPS, 24));
+/// assert_eq!(BitmapsExt::parse(&raw.data, 65536).unwrap(), ext);
+/// // A directory that is not cluster-aligned is refused.
+/// let bad = BitmapsExt { directory_offset: 0x4_0200, ..ext }.to_extension();
+/// assert!(BitmapsExt::parse(&bad.data, 65536).is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BitmapsExt {
     /// Bitmaps in the directory.
@@ -190,11 +203,25 @@ pub struct DirEntry {
 
 /// Entries of the table of a bitmap of `disk_size` bytes at `granularity_bits`, with
 /// `cluster_size` bytes of data per entry.
+///
+/// ```
+/// use qcowx_core::format::bitmap::table_entries;
+///
+/// // 1 TiB at 64 KiB a bit: 2 MiB of bitmap, 32 clusters of 64 KiB.
+/// assert_eq!(table_entries(1 << 40, 16, 65536), 32);
+/// ```
 pub fn table_entries(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
     data_bytes(disk_size, granularity_bits).div_ceil(cluster_size)
 }
 
 /// Bytes of data of a bitmap of `disk_size` bytes at `granularity_bits`.
+///
+/// ```
+/// use qcowx_core::format::bitmap::data_bytes;
+///
+/// assert_eq!(data_bytes(1 << 30, 16), 2048); // 16384 bits
+/// assert_eq!(data_bytes(1, 16), 1);
+/// ```
 pub fn data_bytes(disk_size: u64, granularity_bits: u8) -> u64 {
     disk_size
         .div_ceil(1u64 << granularity_bits.min(63))
@@ -202,6 +229,14 @@ pub fn data_bytes(disk_size: u64, granularity_bits: u8) -> u64 {
 }
 
 /// Why `name` cannot name a bitmap, if it cannot.
+///
+/// ```
+/// use qcowx_core::format::bitmap::check_name;
+///
+/// assert!(check_name("backup-1").is_ok());
+/// assert!(check_name("").is_err());
+/// assert!(check_name(&"x".repeat(1024)).is_err());
+/// ```
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("a bitmap name cannot be empty".into());
@@ -217,6 +252,26 @@ pub fn check_name(name: &str) -> Result<(), String> {
 
 /// Parses a directory of `ext.nb_bitmaps` entries from `dir`, checking each against
 /// the image (`disk_size`, `cluster_size`, `file_len`).
+///
+/// ```
+/// use qcowx_core::format::bitmap::{encode_directory, parse_directory, table_entries, BitmapsExt, DirEntry};
+///
+/// let disk = 1u64 << 30;
+/// let entry = DirEntry {
+///     table_offset: 0x5_0000,
+///     table_size: table_entries(disk, 16, 65536) as u32,
+///     flags: 2, // auto: tracks writes
+///     granularity_bits: 16,
+///     name: "backup".into(),
+///     extra: Vec::new(),
+/// };
+/// let dir = encode_directory(&[entry.clone()]);
+/// let ext = BitmapsExt { nb_bitmaps: 1, directory_size: dir.len() as u64, directory_offset: 0x4_0000 };
+/// let parsed = parse_directory(&dir, &ext, disk, 65536, 1 << 20).unwrap();
+/// assert_eq!(parsed, [entry]);
+/// // A table past the end of the file is refused.
+/// assert!(parse_directory(&dir, &ext, disk, 65536, 0x5_0000).is_err());
+/// ```
 pub fn parse_directory(
     dir: &[u8],
     ext: &BitmapsExt,
@@ -313,6 +368,14 @@ pub fn parse_directory(
 }
 
 /// The directory holding `entries`, laid out as [`parse_directory`] reads it.
+///
+/// ```
+/// use qcowx_core::format::bitmap::{encode_directory, DirEntry};
+///
+/// let e = DirEntry { table_offset: 0, table_size: 1, flags: 0, granularity_bits: 16, name: "abc".into(), extra: vec![] };
+/// let dir = encode_directory(&[e.clone(), e]);
+/// assert_eq!(dir.len(), 2 * 32, "24 fixed bytes, the name, padding to 8");
+/// ```
 pub fn encode_directory(entries: &[DirEntry]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in entries {
@@ -335,6 +398,17 @@ pub fn encode_directory(entries: &[DirEntry]) -> Vec<u8> {
 
 /// Byte offset of the flags field of every entry of a directory laid out as
 /// [`encode_directory`] lays out `entries`.
+///
+/// ```
+/// use qcowx_core::format::bitmap::{encode_directory, flag_offsets, DirEntry};
+///
+/// let e = DirEntry { table_offset: 0, table_size: 1, flags: 0x0102_0304, granularity_bits: 16, name: "a".into(), extra: vec![] };
+/// let entries = [e.clone(), e];
+/// let dir = encode_directory(&entries);
+/// for at in flag_offsets(&entries) {
+///     assert_eq!(&dir[at..at + 4], &[1, 2, 3, 4]); // big-endian flags
+/// }
+/// ```
 pub fn flag_offsets(entries: &[DirEntry]) -> Vec<usize> {
     let mut out = Vec::with_capacity(entries.len());
     let mut pos = 0usize;

@@ -56,6 +56,17 @@ pub enum FeatureKind {
 }
 
 /// One header extension, kept as its raw bytes.
+///
+/// ```
+/// use qcowx_core::format::extensions::{Extension, FeatureKind, EXT_END, EXT_FEATURE_NAMES};
+///
+/// let mut out = Vec::new();
+/// Extension { kind: 0x1234_5678, data: vec![1, 2, 3] }.write_to(&mut out);
+/// assert_eq!(out.len(), 8 + 8, "header, data, padding to 8 bytes");
+/// let names = Extension::feature_names(&[(FeatureKind::Compatible, 0, "lazy refcounts")]);
+/// assert_eq!((names.kind, names.data.len()), (EXT_FEATURE_NAMES, 48));
+/// assert_eq!(Extension::end().kind, EXT_END);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Extension {
     /// Extension type.
@@ -106,6 +117,29 @@ impl Extension {
 }
 
 /// The header extensions of an image, in file order.
+///
+/// ```
+/// use qcowx_core::format::extensions::{
+///     Extension, Extensions, FeatureKind, EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_FEATURE_NAMES,
+/// };
+///
+/// let mut bytes = Vec::new();
+/// Extension { kind: EXT_BACKING_FORMAT, data: b"raw".to_vec() }.write_to(&mut bytes);
+/// Extension::feature_names(&[(FeatureKind::Incompatible, 0, "dirty bit")]).write_to(&mut bytes);
+/// Extension::end().write_to(&mut bytes);
+/// assert_eq!(bytes.len() % 8, 0, "each padded to 8 bytes");
+///
+/// let mut exts = Extensions::parse(&bytes, 0, bytes.len() as u64).unwrap();
+/// assert_eq!(exts.iter().count(), 2);
+/// assert_eq!(exts.backing_format(), Some("raw"));
+/// assert_eq!(exts.feature_name(FeatureKind::Incompatible, 0).as_deref(), Some("dirty bit"));
+/// assert!(exts.has(EXT_FEATURE_NAMES) && exts.data_file().is_none());
+/// exts.set(Extension { kind: EXT_DATA_FILE, data: b"data.raw".to_vec() });
+/// assert_eq!(exts.data_file().as_deref(), Some("data.raw"));
+/// assert_eq!(exts.get(EXT_DATA_FILE).map(|e| e.data.len()), Some(8));
+/// exts.remove(EXT_BACKING_FORMAT);
+/// assert_eq!(exts.backing_format(), None);
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extensions {
     list: Vec<Extension>,

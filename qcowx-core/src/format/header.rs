@@ -127,6 +127,50 @@ bitflags::bitflags! {
 pub use super::header_error::HeaderError;
 
 /// A validated QCOW2 header with its extensions and backing file name.
+///
+/// ```
+/// use qcowx_core::format::extensions::EXT_BACKING_FORMAT;
+/// use qcowx_core::format::header::{Header, HEADER_PROBE_LEN, V3_HEADER_LEN};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// Image::create(dir.path().join("base.qcow2"), &CreateOptions::new(1 << 30))?.close()?;
+/// let path = dir.path().join("top.qcow2");
+/// let mut opts = CreateOptions::new(1 << 30);
+/// opts.backing_file = Some("base.qcow2".into());
+/// opts.backing_format = Some("qcow2".into());
+/// let img = Image::create(&path, &opts)?;
+/// let from_image = img.header();
+/// img.close()?;
+///
+/// // Parse the file's first cluster, as the engine does.
+/// let bytes = std::fs::read(&path)?;
+/// let file_len = bytes.len() as u64;
+/// let prefix = &bytes[..bytes.len().min(HEADER_PROBE_LEN as usize)];
+/// let first = &bytes[..Header::first_cluster_len(prefix, file_len) as usize];
+/// let h = Header::parse(first, file_len)?;
+/// assert_eq!((h.version, h.size, h.cluster_size()), (3, 1 << 30, 65536));
+/// assert!(!h.extended_l2());
+/// assert_eq!((h.backing_file.as_deref(), h.backing_format()), (Some("base.qcow2"), Some("qcow2")));
+/// assert_eq!(h.l1_table_offset, from_image.l1_table_offset);
+///
+/// // Bytes back: what a commit rewrites, the whole header structure, the first cluster.
+/// assert_eq!(h.commit_bytes(), &bytes[..V3_HEADER_LEN as usize]);
+/// assert_eq!(h.fixed_bytes(), &bytes[..h.header_length as usize]);
+/// let area = h.area_bytes().expect("fits in a cluster");
+/// assert_eq!(&area[..], &bytes[..area.len()]);
+/// let at = h.extension_data_offset(EXT_BACKING_FORMAT).expect("v3 extension") as usize;
+/// assert_eq!(&bytes[at..at + 5], b"qcow2");
+///
+/// // A new header: lay out its backing name after the extensions, then write it out.
+/// let mut fresh = h.clone();
+/// fresh.layout_backing();
+/// let cluster = fresh.to_cluster().expect("fits");
+/// assert_eq!(cluster.len(), 65536);
+/// assert_eq!(Header::parse(&cluster, file_len)?.backing_file, h.backing_file);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Header {
     /// 2 or 3.

@@ -6,6 +6,7 @@ pub mod addr;
 pub mod bitmap;
 pub mod compress;
 pub mod extensions;
+mod geometry;
 pub mod header;
 mod header_error;
 pub mod refblock;

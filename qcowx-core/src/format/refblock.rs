@@ -1,6 +1,20 @@
 //! Refcount block entries: 1 to 64 bits each, big-endian, packed as QCOW2 packs them.
 
 /// Reads refcount entry `index` of a refcount block.
+///
+/// ```
+/// use qcowx_core::format::refblock::{get_entry, set_entry};
+///
+/// // 16-bit refcounts (order 4), big-endian.
+/// let mut block = vec![0u8; 512];
+/// set_entry(&mut block, 4, 3, 0x0102);
+/// assert_eq!(&block[6..8], &[1, 2]);
+/// assert_eq!(get_entry(&block, 4, 3), 0x0102);
+/// // 1-bit refcounts (order 0), least significant bit first.
+/// set_entry(&mut block, 0, 9, 1);
+/// assert_eq!(block[1], 0b10);
+/// assert_eq!(get_entry(&block, 0, 9), 1);
+/// ```
 pub fn get_entry(block: &[u8], order: u32, index: usize) -> u64 {
     let bits = 1usize << order;
     if bits < 8 {
@@ -17,6 +31,15 @@ pub fn get_entry(block: &[u8], order: u32, index: usize) -> u64 {
 }
 
 /// Writes refcount entry `index` of a refcount block (the value must fit).
+///
+/// ```
+/// use qcowx_core::format::refblock::{get_entry, set_entry};
+///
+/// let mut block = vec![0u8; 64];
+/// set_entry(&mut block, 6, 1, u64::MAX); // 64-bit entries
+/// assert_eq!(get_entry(&block, 6, 1), u64::MAX);
+/// assert_eq!(get_entry(&block, 6, 0), 0);
+/// ```
 pub fn set_entry(block: &mut [u8], order: u32, index: usize, value: u64) {
     let bits = 1usize << order;
     if bits < 8 {

@@ -33,6 +33,36 @@ pub struct RawSnapshotHeader {
 }
 
 /// One parsed snapshot table entry.
+///
+/// ```
+/// use qcowx_core::format::snapshot::{parse_table, RawQemuExtra, SnapshotEntry};
+/// use zerocopy::IntoBytes;
+///
+/// let mut e = SnapshotEntry {
+///     l1_table_offset: 0x5_0000,
+///     l1_size: 2,
+///     id: "1".into(),
+///     name: "before".into(),
+///     date_sec: 1_700_000_000,
+///     date_nsec: 0,
+///     vm_clock_nsec: 0,
+///     vm_state_size: 0,
+///     extra: Vec::new(), // as a version 2 image may leave it
+/// };
+/// assert!(e.is_incomplete(3) && !e.is_incomplete(2));
+/// assert_eq!((e.disk_size(), e.vm_state_size()), (None, 0));
+/// e.complete_extra(1 << 30);
+/// assert_eq!(e.disk_size(), Some(1 << 30));
+/// assert_eq!(e.extra, RawQemuExtra::new(1 << 30, 0).as_bytes()[..16]);
+/// assert_eq!(e.l1_problem(65536), None);
+///
+/// let mut table = Vec::new();
+/// e.write_to(&mut table);
+/// assert_eq!(table.len(), e.encoded_len());
+/// assert_eq!(parse_table(&table, 0x10_0000, 1).unwrap(), [e.clone()]);
+/// e.l1_table_offset = 0x5_0200;
+/// assert!(e.l1_problem(65536).is_some());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotEntry {
     /// Offset of the snapshot's L1 table.
@@ -102,6 +132,15 @@ const _: () = assert!(std::mem::size_of::<RawQemuExtra>() == QEMU_EXTRA_BYTES);
 impl RawQemuExtra {
     /// QEMU's fields for a root of `disk_size` bytes with `vm_state_size` bytes of VM
     /// state.
+    ///
+    /// ```
+    /// use qcowx_core::format::snapshot::{RawQemuExtra, QEMU_EXTRA_BYTES};
+    /// use zerocopy::IntoBytes;
+    ///
+    /// let extra = RawQemuExtra::new(1 << 30, 0);
+    /// assert_eq!(extra.disk_size.get(), 1 << 30);
+    /// assert_eq!(extra.as_bytes().len(), QEMU_EXTRA_BYTES);
+    /// ```
     pub fn new(disk_size: u64, vm_state_size: u64) -> RawQemuExtra {
         RawQemuExtra {
             vm_state_size_large: vm_state_size.into(),
@@ -193,6 +232,15 @@ impl SnapshotEntry {
 
 /// Parses `count` entries from `table`, the bytes of the snapshot table starting at
 /// file offset `base`.
+///
+/// ```
+/// use qcowx_core::format::snapshot::{parse_table, SnapshotError};
+///
+/// // An entry cut short is refused, naming where it starts.
+/// let e = parse_table(&[0u8; 20], 0x10_0000, 1).unwrap_err();
+/// assert!(matches!(e, SnapshotError::Truncated { index: 0, offset: 0x10_0000 }));
+/// assert!(parse_table(&[], 0, 0).unwrap().is_empty());
+/// ```
 pub fn parse_table(
     table: &[u8],
     base: u64,

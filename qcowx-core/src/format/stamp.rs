@@ -60,6 +60,25 @@ struct CoveredFields {
 
 /// The stamp of an image whose header is `h` (its dirty bit ignored), whose active L1
 /// table holds `l1` and whose snapshot table holds `snapshots`.
+///
+/// ```
+/// use qcowx_core::format::stamp::{compute, extension, read, EXT_CLEAN_STAMP};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+/// let h = img.header();
+/// let crc = compute(&h, &[0u64; 1], &[]);
+/// assert_ne!(crc, compute(&h, &[0x8000_0000_0005_0000], &[]), "the L1 table is covered");
+/// let mut bigger = h.clone();
+/// bigger.size *= 2;
+/// assert_ne!(crc, compute(&bigger, &[0u64; 1], &[]), "the size is covered");
+/// let ext = extension(crc);
+/// assert_eq!(ext.kind, EXT_CLEAN_STAMP);
+/// assert_eq!(read(&ext), Some(crc));
+/// # Ok(()) }
+/// ```
 pub fn compute(h: &Header, l1: &[u64], snapshots: &[SnapshotEntry]) -> u32 {
     let fields = CoveredFields {
         size: h.size.into(),
@@ -88,6 +107,12 @@ pub fn compute(h: &Header, l1: &[u64], snapshots: &[SnapshotEntry]) -> u32 {
 }
 
 /// The extension carrying `crc`.
+///
+/// ```
+/// use qcowx_core::format::stamp::extension;
+///
+/// assert_eq!(extension(0xdead_beef).data, [0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 1]);
+/// ```
 pub fn extension(crc: u32) -> Extension {
     let raw = RawCleanStamp {
         crc: crc.into(),
@@ -100,6 +125,14 @@ pub fn extension(crc: u32) -> Extension {
 }
 
 /// The CRC a stamp extension carries, if it is one this code trusts.
+///
+/// ```
+/// use qcowx_core::format::extensions::Extension;
+/// use qcowx_core::format::stamp::{read, EXT_CLEAN_STAMP};
+///
+/// let v2 = Extension { kind: EXT_CLEAN_STAMP, data: vec![0, 0, 0, 7, 0, 0, 0, 2] };
+/// assert_eq!(read(&v2), None, "a stamp version this code does not know is not trusted");
+/// ```
 pub fn read(ext: &Extension) -> Option<u32> {
     let (raw, _) = RawCleanStamp::read_from_prefix(&ext.data).ok()?;
     (ext.kind == EXT_CLEAN_STAMP && ext.data.len() == 8 && raw.version.get() == STAMP_VERSION)

@@ -14,7 +14,7 @@
 //! [`L2Entry::kind`], so the bit layout (the extended-L2 bitmap included) is known
 //! here only.
 
-use super::addr::{GuestCluster, GuestOffset, HostCluster, HostOffset};
+use super::addr::HostOffset;
 
 /// Bit 63: the cluster is writable in place (QCOW2's COPIED flag).
 pub const WRITABLE: u64 = 1 << 63;
@@ -31,6 +31,14 @@ pub const ALL_SUBCLUSTERS: u32 = u32::MAX;
 
 /// The runs of consecutive subclusters in `mask`, as `(first, end)` subcluster
 /// indexes, in order.
+///
+/// ```
+/// use qcowx_core::format::tables::subcluster_runs;
+///
+/// let runs: Vec<_> = subcluster_runs(0b1110_0011).collect();
+/// assert_eq!(runs, [(0, 2), (5, 8)]);
+/// assert_eq!(subcluster_runs(u32::MAX).collect::<Vec<_>>(), [(0, 32)]);
+/// ```
 pub fn subcluster_runs(mask: u32) -> impl Iterator<Item = (u32, u32)> {
     let mut rest = mask;
     std::iter::from_fn(move || {
@@ -45,133 +53,27 @@ pub fn subcluster_runs(mask: u32) -> impl Iterator<Item = (u32, u32)> {
     })
 }
 
-/// Address geometry derived from the header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
-    /// log2 of the cluster size.
-    pub cluster_bits: u32,
-    /// Whether L2 entries are 128 bits with subcluster bitmaps.
-    pub extended: bool,
-}
-
-impl Geometry {
-    /// Cluster size in bytes.
-    pub fn cluster_size(&self) -> u64 {
-        1 << self.cluster_bits
-    }
-    /// Bytes per L2 entry (8, or 16 when extended).
-    pub fn l2_entry_bytes(&self) -> u64 {
-        if self.extended {
-            16
-        } else {
-            8
-        }
-    }
-    /// Number of entries in an L2 table.
-    pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / self.l2_entry_bytes()
-    }
-    /// log2 of [`Geometry::l2_entries`].
-    pub fn l2_bits(&self) -> u32 {
-        self.l2_entries().trailing_zeros()
-    }
-    /// Guest bytes covered by one L1 entry.
-    pub fn bytes_per_l1_entry(&self) -> u64 {
-        self.cluster_size() << self.l2_bits()
-    }
-    /// L1 entries needed for a disk of `size` bytes.
-    pub fn l1_entries_for(&self, size: u64) -> u64 {
-        size.div_ceil(self.bytes_per_l1_entry())
-    }
-    /// (L1 index, L2 index) of the guest cluster holding `offset`.
-    pub fn split(&self, offset: GuestOffset) -> (usize, usize) {
-        let cluster = offset.cluster(self).get();
-        (
-            (cluster >> self.l2_bits()) as usize,
-            (cluster & (self.l2_entries() - 1)) as usize,
-        )
-    }
-    /// Subcluster size in bytes (only meaningful when extended).
-    pub fn subcluster_size(&self) -> u64 {
-        self.cluster_size() / u64::from(SUBCLUSTERS)
-    }
-    /// The subclusters `[in_off, in_off + len)` of a cluster touches, as a bitmap
-    /// (`len` > 0).
-    pub fn subclusters_touched(&self, in_off: u64, len: u64) -> u32 {
-        let sub = self.subcluster_size();
-        let (first, last) = (in_off / sub, (in_off + len - 1) / sub);
-        let upto = |n: u64| {
-            if n >= 31 {
-                ALL_SUBCLUSTERS
-            } else {
-                (2u32 << n) - 1
-            }
-        };
-        upto(last) & !((1u32 << first) - 1)
-    }
-    /// The subclusters `[in_off, in_off + len)` of a cluster covers whole.
-    pub fn subclusters_covered(&self, in_off: u64, len: u64) -> u32 {
-        let sub = self.subcluster_size();
-        let first = in_off.div_ceil(sub);
-        let end = (in_off + len) / sub;
-        if first >= end {
-            return 0;
-        }
-        self.subclusters_touched(first * sub, (end - first) * sub)
-    }
-    /// The bit position where a compressed descriptor's sector count starts.
-    pub fn csize_shift(&self) -> u32 {
-        62 - (self.cluster_bits - 8)
-    }
-    /// Clusters needed to hold `bytes`.
-    pub fn clusters_for(&self, bytes: u64) -> u64 {
-        bytes.div_ceil(self.cluster_size())
-    }
-}
-
-// ---- typed addresses converted through the geometry ----------------------------
-
-impl HostOffset {
-    /// The host cluster holding this byte.
-    pub fn cluster(self, geo: &Geometry) -> HostCluster {
-        HostCluster::new(self.get() >> geo.cluster_bits)
-    }
-    /// Whether the offset starts a cluster.
-    pub fn is_cluster_aligned(self, geo: &Geometry) -> bool {
-        self.get() & (geo.cluster_size() - 1) == 0
-    }
-}
-
-impl HostCluster {
-    /// The offset of the cluster's first byte.
-    pub fn offset(self, geo: &Geometry) -> HostOffset {
-        HostOffset::new(self.get() << geo.cluster_bits)
-    }
-}
-
-impl GuestOffset {
-    /// The guest cluster holding this byte.
-    pub fn cluster(self, geo: &Geometry) -> GuestCluster {
-        GuestCluster::new(self.get() >> geo.cluster_bits)
-    }
-    /// The byte's offset inside its cluster.
-    pub fn in_cluster(self, geo: &Geometry) -> u64 {
-        self.get() & (geo.cluster_size() - 1)
-    }
-    /// The first byte of the cluster holding this byte.
-    pub fn cluster_start(self, geo: &Geometry) -> GuestOffset {
-        GuestOffset::new(self.get() & !(geo.cluster_size() - 1))
-    }
-}
-
-impl GuestCluster {
-    /// The offset of the cluster's first byte.
-    pub fn offset(self, geo: &Geometry) -> GuestOffset {
-        GuestOffset::new(self.get() << geo.cluster_bits)
-    }
-}
+pub use super::geometry::Geometry;
 
 /// An L1 entry: a link to an L2 table.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{Geometry, L1Entry, Link};
+///
+/// let geo = Geometry { cluster_bits: 16, extended: false };
+/// let e = L1Entry::new(HostOffset::new(0x5_0000), true);
+/// assert_eq!(e.raw(), 0x8000_0000_0005_0000);
+/// assert_eq!((e.l2_offset(), e.writable()), (Some(HostOffset::new(0x5_0000)), true));
+/// let ro = e.read_only();
+/// assert!(!ro.writable() && ro.same_table(e));
+/// assert_eq!(ro.link(&geo), Link::Table { table: HostOffset::new(0x5_0000), writable: false });
+/// assert_eq!(ro.link(&geo).table(), Some(HostOffset::new(0x5_0000)));
+/// assert_eq!(L1Entry::from_raw(0).link(&geo), Link::None);
+/// let unaligned = L1Entry::from_raw(0x5_0200);
+/// assert!(unaligned.is_malformed(&geo));
+/// assert_eq!(unaligned.link(&geo).table(), None);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct L1Entry(u64);
 
@@ -217,6 +119,15 @@ impl L1Entry {
 }
 
 /// What one L1 entry links to.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::Link;
+///
+/// let at = HostOffset::new(0x3_0000);
+/// assert_eq!(Link::Table { table: at, writable: false }.table(), Some(at));
+/// assert_eq!(Link::Malformed.table(), None);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     /// No L2 table: the range reads from the backing file, or as zeros.
@@ -261,6 +172,16 @@ impl L1Entry {
 /// The L2 tables an L1 table links to, in L1 order: `(L1 index, entry, table offset)`.
 /// Malformed entries are skipped; a walk that must report them matches
 /// [`L1Entry::link`] itself.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{l2_tables, Geometry, L1Entry};
+///
+/// let geo = Geometry { cluster_bits: 16, extended: false };
+/// let l1 = [0, L1Entry::new(HostOffset::new(0x3_0000), true).raw(), 0x3_0200 /* malformed */];
+/// let tables: Vec<_> = l2_tables(&l1, &geo).map(|(i, _, at)| (i, at)).collect();
+/// assert_eq!(tables, [(1, HostOffset::new(0x3_0000))]);
+/// ```
 pub fn l2_tables<'a>(
     l1: &'a [u64],
     geo: &'a Geometry,
@@ -275,6 +196,18 @@ pub fn l2_tables<'a>(
 }
 
 /// The entries of an L2 table's words, in order: `(L2 index, entry)`.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{l2_entries, Geometry, L2Entry};
+///
+/// let geo = Geometry { cluster_bits: 16, extended: false };
+/// let mut words = vec![0u64; 8192];
+/// L2Entry::data(HostOffset::new(0x4_0000), &geo).put(&mut words, 5, &geo);
+/// let used: Vec<usize> = l2_entries(&words, &geo).filter(|(_, e)| e.host().is_some()).map(|(j, _)| j).collect();
+/// assert_eq!(used, [5]);
+/// assert_eq!(l2_entries(&words, &geo).count(), 8192);
+/// ```
 pub fn l2_entries<'a>(
     words: &'a [u64],
     geo: &'a Geometry,
@@ -284,11 +217,27 @@ pub fn l2_entries<'a>(
 
 /// A table's links made read-only: every L1 word, or every L2 entry of `words` (a
 /// copy of a table, whose links become read-only when it is copied).
+///
+/// ```
+/// use qcowx_core::format::tables::{read_only_l1, WRITABLE};
+///
+/// assert_eq!(read_only_l1(&[WRITABLE | 0x3_0000, 0]), [0x3_0000, 0]);
+/// ```
 pub fn read_only_l1(l1: &[u64]) -> Vec<u64> {
     l1.iter().map(|&w| L1Entry(w).read_only().0).collect()
 }
 
 /// Clears bit 63 on every entry of an L2 table's words.
+///
+/// ```
+/// use qcowx_core::format::tables::{make_l2_read_only, Geometry, WRITABLE};
+///
+/// let ext = Geometry { cluster_bits: 16, extended: true };
+/// // Extended entries: (word, bitmap) pairs; only the words lose bit 63.
+/// let mut words = [WRITABLE | 0x3_0000, WRITABLE | 1, WRITABLE | 0x4_0000, 0];
+/// make_l2_read_only(&mut words, &ext);
+/// assert_eq!(words, [0x3_0000, WRITABLE | 1, 0x4_0000, 0]);
+/// ```
 pub fn make_l2_read_only(words: &mut [u64], geo: &Geometry) {
     let step = if geo.extended { 2 } else { 1 };
     for w in words.iter_mut().step_by(step) {
@@ -297,6 +246,43 @@ pub fn make_l2_read_only(words: &mut [u64], geo: &Geometry) {
 }
 
 /// An L2 entry (the first 64 bits; extended entries carry a bitmap beside it).
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{ClusterKind, Geometry, L2Entry};
+///
+/// let geo = Geometry { cluster_bits: 16, extended: false };
+/// let host = HostOffset::new(0x7_0000);
+/// let d = L2Entry::data(host, &geo);
+/// assert_eq!((d.host(), d.writable(), d.is_compressed()), (Some(host), true, false));
+/// assert_eq!(d.kind(&geo), Ok(ClusterKind::Data { host }));
+/// assert!(!d.read_only().writable() && d.read_only().with_writable(true) == d);
+/// assert_eq!(d.with_host(HostOffset::new(0x9_0000)).host(), Some(HostOffset::new(0x9_0000)));
+/// assert_eq!((d.word(), d.bitmap()), (0x8000_0000_0007_0000, 0));
+/// assert_eq!(L2Entry::from_raw(d.word(), 0), d);
+///
+/// assert_eq!(L2Entry::zero(&geo).kind(&geo), Ok(ClusterKind::Zero { host: None }));
+/// let kept = L2Entry::zero_allocated(host, &geo);
+/// assert_eq!(kept.kind(&geo), Ok(ClusterKind::Zero { host: Some(host) }));
+/// let c = L2Entry::compressed(HostOffset::new(0x7_0123), 700, &geo);
+/// assert!(c.is_compressed() && !c.writable());
+/// assert!(matches!(c.kind(&geo), Ok(ClusterKind::Compressed { len, .. }) if len >= 700));
+///
+/// // In a table's words: standard entries take one word, extended ones two.
+/// let mut words = vec![0u64; 8192];
+/// d.put(&mut words, 3, &geo);
+/// assert_eq!(L2Entry::get(&words, 3, &geo), d);
+/// assert_eq!(L2Entry::get(&words, 9999, &geo), L2Entry::UNALLOCATED);
+///
+/// let ext = Geometry { cluster_bits: 16, extended: true };
+/// let sub = L2Entry::subclusters(host, 0b0011, 0b0100);
+/// assert_eq!(sub.kind(&ext), Ok(ClusterKind::Subclusters { host: Some(host), alloc: 0b0011, zero: 0b0100 }));
+/// let zs = L2Entry::zero_subclusters(0b1);
+/// assert_eq!(zs.kind(&ext), Ok(ClusterKind::Subclusters { host: None, alloc: 0, zero: 0b1 }));
+/// let mut ext_words = vec![0u64; 8192];
+/// sub.put(&mut ext_words, 1, &ext);
+/// assert_eq!((ext_words[2], ext_words[3]), (sub.word(), sub.bitmap()));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct L2Entry {
     /// The standard 64-bit descriptor.
@@ -565,6 +551,20 @@ pub enum Source {
 
 /// Splits `[in_off, in_off+len)` of a cluster of `kind` into pieces by source, calling
 /// `f(len, source)` for each in order. Adjacent pieces of one source are merged.
+///
+/// ```
+/// use qcowx_core::format::addr::HostOffset;
+/// use qcowx_core::format::tables::{for_each_piece, ClusterKind, Geometry, Source};
+///
+/// let ext = Geometry { cluster_bits: 16, extended: true }; // 2 KiB subclusters
+/// let kind = ClusterKind::Subclusters { host: Some(HostOffset::new(0x10_0000)), alloc: 0b001, zero: 0b010 };
+/// let mut pieces = Vec::new();
+/// for_each_piece(&ext, kind, 1024, 5120, |len, src| pieces.push((len, src)));
+/// assert_eq!(
+///     pieces,
+///     [(1024, Source::Host(HostOffset::new(0x10_0400))), (2048, Source::Zero), (2048, Source::Backing)]
+/// );
+/// ```
 pub fn for_each_piece(
     geo: &Geometry,
     kind: ClusterKind,
@@ -626,6 +626,15 @@ fn continues(prev: Source, prev_len: u64, next: Source) -> bool {
 }
 
 /// Decodes a big-endian table of 64-bit words.
+///
+/// ```
+/// use qcowx_core::format::tables::{decode_words, encode_words};
+///
+/// let words = [1u64, 0x8000_0000_0003_0000];
+/// let bytes = encode_words(&words);
+/// assert_eq!(&bytes[..8], &[0, 0, 0, 0, 0, 0, 0, 1]); // big-endian
+/// assert_eq!(decode_words(&bytes), words);
+/// ```
 pub fn decode_words(bytes: &[u8]) -> Vec<u64> {
     bytes
         .chunks_exact(8)
@@ -634,6 +643,12 @@ pub fn decode_words(bytes: &[u8]) -> Vec<u64> {
 }
 
 /// Encodes 64-bit words big-endian.
+///
+/// ```
+/// use qcowx_core::format::tables::encode_words;
+///
+/// assert_eq!(encode_words(&[0x0102]), [0, 0, 0, 0, 0, 0, 1, 2]);
+/// ```
 pub fn encode_words(words: &[u64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(words.len() * 8);
     for w in words {
@@ -645,6 +660,7 @@ pub fn encode_words(words: &[u64]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::addr::GuestOffset;
 
     #[test]
     fn compressed_descriptor_decodes() {

@@ -75,6 +75,17 @@ pub struct CheckReport {
 impl CheckReport {
     /// `qemu-img check`'s exit code: 0 clean, 1 check not completed, 2 corruptions,
     /// 3 leaks only.
+    ///
+    /// ```
+    /// use qcowx_core::CheckReport;
+    ///
+    /// let mut report = CheckReport::default();
+    /// assert_eq!(report.exit_code(), 0);
+    /// report.leaks = 3;
+    /// assert_eq!(report.exit_code(), 3);
+    /// report.corruptions = 1;
+    /// assert_eq!(report.exit_code(), 2);
+    /// ```
     pub fn exit_code(&self) -> i32 {
         if self.check_errors > 0 {
             1
@@ -187,6 +198,10 @@ impl Image {
     /// delete among them), they go out with it, so that a close after a flush has
     /// almost nothing left to write; the dirty bit stays set until the close.
     ///
+    /// A write that has returned is durable once `flush` returns: a crash after it
+    /// loses nothing, and the next open finds the data (rebuilding refcounts if the
+    /// image was not closed).
+    ///
     /// ```
     /// # fn main() -> Result<(), qcowx_core::Error> {
     /// # let dir = tempfile::tempdir().unwrap();
@@ -197,6 +212,7 @@ impl Image {
     /// let mut back = [0u8; 7];
     /// img.read_at(&mut back, 4096)?;
     /// assert_eq!(&back, b"durable");
+    /// assert!(img.info()?.dirty, "the dirty bit stays set until a close or checkpoint");
     /// # Ok(()) }
     /// ```
     pub fn flush(&self) -> Result<()> {
@@ -218,6 +234,29 @@ impl Image {
     /// time to time. Costs the refcount blocks changed since the last checkpoint and
     /// the trees of the roots created since (a full rebuild only if something the
     /// record cannot describe happened, such as a gc that raced with writes).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use qcowx_core::storage::MemStorage;
+    /// use qcowx_core::{CreateOptions, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let mem = Arc::new(MemStorage::new());
+    /// let img = Image::create_in(mem.clone(), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 65536], 0)?;
+    /// assert!(img.pending_refcount_changes() > 0);
+    /// img.checkpoint()?;
+    /// assert_eq!(img.pending_refcount_changes(), 0);
+    /// assert!(!img.info()?.dirty);
+    ///
+    /// // A crash now (the handle is never closed) leaves a clean image.
+    /// let bytes = mem.to_vec();
+    /// std::mem::forget(img);
+    /// let after = Image::from_storage(Arc::new(MemStorage::from_vec(bytes)), &OpenOptions::new())?;
+    /// assert!(!after.info()?.dirty);
+    /// assert_eq!(after.check()?.exit_code(), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn checkpoint(&self) -> Result<()> {
         if !self.is_writable() {
             return Ok(());
@@ -237,6 +276,19 @@ impl Image {
     /// Why the last refcount write (at a close or checkpoint) rebuilt every refcount
     /// from a full scan instead of applying the changes recorded since the image was
     /// opened; `None` when it applied them. For tests of the record's coverage.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 4096], 0)?;
+    /// img.snapshot(DEFAULT_VDI, "s")?;
+    /// img.checkpoint()?;
+    /// assert_eq!(img.last_refcount_rebuild(), None, "the recorded changes were applied");
+    /// # Ok(()) }
+    /// ```
     #[cfg(feature = "testing")]
     pub fn last_refcount_rebuild(&self) -> Option<&'static str> {
         self.state
@@ -278,6 +330,32 @@ impl Image {
     /// checks again. Needs a writable image. Either repairs the image or, when it
     /// cannot (structural damage a rebuild cannot resolve, a count the refcount width
     /// cannot hold), fails before writing anything.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use qcowx_core::storage::MemStorage;
+    /// use qcowx_core::{CreateOptions, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// // An image whose writer crashed: data flushed, refcounts stale, dirty bit set.
+    /// let mem = Arc::new(MemStorage::new());
+    /// let img = Image::create_in(mem.clone(), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 65536], 0)?;
+    /// img.flush()?;
+    /// let crashed = mem.to_vec();
+    /// std::mem::forget(img);
+    ///
+    /// let opts = OpenOptions::new().repair(true);
+    /// let img = Image::from_storage(Arc::new(MemStorage::from_vec(crashed)), &opts)?;
+    /// let report = img.repair()?;
+    /// assert!(report.repaired);
+    /// assert_eq!((report.corruptions, report.leaks, report.exit_code()), (0, 0, 0));
+    /// assert!(!img.info()?.dirty);
+    /// let mut buf = [0u8; 4];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [1; 4]);
+    /// # Ok(()) }
+    /// ```
     pub fn repair(&self) -> Result<CheckReport> {
         self.check_writable()?;
         let _structure = self.lock_structure();

@@ -145,6 +145,20 @@ impl Image {
     /// `qemu-img amend -o refcount_bits=` does: every refcount is rewritten, from a
     /// scan, into new refcount structures, and one header write switches to them.
     /// Refused, with nothing changed, when a count does not fit the new width.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Error, Image};
+    ///
+    /// # fn main() -> Result<(), Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 4096], 0)?;
+    /// img.set_refcount_bits(16)?;
+    /// assert_eq!(img.info()?.refcount_bits, 16);
+    /// assert_eq!(img.check()?.exit_code(), 0);
+    /// assert!(matches!(img.set_refcount_bits(3), Err(Error::InvalidArgument(_))));
+    /// # Ok(()) }
+    /// ```
     pub fn set_refcount_bits(&self, bits: u32) -> Result<()> {
         if !bits.is_power_of_two() || bits > 64 {
             return Err(Error::InvalidArgument(format!(

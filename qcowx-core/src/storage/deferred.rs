@@ -17,6 +17,23 @@ use super::*;
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)` (which submits the dirty pages and may
 /// block while the disk's queue is full), so the disk writes and the submission runs on
 /// another core while the owner goes on copying.
+///
+/// ```
+/// use qcowx_core::storage::{DeferredSync, FileStorage, Storage, WriteBehind};
+/// use qcowx_core::LockMode;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let out = DeferredSync::new(FileStorage::create(dir.path().join("out.img"), LockMode::Exclusive).unwrap());
+/// out.write_at(&[1; 4096], 0).unwrap();
+/// out.sync_data().unwrap(); // deferred: returns at once
+/// out.sync_now().unwrap(); // the one real fdatasync
+/// let lazy = DeferredSync::with_write_behind(
+///     FileStorage::create(dir.path().join("scratch.img"), LockMode::Exclusive).unwrap(),
+///     WriteBehind::Off,
+/// );
+/// lazy.write_at(&[2; 512], 0).unwrap();
+/// assert_eq!(lazy.len().unwrap(), 512);
+/// ```
 #[derive(Debug)]
 pub struct DeferredSync {
     file: FileStorage,

@@ -16,6 +16,16 @@ use lock::{LockError, LockMode};
 use super::*;
 
 /// How [`FileStorage::open`] opens an image file.
+///
+/// ```
+/// use qcowx_core::storage::OpenMode;
+/// use qcowx_core::LockMode;
+///
+/// assert_eq!((OpenMode::read_only().writable, OpenMode::read_only().lock), (false, LockMode::Shared));
+/// assert_eq!(OpenMode::read_write().lock, LockMode::Exclusive);
+/// let peek = OpenMode::read_only().with_lock(LockMode::ForceShare);
+/// assert_eq!(peek.lock, LockMode::ForceShare);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct OpenMode {
     /// Open the file for writing as well as reading.
@@ -52,6 +62,20 @@ impl OpenMode {
 ///
 /// Converts into an [`io::Error`] (lock conflicts become
 /// [`io::ErrorKind::ResourceBusy`]) for callers that only deal in I/O errors.
+///
+/// ```
+/// use qcowx_core::storage::{FileStorage, OpenError, OpenMode};
+/// use qcowx_core::LockMode;
+///
+/// let path = std::path::Path::new("/nonexistent/a.qcow2");
+/// let e = FileStorage::open(path, OpenMode::read_only()).unwrap_err();
+/// assert_eq!(e.path(), path);
+/// assert!(e.lock_error().is_none());
+/// assert_eq!(std::io::Error::from(e).kind(), std::io::ErrorKind::NotFound);
+/// // Writing under a shared lock is refused before the file is touched.
+/// let e = FileStorage::open(path, OpenMode::read_write().with_lock(LockMode::Shared)).unwrap_err();
+/// assert!(matches!(e, OpenError::WritableWithoutExclusiveLock { .. }));
+/// ```
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum OpenError {
@@ -141,6 +165,33 @@ const FAULT_AROUND: u64 = 64 << 10;
 ///
 /// The image lock taken when opening is tied to this value's open file description and
 /// is released when it is dropped.
+///
+/// ```
+/// use qcowx_core::storage::{FileStorage, OpenMode, Storage};
+/// use qcowx_core::LockMode;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("raw.img");
+/// let w = FileStorage::create_new(&path, LockMode::Exclusive).unwrap();
+/// assert!(w.is_writable() && w.lock_mode() == LockMode::Exclusive);
+/// w.write_at(b"bytes", 4096).unwrap();
+/// assert_eq!(w.len().unwrap(), 4101);
+/// assert_eq!(w.file().metadata().unwrap().len(), 4101);
+/// // The exclusive image lock keeps other users out, as QEMU's does.
+/// let busy = FileStorage::open(&path, OpenMode::read_only()).unwrap_err();
+/// assert!(busy.lock_error().is_some_and(|l| l.is_conflict()));
+/// assert!(FileStorage::create_new(&path, LockMode::None).is_err(), "it exists");
+/// drop(w);
+///
+/// let r = FileStorage::open(&path, OpenMode::read_only()).unwrap();
+/// let mut buf = [0u8; 5];
+/// r.read_at(&mut buf, 4096).unwrap();
+/// assert_eq!(&buf, b"bytes");
+/// drop(r);
+/// // create empties an existing file (once it holds the lock).
+/// let again = FileStorage::create(&path, LockMode::Exclusive).unwrap();
+/// assert_eq!(again.len().unwrap(), 0);
+/// ```
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,

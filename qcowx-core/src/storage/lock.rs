@@ -39,183 +39,30 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::ops::{BitAnd, BitOr, Not};
 
 use thiserror::Error;
 
 mod holders;
+mod perms;
+
+pub use perms::{Permission, Permissions};
 
 /// Offset of the first "permission in use" byte (QEMU's `RAW_LOCK_PERM_BASE`).
 pub const PERM_LOCK_BASE: u64 = 100;
 /// Offset of the first "permission not shared" byte (QEMU's `RAW_LOCK_SHARED_BASE`).
 pub const SHARED_LOCK_BASE: u64 = 200;
 
-/// One of QEMU's block-layer permissions that take part in image locking.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Permission {
-    /// Reading with the guarantee that the contents are complete and self-consistent
-    /// (QEMU's `BLK_PERM_CONSISTENT_READ`, bit 0).
-    ConsistentRead,
-    /// Changing the visible contents (QEMU's `BLK_PERM_WRITE`, bit 1).
-    Write,
-    /// Writing without changing the visible contents (QEMU's
-    /// `BLK_PERM_WRITE_UNCHANGED`, bit 2).
-    WriteUnchanged,
-    /// Changing the size of the file (QEMU's `BLK_PERM_RESIZE`, bit 3).
-    Resize,
-}
-
-impl Permission {
-    /// Every permission, in bit order.
-    pub const ALL: [Permission; 4] = [
-        Permission::ConsistentRead,
-        Permission::Write,
-        Permission::WriteUnchanged,
-        Permission::Resize,
-    ];
-
-    /// The permission's bit index in QEMU's `BLK_PERM_*` mask (0 to 3).
-    pub const fn bit(self) -> u32 {
-        match self {
-            Permission::ConsistentRead => 0,
-            Permission::Write => 1,
-            Permission::WriteUnchanged => 2,
-            Permission::Resize => 3,
-        }
-    }
-
-    /// The name QEMU uses for the permission in its error messages, e.g. `"write"`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Permission::ConsistentRead => "consistent read",
-            Permission::Write => "write",
-            Permission::WriteUnchanged => "write unchanged",
-            Permission::Resize => "resize",
-        }
-    }
-
-    /// The offset of the byte held by users of this permission.
-    pub const fn perm_byte(self) -> u64 {
-        PERM_LOCK_BASE + self.bit() as u64
-    }
-
-    /// The offset of the byte held by users that do not share this permission.
-    pub const fn shared_byte(self) -> u64 {
-        SHARED_LOCK_BASE + self.bit() as u64
-    }
-}
-
-impl fmt::Display for Permission {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A set of [`Permission`]s, with the same bit layout as QEMU's `BLK_PERM_*` mask.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Permissions(u8);
-
-impl Permissions {
-    /// The empty set.
-    pub const NONE: Permissions = Permissions(0);
-    /// Only [`Permission::ConsistentRead`].
-    pub const CONSISTENT_READ: Permissions = Permissions(1);
-    /// Only [`Permission::Write`].
-    pub const WRITE: Permissions = Permissions(1 << 1);
-    /// Only [`Permission::WriteUnchanged`].
-    pub const WRITE_UNCHANGED: Permissions = Permissions(1 << 2);
-    /// Only [`Permission::Resize`].
-    pub const RESIZE: Permissions = Permissions(1 << 3);
-    /// Every permission (QEMU's `BLK_PERM_ALL`).
-    pub const ALL: Permissions = Permissions(0x0f);
-
-    /// The set as a QEMU `BLK_PERM_*` mask.
-    pub const fn bits(self) -> u8 {
-        self.0
-    }
-
-    /// The set holding the permissions whose bits are set in `bits`; unknown bits are
-    /// ignored.
-    pub const fn from_bits_truncate(bits: u8) -> Permissions {
-        Permissions(bits & Permissions::ALL.0)
-    }
-
-    /// The set holding just `perm`.
-    pub const fn single(perm: Permission) -> Permissions {
-        Permissions(1 << perm.bit())
-    }
-
-    /// Whether the set holds `perm`.
-    pub const fn has(self, perm: Permission) -> bool {
-        self.0 & (1 << perm.bit()) != 0
-    }
-
-    /// Whether every permission of `other` is in the set.
-    pub const fn contains(self, other: Permissions) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// Whether the set is empty.
-    pub const fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    /// The permissions in the set, in bit order.
-    pub fn iter(self) -> impl Iterator<Item = Permission> {
-        Permission::ALL.into_iter().filter(move |p| self.has(*p))
-    }
-}
-
-impl From<Permission> for Permissions {
-    fn from(perm: Permission) -> Permissions {
-        Permissions::single(perm)
-    }
-}
-
-impl BitOr for Permissions {
-    type Output = Permissions;
-    fn bitor(self, rhs: Permissions) -> Permissions {
-        Permissions(self.0 | rhs.0)
-    }
-}
-
-impl BitAnd for Permissions {
-    type Output = Permissions;
-    fn bitand(self, rhs: Permissions) -> Permissions {
-        Permissions(self.0 & rhs.0)
-    }
-}
-
-impl Not for Permissions {
-    type Output = Permissions;
-    /// The complement within [`Permissions::ALL`].
-    fn not(self) -> Permissions {
-        Permissions(!self.0 & Permissions::ALL.0)
-    }
-}
-
-impl fmt::Display for Permissions {
-    /// Formats the set like QEMU does, e.g. `consistent read, write`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        for perm in self.iter() {
-            if !first {
-                f.write_str(", ")?;
-            }
-            first = false;
-            f.write_str(perm.name())?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Permissions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Permissions({self})")
-    }
-}
-
 /// How an image file is locked against concurrent users.
+///
+/// ```
+/// use qcowx_core::storage::lock::{LockMode, Permission, Permissions};
+///
+/// // A writer uses write and resize and lets others only read and write unchanged.
+/// assert!(LockMode::Exclusive.held().has(Permission::Write));
+/// assert!(!LockMode::Exclusive.shared().has(Permission::Write));
+/// assert_eq!(LockMode::Shared.held(), Permissions::CONSISTENT_READ);
+/// assert!(LockMode::Shared.takes_lock() && !LockMode::ForceShare.takes_lock());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LockMode {
     /// No locking at all: no bytes are held and nothing is checked. Use only when the
@@ -297,6 +144,30 @@ impl fmt::Display for LockHolder {
 }
 
 /// Why an image lock could not be taken.
+///
+/// Two handles on one file conflict as two processes would:
+///
+/// ```
+/// use qcowx_core::storage::lock::{held_by_others, lock_file, unlock_file, LockHolder, LockMode, Permission};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let writer = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// lock_file(&writer, LockMode::Exclusive).unwrap();
+///
+/// let reader = std::fs::File::open(&path).unwrap();
+/// let e = lock_file(&reader, LockMode::Shared).unwrap_err();
+/// assert!(e.is_conflict());
+/// assert_eq!(e.permission(), Some(Permission::Write));
+/// assert_eq!(e.holder(), Some(&LockHolder::ThisProcess));
+/// let seen = held_by_others(&reader).unwrap();
+/// assert!(seen.held.has(Permission::Write) && !seen.is_unlocked());
+///
+/// unlock_file(&writer).unwrap();
+/// assert!(held_by_others(&reader).unwrap().is_unlocked());
+/// lock_file(&reader, LockMode::Shared).unwrap();
+/// ```
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum LockError {
@@ -389,6 +260,21 @@ impl From<LockError> for io::Error {
 }
 
 /// The image-lock bytes held by *other* open file descriptions of a file.
+///
+/// ```
+/// use qcowx_core::storage::lock::{held_by_others, lock_file, LockMode, Permission};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let me = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// assert!(held_by_others(&me).unwrap().is_unlocked());
+/// let reader = std::fs::File::open(&path).unwrap();
+/// lock_file(&reader, LockMode::Shared).unwrap();
+/// let status = held_by_others(&me).unwrap();
+/// assert!(status.held.has(Permission::ConsistentRead));
+/// assert!(status.unshared.has(Permission::Write), "a reader does not share write");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LockStatus {
     /// Permissions some other user holds (bytes `100 + bit`).
@@ -415,6 +301,21 @@ impl LockStatus {
 ///
 /// On error, `file` holds no image-lock bytes (even ones it held before the call).
 /// The lock is released when the file is closed; see the [module docs](self).
+///
+/// ```
+/// use qcowx_core::storage::lock::{lock_file, LockMode};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let a = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// let b = std::fs::File::open(&path).unwrap();
+/// lock_file(&a, LockMode::Shared).unwrap();
+/// lock_file(&b, LockMode::Shared).unwrap(); // readers coexist
+/// assert!(lock_file(&a, LockMode::Exclusive).is_err(), "b reads");
+/// lock_file(&b, LockMode::None).unwrap(); // releases b's bytes
+/// lock_file(&a, LockMode::Exclusive).unwrap();
+/// ```
 pub fn lock_file(file: &File, mode: LockMode) -> Result<(), LockError> {
     lock_file_with(file, mode.held(), mode.shared())
 }
@@ -422,6 +323,19 @@ pub fn lock_file(file: &File, mode: LockMode) -> Result<(), LockError> {
 /// Sets the image lock held through `file` to using `held` and sharing `shared`, with
 /// the same semantics as [`lock_file`]; for callers that need a combination that no
 /// [`LockMode`] offers.
+///
+/// ```
+/// use qcowx_core::storage::lock::{lock_file, lock_file_with, LockMode, Permissions};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let a = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// // Read, and let others do anything (what QEMU's `-U` readers never refuse).
+/// lock_file_with(&a, Permissions::CONSISTENT_READ, Permissions::ALL).unwrap();
+/// let b = std::fs::File::open(&path).unwrap();
+/// lock_file(&b, LockMode::Exclusive).unwrap();
+/// ```
 pub fn lock_file_with(
     file: &File,
     held: Permissions,
@@ -486,6 +400,20 @@ fn apply_and_check(file: &File, held: Permissions, unshared: Permissions) -> Res
 /// Releases every image-lock byte held through `file`'s open file description.
 ///
 /// Closing the file does the same implicitly.
+///
+/// ```
+/// use qcowx_core::storage::lock::{lock_file, unlock_file, LockMode};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let a = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// let b = std::fs::File::open(&path).unwrap();
+/// lock_file(&a, LockMode::Exclusive).unwrap();
+/// assert!(lock_file(&b, LockMode::Shared).is_err());
+/// unlock_file(&a).unwrap();
+/// lock_file(&b, LockMode::Shared).unwrap();
+/// ```
 pub fn unlock_file(file: &File) -> Result<(), LockError> {
     for perm in Permission::ALL {
         release(file, perm.perm_byte())?;
@@ -496,6 +424,22 @@ pub fn unlock_file(file: &File) -> Result<(), LockError> {
 
 /// Reports which image-lock bytes other open file descriptions (in this or any other
 /// process) hold on `file`. Bytes held through `file` itself are not reported.
+///
+/// ```
+/// use qcowx_core::storage::lock::{held_by_others, lock_file, LockMode, Permissions};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("a.img");
+/// std::fs::write(&path, b"").unwrap();
+/// let a = std::fs::File::open(&path).unwrap(); // locks need a readable descriptor
+/// lock_file(&a, LockMode::Exclusive).unwrap();
+/// // Its own bytes are not reported to itself.
+/// assert!(held_by_others(&a).unwrap().is_unlocked());
+/// let other = std::fs::File::open(&path).unwrap();
+/// assert_eq!(held_by_others(&other).unwrap().held, LockMode::Exclusive.held());
+/// assert_eq!(held_by_others(&other).unwrap().unshared, !LockMode::Exclusive.shared());
+/// # let _ = Permissions::NONE;
+/// ```
 pub fn held_by_others(file: &File) -> Result<LockStatus, LockError> {
     let mut status = LockStatus::default();
     for perm in Permission::ALL {

@@ -13,6 +13,18 @@ use memmap2::Mmap;
 /// Whether every page under `map[offset..offset + len]` is in the page cache now, so
 /// reading it will not wait for the disk (`mincore`). False if the range is outside
 /// the mapping.
+///
+/// ```
+/// use qcowx_core::storage::{resident, FileStorage, Storage};
+/// use qcowx_core::LockMode;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let f = FileStorage::create(dir.path().join("a.img"), LockMode::Exclusive).unwrap();
+/// f.write_at(&[7; 8192], 0).unwrap();
+/// let map = f.mapping(8192).expect("a file maps");
+/// assert!(resident(&map, 0, 8192), "just written: in the page cache");
+/// assert!(!resident(&map, 0, map.len() + 1), "outside the mapping");
+/// ```
 pub fn resident(map: &Mmap, offset: usize, len: usize) -> bool {
     // SAFETY: sysconf has no preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
@@ -45,6 +57,19 @@ static VM_READV: AtomicBool = AtomicBool::new(true);
 /// mapping (the file cut short by a process that ignores the image locks) makes this
 /// one copy fail with `EFAULT` instead of killing the server with `SIGBUS`, as a
 /// plain copy would. Where the call is refused (`ENOSYS`, `EPERM`), a plain copy.
+///
+/// ```
+/// use qcowx_core::storage::{copy_mapped, FileStorage, Storage};
+/// use qcowx_core::LockMode;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let f = FileStorage::create(dir.path().join("a.img"), LockMode::Exclusive).unwrap();
+/// f.write_at(b"mapped bytes", 100).unwrap();
+/// let map = f.mapping(112).expect("a file maps");
+/// let mut out = [0u8; 12];
+/// copy_mapped(&mut out, &map[100..112]).unwrap();
+/// assert_eq!(&out, b"mapped bytes");
+/// ```
 pub fn copy_mapped(dst: &mut [u8], src: &[u8]) -> io::Result<()> {
     let mut done = 0;
     while done < src.len() && VM_READV.load(Ordering::Relaxed) {

@@ -12,6 +12,17 @@ use super::*;
 /// It grows on demand up to [`MemStorage::MAX_LEN`]; writes or resizes beyond that,
 /// ranges whose end overflows `u64`, and allocation failures are reported as I/O errors
 /// rather than panics or aborts.
+///
+/// ```
+/// use qcowx_core::storage::{MemStorage, Storage};
+///
+/// let mem = MemStorage::from_vec(b"abc".to_vec());
+/// mem.write_at(b"Z", 5).unwrap(); // grows, the gap reads as zeros
+/// assert_eq!(mem.to_vec(), b"abc\0\0Z");
+/// assert_eq!(MemStorage::new().len().unwrap(), 0);
+/// assert!(mem.set_len(MemStorage::MAX_LEN + 1).is_err());
+/// assert_eq!(mem.into_vec().len(), 6);
+/// ```
 #[derive(Default)]
 pub struct MemStorage {
     data: RwLock<Vec<u8>>,

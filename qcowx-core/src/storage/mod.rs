@@ -31,6 +31,59 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 /// A positional, thread-safe byte store holding one image file.
+///
+/// An embedder that keeps images somewhere other than a local file implements it and
+/// opens the image with [`crate::Image::from_storage`] (or creates one with
+/// [`crate::Image::create_in`]). Here, a storage that counts the syncs it is asked for:
+///
+/// ```
+/// use std::io;
+/// use std::path::Path;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use qcowx_core::storage::{MemStorage, Storage};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// #[derive(Debug, Default)]
+/// struct Counted {
+///     inner: MemStorage,
+///     syncs: AtomicU64,
+/// }
+///
+/// impl Storage for Counted {
+///     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+///         self.inner.read_at(buf, offset)
+///     }
+///     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+///         self.inner.write_at(buf, offset)
+///     }
+///     fn len(&self) -> io::Result<u64> {
+///         self.inner.len()
+///     }
+///     fn set_len(&self, len: u64) -> io::Result<()> {
+///         self.inner.set_len(len)
+///     }
+///     fn sync_data(&self) -> io::Result<()> {
+///         self.syncs.fetch_add(1, Ordering::Relaxed);
+///         self.inner.sync_data()
+///     }
+///     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+///         self.inner.punch_hole(offset, len)
+///     }
+///     fn path(&self) -> Option<&Path> {
+///         None
+///     }
+/// }
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let storage = Arc::new(Counted::default());
+/// let img = Image::create_in(storage.clone(), &CreateOptions::new(1 << 20))?;
+/// let before = storage.syncs.load(Ordering::Relaxed);
+/// img.write_at(b"data", 0)?;
+/// img.flush()?;
+/// assert!(storage.syncs.load(Ordering::Relaxed) > before, "a flush syncs");
+/// # Ok(()) }
+/// ```
 // `len` is a fallible I/O query, not a collection size, so there is no `is_empty`.
 #[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + std::fmt::Debug {

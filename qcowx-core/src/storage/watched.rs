@@ -40,6 +40,34 @@ pub struct Watched<S> {
 
 impl<S: Storage> Watched<S> {
     /// `inner`, with `watch` called before each read and write.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use qcowx_core::storage::{Access, MemStorage, Watched};
+    /// use qcowx_core::{CreateOptions, Error, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let writes = Arc::new(AtomicUsize::new(0));
+    /// let seen = writes.clone();
+    /// let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    /// let fail = failing.clone();
+    /// let storage = Watched::new(MemStorage::new(), move |a| {
+    ///     if let Access::Write { .. } = a {
+    ///         seen.fetch_add(1, Ordering::Relaxed);
+    ///         if fail.load(Ordering::Relaxed) {
+    ///             return Err(std::io::Error::from_raw_os_error(5)); // EIO
+    ///         }
+    ///     }
+    ///     Ok(())
+    /// });
+    /// let img = Image::create_in(Arc::new(storage), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[1; 512], 0)?;
+    /// assert!(writes.load(Ordering::Relaxed) > 0);
+    /// failing.store(true, Ordering::Relaxed);
+    /// assert!(matches!(img.write_at(&[1; 512], 65536), Err(Error::Io { .. })));
+    /// # Ok(()) }
+    /// ```
     pub fn new(
         inner: S,
         watch: impl Fn(Access) -> io::Result<()> + Send + Sync + 'static,

@@ -90,6 +90,14 @@ pub enum Mismatch {
 
 impl Mismatch {
     /// The error kind for the library's [`crate::Error::kind`].
+    ///
+    /// ```
+    /// use qcowx_core::stream::Mismatch;
+    /// use qcowx_core::ErrorKind;
+    ///
+    /// assert_eq!(Mismatch::BaseMissing { uid: 7 }.kind(), ErrorKind::NotFound);
+    /// assert_eq!(Mismatch::NameTaken { name: "s".into() }.kind(), ErrorKind::AlreadyExists);
+    /// ```
     pub fn kind(&self) -> ErrorKind {
         match self {
             Mismatch::BaseMissing { .. } => ErrorKind::NotFound,

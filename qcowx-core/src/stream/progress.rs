@@ -38,6 +38,13 @@ pub(crate) struct Progress {
 }
 
 /// The progress file of the image at `image`.
+///
+/// ```
+/// use std::path::Path;
+/// use qcowx_core::stream::progress_path;
+///
+/// assert_eq!(progress_path(Path::new("/vm/a.qcow2")), Path::new("/vm/a.qcow2.qcowx-recv"));
+/// ```
 pub fn progress_path(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_owned();
     s.push(".qcowx-recv");

@@ -97,6 +97,42 @@ fn read_fail(file: &Path, f: ReadFail) -> Error {
 }
 
 /// The resume token of the receive in progress in the image at `path`, if any.
+///
+/// A receive cut short leaves its progress; the token tells the sender where to start,
+/// [`abort`] drops it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::stream::{abort, progress_path, receive, resume_token, send, ReceiveOptions, SendOptions};
+/// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let src = Arc::new(Image::create(dir.path().join("src.qcow2"), &CreateOptions::new(8 << 20))?);
+/// let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+/// src.write_at(&data, 0)?;
+/// src.snapshot(DEFAULT_VDI, "s")?;
+/// let mut stream = Vec::new();
+/// send(&src, "s", &SendOptions::default(), &mut stream)?;
+///
+/// let dst = dir.path().join("dst.qcow2");
+/// let opts = ReceiveOptions { checkpoint_bytes: 1 << 20, ..ReceiveOptions::default() };
+/// let cut = &stream[..stream.len() * 3 / 4];
+/// assert!(receive(&dst, &mut &cut[..], &opts).is_err());
+/// assert!(progress_path(&dst).exists());
+/// let token = resume_token(&dst)?.expect("a receive in progress");
+/// assert!(token.next.seq > 0);
+///
+/// // Send from the token, and the receive completes.
+/// let rest = SendOptions { resume: Some(token), ..SendOptions::default() };
+/// let mut tail = Vec::new();
+/// send(&src, "s", &rest, &mut tail)?;
+/// assert!(tail.len() < stream.len());
+/// receive(&dst, &mut &tail[..], &opts)?;
+/// assert_eq!(resume_token(&dst)?, None);
+/// assert!(!abort(&dst)?, "nothing left to abort");
+/// # Ok(()) }
+/// ```
 pub fn resume_token(path: &Path) -> Result<Option<ResumeToken>> {
     Ok(Progress::load(path)?.map(|p| p.token()))
 }
@@ -104,6 +140,31 @@ pub fn resume_token(path: &Path) -> Result<Option<ResumeToken>> {
 /// Drops the receive in progress in the image at `path`: its staging VDI (collected
 /// at once, so the snapshot table is as before the receive) and its progress.
 /// Returns whether there was one.
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::stream::{abort, receive, resume_token, send, ReceiveOptions, SendOptions};
+/// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let src = Arc::new(Image::create(dir.path().join("src.qcow2"), &CreateOptions::new(4 << 20))?);
+/// let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+/// src.write_at(&data, 0)?;
+/// src.snapshot(DEFAULT_VDI, "s")?;
+/// let mut stream = Vec::new();
+/// send(&src, "s", &SendOptions::default(), &mut stream)?;
+///
+/// let dst = dir.path().join("dst.qcow2");
+/// let opts = ReceiveOptions { checkpoint_bytes: 1 << 20, ..ReceiveOptions::default() };
+/// assert!(receive(&dst, &mut &stream[..stream.len() / 2], &opts).is_err());
+/// assert!(resume_token(&dst)?.is_some());
+/// assert!(abort(&dst)?);
+/// assert_eq!(resume_token(&dst)?, None);
+/// let names: Vec<String> = Image::open(&dst)?.list()?.into_iter().map(|r| r.name).collect();
+/// assert_eq!(names, [DEFAULT_VDI]);
+/// # Ok(()) }
+/// ```
 pub fn abort(path: &Path) -> Result<bool> {
     let Some(p) = Progress::load(path)? else {
         return Ok(false);
@@ -127,6 +188,35 @@ pub fn abort(path: &Path) -> Result<bool> {
 /// so far stay in the hidden staging VDI, and the progress file says where to
 /// resume (run again with the same stream, or ask the sender for a stream from
 /// [`resume_token`]); [`abort`] drops them.
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::stream::{receive, send, ReceiveOptions, SendOptions};
+/// use qcowx_core::{CreateOptions, Error, Image, DEFAULT_VDI};
+///
+/// # fn main() -> Result<(), Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let src = Arc::new(Image::create(dir.path().join("src.qcow2"), &CreateOptions::new(1 << 20))?);
+/// src.write_at(b"payload", 0)?;
+/// src.snapshot(DEFAULT_VDI, "s")?;
+/// let mut stream = Vec::new();
+/// send(&src, "s", &SendOptions::default(), &mut stream)?;
+///
+/// let dst = dir.path().join("dst.qcow2");
+/// let opts = ReceiveOptions { name: Some("from-src".into()), ..ReceiveOptions::default() };
+/// let report = receive(&dst, &mut &stream[..], &opts)?;
+/// assert!(report.created && !report.incremental);
+/// assert_eq!(report.snapshot.name, "from-src");
+/// // The same snapshot twice is refused; the image is as it was.
+/// let again = receive(&dst, &mut &stream[..], &opts).unwrap_err();
+/// assert!(matches!(again, Error::StreamMismatch { .. }));
+/// // A damaged stream is refused too.
+/// let mut bad = stream.clone();
+/// let mid = bad.len() / 2;
+/// bad[mid] ^= 1;
+/// assert!(receive(&dir.path().join("other.qcow2"), &mut &bad[..], &ReceiveOptions::default()).is_err());
+/// # Ok(()) }
+/// ```
 pub fn receive(path: &Path, input: &mut dyn Read, opts: &ReceiveOptions) -> Result<ReceiveReport> {
     let mut r = Counted {
         inner: input,

@@ -64,6 +64,41 @@ fn find_snapshot(image: &Image, name: &str) -> Result<RootInfo> {
 
 /// Writes snapshot `snapshot` of `image` as a stream to `out` (see the module docs).
 /// A VDI is sent by taking a snapshot of it first.
+///
+/// A full stream, then an incremental one, from one image into another.
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::stream::{receive, send, ReceiveOptions, SendOptions};
+/// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let src = Arc::new(Image::create(dir.path().join("src.qcow2"), &CreateOptions::new(1 << 20))?);
+/// src.write_at(&[1; 65536], 0)?;
+/// src.snapshot(DEFAULT_VDI, "mon")?;
+/// src.write_at(&[2; 65536], 65536)?;
+/// src.snapshot(DEFAULT_VDI, "tue")?;
+///
+/// let mut full = Vec::new();
+/// let sent = send(&src, "mon", &SendOptions::default(), &mut full)?;
+/// assert_eq!(sent.data_bytes, 65536);
+/// let mut since_mon = Vec::new();
+/// let opts = SendOptions { from: Some("mon".into()), ..SendOptions::default() };
+/// let sent = send(&src, "tue", &opts, &mut since_mon)?;
+/// assert_eq!(sent.data_bytes, 65536, "only the cluster written since");
+///
+/// // The replica is created by the first receive.
+/// let dst = dir.path().join("replica.qcow2");
+/// receive(&dst, &mut &full[..], &ReceiveOptions::default())?;
+/// let report = receive(&dst, &mut &since_mon[..], &ReceiveOptions::default())?;
+/// assert!(report.incremental);
+/// let replica = Arc::new(Image::open(&dst)?);
+/// let mut buf = [0u8; 2];
+/// replica.open_root("tue")?.read_at(&mut buf, 65535)?;
+/// assert_eq!(buf, [1, 2]);
+/// # Ok(()) }
+/// ```
 pub fn send(
     image: &Arc<Image>,
     snapshot: &str,

@@ -11,6 +11,66 @@ use super::*;
 /// threads. A handle to a deleted root fails with an error; a handle to a VDI follows
 /// a revert to the VDI's new head. [`Disk::cursor`] and [`Disk::reader`] make it a
 /// `std::io` reader and writer.
+///
+/// # Threads and concurrent I/O
+///
+/// `Disk` is `Send + Sync` and cheap to clone (it is an `Arc<Image>` and a root):
+/// give each thread its own clone, or share one by reference. Concurrent requests
+/// behave as [`Image`'s](Image#threads-and-concurrent-io) do: requests on ranges
+/// that do not overlap are independent; a read overlapping a write in flight returns
+/// each byte old or new; a returned request is seen by every later one, through any
+/// handle. Handles on different roots never see each other's writes (a fork's
+/// writes do not reach the VDI it was forked from), even when the roots still share
+/// clusters.
+///
+/// The operations, on one VDI:
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::{CreateOptions, ExtentStatus, Image, DEFAULT_VDI};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+/// let disk = img.open_root(DEFAULT_VDI)?;
+/// assert_eq!((disk.name(), disk.is_writable(), disk.size()), (DEFAULT_VDI, true, 1 << 20));
+/// assert!(Arc::ptr_eq(disk.image(), &img));
+///
+/// disk.write_at(&[0xab; 8192], 65536)?;
+/// let mut buf = [0u8; 8192];
+/// disk.read_at(&mut buf, 65536)?;
+/// assert_eq!(buf, [0xab; 8192]);
+///
+/// // Where the data is: the first cluster holds none, the second does.
+/// let status = disk.block_status(0, 2 * 65536)?;
+/// assert_eq!(status[0].status, ExtentStatus::Unallocated);
+/// assert_eq!(status.last().unwrap().status, ExtentStatus::Data);
+///
+/// // Zero part of the data, then discard the whole cluster.
+/// disk.write_zeroes(65536, 4096, false)?;
+/// disk.read_at(&mut buf, 65536)?;
+/// assert_eq!((buf[0], buf[4095], buf[4096]), (0, 0, 0xab));
+/// disk.discard(65536, 65536)?;
+/// disk.read_at(&mut buf, 65536)?;
+/// assert_eq!(buf, [0; 8192]);
+///
+/// disk.flush()?; // durable from here on
+///
+/// // As std::io types: `cursor()` reads and writes, `reader()` only reads.
+/// use std::io::{Read, Write};
+/// disk.clone().cursor().write_all(b"via io")?;
+/// let mut head = [0u8; 6];
+/// disk.clone().reader().read_exact(&mut head)?;
+/// assert_eq!(&head, b"via io");
+///
+/// // The same bytes without a copy, where the storage can lend them.
+/// disk.write_at(b"mapped", 0)?;
+/// let lent = disk.read_mapped(0, 6, |slices| slices.iter().flat_map(|s| s.to_vec()).collect::<Vec<u8>>())?;
+/// if let Some(bytes) = lent {
+///     assert_eq!(bytes, b"mapped");
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Disk {
     pub(super) image: Arc<Image>,

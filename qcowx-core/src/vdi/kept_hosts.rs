@@ -16,6 +16,28 @@ use crate::format::tables::{ClusterKind, L1Entry, L2Entry};
 
 /// The tables of one root of a qcow2 image, for the host offsets block status does
 /// not give: zero clusters and unallocated subclusters that keep a host cluster.
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::vdi::kept_hosts::KeptHosts;
+/// use qcowx_core::{CreateOptions, ExtentStatus, Image, DEFAULT_VDI};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+/// img.write_at(&[1; 65536], 0)?;
+/// img.write_zeroes(0, 65536, false)?; // zero, but the host cluster stays allocated
+/// let status = img.block_status(0, 65536)?;
+/// assert_eq!((status[0].status, status[0].host_offset), (ExtentStatus::Zero, None));
+///
+/// let mut kept = KeptHosts::new(Arc::clone(&img), DEFAULT_VDI)?;
+/// let (host, covers) = kept.host_of(0)?;
+/// assert!(host.is_some());
+/// assert_eq!(covers, 65536);
+/// // An unallocated cluster keeps nothing.
+/// assert_eq!(kept.host_of(65536)?.0, None);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct KeptHosts {
     img: Arc<Image>,

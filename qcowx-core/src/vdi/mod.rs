@@ -68,6 +68,16 @@ fn grave_record() -> Record {
 }
 
 /// Checks a user-chosen snapshot or VDI name.
+///
+/// ```
+/// use qcowx_core::vdi::validate_name;
+///
+/// assert!(validate_name("nightly-2026.12.07").is_ok());
+/// assert!(validate_name("user@host+1").is_ok());
+/// assert!(validate_name("").is_err());
+/// assert!(validate_name("-starts-with-dash").is_err());
+/// assert!(validate_name("has space").is_err());
+/// ```
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN

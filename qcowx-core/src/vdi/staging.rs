@@ -73,6 +73,22 @@ impl Image {
     }
 
     /// The live snapshot whose identity is `uid`, if any.
+    ///
+    /// A snapshot keeps its uid when renamed: a receiver finds a base by it.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image, RootKind, DEFAULT_VDI};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// let snap = img.snapshot(DEFAULT_VDI, "nightly")?;
+    /// img.rename(RootKind::Snapshot, "nightly", "kept")?;
+    /// assert_eq!(img.snapshot_by_uid(snap.uid)?.map(|r| r.name), Some("kept".to_string()));
+    /// img.delete_snapshot("kept")?;
+    /// assert_eq!(img.snapshot_by_uid(snap.uid)?, None);
+    /// # Ok(()) }
+    /// ```
     pub fn snapshot_by_uid(&self, uid: u64) -> Result<Option<RootInfo>> {
         Ok(self
             .list()?

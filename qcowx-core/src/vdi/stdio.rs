@@ -33,6 +33,13 @@ use super::Disk;
 /// let mut got = [0u8; 5];
 /// vdi.read_exact(&mut got)?;
 /// assert_eq!(&got, b"hello");
+///
+/// // The handle underneath, and back.
+/// assert_eq!(vdi.disk().name(), DEFAULT_VDI);
+/// let disk = vdi.into_disk();
+/// let mut all = Vec::new();
+/// disk.reader().read_to_end(&mut all)?;
+/// assert_eq!(all.len(), 1 << 20);
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -60,6 +67,8 @@ pub struct DiskCursor {
 /// img.open_root("before")?.reader().read_to_end(&mut old)?;
 /// assert_eq!(old.len(), 1 << 20);
 /// assert_eq!(&old[..512], &[7; 512]);
+/// let reader = img.open_root("before")?.reader();
+/// assert!(!reader.disk().is_writable());
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]

@@ -49,6 +49,15 @@ const ZSTD_MAX_HEADER: usize = 18;
 
 /// The compression method of an image, from the header field
 /// `compression_type`.
+///
+/// ```
+/// use qcowx_core::CompressionType;
+///
+/// assert_eq!(CompressionType::from_header(1), Some(CompressionType::Zstd));
+/// assert_eq!(CompressionType::from_header(7), None);
+/// assert_eq!(CompressionType::Deflate.to_header(), 0);
+/// assert_eq!(CompressionType::Zstd.to_string(), "zstd");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CompressionType {
     /// Raw deflate (RFC 1951) with a 4 KiB window; header value 0 ("zlib").
@@ -234,6 +243,23 @@ pub enum ZstdProblem {
 /// [`CompressError::InvalidClusterSize`] if `out` has an invalid length;
 /// otherwise a `Deflate*` variant or [`CompressError::Zstd`] describing what
 /// was wrong with the data and how many bytes had been produced.
+///
+/// ```
+/// use qcowx_core::format::compress::{compress_cluster, decompress_cluster, CompressionType};
+///
+/// let cluster = vec![0x42u8; 65536];
+/// for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+///     let packed = compress_cluster(kind, &cluster).unwrap().expect("smaller");
+///     assert!(packed.len() < 1024);
+///     let mut out = vec![0u8; 65536];
+///     decompress_cluster(kind, &packed, &mut out).unwrap();
+///     assert_eq!(out, cluster);
+/// }
+/// // A cut-short zstd frame is an error, not a panic.
+/// let packed = compress_cluster(CompressionType::Zstd, &cluster).unwrap().unwrap();
+/// let mut out = vec![0u8; 65536];
+/// assert!(decompress_cluster(CompressionType::Zstd, &packed[..packed.len() / 2], &mut out).is_err());
+/// ```
 pub fn decompress_cluster(
     kind: CompressionType,
     input: &[u8],
@@ -268,6 +294,23 @@ pub fn decompress_cluster(
 /// [`CompressError::InvalidClusterSize`] if `input` is not one cluster long;
 /// [`CompressError::Compressor`] if the compressor fails or its output does
 /// not decode back to `input` (the cluster can then be stored uncompressed).
+///
+/// ```
+/// use qcowx_core::format::compress::{compress_cluster, CompressionType};
+///
+/// // Data that does not shrink is not worth storing compressed.
+/// let mut x = 0x9e37_79b9_7f4a_7c15u64;
+/// let noise: Vec<u8> = (0..65536)
+///     .map(|_| {
+///         x ^= x << 13;
+///         x ^= x >> 7;
+///         x ^= x << 17;
+///         x as u8
+///     })
+///     .collect();
+/// assert_eq!(compress_cluster(CompressionType::Zstd, &noise).unwrap(), None);
+/// assert!(compress_cluster(CompressionType::Deflate, &[0u8; 100]).is_err(), "not a cluster size");
+/// ```
 pub fn compress_cluster(
     kind: CompressionType,
     input: &[u8],
@@ -281,12 +324,30 @@ pub fn compress_cluster(
 
 /// Compresses `input` (any length) into one zstd frame as [`compress_cluster`] does
 /// for zstd: `None` when the frame would not be smaller. For send/receive streams.
+///
+/// ```
+/// use qcowx_core::format::compress::{compress_zstd, decompress_zstd};
+///
+/// let data = b"abc".repeat(1000);
+/// let frame = compress_zstd(&data).expect("repetitive data shrinks");
+/// let mut out = vec![0u8; data.len()];
+/// decompress_zstd(&frame, &mut out).unwrap();
+/// assert_eq!(out, data);
+/// ```
 pub fn compress_zstd(input: &[u8]) -> Option<Vec<u8>> {
     zstd_compress_cluster(input).ok().flatten()
 }
 
 /// Decodes zstd frames into exactly `out.len()` bytes, with the checks of
 /// [`decompress_cluster`] (window cap, content size and checksum) but any length.
+///
+/// ```
+/// use qcowx_core::format::compress::{compress_zstd, decompress_zstd};
+///
+/// let frame = compress_zstd(&[7u8; 4096]).unwrap();
+/// let mut small = vec![0u8; 100];
+/// assert!(decompress_zstd(&frame, &mut small).is_err(), "more data than fits");
+/// ```
 pub fn decompress_zstd(input: &[u8], out: &mut [u8]) -> Result<(), CompressError> {
     zstd_decompress_cluster(input, out)
 }
