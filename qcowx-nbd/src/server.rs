@@ -401,8 +401,8 @@ impl Server {
         // Wakes the checkpointer at once: the close writes what it would have.
         drop(stop_checkpoints);
         let _ = checkpointer.join();
-        let image = self.exports.image();
-        image.flush().and_then(|_| image.close())?;
+        // The close flushes first.
+        self.exports.image().close()?;
         Ok(())
     }
 

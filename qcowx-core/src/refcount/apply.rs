@@ -146,7 +146,11 @@ fn apply(img: &Image, st: &mut State, gate: &IoGate<'_>) -> std::result::Result<
     let released = st.deltas.take_released();
     set_copied(img, st, &released, &mut blocks)?;
     blocks.write_table(img, st)?;
-    img.sync()?;
+    // The callers flushed (and synced) before: with nothing written here (the record
+    // went out with a flush), the blocks are durable already.
+    if blocks.wrote || !trees.is_empty() {
+        img.sync()?;
+    }
     let end = truncate_free_tail(img, st, &mut blocks, gate)?;
     st.deltas.set_base_clusters(end);
     st.header.incompatible.remove(Incompatible::DIRTY);
@@ -292,6 +296,8 @@ struct Blocks {
     table: Vec<u64>,
     /// Table entries changed (new blocks).
     table_dirty: bool,
+    /// Something was written to the blocks or the table.
+    wrote: bool,
     file_len: u64,
 }
 
@@ -313,6 +319,7 @@ impl Blocks {
             max: super::max_refcount(order),
             table,
             table_dirty: false,
+            wrote: false,
             file_len,
         })
     }
@@ -408,6 +415,7 @@ impl Blocks {
                     img.storage
                         .write_at(run, at + from)
                         .map_err(|e| img.io_err("write refcount block", at + from, e))?;
+                    self.wrote = true;
                     i = j;
                 }
                 self.file_len = self.file_len.max(at + cs);
@@ -427,6 +435,7 @@ impl Blocks {
             .write_at(&encode_words(&self.table), at)
             .map_err(|e| img.io_err("write refcount table", at, e))?;
         self.table_dirty = false;
+        self.wrote = true;
         Ok(())
     }
 
