@@ -162,7 +162,9 @@ fn qcowx_nbd_exports_a_bitmap_as_qemu_nbd_does() {
 fn a_killed_server_leaves_the_bitmaps_in_use() {
     let dir = tempdir();
     let path = image_with_bitmaps(dir.path());
-    let server = QcowxNbd::in_dir(dir.path(), &path, &["--discard=unmap"]);
+    // Persistent (-t): without it the server closes cleanly (storing the bitmaps) as
+    // soon as its one client leaves, before the kill could land.
+    let server = QcowxNbd::in_dir(dir.path(), &path, &["-t", "--discard=unmap"]);
     nbd_io(&server.uri(""), &["write -P 0x33 0 1M"]);
     server.kill9();
     let after = qemu_bitmaps(&path, true);
