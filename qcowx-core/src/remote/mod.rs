@@ -396,3 +396,35 @@ pub fn pull(store: &Store, path: &Path, snapshot: Option<&str>) -> Result<PullRe
     }
     Ok(report)
 }
+
+/// Creates the image at `path` whose base is snapshot `snapshot` of `store` (its
+/// size and cluster size), read on demand through a local cache of at most
+/// `cache_bytes`; `endpoint` is recorded as the store's default endpoint. Returns
+/// the image, open for writing with its base.
+pub fn create_on_remote(
+    path: &Path,
+    store: &Store,
+    snapshot: &str,
+    endpoint: &str,
+    cache_bytes: u64,
+) -> Result<Image> {
+    let manifest = store.manifest()?;
+    let e = store.find(&manifest, snapshot)?;
+    if endpoint.len() > crate::format::remote::MAX_REMOTE_NAME
+        || store.url().len() > crate::format::remote::MAX_REMOTE_NAME
+    {
+        return Err(Error::InvalidArgument(format!(
+            "the endpoint and the store URL are at most {} bytes each",
+            crate::format::remote::MAX_REMOTE_NAME
+        )));
+    }
+    let mut opts = crate::engine::CreateOptions::new(e.virtual_size);
+    opts.cluster_size = u64::from(e.cluster_size);
+    opts.remote_base = Some(crate::format::remote::RemoteBase {
+        url: store.url().to_string(),
+        endpoint: endpoint.to_string(),
+        uid: e.uid,
+        cache_bytes,
+    });
+    Image::create(path, &opts)
+}
