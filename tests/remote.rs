@@ -243,11 +243,10 @@ fn is_unreachable(e: &Error) -> bool {
         let e = x
             .downcast_ref::<Error>()
             .or_else(|| x.downcast_ref::<Box<Error>>().map(|b| &**b));
-        if let Some(Error::Remote {
-            source: RemoteError::Unreachable { .. },
-        }) = e
-        {
-            return true;
+        if let Some(Error::Remote { source }) = e {
+            if matches!(**source, RemoteError::Unreachable { .. }) {
+                return true;
+            }
         }
         cur = x.source();
     }
@@ -387,12 +386,7 @@ fn damaged_objects_are_refused() {
     let e = layer.read_layer(&mut buf, 0).unwrap_err();
     let text = error_text(&e);
     assert!(
-        matches!(
-            &e,
-            Error::Remote {
-                source: RemoteError::Record { .. }
-            }
-        ),
+        matches!(&e, Error::Remote { source } if matches!(**source, RemoteError::Record { .. })),
         "{text}"
     );
     assert!(text.contains(&key) && text.contains("checksum"), "{text}");

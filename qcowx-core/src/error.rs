@@ -234,7 +234,7 @@ pub enum Error {
     Remote {
         /// What failed, and where.
         #[source]
-        source: crate::remote::RemoteError,
+        source: Box<crate::remote::RemoteError>,
     },
 }
 

@@ -230,7 +230,7 @@ impl S3Cluster {
         }
     }
 
-    fn start_once() -> Result<S3Cluster, (String, Option<S3Cluster>)> {
+    fn start_once() -> Result<S3Cluster, (String, Option<Box<S3Cluster>>)> {
         let t0 = Instant::now();
         let deadline = t0 + START_LIMIT;
         let dir = tempfile::Builder::new()
@@ -259,7 +259,7 @@ impl S3Cluster {
                 started_in: t0.elapsed(),
                 ..c
             }),
-            Err(e) => Err((e, Some(c))),
+            Err(e) => Err((e, Some(Box::new(c)))),
         }
     }
 

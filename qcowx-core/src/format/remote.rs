@@ -246,7 +246,7 @@ impl Manifest {
                 ));
             }
             if e.virtual_size == 0
-                || e.virtual_size % 512 != 0
+                || !e.virtual_size.is_multiple_of(512)
                 || e.virtual_size > crate::format::header::MAX_VIRTUAL_SIZE
             {
                 return Err(bad(W, format!("entry {i}: invalid virtual size")));

@@ -228,7 +228,9 @@ fn listed(m: &Manifest) -> String {
 
 impl From<RemoteError> for Error {
     fn from(source: RemoteError) -> Error {
-        Error::Remote { source }
+        Error::Remote {
+            source: Box::new(source),
+        }
     }
 }
 
