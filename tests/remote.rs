@@ -34,6 +34,7 @@ fn config() -> StoreConfig {
         region: "us-east-1".into(),
         connect_timeout: Duration::from_secs(5),
         io_timeout: Duration::from_secs(30),
+        part_bytes: remote::DEFAULT_PART_BYTES,
     }
 }
 
@@ -455,4 +456,44 @@ fn qcowx_nbd_serves_a_fork_of_a_remote_base() {
     let got = std::fs::read(&raw).unwrap();
     assert!(got == expected, "the export reads other bytes than s2");
     server.stop();
+}
+
+#[test]
+fn a_stream_larger_than_a_part_is_uploaded_in_parts_and_pulled_back() {
+    let _up = server_up();
+    let dir = tempdir();
+    let url = store_url("parts");
+    let path = dir.path().join("big.qcow2");
+    let img = Arc::new(Image::create(&path, &CreateOptions::new(16 * MIB)).unwrap());
+    // Random data does not compress: a stream of about 12 MiB, three 5 MiB parts.
+    img.write_at(&pattern(7, 12 * MIB as usize), MIB).unwrap();
+    img.snapshot(DEFAULT_VDI, "big").unwrap();
+    let mut cfg = config();
+    cfg.part_bytes = 5 * MIB;
+    let store = Store::open(&url, &cfg).unwrap();
+    store.client().create_bucket().unwrap();
+    let before = store.client().requests();
+    let r = remote::push(&img, "big", None, &store).unwrap();
+    assert!(r.entry.stream_len > 10 * MIB, "{}", r.entry.stream_len);
+    // manifest GET, create, 3 parts, complete, index PUT, manifest PUT.
+    assert_eq!(store.client().requests() - before, 8);
+    Arc::try_unwrap(img).unwrap().close().unwrap();
+    let listed = objects(&store);
+    let obj = listed
+        .iter()
+        .find(|(k, _, _)| k.ends_with(".qxs"))
+        .expect("stream object");
+    assert_eq!(obj.1, r.entry.stream_len);
+    assert!(obj.2.ends_with("-3"), "a multipart etag: {}", obj.2);
+    // No spool file is left beside the image.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+
+    let copy = dir.path().join("copy.qcow2");
+    remote::pull(&store, &copy, Some("big")).unwrap();
+    assert!(snapshot_bytes(&copy, "big") == snapshot_bytes(&path, "big"));
+    assert_qemu_check_clean(&copy);
 }

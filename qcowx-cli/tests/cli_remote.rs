@@ -52,6 +52,7 @@ fn objects(url: &str) -> Vec<(String, u64, String)> {
         region: "us-east-1".into(),
         connect_timeout: std::time::Duration::from_secs(5),
         io_timeout: std::time::Duration::from_secs(30),
+        part_bytes: qcowx_core::remote::DEFAULT_PART_BYTES,
     };
     let s = Store::open(url, &cfg).unwrap();
     s.client()

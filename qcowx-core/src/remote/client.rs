@@ -228,6 +228,137 @@ impl Client {
         Ok(etag(&resp))
     }
 
+    /// Stores the `len` bytes `body` yields as object `key`: one PUT when they fit in
+    /// `part` bytes, else a multipart upload of `part`-byte parts (at least 5 MiB,
+    /// at most 10,000 of them), aborted if a part fails. Holds one part in memory.
+    pub fn put_reader(
+        &self,
+        key: &str,
+        body: &mut dyn Read,
+        len: u64,
+        part: u64,
+    ) -> Result<(), RemoteError> {
+        let read_err = |e: std::io::Error| RemoteError::Size {
+            bucket: self.bucket().to_string(),
+            key: key.to_string(),
+            why: format!("reading what to upload: {e}"),
+        };
+        let part = part.max(5 << 20);
+        if len <= part {
+            let mut buf = Vec::with_capacity(len as usize);
+            body.take(len).read_to_end(&mut buf).map_err(read_err)?;
+            self.put(key, &buf, false)?;
+            return Ok(());
+        }
+        if len.div_ceil(part) > 10_000 {
+            return Err(RemoteError::Size {
+                bucket: self.bucket().to_string(),
+                key: key.to_string(),
+                why: format!("{len} bytes need more than 10,000 parts of {part} bytes"),
+            });
+        }
+        let upload = self.create_multipart(key)?;
+        let result = (|| {
+            let mut etags = Vec::new();
+            let mut left = len;
+            let mut buf = Vec::new();
+            while left > 0 {
+                let n = left.min(part);
+                buf.clear();
+                body.take(n).read_to_end(&mut buf).map_err(read_err)?;
+                if buf.len() as u64 != n {
+                    return Err(read_err(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                let number = etags.len() as u16 + 1;
+                let url = self
+                    .bucket
+                    .upload_part(Some(&self.creds), key, number, &upload)
+                    .sign(SIGNED_FOR);
+                self.count();
+                let resp = self
+                    .agent
+                    .put(url.as_str())
+                    .send(&buf[..])
+                    .map_err(|e| self.unreachable("PUT part", key, e))?;
+                if !resp.status().is_success() {
+                    return Err(self.status("PUT part", key, String::new(), resp));
+                }
+                etags.push(etag(&resp));
+                left -= n;
+            }
+            let xml = self.bucket.complete_multipart_upload(
+                Some(&self.creds),
+                key,
+                &upload,
+                etags.iter().map(String::as_str),
+            );
+            let url = xml.sign(SIGNED_FOR);
+            let body = xml.body();
+            self.count();
+            let resp = self
+                .agent
+                .post(url.as_str())
+                .send(body.as_bytes())
+                .map_err(|e| self.unreachable("COMPLETE upload", key, e))?;
+            if !resp.status().is_success() {
+                return Err(self.status("COMPLETE upload", key, String::new(), resp));
+            }
+            // An error can come with status 200 once the parts are being joined.
+            let text = resp
+                .into_body()
+                .with_config()
+                .limit(1 << 20)
+                .read_to_vec()
+                .unwrap_or_default();
+            if String::from_utf8_lossy(&text).contains("<Error>") {
+                return Err(RemoteError::Status {
+                    op: "COMPLETE upload",
+                    bucket: self.bucket().to_string(),
+                    key: key.to_string(),
+                    range: String::new(),
+                    status: 200,
+                    detail: ": an error while joining the parts".into(),
+                });
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let url = self
+                .bucket
+                .abort_multipart_upload(Some(&self.creds), key, &upload)
+                .sign(SIGNED_FOR);
+            self.count();
+            let _ = self.agent.delete(url.as_str()).call();
+        }
+        result
+    }
+
+    fn create_multipart(&self, key: &str) -> Result<String, RemoteError> {
+        let url = self
+            .bucket
+            .create_multipart_upload(Some(&self.creds), key)
+            .sign(SIGNED_FOR);
+        self.count();
+        let resp = self
+            .agent
+            .post(url.as_str())
+            .send_empty()
+            .map_err(|e| self.unreachable("CREATE upload", key, e))?;
+        if !resp.status().is_success() {
+            return Err(self.status("CREATE upload", key, String::new(), resp));
+        }
+        let body = self.read_body(key, resp, 1 << 20, None)?;
+        let parsed =
+            rusty_s3::actions::CreateMultipartUpload::parse_response(&body).map_err(|e| {
+                RemoteError::Size {
+                    bucket: self.bucket().to_string(),
+                    key: key.to_string(),
+                    why: format!("answer to CREATE upload does not parse: {e}"),
+                }
+            })?;
+        Ok(parsed.upload_id().to_string())
+    }
+
     /// Size and entity tag of object `key`, `None` if there is none.
     pub fn head(&self, key: &str) -> Result<Option<ObjectInfo>, RemoteError> {
         let url = self

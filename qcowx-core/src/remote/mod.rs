@@ -19,7 +19,7 @@ pub mod cache;
 pub mod client;
 mod error;
 
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,7 +66,12 @@ pub struct StoreConfig {
     pub connect_timeout: Duration,
     /// Longest wait for each send, answer or read of a request.
     pub io_timeout: Duration,
+    /// Objects larger than this are uploaded in parts of this size (at least 5 MiB).
+    pub part_bytes: u64,
 }
+
+/// [`StoreConfig::part_bytes`] unless set otherwise.
+pub const DEFAULT_PART_BYTES: u64 = 64 << 20;
 
 impl StoreConfig {
     /// The configuration from the environment ([`ENV_ENDPOINT`], [`ENV_ACCESS_KEY`],
@@ -97,6 +102,7 @@ impl StoreConfig {
             region: var(ENV_REGION).unwrap_or_else(|| "us-east-1".into()),
             connect_timeout: Duration::from_secs(secs.min(5)),
             io_timeout: Duration::from_secs(secs),
+            part_bytes: DEFAULT_PART_BYTES,
         })
     }
 }
@@ -107,6 +113,7 @@ pub struct Store {
     client: Client,
     prefix: String,
     url: String,
+    part_bytes: u64,
 }
 
 /// Parses `s3://BUCKET[/PREFIX]` into the bucket and the prefix (no slashes at its
@@ -148,6 +155,7 @@ impl Store {
                 format!("s3://{bucket}/{prefix}")
             },
             prefix,
+            part_bytes: cfg.part_bytes,
         })
     }
 
@@ -292,27 +300,41 @@ pub fn push(
         from: from.map(str::to_string),
         resume: None,
     };
-    let mut stream = Vec::new();
-    let (report, index) = crate::stream::send_indexed(image, snapshot, &opts, &mut stream)?;
-    let header = crate::format::stream::StreamHeader::decode(
-        stream[..crate::format::stream::STREAM_HEADER_BYTES]
-            .try_into()
-            .map_err(|_| Error::InvalidArgument("stream shorter than its header".into()))?,
-    )
-    .map_err(|source| Error::Stream {
+    // The stream goes to a file beside the image first: its length must be known
+    // before it is uploaded, and it may be far larger than memory.
+    let spool = Spool::new(image)?;
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, spool.create()?);
+    let (report, index) = crate::stream::send_indexed(image, snapshot, &opts, &mut file)?;
+    let mut file = file
+        .into_inner()
+        .map_err(|e| spool.io("write", e.into_error()))?;
+    let stream_len = report.stream_bytes;
+    let mut head = [0u8; STREAM_HEADER_BYTES];
+    file.seek(std::io::SeekFrom::Start(0))
+        .and_then(|_| file.read_exact(&mut head))
+        .and_then(|_| file.seek(std::io::SeekFrom::Start(0)))
+        .map_err(|e| spool.io("read", e))?;
+    let header = StreamHeader::decode(&head).map_err(|source| Error::Stream {
         file: image.file_name().to_string(),
         source,
     })?;
     let index_bytes = index.encode();
     let client = store.client();
-    client.put(&store.stream_key(header.to_uid), &stream, false)?;
+    client.put_reader(
+        &store.stream_key(header.to_uid),
+        &mut file,
+        stream_len,
+        store.part_bytes,
+    )?;
+    drop(file);
+    drop(spool);
     client.put(&store.index_key(header.to_uid), &index_bytes, false)?;
     let entry = ManifestEntry {
         uid: header.to_uid,
         from_uid: header.from_uid,
         virtual_size: header.virtual_size,
         created_ns: header.created_ns,
-        stream_len: stream.len() as u64,
+        stream_len,
         index_len: index_bytes.len() as u64,
         cluster_size: header.cluster_size,
         name: header.name,
@@ -324,6 +346,47 @@ pub fn push(
         already: false,
         records: report.records,
     })
+}
+
+/// The file a push writes its stream to before uploading it, removed when dropped.
+struct Spool {
+    path: std::path::PathBuf,
+}
+
+impl Spool {
+    fn new(image: &Image) -> Result<Spool> {
+        let mut name = image
+            .path()
+            .map(|p| p.as_os_str().to_owned())
+            .unwrap_or_else(|| std::env::temp_dir().join("qcowx").into_os_string());
+        name.push(format!(".qcowx-push-{}", std::process::id()));
+        Ok(Spool { path: name.into() })
+    }
+
+    fn create(&self) -> Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.path)
+            .map_err(|e| self.io("create", e))
+    }
+
+    fn io(&self, op: &'static str, source: std::io::Error) -> Error {
+        Error::Io {
+            file: self.path.display().to_string(),
+            op,
+            offset: 0,
+            source,
+        }
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// What [`pull`] did.
