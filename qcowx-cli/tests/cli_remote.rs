@@ -184,6 +184,13 @@ fn pull_lazy_reads_like_the_snapshot_and_keeps_writes_local() {
     want2[..65536].fill(0);
     assert!(std::fs::read(dir.join("fork2.raw")).unwrap() == want2);
     ok(dir, &["info", "fork.qcow2"]);
+    // --lazy never replaces a file.
+    fails(
+        dir,
+        &["pull", "--lazy", &url, "a.qcow2", "gold"],
+        &["a.qcow2"],
+    );
+    assert_eq!(qemu_snapshot_names(dir, "a.qcow2"), ["gold", "gold2"]);
 }
 
 #[test]

@@ -73,7 +73,7 @@ pub(crate) struct PullArgs {
     /// The store: s3://BUCKET/PREFIX.
     #[arg(value_name = "URL")]
     url: String,
-    /// The image file (created when missing).
+    /// The image file (created when missing; with --lazy it must not exist).
     #[arg(value_name = "FILE")]
     file: PathBuf,
     /// The snapshot to pull, with the snapshots its stream builds on (default: every

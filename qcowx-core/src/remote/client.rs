@@ -59,11 +59,12 @@ impl Client {
             .http_status_as_error(false)
             .max_redirects(0)
             .timeout_connect(Some(cfg.connect_timeout))
+            // Every wait is bounded, but not a whole body: a large stream takes as long
+            // as it takes while bytes keep moving.
             .timeout_send_request(Some(cfg.io_timeout))
-            .timeout_send_body(Some(cfg.io_timeout))
             .timeout_recv_response(Some(cfg.io_timeout))
-            .timeout_recv_body(Some(cfg.io_timeout))
             .timeout_per_read(Some(cfg.io_timeout))
+            .timeout_per_write(Some(cfg.io_timeout))
             .build()
             .into();
         Ok(Client {

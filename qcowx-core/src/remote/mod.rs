@@ -64,7 +64,7 @@ pub struct StoreConfig {
     pub region: String,
     /// Longest wait for a connection.
     pub connect_timeout: Duration,
-    /// Longest wait for each send, answer or read of a request.
+    /// Longest wait for each read or write on a connection, and for an answer.
     pub io_timeout: Duration,
     /// Objects larger than this are uploaded in parts of this size (at least 5 MiB).
     pub part_bytes: u64,
@@ -464,8 +464,8 @@ pub fn pull(store: &Store, path: &Path, snapshot: Option<&str>) -> Result<PullRe
 
 /// Creates the image at `path` whose base is snapshot `snapshot` of `store` (its
 /// size and cluster size), read on demand through a local cache of at most
-/// `cache_bytes`; `endpoint` is recorded as the store's default endpoint. Returns
-/// the image, open for writing with its base.
+/// `cache_bytes`; `endpoint` is recorded as the store's default endpoint. An
+/// existing file is refused. Returns the image, open for writing with its base.
 pub fn create_on_remote(
     path: &Path,
     store: &Store,
@@ -483,7 +483,9 @@ pub fn create_on_remote(
             crate::format::remote::MAX_REMOTE_NAME
         )));
     }
-    let mut opts = crate::engine::CreateOptions::new(e.virtual_size);
+    // Never over an existing file: it may be an image with data of its own.
+    let mut opts =
+        crate::engine::CreateOptions::new(e.virtual_size).if_exists(crate::engine::IfExists::Fail);
     opts.cluster_size = u64::from(e.cluster_size);
     opts.remote_base = Some(crate::format::remote::RemoteBase {
         url: store.url().to_string(),
