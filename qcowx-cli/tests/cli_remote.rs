@@ -183,7 +183,12 @@ fn pull_lazy_reads_like_the_snapshot_and_keeps_writes_local() {
     want2[1 << 20..(1 << 20) + 300 * 1024].fill(7);
     want2[..65536].fill(0);
     assert!(std::fs::read(dir.join("fork2.raw")).unwrap() == want2);
-    ok(dir, &["info", "fork.qcow2"]);
+    let info = ok(dir, &["info", "fork.qcow2"]);
+    assert!(
+        stdout(&info).contains(&format!("remote base: {url} snapshot uid")),
+        "{}",
+        stdout(&info)
+    );
     // --lazy never replaces a file.
     fails(
         dir,
