@@ -454,15 +454,26 @@ impl S3Cluster {
 }
 
 static CLUSTER: OnceLock<S3Cluster> = OnceLock::new();
+/// Whether a test of this process panicked: the cluster's logs are then kept.
+static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn stop_at_exit() {
     if let Some(c) = CLUSTER.get() {
-        c.stop_and_remove();
+        if PANICKED.load(std::sync::atomic::Ordering::SeqCst) {
+            c.stop();
+            eprintln!(
+                "a test failed: the S3 test cluster's logs are kept in {}",
+                c.log_dir().display()
+            );
+        } else {
+            c.stop_and_remove();
+        }
     }
 }
 
 /// The cluster of this test process: started by the first caller, with the
-/// environment set ([`S3Cluster::set_env`]); stopped when the process exits.
+/// environment set ([`S3Cluster::set_env`]); stopped when the process exits, its
+/// folder removed unless a test panicked (then its logs are kept and named).
 pub fn s3_cluster() -> &'static S3Cluster {
     CLUSTER.get_or_init(|| {
         let c = S3Cluster::start();
@@ -473,6 +484,11 @@ pub fn s3_cluster() -> &'static S3Cluster {
             c.started_in.as_secs_f64(),
             c.log_dir().display()
         );
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+            previous(info);
+        }));
         unsafe {
             libc::atexit(stop_at_exit);
         }
