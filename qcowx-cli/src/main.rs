@@ -1,7 +1,8 @@
 //! `qcowx`: create, inspect, check, map, resize, compare, convert and export QCOW2
 //! images; import backing chains; take snapshots, fork, revert, rename and delete
 //! VDIs, show their lineage tree, collect garbage, compare roots, send and receive
-//! snapshots as streams, and write through `io`.
+//! snapshots as streams, push and pull them to and from an S3 bucket, and write
+//! through `io`.
 //!
 //! The binary is thin: this file defines the command line and dispatches to
 //! [`commands`], which call `qcowx-core` and print. Output and
@@ -136,6 +137,21 @@ enum Command {
     /// TOKEN` where `qcowx receive --token FILE` prints TOKEN; --abort drops it.
     #[command(group(ArgGroup::new("mode").args(["token", "abort"])))]
     Receive(ReceiveArgs),
+    /// Store a snapshot's stream (or what changed since --from) in an S3 bucket.
+    ///
+    /// URL is s3://BUCKET/PREFIX (spec/remote.md). The stream object, its index and
+    /// the prefix's manifest are written; an incremental stream needs its base there.
+    #[cfg(feature = "s3")]
+    Push(commands::remote::PushArgs),
+    /// Fetch snapshots from an S3 bucket into FILE, or (--lazy) make FILE an image
+    /// whose base is a snapshot there, read on demand.
+    ///
+    /// Without --lazy, each stream of SNAPSHOT's chain that FILE lacks is received as
+    /// `qcowx receive` does. With --lazy, FILE is a new image that reads what it does
+    /// not hold from the store (each record once, then from its cache); its writes
+    /// stay local.
+    #[cfg(feature = "s3")]
+    Pull(commands::remote::PullArgs),
     /// Print shell completions for SHELL.
     Completions(CompletionsArgs),
     /// Print the man page (roff) of qcowx or of one of its commands.
@@ -669,7 +685,7 @@ struct ManArgs {
     command: Option<String>,
 }
 
-fn size_arg(s: &str) -> Result<u64, String> {
+pub(crate) fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -716,6 +732,10 @@ fn main() -> ExitCode {
         Command::Convert(a) => image::convert(&a, quiet),
         Command::Send(a) => stream::send(&a, quiet, out),
         Command::Receive(a) => stream::receive(&a, quiet, out),
+        #[cfg(feature = "s3")]
+        Command::Push(a) => commands::remote::push(&a, quiet, out),
+        #[cfg(feature = "s3")]
+        Command::Pull(a) => commands::remote::pull(&a, quiet, out),
         Command::Completions(a) => docs::completions(&a, out),
         Command::Man(a) => docs::man(&a, out),
     }

@@ -227,6 +227,15 @@ pub enum Error {
         #[source]
         source: crate::stream::Mismatch,
     },
+    /// The object-store tier failed: the store is unreachable or refused a request,
+    /// or an object is damaged (it says which bucket, key and range).
+    #[cfg(feature = "s3")]
+    #[error("{source}")]
+    Remote {
+        /// What failed, and where.
+        #[source]
+        source: Box<crate::remote::RemoteError>,
+    },
 }
 
 /// What kind of failure an [`Error`] is: the one classification that the NBD server's
@@ -477,6 +486,8 @@ impl Error {
             Error::Closed { .. } => ErrorKind::Closed,
             Error::Stream { .. } => ErrorKind::Corrupt,
             Error::StreamMismatch { source, .. } => source.kind(),
+            #[cfg(feature = "s3")]
+            Error::Remote { source } => source.kind(),
             Error::Io { source, .. } => match source.raw_os_error() {
                 _ if is_full(source) => ErrorKind::NoSpace,
                 Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => ErrorKind::ReadOnly,

@@ -33,6 +33,7 @@
 //! | [`vdi`] | roots as VDIs and snapshots: snapshot, fork, delete, revert, rename, reconcile, gc, diff, usage, [`Disk`] | write table or header bytes except through the engine |
 //! | [`convert`], [`import`] | whole-image copies built on the layers above | |
 //! | [`stream`] | `send`/`receive`: a snapshot (or what changed since another) as a stream, and its atomic, resumable receipt | |
+//! | `remote` (feature `s3`) | the object-store tier: `push`/`pull` of streams to an S3-compatible bucket, and a pushed snapshot as a backing layer read on demand through a bounded local cache | write to the store from a read |
 //! | `control` (feature `control`) | the protocol of a running server's control socket, shared by `qcowx` and `qcowx-nbd`: one request enum, one handler per operation | |
 //!
 //! [`error`] holds the one [`Error`] type; [`Error::kind`] is the classification that
@@ -76,6 +77,8 @@ pub mod error;
 pub mod format;
 pub mod import;
 pub mod refcount;
+#[cfg(feature = "s3")]
+pub mod remote;
 pub mod size;
 pub mod storage;
 pub mod stream;

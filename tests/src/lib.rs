@@ -44,6 +44,9 @@
 //!   ([`nbdinfo`], [`nbdcopy`], [`nbdsh`], [`libnbd_read_ranges`]); a hand-written
 //!   protocol client and an in-process server; [`make_pki`], the certificates of the TLS
 //!   tests.
+//! * **S3** (`s3`) — [`s3_cluster`], a real S3 server on loopback (a one-node Ceph
+//!   cluster with radosgw, [`S3Cluster`]) started once per test process and stopped
+//!   when it exits.
 //! * **Persistent bitmaps** (`bitmaps`) — [`qemu_bitmaps`] (what `qemu-img info` lists),
 //!   [`nbdinfo_dirty`] (the dirty ranges of a `qemu:dirty-bitmap:NAME` context) and
 //!   [`qemu_nbd_dirty`] (the same through a `qemu-nbd -B NAME` it starts and stops).
@@ -66,6 +69,7 @@ mod pki;
 mod process;
 mod qemu;
 mod rng;
+mod s3;
 pub mod strategies;
 
 pub use bins::*;
@@ -81,5 +85,6 @@ pub use pki::*;
 pub use process::*;
 pub use qemu::*;
 pub use rng::*;
+pub use s3::*;
 
 pub use tempfile::TempDir;

@@ -8,6 +8,8 @@ pub(crate) mod bitmap;
 pub(crate) mod docs;
 pub(crate) mod image;
 pub(crate) mod io;
+#[cfg(feature = "s3")]
+pub(crate) mod remote;
 pub(crate) mod roots;
 pub(crate) mod stream;
 

@@ -30,6 +30,10 @@ pub trait Layer: Send + Sync + std::fmt::Debug {
     fn chain_len(&self) -> u32;
     /// A name for messages.
     fn name(&self) -> &str;
+    /// Requests this layer has sent to an object store (`None` for a local layer).
+    fn remote_requests(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A raw file used as a backing file.
@@ -359,4 +363,67 @@ pub(crate) fn open_chain(
             Ok(Arc::new(img))
         }
     }
+}
+
+/// Opens what an image reads its unallocated clusters from: the backing file `name`
+/// (with its chain), else the remote base its header extension names
+/// ([`crate::format::remote::EXT_REMOTE_BASE`]), else nothing.
+pub(crate) fn open_base(
+    image: &str,
+    image_path: Option<&Path>,
+    header: &crate::format::header::Header,
+    chain: &[PathBuf],
+    opts: &OpenOptions,
+) -> Result<Option<Arc<dyn Layer>>> {
+    if let Some(name) = &header.backing_file {
+        return open_chain(
+            image,
+            image_path,
+            name,
+            header.backing_format(),
+            chain,
+            opts,
+        )
+        .map(Some);
+    }
+    let Some(ext) = header
+        .extensions
+        .get(crate::format::remote::EXT_REMOTE_BASE)
+    else {
+        return Ok(None);
+    };
+    let base =
+        crate::format::remote::RemoteBase::decode(&ext.data).map_err(|e| Error::Backing {
+            file: image.to_string(),
+            why: e.to_string(),
+            source: None,
+        })?;
+    open_remote(image, image_path, &base)
+}
+
+#[cfg(feature = "s3")]
+fn open_remote(
+    image: &str,
+    image_path: Option<&Path>,
+    base: &crate::format::remote::RemoteBase,
+) -> Result<Option<Arc<dyn Layer>>> {
+    let layer = crate::remote::RemoteLayer::open(image, image_path, base)?;
+    Ok(Some(Arc::new(layer)))
+}
+
+#[cfg(not(feature = "s3"))]
+fn open_remote(
+    image: &str,
+    _image_path: Option<&Path>,
+    base: &crate::format::remote::RemoteBase,
+) -> Result<Option<Arc<dyn Layer>>> {
+    Err(Error::Backing {
+        file: image.to_string(),
+        why: format!(
+            "its base is snapshot uid {:016x} in {}, and this qcowx was built without \
+             object-store support (feature s3)",
+            base.uid, base.url
+        ),
+        source: None,
+    })
 }

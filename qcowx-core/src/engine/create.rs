@@ -71,6 +71,9 @@ pub struct CreateOptions {
     /// What to do when the file exists already. The default,
     /// [`IfExists::ReplaceImage`], never replaces a file that is not an image.
     pub if_exists: IfExists,
+    /// A snapshot in an object store to read unallocated clusters from, instead of a
+    /// backing file (`spec/remote.md`; opening it needs the `s3` feature).
+    pub remote_base: Option<crate::format::remote::RemoteBase>,
 }
 
 impl CreateOptions {
@@ -85,6 +88,7 @@ impl CreateOptions {
             compression: CompressionType::Deflate,
             refcount_bits: 32,
             if_exists: IfExists::default(),
+            remote_base: None,
         }
     }
 
@@ -263,6 +267,17 @@ pub(super) fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, 
         extensions.set(Extension {
             kind: EXT_BACKING_FORMAT,
             data: fmt.into_bytes(),
+        });
+    }
+    if let Some(base) = &opts.remote_base {
+        if backing_file.is_some() {
+            return Err(Error::InvalidArgument(
+                "an image has a backing file or a remote base, not both".into(),
+            ));
+        }
+        extensions.set(Extension {
+            kind: crate::format::remote::EXT_REMOTE_BASE,
+            data: base.encode(),
         });
     }
     let mut header = Header {

@@ -325,16 +325,9 @@ impl Image {
             Vec::new()
         };
 
-        let backing = match (&header.backing_file, opts.open_backing) {
-            (Some(b), true) => Some(backing::open_chain(
-                &name,
-                path.as_deref(),
-                b,
-                header.backing_format(),
-                chain,
-                opts,
-            )?),
-            _ => None,
+        let backing = match opts.open_backing {
+            true => backing::open_base(&name, path.as_deref(), &header, chain, opts)?,
+            false => None,
         };
 
         let stale = header.incompatible.contains(Incompatible::DIRTY) && opts.write;

@@ -106,7 +106,7 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
-    fn byte(self) -> u8 {
+    pub(crate) fn byte(self) -> u8 {
         match self {
             RecordKind::Data => 1,
             RecordKind::Zero => 2,
@@ -114,7 +114,7 @@ impl RecordKind {
             RecordKind::End => 4,
         }
     }
-    fn from_byte(b: u8) -> Option<RecordKind> {
+    pub(crate) fn from_byte(b: u8) -> Option<RecordKind> {
         Some(match b {
             1 => RecordKind::Data,
             2 => RecordKind::Zero,
@@ -485,6 +485,30 @@ impl RecordHeader {
 
 fn record_crc(head: &[u8], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(head), payload)
+}
+
+/// The guest bytes of data record `rec` (whose crc verified) with payload `payload`,
+/// into `out` (exactly `rec.length` bytes): checks that the range does not cross a
+/// multiple of [`MAX_DATA`], then decompresses the payload or takes it as is. The one
+/// decoder of data records: a receive and a read of a stream object use it.
+pub fn record_data(rec: &RecordHeader, payload: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    let end = rec
+        .offset
+        .checked_add(rec.length)
+        .filter(|_| rec.length > 0)
+        .ok_or("empty or overflowing range")?;
+    if rec.length > MAX_DATA || rec.offset / MAX_DATA != (end - 1) / MAX_DATA {
+        return Err("data record crosses a 1 MiB boundary".into());
+    }
+    out.resize(rec.length as usize, 0);
+    if rec.compressed {
+        decompress_data(payload, out).map_err(|e| format!("payload does not decompress: {e}"))
+    } else if payload.len() as u64 != rec.length {
+        Err("payload length differs from the range's".into())
+    } else {
+        out.copy_from_slice(payload);
+        Ok(())
+    }
 }
 
 /// Compresses a data record's bytes: `Some(frame)` when that is smaller.

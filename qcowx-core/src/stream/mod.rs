@@ -19,7 +19,7 @@ mod send;
 
 pub use progress::{progress_path, ResumeToken};
 pub use receive::{abort, receive, resume_token, ReceiveOptions, ReceiveReport};
-pub use send::{send, SendOptions, SendReport};
+pub use send::{send, send_indexed, SendOptions, SendReport};
 
 use crate::error::ErrorKind;
 

@@ -570,18 +570,7 @@ fn read_records(
             )));
         }
         if rec.kind == RecordKind::Data {
-            if rec.length > MAX_DATA || rec.offset / MAX_DATA != (end - 1) / MAX_DATA {
-                return Err(bad("data record crosses a 1 MiB boundary".into()));
-            }
-            data.resize(rec.length as usize, 0);
-            if rec.compressed {
-                decompress_data(&payload, &mut data)
-                    .map_err(|e| bad(format!("payload does not decompress: {e}")))?;
-            } else if payload.len() as u64 != rec.length {
-                return Err(bad("payload length differs from the range's".into()));
-            } else {
-                data.copy_from_slice(&payload);
-            }
+            record_data(&rec, &payload, &mut data).map_err(bad)?;
         } else if rec.compressed {
             return Err(bad("only data records are compressed".into()));
         }

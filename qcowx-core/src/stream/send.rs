@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::{Mismatch, ResumeToken};
 use crate::engine::{ExtentStatus, Image};
 use crate::error::{Error, Result};
+use crate::format::remote::{Index, IndexEntry};
 use crate::format::stream::*;
 use crate::vdi::{RootInfo, RootKind};
 
@@ -105,6 +106,29 @@ pub fn send(
     opts: &SendOptions,
     out: &mut dyn Write,
 ) -> Result<SendReport> {
+    send_records(image, snapshot, opts, out, &mut |_| {})
+}
+
+/// [`send`], also returning the stream's index: where each record is in the stream
+/// and what it says (for an object store, `spec/remote.md`).
+pub fn send_indexed(
+    image: &Arc<Image>,
+    snapshot: &str,
+    opts: &SendOptions,
+    out: &mut dyn Write,
+) -> Result<(SendReport, Index)> {
+    let mut index = Index::default();
+    let report = send_records(image, snapshot, opts, out, &mut |e| index.entries.push(e))?;
+    Ok((report, index))
+}
+
+fn send_records(
+    image: &Arc<Image>,
+    snapshot: &str,
+    opts: &SendOptions,
+    out: &mut dyn Write,
+    on_record: &mut dyn FnMut(IndexEntry),
+) -> Result<SendReport> {
     let to = find_snapshot(image, snapshot)?;
     let from = match &opts.from {
         Some(f) => Some(find_snapshot(image, f)?),
@@ -198,7 +222,17 @@ pub fn send(
             crc: 0,
         };
         let head = rec.encode(&payload);
-        crc = chain(crc, RecordHeader::computed_crc(&head, &payload));
+        let rec_crc = RecordHeader::computed_crc(&head, &payload);
+        crc = chain(crc, rec_crc);
+        on_record(IndexEntry {
+            offset: p.offset,
+            length: p.length,
+            kind,
+            compressed,
+            object_offset: report.stream_bytes,
+            stored_len: (head.len() + payload.len()) as u32,
+            crc: rec_crc,
+        });
         put(&head, &mut report)?;
         put(&payload, &mut report)?;
         report.records += 1;
