@@ -356,6 +356,11 @@ struct SendArgs {
     /// Read the image without locking it (a served image's snapshots).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// With -o: do not wait for the disk (no fdatasync of OUT; the kernel writes it
+    /// back when it chooses, as `qemu-img convert` does by default). By default OUT is
+    /// on the disk when the command returns.
+    #[arg(long = "no-sync", requires = "output_file")]
+    no_sync: bool,
     /// The image file.
     #[arg(value_name = "FILE")]
     file: PathBuf,

@@ -124,6 +124,35 @@ fn full_and_three_incrementals_round_trip_judged_by_qemu() {
     assert!(inc < 4 << 20, "incremental stream of {inc} bytes");
 }
 
+/// `send --no-sync -o OUT` (no fdatasync of OUT, as `qemu-img convert` by default)
+/// writes the same stream: received, it reads as the snapshot; without `-o` there is
+/// nothing to sync and the option is refused.
+#[test]
+fn send_no_sync_writes_the_same_stream() {
+    let d = qcowx_tests::tempdir();
+    let dir = d.path();
+    ok(dir, &["create", "a.qcow2", "8M"]);
+    scribble(dir, "a.qcow2", 7, 30, 8);
+    ok(dir, &["snapshot", "a.qcow2", "s0"]);
+    send(dir, &["a.qcow2", "s0"], "synced.stream");
+    send(dir, &["--no-sync", "a.qcow2", "s0"], "unsynced.stream");
+    assert_eq!(
+        std::fs::read(dir.join("synced.stream")).unwrap(),
+        std::fs::read(dir.join("unsynced.stream")).unwrap(),
+        "--no-sync changed the stream"
+    );
+    ok(dir, &["receive", "-i", "unsynced.stream", "b.qcow2"]);
+    assert_qemu_check_clean(dir, "b.qcow2");
+    assert!(contents(dir, "b.qcow2", &["s0"]) == contents(dir, "a.qcow2", &["s0"]));
+    let out = Command::new(QCOWX)
+        .args(["send", "--no-sync", "a.qcow2", "s0"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "--no-sync without -o was accepted");
+}
+
 #[test]
 fn identity_not_name_decides_the_base() {
     let d = qcowx_tests::tempdir();

@@ -29,7 +29,10 @@ pub(crate) fn send(a: &SendArgs, quiet: bool, out: &mut dyn Write) -> Result<u8,
             let f = std::fs::File::create(path)?;
             let mut w = BufWriter::with_capacity(1 << 20, f);
             let r = stream::send(&img, &a.snapshot, &opts, &mut w)?;
-            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            if !a.no_sync {
+                f.sync_all()?;
+            }
             r
         }
         None => {
