@@ -164,6 +164,38 @@ pub struct ManifestEntry {
 }
 
 /// The manifest: every snapshot pushed under a prefix, in push order.
+///
+/// ```
+/// use qcowx_core::format::remote::{Manifest, ManifestEntry};
+///
+/// let entry = |uid, from_uid, name: &str| ManifestEntry {
+///     uid,
+///     from_uid,
+///     virtual_size: 1 << 20,
+///     created_ns: 0,
+///     stream_len: 256,
+///     index_len: 24,
+///     cluster_size: 65536,
+///     name: name.into(),
+/// };
+/// // A full stream, an incremental one on it, then "mon" pushed again in full.
+/// let entries = vec![entry(5, 0, "mon"), entry(6, 5, "tue"), entry(7, 0, "mon")];
+/// let m = Manifest { entries };
+/// let bytes = m.encode();
+/// assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+/// let mut damaged = bytes.clone();
+/// damaged[30] ^= 1;
+/// assert!(Manifest::decode(&damaged).is_err(), "checksum mismatch");
+/// let orphan = Manifest { entries: vec![entry(6, 5, "tue")] };
+/// assert!(Manifest::decode(&orphan.encode()).is_err(), "its base is not listed");
+///
+/// assert_eq!(m.by_name("mon").unwrap().uid, 7, "the newest of that name");
+/// assert_eq!(m.by_uid(6).unwrap().name, "tue");
+/// assert!(m.by_uid(8).is_none());
+/// let chain: Vec<u64> = m.chain(6).unwrap().iter().map(|e| e.uid).collect();
+/// assert_eq!(chain, [5, 6], "the full stream first");
+/// assert!(m.chain(8).is_none());
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
     /// The snapshots.
@@ -322,6 +354,40 @@ pub struct IndexEntry {
 }
 
 /// The index of one stream object: its records, in guest order.
+///
+/// ```
+/// use qcowx_core::format::remote::{Index, IndexEntry};
+/// use qcowx_core::format::stream::{RecordKind, RECORD_HEADER_BYTES, STREAM_HEADER_BYTES};
+///
+/// let head = RECORD_HEADER_BYTES as u64;
+/// let data = IndexEntry {
+///     offset: 0,
+///     length: 4096,
+///     kind: RecordKind::Data,
+///     compressed: false,
+///     object_offset: STREAM_HEADER_BYTES as u64,
+///     stored_len: (head + 4096) as u32,
+///     crc: 1,
+/// };
+/// let zero = IndexEntry {
+///     offset: 4096,
+///     length: 8192,
+///     kind: RecordKind::Zero,
+///     object_offset: data.object_offset + u64::from(data.stored_len),
+///     stored_len: head as u32,
+///     ..data
+/// };
+/// let index = Index { entries: vec![data, zero] };
+/// let stream_len = zero.object_offset + 2 * head; // the zero record, then the end record
+/// let bytes = index.encode();
+/// assert_eq!(Index::decode(&bytes, 1 << 20, stream_len).unwrap(), index);
+/// // A record past the stream object, a range past the disk, a damaged byte: refused.
+/// assert!(Index::decode(&bytes, 1 << 20, zero.object_offset).is_err());
+/// assert!(Index::decode(&bytes, 8192, stream_len).is_err());
+/// let mut damaged = bytes.clone();
+/// damaged[24] ^= 1;
+/// assert!(Index::decode(&damaged, 1 << 20, stream_len).is_err());
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Index {
     /// The records (data, zero and discard; not the end record).
@@ -330,11 +396,29 @@ pub struct Index {
 
 /// Most entries an index of a disk of `virtual_size` bytes may have: one per 512
 /// bytes (records never overlap), plus one.
+///
+/// ```
+/// use qcowx_core::format::remote::{max_index_entries, Index};
+///
+/// assert_eq!(max_index_entries(1 << 20), 2049);
+/// // A head that claims more entries is refused.
+/// let mut bytes = Index::default().encode();
+/// bytes[16..20].copy_from_slice(&2050u32.to_be_bytes());
+/// assert!(Index::decode(&bytes, 1 << 20, 1 << 30).is_err());
+/// ```
 pub fn max_index_entries(virtual_size: u64) -> u64 {
     virtual_size / 512 + 1
 }
 
 /// Most bytes an index of a disk of `virtual_size` bytes may have.
+///
+/// ```
+/// use qcowx_core::format::remote::{max_index_bytes, max_index_entries, Index};
+///
+/// // The head (an empty index), then 40 bytes per entry.
+/// let head = Index::default().encode().len() as u64;
+/// assert_eq!(max_index_bytes(1 << 20), head + 40 * max_index_entries(1 << 20));
+/// ```
 pub fn max_index_bytes(virtual_size: u64) -> u64 {
     HEAD_BYTES as u64 + max_index_entries(virtual_size) * INDEX_ENTRY_BYTES as u64
 }
@@ -439,6 +523,23 @@ const BASE_FIXED: usize = 32;
 const _: () = assert!(std::mem::size_of::<RawRemoteBase>() == BASE_FIXED);
 
 /// An image's base in an object store: the header extension [`EXT_REMOTE_BASE`].
+///
+/// ```
+/// use qcowx_core::format::remote::RemoteBase;
+///
+/// let base = RemoteBase {
+///     url: "s3://images/golden".into(),
+///     endpoint: "http://127.0.0.1:9000".into(),
+///     uid: 77,
+///     cache_bytes: 1 << 30,
+/// };
+/// let data = base.encode();
+/// assert_eq!(RemoteBase::decode(&data).unwrap(), base);
+/// let mut damaged = data.clone();
+/// *damaged.last_mut().unwrap() ^= 1; // a byte of the URL
+/// assert!(RemoteBase::decode(&damaged).is_err(), "checksum mismatch");
+/// assert!(RemoteBase::decode(&data[..data.len() - 1]).is_err(), "truncated");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteBase {
     /// The store: `s3://BUCKET/PREFIX`.

@@ -491,6 +491,30 @@ fn record_crc(head: &[u8], payload: &[u8]) -> u32 {
 /// into `out` (exactly `rec.length` bytes): checks that the range does not cross a
 /// multiple of [`MAX_DATA`], then decompresses the payload or takes it as is. The one
 /// decoder of data records: a receive and a read of a stream object use it.
+///
+/// ```
+/// use qcowx_core::format::stream::{compress_data, record_data, RecordHeader, RecordKind};
+///
+/// let guest = vec![7u8; 65536];
+/// let frame = compress_data(&guest).expect("smaller");
+/// let rec = RecordHeader {
+///     kind: RecordKind::Data,
+///     compressed: true,
+///     payload_len: frame.len() as u32,
+///     seq: 0,
+///     offset: 1 << 20,
+///     length: guest.len() as u64,
+///     stream_crc: 0,
+///     crc: 0,
+/// };
+/// let mut out = Vec::new();
+/// record_data(&rec, &frame, &mut out).unwrap();
+/// assert_eq!(out, guest);
+/// // A truncated frame, or a range across a 1 MiB boundary, is refused.
+/// assert!(record_data(&rec, &frame[..frame.len() - 1], &mut out).is_err());
+/// let across = RecordHeader { offset: (1 << 20) - 512, ..rec };
+/// assert!(record_data(&across, &frame, &mut out).is_err());
+/// ```
 pub fn record_data(rec: &RecordHeader, payload: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     let end = rec
         .offset

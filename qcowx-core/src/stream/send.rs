@@ -111,6 +111,43 @@ pub fn send(
 
 /// [`send`], also returning the stream's index: where each record is in the stream
 /// and what it says (for an object store, `spec/remote.md`).
+///
+/// ```
+/// use std::sync::Arc;
+/// use qcowx_core::format::remote::Index;
+/// use qcowx_core::format::stream::{RecordHeader, RecordKind, RECORD_HEADER_BYTES};
+/// use qcowx_core::stream::{send_indexed, SendOptions};
+/// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let file = dir.path().join("a.qcow2");
+/// let image = Arc::new(Image::create(file, &CreateOptions::new(4 << 20))?);
+/// image.write_at(&[1; 65536], 0)?;
+/// image.write_at(&[2; 65536], 2 << 20)?;
+/// image.snapshot(DEFAULT_VDI, "mon")?;
+///
+/// let mut stream = Vec::new();
+/// let (sent, index) = send_indexed(&image, "mon", &SendOptions::default(), &mut stream)?;
+/// assert_eq!(sent.stream_bytes, stream.len() as u64);
+/// // One entry per record but the end record, in guest order.
+/// assert_eq!(index.entries.len() as u64, sent.records - 1);
+/// let offsets: Vec<u64> = index.entries.iter().map(|e| e.offset).collect();
+/// assert_eq!(offsets, [0, 2 << 20]);
+/// for e in &index.entries {
+///     // Each entry points at its record's header in the stream.
+///     let at = e.object_offset as usize;
+///     assert!(at + e.stored_len as usize <= stream.len());
+///     let head = stream[at..at + RECORD_HEADER_BYTES].try_into().unwrap();
+///     let rec = RecordHeader::decode(head, e.object_offset).unwrap();
+///     assert_eq!(rec.kind, RecordKind::Data);
+///     assert_eq!((rec.offset, rec.length, rec.crc), (e.offset, e.length, e.crc));
+/// }
+/// // Its bytes, as a store keeps them beside the stream, check against the stream.
+/// let bytes = index.encode();
+/// assert_eq!(Index::decode(&bytes, 4 << 20, stream.len() as u64).unwrap(), index);
+/// # Ok(()) }
+/// ```
 pub fn send_indexed(
     image: &Arc<Image>,
     snapshot: &str,
