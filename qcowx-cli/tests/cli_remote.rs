@@ -3,39 +3,9 @@
 //! made with `pull --lazy` that reads like the pushed snapshot while its writes stay
 //! local, and clear errors.
 
-use std::path::Path;
-
 use qcowx_core::remote::{Store, StoreConfig};
 use qcowx_tests::cli::*;
-use qcowx_tests::{s3_cluster, Rng, S3_ACCESS_KEY, S3_SECRET_KEY};
-
-/// Random writes, zeros and discards over `file` (seeded).
-fn scribble(dir: &Path, file: &str, seed: u64, writes: usize, size_mb: u64) {
-    let mut rng = Rng::new(seed);
-    let mut args: Vec<String> = vec!["io".into()];
-    for _ in 0..writes {
-        let off = rng.below(size_mb * 16) * 65536;
-        let len = (rng.range(1, 40) * 4096).min(size_mb * 1048576 - off);
-        args.push("-c".into());
-        args.push(match rng.below(6) {
-            0 => format!("write -z {off} {len}"),
-            1 => format!("discard {off} {}", 65536.min(size_mb * 1048576 - off)),
-            _ => format!("write -P {} {off} {len}", rng.range(1, 255)),
-        });
-    }
-    args.push(file.into());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(dir, &refs);
-}
-
-fn qemu_snapshot_names(dir: &Path, file: &str) -> Vec<String> {
-    let out = qemu_ok(dir, &["snapshot", "-l", file]);
-    stdout(&out)
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect()
-}
+use qcowx_tests::{s3_cluster, S3_ACCESS_KEY, S3_SECRET_KEY};
 
 fn bucket_url(name: &str) -> String {
     s3_cluster();

@@ -11,16 +11,6 @@ use qcowx_tests::Rng;
 
 const QCOWX: &str = env!("CARGO_BIN_EXE_qcowx");
 
-/// The snapshot names `qemu-img snapshot -l` lists.
-fn qemu_snapshot_names(dir: &Path, file: &str) -> Vec<String> {
-    let out = qemu_ok(dir, &["snapshot", "-l", file]);
-    stdout(&out)
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect()
-}
-
 /// `qcowx io -c CMD... FILE`.
 fn io(dir: &Path, file: &str, cmds: &[&str]) {
     let mut args = vec!["io"];
@@ -29,25 +19,6 @@ fn io(dir: &Path, file: &str, cmds: &[&str]) {
     }
     args.push(file);
     ok(dir, &args);
-}
-
-/// Random data written at random clusters of `file` (seeded), through qemu-io's
-/// pattern writes so the content is varied but cheap to describe.
-fn scribble(dir: &Path, file: &str, seed: u64, writes: usize, size_mb: u64) {
-    let mut rng = Rng::new(seed);
-    let mut cmds = Vec::new();
-    for _ in 0..writes {
-        let off = rng.below(size_mb * 16) * 65536;
-        let len = rng.range(1, 40) * 4096;
-        let len = len.min(size_mb * 1048576 - off);
-        cmds.push(match rng.below(6) {
-            0 => format!("write -z {off} {len}"),
-            1 => format!("discard {off} {}", 65536.min(size_mb * 1048576 - off)),
-            _ => format!("write -P {} {off} {len}", rng.range(1, 255)),
-        });
-    }
-    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    io(dir, file, &refs);
 }
 
 /// `qcowx send ARGS -o OUT`.

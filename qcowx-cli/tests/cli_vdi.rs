@@ -20,17 +20,6 @@ fn keys(v: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-/// The snapshot names `qemu-img snapshot -l` lists.
-fn qemu_snapshot_names(dir: &Path, file: &str) -> Vec<String> {
-    let out = qemu_img(dir, &["snapshot", "-l", file]);
-    assert_ok(&out, "qemu-img snapshot -l");
-    stdout(&out)
-        .lines()
-        .skip(2) // "Snapshot list:" and the column titles
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect()
-}
-
 /// `qcowx export [ROOT_ARGS] -O raw FILE`.
 fn qcowx_raw(dir: &Path, file: &str, root_args: &[&str]) -> Vec<u8> {
     let mut args = vec!["export"];

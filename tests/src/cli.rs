@@ -208,3 +208,33 @@ pub fn qemu_raw(dir: &Path, file: &str, snapshot: Option<&str>) -> Vec<u8> {
 pub fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
 }
+
+/// The snapshot names `qemu-img snapshot -l` lists for `file` in `dir`.
+pub fn qemu_snapshot_names(dir: &Path, file: &str) -> Vec<String> {
+    let out = qemu_ok(dir, &["snapshot", "-l", file]);
+    stdout(&out)
+        .lines()
+        .skip(2) // "Snapshot list:" and the column titles
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// Random writes, zero writes and discards (seeded) over the first `size_mb` MiB of
+/// `file`, in one `qcowx io`, so the content is varied but cheap to describe.
+pub fn scribble(dir: &Path, file: &str, seed: u64, writes: usize, size_mb: u64) {
+    let mut rng = crate::Rng::new(seed);
+    let mut args: Vec<String> = vec!["io".into()];
+    for _ in 0..writes {
+        let off = rng.below(size_mb * 16) * 65536;
+        let len = (rng.range(1, 40) * 4096).min(size_mb * 1048576 - off);
+        args.push("-c".into());
+        args.push(match rng.below(6) {
+            0 => format!("write -z {off} {len}"),
+            1 => format!("discard {off} {}", 65536.min(size_mb * 1048576 - off)),
+            _ => format!("write -P {} {off} {len}", rng.range(1, 255)),
+        });
+    }
+    args.push(file.into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(dir, &refs);
+}

@@ -177,12 +177,16 @@ fn http_ok(port: u16) -> bool {
 }
 
 impl S3Cluster {
+    /// `prog -c CONF`: one of Ceph's programs, on this cluster.
+    fn tool(&self, prog: &str) -> Command {
+        let mut c = Command::new(prog);
+        c.arg("-c").arg(&self.conf);
+        c
+    }
+
     fn ceph(&self) -> Command {
-        let mut c = Command::new("ceph");
-        c.arg("-c")
-            .arg(&self.conf)
-            .arg("--connect-timeout")
-            .arg("5");
+        let mut c = self.tool("ceph");
+        c.arg("--connect-timeout").arg("5");
         c
     }
 
@@ -274,20 +278,12 @@ impl S3Cluster {
             "monmap",
         )?;
         must_run(
-            Command::new("ceph-mon")
-                .arg("-c")
-                .arg(&self.conf)
+            self.tool("ceph-mon")
                 .args(["-i", "a", "--mkfs", "--monmap"])
                 .arg(&monmap),
             "mon mkfs",
         )?;
-        self.daemon(
-            "mon",
-            Command::new("ceph-mon")
-                .arg("-c")
-                .arg(&self.conf)
-                .args(["-i", "a", "-f"]),
-        )?;
+        self.daemon("mon", self.tool("ceph-mon").args(["-i", "a", "-f"]))?;
         self.wait_ready("mon", deadline, || {
             try_run(self.ceph().args(["mon", "stat"]), Duration::from_secs(10)).is_some()
         })?;
@@ -295,22 +291,11 @@ impl S3Cluster {
         let id = must_run(self.ceph().args(["osd", "new", &osd_uuid]), "osd new")?;
         let id = id.trim().to_string();
         must_run(
-            Command::new("ceph-osd").arg("-c").arg(&self.conf).args([
-                "-i",
-                &id,
-                "--mkfs",
-                "--osd-uuid",
-                &osd_uuid,
-            ]),
+            self.tool("ceph-osd")
+                .args(["-i", &id, "--mkfs", "--osd-uuid", &osd_uuid]),
             "osd mkfs",
         )?;
-        self.daemon(
-            "osd",
-            Command::new("ceph-osd")
-                .arg("-c")
-                .arg(&self.conf)
-                .args(["-i", &id, "-f"]),
-        )?;
+        self.daemon("osd", self.tool("ceph-osd").args(["-i", &id, "-f"]))?;
         self.wait_ready("osd", deadline, || {
             try_run(
                 self.ceph().args(["osd", "dump", "-f", "json"]),
@@ -324,18 +309,10 @@ impl S3Cluster {
             })
             .unwrap_or(false)
         })?;
-        self.daemon(
-            "rgw",
-            Command::new("radosgw")
-                .arg("-c")
-                .arg(&self.conf)
-                .args(["-n", "client.rgw", "-f"]),
-        )?;
+        self.daemon("rgw", self.tool("radosgw").args(["-n", "client.rgw", "-f"]))?;
         self.wait_ready("rgw", deadline, || http_ok(self.port))?;
         must_run(
-            Command::new("radosgw-admin")
-                .arg("-c")
-                .arg(&self.conf)
+            self.tool("radosgw-admin")
                 .args(["user", "create", "--uid=qcowx", "--display-name=qcowx"])
                 .arg(format!("--access-key={S3_ACCESS_KEY}"))
                 .arg(format!("--secret-key={S3_SECRET_KEY}")),
@@ -431,14 +408,8 @@ impl S3Cluster {
 
     /// Starts radosgw again after [`S3Cluster::stop_rgw`] and waits until it answers.
     pub fn start_rgw(&self) {
-        self.daemon(
-            "rgw",
-            Command::new("radosgw")
-                .arg("-c")
-                .arg(&self.conf)
-                .args(["-n", "client.rgw", "-f"]),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        self.daemon("rgw", self.tool("radosgw").args(["-n", "client.rgw", "-f"]))
+            .unwrap_or_else(|e| panic!("{e}"));
         self.wait_ready("rgw", Instant::now() + START_LIMIT, || http_ok(self.port))
             .unwrap_or_else(|e| panic!("{e} (logs in {})", self.log_dir().display()));
     }
