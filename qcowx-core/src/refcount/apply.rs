@@ -109,21 +109,12 @@ pub(crate) fn apply_at_flush(img: &Image, st: &mut State) -> Result<()> {
         return Ok(());
     }
     let _gate = img.io_gate_write();
-    let (changes, _) = st.deltas.take();
-    let applied = (|| -> std::result::Result<u64, Fallback> {
-        let mut blocks = Blocks::open(img, st)?;
-        blocks.apply(img, st, changes)?;
-        let released = st.deltas.take_released();
-        set_copied(img, st, &released, &mut blocks)?;
-        blocks.write_table(img, st)?;
-        Ok(blocks.file_len)
-    })();
-    match applied {
-        Ok(file_len) => {
+    match write_record(img, st) {
+        Ok(blocks) => {
             // Every cluster up to here now has its exact count on disk.
             let cs = img.geo.cluster_size();
             st.deltas
-                .set_base_clusters(file_len.max(st.alloc.end()).div_ceil(cs));
+                .set_base_clusters(blocks.file_len.max(st.alloc.end()).div_ceil(cs));
             Ok(())
         }
         Err(Fallback::Fatal(e)) => {
@@ -138,7 +129,10 @@ pub(crate) fn apply_at_flush(img: &Image, st: &mut State) -> Result<()> {
     }
 }
 
-fn apply(img: &Image, st: &mut State, gate: &IoGate<'_>) -> std::result::Result<(), Fallback> {
+/// Steps 2–4 of the apply, without the sync: the record taken from the state and
+/// written into the refcount blocks (walking the trees of created roots first), the
+/// released links made the default VDI's own, the table written if blocks were added.
+fn write_record(img: &Image, st: &mut State) -> std::result::Result<Blocks, Fallback> {
     let (mut changes, trees) = st.deltas.take();
     let mut blocks = Blocks::open(img, st)?;
     walk_trees(img, st, &trees, &mut changes, &mut blocks)?;
@@ -146,9 +140,14 @@ fn apply(img: &Image, st: &mut State, gate: &IoGate<'_>) -> std::result::Result<
     let released = st.deltas.take_released();
     set_copied(img, st, &released, &mut blocks)?;
     blocks.write_table(img, st)?;
+    Ok(blocks)
+}
+
+fn apply(img: &Image, st: &mut State, gate: &IoGate<'_>) -> std::result::Result<(), Fallback> {
+    let mut blocks = write_record(img, st)?;
     // The callers flushed (and synced) before: with nothing written here (the record
     // went out with a flush), the blocks are durable already.
-    if blocks.wrote || !trees.is_empty() {
+    if blocks.wrote {
         img.sync()?;
     }
     let end = truncate_free_tail(img, st, &mut blocks, gate)?;
@@ -217,6 +216,7 @@ fn walk_trees(
             img.storage
                 .write_at(&encode_words(&words), off.get())
                 .map_err(|e| img.io_err("write L2 table", off, e))?;
+            blocks.wrote = true;
             // A clean cached copy would still say writable.
             st.cache.forget(off);
         }
@@ -296,7 +296,8 @@ struct Blocks {
     table: Vec<u64>,
     /// Table entries changed (new blocks).
     table_dirty: bool,
-    /// Something was written to the blocks or the table.
+    /// Something was written (blocks, the table, a walked tree's L2 flips) that the
+    /// commit must sync first.
     wrote: bool,
     file_len: u64,
 }
