@@ -367,7 +367,9 @@ fn counter(value: u64) -> usize {
     usize::try_from(value).unwrap_or(usize::MAX)
 }
 
+pub use estimate::likely_compressible;
 mod deflate;
+mod estimate;
 #[cfg(test)]
 mod tests;
 mod zstd;
