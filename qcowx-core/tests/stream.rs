@@ -147,3 +147,51 @@ fn a_stream_resumes_from_the_token_the_receiver_gives() {
     let w = want.iter().find(|r| r.0 == "s1").unwrap();
     assert!(g.1 == w.1 && g.2 == w.2);
 }
+
+/// Compressible data travels compressed and random data as it is (no bigger): each
+/// record is judged on its own, and either way the receiver reads the same bytes.
+#[test]
+fn compressible_records_shrink_and_random_ones_do_not_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let img =
+        Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(16 << 20)).unwrap());
+    img.snapshot("default", "empty").unwrap();
+    let text =
+        b"kernel: EXT4-fs (vda1): mounted filesystem with ordered data mode\n".repeat(64 << 10);
+    let text = &text[..4 << 20];
+    img.write_at(text, 0).unwrap();
+    img.snapshot("default", "text").unwrap();
+    let mut noise = vec![0u8; 4 << 20];
+    Rng::new(11).fill(&mut noise);
+    img.write_at(&noise, 8 << 20).unwrap();
+    img.snapshot("default", "noise").unwrap();
+
+    let text_stream = send(&img, "text", Some("empty"));
+    assert!(
+        text_stream.len() < text.len() / 8,
+        "text: {} stream bytes for {} bytes of data",
+        text_stream.len(),
+        text.len()
+    );
+    let noise_stream = send(&img, "noise", Some("text"));
+    assert!(
+        noise_stream.len() >= noise.len(),
+        "random data cannot shrink"
+    );
+    assert!(
+        noise_stream.len() <= noise.len() + noise.len() / 100,
+        "noise: {} stream bytes for {} bytes of data",
+        noise_stream.len(),
+        noise.len()
+    );
+
+    let dst = dir.path().join("b.qcow2");
+    for s in [send(&img, "empty", None), text_stream, noise_stream] {
+        stream::receive(&dst, &mut Cursor::new(s), &ReceiveOptions::default()).unwrap();
+    }
+    let got = Arc::new(OpenOptions::new().open(&dst).unwrap());
+    let disk = got.open_root("noise").unwrap();
+    let mut buf = vec![0u8; 16 << 20];
+    disk.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..4 << 20] == *text && buf[8 << 20..12 << 20] == *noise);
+}

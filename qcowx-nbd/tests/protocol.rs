@@ -745,6 +745,40 @@ fn large_reads_of_an_image_file_send_what_the_disk_holds() {
     srv.stop();
 }
 
+/// `NBD_CMD_CACHE` starts reading the range's data into the page cache: after it,
+/// the host bytes of the written cluster are cached without any read.
+#[test]
+fn cache_brings_the_range_into_the_page_cache() {
+    let srv = TestServer::start_on_file(Settings::default(), 0);
+    srv.image.flush().expect("flush");
+    let file = srv.path.with_file_name("disk.qcow2");
+    let host = srv.image.block_status(65536, 65536).expect("status")[0]
+        .host_offset
+        .expect("stored") as usize;
+    let cached = || {
+        let f = std::fs::File::open(&file).expect("open");
+        // SAFETY: read-only mapping of a file the test does not shrink; only
+        // mincore looks at it.
+        let map = unsafe { memmap2::Mmap::map(&f) }.expect("map");
+        qcowx_core::storage::resident(&map, host, 65536)
+    };
+    qcowx_tests::evict_page_cache(&file);
+    assert!(!cached(), "the eviction left the pages cached");
+    let mut c = srv.client();
+    c.go("");
+    c.request(0, CMD_CACHE, 1, 0, SIZE as u32, &[]);
+    assert_eq!(c.simple(), (0, 1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cached() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(cached(), "CACHE did not bring the data in");
+    // Past the end: EINVAL, as for a read.
+    c.request(0, CMD_CACHE, 2, SIZE - 512, 1024, &[]);
+    assert_eq!(c.simple(), (EINVAL, 2));
+    srv.stop();
+}
+
 /// A client that sends large reads and stops reading the replies must not hold up
 /// another client: lent bytes keep the image from freeing clusters, so a send from
 /// the mapping waits only `LEND_WAIT` for room before copying the rest. The other

@@ -30,6 +30,11 @@ pub trait Layer: Send + Sync + std::fmt::Debug {
     fn chain_len(&self) -> u32;
     /// A name for messages.
     fn name(&self) -> &str;
+    /// A hint that `[offset, offset+len)` will be read soon (see [`Image::prefetch`]);
+    /// a layer that cannot start reads ahead of time ignores it.
+    fn prefetch_layer(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
     /// Requests this layer has sent to an object store (`None` for a local layer).
     fn remote_requests(&self) -> Option<u64> {
         None
@@ -104,6 +109,14 @@ impl Layer for RawLayer {
                 })?;
         }
         buf[avail..].fill(0);
+        Ok(())
+    }
+
+    fn prefetch_layer(&self, offset: u64, len: u64) -> Result<()> {
+        let end = self.size.min(offset.saturating_add(len));
+        if end > offset {
+            self.storage.will_need(offset, end - offset);
+        }
         Ok(())
     }
 

@@ -608,6 +608,14 @@ impl Layer for Image {
         Ok(out)
     }
 
+    fn prefetch_layer(&self, offset: u64, len: u64) -> Result<()> {
+        let inside = Image::size(self).saturating_sub(offset).min(len);
+        if inside > 0 {
+            self.prefetch_root(DEFAULT_ROOT, offset, inside)?;
+        }
+        Ok(())
+    }
+
     fn chain_len(&self) -> u32 {
         1 + self.backing.as_ref().map_or(0, |b| b.chain_len())
     }

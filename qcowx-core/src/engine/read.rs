@@ -70,6 +70,47 @@ impl Image {
         Ok(out)
     }
 
+    /// Starts reading the host bytes behind `[offset, offset+len)` of `root` into the
+    /// page cache in the background (the data clusters here, compressed ones
+    /// included; the backing chain's through its layers) and returns at once. Only
+    /// the metadata lookup is synchronous: L2 tables the range needs are read now.
+    pub(crate) fn prefetch_root(&self, root: RootId, offset: u64, len: u64) -> Result<()> {
+        let pieces = {
+            let mut st = self.lock_state()?;
+            self.check_range(&st, root, offset, len)?;
+            self.plan(&mut st, root, offset, len)?
+        };
+        // Runs of host bytes that follow each other are one hint.
+        let mut run: Option<(u64, u64)> = None;
+        for p in &pieces {
+            let host = match p.src {
+                Source::Host(h) => Some((h.get(), p.len)),
+                Source::Compressed { offset, len, .. } => Some((offset.get(), len)),
+                Source::Backing => {
+                    if let Some(b) = &self.backing {
+                        b.prefetch_layer(p.guest, p.len)?;
+                    }
+                    None
+                }
+                Source::Zero => None,
+            };
+            if let Some((h, l)) = host {
+                run = match run {
+                    Some((s, e)) if e == h => Some((s, h + l)),
+                    Some((s, e)) => {
+                        self.storage.will_need(s, e - s);
+                        Some((h, h + l))
+                    }
+                    None => Some((h, h + l)),
+                };
+            }
+        }
+        if let Some((s, e)) = run {
+            self.storage.will_need(s, e - s);
+        }
+        Ok(())
+    }
+
     pub(super) fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
         match &self.backing {
             Some(b) => b.read_layer(buf, guest),
@@ -172,6 +213,31 @@ impl Image {
     /// ```
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_root(DEFAULT_ROOT, buf, offset)
+    }
+
+    /// A hint that `[offset, offset+len)` of the disk will be read soon: the host
+    /// bytes behind it (this file's clusters and the backing chain's) start coming
+    /// into the page cache in the background, and the call returns once the
+    /// metadata lookup is done. A reader that names what it will read next keeps the
+    /// device busy with many reads at once instead of waiting for each (`qcowx send`
+    /// does, and the NBD server for `NBD_CMD_CACHE`). Changes nothing a read returns.
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.write_at(&[7; 4096], 0)?;
+    /// img.prefetch(0, 1 << 20)?;
+    /// let mut buf = [0u8; 4096];
+    /// img.read_at(&mut buf, 0)?;
+    /// assert_eq!(buf, [7; 4096]);
+    /// assert!(img.prefetch(0, 2 << 20).is_err()); // past the end, as a read
+    /// # Ok(()) }
+    /// ```
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.prefetch_root(DEFAULT_ROOT, offset, len)
     }
 
     pub(crate) fn read_root(&self, root: RootId, buf: &mut [u8], offset: u64) -> Result<()> {

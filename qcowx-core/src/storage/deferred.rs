@@ -180,4 +180,7 @@ impl Storage for DeferredSync {
     fn release(&self) -> io::Result<()> {
         self.file.release()
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        self.file.will_need(offset, len)
+    }
 }

@@ -415,6 +415,10 @@ impl Storage for FileStorage {
         Some(map)
     }
 
+    fn will_need(&self, offset: u64, len: u64) {
+        sys::will_need(&self.file, offset, len);
+    }
+
     fn mapped_read(&self, offset: u64, len: u64) {
         let start = offset - offset % FAULT_AROUND;
         let end = offset
@@ -501,6 +505,17 @@ mod sys {
         }
     }
 
+    /// `posix_fadvise(POSIX_FADV_WILLNEED)`: the kernel starts reading the range into
+    /// the page cache and returns at once. A failure only loses the hint.
+    pub(super) fn will_need(file: &File, offset: u64, len: u64) {
+        if let (Ok(offset), Ok(len)) = (off_t(offset), off_t(len)) {
+            // SAFETY: plain system call on a descriptor that `file` keeps open.
+            unsafe {
+                libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED)
+            };
+        }
+    }
+
     /// Whether `punch_hole` failed because the file system or kernel lacks support.
     pub(super) fn is_unsupported(err: &io::Error) -> bool {
         matches!(
@@ -518,6 +533,8 @@ mod sys {
     pub(super) fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
+
+    pub(super) fn will_need(_file: &File, _offset: u64, _len: u64) {}
 
     pub(super) fn is_unsupported(err: &io::Error) -> bool {
         err.kind() == io::ErrorKind::Unsupported

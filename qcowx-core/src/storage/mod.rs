@@ -123,6 +123,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// storage that maps its file releases its pages from time to time (see
     /// [`MAP_RELEASE_BYTES`]); they stay in the page cache.
     fn mapped_read(&self, _offset: u64, _len: u64) {}
+    /// A hint that `[offset, offset + len)` will be read soon: a storage backed by a
+    /// file starts reading it into the page cache in the background, so a reader
+    /// that names what it will need ahead of time keeps the device busy with several
+    /// reads at once. Changes no data; a storage that cannot use the hint ignores it.
+    fn will_need(&self, _offset: u64, _len: u64) {}
 }
 
 /// Size of the zero-filled chunks written when a hole cannot be punched.
@@ -170,6 +175,9 @@ impl<T: Storage + ?Sized> Storage for Arc<T> {
     }
     fn mapped_read(&self, offset: u64, len: u64) {
         (**self).mapped_read(offset, len)
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
     }
 }
 

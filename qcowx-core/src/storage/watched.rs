@@ -120,5 +120,8 @@ impl<S: Storage> Storage for Watched<S> {
     fn release(&self) -> io::Result<()> {
         self.inner.release()
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        self.inner.will_need(offset, len)
+    }
     // No `mapping`: bytes lent from one would pass the hook by.
 }

@@ -122,6 +122,26 @@ impl Disk {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.image.read_root(self.root, buf, offset)
     }
+    /// A hint that `[offset, offset+len)` will be read soon (see [`Image::prefetch`]).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::sync::Arc;
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+    /// img.write_at(b"v1", 0)?;
+    /// img.snapshot(DEFAULT_VDI, "s1")?;
+    /// let snap = img.open_root("s1")?;
+    /// snap.prefetch(0, 1 << 20)?;
+    /// let mut buf = [0u8; 2];
+    /// snap.read_at(&mut buf, 0)?;
+    /// assert_eq!(&buf, b"v1");
+    /// # Ok(()) }
+    /// ```
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.image.prefetch_root(self.root, offset, len)
+    }
     /// Lends `len` bytes at `offset` to `f` without copying them, or returns `None`
     /// (see [`Image::read_mapped`]).
     pub fn read_mapped<R>(

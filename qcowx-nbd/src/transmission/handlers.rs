@@ -40,12 +40,14 @@ impl<W: ReplyWriter> Conn<'_, W> {
         }
     }
 
-    /// A prefetch hint: warms the metadata cache. Failure changes nothing.
+    /// A prefetch hint: looks the range up (warming the metadata cache) and starts
+    /// reading its data into the page cache in the background. Failure changes
+    /// nothing.
     pub(super) fn cache(&self, req: &Request, out: &mut ReplyBuf) {
         let _ = self
             .export
             .disk
-            .block_status(req.offset, u64::from(req.length).min(MAX_STATUS_QUERY));
+            .prefetch(req.offset, u64::from(req.length).min(MAX_STATUS_QUERY));
         Self::simple(out, req.cookie, 0)
     }
 
