@@ -123,6 +123,12 @@ pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<
         let below = backing::resolve(Some(&top), name);
         chain.extend(backing_chain(&below, format, lock)?);
     }
+    // A base in an object store answers below the last local layer; its extents name
+    // the store.
+    let remote = match &info.remote_base {
+        Some(Ok(b)) if img.backing().is_some() => Some(PathBuf::from(&b.url)),
+        _ => None,
+    };
     let raw_base = match chain.last() {
         Some(l) if l.format == ImageFormat::Raw => {
             Some(std::fs::File::open(&l.path).map_err(|source| Error::Io {
@@ -139,6 +145,7 @@ pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<
     let size = disk.size();
     let mut m = Mapper {
         chain,
+        remote,
         raw: raw_base,
         tables: Vec::new(),
         lock,
@@ -159,6 +166,8 @@ pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<
 /// Turns core extents into map extents.
 struct Mapper {
     chain: Vec<ChainLayer>,
+    /// The object store below the chain, when the last layer reads from one.
+    remote: Option<PathBuf>,
     raw: Option<std::fs::File>,
     /// Tables per depth, opened when first needed (`None`: a raw layer).
     tables: Vec<Option<KeptHosts>>,
@@ -168,6 +177,9 @@ struct Mapper {
 
 impl Mapper {
     fn file(&self, d: u32) -> PathBuf {
+        if let Some(url) = self.remote.as_ref().filter(|_| d as usize >= self.chain.len()) {
+            return url.clone();
+        }
         self.chain
             .get(d as usize)
             .or(self.chain.last())
@@ -258,6 +270,8 @@ impl Mapper {
                     }
                     _ => {
                         let file = self.file(e.depth);
+                        let in_store =
+                            self.remote.is_some() && e.depth as usize >= self.chain.len();
                         push(
                             &mut self.out,
                             MapExtent {
@@ -267,7 +281,7 @@ impl Mapper {
                                 present: true,
                                 zero: false,
                                 data: true,
-                                compressed: e.host_offset.is_none(),
+                                compressed: e.host_offset.is_none() && !in_store,
                                 offset: e.host_offset,
                                 file,
                             },

@@ -80,6 +80,20 @@ pub fn info_json(filename: &str, info: &ImageInfo, actual_size: u64) -> Value {
     if let Some(f) = &info.backing_format {
         m.insert("backing-filename-format".into(), json!(f));
     }
+    // A base in an object store (qcowx's own; QEMU sees none).
+    match &info.remote_base {
+        Some(Ok(b)) => {
+            m.insert(
+                "remote-base".into(),
+                json!({ "url": b.url, "endpoint": b.endpoint, "uid": format!("{:x}", b.uid),
+                        "cache-bytes": b.cache_bytes }),
+            );
+        }
+        Some(Err(e)) => {
+            m.insert("remote-base".into(), json!({ "error": e }));
+        }
+        None => {}
+    }
     if !info.snapshots.is_empty() {
         let snaps: Vec<Value> = info.snapshots.iter().map(snapshot_json).collect();
         m.insert("snapshots".into(), Value::Array(snaps));
@@ -163,6 +177,15 @@ pub fn info_human(
     }
     if let Some(f) = &info.backing_format {
         writeln!(out, "backing file format: {f}")?;
+    }
+    match &info.remote_base {
+        Some(Ok(b)) => writeln!(
+            out,
+            "remote base: {} snapshot uid {:x} (cache at most {} bytes)",
+            b.url, b.uid, b.cache_bytes
+        )?,
+        Some(Err(e)) => writeln!(out, "remote base: {e}")?,
+        None => {}
     }
     if !info.snapshots.is_empty() {
         writeln!(out, "Snapshot list:")?;

@@ -159,6 +159,39 @@ fn pull_lazy_reads_like_the_snapshot_and_keeps_writes_local() {
         "{}",
         stdout(&info)
     );
+    // The same in JSON, for scripts: the store, the snapshot, the cache's bound.
+    let info = ok(dir, &["info", "--output=json", "fork.qcow2"]);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&info)).unwrap();
+    assert_eq!(j["remote-base"]["url"], url.as_str(), "{j}");
+    assert_eq!(j["remote-base"]["cache-bytes"], 64u64 << 20, "{j}");
+    assert!(
+        j["remote-base"]["uid"]
+            .as_str()
+            .is_some_and(|u| !u.is_empty()),
+        "{j}"
+    );
+    assert!(j.get("backing-filename").is_none(), "{j}");
+    // The map says which clusters the store holds: data at depth 1, not compressed.
+    let map = ok(dir, &["map", "--output=json", "fork.qcow2"]);
+    let map: serde_json::Value = serde_json::from_str(&stdout(&map)).unwrap();
+    let from_store: Vec<_> = map["extents"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|e| e["depth"] == 1 && e["data"] == true)
+        .collect();
+    assert!(!from_store.is_empty(), "{map}");
+    for e in &from_store {
+        assert_eq!(e["compressed"], false, "{e}");
+        assert!(e.get("offset").is_none(), "{e}");
+    }
+    // An import would copy only the local clusters: refused, nothing written.
+    fails(
+        dir,
+        &["import", "fork.qcow2", "imported.qcow2"],
+        &["object store", &url],
+    );
+    assert!(!dir.join("imported.qcow2").exists());
     // --lazy never replaces a file.
     fails(
         dir,

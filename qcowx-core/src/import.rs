@@ -310,6 +310,22 @@ pub fn import_chain_with(
 ) -> Result<ImportReport> {
     // Each layer opened once, read-only with a shared lock, and kept open to be read.
     let mut opened = open_chain(top, None, LockMode::Shared)?;
+    // A chain that ends in a snapshot in an object store has no local file to import
+    // it from: importing the local layers alone would lose what the store holds.
+    for (layer, open) in &opened {
+        if let OpenLayer::Qcow2(img) = open {
+            if let Some(base) = img.info()?.remote_base {
+                let url = base.map_or_else(|e| format!("(damaged: {e})"), |b| b.url);
+                return Err(Error::Unsupported {
+                    file: layer.path.display().to_string(),
+                    what: format!(
+                        "importing an image whose base is a snapshot in an object store \
+                         ({url}) (a conversion reads through the base)"
+                    ),
+                });
+            }
+        }
+    }
     opened.reverse(); // bottom first
     let (chain, readers): (Vec<ChainLayer>, Vec<LayerReader>) = opened
         .into_iter()

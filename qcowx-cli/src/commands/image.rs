@@ -91,24 +91,9 @@ pub(crate) fn info(a: &ReadArgs, quiet: bool, out: &mut dyn Write) -> Result<u8,
     let info = img.info()?;
     let actual = actual_size(&a.file)?;
     let name = a.file.display().to_string();
-    // A base in an object store (spec/remote.md): shown to people; QEMU sees none.
-    let remote = img
-        .header()
-        .extensions
-        .get(qcowx_core::format::remote::EXT_REMOTE_BASE)
-        .map(|e| qcowx_core::format::remote::RemoteBase::decode(&e.data));
     let json = || report::info_json(&name, &info, actual);
     emit(out, a.output, quiet, json, |out| {
-        report::info_human(out, &name, &info, actual)?;
-        match &remote {
-            Some(Ok(b)) => writeln!(
-                out,
-                "remote base: {} snapshot uid {:016x} (cache at most {} bytes)",
-                b.url, b.uid, b.cache_bytes
-            ),
-            Some(Err(e)) => writeln!(out, "remote base: {e}"),
-            None => Ok(()),
-        }
+        report::info_human(out, &name, &info, actual)
     })?;
     Ok(0)
 }

@@ -55,6 +55,9 @@ pub struct ImageInfo {
     /// Persistent dirty bitmaps (empty when the bitmaps extension is absent or not
     /// consistent).
     pub bitmaps: Vec<super::BitmapInfo>,
+    /// The snapshot in an object store this image reads its unallocated clusters
+    /// from, when its header names one (`Err`: the extension is damaged, and why).
+    pub remote_base: Option<std::result::Result<crate::format::remote::RemoteBase, String>>,
 }
 
 /// One snapshot table entry, as `qemu-img info` lists it.
@@ -559,6 +562,12 @@ impl Image {
                 })
                 .collect(),
             bitmaps: st.bitmaps.infos(),
+            remote_base: h
+                .extensions
+                .get(crate::format::remote::EXT_REMOTE_BASE)
+                .map(|e| {
+                    crate::format::remote::RemoteBase::decode(&e.data).map_err(|e| e.to_string())
+                }),
         })
     }
 
