@@ -177,7 +177,11 @@ struct Mapper {
 
 impl Mapper {
     fn file(&self, d: u32) -> PathBuf {
-        if let Some(url) = self.remote.as_ref().filter(|_| d as usize >= self.chain.len()) {
+        if let Some(url) = self
+            .remote
+            .as_ref()
+            .filter(|_| d as usize >= self.chain.len())
+        {
             return url.clone();
         }
         self.chain

@@ -41,6 +41,8 @@ fn create_with_suffixed_sizes_agrees_with_qemu_img() {
         ("100000", Some("512"), 100_352, 512),
         ("3m", Some("1m"), 3 << 20, 1 << 20),
         ("2097152B", Some("16384"), 2 << 20, 16384),
+        ("0x400000", None, 4 << 20, 65536),
+        ("0X200000", Some("0x10000"), 2 << 20, 65536),
     ];
     for (i, (size, cs, want_size, want_cs)) in cases.iter().enumerate() {
         let name = format!("img{i}.qcow2");
@@ -190,6 +192,7 @@ fn create_rejects_bad_arguments() {
         ("", "empty"),
         ("1.5", "fraction needs a suffix"),
         ("1KiB", "unknown suffix 'KiB'"),
+        ("0x10M", "hexadecimal"),
     ] {
         let out = qcowx(d, &["create", "x.qcow2", size]);
         assert_code(&out, 2, &format!("create with size {size:?}"));

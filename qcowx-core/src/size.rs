@@ -4,8 +4,8 @@
 //! [`parse_size`] takes what `qemu-img`'s size arguments take — leading white space,
 //! an optional `+`, a decimal number (a leading zero does not make it octal) with an
 //! optional fraction, and an optional one-letter suffix `B`, `K`, `M`, `G`, `T`, `P`
-//! or `E` in either case (powers of 1024) — except hexadecimal numbers, which
-//! `qemu-img` takes without a suffix (`0x10`) and qcowx refuses. A fraction needs a
+//! or `E` in either case (powers of 1024) — or a hexadecimal number (`0x10`, `0X1f`),
+//! which takes neither a fraction nor a suffix (`0x1B` is 27). A fraction needs a
 //! suffix larger than bytes unless it is zero (`1.0` is 1); the fraction of a byte
 //! it leaves is rounded half up (`12.345M` is 12944671), as `qemu-img` does. The
 //! arithmetic is exact over the whole `u64` range: there is no floating point.
@@ -20,8 +20,8 @@ pub enum SizeError {
     /// A minus sign.
     #[error("sizes cannot be negative")]
     Negative,
-    /// A hexadecimal number (`0x…`).
-    #[error("hexadecimal sizes are not accepted: write the size in decimal")]
+    /// A hexadecimal number (`0x…`) with a fraction, a suffix or no digits.
+    #[error("a hexadecimal size is 0x and hex digits, with no fraction or suffix")]
     Hexadecimal,
     /// No digits before the suffix.
     #[error("expected a number with an optional K, M, G, T, P or E suffix")]
@@ -60,7 +60,7 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let digits = |x: &str| x.find(|c: char| !c.is_ascii_digit()).unwrap_or(x.len());
     let (int, rest) = t.split_at(digits(t));
     if !int.is_empty() && int.bytes().all(|b| b == b'0') && rest.starts_with(['x', 'X']) {
-        return Err(SizeError::Hexadecimal);
+        return parse_hex(int, &rest[1..]);
     }
     let (frac, suffix) = match rest.strip_prefix('.') {
         Some(r) => r.split_at(digits(r)),
@@ -93,6 +93,19 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let scaled = u128::from(whole) << shift;
     let total = scaled + u128::from(fraction_bytes(frac, shift));
     u64::try_from(total).map_err(|_| SizeError::TooLarge)
+}
+
+/// `0x` and hex digits (`int` is what came before the `x`): exactly one zero, at
+/// least one digit, nothing after them.
+fn parse_hex(int: &str, digits: &str) -> Result<u64, SizeError> {
+    if int != "0" || digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(SizeError::Hexadecimal);
+    }
+    let significant = digits.trim_start_matches('0');
+    if significant.len() > 16 {
+        return Err(SizeError::TooLarge);
+    }
+    Ok(u64::from_str_radix(digits, 16).unwrap_or(0))
 }
 
 /// The bytes `0.FRAC × 2^shift` gives, rounded half up: the decimal digits are
@@ -181,6 +194,14 @@ mod tests {
         for (s, want) in [
             ("0", 0),
             ("1", 1),
+            ("0x10", 16),
+            ("0X10", 16),
+            ("0x0", 0),
+            ("0x100000", MIB),
+            ("0x1B", 27),
+            ("0x1e", 30),
+            (" +0x0000000000000000001f", 31),
+            ("0xffffffffffffffff", u64::MAX),
             ("512", 512),
             ("512B", 512),
             ("1b", 1),
@@ -268,12 +289,13 @@ mod tests {
         ] {
             assert_eq!(parse_size(s), Err(want), "{s:?}");
         }
-        // qemu-img takes hexadecimal without a suffix (`0x10` is 16); qcowx does not.
+        // Hexadecimal: no fraction, no suffix, one leading zero, some digits.
         for s in [
-            "0x10", "0X10", "0x", "0x0", "00x1", "0x10k", "0x1.8k", "0x18M",
+            "0x", "00x1", "0x10k", "0x1.8k", "0x18M", "0x1g", " 0x", "0xz",
         ] {
             assert_eq!(parse_size(s), Err(SizeError::Hexadecimal), "{s:?}");
         }
+        assert_eq!(parse_size("0x1ffffffffffffffff"), Err(SizeError::TooLarge));
         for (s, suffix) in [
             ("12Q", "Q"),
             ("1KiB", "KiB"),
@@ -306,7 +328,7 @@ mod tests {
         assert!(msg("").contains("empty"));
         assert!(msg("1.5").contains("fraction needs a suffix"));
         assert!(msg("16E").contains("too large"));
-        assert!(msg("0x10").contains("hexadecimal"));
+        assert!(msg("0x10M").contains("hexadecimal"));
     }
 
     #[test]
