@@ -37,7 +37,7 @@ pub use bitmap_set::BitmapInfo;
 pub use create::{CreateOptions, IfExists};
 pub use image::{Image, ImageInfo, OpenState, RootId, SnapshotInfo, DEFAULT_ROOT};
 pub use open::OpenOptions;
-pub use status::{Extent, ExtentStatus};
+pub use status::{Extent, ExtentStatus, STATUS_WINDOW};
 
 pub(crate) use deltas::{add_range, host_range, RefDeltas, Released, TreeDelta};
 pub(crate) use image::{Generation, IoGate, Root, State};
