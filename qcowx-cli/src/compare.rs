@@ -7,11 +7,9 @@
 //! start of the first sector that differs), as `qemu-img compare` reports it.
 
 use qcowx_core::convert::{Content, COPY_CHUNK};
+use qcowx_core::engine::STATUS_WINDOW;
 use qcowx_core::Result;
 use qcowx_core::{Extent, ExtentStatus};
-
-/// How much of a disk one block-status call covers.
-const STATUS_WINDOW: u64 = 1 << 30;
 
 /// What [`compare`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -152,6 +152,14 @@ enum Command {
     /// stay local.
     #[cfg(feature = "s3")]
     Pull(commands::remote::PullArgs),
+    /// How large a new image would be, for a size or for FILE's content (like
+    /// `qemu-img measure`).
+    ///
+    /// The required size counts the metadata of a fully allocated image and the
+    /// clusters FILE holds data in (ranges that read as zeros are not counted); the
+    /// fully allocated size, every cluster. The defaults are `qcowx create`'s: 64 KiB
+    /// clusters and 32-bit refcounts (`-o refcount_bits=16` measures for QEMU's).
+    Measure(commands::measure::MeasureArgs),
     /// Print shell completions for SHELL.
     Completions(CompletionsArgs),
     /// Print the man page (roff) of qcowx or of one of its commands.
@@ -172,6 +180,7 @@ impl Command {
             Command::Send(a) => !a.force_share,
             Command::Compare(a) => !a.force_share,
             Command::Convert(a) => !a.force_share,
+            Command::Measure(a) => a.file.is_some() && !a.force_share,
             _ => false,
         }
     }
@@ -741,6 +750,7 @@ fn main() -> ExitCode {
         Command::Push(a) => commands::remote::push(&a, quiet, out),
         #[cfg(feature = "s3")]
         Command::Pull(a) => commands::remote::pull(&a, quiet, out),
+        Command::Measure(a) => commands::measure::measure(&a, quiet, out),
         Command::Completions(a) => docs::completions(&a, out),
         Command::Man(a) => docs::man(&a, out),
     }

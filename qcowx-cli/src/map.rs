@@ -24,12 +24,10 @@ use std::sync::Arc;
 
 use qcowx_core::engine::backing;
 use qcowx_core::engine::chain::{backing_chain, raw_extents, ChainLayer, ImageFormat};
+use qcowx_core::engine::STATUS_WINDOW;
 use qcowx_core::vdi::kept_hosts::KeptHosts;
 use qcowx_core::vdi::DEFAULT_VDI;
 use qcowx_core::{Error, Extent, ExtentStatus, Image, LockMode, OpenOptions, Result};
-
-/// How much of the disk one block-status call covers.
-const STATUS_WINDOW: u64 = 1 << 30;
 
 /// One extent of a map, as `qemu-img map --output=json` prints it.
 #[derive(Debug, Clone, PartialEq, Eq)]

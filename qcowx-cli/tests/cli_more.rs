@@ -1783,7 +1783,7 @@ fn every_commands_json_matches_the_documented_schema() {
         documented,
         [
             "check", "compare", "diff", "fork", "gc", "import", "info", "list", "map", "receive",
-            "resize", "snapshot", "tree"
+            "measure", "resize", "snapshot", "tree"
         ]
         .into_iter()
         .collect(),
@@ -1837,6 +1837,35 @@ fn every_commands_json_matches_the_documented_schema() {
     ok_quiet(d, &["create", "bm.qcow2", "1M"]);
     ok_quiet(d, &["bitmap", "--add", "bm.qcow2", "b0"]);
     run_json("info", &["info", "--output=json", "bm.qcow2"], 0);
+    // measure: of a qcow2 image with a bitmap (the `bitmaps` key), and of a size.
+    run_json("measure", &["measure", "--output=json", "bm.qcow2"], 0);
+    run_json("measure", &["measure", "--output=json", "--size", "1G"], 0);
+    // An image whose base is a snapshot in an object store (the `remote-base` key;
+    // info does not open the store): a plain image given the header extension.
+    ok_quiet(d, &["create", "remote.qcow2", "1M"]);
+    {
+        use qcowx_core::format::extensions::Extension;
+        use qcowx_core::format::header::Header;
+        use qcowx_core::format::remote::{RemoteBase, EXT_REMOTE_BASE};
+        let path = d.join("remote.qcow2");
+        let bytes = std::fs::read(&path).unwrap();
+        let mut h = Header::parse(&bytes[..65536], bytes.len() as u64).unwrap();
+        let base = RemoteBase {
+            url: "s3://bucket/prefix".into(),
+            endpoint: String::new(),
+            uid: 0xabc,
+            cache_bytes: 1 << 30,
+        };
+        h.extensions.set(Extension {
+            kind: EXT_REMOTE_BASE,
+            data: base.encode(),
+        });
+        h.layout_backing();
+        let mut out = bytes.clone();
+        out[..65536].copy_from_slice(&h.to_cluster().unwrap());
+        std::fs::write(&path, out).unwrap();
+    }
+    run_json("info", &["info", "--output=json", "remote.qcow2"], 0);
 
     // check: clean; leaked then repaired; corrupted then repaired; compressed and
     // fragmented clusters.

@@ -49,14 +49,12 @@ use std::sync::Arc;
 
 use crate::convert::COPY_CHUNK;
 use crate::engine::chain::{open_chain, raw_extents, ChainLayer, ImageFormat, OpenLayer};
+use crate::engine::STATUS_WINDOW;
 use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
 use crate::storage::{DeferredSync, FileStorage, OpenMode, Storage, WriteBehind};
 use crate::vdi::{DEFAULT_VDI, MAX_NAME_LEN};
-
-/// How much of a layer one block-status call covers.
-const STATUS_WINDOW: u64 = 1 << 30;
 
 /// Cluster size of the output when the top is a raw file.
 const DEFAULT_CLUSTER_SIZE: u64 = 65536;

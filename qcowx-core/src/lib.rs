@@ -76,6 +76,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod import;
+pub mod measure;
 pub mod refcount;
 #[cfg(feature = "s3")]
 pub mod remote;

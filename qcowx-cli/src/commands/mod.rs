@@ -1,5 +1,5 @@
 //! The commands, one file per group: [`image`] (create, info, check, export,
-//! convert, compare, resize, import), [`roots`] (snapshot, list, fork, delete,
+//! convert, compare, resize, import), [`measure`], [`roots`] (snapshot, list, fork, delete,
 //! revert, gc, diff, rename, tree, map), [`stream`] (send, receive), [`io`] and [`docs`] (completions, man
 //! pages); here, what they share: how a command fails, the hints after an error, and
 //! how a result is printed.
@@ -8,6 +8,7 @@ pub(crate) mod bitmap;
 pub(crate) mod docs;
 pub(crate) mod image;
 pub(crate) mod io;
+pub(crate) mod measure;
 #[cfg(feature = "s3")]
 pub(crate) mod remote;
 pub(crate) mod roots;

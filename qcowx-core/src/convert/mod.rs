@@ -34,6 +34,7 @@ pub use input::{open_input, RawFile};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::engine::STATUS_WINDOW;
 use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
@@ -42,9 +43,6 @@ use crate::vdi::Disk;
 
 /// The largest buffer an export reads and writes at once.
 pub const COPY_CHUNK: usize = 4 << 20;
-
-/// How much of the disk one [`Image::block_status`] call covers.
-const STATUS_WINDOW: u64 = 1 << 30;
 
 /// Granularity of zero detection in a raw output (qcow2 outputs use the cluster size).
 const RAW_ZERO_GRANULE: u64 = 4096;

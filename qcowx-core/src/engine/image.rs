@@ -188,11 +188,11 @@ pub(crate) struct State {
     /// counters, tells gc whether anything changed while it scanned).
     pub(crate) l1_changes: u64,
     /// The image's metadata clusters, for [`Image::guard_write`].
-    pub(crate) metadata: super::overlap::MetadataMap,
+    pub(crate) metadata: super::metadata_map::MetadataMap,
     /// Set when a write on metadata was refused: why this handle writes no more.
     pub(crate) refused: Option<String>,
     /// The persistent dirty bitmaps.
-    pub(crate) bitmaps: super::bitmaps::Bitmaps,
+    pub(crate) bitmaps: super::bitmap_set::Bitmaps,
 }
 
 /// The I/O gate held exclusively: no data I/O is in flight (the proof some metadata

@@ -7,10 +7,13 @@
 //! `impl Image` block: `open`, `create`, `table` (the one path to L1/L2
 //! entries and the cache), `read`, `write`, `zero`, `flush` (and close), `status`,
 //! `resize`, `bitmaps` (persistent dirty bitmaps: loaded at open, marked at the entry
-//! points of write, zero and discard, stored at a clean close).
+//! points of write, zero and discard, stored at a clean close), `overlap` (no write
+//! lands on the image's own structures). The state those two keep is declared apart,
+//! without I/O: `bitmap_set` and `metadata_map`.
 
 pub mod alloc;
 pub mod backing;
+mod bitmap_set;
 mod bitmaps;
 pub mod cache;
 pub mod chain;
@@ -18,6 +21,7 @@ mod create;
 mod deltas;
 mod flush;
 pub mod image;
+mod metadata_map;
 mod open;
 mod overlap;
 mod read;
@@ -29,16 +33,16 @@ mod walk;
 mod write;
 mod zero;
 
-pub use bitmaps::BitmapInfo;
+pub use bitmap_set::BitmapInfo;
 pub use create::{CreateOptions, IfExists};
 pub use image::{Image, ImageInfo, OpenState, RootId, SnapshotInfo, DEFAULT_ROOT};
 pub use open::OpenOptions;
-pub use status::{Extent, ExtentStatus};
+pub use status::{Extent, ExtentStatus, STATUS_WINDOW};
 
 pub(crate) use deltas::{add_range, host_range, RefDeltas, Released, TreeDelta};
 pub(crate) use image::{Generation, IoGate, Root, State};
+pub(crate) use metadata_map::Writing;
 pub(crate) use open::open_error;
-pub(crate) use overlap::Writing;
 pub(crate) use roots::Target;
 pub(crate) use walk::{walk_tree, Step, TableReader};
 pub(crate) use zero::ZeroMode;

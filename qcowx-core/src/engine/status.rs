@@ -5,6 +5,10 @@ use crate::format::tables::Source;
 
 use super::image::*;
 
+/// The longest range one block-status query should cover: callers that walk a whole
+/// disk ask window by window, so that the extents of one window bound their memory.
+pub const STATUS_WINDOW: u64 = 1 << 30;
+
 /// The allocation state of a guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentStatus {

@@ -9,6 +9,7 @@ pub mod extensions;
 mod geometry;
 pub mod header;
 mod header_error;
+pub mod measure;
 pub mod refblock;
 pub(crate) mod registry;
 pub mod remote;

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::cache::Cache;
-use super::error::RemoteError;
+use super::RemoteError;
 use super::{Store, StoreConfig, ENV_CACHE_BYTES, ENV_CACHE_DIR};
 use crate::engine::backing::Layer;
 use crate::engine::{Extent, ExtentStatus};

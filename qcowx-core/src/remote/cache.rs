@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::error::RemoteError;
+use super::RemoteError;
 
 /// Bytes before the data in a cache file: magic and CRC-32C of the data.
 const FILE_HEAD: usize = 8;

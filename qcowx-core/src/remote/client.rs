@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
-use super::error::RemoteError;
+use super::RemoteError;
 use super::StoreConfig;
 
 /// How long a signed URL stays valid: longer than any one request may take.

@@ -17,17 +17,16 @@
 mod base;
 pub mod cache;
 pub mod client;
-mod error;
 
 use std::io::{Read, Seek};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::error::remote::RemoteError;
 pub use base::RemoteLayer;
 pub use cache::Cache;
 pub use client::{Client, ObjectInfo};
-pub use error::RemoteError;
 
 use crate::engine::Image;
 use crate::error::{Error, Result};

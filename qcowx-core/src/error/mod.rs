@@ -1,5 +1,9 @@
 //! The crate's top-level error: what failed, in which file, at which offset.
 
+#[cfg(feature = "s3")]
+pub(crate) mod remote;
+pub(crate) mod stream;
+
 use crate::format::compress::CompressError;
 use crate::format::header::HeaderError;
 use crate::format::snapshot::SnapshotError;
@@ -225,7 +229,7 @@ pub enum Error {
         file: String,
         /// Why it does not fit.
         #[source]
-        source: crate::stream::Mismatch,
+        source: stream::Mismatch,
     },
     /// The object-store tier failed: the store is unreachable or refused a request,
     /// or an object is damaged (it says which bucket, key and range).
@@ -234,7 +238,7 @@ pub enum Error {
     Remote {
         /// What failed, and where.
         #[source]
-        source: Box<crate::remote::RemoteError>,
+        source: Box<remote::RemoteError>,
     },
 }
 

@@ -1,7 +1,9 @@
 //! What can go wrong with an object store, saying what and where: the endpoint, the
-//! bucket, the key and the byte range.
+//! bucket, the key and the byte range (the object-store tier's error, re-exported as
+//! `remote::RemoteError`; kept beside the crate's [`Error`](super::Error), which wraps
+//! it).
 
-use crate::error::ErrorKind;
+use super::ErrorKind;
 use crate::format::remote::LayoutError;
 
 /// A failure of the object-store tier.
