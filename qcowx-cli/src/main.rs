@@ -113,8 +113,11 @@ enum Command {
     /// `qemu-img bitmap`). The image must not be served.
     Bitmap(BitmapArgs),
     /// Change an image's options (like `qemu-img amend`): `-o refcount_bits=N` widens
-    /// or narrows the refcounts.
+    /// or narrows the refcounts; backing_file, backing_fmt, lazy_refcounts, size.
     Amend(AmendArgs),
+    /// Change the backing file an image names, without reading either file (like
+    /// `qemu-img rebase -u`).
+    Rebase(commands::amend::RebaseArgs),
     /// Compare the contents of two images, qcow2 or raw (like `qemu-img compare`).
     Compare(CompareArgs),
     /// Convert between raw and qcow2, optionally compressed (like `qemu-img convert`).
@@ -198,6 +201,7 @@ impl Command {
                 | Command::Resize(_)
                 | Command::Rename(_)
                 | Command::Amend(_)
+                | Command::Rebase(_)
                 | Command::Receive(_)
                 | Command::Bitmap(_)
         )
@@ -549,7 +553,9 @@ struct MapArgs {
 
 #[derive(Debug, Args)]
 struct AmendArgs {
-    /// Options, comma-separated: `refcount_bits=N` (1, 2, 4, 8, 16, 32 or 64).
+    /// Options, comma-separated: `refcount_bits=N` (1, 2, 4, 8, 16, 32 or 64),
+    /// `backing_file=NAME` and `backing_fmt=raw|qcow2` (as `rebase -u`),
+    /// `lazy_refcounts=on|off`, `size=SIZE` (grow), `compat=1.1`.
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
     options: String,
     /// The image file.
@@ -741,7 +747,8 @@ fn main() -> ExitCode {
         Command::Resize(a) => image::resize(&a, quiet, out),
         Command::Rename(a) => roots::rename(&a),
         Command::Bitmap(a) => commands::bitmap::bitmap(&a),
-        Command::Amend(a) => image::amend(&a),
+        Command::Amend(a) => commands::amend::amend(&a),
+        Command::Rebase(a) => commands::amend::rebase(&a),
         Command::Compare(a) => image::compare(&a, quiet, out),
         Command::Convert(a) => image::convert(&a, quiet),
         Command::Send(a) => stream::send(&a, quiet, out),

@@ -10,8 +10,8 @@ use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOpti
 
 use super::{emit, lock_mode, require_kind, run_request, unexpected, usage_error, Failure};
 use crate::{
-    progress, report, size_arg, AmendArgs, CheckArgs, CompareArgs, ConvertArgs, CreateArgs,
-    DiskFormat, ExportArgs, ExportFormat, ImportArgs, OutputKind, ReadArgs, ResizeArgs,
+    progress, report, size_arg, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DiskFormat,
+    ExportArgs, ExportFormat, ImportArgs, OutputKind, ReadArgs, ResizeArgs,
 };
 use qcowx_core::control::{Request, Response};
 
@@ -270,44 +270,6 @@ pub(crate) fn resize(a: &ResizeArgs, quiet: bool, out: &mut dyn Write) -> Result
     emit(out, a.output, quiet, json, |out| {
         writeln!(out, "Image resized.")
     })?;
-    Ok(0)
-}
-
-/// `qcowx amend -o refcount_bits=N FILE`. Options are checked before the image is
-/// opened; an unknown one is refused, as `qemu-img amend` refuses it.
-pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
-    let mut bits = None;
-    for opt in a.options.split(',').filter(|o| !o.is_empty()) {
-        match opt.split_once('=') {
-            Some(("refcount_bits", v)) => match v.parse::<u32>() {
-                Ok(n) if n.is_power_of_two() && n <= 64 => bits = Some(n),
-                _ => {
-                    return Err(Failure::Image(qcowx_core::Error::InvalidArgument(format!(
-                        "refcount_bits must be 1, 2, 4, 8, 16, 32 or 64, not '{v}'"
-                    ))))
-                }
-            },
-            _ => {
-                return Err(Failure::Image(qcowx_core::Error::InvalidArgument(format!(
-                    "unsupported amend option '{opt}' (qcowx amends refcount_bits)"
-                ))))
-            }
-        }
-    }
-    let Some(bits) = bits else {
-        return Err(Failure::Image(qcowx_core::Error::InvalidArgument(
-            "no option to amend".into(),
-        )));
-    };
-    // As a repair does: the open checks and changes nothing (an image whose counts
-    // overflow its width, the reason to amend, is refused by a plain writable open),
-    // and the amend refuses before writing anything or rewrites every refcount.
-    let img = OpenOptions::new()
-        .repair(true)
-        .open_backing(false)
-        .open(&a.file)?;
-    img.set_refcount_bits(bits)?;
-    img.close()?;
     Ok(0)
 }
 

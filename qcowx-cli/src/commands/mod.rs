@@ -4,6 +4,7 @@
 //! pages); here, what they share: how a command fails, the hints after an error, and
 //! how a result is printed.
 
+pub(crate) mod amend;
 pub(crate) mod bitmap;
 pub(crate) mod docs;
 pub(crate) mod image;

@@ -12,6 +12,7 @@
 //! without I/O: `bitmap_set` and `metadata_map`.
 
 pub mod alloc;
+mod amend;
 pub mod backing;
 mod bitmap_set;
 mod bitmaps;

@@ -1,0 +1,174 @@
+//! `amend` and `rebase`: options an image changes in place (refcount width, backing
+//! file, lazy refcounts, size), around `Image::set_refcount_bits`,
+//! `set_backing_file`, `set_lazy_refcounts` and `resize`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use qcowx_core::{Error, OpenOptions};
+
+use super::Failure;
+use crate::{size_arg, AmendArgs};
+
+/// One `-o` option of `amend`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Change {
+    RefcountBits(u32),
+    BackingFile(String),
+    BackingFormat(String),
+    LazyRefcounts(bool),
+    Size(u64),
+}
+
+fn parse(options: &str) -> Result<Vec<Change>, Error> {
+    let bad = |what: String| Error::InvalidArgument(format!("-o {options}: {what}"));
+    let mut out = Vec::new();
+    for opt in options.split(',').filter(|o| !o.is_empty()) {
+        let (key, v) = opt
+            .split_once('=')
+            .ok_or_else(|| bad(format!("'{opt}' is not key=value")))?;
+        out.push(match key {
+            "refcount_bits" => match v.parse::<u32>() {
+                Ok(n) if n.is_power_of_two() && n <= 64 => Change::RefcountBits(n),
+                _ => {
+                    return Err(bad(format!(
+                        "refcount_bits must be 1, 2, 4, 8, 16, 32 or 64, not '{v}'"
+                    )))
+                }
+            },
+            "backing_file" => Change::BackingFile(v.to_string()),
+            "backing_fmt" => Change::BackingFormat(v.to_string()),
+            "lazy_refcounts" => Change::LazyRefcounts(match v {
+                "on" | "true" | "yes" => true,
+                "off" | "false" | "no" => false,
+                _ => return Err(bad(format!("lazy_refcounts must be on or off, not '{v}'"))),
+            }),
+            "size" => Change::Size(size_arg(v).map_err(|e| bad(format!("size '{v}': {e}")))?),
+            // qcowx images are version 3 already; a downgrade is not offered.
+            "compat" if matches!(v, "1.1" | "v3") => continue,
+            _ => {
+                return Err(bad(format!(
+                    "unsupported option '{opt}' (qcowx amends refcount_bits, backing_file, \
+                     backing_fmt, lazy_refcounts, size and compat=1.1)"
+                )))
+            }
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::InvalidArgument("no option to amend".into()));
+    }
+    Ok(out)
+}
+
+/// `qcowx amend -o OPTIONS FILE`. Options are checked before the image is opened;
+/// an unknown one is refused, as `qemu-img amend` refuses it.
+pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
+    let changes = parse(&a.options)?;
+    // As a repair does: the open checks and changes nothing (an image whose counts
+    // overflow its width, the reason to amend, is refused by a plain writable open),
+    // and the amend refuses before writing anything or rewrites every refcount.
+    let img = OpenOptions::new()
+        .repair(true)
+        .open_backing(false)
+        .open(&a.file)?;
+    let info = img.info()?;
+    let file = changes.iter().rev().find_map(|c| match c {
+        Change::BackingFile(f) => Some(f.clone()),
+        _ => None,
+    });
+    let format = changes.iter().rev().find_map(|c| match c {
+        Change::BackingFormat(f) => Some(f.clone()),
+        _ => None,
+    });
+    if file.is_some() || format.is_some() {
+        let file = file.or(info.backing_file).filter(|f| !f.is_empty());
+        let format = format.or(info.backing_format).filter(|_| file.is_some());
+        img.set_backing_file(file.as_deref(), format.as_deref())?;
+    }
+    for c in &changes {
+        match c {
+            Change::LazyRefcounts(on) => img.set_lazy_refcounts(*on)?,
+            Change::Size(n) => img.resize(*n)?,
+            Change::RefcountBits(bits) => img.set_refcount_bits(*bits)?,
+            Change::BackingFile(_) | Change::BackingFormat(_) => {}
+        }
+    }
+    img.close()?;
+    Ok(0)
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RebaseArgs {
+    /// Unsafe: change the backing file name only, without reading either file (the
+    /// new backing file must read as the old one does). The only mode qcowx offers.
+    #[arg(short = 'u')]
+    unsafe_: bool,
+    /// The new backing file, stored as given (resolved against FILE's folder when
+    /// relative); "" removes the backing file.
+    #[arg(short = 'b', value_name = "BACKING", required = true)]
+    backing: String,
+    /// Its format (raw or qcow2; probed at open when absent).
+    #[arg(short = 'F', value_name = "FORMAT", value_parser = ["raw", "qcow2"])]
+    backing_format: Option<String>,
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+/// `qcowx rebase -u -b BACKING [-F FORMAT] FILE`.
+pub(crate) fn rebase(a: &RebaseArgs) -> Result<u8, Failure> {
+    if !a.unsafe_ {
+        return Err(Error::Unsupported {
+            file: a.file.display().to_string(),
+            what: "a rebase that copies what differs between the old and the new backing \
+                   file (use -u when they read alike, or export the image)"
+                .into(),
+        }
+        .into());
+    }
+    let img = OpenOptions::new()
+        .write(true)
+        .open_backing(false)
+        .open(&a.file)?;
+    let file = Some(a.backing.as_str()).filter(|b| !b.is_empty());
+    if file.is_none() && a.backing_format.is_some() {
+        return Err(Error::InvalidArgument("-F without a backing file".into()).into());
+    }
+    img.set_backing_file(file, a.backing_format.as_deref())?;
+    img.close()?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_as_qemu_img_amend_spells_them() {
+        assert_eq!(
+            parse("refcount_bits=16,lazy_refcounts=on,backing_file=b.raw,backing_fmt=raw,size=2G")
+                .unwrap(),
+            [
+                Change::RefcountBits(16),
+                Change::LazyRefcounts(true),
+                Change::BackingFile("b.raw".into()),
+                Change::BackingFormat("raw".into()),
+                Change::Size(2 << 30),
+            ]
+        );
+        assert_eq!(
+            parse("compat=1.1,lazy_refcounts=off").unwrap(),
+            [Change::LazyRefcounts(false)]
+        );
+        for bad in [
+            "",
+            "compat=1.1",
+            "refcount_bits=3",
+            "lazy_refcounts=maybe",
+            "encrypt=on",
+            "x",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}
