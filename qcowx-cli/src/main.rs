@@ -115,8 +115,8 @@ enum Command {
     /// Change an image's options (like `qemu-img amend`): `-o refcount_bits=N` widens
     /// or narrows the refcounts; backing_file, backing_fmt, lazy_refcounts, size.
     Amend(AmendArgs),
-    /// Change the backing file an image names, without reading either file (like
-    /// `qemu-img rebase -u`).
+    /// Change an image's backing file (like `qemu-img rebase`): with -u only the
+    /// name; without, what its VDIs read is kept.
     Rebase(commands::amend::RebaseArgs),
     /// Compare the contents of two images, qcow2 or raw (like `qemu-img compare`).
     Compare(CompareArgs),

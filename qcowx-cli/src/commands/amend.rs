@@ -3,6 +3,7 @@
 //! `set_backing_file`, `set_lazy_refcounts` and `resize`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
 use qcowx_core::{Error, OpenOptions};
@@ -100,7 +101,9 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
 #[derive(Debug, Args)]
 pub(crate) struct RebaseArgs {
     /// Unsafe: change the backing file name only, without reading either file (the
-    /// new backing file must read as the old one does). The only mode qcowx offers.
+    /// new backing file must read as the old one does). Without it, what each VDI
+    /// reads through the old chain and the new file reads otherwise is first copied
+    /// into the VDI; a snapshot that would read otherwise makes the rebase fail.
     #[arg(short = 'u')]
     unsafe_: bool,
     /// The new backing file, stored as given (resolved against FILE's folder when
@@ -115,27 +118,25 @@ pub(crate) struct RebaseArgs {
     file: PathBuf,
 }
 
-/// `qcowx rebase -u -b BACKING [-F FORMAT] FILE`.
+/// `qcowx rebase [-u] -b BACKING [-F FORMAT] FILE`.
 pub(crate) fn rebase(a: &RebaseArgs) -> Result<u8, Failure> {
-    if !a.unsafe_ {
-        return Err(Error::Unsupported {
-            file: a.file.display().to_string(),
-            what: "a rebase that copies what differs between the old and the new backing \
-                   file (use -u when they read alike, or export the image)"
-                .into(),
-        }
-        .into());
-    }
-    let img = OpenOptions::new()
-        .write(true)
-        .open_backing(false)
-        .open(&a.file)?;
     let file = Some(a.backing.as_str()).filter(|b| !b.is_empty());
     if file.is_none() && a.backing_format.is_some() {
         return Err(Error::InvalidArgument("-F without a backing file".into()).into());
     }
-    img.set_backing_file(file, a.backing_format.as_deref())?;
-    img.close()?;
+    let format = a.backing_format.as_deref();
+    if a.unsafe_ {
+        let img = OpenOptions::new()
+            .write(true)
+            .open_backing(false)
+            .open(&a.file)?;
+        img.set_backing_file(file, format)?;
+        img.close()?;
+    } else {
+        let img = Arc::new(OpenOptions::new().write(true).open(&a.file)?);
+        img.rebase(file, format)?;
+        img.close()?;
+    }
     Ok(0)
 }
 

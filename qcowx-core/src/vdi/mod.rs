@@ -16,6 +16,7 @@ pub mod diff;
 mod disk;
 pub mod gc;
 pub mod kept_hosts;
+pub mod rebase;
 mod reconcile;
 pub mod rename;
 pub(crate) mod staging;
