@@ -786,12 +786,21 @@ fn backing_chain_too_deep() {
     }
 
     let ok = d.join(name(MAX_BACKING_DEPTH));
+    // On half the stack a spawned thread gets by default (2 MiB): opening and
+    // reading recurse once per layer, and must keep a margin.
     let b = run_bounded("deepest allowed chain", WATCHDOG, move || {
-        let img = open_retry(&OpenOptions::new(), &ok)
-            .unwrap_or_else(|e| panic!("open: {}", error_text(&e)));
-        let mut buf = [0u8; 512];
-        img.read_at(&mut buf, 4096).expect("read through the chain");
-        buf
+        std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(move || {
+                let img = open_retry(&OpenOptions::new(), &ok)
+                    .unwrap_or_else(|e| panic!("open: {}", error_text(&e)));
+                let mut buf = [0u8; 512];
+                img.read_at(&mut buf, 4096).expect("read through the chain");
+                buf
+            })
+            .expect("spawn")
+            .join()
+            .unwrap_or_else(|_| panic!("the chain's open or read panicked"))
     });
     check_alloc("deepest allowed chain", &b);
     let buf = b

@@ -373,7 +373,9 @@ pub(crate) fn open_chain(
                     source: Some(Box::new(e)),
                 }
             })?;
-            Ok(Arc::new(img))
+            // From the box: the layer is never on this (recursive) frame.
+            let layer: Arc<Image> = Arc::from(img);
+            Ok(layer)
         }
     }
 }

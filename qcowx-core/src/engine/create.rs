@@ -450,6 +450,7 @@ impl Image {
             &OpenOptions::new().write(true),
             &[canon],
         )
+        .map(|img| *img)
     }
 
     /// Creates a new image in `storage` (which must be empty) and opens it for writing.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::engine::alloc::Allocator;
-use crate::engine::backing;
+use crate::engine::backing::{self, Layer};
 use crate::engine::cache::{L2Cache, DEFAULT_CACHE_BYTES};
 use crate::error::{Error, Result};
 use crate::format::compress::CompressionType;
@@ -118,7 +118,7 @@ impl OpenOptions {
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Image> {
         let path = path.as_ref();
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        Image::open_layer(path, self, &[canon])
+        Image::open_layer(path, self, &[canon]).map(|img| *img)
     }
 }
 
@@ -166,7 +166,13 @@ impl Image {
         OpenOptions::new().write(true).open(path)
     }
 
-    pub(crate) fn open_layer(path: &Path, opts: &OpenOptions, chain: &[PathBuf]) -> Result<Image> {
+    /// Opens the image at `path` as a layer of a chain (`chain`: the files above it,
+    /// for loop detection). Boxed, as [`Image::from_parts`] returns it.
+    pub(crate) fn open_layer(
+        path: &Path,
+        opts: &OpenOptions,
+        chain: &[PathBuf],
+    ) -> Result<Box<Image>> {
         let name = path.display().to_string();
         let mode = OpenMode {
             writable: opts.write,
@@ -215,16 +221,38 @@ impl Image {
             .iter()
             .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
             .collect();
-        Image::from_parts(storage, name, path, opts, &chain)
+        Image::from_parts(storage, name, path, opts, &chain).map(|img| *img)
     }
 
+    /// Opens the image in `storage`: reads its header, active L1 table and snapshot
+    /// table, opens its backing chain (each layer through this function again), then
+    /// builds the handle.
+    ///
+    /// Invariant: a chain of [`super::backing::MAX_BACKING_DEPTH`] layers opens on a
+    /// thread with the default 2 MiB stack. The recursion (this function, `open_base`,
+    /// `open_chain`, `open_layer`) keeps only a few words per layer: what is read
+    /// comes back boxed from [`Image::read_parts`], and the handle, built by
+    /// [`Image::assemble`] (neither inlined here), comes back boxed too.
     pub(super) fn from_parts(
         storage: Arc<dyn Storage>,
         name: String,
         path: Option<PathBuf>,
         opts: &OpenOptions,
         chain: &[PathBuf],
-    ) -> Result<Image> {
+    ) -> Result<Box<Image>> {
+        let parts = Image::read_parts(storage.as_ref(), &name, opts)?;
+        let backing = match opts.open_backing {
+            true => backing::open_base(&name, path.as_deref(), &parts.header, chain, opts)?,
+            false => None,
+        };
+        Image::assemble(storage, name, path, opts, parts, backing)
+    }
+
+    /// What an open reads before the backing chain: the header, the active L1 table,
+    /// the snapshot table, the file's length.
+    #[inline(never)]
+    fn read_parts(storage: &dyn Storage, name: &str, opts: &OpenOptions) -> Result<Box<Parts>> {
+        let name = name.to_string();
         let io = |op, offset, source| Error::Io {
             file: name.clone(),
             op,
@@ -324,12 +352,35 @@ impl Image {
         } else {
             Vec::new()
         };
+        Ok(Box::new(Parts {
+            header,
+            file_len,
+            geo,
+            compression,
+            l1,
+            snapshots,
+        }))
+    }
 
-        let backing = match opts.open_backing {
-            true => backing::open_base(&name, path.as_deref(), &header, chain, opts)?,
-            false => None,
-        };
-
+    /// Builds the handle from what [`Image::read_parts`] read and the opened backing
+    /// chain, and settles a writable open.
+    #[inline(never)]
+    fn assemble(
+        storage: Arc<dyn Storage>,
+        name: String,
+        path: Option<PathBuf>,
+        opts: &OpenOptions,
+        parts: Box<Parts>,
+        backing: Option<Arc<dyn Layer>>,
+    ) -> Result<Box<Image>> {
+        let Parts {
+            header,
+            file_len,
+            geo,
+            compression,
+            l1,
+            snapshots,
+        } = *parts;
         let stale = header.incompatible.contains(Incompatible::DIRTY) && opts.write;
         let mut roots = BTreeMap::new();
         roots.insert(
@@ -369,7 +420,7 @@ impl Image {
             bitmaps: Default::default(),
             header,
         };
-        let img = Image {
+        let img = Box::new(Image {
             storage,
             name,
             path,
@@ -381,7 +432,7 @@ impl Image {
             io_gate: RwLock::new(()),
             structure: Mutex::new(()),
             wrote: std::sync::atomic::AtomicBool::new(false),
-        };
+        });
         // A repair-mode open checks and changes nothing: the repair decides.
         if opts.write && !opts.repair {
             // Bitmaps qcowx cannot read are dropped as any writer lacking bitmap
@@ -431,4 +482,14 @@ impl Image {
         self.write_header_fields(&st)?;
         self.sync()
     }
+}
+
+/// What an open reads before opening the backing chain (see [`Image::from_parts`]).
+struct Parts {
+    header: Header,
+    file_len: u64,
+    geo: Geometry,
+    compression: CompressionType,
+    l1: Vec<u64>,
+    snapshots: Vec<snapshot::SnapshotEntry>,
 }
