@@ -11,12 +11,11 @@ fn qemu_info(d: &Path, file: &str) -> Value {
     json(&qemu_ok(d, &["info", "--output=json", file]))
 }
 
-/// A 4 MiB raw base (a pattern in its first MiB), a copy of it, and a qcow2 image
-/// over the first one with a cluster of its own and a snapshot.
-fn chain(d: &Path) {
+/// A 4 MiB raw base `base1.raw` (a pattern in its first MiB) and `top.qcow2` over it
+/// with a cluster of its own.
+fn overlay(d: &Path) {
     qemu_ok(d, &["create", "-q", "-f", "raw", "base1.raw", "4M"]);
     qemu_io(d, "raw", "base1.raw", &["write -P 0x11 0 1M"]);
-    std::fs::copy(d.join("base1.raw"), d.join("base2.raw")).unwrap();
     qemu_ok(
         d,
         &[
@@ -33,6 +32,12 @@ fn chain(d: &Path) {
         ],
     );
     qemu_io(d, "qcow2", "top.qcow2", &["write -P 0x22 512k 64k"]);
+}
+
+/// [`overlay`], a copy of its base (`base2.raw`), and a snapshot of the top.
+fn chain(d: &Path) {
+    overlay(d);
+    std::fs::copy(d.join("base1.raw"), d.join("base2.raw")).unwrap();
     ok(d, &["snapshot", "top.qcow2", "s1"]);
 }
 
@@ -177,29 +182,12 @@ fn export(d: &Path, args: &[&str]) -> Vec<u8> {
 fn rebase_keeps_what_every_vdi_reads_and_never_changes_a_snapshot() {
     let dir = qcowx_tests::tempdir();
     let d = dir.path();
-    qemu_ok(d, &["create", "-q", "-f", "raw", "base1.raw", "4M"]);
-    qemu_io(d, "raw", "base1.raw", &["write -P 0x11 0 1M"]);
+    overlay(d);
     // base3 differs from base1 in its first MiB; base4 from base3 at 2 MiB.
     qemu_ok(d, &["create", "-q", "-f", "raw", "base3.raw", "4M"]);
     qemu_io(d, "raw", "base3.raw", &["write -P 0x99 0 256k"]);
     std::fs::copy(d.join("base3.raw"), d.join("base4.raw")).unwrap();
     qemu_io(d, "raw", "base4.raw", &["write -P 0x77 2M 64k"]);
-    qemu_ok(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base1.raw",
-            "-F",
-            "raw",
-            "top.qcow2",
-            "4M",
-        ],
-    );
-    qemu_io(d, "qcow2", "top.qcow2", &["write -P 0x22 512k 64k"]);
     // A second VDI whose snapshot is gone: both VDIs read through the backing file.
     ok(d, &["snapshot", "top.qcow2", "s0"]);
     ok(d, &["fork", "top.qcow2", "s0", "dev"]);
