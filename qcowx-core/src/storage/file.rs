@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use lock::{LockError, LockMode};
 
+use super::small_writes::{SplitRegions, SMALL_WRITE};
 use super::*;
 
 /// How [`FileStorage::open`] opens an image file.
@@ -146,8 +147,9 @@ impl From<OpenError> for io::Error {
     }
 }
 
-/// Bytes read through a [`FileStorage`]'s mapping ([`Storage::mapped_read`]) after
-/// which the mapping gives its pages back (`MADV_DONTNEED`: the process's page table
+/// Bytes read through a [`FileStorage`]'s mapping ([`Storage::mapped_read`]), and
+/// mapped to split page-cache folios before small writes, after which the mapping
+/// gives its pages back (`MADV_DONTNEED`: the process's page table
 /// entries go, the page cache keeps the pages). Every page read through a mapping
 /// counts in the process's resident memory until then, so without this a server that
 /// lends its image's bytes grows by the size of everything it serves. Each read
@@ -204,6 +206,8 @@ pub struct FileStorage {
     /// Bytes read through the mapping since it last gave its pages back (see
     /// [`MAP_RELEASE_BYTES`]).
     mapped: AtomicU64,
+    /// Stretches of the file whose large page-cache folios small writes have split.
+    split: SplitRegions,
 }
 
 impl FileStorage {
@@ -236,6 +240,7 @@ impl FileStorage {
             lock,
             map: Mutex::new(None),
             mapped: AtomicU64::new(0),
+            split: SplitRegions::default(),
         };
         storage.take_lock()?;
         Ok(storage)
@@ -311,6 +316,20 @@ impl FileStorage {
     }
 
     /// Zero-fills `[offset, end)` with ordinary writes, in bounded chunks.
+    /// The mapping a small write splits folios through (see `small_writes`): the
+    /// current one if it reaches `end`, a new one only if there is none yet. Past
+    /// the end of the mapping the file grew since it was mapped, written by this
+    /// process in pages the size of its writes, so there is nothing to split and no
+    /// reason to map the file again; nor past the end of the file (new pages) or in
+    /// a file that does not map (a block device).
+    fn mapping_for_split(&self, end: u64) -> Option<Arc<Mmap>> {
+        let current = self.map.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match current {
+            Some(map) => (map.len() as u64 >= end).then_some(map),
+            None => self.mapping(end),
+        }
+    }
+
     pub(super) fn write_zeros(&self, offset: u64, end: u64) -> io::Result<()> {
         let total = end - offset;
         let chunk_len = usize::try_from(total).map_or(ZERO_CHUNK, |t| t.min(ZERO_CHUNK));
@@ -355,7 +374,17 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        range_end(offset, buf.len() as u64)?;
+        let end = range_end(offset, buf.len() as u64)?;
+        if buf.len() < SMALL_WRITE && self.split.pending(offset, end) {
+            match self.mapping_for_split(end) {
+                Some(map) => {
+                    self.split.split_before_write(&map, offset, end);
+                    // The pages it mapped go back with those reads map.
+                    self.mapped_read(offset, buf.len() as u64);
+                }
+                None => self.split.mark_range(offset, end),
+            }
+        }
         self.file.write_all_at(buf, offset)
     }
 

@@ -14,6 +14,7 @@ mod file;
 pub mod lock;
 mod mapping;
 mod mem;
+mod small_writes;
 #[cfg(any(test, feature = "testing"))]
 mod watched;
 
