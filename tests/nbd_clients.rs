@@ -5,15 +5,13 @@
 //!
 //! Every test starts its own server process and checks the image afterwards with
 //! qcowx and `qemu-img check`; the shared helpers and the conventions (tools, the
-//! server binary, `QCOWX_NBD`) are in `nbd_common/mod.rs`.
-
-mod nbd_common;
+//! server binary, `QCOWX_NBD`) are in `qcowx_tests::nbd_tools` (tests/src/nbd_tools.rs).
 
 use std::sync::Arc;
 use std::thread;
 
-use nbd_common::*;
 use qcowx_core::{CreateOptions, Image};
+use qcowx_tests::nbd_tools::*;
 use qcowx_tests::*;
 
 // ---- QEMU's client -----------------------------------------------------------------------

@@ -4,14 +4,12 @@
 //!
 //! Every test starts its own server process and checks the image afterwards with
 //! qcowx and `qemu-img check`; the shared helpers and the conventions (tools, the
-//! server binary, `QCOWX_NBD`) are in `nbd_common/mod.rs`.
-
-mod nbd_common;
+//! server binary, `QCOWX_NBD`) are in `qcowx_tests::nbd_tools` (tests/src/nbd_tools.rs).
 
 use std::path::Path;
 use std::process::Output;
 
-use nbd_common::*;
+use qcowx_tests::nbd_tools::*;
 use qcowx_tests::*;
 
 // ---- TLS -------------------------------------------------------------------------------------

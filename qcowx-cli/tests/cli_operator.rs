@@ -1,13 +1,13 @@
 //! What an operator reads: `tree`'s lineage on images built with `qcowx snapshot`,
 //! `fork` and `revert`, and `gc`'s report of what it did to the file.
 
+mod common;
+use common::CS;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use qcowx_tests::cli::*;
 use serde_json::Value;
-
-const CS: u64 = 65536;
 
 /// The names of `tree`'s human lines, with their tree drawing.
 fn tree_lines(d: &Path, file: &str) -> Vec<String> {

@@ -2,14 +2,14 @@
 //! fault refused with the receiving image as it was, and receives killed at random
 //! points that resume to completion.
 
+mod common;
+use common::QCOWX;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use qcowx_tests::cli::*;
 use qcowx_tests::Rng;
-
-const QCOWX: &str = env!("CARGO_BIN_EXE_qcowx");
 
 /// `qcowx io -c CMD... FILE`.
 fn io(dir: &Path, file: &str, cmds: &[&str]) {

@@ -1,6 +1,8 @@
 //! End-to-end tests of the `qcowx` snapshot, VDI, gc, diff, export and io commands,
 //! with QEMU's `qemu-img` and `qemu-io` as the oracle.
 
+mod common;
+use common::{CS, QCOWX};
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -8,9 +10,6 @@ use std::process::{Command, Output};
 
 use qcowx_tests::cli::*;
 use serde_json::Value;
-
-const QCOWX: &str = env!("CARGO_BIN_EXE_qcowx");
-const CS: u64 = 65536;
 
 fn keys(v: &Value) -> BTreeSet<String> {
     v.as_object()

@@ -1,7 +1,7 @@
 //! The control socket in process: a server on a real image file, its control socket,
 //! and the library client (`qcowx_nbd::control::{request, request_at}`) that `qcowx`
 //! uses when the image is locked. Live snapshots under real NBD clients are in the
-//! workspace's `tests/nbd.rs`.
+//! workspace's `tests/nbd_control.rs`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

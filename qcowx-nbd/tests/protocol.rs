@@ -1,7 +1,7 @@
 //! Wire-level conformance tests: an in-process server on a temporary Unix socket and
 //! a client that writes the protocol's bytes by hand, for the cases real clients
 //! cannot produce (malformed and unknown options, bad magic, unknown commands,
-//! oversized messages). Real-client tests live in the workspace's `tests/nbd.rs`.
+//! oversized messages). Real-client tests live in the workspace's `tests/nbd_*.rs`.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

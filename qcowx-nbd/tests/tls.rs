@@ -3,7 +3,7 @@
 //! so every reply type can be checked exactly (`NBD_REP_ERR_TLS_REQD`, the state
 //! reset after `STARTTLS`, a second `STARTTLS`, `EXPORT_NAME` before TLS), plus the
 //! client certificate checks. Real clients over TLS (libnbd, QEMU) are in the
-//! workspace's `tests/nbd.rs`.
+//! workspace's `tests/nbd_tls.rs`.
 //!
 //! The certificates are made for each test with the `openssl` command (Debian package
 //! `openssl`); a missing `openssl` fails the test.

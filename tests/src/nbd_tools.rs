@@ -1,7 +1,6 @@
-//! The helpers the `nbd_*.rs` test targets share: `qcowx-nbd` against real NBD
+//! What the workspace's `nbd_*.rs` test targets share: `qcowx-nbd` against real NBD
 //! clients, QEMU's (`qemu-io`, `qemu-img` with `nbd+unix://` and `nbd://` URIs) and
-//! libnbd's (`nbdinfo`, `nbdcopy`, `nbdsh`). Each target includes it with
-//! `mod nbd_common;`.
+//! libnbd's (`nbdinfo`, `nbdcopy`, `nbdsh`). They use it as `qcowx_tests::nbd_tools`.
 //!
 //! Every test starts its own server process on a temporary Unix socket (or a free TCP
 //! port), talks to it with the tools, stops it (SIGTERM, or SIGKILL where the test is
@@ -13,15 +12,12 @@
 //! The server binary is built on first use with the same cargo profile as this test
 //! (`cargo build -p qcowx-nbd`); set `QCOWX_NBD=/path/to/qcowx-nbd` to use another.
 
-// Each test target uses only some of these helpers.
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 
+use crate::*;
 use qcowx_core::{CreateOptions, Image};
-use qcowx_tests::*;
 
 // ---- tools ------------------------------------------------------------------------------
 
@@ -52,6 +48,7 @@ pub fn nbdsh_ok(script: &str) -> String {
 
 // ---- the server under test ---------------------------------------------------------------
 
+/// The Unix socket path a test's server listens on, inside its temporary folder.
 pub fn sock_in(dir: &TempDir) -> PathBuf {
     dir.path().join("nbd.sock")
 }
