@@ -25,6 +25,8 @@ pub(super) struct Input<R> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// How long `read_exact` polls before it sleeps ([`PAYLOAD_SPIN`]).
+    spin: Duration,
 }
 
 impl<R: RequestStream> Input<R> {
@@ -34,6 +36,7 @@ impl<R: RequestStream> Input<R> {
             buf: vec![0; INPUT_BUFFER],
             start: 0,
             end: 0,
+            spin: PAYLOAD_SPIN,
         }
     }
 
@@ -85,7 +88,7 @@ impl<R: RequestStream> Input<R> {
         let mut waiting: Option<Instant> = None;
         while !dst.is_empty() {
             let r = match waiting {
-                Some(t) if t.elapsed() >= PAYLOAD_SPIN => self.r.read(dst),
+                Some(t) if t.elapsed() >= self.spin => self.r.read(dst),
                 _ => self.r.read_now(dst),
             };
             match r {
@@ -180,12 +183,14 @@ mod tests {
     }
 
     /// A write payload arriving in pieces is polled for, not slept for, while the
-    /// pieces come within [`PAYLOAD_SPIN`]; past it the reader sleeps in a read.
+    /// pieces come within the poll window; past it the reader sleeps in a read.
     #[test]
     fn payload_pieces_are_polled_for_before_the_reader_sleeps() {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let pieces = |k: usize| data.chunks(k).map(<[u8]>::to_vec).collect::<Vec<_>>();
-        // Quick pieces: never a blocking read.
+        // Quick pieces: never a blocking read. Three polls fit in PAYLOAD_SPIN on an
+        // idle machine, but a test thread can be preempted for longer than that, so
+        // this part gets a window no preemption outlasts.
         let mut input = Input::new(Trickle {
             pieces: pieces(70_000),
             gaps: 3,
@@ -193,6 +198,7 @@ mod tests {
             blocking_reads: 0,
             poll_cost: Duration::ZERO,
         });
+        input.spin = Duration::from_secs(30);
         let mut got = vec![0u8; data.len()];
         input.read_exact(&mut got).expect("read");
         assert!(got == data);
