@@ -1,6 +1,6 @@
 //! The test-support library of the workspace: what the integration tests of every crate
 //! (`qcowx-core`, `qcowx-cli`, `qcowx-nbd`) and the workspace-level tests of this package
-//! (`interop.rs`, `hostile.rs`, `nbd_clients.rs`, …) share, so that no test file carries its own
+//! (`interop.rs`, `hostile_headers.rs`, `nbd_clients.rs`, …) share, so that no test file carries its own
 //! copy. QEMU's and libnbd's tools are the oracles; a missing tool fails the test with
 //! the package to install, it never skips it.
 //!
@@ -60,7 +60,9 @@ pub mod cli;
 pub mod damaged;
 mod expected;
 mod files;
+pub mod hostile_tools;
 mod images;
+pub mod kill_tools;
 mod libnbd;
 mod nbd_server;
 pub mod nbd_tools;
