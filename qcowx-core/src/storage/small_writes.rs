@@ -45,7 +45,7 @@ pub(super) const SMALL_WRITE: usize = 64 << 10;
 pub(super) const REGION: u64 = 128 << 10;
 
 /// The stretches of one file already split (one bit each), grown as writes reach
-/// further into the file: 512 KiB for every TiB written to.
+/// further into the file: 1 MiB for every TiB of file.
 #[derive(Debug, Default)]
 pub(super) struct SplitRegions {
     done: RwLock<Vec<AtomicU64>>,
