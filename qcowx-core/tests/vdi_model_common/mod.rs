@@ -1,4 +1,6 @@
-//! Model-based property test of snapshots, forks, deletes, reverts and GC.
+//! The model, the system under test and the steps of the model-based tests of
+//! snapshots, forks, deletes, reverts and GC (`vdi_model_random.rs`,
+//! `vdi_model_fixed.rs`).
 //!
 //! Random sequences of writes, zero writes, discards, snapshots, forks, snapshot and
 //! VDI deletes, reverts, GC runs, flushes and close/reopen cycles run against an image
@@ -17,12 +19,12 @@
 //! and the GC removed exactly the roots that were deleted or superseded; after every
 //! close the reopened image checks clean with exact refcounts.
 
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use proptest::prelude::*;
-use proptest::test_runner::Config;
 use qcowx_core::storage::{MemStorage, Storage};
 use qcowx_core::{CreateOptions, Disk, Error, ExtentStatus, Image, OpenOptions, RootKind};
 use qcowx_tests::Rng;
@@ -30,7 +32,7 @@ use qcowx_tests::Rng;
 /// Disk geometries the cases run on: (cluster size, extended L2, virtual size).
 /// Small disks keep a whole-disk comparison of every root after every step cheap;
 /// several of them need more than one L2 table, two have a partial last cluster.
-const GEOMETRIES: [(u64, bool, u64); 5] = [
+pub const GEOMETRIES: [(u64, bool, u64); 5] = [
     (512, false, 192 << 10),
     (4096, false, 3 << 20),
     (65536, false, 2 << 20),
@@ -40,7 +42,7 @@ const GEOMETRIES: [(u64, bool, u64); 5] = [
 
 /// Where an operation lands, resolved against the disk size when it runs.
 #[derive(Debug, Clone, Copy)]
-enum Shape {
+pub enum Shape {
     /// Any byte offset, up to about three clusters.
     Unaligned,
     /// Whole clusters.
@@ -50,15 +52,15 @@ enum Shape {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct At {
-    shape: Shape,
-    off: u64,
-    len: u64,
+pub struct At {
+    pub shape: Shape,
+    pub off: u64,
+    pub len: u64,
 }
 
 /// How a new root is named.
 #[derive(Debug, Clone, Copy)]
-enum NameChoice {
+pub enum NameChoice {
     /// A name never used before.
     Fresh,
     /// The name of a root that was deleted (names can be reused).
@@ -70,7 +72,7 @@ enum NameChoice {
 }
 
 #[derive(Debug, Clone)]
-enum Op {
+pub enum Op {
     Write {
         vdi: usize,
         at: At,
@@ -113,47 +115,6 @@ enum Op {
         which: u8,
         pick: usize,
     },
-}
-
-fn at() -> impl Strategy<Value = At> {
-    (
-        prop_oneof![
-            4 => Just(Shape::Unaligned),
-            4 => Just(Shape::Clusters),
-            1 => Just(Shape::Tail),
-        ],
-        any::<u64>(),
-        any::<u64>(),
-    )
-        .prop_map(|(shape, off, len)| At { shape, off, len })
-}
-
-fn name_choice() -> impl Strategy<Value = NameChoice> {
-    prop_oneof![
-        12 => Just(NameChoice::Fresh),
-        3 => any::<usize>().prop_map(NameChoice::Reused),
-        1 => any::<usize>().prop_map(NameChoice::Taken),
-        1 => any::<usize>().prop_map(NameChoice::Malformed),
-    ]
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        14 => (any::<usize>(), at(), any::<u64>(), any::<bool>())
-            .prop_map(|(vdi, at, seed, via_image)| Op::Write { vdi, at, seed, via_image }),
-        3 => (any::<usize>(), at(), any::<bool>())
-            .prop_map(|(vdi, at, unmap)| Op::Zeroes { vdi, at, unmap }),
-        3 => (any::<usize>(), at()).prop_map(|(vdi, at)| Op::Discard { vdi, at }),
-        6 => (any::<usize>(), name_choice()).prop_map(|(vdi, name)| Op::Snapshot { vdi, name }),
-        4 => (any::<usize>(), name_choice()).prop_map(|(snap, name)| Op::Fork { snap, name }),
-        3 => any::<usize>().prop_map(|snap| Op::DeleteSnapshot { snap }),
-        2 => any::<usize>().prop_map(|vdi| Op::DeleteVdi { vdi }),
-        3 => (any::<usize>(), any::<usize>()).prop_map(|(vdi, snap)| Op::Revert { vdi, snap }),
-        3 => Just(Op::Gc),
-        2 => Just(Op::Flush),
-        2 => any::<bool>().prop_map(|small_cache| Op::Reopen { small_cache }),
-        2 => (0u8..12, any::<usize>()).prop_map(|(which, pick)| Op::Invalid { which, pick }),
-    ]
 }
 
 /// A live VDI of the model.
@@ -776,7 +737,7 @@ fn verify(sut: &mut Sut, m: &Model, step: usize, log: &str) {
     }
 }
 
-fn run_case(geometry: usize, ops: &[Op]) {
+pub fn run_case(geometry: usize, ops: &[Op]) {
     let (cs, extended, size) = GEOMETRIES[geometry];
     let storage = Arc::new(MemStorage::new());
     let mut opts = CreateOptions::new(size);
@@ -819,111 +780,4 @@ fn run_case(geometry: usize, ops: &[Op]) {
         report.corruptions == 0 && report.leaks == 0,
         "final check: {report:?}\n{log}"
     );
-}
-
-proptest! {
-    #![proptest_config(Config {
-        // QCOWX_MODEL_CASES=N runs a longer exploration.
-        cases: std::env::var("QCOWX_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48),
-        max_shrink_iters: 400,
-        failure_persistence: None,
-        ..Config::default()
-    })]
-
-    #[test]
-    fn snapshots_forks_and_gc_match_the_model(
-        geometry in 0..GEOMETRIES.len(),
-        ops in proptest::collection::vec(op(), 40..80),
-    ) {
-        run_case(geometry, &ops);
-    }
-}
-
-/// A fixed sequence touching every operation, so a regression shows up with a short,
-/// readable history even before the property test finds it.
-#[test]
-fn every_operation_once() {
-    let w = |vdi, off, len, seed| Op::Write {
-        vdi,
-        at: At {
-            shape: Shape::Unaligned,
-            off,
-            len,
-        },
-        seed,
-        via_image: false,
-    };
-    let ops = vec![
-        w(0, 1000, 9000, 1),
-        Op::Snapshot {
-            vdi: 0,
-            name: NameChoice::Fresh,
-        },
-        w(0, 5000, 100, 2),
-        Op::Fork {
-            snap: 0,
-            name: NameChoice::Fresh,
-        },
-        w(1, 0, 70000, 3),
-        Op::Snapshot {
-            vdi: 1,
-            name: NameChoice::Fresh,
-        },
-        Op::Discard {
-            vdi: 1,
-            at: At {
-                shape: Shape::Clusters,
-                off: 0,
-                len: 2,
-            },
-        },
-        Op::Revert { vdi: 1, snap: 1 },
-        Op::DeleteSnapshot { snap: 0 },
-        Op::Gc,
-        Op::Reopen { small_cache: true },
-        Op::DeleteVdi { vdi: 1 },
-        Op::Gc,
-        Op::Invalid { which: 9, pick: 0 },
-    ];
-    for g in 0..GEOMETRIES.len() {
-        run_case(g, &ops);
-    }
-}
-
-/// A handle opened before a revert reads and writes the VDI's new head (it used to
-/// keep reading the superseded head's L1 table).
-#[test]
-fn a_handle_follows_its_vdi_through_a_revert() {
-    for vdi in ["default", "v"] {
-        let storage = Arc::new(MemStorage::new());
-        let mut opts = CreateOptions::new(1 << 20);
-        opts.cluster_size = 4096;
-        let img = Arc::new(Image::create_in(storage as Arc<dyn Storage>, &opts).unwrap());
-        img.write_at(&[1; 8192], 0).unwrap();
-        img.snapshot("default", "s").unwrap();
-        img.fork("s", "v").unwrap();
-        let d = img.open_root(vdi).unwrap();
-        d.write_at(&[2; 8192], 0).unwrap();
-        img.snapshot(vdi, "s2").unwrap();
-        d.discard(0, 8192).unwrap();
-        img.revert(vdi, "s2").unwrap();
-        let mut b = vec![0u8; 8192];
-        d.read_at(&mut b, 0).unwrap();
-        assert_eq!(
-            b,
-            vec![2; 8192],
-            "{vdi}: an old handle reads the reverted content"
-        );
-        d.write_at(&[3; 4096], 0).unwrap();
-        img.open_root(vdi).unwrap().read_at(&mut b, 0).unwrap();
-        assert_eq!(
-            &b[..4096],
-            &[3; 4096],
-            "{vdi}: an old handle writes the new head"
-        );
-        img.open_root("s2").unwrap().read_at(&mut b, 0).unwrap();
-        assert_eq!(b, vec![2; 8192], "{vdi}: the snapshot is unchanged");
-        let check = img.check().unwrap();
-        assert_eq!(check.corruptions, 0, "{:?}", check.messages);
-    }
 }
