@@ -1,6 +1,6 @@
 //! The test-support library of the workspace: what the integration tests of every crate
 //! (`qcowx-core`, `qcowx-cli`, `qcowx-nbd`) and the workspace-level tests of this package
-//! (`interop.rs`, `hostile_headers.rs`, `nbd_clients.rs`, …) share, so that no test file carries its own
+//! (`interop_qemu_images.rs`, `hostile_headers.rs`, `nbd_clients.rs`, …) share, so that no test file carries its own
 //! copy. QEMU's and libnbd's tools are the oracles; a missing tool fails the test with
 //! the package to install, it never skips it.
 //!
@@ -62,6 +62,7 @@ mod expected;
 mod files;
 pub mod hostile_tools;
 mod images;
+pub mod interop_tools;
 pub mod kill_tools;
 mod libnbd;
 mod nbd_server;
@@ -73,6 +74,7 @@ mod process;
 mod qemu;
 mod rng;
 mod s3;
+pub mod soak_tools;
 pub mod strategies;
 
 pub use bins::*;
