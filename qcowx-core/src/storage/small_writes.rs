@@ -18,10 +18,11 @@
 //! periodic release ([`super::MAP_RELEASE_BYTES`]), so resident memory does not grow.
 //! Every step is a hint: where one fails (another kernel, a folio another process
 //! maps, a folio under writeback) the write goes ahead and costs what it cost
-//! before. Each stretch is tried once per open (an `fstat`, a `mincore` and the two
-//! `madvise` calls, tens of microseconds where the kernel has to shoot down the
-//! split folio's mappings on another CPU); one whose written pages were not cached
-//! is not tried again, as a write there makes pages of its own size.
+//! before. Each stretch is tried once per open (a `mincore` and the two `madvise`
+//! calls: about 27 µs for a 128 KiB folio split, more where the kernel has to shoot
+//! down the folio's mappings on another CPU, 5 µs where the pages are 4 KiB already);
+//! one whose written pages were not cached is not tried again, as a write there makes
+//! pages of its own size.
 //!
 //! Why not write through the mapping instead: the first store into a clean folio of
 //! a shared mapping makes the whole folio dirty (`block_page_mkwrite`), so a flush
