@@ -26,8 +26,7 @@ use memmap2::Mmap;
 /// assert!(!resident(&map, 0, map.len() + 1), "outside the mapping");
 /// ```
 pub fn resident(map: &Mmap, offset: usize, len: usize) -> bool {
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let page = page_size();
     let Some(end) = offset.checked_add(len).filter(|&e| e <= map.len()) else {
         return false;
     };
@@ -46,6 +45,12 @@ pub fn resident(map: &Mmap, offset: usize, len: usize) -> bool {
         )
     };
     r == 0 && vec.iter().all(|v| v & 1 == 1)
+}
+
+/// The size of a memory page (`sysconf(_SC_PAGESIZE)`; 4 KiB if it cannot be read).
+pub(super) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 /// Whether `process_vm_readv` may be used (cleared the first time the kernel or a

@@ -88,7 +88,7 @@ impl SplitRegions {
     /// the module's documentation) and marks the stretches it touches done. Does
     /// nothing where `map` does not reach.
     pub(super) fn split_before_write(&self, map: &Mmap, offset: u64, end: u64) {
-        let page = page_size();
+        let page = super::mapping::page_size() as u64;
         let len = map.len() as u64;
         if end > len || offset >= end {
             return;
@@ -115,11 +115,6 @@ impl SplitRegions {
             }
         }
     }
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
