@@ -1,6 +1,7 @@
 //! Limits of the image's size and its on-disk structures, at the limit and one past it
 //! (spec/limits.md): the L1 table, the virtual size, the refcount table, the number
-//! of header extensions, and a header field deep in a 2 MiB first cluster.
+//! of header extensions, and a header field deep in a 2 MiB first cluster; block status
+//! over the largest disk.
 //!
 //! At the limit the operation works (and QEMU, the oracle, accepts the result); one
 //! past it qcowx refuses with a typed error that names the limit, and QEMU refuses
@@ -172,6 +173,49 @@ fn virtual_size_at_the_limit_works_and_one_sector_more_is_refused() {
             }
         ),
         "{err:?}"
+    );
+}
+
+/// Block status over the whole of the largest disk (2^56 bytes, 2 MiB clusters: 2^35
+/// clusters behind 131,072 L1 entries) in one call: the answer is the three extents
+/// the disk holds, and the call costs what the disk's tables hold, not its length.
+/// Planned cluster by cluster (about 20 ns each here) the call took over ten
+/// minutes; an L1 entry without an L2 table is one step, so it takes milliseconds.
+/// The bound below is a hang guard two orders of magnitude from either.
+#[test]
+fn block_status_of_the_largest_disk_follows_its_tables_not_its_length() {
+    use qcowx_core::{Extent, ExtentStatus};
+    let dir = tempdir();
+    let max = MAX_VIRTUAL_SIZE;
+    let path = dir.path().join("huge.qcow2");
+    let mut opts = CreateOptions::new(max);
+    opts.cluster_size = 2 << 20;
+    let img = Image::create(&path, &opts).expect("create at 2^56 bytes");
+    let at = max / 3 - (max / 3) % (2 << 20);
+    img.write_at(&[7u8; 4096], at).expect("write");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(img.block_status(0, max));
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("block status of the whole disk did not answer within 120 s")
+        .expect("block status");
+    let shape: Vec<(u64, u64, ExtentStatus)> = got
+        .iter()
+        .map(|e: &Extent| (e.offset, e.length, e.status))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            (0, at, ExtentStatus::Unallocated),
+            (at, 2 << 20, ExtentStatus::Data),
+            (
+                at + (2 << 20),
+                max - at - (2 << 20),
+                ExtentStatus::Unallocated
+            ),
+        ]
     );
 }
 
