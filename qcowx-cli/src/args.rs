@@ -2,6 +2,7 @@
 //! `measure`, `push` and `pull` live beside their commands), and the value parsers
 //! they share. `main.rs` holds the command enum that names them.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, ValueEnum};
@@ -10,6 +11,48 @@ use qcowx_core::size::parse_size;
 use qcowx_core::vdi::DEFAULT_VDI;
 
 use crate::iocmd::IoCommand;
+
+/// `-f FMT`, as `qemu-img` takes it on every command: commands that work on qcow2
+/// images only accept `-f qcow2` (the format is read from the file either way), so
+/// command lines written for `qemu-img` run unchanged; any other format is refused as
+/// a usage error that names the one accepted.
+#[derive(Debug, Args)]
+pub(crate) struct Qcow2Only {
+    /// The image's format, as qemu-img takes it: only qcow2 (read from the file anyway).
+    #[arg(id = "image-format", short = 'f', value_name = "FMT", value_parser = ["qcow2"])]
+    #[allow(dead_code)] // Accepted, never needed: clap refuses every other value.
+    pub(crate) format: Option<String>,
+}
+
+/// Rewrites `qemu-img`'s `check -r leaks` / `check -r all` (a separate value after
+/// `-r`) as `--repair=leaks` / `--repair=all`, the form clap parses: `-r` alone keeps
+/// meaning a full repair, so a value may follow it only when attached. Other command
+/// lines pass unchanged.
+pub(crate) fn qemu_img_forms(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    // The command is the first argument after the program that is not an option
+    // (`-q` is the only global one).
+    let Some(cmd) = args
+        .iter()
+        .skip(1)
+        .position(|a| !a.to_string_lossy().starts_with('-'))
+    else {
+        return args;
+    };
+    if args[cmd + 1] != "check" {
+        return args;
+    }
+    let mut i = cmd + 2;
+    while i + 1 < args.len() {
+        let mode = args[i + 1].to_string_lossy();
+        if (args[i] == "-r" || args[i] == "--repair") && (mode == "leaks" || mode == "all") {
+            let merged = OsString::from(format!("--repair={mode}"));
+            args.splice(i..i + 2, [merged]);
+        }
+        i += 1;
+    }
+    args
+}
 
 /// What a command that reads one image takes: the output format, -U and FILE.
 #[derive(Debug, Args)]
@@ -20,6 +63,8 @@ pub(crate) struct ReadArgs {
     /// Open the image without locking it, even while another process writes it.
     #[arg(short = 'U', long = "force-share")]
     pub(crate) force_share: bool,
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
     /// The image file.
     #[arg(value_name = "FILE")]
     pub(crate) file: PathBuf,
@@ -27,6 +72,8 @@ pub(crate) struct ReadArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct CreateArgs {
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
     /// Cluster size (512 to 2M, a power of two; K/M suffixes allowed).
     #[arg(long = "cluster-size", value_name = "SIZE", value_parser = size_arg)]
     pub(crate) cluster_size: Option<u64>,
@@ -51,6 +98,10 @@ pub(crate) struct CreateArgs {
     /// extended_l2, refcount_bits, compression_type, backing_file, backing_fmt.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub(crate) options: Vec<String>,
+    /// Unsafe: name the backing file without opening it (it need not exist yet; SIZE
+    /// must then be given), as `qemu-img create -u` does.
+    #[arg(short = 'u')]
+    pub(crate) unsafe_: bool,
     /// Replace FILE if it exists, whatever it holds (as `qemu-img create` does).
     /// Without it an existing FILE is refused and left untouched.
     #[arg(long = "overwrite")]
@@ -76,9 +127,22 @@ pub(crate) enum OutputKind {
 
 #[derive(Debug, Args)]
 pub(crate) struct CheckArgs {
-    /// Rewrite the refcounts from a reachability scan (fixes leaks and refcount errors).
-    #[arg(long, short = 'r')]
-    pub(crate) repair: bool,
+    /// Rewrite the refcounts from a reachability scan (fixes leaks and refcount
+    /// errors). qemu-img's `-r all` and `-r leaks` are taken too: `all` is this repair;
+    /// `leaks` repairs an image whose check finds leaks and nothing worse, and leaves
+    /// one with corruptions as it is (reported, exit 2).
+    #[arg(
+        long,
+        short = 'r',
+        value_enum,
+        value_name = "MODE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "all"
+    )]
+    pub(crate) repair: Option<RepairMode>,
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputKind::Human)]
     pub(crate) output: OutputKind,
@@ -90,6 +154,15 @@ pub(crate) struct CheckArgs {
     pub(crate) file: PathBuf,
 }
 
+/// What `check --repair` may fix (qemu-img's `-r` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RepairMode {
+    /// Only an image whose problems are leaks.
+    Leaks,
+    /// Leaks and refcount errors.
+    All,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ExportFormat {
     Raw,
@@ -99,6 +172,8 @@ pub(crate) enum ExportFormat {
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("root").args(["snapshot", "vdi"])))]
 pub(crate) struct ExportArgs {
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
     /// Export this snapshot.
     #[arg(long, value_name = "NAME")]
     pub(crate) snapshot: Option<String>,
@@ -170,6 +245,7 @@ pub(crate) struct ReceiveArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("qemu").args(["list", "create", "delete", "apply"])))]
 pub(crate) struct SnapshotArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputKind::Human)]
@@ -177,12 +253,27 @@ pub(crate) struct SnapshotArgs {
     /// The VDI to snapshot.
     #[arg(long, value_name = "VDI", default_value = DEFAULT_VDI)]
     pub(crate) vdi: String,
+    /// qemu-img's form: list the snapshots (the table `qemu-img snapshot -l` prints).
+    #[arg(short = 'l', conflicts_with_all = ["name", "vdi"])]
+    pub(crate) list: bool,
+    /// qemu-img's form: take snapshot NAME of the VDI (`qcowx snapshot FILE NAME`).
+    #[arg(short = 'c', value_name = "NAME", conflicts_with = "name")]
+    pub(crate) create: Option<String>,
+    /// qemu-img's form: delete snapshot NAME (`qcowx delete --snapshot NAME FILE`).
+    #[arg(short = 'd', value_name = "NAME", conflicts_with_all = ["name", "vdi"])]
+    pub(crate) delete: Option<String>,
+    /// qemu-img's form: give the VDI snapshot NAME's content (`qcowx revert --vdi VDI
+    /// FILE NAME`).
+    #[arg(short = 'a', value_name = "NAME", conflicts_with = "name")]
+    pub(crate) apply: Option<String>,
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
     /// The image file.
     #[arg(value_name = "FILE")]
     pub(crate) file: PathBuf,
     /// The new snapshot's name (unique among snapshots and VDIs).
-    #[arg(value_name = "NAME")]
-    pub(crate) name: String,
+    #[arg(value_name = "NAME", required_unless_present = "qemu")]
+    pub(crate) name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -252,6 +343,8 @@ pub(crate) struct DiffArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct IoArgs {
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
     /// The VDI to read and write (a snapshot can be read).
     #[arg(long, value_name = "VDI", default_value = DEFAULT_VDI)]
     pub(crate) vdi: String,
@@ -318,6 +411,8 @@ pub(crate) struct MapArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct AmendArgs {
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
     /// Options, comma-separated: `refcount_bits=N` (1, 2, 4, 8, 16, 32 or 64),
     /// `backing_file=NAME` and `backing_fmt=raw|qcow2` (as `rebase -u`),
     /// `lazy_refcounts=on|off`, `size=SIZE` (grow), `compat=1.1`.
@@ -330,6 +425,8 @@ pub(crate) struct AmendArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct ResizeArgs {
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputKind::Human)]
     pub(crate) output: OutputKind,
@@ -344,6 +441,8 @@ pub(crate) struct ResizeArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct BitmapArgs {
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
     /// Add the bitmap (empty; enabled unless --disable).
     #[arg(long)]
     pub(crate) add: bool,

@@ -176,7 +176,7 @@ impl Command {
             Command::Diff(DiffArgs { image: a, .. })
             | Command::Tree(TreeArgs { image: a, .. })
             | Command::Map(MapArgs { image: a, .. }) => !a.force_share,
-            Command::Check(a) => !a.force_share && !a.repair,
+            Command::Check(a) => !a.force_share && a.repair.is_none(),
             Command::Export(a) => !a.force_share,
             Command::Send(a) => !a.force_share,
             Command::Compare(a) => !a.force_share,
@@ -245,7 +245,7 @@ complete; by default it is on the disk (fdatasync) before the rename, and --no-s
 leaves that to the kernel.";
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(qemu_img_forms(std::env::args_os()));
     let stdout = io::stdout();
     let mut out = stdout.lock();
     let quiet = cli.quiet;

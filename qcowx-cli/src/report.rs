@@ -137,7 +137,7 @@ fn bitmap_flags(b: &qcowx_core::BitmapInfo) -> Vec<&'static str> {
 }
 
 fn snapshot_json(s: &SnapshotInfo) -> Value {
-    json!({
+    let mut v = json!({
         "id": s.id,
         "name": s.name,
         "vm-state-size": s.vm_state_size,
@@ -145,7 +145,39 @@ fn snapshot_json(s: &SnapshotInfo) -> Value {
         "date-nsec": s.date_nsec,
         "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
         "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-    })
+    });
+    // As QEMU: the key only when the entry records a count.
+    if let Some(n) = s.icount {
+        v["icount"] = json!(n);
+    }
+    v
+}
+
+/// The snapshot table as `qemu-img info` and `qemu-img snapshot -l` print it (nothing
+/// when there are no snapshots).
+pub fn snapshot_list(out: &mut dyn Write, snapshots: &[SnapshotInfo]) -> io::Result<()> {
+    if snapshots.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "Snapshot list:")?;
+    writeln!(
+        out,
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    )?;
+    for s in snapshots {
+        writeln!(
+            out,
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            s.id,
+            s.name,
+            size_to_str(s.vm_state_size),
+            local_date(i64::from(s.date_sec)),
+            vm_clock(s.vm_clock_nsec),
+            s.icount.map(|n| n.to_string()).unwrap_or_default()
+        )?;
+    }
+    Ok(())
 }
 
 /// `qemu-img info`'s human output (without the protocol child node).
@@ -187,26 +219,7 @@ pub fn info_human(
         Some(Err(e)) => writeln!(out, "remote base: {e}")?,
         None => {}
     }
-    if !info.snapshots.is_empty() {
-        writeln!(out, "Snapshot list:")?;
-        writeln!(
-            out,
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        )?;
-        for s in &info.snapshots {
-            writeln!(
-                out,
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-                s.id,
-                s.name,
-                size_to_str(s.vm_state_size),
-                local_date(i64::from(s.date_sec)),
-                vm_clock(s.vm_clock_nsec),
-                ""
-            )?;
-        }
-    }
+    snapshot_list(out, &info.snapshots)?;
     writeln!(out, "Format specific information:")?;
     writeln!(out, "    compat: {}", info.compat)?;
     writeln!(out, "    compression type: {}", info.compression_type)?;

@@ -113,6 +113,8 @@ pub(crate) struct RebaseArgs {
     /// Its format (raw or qcow2; probed at open when absent).
     #[arg(short = 'F', value_name = "FORMAT", value_parser = ["raw", "qcow2"])]
     backing_format: Option<String>,
+    #[command(flatten)]
+    image_format: crate::Qcow2Only,
     /// The image file.
     #[arg(value_name = "FILE")]
     file: PathBuf,

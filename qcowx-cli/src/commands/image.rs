@@ -11,7 +11,7 @@ use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOpti
 use super::{emit, lock_mode, require_kind, run_request, unexpected, usage_error, Failure};
 use crate::{
     progress, report, size_arg, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DiskFormat,
-    ExportArgs, ExportFormat, ImportArgs, OutputKind, ReadArgs, ResizeArgs,
+    ExportArgs, ExportFormat, ImportArgs, OutputKind, ReadArgs, RepairMode, ResizeArgs,
 };
 use qcowx_core::control::{Request, Response};
 
@@ -32,8 +32,20 @@ pub(crate) fn create(a: &CreateArgs, quiet: bool, out: &mut dyn Write) -> Result
         opts.backing_format = a.backing_format.clone();
     }
     opts.extended_l2 |= a.extended_l2;
+    opts.open_backing = !a.unsafe_;
+    // A size given with -o (`size=`) stands unless SIZE is given too.
+    let size_in_options = a
+        .options
+        .iter()
+        .any(|o| o.split(',').any(|kv| kv.starts_with("size=")));
     opts.size = match a.size {
         Some(s) => s,
+        None if size_in_options => opts.size,
+        None if a.unsafe_ => usage_error(
+            "create",
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "-u needs SIZE: the backing file is not opened for its size".into(),
+        ),
         None => backing_size(
             &a.file,
             opts.backing_file.as_deref(),
@@ -115,21 +127,32 @@ pub(crate) fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u
         progress::enabled(quiet, a.output == OutputKind::Json),
         "checking",
     );
-    if !a.repair {
-        // Without -U, a served image is checked by its server.
-        let opened = OpenOptions::new()
-            .open_backing(false)
-            .lock(lock_mode(a.force_share))
-            .open(&a.file);
-        let report = match run_request(&a.file, opened, &Request::Check)? {
-            Response::Check(r) => r,
-            other => return Err(unexpected(&Request::Check, &other)),
-        };
-        drop(spinner);
+    let report_only = |report: &CheckReport| {
         for m in &report.messages {
             let _ = writeln!(io::stderr(), "{m}");
         }
+    };
+    let Some(mode) = a.repair else {
+        let report = check_report(a)?;
+        drop(spinner);
+        report_only(&report);
         return print_check(a, quiet, out, &report, None);
+    };
+    if mode == RepairMode::Leaks {
+        // qemu-img's `-r leaks`: an image with worse than leaks is left as it is.
+        let report = check_report(a)?;
+        if report.corruptions > 0 || report.marked_corrupt {
+            drop(spinner);
+            report_only(&report);
+            let _ = writeln!(
+                io::stderr(),
+                "qcowx: {}: -r leaks repairs leaks only; nothing was changed \
+                 (-r all repairs the {} refcount error(s) too)",
+                a.file.display(),
+                report.corruptions
+            );
+            return print_check(a, quiet, out, &report, None);
+        }
     }
     let img = OpenOptions::new()
         .open_backing(false)
@@ -157,6 +180,19 @@ pub(crate) fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u
     img.close()?;
     drop(spinner);
     print_check(a, quiet, out, &last, fixed.as_ref())
+}
+
+/// The check of `a.file` without a repair: a served image is checked by its server
+/// unless -U.
+fn check_report(a: &CheckArgs) -> Result<CheckReport, Failure> {
+    let opened = OpenOptions::new()
+        .open_backing(false)
+        .lock(lock_mode(a.force_share))
+        .open(&a.file);
+    match run_request(&a.file, opened, &Request::Check)? {
+        Response::Check(r) => Ok(r),
+        other => Err(unexpected(&Request::Check, &other)),
+    }
 }
 
 /// Prints a check's report and returns `qemu-img check`'s exit code.

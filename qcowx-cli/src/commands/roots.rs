@@ -44,14 +44,64 @@ fn create_root(
     Ok(0)
 }
 
+/// `qcowx snapshot FILE NAME`, and `qemu-img snapshot`'s forms: `-l`, `-c NAME`,
+/// `-d NAME`, `-a NAME` (clap allows one of them, or NAME).
 pub(crate) fn snapshot(a: &SnapshotArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    if a.list {
+        return snapshot_list(a, quiet, out);
+    }
+    if let Some(name) = &a.delete {
+        return delete(&DeleteArgs {
+            file: a.file.clone(),
+            snapshot: Some(name.clone()),
+            vdi: None,
+        });
+    }
+    if let Some(name) = &a.apply {
+        return revert(&RevertArgs {
+            file: a.file.clone(),
+            vdi: a.vdi.clone(),
+            snapshot: name.clone(),
+        });
+    }
+    let Some(name) = a.create.as_ref().or(a.name.as_ref()) else {
+        return Err(Failure::Image(qcowx_core::Error::InvalidArgument(
+            "snapshot needs NAME, or one of -l, -c NAME, -d NAME, -a NAME".into(),
+        )));
+    };
     let req = Request::Snapshot {
         vdi: a.vdi.clone(),
-        name: a.name.clone(),
+        name: name.clone(),
     };
     create_root(&a.file, req, a.output, quiet, out, |r| {
         format!("Created snapshot '{}' of VDI '{}'.", r.name, r.vdi)
     })
+}
+
+/// `snapshot -l`: the snapshot table `qemu-img snapshot -l` prints (with --output=json,
+/// what `list` prints).
+fn snapshot_list(a: &SnapshotArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    if a.output == OutputKind::Json {
+        return list(
+            &ReadArgs {
+                output: a.output,
+                force_share: false,
+                image_format: crate::Qcow2Only { format: None },
+                file: a.file.clone(),
+            },
+            quiet,
+            out,
+        );
+    }
+    let img = OpenOptions::new()
+        .lock(lock_mode(false))
+        .open_backing(false)
+        .open(&a.file)?;
+    let info = img.info()?;
+    if !quiet {
+        report::snapshot_list(out, &info.snapshots)?;
+    }
+    Ok(0)
 }
 
 pub(crate) fn list(a: &ReadArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {

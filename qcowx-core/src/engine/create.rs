@@ -74,6 +74,11 @@ pub struct CreateOptions {
     /// A snapshot in an object store to read unallocated clusters from, instead of a
     /// backing file (`spec/remote.md`; opening it needs the `s3` feature).
     pub remote_base: Option<crate::format::remote::RemoteBase>,
+    /// Whether [`Image::create`] opens the backing file when it opens the new image
+    /// (default: yes, so a missing or unreadable backing file fails the create). With
+    /// `false` the backing file is only named, as `qemu-img create -u` does: it need not
+    /// exist yet, and its format, when not given, is probed at the next open.
+    pub open_backing: bool,
 }
 
 impl CreateOptions {
@@ -89,13 +94,14 @@ impl CreateOptions {
             refcount_bits: 32,
             if_exists: IfExists::default(),
             remote_base: None,
+            open_backing: true,
         }
     }
 
     /// Applies `qemu-img create -o` options: a comma-separated list of `key=value`
-    /// with QEMU's names `cluster_size`, `extended_l2` (`on`/`off`), `refcount_bits`,
-    /// `compression_type` (`zlib`/`zstd`), `backing_file` and `backing_fmt`. An
-    /// unknown key or a bad value is refused, naming it.
+    /// with QEMU's names `size`, `cluster_size`, `extended_l2` (`on`/`off`),
+    /// `refcount_bits`, `compression_type` (`zlib`/`zstd`), `backing_file` and
+    /// `backing_fmt`. An unknown key or a bad value is refused, naming it.
     pub fn apply_qemu_options(&mut self, options: &str) -> Result<()> {
         let bad = |what: String| Error::InvalidArgument(format!("-o {options}: {what}"));
         for item in options.split(',').filter(|s| !s.is_empty()) {
@@ -108,6 +114,9 @@ impl CreateOptions {
                 _ => Err(bad(format!("{key} must be on or off, not '{v}'"))),
             };
             match key {
+                "size" => {
+                    self.size = crate::size::parse_size(value).map_err(|e| bad(e.to_string()))?
+                }
                 "cluster_size" => {
                     self.cluster_size =
                         crate::size::parse_size(value).map_err(|e| bad(e.to_string()))?
@@ -447,7 +456,9 @@ impl Image {
             Arc::new(storage),
             name,
             Some(path.to_path_buf()),
-            &OpenOptions::new().write(true),
+            &OpenOptions::new()
+                .write(true)
+                .open_backing(opts.open_backing),
             &[canon],
         )
         .map(|img| *img)

@@ -77,6 +77,8 @@ pub struct SnapshotInfo {
     pub vm_state_size: u64,
     /// Virtual disk size at the snapshot, if recorded.
     pub disk_size: Option<u64>,
+    /// The guest's instruction count, if recorded (QEMU's `icount`).
+    pub icount: Option<u64>,
 }
 
 /// What a writable open found the image in, and what it did about it.
@@ -559,6 +561,7 @@ impl Image {
                     vm_clock_nsec: s.vm_clock_nsec,
                     vm_state_size: s.vm_state_size(),
                     disk_size: s.disk_size(),
+                    icount: s.icount(),
                 })
                 .collect(),
             bitmaps: st.bitmaps.infos(),

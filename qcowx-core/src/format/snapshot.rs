@@ -162,6 +162,13 @@ impl SnapshotEntry {
         self.qemu_field(std::mem::offset_of!(RawQemuExtra, disk_size))
     }
 
+    /// The guest's instruction count recorded in QEMU's extra data: absent when the
+    /// entry does not carry the field or holds QEMU's "none" (all ones).
+    pub fn icount(&self) -> Option<u64> {
+        self.qemu_field(std::mem::offset_of!(RawQemuExtra, icount))
+            .filter(|&v| v != u64::MAX)
+    }
+
     /// The VM state size: QEMU's 64-bit field in the extra data when present, else
     /// the entry's 32-bit field.
     pub fn vm_state_size(&self) -> u64 {
