@@ -168,3 +168,65 @@ fn check_and_repair_a_corrupted_refcount() {
     );
     assert_qemu_check_clean(d, "bad2.qcow2");
 }
+
+/// qemu-img's repair modes: `-r all` and `-r leaks` (a separate word after -r, as
+/// qemu-img takes it) and `--repair=MODE`. On a leaked image both repair it, as
+/// `qemu-img check -r leaks` does; on a corrupted one `-r leaks` changes nothing and
+/// reports the corruption (exit 2), where `-r all` repairs it.
+#[test]
+fn check_takes_qemu_img_repair_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_checked_image(d, "clean.qcow2");
+    for (i, args) in [
+        &["-r", "leaks"][..],
+        &["-r", "all"],
+        &["--repair=leaks"],
+        &["--repair", "all"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("leak{i}.qcow2");
+        std::fs::copy(d.join("clean.qcow2"), d.join(&name)).unwrap();
+        make_leak(&d.join(&name));
+        let mut all = vec!["check", "--output=json"];
+        all.extend(args);
+        all.push(&name);
+        let fixed = qcowx_check_json(d, &all, 0);
+        assert_eq!(fixed["leaks-fixed"], 1, "{args:?}: {fixed:#}");
+        assert_qemu_check_clean(d, &name);
+    }
+
+    std::fs::copy(d.join("clean.qcow2"), d.join("bad.qcow2")).unwrap();
+    make_corruption(&d.join("bad.qcow2"));
+    make_leak(&d.join("bad.qcow2"));
+    let before = std::fs::read(d.join("bad.qcow2")).unwrap();
+    let out = qcowx(d, &["check", "-r", "leaks", "bad.qcow2"]);
+    assert_code(&out, 2, "check -r leaks of a corrupted image");
+    assert!(
+        stderr(&out).contains("-r leaks repairs leaks only"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        std::fs::read(d.join("bad.qcow2")).unwrap() == before,
+        "-r leaks changed a corrupted image"
+    );
+    assert_eq!(qemu_check_code(d, "bad.qcow2"), 2, "qemu-img still sees it");
+    let fixed = qcowx_check_json(d, &["check", "-r", "all", "--output=json", "bad.qcow2"], 0);
+    assert!(
+        fixed["corruptions-fixed"].as_u64().unwrap() >= 1,
+        "{fixed:#}"
+    );
+    assert_qemu_check_clean(d, "bad.qcow2");
+
+    // A mode is one of the two; -r before the file still means a full repair.
+    let err = usage_error(d, &["check", "--repair=some", "clean.qcow2"]);
+    assert!(err.contains("leaks") && err.contains("all"), "{err}");
+    assert_code(
+        &qcowx(d, &["check", "-r", "clean.qcow2"]),
+        0,
+        "check -r FILE",
+    );
+}

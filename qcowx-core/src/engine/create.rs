@@ -429,6 +429,20 @@ impl Image {
         let path = path.as_ref();
         let name = path.display().to_string();
         let (header, layout) = plan_create(path, opts)?;
+        // The backing file must open before anything is written, as QEMU checks it: a
+        // create that fails on it leaves no file, and leaves a file it would have
+        // replaced as it was.
+        if let (true, Some(backing)) = (opts.open_backing, &opts.backing_file) {
+            let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            backing::open_chain(
+                &name,
+                Some(path),
+                backing,
+                opts.backing_format.as_deref(),
+                &[canon],
+                &OpenOptions::new(),
+            )?;
+        }
         let lock = LockMode::Exclusive;
         let storage = match opts.if_exists {
             IfExists::Fail => FileStorage::create_new(path, lock),
