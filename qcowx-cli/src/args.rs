@@ -54,6 +54,17 @@ pub(crate) fn qemu_img_forms(args: impl IntoIterator<Item = OsString>) -> Vec<Os
     args
 }
 
+/// `info`: [`ReadArgs`] and `--backing-chain`.
+#[derive(Debug, Args)]
+pub(crate) struct InfoArgs {
+    /// Show every image of the backing chain, top first (as `qemu-img info
+    /// --backing-chain`: a JSON array with --output=json).
+    #[arg(long = "backing-chain")]
+    pub(crate) backing_chain: bool,
+    #[command(flatten)]
+    pub(crate) image: ReadArgs,
+}
+
 /// What a command that reads one image takes: the output format, -U and FILE.
 #[derive(Debug, Args)]
 pub(crate) struct ReadArgs {

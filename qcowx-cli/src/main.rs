@@ -55,7 +55,7 @@ enum Command {
     /// An image a qcowx-nbd serves is locked: as with `qemu-img info`, -U reads it
     /// anyway, as it is on disk (the snapshot table is current; the dirty flag is set
     /// while it is served).
-    Info(ReadArgs),
+    Info(InfoArgs),
     /// Check an image's metadata and refcounts (like `qemu-img check`).
     ///
     /// An image a qcowx-nbd serves is checked by that server, on the image it has
@@ -172,7 +172,7 @@ impl Command {
     /// locked).
     fn could_share(&self) -> bool {
         match self {
-            Command::Info(a) | Command::List(a) => !a.force_share,
+            Command::Info(InfoArgs { image: a, .. }) | Command::List(a) => !a.force_share,
             Command::Diff(DiffArgs { image: a, .. })
             | Command::Tree(TreeArgs { image: a, .. })
             | Command::Map(MapArgs { image: a, .. }) => !a.force_share,

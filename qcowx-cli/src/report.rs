@@ -180,6 +180,30 @@ pub fn snapshot_list(out: &mut dyn Write, snapshots: &[SnapshotInfo]) -> io::Res
     Ok(())
 }
 
+/// `qemu-img info --output=json` of a raw file (a raw base of a backing chain).
+pub fn raw_info_json(filename: &str, size: u64, actual_size: u64) -> Value {
+    json!({
+        "filename": filename,
+        "format": "raw",
+        "virtual-size": size,
+        "actual-size": actual_size,
+        "dirty-flag": false,
+    })
+}
+
+/// `qemu-img info` of a raw file (without the protocol child node).
+pub fn raw_info_human(
+    out: &mut dyn Write,
+    filename: &str,
+    size: u64,
+    actual_size: u64,
+) -> io::Result<()> {
+    writeln!(out, "image: {filename}")?;
+    writeln!(out, "file format: raw")?;
+    writeln!(out, "virtual size: {} ({size} bytes)", size_to_str(size))?;
+    writeln!(out, "disk size: {}", size_to_str(actual_size))
+}
+
 /// `qemu-img info`'s human output (without the protocol child node).
 pub fn info_human(
     out: &mut dyn Write,

@@ -266,3 +266,79 @@ fn info_respects_image_locks_and_force_share() {
     drop(img);
     assert_ok(&qcowx(d, &["info", "busy.qcow2"]), "info after close");
 }
+
+/// `info --backing-chain`: a qcowx image over a QEMU qcow2 layer in another folder
+/// (named relatively) over a raw base. Each layer's JSON object and human section
+/// agree with `qemu-img info --backing-chain`, top first, the layers named as QEMU
+/// names them; without the option only the top is shown.
+#[test]
+fn info_backing_chain_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("lower")).unwrap();
+    qemu_ok(d, &["create", "-q", "-f", "raw", "lower/base.raw", "8M"]);
+    qemu_io(d, "raw", "lower/base.raw", &["write -P 3 1M 64k"]);
+    qemu_ok(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "lower/mid.qcow2",
+        ],
+    );
+    qemu_io(d, "qcow2", "lower/mid.qcow2", &["write -P 4 2M 64k"]);
+    assert_ok(
+        &qcowx(
+            d,
+            &[
+                "create",
+                "-b",
+                "lower/mid.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+        ),
+        "qcowx create",
+    );
+    let ours = json(&qcowx(
+        d,
+        &["info", "--backing-chain", "--output=json", "top.qcow2"],
+    ));
+    let theirs = json(&qemu_ok(
+        d,
+        &["info", "--backing-chain", "--output=json", "top.qcow2"],
+    ));
+    let (ours, theirs) = (ours.as_array().unwrap(), theirs.as_array().unwrap());
+    assert_eq!(ours.len(), 3, "{ours:#?}");
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(theirs) {
+        for (key, v) in a.as_object().unwrap() {
+            assert_eq!(*v, b[key], "layer {}: field {key}", a["filename"]);
+        }
+        for key in ["filename", "format", "virtual-size", "actual-size"] {
+            assert!(a.get(key).is_some(), "layer {}: no {key}", a["filename"]);
+        }
+    }
+    assert_eq!(ours[2]["filename"], "lower/base.raw");
+
+    // Human: one section per layer, each as qemu-img's up to its child node.
+    let sections = |text: &str| -> Vec<Vec<String>> {
+        text.split("\n\n")
+            .filter(|s| !s.trim().is_empty())
+            .map(human_info_lines)
+            .collect()
+    };
+    let ours = qcowx(d, &["info", "--backing-chain", "top.qcow2"]);
+    assert_ok(&ours, "qcowx info --backing-chain");
+    let theirs = qemu_ok(d, &["info", "--backing-chain", "top.qcow2"]);
+    assert_eq!(sections(&stdout(&ours)), sections(&stdout(&theirs)));
+    let single = json(&qcowx(d, &["info", "--output=json", "top.qcow2"]));
+    assert_eq!(single["filename"], "top.qcow2");
+}

@@ -6,12 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qcowx_core::convert::{self as conv, ConvertOptions, ImageFormat};
+use qcowx_core::engine::chain::backing_chain;
 use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOptions, RootKind};
 
 use super::{emit, lock_mode, require_kind, run_request, unexpected, usage_error, Failure};
 use crate::{
     progress, report, size_arg, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DiskFormat,
-    ExportArgs, ExportFormat, ImportArgs, OutputKind, ReadArgs, RepairMode, ResizeArgs,
+    ExportArgs, ExportFormat, ImportArgs, InfoArgs, OutputKind, RepairMode, ResizeArgs,
 };
 use qcowx_core::control::{Request, Response};
 
@@ -95,19 +96,66 @@ pub(crate) fn backing_size(
     }
 }
 
-pub(crate) fn info(a: &ReadArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
-    let img = OpenOptions::new()
-        .lock(lock_mode(a.force_share))
-        .open_backing(false)
-        .open(&a.file)?;
-    let info = img.info()?;
-    let actual = actual_size(&a.file)?;
-    let name = a.file.display().to_string();
-    let json = || report::info_json(&name, &info, actual);
-    emit(out, a.output, quiet, json, |out| {
-        report::info_human(out, &name, &info, actual)
-    })?;
+pub(crate) fn info(a: &InfoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let lock = lock_mode(a.image.force_share);
+    if !a.backing_chain {
+        let (json, human) = layer_info(&a.image.file, ImageFormat::Qcow2, 0, lock)?;
+        emit(
+            out,
+            a.image.output,
+            quiet,
+            || json,
+            |out| out.write_all(human.as_bytes()),
+        )?;
+        return Ok(0);
+    }
+    // Top first, each layer named as the one above resolves it (as qemu-img does).
+    let chain = backing_chain(&a.image.file, Some(ImageFormat::Qcow2), lock)?;
+    let mut jsons = Vec::new();
+    let mut humans = Vec::new();
+    for layer in &chain {
+        let size = layer.virtual_size;
+        let (json, human) = layer_info(&layer.path, layer.format, size, lock)?;
+        jsons.push(json);
+        humans.push(human);
+    }
+    emit(
+        out,
+        a.image.output,
+        quiet,
+        || jsons.into(),
+        |out| out.write_all(humans.join("\n").as_bytes()),
+    )?;
     Ok(0)
+}
+
+/// `info` of one image as (JSON, human text): a qcow2 image opened without its
+/// backing file, or a raw file of `raw_size` bytes.
+fn layer_info(
+    path: &Path,
+    format: ImageFormat,
+    raw_size: u64,
+    lock: LockMode,
+) -> Result<(serde_json::Value, String), Failure> {
+    let name = path.display().to_string();
+    let actual = actual_size(path)?;
+    let mut human = Vec::new();
+    let json = match format {
+        ImageFormat::Qcow2 => {
+            let img = OpenOptions::new()
+                .lock(lock)
+                .open_backing(false)
+                .open(path)?;
+            let info = img.info()?;
+            report::info_human(&mut human, &name, &info, actual)?;
+            report::info_json(&name, &info, actual)
+        }
+        ImageFormat::Raw => {
+            report::raw_info_human(&mut human, &name, raw_size, actual)?;
+            report::raw_info_json(&name, raw_size, actual)
+        }
+    };
+    Ok((json, String::from_utf8_lossy(&human).into_owned()))
 }
 
 /// Bytes the file occupies on its file system.
