@@ -151,13 +151,48 @@ fn structured_reads_send_holes_data_and_errors() {
     srv.stop();
 }
 
-/// One block-status request describes at most `MAX_STATUS_QUERY` bytes (a reply may
-/// be shorter than asked, never longer); the client goes on from where it ended.
+/// With 64 KiB clusters a block-status request is answered whole up to 65,536
+/// clusters, which is any length a request can ask (4 GiB - 1): a client walking a
+/// 64 TiB disk that is mostly unallocated needs one query per 4 GiB, not per GiB.
+#[test]
+fn block_status_answers_whole_queries_of_up_to_65536_clusters() {
+    use qcowx_nbd::transmission::{status_query_limit, MAX_STATUS_CLUSTERS};
+    assert_eq!(status_query_limit(65536), MAX_STATUS_CLUSTERS * 65536);
+    let size = 64u64 << 40;
+    let srv = TestServer::start_sized(size, Settings::default(), 0);
+    let far = 40u64 << 40;
+    srv.image.write_at(&[0x66; 65536], far).expect("write far out");
+    let mut c = srv.allocation_client();
+    let ask = u32::MAX - 65535; // 4 GiB - 64 KiB, cluster-aligned
+    let start = far - 2 * u64::from(ask);
+    let (mut offset, mut data_at) = (start, Vec::new());
+    for cookie in 1..=4 {
+        let descs = c.status(cookie, offset, ask);
+        let covered: u64 = descs.iter().map(|d| d.0).sum();
+        assert_eq!(covered, u64::from(ask), "reply at {offset:#x}");
+        let mut at = offset;
+        for (n, flags) in descs {
+            if flags & STATE_HOLE == 0 {
+                data_at.push((at, n));
+            }
+            at += n;
+        }
+        offset += covered;
+    }
+    assert_eq!(data_at, vec![(far, 65536)]);
+    srv.stop();
+}
+
+/// One block-status request describes at most `MAX_STATUS_QUERY` bytes where that is
+/// more than 65,536 clusters (a reply may be shorter than asked, never longer); the
+/// client goes on from where it ended.
 #[test]
 fn block_status_replies_stop_at_the_query_limit() {
-    use qcowx_nbd::transmission::MAX_STATUS_QUERY;
+    use qcowx_nbd::transmission::{status_query_limit, MAX_STATUS_QUERY};
     let size = 4 * MAX_STATUS_QUERY;
-    let srv = TestServer::start_sized(size, Settings::default(), 0);
+    // 512-byte clusters: the limit is MAX_STATUS_QUERY, not 65,536 clusters.
+    assert_eq!(status_query_limit(512), MAX_STATUS_QUERY);
+    let srv = TestServer::start_clustered(size, 512, Settings::default(), 0);
     srv.image
         .write_at(&[0x66; 65536], 2 * MAX_STATUS_QUERY + 65536)
         .expect("write far out");

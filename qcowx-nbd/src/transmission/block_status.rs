@@ -6,9 +6,25 @@ use qcowx_core::{Extent, ExtentStatus};
 use crate::handshake::MetaContext;
 use crate::wire::*;
 
-/// The most bytes one block status request looks at (the reply may cover less than
-/// asked, as the protocol allows).
+/// The fewest bytes one block status request looks at when asked for more (the reply
+/// may cover less than asked, as the protocol allows); see [`status_query_limit`].
 pub const MAX_STATUS_QUERY: u64 = 1 << 30;
+
+/// The most clusters one block status request looks at, where that covers more than
+/// [`MAX_STATUS_QUERY`] bytes.
+pub const MAX_STATUS_CLUSTERS: u64 = 1 << 16;
+
+/// How many bytes one block status request looks at on an image with `cluster_size`
+/// clusters. The work of a query is a table lookup per cluster (less where an L1 entry
+/// has no L2 table), so the bound is in clusters: 65,536 of them, 4 GiB with 64 KiB
+/// clusters (any request, whose length is 32 bits), but never less than 1 GiB (32 MiB
+/// with 512-byte clusters would make a client walking a disk ask 32 times as often).
+/// A client walking a large disk with one query at a time (`nbdinfo --map`, `qemu-img
+/// convert` and `map` over NBD) waits a round trip per query: four times fewer with
+/// 64 KiB clusters than a 1 GiB bound.
+pub fn status_query_limit(cluster_size: u64) -> u64 {
+    MAX_STATUS_QUERY.max(MAX_STATUS_CLUSTERS.saturating_mul(cluster_size))
+}
 
 /// The most descriptors in one block status chunk.
 pub const MAX_DESCRIPTORS: usize = 1 << 16;

@@ -7,7 +7,8 @@ use qcowx_core::ExtentStatus;
 use zerocopy::IntoBytes;
 
 use super::block_status::{
-    align_descriptors, descriptors, dirty_descriptors, read_runs, MAX_DESCRIPTORS, MAX_STATUS_QUERY,
+    align_descriptors, descriptors, dirty_descriptors, read_runs, status_query_limit,
+    MAX_DESCRIPTORS, MAX_STATUS_QUERY,
 };
 use super::reply::ReplyBuf;
 use super::{Conn, Request};
@@ -233,8 +234,9 @@ impl<W: ReplyWriter> Conn<'_, W> {
     }
 
     pub(super) fn block_status(&self, req: &Request, out: &mut ReplyBuf) {
-        let len = u64::from(req.length).min(MAX_STATUS_QUERY);
         let disk = &self.export.disk;
+        let limit = status_query_limit(disk.image().cluster_size());
+        let len = u64::from(req.length).min(limit);
         let needs_extents = self.contexts.iter().any(|c| {
             !matches!(
                 c,

@@ -99,7 +99,9 @@ use crate::handshake::{MetaContext, Negotiated};
 
 pub use crate::config::INLINE_LIMIT;
 pub use crate::socket::{ReplyWriter, RequestStream};
-pub use block_status::{MAX_DESCRIPTORS, MAX_STATUS_QUERY};
+pub use block_status::{
+    status_query_limit, MAX_DESCRIPTORS, MAX_STATUS_CLUSTERS, MAX_STATUS_QUERY,
+};
 pub use dispatch::{INLINE_MAX, MAX_SKIPPED_WRITE};
 pub use input::PAYLOAD_SPIN;
 pub use lend::LEND_WAIT;

@@ -34,8 +34,19 @@ impl TestServer {
 
     /// A server of a `size`-byte disk: [64K, 128K) holds 0x5a, the rest is unallocated.
     pub fn start_sized(size: u64, settings: Settings, max_clients: usize) -> TestServer {
-        let img = Image::create_in(Arc::new(MemStorage::new()), &CreateOptions::new(size))
-            .expect("create image");
+        TestServer::start_clustered(size, 65536, settings, max_clients)
+    }
+
+    /// A disk of `size` bytes in `cluster_size` clusters.
+    pub fn start_clustered(
+        size: u64,
+        cluster_size: u64,
+        settings: Settings,
+        max_clients: usize,
+    ) -> TestServer {
+        let mut opts = CreateOptions::new(size);
+        opts.cluster_size = cluster_size;
+        let img = Image::create_in(Arc::new(MemStorage::new()), &opts).expect("create image");
         TestServer::serve(
             img,
             tempfile::tempdir().expect("tempdir"),
