@@ -145,6 +145,65 @@ fn qemu_img_converts_to_and_from_an_export_over_tcp() {
     assert_qemu_check_clean(&img);
 }
 
+/// A metadata-preallocated image QEMU made and wrote a little, served: `base:
+/// allocation` says zero (not a hole) where the file holds holes under allocated
+/// clusters and data where QEMU wrote, as qemu-nbd reports them (from `qemu-img map`'s
+/// `data` and `zero`); the content reads as QEMU reads it.
+#[test]
+fn a_metadata_preallocated_image_maps_over_nbd_as_qemu_nbd_would() {
+    let dir = tempdir();
+    let img = dir.path().join("pm.qcow2");
+    run_ok(
+        qemu_img()
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "preallocation=metadata",
+            ])
+            .arg(&img)
+            .arg("16M"),
+    );
+    qemu_io_ok(
+        "qcow2",
+        &img,
+        &["write -P 0x31 1M 64k", "write -P 0x32 9M 4k"],
+    );
+    let file_map = cli::json(&run_ok(
+        qemu_img()
+            .args(["map", "--output=json", "-f", "qcow2"])
+            .arg(&img),
+    ));
+    // qemu-nbd's flags: hole unless `data`, zero where `zero`.
+    let want = merge_runs(map_entries(&file_map).into_iter().map(|(s, l, e)| {
+        let data = e["data"].as_bool().unwrap();
+        let zero = e["zero"].as_bool().unwrap();
+        (s, s + l, u64::from(!data) | (u64::from(zero) << 1))
+    }));
+    assert!(
+        want.iter().any(|r| r.2 == 2),
+        "zero-but-allocated expected: {want:?}"
+    );
+    let server = QcowxNbd::listen(&img, Listen::Unix(&sock_in(&dir)), &["-t", "-r"]);
+    let uri = server.uri("default");
+    let base_map = cli::json(&run_ok(nbdinfo().args(["--map", "--json"]).arg(&uri)));
+    let got = merge_runs(
+        map_entries(&base_map)
+            .into_iter()
+            .map(|(s, l, e)| (s, s + l, e["type"].as_u64().unwrap())),
+    );
+    assert_eq!(got, want, "nbdinfo --map vs qemu-img map's data and zero");
+    let copy = export_bytes(&server, "default", &dir.path().join("copy.raw"));
+    let mut expect = vec![0u8; 16 << 20];
+    expect[1 << 20..(1 << 20) + 65536].fill(0x31);
+    expect[9 << 20..(9 << 20) + 4096].fill(0x32);
+    assert!(copy == expect, "content over NBD");
+    drop(server);
+    assert_qemu_check_clean(&img);
+}
+
 #[test]
 fn qemu_img_map_over_nbd_matches_the_image_allocation() {
     let dir = tempdir();

@@ -6,6 +6,9 @@
 //!
 //! - data stored in a qcow2 layer: `data`, with the host offset unless compressed;
 //! - zero clusters: `zero` (present, no offset);
+//! - data clusters the file holds a hole under (never written: metadata
+//!   preallocation): `data` and `zero`, with the host offset, as QEMU asks the file
+//!   system;
 //! - a raw layer: its data ranges are `data` and its holes `zero`, both present and
 //!   with the offset (the file system reports holes, as QEMU asks it);
 //! - unallocated ranges: not present, `zero`, at the depth of the last layer that
@@ -290,6 +293,24 @@ impl Mapper {
                         );
                     }
                 }
+            }
+            ExtentStatus::AllocatedZero => {
+                // A data cluster the file holds a hole under: QEMU's `data` and `zero`.
+                let file = self.file(e.depth);
+                push(
+                    &mut self.out,
+                    MapExtent {
+                        start: e.offset,
+                        length: e.length,
+                        depth: e.depth,
+                        present: true,
+                        zero: true,
+                        data: true,
+                        compressed: false,
+                        offset: e.host_offset,
+                        file,
+                    },
+                );
             }
             ExtentStatus::Zero => {
                 self.with_offsets(e.offset, e.offset + e.length, e.depth, true)?;

@@ -268,3 +268,37 @@ fn what_cannot_be_measured_is_refused() {
     usage_error(d, &["measure"]);
     usage_error(d, &["measure", "--size", "1G", "x.qcow2"]);
 }
+
+/// A metadata-preallocated image (every cluster has a host cluster, none was
+/// written: the file holds holes there) measures as QEMU measures it: QEMU asks the
+/// file system, and only the clusters written since count as data.
+#[test]
+fn metadata_preallocated_images_measure_as_qemu_img_measures_them() {
+    let d = qcowx_tests::tempdir();
+    let d = d.path();
+    qemu_ok(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "pm.qcow2",
+            "256M",
+        ],
+    );
+    agree(d, &["-O", "qcow2", "-o", "refcount_bits=16", "pm.qcow2"]);
+    qemu_io(
+        d,
+        "qcow2",
+        "pm.qcow2",
+        &["write -P 1 1M 64k", "write -P 2 9M 4k"],
+    );
+    agree(d, &["-O", "qcow2", "-o", "refcount_bits=16", "pm.qcow2"]);
+    agree(d, &["-O", "raw", "pm.qcow2"]);
+    let (_, ours) = both(d, &["-O", "qcow2", "-o", "refcount_bits=16", "pm.qcow2"]);
+    // The two written clusters and the metadata, far from the 256 MiB of clusters.
+    assert!(ours["required"].as_u64().unwrap() < 8 << 20, "{ours:#}");
+}

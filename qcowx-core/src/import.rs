@@ -486,7 +486,7 @@ fn copy_layers(
         let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
         for e in plan {
             match e.status {
-                ExtentStatus::Zero => {
+                ExtentStatus::Zero | ExtentStatus::AllocatedZero => {
                     if i > 0 {
                         img.write_zeroes(e.offset, e.length, true)?;
                     }

@@ -161,7 +161,9 @@ fn block_status_answers_whole_queries_of_up_to_65536_clusters() {
     let size = 64u64 << 40;
     let srv = TestServer::start_sized(size, Settings::default(), 0);
     let far = 40u64 << 40;
-    srv.image.write_at(&[0x66; 65536], far).expect("write far out");
+    srv.image
+        .write_at(&[0x66; 65536], far)
+        .expect("write far out");
     let mut c = srv.allocation_client();
     let ask = u32::MAX - 65535; // 4 GiB - 64 KiB, cluster-aligned
     let start = far - 2 * u64::from(ask);

@@ -70,7 +70,8 @@ pub fn classify_block_status(extents: &[Extent]) -> Vec<ClassRun> {
         .iter()
         .map(|e| {
             let class = match e.status {
-                ExtentStatus::Data => ByteClass::Data(e.depth),
+                // `qemu-img map` says `data` for both (with `zero` for the second).
+                ExtentStatus::Data | ExtentStatus::AllocatedZero => ByteClass::Data(e.depth),
                 ExtentStatus::Zero => ByteClass::Zero(e.depth),
                 ExtentStatus::Unallocated => ByteClass::Unallocated,
             };

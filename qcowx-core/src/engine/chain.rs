@@ -188,94 +188,27 @@ fn walk(
 /// assert!(extents.iter().all(|e| e.host_offset == Some(e.offset)));
 /// ```
 pub fn raw_extents(file: &std::fs::File, size: u64, offset: u64, len: u64) -> Vec<Extent> {
-    let end = offset.saturating_add(len);
-    let mut out: Vec<Extent> = Vec::new();
-    let mut push = |start: u64, stop: u64, status: ExtentStatus| {
-        if stop <= start {
-            return;
-        }
-        match out.last_mut() {
-            Some(l) if l.status == status && l.offset + l.length == start => {
-                l.length += stop - start;
-            }
-            _ => out.push(Extent {
-                offset: start,
-                length: stop - start,
-                status,
-                depth: 0,
-                host_offset: Some(start),
-            }),
-        }
-    };
-    let inside = end.min(size);
-    let mut pos = offset;
-    while pos < inside {
-        match seek(file, pos, SeekKind::Data) {
-            SeekResult::Unsupported => {
-                push(pos, inside, ExtentStatus::Data);
-                pos = inside;
-            }
-            SeekResult::None => {
-                push(pos, inside, ExtentStatus::Zero);
-                pos = inside;
-            }
-            SeekResult::At(data) => {
-                let data = data.max(pos);
-                push(pos, data.min(inside), ExtentStatus::Zero);
-                if data >= inside {
-                    pos = inside;
-                    continue;
-                }
-                let hole = match seek(file, data, SeekKind::Hole) {
-                    SeekResult::At(h) => h.max(data + 1),
-                    _ => inside,
-                };
-                push(data, hole.min(inside), ExtentStatus::Data);
-                pos = hole.min(inside);
-            }
-        }
-    }
-    push(inside.max(offset), end, ExtentStatus::Zero);
-    out
-}
-
-enum SeekKind {
-    Data,
-    Hole,
-}
-
-enum SeekResult {
-    At(u64),
-    /// No data at or after the offset.
-    None,
-    Unsupported,
-}
-
-#[cfg(target_os = "linux")]
-fn seek(file: &std::fs::File, pos: u64, kind: SeekKind) -> SeekResult {
-    use std::os::unix::io::AsRawFd;
-    let Ok(off) = libc::off_t::try_from(pos) else {
-        return SeekResult::Unsupported;
-    };
-    let whence = match kind {
-        SeekKind::Data => libc::SEEK_DATA,
-        SeekKind::Hole => libc::SEEK_HOLE,
-    };
-    // SAFETY: lseek on a valid descriptor has no memory-safety requirements. The file
-    // position it moves is not used by positional reads (pread).
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r >= 0 {
-        return SeekResult::At(r as u64);
-    }
-    match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::ENXIO) => SeekResult::None,
-        _ => SeekResult::Unsupported,
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn seek(_file: &std::fs::File, _pos: u64, _kind: SeekKind) -> SeekResult {
-    SeekResult::Unsupported
+    let runs = crate::storage::data_runs(file, size, offset, len).unwrap_or_else(|| {
+        let inside = offset.saturating_add(len).min(size).max(offset);
+        vec![
+            (offset, inside, true),
+            (inside, offset.saturating_add(len), false),
+        ]
+    });
+    runs.into_iter()
+        .filter(|&(start, stop, _)| stop > start)
+        .map(|(start, stop, data)| Extent {
+            offset: start,
+            length: stop - start,
+            status: if data {
+                ExtentStatus::Data
+            } else {
+                ExtentStatus::Zero
+            },
+            depth: 0,
+            host_offset: Some(start),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -195,6 +195,9 @@ pub(crate) struct State {
     pub(crate) refused: Option<String>,
     /// The persistent dirty bitmaps.
     pub(crate) bitmaps: super::bitmap_set::Bitmaps,
+    /// Whether the image looks metadata-preallocated (see
+    /// [`Image::metadata_preallocated`]); `None` until a block status asks.
+    pub(crate) metadata_preallocated: Option<bool>,
 }
 
 /// The I/O gate held exclusively: no data I/O is in flight (the proof some metadata

@@ -20,6 +20,7 @@ pub mod cache;
 pub mod chain;
 mod create;
 mod deltas;
+mod disk_refcounts;
 mod flush;
 pub mod image;
 mod metadata_map;
@@ -41,6 +42,7 @@ pub use open::OpenOptions;
 pub use status::{Extent, ExtentStatus, STATUS_WINDOW};
 
 pub(crate) use deltas::{add_range, host_range, RefDeltas, Released, TreeDelta};
+pub(crate) use disk_refcounts::DiskRefcounts;
 pub(crate) use image::{Generation, IoGate, Root, State};
 pub(crate) use metadata_map::Writing;
 pub(crate) use open::open_error;

@@ -418,6 +418,7 @@ impl Image {
             metadata: Default::default(),
             refused: None,
             bitmaps: Default::default(),
+            metadata_preallocated: None,
             header,
         };
         let img = Box::new(Image {

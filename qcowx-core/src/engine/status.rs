@@ -16,6 +16,11 @@ pub enum ExtentStatus {
     Data,
     /// Reads as zeros, recorded explicitly.
     Zero,
+    /// Stored in this layer, in a host range the file system reports as a hole, so it
+    /// reads as zeros: a data cluster never written (as metadata preallocation leaves
+    /// them), or the unwritten part of one. `qemu-img map` reports it as `data: true,
+    /// zero: true`, NBD's `base:allocation` as zero but not a hole.
+    AllocatedZero,
     /// Not allocated anywhere in the chain: reads as zeros.
     Unallocated,
 }
@@ -102,14 +107,61 @@ impl Image {
         offset: u64,
         len: u64,
     ) -> Result<Vec<Extent>> {
-        let pieces = {
+        self.status_root(root, offset, len, true)
+    }
+
+    /// Block status from the image's tables alone: data clusters are
+    /// [`ExtentStatus::Data`] whatever the file system holds under them (no lseek per
+    /// extent, and no wait on the file's inode lock, which writes hold). For readers
+    /// that only use it to skip what reads as zeros.
+    pub(crate) fn table_status_root(
+        &self,
+        root: RootId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>> {
+        self.status_root(root, offset, len, false)
+    }
+
+    /// Block status of `[offset, offset+len)` of `root`; with `probe`, data clusters
+    /// of a metadata-preallocated image whose host range is a hole in the file are
+    /// [`ExtentStatus::AllocatedZero`].
+    fn status_root(&self, root: RootId, offset: u64, len: u64, probe: bool) -> Result<Vec<Extent>> {
+        let (pieces, probe) = {
             let mut st = self.lock_state()?;
             self.check_range(&st, root, offset, len)?;
-            self.plan(&mut st, root, offset, len)?
+            // As QEMU: only a metadata-preallocated image has its data clusters looked
+            // up in the file (elsewhere an unwritten part of a cluster is data too).
+            let probe = probe && self.metadata_preallocated(&mut st)?;
+            (self.plan(&mut st, root, offset, len)?, probe)
         };
         let mut out: Vec<Extent> = Vec::new();
         for p in pieces {
             match p.src {
+                Source::Host(h) if probe => {
+                    // What the file system says of the host range (one or two lseeks).
+                    match self.storage.data_runs(h.get(), p.len) {
+                        Some(runs) => {
+                            for (start, end, data) in runs {
+                                let status = if data {
+                                    ExtentStatus::Data
+                                } else {
+                                    ExtentStatus::AllocatedZero
+                                };
+                                let guest = p.guest + (start - h.get());
+                                push_extent(&mut out, guest, end - start, status, 0, Some(start));
+                            }
+                        }
+                        None => push_extent(
+                            &mut out,
+                            p.guest,
+                            p.len,
+                            ExtentStatus::Data,
+                            0,
+                            Some(h.get()),
+                        ),
+                    }
+                }
                 Source::Host(h) => push_extent(
                     &mut out,
                     p.guest,

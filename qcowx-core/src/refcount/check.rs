@@ -1,65 +1,15 @@
 //! Check: the scan compared with the refcounts on disk and with invariant W, reported
 //! with `qemu-img check`'s counters.
 
-use crate::engine::{walk_tree, Image, State, Step, DEFAULT_ROOT};
+use crate::engine::{walk_tree, DiskRefcounts, Image, State, Step, DEFAULT_ROOT};
 use crate::error::Result;
 use crate::format::addr::HostOffset;
+use crate::format::refblock::get_entry;
 use crate::format::roots::RootKind;
 use crate::format::tables::decode_words;
 
 use super::scan::*;
 use super::*;
-use crate::format::refblock::get_entry;
-
-/// The refcounts on disk, read one block at a time.
-pub(super) struct DiskRefcounts {
-    table: Vec<u64>,
-    order: u32,
-    per_block: u64,
-    cluster_size: u64,
-    file_clusters: u64,
-    block: Vec<u8>,
-    loaded: Option<u64>,
-}
-
-impl DiskRefcounts {
-    pub(super) fn new(img: &Image, st: &State, file_clusters: u64) -> Result<DiskRefcounts> {
-        let cs = img.geo.cluster_size();
-        Ok(DiskRefcounts {
-            table: img.read_reftable(&st.header)?,
-            order: st.header.refcount_order,
-            per_block: (cs * 8) >> st.header.refcount_order,
-            cluster_size: cs,
-            file_clusters,
-            block: vec![0u8; cs as usize],
-            loaded: None,
-        })
-    }
-
-    /// The refcount of cluster index `c` (0 where no valid block covers it).
-    pub(super) fn get(&mut self, img: &Image, c: u64) -> Result<u64> {
-        let cs = self.cluster_size;
-        let block_off = self
-            .table
-            .get((c / self.per_block) as usize)
-            .copied()
-            .unwrap_or(0);
-        if block_off == 0 || block_off % cs != 0 || block_off >= self.file_clusters * cs {
-            return Ok(0);
-        }
-        if self.loaded != Some(block_off) {
-            img.storage
-                .read_at(&mut self.block, block_off)
-                .map_err(|e| img.io_err("read refcount block", block_off, e))?;
-            self.loaded = Some(block_off);
-        }
-        Ok(get_entry(
-            &self.block,
-            self.order,
-            (c % self.per_block) as usize,
-        ))
-    }
-}
 
 /// Whether no cluster's refcount on disk is below its references `counts` (from a
 /// scan that counted the refcount structures). Leaks do not matter here.

@@ -8,8 +8,8 @@ use crate::engine::{host_range, walk_tree, Image, IoGate, State, Step};
 use crate::error::{Error, Result};
 
 use super::apply::write_refcounts_gated;
-use super::check::DiskRefcounts;
 use super::rebuild::rebuild;
+use crate::engine::DiskRefcounts;
 use crate::format::refblock::get_entry;
 
 /// The largest count a refcount of `order` holds.

@@ -498,6 +498,15 @@ impl Storage for FileStorage {
     fn release(&self) -> io::Result<()> {
         crate::storage::lock::unlock_file(&self.file).map_err(io::Error::from)
     }
+    fn allocated_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Some(self.file.metadata().ok()?.blocks() * 512)
+    }
+
+    fn data_runs(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+        let size = self.file.metadata().ok()?.len();
+        super::holes::data_runs(&self.file, size, offset, len)
+    }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]

@@ -11,6 +11,7 @@
 pub mod crashsim;
 mod deferred;
 mod file;
+mod holes;
 pub mod lock;
 mod mapping;
 mod mem;
@@ -20,6 +21,7 @@ mod watched;
 
 pub use deferred::{DeferredSync, WriteBehind, WRITE_BEHIND_BYTES};
 pub use file::{FileStorage, OpenError, OpenMode, MAP_RELEASE_BYTES};
+pub use holes::data_runs;
 pub use mapping::{copy_mapped, resident};
 pub use mem::MemStorage;
 #[cfg(any(test, feature = "testing"))]
@@ -129,6 +131,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// that names what it will need ahead of time keeps the device busy with several
     /// reads at once. Changes no data; a storage that cannot use the hint ignores it.
     fn will_need(&self, _offset: u64, _len: u64) {}
+    /// Which parts of `[offset, offset+len)` hold data, as the file system reports them
+    /// ([`data_runs`]: `(start, end, holds_data)`, tiling the range); a hole reads as
+    /// zeros. `None` where the storage cannot tell, or would have to guess: a storage
+    /// that keeps written bytes anywhere but in its file must not answer from the file.
+    fn data_runs(&self, _offset: u64, _len: u64) -> Option<Vec<(u64, u64, bool)>> {
+        None
+    }
+    /// The bytes of storage the file occupies (`st_blocks * 512`); `None` where the
+    /// storage has no such measure.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Size of the zero-filled chunks written when a hole cannot be punched.

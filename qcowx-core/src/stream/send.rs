@@ -388,7 +388,7 @@ fn plan(image: &Image, disk: &crate::Disk, from: Option<&str>, size: u64) -> Res
                 ExtentStatus::Unallocated if backed => RecordKind::Data,
                 // A full stream starts from an empty disk: zeros need no record.
                 _ if from.is_none() => continue,
-                ExtentStatus::Zero => RecordKind::Zero,
+                ExtentStatus::Zero | ExtentStatus::AllocatedZero => RecordKind::Zero,
                 ExtentStatus::Unallocated => RecordKind::Discard,
             };
             if kind != RecordKind::Data {

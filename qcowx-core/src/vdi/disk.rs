@@ -170,9 +170,17 @@ impl Disk {
     pub fn flush(&self) -> Result<()> {
         self.image.flush()
     }
-    /// Allocation status of a range.
+    /// Allocation status of a range (see [`Image::block_status`]).
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.image.block_status_root(self.root, offset, len)
+    }
+    /// Allocation status of a range from the image's tables alone: as
+    /// [`Disk::block_status`], except that data clusters are [`ExtentStatus::Data`]
+    /// even where the file system holds a hole under them (they are not looked up
+    /// there). Cheaper: for readers that use it only to skip reading what reads as
+    /// zeros, such as a server's sparse read replies.
+    pub fn block_status_from_tables(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.image.table_status_root(self.root, offset, len)
     }
 }
 

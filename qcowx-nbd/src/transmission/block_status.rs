@@ -90,11 +90,13 @@ fn status_of(e: &Extent, ctx: &MetaContext) -> u32 {
     match ctx {
         MetaContext::BaseAllocation => match e.status {
             ExtentStatus::Data => 0,
+            // Allocated, but the file holds a hole there: zero, not a hole (qemu-nbd).
+            ExtentStatus::AllocatedZero => STATE_ZERO,
             ExtentStatus::Zero | ExtentStatus::Unallocated => STATE_HOLE | STATE_ZERO,
         },
         MetaContext::AllocationDepth => match e.status {
             ExtentStatus::Unallocated => 0,
-            ExtentStatus::Data | ExtentStatus::Zero => e.depth + 1,
+            ExtentStatus::Data | ExtentStatus::Zero | ExtentStatus::AllocatedZero => e.depth + 1,
         },
         // Computed from the tree diff, never from extents.
         MetaContext::DirtyBitmap(_) | MetaContext::PersistentBitmap(_) => 1,

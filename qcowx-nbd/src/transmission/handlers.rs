@@ -128,8 +128,14 @@ impl<W: ReplyWriter> Conn<'_, W> {
         }
         edges.into_iter().filter(|(s, e)| e > s).all(|(s, e)| {
             self.export.disk.block_status(s, e - s).is_ok_and(|ext| {
-                ext.iter()
-                    .all(|x| matches!(x.status, ExtentStatus::Zero | ExtentStatus::Unallocated))
+                ext.iter().all(|x| {
+                    matches!(
+                        x.status,
+                        ExtentStatus::Zero
+                            | ExtentStatus::AllocatedZero
+                            | ExtentStatus::Unallocated
+                    )
+                })
             })
         })
     }
@@ -161,10 +167,11 @@ impl<W: ReplyWriter> Conn<'_, W> {
         if !self.structured || req.length == 0 || req.flags & CMD_FLAG_DF != 0 {
             return whole;
         }
+        // From the tables alone: no lseek (and no wait on writes) per read.
         match self
             .export
             .disk
-            .block_status(req.offset, u64::from(req.length))
+            .block_status_from_tables(req.offset, u64::from(req.length))
         {
             Ok(ext) => read_runs(&ext, req.offset, u64::from(req.length)),
             Err(_) => whole,
