@@ -105,8 +105,9 @@ pub(crate) struct CreateArgs {
     /// touches, the rest reading from the backing file.
     #[arg(long = "extended-l2")]
     pub(crate) extended_l2: bool,
-    /// qemu-img's creation options, comma-separated key=value: cluster_size,
-    /// extended_l2, refcount_bits, compression_type, backing_file, backing_fmt.
+    /// qemu-img's creation options, comma-separated key=value: size, cluster_size,
+    /// extended_l2, refcount_bits, compression_type, backing_file, backing_fmt,
+    /// compat (1.1 only).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub(crate) options: Vec<String>,
     /// Unsafe: name the backing file without opening it (it need not exist yet; SIZE
@@ -555,6 +556,14 @@ pub(crate) struct ConvertArgs {
     /// Cluster size of a qcow2 output (default: the input's, or 64 KiB).
     #[arg(long = "cluster-size", value_name = "SIZE", value_parser = size_arg)]
     pub(crate) cluster_size: Option<u64>,
+    /// qemu-img's options for a qcow2 output, comma-separated key=value:
+    /// cluster_size, refcount_bits, compression_type, extended_l2, compat=1.1.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub(crate) options: Vec<String>,
+    /// Show progress, as qemu-img's -p asks (qcowx shows a progress bar on a terminal
+    /// whether or not it is given).
+    #[arg(short = 'p')]
+    pub(crate) progress: bool,
     /// Read the input without locking it, even while another process writes it.
     #[arg(short = 'U', long = "force-share")]
     pub(crate) force_share: bool,

@@ -248,3 +248,73 @@ fn snapshot_list_create_apply_delete_behave_as_qemu_img() {
     t.both(&["snapshot", "-d", "nothere", "s.qcow2"], None);
     assert_qemu_check_clean(&t.qcowx, "s.qcow2");
 }
+
+#[test]
+fn convert_takes_qemu_img_output_options_and_progress() {
+    let t = Twins::new();
+    t.both(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=1.1",
+            "src.qcow2",
+            "8M",
+        ],
+        Some(0),
+    );
+    for d in [&t.qemu, &t.qcowx] {
+        let out = run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 7 1M 200k", "src.qcow2"],
+            d,
+        );
+        assert_code(&out, 0, "qemu-io");
+    }
+    let convert = [
+        "convert",
+        "-p",
+        "-f",
+        "qcow2",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k,refcount_bits=16,compression_type=zstd,compat=1.1",
+        "src.qcow2",
+        "out.qcow2",
+    ];
+    t.both(&convert, Some(0));
+    let (q, x) = t.infos("out.qcow2");
+    assert_eq!(x["cluster-size"], 4096);
+    for key in ["cluster-size", "virtual-size"] {
+        assert_eq!(q[key], x[key], "{key}");
+    }
+    for key in ["refcount-bits", "compression-type", "compat"] {
+        assert_eq!(
+            q["format-specific"]["data"][key], x["format-specific"]["data"][key],
+            "{key}"
+        );
+    }
+    let (q, x) = t.contents("out.qcow2");
+    assert!(q == x, "converted contents differ");
+    assert_qemu_check_clean(&t.qcowx, "out.qcow2");
+    // What qcowx cannot honour is refused, naming why, and writes nothing.
+    for (opts, why) in [("compat=0.10", "compat=1.1"), ("size=1G", "size")] {
+        let out = qcowx(
+            &t.qcowx,
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                opts,
+                "src.qcow2",
+                "no.qcow2",
+            ],
+        );
+        assert_code(&out, 1, opts);
+        assert!(stderr(&out).contains(why), "{opts}: {}", stderr(&out));
+        assert!(!t.qcowx.join("no.qcow2").exists(), "{opts} left a file");
+    }
+}

@@ -407,7 +407,19 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
         DiskFormat::Qcow2 => ImageFormat::Qcow2,
     });
     opts.compress = a.compress;
-    opts.cluster_size = a.cluster_size;
+    for o in &a.options {
+        if a.out_format != DiskFormat::Qcow2 {
+            usage_error(
+                "convert",
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("-o {o}: options are for a qcow2 output: add -O qcow2"),
+            );
+        }
+        opts.apply_qemu_options(o)?;
+    }
+    if a.cluster_size.is_some() {
+        opts.cluster_size = a.cluster_size;
+    }
     let bar = progress::Bar::new(progress::enabled(quiet, false), "converting");
     conv::convert(input.as_ref(), &a.dest, &opts, &mut bar.callback())?;
     Ok(0)

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use crate::engine::STATUS_WINDOW;
 use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
+use crate::format::compress::CompressionType;
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, Storage};
 use crate::vdi::Disk;
@@ -192,6 +193,12 @@ pub struct ConvertOptions {
     /// Cluster size of a qcow2 output (default: the source's, or 64 KiB for a raw
     /// source).
     pub cluster_size: Option<u64>,
+    /// Refcount width of a qcow2 output (default: [`CreateOptions::new`]'s).
+    pub refcount_bits: Option<u32>,
+    /// Compression type of a qcow2 output (default: zlib, QEMU's).
+    pub compression_type: Option<CompressionType>,
+    /// Extended L2 entries in a qcow2 output (default: off).
+    pub extended_l2: Option<bool>,
 }
 
 impl ConvertOptions {
@@ -211,7 +218,45 @@ impl ConvertOptions {
             format,
             compress: false,
             cluster_size: None,
+            refcount_bits: None,
+            compression_type: None,
+            extended_l2: None,
         }
+    }
+
+    /// Applies `qemu-img convert -o` options for a qcow2 output: `cluster_size`,
+    /// `refcount_bits`, `compression_type`, `extended_l2` and `compat` (`1.1`), parsed
+    /// as [`CreateOptions::apply_qemu_options`] parses them. The output's size and
+    /// backing file are the conversion's (`size`, `backing_file` and `backing_fmt` are
+    /// refused), and so is every key `create` refuses.
+    ///
+    /// ```
+    /// use qcowx_core::convert::{ConvertOptions, ImageFormat};
+    ///
+    /// let mut opts = ConvertOptions::new(ImageFormat::Qcow2);
+    /// opts.apply_qemu_options("cluster_size=4k,refcount_bits=16,compat=1.1").unwrap();
+    /// assert_eq!((opts.cluster_size, opts.refcount_bits), (Some(4096), Some(16)));
+    /// assert!(opts.apply_qemu_options("size=1G").is_err());
+    /// ```
+    pub fn apply_qemu_options(&mut self, options: &str) -> Result<()> {
+        let mut parsed = CreateOptions::new(0);
+        parsed.apply_qemu_options(options)?;
+        for item in options.split(',').filter(|s| !s.is_empty()) {
+            let key = item.split_once('=').map_or(item, |(k, _)| k);
+            match key {
+                "cluster_size" => self.cluster_size = Some(parsed.cluster_size),
+                "refcount_bits" => self.refcount_bits = Some(parsed.refcount_bits),
+                "compression_type" => self.compression_type = Some(parsed.compression),
+                "extended_l2" => self.extended_l2 = Some(parsed.extended_l2),
+                "compat" => {}
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "-o {options}: {key} is set by the conversion, not an option of it"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -428,6 +473,9 @@ pub fn convert(
                 .cluster_size
                 .or(src.cluster_size())
                 .unwrap_or(create.cluster_size);
+            create.refcount_bits = opts.refcount_bits.unwrap_or(create.refcount_bits);
+            create.compression = opts.compression_type.unwrap_or(create.compression);
+            create.extended_l2 = opts.extended_l2.unwrap_or(create.extended_l2);
             let mut dst = Image::create(output, &create)?;
             let cluster_size = dst.cluster_size();
             let stats = if opts.compress {

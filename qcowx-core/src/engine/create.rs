@@ -100,8 +100,9 @@ impl CreateOptions {
 
     /// Applies `qemu-img create -o` options: a comma-separated list of `key=value`
     /// with QEMU's names `size`, `cluster_size`, `extended_l2` (`on`/`off`),
-    /// `refcount_bits`, `compression_type` (`zlib`/`zstd`), `backing_file` and
-    /// `backing_fmt`. An unknown key or a bad value is refused, naming it.
+    /// `refcount_bits`, `compression_type` (`zlib`/`zstd`), `backing_file`,
+    /// `backing_fmt` and `compat` (`1.1` only). An unknown key or a bad value is
+    /// refused, naming it.
     pub fn apply_qemu_options(&mut self, options: &str) -> Result<()> {
         let bad = |what: String| Error::InvalidArgument(format!("-o {options}: {what}"));
         for item in options.split(',').filter(|s| !s.is_empty()) {
@@ -140,6 +141,13 @@ impl CreateOptions {
                 }
                 "backing_file" => self.backing_file = Some(value.to_string()),
                 "backing_fmt" => self.backing_format = Some(value.to_string()),
+                // qcowx writes version 3 images: QEMU's default, named or not.
+                "compat" if matches!(value, "1.1" | "v3") => {}
+                "compat" => {
+                    return Err(bad(format!(
+                        "compat={value}: qcowx creates version 3 (compat=1.1) images only"
+                    )))
+                }
                 _ => return Err(bad(format!("unknown option '{key}'"))),
             }
         }
