@@ -54,6 +54,7 @@ pub struct RawSnapshotHeader {
 /// e.complete_extra(1 << 30);
 /// assert_eq!(e.disk_size(), Some(1 << 30));
 /// assert_eq!(e.extra, RawQemuExtra::new(1 << 30, 0).as_bytes()[..16]);
+/// assert_eq!(e.icount(), None); // the 16 bytes a version 3 entry needs hold none
 /// assert_eq!(e.l1_problem(65536), None);
 ///
 /// let mut table = Vec::new();

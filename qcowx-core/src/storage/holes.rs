@@ -8,6 +8,22 @@ use std::fs::File;
 /// tiling the range, each `(start, end, holds_data)`: a hole reads as zeros, and so
 /// does everything past `size`. `None` when the file system cannot tell (then any of
 /// it may hold data).
+///
+/// ```
+/// use std::os::unix::fs::FileExt;
+/// use qcowx_core::storage::data_runs;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let file = std::fs::File::create(dir.path().join("f")).unwrap();
+/// file.set_len(8 << 20).unwrap(); // all hole
+/// file.write_all_at(&[1; 4096], 4 << 20).unwrap();
+/// if let Some(runs) = data_runs(&file, 8 << 20, 0, 8 << 20) {
+///     // The runs tile the range; the written block holds data, the start does not.
+///     assert_eq!((runs[0].0, runs.last().unwrap().1), (0, 8 << 20));
+///     assert!(runs.iter().any(|&(s, e, data)| data && s <= 4 << 20 && (4 << 20) < e));
+///     assert!(!runs[0].2);
+/// }
+/// ```
 pub fn data_runs(file: &File, size: u64, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
     let end = offset.saturating_add(len);
     let mut out: Vec<(u64, u64, bool)> = Vec::new();

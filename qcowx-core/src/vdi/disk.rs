@@ -175,10 +175,25 @@ impl Disk {
         self.image.block_status_root(self.root, offset, len)
     }
     /// Allocation status of a range from the image's tables alone: as
-    /// [`Disk::block_status`], except that data clusters are [`ExtentStatus::Data`]
-    /// even where the file system holds a hole under them (they are not looked up
-    /// there). Cheaper: for readers that use it only to skip reading what reads as
-    /// zeros, such as a server's sparse read replies.
+    /// [`Disk::block_status`], except that data clusters are
+    /// [`ExtentStatus::Data`](crate::ExtentStatus::Data) even where the file system
+    /// holds a hole under them (they are not looked up there). Cheaper: for readers
+    /// that use it only to skip reading what reads as zeros, such as a server's sparse
+    /// read replies.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::sync::Arc;
+    /// use qcowx_core::{CreateOptions, ExtentStatus, Image, DEFAULT_VDI};
+    /// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+    /// img.write_at(&[5; 4096], 65536)?;
+    /// let disk = img.open_root(DEFAULT_VDI)?;
+    /// let ext = disk.block_status_from_tables(0, 1 << 20)?;
+    /// assert_eq!((ext[1].offset, ext[1].status), (65536, ExtentStatus::Data));
+    /// assert_eq!(ext, disk.block_status(0, 1 << 20)?); // not metadata-preallocated
+    /// # Ok(()) }
+    /// ```
     pub fn block_status_from_tables(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.image.table_status_root(self.root, offset, len)
     }
