@@ -78,6 +78,13 @@ impl Image {
                     .len()
                     .map_err(|e| self.io_err("stat", 0u64, e))?;
                 let file_clusters = file_len.div_ceil(cs);
+                if file_clusters <= threshold {
+                    // Not even every cluster of the file could be over the threshold:
+                    // a file about as long as its storage (every image but a sparse
+                    // one) needs no refcount read.
+                    st.metadata_preallocated = Some(false);
+                    return Ok(false);
+                }
                 let mut disk = DiskRefcounts::new(self, st, file_clusters)?;
                 let mut allocated = 0u64;
                 let mut found = false;
