@@ -1,5 +1,5 @@
 //! More qcow2 cases of QEMU's iotests (`tests/qemu-iotests/` in QEMU: 108, 112, 138,
-//! 176, 214, 250, 290), rebuilt with `qemu-img`, `qemu-io` and byte pokes as the
+//! 214, 250, 290; 176 is in `damaged_commit.rs`), rebuilt with `qemu-img`, `qemu-io` and byte pokes as the
 //! iotests build them (offsets read from each image's header where an iotest assumes
 //! them), and qcowx compared with QEMU on each (issue 17), with the assertions of
 //! `qcowx_tests::damaged` that `tests/damaged.rs` uses:
@@ -26,11 +26,6 @@ use qcowx_tests::damaged::{assert_message, Case, IMAGE, OFFSET_MASK};
 use qcowx_tests::{qemu_check, qemu_img_create, qemu_io_ok, qemu_io_run, require_qemu_tools};
 
 const M64: u64 = 64 << 20;
-
-fn case(name: &str, size: u64, opts: &str) -> Case {
-    require_qemu_tools();
-    Case::create(name, size, opts)
-}
 
 /// The offset of the L2 entry that maps guest offset `guest` (its L2 table allocated).
 fn l2_entry_offset(c: &Case, guest: u64) -> u64 {
@@ -64,27 +59,6 @@ fn assert_unchanged_but_flags(c: &Case, file: &str, before: &[u8], what: &str) {
     assert!(after == before, "{}: {what} changed the file", c.name);
 }
 
-/// `qcowx io -c CMD… FILE` in the case directory.
-fn qcowx_io(c: &Case, file: &str, cmds: &[&str]) -> std::process::Output {
-    let mut args = vec!["io"];
-    for cmd in cmds {
-        args.extend(["-c", cmd]);
-    }
-    args.push(file);
-    c.qcowx(&args)
-}
-
-/// `qcowx io -c 'read -P …'` of `file` succeeds: qcowx reads the pattern QEMU reads.
-fn qcowx_reads_pattern(c: &Case, file: &str, cmd: &str) {
-    let out = qcowx_io(c, file, &[cmd]);
-    let text = format!("{}{}", stdout(&out), stderr(&out));
-    assert!(
-        out.status.success() && !text.contains("failed") && !text.contains("panicked"),
-        "{}: qcowx io -c '{cmd}' {file} (QEMU reads it so):\n{text}",
-        c.name
-    );
-}
-
 // ---- 108: repairs that cannot use the on-disk refcount structures --------------------
 
 /// 108 "repairing an image without any refcount table": `refcount_table_offset` and
@@ -97,7 +71,7 @@ fn qcowx_reads_pattern(c: &Case, file: &str, cmd: &str) {
 /// repair refuses and changes nothing (or, if it repairs, it must do so as QEMU does).
 #[test]
 fn iotest_108_no_refcount_table() {
-    let c = case("108-no-refcount-table", M64, "compat=1.1");
+    let c = Case::create("108-no-refcount-table", M64, "compat=1.1");
     c.qemu_io(&["write -P 42 0 64k"]);
     c.poke64(48, 0);
     c.poke32(56, 0);
@@ -119,7 +93,7 @@ fn iotest_108_no_refcount_table() {
 /// the data cluster: QEMU's repair keeps the data readable.
 #[test]
 fn iotest_108_unreferenced_data_in_new_refblock_area() {
-    let c = case(
+    let c = Case::create(
         "108-unreferenced-data-new-refblock",
         M64,
         "compat=1.1,cluster_size=512",
@@ -155,7 +129,7 @@ fn iotest_108_refblock_beyond_end() {
     let cases: Vec<_> = variants
         .into_iter()
         .map(|(tag, rb, mark)| {
-            let c = case(&format!("108-refblock-beyond-end-{tag}"), M64, "compat=1.1");
+            let c = Case::create(&format!("108-refblock-beyond-end-{tag}"), M64, "compat=1.1");
             c.poke64(c.reftable_offset() + 8, rb);
             if mark {
                 let (off, _) = refcount_entry(&c, rb);
@@ -179,7 +153,7 @@ fn iotest_108_refblock_beyond_end() {
 /// device cannot grow).
 #[test]
 fn iotest_108_rebuild_does_not_grow_the_file() {
-    let c = case(
+    let c = Case::create(
         "108-rebuild-keeps-size",
         1 << 20,
         "compat=1.1,cluster_size=512",
@@ -254,7 +228,7 @@ fn snapshot_refused_or_sound(c: &Case, name: &str, leaks_ok: bool) {
 /// snapshot when its refcount cannot reach 2. QEMU refuses the snapshot.
 #[test]
 fn iotest_112_snapshot_refcount_bits_1() {
-    let c = case(
+    let c = Case::create(
         "112-snapshot-refcount-bits-1",
         M64,
         "compat=1.1,refcount_bits=1",
@@ -268,7 +242,7 @@ fn iotest_112_snapshot_refcount_bits_1() {
 /// does not. QEMU takes the first two and refuses the third.
 #[test]
 fn iotest_112_snapshot_refcount_bits_2() {
-    let c = case(
+    let c = Case::create(
         "112-snapshot-refcount-bits-2",
         M64,
         "compat=1.1,refcount_bits=2",
@@ -294,7 +268,7 @@ fn iotest_112_snapshot_refcount_bits_2() {
 /// Builds a refcount_bits=64 image with `write 0 512`, the data cluster's refcount
 /// set to `refcount` and OFLAG_COPIED cleared in its L2 entry, as 112 does.
 fn refcount64_case(name: &str, refcount: u64) -> (Case, u64) {
-    let c = case(name, M64, "compat=1.1,refcount_bits=64");
+    let c = Case::create(name, M64, "compat=1.1,refcount_bits=64");
     c.qemu_io(&["write 0 512"]);
     let l2 = c.l2_offset(0);
     let entry = c.peek64(l2);
@@ -317,7 +291,7 @@ fn iotest_112_msb_set_in_64bit_refcount() {
     let qf = c.copy("qemu-write");
     qemu_io_ok("qcow2", &c.path().join(&qf), &["write -P 7 0 512"]);
     let xf = c.copy("qcowx-write");
-    let out = qcowx_io(&c, &xf, &["write -P 7 0 512"]);
+    let out = c.qcowx_io(&xf, &["write -P 7 0 512"]);
     qcowx_tests::cli::assert_ok(&out, &format!("{}: qcowx io write (QEMU writes)", c.name));
     let q = qemu_check(&c.path().join(&xf));
     assert!(
@@ -355,7 +329,7 @@ fn iotest_112_snapshot_on_max_64bit_refcount() {
 /// image that `qcowx check --repair` then fixes.
 #[test]
 fn iotest_112_too_many_references() {
-    let c = case("112-too-many-references", M64, "compat=1.1,refcount_bits=1");
+    let c = Case::create("112-too-many-references", M64, "compat=1.1,refcount_bits=1");
     c.qemu_io(&["write 0 64k"]);
     let l2 = c.l2_offset(0);
     let entry = c.peek64(l2);
@@ -407,7 +381,7 @@ fn iotest_112_too_many_references() {
 /// it as QEMU does (zeros) or refuse naming the offset.
 #[test]
 fn iotest_138_data_cluster_at_32_pib() {
-    let c = case("138-data-at-32pib", 512, "compat=1.1,cluster_size=512");
+    let c = Case::create("138-data-at-32pib", 512, "compat=1.1,cluster_size=512");
     c.qemu_io(&["write 0 512"]);
     c.poke64(c.l2_offset(0), 0x8080_0000_0000_0000);
     let c = c.damaged();
@@ -426,7 +400,7 @@ fn iotest_138_data_cluster_at_32_pib() {
 /// An 8 MiB image with 2 MiB clusters and two compressed clusters of 0x11 (guest 0 and
 /// 2M), as 214 makes it. Returns it with the offsets of the two L2 entries.
 fn compressed_2m(name: &str) -> (Case, u64, u64) {
-    let c = case(name, 8 << 20, "compat=1.1,cluster_size=2M");
+    let c = Case::create(name, 8 << 20, "compat=1.1,cluster_size=2M");
     c.qemu_io(&["write -c -P 0x11 0 2M", "write -c -P 0x11 2M 2M"]);
     let l2 = c.l2_offset(0);
     for e in [l2, l2 + 8] {
@@ -456,7 +430,7 @@ fn iotest_214_compressed_size_too_small() {
     c.qemu_io(&["read -P 0x11 2M 2M"]);
     assert_eq!(qemu_check(&c.img).code, 0, "oracle: qemu-img check");
 
-    let out = qcowx_io(&c, IMAGE, &["read -P 0x11 0 2M"]);
+    let out = c.qcowx_io(IMAGE, &["read -P 0x11 0 2M"]);
     assert!(
         !out.status.success(),
         "{}: qcowx read a truncated compressed cluster:\n{}",
@@ -464,7 +438,7 @@ fn iotest_214_compressed_size_too_small() {
         stdout(&out)
     );
     assert_message(&c.name, &stderr(&out), &["compressed"]);
-    qcowx_reads_pattern(&c, IMAGE, "read -P 0x11 2M 2M");
+    c.qcowx_reads_pattern(IMAGE, "read -P 0x11 2M 2M");
 
     let x = c.qcowx_check(IMAGE);
     assert!(
@@ -545,7 +519,7 @@ fn iotest_214_compressed_size_max_grown() {
 /// smaller size), so the shrink must be refused with the file unchanged.
 #[test]
 fn iotest_250_preallocated_data_at_the_end() {
-    let c = case(
+    let c = Case::create(
         "250-preallocated-swapped",
         2100 << 20,
         "compat=1.1,cluster_size=1M,preallocation=metadata",
@@ -572,10 +546,10 @@ fn iotest_250_preallocated_data_at_the_end() {
         "read -P 0 2089M 1M",
     ] {
         c.qemu_io(&[cmd]);
-        qcowx_reads_pattern(&c, IMAGE, cmd);
+        c.qcowx_reads_pattern(IMAGE, cmd);
     }
     // qcowx io verifies a pattern: the wrong one fails.
-    let out = qcowx_io(&c, IMAGE, &["read -P 0 0 512"]);
+    let out = c.qcowx_io(IMAGE, &["read -P 0 0 512"]);
     let text = format!("{}{}", stdout(&out), stderr(&out));
     assert!(
         !out.status.success() || text.contains("failed"),
@@ -624,7 +598,7 @@ fn iotest_290_discard_v2_v3() {
     let cases: Vec<_> = variants
         .into_iter()
         .map(|(tag, opts, backing)| {
-            let c = case(&format!("290-discard-{tag}"), 128 << 10, opts);
+            let c = Case::create(&format!("290-discard-{tag}"), 128 << 10, opts);
             if backing {
                 let base = c.path().join("base.qcow2");
                 qemu_img_create(&base, 128 << 10, "");
@@ -657,7 +631,7 @@ fn iotest_290_discard_v2_v3() {
             // writes version 3 only); the write is refused, naming the version, and
             // the file is left as it was.
             let before = std::fs::read(&path).unwrap();
-            let out = qcowx_io(&c, &fresh, &["write -P 0x01 0 128k"]);
+            let out = c.qcowx_io(&fresh, &["write -P 0x01 0 128k"]);
             assert!(
                 !out.status.success(),
                 "{}: qcowx wrote a version 2 image",
@@ -676,7 +650,7 @@ fn iotest_290_discard_v2_v3() {
             );
             continue;
         }
-        let out = qcowx_io(&c, &fresh, &["write -P 0x01 0 128k", "discard 0 128k"]);
+        let out = c.qcowx_io(&fresh, &["write -P 0x01 0 128k", "discard 0 128k"]);
         qcowx_tests::cli::assert_ok(&out, &format!("{}: qcowx io write + discard", c.name));
         qemu_check(&path).assert_clean(&format!("{}: after qcowx's discard", c.name));
         assert!(
@@ -690,171 +664,4 @@ fn iotest_290_discard_v2_v3() {
             }
         );
     }
-}
-
-// ---- 176: commit out of an image with a snapshot or a bitmap ----------------------------
-
-/// 176: a chain base <- itmd <- top of 2100 MiB + 512 bytes, the top image given an
-/// internal snapshot (or a persistent bitmap, made with `qemu-img bitmap` where the
-/// iotest uses QMP) so that `qemu-img commit` cannot empty it the fast way, data near
-/// the 2 GiB mark in each layer, then committed (pass 0: into itmd, the top emptied;
-/// 3: into base with `-b`, the top kept). qcowx must check every layer as QEMU does
-/// and read in each what QEMU reads (the iotest's patterns); then a qcowx write into
-/// the emptied top must leave it clean for QEMU, the snapshot or bitmap kept.
-fn commit_176(reason: &str, pass: u32) {
-    let len: u64 = (2100 << 20) + 512;
-    let c = case(&format!("176-{reason}-{pass}"), len, "compat=1.1");
-    let dir = c.path().to_path_buf();
-    let base = dir.join("base.qcow2");
-    let itmd = dir.join("itmd.qcow2");
-    qemu_img_create(&base, len, "compat=1.1");
-    qemu_img_create(
-        &itmd,
-        len,
-        "compat=1.1,backing_file=base.qcow2,backing_fmt=qcow2",
-    );
-    qemu_img_create(
-        &c.img,
-        len,
-        "compat=1.1,backing_file=itmd.qcow2,backing_fmt=qcow2",
-    );
-    match reason {
-        "snapshot" => {
-            let q = c.qemu_img(&["snapshot", "-c", "snap", IMAGE]);
-            assert!(q.status.success(), "oracle: qemu-img snapshot");
-        }
-        _ => {
-            let q = c.qemu_img(&["bitmap", "--add", IMAGE, "bitmap0"]);
-            assert!(q.status.success(), "oracle: qemu-img bitmap --add");
-        }
-    }
-    qemu_io_ok("qcow2", &base, &["write -P 1 0x7ffd0000 192k"]);
-    qemu_io_ok("qcow2", &itmd, &["write -P 2 0x7ffe0000 128k"]);
-    let tail = format!("{} 512", len - 512);
-    c.qemu_io(&["write -P 3 0x7fff0000 64k", &format!("write -P 4 {tail}")]);
-    let q = if pass == 0 {
-        c.qemu_img(&["commit", IMAGE])
-    } else {
-        c.qemu_img(&["commit", "-b", "base.qcow2", IMAGE])
-    };
-    assert!(
-        q.status.success(),
-        "oracle: qemu-img commit: {}",
-        stderr(&q)
-    );
-    let c = c.damaged();
-
-    // What each layer reads, as the iotest checks it.
-    let reads: Vec<(&str, Vec<String>)> = if pass == 0 {
-        let all = vec![
-            "read -P 1 0x7ffd0000 64k".to_string(),
-            "read -P 2 0x7ffe0000 64k".into(),
-            "read -P 3 0x7fff0000 64k".into(),
-            format!("read -P 4 {tail}"),
-        ];
-        vec![
-            (
-                "base.qcow2",
-                vec![
-                    "read -P 1 0x7ffd0000 192k".to_string(),
-                    format!("read -P 0 {tail}"),
-                ],
-            ),
-            ("itmd.qcow2", all.clone()),
-            (IMAGE, all),
-        ]
-    } else {
-        let all = vec![
-            "read -P 1 0x7ffd0000 64k".to_string(),
-            "read -P 2 0x7ffe0000 64k".into(),
-            "read -P 3 0x7fff0000 64k".into(),
-            format!("read -P 4 {tail}"),
-        ];
-        vec![
-            ("base.qcow2", all.clone()),
-            (
-                "itmd.qcow2",
-                vec![
-                    "read -P 1 0x7ffd0000 64k".to_string(),
-                    "read -P 2 0x7ffe0000 128k".into(),
-                    format!("read -P 4 {tail}"),
-                ],
-            ),
-            (IMAGE, all),
-        ]
-    };
-    for (file, cmds) in &reads {
-        let path = dir.join(file);
-        for cmd in cmds {
-            qemu_io_ok("qcow2", &path, &[cmd]);
-            qcowx_reads_pattern(&c, file, cmd);
-        }
-    }
-    for file in ["base.qcow2", "itmd.qcow2", IMAGE] {
-        let q = qemu_check(&dir.join(file));
-        let x = c.qcowx_check(file);
-        assert_eq!(
-            x.code, q.code,
-            "{}: qcowx check {file} exits {} where qemu-img check exits {}:\n{}",
-            c.name, x.code, q.code, x.text
-        );
-    }
-
-    if reason == "bitmap" {
-        let info = qcowx_tests::qemu_info(&c.img, true);
-        assert!(
-            info["format-specific"]["data"]["bitmaps"][0]["name"] == "bitmap0",
-            "oracle: the commit dropped the bitmap: {info}"
-        );
-    }
-
-    // A qcowx write into the top image, then QEMU's view of it.
-    let out = qcowx_io(&c, IMAGE, &["write -P 5 0x7fff8000 32k"]);
-    qcowx_tests::cli::assert_ok(&out, &format!("{}: qcowx io write into the top", c.name));
-    qemu_check(&c.img).assert_clean(&format!("{}: after qcowx's write", c.name));
-    c.qemu_io(&["read -P 3 0x7fff0000 32k", "read -P 5 0x7fff8000 32k"]);
-    let info = qcowx_tests::qemu_info(&c.img, true);
-    if reason == "snapshot" {
-        let snaps = info["snapshots"].as_array().cloned().unwrap_or_default();
-        assert!(
-            snaps.iter().any(|s| s["name"] == "snap"),
-            "{}: the snapshot is gone: {info}",
-            c.name
-        );
-    } else {
-        let bitmaps = info["format-specific"]["data"]["bitmaps"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        // qcowx does not update bitmaps: a writable open clears the bitmaps autoclear
-        // bit (spec/qcowx-format.md §10), as the qcow2 format asks of a writer that
-        // does not; QEMU then treats the bitmap as inconsistent and drops it. Either
-        // the bitmap is still valid or the bit is clear, never a stale valid bitmap.
-        let autoclear = c.peek64(88);
-        assert!(
-            bitmaps.iter().any(|b| b["name"] == "bitmap0") || autoclear & 1 == 0,
-            "{}: the bitmap is gone with the bitmaps autoclear bit still set: {info}",
-            c.name
-        );
-    }
-}
-
-#[test]
-fn iotest_176_commit_snapshot_into_itmd() {
-    commit_176("snapshot", 0);
-}
-
-#[test]
-fn iotest_176_commit_snapshot_into_base() {
-    commit_176("snapshot", 3);
-}
-
-#[test]
-fn iotest_176_commit_bitmap_into_itmd() {
-    commit_176("bitmap", 0);
-}
-
-#[test]
-fn iotest_176_commit_bitmap_into_base() {
-    commit_176("bitmap", 3);
 }

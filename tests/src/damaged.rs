@@ -43,8 +43,10 @@ pub struct CheckOutcome {
 }
 
 impl Case {
-    /// A fresh case with `qemu-img create -f qcow2 [-o opts] t.qcow2 size`.
+    /// A fresh case with `qemu-img create -f qcow2 [-o opts] t.qcow2 size` (a missing
+    /// QEMU tool fails the test, naming the package).
     pub fn create(name: &str, size: u64, opts: &str) -> Case {
+        crate::require_qemu_tools();
         let dir = tempdir();
         let img = dir.path().join(IMAGE);
         qemu_img_create(&img, size, opts);
@@ -175,6 +177,27 @@ impl Case {
     /// Runs `qcowx ARGS` in the case directory.
     pub fn qcowx(&self, args: &[&str]) -> Output {
         cli::qcowx(self.path(), args)
+    }
+
+    /// `qcowx io -c CMD… FILE` in the case directory.
+    pub fn qcowx_io(&self, file: &str, cmds: &[&str]) -> Output {
+        let mut args = vec!["io"];
+        for cmd in cmds {
+            args.extend(["-c", cmd]);
+        }
+        args.push(file);
+        self.qcowx(&args)
+    }
+
+    /// `qcowx io -c 'read -P …'` of `file` succeeds: qcowx reads the pattern QEMU reads.
+    pub fn qcowx_reads_pattern(&self, file: &str, cmd: &str) {
+        let out = self.qcowx_io(file, &[cmd]);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(
+            out.status.success() && !text.contains("failed") && !text.contains("panicked"),
+            "{}: qcowx io -c '{cmd}' {file} (QEMU reads it so):\n{text}",
+            self.name
+        );
     }
 
     /// Runs `qemu-img ARGS` in the case directory.
