@@ -411,6 +411,12 @@ pub(crate) struct TreeArgs {
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("root").args(["snapshot", "vdi"])))]
 pub(crate) struct MapArgs {
+    /// Map from this guest offset on (as qemu-img's --start-offset; K, M, G suffixes).
+    #[arg(long = "start-offset", value_name = "OFFSET", value_parser = size_arg, default_value = "0")]
+    pub(crate) start_offset: u64,
+    /// Map at most this many bytes (as qemu-img's --max-length).
+    #[arg(long = "max-length", value_name = "LEN", value_parser = size_arg)]
+    pub(crate) max_length: Option<u64>,
     /// Map this snapshot.
     #[arg(long, value_name = "NAME")]
     pub(crate) snapshot: Option<String>,

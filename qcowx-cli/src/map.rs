@@ -1,7 +1,7 @@
 //! `qemu-img map` for any root: where each guest range of a VDI or snapshot comes
 //! from, as `qemu-img map --output=json` reports it for an image.
 //!
-//! [`map_root`] turns [`Image::block_status`] extents into [`MapExtent`]s with QEMU's
+//! [`map_range`] turns [`Image::block_status`] extents into [`MapExtent`]s with QEMU's
 //! flags (`present`, `zero`, `data`, `compressed`), `depth` and host `offset`:
 //!
 //! - data stored in a qcow2 layer: `data`, with the host offset unless compressed;
@@ -87,14 +87,22 @@ fn push(out: &mut Vec<MapExtent>, e: MapExtent) {
 }
 
 /// The map of root `root` of `img` (a VDI or snapshot name; `None` or `"default"` for
-/// the default VDI), covering the root's whole virtual disk.
+/// the default VDI): of the `len` bytes at `start` (cut at the end of the disk; `0` and
+/// `u64::MAX` for the whole disk), as `qemu-img map --start-offset --max-length` maps
+/// them.
 ///
 /// The backing chain's files are opened again (read-only, without their own backing
 /// files, with `lock`) for their sizes, their tables and, for a raw base, its holes:
 /// pass the lock `img` was opened with ([`LockMode::ForceShare`] for an image in use).
 /// `img` itself is not opened again, so an image this process holds open for writing
 /// maps with [`LockMode::Shared`] too.
-pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<Vec<MapExtent>> {
+pub fn map_range(
+    img: &Arc<Image>,
+    root: Option<&str>,
+    lock: LockMode,
+    start: u64,
+    len: u64,
+) -> Result<Vec<MapExtent>> {
     let top = img
         .path()
         .ok_or_else(|| {
@@ -153,9 +161,10 @@ pub fn map_root(img: &Arc<Image>, root: Option<&str>, lock: LockMode) -> Result<
         out: Vec::new(),
     };
     m.tables.push(Some(KeptHosts::new(Arc::clone(img), name)?));
-    let mut window = 0u64;
-    while window < size {
-        let wlen = STATUS_WINDOW.min(size - window);
+    let end = start.saturating_add(len).min(size);
+    let mut window = start.min(end);
+    while window < end {
+        let wlen = STATUS_WINDOW.min(end - window);
         for e in disk.block_status(window, wlen)? {
             m.convert(&e)?;
         }
@@ -357,7 +366,7 @@ mod tests {
         img.write_at(&[9u8; 65536], 3 * 65536).unwrap();
         img.write_zeroes(3 * 65536, 65536, true).unwrap();
         img.write_at(&[3u8; 512], 4 * 65536).unwrap();
-        let m = map_root(&img, None, LockMode::Shared).unwrap();
+        let m = map_range(&img, None, LockMode::Shared, 0, u64::MAX).unwrap();
         assert_eq!(m[0].start, 0);
         assert_eq!(m[0].length, 2 * 65536, "{m:?}");
         assert!(m[0].data && m[0].present && !m[0].zero && m[0].offset.is_some());
@@ -399,7 +408,8 @@ mod tests {
         let img = Arc::new(OpenOptions::new().write(true).open(&top).unwrap());
         img.write_at(&[7u8; 65536], 65536).unwrap();
         for lock in [LockMode::Shared, LockMode::ForceShare] {
-            let m = map_root(&img, None, lock).unwrap_or_else(|e| panic!("{lock:?}: {e}"));
+            let m = map_range(&img, None, lock, 0, u64::MAX)
+                .unwrap_or_else(|e| panic!("{lock:?}: {e}"));
             let first = &m[0];
             assert_eq!(
                 (first.start, first.length, first.depth),

@@ -245,6 +245,40 @@ fn metadata_preallocated_images_map_and_convert_as_qemu_does() {
     assert!(data <= 2 * CS, "{out:#}");
 }
 
+/// `--start-offset` and `--max-length` map the part qemu-img maps: unaligned, cut at
+/// the end of the disk, or from an offset to the end.
+#[test]
+fn map_of_part_of_a_disk_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok_quiet(d, &["create", "p.qcow2", "8M"]);
+    ok_quiet(
+        d,
+        &[
+            "io",
+            "p.qcow2",
+            "-c",
+            "write -P 1 1M 192k",
+            "-c",
+            "write -z 4M 64k",
+        ],
+    );
+    for range in [
+        &["--start-offset=1000", "--max-length=3000"][..],
+        &["--start-offset=1M", "--max-length=100k"],
+        &["--start-offset", "1100k", "--max-length", "4M"],
+        &["--start-offset=6M"],
+        &["--max-length=12M"],
+    ] {
+        let mut args = range.to_vec();
+        args.push("p.qcow2");
+        let ours = qcowx_map(d, &args);
+        let mut q = vec!["map", "--output=json"];
+        q.extend(&args);
+        assert_eq!(ours["extents"], json(&qemu_ok(d, &q)), "{range:?}");
+    }
+}
+
 fn classify(extents: &Value, size: u64) -> Vec<bool> {
     let mut out = vec![false; size.div_ceil(CS) as usize];
     for e in extents.as_array().unwrap() {

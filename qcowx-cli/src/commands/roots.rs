@@ -292,7 +292,8 @@ pub(crate) fn map(a: &MapArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, F
         }
         (None, None) => DEFAULT_VDI,
     };
-    let extents = qmap::map_root(&img, Some(root), lock)?;
+    let len = a.max_length.unwrap_or(u64::MAX);
+    let extents = qmap::map_range(&img, Some(root), lock, a.start_offset, len)?;
     img.close()?;
     let name = a.image.file.display().to_string();
     let json = || report::map_json(&name, root, &extents);
