@@ -443,6 +443,11 @@ pub(crate) struct AmendArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct ResizeArgs {
+    /// qemu-img's permission to shrink. qcowx resize never shrinks the default VDI
+    /// (its snapshots keep their sizes; data past the end would be lost): with or
+    /// without it, a smaller size is refused, saying how to make a smaller copy.
+    #[arg(long)]
+    pub(crate) shrink: bool,
     #[command(flatten)]
     pub(crate) image_format: Qcow2Only,
     /// Output format.

@@ -195,6 +195,13 @@ fn image_commands_with_dash_f_qcow2_behave_as_qemu_img() {
     // qcowx reads qcow2 only: -f raw is a usage error that names what it takes.
     let err = usage_error(&t.qcowx, &["info", "-f", "raw", "a.qcow2"]);
     assert!(err.contains("qcow2"), "{err}");
+    // qcowx does not shrink: `resize --shrink` gets the reason, not a parse error.
+    let out = qcowx(
+        &t.qcowx,
+        &["resize", "-f", "qcow2", "--shrink", "a.qcow2", "1M"],
+    );
+    assert_code(&out, 1, "resize --shrink");
+    assert!(stderr(&out).contains("only grows"), "{}", stderr(&out));
 }
 
 #[test]
