@@ -587,6 +587,26 @@ pub(crate) struct ConvertArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct CommitArgs {
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
+    /// Keep the image's contents after the commit (by default it is emptied, so it
+    /// reads through to its backing file).
+    #[arg(short = 'd')]
+    pub(crate) keep: bool,
+    /// Show progress, as qemu-img's -p asks (qcowx shows a progress bar on a terminal
+    /// whether or not it is given).
+    #[arg(short = 'p')]
+    pub(crate) progress: bool,
+    /// The file to commit into: only the image's immediate backing file is accepted.
+    #[arg(short = 'b', value_name = "BASE")]
+    pub(crate) base: Option<PathBuf>,
+    /// The image whose changes are written into its backing file.
+    #[arg(value_name = "FILE")]
+    pub(crate) file: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct CompletionsArgs {
     /// The shell.
     #[arg(value_enum, value_name = "SHELL")]

@@ -116,6 +116,10 @@ enum Command {
     /// Change an image's backing file (like `qemu-img rebase`): with -u only the
     /// name; without, what its VDIs read is kept.
     Rebase(commands::amend::RebaseArgs),
+    /// Write what an image stores itself into its backing file, qcow2 or raw (like
+    /// `qemu-img commit`); then empty it, so it reads through to the backing file,
+    /// unless -d.
+    Commit(CommitArgs),
     /// Compare the contents of two images, qcow2 or raw (like `qemu-img compare`).
     Compare(CompareArgs),
     /// Convert between raw and qcow2, optionally compressed (like `qemu-img convert`).
@@ -200,6 +204,7 @@ impl Command {
                 | Command::Rename(_)
                 | Command::Amend(_)
                 | Command::Rebase(_)
+                | Command::Commit(_)
                 | Command::Receive(_)
                 | Command::Bitmap(_)
         )
@@ -280,6 +285,7 @@ fn main() -> ExitCode {
         Command::Bitmap(a) => commands::bitmap::bitmap(&a),
         Command::Amend(a) => commands::amend::amend(&a),
         Command::Rebase(a) => commands::amend::rebase(&a),
+        Command::Commit(a) => image::commit(&a, quiet, out),
         Command::Compare(a) => image::compare(&a, quiet, out),
         Command::Convert(a) => image::convert(&a, quiet),
         Command::Send(a) => stream::send(&a, quiet, out),

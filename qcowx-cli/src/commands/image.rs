@@ -1,5 +1,5 @@
-//! Commands on whole images: create, info, check, export, convert, compare, resize
-//! and import.
+//! Commands on whole images: create, info, check, export, convert, compare, resize,
+//! commit and import.
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -11,8 +11,8 @@ use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOpti
 
 use super::{emit, lock_mode, require_kind, run_request, unexpected, usage_error, Failure};
 use crate::{
-    progress, report, size_arg, CheckArgs, CompareArgs, ConvertArgs, CreateArgs, DiskFormat,
-    ExportArgs, ExportFormat, ImportArgs, InfoArgs, OutputKind, RepairMode, ResizeArgs,
+    progress, report, size_arg, CheckArgs, CommitArgs, CompareArgs, ConvertArgs, CreateArgs,
+    DiskFormat, ExportArgs, ExportFormat, ImportArgs, InfoArgs, OutputKind, RepairMode, ResizeArgs,
 };
 use qcowx_core::control::{Request, Response};
 
@@ -422,6 +422,20 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
     }
     let bar = progress::Bar::new(progress::enabled(quiet, false), "converting");
     conv::convert(input.as_ref(), &a.dest, &opts, &mut bar.callback())?;
+    Ok(0)
+}
+
+pub(crate) fn commit(a: &CommitArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
+    let opts = qcowx_core::commit::CommitOptions {
+        keep_top: a.keep,
+        base: a.base.clone(),
+    };
+    let bar = progress::Bar::new(progress::enabled(quiet, false), "committing");
+    qcowx_core::commit::commit(&a.file, &opts, &mut bar.callback())?;
+    drop(bar);
+    if !quiet {
+        writeln!(out, "Image committed.")?;
+    }
     Ok(0)
 }
 

@@ -10,8 +10,13 @@ use crate::storage::Storage;
 use super::image::*;
 
 pub(crate) enum ZeroMode {
-    Zero { unmap: bool },
+    Zero {
+        unmap: bool,
+    },
     Discard,
+    /// Whole clusters become unallocated, reading through the backing file (what
+    /// `qemu-img commit` leaves in the top image).
+    Unallocate,
 }
 
 impl Image {
@@ -62,6 +67,13 @@ impl Image {
         self.zero_range(DEFAULT_ROOT, offset, len, ZeroMode::Discard)
     }
 
+    /// Makes the whole clusters of `[offset, offset+len)` in the default VDI
+    /// unallocated, so they read through the backing file (whether or not it is open);
+    /// partial clusters at the edges are left alone.
+    pub(crate) fn unallocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(DEFAULT_ROOT, offset, len, ZeroMode::Unallocate)
+    }
+
     pub(crate) fn zero_range(
         &self,
         root: RootId,
@@ -87,7 +99,9 @@ impl Image {
             // whole when the range reaches the end of the disk.
             let whole = in_off == 0 && (n == cs || pos + n == size);
             let mut st = self.lock_state()?;
-            match (&mode, whole && v3) {
+            // An unallocated entry is valid in every version.
+            let by_entry = v3 || matches!(mode, ZeroMode::Unallocate);
+            match (&mode, whole && by_entry) {
                 (_, true) => self.zero_cluster(&mut st, root, GuestOffset::new(pos), &mode)?,
                 (ZeroMode::Discard, false) if !v3 && whole => {
                     // Version 2 has no zero flag: a discard must write zeros so the
@@ -95,7 +109,7 @@ impl Image {
                     drop(st);
                     self.write_root(root, &vec![0u8; n as usize], pos)?;
                 }
-                (ZeroMode::Discard, false) => {}
+                (ZeroMode::Discard | ZeroMode::Unallocate, false) => {}
                 (ZeroMode::Zero { .. }, false) => {
                     let cg = GuestOffset::new(pos - in_off);
                     let covered = if self.geo.extended {
@@ -211,9 +225,13 @@ impl Image {
     ) -> Result<()> {
         let has_backing = self.backing.is_some();
         let (kind, _) = self.lookup(st, root, cg)?;
-        let target_unallocated = matches!(mode, ZeroMode::Discard) && !has_backing;
+        let target_unallocated = match mode {
+            ZeroMode::Discard => !has_backing,
+            ZeroMode::Unallocate => true,
+            ZeroMode::Zero { .. } => false,
+        };
         match kind {
-            ClusterKind::Unallocated if !has_backing => return Ok(()),
+            ClusterKind::Unallocated if !has_backing || target_unallocated => return Ok(()),
             ClusterKind::Zero { host: None } if !target_unallocated => return Ok(()),
             _ => {}
         }
