@@ -90,7 +90,7 @@ pub struct CommitReport {
 
 /// The backing file, open for writing.
 enum Base {
-    Qcow2(Image),
+    Qcow2(Box<Image>),
     Raw { storage: FileStorage, name: String },
 }
 
@@ -157,11 +157,14 @@ impl Base {
 /// Writes what the default VDI of the qcow2 image at `top` stores itself into its
 /// backing file (qcow2 or raw), then empties the top so it reads through to the
 /// backing file, unless [`CommitOptions::keep_top`]; `progress` is told the bytes of
-/// the virtual disk walked and the total. Both files are locked exclusively for the
-/// whole commit. Refused, with nothing written, when the top has no backing file,
+/// the virtual disk walked and the total. The backing file is locked exclusively for
+/// the whole commit, and so is the top unless `keep_top` (then it is only read).
+/// Refused, with nothing written, when the top has no backing file,
 /// when [`CommitOptions::base`] names another file, and when the backing file cannot
 /// be opened for writing (in use elsewhere, read-only); the top is changed only after
-/// the backing file holds its data and is flushed.
+/// the backing file holds its data and is flushed. qcowx writes no version 2 (compat
+/// 0.10) image: a version 2 top commits only with `keep_top`, and a version 2 qcow2
+/// backing file is refused.
 ///
 /// ```
 /// use qcowx_core::commit::{commit, CommitOptions};
@@ -218,7 +221,7 @@ pub fn commit(
     if let Some(want) = &opts.base {
         let canon = |p: &Path| {
             std::fs::canonicalize(p)
-                .map_err(|source| Error::io(&p.display().to_string(), "resolve", 0, source))
+                .map_err(|source| Error::io(p.display().to_string(), "resolve", 0, source))
         };
         if canon(want)? != canon(&base_path)? {
             return Err(Error::InvalidArgument(format!(
@@ -236,12 +239,12 @@ pub fn commit(
     };
     let base_name = base_path.display().to_string();
     let base = match format {
-        ImageFormat::Qcow2 => Base::Qcow2(
+        ImageFormat::Qcow2 => Base::Qcow2(Box::new(
             OpenOptions::new()
                 .write(true)
                 .open_backing(false)
                 .open(&base_path)?,
-        ),
+        )),
         ImageFormat::Raw => Base::Raw {
             storage: FileStorage::open(&base_path, OpenMode::read_write())
                 .map_err(|e| Error::from_open(&base_name, e))?,
