@@ -40,6 +40,11 @@ impl Twins {
 /// (`top_size`, created by qemu-img) holding data, zero writes (whole and partial
 /// clusters) and unwritten ranges. Returns the base's file name.
 fn chain(dir: &Path, base_fmt: &str, top_size: &str) -> String {
+    chain_with(dir, base_fmt, top_size, "compat=1.1")
+}
+
+/// [`chain`] with `-o TOP_OPTS` for the top.
+fn chain_with(dir: &Path, base_fmt: &str, top_size: &str, top_opts: &str) -> String {
     let base = format!("base.{base_fmt}");
     qemu_ok(dir, &["create", "-q", "-f", base_fmt, &base, "4M"]);
     qemu_io(dir, base_fmt, &base, &["write -P 1 0 4M"]);
@@ -50,6 +55,8 @@ fn chain(dir: &Path, base_fmt: &str, top_size: &str) -> String {
             "-q",
             "-f",
             "qcow2",
+            "-o",
+            top_opts,
             "-b",
             &base,
             "-F",
@@ -90,10 +97,15 @@ fn virtual_size(dir: &Path, file: &str) -> u64 {
 /// Commits `top.qcow2` over a `base_fmt` base with both tools (`extra` before the
 /// file name) and checks what both left.
 fn commit_like_qemu(base_fmt: &str, top_size: &str, extra: &[&str]) -> Twins {
+    commit_like_qemu_with(base_fmt, top_size, extra, "compat=1.1")
+}
+
+/// [`commit_like_qemu`] with `-o TOP_OPTS` for the top.
+fn commit_like_qemu_with(base_fmt: &str, top_size: &str, extra: &[&str], top_opts: &str) -> Twins {
     let t = Twins::new();
     let mut base = String::new();
     for d in t.dirs() {
-        base = chain(d, base_fmt, top_size);
+        base = chain_with(d, base_fmt, top_size, top_opts);
     }
     let before = qemu_raw(&t.qcowx, "top.qcow2", None);
     let map_before = map(&t.qcowx, "top.qcow2");
@@ -157,6 +169,26 @@ fn commit_into_a_raw_base_matches_qemu_img() {
 #[test]
 fn commit_with_dash_f_and_dash_p_matches_qemu_img() {
     commit_like_qemu("qcow2", "4M", &["-f", "qcow2", "-p"]);
+}
+
+#[test]
+fn commit_of_an_extended_l2_top_matches_qemu_img() {
+    commit_like_qemu_with("raw", "4M", &[], "extended_l2=on");
+    commit_like_qemu_with("qcow2", "4M", &[], "extended_l2=on");
+}
+
+#[test]
+fn commit_of_a_version_2_top_needs_dash_d() {
+    // qcowx writes no version 2 image: emptying the top is refused before the base is
+    // written; with -d the top is only read.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    chain_with(d, "qcow2", "4M", "compat=0.10");
+    let files = ["base.qcow2", "top.qcow2"];
+    let before = bytes(d, &files);
+    fails(d, &["commit", "top.qcow2"], &["top.qcow2", "version 2"]);
+    assert_eq!(bytes(d, &files), before);
+    commit_like_qemu_with("qcow2", "4M", &["-d"], "compat=0.10");
 }
 
 #[test]
