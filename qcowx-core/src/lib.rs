@@ -31,7 +31,7 @@
 //! | [`engine`] | one open [`Image`]: opening and creating, table access and the L2 cache (`engine/table.rs`, the one path every writer takes), allocation, the backing chain, read, write, zero, flush, block status, resize, roots and the snapshot table | know what a VDI is |
 //! | [`refcount`] | reference counts: the scan, `check`, `repair`, the rebuild, and the apply of the changes an open image records (at close and checkpoint) | |
 //! | [`vdi`] | roots as VDIs and snapshots: snapshot, fork, delete, revert, rename, reconcile, gc, diff, usage, [`Disk`] | write table or header bytes except through the engine |
-//! | [`convert`], [`import`] | whole-image copies built on the layers above | |
+//! | [`convert`], [`import`], [`commit`](mod@commit) | whole-image copies built on the layers above | |
 //! | [`stream`] | `send`/`receive`: a snapshot (or what changed since another) as a stream, and its atomic, resumable receipt | |
 //! | `remote` (feature `s3`) | the object-store tier: `push`/`pull` of streams to an S3-compatible bucket, and a pushed snapshot as a backing layer read on demand through a bounded local cache | write to the store from a read |
 //! | `control` (feature `control`) | the protocol of a running server's control socket, shared by `qcowx` and `qcowx-nbd`: one request enum, one handler per operation | |
