@@ -578,12 +578,75 @@ pub(crate) struct ConvertArgs {
     /// Read the input without locking it, even while another process writes it.
     #[arg(short = 'U', long = "force-share")]
     pub(crate) force_share: bool,
+    /// Convert this snapshot of a qcow2 input: ID-or-NAME, snapshot.id=ID or
+    /// snapshot.name=NAME (qemu-img's forms).
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
+    pub(crate) snapshot: Option<String>,
+    /// Write into the existing OUTPUT (opened as -O says) instead of creating it; it
+    /// must be at least the input's size.
+    #[arg(short = 'n', long = "no-create")]
+    pub(crate) no_create: bool,
+    /// With -n: OUTPUT reads as zeros already, so the input's zeros are not written.
+    #[arg(long = "target-is-zero", requires = "no_create")]
+    pub(crate) target_is_zero: bool,
+    /// Runs of zeros at least this long become holes in the output (default 4k; a
+    /// multiple of 512 up to 16M); 0 writes every byte (a fully allocated output).
+    #[arg(short = 'S', long = "sparse-size", value_name = "SIZE", value_parser = size_arg)]
+    pub(crate) sparse_size: Option<u64>,
+    /// Output cache mode (none, writeback, writethrough, directsync, unsafe): qcowx
+    /// writes through the page cache and syncs the output at the end, except with
+    /// unsafe.
+    #[arg(short = 't', long = "target-cache", value_name = "CACHE", value_parser = cache_arg)]
+    pub(crate) target_cache: Option<CacheMode>,
+    /// Input cache mode (accepted and checked; qcowx reads through the page cache).
+    #[arg(short = 'T', long = "source-cache", value_name = "CACHE", value_parser = cache_arg)]
+    pub(crate) source_cache: Option<CacheMode>,
+    /// Write at most this many bytes per second.
+    #[arg(short = 'r', long = "rate-limit", value_name = "RATE", value_parser = size_arg)]
+    pub(crate) rate_limit: Option<u64>,
+    /// qemu-img's parallel requests, 1 to 16 (accepted; qcowx copies in order, in
+    /// 4 MiB reads).
+    #[arg(short = 'm', long = "parallel", value_name = "N",
+          value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub(crate) parallel: Option<u8>,
+    /// qemu-img's out-of-order writes (accepted; qcowx writes in order).
+    #[arg(short = 'W', long = "oob-writes")]
+    pub(crate) oob_writes: bool,
+    /// qemu-img's copy offloading (accepted; qcowx copies through its own buffers).
+    #[arg(short = 'C', long = "copy-range-offloading", conflicts_with_all = ["compress", "sparse_size"])]
+    pub(crate) copy_range: bool,
     /// The input image (a qcow2 image is read with its backing chain).
     #[arg(value_name = "INPUT")]
     pub(crate) input: PathBuf,
-    /// The file to write (overwritten if it exists).
+    /// The file to write (overwritten if it exists, unless -n).
     #[arg(value_name = "OUTPUT")]
     pub(crate) dest: PathBuf,
+}
+
+/// A QEMU cache mode (`-t`, `-T`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CacheMode {
+    /// `none` (or `off`): O_DIRECT in QEMU.
+    None,
+    Writeback,
+    Writethrough,
+    Directsync,
+    /// No flush at all.
+    Unsafe,
+}
+
+/// Parses a cache mode as QEMU names them.
+pub(crate) fn cache_arg(s: &str) -> Result<CacheMode, String> {
+    Ok(match s {
+        "none" | "off" => CacheMode::None,
+        "writeback" => CacheMode::Writeback,
+        "writethrough" => CacheMode::Writethrough,
+        "directsync" => CacheMode::Directsync,
+        "unsafe" => CacheMode::Unsafe,
+        _ => return Err(format!(
+            "invalid cache option {s:?}: one of none, writeback, writethrough, directsync, unsafe"
+        )),
+    })
 }
 
 #[derive(Debug, Args)]

@@ -4,64 +4,9 @@
 //! every command that takes one image, `create -u` and `-o size=`, and `snapshot`'s
 //! `-l`, `-c`, `-a` and `-d`. (`check -r leaks|all`: `cli_check.rs`.)
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
-
 use qcowx_tests::cli::*;
-use serde_json::Value;
-
-/// Two folders with the same files: `qemu` for qemu-img, `qcowx` for qcowx.
-struct Twins {
-    _dir: tempfile::TempDir,
-    qemu: PathBuf,
-    qcowx: PathBuf,
-}
-
-impl Twins {
-    fn new() -> Twins {
-        let dir = tempfile::tempdir().unwrap();
-        let (qemu, qcowx) = (dir.path().join("qemu"), dir.path().join("qcowx"));
-        std::fs::create_dir(&qemu).unwrap();
-        std::fs::create_dir(&qcowx).unwrap();
-        Twins {
-            _dir: dir,
-            qemu,
-            qcowx,
-        }
-    }
-
-    /// Runs `args` under both tools; both must exit `code` (0, or any failure for
-    /// `None`). Returns (qemu-img's, qcowx's) outputs.
-    fn both(&self, args: &[&str], code: Option<i32>) -> (Output, Output) {
-        let theirs = qemu_img(&self.qemu, args);
-        let ours = qcowx(&self.qcowx, args);
-        match code {
-            Some(c) => {
-                assert_code(&theirs, c, &format!("qemu-img {args:?}"));
-                assert_code(&ours, c, &format!("qcowx {args:?}"));
-            }
-            None => {
-                assert!(!theirs.status.success(), "qemu-img {args:?} succeeded");
-                assert!(!ours.status.success(), "qcowx {args:?} succeeded");
-            }
-        }
-        (theirs, ours)
-    }
-
-    /// `qemu-img info --output=json FILE` of both copies, as qemu-img reads them.
-    fn infos(&self, file: &str) -> (Value, Value) {
-        let info = |d: &Path| json(&qemu_ok(d, &["info", "-U", "--output=json", file]));
-        (info(&self.qemu), info(&self.qcowx))
-    }
-
-    /// The guest content of both copies (qemu-img reads both).
-    fn contents(&self, file: &str) -> (Vec<u8>, Vec<u8>) {
-        (
-            qemu_raw(&self.qemu, file, None),
-            qemu_raw(&self.qcowx, file, None),
-        )
-    }
-}
+use std::path::Path;
+use std::process::Output;
 
 #[test]
 fn image_commands_with_dash_f_qcow2_behave_as_qemu_img() {

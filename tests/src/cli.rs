@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
@@ -237,4 +237,85 @@ pub fn scribble(dir: &Path, file: &str, seed: u64, writes: usize, size_mb: u64) 
     args.push(file.into());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     ok(dir, &refs);
+}
+
+/// Two folders with the same files: `qemu` for qemu-img, `qcowx` for qcowx, so a
+/// command line written for `qemu-img` can be run by both and the outcomes compared.
+pub struct Twins {
+    _dir: tempfile::TempDir,
+    /// The folder qemu-img runs in.
+    pub qemu: PathBuf,
+    /// The folder qcowx runs in.
+    pub qcowx: PathBuf,
+}
+
+impl Default for Twins {
+    fn default() -> Twins {
+        Twins::new()
+    }
+}
+
+impl Twins {
+    /// Two empty folders.
+    pub fn new() -> Twins {
+        let dir = tempfile::tempdir().unwrap();
+        let (qemu, qcowx) = (dir.path().join("qemu"), dir.path().join("qcowx"));
+        std::fs::create_dir(&qemu).unwrap();
+        std::fs::create_dir(&qcowx).unwrap();
+        Twins {
+            _dir: dir,
+            qemu,
+            qcowx,
+        }
+    }
+
+    /// Runs `args` under both tools; both must exit `code` (0, or any failure for
+    /// `None`). Returns (qemu-img's, qcowx's) outputs.
+    pub fn both(&self, args: &[&str], code: Option<i32>) -> (Output, Output) {
+        let theirs = qemu_img(&self.qemu, args);
+        let ours = qcowx(&self.qcowx, args);
+        match code {
+            Some(c) => {
+                assert_code(&theirs, c, &format!("qemu-img {args:?}"));
+                assert_code(&ours, c, &format!("qcowx {args:?}"));
+            }
+            None => {
+                assert!(!theirs.status.success(), "qemu-img {args:?} succeeded");
+                assert!(!ours.status.success(), "qcowx {args:?} succeeded");
+            }
+        }
+        (theirs, ours)
+    }
+
+    /// `qemu-img info --output=json FILE` of both copies, as qemu-img reads them.
+    pub fn infos(&self, file: &str) -> (Value, Value) {
+        let info = |d: &Path| json(&qemu_ok(d, &["info", "-U", "--output=json", file]));
+        (info(&self.qemu), info(&self.qcowx))
+    }
+
+    /// Runs `qemu-img ARGS` in both folders (to make the same files in each).
+    pub fn prepare(&self, args: &[&str]) {
+        qemu_ok(&self.qemu, args);
+        qemu_ok(&self.qcowx, args);
+    }
+
+    /// Runs `qemu-io -f FMT -c CMD... FILE` in both folders.
+    pub fn prepare_io(&self, fmt: &str, file: &str, cmds: &[&str]) {
+        qemu_io(&self.qemu, fmt, file, cmds);
+        qemu_io(&self.qcowx, fmt, file, cmds);
+    }
+
+    /// The bytes of `file` in both folders.
+    pub fn files(&self, file: &str) -> (Vec<u8>, Vec<u8>) {
+        let read = |d: &Path| std::fs::read(d.join(file)).unwrap();
+        (read(&self.qemu), read(&self.qcowx))
+    }
+
+    /// The guest content of both copies (qemu-img reads both).
+    pub fn contents(&self, file: &str) -> (Vec<u8>, Vec<u8>) {
+        (
+            qemu_raw(&self.qemu, file, None),
+            qemu_raw(&self.qcowx, file, None),
+        )
+    }
 }

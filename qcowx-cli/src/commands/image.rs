@@ -11,8 +11,9 @@ use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOpti
 
 use super::{emit, lock_mode, require_kind, run_request, unexpected, usage_error, Failure};
 use crate::{
-    progress, report, size_arg, CheckArgs, CommitArgs, CompareArgs, ConvertArgs, CreateArgs,
-    DiskFormat, ExportArgs, ExportFormat, ImportArgs, InfoArgs, OutputKind, RepairMode, ResizeArgs,
+    progress, report, size_arg, CacheMode, CheckArgs, CommitArgs, CompareArgs, ConvertArgs,
+    CreateArgs, DiskFormat, ExportArgs, ExportFormat, ImportArgs, InfoArgs, OutputKind, RepairMode,
+    ResizeArgs,
 };
 use qcowx_core::control::{Request, Response};
 
@@ -397,11 +398,6 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
             "-c (compressed output) needs a qcow2 output: add -O qcow2".into(),
         );
     }
-    let input = conv::open_input(
-        &a.input,
-        a.in_format.map(DiskFormat::layer),
-        lock_mode(a.force_share),
-    )?;
     let mut opts = ConvertOptions::new(match a.out_format {
         DiskFormat::Raw => ImageFormat::Raw,
         DiskFormat::Qcow2 => ImageFormat::Qcow2,
@@ -415,13 +411,50 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
                 format!("-o {o}: options are for a qcow2 output: add -O qcow2"),
             );
         }
+        if a.no_create {
+            usage_error(
+                "convert",
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("-o {o}: options have no effect when skipping image creation (-n)"),
+            );
+        }
         opts.apply_qemu_options(o)?;
     }
     if a.cluster_size.is_some() {
         opts.cluster_size = a.cluster_size;
     }
+    opts.existing_target = a.no_create;
+    opts.target_is_zero = a.target_is_zero;
+    opts.sparse_size = a.sparse_size.unwrap_or(conv::DEFAULT_SPARSE_SIZE);
+    opts.sync = a.target_cache != Some(CacheMode::Unsafe);
+    opts.rate_limit = a.rate_limit;
     let bar = progress::Bar::new(progress::enabled(quiet, false), "converting");
-    conv::convert(input.as_ref(), &a.dest, &opts, &mut bar.callback())?;
+    match &a.snapshot {
+        None => {
+            let input = conv::open_input(
+                &a.input,
+                a.in_format.map(DiskFormat::layer),
+                lock_mode(a.force_share),
+            )?;
+            conv::convert(input.as_ref(), &a.dest, &opts, &mut bar.callback())?;
+        }
+        Some(spec) => {
+            if a.in_format == Some(DiskFormat::Raw) {
+                usage_error(
+                    "convert",
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "-l: a raw input has no snapshots".into(),
+                );
+            }
+            let img = Arc::new(
+                OpenOptions::new()
+                    .lock(lock_mode(a.force_share))
+                    .open(&a.input)?,
+            );
+            let disk = conv::open_snapshot(&img, spec)?;
+            conv::convert(&disk, &a.dest, &opts, &mut bar.callback())?;
+        }
+    }
     Ok(0)
 }
 

@@ -28,8 +28,9 @@
 
 mod compressed;
 mod input;
+mod target;
 pub use compressed::CompressedWriter;
-pub use input::{open_input, RawFile};
+pub use input::{open_input, open_snapshot, RawFile};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,15 +39,11 @@ use crate::engine::STATUS_WINDOW;
 use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
 use crate::error::{Error, Result};
 use crate::format::compress::CompressionType;
-use crate::storage::lock::LockMode;
-use crate::storage::{FileStorage, Storage};
 use crate::vdi::Disk;
+use target::{write_sparse, RateLimit, Sink, Sparse, Target, Throttled};
 
 /// The largest buffer an export reads and writes at once.
 pub const COPY_CHUNK: usize = 4 << 20;
-
-/// Granularity of zero detection in a raw output (qcow2 outputs use the cluster size).
-const RAW_ZERO_GRANULE: u64 = 4096;
 
 pub use crate::engine::backing::ImageFormat;
 
@@ -199,7 +196,33 @@ pub struct ConvertOptions {
     pub compression_type: Option<CompressionType>,
     /// Extended L2 entries in a qcow2 output (default: off).
     pub extended_l2: Option<bool>,
+    /// Write into the existing `output` instead of creating it (`qemu-img convert -n`):
+    /// it is opened as [`format`](Self::format), must hold at least the source's size,
+    /// and keeps what it holds past that size. The source's zero ranges are zeroed in
+    /// it unless [`target_is_zero`](Self::target_is_zero) says they read as zeros
+    /// already. The creation options above must be unset.
+    pub existing_target: bool,
+    /// With [`existing_target`](Self::existing_target): the output reads as zeros
+    /// already (`--target-is-zero`), so zero ranges are not written to it.
+    pub target_is_zero: bool,
+    /// Runs of zeros at least this long are left out of the output (`-S`, default
+    /// [`DEFAULT_SPARSE_SIZE`]): a raw output holds holes there, a qcow2 output no
+    /// clusters. 0 writes every byte, zeros included, so the output is fully
+    /// allocated. A multiple of 512 up to [`MAX_SPARSE_SIZE`].
+    pub sparse_size: u64,
+    /// Sync the output to the disk before returning (default). `false` is `qemu-img
+    /// convert -t unsafe`: a raw output is left to the kernel to write back (a qcow2
+    /// output is closed cleanly, which syncs it, either way).
+    pub sync: bool,
+    /// At most this many bytes written per second on average (`-r`).
+    pub rate_limit: Option<u64>,
 }
+
+/// The default [`ConvertOptions::sparse_size`]: 4 KiB, as `qemu-img convert`'s.
+pub const DEFAULT_SPARSE_SIZE: u64 = 4096;
+
+/// The largest [`ConvertOptions::sparse_size`]: 16 MiB, as `qemu-img convert`'s.
+pub const MAX_SPARSE_SIZE: u64 = 16 << 20;
 
 impl ConvertOptions {
     /// Options for an uncompressed output of `format` with the default cluster size.
@@ -221,6 +244,11 @@ impl ConvertOptions {
             refcount_bits: None,
             compression_type: None,
             extended_l2: None,
+            existing_target: false,
+            target_is_zero: false,
+            sparse_size: DEFAULT_SPARSE_SIZE,
+            sync: true,
+            rate_limit: None,
         }
     }
 
@@ -263,34 +291,6 @@ impl ConvertOptions {
 /// What a progress callback is told: bytes of the virtual disk walked so far, and
 /// the total.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
-
-/// Where the copied bytes go.
-trait Sink {
-    fn write(&mut self, buf: &[u8], offset: u64) -> Result<()>;
-}
-
-struct RawSink {
-    storage: FileStorage,
-    name: String,
-}
-
-impl Sink for RawSink {
-    fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-        self.storage
-            .write_at(buf, offset)
-            .map_err(|source| io_error(&self.name, "write", offset, source))
-    }
-}
-
-impl Sink for Image {
-    fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_at(buf, offset)
-    }
-}
-
-fn io_error(name: &str, op: &'static str, offset: u64, source: std::io::Error) -> Error {
-    Error::io(name, op, offset, source)
-}
 
 /// Writes the current content of `src` (its active layer over its backing chain) to a
 /// new file at `output` in `format`, overwriting an existing file as `qemu-img
@@ -428,11 +428,7 @@ pub fn convert(
     progress: Progress<'_>,
 ) -> Result<ExportStats> {
     let out_name = output.display().to_string();
-    if opts.compress && opts.format != ImageFormat::Qcow2 {
-        return Err(Error::InvalidArgument(format!(
-            "{out_name}: compression needs a qcow2 output (-O qcow2)"
-        )));
-    }
+    check_options(opts, &out_name)?;
     if let Some(src_path) = src.path() {
         let same = match (
             std::fs::canonicalize(src_path),
@@ -448,54 +444,63 @@ pub fn convert(
         }
     }
     let size = src.size()?;
-    match opts.format {
-        ImageFormat::Raw => {
-            let storage = FileStorage::create(output, LockMode::Exclusive)
-                .map_err(|e| Error::from_open(&out_name, e))?;
-            storage
-                .set_len(size)
-                .map_err(|e| io_error(&out_name, "truncate", size, e))?;
-            let mut sink = RawSink {
-                storage,
-                name: out_name.clone(),
-            };
-            let stats = copy(src, size, &mut sink, RAW_ZERO_GRANULE, progress)?;
-            sink.storage
-                .sync_data()
-                .map_err(|e| io_error(&out_name, "fdatasync", 0, e))?;
-            Ok(stats)
+    let mut target = if opts.existing_target {
+        Target::open_existing(output, opts.format, size)?
+    } else {
+        Target::create(output, opts, size, src.cluster_size())?
+    };
+    let stats = match &target {
+        Target::Qcow2(dst) if opts.compress => copy_compressed(src, size, dst, opts, progress)?,
+        _ => {
+            let zero_gaps = opts.existing_target && !opts.target_is_zero;
+            let sparse = Sparse::new(opts.sparse_size, target.cluster_size(), zero_gaps);
+            let mut sink = Throttled::new(&mut target, opts.rate_limit);
+            copy(src, size, &mut sink, sparse, progress)?
         }
-        ImageFormat::Qcow2 => {
-            // The output is replaced whatever it holds, as for raw output (and as
-            // `qemu-img convert` does).
-            let mut create = CreateOptions::new(size).if_exists(crate::IfExists::Replace);
-            create.cluster_size = opts
-                .cluster_size
-                .or(src.cluster_size())
-                .unwrap_or(create.cluster_size);
-            create.refcount_bits = opts.refcount_bits.unwrap_or(create.refcount_bits);
-            create.compression = opts.compression_type.unwrap_or(create.compression);
-            create.extended_l2 = opts.extended_l2.unwrap_or(create.extended_l2);
-            let mut dst = Image::create(output, &create)?;
-            let cluster_size = dst.cluster_size();
-            let stats = if opts.compress {
-                copy_compressed(src, size, &dst, progress)?
-            } else {
-                copy(src, size, &mut dst, cluster_size, progress)?
-            };
-            dst.close()?;
-            Ok(stats)
-        }
-    }
+    };
+    target.finish(opts.sync)?;
+    Ok(stats)
 }
 
-/// Copies every data range of `src` (`size` bytes) to `sink`, skipping zero
-/// `granule`-sized blocks.
+/// Refuses options that contradict each other, before anything is opened.
+fn check_options(opts: &ConvertOptions, out_name: &str) -> Result<()> {
+    let refuse = |why: &str| Err(Error::InvalidArgument(format!("{out_name}: {why}")));
+    if opts.compress && opts.format != ImageFormat::Qcow2 {
+        return refuse("compression needs a qcow2 output (-O qcow2)");
+    }
+    if !opts.sparse_size.is_multiple_of(512) || opts.sparse_size > MAX_SPARSE_SIZE {
+        return refuse(&format!(
+            "invalid sparse size {}: valid sizes are multiples of 512 up to {MAX_SPARSE_SIZE}, \
+             or 0 to disable sparse detection (fully allocates the output)",
+            opts.sparse_size
+        ));
+    }
+    if opts.target_is_zero && !opts.existing_target {
+        return refuse("--target-is-zero requires use of -n flag");
+    }
+    if opts.existing_target {
+        if opts.cluster_size.is_some()
+            || opts.refcount_bits.is_some()
+            || opts.compression_type.is_some()
+            || opts.extended_l2.is_some()
+        {
+            return refuse("-o has no effect when skipping image creation");
+        }
+        if opts.compress {
+            return refuse("-c writes compressed clusters only into a new image: drop -n");
+        }
+    }
+    Ok(())
+}
+
+/// Copies `src` (`size` bytes) to `sink`: data ranges are read and written as
+/// `sparse` says; the other ranges read as zeros, so they are left out (zeroed in the
+/// sink when `sparse` asks), or written as zeros when `sparse` leaves nothing out.
 fn copy(
     src: &dyn Content,
     size: u64,
     sink: &mut dyn Sink,
-    granule: u64,
+    sparse: Sparse,
     progress: Progress<'_>,
 ) -> Result<ExportStats> {
     let mut stats = ExportStats {
@@ -503,15 +508,26 @@ fn copy(
         ..ExportStats::default()
     };
     let mut buf: Vec<u8> = Vec::new();
-    for_each_data_extent(src, size, progress, |ext, progress| {
+    for_each_extent(src, size, progress, |ext, progress| {
+        let data = ext.status == ExtentStatus::Data;
+        if !data && sparse.min_gap > 0 {
+            if sparse.zero_gaps {
+                sink.zero(ext.offset, ext.length)?;
+            }
+            return Ok(());
+        }
         let end = ext.offset + ext.length;
         let mut pos = ext.offset;
         while pos < end {
             let n = (end - pos).min(COPY_CHUNK as u64);
             buf.resize(n as usize, 0);
-            src.read_at(&mut buf, pos)?;
-            stats.data_bytes += n;
-            stats.written_bytes += write_nonzero(sink, &buf, pos, granule)?;
+            if data {
+                src.read_at(&mut buf, pos)?;
+                stats.data_bytes += n;
+            } else {
+                buf.fill(0);
+            }
+            stats.written_bytes += write_sparse(sink, &buf, pos, sparse)?;
             pos += n;
             progress(pos, size);
         }
@@ -520,10 +536,9 @@ fn copy(
     Ok(stats)
 }
 
-/// Calls `f` with each extent of `src` (of `size` bytes) that holds data, in order,
-/// asking for block status one [`STATUS_WINDOW`] at a time; reports progress at the
-/// end of each window.
-fn for_each_data_extent(
+/// Calls `f` with each extent of `src` (of `size` bytes), in order, asking for block
+/// status one [`STATUS_WINDOW`] at a time; reports progress at the end of each window.
+fn for_each_extent(
     src: &dyn Content,
     size: u64,
     progress: Progress<'_>,
@@ -533,9 +548,7 @@ fn for_each_data_extent(
     while window < size {
         let wlen = STATUS_WINDOW.min(size - window);
         for ext in src.block_status(window, wlen)? {
-            if ext.status == ExtentStatus::Data {
-                f(ext, &mut *progress)?;
-            }
+            f(ext, &mut *progress)?;
         }
         window += wlen;
         progress(window, size);
@@ -543,11 +556,13 @@ fn for_each_data_extent(
     Ok(())
 }
 
-/// Copies `src` into the fresh image `dst`, cluster by cluster, compressed.
+/// Copies `src` into the fresh image `dst`, cluster by cluster, compressed; clusters
+/// of zeros are left out.
 fn copy_compressed(
     src: &dyn Content,
     size: u64,
     dst: &Image,
+    opts: &ConvertOptions,
     progress: Progress<'_>,
 ) -> Result<ExportStats> {
     let cs = dst.cluster_size();
@@ -556,10 +571,14 @@ fn copy_compressed(
         ..ExportStats::default()
     };
     let mut writer = CompressedWriter::new(dst)?;
+    let mut limit = RateLimit::new(opts.rate_limit);
     let mut buf = vec![0u8; cs as usize];
     // The next cluster index not yet looked at.
     let mut next = 0u64;
-    for_each_data_extent(src, size, progress, |ext, progress| {
+    for_each_extent(src, size, progress, |ext, progress| {
+        if ext.status != ExtentStatus::Data {
+            return Ok(());
+        }
         stats.data_bytes += ext.length;
         let first = (ext.offset / cs).max(next);
         let last = (ext.offset + ext.length - 1) / cs;
@@ -569,6 +588,7 @@ fn copy_compressed(
             buf[n..].fill(0);
             src.read_at(&mut buf[..n], at)?;
             if buf.iter().any(|&b| b != 0) {
+                limit.account(n as u64);
                 if writer.write_cluster(at, &buf)? {
                     stats.compressed_clusters += 1;
                 }
@@ -583,85 +603,9 @@ fn copy_compressed(
     Ok(stats)
 }
 
-/// Writes the runs of `buf` (which holds the disk at `offset`) that are not all zeros,
-/// judged in `granule`-aligned blocks. Returns the number of bytes written.
-fn write_nonzero(sink: &mut dyn Sink, buf: &[u8], offset: u64, granule: u64) -> Result<u64> {
-    let end = offset + buf.len() as u64;
-    let mut written = 0u64;
-    let mut run: Option<u64> = None; // start of the current non-zero run
-    let mut pos = offset;
-    while pos < end {
-        let next = ((pos / granule) + 1).saturating_mul(granule).min(end);
-        let block = &buf[(pos - offset) as usize..(next - offset) as usize];
-        let zero = block.iter().all(|&b| b == 0);
-        match (zero, run) {
-            (false, None) => run = Some(pos),
-            (true, Some(start)) => {
-                sink.write(
-                    &buf[(start - offset) as usize..(pos - offset) as usize],
-                    start,
-                )?;
-                written += pos - start;
-                run = None;
-            }
-            _ => {}
-        }
-        pos = next;
-    }
-    if let Some(start) = run {
-        sink.write(&buf[(start - offset) as usize..], start)?;
-        written += end - start;
-    }
-    Ok(written)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Default)]
-    struct Recorder(Vec<(u64, usize)>);
-
-    impl Sink for Recorder {
-        fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-            self.0.push((offset, buf.len()));
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn write_nonzero_skips_zero_granules_and_merges_runs() {
-        let mut buf = vec![0u8; 10 * 512];
-        buf[0] = 1; // granule 0
-        buf[512 + 7] = 1; // granule 1
-        buf[4 * 512] = 1; // granule 4
-        buf[10 * 512 - 1] = 1; // granule 9
-        let mut rec = Recorder::default();
-        let n = write_nonzero(&mut rec, &buf, 1 << 20, 512).unwrap();
-        assert_eq!(
-            rec.0,
-            vec![
-                ((1 << 20), 1024),
-                ((1 << 20) + 4 * 512, 512),
-                ((1 << 20) + 9 * 512, 512)
-            ]
-        );
-        assert_eq!(n, 2048);
-    }
-
-    #[test]
-    fn write_nonzero_aligns_granules_to_absolute_offsets() {
-        // The buffer starts mid-granule: the first partial granule is judged alone.
-        let mut buf = vec![0u8; 1024];
-        buf[100] = 9; // absolute 356: inside granule [0, 512)
-        let mut rec = Recorder::default();
-        let n = write_nonzero(&mut rec, &buf, 256, 512).unwrap();
-        assert_eq!(rec.0, vec![(256, 256)]);
-        assert_eq!(n, 256);
-        let mut rec = Recorder::default();
-        assert_eq!(write_nonzero(&mut rec, &[0u8; 4096], 0, 512).unwrap(), 0);
-        assert!(rec.0.is_empty());
-    }
 
     #[test]
     fn output_format_parses_qemu_names() {

@@ -1,0 +1,348 @@
+//! `convert`'s qemu-img options beyond the formats: `-n` and `--target-is-zero`
+//! (writing into an existing output), `-S` (sparse detection), `-l` (a snapshot as the
+//! input), `-r` (rate limit), and the options qcowx accepts for scripts' sake (`-t`,
+//! `-T`, `-m`, `-W`, `-C`). Each command line runs under both tools in two folders
+//! holding the same files, and the outputs are compared byte for byte.
+
+use std::os::unix::fs::MetadataExt;
+
+use qcowx_tests::cli::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A 4 MiB qcow2 `src.qcow2` in both folders: data at 0 and at 3 MiB (192 KiB whose
+/// middle 64 KiB are zeros), zeros written as data at 2 MiB, a zero cluster at 1 MiB,
+/// the rest unallocated.
+fn source(t: &Twins) {
+    t.prepare(&["create", "-f", "qcow2", "src.qcow2", "4M"]);
+    t.prepare_io(
+        "qcow2",
+        "src.qcow2",
+        &[
+            "write -P 0x11 0 64k",
+            "write -z 1M 64k",
+            "write -P 0 2M 64k",
+            "write -P 0x33 3M 192k",
+            "write -P 0 3136k 64k",
+            "write -P 0x34 3200k 4k",
+        ],
+    );
+}
+
+/// A raw file of `len` bytes of 0xdb in both folders.
+fn junk(t: &Twins, name: &str, len: u64) {
+    for d in [&t.qemu, &t.qcowx] {
+        std::fs::write(d.join(name), vec![0xdb; len as usize]).unwrap();
+    }
+}
+
+/// The bytes `file` occupies on the disk in `dir`.
+fn allocated(dir: &std::path::Path, file: &str) -> u64 {
+    std::fs::metadata(dir.join(file)).unwrap().blocks() * 512
+}
+
+#[test]
+fn no_create_writes_into_an_existing_output_as_qemu_img_does() {
+    let t = Twins::new();
+    source(&t);
+
+    // A raw output longer than the source: the source's 4 MiB replace its start, the
+    // zeros included; the rest is kept.
+    junk(&t, "out.raw", 6 * MIB);
+    t.both(&["convert", "-n", "src.qcow2", "out.raw"], Some(0));
+    let (q, x) = t.files("out.raw");
+    assert_eq!(q.len() as u64, 6 * MIB);
+    assert!(q == x, "raw outputs differ");
+    assert!(x[MIB as usize..2 * MIB as usize].iter().all(|&b| b == 0));
+    assert!(x[4 * MIB as usize..].iter().all(|&b| b == 0xdb));
+
+    // A qcow2 output full of data, larger than the source.
+    t.prepare(&["create", "-f", "qcow2", "out.qcow2", "8M"]);
+    t.prepare_io("qcow2", "out.qcow2", &["write -P 0xdb 0 8M"]);
+    t.both(
+        &["convert", "-n", "-O", "qcow2", "src.qcow2", "out.qcow2"],
+        Some(0),
+    );
+    let (q, x) = t.contents("out.qcow2");
+    assert!(q == x, "qcow2 outputs differ");
+    assert!(x[..65536].iter().all(|&b| b == 0x11));
+    assert!(x[7 * MIB as usize..].iter().all(|&b| b == 0xdb));
+    assert_qemu_check_clean(&t.qcowx, "out.qcow2");
+
+    // --target-is-zero: the output is taken at its word, zeros are not written.
+    junk(&t, "trust.raw", 4 * MIB);
+    t.both(
+        &[
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "src.qcow2",
+            "trust.raw",
+        ],
+        Some(0),
+    );
+    let (q, x) = t.files("trust.raw");
+    assert!(q == x, "--target-is-zero outputs differ");
+    assert!(x[MIB as usize..MIB as usize + 16]
+        .iter()
+        .all(|&b| b == 0xdb));
+
+    // Refused: an output smaller than the source (left as it was), a missing output,
+    // --target-is-zero without -n, and creation options with -n.
+    junk(&t, "small.raw", MIB);
+    let (_, x) = t.both(&["convert", "-n", "src.qcow2", "small.raw"], None);
+    assert!(stderr(&x).contains("smaller than input"), "{}", stderr(&x));
+    assert_eq!(t.files("small.raw").1, vec![0xdb; MIB as usize]);
+    t.both(&["convert", "-n", "src.qcow2", "missing.raw"], None);
+    assert!(!t.qcowx.join("missing.raw").exists());
+    t.both(&["convert", "--target-is-zero", "src.qcow2", "z.raw"], None);
+    assert!(!t.qcowx.join("z.raw").exists());
+    t.both(
+        &[
+            "convert",
+            "-n",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "src.qcow2",
+            "out.qcow2",
+        ],
+        None,
+    );
+}
+
+#[test]
+fn sparse_size_decides_what_is_allocated_as_qemu_img_does() {
+    let t = Twins::new();
+    source(&t);
+
+    // Default (4 KiB): the zeros are holes; -S 0: every byte is allocated.
+    t.both(&["convert", "src.qcow2", "sparse.raw"], Some(0));
+    t.both(&["convert", "-S", "0", "src.qcow2", "full.raw"], Some(0));
+    for f in ["sparse.raw", "full.raw"] {
+        let (q, x) = t.files(f);
+        assert!(q == x, "{f}: contents differ");
+    }
+    assert!(allocated(&t.qcowx, "sparse.raw") < MIB);
+    assert!(allocated(&t.qcowx, "full.raw") >= 4 * MIB);
+    assert!(allocated(&t.qemu, "full.raw") >= 4 * MIB);
+
+    // A qcow2 output: -S 0 allocates every cluster, as qemu-img's does.
+    t.both(
+        &[
+            "convert",
+            "-S",
+            "0",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "full.qcow2",
+        ],
+        Some(0),
+    );
+    let map = |d: &std::path::Path| {
+        let v = json(&qemu_ok(d, &["map", "--output=json", "full.qcow2"]));
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["start"].clone(), e["length"].clone(), e["data"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(map(&t.qemu), map(&t.qcowx));
+    assert_eq!(
+        map(&t.qcowx).len(),
+        1,
+        "one data extent: {:?}",
+        map(&t.qcowx)
+    );
+    assert_qemu_check_clean(&t.qcowx, "full.qcow2");
+    let (q, x) = t.contents("full.qcow2");
+    assert!(q == x);
+
+    // A run of zeros shorter than -S between data in one read is written; one at the
+    // start or end of what is read is not, whatever its length (as in qemu-img).
+    let raw_map = |d: &std::path::Path, f: &str| {
+        let v = json(&qemu_ok(d, &["map", "-f", "raw", "--output=json", f]));
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"] == true)
+            .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let fine = raw_map(&t.qcowx, "sparse.raw");
+    assert!(fine.contains(&(3 * MIB, 65536)), "{fine:?}");
+    assert_eq!(fine, raw_map(&t.qemu, "sparse.raw"));
+    t.both(
+        &["convert", "-S", "128k", "src.qcow2", "coarse.raw"],
+        Some(0),
+    );
+    let (q, x) = t.files("coarse.raw");
+    assert!(q == x);
+    let coarse = raw_map(&t.qcowx, "coarse.raw");
+    assert!(coarse.contains(&(3 * MIB, 196608)), "{coarse:?}");
+    assert!(!coarse.iter().any(|&(s, _)| s == 2 * MIB), "{coarse:?}");
+    assert_eq!(coarse, raw_map(&t.qemu, "coarse.raw"));
+
+    // Sizes qemu-img refuses.
+    for bad in ["3000", "32M", "-512"] {
+        t.both(&["convert", "-S", bad, "src.qcow2", "bad.raw"], None);
+        assert!(!t.qcowx.join("bad.raw").exists(), "-S {bad}");
+    }
+}
+
+#[test]
+fn a_snapshot_is_converted_by_its_id_or_name_as_qemu_img_does() {
+    let t = Twins::new();
+    source(&t);
+    t.prepare(&["snapshot", "-c", "first", "src.qcow2"]);
+    t.prepare_io("qcow2", "src.qcow2", &["write -P 0x55 0 1M"]);
+    t.prepare(&["snapshot", "-c", "second", "src.qcow2"]);
+    t.prepare_io("qcow2", "src.qcow2", &["write -P 0x66 0 2M"]);
+
+    let specs = [
+        ("first", "a.raw"),
+        ("snapshot.name=second", "b.raw"),
+        ("snapshot.id=1", "c.raw"),
+        ("2", "d.raw"),
+        ("snapshot.id=2,snapshot.name=second", "e.raw"),
+    ];
+    for (spec, out) in specs {
+        t.both(&["convert", "-l", spec, "src.qcow2", out], Some(0));
+        let (q, x) = t.files(out);
+        assert!(q == x, "-l {spec}: outputs differ");
+    }
+    let (_, first) = t.files("a.raw");
+    assert!(first[..65536].iter().all(|&b| b == 0x11));
+    assert_eq!(t.files("c.raw").1, first, "ID 1 is 'first'");
+    let (_, second) = t.files("b.raw");
+    assert!(second[..MIB as usize].iter().all(|&b| b == 0x55));
+    assert_eq!(t.files("d.raw").1, second);
+    assert_eq!(t.files("e.raw").1, second);
+
+    // A qcow2 output of a snapshot.
+    t.both(
+        &[
+            "convert",
+            "-l",
+            "first",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "f.qcow2",
+        ],
+        Some(0),
+    );
+    assert_eq!(t.contents("f.qcow2").1, first);
+    assert_qemu_check_clean(&t.qcowx, "f.qcow2");
+
+    for bad in [
+        "third",
+        "snapshot.id=1,snapshot.name=second",
+        "snapshot.id=9",
+    ] {
+        t.both(&["convert", "-l", bad, "src.qcow2", "bad.raw"], None);
+    }
+}
+
+#[test]
+fn cache_parallelism_and_offload_options_are_taken_as_qemu_img_takes_them() {
+    let t = Twins::new();
+    source(&t);
+    let runs: [&[&str]; 4] = [
+        &[
+            "convert",
+            "-t",
+            "none",
+            "-T",
+            "writeback",
+            "src.qcow2",
+            "a.raw",
+        ],
+        &[
+            "convert",
+            "-t",
+            "unsafe",
+            "-m",
+            "16",
+            "-W",
+            "src.qcow2",
+            "b.raw",
+        ],
+        &["convert", "-C", "-O", "qcow2", "src.qcow2", "c.qcow2"],
+        &[
+            "convert",
+            "-t",
+            "directsync",
+            "-m",
+            "1",
+            "src.qcow2",
+            "d.raw",
+        ],
+    ];
+    for args in runs {
+        t.both(args, Some(0));
+        let out = args.last().unwrap();
+        let (q, x) = t.contents(out);
+        assert!(q == x, "{args:?}: contents differ");
+    }
+    // The long names qemu-img 10.1 gives these options.
+    ok(
+        &t.qcowx,
+        &[
+            "convert",
+            "--target-cache",
+            "writethrough",
+            "--source-cache",
+            "none",
+            "--parallel",
+            "4",
+            "--oob-writes",
+            "--sparse-size",
+            "8k",
+            "--rate-limit",
+            "1G",
+            "src.qcow2",
+            "e.raw",
+        ],
+    );
+    let long = std::fs::read(t.qcowx.join("e.raw")).unwrap();
+    assert!(long == t.files("a.raw").1);
+    let refused: [&[&str]; 5] = [
+        &["convert", "-t", "bogus", "src.qcow2", "x.raw"],
+        &["convert", "-T", "bogus", "src.qcow2", "x.raw"],
+        &["convert", "-m", "17", "src.qcow2", "x.raw"],
+        &["convert", "-m", "0", "src.qcow2", "x.raw"],
+        &["convert", "-C", "-c", "-O", "qcow2", "src.qcow2", "x.qcow2"],
+    ];
+    for args in refused {
+        t.both(args, None);
+    }
+    assert!(!t.qcowx.join("x.raw").exists() && !t.qcowx.join("x.qcow2").exists());
+}
+
+#[test]
+fn rate_limit_holds_writes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data: Vec<u8> = (0..12 * MIB).map(|i| (i % 251) as u8 + 1).collect();
+    std::fs::write(d.join("in.raw"), &data).unwrap();
+    // 12 MiB at 8 MiB/s, written 4 MiB at a time: the third write waits until 1 s.
+    let start = std::time::Instant::now();
+    ok(
+        d,
+        &["convert", "-f", "raw", "-r", "8M", "in.raw", "out.raw"],
+    );
+    let took = start.elapsed();
+    assert!(took.as_millis() >= 950, "12 MiB at 8 MiB/s took {took:?}");
+    assert!(std::fs::read(d.join("out.raw")).unwrap() == data);
+    usage_or_fails(d, &["convert", "-r", "fast", "in.raw", "x.raw"]);
+}
+
+/// `args` fail (usage error or runtime error alike) and leave no `x.raw`.
+fn usage_or_fails(d: &std::path::Path, args: &[&str]) {
+    let out = qcowx(d, args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!d.join("x.raw").exists());
+}
