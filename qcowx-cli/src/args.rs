@@ -643,9 +643,11 @@ pub(crate) fn cache_arg(s: &str) -> Result<CacheMode, String> {
         "writethrough" => CacheMode::Writethrough,
         "directsync" => CacheMode::Directsync,
         "unsafe" => CacheMode::Unsafe,
-        _ => return Err(format!(
+        _ => {
+            return Err(format!(
             "invalid cache option {s:?}: one of none, writeback, writethrough, directsync, unsafe"
-        )),
+        ))
+        }
     })
 }
 

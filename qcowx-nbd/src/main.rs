@@ -280,32 +280,23 @@ fn open_image(args: &Args) -> Result<Image, String> {
     Ok(img)
 }
 
-/// The root `-l` names: a snapshot name or ID, optionally as `snapshot.name=` /
-/// `snapshot.id=`.
+/// The root `-l` names (see [`Image::resolve_snapshot`]); the error lists the image's
+/// snapshots.
 fn resolve_snapshot(image: &Image, spec: &str) -> Result<String, String> {
-    let roots = image.list().map_err(|e| e.to_string())?;
-    let snaps = roots.iter().filter(|r| r.kind == RootKind::Snapshot);
-    let found = if let Some(name) = spec.strip_prefix("snapshot.name=") {
-        snaps.clone().find(|r| r.name == name)
-    } else if let Some(id) = spec.strip_prefix("snapshot.id=") {
-        snaps.clone().find(|r| r.id.as_deref() == Some(id))
-    } else {
-        snaps
-            .clone()
-            .find(|r| r.name == spec)
-            .or_else(|| snaps.clone().find(|r| r.id.as_deref() == Some(spec)))
-    };
-    found.map(|r| r.name.clone()).ok_or_else(|| {
-        let names: Vec<&str> = snaps.map(|r| r.name.as_str()).collect();
-        format!(
-            "{}: no snapshot '{spec}' (snapshots: {})",
-            image.file_name(),
-            if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.join(", ")
-            }
-        )
+    image.resolve_snapshot(spec).map_err(|e| {
+        let names: Vec<String> = image
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.kind == RootKind::Snapshot)
+            .map(|r| r.name)
+            .collect();
+        let names = if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        };
+        format!("{e} (snapshots: {names})")
     })
 }
 

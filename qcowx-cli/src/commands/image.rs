@@ -451,7 +451,7 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
                     .lock(lock_mode(a.force_share))
                     .open(&a.input)?,
             );
-            let disk = conv::open_snapshot(&img, spec)?;
+            let disk = img.open_root(&img.resolve_snapshot(spec)?)?;
             conv::convert(&disk, &a.dest, &opts, &mut bar.callback())?;
         }
     }

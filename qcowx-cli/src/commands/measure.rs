@@ -49,8 +49,8 @@ pub(crate) struct MeasureArgs {
     /// Format of FILE (probed when absent).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<Source>,
-    /// Measure this snapshot of FILE (`snapshot.name=NAME`, as qemu-img's -l takes
-    /// it, works too).
+    /// Measure this snapshot of FILE: an ID or name, snapshot.id=ID or
+    /// snapshot.name=NAME, as qemu-img's -l takes it.
     #[arg(
         short = 'l',
         long = "snapshot",
@@ -100,11 +100,11 @@ pub(crate) fn measure(a: &MeasureArgs, quiet: bool, out: &mut dyn Write) -> Resu
                             .open(file)?,
                     );
                     let root = match (&a.snapshot, &a.vdi) {
-                        (Some(s), _) => s.strip_prefix("snapshot.name=").unwrap_or(s),
-                        (None, Some(v)) => v.as_str(),
-                        (None, None) => DEFAULT_VDI,
+                        (Some(s), _) => img.resolve_snapshot(s)?,
+                        (None, Some(v)) => v.clone(),
+                        (None, None) => DEFAULT_VDI.to_string(),
                     };
-                    measure::measure_disk(&img.open_root(root)?, &opts)?
+                    measure::measure_disk(&img.open_root(&root)?, &opts)?
                 }
             }
         }

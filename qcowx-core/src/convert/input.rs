@@ -1,17 +1,14 @@
-//! The inputs of a conversion besides images: [`RawFile`], [`open_input`], which
-//! opens a file of either format as a [`Content`], and [`open_snapshot`], which finds
-//! a snapshot by QEMU's names for it.
+//! The inputs of a conversion besides images: [`RawFile`], and [`open_input`], which
+//! opens a file of either format as a [`Content`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::{Content, ImageFormat};
 use crate::engine::chain::raw_extents;
-use crate::engine::{Extent, Image};
+use crate::engine::Extent;
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};
-use crate::vdi::Disk;
 
 /// A raw disk image file opened for reading. Its block status comes from the file
 /// system (`SEEK_DATA`/`SEEK_HOLE`): holes read as zeros and are reported as
@@ -129,65 +126,4 @@ pub fn open_input(
         ImageFormat::Raw => Box::new(RawFile::open(path, lock)?),
         ImageFormat::Qcow2 => Box::new(crate::engine::OpenOptions::new().lock(lock).open(path)?),
     })
-}
-
-/// The snapshot of `img` that `spec` names in `qemu-img convert -l`'s forms: an ID or
-/// a name (IDs are tried first, as QEMU tries them), `snapshot.id=ID`,
-/// `snapshot.name=NAME`, or both comma-separated (then one snapshot must have both).
-///
-/// ```
-/// use std::sync::Arc;
-/// use qcowx_core::convert::open_snapshot;
-/// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
-///
-/// # fn main() -> Result<(), qcowx_core::Error> {
-/// let dir = tempfile::tempdir().unwrap();
-/// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
-/// img.write_at(b"old", 0)?;
-/// img.snapshot(DEFAULT_VDI, "before")?;
-/// img.write_at(b"new", 0)?;
-/// let id = img.info()?.snapshots[0].id.clone();
-/// for spec in ["before".to_string(), format!("snapshot.id={id}"), "snapshot.name=before".into()] {
-///     let mut b = [0u8; 3];
-///     open_snapshot(&img, &spec)?.read_at(&mut b, 0)?;
-///     assert_eq!(&b, b"old");
-/// }
-/// assert!(open_snapshot(&img, "snapshot.name=after").is_err());
-/// # Ok(()) }
-/// ```
-pub fn open_snapshot(img: &Arc<Image>, spec: &str) -> Result<Disk> {
-    let (mut id, mut name) = (None, None);
-    if spec.starts_with("snapshot.") {
-        for item in spec.split(',') {
-            match item.split_once('=') {
-                Some(("snapshot.id", v)) => id = Some(v),
-                Some(("snapshot.name", v)) => name = Some(v),
-                _ => {
-                    return Err(Error::InvalidArgument(format!(
-                        "snapshot {spec:?}: {item:?} is not snapshot.id=ID or snapshot.name=NAME"
-                    )))
-                }
-            }
-        }
-    }
-    let snapshots = img.info()?.snapshots;
-    let found = if id.is_none() && name.is_none() {
-        // A plain ID-or-NAME: an ID first.
-        snapshots
-            .iter()
-            .find(|s| s.id == spec)
-            .or_else(|| snapshots.iter().find(|s| s.name == spec))
-    } else {
-        snapshots
-            .iter()
-            .find(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
-    };
-    let Some(found) = found else {
-        return Err(Error::NotFound {
-            file: img.file_name().to_string(),
-            what: "snapshot".into(),
-            name: spec.to_string(),
-        });
-    };
-    img.open_root(&found.name)
 }

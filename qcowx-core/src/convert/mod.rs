@@ -30,7 +30,7 @@ mod compressed;
 mod input;
 mod target;
 pub use compressed::CompressedWriter;
-pub use input::{open_input, open_snapshot, RawFile};
+pub use input::{open_input, RawFile};
 
 use std::path::Path;
 use std::sync::Arc;

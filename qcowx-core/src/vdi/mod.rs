@@ -626,6 +626,58 @@ impl Image {
         }
     }
 
+    /// The name of the snapshot `spec` names in the forms QEMU's tools take (`qemu-img
+    /// convert -l`, `qemu-nbd -l`): an ID or a name (IDs are tried first, as QEMU
+    /// tries them), `snapshot.id=ID`, `snapshot.name=NAME`, or both comma-separated
+    /// (then one snapshot must have both).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.snapshot(DEFAULT_VDI, "before")?;
+    /// let id = img.info()?.snapshots[0].id.clone();
+    /// for spec in ["before".to_string(), id.clone(), format!("snapshot.id={id}"),
+    ///              "snapshot.name=before".into(), format!("snapshot.id={id},snapshot.name=before")] {
+    ///     assert_eq!(img.resolve_snapshot(&spec)?, "before");
+    /// }
+    /// assert!(img.resolve_snapshot("snapshot.name=after").is_err());
+    /// assert!(img.resolve_snapshot("snapshot.size=1").is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn resolve_snapshot(&self, spec: &str) -> Result<String> {
+        let (mut id, mut name) = (None, None);
+        if spec.starts_with("snapshot.") {
+            for item in spec.split(',') {
+                match item.split_once('=') {
+                    Some(("snapshot.id", v)) => id = Some(v),
+                    Some(("snapshot.name", v)) => name = Some(v),
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "{}: snapshot {spec:?}: {item:?} is not snapshot.id=ID or \
+                             snapshot.name=NAME",
+                            self.name
+                        )))
+                    }
+                }
+            }
+        }
+        let roots = self.list()?;
+        let snaps = || roots.iter().filter(|r| r.kind == RootKind::Snapshot);
+        let has_id = |r: &&RootInfo, i: &str| r.id.as_deref() == Some(i);
+        let found = if id.is_none() && name.is_none() {
+            snaps()
+                .find(|r| has_id(r, spec))
+                .or_else(|| snaps().find(|r| r.name == spec))
+        } else {
+            snaps().find(|r| id.is_none_or(|i| has_id(r, i)) && name.is_none_or(|n| r.name == n))
+        };
+        found
+            .map(|r| r.name.clone())
+            .ok_or_else(|| self.not_found("snapshot", spec))
+    }
+
     /// Every live VDI (the default one first) and snapshot, in table order; the hidden
     /// VDI of a receive in progress is not listed.
     ///
