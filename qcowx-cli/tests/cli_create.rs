@@ -212,3 +212,22 @@ fn create_rejects_bad_arguments() {
     assert_code(&out, 1, "missing backing file");
     assert!(stderr(&out).contains("nope.qcow2"), "{}", stderr(&out));
 }
+
+#[test]
+fn an_empty_disk_has_no_l1_table_and_grows_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["create", "zero.qcow2", "0"]);
+    qemu_ok(d, &["create", "-f", "qcow2", "qemu.qcow2", "0"]);
+    // No cluster for an empty L1 table: nothing leaks, and the file is QEMU's length.
+    assert_qemu_check_clean(d, "zero.qcow2");
+    let len = |f: &str| std::fs::metadata(d.join(f)).unwrap().len();
+    assert_eq!(len("zero.qcow2"), len("qemu.qcow2"));
+    ok(d, &["snapshot", "zero.qcow2", "empty"]);
+    ok(d, &["resize", "zero.qcow2", "1M"]);
+    ok(d, &["io", "zero.qcow2", "-c", "write -P 0x5a 0 4k"]);
+    assert_qemu_check_clean(d, "zero.qcow2");
+    let bytes = qemu_raw(d, "zero.qcow2", None);
+    assert_eq!(bytes.len(), 1 << 20);
+    assert!(bytes[..4096].iter().all(|&b| b == 0x5a));
+}

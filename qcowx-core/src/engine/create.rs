@@ -223,7 +223,9 @@ pub(super) fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, 
              use larger clusters"
         )));
     }
-    let l1_clusters = geo.clusters_for(l1_entries * 8).max(1);
+    // A disk of size 0 has no L1 table (offset 0), as QEMU makes it: a cluster for
+    // an empty table would be referenced by nothing, a leak to `qemu-img check`.
+    let l1_clusters = geo.clusters_for(l1_entries * 8);
     let per_block = cs * 8 / u64::from(opts.refcount_bits);
     let (mut blocks, mut table) = (1u64, 1u64);
     loop {
@@ -241,7 +243,11 @@ pub(super) fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, 
         reftable_clusters: table,
         refblocks: cs * (1 + table),
         refblock_count: blocks,
-        l1: cs * (1 + table + blocks),
+        l1: if l1_clusters == 0 {
+            0
+        } else {
+            cs * (1 + table + blocks)
+        },
         l1_clusters,
     };
 
@@ -387,11 +393,13 @@ pub(super) fn write_new_image(
             .write_at(&block, off)
             .map_err(|e| io("write refcount block", off, e))?;
     }
-    // Empty L1 table.
-    let l1 = vec![0u8; (layout.l1_clusters * cs) as usize];
-    storage
-        .write_at(&l1, layout.l1)
-        .map_err(|e| io("write L1 table", layout.l1, e))?;
+    // Empty L1 table (none for a disk of size 0).
+    if layout.l1_clusters > 0 {
+        let l1 = vec![0u8; (layout.l1_clusters * cs) as usize];
+        storage
+            .write_at(&l1, layout.l1)
+            .map_err(|e| io("write L1 table", layout.l1, e))?;
+    }
     storage.set_len(end).map_err(|e| io("truncate", end, e))?;
     storage.sync_data().map_err(|e| io("fdatasync", 0, e))?;
     let first = header
