@@ -652,6 +652,24 @@ pub(crate) fn cache_arg(s: &str) -> Result<CacheMode, String> {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct DdArgs {
+    /// Input format (probed when absent).
+    #[arg(short = 'f', long = "format", value_enum, value_name = "FMT")]
+    pub(crate) in_format: Option<DiskFormat>,
+    /// Output format.
+    #[arg(short = 'O', long = "output-format", value_enum, value_name = "FMT", default_value_t = DiskFormat::Raw)]
+    pub(crate) out_format: DiskFormat,
+    /// Read the input without locking it, even while another process writes it.
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
+    /// dd's operands: if=INPUT of=OUTPUT [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS].
+    /// bs defaults to 512; the output (replaced if it exists) holds the input from
+    /// skip×bs to count×bs (or its end), every byte written.
+    #[arg(value_name = "OPERAND", required = true)]
+    pub(crate) operands: Vec<String>,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct CommitArgs {
     #[command(flatten)]
     pub(crate) image_format: Qcow2Only,

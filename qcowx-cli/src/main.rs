@@ -122,6 +122,9 @@ enum Command {
     Commit(CommitArgs),
     /// Compare the contents of two images, qcow2 or raw (like `qemu-img compare`).
     Compare(CompareArgs),
+    /// Copy part of an image to a new raw or qcow2 file, with dd's operands (like
+    /// `qemu-img dd`).
+    Dd(DdArgs),
     /// Convert between raw and qcow2, optionally compressed (like `qemu-img convert`).
     Convert(ConvertArgs),
     /// Write a snapshot, or what changed since another (--from), as a stream.
@@ -185,6 +188,7 @@ impl Command {
             Command::Send(a) => !a.force_share,
             Command::Compare(a) => !a.force_share,
             Command::Convert(a) => !a.force_share,
+            Command::Dd(a) => !a.force_share,
             Command::Measure(a) => a.file.is_some() && !a.force_share,
             _ => false,
         }
@@ -288,6 +292,7 @@ fn main() -> ExitCode {
         Command::Commit(a) => image::commit(&a, quiet, out),
         Command::Compare(a) => image::compare(&a, quiet, out),
         Command::Convert(a) => image::convert(&a, quiet),
+        Command::Dd(a) => image::dd(&a),
         Command::Send(a) => stream::send(&a, quiet, out),
         Command::Receive(a) => stream::receive(&a, quiet, out),
         #[cfg(feature = "s3")]

@@ -1,8 +1,8 @@
 //! `convert`'s qemu-img options beyond the formats: `-n` and `--target-is-zero`
 //! (writing into an existing output), `-S` (sparse detection), `-l` (a snapshot as the
 //! input), `-r` (rate limit), and the options qcowx accepts for scripts' sake (`-t`,
-//! `-T`, `-m`, `-W`, `-C`). Each command line runs under both tools in two folders
-//! holding the same files, and the outputs are compared byte for byte.
+//! `-T`, `-m`, `-W`, `-C`); and `dd`. Each command line runs under both tools in two
+//! folders holding the same files, and the outputs are compared byte for byte.
 
 use std::os::unix::fs::MetadataExt;
 
@@ -345,4 +345,59 @@ fn usage_or_fails(d: &std::path::Path, args: &[&str]) {
     let out = qcowx(d, args);
     assert!(!out.status.success(), "{args:?} succeeded");
     assert!(!d.join("x.raw").exists());
+}
+
+#[test]
+fn dd_copies_what_qemu_img_dd_copies() {
+    let t = Twins::new();
+    source(&t);
+    let cases: [&[&str]; 5] = [
+        &["bs=512", "count=4", "skip=2"],
+        &["bs=64k"],
+        &["bs=1M", "count=3", "skip=1"],
+        &["skip=100000"], // past the end: an empty output, and a warning
+        &["count=9", "bs=4k", "skip=1"],
+    ];
+    for (i, ops) in cases.iter().enumerate() {
+        for fmt in ["raw", "qcow2"] {
+            let out = format!("of=dd{i}.{fmt}");
+            let mut args = vec!["dd", "-O", fmt, "if=src.qcow2", out.as_str()];
+            args.extend_from_slice(ops);
+            t.both(&args, Some(0));
+            let file = &out[3..];
+            let (q, x) = t.contents(file);
+            assert!(q == x, "dd {ops:?} -O {fmt}: contents differ");
+            // Every byte is written, zeros included: the same allocation as QEMU's.
+            let size = |d: &std::path::Path| std::fs::metadata(d.join(file)).unwrap().len();
+            assert_eq!(
+                size(&t.qemu),
+                size(&t.qcowx),
+                "dd {ops:?} -O {fmt}: file sizes"
+            );
+            if fmt == "qcow2" {
+                assert_qemu_check_clean(&t.qcowx, file);
+            }
+        }
+    }
+    assert_eq!(
+        t.contents("dd0.raw").1.len(),
+        1024,
+        "count ends the input at 4 × 512"
+    );
+    assert_eq!(t.contents("dd2.raw").1.len(), 2 * MIB as usize);
+    assert!(t.contents("dd3.raw").1.is_empty());
+    let (_, x) = t.both(&["dd", "if=src.qcow2", "of=w.raw", "skip=100000"], Some(0));
+    assert!(stderr(&x).contains("cannot skip"), "{}", stderr(&x));
+
+    // Operands qemu-img refuses: unknown ones, a missing input or output, bs=0.
+    let refused: [&[&str]; 4] = [
+        &["dd", "if=src.qcow2", "of=x.raw", "seek=1"],
+        &["dd", "if=src.qcow2"],
+        &["dd", "of=x.raw", "bs=512"],
+        &["dd", "if=src.qcow2", "of=x.raw", "bs=0"],
+    ];
+    for args in refused {
+        t.both(args, None);
+    }
+    assert!(!t.qcowx.join("x.raw").exists());
 }

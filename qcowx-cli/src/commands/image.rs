@@ -12,8 +12,8 @@ use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOpti
 use super::{emit, lock_mode, require_kind, run_request, unexpected, usage_error, Failure};
 use crate::{
     progress, report, size_arg, CacheMode, CheckArgs, CommitArgs, CompareArgs, ConvertArgs,
-    CreateArgs, DiskFormat, ExportArgs, ExportFormat, ImportArgs, InfoArgs, OutputKind, RepairMode,
-    ResizeArgs,
+    CreateArgs, DdArgs, DiskFormat, ExportArgs, ExportFormat, ImportArgs, InfoArgs, OutputKind,
+    RepairMode, ResizeArgs,
 };
 use qcowx_core::control::{Request, Response};
 
@@ -398,10 +398,7 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
             "-c (compressed output) needs a qcow2 output: add -O qcow2".into(),
         );
     }
-    let mut opts = ConvertOptions::new(match a.out_format {
-        DiskFormat::Raw => ImageFormat::Raw,
-        DiskFormat::Qcow2 => ImageFormat::Qcow2,
-    });
+    let mut opts = ConvertOptions::new(a.out_format.layer());
     opts.compress = a.compress;
     for o in &a.options {
         if a.out_format != DiskFormat::Qcow2 {
@@ -455,6 +452,55 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
             conv::convert(&disk, &a.dest, &opts, &mut bar.callback())?;
         }
     }
+    Ok(0)
+}
+
+pub(crate) fn dd(a: &DdArgs) -> Result<u8, Failure> {
+    let usage = |msg: String| -> ! {
+        usage_error("dd", clap::error::ErrorKind::InvalidValue, msg);
+    };
+    let (mut bs, mut count, mut skip) = (512u64, None, 0u64);
+    let (mut input, mut output) = (None, None);
+    for op in &a.operands {
+        let Some((key, value)) = op.split_once('=') else {
+            usage(format!("unrecognized operand {op}"));
+        };
+        let number = || size_arg(value).unwrap_or_else(|e| usage(format!("{key}: {e}")));
+        match key {
+            "bs" => {
+                bs = number();
+                if !(1..=i32::MAX as u64).contains(&bs) {
+                    usage(format!("bs: {value} is not between 1 and {}", i32::MAX));
+                }
+            }
+            "count" => count = Some(number()),
+            "skip" => skip = number(),
+            "if" => input = Some(Path::new(value)),
+            "of" => output = Some(Path::new(value)),
+            _ => usage(format!("unrecognized operand {op}")),
+        }
+    }
+    let (Some(input), Some(output)) = (input, output) else {
+        usage("must specify both input and output files (if=INPUT of=OUTPUT)".into());
+    };
+    let src = conv::open_input(
+        input,
+        a.in_format.map(DiskFormat::layer),
+        lock_mode(a.force_share),
+    )?;
+    let size = src.size()?;
+    let (start, len) = conv::dd_range(size, bs, count, skip).unwrap_or_else(|| {
+        eprintln!(
+            "qcowx: {}: cannot skip to specified offset",
+            input.display()
+        );
+        (size, 0)
+    });
+    let window = conv::Window::new(src.as_ref(), start, len)?;
+    let mut opts = ConvertOptions::new(a.out_format.layer());
+    // dd writes every byte it reads, zeros included.
+    opts.sparse_size = 0;
+    conv::convert(&window, output, &opts, &mut |_, _| {})?;
     Ok(0)
 }
 

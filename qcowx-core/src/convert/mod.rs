@@ -29,8 +29,10 @@
 mod compressed;
 mod input;
 mod target;
+mod window;
 pub use compressed::CompressedWriter;
 pub use input::{open_input, RawFile};
+pub use window::{dd_range, Window};
 
 use std::path::Path;
 use std::sync::Arc;
