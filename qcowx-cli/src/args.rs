@@ -545,6 +545,18 @@ pub(crate) struct CompareArgs {
     /// Open the images without locking them, even while another process writes them.
     #[arg(short = 'U', long = "force-share")]
     pub(crate) force_share: bool,
+    /// Strict mode: images of different sizes, or whose allocation differs (data
+    /// against zeros, a zero cluster against an unallocated one), differ.
+    #[arg(short = 's', long = "strict")]
+    pub(crate) strict: bool,
+    /// Show progress, as qemu-img's -p asks (qcowx shows a progress bar on a terminal
+    /// whether or not it is given).
+    #[arg(short = 'p', long = "progress")]
+    pub(crate) progress: bool,
+    /// Cache mode for both images (accepted and checked; qcowx reads through the page
+    /// cache).
+    #[arg(short = 'T', long = "source-cache", value_name = "CACHE", value_parser = cache_arg)]
+    pub(crate) source_cache: Option<CacheMode>,
     /// The first image.
     #[arg(value_name = "FILE_A")]
     pub(crate) file_a: PathBuf,

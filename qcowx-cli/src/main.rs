@@ -18,7 +18,6 @@
 
 mod args;
 mod commands;
-mod compare;
 mod iocmd;
 mod map;
 mod progress;

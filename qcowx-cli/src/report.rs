@@ -3,9 +3,9 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use crate::compare::CompareReport;
 use crate::map::MapExtent;
 use qcowx_core::control::{RangesJson, RootJson};
+use qcowx_core::convert::{CompareReport, Mismatch};
 use qcowx_core::import::ImportReport;
 use qcowx_core::{CheckReport, GcReport, ImageInfo, Range, RootInfo, RootKind, SnapshotInfo};
 use serde_json::{json, Map, Value};
@@ -663,7 +663,13 @@ pub fn compare_json(a: &str, b: &str, r: &CompareReport) -> Value {
         "size-a": r.size_a,
         "size-b": r.size_b,
         "identical": r.identical(),
-        "mismatch-offset": r.mismatch,
+        "mismatch-offset": r.mismatch_offset(),
+        "mismatch-kind": match r.mismatch {
+            None => Value::Null,
+            Some(Mismatch::Content(_)) => json!("content"),
+            Some(Mismatch::Size) => json!("size"),
+            Some(Mismatch::Status(_)) => json!("block-status"),
+        },
     })
 }
 

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use qcowx_core::convert::{self as conv, ConvertOptions, ImageFormat};
+use qcowx_core::convert::{self as conv, ConvertOptions, ImageFormat, Mismatch};
 use qcowx_core::engine::chain::backing_chain;
 use qcowx_core::{CheckReport, CreateOptions, IfExists, Image, LockMode, OpenOptions, RootKind};
 
@@ -364,7 +364,8 @@ pub(crate) fn compare(a: &CompareArgs, quiet: bool, out: &mut dyn Write) -> Resu
     let ib = conv::open_input(&a.file_b, a.format_b.map(DiskFormat::layer), lock)?;
     let json = a.output == OutputKind::Json;
     let bar = progress::Bar::new(progress::enabled(quiet, json), "comparing");
-    let r = crate::compare::compare(ia.as_ref(), ib.as_ref(), &mut bar.callback())?;
+    let opts = conv::CompareOptions { strict: a.strict };
+    let r = conv::compare(ia.as_ref(), ib.as_ref(), opts, &mut bar.callback())?;
     drop(bar);
     drop(ia);
     drop(ib);
@@ -378,12 +379,16 @@ pub(crate) fn compare(a: &CompareArgs, quiet: bool, out: &mut dyn Write) -> Resu
         quiet,
         || report::compare_json(&name_a, &name_b, &r),
         |out| {
-            if r.size_a != r.size_b {
+            if r.size_a != r.size_b && !a.strict {
                 writeln!(out, "Warning: Image size mismatch!")?;
             }
             match r.mismatch {
                 None => writeln!(out, "Images are identical."),
-                Some(at) => writeln!(out, "Content mismatch at offset {at}!"),
+                Some(Mismatch::Content(at)) => writeln!(out, "Content mismatch at offset {at}!"),
+                Some(Mismatch::Size) => writeln!(out, "Strict mode: Image size mismatch!"),
+                Some(Mismatch::Status(at)) => {
+                    writeln!(out, "Strict mode: Offset {at} block status mismatch!")
+                }
             }
         },
     )?;

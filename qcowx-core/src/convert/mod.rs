@@ -26,10 +26,12 @@
 //! # Ok(()) }
 //! ```
 
+mod compare;
 mod compressed;
 mod input;
 mod target;
 mod window;
+pub use compare::{compare, CompareOptions, CompareReport, Mismatch};
 pub use compressed::CompressedWriter;
 pub use input::{open_input, RawFile};
 pub use window::{dd_range, Window};
