@@ -110,6 +110,61 @@ fn load_snapshot_and_export_options_choose_what_is_served() {
 }
 
 #[test]
+fn snapshot_option_serves_a_throwaway_overlay() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    image_with_vdis(&img);
+    let before = std::fs::read(&img).unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut cmd = Command::new(qcowx_nbd_bin());
+    cmd.arg("-k")
+        .arg(sock_in(&dir))
+        .args(["-t", "-s", "-A", "-n", "--aio", "threads"])
+        .arg(&img)
+        .env("TMPDIR", &tmp);
+    let server = QcowxNbd::spawn(cmd);
+    // The overlay is in $TMPDIR; the image stays readable by others (shared lock).
+    let overlays: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert_eq!(overlays.len(), 1, "one temporary overlay");
+    run_ok(qemu_img().arg("info").arg(&img));
+    // Writes land in the overlay and read back; unwritten ranges read the image.
+    // (The default VDI holds 0x02 in its first 64 KiB: the rest of that cluster is
+    // copied up from the image.)
+    qemu_io_nbd(&server.uri(""), &["write -P 0x5e 0 4k"]);
+    qemu_io_nbd(
+        &server.uri(""),
+        &[
+            "read -P 0x5e 0 4k",
+            "read -P 0x02 4k 60k",
+            "read -P 0 64k 64k",
+        ],
+    );
+    server.stop();
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "overlay removed"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the image was written"
+    );
+    assert_qemu_check_clean(&img);
+
+    // -s serves the image's content, not a snapshot of it, and makes no image.
+    for extra in [&["-l", "s1"][..], &["--create", "1M"][..]] {
+        let out = run(Command::new(qcowx_nbd_bin())
+            .arg("-s")
+            .args(extra)
+            .arg("-k")
+            .arg(dir.path().join("x.sock"))
+            .arg(&img));
+        assert!(!out.status.success(), "-s {extra:?}: {}", describe(&out));
+    }
+}
+
+#[test]
 fn without_persistent_the_server_exits_after_its_last_client() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");

@@ -23,6 +23,7 @@
 //!   its client and its executor are `qcowx_core::control`, re-exported there;
 //! * [`tls`]: STARTTLS with rustls (X.509 files, `require`/`allow` modes, client
 //!   certificate allow-list) and the I/O thread of a TLS connection;
+//! * [`overlay`]: the temporary overlay of `-s` (writes kept apart from the image);
 //! * [`config`]: settings (TLS mode, timeouts, limits); [`socket`]: the connection
 //!   type and what the transmission phase needs of a connection; [`error`]: errors
 //!   and the one map from image errors to NBD error values.
@@ -62,6 +63,7 @@ pub mod control;
 pub mod error;
 pub mod exports;
 pub mod handshake;
+pub mod overlay;
 pub mod server;
 pub mod socket;
 pub mod tls;

@@ -15,6 +15,7 @@ use qcowx_nbd::config::{
     MAX_BLOCK_SIZE,
 };
 use qcowx_nbd::exports::{ExportPlan, ExportSpec, Exports};
+use qcowx_nbd::overlay::TemporaryOverlay;
 use qcowx_nbd::server::{install_signal_handlers, Bound, ListenAddr, Server, ServerConfig};
 use qcowx_nbd::tls::{Tls, TlsFiles, TlsMode};
 
@@ -51,6 +52,14 @@ enum YesNo {
     Yes,
     #[value(alias = "off")]
     No,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AioArg {
+    Threads,
+    Native,
+    #[value(name = "io_uring")]
+    IoUring,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -125,6 +134,26 @@ struct Args {
     /// snapshot.id=ID).
     #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT")]
     load_snapshot: Option<String>,
+
+    /// Serve a temporary overlay of the image: writes go to a new qcow2 file in
+    /// $TMPDIR (else /var/tmp) backed by the image, which is left untouched; the file
+    /// is removed at exit. Only the default VDI is served.
+    #[arg(short = 's', long = "snapshot", conflicts_with_all = ["load_snapshot", "create", "export"])]
+    snapshot: bool,
+
+    /// qemu-nbd's switch for the `qemu:allocation-depth` context (accepted: qcowx-nbd
+    /// always offers it).
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+
+    /// The same as --cache=none.
+    #[arg(short = 'n', long = "nocache", conflicts_with = "cache")]
+    nocache: bool,
+
+    /// qemu-nbd's AIO mode (threads, native, io_uring: accepted; qcowx-nbd serves
+    /// with its own threads).
+    #[arg(long = "aio", value_enum, value_name = "MODE")]
+    aio: Option<AioArg>,
 
     /// What trim requests do.
     #[arg(long = "discard", value_enum, default_value = "ignore")]
@@ -235,15 +264,36 @@ struct Args {
     verbose: bool,
 }
 
+/// The image to serve: with -s a new temporary overlay of it (and the guard that
+/// removes the overlay's file), else the image itself.
+fn open_served(args: &Args) -> Result<(Image, Option<TemporaryOverlay>), String> {
+    if !args.snapshot {
+        return open_image(args).map(|img| (img, None));
+    }
+    check_format(args)?;
+    let dir = TemporaryOverlay::default_dir();
+    let (img, file) = TemporaryOverlay::create(&args.file, &dir).map_err(|e| {
+        format!(
+            "cannot make a temporary overlay of {} in {}: {e}",
+            args.file.display(),
+            dir.display()
+        )
+    })?;
+    Ok((img, Some(file)))
+}
+
+fn check_format(args: &Args) -> Result<(), String> {
+    match &args.format {
+        Some(f) if f != "qcow2" => Err(format!(
+            "format '{f}' is not supported: qcowx-nbd serves qcow2 images"
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn open_image(args: &Args) -> Result<Image, String> {
     let read_only = args.read_only || args.load_snapshot.is_some();
-    if let Some(f) = &args.format {
-        if f != "qcow2" {
-            return Err(format!(
-                "format '{f}' is not supported: qcowx-nbd serves qcow2 images"
-            ));
-        }
-    }
+    check_format(args)?;
     let path = &args.file;
     if let Some(size) = &args.create {
         if !path.exists() {
@@ -522,7 +572,11 @@ fn run(args: Args) -> Result<(), String> {
             DetectZeroesArg::On => DetectZeroes::On,
             DetectZeroesArg::Unmap => DetectZeroes::Unmap,
         },
-        cache: match args.cache {
+        cache: match if args.nocache {
+            CacheArg::None
+        } else {
+            args.cache
+        } {
             CacheArg::None => CacheMode::None,
             CacheArg::Writeback => CacheMode::Writeback,
             CacheArg::Writethrough => CacheMode::Writethrough,
@@ -538,7 +592,14 @@ fn run(args: Args) -> Result<(), String> {
     };
     settings.validate().map_err(|e| e.to_string())?;
 
-    let image = open_image(&args)?;
+    // Declared before the server, so the overlay's file outlives the image in it.
+    let (image, overlay) = open_served(&args)?;
+    if let Some(o) = &overlay {
+        eprintln!(
+            "qcowx-nbd: writes go to the temporary overlay {}",
+            o.path().display()
+        );
+    }
     if u64::from(min) > image.cluster_size() {
         return Err(format!(
             "--min-block-size {min} is larger than the cluster size {}",
@@ -565,7 +626,7 @@ fn run(args: Args) -> Result<(), String> {
         None
     } else if let Some(p) = &args.control {
         Some(p.clone())
-    } else if image.is_writable() && !args.read_only {
+    } else if image.is_writable() && !args.read_only && !args.snapshot {
         match qcowx_core::control::default_socket_path(&args.file) {
             Ok(p) => Some(p),
             Err(e) => {
