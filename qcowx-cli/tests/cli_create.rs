@@ -231,3 +231,94 @@ fn an_empty_disk_has_no_l1_table_and_grows_clean() {
     assert_eq!(bytes.len(), 1 << 20);
     assert!(bytes[..4096].iter().all(|&b| b == 0x5a));
 }
+
+#[test]
+fn preallocation_lays_out_the_image_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let len = |f: &str| std::fs::metadata(d.join(f)).unwrap().len();
+    let used = |f: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(d.join(f)).unwrap().blocks() * 512
+    };
+    let map = |f: &str| qemu_ok(d, &["map", "--output=json", f]).stdout;
+    for mode in ["metadata", "falloc", "full"] {
+        for ext in ["off", "on"] {
+            let o = format!("preallocation={mode},extended_l2={ext},refcount_bits=16");
+            let (q, x) = (
+                format!("q-{mode}-{ext}.qcow2"),
+                format!("x-{mode}-{ext}.qcow2"),
+            );
+            qemu_ok(d, &["create", "-f", "qcow2", "-o", &o, &q, "5M"]);
+            ok(d, &["create", "-o", &o, &x, "5M"]);
+            assert_qemu_check_clean(d, &x);
+            // The same file length and the same map: every cluster allocated, reading
+            // as zeros.
+            assert_eq!(len(&x), len(&q), "{o}");
+            assert_eq!(map(&x), map(&q), "{o}");
+            // falloc and full reserve the data area; metadata leaves it a hole.
+            if mode == "metadata" {
+                assert!(used(&x) < 1 << 20, "{o}: {} bytes used", used(&x));
+            } else {
+                assert!(used(&x) >= 5 << 20, "{o}: {} bytes used", used(&x));
+            }
+        }
+    }
+    // The preallocated clusters are written in place, and snapshots still copy.
+    let x = "x-metadata-off.qcow2";
+    ok(d, &["io", x, "-c", "write -P 5 100k 8k"]);
+    ok(d, &["snapshot", x, "s1"]);
+    ok(d, &["io", x, "-c", "write -P 6 100k 4k"]);
+    assert_qemu_check_clean(d, x);
+    let now = qemu_raw(d, x, None);
+    let then = qemu_raw(d, x, Some("s1"));
+    assert!(now[100 << 10..104 << 10].iter().all(|&b| b == 6));
+    assert!(now[104 << 10..108 << 10].iter().all(|&b| b == 5));
+    assert!(then[100 << 10..108 << 10].iter().all(|&b| b == 5));
+
+    // With a backing file only on extended L2 entries, whose subclusters read
+    // through until written (QEMU's rule).
+    qemu_ok(d, &["create", "-f", "qcow2", "base.qcow2", "4M"]);
+    qemu_io(d, "qcow2", "base.qcow2", &["write -P 9 0 1M"]);
+    let refused = qcowx(
+        d,
+        &[
+            "create",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "o.qcow2",
+            "4M",
+        ],
+    );
+    assert_code(
+        &refused,
+        1,
+        "preallocation over a backing file without extended_l2",
+    );
+    assert!(!d.join("o.qcow2").exists());
+    ok(
+        d,
+        &[
+            "create",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "preallocation=falloc,extended_l2=on",
+            "o.qcow2",
+            "4M",
+        ],
+    );
+    ok(d, &["io", "o.qcow2", "-c", "write -P 3 4k 4k"]);
+    assert_qemu_check_clean(d, "o.qcow2");
+    let o = qemu_raw(d, "o.qcow2", None);
+    assert!(o[..4096].iter().all(|&b| b == 9));
+    assert!(o[4096..8192].iter().all(|&b| b == 3));
+    assert!(o[8192..1 << 20].iter().all(|&b| b == 9));
+    assert!(o[1 << 20..].iter().all(|&b| b == 0));
+}

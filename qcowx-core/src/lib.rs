@@ -88,7 +88,7 @@ pub mod vdi;
 
 pub use engine::{
     BitmapInfo, CreateOptions, Extent, ExtentStatus, IfExists, Image, ImageInfo, OpenOptions,
-    OpenState, SnapshotInfo,
+    OpenState, Preallocation, SnapshotInfo,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use format::compress::CompressionType;

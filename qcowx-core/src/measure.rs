@@ -28,20 +28,7 @@ pub enum MeasureFormat {
     Raw,
 }
 
-/// QEMU's `preallocation` creation option: what the new file allocates up front.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Preallocation {
-    /// Nothing beyond what is written.
-    #[default]
-    Off,
-    /// The metadata of a fully allocated image (always counted by a measure).
-    Metadata,
-    /// Every cluster, with `fallocate`.
-    Falloc,
-    /// Every cluster, written.
-    Full,
-}
+pub use crate::engine::Preallocation;
 
 /// What the new file would be: its format and creation options. The defaults are
 /// `qcowx create`'s (64 KiB clusters, 32-bit refcounts), which `qemu-img` would
@@ -105,17 +92,11 @@ impl MeasureOptions {
         for item in options.split(',').filter(|s| !s.is_empty()) {
             match item.split_once('=') {
                 Some(("preallocation", v)) => {
-                    self.preallocation = match v {
-                        "off" => Preallocation::Off,
-                        "metadata" => Preallocation::Metadata,
-                        "falloc" => Preallocation::Falloc,
-                        "full" => Preallocation::Full,
-                        _ => {
-                            return Err(bad(format!(
-                                "preallocation '{v}' is not off, metadata, falloc or full"
-                            )))
-                        }
-                    }
+                    self.preallocation = Preallocation::parse(v).ok_or_else(|| {
+                        bad(format!(
+                            "preallocation '{v}' is not off, metadata, falloc or full"
+                        ))
+                    })?
                 }
                 Some(("compat", "1.1" | "v3")) => {}
                 Some(("compat", v)) => {

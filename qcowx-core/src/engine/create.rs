@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use super::prealloc::{PreallocLayout, Preallocation};
 use crate::engine::backing;
 use crate::error::{Error, Result};
 use crate::format::compress::CompressionType;
@@ -43,7 +44,7 @@ pub enum IfExists {
 /// opts.apply_qemu_options("cluster_size=128k,extended_l2=on,compression_type=zstd")?;
 /// assert_eq!((opts.cluster_size, opts.extended_l2), (128 << 10, true));
 /// assert_eq!(opts.compression, CompressionType::Zstd);
-/// assert!(opts.apply_qemu_options("preallocation=full").is_err());
+/// assert!(opts.apply_qemu_options("preallocation=sparse").is_err());
 ///
 /// let img = Image::create(dir.path().join("a.qcow2"), &opts)?;
 /// let info = img.info()?;
@@ -79,6 +80,9 @@ pub struct CreateOptions {
     /// `false` the backing file is only named, as `qemu-img create -u` does: it need not
     /// exist yet, and its format, when not given, is probed at the next open.
     pub open_backing: bool,
+    /// What the new file allocates up front (default: nothing). With a backing file,
+    /// only with extended L2 entries (as QEMU allows it).
+    pub preallocation: Preallocation,
 }
 
 impl CreateOptions {
@@ -95,14 +99,15 @@ impl CreateOptions {
             if_exists: IfExists::default(),
             remote_base: None,
             open_backing: true,
+            preallocation: Preallocation::Off,
         }
     }
 
     /// Applies `qemu-img create -o` options: a comma-separated list of `key=value`
     /// with QEMU's names `size`, `cluster_size`, `extended_l2` (`on`/`off`),
-    /// `refcount_bits`, `compression_type` (`zlib`/`zstd`), `backing_file`,
-    /// `backing_fmt` and `compat` (`1.1` only). An unknown key or a bad value is
-    /// refused, naming it.
+    /// `refcount_bits`, `compression_type` (`zlib`/`zstd`), `preallocation`
+    /// (`off`/`metadata`/`falloc`/`full`), `backing_file`, `backing_fmt` and `compat`
+    /// (`1.1` only). An unknown key or a bad value is refused, naming it.
     pub fn apply_qemu_options(&mut self, options: &str) -> Result<()> {
         let bad = |what: String| Error::InvalidArgument(format!("-o {options}: {what}"));
         for item in options.split(',').filter(|s| !s.is_empty()) {
@@ -139,6 +144,13 @@ impl CreateOptions {
                         }
                     }
                 }
+                "preallocation" => {
+                    self.preallocation = Preallocation::parse(value).ok_or_else(|| {
+                        bad(format!(
+                            "preallocation '{value}' is not off, metadata, falloc or full"
+                        ))
+                    })?
+                }
                 "backing_file" => self.backing_file = Some(value.to_string()),
                 "backing_fmt" => self.backing_format = Some(value.to_string()),
                 // qcowx writes version 3 images: QEMU's default, named or not.
@@ -170,6 +182,11 @@ pub(super) struct CreateLayout {
     refblock_count: u64,
     l1: u64,
     l1_clusters: u64,
+    l1_entries: u64,
+    geo: Geometry,
+    /// The tables and data clusters of a preallocated image (empty otherwise).
+    prealloc: PreallocLayout,
+    preallocation: Preallocation,
 }
 
 /// The feature name table qcowx writes.
@@ -226,10 +243,23 @@ pub(super) fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, 
     // A disk of size 0 has no L1 table (offset 0), as QEMU makes it: a cluster for
     // an empty table would be referenced by nothing, a leak to `qemu-img check`.
     let l1_clusters = geo.clusters_for(l1_entries * 8);
+    if opts.preallocation != Preallocation::Off
+        && (opts.backing_file.is_some() || opts.remote_base.is_some())
+        && !opts.extended_l2
+    {
+        return Err(Error::InvalidArgument(
+            "backing file and preallocation can only be used at the same time if \
+             extended_l2 is on"
+                .into(),
+        ));
+    }
+    // Sized for an image at 0 first: the preallocated part's place depends on the
+    // refcount structures' size, which depends on it; the loop settles both.
+    let mut prealloc = PreallocLayout::plan(opts.preallocation, &geo, size, l1_entries, 0);
     let per_block = cs * 8 / u64::from(opts.refcount_bits);
     let (mut blocks, mut table) = (1u64, 1u64);
     loop {
-        let total = 1 + table + blocks + l1_clusters;
+        let total = 1 + table + blocks + l1_clusters + prealloc.clusters();
         let need_blocks = total.div_ceil(per_block);
         let need_table = geo.clusters_for(need_blocks * 8);
         if need_blocks == blocks && need_table == table {
@@ -249,7 +279,19 @@ pub(super) fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, 
             cs * (1 + table + blocks)
         },
         l1_clusters,
+        l1_entries,
+        geo,
+        prealloc: PreallocLayout::default(),
+        preallocation: opts.preallocation,
     };
+    prealloc = PreallocLayout::plan(
+        opts.preallocation,
+        &geo,
+        size,
+        l1_entries,
+        cs * (1 + table + blocks + l1_clusters),
+    );
+    let layout = CreateLayout { prealloc, ..layout };
 
     // QEMU's order: backing format first, then the feature name table (`set` puts a
     // new extension at the front).
@@ -343,10 +385,9 @@ pub(super) fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, 
         ));
     }
     // A new image is as clean as one qcowx closed: stamp it (when there is room), so
-    // its first writable open needs no scan. Preallocation changes the active L1
-    // table, so a preallocated image's stamp does not match, as it should not.
+    // its first writable open needs no scan.
     let mut stamped = header.clone();
-    let l1 = vec![0u64; l1_entries as usize];
+    let l1 = layout.prealloc.l1(&geo, l1_entries);
     stamped
         .extensions
         .set(stamp::extension(stamp::compute(&header, &l1, &[])));
@@ -365,7 +406,11 @@ pub(super) fn write_new_image(
 ) -> Result<()> {
     let io = |op, offset, source| Error::io(name, op, offset, source);
     let cs = header.cluster_size();
-    let used = 1 + layout.reftable_clusters + layout.refblock_count + layout.l1_clusters;
+    let used = 1
+        + layout.reftable_clusters
+        + layout.refblock_count
+        + layout.l1_clusters
+        + layout.prealloc.clusters();
     let end = used * cs;
     storage.set_len(0).map_err(|e| io("truncate", 0, e))?;
     // Refcount table.
@@ -393,13 +438,18 @@ pub(super) fn write_new_image(
             .write_at(&block, off)
             .map_err(|e| io("write refcount block", off, e))?;
     }
-    // Empty L1 table (none for a disk of size 0).
+    // The L1 table (none for a disk of size 0): empty, or linking the preallocated
+    // L2 tables, which follow with the data area.
     if layout.l1_clusters > 0 {
-        let l1 = vec![0u8; (layout.l1_clusters * cs) as usize];
+        let mut l1 = encode_words(&layout.prealloc.l1(&layout.geo, layout.l1_entries));
+        l1.resize((layout.l1_clusters * cs) as usize, 0);
         storage
             .write_at(&l1, layout.l1)
             .map_err(|e| io("write L1 table", layout.l1, e))?;
     }
+    layout
+        .prealloc
+        .write(storage, name, &layout.geo, layout.preallocation)?;
     storage.set_len(end).map_err(|e| io("truncate", end, e))?;
     storage.sync_data().map_err(|e| io("fdatasync", 0, e))?;
     let first = header

@@ -26,6 +26,7 @@ pub mod image;
 mod metadata_map;
 mod open;
 mod overlap;
+mod prealloc;
 mod read;
 mod resize;
 mod roots;
@@ -39,6 +40,7 @@ pub use bitmap_set::BitmapInfo;
 pub use create::{CreateOptions, IfExists};
 pub use image::{Image, ImageInfo, OpenState, RootId, SnapshotInfo, DEFAULT_ROOT};
 pub use open::OpenOptions;
+pub use prealloc::Preallocation;
 pub use status::{Extent, ExtentStatus, STATUS_WINDOW};
 
 pub(crate) use deltas::{add_range, host_range, RefDeltas, Released, TreeDelta};

@@ -502,6 +502,14 @@ impl Storage for FileStorage {
         use std::os::unix::fs::MetadataExt;
         Some(self.file.metadata().ok()?.blocks() * 512)
     }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = range_end(offset, len)?;
+        match sys::allocate(&self.file, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if sys::is_unsupported(&e) => self.write_zeros(offset, end),
+            Err(e) => Err(e),
+        }
+    }
 
     fn data_runs(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
         let size = self.file.metadata().ok()?.len();
@@ -543,6 +551,22 @@ mod sys {
         }
     }
 
+    /// `fallocate(0)`: reserves the range (extending the file), which reads as before.
+    pub(super) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let (offset, len) = (off_t(offset)?, off_t(len)?);
+        loop {
+            // SAFETY: plain system call on a descriptor that `file` keeps open.
+            let ret = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
+            if ret == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
     /// `posix_fadvise(POSIX_FADV_WILLNEED)`: the kernel starts reading the range into
     /// the page cache and returns at once. A failure only loses the hint.
     pub(super) fn will_need(file: &File, offset: u64, len: u64) {
@@ -569,6 +593,10 @@ mod sys {
     use std::io;
 
     pub(super) fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    pub(super) fn allocate(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 

@@ -143,6 +143,25 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn allocated_bytes(&self) -> Option<u64> {
         None
     }
+    /// Reserves storage for `[offset, offset+len)` without changing what it reads
+    /// (`fallocate`), extending the file if needed. Only for ranges that read as zeros
+    /// (a new image's data area): where the storage cannot reserve, zeros are written.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
+}
+
+/// Writes zeros over `[offset, offset+len)` of `s`, [`ZERO_CHUNK`] bytes at a time.
+pub(crate) fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
+    let end = range_end(offset, len)?;
+    let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
+    let mut pos = offset;
+    while pos < end {
+        let n = (end - pos).min(ZERO_CHUNK as u64) as usize;
+        s.write_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 /// Size of the zero-filled chunks written when a hole cannot be punched.
@@ -193,6 +212,15 @@ impl<T: Storage + ?Sized> Storage for Arc<T> {
     }
     fn will_need(&self, offset: u64, len: u64) {
         (**self).will_need(offset, len)
+    }
+    fn data_runs(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+        (**self).data_runs(offset, len)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        (**self).allocated_bytes()
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).allocate(offset, len)
     }
 }
 
