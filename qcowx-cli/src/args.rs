@@ -625,8 +625,12 @@ pub(crate) struct ConvertArgs {
     #[arg(short = 'W', long = "oob-writes")]
     pub(crate) oob_writes: bool,
     /// qemu-img's copy offloading (accepted; qcowx copies through its own buffers).
-    #[arg(short = 'C', long = "copy-range-offloading", conflicts_with_all = ["compress", "sparse_size"])]
+    #[arg(short = 'C', long = "copy-range-offloading", conflicts_with_all = ["compress", "sparse_size", "salvage"])]
     pub(crate) copy_range: bool,
+    /// Copy what cannot be read as zeros instead of failing, warning about each
+    /// 512-byte sector given up on (unless -q).
+    #[arg(long = "salvage")]
+    pub(crate) salvage: bool,
     /// The input image (a qcow2 image is read with its backing chain).
     #[arg(value_name = "INPUT")]
     pub(crate) input: PathBuf,

@@ -401,3 +401,126 @@ fn dd_copies_what_qemu_img_dd_copies() {
     }
     assert!(!t.qcowx.join("x.raw").exists());
 }
+
+/// Writes `bytes` at `offset` of `file` in both folders.
+fn poke(t: &Twins, file: &str, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    for d in [&t.qemu, &t.qcowx] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join(file))
+            .unwrap();
+        f.write_all_at(bytes, offset).unwrap();
+    }
+}
+
+/// The big-endian word at `offset` of `file` (in qcowx's folder).
+fn word(t: &Twins, file: &str, offset: u64) -> u64 {
+    let b = std::fs::read(t.qcowx.join(file)).unwrap();
+    let at = offset as usize;
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+#[test]
+fn salvage_copies_what_cannot_be_read_as_zeros_as_qemu_img_does() {
+    let t = Twins::new();
+    // Compressed clusters (64 KiB each, one byte value per cluster), one of whose
+    // data is then destroyed: it cannot be inflated.
+    let pattern: Vec<u8> = (0..64u8).flat_map(|c| vec![c + 1; 65536]).collect();
+    for d in [&t.qemu, &t.qcowx] {
+        std::fs::write(d.join("pattern.raw"), &pattern).unwrap();
+    }
+    t.prepare(&[
+        "convert",
+        "-f",
+        "raw",
+        "-c",
+        "-O",
+        "qcow2",
+        "pattern.raw",
+        "packed.qcow2",
+    ]);
+    let l1 = word(&t, "packed.qcow2", 40);
+    let l2 = word(&t, "packed.qcow2", l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = word(&t, "packed.qcow2", l2 + 5 * 8);
+    assert_ne!(entry & (1 << 62), 0, "cluster 5 is compressed");
+    let data = entry & ((1 << 54) - 1);
+    poke(&t, "packed.qcow2", data, &[0xff; 64]);
+
+    // An L1 entry whose L2 table offset is not aligned: block status fails there.
+    t.prepare(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "tables.qcow2",
+        "8M",
+    ]);
+    t.prepare_io(
+        "qcow2",
+        "tables.qcow2",
+        &["write -P 1 0 1M", "write -P 2 2M 1M"],
+    );
+    let l1 = word(&t, "tables.qcow2", 40);
+    poke(
+        &t,
+        "tables.qcow2",
+        l1 + 8,
+        &((1u64 << 63) | 0x1234_00).to_be_bytes(),
+    );
+
+    for (file, lost) in [
+        ("packed.qcow2", 5 * 65536..6 * 65536),
+        ("tables.qcow2", 2 << 20..4 << 20),
+    ] {
+        // Without --salvage both refuse.
+        t.both(&["convert", "-O", "raw", file, "plain.raw"], None);
+        let (q, x) = t.both(
+            &["convert", "--salvage", "-O", "raw", file, "saved.raw"],
+            Some(0),
+        );
+        let (qb, xb) = t.files("saved.raw");
+        assert!(qb == xb, "{file}: salvaged outputs differ");
+        assert!(xb[lost.clone()].iter().all(|&b| b == 0), "{file}");
+        assert!(
+            xb[..65536].iter().all(|&b| b != 0),
+            "{file}: what reads is kept"
+        );
+        // Each sector given up on is named, as qemu-img names it.
+        let sector = format!("error while reading offset {}:", lost.start);
+        for out in [&q, &x] {
+            assert!(
+                stderr(out).contains("warning: error while reading"),
+                "{file}"
+            );
+        }
+        assert!(
+            stderr(&x).contains(&sector) || stderr(&x).contains("block status"),
+            "{file}"
+        );
+        // -q keeps them quiet.
+        let quiet = qcowx(
+            &t.qcowx,
+            &["convert", "-q", "--salvage", "-O", "raw", file, "q.raw"],
+        );
+        assert_code(&quiet, 0, "convert -q --salvage");
+        assert!(stderr(&quiet).is_empty(), "{}", stderr(&quiet));
+    }
+    // Compressed output of a damaged input, and qcowx's own check of the result.
+    t.both(
+        &[
+            "convert",
+            "--salvage",
+            "-c",
+            "-O",
+            "qcow2",
+            "packed.qcow2",
+            "again.qcow2",
+        ],
+        Some(0),
+    );
+    let (q, x) = t.contents("again.qcow2");
+    assert!(q == x);
+    assert_qemu_check_clean(&t.qcowx, "again.qcow2");
+}

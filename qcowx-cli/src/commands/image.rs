@@ -430,7 +430,23 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
     opts.sparse_size = a.sparse_size.unwrap_or(conv::DEFAULT_SPARSE_SIZE);
     opts.sync = a.target_cache != Some(CacheMode::Unsafe);
     opts.rate_limit = a.rate_limit;
+    opts.salvage = a.salvage;
     let bar = progress::Bar::new(progress::enabled(quiet, false), "converting");
+    // Warnings go to stderr as they come; one that cannot be written is dropped.
+    let mut warn = |u: conv::Unreadable| {
+        if !quiet {
+            let what = match u.kind {
+                conv::UnreadableKind::Status => "block status at offset",
+                conv::UnreadableKind::Data => "offset",
+            };
+            let _ = writeln!(
+                io::stderr(),
+                "qcowx: warning: error while reading {what} {}: {}",
+                u.offset,
+                u.error
+            );
+        }
+    };
     match &a.snapshot {
         None => {
             let input = conv::open_input(
@@ -438,7 +454,13 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
                 a.in_format.map(DiskFormat::layer),
                 lock_mode(a.force_share),
             )?;
-            conv::convert(input.as_ref(), &a.dest, &opts, &mut bar.callback())?;
+            conv::convert_reporting(
+                input.as_ref(),
+                &a.dest,
+                &opts,
+                &mut bar.callback(),
+                &mut warn,
+            )?;
         }
         Some(spec) => {
             if a.in_format == Some(DiskFormat::Raw) {
@@ -454,7 +476,7 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
                     .open(&a.input)?,
             );
             let disk = img.open_root(&img.resolve_snapshot(spec)?)?;
-            conv::convert(&disk, &a.dest, &opts, &mut bar.callback())?;
+            conv::convert_reporting(&disk, &a.dest, &opts, &mut bar.callback(), &mut warn)?;
         }
     }
     Ok(0)

@@ -28,23 +28,24 @@
 
 mod compare;
 mod compressed;
+mod copy;
 mod input;
 mod target;
 mod window;
 pub use compare::{compare, CompareOptions, CompareReport, Mismatch};
 pub use compressed::CompressedWriter;
+pub use copy::{Unreadable, UnreadableKind};
 pub use input::{open_input, RawFile};
 pub use window::{dd_range, Window};
 
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::engine::STATUS_WINDOW;
-use crate::engine::{CreateOptions, Extent, ExtentStatus, Image};
+use crate::engine::{CreateOptions, Extent, Image};
 use crate::error::{Error, Result};
 use crate::format::compress::CompressionType;
 use crate::vdi::Disk;
-use target::{write_sparse, RateLimit, Sink, Sparse, Target, Throttled};
+use target::{Sparse, Target, Throttled};
 
 /// The largest buffer an export reads and writes at once.
 pub const COPY_CHUNK: usize = 4 << 20;
@@ -63,6 +64,9 @@ pub struct ExportStats {
     pub written_bytes: u64,
     /// Clusters stored compressed (compressed qcow2 outputs only).
     pub compressed_clusters: u64,
+    /// Bytes that could not be read and were copied as zeros
+    /// ([`ConvertOptions::salvage`] only).
+    pub unreadable_bytes: u64,
 }
 
 /// A readable disk: what [`convert`] copies and `compare` compares. Implemented by
@@ -136,7 +140,7 @@ pub trait Content: Send + Sync {
     /// Reads `buf.len()` bytes at `offset` (inside the virtual size).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// The allocation status of `[offset, offset+len)` (inside the virtual size):
-    /// ranges that are not [`ExtentStatus::Data`] read as zeros.
+    /// ranges that are not [`ExtentStatus::Data`](crate::ExtentStatus::Data) read as zeros.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
 }
 
@@ -220,6 +224,11 @@ pub struct ConvertOptions {
     pub sync: bool,
     /// At most this many bytes written per second on average (`-r`).
     pub rate_limit: Option<u64>,
+    /// Copy what cannot be read as zeros instead of failing (`--salvage`): a read that
+    /// fails is done again sector by sector, and each 512-byte sector that still fails
+    /// reads as zeros; a range whose block status cannot be read is read as data.
+    /// [`convert_reporting`] tells each part given up on.
+    pub salvage: bool,
 }
 
 /// The default [`ConvertOptions::sparse_size`]: 4 KiB, as `qemu-img convert`'s.
@@ -253,6 +262,7 @@ impl ConvertOptions {
             sparse_size: DEFAULT_SPARSE_SIZE,
             sync: true,
             rate_limit: None,
+            salvage: false,
         }
     }
 
@@ -431,6 +441,18 @@ pub fn convert(
     opts: &ConvertOptions,
     progress: Progress<'_>,
 ) -> Result<ExportStats> {
+    convert_reporting(src, output, opts, progress, &mut |_| {})
+}
+
+/// [`convert`], telling `report` each part of the source that
+/// [`ConvertOptions::salvage`] could not read (and copied as zeros), as it goes.
+pub fn convert_reporting(
+    src: &dyn Content,
+    output: &Path,
+    opts: &ConvertOptions,
+    progress: Progress<'_>,
+    report: &mut dyn FnMut(Unreadable),
+) -> Result<ExportStats> {
     let out_name = output.display().to_string();
     check_options(opts, &out_name)?;
     if let Some(src_path) = src.path() {
@@ -453,13 +475,16 @@ pub fn convert(
     } else {
         Target::create(output, opts, size, src.cluster_size())?
     };
+    let mut reader = copy::Reader::new(src, opts.salvage, report);
     let stats = match &target {
-        Target::Qcow2(dst) if opts.compress => copy_compressed(src, size, dst, opts, progress)?,
+        Target::Qcow2(dst) if opts.compress => {
+            copy::copy_compressed(&mut reader, size, dst, opts.rate_limit, progress)?
+        }
         _ => {
             let zero_gaps = opts.existing_target && !opts.target_is_zero;
             let sparse = Sparse::new(opts.sparse_size, target.cluster_size(), zero_gaps);
             let mut sink = Throttled::new(&mut target, opts.rate_limit);
-            copy(src, size, &mut sink, sparse, progress)?
+            copy::copy(&mut reader, size, &mut sink, sparse, progress)?
         }
     };
     target.finish(opts.sync)?;
@@ -495,116 +520,6 @@ fn check_options(opts: &ConvertOptions, out_name: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Copies `src` (`size` bytes) to `sink`: data ranges are read and written as
-/// `sparse` says; the other ranges read as zeros, so they are left out (zeroed in the
-/// sink when `sparse` asks), or written as zeros when `sparse` leaves nothing out.
-fn copy(
-    src: &dyn Content,
-    size: u64,
-    sink: &mut dyn Sink,
-    sparse: Sparse,
-    progress: Progress<'_>,
-) -> Result<ExportStats> {
-    let mut stats = ExportStats {
-        virtual_size: size,
-        ..ExportStats::default()
-    };
-    let mut buf: Vec<u8> = Vec::new();
-    for_each_extent(src, size, progress, |ext, progress| {
-        let data = ext.status == ExtentStatus::Data;
-        if !data && sparse.min_gap > 0 {
-            if sparse.zero_gaps {
-                sink.zero(ext.offset, ext.length)?;
-            }
-            return Ok(());
-        }
-        let end = ext.offset + ext.length;
-        let mut pos = ext.offset;
-        while pos < end {
-            let n = (end - pos).min(COPY_CHUNK as u64);
-            buf.resize(n as usize, 0);
-            if data {
-                src.read_at(&mut buf, pos)?;
-                stats.data_bytes += n;
-            } else {
-                buf.fill(0);
-            }
-            stats.written_bytes += write_sparse(sink, &buf, pos, sparse)?;
-            pos += n;
-            progress(pos, size);
-        }
-        Ok(())
-    })?;
-    Ok(stats)
-}
-
-/// Calls `f` with each extent of `src` (of `size` bytes), in order, asking for block
-/// status one [`STATUS_WINDOW`] at a time; reports progress at the end of each window.
-fn for_each_extent(
-    src: &dyn Content,
-    size: u64,
-    progress: Progress<'_>,
-    mut f: impl FnMut(Extent, &mut dyn FnMut(u64, u64)) -> Result<()>,
-) -> Result<()> {
-    let mut window = 0u64;
-    while window < size {
-        let wlen = STATUS_WINDOW.min(size - window);
-        for ext in src.block_status(window, wlen)? {
-            f(ext, &mut *progress)?;
-        }
-        window += wlen;
-        progress(window, size);
-    }
-    Ok(())
-}
-
-/// Copies `src` into the fresh image `dst`, cluster by cluster, compressed; clusters
-/// of zeros are left out.
-fn copy_compressed(
-    src: &dyn Content,
-    size: u64,
-    dst: &Image,
-    opts: &ConvertOptions,
-    progress: Progress<'_>,
-) -> Result<ExportStats> {
-    let cs = dst.cluster_size();
-    let mut stats = ExportStats {
-        virtual_size: size,
-        ..ExportStats::default()
-    };
-    let mut writer = CompressedWriter::new(dst)?;
-    let mut limit = RateLimit::new(opts.rate_limit);
-    let mut buf = vec![0u8; cs as usize];
-    // The next cluster index not yet looked at.
-    let mut next = 0u64;
-    for_each_extent(src, size, progress, |ext, progress| {
-        if ext.status != ExtentStatus::Data {
-            return Ok(());
-        }
-        stats.data_bytes += ext.length;
-        let first = (ext.offset / cs).max(next);
-        let last = (ext.offset + ext.length - 1) / cs;
-        for c in first..=last {
-            let at = c * cs;
-            let n = cs.min(size - at) as usize;
-            buf[n..].fill(0);
-            src.read_at(&mut buf[..n], at)?;
-            if buf.iter().any(|&b| b != 0) {
-                limit.account(n as u64);
-                if writer.write_cluster(at, &buf)? {
-                    stats.compressed_clusters += 1;
-                }
-                stats.written_bytes += n as u64;
-            }
-            next = c + 1;
-            progress(at + n as u64, size);
-        }
-        Ok(())
-    })?;
-    writer.finish()?;
-    Ok(stats)
 }
 
 #[cfg(test)]
