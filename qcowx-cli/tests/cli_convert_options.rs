@@ -467,7 +467,7 @@ fn salvage_copies_what_cannot_be_read_as_zeros_as_qemu_img_does() {
         &t,
         "tables.qcow2",
         l1 + 8,
-        &((1u64 << 63) | 0x1234_00).to_be_bytes(),
+        &((1u64 << 63) | 0x0012_3400).to_be_bytes(),
     );
 
     for (file, lost) in [

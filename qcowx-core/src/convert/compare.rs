@@ -35,6 +35,24 @@ pub enum Mismatch {
 }
 
 /// What [`compare`] found.
+///
+/// ```
+/// use qcowx_core::convert::{compare, CompareOptions, Mismatch};
+/// use qcowx_core::{CreateOptions, Image};
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let a = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+/// let b = Image::create(dir.path().join("b.qcow2"), &CreateOptions::new(2 << 20))?;
+/// let r = compare(&a, &b, CompareOptions::default(), &mut |_, _| {})?;
+/// assert!(r.identical()); // b's extra MiB reads as zeros
+/// b.write_at(b"x", 4096 + 7)?;
+/// let r = compare(&a, &b, CompareOptions::default(), &mut |_, _| {})?;
+/// assert_eq!((r.mismatch, r.mismatch_offset()), (Some(Mismatch::Content(4096)), Some(4096)));
+/// let r = compare(&a, &b, CompareOptions { strict: true }, &mut |_, _| {})?;
+/// assert_eq!((r.mismatch, r.mismatch_offset()), (Some(Mismatch::Size), None));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompareReport {
     /// Virtual size of the first disk.

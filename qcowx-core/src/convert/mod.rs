@@ -446,6 +446,43 @@ pub fn convert(
 
 /// [`convert`], telling `report` each part of the source that
 /// [`ConvertOptions::salvage`] could not read (and copied as zeros), as it goes.
+///
+/// ```
+/// use std::path::Path;
+/// use qcowx_core::convert::{convert_reporting, Content, ConvertOptions, ImageFormat};
+/// use qcowx_core::{Error, Extent, ExtentStatus};
+///
+/// /// 4 KiB of 0x11 whose second sector cannot be read.
+/// struct Scratched;
+/// impl Content for Scratched {
+///     fn name(&self) -> &str { "scratched" }
+///     fn path(&self) -> Option<&Path> { None }
+///     fn size(&self) -> qcowx_core::Result<u64> { Ok(4096) }
+///     fn cluster_size(&self) -> Option<u64> { None }
+///     fn read_at(&self, buf: &mut [u8], offset: u64) -> qcowx_core::Result<()> {
+///         if offset < 1024 && offset + buf.len() as u64 > 512 {
+///             return Err(Error::InvalidArgument("bad sector".into()));
+///         }
+///         buf.fill(0x11);
+///         Ok(())
+///     }
+///     fn block_status(&self, offset: u64, len: u64) -> qcowx_core::Result<Vec<Extent>> {
+///         Ok(vec![Extent { offset, length: len, status: ExtentStatus::Data, depth: 0, host_offset: None }])
+///     }
+/// }
+///
+/// # fn main() -> Result<(), qcowx_core::Error> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let out = dir.path().join("saved.raw");
+/// let mut opts = ConvertOptions::new(ImageFormat::Raw);
+/// opts.salvage = true;
+/// let mut lost = Vec::new();
+/// let stats = convert_reporting(&Scratched, &out, &opts, &mut |_, _| {}, &mut |u| lost.push(u.offset))?;
+/// assert_eq!((lost, stats.unreadable_bytes), (vec![512], 512));
+/// let bytes = std::fs::read(&out).unwrap();
+/// assert!(bytes[512..1024].iter().all(|&b| b == 0) && bytes[1024] == 0x11);
+/// # Ok(()) }
+/// ```
 pub fn convert_reporting(
     src: &dyn Content,
     output: &Path,
