@@ -631,6 +631,19 @@ pub(crate) struct ConvertArgs {
     /// 512-byte sector given up on (unless -q).
     #[arg(long = "salvage")]
     pub(crate) salvage: bool,
+    /// Make the qcow2 output an overlay of BACKING (needs -F): only what INPUT's own
+    /// layer holds is copied (-b in qemu-img 10.1, -B before).
+    #[arg(
+        short = 'B',
+        long = "backing",
+        visible_short_alias = 'b',
+        value_name = "BACKING",
+        requires = "backing_format"
+    )]
+    pub(crate) backing: Option<String>,
+    /// The format of BACKING.
+    #[arg(short = 'F', long = "backing-format", value_enum, value_name = "FMT")]
+    pub(crate) backing_format: Option<DiskFormat>,
     /// The input image (a qcow2 image is read with its backing chain).
     #[arg(value_name = "INPUT")]
     pub(crate) input: PathBuf,

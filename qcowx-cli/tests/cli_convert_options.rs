@@ -524,3 +524,147 @@ fn salvage_copies_what_cannot_be_read_as_zeros_as_qemu_img_does() {
     assert!(q == x);
     assert_qemu_check_clean(&t.qcowx, "again.qcow2");
 }
+
+#[test]
+fn backing_makes_the_output_an_overlay_as_qemu_img_does() {
+    let t = Twins::new();
+    // base: 2 MiB of data in 4 MiB; top over it: data, a zero cluster, zeros
+    // written as data, and data past the base's data.
+    t.prepare(&["create", "-f", "qcow2", "base.qcow2", "4M"]);
+    t.prepare_io("qcow2", "base.qcow2", &["write -P 1 0 2M"]);
+    t.prepare(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "4M",
+    ]);
+    t.prepare_io(
+        "qcow2",
+        "top.qcow2",
+        &[
+            "write -P 2 64k 64k",
+            "write -z 128k 64k",
+            "write -P 0 256k 64k",
+            "write -P 3 3M 64k",
+        ],
+    );
+    t.prepare(&["convert", "-O", "raw", "top.qcow2", "flat.raw"]);
+    // A shorter backing file: zeros past its end need not be written.
+    t.prepare(&["create", "-f", "qcow2", "short.qcow2", "1M"]);
+    t.prepare_io("qcow2", "short.qcow2", &["write -P 7 0 1M"]);
+
+    let map = |d: &std::path::Path, f: &str| {
+        let v = json(&qemu_ok(d, &["map", "--output=json", f]));
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["start"].clone(),
+                    e["length"].clone(),
+                    e["depth"].clone(),
+                    e["zero"].clone(),
+                    e["data"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let runs: [(&[&str], &str); 3] = [
+        (
+            &[
+                "convert",
+                "-B",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "a.qcow2",
+            ],
+            "a.qcow2",
+        ),
+        (
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-B",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "flat.raw",
+                "b.qcow2",
+            ],
+            "b.qcow2",
+        ),
+        (
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-B",
+                "short.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "flat.raw",
+                "c.qcow2",
+            ],
+            "c.qcow2",
+        ),
+    ];
+    for (args, out) in runs {
+        t.both(args, Some(0));
+        assert_eq!(
+            map(&t.qemu, out),
+            map(&t.qcowx, out),
+            "{args:?}: maps differ"
+        );
+        let (q, x) = t.contents(out);
+        assert!(q == x, "{args:?}: contents differ");
+        assert_qemu_check_clean(&t.qcowx, out);
+        let info = json(&qemu_ok(&t.qcowx, &["info", "--output=json", out]));
+        assert!(
+            info["backing-filename"].as_str().is_some(),
+            "{out}: no backing file"
+        );
+    }
+    // Only the top's own layer went into a.qcow2: it reads as top does.
+    assert!(t.contents("a.qcow2").1 == std::fs::read(t.qcowx.join("flat.raw")).unwrap());
+
+    // Refused as qemu-img refuses: no -F, a raw output.
+    t.both(
+        &[
+            "convert",
+            "-B",
+            "base.qcow2",
+            "-O",
+            "qcow2",
+            "top.qcow2",
+            "x.qcow2",
+        ],
+        None,
+    );
+    t.both(
+        &[
+            "convert",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "x.raw",
+        ],
+        None,
+    );
+    assert!(!t.qcowx.join("x.qcow2").exists() && !t.qcowx.join("x.raw").exists());
+}

@@ -431,6 +431,8 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
     opts.sync = a.target_cache != Some(CacheMode::Unsafe);
     opts.rate_limit = a.rate_limit;
     opts.salvage = a.salvage;
+    opts.backing_file = a.backing.clone();
+    opts.backing_format = a.backing_format.map(DiskFormat::layer);
     let bar = progress::Bar::new(progress::enabled(quiet, false), "converting");
     // Warnings go to stderr as they come; one that cannot be written is dropped.
     let mut warn = |u: conv::Unreadable| {

@@ -152,11 +152,16 @@ impl<'a> Reader<'a> {
 /// Copies the source (`size` bytes) to `sink`: data ranges are read and written as
 /// `sparse` says; the other ranges read as zeros, so they are left out (zeroed in the
 /// sink when `sparse` asks), or written as zeros when `sparse` leaves nothing out.
+///
+/// `overlay` is the length of the output's backing file when it has one: then only
+/// the source's own layer is copied (what it reads from its backing chain is left to
+/// the output's backing file), and zeros past that length are not written.
 pub(super) fn copy(
     src: &mut Reader<'_>,
     size: u64,
     sink: &mut dyn Sink,
     sparse: Sparse,
+    overlay: Option<u64>,
     progress: Progress<'_>,
 ) -> Result<ExportStats> {
     let mut stats = ExportStats {
@@ -165,10 +170,19 @@ pub(super) fn copy(
     };
     let mut buf: Vec<u8> = Vec::new();
     src.for_each_extent(size, progress, |src, ext, progress| {
+        // The layer that answered (for an unallocated range: how many backing
+        // layers the source has) is below the source's own.
+        if overlay.is_some() && ext.depth > 0 {
+            return Ok(());
+        }
         let data = ext.status == ExtentStatus::Data;
         if !data && sparse.min_gap > 0 {
-            if sparse.zero_gaps {
-                sink.zero(ext.offset, ext.length)?;
+            let end = match overlay {
+                Some(backing_len) => (ext.offset + ext.length).min(backing_len.max(ext.offset)),
+                None => ext.offset + ext.length,
+            };
+            if sparse.zero_gaps && end > ext.offset {
+                sink.zero(ext.offset, end - ext.offset)?;
             }
             return Ok(());
         }

@@ -187,7 +187,7 @@ impl Content for Disk {
 }
 
 /// How [`convert`] writes its output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConvertOptions {
     /// The output format.
     pub format: ImageFormat,
@@ -229,6 +229,14 @@ pub struct ConvertOptions {
     /// reads as zeros; a range whose block status cannot be read is read as data.
     /// [`convert_reporting`] tells each part given up on.
     pub salvage: bool,
+    /// Make the (qcow2) output an overlay of this backing file (`-B`, with
+    /// [`backing_format`](Self::backing_format) required, as qemu-img requires it):
+    /// what the source's own layer stores is copied, its zeros are written as zero
+    /// clusters (so the backing file's data does not show through), and what the
+    /// source reads from its backing chain is left to the output's backing file.
+    pub backing_file: Option<String>,
+    /// The format of [`backing_file`](Self::backing_file): `qcow2` or `raw`.
+    pub backing_format: Option<ImageFormat>,
 }
 
 /// The default [`ConvertOptions::sparse_size`]: 4 KiB, as `qemu-img convert`'s.
@@ -263,6 +271,8 @@ impl ConvertOptions {
             sync: true,
             rate_limit: None,
             salvage: false,
+            backing_file: None,
+            backing_format: None,
         }
     }
 
@@ -518,10 +528,18 @@ pub fn convert_reporting(
             copy::copy_compressed(&mut reader, size, dst, opts.rate_limit, progress)?
         }
         _ => {
-            let zero_gaps = opts.existing_target && !opts.target_is_zero;
+            // Over a backing file the zeros must be written, or its data shows
+            // through; past its end they read as zeros anyway.
+            let overlay = match &target {
+                Target::Qcow2(img) if opts.backing_file.is_some() => {
+                    Some(img.backing().map_or(0, |b| b.size()))
+                }
+                _ => None,
+            };
+            let zero_gaps = (opts.existing_target && !opts.target_is_zero) || overlay.is_some();
             let sparse = Sparse::new(opts.sparse_size, target.cluster_size(), zero_gaps);
             let mut sink = Throttled::new(&mut target, opts.rate_limit);
-            copy::copy(&mut reader, size, &mut sink, sparse, progress)?
+            copy::copy(&mut reader, size, &mut sink, sparse, overlay, progress)?
         }
     };
     target.finish(opts.sync)?;
@@ -543,6 +561,19 @@ fn check_options(opts: &ConvertOptions, out_name: &str) -> Result<()> {
     }
     if opts.target_is_zero && !opts.existing_target {
         return refuse("--target-is-zero requires use of -n flag");
+    }
+    if opts.backing_file.is_some() {
+        if opts.format != ImageFormat::Qcow2 {
+            return refuse("a backing file needs a qcow2 output (-O qcow2)");
+        }
+        if opts.backing_format.is_none() {
+            return refuse("use of backing file requires explicit backing format (-F)");
+        }
+        if opts.existing_target || opts.compress {
+            return refuse("a backing file is for a new, uncompressed output: drop -n and -c");
+        }
+    } else if opts.backing_format.is_some() {
+        return refuse("-F names the format of a backing file: add -B");
     }
     if opts.existing_target {
         if opts.cluster_size.is_some()

@@ -57,6 +57,8 @@ impl Target {
                 create.refcount_bits = opts.refcount_bits.unwrap_or(create.refcount_bits);
                 create.compression = opts.compression_type.unwrap_or(create.compression);
                 create.extended_l2 = opts.extended_l2.unwrap_or(create.extended_l2);
+                create.backing_file = opts.backing_file.clone();
+                create.backing_format = opts.backing_format.map(|f| f.name().to_string());
                 Ok(Target::Qcow2(Box::new(Image::create(output, &create)?)))
             }
         }
