@@ -284,3 +284,93 @@ fn qcowx_bitmap_on_a_served_image_goes_to_its_server() {
     assert_eq!(qemu_nbd_dirty(&path, "b1", dir.path()), vec![(0, G)]);
     assert_eq!(qemu_nbd_dirty(&path, "nb", dir.path()), vec![(MIB, 4096)]);
 }
+
+/// The dirty ranges of every bitmap of `path`, as qcowx reads them.
+fn dirty_of(path: &Path) -> Vec<(String, Vec<(u64, u64)>)> {
+    let img = qcowx_core::Image::open(path).unwrap();
+    let mut out: Vec<_> = img
+        .bitmaps()
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.name.clone(), img.bitmap_dirty(&b.name).unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn convert_bitmaps_copies_them_as_qemu_img_does() {
+    let dir = tempdir();
+    let src = image_with_bitmaps(dir.path());
+    let p = src.to_str().unwrap();
+    // b0 (enabled) sees these writes; b2 (4 KiB granules) sees them and is then
+    // disabled, keeping its bits; b1 stays empty and disabled.
+    qemu_img_ok(&["bitmap", "--add", "-g", "4096", p, "b2"]);
+    qemu_io_ok(
+        "qcow2",
+        &src,
+        &[
+            "write -P 1 0 100k",
+            "write -P 2 10M 4k",
+            "write -P 3 63M 1M",
+        ],
+    );
+    qemu_img_ok(&["bitmap", "--disable", p, "b2"]);
+    let run_both =
+        |extra: &[&str], q: &str, x: &str| -> (std::process::Output, std::process::Output) {
+            let mut qa = vec!["convert"];
+            qa.extend_from_slice(extra);
+            qa.extend(["-O", "qcow2", p]);
+            let qo = qcowx_tests::qemu_img_run(&[&qa[..], &[q]].concat());
+            let xo = std::process::Command::new(qcowx_tests::qcowx_cli_bin())
+                .args(&qa[..])
+                .arg(x)
+                .output()
+                .unwrap();
+            (qo, xo)
+        };
+    let (q, x) = (dir.path().join("q.qcow2"), dir.path().join("x.qcow2"));
+    let (qo, xo) = run_both(&["--bitmaps"], q.to_str().unwrap(), x.to_str().unwrap());
+    assert!(qo.status.success() && xo.status.success(), "{qo:?} {xo:?}");
+    assert_eq!(qemu_bitmaps(&x, false), qemu_bitmaps(&q, false));
+    assert_eq!(qemu_bitmaps(&x, false).len(), 3);
+    let dirty = dirty_of(&x);
+    assert_eq!(dirty, dirty_of(&q));
+    assert_eq!(dirty, dirty_of(&src), "the bits are the source's");
+    assert!(dirty
+        .iter()
+        .any(|(n, d)| n == "b2" && d.contains(&(10 * MIB, 4096))));
+    assert_qemu_check_clean(&x);
+    assert_qemu_compare_eq(&x, "qcow2", &src, "qcow2");
+
+    // Bitmaps left in use (a server killed while serving) refuse the conversion, or
+    // with --skip-broken-bitmaps are left out; one added after the kill is copied.
+    let server = QcowxNbd::in_dir(dir.path(), &src, &["-t"]);
+    nbd_io(&server.uri(""), &["write -P 9 0 64k"]);
+    server.kill9();
+    qemu_img_ok(&["bitmap", "--add", "-g", "65536", p, "fresh"]);
+    let (q2, x2) = (dir.path().join("q2.qcow2"), dir.path().join("x2.qcow2"));
+    let (qo, xo) = run_both(&["--bitmaps"], q2.to_str().unwrap(), x2.to_str().unwrap());
+    assert!(
+        !qo.status.success() && !xo.status.success(),
+        "{qo:?} {xo:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&xo.stderr).contains("inconsistent"),
+        "{xo:?}"
+    );
+    assert!(!x2.exists(), "nothing written");
+    let (qo, xo) = run_both(
+        &["--bitmaps", "--skip-broken-bitmaps"],
+        q2.to_str().unwrap(),
+        x2.to_str().unwrap(),
+    );
+    assert!(qo.status.success() && xo.status.success(), "{qo:?} {xo:?}");
+    assert_eq!(qemu_bitmaps(&x2, false), qemu_bitmaps(&q2, false));
+    let names: Vec<String> = qemu_bitmaps(&x2, false)
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(names, ["fresh"]);
+    assert!(String::from_utf8_lossy(&xo.stderr).contains("skipping inconsistent bitmap"));
+}

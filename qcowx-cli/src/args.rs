@@ -631,6 +631,12 @@ pub(crate) struct ConvertArgs {
     /// 512-byte sector given up on (unless -q).
     #[arg(long = "salvage")]
     pub(crate) salvage: bool,
+    /// Copy INPUT's persistent bitmaps to the qcow2 output.
+    #[arg(long = "bitmaps")]
+    pub(crate) bitmaps: bool,
+    /// With --bitmaps: leave inconsistent bitmaps out instead of failing.
+    #[arg(long = "skip-broken-bitmaps", requires = "bitmaps")]
+    pub(crate) skip_broken_bitmaps: bool,
     /// Make the qcow2 output an overlay of BACKING (needs -F): only what INPUT's own
     /// layer holds is copied (-b in qemu-img 10.1, -B before).
     #[arg(

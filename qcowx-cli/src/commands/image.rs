@@ -433,21 +433,32 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
     opts.salvage = a.salvage;
     opts.backing_file = a.backing.clone();
     opts.backing_format = a.backing_format.map(DiskFormat::layer);
+    opts.bitmaps = a.bitmaps;
+    opts.skip_broken_bitmaps = a.skip_broken_bitmaps;
     let bar = progress::Bar::new(progress::enabled(quiet, false), "converting");
     // Warnings go to stderr as they come; one that cannot be written is dropped.
-    let mut warn = |u: conv::Unreadable| {
-        if !quiet {
-            let what = match u.kind {
-                conv::UnreadableKind::Status => "block status at offset",
-                conv::UnreadableKind::Data => "offset",
-            };
-            let _ = writeln!(
-                io::stderr(),
-                "qcowx: warning: error while reading {what} {}: {}",
-                u.offset,
-                u.error
-            );
+    let mut warn = |w: conv::Warning| {
+        if quiet {
+            return;
         }
+        let line = match w {
+            conv::Warning::Unreadable {
+                kind,
+                offset,
+                error,
+            } => {
+                let what = match kind {
+                    conv::UnreadableKind::Status => "block status at offset",
+                    conv::UnreadableKind::Data => "offset",
+                };
+                format!("error while reading {what} {offset}: {error}")
+            }
+            conv::Warning::SkippedBitmap { name } => {
+                format!("skipping inconsistent bitmap '{name}'")
+            }
+            other => format!("{other:?}"),
+        };
+        let _ = writeln!(io::stderr(), "qcowx: warning: {line}");
     };
     match &a.snapshot {
         None => {

@@ -20,23 +20,33 @@ pub enum UnreadableKind {
     Data,
 }
 
-/// A part of the source that [`ConvertOptions::salvage`](super::ConvertOptions::salvage)
-/// could not read.
+/// What a conversion tells as it goes (see [`convert_reporting`](super::convert_reporting)).
 #[derive(Debug)]
-pub struct Unreadable {
-    /// Block status or data.
-    pub kind: UnreadableKind,
-    /// Where: the start of the sector.
-    pub offset: u64,
-    /// Why.
-    pub error: Error,
+#[non_exhaustive]
+pub enum Warning {
+    /// [`ConvertOptions::salvage`](super::ConvertOptions::salvage): a part of the
+    /// source could not be read.
+    Unreadable {
+        /// Block status or data.
+        kind: UnreadableKind,
+        /// Where: the start of the sector.
+        offset: u64,
+        /// Why.
+        error: Error,
+    },
+    /// [`ConvertOptions::skip_broken_bitmaps`](super::ConvertOptions::skip_broken_bitmaps):
+    /// an inconsistent bitmap was not copied.
+    SkippedBitmap {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// Reads the source; with `salvage`, around what fails.
 pub(super) struct Reader<'a> {
     src: &'a dyn Content,
     salvage: bool,
-    report: &'a mut dyn FnMut(Unreadable),
+    report: &'a mut dyn FnMut(Warning),
     /// Bytes copied as zeros because they could not be read.
     unreadable: u64,
 }
@@ -45,7 +55,7 @@ impl<'a> Reader<'a> {
     pub(super) fn new(
         src: &'a dyn Content,
         salvage: bool,
-        report: &'a mut dyn FnMut(Unreadable),
+        report: &'a mut dyn FnMut(Warning),
     ) -> Reader<'a> {
         Reader {
             src,
@@ -63,7 +73,7 @@ impl<'a> Reader<'a> {
             Ok(e) => Ok(e),
             Err(e) if !self.salvage => Err(e),
             Err(error) if len <= SECTOR => {
-                (self.report)(Unreadable {
+                (self.report)(Warning::Unreadable {
                     kind: UnreadableKind::Status,
                     offset,
                     error,
@@ -115,7 +125,7 @@ impl<'a> Reader<'a> {
                     if let Err(error) = self.src.read_at(sector, at) {
                         sector.fill(0);
                         self.unreadable += sector.len() as u64;
-                        (self.report)(Unreadable {
+                        (self.report)(Warning::Unreadable {
                             kind: UnreadableKind::Data,
                             offset: at,
                             error,

@@ -26,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bitmaps;
 mod compare;
 mod compressed;
 mod copy;
@@ -34,7 +35,7 @@ mod target;
 mod window;
 pub use compare::{compare, CompareOptions, CompareReport, Mismatch};
 pub use compressed::CompressedWriter;
-pub use copy::{Unreadable, UnreadableKind};
+pub use copy::{UnreadableKind, Warning};
 pub use input::{open_input, RawFile};
 pub use window::{dd_range, Window};
 
@@ -142,6 +143,11 @@ pub trait Content: Send + Sync {
     /// The allocation status of `[offset, offset+len)` (inside the virtual size):
     /// ranges that are not [`ExtentStatus::Data`](crate::ExtentStatus::Data) read as zeros.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+    /// The image whose active layer this is, when it is one: where
+    /// [`ConvertOptions::bitmaps`] finds the bitmaps to copy (default: none).
+    fn image(&self) -> Option<&Image> {
+        None
+    }
 }
 
 impl Content for Image {
@@ -162,6 +168,9 @@ impl Content for Image {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         Image::block_status(self, offset, len)
+    }
+    fn image(&self) -> Option<&Image> {
+        Some(self)
     }
 }
 
@@ -229,6 +238,14 @@ pub struct ConvertOptions {
     /// reads as zeros; a range whose block status cannot be read is read as data.
     /// [`convert_reporting`] tells each part given up on.
     pub salvage: bool,
+    /// Copy the source's persistent bitmaps to the (qcow2) output (`--bitmaps`), as
+    /// they are: granularity, enabled or not, dirty bits. An inconsistent bitmap (in
+    /// use: a crash) refuses the conversion before anything is written, unless
+    /// [`skip_broken_bitmaps`](Self::skip_broken_bitmaps).
+    pub bitmaps: bool,
+    /// With [`bitmaps`](Self::bitmaps): leave inconsistent bitmaps out (each is
+    /// reported) instead of refusing.
+    pub skip_broken_bitmaps: bool,
     /// Make the (qcow2) output an overlay of this backing file (`-B`, with
     /// [`backing_format`](Self::backing_format) required, as qemu-img requires it):
     /// what the source's own layer stores is copied, its zeros are written as zero
@@ -271,6 +288,8 @@ impl ConvertOptions {
             sync: true,
             rate_limit: None,
             salvage: false,
+            bitmaps: false,
+            skip_broken_bitmaps: false,
             backing_file: None,
             backing_format: None,
         }
@@ -454,12 +473,13 @@ pub fn convert(
     convert_reporting(src, output, opts, progress, &mut |_| {})
 }
 
-/// [`convert`], telling `report` each part of the source that
-/// [`ConvertOptions::salvage`] could not read (and copied as zeros), as it goes.
+/// [`convert`], telling `report` what it gave up on as it goes: each part of the
+/// source that [`ConvertOptions::salvage`] could not read (and copied as zeros), each
+/// bitmap [`ConvertOptions::skip_broken_bitmaps`] left out.
 ///
 /// ```
 /// use std::path::Path;
-/// use qcowx_core::convert::{convert_reporting, Content, ConvertOptions, ImageFormat};
+/// use qcowx_core::convert::{convert_reporting, Content, ConvertOptions, ImageFormat, Warning};
 /// use qcowx_core::{Error, Extent, ExtentStatus};
 ///
 /// /// 4 KiB of 0x11 whose second sector cannot be read.
@@ -487,7 +507,12 @@ pub fn convert(
 /// let mut opts = ConvertOptions::new(ImageFormat::Raw);
 /// opts.salvage = true;
 /// let mut lost = Vec::new();
-/// let stats = convert_reporting(&Scratched, &out, &opts, &mut |_, _| {}, &mut |u| lost.push(u.offset))?;
+/// let mut report = |w| {
+///     if let Warning::Unreadable { offset, .. } = w {
+///         lost.push(offset);
+///     }
+/// };
+/// let stats = convert_reporting(&Scratched, &out, &opts, &mut |_, _| {}, &mut report)?;
 /// assert_eq!((lost, stats.unreadable_bytes), (vec![512], 512));
 /// let bytes = std::fs::read(&out).unwrap();
 /// assert!(bytes[512..1024].iter().all(|&b| b == 0) && bytes[1024] == 0x11);
@@ -498,7 +523,7 @@ pub fn convert_reporting(
     output: &Path,
     opts: &ConvertOptions,
     progress: Progress<'_>,
-    report: &mut dyn FnMut(Unreadable),
+    report: &mut dyn FnMut(Warning),
 ) -> Result<ExportStats> {
     let out_name = output.display().to_string();
     check_options(opts, &out_name)?;
@@ -517,6 +542,11 @@ pub fn convert_reporting(
         }
     }
     let size = src.size()?;
+    let bitmaps = if opts.bitmaps {
+        bitmaps::to_copy(src, opts.skip_broken_bitmaps, &mut *report)?
+    } else {
+        Vec::new()
+    };
     let mut target = if opts.existing_target {
         Target::open_existing(output, opts.format, size)?
     } else {
@@ -542,6 +572,9 @@ pub fn convert_reporting(
             copy::copy(&mut reader, size, &mut sink, sparse, overlay, progress)?
         }
     };
+    if let (Target::Qcow2(dst), Some(img)) = (&target, src.image()) {
+        bitmaps::copy(img, dst, &bitmaps)?;
+    }
     target.finish(opts.sync)?;
     Ok(stats)
 }
@@ -561,6 +594,12 @@ fn check_options(opts: &ConvertOptions, out_name: &str) -> Result<()> {
     }
     if opts.target_is_zero && !opts.existing_target {
         return refuse("--target-is-zero requires use of -n flag");
+    }
+    if opts.bitmaps && opts.format != ImageFormat::Qcow2 {
+        return refuse("--bitmaps needs a qcow2 output (-O qcow2)");
+    }
+    if opts.skip_broken_bitmaps && !opts.bitmaps {
+        return refuse("use of --skip-broken-bitmaps requires --bitmaps");
     }
     if opts.backing_file.is_some() {
         if opts.format != ImageFormat::Qcow2 {

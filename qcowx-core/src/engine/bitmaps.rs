@@ -416,17 +416,44 @@ impl Image {
     /// ```
     pub fn bitmap_merge(&self, source: &str, target: &str) -> Result<()> {
         let dirty = self.bitmap_dirty(source)?;
+        self.bitmap_mark(target, &dirty)
+    }
+
+    /// Marks the ranges `(offset, length)` dirty in bitmap `name` (every granule they
+    /// touch, clipped to the disk), enabled or not: how a bitmap of another image is
+    /// merged in (`qemu-img bitmap --merge -b`, `convert --bitmaps`).
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let img = Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?;
+    /// img.bitmap_add("copied", Some(4096), true)?;
+    /// img.bitmap_mark("copied", &[(100, 10), (8192, 8192), (1 << 30, 512)])?;
+    /// assert_eq!(img.bitmap_dirty("copied")?, [(0, 4096), (8192, 8192)]);
+    /// # Ok(()) }
+    /// ```
+    pub fn bitmap_mark(&self, name: &str, ranges: &[(u64, u64)]) -> Result<()> {
         self.check_writable()?;
         let mut st = self.lock_state()?;
-        let i = self.bitmap_index(&st, target)?;
+        let size = st.header.size;
+        let i = self.bitmap_index(&st, name)?;
         if st.bitmaps.list[i].inconsistent {
-            return Err(self.inconsistent(target));
+            return Err(self.inconsistent(name));
+        }
+        if st.bitmaps.list[i].data.is_none() {
+            let data = self.read_bitmap_data(&st.bitmaps.list[i].entry, size)?;
+            st.bitmaps.list[i].data = Some(data);
         }
         let b = &mut st.bitmaps.list[i];
         let g = b.entry.granularity_bits;
         if let Some(data) = &mut b.data {
-            for (off, len) in dirty {
-                set_bits(data, off >> g, (off + len - 1) >> g);
+            for &(off, len) in ranges {
+                let end = off.saturating_add(len).min(size);
+                if off < end {
+                    set_bits(data, off >> g, (end - 1) >> g);
+                }
             }
         }
         Ok(())
