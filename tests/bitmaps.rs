@@ -374,3 +374,61 @@ fn convert_bitmaps_copies_them_as_qemu_img_does() {
     assert_eq!(names, ["fresh"]);
     assert!(String::from_utf8_lossy(&xo.stderr).contains("skipping inconsistent bitmap"));
 }
+
+#[test]
+fn bitmap_merge_from_another_file_marks_what_qemu_img_marks() {
+    let dir = tempdir();
+    let src = image_with_bitmaps(dir.path());
+    qemu_io_ok("qcow2", &src, &["write -P 1 0 4k", "write -P 2 5M 100k"]);
+    let (q, x) = (dir.path().join("q.qcow2"), dir.path().join("x.qcow2"));
+    for f in [&q, &x] {
+        qemu_img_create(f, 64 * MIB, "");
+        qemu_img_ok(&["bitmap", "--add", f.to_str().unwrap(), "dst"]);
+    }
+    let s = src.to_str().unwrap();
+    qemu_img_ok(&[
+        "bitmap",
+        "--merge",
+        "b0",
+        "-b",
+        s,
+        "-F",
+        "qcow2",
+        q.to_str().unwrap(),
+        "dst",
+    ]);
+    cli::ok(
+        dir.path(),
+        &[
+            "bitmap",
+            "--merge",
+            "b0",
+            "-b",
+            "disk.qcow2",
+            "-F",
+            "qcow2",
+            "x.qcow2",
+            "dst",
+        ],
+    );
+    let dirty = dirty_of(&x);
+    assert_eq!(dirty, dirty_of(&q));
+    assert_eq!(dirty, [("dst".to_string(), vec![(0, G), (5 * MIB, 2 * G)])]);
+    assert_qemu_check_clean(&x);
+    // The source file is only read.
+    assert_eq!(qemu_bitmaps(&src, false), consistent());
+    // A merge file without --merge, or a bitmap it does not hold, is refused.
+    cli::fails(
+        dir.path(),
+        &[
+            "bitmap",
+            "--merge",
+            "nope",
+            "-b",
+            "disk.qcow2",
+            "x.qcow2",
+            "dst",
+        ],
+        &["nope"],
+    );
+}

@@ -484,6 +484,18 @@ pub(crate) struct BitmapArgs {
     /// Mark dirty in the bitmap everything dirty in bitmap SOURCE (repeatable).
     #[arg(long, value_name = "SOURCE")]
     pub(crate) merge: Vec<String>,
+    /// The image the --merge bitmaps are in (default: FILE itself).
+    #[arg(
+        short = 'b',
+        long = "source-file",
+        value_name = "SRC_FILE",
+        requires = "merge"
+    )]
+    pub(crate) source_file: Option<PathBuf>,
+    /// The format of SRC_FILE: qcow2 only (bitmaps live in qcow2 images).
+    #[arg(short = 'F', long = "source-format", value_name = "FMT", value_parser = ["qcow2"], requires = "source_file")]
+    #[allow(dead_code)] // Accepted, never needed: clap refuses every other value.
+    pub(crate) source_format: Option<String>,
     /// Bytes per bit of a new bitmap (512 to 2G, a power of two; K/M/G suffixes;
     /// default: the cluster size).
     #[arg(short = 'g', long, value_name = "SIZE", value_parser = size_arg)]

@@ -15,6 +15,12 @@ pub(crate) fn bitmap(a: &BitmapArgs) -> Result<u8, Failure> {
         granularity: a.granularity,
         clear: a.clear,
         merge: a.merge.clone(),
+        // Absolute: a server resolves it, from its own working directory.
+        merge_file: a
+            .source_file
+            .as_ref()
+            .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+            .map(|f| f.display().to_string()),
         enable: a.enable,
         disable: a.disable,
         remove: a.remove,

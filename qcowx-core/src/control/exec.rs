@@ -90,6 +90,7 @@ fn bitmap(img: &Image, req: &Request) -> Result<Response> {
         granularity,
         clear,
         merge,
+        merge_file,
         enable,
         disable,
         remove,
@@ -118,8 +119,29 @@ fn bitmap(img: &Image, req: &Request) -> Result<Response> {
     if *clear {
         img.bitmap_clear(name)?;
     }
-    for source in merge {
-        img.bitmap_merge(source, name)?;
+    match merge_file {
+        None => {
+            for source in merge {
+                img.bitmap_merge(source, name)?;
+            }
+        }
+        Some(file) => {
+            if merge.is_empty() {
+                return Err(crate::Error::InvalidArgument(
+                    "a merge file only goes with merge".into(),
+                ));
+            }
+            let other = crate::OpenOptions::new().open(file)?;
+            let size = other.size();
+            for source in merge {
+                let mut window = 0u64;
+                while window < size {
+                    let len = crate::engine::STATUS_WINDOW.min(size - window);
+                    img.bitmap_mark(name, &other.bitmap_dirty_in(source, window, len)?)?;
+                    window += len;
+                }
+            }
+        }
     }
     if *enable || (*disable && !*add) {
         img.bitmap_enable(name, *enable)?;

@@ -115,6 +115,10 @@ pub enum Request {
         /// Bitmaps whose dirty ranges are marked in this one.
         #[serde(default)]
         merge: Vec<String>,
+        /// The image file the `merge` bitmaps are in, when not this image
+        /// (`qemu-img bitmap --merge SOURCE -b SRC_FILE`); opened read-only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        merge_file: Option<String>,
         /// Enable it.
         #[serde(default)]
         enable: bool,
@@ -523,6 +527,7 @@ mod tests {
                 granularity: Some(65536),
                 clear: false,
                 merge: vec!["b1".into()],
+                merge_file: Some("/x/other.qcow2".into()),
                 enable: false,
                 disable: true,
                 remove: false,
@@ -571,7 +576,7 @@ mod tests {
                 r#"{"from":"s1","op":"diff","to":"default"}"#,
                 r#"{"op":"usage"}"#,
                 r#"{"op":"check"}"#,
-                r#"{"add":true,"bitmap":"b0","clear":false,"disable":true,"enable":false,"granularity":65536,"merge":["b1"],"op":"bitmap","remove":false}"#,
+                r#"{"add":true,"bitmap":"b0","clear":false,"disable":true,"enable":false,"granularity":65536,"merge":["b1"],"merge_file":"/x/other.qcow2","op":"bitmap","remove":false}"#,
             ]
         );
         let r = Request::Snapshot {
