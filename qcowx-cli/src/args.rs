@@ -699,6 +699,65 @@ pub(crate) fn cache_arg(s: &str) -> Result<CacheMode, String> {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    pub(crate) image_format: Qcow2Only,
+    /// Requests to send.
+    #[arg(
+        short = 'c',
+        long = "count",
+        value_name = "COUNT",
+        default_value_t = 75000
+    )]
+    pub(crate) count: u64,
+    /// Requests in flight at once.
+    #[arg(short = 'd', long = "depth", value_name = "DEPTH", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub(crate) depth: u64,
+    /// The first request's offset.
+    #[arg(short = 'o', long = "offset", value_name = "OFFSET", value_parser = size_arg, default_value = "0")]
+    pub(crate) offset: u64,
+    /// Bytes per request.
+    #[arg(short = 's', long = "buffer-size", value_name = "SIZE", value_parser = size_arg, default_value = "4096")]
+    pub(crate) buffer_size: u64,
+    /// From one request's offset to the next (default: the buffer size).
+    #[arg(short = 'S', long = "step-size", value_name = "STEP", value_parser = size_arg)]
+    pub(crate) step: Option<u64>,
+    /// Write instead of read.
+    #[arg(short = 'w', long = "write")]
+    pub(crate) write: bool,
+    /// The byte written (with -w).
+    #[arg(
+        long = "pattern",
+        value_name = "BYTE",
+        requires = "write",
+        default_value_t = 0
+    )]
+    pub(crate) pattern: u8,
+    /// Flush after every this many requests (with -w; at least DEPTH).
+    #[arg(long = "flush-interval", value_name = "N", requires = "write")]
+    pub(crate) flush_interval: Option<u64>,
+    /// qemu-img's --no-drain (accepted: qcowx's flushes never drain the queue).
+    #[arg(long = "no-drain", requires = "flush_interval")]
+    pub(crate) no_drain: bool,
+    /// Cache mode (accepted and checked; qcowx goes through the page cache).
+    #[arg(short = 't', long = "cache", value_name = "CACHE", value_parser = cache_arg)]
+    pub(crate) cache: Option<CacheMode>,
+    /// AIO mode (threads, native, io_uring: accepted; qcowx uses threads).
+    #[arg(short = 'i', long = "aio", value_name = "AIO", value_parser = ["threads", "native", "io_uring"])]
+    pub(crate) aio: Option<String>,
+    /// The same as -i native (accepted).
+    #[arg(short = 'n', long = "native")]
+    pub(crate) native: bool,
+    /// Open the image without locking it (reads only).
+    #[arg(short = 'U', long = "force-share", conflicts_with = "write")]
+    pub(crate) force_share: bool,
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    pub(crate) file: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct DdArgs {
     /// Input format (probed when absent).
     #[arg(short = 'f', long = "format", value_enum, value_name = "FMT")]

@@ -119,6 +119,8 @@ enum Command {
     /// `qemu-img commit`); then empty it, so it reads through to the backing file,
     /// unless -d.
     Commit(CommitArgs),
+    /// Time COUNT reads or writes of an image (like `qemu-img bench`).
+    Bench(BenchArgs),
     /// Compare the contents of two images, qcow2 or raw (like `qemu-img compare`).
     Compare(CompareArgs),
     /// Copy part of an image to a new raw or qcow2 file, with dd's operands (like
@@ -208,6 +210,7 @@ impl Command {
                 | Command::Amend(_)
                 | Command::Rebase(_)
                 | Command::Commit(_)
+                | Command::Bench(BenchArgs { write: true, .. })
                 | Command::Receive(_)
                 | Command::Bitmap(_)
         )
@@ -292,6 +295,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => image::compare(&a, quiet, out),
         Command::Convert(a) => image::convert(&a, quiet),
         Command::Dd(a) => image::dd(&a),
+        Command::Bench(a) => commands::io::bench(&a, out),
         Command::Send(a) => stream::send(&a, quiet, out),
         Command::Receive(a) => stream::receive(&a, quiet, out),
         #[cfg(feature = "s3")]

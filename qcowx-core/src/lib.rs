@@ -69,6 +69,7 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeExample;
 
+pub mod bench;
 pub mod commit;
 #[cfg(feature = "control")]
 pub mod control;
