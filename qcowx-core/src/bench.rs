@@ -127,7 +127,10 @@ pub fn run(img: &Image, opts: &BenchOptions) -> Result<Duration> {
                         let at = opts.offset_of(i, disk);
                         if opts.write {
                             img.write_at(&buf, at)?;
-                            if opts.flush_interval.is_some_and(|n| (i + 1) % n == 0) {
+                            if opts
+                                .flush_interval
+                                .is_some_and(|n| (i + 1).is_multiple_of(n))
+                            {
                                 img.flush()?;
                             }
                         } else {
