@@ -1,7 +1,8 @@
 //! `convert --bitmaps`: the source's persistent bitmaps copied to the output, as they
 //! are (granularity, enabled or not, dirty bits).
 
-use super::{Content, Warning};
+use super::content::Content;
+use super::copy::Warning;
 use crate::engine::{BitmapInfo, Image, STATUS_WINDOW};
 use crate::error::{Error, Result};
 

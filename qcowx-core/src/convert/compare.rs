@@ -11,7 +11,7 @@
 //! an unallocated one, stored against compressed, and a run of one status that reaches
 //! the end of the disk against one that does not all differ.
 
-use super::{Content, COPY_CHUNK};
+use super::content::{Content, COPY_CHUNK};
 use crate::engine::{Extent, ExtentStatus, STATUS_WINDOW};
 use crate::error::Result;
 

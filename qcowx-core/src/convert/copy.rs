@@ -3,8 +3,8 @@
 //! reporting each part it gave up on.
 
 use super::compressed::CompressedWriter;
+use super::content::{Content, ExportStats, Progress, COPY_CHUNK};
 use super::target::{write_sparse, RateLimit, Sink, Sparse};
-use super::{Content, ExportStats, Progress, COPY_CHUNK};
 use crate::engine::{Extent, ExtentStatus, Image, STATUS_WINDOW};
 use crate::error::{Error, Result};
 

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Content, ImageFormat};
+use super::content::Content;
+use crate::engine::backing::ImageFormat;
 use crate::engine::chain::raw_extents;
 use crate::engine::Extent;
 use crate::error::{Error, Result};

@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, OpenMode, Storage};
 
-use super::{ConvertOptions, ImageFormat};
+use super::options::ConvertOptions;
+use crate::engine::backing::ImageFormat;
 
 /// Where the copied bytes go.
 pub(super) trait Sink {

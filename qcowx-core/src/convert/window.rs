@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::Content;
+use super::content::Content;
 use crate::engine::Extent;
 use crate::error::{Error, Result};
 
