@@ -81,6 +81,15 @@ impl BenchOptions {
 
     /// The offset of request `i`: `offset + i × step`, wrapping as qemu-img wraps it
     /// (modulo the disk size less one buffer).
+    ///
+    /// ```
+    /// use qcowx_core::bench::BenchOptions;
+    /// let opts = BenchOptions { offset: 4096, step: Some(8192), ..BenchOptions::default() };
+    /// assert_eq!(opts.offset_of(0, 1 << 20), 4096);
+    /// assert_eq!(opts.offset_of(2, 1 << 20), 4096 + 2 * 8192);
+    /// // 1 MiB less one 4 KiB request is where the offsets wrap.
+    /// assert_eq!(opts.offset_of(128, 1 << 20), (4096 + 128 * 8192) % ((1 << 20) - 4096));
+    /// ```
     pub fn offset_of(&self, i: u64, disk: u64) -> u64 {
         let step = self.step.unwrap_or(self.buffer_size);
         if disk <= self.buffer_size {
