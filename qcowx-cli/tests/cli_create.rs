@@ -322,3 +322,34 @@ fn preallocation_lays_out_the_image_as_qemu_img_does() {
     assert!(o[8192..1 << 20].iter().all(|&b| b == 9));
     assert!(o[1 << 20..].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn lazy_refcounts_is_a_creation_option_as_in_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lazy = |f: &str| {
+        json(&qemu_ok(d, &["info", "--output=json", f]))["format-specific"]["data"]
+            ["lazy-refcounts"]
+            .clone()
+    };
+    for on in ["on", "off"] {
+        let (q, x) = (format!("q-{on}.qcow2"), format!("x-{on}.qcow2"));
+        let o = format!("lazy_refcounts={on}");
+        qemu_ok(d, &["create", "-f", "qcow2", "-o", &o, &q, "1M"]);
+        ok(d, &["create", "-o", &o, &x, "1M"]);
+        assert_eq!(lazy(&x), lazy(&q), "{o}");
+        assert_eq!(lazy(&x), on == "on", "{o}");
+        ok(d, &["io", &x, "-c", "write -P 1 0 64k"]);
+        assert_qemu_check_clean(d, &x);
+    }
+    usage_or_error(
+        d,
+        &["create", "-o", "lazy_refcounts=maybe", "bad.qcow2", "1M"],
+    );
+    assert!(!d.join("bad.qcow2").exists());
+}
+
+/// `args` fail.
+fn usage_or_error(d: &std::path::Path, args: &[&str]) {
+    assert!(!qcowx(d, args).status.success(), "{args:?} succeeded");
+}

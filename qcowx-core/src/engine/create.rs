@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::format::compress::CompressionType;
 use crate::format::extensions::{Extension, Extensions, FeatureKind, EXT_BACKING_FORMAT};
 use crate::format::header::{
-    Header, Incompatible, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, V3_HEADER_LEN,
+    Compatible, Header, Incompatible, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
+    V3_HEADER_LEN,
 };
 use crate::format::stamp;
 use crate::format::tables::{encode_words, Geometry};
@@ -83,6 +84,9 @@ pub struct CreateOptions {
     /// What the new file allocates up front (default: nothing). With a backing file,
     /// only with extended L2 entries (as QEMU allows it).
     pub preallocation: Preallocation,
+    /// Set the lazy-refcounts compatible bit (`-o lazy_refcounts=on`; see
+    /// [`Image::set_lazy_refcounts`]).
+    pub lazy_refcounts: bool,
 }
 
 impl CreateOptions {
@@ -100,14 +104,16 @@ impl CreateOptions {
             remote_base: None,
             open_backing: true,
             preallocation: Preallocation::Off,
+            lazy_refcounts: false,
         }
     }
 
     /// Applies `qemu-img create -o` options: a comma-separated list of `key=value`
     /// with QEMU's names `size`, `cluster_size`, `extended_l2` (`on`/`off`),
     /// `refcount_bits`, `compression_type` (`zlib`/`zstd`), `preallocation`
-    /// (`off`/`metadata`/`falloc`/`full`), `backing_file`, `backing_fmt` and `compat`
-    /// (`1.1` only). An unknown key or a bad value is refused, naming it.
+    /// (`off`/`metadata`/`falloc`/`full`), `lazy_refcounts` (`on`/`off`),
+    /// `backing_file`, `backing_fmt` and `compat` (`1.1` only). An unknown key or a
+    /// bad value is refused, naming it.
     pub fn apply_qemu_options(&mut self, options: &str) -> Result<()> {
         let bad = |what: String| Error::InvalidArgument(format!("-o {options}: {what}"));
         for item in options.split(',').filter(|s| !s.is_empty()) {
@@ -128,6 +134,7 @@ impl CreateOptions {
                         crate::size::parse_size(value).map_err(|e| bad(e.to_string()))?
                 }
                 "extended_l2" => self.extended_l2 = on_off(value)?,
+                "lazy_refcounts" => self.lazy_refcounts = on_off(value)?,
                 "refcount_bits" => {
                     self.refcount_bits = value
                         .parse()
@@ -359,7 +366,11 @@ pub(super) fn plan_create(path: &Path, opts: &CreateOptions) -> Result<(Header, 
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible,
-        compatible: 0,
+        compatible: if opts.lazy_refcounts {
+            Compatible::LAZY_REFCOUNTS.bits()
+        } else {
+            0
+        },
         autoclear: 0,
         refcount_order: opts.refcount_bits.trailing_zeros(),
         header_length: V3_HEADER_LEN,
