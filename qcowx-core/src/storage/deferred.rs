@@ -183,4 +183,14 @@ impl Storage for DeferredSync {
     fn will_need(&self, offset: u64, len: u64) {
         self.file.will_need(offset, len)
     }
+    // Writes go straight to the file (only the syncs wait), so the file answers.
+    fn data_runs(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+        self.file.data_runs(offset, len)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.file.allocated_bytes()
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.file.allocate(offset, len)
+    }
 }

@@ -459,6 +459,42 @@ mod tests {
         drop(s);
     }
 
+    /// A wrapper (an `Arc`, `DeferredSync`, `Watched`) answers what the file it
+    /// wraps answers: where data lies, how much is stored, and reservations.
+    #[test]
+    fn wrappers_ask_the_file_about_holes_and_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            let f = FileStorage::create(dir.path().join(name), LockMode::None).unwrap();
+            f.write_at(&[1u8; 4096], 1 << 20).unwrap();
+            f.set_len(4 << 20).unwrap();
+            f
+        };
+        let plain = open("plain");
+        let runs = plain.data_runs(0, 4 << 20).expect("a file knows its holes");
+        assert!(
+            runs.iter().any(|&(s, _, data)| data && s <= 1 << 20),
+            "{runs:?}"
+        );
+        let used = plain.allocated_bytes().unwrap();
+        let arc: Arc<dyn Storage> = Arc::new(open("arc"));
+        let deferred = DeferredSync::with_write_behind(open("deferred"), WriteBehind::Off);
+        let watched = Watched::new(open("watched"), |_| Ok(()));
+        for (name, s) in [
+            ("arc", &arc as &dyn Storage),
+            ("deferred", &deferred),
+            ("watched", &watched),
+        ] {
+            assert_eq!(s.data_runs(0, 4 << 20).as_ref(), Some(&runs), "{name}");
+            assert_eq!(s.allocated_bytes(), Some(used), "{name}");
+            s.allocate(2 << 20, 1 << 20).unwrap();
+            assert!(s.allocated_bytes().unwrap() >= used + (1 << 20), "{name}");
+            let mut b = [9u8; 16];
+            s.read_at(&mut b, 2 << 20).unwrap();
+            assert_eq!(b, [0; 16], "{name}: a reservation reads as zeros");
+        }
+    }
+
     #[test]
     fn deferred_sync_without_write_behind_leaves_the_pages_to_the_kernel() {
         use std::sync::atomic::Ordering;

@@ -123,5 +123,12 @@ impl<S: Storage> Storage for Watched<S> {
     fn will_need(&self, offset: u64, len: u64) {
         self.inner.will_need(offset, len)
     }
-    // No `mapping`: bytes lent from one would pass the hook by.
+    fn data_runs(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+        self.inner.data_runs(offset, len)
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.inner.allocated_bytes()
+    }
+    // No `mapping`: bytes lent from one would pass the hook by. No `allocate`: the
+    // default writes zeros through `write_at`, past the hook.
 }
