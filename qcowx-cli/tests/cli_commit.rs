@@ -4,37 +4,12 @@
 //! bases read the same, both overlays read what they read before, qcowx's files
 //! check clean and its overlay stores nothing afterwards (unless -d).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use qcowx_tests::cli::*;
 use qcowx_tests::QemuIoSession;
 use serde_json::Value;
-
-/// Two folders with the same files: `qemu` for qemu-img, `qcowx` for qcowx.
-struct Twins {
-    _dir: tempfile::TempDir,
-    qemu: PathBuf,
-    qcowx: PathBuf,
-}
-
-impl Twins {
-    fn new() -> Twins {
-        let dir = tempfile::tempdir().unwrap();
-        let (qemu, qcowx) = (dir.path().join("qemu"), dir.path().join("qcowx"));
-        std::fs::create_dir(&qemu).unwrap();
-        std::fs::create_dir(&qcowx).unwrap();
-        Twins {
-            _dir: dir,
-            qemu,
-            qcowx,
-        }
-    }
-
-    fn dirs(&self) -> [&Path; 2] {
-        [&self.qemu, &self.qcowx]
-    }
-}
 
 /// In `dir`: `base.FMT` (4 MiB of 0x01, written by qemu-io) under `top.qcow2`
 /// (`top_size`, created by qemu-img) holding data, zero writes (whole and partial

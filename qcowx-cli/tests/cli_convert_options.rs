@@ -31,7 +31,7 @@ fn source(t: &Twins) {
 
 /// A raw file of `len` bytes of 0xdb in both folders.
 fn junk(t: &Twins, name: &str, len: u64) {
-    for d in [&t.qemu, &t.qcowx] {
+    for d in t.dirs() {
         std::fs::write(d.join(name), vec![0xdb; len as usize]).unwrap();
     }
 }
@@ -405,7 +405,7 @@ fn dd_copies_what_qemu_img_dd_copies() {
 /// Writes `bytes` at `offset` of `file` in both folders.
 fn poke(t: &Twins, file: &str, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
-    for d in [&t.qemu, &t.qcowx] {
+    for d in t.dirs() {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(d.join(file))
@@ -427,7 +427,7 @@ fn salvage_copies_what_cannot_be_read_as_zeros_as_qemu_img_does() {
     // Compressed clusters (64 KiB each, one byte value per cluster), one of whose
     // data is then destroyed: it cannot be inflated.
     let pattern: Vec<u8> = (0..64u8).flat_map(|c| vec![c + 1; 65536]).collect();
-    for d in [&t.qemu, &t.qcowx] {
+    for d in t.dirs() {
         std::fs::write(d.join("pattern.raw"), &pattern).unwrap();
     }
     t.prepare(&[

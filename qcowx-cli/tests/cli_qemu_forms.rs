@@ -153,7 +153,7 @@ fn image_commands_with_dash_f_qcow2_behave_as_qemu_img() {
 fn snapshot_list_create_apply_delete_behave_as_qemu_img() {
     let t = Twins::new();
     t.both(&["create", "-f", "qcow2", "s.qcow2", "4M"], Some(0));
-    for d in [&t.qemu, &t.qcowx] {
+    for d in t.dirs() {
         let out = run(
             "qemu-io",
             &["-f", "qcow2", "-c", "write -P 1 0 64k", "s.qcow2"],
@@ -174,7 +174,7 @@ fn snapshot_list_create_apply_delete_behave_as_qemu_img() {
     // Apply: the image reads as it did at the snapshot.
     let at_snapshot = t.contents("s.qcow2");
     assert!(at_snapshot.0 == at_snapshot.1);
-    for d in [&t.qemu, &t.qcowx] {
+    for d in t.dirs() {
         let out = run(
             "qemu-io",
             &["-f", "qcow2", "-c", "write -P 2 0 8k", "s.qcow2"],
@@ -216,7 +216,7 @@ fn convert_takes_qemu_img_output_options_and_progress() {
         ],
         Some(0),
     );
-    for d in [&t.qemu, &t.qcowx] {
+    for d in t.dirs() {
         let out = run(
             "qemu-io",
             &["-f", "qcow2", "-c", "write -P 7 1M 200k", "src.qcow2"],

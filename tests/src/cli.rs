@@ -293,16 +293,23 @@ impl Twins {
         (info(&self.qemu), info(&self.qcowx))
     }
 
+    /// Both folders: qemu-img's, then qcowx's.
+    pub fn dirs(&self) -> [&Path; 2] {
+        [&self.qemu, &self.qcowx]
+    }
+
     /// Runs `qemu-img ARGS` in both folders (to make the same files in each).
     pub fn prepare(&self, args: &[&str]) {
-        qemu_ok(&self.qemu, args);
-        qemu_ok(&self.qcowx, args);
+        for d in self.dirs() {
+            qemu_ok(d, args);
+        }
     }
 
     /// Runs `qemu-io -f FMT -c CMD... FILE` in both folders.
     pub fn prepare_io(&self, fmt: &str, file: &str, cmds: &[&str]) {
-        qemu_io(&self.qemu, fmt, file, cmds);
-        qemu_io(&self.qcowx, fmt, file, cmds);
+        for d in self.dirs() {
+            qemu_io(d, fmt, file, cmds);
+        }
     }
 
     /// The bytes of `file` in both folders.

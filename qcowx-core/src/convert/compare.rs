@@ -113,33 +113,12 @@ fn tail_start(c: &dyn Content, size: u64) -> Result<u64> {
     Ok(run_start)
 }
 
-/// The first offset in `[start, end)` where `ea` and `eb` (each tiling the window,
-/// sorted) give a different strict class; `tails` are the disks' [`tail_start`]s.
-fn first_status_diff(
-    ea: &[Extent],
-    eb: &[Extent],
-    tails: (u64, u64),
-    start: u64,
-    end: u64,
-) -> Option<u64> {
-    let class_at = |ext: &[Extent], tail: u64, at: u64| -> Option<StrictClass> {
-        ext.iter()
-            .find(|e| e.offset <= at && at < e.offset + e.length)
-            .map(|e| (e.status, e.host_offset.is_some(), at >= tail))
-    };
-    let mut bounds = vec![start];
-    cuts(ea, start, end, &mut bounds);
-    cuts(eb, start, end, &mut bounds);
-    for t in [tails.0, tails.1] {
-        if t > start && t < end {
-            bounds.push(t);
-        }
-    }
-    bounds.sort_unstable();
-    bounds.dedup();
-    bounds
-        .into_iter()
-        .find(|&at| class_at(ea, tails.0, at) != class_at(eb, tails.1, at))
+/// The strict class of `ext` (sorted, tiling the window) at `at`, on a disk whose
+/// [`tail_start`] is `tail`; `None` past the disk's end.
+fn class_at(ext: &[Extent], tail: u64, at: u64) -> Option<StrictClass> {
+    ext.iter()
+        .find(|e| e.offset <= at && at < e.offset + e.length)
+        .map(|e| (e.status, e.host_offset.is_some(), at >= tail))
 }
 
 /// Whether `ext` (sorted, tiling the window) says data anywhere in `[start, end)`.
@@ -238,8 +217,10 @@ pub fn compare(
             let data_a = in_a && data_at(&ea, start, end);
             let data_b = in_b && data_at(&eb, start, end);
             if opts.strict {
-                if let Some(at) = first_status_diff(&ea, &eb, tails, start, end) {
-                    report.mismatch = Some(Mismatch::Status(at));
+                // The pieces are cut at every extent boundary and at both tails, so
+                // each side has one class across the piece.
+                if class_at(&ea, tails.0, start) != class_at(&eb, tails.1, start) {
+                    report.mismatch = Some(Mismatch::Status(start));
                     progress(total, total);
                     return Ok(report);
                 }
