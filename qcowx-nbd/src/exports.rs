@@ -7,6 +7,7 @@
 //! while the server runs show up. The empty name `""` is the default export.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use qcowx_core::{Disk, Image, RootInfo, RootKind};
@@ -93,6 +94,9 @@ pub struct Export {
     pub writable: bool,
     /// The image's cluster size (the preferred block size).
     pub cluster_size: u64,
+    /// Connections of this server in their transmission phase (shared by every
+    /// export of the image; counted by [`crate::transmission::serve`]).
+    pub(crate) serving: Arc<AtomicUsize>,
 }
 
 /// The exports of one image.
@@ -103,6 +107,8 @@ pub struct Exports {
     read_only: bool,
     /// Persistent bitmaps exported as `qemu:dirty-bitmap:NAME` (`-B`).
     bitmaps: Vec<String>,
+    /// Connections in their transmission phase, over all exports.
+    serving: Arc<AtomicUsize>,
 }
 
 impl Exports {
@@ -114,6 +120,7 @@ impl Exports {
             plan,
             read_only,
             bitmaps: Vec::new(),
+            serving: Arc::new(AtomicUsize::new(0)),
         };
         if let ExportPlan::Fixed(specs) = &exports.plan {
             if specs.is_empty() {
@@ -297,6 +304,7 @@ impl Exports {
             size,
             writable,
             cluster_size: self.image.cluster_size(),
+            serving: Arc::clone(&self.serving),
         })
     }
 }

@@ -314,7 +314,7 @@ fn match_contexts(queries: &[String], list: bool, available: &[MetaContext]) -> 
 #[derive(Debug)]
 pub enum Outcome {
     /// Transmission begins.
-    Transmission(Negotiated),
+    Transmission(Box<Negotiated>),
     /// The client aborted (or left cleanly).
     Closed,
     /// `STARTTLS` was acknowledged: the TLS handshake comes next, then [`haggle`]
@@ -335,7 +335,7 @@ pub fn negotiate<S: Read + Write>(
 ) -> Result<Option<Negotiated>> {
     let no_zeroes = greet(s)?;
     match haggle(s, ctx, no_zeroes, false, deadline, timeout)? {
-        Outcome::Transmission(n) => Ok(Some(n)),
+        Outcome::Transmission(n) => Ok(Some(*n)),
         Outcome::Closed => Ok(None),
         Outcome::StartTls => Err(Error::Protocol(
             "STARTTLS needs a TLS-capable connection handler".into(),
@@ -591,12 +591,12 @@ fn transmission(
         Some((name, c)) if *name == export.info.name => c.clone(),
         _ => Vec::new(),
     };
-    Outcome::Transmission(Negotiated {
+    Outcome::Transmission(Box::new(Negotiated {
         export,
         flags,
         structured,
         contexts,
-    })
+    }))
 }
 
 fn unknown_export_message(exports: &Exports, name: &str) -> String {

@@ -8,7 +8,7 @@ use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use super::input::Input;
-use super::reply::{ReplyBuf, REPLY_BATCH, REPLY_EVERY};
+use super::reply::{gathers_whole_input, ReplyBuf, REPLY_BATCH, REPLY_EVERY};
 use super::{Conn, Request};
 use crate::error::{Error, Result};
 use crate::socket::{ReplyWriter, RequestStream};
@@ -45,6 +45,8 @@ impl<W: ReplyWriter> Conn<'_, W> {
     ) -> Result<()> {
         let max = self.settings.max_block_size;
         let mut gathered = 0usize;
+        // Replies gathered before a write: REPLY_EVERY, or all while every core is busy.
+        let mut every = REPLY_EVERY;
         loop {
             if self.dead.load(Ordering::SeqCst) {
                 return Ok(());
@@ -106,13 +108,18 @@ impl<W: ReplyWriter> Conn<'_, W> {
                 }
                 if out.is_empty() {
                     gathered = 0;
+                    every = if gathers_whole_input(self.serving.load(Ordering::Relaxed)) {
+                        usize::MAX
+                    } else {
+                        REPLY_EVERY
+                    };
                 }
                 let t0 = Instant::now();
                 self.handle(&req, input.peek(len), out);
                 self.note_small(t0.elapsed());
                 input.consume(len);
                 gathered += 1;
-                if out.len() >= REPLY_BATCH || gathered >= REPLY_EVERY {
+                if out.len() >= REPLY_BATCH || gathered >= every {
                     self.send(out);
                 }
                 continue;

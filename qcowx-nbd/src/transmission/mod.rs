@@ -5,7 +5,10 @@
 //! the reader thread while such requests are fast — page-cache hits take a few
 //! microseconds, less than handing a request to another thread costs — and their
 //! replies are gathered and sent together: one `write` for every [`REPLY_EVERY`]
-//! requests, or for what the last socket read brought in if that is fewer. When they
+//! requests, or for what the last socket read brought in if that is fewer — or, while
+//! the server has at least as many connections in transmission as the process has
+//! cores ([`gathers_whole_input`]), only for what the last socket read brought in.
+//! When they
 //! turn slow (a smoothed service time above
 //! [`INLINE_LIMIT`]: the disk is being read), they go to the worker pool like every
 //! other request until they are fast again, so one connection keeps several disk
@@ -87,7 +90,7 @@ mod reply;
 mod validate;
 mod workers;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::thread;
@@ -105,7 +108,7 @@ pub use block_status::{
 pub use dispatch::{INLINE_MAX, MAX_SKIPPED_WRITE};
 pub use input::PAYLOAD_SPIN;
 pub use lend::LEND_WAIT;
-pub use reply::REPLY_EVERY;
+pub use reply::{gathers_whole_input, REPLY_EVERY};
 
 use input::Input;
 use workers::Budget;
@@ -142,6 +145,8 @@ struct Conn<'a, W> {
     dead: AtomicBool,
     /// Set once anything was written.
     wrote: AtomicBool,
+    /// Connections of this server in their transmission phase, this one included.
+    serving: &'a AtomicUsize,
     /// Called once when the connection must end at once (unblocks the reader).
     kill: &'a (dyn Fn() + Sync),
     label: &'a str,
@@ -161,6 +166,7 @@ pub fn serve<R: RequestStream, W: ReplyWriter>(
     kill: &(dyn Fn() + Sync),
     label: &str,
 ) -> Result<()> {
+    let _serving = Serving::enter(&negotiated.export.serving);
     let conn = Conn {
         export: &negotiated.export,
         structured: negotiated.structured,
@@ -172,6 +178,7 @@ pub fn serve<R: RequestStream, W: ReplyWriter>(
         small_ns: AtomicU64::new(0),
         dead: AtomicBool::new(false),
         wrote: AtomicBool::new(false),
+        serving: &negotiated.export.serving,
         kill,
         label,
     };
@@ -191,6 +198,23 @@ pub fn serve<R: RequestStream, W: ReplyWriter>(
         }
     }
     result
+}
+
+/// One connection counted in its server's connections in transmission for as long
+/// as this lives.
+struct Serving<'a>(&'a AtomicUsize);
+
+impl<'a> Serving<'a> {
+    fn enter(count: &'a AtomicUsize) -> Serving<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Serving(count)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -340,6 +364,46 @@ mod tests {
         };
         serve(&input[..], &mut writes, &n, &settings, &|| {}, "test").expect("serve");
         // Simple replies, 16 bytes each, REPLY_EVERY to a write.
+        assert_eq!(writes.0, vec![16 * REPLY_EVERY; 4], "{:?}", writes.0);
+        let mut back = vec![0u8; 4096];
+        n.export
+            .disk
+            .read_at(&mut back, (count - 1) * 4096)
+            .expect("read back");
+        assert!(back.iter().all(|&b| b == (count - 1) as u8));
+    }
+
+    /// While the server has a connection in transmission for every core (and at
+    /// least two), the replies of all the requests one socket read brought in go out
+    /// in one write; with this connection alone again, every REPLY_EVERY.
+    #[test]
+    fn replies_gather_for_the_whole_input_while_every_core_has_a_connection() {
+        let n = memory_export(4 << 20);
+        let mut input = Vec::new();
+        let count = 4 * REPLY_EVERY as u64;
+        for i in 0..count {
+            request(&mut input, CMD_WRITE, i, i * 4096, 4096);
+            input.resize(input.len() + 4096, i as u8);
+        }
+        let settings = Settings {
+            inline_limit: Duration::from_secs(3600),
+            ..Settings::default()
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        // The other connections: with this one, as many as the cores, at least two.
+        let others = cores.max(2) - 1;
+        n.export.serving.fetch_add(others, Ordering::Relaxed);
+        let mut writes = Writes::default();
+        serve(&input[..], &mut writes, &n, &settings, &|| {}, "test").expect("serve");
+        assert_eq!(writes.0, vec![16 * count as usize], "{:?}", writes.0);
+        assert_eq!(
+            n.export.serving.load(Ordering::Relaxed),
+            others,
+            "this one left"
+        );
+        n.export.serving.fetch_sub(others, Ordering::Relaxed);
+        let mut writes = Writes::default();
+        serve(&input[..], &mut writes, &n, &settings, &|| {}, "test").expect("serve");
         assert_eq!(writes.0, vec![16 * REPLY_EVERY; 4], "{:?}", writes.0);
         let mut back = vec![0u8; 4096];
         n.export
