@@ -108,6 +108,20 @@ fn structured_reads_send_holes_data_and_errors() {
     assert_eq!(be_u64(&ch[1].1), 65536);
     assert!(ch[1].1[8..].iter().all(|&b| b == 0x5a));
     assert_eq!((be_u64(&ch[2].1), be_u32(&ch[2].1[8..])), (131072, 65536));
+    // A small read (run by the connection's reader) across a hole and data, and one
+    // inside the hole.
+    c.request(0, CMD_READ, 11, 61440, 8192, &[]);
+    let ch = c.chunks(11);
+    let kinds: Vec<u16> = ch.iter().map(|x| x.0).collect();
+    assert_eq!(kinds, vec![REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_OFFSET_DATA]);
+    assert_eq!((be_u64(&ch[0].1), be_u32(&ch[0].1[8..])), (61440, 4096));
+    assert_eq!((be_u64(&ch[1].1), ch[1].1.len()), (65536, 8 + 4096));
+    assert!(ch[1].1[8..].iter().all(|&b| b == 0x5a));
+    c.request(0, CMD_READ, 12, 4096, 4096, &[]);
+    let ch = c.chunks(12);
+    assert_eq!(ch.len(), 1);
+    assert_eq!(ch[0].0, REPLY_TYPE_OFFSET_HOLE);
+    assert_eq!((be_u64(&ch[0].1), be_u32(&ch[0].1[8..])), (4096, 4096));
     // DF: one data chunk with the zeros in it.
     c.request(CMD_FLAG_DF, CMD_READ, 2, 0, 196608, &[]);
     let ch = c.chunks(2);

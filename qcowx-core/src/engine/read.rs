@@ -7,6 +7,7 @@ use crate::format::addr::{GuestOffset, HostOffset};
 use crate::format::compress::decompress_cluster;
 use crate::format::tables::{for_each_piece, ClusterKind, Source};
 use crate::storage::{self, Storage};
+use crate::ExtentStatus;
 
 use super::image::*;
 
@@ -269,6 +270,56 @@ impl Image {
             (pieces, self.gate_read())
         };
         self.read_pieces(&pieces, offset, buf)
+    }
+
+    /// Reads as [`Image::read_root`] does, from one look at the tables, and calls
+    /// `hole(offset, len)` for the parts that read as zeros with no data behind them
+    /// (the `Zero` and `Unallocated` extents of a block status from the tables,
+    /// [`crate::Disk::block_status_from_tables`]), in order and merged. A backing
+    /// file's part is asked for its status only where this file leaves the range to
+    /// it.
+    pub(crate) fn read_root_sparse(
+        &self,
+        root: RootId,
+        buf: &mut [u8],
+        offset: u64,
+        mut hole: impl FnMut(u64, u64),
+    ) -> Result<()> {
+        let len = buf.len() as u64;
+        let (pieces, _gate) = {
+            let mut st = self.lock_state()?;
+            self.check_range(&st, root, offset, len)?;
+            let pieces = self.plan(&mut st, root, offset, len)?;
+            (pieces, self.gate_read())
+        };
+        self.read_pieces(&pieces, offset, buf)?;
+        // The holes, merged across pieces: (start, end) of the one being gathered.
+        let mut open: Option<(u64, u64)> = None;
+        let mut add = |start: u64, n: u64| match open {
+            Some((s, e)) if e == start => open = Some((s, e + n)),
+            Some((s, e)) => {
+                hole(s, e - s);
+                open = Some((start, start + n));
+            }
+            None => open = Some((start, start + n)),
+        };
+        for p in &pieces {
+            match (p.src, &self.backing) {
+                (Source::Zero, _) | (Source::Backing, None) => add(p.guest, p.len),
+                (Source::Backing, Some(b)) => {
+                    for e in b.layer_status(p.guest, p.len)? {
+                        if e.status != ExtentStatus::Data {
+                            add(e.offset, e.length);
+                        }
+                    }
+                }
+                (Source::Host(_) | Source::Compressed { .. }, _) => {}
+            }
+        }
+        if let Some((s, e)) = open {
+            hole(s, e - s);
+        }
+        Ok(())
     }
 
     /// Reads `len` bytes of the disk at `offset` without copying them: `f` gets them,

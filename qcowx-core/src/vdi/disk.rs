@@ -122,6 +122,37 @@ impl Disk {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.image.read_root(self.root, buf, offset)
     }
+    /// Reads `buf.len()` bytes at `offset`, as [`Disk::read_at`], and calls
+    /// `hole(offset, len)` for each part that reads as zeros with no data behind it,
+    /// in order and merged: what [`Disk::block_status_from_tables`] would call `Zero`
+    /// or `Unallocated`, found by the same look at the tables that finds the data
+    /// (one pass where a read and a block status take two). For readers that skip
+    /// holes, such as a server's sparse read replies.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::sync::Arc;
+    /// use qcowx_core::{CreateOptions, Image, DEFAULT_VDI};
+    /// let img = Arc::new(Image::create(dir.path().join("a.qcow2"), &CreateOptions::new(1 << 20))?);
+    /// img.write_at(&[5; 4096], 65536)?;
+    /// let disk = img.open_root(DEFAULT_VDI)?;
+    /// let mut buf = vec![0xff; 3 * 65536];
+    /// let mut holes = Vec::new();
+    /// disk.read_sparse(&mut buf, 0, |o, l| holes.push((o, l)))?;
+    /// assert_eq!(holes, [(0, 65536), (131072, 65536)]);
+    /// assert!(buf[65536..69632].iter().all(|&b| b == 5));
+    /// assert!(buf[..65536].iter().all(|&b| b == 0));
+    /// # Ok(()) }
+    /// ```
+    pub fn read_sparse(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        hole: impl FnMut(u64, u64),
+    ) -> Result<()> {
+        self.image.read_root_sparse(self.root, buf, offset, hole)
+    }
     /// A hint that `[offset, offset+len)` will be read soon (see [`Image::prefetch`]).
     ///
     /// ```

@@ -75,6 +75,20 @@ pub(super) fn read_runs(extents: &[Extent], offset: u64, len: u64) -> Vec<(u64, 
     let pieces = extents
         .iter()
         .map(|e| (e.offset, e.length, e.status == ExtentStatus::Data));
+    runs(offset, len, pieces)
+}
+
+/// The same from the holes of the range (`(offset, length)`, in order): the rest is
+/// data.
+pub(super) fn hole_runs(holes: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    runs(offset, len, holes.iter().map(|&(o, l)| (o, l, false)))
+}
+
+fn runs(
+    offset: u64,
+    len: u64,
+    pieces: impl IntoIterator<Item = (u64, u64, bool)>,
+) -> Vec<(u64, u64, bool)> {
     let mut at = offset;
     cover(offset, len, pieces, true)
         .into_iter()
@@ -219,6 +233,22 @@ mod tests {
         );
         // Nothing described: one data run.
         assert_eq!(read_runs(&[], 5, 10), vec![(5, 10, true)]);
+    }
+
+    #[test]
+    fn hole_runs_fill_the_rest_with_data() {
+        let r = hole_runs(&[(0, 100), (300, 50)], 50, 400);
+        assert_eq!(
+            r,
+            vec![
+                (50, 50, false),
+                (100, 200, true),
+                (300, 50, false),
+                (350, 100, true)
+            ]
+        );
+        assert_eq!(hole_runs(&[], 5, 10), vec![(5, 10, true)]);
+        assert_eq!(hole_runs(&[(0, 4096)], 0, 4096), vec![(0, 4096, false)]);
     }
 
     #[test]

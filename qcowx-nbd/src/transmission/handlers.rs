@@ -7,7 +7,7 @@ use qcowx_core::ExtentStatus;
 use zerocopy::IntoBytes;
 
 use super::block_status::{
-    align_descriptors, descriptors, dirty_descriptors, read_runs, status_query_limit,
+    align_descriptors, descriptors, dirty_descriptors, hole_runs, read_runs, status_query_limit,
     MAX_DESCRIPTORS, MAX_STATUS_QUERY,
 };
 use super::reply::ReplyBuf;
@@ -140,8 +140,47 @@ impl<W: ReplyWriter> Conn<'_, W> {
         })
     }
 
+    /// A read run here (small, or not lent from the mapping): one look at the tables
+    /// finds the data and the holes ([`qcowx_core::Disk::read_sparse`]). The data goes
+    /// straight into `out` behind the header of a single data run; only a read with
+    /// holes in it is laid out again as data and hole chunks.
     pub(super) fn read(&self, req: &Request, out: &mut ReplyBuf) {
-        self.read_into(req, &self.read_runs(req), out);
+        let (off, len) = (req.offset, u64::from(req.length));
+        if !self.sparse(req) {
+            return self.read_into(req, &[(off, len, true)], out);
+        }
+        let at = out.len();
+        self.read_header(out, req, true, off, len, true);
+        let head = out.len() - at;
+        let mut holes = Vec::new();
+        let data = out.grow(len as usize);
+        if let Err(e) = self
+            .export
+            .disk
+            .read_sparse(data, off, |o, l| holes.push((o, l)))
+        {
+            return self.read_failed(out, req, at, off, len, &e);
+        }
+        if holes.is_empty() {
+            return;
+        }
+        let data = out.bytes()[at + head..].to_vec();
+        out.truncate(at);
+        let runs = hole_runs(&holes, off, len);
+        let n = runs.len();
+        for (i, &(o, l, is_data)) in runs.iter().enumerate() {
+            self.read_header(out, req, i + 1 == n, o, l, is_data);
+            if is_data {
+                let from = (o - off) as usize;
+                out.extend(&data[from..from + l as usize]);
+            }
+        }
+    }
+
+    /// Whether a read reply may leave holes out: structured replies, no
+    /// `NBD_CMD_FLAG_DF`, and something to read.
+    fn sparse(&self, req: &Request) -> bool {
+        self.structured && req.length > 0 && req.flags & CMD_FLAG_DF == 0
     }
 
     /// The reply to read `req`, made of `runs` (see [`Conn::read_runs`]), read with
@@ -164,7 +203,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
     /// as block status finds them (one zero-length data run for an empty read).
     pub(super) fn read_runs(&self, req: &Request) -> Vec<(u64, u64, bool)> {
         let whole = vec![(req.offset, u64::from(req.length), true)];
-        if !self.structured || req.length == 0 || req.flags & CMD_FLAG_DF != 0 {
+        if !self.sparse(req) {
             return whole;
         }
         // From the tables alone: no lseek (and no wait on writes) per read.
