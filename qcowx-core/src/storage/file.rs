@@ -14,6 +14,7 @@ use thiserror::Error;
 use lock::{LockError, LockMode};
 
 use super::small_writes::{SplitRegions, SMALL_WRITE};
+use super::write_zeros;
 use super::*;
 
 /// How [`FileStorage::open`] opens an image file.
@@ -315,7 +316,6 @@ impl FileStorage {
         self.lock
     }
 
-    /// Zero-fills `[offset, end)` with ordinary writes, in bounded chunks.
     /// The mapping a small write splits folios through (see `small_writes`): the
     /// current one if it reaches `end`, a new one only if there is none yet. Past
     /// the end of the mapping the file grew since it was mapped, written by this
@@ -328,19 +328,6 @@ impl FileStorage {
             Some(map) => (map.len() as u64 >= end).then_some(map),
             None => self.mapping(end),
         }
-    }
-
-    pub(super) fn write_zeros(&self, offset: u64, end: u64) -> io::Result<()> {
-        let total = end - offset;
-        let chunk_len = usize::try_from(total).map_or(ZERO_CHUNK, |t| t.min(ZERO_CHUNK));
-        let zeros = vec![0u8; chunk_len];
-        let mut pos = offset;
-        while pos < end {
-            let n = usize::try_from(end - pos).map_or(chunk_len, |r| r.min(chunk_len));
-            self.file.write_all_at(&zeros[..n], pos)?;
-            pos += n as u64;
-        }
-        Ok(())
     }
 }
 
@@ -486,7 +473,7 @@ impl Storage for FileStorage {
         }
         match sys::punch_hole(&self.file, offset, end - offset) {
             Ok(()) => Ok(()),
-            Err(e) if sys::is_unsupported(&e) => self.write_zeros(offset, end),
+            Err(e) if sys::is_unsupported(&e) => write_zeros(self, offset, end - offset),
             Err(e) => Err(e),
         }
     }
@@ -503,10 +490,10 @@ impl Storage for FileStorage {
         Some(self.file.metadata().ok()?.blocks() * 512)
     }
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = range_end(offset, len)?;
+        range_end(offset, len)?;
         match sys::allocate(&self.file, offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if sys::is_unsupported(&e) => self.write_zeros(offset, end),
+            Err(e) if sys::is_unsupported(&e) => write_zeros(self, offset, len),
             Err(e) => Err(e),
         }
     }
