@@ -24,6 +24,7 @@ pub use file::{FileStorage, OpenError, OpenMode, MAP_RELEASE_BYTES};
 pub use holes::data_runs;
 pub use mapping::{copy_mapped, resident};
 pub use mem::MemStorage;
+pub use small_writes::take_split_time;
 #[cfg(any(test, feature = "testing"))]
 pub use watched::{Access, Watched};
 

@@ -28,8 +28,10 @@
 //! a shared mapping makes the whole folio dirty (`block_page_mkwrite`), so a flush
 //! would write back up to 2 MiB per 4 KiB written.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 use memmap2::Mmap;
 
@@ -44,6 +46,35 @@ pub(super) const SMALL_WRITE: usize = 64 << 10;
 /// 128 KiB folios on Linux 6.18's ext4, a file read back sequentially in folios
 /// growing to 2 MiB.)
 pub(super) const REGION: u64 = 128 << 10;
+
+thread_local! {
+    /// Nanoseconds this thread spent splitting folios since [`take_split_time`].
+    static SPLIT_NS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The time the calling thread spent splitting page-cache folios before small writes
+/// (see the module's documentation) since it last asked, and starts counting again.
+/// The split is a one-off cost per stretch of the file, paid inside the first small
+/// write there, and CPU work, not a wait for the disk: a caller that times its writes
+/// to tell page-cache speed from disk speed (the NBD server's choice of running small
+/// requests on its reading thread) leaves it out.
+///
+/// ```
+/// use qcowx_core::storage::{take_split_time, FileStorage, Storage};
+/// use qcowx_core::LockMode;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let f = FileStorage::create(dir.path().join("a.img"), LockMode::Exclusive).unwrap();
+/// f.write_at(&[1; 1 << 20], 0).unwrap();
+/// let _ = take_split_time();
+/// f.write_at(&[2; 4096], 4096).unwrap(); // the first small write into its stretch
+/// let spent = take_split_time();
+/// assert!(spent < std::time::Duration::from_secs(1));
+/// assert_eq!(take_split_time(), std::time::Duration::ZERO, "counted once");
+/// ```
+pub fn take_split_time() -> Duration {
+    Duration::from_nanos(SPLIT_NS.with(|c| c.replace(0)))
+}
 
 /// The stretches of one file already split (one bit each), grown as writes reach
 /// further into the file: 1 MiB for every TiB of file.
@@ -100,9 +131,12 @@ impl SplitRegions {
             let ws = offset.max(rs);
             let ws = ws - ws % page;
             let we = end.min(re).next_multiple_of(page).min(re);
+            let t0 = Instant::now();
             if ws < we && super::resident(map, ws as usize, (we - ws) as usize) {
                 sys::split(map, ws as usize, (we - ws) as usize);
             }
+            let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            SPLIT_NS.with(|c| c.set(c.get().saturating_add(ns)));
             self.mark(r);
         }
     }

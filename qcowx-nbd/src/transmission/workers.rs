@@ -101,7 +101,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
             let t0 = Instant::now();
             self.handle(&req, payload.as_deref().unwrap_or_default(), &mut out);
             if small {
-                self.note_small(t0.elapsed());
+                self.note_small(t0);
             }
             if let Some(buf) = payload {
                 self.return_buffer(buf);
