@@ -183,6 +183,12 @@ impl Storage for DeferredSync {
     fn will_need(&self, offset: u64, len: u64) {
         self.file.will_need(offset, len)
     }
+    fn mapping(&self, end: u64) -> Option<Arc<Mmap>> {
+        self.file.mapping(end)
+    }
+    fn mapped_read(&self, offset: u64, len: u64) {
+        self.file.mapped_read(offset, len)
+    }
     // Writes go straight to the file (only the syncs wait), so the file answers.
     fn data_runs(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
         self.file.data_runs(offset, len)

@@ -461,7 +461,9 @@ mod tests {
     }
 
     /// A wrapper (an `Arc`, `DeferredSync`, `Watched`) answers what the file it
-    /// wraps answers: where data lies, how much is stored, and reservations.
+    /// wraps answers: where data lies, how much is stored, reservations, and its
+    /// mapping (which lent reads use; not through `Watched`, whose hook sees every
+    /// read).
     #[test]
     fn wrappers_ask_the_file_about_holes_and_space() {
         let dir = tempfile::tempdir().unwrap();
@@ -487,6 +489,12 @@ mod tests {
             ("watched", &watched),
         ] {
             assert_eq!(s.data_runs(0, 4 << 20).as_ref(), Some(&runs), "{name}");
+            match (name, s.mapping(4 << 20)) {
+                // Bytes lent from a mapping would pass its hook by.
+                ("watched", map) => assert!(map.is_none(), "watched maps"),
+                (_, Some(map)) => assert_eq!(map[(1 << 20) + 100], 1, "{name}"),
+                (_, None) => panic!("{name}: no mapping"),
+            }
             assert_eq!(s.allocated_bytes(), Some(used), "{name}");
             s.allocate(2 << 20, 1 << 20).unwrap();
             assert!(s.allocated_bytes().unwrap() >= used + (1 << 20), "{name}");
