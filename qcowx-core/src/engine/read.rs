@@ -1,6 +1,7 @@
 //! Reads: a request is planned into pieces (data, zeros, backing, compressed) under the state lock, then read outside it.
 
 use std::io::IoSlice;
+use std::sync::RwLockReadGuard;
 
 use crate::error::{Error, Result};
 use crate::format::addr::{GuestOffset, HostOffset};
@@ -261,14 +262,24 @@ impl Image {
         self.prefetch_root(DEFAULT_ROOT, offset, len)
     }
 
+    /// The pieces of a read of `[offset, offset+len)` of `root`, planned under the
+    /// state lock, and the I/O gate that keeps their clusters from being freed until
+    /// the caller has read them (taken before the state lock is let go).
+    fn plan_read(
+        &self,
+        root: RootId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Vec<Piece>, RwLockReadGuard<'_, ()>)> {
+        let mut st = self.lock_state()?;
+        self.check_range(&st, root, offset, len)?;
+        let pieces = self.plan(&mut st, root, offset, len)?;
+        Ok((pieces, self.gate_read()))
+    }
+
     pub(crate) fn read_root(&self, root: RootId, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
-        let (pieces, _gate) = {
-            let mut st = self.lock_state()?;
-            self.check_range(&st, root, offset, len)?;
-            let pieces = self.plan(&mut st, root, offset, len)?;
-            (pieces, self.gate_read())
-        };
+        let (pieces, _gate) = self.plan_read(root, offset, len)?;
         self.read_pieces(&pieces, offset, buf)
     }
 
@@ -286,12 +297,7 @@ impl Image {
         mut hole: impl FnMut(u64, u64),
     ) -> Result<()> {
         let len = buf.len() as u64;
-        let (pieces, _gate) = {
-            let mut st = self.lock_state()?;
-            self.check_range(&st, root, offset, len)?;
-            let pieces = self.plan(&mut st, root, offset, len)?;
-            (pieces, self.gate_read())
-        };
+        let (pieces, _gate) = self.plan_read(root, offset, len)?;
         self.read_pieces(&pieces, offset, buf)?;
         // The holes, merged across pieces: (start, end) of the one being gathered.
         let mut open: Option<(u64, u64)> = None;
@@ -374,12 +380,7 @@ impl Image {
         len: u64,
         f: impl FnOnce(&[IoSlice<'_>]) -> R,
     ) -> Result<Option<R>> {
-        let (pieces, _gate) = {
-            let mut st = self.lock_state()?;
-            self.check_range(&st, root, offset, len)?;
-            let pieces = self.plan(&mut st, root, offset, len)?;
-            (pieces, self.gate_read())
-        };
+        let (pieces, _gate) = self.plan_read(root, offset, len)?;
         let mut end = 0u64;
         for p in &pieces {
             match p.src {
