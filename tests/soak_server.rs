@@ -37,7 +37,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::ChildStdin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -82,7 +82,7 @@ const BATCH_WAIT: Duration = Duration::from_secs(120);
 /// does not evict would cross it.
 const RSS_BOUND_MIB: u64 = 256;
 
-// ---- ranges and counts -------------------------------------------------------------------
+// ---- ranges ------------------------------------------------------------------------------
 
 /// A random range of a region: cluster-aligned, 4 KiB-aligned or anywhere.
 fn random_range(rng: &mut Rng) -> (u64, u64) {
@@ -101,39 +101,6 @@ fn random_range(rng: &mut Rng) -> (u64, u64) {
         }
     };
     (off, len.min(REGION - off))
-}
-
-/// Requests by kind, over all clients.
-#[derive(Debug, Default)]
-struct Counts {
-    writes: AtomicU64,
-    zeroes: AtomicU64,
-    trims: AtomicU64,
-    reads: AtomicU64,
-    flushes: AtomicU64,
-    caches: AtomicU64,
-    qemu_io_runs: AtomicU64,
-    libnbd_batches: AtomicU64,
-}
-
-impl Counts {
-    fn total(&self) -> u64 {
-        [
-            &self.writes,
-            &self.zeroes,
-            &self.trims,
-            &self.reads,
-            &self.flushes,
-            &self.caches,
-        ]
-        .iter()
-        .map(|c| c.load(Ordering::Relaxed))
-        .sum()
-    }
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 // ---- the plans of the two kinds of clients --------------------------------------------------
@@ -344,17 +311,6 @@ struct Snap {
     regions: Regions,
 }
 
-/// Sets `stop` when the thread holding it panics, so the others end early.
-struct StopOnPanic(Arc<AtomicBool>);
-
-impl Drop for StopOnPanic {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
 struct Shared {
     image: PathBuf,
     dir: PathBuf,
@@ -369,58 +325,6 @@ impl Shared {
     fn running(&self) -> bool {
         !self.stop.load(Ordering::SeqCst) && Instant::now() < self.deadline
     }
-}
-
-fn assert_bytes_eq(what: &str, got: &[u8], want: &[u8], base: u64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
-        let end = (at + 16).min(got.len());
-        panic!(
-            "{what}: guest byte {:#x} differs: got {:02x?}, want {:02x?}",
-            base + at as u64,
-            &got[at..end],
-            &want[at..end]
-        );
-    }
-}
-
-/// The content of some regions of an export: (region base, bytes).
-type Regions = Vec<(u64, Vec<u8>)>;
-
-/// Reads `(what, uri, regions)` through libnbd and compares each with its content.
-fn verify_through_nbd(checks: &[(String, String, Regions)], scratch: &Path) {
-    let reads: Vec<(String, Vec<(u64, u64)>)> = checks
-        .iter()
-        .map(|(_, uri, regions)| {
-            (
-                uri.clone(),
-                regions.iter().map(|(b, c)| (*b, c.len() as u64)).collect(),
-            )
-        })
-        .collect();
-    let got = libnbd_read_ranges(&reads, scratch);
-    for ((what, _, regions), bytes) in checks.iter().zip(&got) {
-        let mut at = 0;
-        for (base, want) in regions {
-            assert_bytes_eq(what, &bytes[at..at + want.len()], want, *base);
-            at += want.len();
-        }
-    }
-}
-
-fn rss_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().map(|v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
-    })
 }
 
 // ---- the threads -----------------------------------------------------------------------------

@@ -1,10 +1,17 @@
 //! What the workspace's `soak_*.rs` test targets share: the libnbd client script of the
 //! soak test of `qcowx-nbd` (tests/soak_server.rs, whose doc comment describes the test)
 //! and the Rust helpers that make and check the data of its requests, which
-//! tests/soak_model.rs checks against the script. They use it as
-//! `qcowx_tests::soak_tools`.
+//! tests/soak_model.rs checks against the script; and the soak test's stand-alone
+//! helpers: the request [`Counts`], [`StopOnPanic`], the region checks
+//! ([`assert_bytes_eq`], [`verify_through_nbd`]), [`rss_kib`] and [`env_u64`]. They use
+//! it as `qcowx_tests::soak_tools`.
 
-use std::sync::OnceLock;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+
+use crate::libnbd_read_ranges;
 
 /// A libnbd client. argv: URI, window. Prints `r CAN_CACHE` once connected; then for
 /// each stdin line `plan PATH` runs the plan in PATH and prints `done`; `quit` ends it.
@@ -139,4 +146,119 @@ pub fn crc32(data: &[u8]) -> u32 {
         c = t[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
     }
     !c
+}
+
+// ---- counts --------------------------------------------------------------------------------
+
+/// Requests by kind, over all clients.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Writes.
+    pub writes: AtomicU64,
+    /// Zero writes.
+    pub zeroes: AtomicU64,
+    /// Trims (discards).
+    pub trims: AtomicU64,
+    /// Reads.
+    pub reads: AtomicU64,
+    /// Flushes.
+    pub flushes: AtomicU64,
+    /// `CACHE` requests.
+    pub caches: AtomicU64,
+    /// `qemu-io` runs (one per batch).
+    pub qemu_io_runs: AtomicU64,
+    /// Plans the libnbd clients ran (one per batch).
+    pub libnbd_batches: AtomicU64,
+}
+
+impl Counts {
+    /// All requests (every kind above but the runs and batches).
+    pub fn total(&self) -> u64 {
+        [
+            &self.writes,
+            &self.zeroes,
+            &self.trims,
+            &self.reads,
+            &self.flushes,
+            &self.caches,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+}
+
+/// Adds one to the count `c`.
+pub fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+// ---- threads, checks, the environment ------------------------------------------------------
+
+/// Sets `stop` when the thread holding it panics, so the others end early.
+pub struct StopOnPanic(pub Arc<AtomicBool>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Asserts that `got` equals `want` (both starting at guest offset `base`), naming the
+/// first guest byte that differs.
+pub fn assert_bytes_eq(what: &str, got: &[u8], want: &[u8], base: u64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let end = (at + 16).min(got.len());
+        panic!(
+            "{what}: guest byte {:#x} differs: got {:02x?}, want {:02x?}",
+            base + at as u64,
+            &got[at..end],
+            &want[at..end]
+        );
+    }
+}
+
+/// The content of some regions of an export: (region base, bytes).
+pub type Regions = Vec<(u64, Vec<u8>)>;
+
+/// Reads `(what, uri, regions)` through libnbd and compares each with its content.
+pub fn verify_through_nbd(checks: &[(String, String, Regions)], scratch: &Path) {
+    let reads: Vec<(String, Vec<(u64, u64)>)> = checks
+        .iter()
+        .map(|(_, uri, regions)| {
+            (
+                uri.clone(),
+                regions.iter().map(|(b, c)| (*b, c.len() as u64)).collect(),
+            )
+        })
+        .collect();
+    let got = libnbd_read_ranges(&reads, scratch);
+    for ((what, _, regions), bytes) in checks.iter().zip(&got) {
+        let mut at = 0;
+        for (base, want) in regions {
+            assert_bytes_eq(what, &bytes[at..at + want.len()], want, *base);
+            at += want.len();
+        }
+    }
+}
+
+/// The value of the line `key` (such as `VmRSS:`, in KiB) of `/proc/PID/status`, if the
+/// process and the line exist.
+pub fn rss_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The environment variable `name` as a number, if it is set; panics if it is not one.
+pub fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+    })
 }
