@@ -26,7 +26,7 @@ pub(super) const REPLY_BATCH: usize = 256 << 10;
 pub const REPLY_EVERY: usize = 8;
 
 /// Whether the replies of requests run on the reader thread are gathered for all the
-/// requests the last socket read brought in (up to [`REPLY_BATCH`] bytes), rather
+/// requests the last socket read brought in (up to 256 KiB of replies), rather
 /// than sent every [`REPLY_EVERY`]: when `serving` connections (two or more) are at
 /// least the cores this process may run on. Early replies buy parallelism only while
 /// a core is free to run the client while the reader runs the rest; when every core
