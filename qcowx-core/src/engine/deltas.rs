@@ -216,16 +216,23 @@ pub(crate) fn add_range(
     if len == 0 || d == 0 {
         return;
     }
-    let offset = offset.get();
-    let first = offset >> cluster_bits;
-    let last = (offset.saturating_add(len) - 1) >> cluster_bits;
-    for c in first..=last {
+    for c in clusters_of(cluster_bits, offset, len) {
         let v = changes.entry(c).or_insert(0);
         *v += d;
         if *v == 0 {
             changes.remove(&c);
         }
     }
+}
+
+/// The clusters covering `[offset, offset + len)` (`len` > 0).
+pub(crate) fn clusters_of(
+    cluster_bits: u32,
+    offset: HostOffset,
+    len: u64,
+) -> std::ops::RangeInclusive<u64> {
+    let offset = offset.get();
+    (offset >> cluster_bits)..=((offset.saturating_add(len) - 1) >> cluster_bits)
 }
 
 /// The host bytes an entry of kind `kind` references, if any.

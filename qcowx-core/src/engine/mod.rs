@@ -43,7 +43,7 @@ pub use open::OpenOptions;
 pub use prealloc::Preallocation;
 pub use status::{Extent, ExtentStatus, STATUS_WINDOW};
 
-pub(crate) use deltas::{add_range, host_range, RefDeltas, Released, TreeDelta};
+pub(crate) use deltas::{clusters_of, host_range, RefDeltas, Released, TreeDelta};
 pub(crate) use disk_refcounts::DiskRefcounts;
 pub(crate) use image::{Generation, IoGate, Root, State};
 pub(crate) use metadata_map::Writing;

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use crate::engine::{
-    add_range, host_range, Image, IoGate, Released, State, TableReader, TreeDelta, DEFAULT_ROOT,
+    clusters_of, host_range, Image, IoGate, Released, State, TableReader, TreeDelta, DEFAULT_ROOT,
 };
 use crate::error::{Error, Result};
 use crate::format::addr::HostOffset;
@@ -133,7 +133,8 @@ pub(crate) fn apply_at_flush(img: &Image, st: &mut State) -> Result<()> {
 /// written into the refcount blocks (walking the trees of created roots first), the
 /// released links made the default VDI's own, the table written if blocks were added.
 fn write_record(img: &Image, st: &mut State) -> std::result::Result<Blocks, Fallback> {
-    let (mut changes, trees) = st.deltas.take();
+    let (recorded, trees) = st.deltas.take();
+    let mut changes: Vec<(u64, i64)> = recorded.into_iter().collect();
     let mut blocks = Blocks::open(img, st)?;
     walk_trees(img, st, &trees, &mut changes, &mut blocks)?;
     blocks.apply(img, st, changes)?;
@@ -171,7 +172,7 @@ fn walk_trees(
     img: &Image,
     st: &mut State,
     trees: &[TreeDelta],
-    changes: &mut HashMap<u64, i64>,
+    changes: &mut Vec<(u64, i64)>,
     blocks: &mut Blocks,
 ) -> std::result::Result<(), Fallback> {
     let geo = img.geo;
@@ -189,8 +190,12 @@ fn walk_trees(
     let mut tables: Vec<(HostOffset, i64)> = links.into_iter().filter(|&(_, k)| k != 0).collect();
     tables.sort_unstable();
     let mut reader = TableReader::new(img)?;
-    let add = |changes: &mut HashMap<u64, i64>, off: HostOffset, len: u64, k: i64| {
-        add_range(changes, geo.cluster_bits, off, len, k)
+    // Pushed, not merged: a tree reaches millions of clusters, which `Blocks::apply`
+    // sorts and merges far faster than a map takes them one by one.
+    let add = |changes: &mut Vec<(u64, i64)>, off: HostOffset, len: u64, k: i64| {
+        if len > 0 {
+            changes.extend(clusters_of(geo.cluster_bits, off, len).map(|c| (c, k)));
+        }
     };
     for (off, k) in tables {
         let Some(mut words) = reader.read(off)? else {
@@ -325,7 +330,8 @@ impl Blocks {
         })
     }
 
-    /// Applies `changes` block by block, in order. A block that does not exist yet
+    /// Applies `changes` (cluster, change; a cluster may come several times: its
+    /// changes add up) block by block, in order. A block that does not exist yet
     /// is allocated (at the end of the file) and counted in a further round. Of a
     /// block that exists, only the pages holding a changed count are read and
     /// written (a few changes in a large block cost a page each, not the cluster).
@@ -333,12 +339,20 @@ impl Blocks {
         &mut self,
         img: &Image,
         st: &mut State,
-        changes: HashMap<u64, i64>,
+        mut changes: Vec<(u64, i64)>,
     ) -> std::result::Result<(), Fallback> {
         let cs = img.geo.cluster_size();
         let page = cs.min(4096);
         let per_page = (page * 8) >> self.order;
-        let mut pending: Vec<(u64, i64)> = changes.into_iter().filter(|&(_, d)| d != 0).collect();
+        changes.sort_unstable_by_key(|&(c, _)| c);
+        let mut pending: Vec<(u64, i64)> = Vec::with_capacity(changes.len());
+        for (c, d) in changes {
+            match pending.last_mut() {
+                Some(last) if last.0 == c => last.1 += d,
+                _ => pending.push((c, d)),
+            }
+        }
+        pending.retain(|&(_, d)| d != 0);
         let mut buf = vec![0u8; cs as usize];
         let base_clusters = st.deltas.base_clusters();
         while !pending.is_empty() {
