@@ -356,7 +356,6 @@ impl Blocks {
         let mut buf = vec![0u8; cs as usize];
         let base_clusters = st.deltas.base_clusters();
         while !pending.is_empty() {
-            pending.sort_unstable();
             let mut new_blocks: Vec<u64> = Vec::new();
             let mut i = 0;
             while i < pending.len() {
@@ -435,7 +434,9 @@ impl Blocks {
                 }
                 self.file_len = self.file_len.max(at + cs);
             }
+            // Counted in the next round, in order like the first.
             pending = new_blocks.iter().map(|&b| (b / cs, 1)).collect();
+            pending.sort_unstable();
         }
         Ok(())
     }
