@@ -567,50 +567,6 @@ fn iotest_080_invalid_snapshot_l1() {
 
 // ---- 261: snapshot table entries --------------------------------------------------------
 
-/// One snapshot table entry: the 40-byte fixed part, the extra data, ID and name.
-struct SnapEntry {
-    fixed: Vec<u8>,
-    extra: Vec<u8>,
-    id_name: Vec<u8>,
-}
-
-fn read_snapshot_table(c: &Case) -> (u64, Vec<SnapEntry>) {
-    let bytes = c.bytes();
-    let be = |o: usize, n: usize| {
-        bytes[o..o + n]
-            .iter()
-            .fold(0u64, |a, &b| a << 8 | u64::from(b))
-    };
-    let n = be(60, 4);
-    let start = c.snapshots_offset();
-    let mut pos = start as usize;
-    let mut entries = Vec::new();
-    for _ in 0..n {
-        let ids = (be(pos + 12, 2) + be(pos + 14, 2)) as usize;
-        let extra = be(pos + 36, 4) as usize;
-        entries.push(SnapEntry {
-            fixed: bytes[pos..pos + 40].to_vec(),
-            extra: bytes[pos + 40..pos + 40 + extra].to_vec(),
-            id_name: bytes[pos + 40 + extra..pos + 40 + extra + ids].to_vec(),
-        });
-        pos += (40 + extra + ids).div_ceil(8) * 8;
-    }
-    (start, entries)
-}
-
-fn write_snapshot_table(c: &Case, start: u64, entries: &[SnapEntry]) {
-    let mut out = Vec::new();
-    for e in entries {
-        let mut fixed = e.fixed.clone();
-        fixed[36..40].copy_from_slice(&(e.extra.len() as u32).to_be_bytes());
-        out.extend_from_slice(&fixed);
-        out.extend_from_slice(&e.extra);
-        out.extend_from_slice(&e.id_name);
-        out.resize(out.len().div_ceil(8) * 8, 0);
-    }
-    c.poke(start, &out);
-}
-
 /// 261 "repair botched v3": a v2 image whose snapshots carry no extra data, 42 bytes
 /// of it (unknown to QEMU) and 8 bytes (valid in v2), forced to version 3 without the
 /// upgrade (v3 wants 16 bytes of extra data in every entry). `qemu-img check` reports
@@ -618,19 +574,7 @@ fn write_snapshot_table(c: &Case, start: u64, entries: &[SnapEntry]) {
 #[test]
 fn iotest_261_botched_v3_snapshot_entries() {
     require_qemu_tools();
-    let c = Case::create("261-botched-v3", M64, "compat=0.10");
-    c.qemu_io(&["write -P 0x05 0 64k"]);
-    for (i, s) in ["sn0", "sn1", "sn2"].iter().enumerate() {
-        c.qemu_img(&["snapshot", "-c", s, IMAGE]);
-        c.qemu_io(&[&format!("write -P {} {}k 4k", 0x30 + i, 4 * i)]);
-    }
-    let (start, mut entries) = read_snapshot_table(&c);
-    entries[0].extra.clear();
-    entries[1].extra.resize(16, 0);
-    entries[1].extra.extend_from_slice(b"very important data");
-    entries[1].extra.resize(42, 0);
-    entries[2].extra.truncate(8);
-    write_snapshot_table(&c, start, &entries);
+    let c = Case::v2_uneven_snapshot_extra("261-botched-v3", M64);
     assert_eq!(qemu_check(&c.img).code, 0, "oracle: the v2 image is valid");
     c.poke32(4, 3); // version
     c.poke32(100, 0x68); // header_length

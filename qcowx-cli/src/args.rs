@@ -437,7 +437,8 @@ pub(crate) struct AmendArgs {
     pub(crate) image_format: Qcow2Only,
     /// Options, comma-separated: `refcount_bits=N` (1, 2, 4, 8, 16, 32 or 64),
     /// `backing_file=NAME` and `backing_fmt=raw|qcow2` (as `rebase -u`),
-    /// `lazy_refcounts=on|off`, `size=SIZE` (grow), `compat=1.1`.
+    /// `lazy_refcounts=on|off`, `size=SIZE` (grow), `compat=1.1` (a version 2 image
+    /// becomes version 3, as `qemu-img amend` upgrades it; no downgrade).
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
     pub(crate) options: String,
     /// The image file.

@@ -110,7 +110,8 @@ enum Command {
     /// `qemu-img bitmap`). The image must not be served.
     Bitmap(BitmapArgs),
     /// Change an image's options (like `qemu-img amend`): `-o refcount_bits=N` widens
-    /// or narrows the refcounts; backing_file, backing_fmt, lazy_refcounts, size.
+    /// or narrows the refcounts; backing_file, backing_fmt, lazy_refcounts, size;
+    /// `compat=1.1` upgrades a version 2 image.
     Amend(AmendArgs),
     /// Change an image's backing file (like `qemu-img rebase`): with -u only the
     /// name; without, what its VDIs read is kept.

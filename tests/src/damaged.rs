@@ -144,6 +144,47 @@ impl Case {
         self.peek64(64)
     }
 
+    /// iotest 261's image: a version 2 image of `size` bytes with three snapshots
+    /// (`sn0`, `sn1`, `sn2`, each followed by a 4 KiB write) whose entries carry no
+    /// extra data, 42 bytes of it (QEMU's 16, then "very important data" and zeros)
+    /// and 8 bytes (valid in version 2; version 3 wants 16).
+    pub fn v2_uneven_snapshot_extra(name: &str, size: u64) -> Case {
+        let c = Case::create(name, size, "compat=0.10");
+        c.qemu_io(&["write -P 0x05 0 64k"]);
+        for (i, s) in ["sn0", "sn1", "sn2"].iter().enumerate() {
+            c.qemu_img(&["snapshot", "-c", s, IMAGE]);
+            c.qemu_io(&[&format!("write -P {} {}k 4k", 0x30 + i, 4 * i)]);
+        }
+        let (start, mut entries) = c.snapshot_table();
+        entries[0].extra.clear();
+        entries[1].extra.resize(16, 0);
+        entries[1].extra.extend_from_slice(b"very important data");
+        entries[1].extra.resize(42, 0);
+        entries[2].extra.truncate(8);
+        c.write_snapshot_table(start, &entries);
+        c
+    }
+
+    /// The image's snapshot table: where it starts and its entries.
+    pub fn snapshot_table(&self) -> (u64, Vec<SnapEntry>) {
+        snapshot_table(&self.img)
+    }
+
+    /// Writes `entries` as the image's snapshot table at `start` (sizes recomputed
+    /// from the parts; the header is not touched).
+    pub fn write_snapshot_table(&self, start: u64, entries: &[SnapEntry]) {
+        let mut out = Vec::new();
+        for e in entries {
+            let mut fixed = e.fixed.clone();
+            fixed[36..40].copy_from_slice(&(e.extra.len() as u32).to_be_bytes());
+            out.extend_from_slice(&fixed);
+            out.extend_from_slice(&e.extra);
+            out.extend_from_slice(&e.id_name);
+            out.resize(out.len().div_ceil(8) * 8, 0);
+        }
+        self.poke(start, &out);
+    }
+
     /// The image file's bytes.
     pub fn bytes(&self) -> Vec<u8> {
         std::fs::read(&self.img).expect("read the case image")
@@ -590,4 +631,41 @@ pub fn assert_hex_only(case: &str, text: &str) {
         );
         start = i + c.len_utf8();
     }
+}
+
+/// One snapshot table entry, in its parts: the 40-byte fixed part, the extra data, the
+/// ID and name.
+pub struct SnapEntry {
+    /// The fixed part (its `extra_data_size` is rewritten from `extra` on writing).
+    pub fixed: Vec<u8>,
+    /// The extra data.
+    pub extra: Vec<u8>,
+    /// The ID string and the name, as stored.
+    pub id_name: Vec<u8>,
+}
+
+/// The snapshot table of the qcow2 image at `path`, read straight from its bytes: where
+/// it starts and its entries.
+pub fn snapshot_table(path: &Path) -> (u64, Vec<SnapEntry>) {
+    let bytes = std::fs::read(path).expect("read the image");
+    let be = |o: usize, n: usize| {
+        bytes[o..o + n]
+            .iter()
+            .fold(0u64, |a, &b| a << 8 | u64::from(b))
+    };
+    let n = be(60, 4);
+    let start = be(64, 8);
+    let mut pos = start as usize;
+    let mut entries = Vec::new();
+    for _ in 0..n {
+        let ids = (be(pos + 12, 2) + be(pos + 14, 2)) as usize;
+        let extra = be(pos + 36, 4) as usize;
+        entries.push(SnapEntry {
+            fixed: bytes[pos..pos + 40].to_vec(),
+            extra: bytes[pos + 40..pos + 40 + extra].to_vec(),
+            id_name: bytes[pos + 40 + extra..pos + 40 + extra + ids].to_vec(),
+        });
+        pos += (40 + extra + ids).div_ceil(8) * 8;
+    }
+    (start, entries)
 }

@@ -1,6 +1,6 @@
 //! `amend` and `rebase`: options an image changes in place (refcount width, backing
-//! file, lazy refcounts, size), around `Image::set_refcount_bits`,
-//! `set_backing_file`, `set_lazy_refcounts` and `resize`.
+//! file, lazy refcounts, size, version 2 to 3), around `Image::set_refcount_bits`,
+//! `set_backing_file`, `set_lazy_refcounts`, `resize` and `OpenOptions::upgrade`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +19,8 @@ enum Change {
     BackingFormat(String),
     LazyRefcounts(bool),
     Size(u64),
+    /// `compat=1.1`: a version 2 image becomes version 3 (nothing for a version 3 one).
+    Upgrade,
 }
 
 fn parse(options: &str) -> Result<Vec<Change>, Error> {
@@ -45,8 +47,15 @@ fn parse(options: &str) -> Result<Vec<Change>, Error> {
                 _ => return Err(bad(format!("lazy_refcounts must be on or off, not '{v}'"))),
             }),
             "size" => Change::Size(size_arg(v).map_err(|e| bad(format!("size '{v}': {e}")))?),
-            // qcowx images are version 3 already; a downgrade is not offered.
-            "compat" if matches!(v, "1.1" | "v3") => continue,
+            "compat" if matches!(v, "1.1" | "v3") => Change::Upgrade,
+            "compat" if matches!(v, "0.10" | "v2") => {
+                return Err(bad(
+                    "a downgrade to compat=0.10 is not offered: qcowx writes version 3 \
+                     images only (its snapshots and clean-close record need it)"
+                        .into(),
+                ))
+            }
+            "compat" => return Err(bad(format!("compat must be 0.10 or 1.1, not '{v}'"))),
             _ => {
                 return Err(bad(format!(
                     "unsupported option '{opt}' (qcowx amends refcount_bits, backing_file, \
@@ -65,6 +74,14 @@ fn parse(options: &str) -> Result<Vec<Change>, Error> {
 /// an unknown one is refused, as `qemu-img amend` refuses it.
 pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
     let changes = parse(&a.options)?;
+    if changes.contains(&Change::Upgrade) {
+        // First, on its own: the other changes need a version 3 image.
+        OpenOptions::new()
+            .upgrade(true)
+            .open_backing(false)
+            .open(&a.file)?
+            .close()?;
+    }
     // As a repair does: the open checks and changes nothing (an image whose counts
     // overflow its width, the reason to amend, is refused by a plain writable open),
     // and the amend refuses before writing anything or rewrites every refcount.
@@ -91,7 +108,7 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
             Change::LazyRefcounts(on) => img.set_lazy_refcounts(*on)?,
             Change::Size(n) => img.resize(*n)?,
             Change::RefcountBits(bits) => img.set_refcount_bits(*bits)?,
-            Change::BackingFile(_) | Change::BackingFormat(_) => {}
+            Change::BackingFile(_) | Change::BackingFormat(_) | Change::Upgrade => {}
         }
     }
     img.close()?;
@@ -161,11 +178,14 @@ mod tests {
         );
         assert_eq!(
             parse("compat=1.1,lazy_refcounts=off").unwrap(),
-            [Change::LazyRefcounts(false)]
+            [Change::Upgrade, Change::LazyRefcounts(false)]
         );
+        assert_eq!(parse("compat=v3").unwrap(), [Change::Upgrade]);
         for bad in [
             "",
-            "compat=1.1",
+            "compat=0.10",
+            "compat=v2",
+            "compat=1.2",
             "refcount_bits=3",
             "lazy_refcounts=maybe",
             "encrypt=on",

@@ -1,10 +1,10 @@
 //! Header options an image can change in place: the backing file it names (as
-//! `qemu-img rebase -u` and `amend -o backing_file=` change it) and the lazy-refcounts
-//! bit. Neither touches a table or a data cluster.
+//! `qemu-img rebase -u` and `amend -o backing_file=` change it), the lazy-refcounts
+//! bit and the version (2 to 3). None touches a table or a data cluster.
 
 use crate::error::{Error, Result};
 use crate::format::extensions::{Extension, EXT_BACKING_FORMAT, EXT_FEATURE_NAMES};
-use crate::format::header::Header;
+use crate::format::header::{Header, Incompatible, V3_HEADER_LEN};
 use crate::storage::Storage;
 
 use super::image::*;
@@ -110,6 +110,30 @@ impl Image {
         } else {
             h.compatible & !1
         };
+        self.write_header_area(&mut st, h)
+    }
+
+    /// Rewrites a version 2 header as version 3 ([`super::OpenOptions::upgrade`]): no
+    /// feature bits, 16-bit refcounts (the only width version 2 has), deflate
+    /// compression, the header extensions and the backing file name kept and QEMU's
+    /// feature name table added. One durable write of the header area; the tables
+    /// are the same in both versions and stay as they are.
+    pub(super) fn upgrade_header(&self) -> Result<()> {
+        let _structure = self.lock_structure();
+        let mut st = self.lock_state()?;
+        if st.header.version >= 3 {
+            return Ok(());
+        }
+        let mut h = st.header.clone();
+        h.version = 3;
+        h.incompatible = Incompatible::empty();
+        h.compatible = 0;
+        h.autoclear = 0;
+        h.refcount_order = 4;
+        h.header_length = V3_HEADER_LEN;
+        h.compression_type = 0;
+        h.unknown_fields.clear();
+        h.extensions.set(super::create::feature_name_table());
         self.write_header_area(&mut st, h)
     }
 

@@ -56,6 +56,7 @@ pub struct OpenOptions {
     cache_bytes: usize,
     open_backing: bool,
     repair: bool,
+    upgrade: bool,
 }
 
 impl Default for OpenOptions {
@@ -73,6 +74,7 @@ impl OpenOptions {
             cache_bytes: DEFAULT_CACHE_BYTES,
             open_backing: true,
             repair: false,
+            upgrade: false,
         }
     }
     /// Open for writing (takes the exclusive image lock).
@@ -102,6 +104,33 @@ impl OpenOptions {
     pub fn repair(mut self, repair: bool) -> Self {
         self.repair = repair;
         if repair {
+            self.write = true;
+        }
+        self
+    }
+    /// Upgrade a version 2 (compat 0.10) image to version 3 (compat 1.1) as it opens,
+    /// as `qemu-img amend -o compat=1.1` does: the header is rewritten as version 3
+    /// before anything else is written, and snapshot table entries shorter than
+    /// version 3 requires are completed once the open has settled (with
+    /// [`OpenOptions::repair`], by the repair). Version 2 images open for writing only
+    /// this way; a version 3 image opens as usual. Implies [`OpenOptions::write`].
+    ///
+    /// ```
+    /// use qcowx_core::{CreateOptions, Image, OpenOptions};
+    ///
+    /// # fn main() -> Result<(), qcowx_core::Error> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("a.qcow2");
+    /// Image::create(&path, &CreateOptions::new(1 << 20))?.close()?;
+    /// let img = OpenOptions::new().upgrade(true).open(&path)?;
+    /// assert!(img.is_writable());
+    /// assert_eq!(img.info()?.compat, "1.1");
+    /// img.close()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn upgrade(mut self, upgrade: bool) -> Self {
+        self.upgrade = upgrade;
+        if upgrade {
             self.write = true;
         }
         self
@@ -296,11 +325,11 @@ impl Image {
                         .into(),
                 });
             }
-            if header.version < 3 {
+            if header.version < 3 && !opts.upgrade {
                 return Err(Error::ReadOnly {
                     file: name.clone(),
                     why: "version 2 (compat 0.10) images are read-only in qcowx; \
-                          upgrade with `qemu-img amend -o compat=1.1`"
+                          upgrade with `qcowx amend -o compat=1.1`"
                         .into(),
                 });
             }
@@ -434,6 +463,11 @@ impl Image {
             structure: Mutex::new(()),
             wrote: std::sync::atomic::AtomicBool::new(false),
         });
+        // A version 2 image becomes version 3 before anything else is written.
+        let upgraded = opts.upgrade && img.lock_state()?.header.version < 3;
+        if upgraded {
+            img.upgrade_header()?;
+        }
         // A repair-mode open checks and changes nothing: the repair decides.
         if opts.write && !opts.repair {
             // Bitmaps qcowx cannot read are dropped as any writer lacking bitmap
@@ -444,6 +478,9 @@ impl Image {
             // restore what qcowx relies on before any write of ours.
             let state = img.settle_after_open()?;
             img.lock_state()?.open_state = state;
+            if upgraded {
+                img.complete_snapshot_entries_now()?;
+            }
             img.mark_bitmaps_in_use()?;
         } else if !opts.write {
             // A read-only open lists what it can read; a broken directory reads as

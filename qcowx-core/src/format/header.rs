@@ -157,10 +157,10 @@ pub use super::header_error::HeaderError;
 ///
 /// // Bytes back: what a commit rewrites, the whole header structure, the first cluster.
 /// assert_eq!(h.commit_bytes(), &bytes[..V3_HEADER_LEN as usize]);
-/// assert_eq!(h.fixed_bytes(), &bytes[..h.header_length as usize]);
+/// assert_eq!(h.fixed_bytes(), &bytes[..h.fixed_len() as usize]);
 /// let area = h.area_bytes().expect("fits in a cluster");
 /// assert_eq!(&area[..], &bytes[..area.len()]);
-/// let at = h.extension_data_offset(EXT_BACKING_FORMAT).expect("v3 extension") as usize;
+/// let at = h.extension_data_offset(EXT_BACKING_FORMAT).expect("an extension") as usize;
 /// assert_eq!(&bytes[at..at + 5], b"qcow2");
 ///
 /// // A new header: lay out its backing name after the extensions, then write it out.
@@ -348,11 +348,10 @@ impl Header {
         } else {
             cluster_size
         };
-        let extensions = if version == 3 {
-            Extensions::parse(first, u64::from(header_length), ext_end.min(cluster_size))?
-        } else {
-            Extensions::default()
-        };
+        // Version 2 images carry extensions too (QEMU writes the backing format one
+        // into them), right after the 72-byte header.
+        let extensions =
+            Extensions::parse(first, u64::from(header_length), ext_end.min(cluster_size))?;
 
         let unknown = incompatible_raw & !Incompatible::all().bits();
         if unknown != 0 {
@@ -569,6 +568,16 @@ impl Header {
         out
     }
 
+    /// Bytes of the header structure: `header_length` (version 3) or 72 (version 2).
+    /// The extensions start there.
+    pub fn fixed_len(&self) -> u32 {
+        if self.version == 3 {
+            self.header_length
+        } else {
+            V2_HEADER_LEN
+        }
+    }
+
     /// The whole header structure (`header_length` bytes; 72 for version 2), unknown
     /// fields included.
     pub fn fixed_bytes(&self) -> Vec<u8> {
@@ -614,18 +623,11 @@ impl Header {
             return;
         };
         let mut tail = Vec::new();
-        if self.version == 3 {
-            for ext in self.extensions.iter() {
-                ext.write_to(&mut tail);
-            }
-            Extension::end().write_to(&mut tail);
+        for ext in self.extensions.iter() {
+            ext.write_to(&mut tail);
         }
-        let fixed_len = if self.version == 3 {
-            self.header_length as usize
-        } else {
-            V2_HEADER_LEN as usize
-        };
-        self.backing_file_offset = (fixed_len + tail.len()) as u64;
+        Extension::end().write_to(&mut tail);
+        self.backing_file_offset = (self.fixed_len() as usize + tail.len()) as u64;
         self.backing_file_size = b.len() as u32;
     }
 
@@ -639,14 +641,10 @@ impl Header {
         Some(out)
     }
 
-    /// Where the data of the extension of type `kind` lies in the file (version 3),
-    /// with the extensions laid out as [`Header::to_cluster`] writes them and as
+    /// Where the data of the extension of type `kind` lies in the file, with the extensions laid out as [`Header::to_cluster`] writes them and as
     /// [`Extensions::parse`] read them.
     pub fn extension_data_offset(&self, kind: u32) -> Option<u64> {
-        if self.version < 3 {
-            return None;
-        }
-        let mut pos = u64::from(self.header_length);
+        let mut pos = u64::from(self.fixed_len());
         for ext in self.extensions.iter() {
             if ext.kind == kind {
                 return Some(pos + 8);
@@ -661,12 +659,10 @@ impl Header {
     pub fn area_bytes(&self) -> Option<Vec<u8>> {
         let cs = self.cluster_size() as usize;
         let mut out = self.fixed_bytes();
-        if self.version == 3 {
-            for ext in self.extensions.iter() {
-                ext.write_to(&mut out);
-            }
-            Extension::end().write_to(&mut out);
+        for ext in self.extensions.iter() {
+            ext.write_to(&mut out);
         }
+        Extension::end().write_to(&mut out);
         if let Some(b) = &self.backing_file {
             let at = self.backing_file_offset as usize;
             if at < out.len() || b.len() != self.backing_file_size as usize {

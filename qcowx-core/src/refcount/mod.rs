@@ -116,12 +116,7 @@ impl Image {
     /// [`crate::format::snapshot::SnapshotEntry::is_incomplete`]), if there is one.
     fn complete_snapshot_entries(&self, st: &mut crate::engine::State) -> Result<()> {
         let version = st.header.version;
-        if !st
-            .registry
-            .entries()
-            .iter()
-            .any(|e| e.is_incomplete(version))
-        {
+        if !Image::has_incomplete_entries(st) {
             return Ok(());
         }
         let size = st.header.size;
@@ -133,6 +128,31 @@ impl Image {
         }
         let records = st.registry.records().to_vec();
         self.replace_table(st, snapshots, records)
+    }
+
+    /// Completes the snapshot table's incomplete entries in a settled writable
+    /// session: what an upgrade from version 2 leaves to do (see
+    /// [`crate::OpenOptions::upgrade`]).
+    pub(crate) fn complete_snapshot_entries_now(&self) -> Result<()> {
+        self.quiesced(|st| {
+            if !Image::has_incomplete_entries(st) {
+                return Ok(());
+            }
+            self.flush_locked(st)?;
+            // The table moves to new clusters: refcounts are stale until the next
+            // rebuild.
+            self.mark_stale(st)?;
+            self.complete_snapshot_entries(st)
+        })
+    }
+
+    /// Whether a snapshot table entry is incomplete for the image's version.
+    fn has_incomplete_entries(st: &crate::engine::State) -> bool {
+        let version = st.header.version;
+        st.registry
+            .entries()
+            .iter()
+            .any(|e| e.is_incomplete(version))
     }
 
     /// Flushes, writes exact refcounts if they are stale and clears the dirty bit.
