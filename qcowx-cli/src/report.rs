@@ -7,7 +7,9 @@ use crate::map::MapExtent;
 use qcowx_core::control::{RangesJson, RootJson};
 use qcowx_core::convert::{CompareReport, Mismatch};
 use qcowx_core::import::ImportReport;
-use qcowx_core::{CheckReport, GcReport, ImageInfo, Range, RootInfo, RootKind, SnapshotInfo};
+use qcowx_core::{
+    CheckReport, GcReport, ImageInfo, Preallocation, Range, RootInfo, RootKind, SnapshotInfo,
+};
 use serde_json::{json, Map, Value};
 
 use qcowx_core::size::size_to_str;
@@ -29,16 +31,27 @@ pub fn write_json(out: &mut dyn Write, v: &Value) -> io::Result<()> {
     writeln!(out)
 }
 
-/// `qemu-img create`'s line.
-pub fn formatting_line(out: &mut dyn Write, file: &Path, info: &ImageInfo) -> io::Result<()> {
+/// `qemu-img create`'s line (which names the preallocation only when there is one).
+pub fn formatting_line(
+    out: &mut dyn Write,
+    file: &Path,
+    info: &ImageInfo,
+    prealloc: Preallocation,
+) -> io::Result<()> {
     write!(
         out,
-        "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={}",
+        "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={}",
         file.display(),
         info.cluster_size,
         on_off(info.extended_l2),
-        info.compression_type,
-        info.virtual_size
+    )?;
+    if prealloc != Preallocation::Off {
+        write!(out, " preallocation={}", prealloc.name())?;
+    }
+    write!(
+        out,
+        " compression_type={} size={}",
+        info.compression_type, info.virtual_size
     )?;
     if let Some(b) = &info.backing_file {
         write!(out, " backing_file={b}")?;

@@ -249,8 +249,9 @@ fn preallocation_lays_out_the_image_as_qemu_img_does() {
                 format!("q-{mode}-{ext}.qcow2"),
                 format!("x-{mode}-{ext}.qcow2"),
             );
-            qemu_ok(d, &["create", "-f", "qcow2", "-o", &o, &q, "5M"]);
-            ok(d, &["create", "-o", &o, &x, "5M"]);
+            let said = stdout(&qemu_ok(d, &["create", "-f", "qcow2", "-o", &o, &q, "5M"]));
+            let line = stdout(&ok(d, &["create", "-o", &o, &x, "5M"]));
+            assert_eq!(line, said.replace(&q, &x), "{o}: the Formatting line");
             assert_qemu_check_clean(d, &x);
             // The same file length and the same map: every cluster allocated, reading
             // as zeros.

@@ -58,7 +58,7 @@ pub(crate) fn create(a: &CreateArgs, quiet: bool, out: &mut dyn Write) -> Result
     let info = img.info()?;
     img.close()?;
     if !quiet {
-        report::formatting_line(out, &a.file, &info)?;
+        report::formatting_line(out, &a.file, &info, opts.preallocation)?;
     }
     Ok(0)
 }

@@ -47,6 +47,22 @@ impl Preallocation {
             _ => return None,
         })
     }
+
+    /// The option's value as QEMU spells it (what [`Preallocation::parse`] takes).
+    ///
+    /// ```
+    /// use qcowx_core::Preallocation;
+    /// assert_eq!(Preallocation::Metadata.name(), "metadata");
+    /// assert_eq!(Preallocation::parse(Preallocation::Full.name()), Some(Preallocation::Full));
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
 }
 
 /// Where a preallocated image's L2 tables and data clusters go.
