@@ -207,6 +207,18 @@ fn create_rejects_bad_arguments() {
         "{}",
         stderr(&out)
     );
+    // QEMU's options for features qcowx does not have are refused by name.
+    for (o, why) in [
+        ("data_file=x.raw", "external data files"),
+        ("data_file_raw=on", "external data files"),
+        ("encrypt.format=luks", "encryption"),
+        ("encryption=on", "encryption"),
+    ] {
+        let out = qcowx(d, &["create", "-o", o, "x.qcow2", "1M"]);
+        assert_code(&out, 1, o);
+        assert!(stderr(&out).contains(why), "{o}: {}", stderr(&out));
+        assert!(!d.join("x.qcow2").exists(), "{o} created a file");
+    }
     // A missing backing file is named.
     let out = qcowx(d, &["create", "-b", "nope.qcow2", "y.qcow2", "1M"]);
     assert_code(&out, 1, "missing backing file");

@@ -167,6 +167,15 @@ impl CreateOptions {
                         "compat={value}: qcowx creates version 3 (compat=1.1) images only"
                     )))
                 }
+                // QEMU's options for features qcowx refuses at open too (spec §3.2).
+                "data_file" | "data_file_raw" => {
+                    return Err(bad(format!(
+                        "{key}: qcowx does not support external data files"
+                    )))
+                }
+                _ if key == "encryption" || key.starts_with("encrypt.") => {
+                    return Err(bad(format!("{key}: qcowx does not support encryption")))
+                }
                 _ => return Err(bad(format!("unknown option '{key}'"))),
             }
         }
