@@ -64,6 +64,14 @@ pub fn open_in(storage: &Arc<MemStorage>, write: bool) -> qcowx_core::Result<Arc
     Image::from_storage(storage.clone(), &opts).map(Arc::new)
 }
 
+/// Opens the image held by `storage` for writing as `qcowx amend -o compat=1.1`
+/// does first: a version 2 image is upgraded to version 3 as it opens (others open
+/// as with [`open_in`]).
+pub fn open_upgrading(storage: &Arc<MemStorage>) -> qcowx_core::Result<Arc<Image>> {
+    let opts = OpenOptions::new().upgrade(true).open_backing(false);
+    Image::from_storage(storage.clone(), &opts).map(Arc::new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,10 @@
 //! An input is `IMAGE ‖ SCRIPT ‖ n`: its last byte `n` is the length of the op script
 //! before it, and everything before the script is the image file (see [`split`] and
 //! [`join`]). The image is first opened read-only, listed, checked, and read where
-//! block status says there is data (every root). Then it is opened for writing and the
-//! script runs, at most [`MAX_OPS`] ops, each decoded from a few script bytes (see
-//! [`Op`]). Finally the image is closed and opened again.
+//! block status says there is data (every root). Then it is opened for writing (a
+//! version 2 image upgraded first) and the script runs, at most [`MAX_OPS`] ops, each
+//! decoded from a few script bytes (see [`Op`]). Finally the image is closed and
+//! opened again.
 //!
 //! What must hold, whatever the bytes:
 //! * nothing panics, hangs, or allocates without bound;
@@ -98,7 +99,8 @@ pub fn run(data: &[u8]) {
 pub fn exercise(image: &[u8], script: &[u8]) {
     read_only_pass(image);
     let storage = Arc::new(MemStorage::from_vec(image.to_vec()));
-    let Ok(img) = fixture::open_in(&storage, true) else {
+    // Version 2 images are upgraded first, so hostile ones drive the upgrade too.
+    let Ok(img) = fixture::open_upgrading(&storage) else {
         return;
     };
     let clean = img
