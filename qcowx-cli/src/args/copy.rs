@@ -126,11 +126,12 @@ pub(crate) struct ConvertArgs {
     /// The format of BACKING.
     #[arg(short = 'F', long = "backing-format", value_enum, value_name = "FMT")]
     pub(crate) backing_format: Option<DiskFormat>,
-    /// The input image (a qcow2 image is read with its backing chain).
-    #[arg(value_name = "INPUT")]
-    pub(crate) input: PathBuf,
+    /// The input images (a qcow2 image is read with its backing chain); several are
+    /// written one after the other, as qemu-img concatenates them.
+    #[arg(value_name = "INPUT", required = true, num_args = 1..)]
+    pub(crate) inputs: Vec<PathBuf>,
     /// The file to write (overwritten if it exists, unless -n).
-    #[arg(value_name = "OUTPUT")]
+    #[arg(value_name = "OUTPUT", required = true)]
     pub(crate) dest: PathBuf,
 }
 

@@ -460,13 +460,37 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
         };
         let _ = writeln!(io::stderr(), "qcowx: warning: {line}");
     };
+    if let [_, _, ..] = &a.inputs[..] {
+        // What qemu-img refuses with several sources, for the same reasons: the
+        // snapshot, bitmaps and backing layer of which source?
+        let refused = [
+            (a.snapshot.is_some(), "-l"),
+            (a.bitmaps, "--bitmaps"),
+            (a.backing.is_some(), "-B"),
+        ];
+        if let Some((_, what)) = refused.iter().find(|(on, _)| *on) {
+            usage_error(
+                "convert",
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("{what} needs a single source, not {}", a.inputs.len()),
+            );
+        }
+    }
     match &a.snapshot {
         None => {
-            let input = conv::open_input(
-                &a.input,
-                a.in_format.map(DiskFormat::layer),
-                lock_mode(a.force_share),
-            )?;
+            let mut inputs = Vec::new();
+            for path in &a.inputs {
+                inputs.push(conv::open_input(
+                    path,
+                    a.in_format.map(DiskFormat::layer),
+                    lock_mode(a.force_share),
+                )?);
+            }
+            let input = if inputs.len() == 1 {
+                inputs.remove(0)
+            } else {
+                Box::new(conv::Concat::new(inputs)?)
+            };
             conv::convert_reporting(
                 input.as_ref(),
                 &a.dest,
@@ -486,7 +510,7 @@ pub(crate) fn convert(a: &ConvertArgs, quiet: bool) -> Result<u8, Failure> {
             let img = Arc::new(
                 OpenOptions::new()
                     .lock(lock_mode(a.force_share))
-                    .open(&a.input)?,
+                    .open(&a.inputs[0])?,
             );
             let disk = img.open_root(&img.resolve_snapshot(spec)?)?;
             conv::convert_reporting(&disk, &a.dest, &opts, &mut bar.callback(), &mut warn)?;

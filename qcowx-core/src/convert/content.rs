@@ -92,6 +92,11 @@ pub trait Content: Send + Sync {
     fn name(&self) -> &str;
     /// The file holding the content, when it is a file.
     fn path(&self) -> Option<&Path>;
+    /// Every file the content is read from (a conversion refuses to write over one):
+    /// by default [`Content::path`]'s.
+    fn files(&self) -> Vec<&Path> {
+        self.path().into_iter().collect()
+    }
     /// Virtual size in bytes.
     fn size(&self) -> Result<u64>;
     /// The cluster size of a qcow2 source (`None` for raw files).

@@ -1,5 +1,6 @@
 //! Export: an image's current content, backing chain included, flattened into a new
-//! raw or qcow2 file (what `qemu-img convert` does for a single source). [`export`]
+//! raw or qcow2 file (what `qemu-img convert` does for a single source; [`Concat`]
+//! reads several sources as one). [`export`]
 //! copies the default VDI; [`export_root`] and [`export_disk`] copy any VDI or
 //! snapshot (what `qemu-img convert -l snapshot.name=S` does for a snapshot).
 //!
@@ -29,6 +30,7 @@
 mod bitmaps;
 mod compare;
 mod compressed;
+mod concat;
 mod content;
 mod copy;
 mod input;
@@ -37,6 +39,7 @@ mod target;
 mod window;
 pub use compare::{compare, CompareOptions, CompareReport, Mismatch};
 pub use compressed::CompressedWriter;
+pub use concat::Concat;
 pub use content::{Content, ExportStats, Progress, COPY_CHUNK};
 pub use copy::{UnreadableKind, Warning};
 pub use input::{open_input, RawFile};
@@ -246,7 +249,7 @@ pub fn convert_reporting(
 ) -> Result<ExportStats> {
     let out_name = output.display().to_string();
     check_options(opts, &out_name)?;
-    if let Some(src_path) = src.path() {
+    for src_path in src.files() {
         let same = match (
             std::fs::canonicalize(src_path),
             std::fs::canonicalize(output),
