@@ -355,7 +355,7 @@ impl Image {
         // double it while the entries run past it, up to the 64 MiB QEMU allows (reading
         // the whole bound every time costs a 64 MiB read and buffer per open when the
         // table is followed by other clusters).
-        let snapshots = if header.nb_snapshots > 0 {
+        let (snapshots, table_exact) = if header.nb_snapshots > 0 {
             let avail =
                 (file_len - header.snapshots_offset).min(snapshot::MAX_SNAPSHOT_TABLE_BYTES);
             let mut want = (u64::from(header.nb_snapshots) * 128)
@@ -371,15 +371,17 @@ impl Image {
                         want = (want * 2).min(avail);
                     }
                     parsed => {
-                        break parsed.map_err(|source| Error::Snapshot {
+                        let entries = parsed.map_err(|source| Error::Snapshot {
                             file: name.clone(),
                             source,
-                        })?
+                        })?;
+                        let exact = snapshot::encodes_as_read(&entries, &table);
+                        break (entries, exact);
                     }
                 }
             }
         } else {
-            Vec::new()
+            (Vec::new(), true)
         };
         Ok(Box::new(Parts {
             header,
@@ -388,6 +390,7 @@ impl Image {
             compression,
             l1,
             snapshots,
+            table_exact,
         }))
     }
 
@@ -409,6 +412,7 @@ impl Image {
             compression,
             l1,
             snapshots,
+            table_exact,
         } = *parts;
         let stale = header.incompatible.contains(Incompatible::DIRTY) && opts.write;
         let mut roots = BTreeMap::new();
@@ -423,7 +427,9 @@ impl Image {
             },
         );
         let records = crate::format::roots::records_for(&snapshots);
-        let table_capacity = if header.nb_snapshots > 0 {
+        // Nothing is written in place into a table the entries do not write back
+        // byte for byte (a name that is not UTF-8): room 0 moves it at the first change.
+        let table_capacity = if header.nb_snapshots > 0 && table_exact {
             let used: u64 = snapshots.iter().map(|e| e.encoded_len() as u64).sum();
             used.next_multiple_of(geo.cluster_size())
         } else {
@@ -530,4 +536,6 @@ struct Parts {
     compression: CompressionType,
     l1: Vec<u64>,
     snapshots: Vec<snapshot::SnapshotEntry>,
+    /// Whether the entries, written back, are the table's bytes.
+    table_exact: bool,
 }

@@ -259,8 +259,25 @@ impl Image {
 
     /// Rewrites the flags of entry `i` in place: one aligned 8-byte write (flags and
     /// crc), synced.
+    ///
+    /// A table the entries do not write back byte for byte (room 0, see
+    /// `Registry::capacity`) is rewritten whole instead, under the dirty bit: its
+    /// offsets are not the file's.
     pub(crate) fn write_flags(&self, st: &mut State, i: usize) -> Result<()> {
         let rec = st.registry.record(i).clone();
+        if st.registry.capacity() == 0 {
+            let block = raw_block(&rec);
+            let mut snapshots = st.registry.entries().to_vec();
+            let extra = &mut snapshots[i].extra;
+            if extra.len() >= QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES {
+                extra[QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES]
+                    .copy_from_slice(block.as_bytes());
+            }
+            let records = st.registry.records().to_vec();
+            self.flush_locked(st)?;
+            self.mark_stale(st)?;
+            return self.replace_table(st, snapshots, records);
+        }
         let before = st.registry.offset_of(i);
         // The flags and the crc: the last aligned 8-byte word of the qcowx block, after
         // the entry's fixed head and QEMU's extra data.

@@ -16,7 +16,9 @@ pub(crate) struct Registry {
     entries: Vec<SnapshotEntry>,
     /// qcowx's facts about each entry (parallel to `entries`).
     records: Vec<Record>,
-    /// Bytes at the table's offset this session may fill without moving the table.
+    /// Bytes at the table's offset this session may fill without moving the table;
+    /// 0 also when the file's table is not these entries byte for byte (read with a
+    /// name that is not UTF-8), where nothing may be written in place.
     capacity: u64,
     index: Index,
 }

@@ -238,6 +238,20 @@ impl SnapshotEntry {
     }
 }
 
+/// Whether `entries`, written back with [`SnapshotEntry::write_to`], are the bytes
+/// `table` starts with: not when an ID or name was not UTF-8 (it is read with
+/// replacement characters, which write back longer) or padding was not zeros. The
+/// last entry's padding may lie past the end of `table`. Offsets computed from the
+/// entries are the file's only when this holds.
+pub(crate) fn encodes_as_read(entries: &[SnapshotEntry], table: &[u8]) -> bool {
+    let mut bytes = Vec::new();
+    for e in entries {
+        e.write_to(&mut bytes);
+    }
+    let n = bytes.len().min(table.len());
+    bytes[..n] == table[..n] && bytes.len() - n < 8 && bytes[n..].iter().all(|&b| b == 0)
+}
+
 /// Parses `count` entries from `table`, the bytes of the snapshot table starting at
 /// file offset `base`.
 ///

@@ -32,7 +32,8 @@ pub(crate) fn rebuild_gated(img: &Image, st: &mut State, gate: &IoGate<'_>) -> R
 }
 
 /// Gives up the spare room reserved after the snapshot table this session: a scan
-/// counts only the clusters the entries cover, so that room would look free.
+/// counts only the clusters the entries cover, so that room would look free. Room 0
+/// stays 0 (a table that may not be written in place, see `Registry::capacity`).
 pub(crate) fn give_up_table_room(img: &Image, st: &mut State) {
     let capacity = if st.header.nb_snapshots > 0 {
         st.registry
@@ -41,7 +42,8 @@ pub(crate) fn give_up_table_room(img: &Image, st: &mut State) {
     } else {
         0
     };
-    st.registry.set_capacity(capacity);
+    st.registry
+        .set_capacity(capacity.min(st.registry.capacity()));
 }
 
 /// [`rebuild`] from a scan of the current roots (refcount structures not counted)
