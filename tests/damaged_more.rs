@@ -665,3 +665,29 @@ fn iotest_290_discard_v2_v3() {
         );
     }
 }
+
+// ---- a cluster mapped at two guest offsets ----------------------------------------------
+
+/// One host cluster mapped at two guest offsets of the active layer, both links
+/// claiming sole ownership (QEMU: refcount 1, 2 references). qcowx's writable open
+/// counts it twice and marks both links shared; a write to one of the offsets copies
+/// it out, and the link left must be marked the cluster's sole owner again (QEMU's
+/// COPIED rule), or `qemu-img check` reports it. QEMU reads what qcowx wrote.
+#[test]
+fn a_cluster_mapped_twice_is_left_with_one_owner_after_a_copy() {
+    require_qemu_tools();
+    let c = Case::create("mapped-twice", M64, "");
+    c.qemu_io(&["write -P 0x11 0 64k", "write -P 0x22 64k 64k"]);
+    let first = c.peek64(l2_entry_offset(&c, 0));
+    c.poke64(l2_entry_offset(&c, 64 << 10), first);
+    let c = c.damaged();
+    assert_ne!(qemu_check(&c.img).code, 0, "oracle: a cluster mapped twice");
+    let out = c.qcowx_io(IMAGE, &["write -P 0x33 64k 4k"]);
+    qcowx_tests::cli::assert_ok(&out, "qcowx io on the image");
+    qemu_check(&c.img).assert_clean("after qcowx copied one of the two mappings out");
+    c.qemu_io(&[
+        "read -P 0x11 0 64k",
+        "read -P 0x33 64k 4k",
+        "read -P 0x11 68k 60k",
+    ]);
+}

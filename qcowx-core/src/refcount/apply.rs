@@ -67,6 +67,14 @@ pub(crate) fn write_refcounts_gated(img: &Image, st: &mut State, gate: &IoGate<'
         st.last_rebuild = Some("changes the record does not describe");
         return rebuild_gated(img, st, gate).map(|_| ());
     }
+    // An image whose refcounts were below its references at open (a cluster mapped
+    // twice, say) is written from a scan all session: a copy-on-write can leave such a
+    // cluster with one link the record cannot see, and only a scan sets that link's
+    // bit 63 as QEMU's COPIED rule requires of the active layer.
+    if st.open_state == crate::engine::OpenState::Rebuilt {
+        st.last_rebuild = Some("the image's refcounts were below its references at open");
+        return rebuild_gated(img, st, gate).map(|_| ());
+    }
     give_up_table_room(img, st);
     match apply(img, st, gate) {
         Ok(()) => {
