@@ -1,5 +1,6 @@
 //! `qemu-img map` for any root: where each guest range of a VDI or snapshot comes
-//! from, as `qemu-img map --output=json` reports it for an image.
+//! from, as `qemu-img map --output=json` reports it for an image, and both ways of
+//! printing it ([`map_json`], [`map_human`]).
 //!
 //! [`map_range`] turns [`Image::block_status`] extents into [`MapExtent`]s with QEMU's
 //! flags (`present`, `zero`, `data`, `compressed`), `depth` and host `offset`:
@@ -22,6 +23,7 @@
 //! reported with their host offset, in any layer, as QEMU reports them: block status
 //! does not give those offsets, [`KeptHosts`] (the library's) does.
 
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -31,6 +33,7 @@ use qcowx_core::engine::STATUS_WINDOW;
 use qcowx_core::vdi::kept_hosts::KeptHosts;
 use qcowx_core::vdi::DEFAULT_VDI;
 use qcowx_core::{Error, Extent, ExtentStatus, Image, LockMode, OpenOptions, Result};
+use serde_json::{json, Map, Value};
 
 /// One extent of a map, as `qemu-img map --output=json` prints it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,6 +352,60 @@ impl Mapper {
         }
         Ok(())
     }
+}
+
+/// `qcowx map --output=json`'s object: `extents` holds what `qemu-img map
+/// --output=json` prints (see `spec/cli-json.md`).
+pub fn map_json(filename: &str, root: &str, extents: &[MapExtent]) -> Value {
+    let list: Vec<Value> = extents
+        .iter()
+        .map(|e| {
+            let mut m = Map::new();
+            m.insert("start".into(), json!(e.start));
+            m.insert("length".into(), json!(e.length));
+            m.insert("depth".into(), json!(e.depth));
+            m.insert("present".into(), json!(e.present));
+            m.insert("zero".into(), json!(e.zero));
+            m.insert("data".into(), json!(e.data));
+            m.insert("compressed".into(), json!(e.compressed));
+            if let Some(o) = e.offset {
+                m.insert("offset".into(), json!(o));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    json!({ "filename": filename, "root": root, "extents": list })
+}
+
+/// `qemu-img map`'s human table: the data extents and where they are stored.
+pub fn map_human(out: &mut dyn Write, extents: &[MapExtent]) -> io::Result<()> {
+    let hex = |v: u64| {
+        if v == 0 {
+            "0".to_string()
+        } else {
+            format!("{v:#x}")
+        }
+    };
+    writeln!(
+        out,
+        "{:<16}{:<16}{:<16}File",
+        "Offset", "Length", "Mapped to"
+    )?;
+    for e in extents.iter().filter(|e| e.data && !e.zero) {
+        let mapped = match e.offset {
+            Some(o) => hex(o),
+            None => "compressed".to_string(),
+        };
+        writeln!(
+            out,
+            "{:<16}{:<16}{:<16}{}",
+            hex(e.start),
+            hex(e.length),
+            mapped,
+            e.file.display()
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use crate::map::MapExtent;
 use qcowx_core::control::{RangesJson, RootJson};
 use qcowx_core::convert::{CompareReport, Mismatch};
 use qcowx_core::import::ImportReport;
@@ -607,60 +606,6 @@ pub fn import_human(out: &mut dyn Write, output: &str, r: &ImportReport) -> io::
         "Imported {} layers into '{output}': {snapshots} snapshots and the default VDI.",
         r.layers.len()
     )
-}
-
-/// `qcowx map --output=json`'s object: `extents` holds what `qemu-img map
-/// --output=json` prints (see `spec/cli-json.md`).
-pub fn map_json(filename: &str, root: &str, extents: &[MapExtent]) -> Value {
-    let list: Vec<Value> = extents
-        .iter()
-        .map(|e| {
-            let mut m = Map::new();
-            m.insert("start".into(), json!(e.start));
-            m.insert("length".into(), json!(e.length));
-            m.insert("depth".into(), json!(e.depth));
-            m.insert("present".into(), json!(e.present));
-            m.insert("zero".into(), json!(e.zero));
-            m.insert("data".into(), json!(e.data));
-            m.insert("compressed".into(), json!(e.compressed));
-            if let Some(o) = e.offset {
-                m.insert("offset".into(), json!(o));
-            }
-            Value::Object(m)
-        })
-        .collect();
-    json!({ "filename": filename, "root": root, "extents": list })
-}
-
-/// `qemu-img map`'s human table: the data extents and where they are stored.
-pub fn map_human(out: &mut dyn Write, extents: &[MapExtent]) -> io::Result<()> {
-    let hex = |v: u64| {
-        if v == 0 {
-            "0".to_string()
-        } else {
-            format!("{v:#x}")
-        }
-    };
-    writeln!(
-        out,
-        "{:<16}{:<16}{:<16}File",
-        "Offset", "Length", "Mapped to"
-    )?;
-    for e in extents.iter().filter(|e| e.data && !e.zero) {
-        let mapped = match e.offset {
-            Some(o) => hex(o),
-            None => "compressed".to_string(),
-        };
-        writeln!(
-            out,
-            "{:<16}{:<16}{:<16}{}",
-            hex(e.start),
-            hex(e.length),
-            mapped,
-            e.file.display()
-        )?;
-    }
-    Ok(())
 }
 
 /// `qcowx resize --output=json`'s object.

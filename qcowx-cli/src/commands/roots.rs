@@ -296,9 +296,9 @@ pub(crate) fn map(a: &MapArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, F
     let extents = qmap::map_range(&img, Some(root), lock, a.start_offset, len)?;
     img.close()?;
     let name = a.image.file.display().to_string();
-    let json = || report::map_json(&name, root, &extents);
+    let json = || crate::map::map_json(&name, root, &extents);
     emit(out, a.image.output, quiet, json, |out| {
-        report::map_human(out, &extents)
+        crate::map::map_human(out, &extents)
     })?;
     Ok(0)
 }
