@@ -264,36 +264,30 @@ impl Image {
     /// `Registry::capacity`) is rewritten whole instead, under the dirty bit: its
     /// offsets are not the file's.
     pub(crate) fn write_flags(&self, st: &mut State, i: usize) -> Result<()> {
-        let rec = st.registry.record(i).clone();
-        if st.registry.capacity() == 0 {
-            let block = raw_block(&rec);
-            let mut snapshots = st.registry.entries().to_vec();
-            let extra = &mut snapshots[i].extra;
-            if extra.len() >= QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES {
-                extra[QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES]
-                    .copy_from_slice(block.as_bytes());
-            }
-            let records = st.registry.records().to_vec();
-            self.flush_locked(st)?;
-            self.mark_stale(st)?;
-            return self.replace_table(st, snapshots, records);
-        }
-        let before = st.registry.offset_of(i);
-        // The flags and the crc: the last aligned 8-byte word of the qcowx block, after
-        // the entry's fixed head and QEMU's extra data.
-        let word = std::mem::offset_of!(RawRootExtra, flags);
-        let head = std::mem::size_of::<RawSnapshotHeader>();
-        let at = st.header.snapshots_offset + before + (head + QEMU_EXTRA_BYTES + word) as u64;
-        let block = raw_block(&rec);
-        self.storage
-            .write_at(&block.as_bytes()[word..ROOT_EXTRA_BYTES], at)
-            .map_err(|e| self.io_err("write snapshot flags", at, e))?;
-        // Keep the in-memory entry's extra data in step with the file.
+        let block = raw_block(st.registry.record(i));
+        // The in-memory entry's extra data carries the flags the record now has.
         let extra = st.registry.extra_mut(i);
         if extra.len() >= QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES {
             extra[QEMU_EXTRA_BYTES..QEMU_EXTRA_BYTES + ROOT_EXTRA_BYTES]
                 .copy_from_slice(block.as_bytes());
         }
+        if st.registry.capacity() == 0 {
+            let snapshots = st.registry.entries().to_vec();
+            let records = st.registry.records().to_vec();
+            self.flush_locked(st)?;
+            self.mark_stale(st)?;
+            return self.replace_table(st, snapshots, records);
+        }
+        // The flags and the crc: the last aligned 8-byte word of the qcowx block, after
+        // the entry's fixed head and QEMU's extra data.
+        let word = std::mem::offset_of!(RawRootExtra, flags);
+        let head = std::mem::size_of::<RawSnapshotHeader>();
+        let at = st.header.snapshots_offset
+            + st.registry.offset_of(i)
+            + (head + QEMU_EXTRA_BYTES + word) as u64;
+        self.storage
+            .write_at(&block.as_bytes()[word..ROOT_EXTRA_BYTES], at)
+            .map_err(|e| self.io_err("write snapshot flags", at, e))?;
         self.sync()
     }
 
