@@ -213,16 +213,18 @@ impl SnapshotEntry {
 
     /// Bytes this entry occupies in the table (padded to 8).
     pub fn encoded_len(&self) -> usize {
-        (40 + self.extra.len() + self.id.len() + self.name.len()).next_multiple_of(8)
+        (40 + self.extra.len() + fitted(&self.id).len() + fitted(&self.name).len())
+            .next_multiple_of(8)
     }
 
     /// Appends the serialized entry to `out`.
     pub fn write_to(&self, out: &mut Vec<u8>) {
+        let (id, name) = (fitted(&self.id), fitted(&self.name));
         let raw = RawSnapshotHeader {
             l1_table_offset: self.l1_table_offset.into(),
             l1_size: self.l1_size.into(),
-            id_str_size: (self.id.len() as u16).into(),
-            name_size: (self.name.len() as u16).into(),
+            id_str_size: (id.len() as u16).into(),
+            name_size: (name.len() as u16).into(),
             date_sec: self.date_sec.into(),
             date_nsec: self.date_nsec.into(),
             vm_clock_nsec: self.vm_clock_nsec.into(),
@@ -232,10 +234,37 @@ impl SnapshotEntry {
         let start = out.len();
         out.extend_from_slice(raw.as_bytes());
         out.extend_from_slice(&self.extra);
-        out.extend_from_slice(self.id.as_bytes());
-        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(name.as_bytes());
         out.resize(start + self.encoded_len(), 0);
     }
+}
+
+/// The longest prefix of `s`, cut at a character boundary, that an entry's 16-bit
+/// length field can describe: what [`SnapshotEntry::write_to`] writes of an ID or a
+/// name. Names are bounded when taken; this only shortens a field read from bytes
+/// that were not UTF-8 (replacement characters write back longer than they were
+/// read) and keeps the length field true whatever the struct holds.
+fn fitted(s: &str) -> &str {
+    let max = usize::from(u16::MAX);
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// An ID or name field as text: bytes that are not UTF-8 read as replacement
+/// characters, and the result is cut to what the entry can write back
+/// ([`fitted`]), so the entry in memory is the one written.
+fn decode_field(bytes: &[u8]) -> String {
+    let mut s = String::from_utf8_lossy(bytes).into_owned();
+    let keep = fitted(&s).len();
+    s.truncate(keep);
+    s
 }
 
 /// Whether `entries`, written back with [`SnapshotEntry::write_to`], are the bytes
@@ -319,8 +348,8 @@ pub fn parse_table(
         out.push(SnapshotEntry {
             l1_table_offset: l1,
             l1_size: raw.l1_size.get(),
-            id: String::from_utf8_lossy(&body[e1..i1]).into_owned(),
-            name: String::from_utf8_lossy(&body[i1..n1]).into_owned(),
+            id: decode_field(&body[e1..i1]),
+            name: decode_field(&body[i1..n1]),
             date_sec: raw.date_sec.get(),
             date_nsec: raw.date_nsec.get(),
             vm_clock_nsec: raw.vm_clock_nsec.get(),
@@ -379,5 +408,38 @@ mod tests {
         let back = parse_table(&buf[..155], 0, 2).unwrap();
         assert_eq!(back, vec![e.clone(), e]);
         assert!(parse_table(&buf[..154], 0, 2).is_err());
+    }
+
+    #[test]
+    fn fields_not_utf8_write_back_within_their_length_fields() {
+        // A name of 65 535 bytes, some not UTF-8: each invalid byte reads as a
+        // three-byte replacement character, so the text is longer than the field
+        // allows. It is cut where it fits, and the entry reads back as it was written.
+        let mut name = vec![b'a'; 65_535];
+        name[..100].fill(0xff);
+        let mut raw = <RawSnapshotHeader as zerocopy::FromZeros>::new_zeroed();
+        raw.name_size = 65_535.into();
+        raw.id_str_size = 1.into();
+        let mut table = raw.as_bytes().to_vec();
+        table.push(b'7');
+        table.extend_from_slice(&name);
+        let e = parse_table(&table, 0, 1).unwrap().remove(0);
+        assert!(e.name.len() <= 65_535 && e.name.starts_with('\u{fffd}'));
+        assert!(!encodes_as_read(std::slice::from_ref(&e), &table));
+        let mut out = Vec::new();
+        e.write_to(&mut out);
+        assert_eq!(out.len(), e.encoded_len());
+        assert_eq!(parse_table(&out, 0, 1).unwrap(), [e.clone()]);
+
+        // A struct built with a longer name still writes a true length field.
+        let long = SnapshotEntry {
+            name: "é".repeat(40_000),
+            ..e
+        };
+        let mut out = Vec::new();
+        long.write_to(&mut out);
+        let back = parse_table(&out, 0, 1).unwrap().remove(0);
+        assert_eq!((back.name.len(), out.len()), (65_534, long.encoded_len()));
+        assert!(long.name.starts_with(&back.name));
     }
 }
