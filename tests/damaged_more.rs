@@ -691,3 +691,55 @@ fn a_cluster_mapped_twice_is_left_with_one_owner_after_a_copy() {
         "read -P 0x11 68k 60k",
     ]);
 }
+
+/// The same shape made consistent: a refcount of 2 and neither link claiming sole
+/// ownership, which `qemu-img check` finds clean. A write to one offset copies it
+/// out and the count drops to 1; the other link then lacks the copied flag, and
+/// QEMU's check reports it after QEMU's own write as after qcowx's (nothing records
+/// where the other link is; only a whole-tree scan would find it, and neither writer
+/// runs one). The data is right in both, and `qcowx check --repair` sets the flag.
+#[test]
+fn a_cluster_mapped_twice_and_counted_twice_is_left_as_qemu_leaves_it() {
+    require_qemu_tools();
+    let c = Case::create("mapped-twice-counted", M64, "");
+    c.qemu_io(&["write -P 0x11 0 64k", "write -P 0x22 64k 64k"]);
+    let first = c.peek64(l2_entry_offset(&c, 0)) & OFFSET_MASK;
+    let second = c.peek64(l2_entry_offset(&c, 64 << 10)) & OFFSET_MASK;
+    c.poke64(l2_entry_offset(&c, 0), first);
+    c.poke64(l2_entry_offset(&c, 64 << 10), first);
+    for (host, count) in [(first, 2u16), (second, 0)] {
+        let (at, width) = refcount_entry(&c, host);
+        assert_eq!(width, 2, "16-bit refcounts");
+        c.poke(at, &count.to_be_bytes());
+    }
+    let c = c.damaged();
+    qemu_check(&c.img).assert_clean("oracle: one cluster, two references, refcount 2");
+
+    let by_qemu = c.copy("by-qemu");
+    let out = c.qemu_io_raw(&["-f", "qcow2", "-c", "write -P 0x33 64k 4k", &by_qemu]);
+    assert!(out.status.success(), "qemu-io write: {out:?}");
+    let by_qcowx = c.copy("by-qcowx");
+    qcowx_tests::cli::assert_ok(
+        &c.qcowx_io(&by_qcowx, &["write -P 0x33 64k 4k"]),
+        "qcowx io write",
+    );
+    for file in [&by_qemu, &by_qcowx] {
+        let check = qemu_check(&c.path().join(file));
+        assert_eq!(
+            (check.code, check.count("corruptions"), check.count("leaks")),
+            (2, 1, 0),
+            "{file}: QEMU's check finds the one link without the copied flag: {:?}",
+            check.output
+        );
+        assert_eq!(c.qcowx_check(file).code, 2, "{file}: qcowx check agrees");
+        for read in [
+            "read -P 0x11 0 64k",
+            "read -P 0x33 64k 4k",
+            "read -P 0x11 68k 60k",
+        ] {
+            c.qcowx_reads_pattern(file, read);
+        }
+    }
+    qcowx_tests::cli::assert_ok(&c.qcowx(&["check", "--repair", &by_qcowx]), "repair");
+    qemu_check(&c.path().join(&by_qcowx)).assert_clean("after qcowx check --repair");
+}
