@@ -196,7 +196,7 @@ pub(crate) struct ExportArgs {
     /// Export this VDI (default: the default VDI).
     #[arg(long, value_name = "NAME")]
     pub(crate) vdi: Option<String>,
-    /// Output format.
+    /// Output format (a qcow2 output has the image's cluster size).
     #[arg(short = 'O', value_enum, default_value_t = ExportFormat::Raw)]
     pub(crate) format: ExportFormat,
     /// Read the source without locking it, even while another process writes it.

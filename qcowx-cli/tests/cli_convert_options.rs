@@ -668,3 +668,45 @@ fn backing_makes_the_output_an_overlay_as_qemu_img_does() {
     );
     assert!(!t.qcowx.join("x.qcow2").exists() && !t.qcowx.join("x.raw").exists());
 }
+
+/// A qcow2 output has 64 KiB clusters unless `-o cluster_size` says otherwise, whatever
+/// the source's, as qemu-img's has.
+#[test]
+fn a_qcow2_output_has_qemu_imgs_cluster_size_whatever_the_sources() {
+    let t = Twins::new();
+    t.prepare(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "small.qcow2",
+        "1M",
+    ]);
+    t.prepare_io("qcow2", "small.qcow2", &["write -P 0x5a 0 12k"]);
+    let cluster_bits = |bytes: &[u8]| u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    for (args, bits) in [
+        (
+            &["convert", "-O", "qcow2", "small.qcow2", "out.qcow2"][..],
+            16,
+        ),
+        (
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=8k",
+                "small.qcow2",
+                "out8.qcow2",
+            ][..],
+            13,
+        ),
+    ] {
+        t.both(args, Some(0));
+        let out = args.last().unwrap();
+        let (q, x) = t.files(out);
+        assert_eq!(cluster_bits(&q), bits, "oracle: qemu-img's {out}");
+        assert_eq!(cluster_bits(&x), bits, "qcowx's {out}");
+    }
+}

@@ -52,7 +52,8 @@ pub(crate) struct ConvertArgs {
     /// Input format (probed when absent).
     #[arg(short = 'f', value_enum, value_name = "FMT")]
     pub(crate) in_format: Option<DiskFormat>,
-    /// Cluster size of a qcow2 output (default: the input's, or 64 KiB).
+    /// Cluster size of a qcow2 output (default: 64 KiB, as qemu-img's, whatever the
+    /// input's).
     #[arg(long = "cluster-size", value_name = "SIZE", value_parser = size_arg)]
     pub(crate) cluster_size: Option<u64>,
     /// qemu-img's options for a qcow2 output, comma-separated key=value:

@@ -284,7 +284,11 @@ pub(crate) fn export(a: &ExportArgs, quiet: bool) -> Result<u8, Failure> {
     };
     let img = Arc::new(img);
     let bar = progress::Bar::new(progress::enabled(quiet, false), "exporting");
-    let opts = ConvertOptions::new(format);
+    // A flattened root keeps its image's geometry (convert takes qemu-img's default).
+    let opts = ConvertOptions {
+        cluster_size: Some(img.cluster_size()),
+        ..ConvertOptions::new(format)
+    };
     match root {
         None => conv::convert(img.as_ref(), &a.output, &opts, &mut bar.callback())?,
         Some((kind, name)) => {

@@ -126,15 +126,6 @@ impl Content for Concat {
     fn size(&self) -> Result<u64> {
         Ok(self.total())
     }
-    /// The parts' cluster size when they all have the same one.
-    fn cluster_size(&self) -> Option<u64> {
-        let first = self.parts[0].cluster_size();
-        self.parts
-            .iter()
-            .all(|p| p.cluster_size() == first)
-            .then_some(first)
-            .flatten()
-    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.pieces(offset, buf.len() as u64, |part, at, from, n| {
             part.read_at(&mut buf[from as usize..(from + n) as usize], at)

@@ -52,9 +52,6 @@ pub struct ExportStats {
 ///     fn size(&self) -> qcowx_core::Result<u64> {
 ///         Ok(self.size)
 ///     }
-///     fn cluster_size(&self) -> Option<u64> {
-///         None
-///     }
 ///     fn read_at(&self, buf: &mut [u8], offset: u64) -> qcowx_core::Result<()> {
 ///         for (i, b) in buf.iter_mut().enumerate() {
 ///             *b = if offset + (i as u64) < 1 << 20 { 0xab } else { 0 };
@@ -99,8 +96,6 @@ pub trait Content: Send + Sync {
     }
     /// Virtual size in bytes.
     fn size(&self) -> Result<u64>;
-    /// The cluster size of a qcow2 source (`None` for raw files).
-    fn cluster_size(&self) -> Option<u64>;
     /// Reads `buf.len()` bytes at `offset` (inside the virtual size).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// The allocation status of `[offset, offset+len)` (inside the virtual size):
@@ -123,9 +118,6 @@ impl Content for Image {
     fn size(&self) -> Result<u64> {
         Ok(Image::size(self))
     }
-    fn cluster_size(&self) -> Option<u64> {
-        Some(Image::cluster_size(self))
-    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Image::read_at(self, buf, offset)
     }
@@ -146,9 +138,6 @@ impl Content for Disk {
     }
     fn size(&self) -> Result<u64> {
         Ok(Disk::size(self))
-    }
-    fn cluster_size(&self) -> Option<u64> {
-        Some(self.image().cluster_size())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Disk::read_at(self, buf, offset)

@@ -69,9 +69,6 @@ impl Content for RawFile {
     fn size(&self) -> Result<u64> {
         Ok(self.size)
     }
-    fn cluster_size(&self) -> Option<u64> {
-        None
-    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
@@ -106,12 +103,12 @@ impl Content for RawFile {
 /// Image::create(&qcow, &CreateOptions::new(8192))?.close()?;
 ///
 /// let a = open_input(&raw, None, LockMode::Shared)?; // probed: raw
-/// assert_eq!((a.size()?, a.cluster_size()), (8192, None));
+/// assert_eq!(a.size()?, 8192);
 /// let mut buf = [0u8; 2];
 /// a.read_at(&mut buf, 100)?;
 /// assert_eq!(buf, [5, 5]);
 /// let b = open_input(&qcow, Some(ImageFormat::Qcow2), LockMode::Shared)?;
-/// assert_eq!(b.cluster_size(), Some(65536));
+/// assert_eq!(b.size()?, 8192);
 /// # Ok(()) }
 /// ```
 pub fn open_input(

@@ -67,8 +67,10 @@ pub use crate::engine::backing::ImageFormat;
 /// untouched. Exporting onto the source's own path is refused in any case.
 ///
 /// A raw output is a sparse file of `src.size()` bytes; a qcow2 output is created with
-/// [`Image::create`] using the source's virtual size and cluster size (other options
-/// at their defaults) and closed cleanly, so it passes `qemu-img check`. Only ranges
+/// [`Image::create`] using the source's virtual size and `opts`' cluster size, refcount
+/// width, compression type and subclusters (64 KiB clusters, and the rest as
+/// [`CreateOptions::new`](crate::CreateOptions::new) has them, unless `opts` says
+/// otherwise: as qemu-img, whatever the source has) and closed cleanly, so it passes `qemu-img check`. Only ranges
 /// that hold non-zero data are written, in buffers of at most [`COPY_CHUNK`] bytes.
 ///
 /// On error the output may be left partly written.
@@ -210,7 +212,6 @@ pub fn convert(
 ///     fn name(&self) -> &str { "scratched" }
 ///     fn path(&self) -> Option<&Path> { None }
 ///     fn size(&self) -> qcowx_core::Result<u64> { Ok(4096) }
-///     fn cluster_size(&self) -> Option<u64> { None }
 ///     fn read_at(&self, buf: &mut [u8], offset: u64) -> qcowx_core::Result<()> {
 ///         if offset < 1024 && offset + buf.len() as u64 > 512 {
 ///             return Err(Error::InvalidArgument("bad sector".into()));
@@ -272,7 +273,7 @@ pub fn convert_reporting(
     let mut target = if opts.existing_target {
         Target::open_existing(output, opts.format, size)?
     } else {
-        Target::create(output, opts, size, src.cluster_size())?
+        Target::create(output, opts, size)?
     };
     let mut reader = copy::Reader::new(src, opts.salvage, report);
     let stats = match &target {

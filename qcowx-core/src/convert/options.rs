@@ -16,8 +16,8 @@ pub struct ConvertOptions {
     /// each cluster that holds non-zero data is compressed with the image's
     /// compression type and stored compressed when that makes it smaller.
     pub compress: bool,
-    /// Cluster size of a qcow2 output (default: the source's, or 64 KiB for a raw
-    /// source).
+    /// Cluster size of a qcow2 output (default: [`CreateOptions::new`]'s, 64 KiB, as
+    /// qemu-img's whatever the source's).
     pub cluster_size: Option<u64>,
     /// Refcount width of a qcow2 output (default: [`CreateOptions::new`]'s).
     pub refcount_bits: Option<u32>,
@@ -82,7 +82,7 @@ impl ConvertOptions {
     ///
     /// let opts = ConvertOptions::new(ImageFormat::Qcow2);
     /// assert!(!opts.compress);
-    /// assert_eq!(opts.cluster_size, None); // the source's
+    /// assert_eq!(opts.cluster_size, None); // 64 KiB, as qemu-img's
     /// let small = ConvertOptions { cluster_size: Some(4096), ..ConvertOptions::new(ImageFormat::Qcow2) };
     /// assert_eq!(small.format, ImageFormat::Qcow2);
     /// ```

@@ -30,15 +30,10 @@ pub(super) enum Target {
 }
 
 impl Target {
-    /// A new output at `output` for a source of `size` bytes whose cluster size is
-    /// `src_cluster`; an existing file is replaced (under an exclusive lock, so a file
+    /// A new output at `output` for a source of `size` bytes; an existing file is
+    /// replaced (under an exclusive lock, so a file
     /// in use elsewhere is refused and left untouched).
-    pub(super) fn create(
-        output: &Path,
-        opts: &ConvertOptions,
-        size: u64,
-        src_cluster: Option<u64>,
-    ) -> Result<Target> {
+    pub(super) fn create(output: &Path, opts: &ConvertOptions, size: u64) -> Result<Target> {
         let name = output.display().to_string();
         match opts.format {
             ImageFormat::Raw => {
@@ -51,10 +46,8 @@ impl Target {
             }
             ImageFormat::Qcow2 => {
                 let mut create = CreateOptions::new(size).if_exists(crate::IfExists::Replace);
-                create.cluster_size = opts
-                    .cluster_size
-                    .or(src_cluster)
-                    .unwrap_or(create.cluster_size);
+                // qemu-img's default whatever the source's: 64 KiB.
+                create.cluster_size = opts.cluster_size.unwrap_or(create.cluster_size);
                 create.refcount_bits = opts.refcount_bits.unwrap_or(create.refcount_bits);
                 create.compression = opts.compression_type.unwrap_or(create.compression);
                 create.extended_l2 = opts.extended_l2.unwrap_or(create.extended_l2);

@@ -56,9 +56,6 @@ impl Content for Window<'_> {
     fn size(&self) -> Result<u64> {
         Ok(self.len)
     }
-    fn cluster_size(&self) -> Option<u64> {
-        self.inner.cluster_size()
-    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.inner.read_at(buf, self.start + offset)
     }
