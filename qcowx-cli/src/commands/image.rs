@@ -131,7 +131,8 @@ pub(crate) fn info(a: &InfoArgs, quiet: bool, out: &mut dyn Write) -> Result<u8,
 }
 
 /// `info` of one image as (JSON, human text): a qcow2 image opened without its
-/// backing file, or a raw file of `raw_size` bytes.
+/// backing file, or a raw file of `raw_size` bytes, each with its file as the child
+/// node.
 fn layer_info(
     path: &Path,
     format: ImageFormat,
@@ -139,9 +140,9 @@ fn layer_info(
     lock: LockMode,
 ) -> Result<(serde_json::Value, String), Failure> {
     let name = path.display().to_string();
-    let actual = actual_size(path)?;
+    let (file_len, actual) = file_sizes(path)?;
     let mut human = Vec::new();
-    let json = match format {
+    let mut json = match format {
         ImageFormat::Qcow2 => {
             let img = OpenOptions::new()
                 .lock(lock)
@@ -156,11 +157,16 @@ fn layer_info(
             report::raw_info_json(&name, raw_size, actual)
         }
     };
+    // The protocol layer under the format, as qemu-img reports it: the file itself,
+    // its length in whole 512-byte sectors (QEMU's block layer rounds it up).
+    let file_len = file_len.next_multiple_of(512);
+    json["children"] = report::file_child_json(&name, file_len, actual);
+    report::file_child_human(&mut human, &name, file_len, actual)?;
     Ok((json, String::from_utf8_lossy(&human).into_owned()))
 }
 
-/// Bytes the file occupies on its file system.
-pub(crate) fn actual_size(path: &Path) -> Result<u64, qcowx_core::Error> {
+/// The file's length and the bytes it occupies on its file system.
+fn file_sizes(path: &Path) -> Result<(u64, u64), qcowx_core::Error> {
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(path).map_err(|source| qcowx_core::Error::Io {
         file: path.display().to_string(),
@@ -168,7 +174,7 @@ pub(crate) fn actual_size(path: &Path) -> Result<u64, qcowx_core::Error> {
         offset: 0,
         source,
     })?;
-    Ok(md.blocks() * 512)
+    Ok((md.len(), md.blocks() * 512))
 }
 
 pub(crate) fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u8, Failure> {
