@@ -375,7 +375,8 @@ impl Image {
                             file: name.clone(),
                             source,
                         })?;
-                        let exact = snapshot::encodes_as_read(&entries, &table);
+                        // Only a writable handle writes into the table (its room).
+                        let exact = opts.write && snapshot::encodes_as_read(&entries, &table);
                         break (entries, exact);
                     }
                 }
@@ -536,6 +537,7 @@ struct Parts {
     compression: CompressionType,
     l1: Vec<u64>,
     snapshots: Vec<snapshot::SnapshotEntry>,
-    /// Whether the entries, written back, are the table's bytes.
+    /// Whether the entries, written back, are the table's bytes (judged on writable
+    /// opens only: false on read-only ones, which never write the table).
     table_exact: bool,
 }
