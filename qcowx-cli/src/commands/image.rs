@@ -224,8 +224,10 @@ pub(crate) fn check(a: &CheckArgs, quiet: bool, out: &mut dyn Write) -> Result<u
         for m in &after.messages {
             let _ = writeln!(io::stderr(), "{m}");
         }
+        // Counted as qemu-img counts them: bit-63 errors judged on a stale refcount
+        // go with the refcount they follow from.
         let fixed = report::Fixed {
-            corruptions: first.corruptions.saturating_sub(after.corruptions),
+            corruptions: (first.corruptions - first.stale_copied).saturating_sub(after.corruptions),
             leaks: first.leaks.saturating_sub(after.leaks),
         };
         (after, Some(fixed))

@@ -176,6 +176,10 @@ pub(crate) struct State {
     pub(crate) alloc: Allocator,
     /// We set the dirty bit: on-disk refcounts are stale until `deltas` is applied.
     pub(crate) stale: bool,
+    /// The dirty bit was set when a repair-mode open took the image, which settles
+    /// nothing: until refcounts are next written, what is stale is not this handle's
+    /// own doing but what a crash or another writer left — damage a check reports.
+    pub(crate) inherited_stale: bool,
     /// Refcount changes since the on-disk refcounts were last exact.
     pub(crate) deltas: super::RefDeltas,
     /// Why the last refcount write was a full rebuild rather than an apply of

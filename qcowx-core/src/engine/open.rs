@@ -442,6 +442,7 @@ impl Image {
             cache: L2Cache::new(opts.cache_bytes, geo.cluster_size() as usize),
             alloc: Allocator::new(geo.cluster_size(), file_len),
             stale,
+            inherited_stale: stale && opts.repair,
             deltas: {
                 let mut d = super::RefDeltas::new(geo.cluster_bits, !stale);
                 d.set_base_clusters(file_len.div_ceil(geo.cluster_size()));

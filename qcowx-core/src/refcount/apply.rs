@@ -166,6 +166,7 @@ fn apply(img: &Image, st: &mut State, gate: &IoGate<'_>) -> std::result::Result<
     img.write_header_fields(st)?;
     img.sync()?;
     st.stale = false;
+    st.inherited_stale = false;
     Ok(())
 }
 

@@ -254,6 +254,9 @@ fn copied_rule(
     msg: impl FnOnce() -> String,
 ) {
     if writable != (refcount == 1) {
+        if refcount != refs {
+            s.report.stale_copied += 1;
+        }
         if refcount != refs || !writable {
             s.report.stale_corruptions += 1;
         }

@@ -65,6 +65,13 @@ pub struct CheckReport {
     /// the rest of `corruptions` is damage to the structure. Expected on a dirty
     /// image.
     pub stale_corruptions: u64,
+    /// Of `stale_corruptions`, the bit-63 violations judged on a refcount that
+    /// differs from the references: consequences of a stale count rather than damage
+    /// of their own. A rebuild leaves none, so `qemu-img check -r all`, which fixes
+    /// refcounts before it judges bit 63, does not count them among the corruptions
+    /// it fixed.
+    #[cfg_attr(feature = "control", serde(default))]
+    pub stale_copied: u64,
     /// The report follows a repair.
     pub repaired: bool,
     /// The header's corrupt bit is set: a write on metadata was refused (by qcowx or
@@ -338,8 +345,9 @@ impl Image {
         if self.is_writable() {
             self.flush_locked(&mut st)?;
             // This handle's own changes are not damage: write them out first, so
-            // that only what a crash or another program left is reported.
-            if st.stale && st.refused.is_none() {
+            // that only what a crash or another program left is reported (a
+            // repair-mode open of a dirty image has made none yet).
+            if st.stale && !st.inherited_stale && st.refused.is_none() {
                 write_refcounts(self, &mut st)?;
             }
         }

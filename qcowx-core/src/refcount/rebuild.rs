@@ -160,6 +160,7 @@ pub(crate) fn rebuild_with(
     img.write_header_fields(st)?;
     img.sync()?;
     st.stale = false;
+    st.inherited_stale = false;
     st.deltas.reset_exact(counts.max());
     st.deltas.set_base_clusters(new_end);
 
