@@ -438,7 +438,10 @@ pub(crate) struct AmendArgs {
     /// Options, comma-separated: `refcount_bits=N` (1, 2, 4, 8, 16, 32 or 64),
     /// `backing_file=NAME` and `backing_fmt=raw|qcow2` (as `rebase -u`),
     /// `lazy_refcounts=on|off`, `size=SIZE` (grow), `compat=1.1` (a version 2 image
-    /// becomes version 3, as `qemu-img amend` upgrades it; no downgrade).
+    /// becomes version 3, as `qemu-img amend` upgrades it) or `compat=0.10` (version
+    /// 3 becomes version 2, last: zero clusters become zeros; needs 16-bit refcounts
+    /// and no subclusters, zstd-compressed clusters or bitmaps; qcowx then opens the
+    /// image read-only until `compat=1.1`).
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
     pub(crate) options: String,
     /// The image file.

@@ -111,7 +111,7 @@ enum Command {
     Bitmap(BitmapArgs),
     /// Change an image's options (like `qemu-img amend`): `-o refcount_bits=N` widens
     /// or narrows the refcounts; backing_file, backing_fmt, lazy_refcounts, size;
-    /// `compat=1.1` upgrades a version 2 image.
+    /// `compat=1.1` upgrades a version 2 image, `compat=0.10` downgrades to one.
     Amend(AmendArgs),
     /// Change an image's backing file (like `qemu-img rebase`): with -u only the
     /// name; without, what its VDIs read is kept.

@@ -1,6 +1,7 @@
 //! `amend` and `rebase`: options an image changes in place (refcount width, backing
-//! file, lazy refcounts, size, version 2 to 3), around `Image::set_refcount_bits`,
-//! `set_backing_file`, `set_lazy_refcounts`, `resize` and `OpenOptions::upgrade`.
+//! file, lazy refcounts, size, version), around `Image::set_refcount_bits`,
+//! `set_backing_file`, `set_lazy_refcounts`, `resize`, `OpenOptions::upgrade` and
+//! `Image::close_as_v2`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +22,8 @@ enum Change {
     Size(u64),
     /// `compat=1.1`: a version 2 image becomes version 3 (nothing for a version 3 one).
     Upgrade,
+    /// `compat=0.10`: a version 3 image becomes version 2 (nothing for a version 2 one).
+    Downgrade,
 }
 
 fn parse(options: &str) -> Result<Vec<Change>, Error> {
@@ -48,24 +51,41 @@ fn parse(options: &str) -> Result<Vec<Change>, Error> {
             }),
             "size" => Change::Size(size_arg(v).map_err(|e| bad(format!("size '{v}': {e}")))?),
             "compat" if matches!(v, "1.1" | "v3") => Change::Upgrade,
-            "compat" if matches!(v, "0.10" | "v2") => {
-                return Err(bad(
-                    "a downgrade to compat=0.10 is not offered: qcowx writes version 3 \
-                     images only (its snapshots and clean-close record need it)"
-                        .into(),
-                ))
-            }
+            "compat" if matches!(v, "0.10" | "v2") => Change::Downgrade,
             "compat" => return Err(bad(format!("compat must be 0.10 or 1.1, not '{v}'"))),
             _ => {
                 return Err(bad(format!(
                     "unsupported option '{opt}' (qcowx amends refcount_bits, backing_file, \
-                     backing_fmt, lazy_refcounts, size and compat=1.1)"
+                     backing_fmt, lazy_refcounts, size and compat)"
                 )))
             }
         });
     }
     if out.is_empty() {
         return Err(Error::InvalidArgument("no option to amend".into()));
+    }
+    // The last compat= counts, as in qemu-img.
+    let last = out
+        .iter()
+        .rposition(|c| matches!(c, Change::Upgrade | Change::Downgrade));
+    if let Some(last) = last {
+        let keep = out[last].clone();
+        out.retain(|c| !matches!(c, Change::Upgrade | Change::Downgrade));
+        out.push(keep);
+    }
+    if out.contains(&Change::Downgrade) && out.contains(&Change::LazyRefcounts(true)) {
+        return Err(bad(
+            "lazy refcounts need compatibility level 1.1 (compat=1.1)".into(),
+        ));
+    }
+    if out.contains(&Change::Downgrade)
+        && out
+            .iter()
+            .any(|c| matches!(c, Change::RefcountBits(b) if *b != 16))
+    {
+        return Err(bad(
+            "refcount widths other than 16 bits need compatibility level 1.1 (compat=1.1)".into(),
+        ));
     }
     Ok(out)
 }
@@ -81,6 +101,18 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
             .open_backing(false)
             .open(&a.file)?
             .close()?;
+    }
+    if changes.contains(&Change::Downgrade) {
+        // A version 2 image is left as it is (it opens read-only only).
+        let img = OpenOptions::new()
+            .write(false)
+            .open_backing(false)
+            .open(&a.file)?;
+        let v2 = img.info()?.version < 3;
+        img.close()?;
+        if v2 && changes.len() == 1 {
+            return Ok(0);
+        }
     }
     // As a repair does: the open checks and changes nothing (an image whose counts
     // overflow its width, the reason to amend, is refused by a plain writable open),
@@ -108,10 +140,18 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
             Change::LazyRefcounts(on) => img.set_lazy_refcounts(*on)?,
             Change::Size(n) => img.resize(*n)?,
             Change::RefcountBits(bits) => img.set_refcount_bits(*bits)?,
-            Change::BackingFile(_) | Change::BackingFormat(_) | Change::Upgrade => {}
+            Change::BackingFile(_)
+            | Change::BackingFormat(_)
+            | Change::Upgrade
+            | Change::Downgrade => {}
         }
     }
-    img.close()?;
+    // Last, as qemu-img downgrades: the other changes may be what it needs.
+    if changes.contains(&Change::Downgrade) {
+        img.close_as_v2()?;
+    } else {
+        img.close()?;
+    }
     Ok(0)
 }
 
@@ -178,13 +218,18 @@ mod tests {
         );
         assert_eq!(
             parse("compat=1.1,lazy_refcounts=off").unwrap(),
-            [Change::Upgrade, Change::LazyRefcounts(false)]
+            [Change::LazyRefcounts(false), Change::Upgrade]
         );
         assert_eq!(parse("compat=v3").unwrap(), [Change::Upgrade]);
+        assert_eq!(parse("compat=v2").unwrap(), [Change::Downgrade]);
+        assert_eq!(
+            parse("compat=0.10,refcount_bits=16,compat=1.1").unwrap(),
+            [Change::RefcountBits(16), Change::Upgrade]
+        );
         for bad in [
             "",
-            "compat=0.10",
-            "compat=v2",
+            "compat=0.10,lazy_refcounts=on",
+            "compat=0.10,refcount_bits=32",
             "compat=1.2",
             "refcount_bits=3",
             "lazy_refcounts=maybe",

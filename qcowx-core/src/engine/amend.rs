@@ -150,7 +150,7 @@ impl Image {
     /// Writes header `h` (fixed fields, extensions, backing file name) over the
     /// header area, durably, and makes it the image's header. Refused, with nothing
     /// written, when it does not fit in the first cluster.
-    fn write_header_area(&self, st: &mut State, mut h: Header) -> Result<()> {
+    pub(crate) fn write_header_area(&self, st: &mut State, mut h: Header) -> Result<()> {
         h.layout_backing();
         if h.area_bytes().is_none() {
             // The feature name table is informative: leave it out before giving up.

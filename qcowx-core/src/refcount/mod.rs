@@ -10,6 +10,7 @@
 mod apply;
 mod check;
 mod counts;
+mod downgrade;
 mod rebuild;
 mod relocate;
 mod room;
