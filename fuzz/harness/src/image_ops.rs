@@ -265,6 +265,10 @@ pub enum Op {
     Reopen,
     /// Read every root (the read pass).
     ReadAll,
+    /// Close as a version 2 image (`amend -o compat=0.10`) and open it again with
+    /// the upgrade to version 3: the default VDI must read as before. Op code 255
+    /// only, so that the other codes decode as before it existed.
+    Downgrade,
 }
 
 impl Op {
@@ -289,14 +293,23 @@ impl Op {
 
     /// Decodes the op code (one byte).
     pub fn decode(s: &mut Script<'_>) -> Op {
-        Op::ALL[s.pick(Op::ALL.len())]
+        match s.u8() {
+            DOWNGRADE_CODE => Op::Downgrade,
+            b => Op::ALL[usize::from(b) % Op::ALL.len()],
+        }
     }
 
     /// The op code byte of `self`.
     pub fn code(self) -> u8 {
-        Op::ALL.iter().position(|&o| o == self).unwrap_or(0) as u8
+        match self {
+            Op::Downgrade => DOWNGRADE_CODE,
+            op => Op::ALL.iter().position(|&o| o == op).unwrap_or(0) as u8,
+        }
     }
 }
+
+/// The op code of [`Op::Downgrade`].
+const DOWNGRADE_CODE: u8 = 255;
 
 /// The writable image an op script drives.
 struct Runner {
@@ -391,6 +404,35 @@ impl Runner {
         self.assert_clean("after close and reopen");
         if !write {
             read_roots(&self.img);
+        }
+        true
+    }
+
+    /// [`Op::Downgrade`]; false when the script must stop.
+    fn downgrade_and_upgrade(&mut self) -> bool {
+        let read = |img: &Arc<Image>| -> Option<Vec<u8>> {
+            let d = img.open_root("default").ok()?;
+            let mut buf = vec![0u8; d.size().min(READ_PASS_BYTES) as usize];
+            d.read_at(&mut buf, 0).ok().map(|_| buf)
+        };
+        let before = read(&self.img);
+        let r = self.img.close_as_v2();
+        note(format_args!("close as version 2"), &r);
+        if r.is_err() {
+            // Refused (nothing written, the handle open) or failed: go on only with
+            // a handle that still works.
+            return self.img.flush().is_ok();
+        }
+        let img = fixture::open_upgrading(&self.storage).unwrap_or_else(|e| {
+            panic!("an image qcowx closed as version 2 does not open with the upgrade: {e}")
+        });
+        self.img = img;
+        self.assert_clean("after a downgrade and an upgrade");
+        if let Some(before) = before {
+            assert!(
+                read(&self.img).as_ref() == Some(&before),
+                "the default VDI reads otherwise after a downgrade and an upgrade"
+            );
         }
         true
     }
@@ -536,6 +578,7 @@ impl Runner {
             }
             Op::Reopen => return self.close_and_reopen(true),
             Op::ReadAll => read_roots(&img),
+            Op::Downgrade => return self.downgrade_and_upgrade(),
         }
         true
     }
