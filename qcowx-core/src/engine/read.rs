@@ -58,36 +58,40 @@ impl Image {
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
-            let (l1i, _) = self.geo.split(GuestOffset::new(pos));
-            if self.l1_entry(st, root, l1i)?.l2_offset().is_none() {
-                let n = (span - pos % span).min(end - pos);
+            let (l1i, first) = self.geo.split(GuestOffset::new(pos));
+            // The part of the range this L1 entry covers.
+            let stop = end.min((pos / span + 1) * span);
+            let Some(l2_off) = self.l1_entry(st, root, l1i)?.l2_offset() else {
                 push_piece(
                     &mut out,
                     Piece {
                         guest: pos,
-                        len: n,
+                        len: stop - pos,
                         src: Source::Backing,
                     },
                 );
-                pos += n;
+                pos = stop;
                 continue;
-            }
-            let in_off = pos % cs;
-            let n = (cs - in_off).min(end - pos);
-            let (kind, _) = self.lookup(st, root, GuestOffset::new(pos))?;
+            };
+            // Every cluster of it from one look at the L2 table.
+            let count = ((stop - 1) / cs - pos / cs + 1) as usize;
             let mut g = pos;
-            for_each_piece(&self.geo, kind, in_off, n, |plen, src| {
-                push_piece(
-                    &mut out,
-                    Piece {
-                        guest: g,
-                        len: plen,
-                        src,
-                    },
-                );
-                g += plen;
-            });
-            pos += n;
+            self.l2_kinds(st, l2_off, first, count, |kind, _| {
+                let in_off = g % cs;
+                let n = (cs - in_off).min(stop - g);
+                for_each_piece(&self.geo, kind, in_off, n, |plen, src| {
+                    push_piece(
+                        &mut out,
+                        Piece {
+                            guest: g,
+                            len: plen,
+                            src,
+                        },
+                    );
+                    g += plen;
+                });
+            })?;
+            pos = stop;
         }
         Ok(out)
     }

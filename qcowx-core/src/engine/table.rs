@@ -163,12 +163,39 @@ impl Image {
         let Some(l2_off) = l1e.l2_offset() else {
             return Ok((ClusterKind::Unallocated, false));
         };
-        let e = self.l2_entry(st, l2_off, l2i)?;
-        let entry_off = l2_off + l2i as u64 * self.geo.l2_entry_bytes();
-        let kind = e
-            .kind(&self.geo)
-            .map_err(|why| self.corrupt("L2 entry", entry_off, why))?;
-        Ok((kind, l1e.writable() && e.writable()))
+        let mut found = (ClusterKind::Unallocated, false);
+        self.l2_kinds(st, l2_off, l2i, 1, |kind, writable| {
+            found = (kind, l1e.writable() && writable)
+        })?;
+        Ok(found)
+    }
+
+    /// What entries `first..first + count` of the L2 table at `l2_off` map to, in
+    /// order: `f(kind, writable)` for each (`writable`: the entry's own bit 63). The
+    /// table is looked up once, so a range of clusters costs one cache lookup, not
+    /// one per cluster. A malformed entry fails with where it is.
+    pub(super) fn l2_kinds(
+        &self,
+        st: &mut State,
+        l2_off: HostOffset,
+        first: usize,
+        count: usize,
+        mut f: impl FnMut(ClusterKind, bool),
+    ) -> Result<()> {
+        self.load_l2(st, l2_off)?;
+        let words = st
+            .cache
+            .get(l2_off)
+            .ok_or_else(|| self.corrupt("L2 table", l2_off, "vanished from the cache"))?;
+        for l2i in first..first + count {
+            let e = L2Entry::get(words, l2i, &self.geo);
+            let kind = e.kind(&self.geo).map_err(|why| {
+                let entry_off = l2_off + l2i as u64 * self.geo.l2_entry_bytes();
+                self.corrupt("L2 entry", entry_off, why)
+            })?;
+            f(kind, e.writable());
+        }
+        Ok(())
     }
 
     /// Makes sure the L1 entry `l1i` links to an L2 table this root owns, copying a
