@@ -59,8 +59,9 @@ impl KeptHosts {
 
     /// The host offset the root keeps for guest offset `guest` (in a range block
     /// status reports as zeros or unallocated), and how many bytes from `guest` the
-    /// answer covers (to the end of its cluster, or of its L1 entry's range when that
-    /// has no L2 table).
+    /// answer covers: to the end of its cluster when it keeps one; when it keeps
+    /// none, to the end of the clusters after it in the same L2 table that keep none
+    /// either (or of its L1 entry's range when that has no L2 table).
     pub fn host_of(&mut self, guest: u64) -> Result<(Option<u64>, u64)> {
         let geo = self.img.geo;
         let cs = geo.cluster_size();
@@ -77,13 +78,21 @@ impl KeptHosts {
             let per = geo.bytes_per_l1_entry();
             return Ok((None, per - guest % per));
         };
-        let entry = L2Entry::get(words, l2i, &geo);
-        let in_cluster = guest % cs;
-        let host = match entry.kind(&geo) {
+        let kept = |i: usize| match L2Entry::get(words, i, &geo).kind(&geo) {
             Ok(ClusterKind::Zero { host: Some(h) })
-            | Ok(ClusterKind::Subclusters { host: Some(h), .. }) => Some((h + in_cluster).get()),
+            | Ok(ClusterKind::Subclusters { host: Some(h), .. }) => Some(h),
             _ => None,
         };
-        Ok((host, cluster_left))
+        match kept(l2i) {
+            Some(h) => Ok((Some((h + guest % cs).get()), cluster_left)),
+            None => {
+                // The clusters after it that keep nothing either: one answer for all.
+                let per_table = (geo.bytes_per_l1_entry() / cs) as usize;
+                let more = (l2i + 1..per_table)
+                    .take_while(|&i| kept(i).is_none())
+                    .count();
+                Ok((None, cluster_left + more as u64 * cs))
+            }
+        }
     }
 }
