@@ -76,8 +76,8 @@ pub(crate) enum Step {
 
 /// Walks one tree, reading its tables from the file. `visit` sees each well-formed
 /// link of `l1` and answers whether to descend into its table (its answer to other
-/// steps is ignored); a table descended into is read and each of its entries
-/// visited. A table past the end of the file is skipped.
+/// steps is ignored); a table descended into is read and each of its entries that
+/// is not all zero bits visited. A table past the end of the file is skipped.
 pub(crate) fn walk_tree<E: From<Error>>(
     img: &Image,
     l1: &[u64],
@@ -96,7 +96,10 @@ pub(crate) fn walk_tree<E: From<Error>>(
         let Some(words) = reader.read(table)? else {
             continue; // past the end of the file: the scan reports such links
         };
-        for (index, entry) in l2_entries(&words, &geo) {
+        // An entry of all zero bits (unallocated, no subcluster state) links nothing
+        // and holds no bit 63: no visitor has anything to do with it.
+        let linked = l2_entries(&words, &geo).filter(|(_, e)| e.word() != 0 || e.bitmap() != 0);
+        for (index, entry) in linked {
             visit(Step::Entry {
                 table,
                 index,

@@ -514,7 +514,9 @@ pub(crate) fn scan_from(
         }
         let words = src.l2(img, off, &mut raw, writable)?;
         let is_active = active.contains(&off);
-        for (idx, entry) in l2_entries(&words, &geo) {
+        // Entries of all zero bits link nothing and are valid: skipped.
+        let linked = l2_entries(&words, &geo).filter(|(_, e)| e.word() != 0 || e.bitmap() != 0);
+        for (idx, entry) in linked {
             let entry_off = off + idx as u64 * geo.l2_entry_bytes();
             let kind = match entry.kind(&geo) {
                 Ok(kind) => kind,
