@@ -277,14 +277,14 @@ pub fn convert_reporting(
     };
     let mut reader = copy::Reader::new(src, opts.salvage, report);
     let stats = match &target {
-        Target::Qcow2(dst) if opts.compress => {
+        Target::Qcow2 { img: dst, .. } if opts.compress => {
             copy::copy_compressed(&mut reader, size, dst, opts.rate_limit, progress)?
         }
         _ => {
             // Over a backing file the zeros must be written, or its data shows
             // through; past its end they read as zeros anyway.
             let overlay = match &target {
-                Target::Qcow2(img) if opts.backing_file.is_some() => {
+                Target::Qcow2 { img, .. } if opts.backing_file.is_some() => {
                     Some(img.backing().map_or(0, |b| b.size()))
                 }
                 _ => None,
@@ -295,7 +295,7 @@ pub fn convert_reporting(
             copy::copy(&mut reader, size, &mut sink, sparse, overlay, progress)?
         }
     };
-    if let (Target::Qcow2(dst), Some(img)) = (&target, src.image()) {
+    if let (Target::Qcow2 { img: dst, .. }, Some(img)) = (&target, src.image()) {
         bitmaps::copy(img, dst, &bitmaps)?;
     }
     target.finish(opts.sync)?;

@@ -2,13 +2,13 @@
 //! (`qemu-img convert -n`) — and how a buffer is split into the data written and the
 //! zero runs left out (`-S`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::engine::{CreateOptions, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::storage::lock::LockMode;
-use crate::storage::{FileStorage, OpenMode, Storage};
+use crate::storage::{FileStorage, OpenMode, Storage, WriteBehind};
 
 use super::options::ConvertOptions;
 use crate::engine::backing::ImageFormat;
@@ -25,8 +25,12 @@ pub(super) trait Sink {
 pub(super) enum Target {
     /// A raw file.
     Raw { storage: FileStorage, name: String },
-    /// A qcow2 image, written through its default VDI.
-    Qcow2(Box<Image>),
+    /// A qcow2 image, written through its default VDI; `new` names a new one (its
+    /// fdatasyncs deferred to [`Target::finish`]).
+    Qcow2 {
+        img: Box<Image>,
+        new: Option<PathBuf>,
+    },
 }
 
 impl Target {
@@ -53,7 +57,18 @@ impl Target {
                 create.extended_l2 = opts.extended_l2.unwrap_or(create.extended_l2);
                 create.backing_file = opts.backing_file.clone();
                 create.backing_format = opts.backing_format.map(|f| f.name().to_string());
-                Ok(Target::Qcow2(Box::new(Image::create(output, &create)?)))
+                // Useless until complete: no fdatasync on the way (writeback started
+                // as it goes when the end syncs), one at the end with `sync`.
+                create.deferred_sync = Some(if opts.sync {
+                    WriteBehind::Background
+                } else {
+                    WriteBehind::Off
+                });
+                let img = Image::create(output, &create)?;
+                Ok(Target::Qcow2 {
+                    img: Box::new(img),
+                    new: Some(output.to_path_buf()),
+                })
             }
         }
     }
@@ -78,7 +93,13 @@ impl Target {
             ImageFormat::Qcow2 => {
                 let img = OpenOptions::new().write(true).open(output)?;
                 let len = img.size();
-                (Target::Qcow2(Box::new(img)), len)
+                (
+                    Target::Qcow2 {
+                        img: Box::new(img),
+                        new: None,
+                    },
+                    len,
+                )
             }
         };
         if len < size {
@@ -93,12 +114,13 @@ impl Target {
     pub(super) fn cluster_size(&self) -> Option<u64> {
         match self {
             Target::Raw { .. } => None,
-            Target::Qcow2(img) => Some(img.cluster_size()),
+            Target::Qcow2 { img, .. } => Some(img.cluster_size()),
         }
     }
 
-    /// Ends the conversion: a raw output is synced to the disk when `sync` is set; a
-    /// qcow2 output is closed cleanly (which syncs it) either way.
+    /// Ends the conversion: the output is synced to the disk when `sync` is set (one
+    /// fdatasync; an existing qcow2 output `-n` names is synced by its close either
+    /// way), and a qcow2 output closed cleanly.
     pub(super) fn finish(self, sync: bool) -> Result<()> {
         match self {
             Target::Raw { storage, name } => {
@@ -109,7 +131,15 @@ impl Target {
                 }
                 Ok(())
             }
-            Target::Qcow2(img) => img.close(),
+            Target::Qcow2 { img, new } => {
+                img.close()?;
+                match new {
+                    Some(path) if sync => std::fs::File::open(&path)
+                        .and_then(|f| f.sync_data())
+                        .map_err(|e| Error::io(path.display().to_string(), "fdatasync", 0, e)),
+                    _ => Ok(()),
+                }
+            }
         }
     }
 }
@@ -120,7 +150,7 @@ impl Sink for Target {
             Target::Raw { storage, name } => storage
                 .write_at(buf, offset)
                 .map_err(|e| Error::io(name.as_str(), "write", offset, e)),
-            Target::Qcow2(img) => img.write_at(buf, offset),
+            Target::Qcow2 { img, .. } => img.write_at(buf, offset),
         }
     }
 
@@ -131,7 +161,7 @@ impl Sink for Target {
             Target::Raw { storage, name } => storage
                 .punch_hole(offset, len)
                 .map_err(|e| Error::io(name.as_str(), "punch hole", offset, e)),
-            Target::Qcow2(img) => img.write_zeroes(offset, len, true),
+            Target::Qcow2 { img, .. } => img.write_zeroes(offset, len, true),
         }
     }
 }

@@ -87,6 +87,14 @@ pub struct CreateOptions {
     /// Set the lazy-refcounts compatible bit (`-o lazy_refcounts=on`; see
     /// [`Image::set_lazy_refcounts`]).
     pub lazy_refcounts: bool,
+    /// Defer the new image's fdatasyncs, for an image useless until complete (a
+    /// conversion's output), as `qemu-img convert` writes with `cache=unsafe`: every
+    /// one the handle makes is a no-op ([`DeferredSync`](crate::storage::DeferredSync),
+    /// with this write-behind), and its owner makes the file durable once, after the
+    /// close, if at all (an fdatasync of any descriptor of the file). A crash before
+    /// then may leave the image in any state. `None` (the default): every commit
+    /// point is synced.
+    pub deferred_sync: Option<crate::storage::WriteBehind>,
 }
 
 impl CreateOptions {
@@ -105,6 +113,7 @@ impl CreateOptions {
             open_backing: true,
             preallocation: Preallocation::Off,
             lazy_refcounts: false,
+            deferred_sync: None,
         }
     }
 
@@ -552,8 +561,12 @@ impl Image {
         // Open through the same locked file: no window where another process could
         // take the image between creating and opening it.
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let storage: Arc<dyn Storage> = match opts.deferred_sync {
+            None => Arc::new(storage),
+            Some(wb) => Arc::new(crate::storage::DeferredSync::with_write_behind(storage, wb)),
+        };
         Image::from_parts(
-            Arc::new(storage),
+            storage,
             name,
             Some(path.to_path_buf()),
             &OpenOptions::new()
