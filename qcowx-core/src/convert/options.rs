@@ -39,9 +39,10 @@ pub struct ConvertOptions {
     /// clusters. 0 writes every byte, zeros included, so the output is fully
     /// allocated. A multiple of 512 up to [`MAX_SPARSE_SIZE`].
     pub sparse_size: u64,
-    /// Sync the output to the disk before returning (default). `false` is `qemu-img
-    /// convert -t unsafe`: a raw output is left to the kernel to write back (a qcow2
-    /// output is closed cleanly, which syncs it, either way).
+    /// Sync the output to the disk before returning (default): one fdatasync at the
+    /// end (a new qcow2 output defers the ones of its commit points to it). `false`
+    /// is `qemu-img convert -t unsafe`: the output is left to the kernel to write
+    /// back (an existing qcow2 output, `-n`, is still synced by its close).
     pub sync: bool,
     /// At most this many bytes written per second on average (`-r`).
     pub rate_limit: Option<u64>,
