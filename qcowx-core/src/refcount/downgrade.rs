@@ -8,19 +8,17 @@
 //! zeros after. A cluster written with zeros in place is one only this table links
 //! (its references are the table's); any other gets a new cluster of zeros.
 
-use std::collections::BTreeSet;
-
-use crate::engine::{Image, State, DEFAULT_ROOT};
+use crate::engine::{Image, State};
 use crate::error::{Error, Result};
 use crate::format::addr::HostOffset;
 use crate::format::extensions::{EXT_BITMAPS, EXT_DATA_FILE, EXT_FEATURE_NAMES};
 use crate::format::header::{Incompatible, V2_HEADER_LEN};
 use crate::format::remote::EXT_REMOTE_BASE;
 use crate::format::stamp::EXT_CLEAN_STAMP;
-use crate::format::tables::{l2_entries, l2_tables, ClusterKind, L2Entry};
+use crate::format::tables::{l2_entries, ClusterKind, L2Entry};
 use crate::storage::Storage;
 
-use super::scan::{scan, Scan, Source};
+use super::scan::{scan, Scan};
 
 /// What one zero entry becomes.
 enum Expand {
@@ -191,21 +189,8 @@ impl Image {
             .incompatible
             .contains(Incompatible::COMPRESSION_TYPE);
         let backed = st.header.backing_file.is_some() || st.header.extensions.has(EXT_REMOTE_BASE);
-        let mut tables: BTreeSet<HostOffset> = BTreeSet::new();
-        let mut add_l1 = |l1: &[u64]| tables.extend(l2_tables(l1, &geo).map(|(_, _, t)| t));
-        add_l1(&self.root(st, DEFAULT_ROOT)?.l1);
-        let entries: Vec<(u64, u32)> = st
-            .registry
-            .entries()
-            .iter()
-            .filter(|e| e.l1_problem(cs).is_none())
-            .map(|e| (e.l1_table_offset, e.l1_size))
-            .collect();
-        for (off, size) in entries {
-            add_l1(&Source::File.l1(self, off, size, false)?);
-        }
         let mut plan = Vec::new();
-        for table in tables {
+        for table in self.linked_l2_tables(st)? {
             let table_refs = probe.count(table.get() / cs);
             self.load_l2(st, table)?;
             let Some(words) = st.cache.get(table) else {

@@ -47,25 +47,10 @@ impl Image {
         }
         self.sync()?;
 
-        // Every L2 table any root links, once.
-        let mut tables: BTreeSet<HostOffset> = BTreeSet::new();
-        let mut add_l1 = |l1: &[u64]| tables.extend(l2_tables(l1, &geo).map(|(_, _, t)| t));
-        add_l1(&self.root(st, DEFAULT_ROOT)?.l1);
         // (A repair runs this only when the scan found no other damage, so every
-        // entry's L1 reference is sound; a bad one is skipped all the same.)
-        let entries: Vec<(u64, u32)> = st
-            .registry
-            .entries()
-            .iter()
-            .filter(|e| e.l1_problem(cs).is_none())
-            .map(|e| (e.l1_table_offset, e.l1_size))
-            .collect();
-        for (off, size) in entries {
-            add_l1(&Source::File.l1(self, off, size, false)?);
-        }
-
+        // entry's L1 reference is sound.)
         let mut links = 0;
-        for off in tables {
+        for off in self.linked_l2_tables(st)? {
             self.load_l2(st, off)?;
             let Some(words) = st.cache.get_mut(off) else {
                 continue;
@@ -93,5 +78,22 @@ impl Image {
         }
         st.deltas.lose_exactness();
         Ok(links)
+    }
+
+    /// Every L2 table any root links (the active L1 as in memory, every snapshot
+    /// table entry's L1 from the file), each once. An entry whose L1 reference is
+    /// unsound is skipped. The caller holds the state and has flushed.
+    pub(super) fn linked_l2_tables(&self, st: &State) -> Result<BTreeSet<HostOffset>> {
+        let geo = self.geo;
+        let mut tables: BTreeSet<HostOffset> = BTreeSet::new();
+        let mut add_l1 = |l1: &[u64]| tables.extend(l2_tables(l1, &geo).map(|(_, _, t)| t));
+        add_l1(&self.root(st, DEFAULT_ROOT)?.l1);
+        let cs = geo.cluster_size();
+        for e in st.registry.entries() {
+            if e.l1_problem(cs).is_none() {
+                add_l1(&Source::File.l1(self, e.l1_table_offset, e.l1_size, false)?);
+            }
+        }
+        Ok(tables)
     }
 }
