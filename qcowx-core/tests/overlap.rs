@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::Path;
 
-use qcowx_core::{CreateOptions, ErrorKind, Image, OpenOptions, OpenState};
+use qcowx_core::{CreateOptions, ErrorKind, Image, OpenOptions, OpenState, DEFAULT_VDI};
 use qcowx_tests::{be64, patch, qemu_check, qemu_info, read_at, require_qemu_tools};
 
 const MIB: u64 = 1 << 20;
@@ -90,6 +90,21 @@ fn a_write_onto_a_refcount_block_is_refused_and_the_image_marked_corrupt() {
     // Nothing more is written through this handle, not even elsewhere.
     let again = img.write_at(&[0x2b; 512], 0).unwrap_err();
     assert_eq!(again.kind(), ErrorKind::ReadOnly, "{again}");
+    // Nor is the structure changed: every operation that would write is refused.
+    let structural: [(&str, qcowx_core::Result<()>); 6] = [
+        ("snapshot", img.snapshot(DEFAULT_VDI, "s").map(|_| ())),
+        ("resize", img.resize(2 * img.size())),
+        ("gc", img.gc().map(|_| ())),
+        ("discard", img.discard(0, CLUSTER)),
+        ("zeroes", img.write_zeroes(0, CLUSTER, false)),
+        ("refcount width", img.set_refcount_bits(64)),
+    ];
+    for (what, r) in structural {
+        let e = r.expect_err(what);
+        assert_eq!(e.kind(), ErrorKind::ReadOnly, "{what}: {e}");
+        assert!(e.to_string().contains("refused write"), "{what}: {e}");
+    }
+    img.close().unwrap();
     drop(img);
 
     assert_eq!(

@@ -12,7 +12,13 @@
 //! What must hold, whatever the bytes:
 //! * nothing panics, hangs, or allocates without bound;
 //! * a write or write-zeroes that succeeded reads back at once as written;
-//! * an image that closed without error opens again;
+//! * an image that closed without error opens again — for writing, unless a write
+//!   on its metadata was refused in the session (the image is then marked corrupt,
+//!   as QEMU marks it): such an image opens read-only, and once a repair finds no
+//!   corruption left it opens for writing again;
+//! * once a write on metadata was refused, the handle changes nothing more: every
+//!   later write, write-zeroes, discard, snapshot, fork, delete, revert, gc and
+//!   resize (of a non-empty range, for the first three) fails;
 //! * an image that checked clean (no corruption, no check error) after the writable
 //!   open still checks clean after a successful gc and after close and reopen —
 //!   unless its active layer maps one host cluster at two guest offsets. Such an
@@ -23,7 +29,7 @@
 use std::sync::Arc;
 
 use qcowx_core::storage::MemStorage;
-use qcowx_core::{Disk, ExtentStatus, Image, RootKind};
+use qcowx_core::{Disk, ErrorKind, ExtentStatus, Image, OpenOptions, RootKind};
 
 use crate::fixture;
 use crate::script::Script;
@@ -119,6 +125,7 @@ pub fn exercise(image: &[u8], script: &[u8]) {
         img,
         storage,
         clean,
+        refused: false,
     };
     let mut s = Script::new(script);
     for _ in 0..MAX_OPS {
@@ -318,6 +325,9 @@ struct Runner {
     storage: Arc<MemStorage>,
     /// The image checked clean after the writable open.
     clean: bool,
+    /// A write on metadata was refused through the current handle: the image is
+    /// marked corrupt and the handle must change nothing more.
+    refused: bool,
 }
 
 /// A name from a small set (so that names collide), or now and then an invalid one.
@@ -397,6 +407,9 @@ impl Runner {
         if r.is_err() {
             return false;
         }
+        if self.refused {
+            return self.reopen_after_refusal();
+        }
         let img = fixture::open_in(&self.storage, write).unwrap_or_else(|e| {
             panic!("an image qcowx closed without error does not open again: {e}")
         });
@@ -408,6 +421,61 @@ impl Runner {
         true
     }
 
+    /// After a session in which a write on metadata was refused: the image opens
+    /// read-only only; a repair that leaves no corruption makes it writable again.
+    /// False when the script must stop.
+    fn reopen_after_refusal(&mut self) -> bool {
+        match fixture::open_in(&self.storage, true) {
+            Err(e) if e.kind() == ErrorKind::ReadOnly => {}
+            Err(e) => panic!("an image marked corrupt does not open (expected read-only): {e}"),
+            Ok(_) => panic!("an image marked corrupt after a refused write opens for writing"),
+        }
+        let ro = fixture::open_in(&self.storage, false).unwrap_or_else(|e| {
+            panic!("an image marked corrupt after a refused write does not open read-only: {e}")
+        });
+        read_roots(&ro);
+        drop(ro);
+        let opts = OpenOptions::new().repair(true).open_backing(false);
+        let Ok(img) = Image::from_storage(self.storage.clone(), &opts) else {
+            return false;
+        };
+        let r = img.repair();
+        note(format_args!("repair"), &r);
+        let repaired = r.is_ok_and(|r| r.corruptions == 0);
+        let closed = img.close();
+        note(format_args!("close after repair"), &closed);
+        if !repaired || closed.is_err() {
+            return false;
+        }
+        let img = fixture::open_in(&self.storage, true).unwrap_or_else(|e| {
+            panic!("an image repaired without corruption left does not open for writing: {e}")
+        });
+        self.img = img;
+        self.refused = false;
+        // The repair decided what the image holds now: judge it from here on.
+        self.clean = self
+            .img
+            .check()
+            .is_ok_and(|r| r.corruptions == 0 && r.check_errors == 0)
+            && !maps_a_cluster_twice(&self.img);
+        true
+    }
+
+    /// Notes what an op that changes the image did (`empty`: it names no bytes, so
+    /// it changes nothing); after a refusal on this handle, it must fail.
+    fn changed<T: std::fmt::Debug>(
+        &self,
+        what: std::fmt::Arguments<'_>,
+        r: &qcowx_core::Result<T>,
+        empty: bool,
+    ) {
+        note(what, r);
+        assert!(
+            !(self.refused && !empty && r.is_ok()),
+            "{what} succeeded after a write on metadata was refused"
+        );
+    }
+
     /// [`Op::Downgrade`]; false when the script must stop.
     fn downgrade_and_upgrade(&mut self) -> bool {
         let read = |img: &Arc<Image>| -> Option<Vec<u8>> {
@@ -417,7 +485,7 @@ impl Runner {
         };
         let before = read(&self.img);
         let r = self.img.close_as_v2();
-        note(format_args!("close as version 2"), &r);
+        self.changed(format_args!("close as version 2"), &r, false);
         if r.is_err() {
             // Refused (nothing written, the handle open) or failed: go on only with
             // a handle that still works.
@@ -439,6 +507,16 @@ impl Runner {
 
     /// Runs one op; false when the script must stop.
     fn apply(&mut self, op: Op, s: &mut Script<'_>) -> bool {
+        let go_on = self.apply_one(op, s);
+        // A refusal marks the image corrupt (the only thing that does in a session
+        // that opened for writing, which a corrupt image cannot).
+        if !self.refused {
+            self.refused = self.img.info().is_ok_and(|i| i.corrupt);
+        }
+        go_on
+    }
+
+    fn apply_one(&mut self, op: Op, s: &mut Script<'_>) -> bool {
         let img = Arc::clone(&self.img);
         match op {
             Op::Read => {
@@ -461,7 +539,7 @@ impl Runner {
                         .map(|i| seed.wrapping_add((i / 509) as u8) | 1)
                         .collect();
                     let r = d.write_at(&buf, off);
-                    note(format_args!("write {} {off}+{len}", d.name()), &r);
+                    self.changed(format_args!("write {} {off}+{len}", d.name()), &r, len == 0);
                     if r.is_ok() {
                         let mut back = vec![0u8; buf.len()];
                         d.read_at(&mut back, off).unwrap_or_else(|e| {
@@ -484,9 +562,10 @@ impl Runner {
                     let (off, len) = range(s, size, true);
                     let unmap = s.u8() & 1 != 0;
                     let r = d.write_zeroes(off, len, unmap);
-                    note(
+                    self.changed(
                         format_args!("write-zeroes {} {off}+{len} unmap {unmap}", d.name()),
                         &r,
+                        len == 0,
                     );
                     if r.is_ok() {
                         let n = len.min(MAX_IO) as usize;
@@ -506,50 +585,65 @@ impl Runner {
                 if let Some(d) = self.disk(s) {
                     let size = d.size();
                     let (off, len) = range(s, size, true);
-                    note(
+                    self.changed(
                         format_args!("discard {} {off}+{len}", d.name()),
                         &d.discard(off, len),
+                        len == 0,
                     );
                 }
             }
             Op::Snapshot => {
                 if let Some(vdi) = self.pick(s, Some(RootKind::Vdi)) {
                     let n = name(s, "s");
-                    note(
+                    self.changed(
                         format_args!("snapshot {vdi} as {n}"),
                         &img.snapshot(&vdi, &n),
+                        false,
                     );
                 }
             }
             Op::Fork => {
                 if let Some(snap) = self.pick(s, Some(RootKind::Snapshot)) {
                     let n = name(s, "v");
-                    note(format_args!("fork {snap} as {n}"), &img.fork(&snap, &n));
+                    self.changed(
+                        format_args!("fork {snap} as {n}"),
+                        &img.fork(&snap, &n),
+                        false,
+                    );
                 }
             }
             Op::DeleteSnapshot => {
                 if let Some(snap) = self.pick(s, Some(RootKind::Snapshot)) {
-                    note(
+                    self.changed(
                         format_args!("delete snapshot {snap}"),
                         &img.delete_snapshot(&snap),
+                        false,
                     );
                 }
             }
             Op::DeleteVdi => {
                 if let Some(vdi) = self.pick(s, Some(RootKind::Vdi)) {
-                    note(format_args!("delete VDI {vdi}"), &img.delete_vdi(&vdi));
+                    self.changed(
+                        format_args!("delete VDI {vdi}"),
+                        &img.delete_vdi(&vdi),
+                        false,
+                    );
                 }
             }
             Op::Revert => {
                 let vdi = self.pick(s, Some(RootKind::Vdi));
                 let snap = self.pick(s, Some(RootKind::Snapshot));
                 if let (Some(v), Some(sn)) = (vdi, snap) {
-                    note(format_args!("revert {v} to {sn}"), &img.revert(&v, &sn));
+                    self.changed(
+                        format_args!("revert {v} to {sn}"),
+                        &img.revert(&v, &sn),
+                        false,
+                    );
                 }
             }
             Op::Gc => {
                 let r = img.gc();
-                note(format_args!("gc"), &r);
+                self.changed(format_args!("gc"), &r, false);
                 if r.is_ok() {
                     self.assert_clean("after gc");
                 }
@@ -574,7 +668,11 @@ impl Runner {
                 let size = img.size();
                 let grow = u64::from(s.u16()) << 12;
                 let new = size.saturating_add(grow).min(MAX_RESIZE.max(size));
-                note(format_args!("resize {size} to {new}"), &img.resize(new));
+                self.changed(
+                    format_args!("resize {size} to {new}"),
+                    &img.resize(new),
+                    false,
+                );
             }
             Op::Reopen => return self.close_and_reopen(true),
             Op::ReadAll => read_roots(&img),

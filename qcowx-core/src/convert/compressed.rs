@@ -60,12 +60,7 @@ pub struct CompressedWriter<'a> {
 impl<'a> CompressedWriter<'a> {
     /// A writer for `img`, which must be open for writing.
     pub fn new(img: &'a Image) -> Result<CompressedWriter<'a>> {
-        if !img.is_writable() {
-            return Err(Error::ReadOnly {
-                file: img.file_name().to_string(),
-                why: "compressed writes need the image open for writing".into(),
-            });
-        }
+        img.check_writable()?;
         let kind = match img.info()?.compression_type {
             "zstd" => CompressionType::Zstd,
             _ => CompressionType::Deflate,

@@ -195,8 +195,6 @@ pub(crate) struct State {
     pub(crate) l1_changes: u64,
     /// The image's metadata clusters, for [`Image::guard_write`].
     pub(crate) metadata: super::metadata_map::MetadataMap,
-    /// Set when a write on metadata was refused: why this handle writes no more.
-    pub(crate) refused: Option<String>,
     /// The persistent dirty bitmaps.
     pub(crate) bitmaps: super::bitmap_set::Bitmaps,
     /// Whether the image looks metadata-preallocated (see
@@ -332,6 +330,10 @@ pub struct Image {
     /// file may stamp it at close (see `Image::close`); one that did not leaves it as
     /// it was.
     pub(crate) wrote: std::sync::atomic::AtomicBool,
+    /// Set when a write on metadata was refused (the image is then marked corrupt):
+    /// why this handle changes nothing more — no data, no structure — until a
+    /// repair. A leaf lock: taken alone, or inside `state`, never around another.
+    pub(super) refused: Mutex<Option<String>>,
 }
 
 impl Image {
@@ -433,7 +435,23 @@ impl Image {
         }
     }
 
+    /// The one check before anything that changes the image (data or structure): the
+    /// handle is open for writing and no write on its metadata has been refused.
+    /// After a refusal the image is marked corrupt; only [`Image::repair`] goes on
+    /// (it checks [`Image::check_open_for_writing`]).
     pub(crate) fn check_writable(&self) -> Result<()> {
+        self.check_open_for_writing()?;
+        match self.refused_why() {
+            None => Ok(()),
+            Some(why) => Err(Error::ReadOnly {
+                file: self.name.clone(),
+                why,
+            }),
+        }
+    }
+
+    /// Whether the handle was opened for writing (a refusal since does not count).
+    pub(crate) fn check_open_for_writing(&self) -> Result<()> {
         if self.writable {
             Ok(())
         } else {
@@ -442,6 +460,18 @@ impl Image {
                 why: "image is open read-only".into(),
             })
         }
+    }
+
+    /// Why this handle writes no more, if a write on metadata was refused.
+    pub(crate) fn refused_why(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_refused(&self, why: Option<String>) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
     pub(super) fn check_root_writable(&self, st: &State, root: RootId) -> Result<()> {

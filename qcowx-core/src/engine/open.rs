@@ -453,7 +453,6 @@ impl Image {
             open_state: OpenState::ReadOnly,
             l1_changes: 0,
             metadata: Default::default(),
-            refused: None,
             bitmaps: Default::default(),
             metadata_preallocated: None,
             header,
@@ -470,6 +469,7 @@ impl Image {
             io_gate: RwLock::new(()),
             structure: Mutex::new(()),
             wrote: std::sync::atomic::AtomicBool::new(false),
+            refused: Mutex::new(None),
         });
         // A version 2 image becomes version 3 before anything else is written.
         let upgraded = opts.upgrade && img.lock_state()?.header.version < 3;

@@ -136,12 +136,7 @@ impl Image {
         len: u64,
     ) -> Result<()> {
         let host = host.get();
-        if let Some(why) = &st.refused {
-            return Err(Error::ReadOnly {
-                file: self.name.clone(),
-                why: why.clone(),
-            });
-        }
+        self.check_writable()?;
         if len == 0 {
             return Ok(());
         }
@@ -189,9 +184,9 @@ impl Image {
             Ok(()) => "the image is now marked corrupt and opens read-only until repaired",
             Err(_) => "marking the image corrupt failed as well",
         };
-        st.refused = Some(format!(
+        self.set_refused(Some(format!(
             "writes stopped after a refused write on metadata at {host:#x}"
-        ));
+        )));
         self.corrupt("image metadata", host, format!("{why}; {note}"))
     }
 }

@@ -108,7 +108,7 @@ const FLUSH_APPLY_MAX: usize = 1 << 14;
 /// structure lock, not the I/O gate.
 pub(crate) fn apply_at_flush(img: &Image, st: &mut State) -> Result<()> {
     if !st.stale
-        || st.refused.is_some()
+        || img.refused_why().is_some()
         || !st.deltas.is_exact()
         || st.deltas.has_trees()
         || st.deltas.len() == 0

@@ -187,7 +187,7 @@ impl Image {
                 // A session that changed nothing leaves the file as it was; one that
                 // wrote data only (no metadata) after a scan at open stamps the image
                 // so that the next open need not scan.
-                if st.refused.is_some() {
+                if self.refused_why().is_some() {
                     // A write on metadata was refused: the image is damaged and marked
                     // corrupt. Links to data already written are flushed (they were
                     // checked), refcounts are left to a repair.
@@ -295,7 +295,7 @@ impl Image {
             return Ok(());
         }
         self.flush_locked(&mut st)?;
-        if st.refused.is_some() {
+        if self.refused_why().is_some() {
             return Ok(());
         }
         write_refcounts(self, &mut st)
@@ -348,7 +348,7 @@ impl Image {
             // This handle's own changes are not damage: write them out first, so
             // that only what a crash or another program left is reported (a
             // repair-mode open of a dirty image has made none yet).
-            if st.stale && !st.inherited_stale && st.refused.is_none() {
+            if st.stale && !st.inherited_stale && self.refused_why().is_none() {
                 write_refcounts(self, &mut st)?;
             }
         }
@@ -386,7 +386,8 @@ impl Image {
     /// # Ok(()) }
     /// ```
     pub fn repair(&self) -> Result<CheckReport> {
-        self.check_writable()?;
+        // Not `check_writable`: a repair is what lifts a refusal.
+        self.check_open_for_writing()?;
         let _structure = self.lock_structure();
         let mut st = self.lock_state()?;
         self.flush_locked(&mut st)?;
@@ -424,7 +425,7 @@ impl Image {
             st.header.incompatible.remove(Incompatible::CORRUPT);
             self.write_header_fields(&st)?;
             self.sync()?;
-            st.refused = None;
+            self.set_refused(None);
             report.marked_corrupt = false;
         }
         Ok(report)

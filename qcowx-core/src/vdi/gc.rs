@@ -101,12 +101,7 @@ impl Image {
     /// # Ok(()) }
     /// ```
     pub fn gc(&self) -> Result<GcReport> {
-        if !self.is_writable() {
-            return Err(crate::Error::ReadOnly {
-                file: self.name.clone(),
-                why: "gc needs the image open for writing".into(),
-            });
-        }
+        self.check_writable()?;
         let _structure = self.lock_structure();
         let file_size_before = self
             .storage

@@ -159,19 +159,6 @@ impl Image {
         name == DEFAULT_VDI || st.registry.name_taken(name)
     }
 
-    // ---- the snapshot table -----------------------------------------------------
-
-    fn require_writable(&self) -> Result<()> {
-        if self.is_writable() {
-            Ok(())
-        } else {
-            Err(Error::ReadOnly {
-                file: self.name.clone(),
-                why: "image is open read-only".into(),
-            })
-        }
-    }
-
     // ---- operations -------------------------------------------------------------
 
     /// Runs `f` quiesced for an operation that creates a root named `name`: the image
@@ -181,7 +168,7 @@ impl Image {
         name: &str,
         f: impl FnOnce(&mut State, &IoGate<'_>) -> Result<T>,
     ) -> Result<T> {
-        self.require_writable()?;
+        self.check_writable()?;
         validate_name(name)?;
         self.quiesced_gated(|st, gate| {
             if Image::name_taken(st, name) {
@@ -372,7 +359,7 @@ impl Image {
     /// # Ok(()) }
     /// ```
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
-        self.require_writable()?;
+        self.check_writable()?;
         self.quiesced(|st| {
             let i = self.find_snapshot(st, name)?;
             self.delete_entry(st, i)
@@ -393,7 +380,7 @@ impl Image {
     /// # Ok(()) }
     /// ```
     pub fn delete_vdi(&self, name: &str) -> Result<()> {
-        self.require_writable()?;
+        self.check_writable()?;
         if name == DEFAULT_VDI {
             return Err(Error::InvalidArgument(format!(
                 "{}: the default VDI cannot be deleted",
@@ -474,7 +461,7 @@ impl Image {
     /// # Ok(()) }
     /// ```
     pub fn revert(&self, vdi: &str, snapshot: &str) -> Result<()> {
-        self.require_writable()?;
+        self.check_writable()?;
         self.quiesced_gated(|st, gate| {
             let s = self.find_snapshot(st, snapshot)?;
             let target = self.find_vdi(st, vdi)?;

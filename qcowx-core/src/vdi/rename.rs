@@ -37,12 +37,7 @@ impl Image {
             RootKind::Snapshot => "snapshot",
             RootKind::Vdi => "VDI",
         };
-        if !self.is_writable() {
-            return Err(Error::ReadOnly {
-                file: self.name.clone(),
-                why: "image is open read-only".into(),
-            });
-        }
+        self.check_writable()?;
         if kind == RootKind::Vdi && old == DEFAULT_VDI {
             return Err(Error::InvalidArgument(format!(
                 "{}: the default VDI cannot be renamed",

@@ -32,7 +32,7 @@ impl Image {
     /// Creates staging VDI `name`: a fork of the live snapshot whose uid is `base`,
     /// or (no base) an empty VDI of `size` bytes.
     pub(crate) fn create_staging(&self, name: &str, base: Option<u64>, size: u64) -> Result<()> {
-        self.require_writable()?;
+        self.check_writable()?;
         if !is_staging(name) {
             return Err(Error::InvalidArgument(format!(
                 "'{name}' is not a staging VDI name"
