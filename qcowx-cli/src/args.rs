@@ -439,9 +439,10 @@ pub(crate) struct AmendArgs {
     /// `backing_file=NAME` and `backing_fmt=raw|qcow2` (as `rebase -u`),
     /// `lazy_refcounts=on|off`, `size=SIZE` (grow), `compat=1.1` (a version 2 image
     /// becomes version 3, as `qemu-img amend` upgrades it) or `compat=0.10` (version
-    /// 3 becomes version 2, last: zero clusters become zeros; needs 16-bit refcounts
-    /// and no subclusters, zstd-compressed clusters or bitmaps; qcowx then opens the
-    /// image read-only until `compat=1.1`).
+    /// 3 becomes version 2, last: zero clusters become zeros and persistent bitmaps
+    /// are removed, each named; needs 16-bit refcounts and no subclusters or
+    /// zstd-compressed clusters; qcowx then opens the image read-only until
+    /// `compat=1.1`).
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
     pub(crate) options: String,
     /// The image file.

@@ -102,6 +102,9 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
             .open(&a.file)?
             .close()?;
     }
+    // The persistent bitmaps a downgrade removes (listed by a read-only open: the
+    // repair-mode open below does not read them).
+    let mut removed = Vec::new();
     if changes.contains(&Change::Downgrade) {
         // A version 2 image is left as it is (it opens read-only only).
         let img = OpenOptions::new()
@@ -109,6 +112,7 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
             .open_backing(false)
             .open(&a.file)?;
         let v2 = img.info()?.version < 3;
+        removed = img.bitmaps()?;
         img.close()?;
         if v2 && changes.len() == 1 {
             return Ok(0);
@@ -149,6 +153,12 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
     // Last, as qemu-img downgrades: the other changes may be what it needs.
     if changes.contains(&Change::Downgrade) {
         img.close_as_v2()?;
+        for b in removed {
+            eprintln!(
+                "qcowx: warning: removed persistent bitmap '{}': version 2 cannot hold it",
+                b.name
+            );
+        }
     } else {
         img.close()?;
     }

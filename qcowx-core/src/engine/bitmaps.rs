@@ -340,12 +340,32 @@ impl Image {
         let mut st = self.lock_state()?;
         let i = self.bitmap_index(&st, name)?;
         let b = st.bitmaps.list.remove(i);
+        self.release_bitmap(&mut st, &b);
+        Ok(())
+    }
+
+    /// Gives back the clusters of the removed bitmap `b` when the bitmaps are next
+    /// stored.
+    fn release_bitmap(&self, st: &mut State, b: &Bitmap) {
         if b.entry.table_offset != 0 {
             match self.bitmap_clusters(&b.entry) {
                 Ok(c) => st.bitmaps.released.extend(c),
                 // Unreadable: the clusters stay allocated (leaked), never reused.
                 Err(_) => st.deltas.lose_exactness(),
             }
+        }
+    }
+
+    /// Removes every persistent bitmap from the header, durably (the bitmaps
+    /// extension and auto-clear bit 0 go), whether this handle loaded them or not (a
+    /// repair-mode open does not). Their clusters are left to the caller's rebuild of
+    /// the refcounts, which no longer finds them reachable: for a downgrade to
+    /// version 2, which cannot hold bitmaps. Without bitmaps, writes nothing.
+    pub(crate) fn drop_bitmaps(&self, st: &mut State) -> Result<()> {
+        st.bitmaps = Bitmaps::default();
+        let bit = Autoclear::BITMAPS.bits();
+        if st.header.extensions.has(EXT_BITMAPS) || st.header.autoclear & bit != 0 {
+            self.commit_bitmaps_ext(st, None)?;
         }
         Ok(())
     }

@@ -40,9 +40,10 @@ impl Image {
     /// Refused, with nothing written, as qemu-img refuses it: refcounts other than 16
     /// bits, incompatible features other than the dirty bit and the compression type
     /// (subclusters, a corrupt image), zstd-compressed clusters, a snapshot (or VDI)
-    /// whose size is not the image's or whose VM state exceeds 32 bits; and, as
-    /// version 2 cannot hold them, persistent bitmaps. Damage a rebuild cannot
-    /// resolve refuses too. A version 2 image is closed as it is.
+    /// whose size is not the image's or whose VM state exceeds 32 bits. Damage a
+    /// rebuild cannot resolve refuses too. Persistent bitmaps, which version 2 cannot
+    /// hold, are removed first (list them with [`Image::bitmaps`] before, to tell the
+    /// user). A version 2 image is closed as it is.
     ///
     /// ```
     /// use qcowx_core::{CreateOptions, Image, OpenOptions};
@@ -83,6 +84,10 @@ impl Image {
         drop(probe);
 
         self.mark_stale(st)?;
+        // Version 2 cannot hold persistent bitmaps: they go, and the rebuild below
+        // finds their clusters free. (qemu-img leaves them in the file, inconsistent,
+        // their clusters leaked.)
+        self.drop_bitmaps(st)?;
         let cs = self.geo.cluster_size();
         let zeros = vec![0u8; cs as usize];
         let mut placed = Vec::with_capacity(plan.len());
@@ -126,6 +131,7 @@ impl Image {
         h.unknown_fields.clear();
         h.extensions.remove(EXT_FEATURE_NAMES);
         h.extensions.remove(EXT_CLEAN_STAMP);
+        h.extensions.remove(EXT_BITMAPS);
         self.write_header_area(st, h)
     }
 
@@ -154,13 +160,6 @@ impl Image {
         }
         if h.extensions.has(EXT_DATA_FILE) {
             return refuse("the image has an external data file".into());
-        }
-        if h.extensions.has(EXT_BITMAPS) {
-            return refuse(
-                "version 2 cannot hold persistent bitmaps: remove them first (qcowx bitmap \
-                 --remove)"
-                    .into(),
-            );
         }
         for e in st.registry.entries() {
             if e.vm_state_size() > u64::from(u32::MAX) || e.disk_size().is_some_and(|d| d != h.size)
