@@ -93,8 +93,8 @@ pub(crate) struct ConvertArgs {
     /// Write at most this many bytes per second.
     #[arg(short = 'r', long = "rate-limit", value_name = "RATE", value_parser = size_arg)]
     pub(crate) rate_limit: Option<u64>,
-    /// qemu-img's parallel requests, 1 to 16 (accepted; qcowx copies in order, in
-    /// 4 MiB reads).
+    /// qemu-img's parallel requests, 1 to 16 (accepted; qcowx reads 4 MiB at a time
+    /// on one thread, up to two reads ahead of the writes on another).
     #[arg(short = 'm', long = "parallel", value_name = "N",
           value_parser = clap::value_parser!(u8).range(1..=16))]
     pub(crate) parallel: Option<u8>,
