@@ -259,7 +259,7 @@ pub fn commit(
     }
 
     let (mut data_bytes, mut zero_bytes) = (0, 0);
-    let mut buf = Vec::new();
+    let mut buf = crate::storage::io_buf(0);
     let mut window = 0;
     progress(0, size);
     while window < size {

@@ -14,6 +14,7 @@
 use super::content::{Content, COPY_CHUNK};
 use crate::engine::{Extent, ExtentStatus, STATUS_WINDOW};
 use crate::error::Result;
+use crate::storage::io_buf;
 
 /// How [`compare`] compares.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -140,9 +141,20 @@ fn cuts(ext: &[Extent], start: u64, end: u64, out: &mut Vec<u64>) {
 
 /// The first sector-aligned offset (relative to `base`) where `a` and `b` differ.
 fn first_diff(a: &[u8], b: &[u8], base: u64) -> Option<u64> {
-    let i = a.iter().zip(b).position(|(x, y)| x != y)?;
-    let at = base + i as u64;
-    Some((at / 512 * 512).max(base))
+    // Whole slices first (memcmp); only a difference is looked for sector by sector.
+    if a == b {
+        return None;
+    }
+    let mut off = 0usize;
+    while off < a.len() {
+        let at = base + off as u64;
+        let end = ((at / 512 + 1) * 512 - base).min(a.len() as u64) as usize;
+        if a[off..end] != b[off..end] {
+            return Some((at / 512 * 512).max(base));
+        }
+        off = end;
+    }
+    None
 }
 
 /// Compares the contents of `a` and `b`, as `opts` say. `progress` is called with the
@@ -186,8 +198,8 @@ pub fn compare(
     } else {
         (0, 0)
     };
-    let mut buf_a: Vec<u8> = Vec::new();
-    let mut buf_b: Vec<u8> = Vec::new();
+    let mut buf_a = io_buf(0);
+    let mut buf_b = io_buf(0);
     let mut window = 0u64;
     while window < total {
         let wend = (window + STATUS_WINDOW).min(total);
@@ -294,5 +306,16 @@ mod tests {
         assert_eq!(first_diff(&a, &b, 4096), Some(4096 + 512));
         b[3] = 1;
         assert_eq!(first_diff(&a, &b, 4096), Some(4096));
+        // A base inside a sector: sectors are absolute, never before the base.
+        let base = 4096 + 100;
+        let mut b = a.clone();
+        b[500] = 1; // absolute 4696, in the sector at 4608
+        assert_eq!(first_diff(&a, &b, base), Some(4608));
+        b[10] = 1; // absolute 4206, in the sector that starts before the base
+        assert_eq!(first_diff(&a, &b, base), Some(base));
+        // The last byte of a slice that ends inside a sector.
+        let (a, mut b) = (vec![7u8; 1000], vec![7u8; 1000]);
+        b[999] = 0;
+        assert_eq!(first_diff(&a, &b, 0), Some(512));
     }
 }

@@ -10,6 +10,7 @@ use super::content::{Content, ExportStats, Progress, COPY_CHUNK};
 use super::target::{write_sparse, RateLimit, Sink, Sparse};
 use crate::engine::{Extent, ExtentStatus, Image, STATUS_WINDOW};
 use crate::error::{Error, Result};
+use crate::storage::{io_buf, IoBuf};
 
 /// The unit `--salvage` gives up on: one 512-byte sector.
 const SECTOR: u64 = 512;
@@ -186,8 +187,8 @@ pub(super) fn copy(
     progress: Progress<'_>,
 ) -> Result<ExportStats> {
     let content = src.src;
-    let (ask, asked) = mpsc::sync_channel::<(u64, Vec<u8>)>(READ_AHEAD);
-    let (done, got) = mpsc::sync_channel::<(u64, Vec<u8>, Result<()>)>(READ_AHEAD);
+    let (ask, asked) = mpsc::sync_channel::<(u64, IoBuf)>(READ_AHEAD);
+    let (done, got) = mpsc::sync_channel::<(u64, IoBuf, Result<()>)>(READ_AHEAD);
     let mut stats = thread::scope(|scope| {
         scope.spawn(move || {
             for (pos, mut buf) in asked {
@@ -238,7 +239,7 @@ pub(super) fn copy(
                 }
                 return Ok(());
             }
-            let mut buf = out.spare.pop().unwrap_or_default();
+            let mut buf = out.spare.pop().unwrap_or_else(|| io_buf(0));
             let mut pos = ext.offset;
             while pos < end {
                 let n = (end - pos).min(COPY_CHUNK as u64);
@@ -261,12 +262,12 @@ pub(super) fn copy(
 /// The writing side of [`copy`]: the chunks asked of the reading thread, written in
 /// the order they were asked for.
 struct Writer<'s> {
-    ask: mpsc::SyncSender<(u64, Vec<u8>)>,
-    got: mpsc::Receiver<(u64, Vec<u8>, Result<()>)>,
+    ask: mpsc::SyncSender<(u64, IoBuf)>,
+    got: mpsc::Receiver<(u64, IoBuf, Result<()>)>,
     /// Chunks asked for and not yet written (at most [`READ_AHEAD`]).
     in_flight: usize,
     /// Buffers to reuse.
-    spare: Vec<Vec<u8>>,
+    spare: Vec<IoBuf>,
     sink: &'s mut dyn Sink,
     sparse: Sparse,
     stats: ExportStats,
@@ -286,7 +287,7 @@ impl Writer<'_> {
         let mut buf = if self.in_flight >= READ_AHEAD {
             self.write_oldest(src, size, progress)?
         } else {
-            self.spare.pop().unwrap_or_default()
+            self.spare.pop().unwrap_or_else(|| io_buf(0))
         };
         buf.resize(n, 0);
         self.ask
@@ -318,7 +319,7 @@ impl Writer<'_> {
         src: &mut Reader<'_>,
         size: u64,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Vec<u8>> {
+    ) -> Result<IoBuf> {
         let (pos, mut buf, r) = self.got.recv().map_err(|_| reading_stopped(src))?;
         self.in_flight -= 1;
         match r {
@@ -360,7 +361,7 @@ pub(super) fn copy_compressed(
     };
     let mut writer = CompressedWriter::new(dst)?;
     let mut limit = RateLimit::new(rate_limit);
-    let mut buf = vec![0u8; cs as usize];
+    let mut buf = io_buf(cs as usize);
     // The next cluster index not yet looked at.
     let mut next = 0u64;
     src.for_each_extent(size, progress, |src, ext, progress| {

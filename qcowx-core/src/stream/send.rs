@@ -225,7 +225,7 @@ fn send_records(
     };
     put(&header.encode(), &mut report)?;
     let mut crc = start.crc;
-    let mut buf = Vec::new();
+    let mut buf = crate::storage::io_buf(0);
     let mut ahead = ReadAhead {
         next: start.seq as usize,
         bytes: 0,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::engine::backing::{self, Layer};
 use crate::engine::{Extent, ExtentStatus, Image, OpenOptions, STATUS_WINDOW};
 use crate::error::{Error, Result};
+use crate::storage::io_buf;
 use crate::vdi::{Disk, RootKind};
 
 /// What a rebase did.
@@ -124,7 +125,7 @@ fn differences(
 ) -> Result<Option<u64>> {
     let size = disk.size();
     let cs = disk.image().cluster_size();
-    let (mut old, mut fresh) = (vec![0u8; cs as usize], vec![0u8; cs as usize]);
+    let (mut old, mut fresh) = (io_buf(cs as usize), io_buf(cs as usize));
     let mut window = 0;
     while window < size {
         let len = STATUS_WINDOW.min(size - window);
