@@ -127,7 +127,9 @@ pub fn run(img: &Image, opts: &BenchOptions) -> Result<Duration> {
         let workers: Vec<_> = (0..opts.depth.min(opts.count.max(1)))
             .map(|_| {
                 s.spawn(|| -> Result<()> {
-                    let mut buf = vec![opts.pattern; opts.buffer_size as usize];
+                    // Page-aligned, as qemu-img bench's buffers are (see storage::IoBuf).
+                    let mut buf = crate::storage::io_buf(0);
+                    buf.resize(opts.buffer_size as usize, opts.pattern);
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= opts.count {
