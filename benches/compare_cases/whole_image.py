@@ -242,7 +242,8 @@ def case_send(ctx):
 
 def case_large(ctx):
     """Whole-image commands on large images: map and check of a 1 TiB image with an L2
-    table per 512 MiB, convert of a 2 GiB image full of data."""
+    table per 512 MiB, convert of a 2 GiB image full of data and compare of it with its
+    copy."""
     size, dense_size = (64 * GIB, 64 * MIB) if ctx.quick else (1 << 40, 2 * GIB)
     step = 512 * MIB
     tables = size // step
@@ -256,6 +257,8 @@ def case_large(ctx):
     chunk = min(dense_size, 256 * MIB)
     run(["qemu-io", "-f", "qcow2", dense],
         input="".join(f"write -P 0x5a {o} {chunk}\n" for o in range(0, dense_size, chunk)))
+    twin = ctx.work / "dense-copy.qcow2"
+    fresh(dense, twin)
     os.sync()
     if run(ctx.qcowx("map", sparse)) != run(["qemu-img", "map", sparse]):
         raise Broken("qcowx map and qemu-img map print different maps")
@@ -273,6 +276,8 @@ def case_large(ctx):
         "qcowx convert": ctx.qcowx("convert", "-O", "qcow2", dense, outs["qcowx convert"]),
         "qemu-img convert -t writeback": ["qemu-img", "convert", "-t", "writeback", "-O",
                                           "qcow2", dense, outs["qemu-img convert -t writeback"]],
+        "qcowx compare": ctx.qcowx("compare", dense, twin),
+        "qemu-img compare": ["qemu-img", "compare", dense, twin],
     }
     t = {p: [] for p in cmds}
     for r in range(ctx.rounds):
@@ -292,13 +297,16 @@ def case_large(ctx):
             out.unlink()
     sparse.unlink()
     dense.unlink()
+    twin.unlink()
     med = {p: median(v) for p, v in t.items()}
     pairs = [("map", "qcowx map", "qemu-img map", f"{label}, {tables} L2 tables"),
              ("check", "qcowx check", "qemu-img check", f"{label}, {tables} L2 tables"),
              ("convert", "qcowx convert -t unsafe", "qemu-img convert",
               f"{dense_size // MIB} MiB of data to qcow2, neither flushing"),
              ("convert", "qcowx convert", "qemu-img convert -t writeback",
-              f"{dense_size // MIB} MiB of data to qcow2, both durable")]
+              f"{dense_size // MIB} MiB of data to qcow2, both durable"),
+             ("compare", "qcowx compare", "qemu-img compare",
+              f"{dense_size // MIB} MiB of data against its copy (identical)")]
     for what, x, q, about in pairs:
         ctx.row("large", f"`{x}` vs `{q}`, {about}", fmt_time(med[x]), fmt_time(med[q]),
                 med[q] / med[x], "≥ 1 (no slower)", med[x] <= med[q])
@@ -307,7 +315,8 @@ def case_large(ctx):
         f"every 512 MiB, so {tables} L2 tables each map one cluster: `map` and `check` walk "
         f"every entry. A {dense_size // MIB} MiB image written whole by `qemu-io`, converted "
         "to qcow2 (`qemu-img convert` by default neither flushes, nor does `qcowx convert -t "
-        "unsafe`; `qcowx convert` and `-t writeback` make the output durable). Wall times, "
+        "unsafe`; `qcowx convert` and `-t writeback` make the output durable), and compared "
+        "with a `cp` copy of itself. Wall times, "
         f"{ctx.rounds} round(s), order alternating, `sync` before each run, medians; "
         "qcowx's maps equal qemu-img's, its outputs check clean and compare equal.\n\n" +
         table(["program", "seconds"], [[p, fmt(med[p], 3)] for p in cmds])))
