@@ -30,7 +30,7 @@ impl Image {
                 "table offset is unaligned or past the end of the file",
             ));
         }
-        let mut raw = vec![0u8; cs as usize];
+        let mut raw = crate::storage::io_buf(cs as usize);
         self.storage
             .read_at(&mut raw, off.get())
             .map_err(|e| self.io_err("read L2 table", off, e))?;

@@ -20,7 +20,7 @@ use super::image::Image;
 /// Reads L2 tables from the file into one reused buffer.
 pub(crate) struct TableReader<'a> {
     img: &'a Image,
-    raw: Vec<u8>,
+    raw: crate::storage::IoBuf,
     file_len: u64,
 }
 
@@ -30,7 +30,7 @@ impl<'a> TableReader<'a> {
         let file_len = img.storage.len().map_err(|e| img.io_err("stat", 0u64, e))?;
         Ok(TableReader {
             img,
-            raw: vec![0u8; img.geo.cluster_size() as usize],
+            raw: crate::storage::io_buf(img.geo.cluster_size() as usize),
             file_len,
         })
     }
