@@ -111,6 +111,7 @@ pub use lend::LEND_WAIT;
 pub use reply::{gathers_whole_input, REPLY_EVERY};
 
 use input::Input;
+use qcowx_core::storage::IoBuf;
 use workers::Budget;
 
 /// One parsed request.
@@ -122,7 +123,7 @@ struct Request {
     offset: u64,
     length: u32,
     /// Write data (None for other commands and for oversized writes).
-    payload: Option<Vec<u8>>,
+    payload: Option<IoBuf>,
     /// A write whose payload was larger than the maximum block size (dropped).
     oversized: bool,
     /// Bytes charged to the in-flight budget.
@@ -138,7 +139,7 @@ struct Conn<'a, W> {
     writer: Mutex<W>,
     budget: Budget,
     /// Write payload buffers for reuse, and the bytes they hold.
-    pool: Mutex<(Vec<Vec<u8>>, usize)>,
+    pool: Mutex<(Vec<IoBuf>, usize)>,
     /// Smoothed service time of small reads and writes, in nanoseconds.
     small_ns: AtomicU64,
     /// Set when a reply could not be sent: the connection is finished.

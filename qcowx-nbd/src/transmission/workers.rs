@@ -6,6 +6,8 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
+use qcowx_core::storage::IoBuf;
+
 use super::dispatch::INLINE_MAX;
 use super::reply::ReplyBuf;
 use super::{Conn, Request};
@@ -53,8 +55,9 @@ impl Budget {
 }
 
 impl<W: ReplyWriter> Conn<'_, W> {
-    /// A buffer of `len` bytes for a write payload, reused when one is free.
-    pub(super) fn take_buffer(&self, len: usize) -> Vec<u8> {
+    /// A buffer of `len` bytes for a write payload, reused when one is free; page-aligned
+    /// (see [`IoBuf`]), as the kernel copies the payload into it.
+    pub(super) fn take_buffer(&self, len: usize) -> IoBuf {
         let mut buf = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
             match pool.0.pop() {
@@ -62,7 +65,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
                     pool.1 -= b.capacity();
                     b
                 }
-                None => Vec::new(),
+                None => qcowx_core::storage::io_buf(0),
             }
         };
         if buf.len() < len {
@@ -74,7 +77,7 @@ impl<W: ReplyWriter> Conn<'_, W> {
     }
 
     /// Gives a payload buffer back for reuse (dropped if the pool is full).
-    pub(super) fn return_buffer(&self, buf: Vec<u8>) {
+    pub(super) fn return_buffer(&self, buf: IoBuf) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if pool.1 + buf.capacity() <= POOL_BYTES && pool.0.len() < self.settings.max_in_flight {
             pool.1 += buf.capacity();
