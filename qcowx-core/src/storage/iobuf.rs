@@ -32,6 +32,15 @@ pub const IO_ALIGN: usize = 4096;
 pub type IoBuf = AVec<u8, ConstAlign<IO_ALIGN>>;
 
 /// A new [`IoBuf`] of `len` zero bytes.
+///
+/// ```
+/// use qcowx_core::storage::{io_buf, MemStorage, Storage};
+///
+/// let disk = MemStorage::from_vec(vec![7u8; 1 << 20]);
+/// let mut buf = io_buf(64 << 10);
+/// disk.read_at(&mut buf, 4096).unwrap();
+/// assert!(buf.iter().all(|&b| b == 7));
+/// ```
 pub fn io_buf(len: usize) -> IoBuf {
     let mut buf = IoBuf::new(0);
     buf.resize(len, 0);
