@@ -432,3 +432,50 @@ fn bitmap_merge_from_another_file_marks_what_qemu_img_marks() {
         &["nope"],
     );
 }
+
+/// Growing a disk grows its bitmaps, as `qemu-img resize` and `amend -o size=` do:
+/// the same steps by QEMU and by qcowx on two copies leave the same bitmaps, each
+/// marking what was written before and after the resize (one write lands past the
+/// old end), and both images check clean. The last resize takes the bitmaps past
+/// one cluster of table at 4 KiB granularity (a 4 KiB table cluster covers 32 GiB
+/// at 64 KiB, 2 GiB at 4 KiB: b2 grows from 1 entry to 2).
+#[test]
+fn a_resize_grows_the_bitmaps_as_qemu_does() {
+    let dir = tempdir();
+    let path = image_with_bitmaps(dir.path());
+    let p = path.to_str().unwrap();
+    qemu_img_ok(&["bitmap", "--add", "-g", "4096", p, "b2"]);
+    qemu_io_ok("qcow2", &path, &["write -P 0x11 1M 64k"]);
+    let (q, x) = (dir.path().join("q.qcow2"), dir.path().join("x.qcow2"));
+    std::fs::copy(&path, &q).unwrap();
+    std::fs::copy(&path, &x).unwrap();
+    let qs = q.to_str().unwrap();
+
+    qemu_img_ok(&["resize", qs, "128M"]);
+    qemu_io_ok("qcow2", &q, &["write -P 0x22 100M 64k"]);
+    qemu_img_ok(&["amend", "-o", "size=3G", qs]);
+    qemu_io_ok("qcow2", &q, &["write -P 0x33 2500M 4k"]);
+
+    cli::ok(dir.path(), &["resize", "x.qcow2", "128M"]);
+    cli::ok(
+        dir.path(),
+        &["io", "-c", "write -P 0x22 100M 64k", "x.qcow2"],
+    );
+    cli::ok(dir.path(), &["amend", "-o", "size=3G", "x.qcow2"]);
+    cli::ok(
+        dir.path(),
+        &["io", "-c", "write -P 0x33 2500M 4k", "x.qcow2"],
+    );
+
+    assert_qemu_check_clean(&x);
+    assert_eq!(qemu_bitmaps(&x, false), qemu_bitmaps(&q, false));
+    for b in ["b0", "b1", "b2"] {
+        let theirs = qemu_nbd_dirty(&q, b, dir.path());
+        assert_eq!(qemu_nbd_dirty(&x, b, dir.path()), theirs, "{b}");
+        if b != "b1" {
+            assert_eq!(theirs.len(), 3, "{b}: the three writes: {theirs:?}");
+        }
+    }
+    assert_eq!(dirty_of(&x), dirty_of(&q));
+    assert_qemu_compare_eq(&x, "qcow2", &q, "qcow2");
+}

@@ -118,6 +118,19 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
             return Ok(0);
         }
     }
+    // A new size first, on a plain writable open: the persistent bitmaps grow with
+    // the disk, and only such an open loads them.
+    if let Some(size) = changes.iter().rev().find_map(|c| match c {
+        Change::Size(n) => Some(*n),
+        _ => None,
+    }) {
+        let img = OpenOptions::new()
+            .write(true)
+            .open_backing(false)
+            .open(&a.file)?;
+        img.resize(size)?;
+        img.close()?;
+    }
     // As a repair does: the open checks and changes nothing (an image whose counts
     // overflow its width, the reason to amend, is refused by a plain writable open),
     // and the amend refuses before writing anything or rewrites every refcount.
@@ -142,9 +155,9 @@ pub(crate) fn amend(a: &AmendArgs) -> Result<u8, Failure> {
     for c in &changes {
         match c {
             Change::LazyRefcounts(on) => img.set_lazy_refcounts(*on)?,
-            Change::Size(n) => img.resize(*n)?,
             Change::RefcountBits(bits) => img.set_refcount_bits(*bits)?,
-            Change::BackingFile(_)
+            Change::Size(_)
+            | Change::BackingFile(_)
             | Change::BackingFormat(_)
             | Change::Upgrade
             | Change::Downgrade => {}

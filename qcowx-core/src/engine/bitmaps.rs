@@ -356,6 +356,68 @@ impl Image {
         }
     }
 
+    /// Makes every bitmap cover a disk grown to `new_size` bytes, as QEMU's resize
+    /// does: the new bits are clear, each table grows to the new size, and the
+    /// bitmaps are stored again at the close (this handle marked them in use at its
+    /// open). Refused, with nothing changed, when a bitmap is inconsistent (in use
+    /// before this handle opened the image: its data is not trusted, so it cannot be
+    /// grown) or when the data would pass the bitmaps' size limits. Called under the
+    /// state lock, before the header's size changes.
+    pub(crate) fn grow_bitmaps(&self, st: &mut State, new_size: u64) -> Result<()> {
+        if st.bitmaps.list.is_empty() {
+            let bit = Autoclear::BITMAPS.bits();
+            if st.header.extensions.has(EXT_BITMAPS) && st.header.autoclear & bit != 0 {
+                // Bitmaps this handle did not load (a repair-mode open): they would
+                // keep the old size.
+                return Err(Error::Unsupported {
+                    file: self.name.clone(),
+                    what: "resizing an image with persistent bitmaps from a repair-mode \
+                           open (open it for writing)"
+                        .into(),
+                });
+            }
+            return Ok(());
+        }
+        if let Some(b) = st.bitmaps.list.iter().find(|b| b.inconsistent) {
+            return Err(Error::Unsupported {
+                file: self.name.clone(),
+                what: format!(
+                    "resizing an image with the inconsistent bitmap '{}' (remove it first)",
+                    b.entry.name
+                ),
+            });
+        }
+        let mut total = 0u64;
+        for b in &st.bitmaps.list {
+            let bytes = bitmap::data_bytes(new_size, b.entry.granularity_bits);
+            total += bytes;
+            if bytes > bitmap::MAX_DATA_BYTES || total > bitmap::MAX_TOTAL_DATA_BYTES {
+                return Err(Error::InvalidArgument(format!(
+                    "bitmap '{}' of a {new_size}-byte disk would need {bytes} bytes of data \
+                     (at most {} each, {} in all): remove it or give it a larger granularity",
+                    b.entry.name,
+                    bitmap::MAX_DATA_BYTES,
+                    bitmap::MAX_TOTAL_DATA_BYTES
+                )));
+            }
+        }
+        let old_size = st.header.size;
+        let cs = self.geo.cluster_size();
+        for i in 0..st.bitmaps.list.len() {
+            if st.bitmaps.list[i].data.is_none() {
+                let data = self.read_bitmap_data(&st.bitmaps.list[i].entry, old_size)?;
+                st.bitmaps.list[i].data = Some(data);
+            }
+            let b = &mut st.bitmaps.list[i];
+            let bits = b.entry.granularity_bits;
+            if let Some(data) = &mut b.data {
+                data.resize(bitmap::data_bytes(new_size, bits) as usize, 0);
+            }
+            b.entry.table_size = bitmap::table_entries(new_size, bits, cs) as u32;
+        }
+        Ok(())
+    }
+
     /// Removes every persistent bitmap from the header, durably (the bitmaps
     /// extension and auto-clear bit 0 go), whether this handle loaded them or not (a
     /// repair-mode open does not). Their clusters are left to the caller's rebuild of

@@ -10,7 +10,9 @@ use super::image::*;
 
 impl Image {
     /// Grows the virtual disk to `new_size` bytes (rounded up to 512), growing the L1
-    /// table when needed. Shrinking is refused.
+    /// table when needed, and the persistent bitmaps with it (new bits clear; refused
+    /// while one is inconsistent, or from a repair-mode handle, which does not load
+    /// them). Shrinking is refused.
     ///
     /// ```
     /// use qcowx_core::{CreateOptions, Error, Image};
@@ -51,12 +53,6 @@ impl Image {
                 what: "shrinking an image".into(),
             });
         }
-        if !st.bitmaps.is_empty() {
-            return Err(Error::Unsupported {
-                file: self.name.clone(),
-                what: "resizing an image with persistent bitmaps (remove them first)".into(),
-            });
-        }
         if new_size > MAX_VIRTUAL_SIZE {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} is larger than the maximum {MAX_VIRTUAL_SIZE}"
@@ -68,6 +64,7 @@ impl Image {
                 "size {new_size} needs an L1 table larger than 32 MiB; use larger clusters"
             )));
         }
+        self.grow_bitmaps(&mut st, new_size)?;
         if needed > u64::from(st.header.l1_size) {
             self.flush_locked(&mut st)?;
             self.mark_stale(&mut st)?;
