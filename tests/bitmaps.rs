@@ -436,9 +436,9 @@ fn bitmap_merge_from_another_file_marks_what_qemu_img_marks() {
 /// Growing a disk grows its bitmaps, as `qemu-img resize` and `amend -o size=` do:
 /// the same steps by QEMU and by qcowx on two copies leave the same bitmaps, each
 /// marking what was written before and after the resize (one write lands past the
-/// old end), and both images check clean. The last resize takes the bitmaps past
-/// one cluster of table at 4 KiB granularity (a 4 KiB table cluster covers 32 GiB
-/// at 64 KiB, 2 GiB at 4 KiB: b2 grows from 1 entry to 2).
+/// old end), and both images check clean. The last resize takes b2 (4 KiB
+/// granularity) past one cluster of bitmap data: a 64 KiB cluster covers 2 GiB at
+/// 4 KiB granularity, so its table grows from 1 entry to 2.
 #[test]
 fn a_resize_grows_the_bitmaps_as_qemu_does() {
     let dir = tempdir();
