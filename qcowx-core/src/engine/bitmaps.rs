@@ -362,7 +362,8 @@ impl Image {
     /// open). Refused, with nothing changed, when a bitmap is inconsistent (in use
     /// before this handle opened the image: its data is not trusted, so it cannot be
     /// grown) or when the data would pass the bitmaps' size limits. Called under the
-    /// state lock, before the header's size changes.
+    /// state lock, before the header's size changes; called with the header's size
+    /// after a resize that failed, it fits them back.
     pub(crate) fn grow_bitmaps(&self, st: &mut State, new_size: u64) -> Result<()> {
         if st.bitmaps.list.is_empty() {
             let bit = Autoclear::BITMAPS.bits();
@@ -401,14 +402,16 @@ impl Image {
                 )));
             }
         }
+        // Every bitmap's data in memory first (a read that fails changes nothing).
         let old_size = st.header.size;
-        let cs = self.geo.cluster_size();
         for i in 0..st.bitmaps.list.len() {
             if st.bitmaps.list[i].data.is_none() {
                 let data = self.read_bitmap_data(&st.bitmaps.list[i].entry, old_size)?;
                 st.bitmaps.list[i].data = Some(data);
             }
-            let b = &mut st.bitmaps.list[i];
+        }
+        let cs = self.geo.cluster_size();
+        for b in &mut st.bitmaps.list {
             let bits = b.entry.granularity_bits;
             if let Some(data) = &mut b.data {
                 data.resize(bitmap::data_bytes(new_size, bits) as usize, 0);

@@ -41,6 +41,9 @@ impl Image {
             if st.stale {
                 st.deltas.lose_exactness();
             }
+            // The bitmaps cover the size the header still names.
+            let size = st.header.size;
+            let _ = self.grow_bitmaps(&mut st, size);
         }
         r
     }
