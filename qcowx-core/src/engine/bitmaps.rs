@@ -340,13 +340,6 @@ impl Image {
         let mut st = self.lock_state()?;
         let i = self.bitmap_index(&st, name)?;
         let b = st.bitmaps.list.remove(i);
-        self.release_bitmap(&mut st, &b);
-        Ok(())
-    }
-
-    /// Gives back the clusters of the removed bitmap `b` when the bitmaps are next
-    /// stored.
-    fn release_bitmap(&self, st: &mut State, b: &Bitmap) {
         if b.entry.table_offset != 0 {
             match self.bitmap_clusters(&b.entry) {
                 Ok(c) => st.bitmaps.released.extend(c),
@@ -354,6 +347,7 @@ impl Image {
                 Err(_) => st.deltas.lose_exactness(),
             }
         }
+        Ok(())
     }
 
     /// Makes every bitmap cover a disk grown to `new_size` bytes, as QEMU's resize
@@ -364,7 +358,7 @@ impl Image {
     /// grown) or when the data would pass the bitmaps' size limits. Called under the
     /// state lock, before the header's size changes; called with the header's size
     /// after a resize that failed, it fits them back.
-    pub(crate) fn grow_bitmaps(&self, st: &mut State, new_size: u64) -> Result<()> {
+    pub(crate) fn fit_bitmaps(&self, st: &mut State, new_size: u64) -> Result<()> {
         if st.bitmaps.list.is_empty() {
             let bit = Autoclear::BITMAPS.bits();
             if st.header.extensions.has(EXT_BITMAPS) && st.header.autoclear & bit != 0 {

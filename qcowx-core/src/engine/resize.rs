@@ -43,7 +43,7 @@ impl Image {
             }
             // The bitmaps cover the size the header still names.
             let size = st.header.size;
-            let _ = self.grow_bitmaps(&mut st, size);
+            let _ = self.fit_bitmaps(&mut st, size);
         }
         r
     }
@@ -67,7 +67,7 @@ impl Image {
                 "size {new_size} needs an L1 table larger than 32 MiB; use larger clusters"
             )));
         }
-        self.grow_bitmaps(&mut st, new_size)?;
+        self.fit_bitmaps(&mut st, new_size)?;
         if needed > u64::from(st.header.l1_size) {
             self.flush_locked(&mut st)?;
             self.mark_stale(&mut st)?;
